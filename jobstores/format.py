@@ -1,0 +1,121 @@
+"""The ``dispatch_config.json`` document: reading it tolerantly, writing it readably.
+
+The format is the seed's: ``version`` ("1.0"), ``saved_at``, ``tasks`` (one object per task)
+and ``account_tasks`` (account id -> ordered task ids). Datetimes carry a UTC offset; naive
+ones, as the seed's own application wrote them, are read as wall times of the dispatcher's
+zone (the record model does that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from scheduler.errors import NewerFormatError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CorruptFileError",
+    "Document",
+    "decode_document",
+    "encode_document",
+    "encode_task",
+]
+
+FORMAT_VERSION = "1.0"
+_SUPPORTED = (1, 0)
+
+
+class CorruptFileError(ValueError):
+    """The bytes are not a ``dispatch_config.json`` document at all."""
+
+
+@dataclass
+class Document:
+    """A decoded document: task objects still raw, ``account_tasks`` cleaned up."""
+
+    version: str
+    saved_at: str | None
+    tasks: list[Any]
+    account_tasks: dict[str, list[str]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in version.split("."))
+    except ValueError:
+        raise CorruptFileError(f"version {version!r} is not a version number") from None
+
+
+def decode_document(data: bytes, path: Path) -> Document:
+    """Parse ``data``; raise :class:`CorruptFileError` or :class:`NewerFormatError`."""
+    try:
+        top = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptFileError(f"not valid JSON: {exc}") from exc
+    if not isinstance(top, dict):
+        raise CorruptFileError(f"top level is {type(top).__name__}, not an object")
+    problems = []
+    version = top.get("version", FORMAT_VERSION)
+    if not isinstance(version, str | int | float) or isinstance(version, bool):
+        raise CorruptFileError(f"version {version!r} is not a version number")
+    version = str(version)
+    if _version_tuple(version) > _SUPPORTED:
+        raise NewerFormatError(path, version)
+    tasks = top.get("tasks", [])
+    if not isinstance(tasks, list):
+        raise CorruptFileError(f"'tasks' is {type(tasks).__name__}, not a list")
+    saved_at = top.get("saved_at")
+    account_tasks: dict[str, list[str]] = {}
+    raw_order = top.get("account_tasks", {})
+    if isinstance(raw_order, dict):
+        for account, ids in raw_order.items():
+            if isinstance(ids, list) and all(isinstance(i, str) for i in ids):
+                account_tasks[account] = list(dict.fromkeys(ids))
+            else:
+                problems.append(f"account_tasks[{account!r}]: not a list of task ids, ignored")
+    else:
+        problems.append("account_tasks: not an object, order rebuilt from tasks")
+    return Document(
+        version=version,
+        saved_at=saved_at if isinstance(saved_at, str) else None,
+        tasks=tasks,
+        account_tasks=account_tasks,
+        problems=problems,
+    )
+
+
+_TASK_INDENT = b"\n    "
+
+
+def encode_task(task: dict[str, Any]) -> bytes:
+    """One task object, indented to sit inside the document's ``tasks`` array."""
+    return b"    " + orjson.dumps(task, option=orjson.OPT_INDENT_2).replace(b"\n", _TASK_INDENT)
+
+
+def encode_document(
+    encoded_tasks: Iterable[bytes], account_tasks: dict[str, list[str]], saved_at: datetime
+) -> bytes:
+    """Assemble the document from tasks already encoded with :func:`encode_task`."""
+    order = orjson.dumps(account_tasks, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n  ")
+    body = b",\n".join(encoded_tasks)
+    return b"".join(
+        (
+            b'{\n  "version": ',
+            orjson.dumps(FORMAT_VERSION),
+            b',\n  "saved_at": ',
+            orjson.dumps(saved_at.isoformat()),
+            b',\n  "tasks": [\n' if body else b',\n  "tasks": [',
+            body,
+            b"\n  ],\n" if body else b"],\n",
+            b'  "account_tasks": ',
+            order,
+            b"\n}\n",
+        )
+    )

@@ -1,0 +1,58 @@
+"""The dispatcher: recurring per-account tasks on APScheduler 3, persisted to one JSON file."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from scheduler.errors import (
+    DirectoryLockedError,
+    DispatcherClosedError,
+    DispatcherError,
+    DispatcherNotRunningError,
+    InvalidTaskError,
+    NewerFormatError,
+    TaskNotFoundError,
+    UnknownTaskTypeError,
+)
+
+if TYPE_CHECKING:
+    from scheduler.dispatcher import TaskDispatcher
+    from scheduler.runs import LocalRunBackend, RunBackend, RunOutcome, RunRequest
+    from scheduler.triggers import TaskTrigger
+
+__all__ = [
+    "DirectoryLockedError",
+    "DispatcherClosedError",
+    "DispatcherError",
+    "DispatcherNotRunningError",
+    "InvalidTaskError",
+    "LocalRunBackend",
+    "NewerFormatError",
+    "RunBackend",
+    "RunOutcome",
+    "RunRequest",
+    "TaskDispatcher",
+    "TaskNotFoundError",
+    "TaskTrigger",
+    "UnknownTaskTypeError",
+]
+
+_LAZY = {
+    "TaskDispatcher": "scheduler.dispatcher",
+    "LocalRunBackend": "scheduler.runs",
+    "RunBackend": "scheduler.runs",
+    "RunOutcome": "scheduler.runs",
+    "RunRequest": "scheduler.runs",
+    "TaskTrigger": "scheduler.triggers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The dispatcher imports the job store, which imports scheduler.triggers: importing it
+    # lazily lets `import jobstores` and `import scheduler` work in either order.
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scheduler' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

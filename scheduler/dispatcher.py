@@ -1,0 +1,445 @@
+"""``TaskDispatcher``: the host application's handle on its recurring per-account tasks."""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import uuid
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime, timedelta, tzinfo
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import tzlocal
+from pydantic import ValidationError
+
+from jobstores.jsonfile import JsonJobStore, SaveHealth, describe_validation_error
+from scheduler.engine import DispatchExecutor, DispatchScheduler
+from scheduler.errors import DispatcherClosedError, DispatcherNotRunningError, InvalidTaskError
+from scheduler.lanes import AccountLanes
+from scheduler.runner import TaskRunner
+from scheduler.runs import LocalRunBackend, RunBackend
+from scheduler.triggers import end_instant, next_run
+from tasks.manager import TaskManagerFactory
+from tasks.model import TaskRecord, TaskStatus, check_json_value
+from tasks.registry import default_registry
+
+__all__ = ["DEFAULT_DISPATCHER_DIR", "DIR_ENV_VAR", "TaskDispatcher", "resolve_timezone"]
+
+logger = logging.getLogger(__name__)
+
+DIR_ENV_VAR = "TASK_DISPATCHER_DIR"
+"""Environment variable naming the default dispatcher directory."""
+DEFAULT_DISPATCHER_DIR = "dispatcher"
+"""The dispatcher directory when none is given (relative to the working directory)."""
+
+_SCHEDULING_KEYWORDS = frozenset(
+    {"sys_type", "task_type", "interval", "valid_time_range", "task_end_time", "task_id"}
+)
+
+
+def resolve_timezone(value: str | tzinfo | None) -> tzinfo:
+    """An IANA zone name or tzinfo as a tzinfo; None is the machine's local zone."""
+    if value is None:
+        return tzlocal.get_localzone()
+    if isinstance(value, tzinfo):
+        return value
+    if isinstance(value, str):
+        try:
+            return ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise InvalidTaskError("timezone", f"unknown time zone {value!r}") from None
+    raise InvalidTaskError("timezone", f"must be an IANA zone name or a tzinfo, not {value!r}")
+
+
+def default_directory() -> Path:
+    """``$TASK_DISPATCHER_DIR``, else ``./dispatcher``."""
+    return Path(os.environ.get(DIR_ENV_VAR) or DEFAULT_DISPATCHER_DIR)
+
+
+def _account(keywords: Mapping[str, Any], suffix: str, required: bool) -> Any:
+    explicit = suffix.lstrip("_")
+    if explicit in keywords:
+        return keywords[explicit]
+    matches = sorted(key for key in keywords if key.endswith(suffix))
+    if len(matches) > 1:
+        raise InvalidTaskError(
+            explicit, f"ambiguous: several keywords end in {suffix!r}: {matches}"
+        )
+    if matches:
+        return keywords[matches[0]]
+    if required:
+        raise InvalidTaskError(
+            explicit, f"is required: pass {explicit}= or a keyword ending in {suffix!r}"
+        )
+    return None
+
+
+class TaskDispatcher:
+    """Runs recurring per-account tasks on APScheduler and persists all of their state.
+
+    State lives in ``<dispatcher_dir>/dispatch_config.json`` and is loaded here: tasks carry
+    on after a restart or a crash. The dispatcher owns its directory (an OS-level lock) until
+    :meth:`stop` or :meth:`close`.
+
+    Thread safety: every synchronous method may be called from any thread. The coroutines
+    (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
+    loop the dispatcher was started on.
+    """
+
+    def __init__(
+        self,
+        dispatcher_dir: str | os.PathLike[str] | None = None,
+        *,
+        task_manager_factory: TaskManagerFactory | None = None,
+        timezone: str | tzinfo | None = None,
+        max_concurrent_runs: int = 10,
+        run_backend: RunBackend | None = None,
+    ) -> None:
+        self.timezone = resolve_timezone(timezone)
+        """The zone whose wall-clock hours the windows and end dates are read in."""
+        directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
+        self._store = JsonJobStore(
+            directory,
+            timezone=self.timezone,
+            manager_factory=task_manager_factory or default_registry,
+        )
+        self._lanes = AccountLanes(max_concurrent_runs, self._store.position)
+        self._runner = TaskRunner(
+            self._store, run_backend or LocalRunBackend(), self._lanes, self.timezone
+        )
+        self._scheduler = DispatchScheduler(
+            self._store, DispatchExecutor(self._runner.submit), self.timezone
+        )
+        logger.info(
+            "dispatcher on %s loaded %d task(s) (%d kept unrestored)",
+            directory,
+            len(self._store.records()),
+            len(self._store.kept_records()),
+        )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def directory(self) -> Path:
+        """The dispatcher directory."""
+        return self._store.directory
+
+    @property
+    def state_file(self) -> Path:
+        """``<directory>/dispatch_config.json``."""
+        return self._store.path
+
+    @property
+    def running(self) -> bool:
+        """Whether :meth:`start` was called and :meth:`stop` not yet."""
+        return bool(self._scheduler.running)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the dispatcher was stopped (it then owns nothing and changes nothing)."""
+        return self._store.closed
+
+    @property
+    def save_health(self) -> SaveHealth:
+        """The last save error (if the latest save failed) and when state was last saved."""
+        return self._store.save_health
+
+    @property
+    def scheduler(self) -> DispatchScheduler:
+        """The underlying APScheduler scheduler (for listeners; jobs derive from tasks)."""
+        return self._scheduler
+
+    @property
+    def account_tasks(self) -> dict[str, list[str]]:
+        """Account id -> its task ids in priority order (a copy)."""
+        return self._store.account_tasks()
+
+    # ------------------------------------------------------------------ queries
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        """A snapshot of ``task_id``'s record; raises :class:`TaskNotFoundError`."""
+        return self._store.get(task_id).snapshot()
+
+    def list_tasks(self) -> list[TaskRecord]:
+        """Snapshots of every task, in the order they were added."""
+        return [record.snapshot() for record in self._store.records()]
+
+    # ------------------------------------------------------------------ adding
+
+    def _record(self, now: datetime, keywords: dict[str, Any], taken: set[str]) -> TaskRecord:
+        """Validate ``add_task``'s keywords and build the new task's record."""
+        if "valid_time_rage" in keywords:
+            warnings.warn(
+                "valid_time_rage is a misspelling; use valid_time_range",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+            if "valid_time_range" in keywords:
+                raise InvalidTaskError("valid_time_rage", "give valid_time_range only")
+            keywords["valid_time_range"] = keywords.pop("valid_time_rage")
+        for field in ("sys_type", "task_type", "interval"):
+            if keywords.get(field) is None:
+                raise InvalidTaskError(field, "is required")
+        extra = {k: v for k, v in keywords.items() if k not in _SCHEDULING_KEYWORDS}
+        account_id = _account(extra, "_account_id", required=True)
+        account_name = _account(extra, "_account_name", required=False)
+        task_id = keywords.get("task_id")
+        if task_id is None:
+            task_id = uuid.uuid4().hex
+        elif task_id in taken or self._store.find(task_id) is not None:
+            raise InvalidTaskError("task_id", f"a task with id {task_id!r} exists")
+        try:
+            check_json_value(extra, "kwargs")
+        except ValueError as exc:
+            field, _, message = str(exc).partition(": ")
+            raise InvalidTaskError(field, message) from None
+        window = keywords.get("valid_time_range")
+        try:
+            record = TaskRecord.model_validate(
+                {
+                    "task_id": task_id,
+                    "account_id": account_id,
+                    "account_name": account_name,
+                    "task_type": keywords["task_type"],
+                    "sys_type": keywords["sys_type"],
+                    "interval": keywords["interval"],
+                    "valid_time_range": (0, 24) if window is None else window,
+                    "task_end_time": keywords.get("task_end_time"),
+                    "created_at": now,
+                    "updated_at": now,
+                    "kwargs": {**extra, "task_id": task_id, "task_type": keywords["task_type"]},
+                },
+                context={"zone": self.timezone},
+            )
+        except ValidationError as exc:
+            raise InvalidTaskError(*describe_validation_error(exc)) from None
+        end = end_instant(record.task_end_time, self.timezone)
+        if end is not None and end < now:
+            raise InvalidTaskError("task_end_time", f"{record.task_end_time} is already past")
+        first = next_run(
+            None,
+            interval=record.interval_delta,
+            window=record.valid_time_range,
+            end=end,
+            zone=self.timezone,
+            now=now,
+        )
+        if first is None:
+            raise InvalidTaskError(
+                "task_end_time",
+                f"no run can start before {record.task_end_time} within hours "
+                f"{record.valid_time_range[0]}-{record.valid_time_range[1]}",
+            )
+        return record.replace(next_execution_time=first)
+
+    async def add_task(
+        self,
+        *,
+        sys_type: str | None = None,
+        task_type: str | None = None,
+        interval: float | timedelta | None = None,
+        valid_time_range: Sequence[int] | None = None,
+        task_end_time: date | datetime | str | None = None,
+        task_id: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Register a task and return its id once it is saved.
+
+        Every keyword besides the named ones goes into the task's ``kwargs``, which (with
+        ``task_id`` and ``task_type``) re-create its manager as
+        ``factory(sys_type=sys_type, **kwargs)``. The account is ``account_id`` or the one
+        keyword ending in ``_account_id``. Raises :class:`InvalidTaskError` (a ``ValueError``)
+        naming the field, and saves nothing, if anything is invalid.
+        """
+        keywords = dict(kwargs)
+        keywords.update(
+            sys_type=sys_type,
+            task_type=task_type,
+            interval=interval,
+            task_end_time=task_end_time,
+            task_id=task_id,
+        )
+        if valid_time_range is not None:
+            keywords["valid_time_range"] = valid_time_range
+        (task_id,) = await self.add_tasks([keywords])
+        return task_id
+
+    async def add_tasks(self, tasks: Iterable[Mapping[str, Any]]) -> list[str]:
+        """Add many tasks with one save: each validated as :meth:`add_task` does, all or none.
+
+        Each item holds :meth:`add_task`'s keywords. Returns the new ids in order.
+        """
+        self._check_open()
+        now = self._store.now()
+        records: list[TaskRecord] = []
+        taken: set[str] = set()
+        for keywords in tasks:
+            record = self._record(now, dict(keywords), taken)
+            taken.add(record.task_id)
+            records.append(record)
+        self._store.add_tasks(records)
+        await self._store.save_async()
+        for record in records:
+            logger.info(
+                "task %s added for account %s (%s, every %ss, hours %d-%d)",
+                record.task_id,
+                record.account_id,
+                record.task_type,
+                record.interval,
+                *record.valid_time_range,
+            )
+        self._wake()
+        return [record.task_id for record in records]
+
+    # ------------------------------------------------------------------ changing
+
+    def _check_open(self) -> None:
+        if self._store.closed:
+            raise DispatcherClosedError(
+                f"the dispatcher on {str(self.directory)!r} was stopped; create a new one"
+            )
+
+    def _wake(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.wakeup()
+
+    def pause_task(self, task_id: str) -> None:
+        """Stop running ``task_id`` until resumed; saved when this returns.
+
+        A run in progress finishes; none starts after it. Pausing a paused or completed task
+        changes nothing.
+        """
+        self._check_open()
+
+        def pause(record: TaskRecord) -> TaskRecord:
+            if record.status in (TaskStatus.PAUSED, TaskStatus.COMPLETED):
+                return record
+            return record.replace(
+                status=TaskStatus.PAUSED, next_execution_time=None, updated_at=self._store.now()
+            )
+
+        record = self._store.update_task(task_id, pause)
+        self._store.save()
+        logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
+
+    def resume_task(self, task_id: str) -> None:
+        """Schedule a paused task again; saved when this returns.
+
+        The next run is at ``last_execution_time + interval`` or now, whichever is later,
+        moved to the window's next opening if outside it. Resuming a task that is not paused
+        changes nothing.
+        """
+        self._check_open()
+
+        def resume(record: TaskRecord) -> TaskRecord:
+            if record.status is not TaskStatus.PAUSED:
+                return record
+            now = self._store.now()
+            planned = self._store.next_time(record, record.last_execution_time, now)
+            if planned is None:
+                return record.replace(status=TaskStatus.COMPLETED, updated_at=now)
+            executing = self._store.is_executing(task_id)
+            status = TaskStatus.RUNNING if executing else TaskStatus.PENDING
+            return record.replace(status=status, next_execution_time=planned, updated_at=now)
+
+        record = self._store.update_task(task_id, resume)
+        self._store.save()
+        self._wake()
+        logger.info(
+            "task %s (account %s) is %s, next run %s",
+            task_id,
+            record.account_id,
+            record.status.value,
+            record.next_execution_time,
+        )
+
+    def remove_task(self, task_id: str) -> None:
+        """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
+        self._check_open()
+        record = self._store.remove_task(task_id)
+        self._store.save()
+        logger.info("task %s (account %s) removed", task_id, record.account_id)
+
+    def reorder_task(self, task_id: str, position: int) -> None:
+        """Move ``task_id`` to ``position`` (0-based) in its account's priority order.
+
+        Tasks of one account run one at a time in that order. Saved when this returns.
+        """
+        self._check_open()
+        if isinstance(position, bool):
+            raise TypeError("position: must be an integer, not bool")
+        try:
+            position = operator.index(position)
+        except TypeError:
+            raise TypeError(
+                f"position: must be an integer, not {type(position).__name__}"
+            ) from None
+        self._store.reorder(task_id, position)
+        self._store.save()
+        logger.info("task %s moved to position %d", task_id, position)
+
+    # ------------------------------------------------------------------ running
+
+    async def start(self) -> None:
+        """Start scheduling on the running event loop (a no-op if already started)."""
+        self._check_open()
+        if not self._scheduler.running:
+            self._scheduler.start()
+            logger.info("dispatcher on %s started", self.directory)
+
+    async def run_pending(self) -> None:
+        """Run every task due now and return when all runs in progress have finished.
+
+        Meant for host-application tests that move the clock (e.g. with freezegun); the state
+        file reflects the runs when it returns.
+        """
+        if not self._scheduler.running:
+            raise DispatcherNotRunningError(
+                "run_pending() needs a started dispatcher: await start()"
+            )
+        self._scheduler.process_due()
+        await self._runner.wait_idle()
+        await self._store.save_async()
+
+    async def stop(self, grace_period: float | None = 30.0) -> None:
+        """Stop scheduling, let runs in progress finish, save, and release the directory.
+
+        Runs still going after ``grace_period`` seconds (None: wait for them) are cancelled
+        and stay runnable. Idempotent.
+        """
+        if self._store.closed:
+            return
+        if self._scheduler.running:
+            self._scheduler.pause()
+            await self._runner.drain(grace_period)
+            self._scheduler.shutdown(wait=False)
+        self._store.touch()  # the final save happens even if nothing changed
+        await self._store.save_async()
+        self._store.close()
+        logger.info("dispatcher on %s stopped", self.directory)
+
+    def close(self) -> None:
+        """Save and release the directory without an event loop (for a never-started dispatcher)."""
+        if self._store.closed:
+            return
+        if self._scheduler.running:
+            raise DispatcherNotRunningError("the dispatcher is running: use 'await stop()'")
+        self._store.save()
+        self._store.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,98 @@
+"""The APScheduler wiring: an AsyncIOScheduler over the JSON job store and the task runner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime, tzinfo
+from functools import partial
+from typing import Any
+
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MISSED,
+    JobExecutionEvent,
+)
+from apscheduler.executors.base import BaseExecutor
+from apscheduler.schedulers import SchedulerNotRunningError
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.schedulers.base import BaseScheduler
+
+from jobstores.jsonfile import JsonJobStore
+from scheduler.runs import RunOutcome
+
+__all__ = ["DispatchExecutor", "DispatchScheduler"]
+
+logger = logging.getLogger(__name__)
+
+Submit = Callable[[str, datetime], asyncio.Task[RunOutcome | None]]
+
+
+class DispatchExecutor(BaseExecutor):
+    """Hands each due job to the task runner (which applies lanes and gating)."""
+
+    def __init__(self, submit: Submit) -> None:
+        super().__init__()
+        self._submit = submit
+
+    def _do_submit_job(self, job: Any, run_times: list[datetime]) -> None:
+        run_time = run_times[-1]
+        task = self._submit(job.id, run_time)
+        task.add_done_callback(partial(self._settled, job.id, job._jobstore_alias, run_time))
+
+    def _settled(self, job_id: str, alias: str, run_time: datetime, task: Any) -> None:
+        if task.cancelled():
+            self._run_job_success(job_id, [])
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._run_job_error(job_id, exc, exc.__traceback__)
+            return
+        outcome: RunOutcome | None = task.result()
+        if outcome is None:
+            event = JobExecutionEvent(EVENT_JOB_MISSED, job_id, alias, run_time)
+        elif outcome.ok:
+            event = JobExecutionEvent(EVENT_JOB_EXECUTED, job_id, alias, run_time)
+        else:
+            event = JobExecutionEvent(
+                EVENT_JOB_ERROR, job_id, alias, run_time, exception=RuntimeError(outcome.error)
+            )
+        self._run_job_success(job_id, [event])
+
+
+class DispatchScheduler(AsyncIOScheduler):
+    """An AsyncIOScheduler whose job store lock is the store's own lock.
+
+    Sharing the lock makes a scheduler pass (find due jobs, submit, move their next run time)
+    atomic with respect to pause/resume/remove calls from other threads. A pass saves once, in
+    the background, instead of after every job it moves.
+    """
+
+    def __init__(self, store: JsonJobStore, executor: DispatchExecutor, zone: tzinfo) -> None:
+        super().__init__(
+            jobstores={"default": store},
+            executors={"default": executor},
+            job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
+            timezone=zone,
+        )
+        self._store = store
+        self._jobstores_lock = store.lock
+
+    def _process_jobs(self) -> float | None:
+        with self._store.deferred_saves(durable=False):
+            return super()._process_jobs()  # type: ignore[no-any-return]
+
+    def process_due(self) -> None:
+        """Run one scheduler pass now (on the event loop thread) and re-arm the timer."""
+        self._stop_timer()
+        self._start_timer(self._process_jobs())
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Shut down at once (the caller is on the event loop thread)."""
+        if not self.running:
+            raise SchedulerNotRunningError
+        BaseScheduler.shutdown(self, wait)
+        self._stop_timer()
+        self._eventloop = None

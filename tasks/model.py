@@ -1,0 +1,221 @@
+"""The task record: the one place where task data is validated and converted."""
+
+from __future__ import annotations
+
+import math
+from datetime import date, datetime, timedelta, tzinfo
+from enum import StrEnum
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+)
+
+__all__ = ["TaskRecord", "TaskStatus", "check_json_value"]
+
+_MAX_JSON_INT = 2**63 - 1
+
+
+class TaskStatus(StrEnum):
+    """Where a task is in its life."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    ERROR = "error"
+
+
+def check_json_value(value: Any, path: str) -> None:
+    """Raise ``ValueError`` naming ``path`` unless ``value`` survives a JSON round trip unchanged.
+
+    Only dicts with string keys, lists, strings, finite floats, 64-bit ints, bools and None
+    qualify: anything else would come back from the file as a different type, and the stored
+    kwargs must re-create the task manager exactly.
+    """
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, int):
+        if abs(value) > _MAX_JSON_INT:
+            raise ValueError(f"{path}: integer {value} is too large to store")
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path}: {value} is not a JSON number")
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            check_json_value(item, f"{path}[{index}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{path}: key {key!r} is not a string")
+            check_json_value(item, f"{path}.{key}")
+        return
+    raise ValueError(
+        f"{path}: {type(value).__name__} is not JSON-serialisable "
+        "(use str, int, float, bool, None, list or dict)"
+    )
+
+
+def _zone(info: ValidationInfo) -> tzinfo | None:
+    context = info.context or {}
+    zone = context.get("zone")
+    return zone if isinstance(zone, tzinfo) else None
+
+
+def _aware(value: datetime, info: ValidationInfo) -> datetime:
+    """Make ``value`` aware; naive values (the seed's own files) are wall times of the zone."""
+    zone = _zone(info)
+    if value.tzinfo is None or value.utcoffset() is None:
+        if zone is None:
+            raise ValueError("datetime must be timezone-aware")
+        return value.replace(tzinfo=zone)
+    return value.astimezone(zone) if zone is not None else value
+
+
+class TaskRecord(BaseModel):
+    """Everything that is known about one task, as saved in ``dispatch_config.json``.
+
+    Records are immutable: the dispatcher replaces a record when the task changes, and the
+    records it hands out are snapshots.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow", validate_default=True)
+
+    task_id: str = Field(min_length=1, max_length=256)
+    account_id: str = Field(min_length=1)
+    account_name: str | None = None
+    task_type: str = Field(min_length=1)
+    sys_type: str = Field(min_length=1)
+    status: TaskStatus = TaskStatus.PENDING
+    interval: int | float
+    valid_time_range: tuple[int, int] = (0, 24)
+    task_end_time: date | datetime | None = None
+    last_execution_time: datetime | None = None
+    next_execution_time: datetime | None = None
+    created_at: datetime
+    updated_at: datetime
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    run_count: int = Field(default=0, ge=0)
+    failure_count: int = Field(default=0, ge=0)
+    consecutive_failures: int = Field(default=0, ge=0)
+    last_error: str | None = None
+
+    @field_validator("task_id")
+    @classmethod
+    def _printable_id(cls, value: str) -> str:
+        if value != value.strip() or not value.isprintable():
+            raise ValueError("must be printable, without surrounding whitespace")
+        return value
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        if isinstance(value, timedelta):
+            value = value.total_seconds()
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number of seconds or a timedelta, not {value!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"must be positive, got {value!r}")
+        return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
+
+    @field_validator("valid_time_range", mode="before")
+    @classmethod
+    def _window(cls, value: Any) -> tuple[int, int]:
+        if not isinstance(value, list | tuple) or len(value) != 2:
+            raise ValueError(f"must be a pair [start_hour, end_hour], got {value!r}")
+        start, end = value
+        for hour in (start, end):
+            if isinstance(hour, bool) or not isinstance(hour, int) or not 0 <= hour <= 24:
+                raise ValueError(f"hours must be whole numbers from 0 to 24, got {value!r}")
+        if start == end:
+            raise ValueError(f"start and end hour must differ, got {value!r} (use [0, 24])")
+        return (start, end)
+
+    @field_validator("task_end_time", mode="before")
+    @classmethod
+    def _end(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = (
+                    date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+                )
+            except ValueError:
+                raise ValueError(
+                    f"must be a date (YYYY-MM-DD) or an ISO-8601 datetime, got {value!r}"
+                ) from None
+        if isinstance(value, datetime):
+            return _aware(value, info)
+        if value is None or isinstance(value, date):
+            return value
+        raise ValueError(f"must be a date, a datetime or None, not {type(value).__name__}")
+
+    @field_validator(
+        "last_execution_time", "next_execution_time", "created_at", "updated_at", mode="after"
+    )
+    @classmethod
+    def _aware_times(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        return None if value is None else _aware(value, info)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _json_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_json_value(value, "kwargs")
+        return value
+
+    @field_serializer("valid_time_range")
+    def _window_list(self, value: tuple[int, int]) -> list[int]:
+        return list(value)
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The hour window ``(start, end)``; an alias of ``valid_time_range``."""
+        return self.valid_time_range
+
+    @property
+    def interval_delta(self) -> timedelta:
+        """The interval as a ``timedelta``."""
+        return timedelta(seconds=self.interval)
+
+    def replace(self, **changes: Any) -> TaskRecord:
+        """Return a copy with ``changes`` applied (values must already be valid)."""
+        return self.model_copy(update=changes)
+
+    def snapshot(self) -> TaskRecord:
+        """A deep copy for callers: mutating its ``kwargs`` changes nothing here."""
+        return self.model_copy(deep=True)
+
+    def run_started(self, now: datetime) -> TaskRecord:
+        """The record once a run started at ``now``."""
+        return self.replace(status=TaskStatus.RUNNING, last_execution_time=now, updated_at=now)
+
+    def run_finished(self, *, error: str | None, now: datetime) -> TaskRecord:
+        """The record once a run ended (``error`` is None on success).
+
+        A task paused during the run stays paused; otherwise it is ``error`` after a failure and
+        ``pending`` after a success (completion is decided by whoever knows the schedule).
+        """
+        if self.status is TaskStatus.PAUSED:
+            status = TaskStatus.PAUSED
+        else:
+            status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
+        return self.replace(
+            status=status,
+            run_count=self.run_count + 1,
+            failure_count=self.failure_count + (error is not None),
+            consecutive_failures=0 if error is None else self.consecutive_failures + 1,
+            last_error=self.last_error if error is None else error,
+            updated_at=now,
+        )
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The record as saved: plain JSON types, datetimes as ISO-8601 with offset."""
+        return self.model_dump(mode="json")
