@@ -41,7 +41,7 @@ from jobstores.format import (
     encode_task,
 )
 from scheduler.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
-from scheduler.triggers import TaskTrigger, end_instant, utc_now
+from scheduler.triggers import TaskTrigger, end_instant, same_instant, utc_now
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
 
@@ -120,6 +120,7 @@ class JsonJobStore(BaseJobStore):
         self._kept_order: dict[str, list[str]] = {}
         self._jobs: dict[str, Job] = {}
         self._index: list[tuple[float, str]] = []
+        self._index_keys: dict[str, tuple[float, str]] = {}
         self._in_flight: set[str] = set()
         self._executing: set[str] = set()
         self._encoded: dict[str, tuple[TaskRecord, bytes]] = {}
@@ -236,7 +237,7 @@ class JsonJobStore(BaseJobStore):
             return record.replace(status=TaskStatus.COMPLETED, next_execution_time=None)
         return (
             record.replace(next_execution_time=planned)
-            if planned != record.next_execution_time
+            if not same_instant(planned, record.next_execution_time)
             else record
         )
 
@@ -478,16 +479,20 @@ class JsonJobStore(BaseJobStore):
         return (math.inf if when is None else when.timestamp(), job.id)
 
     def _drop_job(self, task_id: str) -> None:
-        job = self._jobs.pop(task_id, None)
-        if job is not None:
-            key = self._index_key(job)
+        # The key is the one the job was placed with: APScheduler changes a job's next run
+        # time before it calls update_job().
+        self._jobs.pop(task_id, None)
+        key = self._index_keys.pop(task_id, None)
+        if key is not None:
             position = bisect.bisect_left(self._index, key)
             if position < len(self._index) and self._index[position] == key:
                 del self._index[position]
 
     def _place_job(self, job: Job) -> None:
+        key = self._index_key(job)
         self._jobs[job.id] = job
-        bisect.insort(self._index, self._index_key(job))
+        self._index_keys[job.id] = key
+        bisect.insort(self._index, key)
 
     def _job_time(self, record: TaskRecord) -> datetime | None:
         return None if record.status is TaskStatus.PAUSED else record.next_execution_time
@@ -497,13 +502,17 @@ class JsonJobStore(BaseJobStore):
         if self._scheduler is None:
             return
         job = self._jobs.get(record.task_id)
-        if record.status is TaskStatus.COMPLETED:
+        paused = record.status is TaskStatus.PAUSED
+        if record.status is TaskStatus.COMPLETED or (
+            not paused and record.next_execution_time is None
+        ):
+            # Completed, or exhausted with its last run still in flight: nothing to schedule.
             self._drop_job(record.task_id)
             return
         wanted = self._job_time(record)
         if job is None:
             self._place_job(self._build_job(record))
-        elif job.next_run_time != wanted:
+        elif not same_instant(job.next_run_time, wanted):
             self._drop_job(record.task_id)
             job._modify(next_run_time=wanted)
             self._place_job(job)
@@ -558,6 +567,7 @@ class JsonJobStore(BaseJobStore):
         with self.lock:
             self._jobs.clear()
             self._index.clear()
+            self._index_keys.clear()
             for record in self._records.values():
                 self._sync_job(record)
 
@@ -566,6 +576,7 @@ class JsonJobStore(BaseJobStore):
         with self.lock:
             self._jobs.clear()
             self._index.clear()
+            self._index_keys.clear()
             self._scheduler = None
 
     def lookup_job(self, job_id: str) -> Job | None:
@@ -620,7 +631,7 @@ class JsonJobStore(BaseJobStore):
     def _adopt(self, record: TaskRecord, job: Job) -> None:
         when = job.next_run_time
         when = None if when is None else when.astimezone(self.timezone)
-        if when == record.next_execution_time:
+        if same_instant(when, record.next_execution_time):
             return
         status = record.status
         if when is None and status not in (TaskStatus.PAUSED, TaskStatus.COMPLETED):
@@ -752,6 +763,11 @@ class JsonJobStore(BaseJobStore):
         task = loop.create_task(self.save_async())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def drain_saves(self) -> None:
+        """Wait for the background saves requested so far."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     def _schedule_retry(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._retry is not None or self._closed:

@@ -418,6 +418,7 @@ class TaskDispatcher:
             self._scheduler.pause()
             await self._runner.drain(grace_period)
             self._scheduler.shutdown(wait=False)
+        await self._store.drain_saves()
         self._store.touch()  # the final save happens even if nothing changed
         await self._store.save_async()
         self._store.close()

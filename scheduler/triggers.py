@@ -19,6 +19,7 @@ __all__ = [
     "may_start",
     "next_run",
     "resolve_wall_time",
+    "same_instant",
     "upcoming_runs",
     "utc_now",
     "window_opening",
@@ -35,6 +36,17 @@ _ONE_MICROSECOND = timedelta(microseconds=1)
 def utc_now() -> datetime:
     """The current instant, aware, in UTC (the one clock the dispatcher reads)."""
     return datetime.now(UTC)
+
+
+def same_instant(a: datetime | None, b: datetime | None) -> bool:
+    """Whether ``a`` and ``b`` are the same instant (or both None).
+
+    ``==`` on aware datetimes is not that: within one zone it compares wall times (ignoring
+    ``fold``), and across zones PEP 495 makes it False for any ambiguous time.
+    """
+    if a is None or b is None:
+        return a is b
+    return a.astimezone(UTC) == b.astimezone(UTC)
 
 
 def in_window(t: datetime, window: Window, zone: tzinfo) -> bool:

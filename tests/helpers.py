@@ -1,0 +1,99 @@
+"""Test helpers: a recording task manager factory, file readers, time shorthands."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import orjson
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+
+@dataclass
+class Run:
+    """One call of a recording manager's run()."""
+
+    task_id: str
+    at: datetime
+    thread: int
+
+
+@dataclass
+class Recorder:
+    """A task manager factory that records managers created and runs made.
+
+    ``fail`` holds task ids whose runs raise; ``gates`` holds task ids whose runs wait on an
+    asyncio.Event until the test sets it.
+    """
+
+    created: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    fail: set[str] = field(default_factory=set)
+    gates: dict[str, asyncio.Event] = field(default_factory=dict)
+    started: dict[str, asyncio.Event] = field(default_factory=dict)
+    active: dict[str, int] = field(default_factory=dict)
+    max_active: dict[str, int] = field(default_factory=dict)
+    max_total: int = 0
+
+    def __call__(self, **kwargs: Any) -> RecordingManager:
+        self.created.append(kwargs)
+        return RecordingManager(self, kwargs)
+
+    def run_ids(self) -> list[str]:
+        return [run.task_id for run in self.runs]
+
+    def count(self, task_id: str) -> int:
+        return sum(run.task_id == task_id for run in self.runs)
+
+
+class RecordingManager:
+    """An async manager that reports to its Recorder."""
+
+    def __init__(self, recorder: Recorder, kwargs: dict[str, Any]) -> None:
+        self.recorder = recorder
+        self.kwargs = kwargs
+        self.task_id: str = kwargs["task_id"]
+        self.account: str = kwargs.get("account_id") or kwargs.get("xhs_account_id") or "?"
+
+    async def run(self) -> None:
+        rec = self.recorder
+        rec.runs.append(Run(self.task_id, datetime.now(SHANGHAI), threading.get_ident()))
+        rec.active[self.account] = rec.active.get(self.account, 0) + 1
+        rec.max_active[self.account] = max(
+            rec.max_active.get(self.account, 0), rec.active[self.account]
+        )
+        rec.max_total = max(rec.max_total, sum(rec.active.values()))
+        try:
+            if self.task_id in rec.started:
+                rec.started[self.task_id].set()
+            if self.task_id in rec.gates:
+                await rec.gates[self.task_id].wait()
+            if self.task_id in rec.fail:
+                raise ValueError(f"boom in {self.task_id}")
+        finally:
+            rec.active[self.account] -= 1
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """The parsed dispatch_config.json of ``directory``."""
+    data: dict[str, Any] = orjson.loads((directory / "dispatch_config.json").read_bytes())
+    return data
+
+
+def task_in_file(directory: Path, task_id: str) -> dict[str, Any]:
+    """The saved record of ``task_id``."""
+    for task in read_state(directory)["tasks"]:
+        if task["task_id"] == task_id:
+            return dict(task)
+    raise AssertionError(f"{task_id} not in the file")
+
+
+def at(*args: int, zone: ZoneInfo = SHANGHAI) -> datetime:
+    """An aware datetime in ``zone`` (Asia/Shanghai by default)."""
+    return datetime(*args, tzinfo=zone)  # type: ignore[misc]
