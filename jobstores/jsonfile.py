@@ -617,16 +617,13 @@ class JsonJobStore(BaseJobStore):
             self._adopt(record, job)
 
     def update_job(self, job: Job) -> None:
-        """Record ``job``'s new next run time (a paused record keeps its job unscheduled)."""
+        """Record ``job``'s new next run time (None pauses the task, a time resumes it)."""
         with self.lock:
             if job.id not in self._jobs:
                 raise JobLookupError(job.id)
             self._drop_job(job.id)
-            record = self._records[job.id]
-            if record.status is TaskStatus.PAUSED and job.next_run_time is not None:
-                job._modify(next_run_time=None)
             self._place_job(job)
-            self._adopt(record, job)
+            self._adopt(self._records[job.id], job)
 
     def _adopt(self, record: TaskRecord, job: Job) -> None:
         when = job.next_run_time

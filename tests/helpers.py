@@ -12,7 +12,10 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from tasks import TaskRecord
+
 SHANGHAI = ZoneInfo("Asia/Shanghai")
+T0 = datetime(2026, 1, 8, 8, 0, tzinfo=SHANGHAI)
 
 
 @dataclass
@@ -96,4 +99,21 @@ def task_in_file(directory: Path, task_id: str) -> dict[str, Any]:
 
 def at(*args: int, zone: ZoneInfo = SHANGHAI) -> datetime:
     """An aware datetime in ``zone`` (Asia/Shanghai by default)."""
-    return datetime(*args, tzinfo=zone)  # type: ignore[misc]
+    return datetime(*args, tzinfo=zone)  # type: ignore[misc, arg-type]
+
+
+def record(task_id: str, *, account: str = "acc", at: datetime = T0, **changes: Any) -> TaskRecord:
+    fields: dict[str, Any] = {
+        "task_id": task_id,
+        "account_id": account,
+        "task_type": "xhs_type",
+        "sys_type": "mac_intel",
+        "interval": 3600,
+        "valid_time_range": (8, 22),
+        "next_execution_time": at,
+        "created_at": T0,
+        "updated_at": T0,
+        "kwargs": {"task_id": task_id, "task_type": "xhs_type", "account_id": account},
+    }
+    fields.update(changes)
+    return TaskRecord(**fields)

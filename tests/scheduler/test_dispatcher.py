@@ -7,7 +7,7 @@ import datetime
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from helpers import SHANGHAI, Recorder, at, read_state, task_in_file
@@ -323,7 +323,7 @@ async def test_a_failing_run_records_the_error_and_stays_scheduled(
 class SyncManager:
     """A manager with a plain run(): it must run in a worker thread."""
 
-    threads: list[int] = []
+    threads: ClassVar[list[int]] = []
 
     def __init__(self, **kwargs: Any) -> None:
         self.kwargs = kwargs

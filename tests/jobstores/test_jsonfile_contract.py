@@ -1,0 +1,235 @@
+"""JsonJobStore against APScheduler's job store interface, and the file after each call."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, timedelta
+from pathlib import Path
+
+import pytest
+from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
+from apscheduler.schedulers.background import BackgroundScheduler
+from helpers import SHANGHAI, T0, Recorder, read_state, record, task_in_file
+
+from jobstores import JsonJobStore, jsonfile
+from scheduler.errors import DirectoryLockedError, InvalidTaskError, TaskNotFoundError
+from tasks import TaskStatus
+
+
+@pytest.fixture
+def store(tmp_path: Path, recorder: Recorder) -> Iterator[JsonJobStore]:
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, manager_factory=recorder, now=T0)
+    scheduler = BackgroundScheduler(timezone=SHANGHAI)
+    store.start(scheduler, "default")
+    yield store
+    store.close()
+
+
+def test_added_tasks_become_jobs_and_are_saved(store: JsonJobStore, tmp_path: Path) -> None:
+    store.add_tasks([record("a"), record("b", at=T0 + timedelta(minutes=5))])
+    assert store.save()
+    job = store.lookup_job("a")
+    assert job is not None
+    assert job.id == "a"
+    assert job.next_run_time == T0
+    assert job.coalesce is True
+    assert job.misfire_grace_time is None
+    assert job.max_instances == 1
+    assert store.lookup_job("missing") is None
+    assert [t["task_id"] for t in read_state(tmp_path)["tasks"]] == ["a", "b"]
+    assert read_state(tmp_path)["account_tasks"] == {"acc": ["a", "b"]}
+
+
+def test_get_due_jobs_and_next_run_time(store: JsonJobStore) -> None:
+    store.add_tasks(
+        [
+            record("late", at=T0 + timedelta(hours=2)),
+            record("early", at=T0),
+            record("mid", at=T0 + timedelta(hours=1)),
+        ]
+    )
+    assert store.get_due_jobs(T0 - timedelta(seconds=1)) == []
+    assert [j.id for j in store.get_due_jobs(T0)] == ["early"]
+    assert [j.id for j in store.get_due_jobs(T0 + timedelta(hours=1))] == ["early", "mid"]
+    assert store.get_next_run_time() == T0
+    # Comparisons happen on instants, whatever the zone of ``now``.
+    assert [j.id for j in store.get_due_jobs(T0.astimezone(UTC))] == ["early"]
+
+
+def test_get_all_jobs_sorts_paused_last(store: JsonJobStore) -> None:
+    store.add_tasks(
+        [
+            record("paused", status=TaskStatus.PAUSED, at=None),
+            record("second", at=T0 + timedelta(hours=1)),
+            record("first"),
+        ]
+    )
+    assert [j.id for j in store.get_all_jobs()] == ["first", "second", "paused"]
+    assert store.lookup_job("paused").next_run_time is None
+
+
+def test_completed_tasks_have_no_job(store: JsonJobStore) -> None:
+    store.add_tasks([record("done", status=TaskStatus.COMPLETED, at=None)])
+    assert store.lookup_job("done") is None
+    assert store.get_next_run_time() is None
+
+
+def test_update_job_moves_the_record_and_saves(store: JsonJobStore, tmp_path: Path) -> None:
+    store.add_tasks([record("a"), record("b", at=T0 + timedelta(minutes=30))])
+    job = store.lookup_job("a")
+    later = T0 + timedelta(hours=1)
+    job._modify(next_run_time=later)
+    store.update_job(job)
+    assert store.find("a").next_execution_time == later
+    assert task_in_file(tmp_path, "a")["next_execution_time"] == later.isoformat()
+    assert [j.id for j in store.get_all_jobs()] == ["b", "a"]
+    assert [j.id for j in store.get_due_jobs(T0 + timedelta(minutes=45))] == ["b"]
+
+
+def test_update_job_to_none_pauses_and_back_resumes(store: JsonJobStore, tmp_path: Path) -> None:
+    store.add_tasks([record("a")])
+    job = store.lookup_job("a")
+    job._modify(next_run_time=None)
+    store.update_job(job)
+    assert task_in_file(tmp_path, "a")["status"] == "paused"
+    job._modify(next_run_time=T0)
+    store.update_job(job)
+    assert task_in_file(tmp_path, "a")["status"] == "pending"
+
+
+def test_remove_job_completes_the_task_and_keeps_the_record(
+    store: JsonJobStore, tmp_path: Path
+) -> None:
+    store.add_tasks([record("a"), record("b")])
+    store.remove_job("a")
+    assert store.lookup_job("a") is None
+    saved = task_in_file(tmp_path, "a")
+    assert saved["status"] == "completed"
+    assert saved["next_execution_time"] is None
+    assert read_state(tmp_path)["account_tasks"] == {"acc": ["a", "b"]}
+
+
+def test_remove_job_waits_for_an_in_flight_run(store: JsonJobStore) -> None:
+    store.add_tasks([record("a")])
+    store.run_submitted("a")
+    store.remove_job("a")
+    assert store.find("a").status is TaskStatus.PENDING
+    store.run_settled("a")
+    assert store.find("a").status is TaskStatus.COMPLETED
+
+
+def test_remove_all_jobs_completes_every_task(store: JsonJobStore, tmp_path: Path) -> None:
+    store.add_tasks([record("a"), record("b")])
+    store.remove_all_jobs()
+    assert store.get_all_jobs() == []
+    assert {t["status"] for t in read_state(tmp_path)["tasks"]} == {"completed"}
+
+
+def test_unknown_and_conflicting_jobs(store: JsonJobStore) -> None:
+    store.add_tasks([record("a")])
+    job = store.lookup_job("a")
+    with pytest.raises(ConflictingIdError):
+        store.add_job(job)
+    with pytest.raises(JobLookupError):
+        store.remove_job("missing")
+    store.remove_task("a")
+    with pytest.raises(JobLookupError):
+        store.update_job(job)
+    with pytest.raises(ValueError, match="add_task"):
+        store.add_job(job)
+
+
+def test_add_job_attaches_to_its_record(store: JsonJobStore) -> None:
+    store.add_tasks([record("a")])
+    job = store.lookup_job("a")
+    store._drop_job("a")
+    job._modify(next_run_time=T0 + timedelta(minutes=1))
+    store.add_job(job)
+    assert store.find("a").next_execution_time == T0 + timedelta(minutes=1)
+
+
+def test_remove_task_deletes_the_record(store: JsonJobStore, tmp_path: Path) -> None:
+    store.add_tasks([record("a"), record("b")])
+    store.remove_task("a")
+    store.save()
+    assert [t["task_id"] for t in read_state(tmp_path)["tasks"]] == ["b"]
+    assert store.lookup_job("a") is None
+    with pytest.raises(TaskNotFoundError):
+        store.remove_task("a")
+
+
+def test_add_tasks_is_all_or_nothing(store: JsonJobStore, recorder: Recorder) -> None:
+    store.add_tasks([record("a")])
+    with pytest.raises(InvalidTaskError, match="task_id"):
+        store.add_tasks([record("b"), record("a")])
+    with pytest.raises(InvalidTaskError, match="duplicate"):
+        store.add_tasks([record("c"), record("c")])
+    assert [r.task_id for r in store.records()] == ["a"]
+
+
+def test_reorder(store: JsonJobStore) -> None:
+    store.add_tasks([record("a"), record("b"), record("c"), record("x", account="other")])
+    store.reorder("c", 0)
+    assert store.account_tasks() == {"acc": ["c", "a", "b"], "other": ["x"]}
+    assert store.position("c") == 0
+    with pytest.raises(InvalidTaskError, match="position"):
+        store.reorder("a", 3)
+
+
+def test_reopening_restores_records_and_managers(
+    store: JsonJobStore, tmp_path: Path, recorder: Recorder
+) -> None:
+    store.add_tasks([record("a"), record("b", account="other", run_count=3)])
+    store.reorder("a", 0)
+    store.save()
+    before = store.records()
+    store.close()
+    recorder.created.clear()
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, manager_factory=recorder, now=T0)
+    try:
+        assert again.records() == before
+        assert [kw["task_id"] for kw in recorder.created] == ["a", "b"]
+        assert recorder.created[0]["sys_type"] == "mac_intel"
+    finally:
+        again.close()
+
+
+def test_one_owner_per_directory(store: JsonJobStore, tmp_path: Path, recorder: Recorder) -> None:
+    with pytest.raises(DirectoryLockedError, match=str(tmp_path)):
+        JsonJobStore(tmp_path, timezone=SHANGHAI, manager_factory=recorder)
+    store.close()
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, manager_factory=recorder)
+    again.close()
+
+
+def test_concurrent_saves_share_writes(
+    store: JsonJobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    real_write = jsonfile.write_atomic
+    gate = threading.Event()
+
+    def slow_write(path: Path, data: bytes, *, backup: Path | None = None) -> None:
+        writes.append(len(data))
+        gate.wait(5)
+        real_write(path, data, backup=backup)
+
+    monkeypatch.setattr(jsonfile, "write_atomic", slow_write)
+    store.add_tasks([record("first")])
+    leader = threading.Thread(target=store.save)
+    leader.start()
+    while not writes:  # the leader is inside its write
+        threading.Event().wait(0.001)
+    followers = []
+    for n in range(8):
+        store.add_tasks([record(f"t{n}")])
+        followers.append(threading.Thread(target=store.save))
+        followers[-1].start()
+    gate.set()
+    for thread in [leader, *followers]:
+        thread.join(5)
+    # One write for the leader, one shared by all eight followers.
+    assert len(writes) == 2
+    assert len(read_state(tmp_path)["tasks"]) == 9
+    assert store.save_health.unsaved_task_ids == ()

@@ -1,0 +1,267 @@
+"""Loading: the seed's own files, corrupt files, backups, unrestorable tasks, newer formats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import SHANGHAI, Recorder, read_state, record
+
+from jobstores import JsonJobStore
+from scheduler.errors import NewerFormatError
+from tasks import TaskStatus
+
+NOW = datetime(2026, 1, 8, 10, 45, tzinfo=SHANGHAI)
+
+SEED_TASK: dict[str, Any] = {
+    "task_id": "task_id_1",
+    "account_id": "account_1",
+    "account_name": "账号1",
+    "task_type": "xhs_type",
+    "status": "pending",
+    "interval": 3600,
+    "valid_time_range": [8, 22],
+    "task_end_time": "2026-02-08",
+    "last_execution_time": "2026-01-08T10:30:00",
+    "next_execution_time": "2026-01-08T11:30:00",
+    "created_at": "2026-01-08T00:00:00",
+    "updated_at": "2026-01-08T10:30:00",
+    "kwargs": {
+        "task_type": "xhs_type",
+        "xhs_account_id": "account_1",
+        "xhs_account_name": "账号1",
+        "user_query": "开始运营",
+        "task_id": "task_id_1",
+    },
+    "sys_type": "mac_intel",
+}
+
+
+def seed_file(tasks: list[Any], account_tasks: Any = None, version: Any = "1.0") -> bytes:
+    document = {
+        "version": version,
+        "saved_at": "2026-01-08T00:36:37.121980",
+        "tasks": tasks,
+        "account_tasks": account_tasks
+        if account_tasks is not None
+        else {"account_1": [t["task_id"] for t in tasks if isinstance(t, dict)]},
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2).encode()
+
+
+def open_store(directory: Path, recorder: Recorder) -> JsonJobStore:
+    return JsonJobStore(directory, timezone=SHANGHAI, manager_factory=recorder, now=NOW)
+
+
+def test_a_seed_format_file_with_naive_datetimes_loads(tmp_path: Path, recorder: Recorder) -> None:
+    (tmp_path / "dispatch_config.json").write_bytes(seed_file([SEED_TASK]))
+    store = open_store(tmp_path, recorder)
+    try:
+        record = store.get("task_id_1")
+        assert record.last_execution_time == datetime(2026, 1, 8, 10, 30, tzinfo=SHANGHAI)
+        assert record.next_execution_time == datetime(2026, 1, 8, 11, 30, tzinfo=SHANGHAI)
+        assert record.created_at.utcoffset() is not None
+        assert record.task_end_time.isoformat() == "2026-02-08"
+        assert record.valid_time_range == (8, 22)
+        assert recorder.created == [{"sys_type": "mac_intel", **SEED_TASK["kwargs"]}]
+        store.touch()
+        store.save()
+        saved = read_state(tmp_path)["tasks"][0]
+        assert saved["last_execution_time"] == "2026-01-08T10:30:00+08:00"
+    finally:
+        store.close()
+
+
+def test_a_record_missing_its_next_time_gets_one(tmp_path: Path, recorder: Recorder) -> None:
+    task = {**SEED_TASK, "next_execution_time": None}
+    (tmp_path / "dispatch_config.json").write_bytes(seed_file([task]))
+    store = open_store(tmp_path, recorder)
+    try:
+        assert store.get("task_id_1").next_execution_time == datetime(
+            2026, 1, 8, 11, 30, tzinfo=SHANGHAI
+        )
+    finally:
+        store.close()
+
+
+def test_a_record_past_its_end_is_completed(tmp_path: Path, recorder: Recorder) -> None:
+    task = {**SEED_TASK, "task_end_time": "2026-01-07"}
+    (tmp_path / "dispatch_config.json").write_bytes(seed_file([task]))
+    store = open_store(tmp_path, recorder)
+    try:
+        assert store.get("task_id_1").status is TaskStatus.COMPLETED
+    finally:
+        store.close()
+
+
+def test_no_file_is_an_empty_store(tmp_path: Path, recorder: Recorder) -> None:
+    store = open_store(tmp_path / "new", recorder)
+    try:
+        assert store.records() == []
+        assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"{not json",
+        b"[1, 2, 3]",
+        b'{"version": "1.0", "tasks": {"a": 1}}',
+        b"\xff\xfe\x00garbage",
+        b'{"version": "one", "tasks": []}',
+    ],
+)
+def test_a_corrupt_file_is_set_aside_and_the_store_starts_empty(
+    tmp_path: Path, recorder: Recorder, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "dispatch_config.json").write_bytes(content)
+    with caplog.at_level(logging.ERROR):
+        store = open_store(tmp_path, recorder)
+    try:
+        assert store.records() == []
+        aside = list(tmp_path.glob("dispatch_config.json.corrupt-*"))
+        assert len(aside) == 1
+        assert aside[0].read_bytes() == content
+        assert not (tmp_path / "dispatch_config.json").exists()
+        assert any("aside" in r.message for r in caplog.records)
+    finally:
+        store.close()
+
+
+def test_a_corrupt_file_is_restored_from_the_backup(
+    tmp_path: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(tmp_path, recorder)
+    store.add_tasks([record("a")])
+    store.save()
+    store.add_tasks([record("b")])
+    store.save()  # the backup now holds the state with "a" only
+    store.close()
+    (tmp_path / "dispatch_config.json").write_bytes(b'{"tasks": [tor')
+    with caplog.at_level(logging.ERROR):
+        again = open_store(tmp_path, recorder)
+    try:
+        assert [r.task_id for r in again.records()] == ["a"]
+        assert any("restored 1 task(s) from the backup" in r.message for r in caplog.records)
+        assert len(list(tmp_path.glob("dispatch_config.json.corrupt-*"))) == 1
+        # The main file is whole again.
+        assert [t["task_id"] for t in read_state(tmp_path)["tasks"]] == ["a"]
+    finally:
+        again.close()
+
+
+def test_one_unrestorable_task_among_good_ones_is_kept_verbatim(
+    tmp_path: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad_interval = {**SEED_TASK, "task_id": "bad_1", "interval": "often"}
+    not_an_object = ["what", "is", "this"]
+    good = {
+        **SEED_TASK,
+        "task_id": "good_1",
+        "kwargs": {**SEED_TASK["kwargs"], "task_id": "good_1"},
+    }
+    duplicate = {**good, "account_name": "dup"}
+    tasks = [bad_interval, good, not_an_object, duplicate]
+    (tmp_path / "dispatch_config.json").write_bytes(
+        seed_file(tasks, {"account_1": ["bad_1", "good_1"]})
+    )
+    with caplog.at_level(logging.ERROR):
+        store = open_store(tmp_path, recorder)
+    try:
+        assert [r.task_id for r in store.records()] == ["good_1"]
+        assert store.kept_records() == [bad_interval, not_an_object, duplicate]
+        assert any(
+            "bad_1 could not be restored" in r.message and "interval" in r.message
+            for r in caplog.records
+        )
+        store.save()
+        saved = read_state(tmp_path)
+        assert saved["tasks"][1:] == [bad_interval, not_an_object, duplicate]
+        assert saved["account_tasks"] == {"account_1": ["good_1", "bad_1"]}
+    finally:
+        store.close()
+
+
+def test_a_task_whose_factory_raises_is_kept(tmp_path: Path, recorder: Recorder) -> None:
+    other = {**SEED_TASK, "task_id": "other", "kwargs": {"task_type": "gone", "task_id": "other"}}
+
+    def factory(**kwargs: Any) -> Any:
+        if kwargs["task_type"] == "xhs_type":
+            raise RuntimeError("no such automation")
+        return recorder(**kwargs)
+
+    (tmp_path / "dispatch_config.json").write_bytes(seed_file([SEED_TASK, other]))
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, manager_factory=factory, now=NOW)
+    try:
+        assert [r.task_id for r in store.records()] == ["other"]
+        assert store.kept_records() == [SEED_TASK]
+    finally:
+        store.close()
+
+
+def test_unknown_keys_survive_a_round_trip(tmp_path: Path, recorder: Recorder) -> None:
+    task = {**SEED_TASK, "note": "added by hand"}
+    (tmp_path / "dispatch_config.json").write_bytes(seed_file([task]))
+    store = open_store(tmp_path, recorder)
+    try:
+        store.touch()
+        store.save()
+        assert read_state(tmp_path)["tasks"][0]["note"] == "added by hand"
+    finally:
+        store.close()
+
+
+def test_account_tasks_disagreeing_with_tasks_is_repaired(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    second = {**SEED_TASK, "task_id": "t2", "kwargs": {**SEED_TASK["kwargs"], "task_id": "t2"}}
+    (tmp_path / "dispatch_config.json").write_bytes(
+        seed_file([SEED_TASK, second], {"account_1": ["ghost", "t2"], "nobody": ["task_id_1"]})
+    )
+    store = open_store(tmp_path, recorder)
+    try:
+        assert store.account_tasks() == {"account_1": ["t2", "task_id_1"]}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("version", ["1.1", "2.0", 2])
+def test_a_newer_format_is_refused_and_left_untouched(
+    tmp_path: Path, recorder: Recorder, version: Any
+) -> None:
+    content = seed_file([SEED_TASK], version=version)
+    (tmp_path / "dispatch_config.json").write_bytes(content)
+    with pytest.raises(NewerFormatError, match="newer"):
+        open_store(tmp_path, recorder)
+    assert (tmp_path / "dispatch_config.json").read_bytes() == content
+    assert list(tmp_path.glob("*.corrupt-*")) == []
+    # The lock was released: the directory is usable once the file is dealt with.
+    (tmp_path / "dispatch_config.json").unlink()
+    open_store(tmp_path, recorder).close()
+
+
+def test_files_are_owner_only_and_temp_files_are_cleaned(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    (tmp_path / ".dispatch_config.json.999.tmp").write_bytes(b"half a save")
+    store = open_store(tmp_path, recorder)
+    try:
+        assert not (tmp_path / ".dispatch_config.json.999.tmp").exists()
+        store.touch()
+        store.save()
+        store.touch()
+        store.save()
+        for name in ("dispatch_config.json", "dispatch_config.json.bak"):
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    finally:
+        store.close()
