@@ -102,7 +102,9 @@ def at(*args: int, zone: ZoneInfo = SHANGHAI) -> datetime:
     return datetime(*args, tzinfo=zone)  # type: ignore[misc, arg-type]
 
 
-def record(task_id: str, *, account: str = "acc", at: datetime = T0, **changes: Any) -> TaskRecord:
+def record(
+    task_id: str, *, account: str = "acc", at: datetime | None = T0, **changes: Any
+) -> TaskRecord:
     fields: dict[str, Any] = {
         "task_id": task_id,
         "account_id": account,

@@ -6,15 +6,22 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from helpers import SHANGHAI, T0, Recorder, read_state, record, task_in_file
 
-from jobstores import JsonJobStore, jsonfile
+from jobstores import JsonJobStore, durable
 from scheduler.errors import DirectoryLockedError, InvalidTaskError, TaskNotFoundError
 from tasks import TaskStatus
+
+
+def job_of(store: JsonJobStore, task_id: str) -> Any:
+    job = store.lookup_job(task_id)
+    assert job is not None
+    return job
 
 
 @pytest.fixture
@@ -29,7 +36,7 @@ def store(tmp_path: Path, recorder: Recorder) -> Iterator[JsonJobStore]:
 def test_added_tasks_become_jobs_and_are_saved(store: JsonJobStore, tmp_path: Path) -> None:
     store.add_tasks([record("a"), record("b", at=T0 + timedelta(minutes=5))])
     assert store.save()
-    job = store.lookup_job("a")
+    job = job_of(store, "a")
     assert job is not None
     assert job.id == "a"
     assert job.next_run_time == T0
@@ -66,7 +73,7 @@ def test_get_all_jobs_sorts_paused_last(store: JsonJobStore) -> None:
         ]
     )
     assert [j.id for j in store.get_all_jobs()] == ["first", "second", "paused"]
-    assert store.lookup_job("paused").next_run_time is None
+    assert job_of(store, "paused").next_run_time is None
 
 
 def test_completed_tasks_have_no_job(store: JsonJobStore) -> None:
@@ -77,11 +84,11 @@ def test_completed_tasks_have_no_job(store: JsonJobStore) -> None:
 
 def test_update_job_moves_the_record_and_saves(store: JsonJobStore, tmp_path: Path) -> None:
     store.add_tasks([record("a"), record("b", at=T0 + timedelta(minutes=30))])
-    job = store.lookup_job("a")
+    job = job_of(store, "a")
     later = T0 + timedelta(hours=1)
     job._modify(next_run_time=later)
     store.update_job(job)
-    assert store.find("a").next_execution_time == later
+    assert store.get("a").next_execution_time == later
     assert task_in_file(tmp_path, "a")["next_execution_time"] == later.isoformat()
     assert [j.id for j in store.get_all_jobs()] == ["b", "a"]
     assert [j.id for j in store.get_due_jobs(T0 + timedelta(minutes=45))] == ["b"]
@@ -89,7 +96,7 @@ def test_update_job_moves_the_record_and_saves(store: JsonJobStore, tmp_path: Pa
 
 def test_update_job_to_none_pauses_and_back_resumes(store: JsonJobStore, tmp_path: Path) -> None:
     store.add_tasks([record("a")])
-    job = store.lookup_job("a")
+    job = job_of(store, "a")
     job._modify(next_run_time=None)
     store.update_job(job)
     assert task_in_file(tmp_path, "a")["status"] == "paused"
@@ -114,9 +121,9 @@ def test_remove_job_waits_for_an_in_flight_run(store: JsonJobStore) -> None:
     store.add_tasks([record("a")])
     store.run_submitted("a")
     store.remove_job("a")
-    assert store.find("a").status is TaskStatus.PENDING
+    assert store.get("a").status is TaskStatus.PENDING
     store.run_settled("a")
-    assert store.find("a").status is TaskStatus.COMPLETED
+    assert store.get("a").status is TaskStatus.COMPLETED
 
 
 def test_remove_all_jobs_completes_every_task(store: JsonJobStore, tmp_path: Path) -> None:
@@ -128,7 +135,7 @@ def test_remove_all_jobs_completes_every_task(store: JsonJobStore, tmp_path: Pat
 
 def test_unknown_and_conflicting_jobs(store: JsonJobStore) -> None:
     store.add_tasks([record("a")])
-    job = store.lookup_job("a")
+    job = job_of(store, "a")
     with pytest.raises(ConflictingIdError):
         store.add_job(job)
     with pytest.raises(JobLookupError):
@@ -142,11 +149,11 @@ def test_unknown_and_conflicting_jobs(store: JsonJobStore) -> None:
 
 def test_add_job_attaches_to_its_record(store: JsonJobStore) -> None:
     store.add_tasks([record("a")])
-    job = store.lookup_job("a")
+    job = job_of(store, "a")
     store._drop_job("a")
     job._modify(next_run_time=T0 + timedelta(minutes=1))
     store.add_job(job)
-    assert store.find("a").next_execution_time == T0 + timedelta(minutes=1)
+    assert store.get("a").next_execution_time == T0 + timedelta(minutes=1)
 
 
 def test_remove_task_deletes_the_record(store: JsonJobStore, tmp_path: Path) -> None:
@@ -207,7 +214,7 @@ def test_concurrent_saves_share_writes(
     store: JsonJobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    real_write = jsonfile.write_atomic
+    real_write = durable.write_atomic
     gate = threading.Event()
 
     def slow_write(path: Path, data: bytes, *, backup: Path | None = None) -> None:
@@ -215,7 +222,7 @@ def test_concurrent_saves_share_writes(
         gate.wait(5)
         real_write(path, data, backup=backup)
 
-    monkeypatch.setattr(jsonfile, "write_atomic", slow_write)
+    monkeypatch.setattr("jobstores.jsonfile.write_atomic", slow_write)
     store.add_tasks([record("first")])
     leader = threading.Thread(target=store.save)
     leader.start()

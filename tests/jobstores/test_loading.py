@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import stat
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def test_a_seed_format_file_with_naive_datetimes_loads(tmp_path: Path, recorder:
         assert record.last_execution_time == datetime(2026, 1, 8, 10, 30, tzinfo=SHANGHAI)
         assert record.next_execution_time == datetime(2026, 1, 8, 11, 30, tzinfo=SHANGHAI)
         assert record.created_at.utcoffset() is not None
-        assert record.task_end_time.isoformat() == "2026-02-08"
+        assert record.task_end_time == date(2026, 2, 8)
         assert record.valid_time_range == (8, 22)
         assert recorder.created == [{"sys_type": "mac_intel", **SEED_TASK["kwargs"]}]
         store.touch()

@@ -1,0 +1,95 @@
+"""TaskRecord: validation, conversion, transitions, JSON form."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import pytest
+from helpers import SHANGHAI, T0, record
+from pydantic import ValidationError
+
+from tasks import TaskRecord, TaskStatus
+from tasks.model import check_json_value
+
+
+def test_json_form_is_plain_and_readable() -> None:
+    data = record("a", task_end_time=date(2026, 2, 8), last_execution_time=T0).to_json_dict()
+    assert data["valid_time_range"] == [8, 22]
+    assert data["task_end_time"] == "2026-02-08"
+    assert data["last_execution_time"] == "2026-01-08T08:00:00+08:00"
+    assert data["status"] == "pending"
+    assert data["interval"] == 3600
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2026-02-08", date(2026, 2, 8)),
+        ("2026-02-08T12:00:00+08:00", datetime(2026, 2, 8, 12, 0, tzinfo=SHANGHAI)),
+        (datetime(2026, 2, 8, 12, 0), datetime(2026, 2, 8, 12, 0, tzinfo=SHANGHAI)),
+        (None, None),
+    ],
+)
+def test_end_time_forms(value: Any, expected: Any) -> None:
+    raw = record("a").to_json_dict() | {"task_end_time": value}
+    parsed = TaskRecord.model_validate(raw, context={"zone": SHANGHAI}).task_end_time
+    assert parsed == expected
+    assert type(parsed) is type(expected)
+
+
+def test_naive_datetimes_need_a_zone() -> None:
+    raw = record("a").to_json_dict() | {"created_at": "2026-01-08T00:00:00"}
+    with pytest.raises(ValidationError, match="timezone-aware"):
+        TaskRecord.model_validate(raw)
+    parsed = TaskRecord.model_validate(raw, context={"zone": SHANGHAI})
+    assert parsed.created_at == datetime(2026, 1, 8, tzinfo=SHANGHAI)
+
+
+def test_interval_normalised() -> None:
+    assert record("a", interval=timedelta(hours=2)).interval == 7200
+    assert isinstance(record("a", interval=60.0).interval, int)
+    assert record("a", interval=0.25).interval == 0.25
+
+
+def test_status_round_trips_and_rejects_unknown() -> None:
+    raw = record("a").to_json_dict() | {"status": "paused"}
+    assert TaskRecord.model_validate(raw, context={"zone": SHANGHAI}).status is TaskStatus.PAUSED
+    with pytest.raises(ValidationError, match="status"):
+        TaskRecord.model_validate(raw | {"status": "sleeping"}, context={"zone": SHANGHAI})
+
+
+def test_run_transitions() -> None:
+    started = record("a").run_started(T0)
+    assert started.status is TaskStatus.RUNNING
+    assert started.last_execution_time == T0
+    failed = started.run_finished(error="ValueError: x", now=T0)
+    assert (failed.status, failed.run_count, failed.failure_count) == (TaskStatus.ERROR, 1, 1)
+    assert failed.consecutive_failures == 1
+    again = failed.run_finished(error="ValueError: y", now=T0)
+    assert again.consecutive_failures == 2
+    ok = again.run_finished(error=None, now=T0)
+    assert (ok.status, ok.consecutive_failures, ok.last_error) == (
+        TaskStatus.PENDING,
+        0,
+        "ValueError: y",
+    )
+    paused = started.replace(status=TaskStatus.PAUSED).run_finished(error=None, now=T0)
+    assert paused.status is TaskStatus.PAUSED
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"a": [1, {"b": set()}]}, r"kwargs\.a\[1\]\.b: set"),
+        ({"a": b"bytes"}, r"kwargs\.a: bytes"),
+        ({"n": -(2**64)}, r"kwargs\.n: integer"),
+    ],
+)
+def test_check_json_value(value: Any, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_json_value(value, "kwargs")
+
+
+def test_check_json_value_accepts_json() -> None:
+    check_json_value({"a": [1, 2.5, "x", None, True, {"b": []}]}, "kwargs")
