@@ -42,6 +42,8 @@ class Document:
     version: str
     saved_at: str | None
     tasks: list[Any]
+    timezone: str | None = None
+    """The IANA key of the zone the writing dispatcher used, if it recorded one."""
     account_tasks: dict[str, list[str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
@@ -82,10 +84,12 @@ def decode_document(data: bytes, path: Path) -> Document:
                 problems.append(f"account_tasks[{account!r}]: not a list of task ids, ignored")
     else:
         problems.append("account_tasks: not an object, order rebuilt from tasks")
+    zone = top.get("timezone")
     return Document(
         version=version,
         saved_at=saved_at if isinstance(saved_at, str) else None,
         tasks=tasks,
+        timezone=zone if isinstance(zone, str) else None,
         account_tasks=account_tasks,
         problems=problems,
     )
@@ -100,9 +104,16 @@ def encode_task(task: dict[str, Any]) -> bytes:
 
 
 def encode_document(
-    encoded_tasks: Iterable[bytes], account_tasks: dict[str, list[str]], saved_at: datetime
+    encoded_tasks: Iterable[bytes],
+    account_tasks: dict[str, list[str]],
+    saved_at: datetime,
+    timezone: str | None = None,
 ) -> bytes:
-    """Assemble the document from tasks already encoded with :func:`encode_task`."""
+    """Assemble the document from tasks already encoded with :func:`encode_task`.
+
+    ``timezone`` (an extra key) tells readers such as the command line which zone the hour
+    windows are in.
+    """
     order = orjson.dumps(account_tasks, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n  ")
     body = b",\n".join(encoded_tasks)
     return b"".join(
@@ -111,6 +122,7 @@ def encode_document(
             orjson.dumps(FORMAT_VERSION),
             b',\n  "saved_at": ',
             orjson.dumps(saved_at.isoformat()),
+            b',\n  "timezone": ' + orjson.dumps(timezone) if timezone else b"",
             b',\n  "tasks": [\n' if body else b',\n  "tasks": [',
             body,
             b"\n  ],\n" if body else b"],\n",

@@ -76,10 +76,28 @@ class SaveHealth:
 
 def describe_validation_error(exc: ValidationError) -> tuple[str, str]:
     """``(field, message)`` of the first problem in a pydantic error."""
-    first = exc.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "record"
-    message = str(first["msg"]).removeprefix("Value error, ")
-    return field, message
+    return validation_problems(exc)[0]
+
+
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(field, message)`` of every problem in a pydantic error."""
+    return [
+        (
+            ".".join(str(part) for part in error["loc"]) or "record",
+            str(error["msg"]).removeprefix("Value error, "),
+        )
+        for error in exc.errors()
+    ]
+
+
+def parse_record(raw: Any, zone: tzinfo) -> TaskRecord:
+    """Validate one saved task object; raise :class:`InvalidTaskError` naming the field."""
+    if not isinstance(raw, dict):
+        raise InvalidTaskError("record", f"is {type(raw).__name__}, not an object")
+    try:
+        return TaskRecord.model_validate(raw, context={"zone": zone})
+    except ValidationError as exc:
+        raise InvalidTaskError(*describe_validation_error(exc)) from exc
 
 
 class JsonJobStore(BaseJobStore):
@@ -196,12 +214,7 @@ class JsonJobStore(BaseJobStore):
         task_id = raw.get("task_id") if isinstance(raw, dict) else None
         label = task_id if isinstance(task_id, str) else f"tasks[{index}]"
         try:
-            if not isinstance(raw, dict):
-                raise InvalidTaskError("record", f"is {type(raw).__name__}, not an object")
-            try:
-                record = TaskRecord.model_validate(raw, context={"zone": self.timezone})
-            except ValidationError as exc:
-                raise InvalidTaskError(*describe_validation_error(exc)) from exc
+            record = parse_record(raw, self.timezone)
             if record.task_id in self._records or record.task_id in self._kept_ids:
                 raise InvalidTaskError("task_id", "duplicate task id")
             manager = self._create_manager(record)
@@ -275,12 +288,7 @@ class JsonJobStore(BaseJobStore):
 
     def trigger(self, record: TaskRecord) -> TaskTrigger:
         """The trigger that plans ``record``'s runs."""
-        return TaskTrigger(
-            interval=record.interval_delta,
-            window=record.valid_time_range,
-            end=end_instant(record.task_end_time, self.timezone),
-            zone=self.timezone,
-        )
+        return TaskTrigger.for_record(record, self.timezone)
 
     def next_time(
         self, record: TaskRecord, previous: datetime | None, now: datetime
@@ -706,6 +714,7 @@ class JsonJobStore(BaseJobStore):
                     [*map(self._encode, records), *map(encode_task, kept)],
                     order,
                     now,
+                    getattr(self.timezone, "key", None),
                 )
                 write_atomic(self.path, data, backup=self.backup_path)
             except OSError as exc:

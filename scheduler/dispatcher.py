@@ -190,7 +190,9 @@ class TaskDispatcher:
         account_name = _account(extra, "_account_name", required=False)
         task_id = keywords.get("task_id")
         if task_id is None:
-            task_id = uuid.uuid4().hex
+            task_id = uuid.uuid4().hex[:12]
+            while task_id in taken or self._store.find(task_id) is not None:
+                task_id = uuid.uuid4().hex[:12]
         elif task_id in taken or self._store.find(task_id) is not None:
             raise InvalidTaskError("task_id", f"a task with id {task_id!r} exists")
         try:

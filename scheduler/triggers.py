@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import TYPE_CHECKING
 
 from apscheduler.triggers.base import BaseTrigger
+
+if TYPE_CHECKING:
+    from tasks.model import TaskRecord
 
 __all__ = [
     "TaskTrigger",
@@ -173,6 +177,22 @@ class TaskTrigger(BaseTrigger):
         self.window = window
         self.end = end
         self.timezone = zone
+
+    @classmethod
+    def for_record(cls, record: TaskRecord, zone: tzinfo) -> TaskTrigger:
+        """The trigger that plans ``record``'s runs in ``zone``."""
+        return cls(
+            interval=record.interval_delta,
+            window=record.valid_time_range,
+            end=end_instant(record.task_end_time, zone),
+            zone=zone,
+        )
+
+    def upcoming(self, first: datetime | None) -> Iterator[datetime]:
+        """The planned run times from ``first`` on (see :func:`upcoming_runs`)."""
+        return upcoming_runs(
+            first, interval=self.interval, window=self.window, end=self.end, zone=self.timezone
+        )
 
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime

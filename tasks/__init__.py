@@ -3,13 +3,18 @@
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
 from tasks.registry import TaskTypeRegistry, default_registry, register_task_type
+from tasks.secrets import mask_secrets
+from tasks.shell import ShellTask, ShellTaskError
 
 __all__ = [
+    "ShellTask",
+    "ShellTaskError",
     "TaskManager",
     "TaskManagerFactory",
     "TaskRecord",
     "TaskStatus",
     "TaskTypeRegistry",
     "default_registry",
+    "mask_secrets",
     "register_task_type",
 ]

@@ -119,3 +119,7 @@ def record(
     }
     fields.update(changes)
     return TaskRecord(**fields)
+
+
+recording_factory = Recorder()
+"""A module-level recorder, importable as ``--factory helpers:recording_factory``."""

@@ -1,0 +1,654 @@
+"""``task-dispatcher``: see and steer a dispatcher directory from the shell.
+
+Every command goes through the library's public API: modifying commands open a
+:class:`TaskDispatcher` (and so take the directory's lock), read-only ones read the state file
+without owning it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, tzinfo
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import orjson
+from rich.console import Console
+from rich.live import Live
+from rich.logging import RichHandler
+from rich.table import Table
+
+from jobstores.format import CorruptFileError
+from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
+from scheduler.dispatcher import DIR_ENV_VAR, TaskDispatcher, default_directory, resolve_timezone
+from scheduler.errors import DispatcherError, NewerFormatError, UnknownTaskTypeError
+from scheduler.triggers import TaskTrigger, next_run
+from tasks.manager import TaskManager, TaskManagerFactory
+from tasks.model import TaskRecord, TaskStatus
+from tasks.registry import default_registry
+from tasks.secrets import mask_secrets
+
+__all__ = ["main", "parse_hours", "parse_interval"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_INTERVAL = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+
+
+def parse_interval(text: str) -> float:
+    """``3600``, ``90s``, ``30m``, ``1h``, ``1d`` or combinations such as ``1h30m``, in seconds."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = _INTERVAL.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise click.BadParameter(f"{text!r} is not an interval such as 3600, 90s, 30m, 1h or 1d")
+    return sum(float(number) * _UNITS[unit] for number, unit in parts)
+
+
+def parse_hours(text: str) -> tuple[int, int]:
+    """``8-22`` (or the wrap-around ``22-6``) as a window pair."""
+    match = re.fullmatch(r"\s*(\d{1,2})\s*-\s*(\d{1,2})\s*", text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not an hour window such as 8-22 or 22-6")
+    return int(match[1]), int(match[2])
+
+
+def _parse_until(text: str) -> date | datetime:
+    try:
+        return date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a date (YYYY-MM-DD) or an ISO datetime"
+        ) from None
+
+
+def _parse_kw(pairs: tuple[str, ...]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--kw")
+        try:
+            value = orjson.loads(raw)
+            values[key] = value if not isinstance(value, dict | list) else raw
+        except orjson.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+# ---------------------------------------------------------------------- shared options
+
+
+@dataclass
+class Options:
+    """What the global options chose."""
+
+    directory: Path | None = None
+    factory: str | None = None
+    timezone: str | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.directory or default_directory()
+
+    def zone(self) -> tzinfo | None:
+        return resolve_timezone(self.timezone) if self.timezone else None
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"task-dispatcher: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _import_factory(spec: str) -> TaskManagerFactory:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        _fail(f"--factory {spec!r}: expected module:attr, e.g. myapp.tasks:TaskManager")
+    try:
+        module = importlib.import_module(module_name)
+        factory = functools.reduce(getattr, attr.split("."), module)
+    except (ImportError, AttributeError) as exc:
+        _fail(f"--factory {spec!r}: {exc}")
+    if not callable(factory):
+        _fail(f"--factory {spec!r} is not callable")
+    result: TaskManagerFactory = factory
+    return result
+
+
+class _Inert:
+    """Stands in for a task manager in commands that never run anything."""
+
+    def run(self) -> None:  # pragma: no cover - never called
+        raise RuntimeError("inert task manager")
+
+
+def _editing_factory(options: Options) -> TaskManagerFactory:
+    """For pause/resume/remove/reorder: managers are re-created on load but never run."""
+    if options.factory:
+        return _import_factory(options.factory)
+
+    def factory(**kwargs: Any) -> TaskManager:
+        try:
+            return default_registry(**kwargs)
+        except (UnknownTaskTypeError, ValueError, TypeError):
+            return _Inert()
+
+    return factory
+
+
+def _dir_option(command: F) -> F:
+    """Accept --dir/--factory/--timezone after the command name as well."""
+
+    def remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            setattr(ctx.ensure_object(Options), param.name or "", value)
+        return value
+
+    for name, help_text in (
+        ("--timezone", "IANA zone of the hour windows (default: the file's, else local)."),
+        ("--factory", "module:attr of the host's TaskManager class or factory."),
+    ):
+        command = click.option(
+            name, default=None, expose_value=False, callback=remember, help=help_text
+        )(command)
+    return click.option(
+        "--dir",
+        "directory",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        expose_value=False,
+        callback=remember,
+        help="Dispatcher directory (overrides the global --dir).",
+    )(command)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Bad input and unknown ids: one line on stderr, exit status 2, nothing changed."""
+    try:
+        yield
+    except (DispatcherError, ValueError, TypeError) as exc:
+        _fail(str(exc))
+
+
+@contextlib.contextmanager
+def _dispatcher(
+    options: Options, factory: TaskManagerFactory | None = None
+) -> Iterator[TaskDispatcher]:
+    with _errors():
+        dispatcher = TaskDispatcher(
+            options.dir,
+            task_manager_factory=factory or _editing_factory(options),
+            timezone=options.zone(),
+        )
+        try:
+            yield dispatcher
+        finally:
+            dispatcher.close()
+
+
+def _snapshot(options: Options) -> StateSnapshot:
+    with _errors():
+        try:
+            return read_snapshot(options.dir, options.zone())
+        except (CorruptFileError, NewerFormatError) as exc:
+            _fail(str(exc))
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _when(value: datetime | None, zone: tzinfo) -> str:
+    return "-" if value is None else value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _interval(seconds: float) -> str:
+    if seconds % 86400 == 0:
+        return f"{seconds // 86400:g}d"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600:g}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60:g}m"
+    return f"{seconds:g}s"
+
+
+_STATUS_STYLE = {
+    TaskStatus.PENDING: "cyan",
+    TaskStatus.RUNNING: "bold green",
+    TaskStatus.PAUSED: "yellow",
+    TaskStatus.COMPLETED: "dim",
+    TaskStatus.ERROR: "bold red",
+}
+
+
+def _table(records: list[TaskRecord], zone: tzinfo, *, title: str | None = None) -> Table:
+    table = Table(title=title, expand=False)
+    for column in (
+        "task",
+        "account",
+        "type",
+        "status",
+        "every",
+        "hours",
+        "last run",
+        "next run",
+        "runs",
+        "failures",
+        "last error",
+    ):
+        table.add_column(column, overflow="fold", no_wrap=column in ("status", "every", "runs"))
+    for record in records:
+        start, end = record.valid_time_range
+        table.add_row(
+            record.task_id,
+            record.account_id,
+            record.task_type,
+            f"[{_STATUS_STYLE[record.status]}]{record.status.value}[/]",
+            _interval(record.interval),
+            f"{start}-{end}",
+            _when(record.last_execution_time, zone),
+            _when(record.next_execution_time, zone),
+            str(record.run_count),
+            str(record.failure_count),
+            (record.last_error or "")[:80],
+        )
+    return table
+
+
+def _console() -> Console:
+    console = Console(highlight=False)
+    # Piped output is read by people and scripts alike: don't fold it into 80 columns.
+    return console if console.is_terminal else Console(highlight=False, width=220)
+
+
+def _json_record(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
+    data = record.to_json_dict()
+    if not show_secrets:
+        data["kwargs"] = mask_secrets(data["kwargs"])
+    return data
+
+
+# ---------------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=DIR_ENV_VAR,
+    default=None,
+    help=f"Directory of dispatch_config.json [env {DIR_ENV_VAR}; default ./dispatcher].",
+)
+@click.option(
+    "--factory", default=None, help="module:attr of the host's TaskManager class or factory."
+)
+@click.option("--timezone", default=None, help="IANA zone of the hour windows (default: local).")
+@click.version_option(package_name="task-dispatcher")
+@click.pass_context
+def main(
+    ctx: click.Context, directory: Path | None, factory: str | None, timezone: str | None
+) -> None:
+    """Run recurring per-account tasks with hour windows, end dates and a durable state file."""
+    options = ctx.ensure_object(Options)
+    options.directory = options.directory or directory
+    options.factory = options.factory or factory
+    options.timezone = options.timezone or timezone
+
+
+@main.command()
+@_dir_option
+@click.option(
+    "--sys-type", default="local", show_default=True, help="Machine type the task runs on."
+)
+@click.option("--type", "task_type", required=True, help="Task type (e.g. shell).")
+@click.option("--account", "account_id", required=True, help="Account id.")
+@click.option("--account-name", default=None, help="Account display name.")
+@click.option("--interval", required=True, help="3600, 90s, 30m, 1h, 1d.")
+@click.option("--hours", default="0-24", show_default=True, help="Hour window, e.g. 8-22 or 22-6.")
+@click.option(
+    "--until", default=None, help="Last day (YYYY-MM-DD) or exact cut-off (ISO datetime)."
+)
+@click.option("--id", "task_id", default=None, help="Task id (default: generated).")
+@click.option(
+    "--kw", multiple=True, help="Task keyword key=value (JSON scalars are parsed); repeatable."
+)
+@click.option("--kwargs-json", default=None, help="Task keywords as a JSON object.")
+@click.pass_obj
+def add(
+    options: Options,
+    sys_type: str,
+    task_type: str,
+    account_id: str,
+    account_name: str | None,
+    interval: str,
+    hours: str,
+    until: str | None,
+    task_id: str | None,
+    kw: tuple[str, ...],
+    kwargs_json: str | None,
+) -> None:
+    """Add a task and print its id."""
+    keywords: dict[str, Any] = {}
+    if kwargs_json:
+        try:
+            loaded = orjson.loads(kwargs_json)
+        except orjson.JSONDecodeError as exc:
+            _fail(f"--kwargs-json: {exc}")
+        if not isinstance(loaded, dict):
+            _fail("--kwargs-json: must be a JSON object")
+        keywords.update(loaded)
+    with _errors():
+        keywords.update(_parse_kw(kw))
+        keywords.update(
+            interval=parse_interval(interval),
+            valid_time_range=parse_hours(hours),
+            task_end_time=_parse_until(until) if until else None,
+        )
+    if account_name is not None:
+        keywords["account_name"] = account_name
+    factory = _import_factory(options.factory) if options.factory else default_registry
+    with _dispatcher(options, factory) as dispatcher, _errors():
+        new_id = asyncio.run(
+            dispatcher.add_task(
+                sys_type=sys_type,
+                task_type=task_type,
+                account_id=account_id,
+                task_id=task_id,
+                **keywords,
+            )
+        )
+    click.echo(new_id)
+
+
+@main.command(name="list")
+@_dir_option
+@click.option("--account", default=None, help="Only this account's tasks.")
+@click.option("--status", type=click.Choice([s.value for s in TaskStatus]), default=None)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of task records.")
+@click.option("--show-secrets", is_flag=True, help="Do not mask secret-looking kwargs.")
+@click.pass_obj
+def list_(
+    options: Options, account: str | None, status: str | None, as_json: bool, show_secrets: bool
+) -> None:
+    """List tasks (read-only; works while the directory is in use)."""
+    snapshot = _snapshot(options)
+    order = {tid: i for ids in snapshot.account_tasks.values() for i, tid in enumerate(ids)}
+    records = [
+        r
+        for r in snapshot.records
+        if (account is None or r.account_id == account) and (status is None or r.status == status)
+    ]
+    records.sort(key=lambda r: (r.account_id, order.get(r.task_id, 0)))
+    if as_json:
+        click.echo(
+            orjson.dumps(
+                [_json_record(r, show_secrets) for r in records], option=orjson.OPT_INDENT_2
+            ).decode()
+        )
+        return
+    if not snapshot.records:
+        click.echo(
+            f"No tasks in {snapshot.path}. Add one with: task-dispatcher --dir "
+            f"{options.dir} add --type shell --account me --interval 1h --kw command=date"
+        )
+        return
+    _console().print(_table(records, snapshot.timezone))
+    if snapshot.unreadable:
+        click.echo(
+            f"{len(snapshot.unreadable)} unreadable task record(s) kept in the file; "
+            "run 'task-dispatcher validate' for details",
+            err=True,
+        )
+
+
+@main.command()
+@_dir_option
+@click.argument("task_id")
+@click.option(
+    "--runs", "count", default=5, show_default=True, help="How many upcoming runs to show."
+)
+@click.option("--show-secrets", is_flag=True, help="Do not mask secret-looking kwargs.")
+@click.pass_obj
+def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None:
+    """Show every field of a task and its next runs (read-only)."""
+    snapshot = _snapshot(options)
+    record = snapshot.get(task_id)
+    if record is None:
+        _fail(f"no task with id {task_id!r} in {snapshot.path}")
+    zone = snapshot.timezone
+    for key, value in _json_record(record, show_secrets).items():
+        if key == "kwargs":
+            value = orjson.dumps(value).decode()
+        click.echo(f"{key:>22}: {'-' if value is None else value}")
+    click.echo(f"{'position':>22}: {snapshot.account_tasks[record.account_id].index(task_id)}")
+    trigger = TaskTrigger.for_record(record, zone)
+    if record.status is TaskStatus.COMPLETED:
+        click.echo("             next runs: none (completed)")
+        return
+    first = record.next_execution_time
+    label = "next runs"
+    if record.status is TaskStatus.PAUSED:
+        now = datetime.now(zone)
+        first = next_run(
+            record.last_execution_time,
+            interval=trigger.interval,
+            window=trigger.window,
+            end=trigger.end,
+            zone=zone,
+            now=now,
+        )
+        label = "if resumed now"
+    runs = [_when(t, zone) for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
+    click.echo(f"{label:>22}: {runs[0] if runs else 'none before the end time'}")
+    for line in runs[1:]:
+        click.echo(f"{'':>22}  {line}")
+
+
+def _edit(options: Options, action: Callable[[TaskDispatcher], str]) -> None:
+    with _dispatcher(options) as dispatcher, _errors():
+        click.echo(action(dispatcher))
+
+
+@main.command()
+@_dir_option
+@click.argument("task_id")
+@click.pass_obj
+def pause(options: Options, task_id: str) -> None:
+    """Pause a task (saved before the command returns)."""
+
+    def action(d: TaskDispatcher) -> str:
+        d.pause_task(task_id)
+        return f"{task_id}: {d.get_task(task_id).status}"
+
+    _edit(options, action)
+
+
+@main.command()
+@_dir_option
+@click.argument("task_id")
+@click.pass_obj
+def resume(options: Options, task_id: str) -> None:
+    """Resume a paused task."""
+
+    def action(d: TaskDispatcher) -> str:
+        d.resume_task(task_id)
+        record = d.get_task(task_id)
+        return (
+            f"{task_id}: {record.status}, next run {_when(record.next_execution_time, d.timezone)}"
+        )
+
+    _edit(options, action)
+
+
+@main.command()
+@_dir_option
+@click.argument("task_id")
+@click.pass_obj
+def remove(options: Options, task_id: str) -> None:
+    """Delete a task for good."""
+
+    def action(d: TaskDispatcher) -> str:
+        d.remove_task(task_id)
+        return f"{task_id}: removed"
+
+    _edit(options, action)
+
+
+@main.command()
+@_dir_option
+@click.argument("task_id")
+@click.argument("position", type=int)
+@click.pass_obj
+def reorder(options: Options, task_id: str, position: int) -> None:
+    """Move a task to POSITION (0-based) in its account's priority order."""
+
+    def action(d: TaskDispatcher) -> str:
+        d.reorder_task(task_id, position)
+        account = d.get_task(task_id).account_id
+        return f"{account}: {' '.join(d.account_tasks[account])}"
+
+    _edit(options, action)
+
+
+@main.command()
+@_dir_option
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.pass_obj
+def validate(options: Options, path: Path | None) -> None:
+    """Check a state file; list every problem; exit 1 if there is any. Never modifies it."""
+    target = path or options.dir / "dispatch_config.json"
+    with _errors():
+        problems = validate_state_file(target, options.zone())
+    for problem in problems:
+        click.echo(str(problem))
+    if problems:
+        click.echo(f"{target}: {len(problems)} problem(s)", err=True)
+        sys.exit(1)
+    click.echo(f"{target}: ok")
+
+
+DEMO_TASKS: list[dict[str, Any]] = [
+    {
+        "task_id": "demo-clock",
+        "account_id": "demo-a",
+        "account_name": "Demo A",
+        "task_type": "shell",
+        "interval": 2,
+        "command": "date",
+    },
+    {
+        "task_id": "demo-second",
+        "account_id": "demo-a",
+        "account_name": "Demo A",
+        "task_type": "shell",
+        "interval": 5,
+        "command": "echo second task of demo-a",
+    },
+    {
+        "task_id": "demo-flaky",
+        "account_id": "demo-b",
+        "account_name": "Demo B",
+        "task_type": "shell",
+        "interval": 3,
+        "shell": True,
+        "command": "echo working; test $(( $(date +%s) % 3 )) -ne 0",
+    },
+]
+
+
+@main.command()
+@_dir_option
+@click.option(
+    "--grace", default=30.0, show_default=True, help="Seconds runs get to finish on stop."
+)
+@click.option("--max-concurrent-runs", default=10, show_default=True)
+@click.option(
+    "--demo", is_flag=True, help="Add a few short-interval shell tasks if the store is empty."
+)
+@click.option("--live/--no-live", default=None, help="Live table (default: on a terminal).")
+@click.pass_obj
+def run(
+    options: Options, grace: float, max_concurrent_runs: int, demo: bool, live: bool | None
+) -> None:
+    """Run the dispatcher in the foreground until SIGINT or SIGTERM."""
+    console = _console()
+    live = console.is_terminal if live is None else live
+    handler: logging.Handler = (
+        RichHandler(console=console, show_path=False) if live else logging.StreamHandler()
+    )
+    handler.setFormatter(
+        logging.Formatter("%(message)s" if live else "%(asctime)s %(levelname)s %(message)s")
+    )
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    factory = _import_factory(options.factory) if options.factory else default_registry
+    with _errors():
+        dispatcher = TaskDispatcher(
+            options.dir,
+            task_manager_factory=factory,
+            timezone=options.zone(),
+            max_concurrent_runs=max_concurrent_runs,
+        )
+    try:
+        with _errors():
+            asyncio.run(_serve(dispatcher, console, grace=grace, demo=demo, live=live))
+    finally:
+        if not dispatcher.closed:
+            dispatcher.close()
+
+
+async def _serve(
+    dispatcher: TaskDispatcher, console: Console, *, grace: float, demo: bool, live: bool
+) -> None:
+    if demo and not dispatcher.list_tasks():
+        await dispatcher.add_tasks({"sys_type": "local", **task} for task in DEMO_TASKS)
+    if not dispatcher.list_tasks():
+        logging.getLogger(__name__).warning(
+            "no tasks in %s yet. Stop with Ctrl-C, then add one: task-dispatcher --dir %s add "
+            "--type shell --account me --interval 1m --kw command=date  (or try: run --demo)",
+            dispatcher.state_file,
+            dispatcher.directory,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await dispatcher.start()
+    logging.getLogger(__name__).info(
+        "running %d task(s) from %s; Ctrl-C to stop",
+        len(dispatcher.list_tasks()),
+        dispatcher.state_file,
+    )
+    try:
+        if live:
+            title = f"task-dispatcher: {dispatcher.state_file}"
+            with Live(
+                _table(dispatcher.list_tasks(), dispatcher.timezone, title=title),
+                console=console,
+                refresh_per_second=2,
+            ) as screen:
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 1)
+                    screen.update(_table(dispatcher.list_tasks(), dispatcher.timezone, title=title))
+        else:
+            await stop.wait()
+    finally:
+        logging.getLogger(__name__).info("stopping: letting runs finish (up to %gs)", grace)
+        await dispatcher.stop(grace_period=grace)
+        logging.getLogger(__name__).info("stopped; state saved to %s", dispatcher.state_file)

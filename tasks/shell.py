@@ -1,0 +1,134 @@
+"""The built-in ``shell`` task type: run a command; a non-zero exit or a timeout fails the run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shlex
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tasks.registry import default_registry
+
+__all__ = ["ShellTask", "ShellTaskError"]
+
+logger = logging.getLogger(__name__)
+
+_TAIL = 500
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ShellTaskError(RuntimeError):
+    """The command failed: its exit status (or the timeout) and the tail of its stderr."""
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name}: must be true or false, not {value!r}")
+
+
+def _tail(data: bytes | bytearray) -> str:
+    text = bytes(data).decode(errors="replace").strip()
+    return text if len(text) <= _TAIL else "..." + text[-_TAIL:]
+
+
+async def _drain(stream: asyncio.StreamReader, into: bytearray) -> None:
+    """Read ``stream`` to its end, keeping only its last few kilobytes."""
+    while chunk := await stream.read(65536):
+        into.extend(chunk)
+        if len(into) > 8 * _TAIL:
+            del into[: len(into) - 8 * _TAIL]
+
+
+class ShellTask:
+    """Runs ``command`` once per run.
+
+    Keyword arguments (from the task's kwargs): ``command`` (a string, split like a shell
+    would, or a list of arguments), ``shell`` (run through ``/bin/sh``; default false),
+    ``timeout`` (seconds), ``cwd`` (working directory) and ``env`` (extra environment).
+    """
+
+    def __init__(
+        self,
+        *,
+        sys_type: str,
+        task_id: str,
+        command: str | Sequence[str] | None = None,
+        shell: bool | str = False,
+        timeout: float | str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not command:
+            raise ValueError("command: a shell task needs a command")
+        self.task_id = task_id
+        self.shell = _flag(shell, "shell")
+        if isinstance(command, str):
+            self.argv = [command] if self.shell else shlex.split(command)
+        elif isinstance(command, Sequence) and all(isinstance(a, str) for a in command):
+            self.argv = [shlex.join(command)] if self.shell else list(command)
+        else:
+            raise ValueError(f"command: must be a string or a list of strings, not {command!r}")
+        if not self.argv:
+            raise ValueError("command: is empty")
+        self.timeout = None if timeout in (None, "") else float(timeout)
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"timeout: must be positive, got {timeout!r}")
+        self.cwd = cwd
+        self.env = {**os.environ, **{str(k): str(v) for k, v in (env or {}).items()}}
+
+    async def run(self) -> None:
+        """Run the command to its end; raise :class:`ShellTaskError` if it fails."""
+        if self.shell:
+            process = await asyncio.create_subprocess_shell(
+                self.argv[0],
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,
+            )
+        else:
+            process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,
+            )
+        assert process.stdout is not None
+        assert process.stderr is not None
+        stdout, stderr = bytearray(), bytearray()
+        # Read both pipes ourselves so what was written before a timeout is not lost.
+        readers = asyncio.gather(_drain(process.stdout, stdout), _drain(process.stderr, stderr))
+        try:
+            await asyncio.wait_for(process.wait(), self.timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            await readers
+            raise ShellTaskError(
+                f"timed out after {self.timeout:g}s; stderr: {_tail(stderr) or '(empty)'}"
+            ) from None
+        except asyncio.CancelledError:
+            process.kill()
+            await process.wait()
+            readers.cancel()
+            raise
+        await readers
+        if stdout:
+            logger.debug("task %s stdout: %s", self.task_id, _tail(stdout))
+        if process.returncode != 0:
+            raise ShellTaskError(
+                f"exit status {process.returncode}; stderr: {_tail(stderr) or '(empty)'}"
+            )
+
+
+default_registry.register("shell", ShellTask, replace=True)

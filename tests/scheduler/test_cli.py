@@ -1,0 +1,382 @@
+"""Every command through click's test runner, including the error exits."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+from helpers import read_state, recording_factory
+
+from scheduler import TaskDispatcher
+from scheduler.cli import main, parse_hours, parse_interval
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Callable[..., Result]:
+    directory = tmp_path / "store"
+
+    def invoke(*args: str, expect: int = 0) -> Result:
+        result = CliRunner().invoke(
+            main, ["--dir", str(directory), "--timezone", "Asia/Shanghai", *args]
+        )
+        assert result.exit_code == expect, (result.output, result.stderr, result.exception)
+        return result
+
+    return invoke
+
+
+def add(cli: Callable[..., Result], *extra: str) -> str:
+    result = cli(
+        "add",
+        "--type",
+        "shell",
+        "--account",
+        "acc",
+        "--interval",
+        "1h",
+        "--kw",
+        "command=date",
+        *extra,
+    )
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("3600", 3600),
+        ("90s", 90),
+        ("30m", 1800),
+        ("1h", 3600),
+        ("1d", 86400),
+        ("1h30m", 5400),
+        ("0.5", 0.5),
+    ],
+)
+def test_parse_interval(text: str, seconds: float) -> None:
+    assert parse_interval(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1x", "h", "1h 30", "-5m"])
+def test_parse_interval_rejects(text: str) -> None:
+    import click
+
+    with pytest.raises(click.BadParameter):
+        parse_interval(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "window"), [("8-22", (8, 22)), ("22-6", (22, 6)), (" 0 - 24 ", (0, 24))]
+)
+def test_parse_hours(text: str, window: tuple[int, int]) -> None:
+    assert parse_hours(text) == window
+
+
+def test_add_prints_the_id_and_saves_every_flag(cli: Callable[..., Result], tmp_path: Path) -> None:
+    result = cli(
+        "add",
+        "--sys-type",
+        "mac_intel",
+        "--type",
+        "shell",
+        "--account",
+        "acc",
+        "--account-name",
+        "Account",
+        "--interval",
+        "30m",
+        "--hours",
+        "22-6",
+        "--until",
+        "2099-01-31",
+        "--id",
+        "nightly",
+        "--kw",
+        "command=echo hi",
+        "--kw",
+        "timeout=5",
+        "--kw",
+        "shell=true",
+        "--kwargs-json",
+        '{"env": {"A": "1"}}',
+    )
+    assert result.stdout == "nightly\n"
+    (task,) = read_state(tmp_path / "store")["tasks"]
+    assert task["sys_type"] == "mac_intel"
+    assert task["account_name"] == "Account"
+    assert task["interval"] == 1800
+    assert task["valid_time_range"] == [22, 6]
+    assert task["task_end_time"] == "2099-01-31"
+    assert task["kwargs"] == {
+        "env": {"A": "1"},
+        "command": "echo hi",
+        "timeout": 5,
+        "shell": True,
+        "account_id": "acc",
+        "account_name": "Account",
+        "task_id": "nightly",
+        "task_type": "shell",
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--interval", "0"], "interval"),
+        (["--interval", "soon"], "interval"),
+        (["--hours", "8-8"], "valid_time_range"),
+        (["--hours", "eight"], "hour window"),
+        (["--until", "2001-01-01"], "task_end_time"),
+        (["--until", "someday"], "date"),
+        (["--type", "unknown-type"], "unknown task type"),
+        (["--kwargs-json", "[1]"], "JSON object"),
+        (["--kw", "novalue"], "key=value"),
+    ],
+)
+def test_add_rejects_bad_input_with_exit_2(
+    cli: Callable[..., Result], tmp_path: Path, args: list[str], message: str
+) -> None:
+    base = {"--type": "shell", "--account": "acc", "--interval": "1h"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    flat = [item for pair in base.items() for item in pair]
+    extra = [a for a in args if a not in flat] if "--kw" in args or "--kwargs-json" in args else []
+    result = cli("add", *flat, *extra, "--kw", "command=date", expect=2)
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "store" / "dispatch_config.json").exists()
+
+
+def test_list_filters_and_json(cli: Callable[..., Result]) -> None:
+    first = add(cli, "--kw", "api_token=s3cret")
+    other = cli(
+        "add", "--type", "shell", "--account", "other", "--interval", "1h", "--kw", "command=date"
+    ).stdout.strip()
+    cli("pause", other)
+    table = cli("list").stdout
+    assert first in table
+    assert other in table
+    assert "paused" in table
+    only = cli("list", "--account", "acc").stdout
+    assert first in only
+    assert other not in only
+    paused = cli("list", "--status", "paused").stdout
+    assert other in paused
+    assert first not in paused
+    records = orjson.loads(cli("list", "--json").stdout)
+    assert {r["task_id"] for r in records} == {first, other}
+    by_id = {r["task_id"]: r for r in records}
+    assert by_id[first]["kwargs"]["api_token"] == "***"
+    assert set(by_id[first]) >= {
+        "task_id",
+        "account_id",
+        "status",
+        "interval",
+        "valid_time_range",
+        "next_execution_time",
+        "kwargs",
+        "sys_type",
+    }
+    shown = orjson.loads(cli("list", "--json", "--show-secrets").stdout)
+    assert {r["task_id"]: r for r in shown}[first]["kwargs"]["api_token"] == "s3cret"
+
+
+def test_list_on_an_empty_store_says_how_to_add(cli: Callable[..., Result]) -> None:
+    assert "add --type shell" in cli("list").stdout
+
+
+def test_show_previews_the_next_runs_with_window_and_end(cli: Callable[..., Result]) -> None:
+    task_id = add(cli, "--hours", "8-22", "--interval", "6h", "--kw", "password=hunter2")
+    output = cli("show", task_id).stdout
+    assert f"task_id: {task_id}" in output
+    assert "hunter2" not in output
+    assert '"password":"***"' in output
+    times = re.findall(r"\d{4}-\d\d-\d\d (\d\d):\d\d:\d\d", output.split("next runs:")[1])
+    assert len(times) == 5
+    assert all(8 <= int(hour) < 22 for hour in times)
+    cli("pause", task_id)
+    assert "if resumed now:" in cli("show", task_id).stdout
+
+
+def test_show_respects_the_end_date(cli: Callable[..., Result], tmp_path: Path) -> None:
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    tomorrow = (datetime.now(ZoneInfo("Asia/Shanghai")) + timedelta(days=1)).date().isoformat()
+    task_id = add(cli, "--interval", "1d", "--until", tomorrow)
+    tail = cli("show", task_id).stdout.split("next runs:")[1]
+    assert 1 <= len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", tail)) <= 2
+
+
+def test_pause_resume_reorder_remove(cli: Callable[..., Result], tmp_path: Path) -> None:
+    first, second = add(cli), add(cli)
+    assert cli("pause", first).stdout.strip() == f"{first}: paused"
+    assert read_state(tmp_path / "store")["tasks"][0]["status"] == "paused"
+    assert cli("resume", first).stdout.startswith(f"{first}: pending, next run")
+    assert cli("reorder", second, "0").stdout.strip() == f"acc: {second} {first}"
+    assert read_state(tmp_path / "store")["account_tasks"] == {"acc": [second, first]}
+    assert cli("remove", first).stdout.strip() == f"{first}: removed"
+    assert [t["task_id"] for t in read_state(tmp_path / "store")["tasks"]] == [second]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["pause", "nope"],
+        ["resume", "nope"],
+        ["remove", "nope"],
+        ["reorder", "nope", "0"],
+        ["show", "nope"],
+    ],
+)
+def test_unknown_ids_exit_2_with_one_line(cli: Callable[..., Result], command: list[str]) -> None:
+    add(cli)
+    result = cli(*command, expect=2)
+    assert result.stderr.count("\n") == 1
+    assert "nope" in result.stderr
+
+
+def test_reorder_out_of_range_exits_2(cli: Callable[..., Result]) -> None:
+    task_id = add(cli)
+    assert "position" in cli("reorder", task_id, "4", expect=2).stderr
+
+
+def test_validate_reports_every_problem_and_changes_nothing(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    good = add(cli)
+    path = tmp_path / "store" / "dispatch_config.json"
+    assert cli("validate").stdout.strip().endswith(": ok")
+    document = orjson.loads(path.read_bytes())
+    document["tasks"][0]["interval"] = -1
+    document["tasks"][0]["status"] = "sleeping"
+    document["tasks"].append(
+        {**document["tasks"][0], "task_id": "twin", "interval": 5, "status": "pending"}
+    )
+    document["account_tasks"]["acc"].append("ghost")
+    broken = orjson.dumps(document)
+    path.write_bytes(broken)
+    result = cli("validate", expect=1)
+    assert f"task {good}: interval: must be positive" in result.stdout
+    assert f"task {good}: status:" in result.stdout
+    assert "task twin: account_id: not listed in account_tasks" in result.stdout
+    assert "account_tasks: acc: lists ghost" in result.stdout
+    assert path.read_bytes() == broken
+    other = tmp_path / "other.json"
+    other.write_text("{nope")
+    assert "not valid JSON" in cli("validate", str(other), expect=1).stdout
+
+
+def test_options_after_the_command_and_from_the_environment(tmp_path: Path) -> None:
+    directory = tmp_path / "elsewhere"
+    result = CliRunner().invoke(
+        main,
+        [
+            "add",
+            "--dir",
+            str(directory),
+            "--type",
+            "shell",
+            "--account",
+            "a",
+            "--interval",
+            "1h",
+            "--kw",
+            "command=date",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    listed = CliRunner(env={"TASK_DISPATCHER_DIR": str(directory)}).invoke(main, ["list", "--json"])
+    assert [r["task_id"] for r in orjson.loads(listed.stdout)] == [result.stdout.strip()]
+
+
+def test_a_host_factory_by_import_path(tmp_path: Path) -> None:
+    directory = tmp_path / "host"
+    recording_factory.created.clear()
+    result = CliRunner().invoke(
+        main,
+        [
+            "--dir",
+            str(directory),
+            "--factory",
+            "helpers:recording_factory",
+            "add",
+            "--type",
+            "xhs_type",
+            "--account",
+            "a",
+            "--interval",
+            "1h",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert recording_factory.created[0]["task_type"] == "xhs_type"
+    bad = CliRunner().invoke(main, ["--dir", str(directory), "--factory", "nowhere:thing", "list"])
+    assert bad.exit_code == 0  # read-only commands never import the factory
+    bad = CliRunner().invoke(
+        main,
+        [
+            "--dir",
+            str(directory),
+            "--factory",
+            "nowhere:thing",
+            "add",
+            "--type",
+            "x",
+            "--account",
+            "a",
+            "--interval",
+            "1h",
+        ],
+    )
+    assert bad.exit_code == 2
+    assert "nowhere" in bad.stderr
+
+
+def test_editing_host_tasks_needs_no_factory(tmp_path: Path) -> None:
+    directory = tmp_path / "host"
+    CliRunner().invoke(
+        main,
+        [
+            "--dir",
+            str(directory),
+            "--factory",
+            "helpers:recording_factory",
+            "add",
+            "--type",
+            "xhs_type",
+            "--account",
+            "a",
+            "--interval",
+            "1h",
+            "--id",
+            "h1",
+        ],
+    )
+    result = CliRunner().invoke(main, ["--dir", str(directory), "pause", "h1"])
+    assert result.exit_code == 0, result.output
+    assert read_state(directory)["tasks"][0]["status"] == "paused"
+    assert read_state(directory)["tasks"][0]["kwargs"]["task_type"] == "xhs_type"
+
+
+def test_modifying_commands_refuse_while_the_directory_is_owned(
+    cli: Callable[..., Result], tmp_path: Path, recorder: Any
+) -> None:
+    task_id = add(cli)
+    owner = TaskDispatcher(tmp_path / "store", timezone="Asia/Shanghai")
+    try:
+        for command in (["pause", task_id], ["remove", task_id], ["reorder", task_id, "0"]):
+            result = cli(*command, expect=2)
+            assert "in use by another dispatcher" in result.stderr
+            assert str(tmp_path / "store") in result.stderr
+        assert task_id in cli("list").stdout
+        assert task_id in cli("show", task_id).stdout
+        assert cli("validate").exit_code == 0
+    finally:
+        owner.close()
+    cli("pause", task_id)
