@@ -566,7 +566,7 @@ DEMO_TASKS: list[dict[str, Any]] = [
         "task_type": "shell",
         "interval": 3,
         "shell": True,
-        "command": "echo working; test $(( $(date +%s) % 3 )) -ne 0",
+        "command": "echo working; test $(( $(date +%s) % 2 )) -eq 0",
     },
 ]
 
@@ -594,7 +594,9 @@ def run(
     handler.setFormatter(
         logging.Formatter("%(message)s" if live else "%(asctime)s %(levelname)s %(message)s")
     )
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    # On a terminal the table shows progress; only problems are logged above it.
+    level = logging.WARNING if live else logging.INFO
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     factory = _import_factory(options.factory) if options.factory else default_registry
     with _errors():

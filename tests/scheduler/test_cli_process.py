@@ -1,0 +1,160 @@
+"""`task-dispatcher run` as a real process: runs happen, SIGINT stops it cleanly, one owner."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import read_state
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def command(directory: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "scheduler", "--dir", str(directory), *args]
+
+
+def cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command(directory, *args), cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+class Running:
+    """A `run` process whose log lines are read on a thread; waits are bounded."""
+
+    def __init__(self, directory: Path) -> None:
+        self.process = subprocess.Popen(
+            command(directory, "run", "--no-live", "--grace", "10"),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.reader.join(10)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.seen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("timed out; log so far:\n" + "".join(self.seen))
+            try:
+                self.seen.append(self.lines.get(timeout=remaining))
+            except queue.Empty:
+                continue
+
+    def finished_runs(self, lines: list[str]) -> int:
+        return sum(" finished in " in line for line in lines)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Callable[[], Running]]:
+    started: list[Running] = []
+
+    def start() -> Running:
+        started.append(Running(tmp_path / "store"))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()
+
+
+@pytest.mark.timeout(120)
+def test_run_executes_a_one_second_shell_task_and_stops_on_sigint(
+    tmp_path: Path, running: Callable[[], Running]
+) -> None:
+    directory = tmp_path / "store"
+    marker = tmp_path / "ticks"
+    added = cli(
+        directory,
+        "add",
+        "--type",
+        "shell",
+        "--account",
+        "me",
+        "--interval",
+        "1s",
+        "--id",
+        "tick",
+        "--kw",
+        f"command=sh -c 'echo tick >> {marker}'",
+    )
+    assert added.returncode == 0, added.stderr
+    process = running()
+    process.wait_for(lambda lines: process.finished_runs(lines) >= 2)
+    process.process.send_signal(signal.SIGINT)
+    assert process.process.wait(30) == 0
+    process.wait_for(lambda lines: any("stopped; state saved" in line for line in lines))
+    saved = read_state(directory)["tasks"][0]
+    assert saved["run_count"] >= 2
+    assert saved["status"] == "pending"
+    assert saved["last_error"] is None
+    assert marker.read_text().count("tick") == saved["run_count"]
+    assert "Traceback" not in "".join(process.seen)
+
+
+@pytest.mark.timeout(120)
+def test_one_owner_across_processes_and_a_killed_owner_frees_the_directory(
+    tmp_path: Path, running: Callable[[], Running]
+) -> None:
+    directory = tmp_path / "store"
+    added = cli(
+        directory,
+        "add",
+        "--type",
+        "shell",
+        "--account",
+        "me",
+        "--interval",
+        "1h",
+        "--id",
+        "t1",
+        "--kw",
+        "command=date",
+    )
+    assert added.returncode == 0, added.stderr
+    process = running()
+    process.wait_for(lambda lines: any("running 1 task(s)" in line for line in lines))
+
+    refused = cli(directory, "pause", "t1")
+    assert refused.returncode == 2
+    assert "in use by another dispatcher" in refused.stderr
+    assert str(directory) in refused.stderr
+    second = cli(directory, "run", "--no-live")
+    assert second.returncode == 2
+    assert "in use" in second.stderr
+    listed = cli(directory, "list", "--json")
+    assert listed.returncode == 0
+    assert '"t1"' in listed.stdout
+
+    os.kill(process.process.pid, signal.SIGKILL)
+    process.process.wait(10)
+    paused = cli(directory, "pause", "t1")
+    assert paused.returncode == 0, paused.stderr
+    assert read_state(directory)["tasks"][0]["status"] == "paused"
