@@ -1,0 +1,81 @@
+"""Drives a TaskDispatcher through random operations until it is killed.
+
+Run as ``python crash_child.py DIR SEED``. Before each call it prints ``{"intent": ...}`` and,
+once the call has returned, ``{"ack": ...}`` (one JSON object per line, flushed), so the
+parent knows which operations were acknowledged when it sends SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+from typing import Any
+
+from scheduler import TaskDispatcher, TaskNotFoundError
+
+ACCOUNTS = ["a", "b", "c"]
+
+
+class CrashManager:
+    """Completes or raises, as its kwargs say."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.fail = bool(kwargs.get("fail"))
+
+    async def run(self) -> None:
+        await asyncio.sleep(0)
+        if self.fail:
+            raise RuntimeError("planned failure")
+
+
+def say(kind: str, op: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps({kind: op}) + "\n")
+    sys.stdout.flush()
+
+
+async def main(directory: str, seed: int) -> None:
+    rng = random.Random(seed)
+    dispatcher = TaskDispatcher(directory, task_manager_factory=CrashManager, timezone="UTC")
+    await dispatcher.start()
+    say("ack", {"op": "started"})
+    counter = 0
+    while True:
+        ids = [record.task_id for record in dispatcher.list_tasks()]
+        choice = (
+            rng.choice(["add", "add", "pause", "resume", "reorder", "remove"]) if ids else "add"
+        )
+        if choice == "add":
+            counter += 1
+            task_id = f"s{seed}-{counter}"
+            op = {"op": "add", "task_id": task_id, "account": rng.choice(ACCOUNTS)}
+            say("intent", op)
+            await dispatcher.add_task(
+                sys_type="test",
+                task_type="crash",
+                account_id=op["account"],
+                task_id=task_id,
+                interval=rng.choice([0.05, 0.1, 0.3]),
+                fail=rng.random() < 0.3,
+            )
+        else:
+            task_id = rng.choice(ids)
+            op = {"op": choice, "task_id": task_id}
+            if choice == "reorder":
+                account = dispatcher.get_task(task_id).account_id
+                op["position"] = rng.randrange(len(dispatcher.account_tasks[account]))
+            say("intent", op)
+            try:
+                if choice == "reorder":
+                    dispatcher.reorder_task(task_id, op["position"])
+                else:
+                    getattr(dispatcher, f"{choice}_task")(task_id)
+            except TaskNotFoundError:  # pragma: no cover - ids come from the live list
+                continue
+        say("ack", op)
+        await asyncio.sleep(rng.choice([0, 0, 0.001, 0.01]))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], int(sys.argv[2])))

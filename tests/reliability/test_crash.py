@@ -1,0 +1,186 @@
+"""Crash consistency: SIGKILL a dispatcher at random instants, many times, and check the file.
+
+A child process adds, pauses, resumes, reorders and removes tasks while runs happen, reporting
+each operation before and after the call. After every kill a fresh dispatcher opens the
+directory: the file must load, reflect every acknowledged operation (the one in flight may or
+may not have landed), hold no task that was never added, keep ``account_tasks`` in step with
+``tasks``, and leave no temporary files behind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scheduler import TaskDispatcher
+
+CHILD = Path(__file__).with_name("crash_child.py")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Model:
+    """What the acknowledged operations say the state is."""
+
+    order: dict[str, list[str]] = field(default_factory=dict)
+    paused: set[str] = field(default_factory=set)
+
+    @property
+    def ids(self) -> set[str]:
+        return {task_id for ids in self.order.values() for task_id in ids}
+
+    def account_of(self, task_id: str) -> str:
+        return next(a for a, ids in self.order.items() if task_id in ids)
+
+    def apply(self, op: dict[str, Any]) -> None:
+        kind, task_id = op["op"], op.get("task_id")
+        if kind == "add":
+            self.order.setdefault(op["account"], []).append(task_id)
+        elif kind == "remove":
+            account = self.account_of(task_id)
+            self.order[account].remove(task_id)
+            if not self.order[account]:
+                del self.order[account]
+            self.paused.discard(task_id)
+        elif kind == "pause":
+            self.paused.add(task_id)
+        elif kind == "resume":
+            self.paused.discard(task_id)
+        elif kind == "reorder":
+            ids = self.order[self.account_of(task_id)]
+            ids.remove(task_id)
+            ids.insert(op["position"], task_id)
+
+
+class Child:
+    def __init__(self, directory: Path, seed: int) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(CHILD), str(directory), str(seed)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        self.acked: list[dict[str, Any]] = []
+        self.intent: dict[str, Any] | None = None
+        self.started = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            if not line.endswith("\n"):
+                break  # torn by the kill: not acknowledged
+            message = json.loads(line)
+            if "intent" in message:
+                self.intent = message["intent"]
+            else:
+                if message["ack"]["op"] == "started":
+                    self.started.set()
+                else:
+                    self.acked.append(message["ack"])
+                self.intent = None
+
+    def kill_after(self, seconds: float) -> None:
+        assert self.started.wait(30), "the child did not start"
+        time.sleep(seconds)  # the random instant of the crash: what is being tested
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(30)
+        self.reader.join(30)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+def observe(directory: Path) -> tuple[Model, dict[str, str], list[str]]:
+    leftovers = sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+    dispatcher = TaskDispatcher(
+        directory, task_manager_factory=lambda **kw: _Noop(), timezone="UTC"
+    )
+    try:
+        records = dispatcher.list_tasks()
+        model = Model(
+            order=dispatcher.account_tasks,
+            paused={r.task_id for r in records if r.status == "paused"},
+        )
+        statuses = {r.task_id: r.status.value for r in records}
+        assert {r.task_id for r in records} == model.ids, "account_tasks disagrees with tasks"
+        for record in records:
+            assert record.task_id in model.order[record.account_id]
+    finally:
+        dispatcher.close()
+    assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    assert not list(directory.glob("*.corrupt-*")), "the state file was unreadable after a crash"
+    return model, statuses, leftovers
+
+
+class _Noop:
+    def run(self) -> None:
+        raise AssertionError("observing never runs tasks")
+
+
+def crash_loop(directory: Path, kills: int, seed: int) -> dict[str, int]:
+    rng = random.Random(seed)
+    base, _, _ = (
+        observe(directory) if (directory / "dispatch_config.json").exists() else (Model(), {}, [])
+    )
+    attempted: set[str] = set()
+    stats = {"kills": 0, "acknowledged": 0, "in_flight_landed": 0, "max_leftovers": 0}
+    for round_number in range(kills):
+        child = Child(directory, seed * 100_000 + round_number)
+        child.kill_after(rng.choice([0.0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4]))
+        stats["kills"] += 1
+        stats["acknowledged"] += len(child.acked)
+        attempted.update(op["task_id"] for op in child.acked if op["op"] == "add")
+        if child.intent and child.intent["op"] == "add":
+            attempted.add(child.intent["task_id"])
+        expected = copy.deepcopy(base)
+        for op in child.acked:
+            expected.apply(op)
+        with_intent = copy.deepcopy(expected)
+        if child.intent is not None:
+            with_intent.apply(child.intent)
+        observed, _, leftovers = observe(directory)
+        stats["max_leftovers"] = max(stats["max_leftovers"], len(leftovers))
+        assert observed.ids <= attempted, f"tasks never added: {observed.ids - attempted}"
+        matches = [
+            m
+            for m in (expected, with_intent)
+            if (m.order, m.paused) == (observed.order, observed.paused)
+        ]
+        assert matches, (
+            f"round {round_number}: acknowledged {child.acked[-3:]}, in flight {child.intent}\n"
+            f"expected {expected}\nobserved {observed}"
+        )
+        if matches[0] is with_intent and child.intent is not None and expected != with_intent:
+            stats["in_flight_landed"] += 1
+        base = observed
+    return stats
+
+
+def test_kill_9_at_random_instants(tmp_path: Path) -> None:
+    stats = crash_loop(tmp_path / "store", kills=12, seed=1)
+    assert stats["kills"] == 12
+    assert stats["acknowledged"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_kill_9_two_hundred_times(tmp_path: Path) -> None:
+    stats = crash_loop(tmp_path / "store", kills=200, seed=7)
+    print(f"crash loop: {stats}")
+    assert stats["kills"] == 200
+    assert stats["acknowledged"] > 200
