@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import json
+
 import orjson
 
 from scheduler.errors import NewerFormatError
@@ -24,6 +26,7 @@ __all__ = [
     "Document",
     "decode_document",
     "encode_document",
+    "encode_raw",
     "encode_task",
 ]
 
@@ -60,7 +63,12 @@ def decode_document(data: bytes, path: Path) -> Document:
     try:
         top = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise CorruptFileError(f"not valid JSON: {exc}") from exc
+        # orjson refuses integers beyond 64 bits; the standard library reads them, so one
+        # absurd number damages one record instead of the whole file.
+        try:
+            top = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise CorruptFileError(f"not valid JSON: {exc}") from exc
     if not isinstance(top, dict):
         raise CorruptFileError(f"top level is {type(top).__name__}, not an object")
     problems = []
@@ -101,6 +109,15 @@ _TASK_INDENT = b"\n    "
 def encode_task(task: dict[str, Any]) -> bytes:
     """One task object, indented to sit inside the document's ``tasks`` array."""
     return b"    " + orjson.dumps(task, option=orjson.OPT_INDENT_2).replace(b"\n", _TASK_INDENT)
+
+
+def encode_raw(value: Any) -> bytes:
+    """A record kept as it was read (possibly damaged), written back without any change.
+
+    The standard library keeps what orjson would alter or refuse (huge integers, NaN).
+    """
+    text = json.dumps(value, indent=2, ensure_ascii=False)
+    return b"    " + text.encode().replace(b"\n", _TASK_INDENT)
 
 
 def encode_document(

@@ -38,6 +38,7 @@ from jobstores.format import (
     Document,
     decode_document,
     encode_document,
+    encode_raw,
     encode_task,
 )
 from scheduler.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
@@ -711,13 +712,13 @@ class JsonJobStore(BaseJobStore):
             now = self.now()
             try:
                 data = encode_document(
-                    [*map(self._encode, records), *map(encode_task, kept)],
+                    [*map(self._encode, records), *map(encode_raw, kept)],
                     order,
                     now,
                     getattr(self.timezone, "key", None),
                 )
                 write_atomic(self.path, data, backup=self.backup_path)
-            except OSError as exc:
+            except (OSError, TypeError, ValueError) as exc:
                 with self.lock:
                     self._health = SaveHealth(
                         last_saved_at=self._health.last_saved_at,

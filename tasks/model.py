@@ -19,6 +19,7 @@ from pydantic import (
 __all__ = ["TaskRecord", "TaskStatus", "check_json_value"]
 
 _MAX_JSON_INT = 2**63 - 1
+_MAX_INTERVAL = 1000 * 365 * 86400
 
 
 class TaskStatus(StrEnum):
@@ -122,9 +123,13 @@ class TaskRecord(BaseModel):
             value = value.total_seconds()
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"must be a number of seconds or a timedelta, not {value!r}")
-        if not math.isfinite(value) or value <= 0:
+        if value <= 0:
             raise ValueError(f"must be positive, got {value!r}")
-        return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
+        if value > _MAX_INTERVAL:
+            raise ValueError(f"must be at most {_MAX_INTERVAL} seconds (1000 years)")
+        if isinstance(value, float) and not math.isfinite(value):  # pragma: no cover - > max
+            raise ValueError(f"must be finite, got {value!r}")
+        return int(value) if float(value).is_integer() else value
 
     @field_validator("valid_time_range", mode="before")
     @classmethod
