@@ -8,13 +8,12 @@ zone (the record model does that).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-
-import json
 
 import orjson
 

@@ -41,6 +41,7 @@ async def main(directory: str, seed: int) -> None:
     await dispatcher.start()
     say("ack", {"op": "started"})
     counter = 0
+    op: dict[str, Any]
     while True:
         ids = [record.task_id for record in dispatcher.list_tasks()]
         choice = (

@@ -45,7 +45,7 @@ class Model:
         return next(a for a, ids in self.order.items() if task_id in ids)
 
     def apply(self, op: dict[str, Any]) -> None:
-        kind, task_id = op["op"], op.get("task_id")
+        kind, task_id = op["op"], str(op.get("task_id"))
         if kind == "add":
             self.order.setdefault(op["account"], []).append(task_id)
         elif kind == "remove":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -119,7 +119,7 @@ def valid_task(n: int, account: str) -> dict[str, Any]:
     }
 
 
-DAMAGE = [
+DAMAGE: list[tuple[str, Callable[[dict[str, Any]], Any]]] = [
     ("wrong type", lambda t: {**t, "interval": "sixty"}),
     ("wrong type", lambda t: {**t, "valid_time_range": "all day"}),
     ("wrong type", lambda t: {**t, "kwargs": ["not", "a", "dict"]}),

@@ -7,7 +7,7 @@ import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from helpers import read_state
@@ -20,9 +20,9 @@ SECONDS = 20
 
 
 class Counting:
-    runs: Counter[str] = Counter()
-    active: Counter[str] = Counter()
-    max_active: Counter[str] = Counter()
+    runs: ClassVar[Counter[str]] = Counter()
+    active: ClassVar[Counter[str]] = Counter()
+    max_active: ClassVar[Counter[str]] = Counter()
 
     def __init__(self, **kwargs: Any) -> None:
         self.task_id = kwargs["task_id"]
