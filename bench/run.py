@@ -1,0 +1,393 @@
+"""task-dispatcher side by side with APScheduler 3's own job stores, in one process run.
+
+(a) TaskDispatcher with its JSON job store, (b) AsyncIOScheduler + SQLAlchemyJobStore on a
+SQLite file (the durable peer), (c) AsyncIOScheduler + MemoryJobStore (no durability: the
+floor). Same no-op async task everywhere. Ratios are what count; these machines are noisy.
+
+    python -m bench                 # N = 1,000 and 10,000
+    python -m bench --large         # and 100,000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import logging
+import platform
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from scheduler import TaskDispatcher
+
+ACCOUNTS = 100
+MUTATIONS = 200
+
+
+class Counter:
+    """Counts runs; ``done`` is set when ``target`` is reached."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.target = 0
+        self.done = asyncio.Event()
+
+    def reset(self, target: int) -> None:
+        self.count, self.target = 0, target
+        self.done = asyncio.Event()
+
+    def hit(self) -> None:
+        self.count += 1
+        if self.count >= self.target:
+            self.done.set()
+
+
+COUNTER = Counter()
+
+
+async def noop() -> None:
+    """The peers' job function (importable, so SQLAlchemyJobStore can pickle a reference)."""
+    COUNTER.hit()
+
+
+class NoopManager:
+    """Our task manager: one shared instance, so manager memory is not counted."""
+
+    async def run(self) -> None:
+        COUNTER.hit()
+
+
+MANAGER = NoopManager()
+
+
+def factory(**kwargs: Any) -> NoopManager:
+    return MANAGER
+
+
+def task(i: int) -> dict[str, Any]:
+    return {
+        "sys_type": "mac_intel",
+        "task_type": "xhs_type",
+        "xhs_account_id": f"account_{i % ACCOUNTS}",
+        "xhs_account_name": f"Account {i % ACCOUNTS}",
+        "user_query": "start operating the account",
+        "task_id": f"task-{i:06d}",
+        "interval": 3600,
+    }
+
+
+# ---------------------------------------------------------------------- set-ups
+
+
+def ours(directory: Path) -> TaskDispatcher:
+    return TaskDispatcher(directory, task_manager_factory=factory, timezone="UTC",
+                          max_concurrent_runs=100)
+
+
+def peer(kind: str, directory: Path) -> AsyncIOScheduler:
+    store = (
+        SQLAlchemyJobStore(url=f"sqlite:///{directory / 'jobs.sqlite'}")
+        if kind == "sqlalchemy"
+        else MemoryJobStore()
+    )
+    return AsyncIOScheduler(
+        jobstores={"default": store}, timezone=UTC,
+        job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
+    )
+
+
+def peer_add(scheduler: AsyncIOScheduler, i: int, next_run_time: datetime | None = None) -> None:
+    options: dict[str, Any] = {} if next_run_time is None else {"next_run_time": next_run_time}
+    scheduler.add_job(noop, "interval", seconds=3600, id=f"task-{i:06d}", **options)
+
+
+# ---------------------------------------------------------------------- measurements
+
+
+@dataclass
+class Row:
+    metric: str
+    n: int
+    values: dict[str, float | None] = field(default_factory=dict)
+    unit: str = "s"
+
+
+async def timed(action: Callable[[], Awaitable[Any]]) -> float:
+    start = time.perf_counter()
+    await action()
+    return time.perf_counter() - start
+
+
+async def add_one_by_one(n: int, root: Path) -> list[Row]:
+    sequential = Row("add N one by one, sequential (total)", n)
+    concurrent = Row("add N one by one, concurrent callers (total)", n)
+    bulk = Row("add N through the bulk path (total)", n)
+
+    async def ours_sequential() -> None:
+        dispatcher = ours(root / "a-seq")
+        for i in range(n):
+            await dispatcher.add_task(**task(i))
+        dispatcher.close()
+
+    async def ours_concurrent() -> None:
+        dispatcher = ours(root / "a-con")
+        await asyncio.gather(*(dispatcher.add_task(**task(i)) for i in range(n)))
+        dispatcher.close()
+
+    async def ours_bulk() -> None:
+        dispatcher = ours(root / "a-bulk")
+        await dispatcher.add_tasks(task(i) for i in range(n))
+        dispatcher.close()
+
+    sequential.values["ours"] = await timed(ours_sequential) if n <= 10_000 else None
+    concurrent.values["ours"] = await timed(ours_concurrent)
+    bulk.values["ours"] = await timed(ours_bulk)
+    for kind in ("sqlalchemy", "memory"):
+        scheduler = peer(kind, _fresh(root / f"{kind}-add"))
+        scheduler.start(paused=True)
+
+        async def add_all(scheduler: AsyncIOScheduler = scheduler) -> None:
+            for i in range(n):
+                peer_add(scheduler, i)
+
+        seconds = await timed(add_all) if kind == "memory" or n <= 10_000 else None
+        sequential.values[kind] = seconds
+        concurrent.values[kind] = seconds
+        scheduler.shutdown(wait=False)
+    return [sequential, concurrent, bulk]
+
+
+async def mutations(n: int, root: Path) -> list[Row]:
+    p50 = Row("pause/resume of one task: p50", n, unit="ms")
+    p99 = Row("pause/resume of one task: p99", n, unit="ms")
+
+    def percentiles(samples: list[float]) -> tuple[float, float]:
+        samples.sort()
+        return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
+
+    dispatcher = ours(root / "a-bulk")
+    samples = []
+    for i in range(MUTATIONS // 2):
+        task_id = f"task-{i:06d}"
+        for call in (dispatcher.pause_task, dispatcher.resume_task):
+            start = time.perf_counter()
+            call(task_id)
+            samples.append(time.perf_counter() - start)
+    p50.values["ours"], p99.values["ours"] = percentiles(samples)
+    dispatcher.close()
+    for kind in ("sqlalchemy", "memory"):
+        directory = root / f"{kind}-add"
+        scheduler = peer(kind, directory)
+        scheduler.start(paused=True)
+        if kind == "memory":
+            for i in range(n):
+                peer_add(scheduler, i)
+        samples = []
+        for i in range(MUTATIONS // 2):
+            for call in (scheduler.pause_job, scheduler.resume_job):
+                start = time.perf_counter()
+                call(f"task-{i:06d}")
+                samples.append(time.perf_counter() - start)
+        p50.values[kind], p99.values[kind] = percentiles(samples)
+        scheduler.shutdown(wait=False)
+    return [p50, p99]
+
+
+async def cold_start(n: int, root: Path) -> list[Row]:
+    row = Row("cold start on a store of N tasks", n)
+
+    async def ours_start() -> None:
+        dispatcher = ours(root / "a-bulk")
+        await dispatcher.start()
+        assert len(dispatcher.scheduler.get_jobs()) == n
+        await dispatcher.stop()
+
+    async def sqlalchemy_start() -> None:
+        scheduler = peer("sqlalchemy", root / "sqlalchemy-add")
+        scheduler.start(paused=True)
+        assert len(scheduler.get_jobs()) == n
+        scheduler.shutdown(wait=False)
+
+    row.values["ours"] = await timed(ours_start)
+    row.values["sqlalchemy"] = await timed(sqlalchemy_start)
+    row.values["memory"] = None
+    return [row]
+
+
+async def throughput(n: int, root: Path) -> list[Row]:
+    seconds = Row("N runs all due at once: time until all finished", n)
+    rate = Row("  runs per second", n, unit="/s")
+
+    async def ours_run() -> float:
+        dispatcher = ours(_fresh(root / "a-due"))
+        await dispatcher.add_tasks(task(i) for i in range(n))
+        COUNTER.reset(n)
+        start = time.perf_counter()
+        await dispatcher.start()
+        await asyncio.wait_for(COUNTER.done.wait(), 600)
+        elapsed = time.perf_counter() - start
+        await dispatcher.stop()
+        return elapsed
+
+    async def peer_run(kind: str) -> float:
+        scheduler = peer(kind, _fresh(root / f"{kind}-due"))
+        scheduler.start(paused=True)
+        now = datetime.now(UTC)
+        for i in range(n):
+            peer_add(scheduler, i, next_run_time=now)
+        COUNTER.reset(n)
+        start = time.perf_counter()
+        scheduler.resume()
+        await asyncio.wait_for(COUNTER.done.wait(), 600)
+        elapsed = time.perf_counter() - start
+        scheduler.shutdown(wait=False)
+        return elapsed
+
+    seconds.values["ours"] = await ours_run()
+    seconds.values["sqlalchemy"] = await peer_run("sqlalchemy") if n <= 10_000 else None
+    seconds.values["memory"] = await peer_run("memory")
+    for name, value in seconds.values.items():
+        rate.values[name] = None if not value else n / value
+    return [seconds, rate]
+
+
+async def memory(n: int, root: Path) -> list[Row]:
+    row = Row("memory per task (tracemalloc)", n, unit="B")
+
+    async def measure(build: Callable[[], Awaitable[Any]]) -> float:
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        keep = await build()
+        gc.collect()
+        used = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        if isinstance(keep, TaskDispatcher):
+            await keep.stop()
+        else:
+            keep.shutdown(wait=False)
+        return used / n
+
+    async def ours_build() -> Any:
+        dispatcher = ours(root / "a-bulk")
+        await dispatcher.start()
+        return dispatcher
+
+    row.values["ours"] = await measure(ours_build)
+    for kind in ("sqlalchemy", "memory"):
+        async def peer_build(kind: str = kind) -> Any:
+            scheduler = peer(kind, _fresh(root / f"{kind}-mem"))
+            scheduler.start(paused=True)
+            for i in range(n):
+                peer_add(scheduler, i)
+            return scheduler
+
+        row.values[kind] = await measure(peer_build) if kind == "memory" or n <= 10_000 else None
+    return [row]
+
+
+async def loop_lag(n: int, root: Path) -> list[Row]:
+    """Largest event-loop delay while a save of every one of N changed tasks is in progress."""
+    row = Row("event-loop lag during a save of N changed tasks (max)", n, unit="ms")
+    save = Row("  that save's duration", n)
+    dispatcher = ours(root / "a-bulk")
+    store = dispatcher._store
+    now = datetime.now(UTC)
+    for record in store.records():
+        store.update_task(record.task_id, lambda r: r.replace(updated_at=now))
+    lags: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set():
+            expected = loop.time() + 0.001
+            await asyncio.sleep(0.001)
+            lags.append(loop.time() - expected)
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    save.values["ours"] = await timed(store.save_async)
+    stop.set()
+    await tick
+    row.values["ours"] = max(lags) * 1000
+    row.values["sqlalchemy"] = row.values["memory"] = None
+    save.values["sqlalchemy"] = save.values["memory"] = None
+    dispatcher.close()
+    return [row, save]
+
+
+def _fresh(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+# ---------------------------------------------------------------------- report
+
+
+def _cell(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value:.3f} s"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    if unit == "B":
+        return f"{value:,.0f} B"
+    return f"{value:,.0f}/s"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
+
+
+def report(rows: list[Row]) -> str:
+    lines = [
+        "| N | measurement | (a) ours | (b) SQLAlchemy+SQLite | (c) Memory | a/b | a/c |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        a, b, c = (row.values.get(k) for k in ("ours", "sqlalchemy", "memory"))
+        lines.append(
+            f"| {row.n:,} | {row.metric} | {_cell(a, row.unit)} | {_cell(b, row.unit)} | "
+            f"{_cell(c, row.unit)} | {_ratio(a, b)} | {_ratio(a, c)} |"
+        )
+    return "\n".join(lines)
+
+
+async def run(sizes: list[int]) -> list[Row]:
+    rows: list[Row] = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="bench-") as name:
+            root = Path(name)
+            for step in (add_one_by_one, mutations, cold_start, throughput, memory, loop_lag):
+                rows.extend(await step(n, root))
+                print(f"  N={n:,}: {step.__name__} done", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--large", action="store_true", help="also N = 100,000")
+    parser.add_argument("--sizes", type=int, nargs="*", help="explicit N values")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    sizes = args.sizes or ([1_000, 10_000, 100_000] if args.large else [1_000, 10_000])
+    started = time.perf_counter()
+    rows = asyncio.run(run(sizes))
+    print()
+    print(f"Python {platform.python_version()} on {platform.machine()}, "
+          f"{platform.processor() or platform.platform()}, "
+          f"{__import__('os').cpu_count()} cores; {time.perf_counter() - started:.0f} s in all")
+    print(report(rows))
+
