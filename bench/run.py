@@ -90,8 +90,9 @@ def task(i: int) -> dict[str, Any]:
 
 
 def ours(directory: Path) -> TaskDispatcher:
-    return TaskDispatcher(directory, task_manager_factory=factory, timezone="UTC",
-                          max_concurrent_runs=100)
+    return TaskDispatcher(
+        directory, task_manager_factory=factory, timezone="UTC", max_concurrent_runs=100
+    )
 
 
 def peer(kind: str, directory: Path) -> AsyncIOScheduler:
@@ -101,7 +102,8 @@ def peer(kind: str, directory: Path) -> AsyncIOScheduler:
         else MemoryJobStore()
     )
     return AsyncIOScheduler(
-        jobstores={"default": store}, timezone=UTC,
+        jobstores={"default": store},
+        timezone=UTC,
         job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
     )
 
@@ -285,6 +287,7 @@ async def memory(n: int, root: Path) -> list[Row]:
 
     row.values["ours"] = await measure(ours_build)
     for kind in ("sqlalchemy", "memory"):
+
         async def peer_build(kind: str = kind) -> Any:
             scheduler = peer(kind, _fresh(root / f"{kind}-mem"))
             scheduler.start(paused=True)
@@ -386,8 +389,9 @@ def main() -> None:
     started = time.perf_counter()
     rows = asyncio.run(run(sizes))
     print()
-    print(f"Python {platform.python_version()} on {platform.machine()}, "
-          f"{platform.processor() or platform.platform()}, "
-          f"{__import__('os').cpu_count()} cores; {time.perf_counter() - started:.0f} s in all")
+    print(
+        f"Python {platform.python_version()} on {platform.machine()}, "
+        f"{platform.processor() or platform.platform()}, "
+        f"{__import__('os').cpu_count()} cores; {time.perf_counter() - started:.0f} s in all"
+    )
     print(report(rows))
-

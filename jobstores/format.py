@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,9 +105,22 @@ def decode_document(data: bytes, path: Path) -> Document:
 _TASK_INDENT = b"\n    "
 
 
+def _isoformat(value: Any) -> str:
+    # orjson encodes datetime and date itself, but not their subclasses (such as the
+    # time-travel classes of test tools).
+    if isinstance(value, date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
 def encode_task(task: dict[str, Any]) -> bytes:
-    """One task object, indented to sit inside the document's ``tasks`` array."""
-    return b"    " + orjson.dumps(task, option=orjson.OPT_INDENT_2).replace(b"\n", _TASK_INDENT)
+    """One task object, indented to sit inside the document's ``tasks`` array.
+
+    Datetimes are written as ISO-8601 with their offset, dates as ``YYYY-MM-DD``, enums as
+    their values, tuples as arrays.
+    """
+    encoded = orjson.dumps(task, default=_isoformat, option=orjson.OPT_INDENT_2)
+    return b"    " + encoded.replace(b"\n", _TASK_INDENT)
 
 
 def encode_raw(value: Any) -> bytes:

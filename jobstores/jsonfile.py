@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 STATE_FILENAME = "dispatch_config.json"
 _RETRY_LIMIT = 60.0
 _UNKNOWN_POSITION = 1 << 30
+_NO_KWARGS: dict[str, Any] = {}  # shared by every job: the manager's run() takes none
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,9 @@ class JsonJobStore(BaseJobStore):
         self._records: dict[str, TaskRecord] = {}
         self._managers: dict[str, TaskManager] = {}
         self._order: dict[str, list[str]] = {}
+        self._positions: dict[str, int] = {}
+        self.order_version = 0
+        """Changes whenever a task's position within its account may have changed."""
         self._kept: list[Any] = []
         self._kept_ids: set[str] = set()
         self._kept_order: dict[str, list[str]] = {}
@@ -152,7 +156,8 @@ class JsonJobStore(BaseJobStore):
         self._health = SaveHealth()
         self._save_pool: ThreadPoolExecutor | None = None
         self._pending_save: asyncio.Future[bool] | None = None
-        self._background: set[asyncio.Task[Any]] = set()
+        self._saver: asyncio.Task[None] | None = None
+        self._save_wanted = False
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -256,19 +261,20 @@ class JsonJobStore(BaseJobStore):
         )
 
     def _rebuild_order(self, hint: dict[str, list[str]]) -> None:
+        placed: set[str] = set()
         for account, ids in hint.items():
             for task_id in ids:
                 record = self._records.get(task_id)
-                if record is not None and record.account_id == account:
-                    self._order.setdefault(account, [])
-                    if task_id not in self._order[account]:
-                        self._order[account].append(task_id)
+                if record is not None and record.account_id == account and task_id not in placed:
+                    self._order.setdefault(account, []).append(task_id)
+                    placed.add(task_id)
                 elif task_id in self._kept_ids:
                     self._kept_order.setdefault(account, []).append(task_id)
         for task_id, record in self._records.items():
-            listed = self._order.setdefault(record.account_id, [])
-            if task_id not in listed:
-                listed.append(task_id)
+            if task_id not in placed:
+                self._order.setdefault(record.account_id, []).append(task_id)
+        for account in self._order:
+            self._renumber(account)
 
     def _create_manager(self, record: TaskRecord) -> TaskManager:
         try:
@@ -331,13 +337,12 @@ class JsonJobStore(BaseJobStore):
 
     def position(self, task_id: str) -> int:
         """``task_id``'s 0-based priority within its account (large if unknown)."""
-        record = self._records.get(task_id)
-        if record is None:
-            return _UNKNOWN_POSITION
-        try:
-            return self._order[record.account_id].index(task_id)
-        except (KeyError, ValueError):
-            return _UNKNOWN_POSITION
+        return self._positions.get(task_id, _UNKNOWN_POSITION)
+
+    def _renumber(self, account: str) -> None:
+        for position, task_id in enumerate(self._order.get(account, ())):
+            self._positions[task_id] = position
+        self.order_version += 1
 
     def manager(self, task_id: str) -> TaskManager:
         """The live task manager of ``task_id``."""
@@ -396,7 +401,9 @@ class JsonJobStore(BaseJobStore):
             for record in records:
                 self._records[record.task_id] = record
                 self._managers[record.task_id] = managers[record.task_id]
-                self._order.setdefault(record.account_id, []).append(record.task_id)
+                ids = self._order.setdefault(record.account_id, [])
+                self._positions[record.task_id] = len(ids)
+                ids.append(record.task_id)
                 self._sync_job(record)
                 self._changed(record.task_id)
 
@@ -413,6 +420,8 @@ class JsonJobStore(BaseJobStore):
                 ids.remove(task_id)
             if not ids:
                 self._order.pop(record.account_id, None)
+            self._positions.pop(task_id, None)
+            self._renumber(record.account_id)
             self._drop_job(task_id)
             self._changed(task_id)
             return record
@@ -442,6 +451,7 @@ class JsonJobStore(BaseJobStore):
                 )
             ids.remove(task_id)
             ids.insert(position, task_id)
+            self._renumber(record.account_id)
             self._changed(task_id)
 
     def run_submitted(self, task_id: str) -> None:
@@ -527,20 +537,25 @@ class JsonJobStore(BaseJobStore):
             self._place_job(job)
 
     def _build_job(self, record: TaskRecord) -> Job:
-        return Job(
-            self._scheduler,
-            id=record.task_id,
-            func=self._managers[record.task_id].run,
-            args=(),
-            kwargs={},
-            name=f"{record.task_type} for {record.account_id}",
-            trigger=self.trigger(record),
-            executor="default",
-            misfire_grace_time=None,
-            coalesce=True,
-            max_instances=1,
-            next_run_time=self._job_time(record),
-        )
+        # Fill the job's slots directly, as APScheduler's own stores do when they restore a
+        # job (Job.__setstate__): Job.__init__ re-validates the callable's signature with
+        # inspect, which is most of the cost of starting a dispatcher with many tasks.
+        job = Job.__new__(Job)
+        job._scheduler = self._scheduler
+        job._jobstore_alias = self._alias
+        job.id = record.task_id
+        job.name = f"{record.task_type} for {record.account_id}"
+        job.func = self._managers[record.task_id].run
+        job.func_ref = None
+        job.args = ()
+        job.kwargs = _NO_KWARGS
+        job.trigger = self.trigger(record)
+        job.executor = "default"
+        job.misfire_grace_time = None
+        job.coalesce = True
+        job.max_instances = 1
+        job.next_run_time = self._job_time(record)
+        return job
 
     def _persist(self) -> None:
         if self._defer_depth:
@@ -683,7 +698,7 @@ class JsonJobStore(BaseJobStore):
         cached = self._encoded.get(record.task_id)
         if cached is not None and cached[0] is record:
             return cached[1]
-        data = encode_task(record.to_json_dict())
+        data = encode_task(record.plain())
         self._encoded[record.task_id] = (record, data)
         return data
 
@@ -761,20 +776,32 @@ class JsonJobStore(BaseJobStore):
         return True
 
     def request_save(self) -> None:
-        """Save soon without waiting: in the background on a running loop, else right now."""
+        """Save soon without waiting: in the background on a running loop, else right now.
+
+        Requests coalesce: however many arrive while a save is being written, one more save
+        follows it, covering them all.
+        """
+        if self._closed:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.save()
             return
-        task = loop.create_task(self.save_async())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._save_wanted = True
+        if self._saver is None or self._saver.done():
+            self._saver = loop.create_task(self._save_in_background())
+
+    async def _save_in_background(self) -> None:
+        while self._save_wanted and not self._closed:
+            self._save_wanted = False
+            if not await self.save_async():
+                return
 
     async def drain_saves(self) -> None:
         """Wait for the background saves requested so far."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        while self._saver is not None and not self._saver.done():
+            await self._saver
 
     def _schedule_retry(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._retry is not None or self._closed:

@@ -108,7 +108,9 @@ class TaskDispatcher:
             timezone=self.timezone,
             manager_factory=task_manager_factory or default_registry,
         )
-        self._lanes = AccountLanes(max_concurrent_runs, self._store.position)
+        self._lanes = AccountLanes(
+            max_concurrent_runs, self._store.position, lambda: self._store.order_version
+        )
         self._runner = TaskRunner(
             self._store, run_backend or LocalRunBackend(), self._lanes, self.timezone
         )

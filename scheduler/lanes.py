@@ -1,13 +1,14 @@
 """Per-account lanes: one run at a time per account, in the account's priority order.
 
 Runs of different accounts proceed concurrently, up to a global limit. A lane hands itself to
-the waiting run whose task stands first in the account's order at that moment, so a
-``reorder_task`` takes effect for runs already waiting.
+the waiting run whose task stands first in the account's order, so a ``reorder_task`` takes
+effect for runs already waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -27,17 +28,29 @@ class _Waiter:
 class _Lane:
     busy: bool = False
     grant_pending: bool = False
-    waiters: list[_Waiter] = field(default_factory=list)
+    order_version: int = -1
+    queue: list[tuple[int, int, _Waiter]] = field(default_factory=list)
 
 
 class AccountLanes:
-    """Grants run slots: serial within an account, concurrent across accounts."""
+    """Grants run slots: serial within an account, concurrent across accounts.
 
-    def __init__(self, max_concurrent_runs: int, priority: Callable[[str], int]) -> None:
+    ``priority(task_id)`` is the task's position in its account's order (lower runs first);
+    ``order_version()`` changes whenever positions may have changed, so waiting runs are
+    re-ranked only then.
+    """
+
+    def __init__(
+        self,
+        max_concurrent_runs: int,
+        priority: Callable[[str], int],
+        order_version: Callable[[], int] = lambda: 0,
+    ) -> None:
         if max_concurrent_runs < 1:
             raise ValueError(f"max_concurrent_runs: must be at least 1, got {max_concurrent_runs}")
         self.max_concurrent_runs = max_concurrent_runs
         self._priority = priority
+        self._order_version = order_version
         self._lanes: dict[str, _Lane] = {}
         self._sequence = itertools.count()
         self._global: asyncio.Semaphore | None = None
@@ -45,23 +58,28 @@ class AccountLanes:
     def waiting(self, account: str) -> list[str]:
         """Task ids waiting for ``account``'s lane, in arrival order."""
         lane = self._lanes.get(account)
-        return [w.task_id for w in lane.waiters] if lane else []
+        if lane is None:
+            return []
+        waiters = sorted(
+            (w for _, _, w in lane.queue if not w.future.done()), key=lambda w: w.sequence
+        )
+        return [w.task_id for w in waiters]
 
     @asynccontextmanager
     async def slot(self, account: str, task_id: str) -> AsyncIterator[None]:
         """Hold ``account``'s lane (and one global slot) for the duration of the block."""
         loop = asyncio.get_running_loop()
-        lane = self._lanes.setdefault(account, _Lane())
+        lane = self._lanes.get(account)
+        if lane is None:
+            lane = self._lanes[account] = _Lane(order_version=self._order_version())
         waiter = _Waiter(task_id, next(self._sequence), loop.create_future())
-        lane.waiters.append(waiter)
+        heapq.heappush(lane.queue, (self._priority(task_id), waiter.sequence, waiter))
         self._schedule_grant(lane, loop)
         try:
             await waiter.future
         except asyncio.CancelledError:
             if waiter.future.done() and not waiter.future.cancelled():
                 self._release(account, lane, loop)
-            elif waiter in lane.waiters:
-                lane.waiters.remove(waiter)
             raise
         try:
             if self._global is None:
@@ -82,17 +100,25 @@ class AccountLanes:
         lane.grant_pending = False
         if lane.busy:
             return
-        lane.waiters = [w for w in lane.waiters if not w.future.done()]
-        if not lane.waiters:
-            return
-        chosen = min(lane.waiters, key=lambda w: (self._priority(w.task_id), w.sequence))
-        lane.waiters.remove(chosen)
-        lane.busy = True
-        chosen.future.set_result(None)
+        version = self._order_version()
+        if version != lane.order_version:
+            lane.order_version = version
+            lane.queue = [
+                (self._priority(w.task_id), w.sequence, w)
+                for _, _, w in lane.queue
+                if not w.future.done()
+            ]
+            heapq.heapify(lane.queue)
+        while lane.queue:
+            _, _, waiter = heapq.heappop(lane.queue)
+            if not waiter.future.done():
+                lane.busy = True
+                waiter.future.set_result(None)
+                return
 
     def _release(self, account: str, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
         lane.busy = False
-        if lane.waiters:
+        if lane.queue:
             self._schedule_grant(lane, loop)
         elif self._lanes.get(account) is lane and not lane.grant_pending:
             del self._lanes[account]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from datetime import datetime, tzinfo
@@ -34,6 +35,9 @@ class TaskRunner:
         self._lanes = lanes
         self._zone = zone
         self._tasks: set[asyncio.Task[RunOutcome | None]] = set()
+        # Run ids: unique per process by the counter, across processes by the prefix.
+        self._run_prefix = uuid.uuid4().hex[:12]
+        self._run_numbers = itertools.count(1)
 
     @property
     def in_flight(self) -> int:
@@ -123,7 +127,7 @@ class TaskRunner:
             record = store.update_task(task_id, lambda r: r.run_started(now))
             store.run_executing(task_id, True)
         store.request_save()
-        run_id = uuid.uuid4().hex
+        run_id = f"{self._run_prefix}-{next(self._run_numbers)}"
         logger.info(
             "run %s of task %s (account %s, %s) started",
             run_id,

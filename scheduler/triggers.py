@@ -48,14 +48,18 @@ def same_instant(a: datetime | None, b: datetime | None) -> bool:
     ``==`` on aware datetimes is not that: within one zone it compares wall times (ignoring
     ``fold``), and across zones PEP 495 makes it False for any ambiguous time.
     """
+    if a is b:
+        return True
     if a is None or b is None:
-        return a is b
+        return False
     return a.astimezone(UTC) == b.astimezone(UTC)
 
 
 def in_window(t: datetime, window: Window, zone: tzinfo) -> bool:
     """Whether a run may start at instant ``t`` as far as the hour window is concerned."""
     start, end = window
+    if start == 0 and end == 24:
+        return True
     hour = t.astimezone(zone).hour
     if start < end:
         return start <= hour < end

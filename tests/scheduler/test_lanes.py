@@ -24,7 +24,8 @@ async def test_waiting_runs_go_in_priority_order_not_arrival_order() -> None:
 
 async def test_priority_is_read_when_the_lane_frees() -> None:
     priority = {"holder": 0, "a": 1, "b": 2}
-    lanes = AccountLanes(10, priority.__getitem__)
+    version = [0]
+    lanes = AccountLanes(10, priority.__getitem__, lambda: version[0])
     release = asyncio.Event()
     entered = asyncio.Event()
     order: list[str] = []
@@ -44,6 +45,7 @@ async def test_priority_is_read_when_the_lane_frees() -> None:
     await asyncio.sleep(0)
     assert lanes.waiting("acc") == ["a", "b"]
     priority["b"] = -1  # a reorder while they wait
+    version[0] += 1
     release.set()
     await asyncio.wait_for(asyncio.gather(holder, *waiting), 5)
     assert order == ["b", "a"]
