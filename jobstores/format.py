@@ -44,6 +44,8 @@ class Document:
     version: str
     saved_at: str | None
     tasks: list[Any]
+    parsed_json: bool = True
+    """Whether orjson parsed the file (its values are then JSON-safe by construction)."""
     timezone: str | None = None
     """The IANA key of the zone the writing dispatcher used, if it recorded one."""
     account_tasks: dict[str, list[str]] = field(default_factory=dict)
@@ -59,9 +61,11 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 def decode_document(data: bytes, path: Path) -> Document:
     """Parse ``data``; raise :class:`CorruptFileError` or :class:`NewerFormatError`."""
+    parsed_json = True
     try:
         top = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        parsed_json = False
         # orjson refuses integers beyond 64 bits; the standard library reads them, so one
         # absurd number damages one record instead of the whole file.
         try:
@@ -96,6 +100,7 @@ def decode_document(data: bytes, path: Path) -> Document:
         version=version,
         saved_at=saved_at if isinstance(saved_at, str) else None,
         tasks=tasks,
+        parsed_json=parsed_json,
         timezone=zone if isinstance(zone, str) else None,
         account_tasks=account_tasks,
         problems=problems,

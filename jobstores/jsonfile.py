@@ -92,12 +92,15 @@ def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
     ]
 
 
-def parse_record(raw: Any, zone: tzinfo) -> TaskRecord:
-    """Validate one saved task object; raise :class:`InvalidTaskError` naming the field."""
+def parse_record(raw: Any, zone: tzinfo, *, parsed_json: bool = False) -> TaskRecord:
+    """Validate one saved task object; raise :class:`InvalidTaskError` naming the field.
+
+    ``parsed_json`` says ``raw`` came from orjson, so its kwargs need no JSON check.
+    """
     if not isinstance(raw, dict):
         raise InvalidTaskError("record", f"is {type(raw).__name__}, not an object")
     try:
-        return TaskRecord.model_validate(raw, context={"zone": zone})
+        return TaskRecord.model_validate(raw, context={"zone": zone, "parsed_json": parsed_json})
     except ValidationError as exc:
         raise InvalidTaskError(*describe_validation_error(exc)) from exc
 
@@ -210,17 +213,17 @@ class JsonJobStore(BaseJobStore):
         for problem in document.problems:
             logger.warning("%s: %s", self.path, problem)
         for index, raw in enumerate(document.tasks):
-            self._restore(raw, index, now)
+            self._restore(raw, index, now, document.parsed_json)
         self._rebuild_order(document.account_tasks)
         if from_backup or self._kept:
             self._version += 1
             self.save()
 
-    def _restore(self, raw: Any, index: int, now: datetime) -> None:
+    def _restore(self, raw: Any, index: int, now: datetime, parsed_json: bool) -> None:
         task_id = raw.get("task_id") if isinstance(raw, dict) else None
         label = task_id if isinstance(task_id, str) else f"tasks[{index}]"
         try:
-            record = parse_record(raw, self.timezone)
+            record = parse_record(raw, self.timezone, parsed_json=parsed_json)
             if record.task_id in self._records or record.task_id in self._kept_ids:
                 raise InvalidTaskError("task_id", "duplicate task id")
             manager = self._create_manager(record)
@@ -590,10 +593,16 @@ class JsonJobStore(BaseJobStore):
         super().start(scheduler, alias)
         with self.lock:
             self._jobs.clear()
-            self._index.clear()
             self._index_keys.clear()
             for record in self._records.values():
-                self._sync_job(record)
+                if record.status is TaskStatus.PAUSED or (
+                    record.status is not TaskStatus.COMPLETED
+                    and record.next_execution_time is not None
+                ):
+                    job = self._build_job(record)
+                    self._jobs[job.id] = job
+                    self._index_keys[job.id] = self._index_key(job)
+            self._index = sorted(self._index_keys.values())
 
     def shutdown(self) -> None:
         """Called by APScheduler when it shuts down: the records stay; jobs are let go."""

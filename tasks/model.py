@@ -164,21 +164,21 @@ class TaskRecord(BaseModel):
             return value
         raise ValueError(f"must be a date, a datetime or None, not {type(value).__name__}")
 
-    @field_validator(
-        "last_execution_time", "next_execution_time", "created_at", "updated_at", mode="after"
-    )
-    @classmethod
-    def _aware_times(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
-        return None if value is None else _aware(value, info)
-
     @field_validator("kwargs")
     @classmethod
-    def _json_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
-        check_json_value(value, "kwargs")
+    def _json_kwargs(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Values fresh from orjson are JSON by construction (64-bit ints, finite floats).
+        if not (info.context or {}).get("parsed_json"):
+            check_json_value(value, "kwargs")
         return value
 
     @model_validator(mode="after")
-    def _share_fields_set(self) -> TaskRecord:
+    def _normalise(self, info: ValidationInfo) -> TaskRecord:
+        values = self.__dict__
+        for name in _TIMES:
+            value = values[name]
+            if value is not None:
+                values[name] = _aware(value, info)
         # Every field of a record counts as set; one shared set instead of one per record
         # (about 700 bytes each) keeps 100k records affordable.
         object.__setattr__(self, "__pydantic_fields_set__", _ALL_FIELDS)
@@ -249,3 +249,4 @@ class TaskRecord(BaseModel):
 
 
 _ALL_FIELDS = set(TaskRecord.model_fields)
+_TIMES = ("last_execution_time", "next_execution_time", "created_at", "updated_at")
