@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, backup: Path | None = None) -> None:
-    """Replace ``path`` with ``data`` durably; keep the replaced file as ``backup``.
+def write_atomic(path: Path, data: bytes | Sequence[bytes], *, backup: Path | None = None) -> None:
+    """Replace ``path`` with ``data`` (bytes, or parts written in order) durably; keep the
+    replaced file as ``backup``.
 
     Raises ``OSError`` on failure, in which case ``path`` (and ``backup``) are unchanged
     and no temporary file is left behind.
@@ -67,10 +69,11 @@ def write_atomic(path: Path, data: bytes, *, backup: Path | None = None) -> None
         assert temp is not None
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _FILE_MODE)
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            for part in [data] if isinstance(data, bytes) else data:
+                view = memoryview(part)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -46,7 +46,7 @@ from scheduler.triggers import TaskTrigger, end_instant, same_instant, utc_now
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
 
-__all__ = ["STATE_FILENAME", "JsonJobStore", "SaveHealth", "describe_validation_error"]
+__all__ = ["STATE_FILENAME", "JsonJobStore", "SaveHealth", "TaskJob", "describe_validation_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,23 @@ def parse_record(raw: Any, zone: tzinfo, *, parsed_json: bool = False) -> TaskRe
         raise InvalidTaskError(*describe_validation_error(exc)) from exc
 
 
+class TaskJob(Job):
+    """The APScheduler job of one task; also remembers where it is filed in the store's index."""
+
+    __slots__ = ("filed_at",)
+
+    @classmethod
+    def adopt(cls, job: Job) -> TaskJob:
+        """``job`` itself if it is a TaskJob, else a TaskJob copy of it."""
+        if isinstance(job, cls):
+            return job
+        copy = cls.__new__(cls)
+        for name in Job.__slots__:
+            if name != "__weakref__" and hasattr(job, name):
+                setattr(copy, name, getattr(job, name))
+        return copy
+
+
 class JsonJobStore(BaseJobStore):
     """A job store that keeps task records in ``<directory>/dispatch_config.json``.
 
@@ -138,18 +155,19 @@ class JsonJobStore(BaseJobStore):
         self._records: dict[str, TaskRecord] = {}
         self._managers: dict[str, TaskManager] = {}
         self._order: dict[str, list[str]] = {}
-        self._positions: dict[str, int] = {}
         self.order_version = 0
         """Changes whenever a task's position within its account may have changed."""
         self._kept: list[Any] = []
         self._kept_ids: set[str] = set()
         self._kept_order: dict[str, list[str]] = {}
-        self._jobs: dict[str, Job] = {}
+        self._jobs: dict[str, TaskJob] = {}
         self._index: list[tuple[float, str]] = []
-        self._index_keys: dict[str, tuple[float, str]] = {}
+        self._triggers: dict[tuple[Any, ...], TaskTrigger] = {}
+        self._names: dict[str, str] = {}
         self._in_flight: set[str] = set()
         self._executing: set[str] = set()
-        self._encoded: dict[str, tuple[TaskRecord, bytes]] = {}
+        self._encoded: dict[str, bytes] = {}
+        """Each unchanged task's saved line, so a save encodes only what changed."""
         self._version = 0
         self._durable_version = 0
         self._dirty: dict[str, int] = {}
@@ -212,8 +230,10 @@ class JsonJobStore(BaseJobStore):
             return
         for problem in document.problems:
             logger.warning("%s: %s", self.path, problem)
+        self._strings: dict[str, str] = {}
         for index, raw in enumerate(document.tasks):
             self._restore(raw, index, now, document.parsed_json)
+        del self._strings
         self._rebuild_order(document.account_tasks)
         if from_backup or self._kept:
             self._version += 1
@@ -235,8 +255,27 @@ class JsonJobStore(BaseJobStore):
             if isinstance(task_id, str):
                 self._kept_ids.add(task_id)
             return
-        self._records[record.task_id] = self._loaded(record, now)
+        self._records[record.task_id] = self._loaded(self._share_strings(record), now)
         self._managers[record.task_id] = manager
+
+    def _share_strings(self, record: TaskRecord) -> TaskRecord:
+        """Make a freshly loaded record reuse equal strings already loaded.
+
+        Account ids, names, task types and most kwargs values repeat across tasks; a file
+        parser creates a new string for every occurrence.
+        """
+        values, shared = record.__dict__, self._strings
+        for name in ("account_id", "account_name", "task_type", "sys_type"):
+            value = values[name]
+            if value is not None:
+                values[name] = shared.setdefault(value, value)
+        kwargs = values["kwargs"]
+        for key, value in kwargs.items():
+            if value == record.task_id:
+                kwargs[key] = record.task_id
+            elif isinstance(value, str) and len(value) <= 128:
+                kwargs[key] = shared.setdefault(value, value)
+        return record
 
     def _loaded(self, record: TaskRecord, now: datetime) -> TaskRecord:
         """Normalise a record read from disk: runs interrupted, times missing, ends passed."""
@@ -276,8 +315,6 @@ class JsonJobStore(BaseJobStore):
         for task_id, record in self._records.items():
             if task_id not in placed:
                 self._order.setdefault(record.account_id, []).append(task_id)
-        for account in self._order:
-            self._renumber(account)
 
     def _create_manager(self, record: TaskRecord) -> TaskManager:
         try:
@@ -297,8 +334,12 @@ class JsonJobStore(BaseJobStore):
     # ------------------------------------------------------------------ scheduling maths
 
     def trigger(self, record: TaskRecord) -> TaskTrigger:
-        """The trigger that plans ``record``'s runs."""
-        return TaskTrigger.for_record(record, self.timezone)
+        """The trigger that plans ``record``'s runs (shared by tasks with the same schedule)."""
+        key = (record.interval, record.valid_time_range, record.task_end_time)
+        trigger = self._triggers.get(key)
+        if trigger is None:
+            trigger = self._triggers[key] = TaskTrigger.for_record(record, self.timezone)
+        return trigger
 
     def next_time(
         self, record: TaskRecord, previous: datetime | None, now: datetime
@@ -340,11 +381,14 @@ class JsonJobStore(BaseJobStore):
 
     def position(self, task_id: str) -> int:
         """``task_id``'s 0-based priority within its account (large if unknown)."""
-        return self._positions.get(task_id, _UNKNOWN_POSITION)
+        record = self._records.get(task_id)
+        ids = self._order.get(record.account_id) if record is not None else None
+        try:
+            return ids.index(task_id) if ids is not None else _UNKNOWN_POSITION
+        except ValueError:
+            return _UNKNOWN_POSITION
 
     def _renumber(self, account: str) -> None:
-        for position, task_id in enumerate(self._order.get(account, ())):
-            self._positions[task_id] = position
         self.order_version += 1
 
     def manager(self, task_id: str) -> TaskManager:
@@ -380,6 +424,7 @@ class JsonJobStore(BaseJobStore):
             raise DispatcherClosedError(f"the job store of {str(self.directory)!r} is closed")
 
     def _changed(self, task_id: str) -> None:
+        self._encoded.pop(task_id, None)
         self._version += 1
         self._dirty[task_id] = self._version
 
@@ -404,9 +449,7 @@ class JsonJobStore(BaseJobStore):
             for record in records:
                 self._records[record.task_id] = record
                 self._managers[record.task_id] = managers[record.task_id]
-                ids = self._order.setdefault(record.account_id, [])
-                self._positions[record.task_id] = len(ids)
-                ids.append(record.task_id)
+                self._order.setdefault(record.account_id, []).append(record.task_id)
                 self._sync_job(record)
                 self._changed(record.task_id)
 
@@ -417,13 +460,11 @@ class JsonJobStore(BaseJobStore):
             record = self.get(task_id)
             del self._records[task_id]
             del self._managers[task_id]
-            self._encoded.pop(task_id, None)
             ids = self._order.get(record.account_id, [])
             if task_id in ids:
                 ids.remove(task_id)
             if not ids:
                 self._order.pop(record.account_id, None)
-            self._positions.pop(task_id, None)
             self._renumber(record.account_id)
             self._drop_job(task_id)
             self._changed(task_id)
@@ -496,25 +537,25 @@ class JsonJobStore(BaseJobStore):
 
     # ------------------------------------------------------------------ jobs
 
-    def _index_key(self, job: Job) -> tuple[float, str]:
+    @staticmethod
+    def _timestamp(job: Job) -> float:
         when = job.next_run_time
-        return (math.inf if when is None else when.timestamp(), job.id)
+        return math.inf if when is None else float(when.timestamp())
 
     def _drop_job(self, task_id: str) -> None:
-        # The key is the one the job was placed with: APScheduler changes a job's next run
-        # time before it calls update_job().
-        self._jobs.pop(task_id, None)
-        key = self._index_keys.pop(task_id, None)
-        if key is not None:
+        job = self._jobs.pop(task_id, None)
+        if job is not None:
+            # The job's place in the index is the one it was filed under: APScheduler changes
+            # a job's next run time before it calls update_job().
+            key = (job.filed_at, task_id)
             position = bisect.bisect_left(self._index, key)
             if position < len(self._index) and self._index[position] == key:
                 del self._index[position]
 
-    def _place_job(self, job: Job) -> None:
-        key = self._index_key(job)
+    def _place_job(self, job: TaskJob) -> None:
+        job.filed_at = self._timestamp(job)
         self._jobs[job.id] = job
-        self._index_keys[job.id] = key
-        bisect.insort(self._index, key)
+        bisect.insort(self._index, (job.filed_at, job.id))
 
     def _job_time(self, record: TaskRecord) -> datetime | None:
         return None if record.status is TaskStatus.PAUSED else record.next_execution_time
@@ -539,15 +580,16 @@ class JsonJobStore(BaseJobStore):
             job._modify(next_run_time=wanted)
             self._place_job(job)
 
-    def _build_job(self, record: TaskRecord) -> Job:
+    def _build_job(self, record: TaskRecord) -> TaskJob:
         # Fill the job's slots directly, as APScheduler's own stores do when they restore a
         # job (Job.__setstate__): Job.__init__ re-validates the callable's signature with
         # inspect, which is most of the cost of starting a dispatcher with many tasks.
-        job = Job.__new__(Job)
+        job = TaskJob.__new__(TaskJob)
         job._scheduler = self._scheduler
         job._jobstore_alias = self._alias
         job.id = record.task_id
-        job.name = f"{record.task_type} for {record.account_id}"
+        name = f"{record.task_type} for {record.account_id}"
+        job.name = self._names.setdefault(name, name)
         job.func = self._managers[record.task_id].run
         job.func_ref = None
         job.args = ()
@@ -593,23 +635,21 @@ class JsonJobStore(BaseJobStore):
         super().start(scheduler, alias)
         with self.lock:
             self._jobs.clear()
-            self._index_keys.clear()
             for record in self._records.values():
                 if record.status is TaskStatus.PAUSED or (
                     record.status is not TaskStatus.COMPLETED
                     and record.next_execution_time is not None
                 ):
                     job = self._build_job(record)
+                    job.filed_at = self._timestamp(job)
                     self._jobs[job.id] = job
-                    self._index_keys[job.id] = self._index_key(job)
-            self._index = sorted(self._index_keys.values())
+            self._index = sorted((job.filed_at, task_id) for task_id, job in self._jobs.items())
 
     def shutdown(self) -> None:
         """Called by APScheduler when it shuts down: the records stay; jobs are let go."""
         with self.lock:
             self._jobs.clear()
             self._index.clear()
-            self._index_keys.clear()
             self._scheduler = None
 
     def lookup_job(self, job_id: str) -> Job | None:
@@ -646,7 +686,7 @@ class JsonJobStore(BaseJobStore):
                     f"JsonJobStore holds task-dispatcher tasks only; add task {job.id!r} with "
                     "TaskDispatcher.add_task()"
                 )
-            self._place_job(job)
+            self._place_job(TaskJob.adopt(job))
             self._adopt(record, job)
 
     def update_job(self, job: Job) -> None:
@@ -655,7 +695,7 @@ class JsonJobStore(BaseJobStore):
             if job.id not in self._jobs:
                 raise JobLookupError(job.id)
             self._drop_job(job.id)
-            self._place_job(job)
+            self._place_job(TaskJob.adopt(job))
             self._adopt(self._records[job.id], job)
 
     def _adopt(self, record: TaskRecord, job: Job) -> None:
@@ -703,13 +743,24 @@ class JsonJobStore(BaseJobStore):
 
     # ------------------------------------------------------------------ saving
 
-    def _encode(self, record: TaskRecord) -> bytes:
-        cached = self._encoded.get(record.task_id)
-        if cached is not None and cached[0] is record:
-            return cached[1]
-        data = encode_task(record.plain())
-        self._encoded[record.task_id] = (record, data)
-        return data
+    def _encode_lines(self, records: list[TaskRecord], lines: list[bytes | None]) -> list[bytes]:
+        """Each record's line: cached ones as they are, the others encoded now and cached.
+
+        Called without the lock: a record that changed meanwhile is not cached (its change
+        already dropped its line, and the next save encodes the new record).
+        """
+        fresh = {}
+        for index, line in enumerate(lines):
+            if line is None:
+                lines[index] = fresh[index] = encode_task(records[index].plain())
+        if fresh:
+            with self.lock:
+                current = self._records
+                for index, line in fresh.items():
+                    record = records[index]
+                    if current.get(record.task_id) is record:
+                        self._encoded[record.task_id] = line
+        return lines  # type: ignore[return-value]
 
     def _file_order(self) -> dict[str, list[str]]:
         order = {account: list(ids) for account, ids in self._order.items() if ids}
@@ -730,13 +781,15 @@ class JsonJobStore(BaseJobStore):
             with self.lock:
                 version = self._version
                 records = list(self._records.values())
+                cached = self._encoded
+                lines = [cached.get(task_id) for task_id in self._records]
                 kept = list(self._kept)
                 order = self._file_order()
                 unsaved = sorted(self._dirty)
             now = self.now()
             try:
                 data = encode_document(
-                    [*map(self._encode, records), *map(encode_raw, kept)],
+                    [*self._encode_lines(records, lines), *map(encode_raw, kept)],
                     order,
                     now,
                     getattr(self.timezone, "key", None),

@@ -180,8 +180,11 @@ class TaskRecord(BaseModel):
             if value is not None:
                 values[name] = _aware(value, info)
         # Every field of a record counts as set; one shared set instead of one per record
-        # (about 700 bytes each) keeps 100k records affordable.
+        # (about 700 bytes each), and one shared empty dict of extra keys, keep 100k records
+        # affordable. Records are frozen: neither is ever mutated.
         object.__setattr__(self, "__pydantic_fields_set__", _ALL_FIELDS)
+        if not self.__pydantic_extra__:
+            object.__setattr__(self, "__pydantic_extra__", _NO_EXTRA)
         return self
 
     @field_serializer("valid_time_range")
@@ -249,4 +252,5 @@ class TaskRecord(BaseModel):
 
 
 _ALL_FIELDS = set(TaskRecord.model_fields)
+_NO_EXTRA: dict[str, Any] = {}
 _TIMES = ("last_execution_time", "next_execution_time", "created_at", "updated_at")

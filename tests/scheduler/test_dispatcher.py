@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -440,10 +441,9 @@ async def test_a_task_running_at_crash_is_runnable_after_load(
     dispatcher = make_dispatcher()
     task_id = await add(dispatcher)
     dispatcher.close()
-    saved = (state_dir / "dispatch_config.json").read_text()
-    (state_dir / "dispatch_config.json").write_text(
-        saved.replace('"status": "pending"', '"status": "running"')
-    )
+    document = read_state(state_dir)
+    document["tasks"][0]["status"] = "running"
+    (state_dir / "dispatch_config.json").write_text(json.dumps(document))
     assert task_in_file(state_dir, task_id)["status"] == "running"
     again = make_dispatcher()
     assert again.get_task(task_id).status is TaskStatus.PENDING
