@@ -814,7 +814,10 @@ class JsonJobStore(BaseJobStore):
                 return False
             with self.lock:
                 self._durable_version = version
-                self._dirty = {k: v for k, v in self._dirty.items() if v > version}
+                if self._version == version:
+                    self._dirty.clear()
+                else:
+                    self._dirty = {k: v for k, v in self._dirty.items() if v > version}
                 if self._health.last_error is not None:
                     logger.warning(
                         "saving %s works again; every pending change is written", self.path

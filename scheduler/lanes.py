@@ -68,6 +68,14 @@ class AccountLanes:
     @asynccontextmanager
     async def slot(self, account: str, task_id: str) -> AsyncIterator[None]:
         """Hold ``account``'s lane (and one global slot) for the duration of the block."""
+        await self.acquire(account, task_id)
+        try:
+            yield
+        finally:
+            self.release(account)
+
+    async def acquire(self, account: str, task_id: str) -> None:
+        """Wait for ``account``'s lane and a global slot; pair with :meth:`release`."""
         loop = asyncio.get_running_loop()
         lane = self._lanes.get(account)
         if lane is None:
@@ -81,13 +89,19 @@ class AccountLanes:
             if waiter.future.done() and not waiter.future.cancelled():
                 self._release(account, lane, loop)
             raise
+        if self._global is None:
+            self._global = asyncio.Semaphore(self.max_concurrent_runs)
         try:
-            if self._global is None:
-                self._global = asyncio.Semaphore(self.max_concurrent_runs)
-            async with self._global:
-                yield
-        finally:
+            await self._global.acquire()
+        except asyncio.CancelledError:
             self._release(account, lane, loop)
+            raise
+
+    def release(self, account: str) -> None:
+        """Give back ``account``'s lane and the global slot taken by :meth:`acquire`."""
+        assert self._global is not None
+        self._global.release()
+        self._release(account, self._lanes[account], asyncio.get_running_loop())
 
     def _schedule_grant(self, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
         # Granting on the next loop iteration lets every run submitted in the same scheduler

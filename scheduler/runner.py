@@ -79,7 +79,9 @@ class TaskRunner:
             record = self._store.find(task_id)
             if record is None:
                 return None
-            async with self._lanes.slot(record.account_id, task_id):
+            account = record.account_id
+            await self._lanes.acquire(account, task_id)
+            try:
                 request = self._begin(task_id, scheduled_at)
                 if request is None:
                     return None
@@ -92,6 +94,8 @@ class TaskRunner:
                     outcome = RunOutcome(request.run_id, error=describe_error(exc))
                 self._finish(request, outcome)
                 return outcome
+            finally:
+                self._lanes.release(account)
         finally:
             self._store.run_settled(task_id)
             if not self._store.closed:
