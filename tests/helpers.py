@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -123,3 +124,44 @@ def record(
 
 recording_factory = Recorder()
 """A module-level recorder, importable as ``--factory helpers:recording_factory``."""
+
+
+def seed_task(task_id: str = "task_id_1", **changes: Any) -> dict[str, Any]:
+    """A task as the seed's own application saves it (naive datetimes)."""
+    task: dict[str, Any] = {
+        "task_id": task_id,
+        "account_id": "account_1",
+        "account_name": "账号1",
+        "task_type": "xhs_type",
+        "status": "pending",
+        "interval": 3600,
+        "valid_time_range": [8, 22],
+        "task_end_time": "2026-02-08",
+        "last_execution_time": "2026-01-08T10:30:00",
+        "next_execution_time": "2026-01-08T11:30:00",
+        "created_at": "2026-01-08T00:00:00",
+        "updated_at": "2026-01-08T10:30:00",
+        "kwargs": {
+            "task_type": "xhs_type",
+            "xhs_account_id": "account_1",
+            "xhs_account_name": "账号1",
+            "user_query": "开始运营",
+            "task_id": task_id,
+        },
+        "sys_type": "mac_intel",
+    }
+    task.update(changes)
+    return task
+
+
+def seed_file(tasks: list[Any], account_tasks: Any = None, version: Any = "1.0") -> bytes:
+    """A dispatch_config.json as the seed's application writes it."""
+    document = {
+        "version": version,
+        "saved_at": "2026-01-08T00:36:37.121980",
+        "tasks": tasks,
+        "account_tasks": account_tasks
+        if account_tasks is not None
+        else {"account_1": [t["task_id"] for t in tasks if isinstance(t, dict)]},
+    }
+    return json.dumps(document, ensure_ascii=False, indent=2).encode()

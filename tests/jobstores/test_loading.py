@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SHANGHAI, Recorder, read_state, record
+from helpers import SHANGHAI, Recorder, read_state, record, seed_file, seed_task
 
 from jobstores import JsonJobStore
 from scheduler.errors import NewerFormatError
@@ -19,40 +18,7 @@ from tasks import TaskStatus
 
 NOW = datetime(2026, 1, 8, 10, 45, tzinfo=SHANGHAI)
 
-SEED_TASK: dict[str, Any] = {
-    "task_id": "task_id_1",
-    "account_id": "account_1",
-    "account_name": "账号1",
-    "task_type": "xhs_type",
-    "status": "pending",
-    "interval": 3600,
-    "valid_time_range": [8, 22],
-    "task_end_time": "2026-02-08",
-    "last_execution_time": "2026-01-08T10:30:00",
-    "next_execution_time": "2026-01-08T11:30:00",
-    "created_at": "2026-01-08T00:00:00",
-    "updated_at": "2026-01-08T10:30:00",
-    "kwargs": {
-        "task_type": "xhs_type",
-        "xhs_account_id": "account_1",
-        "xhs_account_name": "账号1",
-        "user_query": "开始运营",
-        "task_id": "task_id_1",
-    },
-    "sys_type": "mac_intel",
-}
-
-
-def seed_file(tasks: list[Any], account_tasks: Any = None, version: Any = "1.0") -> bytes:
-    document = {
-        "version": version,
-        "saved_at": "2026-01-08T00:36:37.121980",
-        "tasks": tasks,
-        "account_tasks": account_tasks
-        if account_tasks is not None
-        else {"account_1": [t["task_id"] for t in tasks if isinstance(t, dict)]},
-    }
-    return json.dumps(document, ensure_ascii=False, indent=2).encode()
+SEED_TASK = seed_task()
 
 
 def open_store(directory: Path, recorder: Recorder) -> JsonJobStore:

@@ -295,25 +295,29 @@ def test_options_after_the_command_and_from_the_environment(tmp_path: Path) -> N
     assert [r["task_id"] for r in orjson.loads(listed.stdout)] == [result.stdout.strip()]
 
 
+def add_host_task(directory: Path, *extra: str) -> Result:
+    """Add an ``xhs_type`` task through the host factory ``helpers:recording_factory``."""
+    args = [
+        "--dir",
+        str(directory),
+        "--factory",
+        "helpers:recording_factory",
+        "add",
+        "--type",
+        "xhs_type",
+        "--account",
+        "a",
+        "--interval",
+        "1h",
+        *extra,
+    ]
+    return CliRunner().invoke(main, args)
+
+
 def test_a_host_factory_by_import_path(tmp_path: Path) -> None:
     directory = tmp_path / "host"
     recording_factory.created.clear()
-    result = CliRunner().invoke(
-        main,
-        [
-            "--dir",
-            str(directory),
-            "--factory",
-            "helpers:recording_factory",
-            "add",
-            "--type",
-            "xhs_type",
-            "--account",
-            "a",
-            "--interval",
-            "1h",
-        ],
-    )
+    result = add_host_task(directory)
     assert result.exit_code == 0, result.output
     assert recording_factory.created[0]["task_type"] == "xhs_type"
     bad = CliRunner().invoke(main, ["--dir", str(directory), "--factory", "nowhere:thing", "list"])
@@ -340,24 +344,7 @@ def test_a_host_factory_by_import_path(tmp_path: Path) -> None:
 
 def test_editing_host_tasks_needs_no_factory(tmp_path: Path) -> None:
     directory = tmp_path / "host"
-    CliRunner().invoke(
-        main,
-        [
-            "--dir",
-            str(directory),
-            "--factory",
-            "helpers:recording_factory",
-            "add",
-            "--type",
-            "xhs_type",
-            "--account",
-            "a",
-            "--interval",
-            "1h",
-            "--id",
-            "h1",
-        ],
-    )
+    assert add_host_task(directory, "--id", "h1").exit_code == 0
     result = CliRunner().invoke(main, ["--dir", str(directory), "pause", "h1"])
     assert result.exit_code == 0, result.output
     assert read_state(directory)["tasks"][0]["status"] == "paused"

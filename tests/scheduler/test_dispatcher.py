@@ -27,6 +27,20 @@ async def add(dispatcher: TaskDispatcher, account: str = "account_1", **options:
     )
 
 
+async def hold_run(
+    dispatcher: TaskDispatcher, recorder: Recorder, task_id: str, *, via_run_pending: bool = True
+) -> asyncio.Task[None] | None:
+    """Start the due run of ``task_id`` and return once it is inside run(), held there until
+    ``recorder.gates[task_id]`` is set. Returns the run_pending() call in progress, if any."""
+    recorder.gates[task_id] = asyncio.Event()
+    recorder.started[task_id] = asyncio.Event()
+    pending = asyncio.create_task(dispatcher.run_pending()) if via_run_pending else None
+    if not via_run_pending:
+        dispatcher.scheduler.wakeup()
+    await asyncio.wait_for(recorder.started[task_id].wait(), 5)
+    return pending
+
+
 async def test_seed_example_runs_unchanged(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
 ) -> None:
@@ -198,16 +212,14 @@ async def test_pause_during_a_run_lets_it_finish_with_no_run_after(
 ) -> None:
     dispatcher = make_dispatcher()
     task_id = await add(dispatcher)
-    recorder.gates[task_id] = asyncio.Event()
-    recorder.started[task_id] = asyncio.Event()
     await dispatcher.start()
     clock.move_to(at(2026, 1, 8, 8, 0))
-    pending = asyncio.create_task(dispatcher.run_pending())
-    await asyncio.wait_for(recorder.started[task_id].wait(), 5)
+    pending = await hold_run(dispatcher, recorder, task_id)
     assert dispatcher.get_task(task_id).status is TaskStatus.RUNNING
     dispatcher.pause_task(task_id)
     assert task_in_file(state_dir, task_id)["status"] == "paused"
     recorder.gates[task_id].set()
+    assert pending is not None
     await asyncio.wait_for(pending, 5)
     record = dispatcher.get_task(task_id)
     assert record.status is TaskStatus.PAUSED
@@ -262,6 +274,7 @@ async def test_one_run_at_a_time_per_account_and_accounts_in_parallel(
     await asyncio.wait_for(recorder.started["b-0"].wait(), 5)
     assert recorder.active == {"a": 1, "b": 1}
     gate.set()
+    assert pending is not None
     await asyncio.wait_for(pending, 5)
     assert recorder.max_active == {"a": 1, "b": 1}
     assert recorder.max_total == 2
@@ -286,6 +299,7 @@ async def test_concurrency_limit_across_accounts(
     await asyncio.wait_for(recorder.started["t1"].wait(), 5)
     assert sum(recorder.active.values()) == 2
     gate.set()
+    assert pending is not None
     await asyncio.wait_for(pending, 5)
     assert recorder.max_total == 2
     assert len(recorder.runs) == 5
@@ -475,14 +489,12 @@ async def test_remove_during_a_run_does_not_resurrect_the_task(
 ) -> None:
     dispatcher = make_dispatcher()
     task_id = await add(dispatcher)
-    recorder.gates[task_id] = asyncio.Event()
-    recorder.started[task_id] = asyncio.Event()
     await dispatcher.start()
     clock.move_to(at(2026, 1, 8, 8, 0))
-    pending = asyncio.create_task(dispatcher.run_pending())
-    await asyncio.wait_for(recorder.started[task_id].wait(), 5)
+    pending = await hold_run(dispatcher, recorder, task_id)
     dispatcher.remove_task(task_id)
     recorder.gates[task_id].set()
+    assert pending is not None
     await asyncio.wait_for(pending, 5)
     assert dispatcher.list_tasks() == []
     assert read_state(state_dir)["tasks"] == []
@@ -504,12 +516,9 @@ async def test_stop_lets_a_run_finish_within_the_grace_period(
 ) -> None:
     dispatcher = make_dispatcher()
     task_id = await add(dispatcher)
-    recorder.gates[task_id] = asyncio.Event()
-    recorder.started[task_id] = asyncio.Event()
     await dispatcher.start()
     clock.move_to(at(2026, 1, 8, 8, 0))
-    dispatcher.scheduler.wakeup()
-    await asyncio.wait_for(recorder.started[task_id].wait(), 5)
+    await hold_run(dispatcher, recorder, task_id, via_run_pending=False)
     stopping = asyncio.create_task(dispatcher.stop())
     await asyncio.sleep(0)
     assert not stopping.done()
@@ -524,12 +533,9 @@ async def test_stop_cancels_a_run_past_the_grace_period(
 ) -> None:
     dispatcher = make_dispatcher()
     task_id = await add(dispatcher)
-    recorder.gates[task_id] = asyncio.Event()  # never set
-    recorder.started[task_id] = asyncio.Event()
     await dispatcher.start()
     clock.move_to(at(2026, 1, 8, 8, 0))
-    dispatcher.scheduler.wakeup()
-    await asyncio.wait_for(recorder.started[task_id].wait(), 5)
+    await hold_run(dispatcher, recorder, task_id, via_run_pending=False)  # never released
     await asyncio.wait_for(dispatcher.stop(grace_period=0), 5)
     saved = task_in_file(state_dir, task_id)
     assert saved["status"] == "pending"

@@ -22,61 +22,60 @@ async def test_waiting_runs_go_in_priority_order_not_arrival_order() -> None:
     assert order == ["high", "mid", "low"]
 
 
+class Lane:
+    """One account's lane with a holder inside it, and runs queued behind it."""
+
+    def __init__(self, lanes: AccountLanes) -> None:
+        self.lanes = lanes
+        self.release = asyncio.Event()
+        self.ran: list[str] = []
+        self.holder: asyncio.Task[None] | None = None
+
+    async def hold(self) -> None:
+        entered = asyncio.Event()
+
+        async def holder() -> None:
+            async with self.lanes.slot("acc", "holder"):
+                entered.set()
+                await self.release.wait()
+
+        self.holder = asyncio.create_task(holder())
+        await asyncio.wait_for(entered.wait(), 5)
+
+    def queue(self, task_id: str) -> asyncio.Task[None]:
+        async def run() -> None:
+            async with self.lanes.slot("acc", task_id):
+                self.ran.append(task_id)
+
+        return asyncio.create_task(run())
+
+
 async def test_priority_is_read_when_the_lane_frees() -> None:
     priority = {"holder": 0, "a": 1, "b": 2}
     version = [0]
-    lanes = AccountLanes(10, priority.__getitem__, lambda: version[0])
-    release = asyncio.Event()
-    entered = asyncio.Event()
-    order: list[str] = []
-
-    async def hold() -> None:
-        async with lanes.slot("acc", "holder"):
-            entered.set()
-            await release.wait()
-
-    async def run(task_id: str) -> None:
-        async with lanes.slot("acc", task_id):
-            order.append(task_id)
-
-    holder = asyncio.create_task(hold())
-    await asyncio.wait_for(entered.wait(), 5)
-    waiting = [asyncio.create_task(run("a")), asyncio.create_task(run("b"))]
-    await asyncio.sleep(0)
-    assert lanes.waiting("acc") == ["a", "b"]
+    lane = Lane(AccountLanes(10, priority.__getitem__, lambda: version[0]))
+    await lane.hold()
+    waiting = [lane.queue("a"), lane.queue("b")]
+    await asyncio.sleep(0)  # let both join the queue
+    assert lane.lanes.waiting("acc") == ["a", "b"]
     priority["b"] = -1  # a reorder while they wait
     version[0] += 1
-    release.set()
-    await asyncio.wait_for(asyncio.gather(holder, *waiting), 5)
-    assert order == ["b", "a"]
+    lane.release.set()
+    await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    assert lane.ran == ["b", "a"]
 
 
 async def test_a_cancelled_waiter_leaves_the_queue() -> None:
-    lanes = AccountLanes(10, lambda task_id: 0)
-    release = asyncio.Event()
-    entered = asyncio.Event()
-    ran: list[str] = []
-
-    async def hold() -> None:
-        async with lanes.slot("acc", "holder"):
-            entered.set()
-            await release.wait()
-
-    async def run(task_id: str) -> None:
-        async with lanes.slot("acc", task_id):
-            ran.append(task_id)
-
-    holder = asyncio.create_task(hold())
-    await asyncio.wait_for(entered.wait(), 5)
-    doomed = asyncio.create_task(run("doomed"))
-    survivor = asyncio.create_task(run("survivor"))
-    await asyncio.sleep(0)
+    lane = Lane(AccountLanes(10, lambda task_id: 0))
+    await lane.hold()
+    doomed, survivor = lane.queue("doomed"), lane.queue("survivor")
+    await asyncio.sleep(0)  # let both join the queue
     doomed.cancel()
-    release.set()
-    await asyncio.wait_for(asyncio.gather(holder, survivor), 5)
+    lane.release.set()
+    await asyncio.wait_for(survivor, 5)
     with pytest.raises(asyncio.CancelledError):
         await doomed
-    assert ran == ["survivor"]
+    assert lane.ran == ["survivor"]
 
 
 def test_limit_must_be_positive() -> None:

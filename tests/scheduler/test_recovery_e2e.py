@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import datetime
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from freezegun import freeze_time
-from helpers import Recorder, at, read_state
+from helpers import Recorder, at, read_state, seed_file, seed_task
 
 from scheduler import TaskDispatcher
 from tasks import TaskStatus
@@ -18,42 +17,26 @@ from tasks import TaskStatus
 MakeDispatcher = Callable[..., TaskDispatcher]
 
 
-def seed_task(task_id: str, **changes: Any) -> dict[str, Any]:
-    task = {
-        "task_id": task_id,
-        "account_id": "account_1",
-        "account_name": "账号1",
-        "task_type": "xhs_type",
-        "status": "pending",
-        "interval": 3600,
-        "valid_time_range": [8, 22],
-        "task_end_time": "2026-02-08",
-        "last_execution_time": "2026-01-08T07:30:00",
-        "next_execution_time": "2026-01-08T08:30:00",
-        "created_at": "2026-01-08T00:00:00",
-        "updated_at": "2026-01-08T07:30:00",
-        "kwargs": {"task_type": "xhs_type", "xhs_account_id": "account_1", "task_id": task_id},
-        "sys_type": "mac_intel",
-    }
-    task.update(changes)
-    return task
-
-
 def write_seed_file(directory: Path, tasks: list[Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    document = {
-        "version": "1.0",
-        "saved_at": "2026-01-08T00:36:37.121980",
-        "tasks": tasks,
-        "account_tasks": {"account_1": [t["task_id"] for t in tasks if isinstance(t, dict)]},
-    }
-    (directory / "dispatch_config.json").write_text(json.dumps(document, ensure_ascii=False))
+    (directory / "dispatch_config.json").write_bytes(seed_file(tasks))
+
+
+def early(task_id: str, **changes: Any) -> dict[str, Any]:
+    """The seed's task, last run at 07:30 and next due at 08:30 (naive, the zone's clock)."""
+    return seed_task(
+        task_id,
+        last_execution_time="2026-01-08T07:30:00",
+        next_execution_time="2026-01-08T08:30:00",
+        updated_at="2026-01-08T07:30:00",
+        **changes,
+    )
 
 
 async def test_a_seed_file_with_naive_times_runs_on_the_zone_clock(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
 ) -> None:
-    write_seed_file(state_dir, [seed_task("task_id_1")])
+    write_seed_file(state_dir, [early("task_id_1")])
     dispatcher = make_dispatcher()
     record = dispatcher.get_task("task_id_1")
     assert record.next_execution_time == at(2026, 1, 8, 8, 30)
@@ -64,7 +47,7 @@ async def test_a_seed_file_with_naive_times_runs_on_the_zone_clock(
     clock.move_to(at(2026, 1, 8, 8, 30))
     await dispatcher.run_pending()
     assert recorder.run_ids() == ["task_id_1"]
-    assert recorder.created[0] == {"sys_type": "mac_intel", **seed_task("task_id_1")["kwargs"]}
+    assert recorder.created[0] == {"sys_type": "mac_intel", **early("task_id_1")["kwargs"]}
     await dispatcher.stop()
     saved = read_state(state_dir)["tasks"][0]
     assert saved["last_execution_time"] == "2026-01-08T08:30:00+08:00"
@@ -92,8 +75,8 @@ async def test_a_corrupt_file_is_set_aside_and_the_dispatcher_works(
 async def test_one_unrestorable_task_among_good_ones(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
 ) -> None:
-    broken = seed_task("broken", valid_time_range=[8, 8])
-    write_seed_file(state_dir, [seed_task("good_1"), broken, seed_task("good_2")])
+    broken = early("broken", valid_time_range=[8, 8])
+    write_seed_file(state_dir, [early("good_1"), broken, early("good_2")])
     dispatcher = make_dispatcher()
     assert [r.task_id for r in dispatcher.list_tasks()] == ["good_1", "good_2"]
     await dispatcher.start()
