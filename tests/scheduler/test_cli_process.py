@@ -28,6 +28,24 @@ def cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def add_shell_task(directory: Path, task_id: str, interval: str, command: str) -> None:
+    added = cli(
+        directory,
+        "add",
+        "--type",
+        "shell",
+        "--account",
+        "me",
+        "--interval",
+        interval,
+        "--id",
+        task_id,
+        "--kw",
+        command,
+    )
+    assert added.returncode == 0, added.stderr
+
+
 class Running:
     """A `run` process whose log lines are read on a thread; waits are bounded."""
 
@@ -91,21 +109,7 @@ def test_run_executes_a_one_second_shell_task_and_stops_on_sigint(
 ) -> None:
     directory = tmp_path / "store"
     marker = tmp_path / "ticks"
-    added = cli(
-        directory,
-        "add",
-        "--type",
-        "shell",
-        "--account",
-        "me",
-        "--interval",
-        "1s",
-        "--id",
-        "tick",
-        "--kw",
-        f"command=sh -c 'echo tick >> {marker}'",
-    )
-    assert added.returncode == 0, added.stderr
+    add_shell_task(directory, "tick", "1s", f"command=sh -c 'echo tick >> {marker}'")
     process = running()
     process.wait_for(lambda lines: process.finished_runs(lines) >= 2)
     process.process.send_signal(signal.SIGINT)
@@ -124,21 +128,7 @@ def test_one_owner_across_processes_and_a_killed_owner_frees_the_directory(
     tmp_path: Path, running: Callable[[], Running]
 ) -> None:
     directory = tmp_path / "store"
-    added = cli(
-        directory,
-        "add",
-        "--type",
-        "shell",
-        "--account",
-        "me",
-        "--interval",
-        "1h",
-        "--id",
-        "t1",
-        "--kw",
-        "command=date",
-    )
-    assert added.returncode == 0, added.stderr
+    add_shell_task(directory, "t1", "1h", "command=date")
     process = running()
     process.wait_for(lambda lines: any("running 1 task(s)" in line for line in lines))
 

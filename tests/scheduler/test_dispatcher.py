@@ -391,15 +391,21 @@ async def test_stop_and_recreate_restores_everything(
     await again.stop()
 
 
-async def test_downtime_catch_up_is_one_run_if_window_open(
-    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
-) -> None:
+async def run_at_eight_then_stop(clock: Any, make_dispatcher: MakeDispatcher) -> str:
+    """An hourly 8-22 task that ran at 08:00, then a stopped dispatcher; returns the task id."""
     dispatcher = make_dispatcher()
     task_id = await add(dispatcher)
     await dispatcher.start()
     clock.move_to(at(2026, 1, 8, 8, 0))
     await dispatcher.run_pending()
     await dispatcher.stop()
+    return task_id
+
+
+async def test_downtime_catch_up_is_one_run_if_window_open(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
+) -> None:
+    task_id = await run_at_eight_then_stop(clock, make_dispatcher)
 
     clock.move_to(at(2026, 1, 8, 15, 20))  # five runs missed
     again = make_dispatcher()
@@ -415,12 +421,7 @@ async def test_downtime_catch_up_is_one_run_if_window_open(
 async def test_downtime_catch_up_waits_for_the_window(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
 ) -> None:
-    dispatcher = make_dispatcher()
-    task_id = await add(dispatcher)
-    await dispatcher.start()
-    clock.move_to(at(2026, 1, 8, 8, 0))
-    await dispatcher.run_pending()
-    await dispatcher.stop()
+    task_id = await run_at_eight_then_stop(clock, make_dispatcher)
 
     clock.move_to(at(2026, 1, 8, 23, 0))  # missed 09:00-21:00; the window is closed now
     again = make_dispatcher()
