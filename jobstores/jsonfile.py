@@ -388,7 +388,7 @@ class JsonJobStore(BaseJobStore):
         except ValueError:
             return _UNKNOWN_POSITION
 
-    def _renumber(self, account: str) -> None:
+    def _order_changed(self) -> None:
         self.order_version += 1
 
     def manager(self, task_id: str) -> TaskManager:
@@ -402,10 +402,6 @@ class JsonJobStore(BaseJobStore):
         """Records that could not be restored, verbatim (they stay in the file)."""
         with self.lock:
             return list(self._kept)
-
-    def is_scheduled(self, task_id: str) -> bool:
-        """Whether APScheduler still holds a job for ``task_id`` (False once exhausted)."""
-        return task_id in self._jobs or (self._scheduler is None and task_id in self._records)
 
     def is_executing(self, task_id: str) -> bool:
         """Whether a run of ``task_id`` is executing right now."""
@@ -465,7 +461,7 @@ class JsonJobStore(BaseJobStore):
                 ids.remove(task_id)
             if not ids:
                 self._order.pop(record.account_id, None)
-            self._renumber(record.account_id)
+            self._order_changed()
             self._drop_job(task_id)
             self._changed(task_id)
             return record
@@ -495,7 +491,7 @@ class JsonJobStore(BaseJobStore):
                 )
             ids.remove(task_id)
             ids.insert(position, task_id)
-            self._renumber(record.account_id)
+            self._order_changed()
             self._changed(task_id)
 
     def run_submitted(self, task_id: str) -> None:
