@@ -39,11 +39,6 @@ class TaskRunner:
         self._run_prefix = uuid.uuid4().hex[:12]
         self._run_numbers = itertools.count(1)
 
-    @property
-    def in_flight(self) -> int:
-        """Runs submitted and not finished (queued or executing)."""
-        return len(self._tasks)
-
     def submit(self, task_id: str, scheduled_at: datetime) -> asyncio.Task[RunOutcome | None]:
         """Queue a run of ``task_id`` planned for ``scheduled_at``; call on the event loop."""
         self._store.run_submitted(task_id)
