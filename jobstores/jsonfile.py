@@ -51,6 +51,7 @@ __all__ = ["STATE_FILENAME", "JsonJobStore", "SaveHealth", "TaskJob", "describe_
 logger = logging.getLogger(__name__)
 
 STATE_FILENAME = "dispatch_config.json"
+_RETRY_FIRST = 1.0  # seconds before the first retry of a failed background save; doubles
 _RETRY_LIMIT = 60.0
 _UNKNOWN_POSITION = 1 << 30
 _NO_KWARGS: dict[str, Any] = {}  # shared by every job: the manager's run() takes none
@@ -867,7 +868,7 @@ class JsonJobStore(BaseJobStore):
     def _schedule_retry(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._retry is not None or self._closed:
             return
-        delay = min(_RETRY_LIMIT, 2.0 ** min(self._health.failed_saves, 6))
+        delay = min(_RETRY_LIMIT, _RETRY_FIRST * 2.0 ** min(self._health.failed_saves - 1, 6))
 
         def retry() -> None:
             self._retry = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -60,3 +61,40 @@ async def test_runs_go_on_while_saves_fail_and_the_next_save_catches_up(
     assert dispatcher.save_health.ok
     assert dispatcher.save_health.unsaved_task_ids == ()
     await dispatcher.stop()
+
+
+async def test_a_failed_background_save_is_retried_without_a_new_change(
+    make_dispatcher: MakeDispatcher, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobstores.jsonfile
+
+    monkeypatch.setattr(jobstores.jsonfile, "_RETRY_FIRST", 0.0)  # retry on the next loop turn
+    dispatcher = make_dispatcher()
+    task_id = await dispatcher.add_task(sys_type="s", task_type="t", account_id="a", interval=60)
+    store = dispatcher._store
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def fail_once(src: Any, dst: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_once)
+    retried = asyncio.Event()
+    request_save = store.request_save
+
+    def noting_request_save() -> None:
+        retried.set()
+        request_save()
+
+    store.update_task(task_id, lambda r: r.replace(run_count=7))
+    assert not await store.save_async()  # the failed write schedules a retry
+    assert not dispatcher.save_health.ok
+    monkeypatch.setattr(store, "request_save", noting_request_save)
+    await asyncio.wait_for(retried.wait(), 5)  # no new change: only the retry asks to save
+    await store.drain_saves()
+    assert dispatcher.save_health.ok
+    assert read_state(state_dir)["tasks"][0]["run_count"] == 7
+    dispatcher.close()
