@@ -231,16 +231,17 @@ class JsonJobStore(BaseJobStore):
             return
         for problem in document.problems:
             logger.warning("%s: %s", self.path, problem)
-        self._strings: dict[str, str] = {}
+        shared: dict[str, str] = {}
         for index, raw in enumerate(document.tasks):
-            self._restore(raw, index, now, document.parsed_json)
-        del self._strings
+            self._restore(raw, index, now, document.parsed_json, shared)
         self._rebuild_order(document.account_tasks)
         if from_backup or self._kept:
             self._version += 1
             self.save()
 
-    def _restore(self, raw: Any, index: int, now: datetime, parsed_json: bool) -> None:
+    def _restore(
+        self, raw: Any, index: int, now: datetime, parsed_json: bool, shared: dict[str, str]
+    ) -> None:
         task_id = raw.get("task_id") if isinstance(raw, dict) else None
         label = task_id if isinstance(task_id, str) else f"tasks[{index}]"
         try:
@@ -256,16 +257,17 @@ class JsonJobStore(BaseJobStore):
             if isinstance(task_id, str):
                 self._kept_ids.add(task_id)
             return
-        self._records[record.task_id] = self._loaded(self._share_strings(record), now)
+        self._records[record.task_id] = self._loaded(self._share_strings(record, shared), now)
         self._managers[record.task_id] = manager
 
-    def _share_strings(self, record: TaskRecord) -> TaskRecord:
-        """Make a freshly loaded record reuse equal strings already loaded.
+    @staticmethod
+    def _share_strings(record: TaskRecord, shared: dict[str, str]) -> TaskRecord:
+        """Make a freshly loaded record reuse equal strings already loaded (``shared``).
 
         Account ids, names, task types and most kwargs values repeat across tasks; a file
         parser creates a new string for every occurrence.
         """
-        values, shared = record.__dict__, self._strings
+        values = record.__dict__
         for name in ("account_id", "account_name", "task_type", "sys_type"):
             value = values[name]
             if value is not None:
@@ -520,17 +522,20 @@ class JsonJobStore(BaseJobStore):
                 and task_id not in self._jobs
                 and record.status not in (TaskStatus.PAUSED, TaskStatus.COMPLETED)
             ):
-                self.update_task(
-                    task_id,
-                    lambda r: r.replace(
-                        status=TaskStatus.COMPLETED, next_execution_time=None, updated_at=self.now()
-                    ),
-                )
-                logger.info(
-                    "task %s (account %s) completed: no run left before its end time",
-                    task_id,
-                    record.account_id,
-                )
+                self._complete(record)
+
+    def _complete(self, record: TaskRecord) -> None:
+        """No run is left before the task's end: it is ``completed`` and stays on file."""
+        self._drop_job(record.task_id)
+        self._records[record.task_id] = record.replace(
+            status=TaskStatus.COMPLETED, next_execution_time=None, updated_at=self.now()
+        )
+        self._changed(record.task_id)
+        logger.info(
+            "task %s (account %s) completed: no run left before its end time",
+            record.task_id,
+            record.account_id,
+        )
 
     # ------------------------------------------------------------------ jobs
 
@@ -718,18 +723,14 @@ class JsonJobStore(BaseJobStore):
                 raise JobLookupError(job_id)
             self._drop_job(job_id)
             record = self._records[job_id]
-            status = record.status
-            if job_id not in self._in_flight and status is not TaskStatus.PAUSED:
-                status = TaskStatus.COMPLETED
-                logger.info(
-                    "task %s (account %s) completed: no run left before its end time",
-                    job_id,
-                    record.account_id,
+            if job_id in self._in_flight or record.status is TaskStatus.PAUSED:
+                # A queued last run decides completion when it settles (run_settled).
+                self._records[job_id] = record.replace(
+                    next_execution_time=None, updated_at=self.now()
                 )
-            self._records[job_id] = record.replace(
-                status=status, next_execution_time=None, updated_at=self.now()
-            )
-            self._changed(job_id)
+                self._changed(job_id)
+            else:
+                self._complete(record)
             self._persist()
 
     def remove_all_jobs(self) -> None:

@@ -136,6 +136,11 @@ class _Inert:
         raise RuntimeError("inert task manager")
 
 
+def _running_factory(options: Options) -> TaskManagerFactory:
+    """For commands that create real managers: the host's factory, else the task types."""
+    return _import_factory(options.factory) if options.factory else default_registry
+
+
 def _editing_factory(options: Options) -> TaskManagerFactory:
     """For pause/resume/remove/reorder: managers are re-created on load but never run."""
     if options.factory:
@@ -361,7 +366,7 @@ def add(
         )
     if account_name is not None:
         keywords["account_name"] = account_name
-    factory = _import_factory(options.factory) if options.factory else default_registry
+    factory = _running_factory(options)
     with _dispatcher(options, factory) as dispatcher, _errors():
         new_id = asyncio.run(
             dispatcher.add_task(
@@ -598,7 +603,7 @@ def run(
     level = logging.WARNING if live else logging.INFO
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    factory = _import_factory(options.factory) if options.factory else default_registry
+    factory = _running_factory(options)
     with _errors():
         dispatcher = TaskDispatcher(
             options.dir,
