@@ -101,7 +101,7 @@ def parse_record(raw: Any, zone: tzinfo, *, parsed_json: bool = False) -> TaskRe
     if not isinstance(raw, dict):
         raise InvalidTaskError("record", f"is {type(raw).__name__}, not an object")
     try:
-        return TaskRecord.model_validate(raw, context={"zone": zone, "parsed_json": parsed_json})
+        return TaskRecord.model_validate(raw, context={"zone": zone, "kwargs_checked": parsed_json})
     except ValidationError as exc:
         raise InvalidTaskError(*describe_validation_error(exc)) from exc
 

@@ -32,7 +32,7 @@ from jobstores.format import CorruptFileError
 from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
 from scheduler.dispatcher import DIR_ENV_VAR, TaskDispatcher, default_directory, resolve_timezone
 from scheduler.errors import DispatcherError, NewerFormatError, UnknownTaskTypeError
-from scheduler.triggers import TaskTrigger, next_run
+from scheduler.triggers import TaskTrigger
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
 from tasks.registry import default_registry
@@ -448,15 +448,7 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
     first = record.next_execution_time
     label = "next runs"
     if record.status is TaskStatus.PAUSED:
-        now = datetime.now(zone)
-        first = next_run(
-            record.last_execution_time,
-            interval=trigger.interval,
-            window=trigger.window,
-            end=trigger.end,
-            zone=zone,
-            now=now,
-        )
+        first = trigger.get_next_fire_time(record.last_execution_time, datetime.now(zone))
         label = "if resumed now"
     runs = [_when(t, zone) for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
     click.echo(f"{label:>22}: {runs[0] if runs else 'none before the end time'}")

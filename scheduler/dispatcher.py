@@ -23,7 +23,7 @@ from scheduler.errors import DispatcherClosedError, DispatcherNotRunningError, I
 from scheduler.lanes import AccountLanes
 from scheduler.runner import TaskRunner
 from scheduler.runs import LocalRunBackend, RunBackend
-from scheduler.triggers import end_instant, next_run
+from scheduler.triggers import end_instant
 from tasks.manager import TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus, check_json_value
 from tasks.registry import default_registry
@@ -218,21 +218,14 @@ class TaskDispatcher:
                     "updated_at": now,
                     "kwargs": {**extra, "task_id": task_id, "task_type": keywords["task_type"]},
                 },
-                context={"zone": self.timezone},
+                context={"zone": self.timezone, "kwargs_checked": True},
             )
         except ValidationError as exc:
             raise InvalidTaskError(*describe_validation_error(exc)) from None
         end = end_instant(record.task_end_time, self.timezone)
         if end is not None and end < now:
             raise InvalidTaskError("task_end_time", f"{record.task_end_time} is already past")
-        first = next_run(
-            None,
-            interval=record.interval_delta,
-            window=record.valid_time_range,
-            end=end,
-            zone=self.timezone,
-            now=now,
-        )
+        first = self._store.next_time(record, None, now)
         if first is None:
             raise InvalidTaskError(
                 "task_end_time",

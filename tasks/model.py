@@ -167,8 +167,9 @@ class TaskRecord(BaseModel):
     @field_validator("kwargs")
     @classmethod
     def _json_kwargs(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        # Values fresh from orjson are JSON by construction (64-bit ints, finite floats).
-        if not (info.context or {}).get("parsed_json"):
+        # The caller may have checked already (values fresh from orjson are JSON by
+        # construction; add_task checks first to name the exact path).
+        if not (info.context or {}).get("kwargs_checked"):
             check_json_value(value, "kwargs")
         return value
 
