@@ -1,0 +1,248 @@
+"""Runs as messages: what the dispatcher sends to a run backend and what comes back.
+
+A :class:`RunRequest` is plain data (no live manager), so it can cross a process boundary:
+whoever executes it re-creates the manager as ``factory(sys_type=sys_type, **kwargs)``.
+What happens to a run comes back as :class:`RunEvent` messages (``started``, then one of
+``succeeded``, ``failed``, ``lost`` or ``expired``), delivered to the dispatcher's
+:class:`RunInbox`, which applies each one once, by run id, possibly after a restart.
+
+A :class:`RunBackend` is the seam between "this run is due" and "it ran, with this outcome":
+the local backend runs managers in this process; a remote one routes runs to workers by
+``sys_type``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+__all__ = [
+    "ERROR_LIMIT",
+    "RunBackend",
+    "RunEvent",
+    "RunEventKind",
+    "RunInbox",
+    "RunRequest",
+    "describe_error",
+]
+
+ERROR_LIMIT = 2000
+"""The longest error text recorded for a run (longer ones are cut)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"Type: message"``, cut to :data:`ERROR_LIMIT` characters."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 3] + "..."
+
+
+def _instant(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _parse_instant(value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"expected an ISO-8601 datetime, got {value!r}")
+    parsed = datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError(f"datetime {value!r} has no UTC offset")
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """One run of one task, as plain data.
+
+    ``kwargs`` are the task record's kwargs (they include ``task_id`` and ``task_type``); the
+    executor re-creates the manager as ``factory(sys_type=sys_type, **kwargs)``.
+    """
+
+    run_id: str
+    task_id: str
+    account_id: str
+    sys_type: str
+    task_type: str
+    kwargs: Mapping[str, Any]
+    scheduled_at: datetime
+    """The planned time of this run (aware)."""
+    submitted_at: datetime
+    """When the dispatcher handed the run to the backend."""
+    deadline: datetime | None = None
+    """The latest instant at which the run may start; a run not started by then expires."""
+    attempt: int = 1
+    """1 for a planned run, 2 and up for its retries."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The request as a JSON object (datetimes as ISO-8601 with offset)."""
+        return {
+            "run_id": self.run_id,
+            "task_id": self.task_id,
+            "account_id": self.account_id,
+            "sys_type": self.sys_type,
+            "task_type": self.task_type,
+            "kwargs": dict(self.kwargs),
+            "scheduled_at": _instant(self.scheduled_at),
+            "submitted_at": _instant(self.submitted_at),
+            "deadline": _instant(self.deadline),
+            "attempt": self.attempt,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunRequest:
+        """The request :meth:`to_json` made; raises ``ValueError`` if ``data`` is not one."""
+        try:
+            scheduled_at = _parse_instant(data["scheduled_at"])
+            submitted_at = _parse_instant(data["submitted_at"])
+            if scheduled_at is None or submitted_at is None:
+                raise ValueError("scheduled_at and submitted_at are required")
+            kwargs = data.get("kwargs") or {}
+            if not isinstance(kwargs, Mapping):
+                raise ValueError("kwargs must be an object")
+            return cls(
+                run_id=str(data["run_id"]),
+                task_id=str(data["task_id"]),
+                account_id=str(data["account_id"]),
+                sys_type=str(data["sys_type"]),
+                task_type=str(data["task_type"]),
+                kwargs=dict(kwargs),
+                scheduled_at=scheduled_at,
+                submitted_at=submitted_at,
+                deadline=_parse_instant(data.get("deadline")),
+                attempt=int(data.get("attempt", 1)),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a run request: {exc!r}") from exc
+
+
+class RunEventKind(StrEnum):
+    """What happened to a run."""
+
+    STARTED = "started"
+    """A worker (or this process) began executing it."""
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    LOST = "lost"
+    """Whoever executed it went silent (killed, power loss): it counts as a failed run."""
+    EXPIRED = "expired"
+    """Nobody started it before its deadline: it counts as a failed run, and never runs."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether this is the run's last event."""
+        return self is not RunEventKind.STARTED
+
+
+@dataclass(frozen=True, slots=True)
+class RunEvent:
+    """One thing that happened to one run."""
+
+    run_id: str
+    task_id: str
+    kind: RunEventKind
+    at: datetime
+    """When it happened, on the reporter's clock (aware)."""
+    worker: str | None = None
+    """The name of the worker that executed the run (None: this process)."""
+    error: str | None = None
+    """``"Type: message"`` for failed, lost and expired runs."""
+    started_at: datetime | None = None
+    """For a finishing event: when the run started, if the reporter knows."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Anything else the backend reports (kept in the run history)."""
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run succeeded."""
+        return self.kind is RunEventKind.SUCCEEDED
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as a JSON object."""
+        data: dict[str, Any] = {
+            "run_id": self.run_id,
+            "task_id": self.task_id,
+            "kind": self.kind.value,
+            "at": _instant(self.at),
+            "worker": self.worker,
+            "error": self.error,
+            "started_at": _instant(self.started_at),
+        }
+        if self.extra:
+            data["extra"] = dict(self.extra)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunEvent:
+        """The event :meth:`to_json` made; raises ``ValueError`` if ``data`` is not one."""
+        try:
+            at = _parse_instant(data["at"])
+            if at is None:
+                raise ValueError("at is required")
+            error = data.get("error")
+            worker = data.get("worker")
+            return cls(
+                run_id=str(data["run_id"]),
+                task_id=str(data["task_id"]),
+                kind=RunEventKind(data["kind"]),
+                at=at,
+                worker=None if worker is None else str(worker),
+                error=None if error is None else str(error)[:ERROR_LIMIT],
+                started_at=_parse_instant(data.get("started_at")),
+                extra=dict(data.get("extra") or {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a run event: {exc!r}") from exc
+
+
+class RunInbox(Protocol):
+    """Where a backend delivers run events: the dispatcher's side."""
+
+    async def deliver(self, event: RunEvent) -> None:
+        """Apply ``event`` once (a duplicate, or one for a run no longer open, is ignored).
+
+        Returns once the resulting record change is durable, so a backend may acknowledge
+        the event to its transport after this returns (and must not before).
+        """
+        ...
+
+
+class RunBackend(Protocol):
+    """Executes runs somewhere and reports what happened through the inbox.
+
+    Every submitted or recovered run must eventually produce exactly one finishing event
+    (succeeded, failed, lost or expired), unless the dispatcher closes the backend first.
+    """
+
+    name: str
+    """A short name for logs and health ("local", "celery")."""
+
+    async def open(self, inbox: RunInbox) -> None:
+        """Start: from now on deliver events (including those waiting from before a restart)."""
+        ...
+
+    async def submit(self, request: RunRequest) -> None:
+        """Hand ``request`` over; returns once it is on its way (not when it has run).
+
+        Raising means the run could not be sent; the dispatcher records it as failed.
+        """
+        ...
+
+    async def recover(self, requests: Sequence[RunRequest]) -> None:
+        """Take back runs that were in flight when the dispatcher last stopped.
+
+        Their outcomes may already be waiting, may still come, or never come (then the
+        backend reports them lost); none is sent again.
+        """
+        ...
+
+    async def close(self, grace_period: float | None) -> None:
+        """Stop: let runs of this process finish for up to ``grace_period`` seconds."""
+        ...
+
+    def health(self) -> Mapping[str, Any]:
+        """What an operator should see about the backend (JSON-safe values)."""
+        ...
