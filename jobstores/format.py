@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from scheduler.errors import NewerFormatError
+from tasks.errors import NewerFormatError
+from tasks.model import json_default
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,6 +51,11 @@ class Document:
     """The IANA key of the zone the writing dispatcher used, if it recorded one."""
     account_tasks: dict[str, list[str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Top-level keys this code does not interpret, kept across saves."""
+
+
+_KNOWN_KEYS = frozenset({"version", "saved_at", "timezone", "tasks", "account_tasks"})
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -104,18 +110,11 @@ def decode_document(data: bytes, path: Path) -> Document:
         timezone=zone if isinstance(zone, str) else None,
         account_tasks=account_tasks,
         problems=problems,
+        extras={key: value for key, value in top.items() if key not in _KNOWN_KEYS},
     )
 
 
 _TASK_PREFIX = b"    "
-
-
-def _isoformat(value: Any) -> str:
-    # orjson encodes datetime and date itself, but not their subclasses (such as the
-    # time-travel classes of test tools).
-    if isinstance(value, date):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def encode_task(task: dict[str, Any]) -> bytes:
@@ -125,7 +124,7 @@ def encode_task(task: dict[str, Any]) -> bytes:
     third smaller than an indented layout. Datetimes are written as ISO-8601 with their
     offset, dates as ``YYYY-MM-DD``, enums as their values, tuples as arrays.
     """
-    return _TASK_PREFIX + orjson.dumps(task, default=_isoformat)
+    return _TASK_PREFIX + orjson.dumps(task, default=json_default)
 
 
 def encode_raw(value: Any) -> bytes:
@@ -141,12 +140,13 @@ def encode_document(
     account_tasks: dict[str, list[str]],
     saved_at: datetime,
     timezone: str | None = None,
+    extras: dict[str, Any] | None = None,
 ) -> list[bytes]:
     """The document, in parts to write one after another, from tasks encoded with
     :func:`encode_task`.
 
     ``timezone`` (an extra key) tells readers such as the command line which zone the hour
-    windows are in.
+    windows are in; ``extras`` are other top-level keys, written back as they were read.
     """
     order = orjson.dumps(account_tasks, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n  ")
     body = b",\n".join(encoded_tasks)
@@ -157,6 +157,10 @@ def encode_document(
             b',\n  "saved_at": ',
             orjson.dumps(saved_at.isoformat()),
             b',\n  "timezone": ' + orjson.dumps(timezone) if timezone else b"",
+            b"".join(
+                b",\n  " + orjson.dumps(key) + b": " + encode_raw(value).lstrip()
+                for key, value in (extras or {}).items()
+            ),
             b',\n  "tasks": [\n' if body else b',\n  "tasks": [',
         )
     )

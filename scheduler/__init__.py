@@ -1,10 +1,9 @@
 """The dispatcher: recurring per-account tasks on APScheduler 3, persisted to one JSON file."""
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-from scheduler.errors import (
+from scheduler.backends.local import LocalRunBackend
+from scheduler.dispatcher import TaskDispatcher
+from scheduler.triggers import TaskTrigger
+from tasks.errors import (
     DirectoryLockedError,
     DispatcherClosedError,
     DispatcherError,
@@ -14,11 +13,7 @@ from scheduler.errors import (
     TaskNotFoundError,
     UnknownTaskTypeError,
 )
-
-if TYPE_CHECKING:
-    from scheduler.dispatcher import TaskDispatcher
-    from scheduler.runs import LocalRunBackend, RunBackend, RunOutcome, RunRequest
-    from scheduler.triggers import TaskTrigger
+from tasks.runs import RunBackend, RunEvent, RunEventKind, RunInbox, RunRequest
 
 __all__ = [
     "DirectoryLockedError",
@@ -29,30 +24,12 @@ __all__ = [
     "LocalRunBackend",
     "NewerFormatError",
     "RunBackend",
-    "RunOutcome",
+    "RunEvent",
+    "RunEventKind",
+    "RunInbox",
     "RunRequest",
     "TaskDispatcher",
     "TaskNotFoundError",
     "TaskTrigger",
     "UnknownTaskTypeError",
 ]
-
-_LAZY = {
-    "TaskDispatcher": "scheduler.dispatcher",
-    "LocalRunBackend": "scheduler.runs",
-    "RunBackend": "scheduler.runs",
-    "RunOutcome": "scheduler.runs",
-    "RunRequest": "scheduler.runs",
-    "TaskTrigger": "scheduler.triggers",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # The dispatcher imports the job store, which imports scheduler.triggers: importing it
-    # lazily lets `import jobstores` and `import scheduler` work in either order.
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'scheduler' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)

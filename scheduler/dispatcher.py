@@ -12,21 +12,22 @@ from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import tzlocal
 from pydantic import ValidationError
 
-from jobstores.jsonfile import JsonJobStore, SaveHealth, describe_validation_error
+from jobstores.jsonfile import JsonJobStore, describe_validation_error
+from jobstores.saver import SaveHealth
+from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
-from scheduler.errors import DispatcherClosedError, DispatcherNotRunningError, InvalidTaskError
 from scheduler.lanes import AccountLanes
+from scheduler.ledger import RunLedger, RunObserver
 from scheduler.runner import TaskRunner
-from scheduler.runs import LocalRunBackend, RunBackend
-from scheduler.triggers import end_instant
+from tasks import lifecycle
+from tasks.errors import DispatcherClosedError, DispatcherNotRunningError, InvalidTaskError
 from tasks.manager import TaskManagerFactory
-from tasks.model import TaskRecord, TaskStatus, check_json_value
-from tasks.registry import default_registry
+from tasks.model import TaskRecord, check_json_value
+from tasks.runs import RunBackend
+from tasks.schedule import resolve_zone
 
 __all__ = ["DEFAULT_DISPATCHER_DIR", "DIR_ENV_VAR", "TaskDispatcher", "resolve_timezone"]
 
@@ -42,18 +43,8 @@ _SCHEDULING_KEYWORDS = frozenset(
 )
 
 
-def resolve_timezone(value: str | tzinfo | None) -> tzinfo:
-    """An IANA zone name or tzinfo as a tzinfo; None is the machine's local zone."""
-    if value is None:
-        return tzlocal.get_localzone()
-    if isinstance(value, tzinfo):
-        return value
-    if isinstance(value, str):
-        try:
-            return ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidTaskError("timezone", f"unknown time zone {value!r}") from None
-    raise InvalidTaskError("timezone", f"must be an IANA zone name or a tzinfo, not {value!r}")
+resolve_timezone = resolve_zone
+"""An IANA zone name or tzinfo as a tzinfo; None is the machine's local zone."""
 
 
 def default_directory() -> Path:
@@ -100,29 +91,39 @@ class TaskDispatcher:
         max_concurrent_runs: int = 10,
         run_backend: RunBackend | None = None,
     ) -> None:
-        self.timezone = resolve_timezone(timezone)
+        self.timezone = resolve_zone(timezone)
         """The zone whose wall-clock hours the windows and end dates are read in."""
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
-        self._store = JsonJobStore(
-            directory,
-            timezone=self.timezone,
-            manager_factory=task_manager_factory or default_registry,
-        )
+        self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
+        self._local = self._backend if isinstance(self._backend, LocalRunBackend) else None
+        self._factory = task_manager_factory
+        self._store = JsonJobStore(directory, timezone=self.timezone, accept=self._check_manager)
         self._lanes = AccountLanes(
             max_concurrent_runs, self._store.position, lambda: self._store.order_version
         )
-        self._runner = TaskRunner(
-            self._store, run_backend or LocalRunBackend(), self._lanes, self.timezone
-        )
+        self._ledger = RunLedger(self._store, remote=self._backend.remote)
+        self._runner = TaskRunner(self._store, self._backend, self._lanes, self._ledger)
         self._scheduler = DispatchScheduler(
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
+        if not self._backend.remote:
+            self._ledger.recover()
+        if not self._store.durable:
+            self._store.save()
         logger.info(
             "dispatcher on %s loaded %d task(s) (%d kept unrestored)",
             directory,
             len(self._store.records()),
             len(self._store.kept_records()),
         )
+
+    def _check_manager(self, record: TaskRecord) -> None:
+        """Create ``record``'s manager now: a task whose manager cannot be created is refused
+        at add time, and kept unrestored at load."""
+        if self._local is not None:
+            self._local.manager(record.task_id, record.sys_type, record.kwargs)
+        elif self._factory is not None:
+            create_manager(self._factory, record.sys_type, record.kwargs)
 
     # ------------------------------------------------------------------ properties
 
@@ -155,6 +156,15 @@ class TaskDispatcher:
     def scheduler(self) -> DispatchScheduler:
         """The underlying APScheduler scheduler (for listeners; jobs derive from tasks)."""
         return self._scheduler
+
+    @property
+    def run_backend(self) -> RunBackend:
+        """Where runs execute."""
+        return self._backend
+
+    def observe_runs(self, observer: RunObserver) -> None:
+        """Call ``observer(request, event)`` for every run event applied (from the loop)."""
+        self._ledger.observe(observer)
 
     @property
     def account_tasks(self) -> dict[str, list[str]]:
@@ -193,9 +203,9 @@ class TaskDispatcher:
         task_id = keywords.get("task_id")
         if task_id is None:
             task_id = uuid.uuid4().hex[:12]
-            while task_id in taken or self._store.find(task_id) is not None:
+            while task_id in taken or self._store.table.taken(task_id):
                 task_id = uuid.uuid4().hex[:12]
-        elif task_id in taken or self._store.find(task_id) is not None:
+        elif task_id in taken or self._store.table.taken(task_id):
             raise InvalidTaskError("task_id", f"a task with id {task_id!r} exists")
         try:
             check_json_value(extra, "kwargs")
@@ -222,10 +232,10 @@ class TaskDispatcher:
             )
         except ValidationError as exc:
             raise InvalidTaskError(*describe_validation_error(exc)) from None
-        end = end_instant(record.task_end_time, self.timezone)
-        if end is not None and end < now:
+        schedule = self._store.schedule(record)
+        if schedule.ended(now):
             raise InvalidTaskError("task_end_time", f"{record.task_end_time} is already past")
-        first = self._store.next_time(record, None, now)
+        first = schedule.next_run(None, now)
         if first is None:
             raise InvalidTaskError(
                 "task_end_time",
@@ -279,6 +289,8 @@ class TaskDispatcher:
             record = self._record(now, dict(keywords), taken)
             taken.add(record.task_id)
             records.append(record)
+        for record in records:
+            self._check_manager(record)
         self._store.add_tasks(records)
         await self._store.save_async()
         for record in records:
@@ -313,14 +325,8 @@ class TaskDispatcher:
         """
         self._check_open()
 
-        def pause(record: TaskRecord) -> TaskRecord:
-            if record.status in (TaskStatus.PAUSED, TaskStatus.COMPLETED):
-                return record
-            return record.replace(
-                status=TaskStatus.PAUSED, next_execution_time=None, updated_at=self._store.now()
-            )
-
-        record = self._store.update_task(task_id, pause)
+        now = self._store.now()
+        record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
         self._store.save()
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
 
@@ -333,16 +339,10 @@ class TaskDispatcher:
         """
         self._check_open()
 
+        now = self._store.now()
+
         def resume(record: TaskRecord) -> TaskRecord:
-            if record.status is not TaskStatus.PAUSED:
-                return record
-            now = self._store.now()
-            planned = self._store.next_time(record, record.last_execution_time, now)
-            if planned is None:
-                return record.replace(status=TaskStatus.COMPLETED, updated_at=now)
-            executing = self._store.is_executing(task_id)
-            status = TaskStatus.RUNNING if executing else TaskStatus.PENDING
-            return record.replace(status=status, next_execution_time=planned, updated_at=now)
+            return lifecycle.resumed(record, self._store.schedule(record), now)
 
         record = self._store.update_task(task_id, resume)
         self._store.save()
@@ -359,6 +359,8 @@ class TaskDispatcher:
         """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
         self._check_open()
         record = self._store.remove_task(task_id)
+        if self._local is not None:
+            self._local.forget(task_id)
         self._store.save()
         logger.info("task %s (account %s) removed", task_id, record.account_id)
 
@@ -386,7 +388,13 @@ class TaskDispatcher:
         """Start scheduling on the running event loop (a no-op if already started)."""
         self._check_open()
         if not self._scheduler.running:
+            await self._backend.open(self._ledger)
+            recovered = self._ledger.recover() if self._backend.remote else []
             self._scheduler.start()
+            for request in recovered:
+                self._runner.resume(request)
+            if recovered:
+                await self._backend.recover(recovered)
             logger.info("dispatcher on %s started", self.directory)
 
     async def run_pending(self) -> None:
@@ -414,6 +422,7 @@ class TaskDispatcher:
         if self._scheduler.running:
             self._scheduler.pause()
             await self._runner.drain(grace_period)
+            await self._backend.close(0)
             self._scheduler.shutdown(wait=False)
         await self._store.drain_saves()
         self._store.touch()  # the final save happens even if nothing changed

@@ -21,13 +21,13 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
 from jobstores.jsonfile import JsonJobStore
-from scheduler.runs import RunOutcome
+from tasks.runs import RunEvent
 
 __all__ = ["DispatchExecutor", "DispatchScheduler"]
 
 logger = logging.getLogger(__name__)
 
-Submit = Callable[[str, datetime], asyncio.Task[RunOutcome | None]]
+Submit = Callable[[str, datetime], asyncio.Task[RunEvent | None]]
 
 
 class DispatchExecutor(BaseExecutor):
@@ -50,7 +50,7 @@ class DispatchExecutor(BaseExecutor):
         if exc is not None:
             self._run_job_error(job_id, exc, exc.__traceback__)
             return
-        outcome: RunOutcome | None = task.result()
+        outcome: RunEvent | None = task.result()
         if outcome is None:
             event = JobExecutionEvent(EVENT_JOB_MISSED, job_id, alias, run_time)
         elif outcome.ok:
@@ -81,7 +81,7 @@ class DispatchScheduler(AsyncIOScheduler):
         self._jobstores_lock = store.lock
 
     def _process_jobs(self) -> float | None:
-        with self._store.deferred_saves(durable=False):
+        with self._store.deferred_saves():
             return super()._process_jobs()  # type: ignore[no-any-return]
 
     def process_due(self) -> None:

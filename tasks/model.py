@@ -7,6 +7,7 @@ from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -17,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["TaskRecord", "TaskStatus", "check_json_value"]
+__all__ = ["ActiveRun", "TaskRecord", "TaskStatus", "check_json_value", "json_default"]
 
 _MAX_JSON_INT = 2**63 - 1
 _MAX_INTERVAL = 1000 * 365 * 86400
@@ -31,6 +32,14 @@ class TaskStatus(StrEnum):
     PAUSED = "paused"
     COMPLETED = "completed"
     ERROR = "error"
+
+    @property
+    def settled(self) -> bool:
+        """Whether no run may start in this status (paused or completed)."""
+        return self in _SETTLED
+
+
+_SETTLED = frozenset({TaskStatus.PAUSED, TaskStatus.COMPLETED})
 
 
 def check_json_value(value: Any, path: str) -> None:
@@ -66,6 +75,19 @@ def check_json_value(value: Any, path: str) -> None:
     )
 
 
+def json_default(value: Any) -> Any:
+    """What a fast JSON encoder (orjson) cannot encode itself in a saved record.
+
+    Nested models become their JSON form; dates and datetimes whose class is a subclass (the
+    time-travel classes of test tools) become ISO-8601 text with their offset.
+    """
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
 def _zone(info: ValidationInfo) -> tzinfo | None:
     context = info.context or {}
     zone = context.get("zone")
@@ -80,6 +102,28 @@ def _aware(value: datetime, info: ValidationInfo) -> datetime:
             raise ValueError("datetime must be timezone-aware")
         return value.replace(tzinfo=zone)
     return value.astimezone(zone) if zone is not None else value
+
+
+class ActiveRun(BaseModel):
+    """The run of a task that is out (submitted, not yet finished): the run ledger's entry.
+
+    Saved in the record, so a run still out when the dispatcher stops is neither sent again
+    nor forgotten after a restart.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str = Field(min_length=1)
+    scheduled_at: datetime
+    submitted_at: datetime
+    attempt: int = Field(default=1, ge=1)
+    started_at: datetime | None = None
+    """When it started executing (None: still queued)."""
+
+    @property
+    def queued(self) -> bool:
+        """Whether the run waits for a worker to start it."""
+        return self.started_at is None
 
 
 class TaskRecord(BaseModel):
@@ -109,6 +153,10 @@ class TaskRecord(BaseModel):
     failure_count: int = Field(default=0, ge=0)
     consecutive_failures: int = Field(default=0, ge=0)
     last_error: str | None = None
+    last_worker: str | None = None
+    """The worker that ran the last run (None: this process)."""
+    active_run: ActiveRun | None = None
+    """The run that is out right now, if any."""
 
     @field_validator("task_id")
     @classmethod
@@ -224,32 +272,10 @@ class TaskRecord(BaseModel):
         """A deep copy for callers: mutating its ``kwargs`` changes nothing here."""
         return self.model_copy(deep=True)
 
-    def run_started(self, now: datetime) -> TaskRecord:
-        """The record once a run started at ``now``."""
-        return self.replace(status=TaskStatus.RUNNING, last_execution_time=now, updated_at=now)
-
-    def run_finished(self, *, error: str | None, now: datetime) -> TaskRecord:
-        """The record once a run ended (``error`` is None on success).
-
-        A task paused during the run stays paused; otherwise it is ``error`` after a failure and
-        ``pending`` after a success (completion is decided by whoever knows the schedule).
-        """
-        if self.status is TaskStatus.PAUSED:
-            status = TaskStatus.PAUSED
-        else:
-            status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
-        return self.replace(
-            status=status,
-            run_count=self.run_count + 1,
-            failure_count=self.failure_count + (error is not None),
-            consecutive_failures=0 if error is None else self.consecutive_failures + 1,
-            last_error=self.last_error if error is None else error,
-            updated_at=now,
-        )
-
     def to_json_dict(self) -> dict[str, Any]:
-        """The record as saved: plain JSON types, datetimes as ISO-8601 with offset."""
-        return self.model_dump(mode="json")
+        """The record exactly as saved: plain JSON types, datetimes as ISO-8601 with offset."""
+        data: dict[str, Any] = orjson.loads(orjson.dumps(self.plain(), default=json_default))
+        return data
 
 
 _ALL_FIELDS = set(TaskRecord.model_fields)

@@ -13,6 +13,7 @@ import pytest
 from helpers import SHANGHAI, Recorder, read_state, record, seed_file, seed_task
 
 from jobstores import JsonJobStore
+from scheduler import TaskDispatcher
 from scheduler.errors import NewerFormatError
 from tasks import TaskStatus
 
@@ -22,7 +23,7 @@ SEED_TASK = seed_task()
 
 
 def open_store(directory: Path, recorder: Recorder) -> JsonJobStore:
-    return JsonJobStore(directory, timezone=SHANGHAI, manager_factory=recorder, now=NOW)
+    return JsonJobStore(directory, timezone=SHANGHAI, now=NOW)
 
 
 def test_a_seed_format_file_with_naive_datetimes_loads(tmp_path: Path, recorder: Recorder) -> None:
@@ -35,7 +36,7 @@ def test_a_seed_format_file_with_naive_datetimes_loads(tmp_path: Path, recorder:
         assert record.created_at.utcoffset() is not None
         assert record.task_end_time == date(2026, 2, 8)
         assert record.valid_time_range == (8, 22)
-        assert recorder.created == [{"sys_type": "mac_intel", **SEED_TASK["kwargs"]}]
+        assert (record.sys_type, record.kwargs) == ("mac_intel", SEED_TASK["kwargs"])
         store.touch()
         store.save()
         saved = read_state(tmp_path)["tasks"][0]
@@ -166,12 +167,12 @@ def test_a_task_whose_factory_raises_is_kept(tmp_path: Path, recorder: Recorder)
         return recorder(**kwargs)
 
     (tmp_path / "dispatch_config.json").write_bytes(seed_file([SEED_TASK, other]))
-    store = JsonJobStore(tmp_path, timezone=SHANGHAI, manager_factory=factory, now=NOW)
+    dispatcher = TaskDispatcher(tmp_path, task_manager_factory=factory, timezone=SHANGHAI)
     try:
-        assert [r.task_id for r in store.records()] == ["other"]
-        assert store.kept_records() == [SEED_TASK]
+        assert [r.task_id for r in dispatcher.list_tasks()] == ["other"]
+        assert dispatcher._store.kept_records() == [SEED_TASK]
     finally:
-        store.close()
+        dispatcher.close()
 
 
 def test_unknown_keys_survive_a_round_trip(tmp_path: Path, recorder: Recorder) -> None:

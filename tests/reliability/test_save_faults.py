@@ -66,9 +66,9 @@ async def test_runs_go_on_while_saves_fail_and_the_next_save_catches_up(
 async def test_a_failed_background_save_is_retried_without_a_new_change(
     make_dispatcher: MakeDispatcher, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import jobstores.jsonfile
+    import jobstores.saver
 
-    monkeypatch.setattr(jobstores.jsonfile, "_RETRY_FIRST", 0.0)  # retry on the next loop turn
+    monkeypatch.setattr(jobstores.saver, "RETRY_FIRST", 0.0)  # retry on the next loop turn
     dispatcher = make_dispatcher()
     task_id = await dispatcher.add_task(sys_type="s", task_type="t", account_id="a", interval=60)
     store = dispatcher._store
@@ -83,7 +83,8 @@ async def test_a_failed_background_save_is_retried_without_a_new_change(
 
     monkeypatch.setattr(os, "replace", fail_once)
     retried = asyncio.Event()
-    request_save = store.request_save
+    saver = store._saver
+    request_save = saver.request
 
     def noting_request_save() -> None:
         retried.set()
@@ -92,7 +93,7 @@ async def test_a_failed_background_save_is_retried_without_a_new_change(
     store.update_task(task_id, lambda r: r.replace(run_count=7))
     assert not await store.save_async()  # the failed write schedules a retry
     assert not dispatcher.save_health.ok
-    monkeypatch.setattr(store, "request_save", noting_request_save)
+    monkeypatch.setattr(saver, "request", noting_request_save)
     await asyncio.wait_for(retried.wait(), 5)  # no new change: only the retry asks to save
     await store.drain_saves()
     assert dispatcher.save_health.ok

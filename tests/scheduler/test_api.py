@@ -196,9 +196,9 @@ async def test_the_default_factory_knows_registered_types(
 
     fresh = TaskTypeRegistry()
     monkeypatch.setattr(registry, "default_registry", fresh)
-    import scheduler.dispatcher as dispatcher_module
+    import scheduler.backends.local as local_backend
 
-    monkeypatch.setattr(dispatcher_module, "default_registry", fresh)
+    monkeypatch.setattr(local_backend, "default_registry", fresh)
     recorder = Recorder()
     fresh.register("xhs_type", recorder)
     dispatcher = make_dispatcher(task_manager_factory=None)

@@ -59,25 +59,6 @@ def test_status_round_trips_and_rejects_unknown() -> None:
         TaskRecord.model_validate(raw | {"status": "sleeping"}, context={"zone": SHANGHAI})
 
 
-def test_run_transitions() -> None:
-    started = record("a").run_started(T0)
-    assert started.status is TaskStatus.RUNNING
-    assert started.last_execution_time == T0
-    failed = started.run_finished(error="ValueError: x", now=T0)
-    assert (failed.status, failed.run_count, failed.failure_count) == (TaskStatus.ERROR, 1, 1)
-    assert failed.consecutive_failures == 1
-    again = failed.run_finished(error="ValueError: y", now=T0)
-    assert again.consecutive_failures == 2
-    ok = again.run_finished(error=None, now=T0)
-    assert (ok.status, ok.consecutive_failures, ok.last_error) == (
-        TaskStatus.PENDING,
-        0,
-        "ValueError: y",
-    )
-    paused = started.replace(status=TaskStatus.PAUSED).run_finished(error=None, now=T0)
-    assert paused.status is TaskStatus.PAUSED
-
-
 @pytest.mark.parametrize(
     ("value", "message"),
     [
