@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from jobstores.format import (
 )
 from scheduler.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
 from scheduler.triggers import TaskTrigger, end_instant, same_instant, utc_now
+from scheduler.zones import choose_timezone, zone_key
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
 
@@ -129,7 +130,9 @@ class JsonJobStore(BaseJobStore):
     Creating the store takes the directory's lock (one owner at a time), sets aside anything
     unreadable, loads the records and re-creates each task's manager with
     ``manager_factory(sys_type=..., **kwargs)``. A record that cannot be restored is logged
-    and kept verbatim in the file through later saves.
+    and kept verbatim in the file through later saves. ``timezone`` None is the zone the file
+    records, else the local one; another zone than the recorded one needs
+    ``convert_timezone=True`` (see :func:`scheduler.zones.choose_timezone`).
 
     Every method is thread-safe. APScheduler's methods save before they return; the
     record-changing methods (:meth:`add_tasks`, :meth:`update_task`, ...) leave saving to the
@@ -141,15 +144,20 @@ class JsonJobStore(BaseJobStore):
         self,
         directory: str | Path,
         *,
-        timezone: tzinfo,
+        timezone: tzinfo | None,
         manager_factory: TaskManagerFactory,
         now: datetime | None = None,
+        convert_timezone: bool = False,
     ) -> None:
         super().__init__()
         self.directory = Path(directory)
         self.path = self.directory / STATE_FILENAME
         self.backup_path = self.directory / f"{STATE_FILENAME}.bak"
-        self.timezone = timezone
+        self.timezone: tzinfo = timezone or UTC
+        """The zone of the hour windows; settled by :meth:`_load` from the file's record."""
+        self._requested_zone = timezone
+        self._convert_zone = convert_timezone
+        self._extra: dict[str, Any] = {}
         self.lock = threading.RLock()
         """Guards every structure below; the scheduler shares it as its job store lock."""
         self._factory = manager_factory
@@ -166,6 +174,8 @@ class JsonJobStore(BaseJobStore):
         self._triggers: dict[tuple[Any, ...], TaskTrigger] = {}
         self._names: dict[str, str] = {}
         self._in_flight: set[str] = set()
+        self._faults: dict[str, str] = {}
+        """Tasks put in error while a run was in flight: the error outlives that run."""
         self._executing: set[str] = set()
         self._encoded: dict[str, bytes] = {}
         """Each unchanged task's saved line, so a save encodes only what changed."""
@@ -208,6 +218,21 @@ class JsonJobStore(BaseJobStore):
             set_aside(path, str(exc))
             return None
 
+    def _settle_zone(self, document: Document | None) -> None:
+        recorded = document.timezone if document is not None else None
+        self.timezone = choose_timezone(
+            self._requested_zone, recorded, self.path, convert=self._convert_zone
+        )
+        if recorded is not None and zone_key(self.timezone) != recorded:
+            logger.warning(
+                "%s: converting the store from %s to %s as asked: hour windows and end dates "
+                "are now read in %s",
+                self.path,
+                recorded,
+                self.timezone,
+                self.timezone,
+            )
+
     def _load(self, now: datetime) -> None:
         existed = self.path.exists()
         document = self._read(self.path)
@@ -215,6 +240,7 @@ class JsonJobStore(BaseJobStore):
         if document is None and existed:
             document = self._read(self.backup_path)
             if document is None:
+                self._settle_zone(None)
                 logger.error(
                     "%s was unreadable and there is no usable backup: starting empty", self.path
                 )
@@ -227,8 +253,10 @@ class JsonJobStore(BaseJobStore):
                 len(document.tasks),
                 document.saved_at or "an unknown time",
             )
+        self._settle_zone(document)
         if document is None:
             return
+        self._extra = document.extra
         for problem in document.problems:
             logger.warning("%s: %s", self.path, problem)
         shared: dict[str, str] = {}
@@ -249,15 +277,19 @@ class JsonJobStore(BaseJobStore):
             if record.task_id in self._records or record.task_id in self._kept_ids:
                 raise InvalidTaskError("task_id", "duplicate task id")
             manager = self._create_manager(record)
-        except InvalidTaskError as exc:
+            loaded = self._loaded(self._share_strings(record, shared), now)
+        except Exception as exc:
+            # One record never stops the others: whatever it does (an invalid field, a
+            # factory or a schedule that raises), it is kept as it is, unrestored.
+            reason = exc if isinstance(exc, InvalidTaskError) else f"{type(exc).__name__}: {exc}"
             logger.error(
-                "task %s could not be restored (%s); kept in the file as it is", label, exc
+                "task %s could not be restored (%s); kept in the file as it is", label, reason
             )
             self._kept.append(raw)
             if isinstance(task_id, str):
                 self._kept_ids.add(task_id)
             return
-        self._records[record.task_id] = self._loaded(self._share_strings(record, shared), now)
+        self._records[record.task_id] = loaded
         self._managers[record.task_id] = manager
 
     @staticmethod
@@ -516,13 +548,49 @@ class JsonJobStore(BaseJobStore):
             self._in_flight.discard(task_id)
             self._executing.discard(task_id)
             record = self._records.get(task_id)
-            if (
+            error = self._faults.pop(task_id, None)
+            if record is not None and error is not None and record.status is not TaskStatus.PAUSED:
+                self._records[task_id] = record.replace(
+                    status=TaskStatus.ERROR, last_error=error, updated_at=self.now()
+                )
+                self._changed(task_id)
+            elif (
                 record is not None
                 and self._scheduler is not None
                 and task_id not in self._jobs
                 and record.status not in (TaskStatus.PAUSED, TaskStatus.COMPLETED)
             ):
                 self._complete(record)
+
+    def fault(self, task_id: str, exc: BaseException) -> None:
+        """Scheduling ``task_id`` raised: log it, unschedule it and put it in ``error``.
+
+        The other tasks carry on; the task's record says what went wrong, and pausing then
+        resuming it (or a restart) plans it again.
+        """
+        with self.lock:
+            self._drop_job(task_id)
+            record = self._records.get(task_id)
+            if record is None:
+                return
+            error = f"scheduling failed: {type(exc).__name__}: {exc}"
+            if task_id in self._in_flight:
+                self._faults[task_id] = error
+            self._records[task_id] = record.replace(
+                status=TaskStatus.ERROR,
+                next_execution_time=None,
+                last_error=error,
+                updated_at=self.now(),
+            )
+            self._changed(task_id)
+            self._persist()
+        logger.error(
+            "task %s (account %s) put in error, no further runs planned: %s",
+            task_id,
+            record.account_id,
+            error,
+            exc_info=exc,
+        )
 
     def _complete(self, record: TaskRecord) -> None:
         """No run is left before the task's end: it is ``completed`` and stays on file."""
@@ -635,6 +703,7 @@ class JsonJobStore(BaseJobStore):
     def start(self, scheduler: Any, alias: str) -> None:
         """Called by APScheduler when it starts: build a job for every schedulable record."""
         super().start(scheduler, alias)
+        faults: list[tuple[str, Exception]] = []
         with self.lock:
             self._jobs.clear()
             for record in self._records.values():
@@ -642,10 +711,16 @@ class JsonJobStore(BaseJobStore):
                     record.status is not TaskStatus.COMPLETED
                     and record.next_execution_time is not None
                 ):
-                    job = self._build_job(record)
+                    try:
+                        job = self._build_job(record)
+                    except Exception as exc:
+                        faults.append((record.task_id, exc))
+                        continue
                     job.filed_at = self._timestamp(job)
                     self._jobs[job.id] = job
             self._index = sorted((job.filed_at, task_id) for task_id, job in self._jobs.items())
+            for task_id, error in faults:
+                self.fault(task_id, error)
 
     def shutdown(self) -> None:
         """Called by APScheduler when it shuts down: the records stay; jobs are let go."""
@@ -790,7 +865,8 @@ class JsonJobStore(BaseJobStore):
                     [*self._encode_lines(records, lines), *map(encode_raw, kept)],
                     order,
                     now,
-                    getattr(self.timezone, "key", None),
+                    zone_key(self.timezone),
+                    self._extra,
                 )
                 write_atomic(self.path, data, backup=self.backup_path)
             except (OSError, TypeError, ValueError) as exc:
@@ -808,6 +884,7 @@ class JsonJobStore(BaseJobStore):
                     type(exc).__name__,
                     exc,
                     ", ".join(unsaved) or "-",
+                    extra={"unsaved_task_ids": tuple(unsaved)},
                 )
                 return False
             with self.lock:
@@ -865,6 +942,15 @@ class JsonJobStore(BaseJobStore):
         """Wait for the background saves requested so far."""
         while self._saver is not None and not self._saver.done():
             await self._saver
+
+    def request_retry(self) -> None:
+        """After a failed :meth:`save`: retry later in the background, if called on a running
+        event loop (otherwise the next save, whatever asks for it, writes the change)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._schedule_retry(loop)
 
     def _schedule_retry(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._retry is not None or self._closed:

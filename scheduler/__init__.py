@@ -11,7 +11,10 @@ from scheduler.errors import (
     DispatcherNotRunningError,
     InvalidTaskError,
     NewerFormatError,
+    SaveFailedError,
+    TaskExistsError,
     TaskNotFoundError,
+    TimezoneMismatchError,
     UnknownTaskTypeError,
 )
 
@@ -31,9 +34,12 @@ __all__ = [
     "RunBackend",
     "RunOutcome",
     "RunRequest",
+    "SaveFailedError",
     "TaskDispatcher",
+    "TaskExistsError",
     "TaskNotFoundError",
     "TaskTrigger",
+    "TimezoneMismatchError",
     "UnknownTaskTypeError",
 ]
 

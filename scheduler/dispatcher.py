@@ -12,20 +12,25 @@ from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import tzlocal
 from pydantic import ValidationError
 
 from jobstores.jsonfile import JsonJobStore, SaveHealth, describe_validation_error
 from scheduler.engine import DispatchExecutor, DispatchScheduler
-from scheduler.errors import DispatcherClosedError, DispatcherNotRunningError, InvalidTaskError
+from scheduler.errors import (
+    DispatcherClosedError,
+    DispatcherNotRunningError,
+    InvalidTaskError,
+    SaveFailedError,
+    TaskExistsError,
+)
 from scheduler.lanes import AccountLanes
 from scheduler.runner import TaskRunner
 from scheduler.runs import LocalRunBackend, RunBackend
 from scheduler.triggers import end_instant
+from scheduler.zones import resolve_timezone
 from tasks.manager import TaskManagerFactory
-from tasks.model import TaskRecord, TaskStatus, check_json_value
+from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, check_json_value
 from tasks.registry import default_registry
 
 __all__ = ["DEFAULT_DISPATCHER_DIR", "DIR_ENV_VAR", "TaskDispatcher", "resolve_timezone"]
@@ -42,18 +47,11 @@ _SCHEDULING_KEYWORDS = frozenset(
 )
 
 
-def resolve_timezone(value: str | tzinfo | None) -> tzinfo:
-    """An IANA zone name or tzinfo as a tzinfo; None is the machine's local zone."""
-    if value is None:
-        return tzlocal.get_localzone()
-    if isinstance(value, tzinfo):
-        return value
-    if isinstance(value, str):
-        try:
-            return ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidTaskError("timezone", f"unknown time zone {value!r}") from None
-    raise InvalidTaskError("timezone", f"must be an IANA zone name or a tzinfo, not {value!r}")
+def _task_id(value: Any, name: str = "task_id") -> str:
+    """``value`` if it is a string; else a ``TypeError`` naming the parameter."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: must be a string, not {type(value).__name__}")
+    return value
 
 
 def default_directory() -> Path:
@@ -86,6 +84,11 @@ class TaskDispatcher:
     on after a restart or a crash. The dispatcher owns its directory (an OS-level lock) until
     :meth:`stop` or :meth:`close`.
 
+    ``timezone`` is the zone of the hour windows and end dates. None takes the zone the file
+    records, else the local one. A zone other than the recorded one raises
+    :class:`TimezoneMismatchError` unless ``convert_timezone=True``: then the windows are
+    read in the new zone from now on (and the file records it from the next save).
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -99,15 +102,17 @@ class TaskDispatcher:
         timezone: str | tzinfo | None = None,
         max_concurrent_runs: int = 10,
         run_backend: RunBackend | None = None,
+        convert_timezone: bool = False,
     ) -> None:
-        self.timezone = resolve_timezone(timezone)
-        """The zone whose wall-clock hours the windows and end dates are read in."""
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._store = JsonJobStore(
             directory,
-            timezone=self.timezone,
+            timezone=None if timezone is None else resolve_timezone(timezone),
             manager_factory=task_manager_factory or default_registry,
+            convert_timezone=convert_timezone,
         )
+        self.timezone = self._store.timezone
+        """The zone whose wall-clock hours the windows and end dates are read in."""
         self._lanes = AccountLanes(
             max_concurrent_runs, self._store.position, lambda: self._store.order_version
         )
@@ -165,7 +170,7 @@ class TaskDispatcher:
 
     def get_task(self, task_id: str) -> TaskRecord:
         """A snapshot of ``task_id``'s record; raises :class:`TaskNotFoundError`."""
-        return self._store.get(task_id).snapshot()
+        return self._store.get(_task_id(task_id)).snapshot()
 
     def list_tasks(self) -> list[TaskRecord]:
         """Snapshots of every task, in the order they were added."""
@@ -188,6 +193,11 @@ class TaskDispatcher:
             if keywords.get(field) is None:
                 raise InvalidTaskError(field, "is required")
         extra = {k: v for k, v in keywords.items() if k not in _SCHEDULING_KEYWORDS}
+        for key in extra:
+            if key in RESERVED_KWARGS:
+                raise InvalidTaskError(
+                    key, "is a task record field the dispatcher keeps; it cannot be a task keyword"
+                )
         account_id = _account(extra, "_account_id", required=True)
         account_name = _account(extra, "_account_name", required=False)
         task_id = keywords.get("task_id")
@@ -195,8 +205,10 @@ class TaskDispatcher:
             task_id = uuid.uuid4().hex[:12]
             while task_id in taken or self._store.find(task_id) is not None:
                 task_id = uuid.uuid4().hex[:12]
-        elif task_id in taken or self._store.find(task_id) is not None:
-            raise InvalidTaskError("task_id", f"a task with id {task_id!r} exists")
+        elif task_id in taken:
+            raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
+        elif self._store.find(task_id) is not None:
+            raise TaskExistsError(task_id)
         try:
             check_json_value(extra, "kwargs")
         except ValueError as exc:
@@ -251,7 +263,9 @@ class TaskDispatcher:
         ``task_id`` and ``task_type``) re-create its manager as
         ``factory(sys_type=sys_type, **kwargs)``. The account is ``account_id`` or the one
         keyword ending in ``_account_id``. Raises :class:`InvalidTaskError` (a ``ValueError``)
-        naming the field, and saves nothing, if anything is invalid.
+        naming the field, and saves nothing, if anything is invalid (:class:`TaskExistsError`
+        if the id is taken). Raises :class:`SaveFailedError` if the task was added but could
+        not be saved (it stays added and saving is retried).
         """
         keywords = dict(kwargs)
         keywords.update(
@@ -269,7 +283,8 @@ class TaskDispatcher:
     async def add_tasks(self, tasks: Iterable[Mapping[str, Any]]) -> list[str]:
         """Add many tasks with one save: each validated as :meth:`add_task` does, all or none.
 
-        Each item holds :meth:`add_task`'s keywords. Returns the new ids in order.
+        Each item holds :meth:`add_task`'s keywords. Returns the new ids in order. Raises
+        :class:`SaveFailedError` if the tasks were added but could not be saved.
         """
         self._check_open()
         now = self._store.now()
@@ -280,7 +295,10 @@ class TaskDispatcher:
             taken.add(record.task_id)
             records.append(record)
         self._store.add_tasks(records)
-        await self._store.save_async()
+        saved = await self._store.save_async()
+        self._wake()
+        if not saved:
+            self._save_failed(tuple(record.task_id for record in records))
         for record in records:
             logger.info(
                 "task %s added for account %s (%s, every %ss, hours %d-%d)",
@@ -290,7 +308,6 @@ class TaskDispatcher:
                 record.interval,
                 *record.valid_time_range,
             )
-        self._wake()
         return [record.task_id for record in records]
 
     # ------------------------------------------------------------------ changing
@@ -305,13 +322,27 @@ class TaskDispatcher:
         if self._scheduler.running:
             self._scheduler.wakeup()
 
+    def _save(self, task_id: str) -> None:
+        """Save durably now; raise :class:`SaveFailedError` naming ``task_id`` if that fails."""
+        if not self._store.save():
+            self._save_failed((task_id,))
+
+    def _save_failed(self, task_ids: tuple[str, ...]) -> None:
+        # The change stays applied; a background retry is scheduled when there is a loop.
+        self._store.request_retry()
+        raise SaveFailedError(
+            self.state_file, task_ids, self._store.save_health.last_error or "unknown error"
+        )
+
     def pause_task(self, task_id: str) -> None:
         """Stop running ``task_id`` until resumed; saved when this returns.
 
         A run in progress finishes; none starts after it. Pausing a paused or completed task
-        changes nothing.
+        changes nothing. Raises :class:`SaveFailedError` if the pause could not be saved (it
+        stays in effect and saving is retried).
         """
         self._check_open()
+        _task_id(task_id)
 
         def pause(record: TaskRecord) -> TaskRecord:
             if record.status in (TaskStatus.PAUSED, TaskStatus.COMPLETED):
@@ -321,7 +352,7 @@ class TaskDispatcher:
             )
 
         record = self._store.update_task(task_id, pause)
-        self._store.save()
+        self._save(task_id)
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
 
     def resume_task(self, task_id: str) -> None:
@@ -329,9 +360,10 @@ class TaskDispatcher:
 
         The next run is at ``last_execution_time + interval`` or now, whichever is later,
         moved to the window's next opening if outside it. Resuming a task that is not paused
-        changes nothing.
+        changes nothing. Raises :class:`SaveFailedError` as :meth:`pause_task` does.
         """
         self._check_open()
+        _task_id(task_id)
 
         def resume(record: TaskRecord) -> TaskRecord:
             if record.status is not TaskStatus.PAUSED:
@@ -345,8 +377,8 @@ class TaskDispatcher:
             return record.replace(status=status, next_execution_time=planned, updated_at=now)
 
         record = self._store.update_task(task_id, resume)
-        self._store.save()
         self._wake()
+        self._save(task_id)
         logger.info(
             "task %s (account %s) is %s, next run %s",
             task_id,
@@ -356,18 +388,23 @@ class TaskDispatcher:
         )
 
     def remove_task(self, task_id: str) -> None:
-        """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
+        """Delete ``task_id`` for good; saved when this returns. A run in progress finishes.
+
+        Raises :class:`SaveFailedError` as :meth:`pause_task` does.
+        """
         self._check_open()
-        record = self._store.remove_task(task_id)
-        self._store.save()
+        record = self._store.remove_task(_task_id(task_id))
+        self._save(task_id)
         logger.info("task %s (account %s) removed", task_id, record.account_id)
 
     def reorder_task(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order.
 
-        Tasks of one account run one at a time in that order. Saved when this returns.
+        Tasks of one account run one at a time in that order. Saved when this returns (else
+        :class:`SaveFailedError`, as :meth:`pause_task`).
         """
         self._check_open()
+        _task_id(task_id)
         if isinstance(position, bool):
             raise TypeError("position: must be an integer, not bool")
         try:
@@ -377,7 +414,7 @@ class TaskDispatcher:
                 f"position: must be an integer, not {type(position).__name__}"
             ) from None
         self._store.reorder(task_id, position)
-        self._store.save()
+        self._save(task_id)
         logger.info("task %s moved to position %d", task_id, position)
 
     # ------------------------------------------------------------------ running

@@ -112,12 +112,15 @@ def end_instant(task_end_time: date | datetime | None, zone: tzinfo) -> datetime
     """
     if task_end_time is None:
         return None
-    if isinstance(task_end_time, datetime):
-        if task_end_time.tzinfo is None:
-            task_end_time = task_end_time.replace(tzinfo=zone)
-        return task_end_time.astimezone(UTC)
-    next_midnight = datetime.combine(task_end_time + timedelta(days=1), time())
-    return resolve_wall_time(next_midnight, zone) - _ONE_MICROSECOND
+    try:
+        if isinstance(task_end_time, datetime):
+            if task_end_time.tzinfo is None:
+                task_end_time = task_end_time.replace(tzinfo=zone)
+            return task_end_time.astimezone(UTC)
+        next_midnight = datetime.combine(task_end_time + timedelta(days=1), time())
+        return resolve_wall_time(next_midnight, zone) - _ONE_MICROSECOND
+    except OverflowError:
+        return None  # an end near year 9999 is beyond any run: no end
 
 
 def may_start(t: datetime, window: Window, end: datetime | None, zone: tzinfo) -> bool:
