@@ -32,6 +32,7 @@ __all__ = [
 
 FORMAT_VERSION = "1.0"
 _SUPPORTED = (1, 0)
+_KNOWN_KEYS = frozenset({"version", "saved_at", "timezone", "tasks", "account_tasks"})
 
 
 class CorruptFileError(ValueError):
@@ -51,18 +52,16 @@ class Document:
     """The IANA key of the zone the writing dispatcher used, if it recorded one."""
     account_tasks: dict[str, list[str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
-    """Top-level keys this code does not interpret, kept across saves."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Top-level keys of the format's readers other than this one (kept through saves)."""
 
 
-_KNOWN_KEYS = frozenset({"version", "saved_at", "timezone", "tasks", "account_tasks"})
-
-
-def _version_tuple(version: str) -> tuple[int, ...]:
+def _version_tuple(version: str, path: Path) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in version.split("."))
     except ValueError:
-        raise CorruptFileError(f"version {version!r} is not a version number") from None
+        # Perhaps a pre-release of a later format ("1.1-rc1"): refuse it as a newer one.
+        raise NewerFormatError(path, version, parsed=False) from None
 
 
 def decode_document(data: bytes, path: Path) -> Document:
@@ -85,7 +84,7 @@ def decode_document(data: bytes, path: Path) -> Document:
     if not isinstance(version, str | int | float) or isinstance(version, bool):
         raise CorruptFileError(f"version {version!r} is not a version number")
     version = str(version)
-    if _version_tuple(version) > _SUPPORTED:
+    if _version_tuple(version, path) > _SUPPORTED:
         raise NewerFormatError(path, version)
     tasks = top.get("tasks", [])
     if not isinstance(tasks, list):
@@ -110,7 +109,7 @@ def decode_document(data: bytes, path: Path) -> Document:
         timezone=zone if isinstance(zone, str) else None,
         account_tasks=account_tasks,
         problems=problems,
-        extras={key: value for key, value in top.items() if key not in _KNOWN_KEYS},
+        extra={key: value for key, value in top.items() if key not in _KNOWN_KEYS},
     )
 
 
@@ -132,7 +131,11 @@ def encode_raw(value: Any) -> bytes:
 
     The standard library keeps what orjson would alter or refuse (huge integers, NaN).
     """
-    return _TASK_PREFIX + json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return _TASK_PREFIX + _verbatim(value)
+
+
+def _verbatim(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def encode_document(
@@ -140,14 +143,20 @@ def encode_document(
     account_tasks: dict[str, list[str]],
     saved_at: datetime,
     timezone: str | None = None,
-    extras: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[bytes]:
     """The document, in parts to write one after another, from tasks encoded with
     :func:`encode_task`.
 
     ``timezone`` (an extra key) tells readers such as the command line which zone the hour
-    windows are in; ``extras`` are other top-level keys, written back as they were read.
+    windows are in. ``extra`` holds top-level keys read from the file (a ``"comment"``, say),
+    written back as they were.
     """
+    kept = b"".join(
+        b",\n  " + _verbatim(key) + b": " + _verbatim(value)
+        for key, value in (extra or {}).items()
+        if key not in _KNOWN_KEYS
+    )
     order = orjson.dumps(account_tasks, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n  ")
     body = b",\n".join(encoded_tasks)
     head = b"".join(
@@ -157,10 +166,7 @@ def encode_document(
             b',\n  "saved_at": ',
             orjson.dumps(saved_at.isoformat()),
             b',\n  "timezone": ' + orjson.dumps(timezone) if timezone else b"",
-            b"".join(
-                b",\n  " + orjson.dumps(key) + b": " + encode_raw(value).lstrip()
-                for key, value in (extras or {}).items()
-            ),
+            kept,
             b',\n  "tasks": [\n' if body else b',\n  "tasks": [',
         )
     )

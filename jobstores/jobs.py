@@ -8,7 +8,6 @@ it never changes a record itself.
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, tzinfo
@@ -22,8 +21,6 @@ from tasks.model import TaskRecord, TaskStatus
 from tasks.schedule import Schedule, Window, same_instant
 
 __all__ = ["JobView", "TaskJob", "TaskTrigger"]
-
-logger = logging.getLogger(__name__)
 
 _NO_KWARGS: dict[str, Any] = {}  # shared by every job: the run target takes none
 
@@ -149,21 +146,28 @@ class JobView:
             trigger = self._triggers[schedule] = TaskTrigger(schedule)
         return trigger
 
-    def attach(self, scheduler: Any, alias: str, records: Iterable[TaskRecord]) -> None:
-        """APScheduler started: build a job for every schedulable record."""
+    def attach(
+        self, scheduler: Any, alias: str, records: Iterable[TaskRecord]
+    ) -> list[tuple[str, Exception]]:
+        """APScheduler started: build a job for every schedulable record.
+
+        Returns the tasks whose job could not be built, with the error (the others carry on).
+        """
         self._scheduler = scheduler
         self._alias = alias
         self._jobs.clear()
+        faults: list[tuple[str, Exception]] = []
         for record in records:
             if lifecycle.schedulable(record):
                 try:
                     job = self._build(record)
-                except Exception:
-                    logger.exception("task %s: no job could be built for it", record.task_id)
+                except Exception as exc:
+                    faults.append((record.task_id, exc))
                     continue
                 job.filed_at = _timestamp(job.next_run_time)
                 self._jobs[job.id] = job
         self._index = sorted((job.filed_at, task_id) for task_id, job in self._jobs.items())
+        return faults
 
     def detach(self) -> None:
         """APScheduler shut down: the jobs are let go."""

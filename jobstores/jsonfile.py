@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
 
 from jobstores.durable import DirectoryLock, ensure_private_dir
+from jobstores.format import Document
 from jobstores.jobs import JobView, TaskTrigger
 from jobstores.loading import describe_validation_error, parse_record, restore
 from jobstores.saver import SaveHealth, Saver
@@ -33,6 +34,7 @@ from tasks import lifecycle
 from tasks.errors import DispatcherClosedError
 from tasks.model import TaskRecord, TaskStatus
 from tasks.schedule import Schedule, utc_now
+from tasks.zones import choose_timezone, zone_key
 
 __all__ = [
     "STATE_FILENAME",
@@ -66,41 +68,66 @@ class JsonJobStore(BaseJobStore):
         self,
         directory: str | Path,
         *,
-        timezone: tzinfo,
+        timezone: tzinfo | None,
         now: datetime | None = None,
+        convert_timezone: bool = False,
         storage: StorageBackend | None = None,
         accept: Callable[[TaskRecord], None] | None = None,
     ) -> None:
         super().__init__()
         self.directory = Path(directory)
-        self.timezone = timezone
-        self._storage: StorageBackend = storage or SnapshotStorage(
-            self.directory, timezone_key=getattr(timezone, "key", None)
-        )
+        self._storage: StorageBackend = storage or SnapshotStorage(self.directory)
         self.path = self._storage.path
         self.backup_path = self.directory / f"{STATE_FILENAME}.bak"
+        self.timezone: tzinfo = timezone or UTC
+        """The zone of the hour windows; settled at load from the zone the file records."""
         self._table = TaskTable(f"job store of {str(self.directory)!r}")
         self.lock = self._table.lock
         """The table's lock; the scheduler shares it as its job store lock."""
-        self._jobs = JobView(timezone, _not_a_manager)
-        self._table.listen(self._jobs.sync)
         self._saver = Saver(self._table, self._storage, self.now)
         self._defer_depth = 0
         self._deferred = False
         self._queued: set[str] = set()
+        self._faults: dict[str, str] = {}
+        """Tasks put in error while a run was out: the error outlives that run."""
         self._closed = False
 
         ensure_private_dir(self.directory)
         self._dir_lock = DirectoryLock(self.directory)
         self._dir_lock.acquire()
         try:
-            self._load(now or self.now(), accept)
+            document, from_backup = self._storage.load()
+            self._settle_zone(document, timezone, convert_timezone)
+            self._jobs = JobView(self.timezone, _not_a_manager)
+            self._table.listen(self._jobs.sync)
+            self._load(document, from_backup, now or self.now(), accept)
         except BaseException:
             self._dir_lock.release()
             raise
 
-    def _load(self, now: datetime, accept: Callable[[TaskRecord], None] | None) -> None:
-        document, from_backup = self._storage.load()
+    def _settle_zone(
+        self, document: Document | None, requested: tzinfo | None, convert: bool
+    ) -> None:
+        recorded = document.timezone if document is not None else None
+        self.timezone = choose_timezone(requested, recorded, self.path, convert=convert)
+        self._storage.timezone_key = zone_key(self.timezone)
+        if recorded is not None and zone_key(self.timezone) != recorded:
+            logger.warning(
+                "%s: converting the store from %s to %s as asked: hour windows and end dates "
+                "are now read in %s",
+                self.path,
+                recorded,
+                self.timezone,
+                self.timezone,
+            )
+
+    def _load(
+        self,
+        document: Document | None,
+        from_backup: bool,
+        now: datetime,
+        accept: Callable[[TaskRecord], None] | None,
+    ) -> None:
         if document is None:
             return
         for problem in document.problems:
@@ -109,7 +136,7 @@ class JsonJobStore(BaseJobStore):
             document.tasks, self.timezone, parsed_json=document.parsed_json, now=now, accept=accept
         )
         self._table.load(restored.records, restored.kept, document.account_tasks)
-        self._table.extras.update(document.extras)
+        self._table.extra.update(document.extra)
         if from_backup or restored.kept:
             self._table.touch()
             self.save()
@@ -223,6 +250,11 @@ class JsonJobStore(BaseJobStore):
         if not self._closed:
             self._saver.request()
 
+    def request_retry(self) -> None:
+        """After a failed :meth:`save`: retry later in the background when on an event loop
+        (otherwise the next save, whatever asks for it, writes the change)."""
+        self._saver.request_retry()
+
     async def drain_saves(self) -> None:
         """Wait for the background saves requested so far."""
         await self._saver.drain()
@@ -260,7 +292,9 @@ class JsonJobStore(BaseJobStore):
         """Called by APScheduler when it starts: build a job for every schedulable record."""
         super().start(scheduler, alias)
         with self.lock:
-            self._jobs.attach(scheduler, alias, self._table.records())
+            faults = self._jobs.attach(scheduler, alias, self._table.records())
+            for task_id, exc in faults:
+                self.fault(task_id, exc)
 
     def shutdown(self) -> None:
         """Called by APScheduler when it shuts down: the records stay; jobs are let go."""
@@ -334,6 +368,31 @@ class JsonJobStore(BaseJobStore):
             for job_id in list(self._jobs.all()):
                 self.remove_job(job_id.id)
 
+    def fault(self, task_id: str, exc: BaseException) -> None:
+        """Scheduling ``task_id`` raised: log it, unschedule it and put it in ``error``.
+
+        The other tasks carry on; the task's record says what went wrong, and pausing then
+        resuming it (or a restart) plans it again.
+        """
+        error = f"scheduling failed: {type(exc).__name__}: {exc}"
+        now = self.now()
+        with self.lock:
+            self._jobs.drop(task_id)
+            record = self._table.find(task_id)
+            if record is None:
+                return
+            if task_id in self._queued:
+                self._faults[task_id] = error
+            self._table.update(task_id, lambda r: lifecycle.faulted(r, error, now))
+            self._persist()
+        logger.error(
+            "task %s (account %s) put in error, no further runs planned: %s",
+            task_id,
+            record.account_id,
+            error,
+            exc_info=exc,
+        )
+
     def run_submitted(self, task_id: str) -> None:
         """A run of ``task_id`` was submitted: its completion waits for that run."""
         with self.lock:
@@ -345,7 +404,11 @@ class JsonJobStore(BaseJobStore):
         with self.lock:
             self._queued.discard(task_id)
             record = self._table.find(task_id)
-            if record is not None and self._jobs.attached and task_id not in self._jobs:
+            error = self._faults.pop(task_id, None)
+            if record is not None and error is not None:
+                now = self.now()
+                self._table.update(task_id, lambda r: lifecycle.faulted(r, error, now))
+            elif record is not None and self._jobs.attached and task_id not in self._jobs:
                 now = self.now()
                 self._change(task_id, lambda r: lifecycle.exhausted(r, now))
 

@@ -141,32 +141,39 @@ def restore(
                 raise InvalidTaskError("task_id", "duplicate task id")
             if accept is not None:
                 accept(record)
-        except InvalidTaskError as exc:
+            if now is not None:
+                record = _loaded(record, zone, now, shared, label)
+        except Exception as exc:
+            # One record never stops the others: whatever it does (an invalid field, a
+            # factory or a schedule that raises), it is kept as it is, unrestored.
             if now is not None:
                 logger.error(
                     "%stask %s could not be restored (%s); kept in the file as it is",
                     label,
                     task_id or f"tasks[{index}]",
-                    exc,
+                    exc if isinstance(exc, InvalidTaskError) else f"{type(exc).__name__}: {exc}",
                 )
             restored.kept.append((raw, task_id))
             if task_id is not None:
                 ids.add(task_id)
             continue
         ids.add(record.task_id)
-        if now is not None:
-            if record.status is TaskStatus.RUNNING and record.active_run is None:
-                logger.warning(
-                    "%stask %s (account %s) was running when the dispatcher stopped; runnable "
-                    "again",
-                    label,
-                    record.task_id,
-                    record.account_id,
-                )
-            record = _share_strings(record, shared)
-            record = lifecycle.loaded(record, Schedule.of(record, zone), now)
         restored.records.append(record)
     return restored
+
+
+def _loaded(
+    record: TaskRecord, zone: tzinfo, now: datetime, shared: dict[str, str], label: str
+) -> TaskRecord:
+    if record.status is TaskStatus.RUNNING and record.active_run is None:
+        logger.warning(
+            "%stask %s (account %s) was running when the dispatcher stopped; runnable again",
+            label,
+            record.task_id,
+            record.account_id,
+        )
+    record = _share_strings(record, shared)
+    return lifecycle.loaded(record, Schedule.of(record, zone), now)
 
 
 def _share_strings(record: TaskRecord, shared: dict[str, str]) -> TaskRecord:

@@ -194,6 +194,14 @@ class Saver:
         while self._background is not None and not self._background.done():
             await self._background
 
+    def request_retry(self) -> None:
+        """After a failed :meth:`save`: retry later, in the background, when on a running loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._schedule_retry(loop)
+
     def _schedule_retry(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._retry is not None or self._closed:
             return

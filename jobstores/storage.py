@@ -32,6 +32,8 @@ class StorageBackend(Protocol):
 
     path: Path
     """The state file a person reads."""
+    timezone_key: str | None
+    """The IANA key of the zone the state records for its hour windows."""
 
     def load(self) -> tuple[Document | None, bool]:
         """The last durable state (None: none yet), and whether it came from a backup."""
@@ -49,10 +51,11 @@ class SnapshotStorage:
     (unchanged records reuse the line written before).
     """
 
-    def __init__(self, directory: Path, *, timezone_key: str | None) -> None:
+    def __init__(self, directory: Path, *, timezone_key: str | None = None) -> None:
         self.path = directory / STATE_FILENAME
         self.backup_path = directory / f"{STATE_FILENAME}.bak"
-        self._timezone_key = timezone_key
+        self.timezone_key = timezone_key
+        """The zone the file records for its hour windows."""
         self._lines: dict[str, tuple[TaskRecord, bytes]] = {}
 
     def load(self) -> tuple[Document | None, bool]:
@@ -86,7 +89,7 @@ class SnapshotStorage:
             [*self._encoded(list(image.records)), *map(encode_raw, image.kept)],
             image.account_tasks,
             saved_at,
-            self._timezone_key,
-            image.extras,
+            self.timezone_key,
+            image.extra,
         )
         write_atomic(self.path, data, backup=self.backup_path)

@@ -35,7 +35,7 @@ class StateImage:
     """Account id -> task ids in priority order (unrestorable ones last)."""
     kept: Sequence[Any]
     """Records that could not be restored, as they were read."""
-    extras: dict[str, Any]
+    extra: dict[str, Any]
     """Top-level keys of the document this code does not interpret, kept as they were."""
     changed: frozenset[str]
     """Task ids whose latest change is not durable yet (for backends that write changes
@@ -54,7 +54,7 @@ class TaskTable:
         self._kept: list[Any] = []
         self._kept_ids: set[str] = set()
         self._kept_order: dict[str, list[str]] = {}
-        self.extras: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
         """Top-level document keys this code does not interpret (kept across saves)."""
         self.version = 0
         """Bumped by every change."""
@@ -247,7 +247,7 @@ class TaskTable:
                 records=list(self._records.values()),
                 account_tasks=order,
                 kept=list(self._kept),
-                extras=dict(self.extras),
+                extra=dict(self.extra),
                 changed=frozenset(self._dirty),
             )
 

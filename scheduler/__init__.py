@@ -10,7 +10,10 @@ from tasks.errors import (
     DispatcherNotRunningError,
     InvalidTaskError,
     NewerFormatError,
+    SaveFailedError,
+    TaskExistsError,
     TaskNotFoundError,
+    TimezoneMismatchError,
     UnknownTaskTypeError,
 )
 from tasks.runs import RunBackend, RunEvent, RunEventKind, RunInbox, RunRequest
@@ -28,8 +31,11 @@ __all__ = [
     "RunEventKind",
     "RunInbox",
     "RunRequest",
+    "SaveFailedError",
     "TaskDispatcher",
+    "TaskExistsError",
     "TaskNotFoundError",
     "TaskTrigger",
+    "TimezoneMismatchError",
     "UnknownTaskTypeError",
 ]

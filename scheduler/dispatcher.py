@@ -23,11 +23,17 @@ from scheduler.lanes import AccountLanes
 from scheduler.ledger import RunLedger, RunObserver
 from scheduler.runner import TaskRunner
 from tasks import lifecycle
-from tasks.errors import DispatcherClosedError, DispatcherNotRunningError, InvalidTaskError
+from tasks.errors import (
+    DispatcherClosedError,
+    DispatcherNotRunningError,
+    InvalidTaskError,
+    SaveFailedError,
+    TaskExistsError,
+)
 from tasks.manager import TaskManagerFactory
-from tasks.model import TaskRecord, check_json_value
+from tasks.model import RESERVED_KWARGS, TaskRecord, check_json_value
 from tasks.runs import RunBackend
-from tasks.schedule import resolve_zone
+from tasks.zones import resolve_timezone
 
 __all__ = ["DEFAULT_DISPATCHER_DIR", "DIR_ENV_VAR", "TaskDispatcher", "resolve_timezone"]
 
@@ -43,8 +49,11 @@ _SCHEDULING_KEYWORDS = frozenset(
 )
 
 
-resolve_timezone = resolve_zone
-"""An IANA zone name or tzinfo as a tzinfo; None is the machine's local zone."""
+def _task_id(value: Any, name: str = "task_id") -> str:
+    """``value`` if it is a string; else a ``TypeError`` naming the parameter."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: must be a string, not {type(value).__name__}")
+    return value
 
 
 def default_directory() -> Path:
@@ -77,6 +86,11 @@ class TaskDispatcher:
     on after a restart or a crash. The dispatcher owns its directory (an OS-level lock) until
     :meth:`stop` or :meth:`close`.
 
+    ``timezone`` is the zone of the hour windows and end dates. None takes the zone the file
+    records, else the local one. A zone other than the recorded one raises
+    :class:`TimezoneMismatchError` unless ``convert_timezone=True``: then the windows are
+    read in the new zone from now on (and the file records it from the next save).
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -90,14 +104,20 @@ class TaskDispatcher:
         timezone: str | tzinfo | None = None,
         max_concurrent_runs: int = 10,
         run_backend: RunBackend | None = None,
+        convert_timezone: bool = False,
     ) -> None:
-        self.timezone = resolve_zone(timezone)
-        """The zone whose wall-clock hours the windows and end dates are read in."""
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
         self._local = self._backend if isinstance(self._backend, LocalRunBackend) else None
         self._factory = task_manager_factory
-        self._store = JsonJobStore(directory, timezone=self.timezone, accept=self._check_manager)
+        self._store = JsonJobStore(
+            directory,
+            timezone=None if timezone is None else resolve_timezone(timezone),
+            convert_timezone=convert_timezone,
+            accept=self._check_manager,
+        )
+        self.timezone = self._store.timezone
+        """The zone whose wall-clock hours the windows and end dates are read in."""
         self._lanes = AccountLanes(
             max_concurrent_runs, self._store.position, lambda: self._store.order_version
         )
@@ -175,7 +195,7 @@ class TaskDispatcher:
 
     def get_task(self, task_id: str) -> TaskRecord:
         """A snapshot of ``task_id``'s record; raises :class:`TaskNotFoundError`."""
-        return self._store.get(task_id).snapshot()
+        return self._store.get(_task_id(task_id)).snapshot()
 
     def list_tasks(self) -> list[TaskRecord]:
         """Snapshots of every task, in the order they were added."""
@@ -198,6 +218,11 @@ class TaskDispatcher:
             if keywords.get(field) is None:
                 raise InvalidTaskError(field, "is required")
         extra = {k: v for k, v in keywords.items() if k not in _SCHEDULING_KEYWORDS}
+        for key in extra:
+            if key in RESERVED_KWARGS:
+                raise InvalidTaskError(
+                    key, "is a task record field the dispatcher keeps; it cannot be a task keyword"
+                )
         account_id = _account(extra, "_account_id", required=True)
         account_name = _account(extra, "_account_name", required=False)
         task_id = keywords.get("task_id")
@@ -205,8 +230,10 @@ class TaskDispatcher:
             task_id = uuid.uuid4().hex[:12]
             while task_id in taken or self._store.table.taken(task_id):
                 task_id = uuid.uuid4().hex[:12]
-        elif task_id in taken or self._store.table.taken(task_id):
-            raise InvalidTaskError("task_id", f"a task with id {task_id!r} exists")
+        elif task_id in taken:
+            raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
+        elif self._store.table.taken(task_id):
+            raise TaskExistsError(task_id)
         try:
             check_json_value(extra, "kwargs")
         except ValueError as exc:
@@ -261,7 +288,9 @@ class TaskDispatcher:
         ``task_id`` and ``task_type``) re-create its manager as
         ``factory(sys_type=sys_type, **kwargs)``. The account is ``account_id`` or the one
         keyword ending in ``_account_id``. Raises :class:`InvalidTaskError` (a ``ValueError``)
-        naming the field, and saves nothing, if anything is invalid.
+        naming the field, and saves nothing, if anything is invalid (:class:`TaskExistsError`
+        if the id is taken). Raises :class:`SaveFailedError` if the task was added but could
+        not be saved (it stays added and saving is retried).
         """
         keywords = dict(kwargs)
         keywords.update(
@@ -279,7 +308,8 @@ class TaskDispatcher:
     async def add_tasks(self, tasks: Iterable[Mapping[str, Any]]) -> list[str]:
         """Add many tasks with one save: each validated as :meth:`add_task` does, all or none.
 
-        Each item holds :meth:`add_task`'s keywords. Returns the new ids in order.
+        Each item holds :meth:`add_task`'s keywords. Returns the new ids in order. Raises
+        :class:`SaveFailedError` if the tasks were added but could not be saved.
         """
         self._check_open()
         now = self._store.now()
@@ -292,7 +322,10 @@ class TaskDispatcher:
         for record in records:
             self._check_manager(record)
         self._store.add_tasks(records)
-        await self._store.save_async()
+        saved = await self._store.save_async()
+        self._wake()
+        if not saved:
+            self._save_failed(tuple(record.task_id for record in records))
         for record in records:
             logger.info(
                 "task %s added for account %s (%s, every %ss, hours %d-%d)",
@@ -302,10 +335,21 @@ class TaskDispatcher:
                 record.interval,
                 *record.valid_time_range,
             )
-        self._wake()
         return [record.task_id for record in records]
 
     # ------------------------------------------------------------------ changing
+
+    def _save(self, task_id: str) -> None:
+        """Save durably now; raise :class:`SaveFailedError` naming ``task_id`` if that fails."""
+        if not self._store.save():
+            self._save_failed((task_id,))
+
+    def _save_failed(self, task_ids: tuple[str, ...]) -> None:
+        # The change stays applied; a background retry is scheduled when there is a loop.
+        self._store.request_retry()
+        raise SaveFailedError(
+            self.state_file, task_ids, self._store.save_health.last_error or "unknown error"
+        )
 
     def _check_open(self) -> None:
         if self._store.closed:
@@ -324,10 +368,11 @@ class TaskDispatcher:
         changes nothing.
         """
         self._check_open()
+        _task_id(task_id)
 
         now = self._store.now()
         record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
-        self._store.save()
+        self._save(task_id)
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
 
     def resume_task(self, task_id: str) -> None:
@@ -338,6 +383,7 @@ class TaskDispatcher:
         changes nothing.
         """
         self._check_open()
+        _task_id(task_id)
 
         now = self._store.now()
 
@@ -345,7 +391,7 @@ class TaskDispatcher:
             return lifecycle.resumed(record, self._store.schedule(record), now)
 
         record = self._store.update_task(task_id, resume)
-        self._store.save()
+        self._save(task_id)
         self._wake()
         logger.info(
             "task %s (account %s) is %s, next run %s",
@@ -358,10 +404,11 @@ class TaskDispatcher:
     def remove_task(self, task_id: str) -> None:
         """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
         self._check_open()
+        _task_id(task_id)
         record = self._store.remove_task(task_id)
         if self._local is not None:
             self._local.forget(task_id)
-        self._store.save()
+        self._save(task_id)
         logger.info("task %s (account %s) removed", task_id, record.account_id)
 
     def reorder_task(self, task_id: str, position: int) -> None:
@@ -370,6 +417,7 @@ class TaskDispatcher:
         Tasks of one account run one at a time in that order. Saved when this returns.
         """
         self._check_open()
+        _task_id(task_id)
         if isinstance(position, bool):
             raise TypeError("position: must be an integer, not bool")
         try:
@@ -379,7 +427,7 @@ class TaskDispatcher:
                 f"position: must be an integer, not {type(position).__name__}"
             ) from None
         self._store.reorder(task_id, position)
-        self._store.save()
+        self._save(task_id)
         logger.info("task %s moved to position %d", task_id, position)
 
     # ------------------------------------------------------------------ running

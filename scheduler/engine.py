@@ -82,7 +82,33 @@ class DispatchScheduler(AsyncIOScheduler):
 
     def _process_jobs(self) -> float | None:
         with self._store.deferred_saves():
-            return super()._process_jobs()  # type: ignore[no-any-return]
+            while True:
+                try:
+                    return super()._process_jobs()  # type: ignore[no-any-return]
+                except Exception:
+                    # One task's schedule raised mid-pass: put it in error and pass again,
+                    # so the other tasks run and the timer is re-armed. Each retry follows
+                    # at least one task taken out, so this ends.
+                    if not self._isolate_faults():
+                        logger.exception(
+                            "scheduler pass failed; trying again in %ss",
+                            self.jobstore_retry_interval,
+                        )
+                        return float(self.jobstore_retry_interval)
+
+    def _isolate_faults(self) -> int:
+        """Put every due task whose schedule raises in error; return how many there were."""
+        now = datetime.now(self.timezone)
+        faults = 0
+        for job in self._store.get_due_jobs(now):
+            try:
+                run_times = job._get_run_times(now)
+                if run_times:
+                    job.trigger.get_next_fire_time(run_times[-1], now)
+            except Exception as exc:
+                self._store.fault(job.id, exc)
+                faults += 1
+        return faults
 
     def process_due(self) -> None:
         """Run one scheduler pass now (on the event loop thread) and re-arm the timer."""

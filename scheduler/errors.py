@@ -7,7 +7,10 @@ from tasks.errors import (
     DispatcherNotRunningError,
     InvalidTaskError,
     NewerFormatError,
+    SaveFailedError,
+    TaskExistsError,
     TaskNotFoundError,
+    TimezoneMismatchError,
     UnknownTaskTypeError,
 )
 
@@ -18,6 +21,9 @@ __all__ = [
     "DispatcherNotRunningError",
     "InvalidTaskError",
     "NewerFormatError",
+    "SaveFailedError",
+    "TaskExistsError",
     "TaskNotFoundError",
+    "TimezoneMismatchError",
     "UnknownTaskTypeError",
 ]

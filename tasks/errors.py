@@ -11,7 +11,10 @@ __all__ = [
     "DispatcherNotRunningError",
     "InvalidTaskError",
     "NewerFormatError",
+    "SaveFailedError",
+    "TaskExistsError",
     "TaskNotFoundError",
+    "TimezoneMismatchError",
     "UnknownTaskTypeError",
 ]
 
@@ -39,6 +42,14 @@ class InvalidTaskError(DispatcherError, ValueError):
         self.field = field
 
 
+class TaskExistsError(InvalidTaskError):
+    """A task with this id exists already (or appears twice in one ``add_tasks`` batch)."""
+
+    def __init__(self, task_id: str, message: str | None = None) -> None:
+        super().__init__("task_id", message or f"a task with id {task_id!r} exists")
+        self.task_id = task_id
+
+
 class UnknownTaskTypeError(InvalidTaskError):
     """The default factory has no task manager registered for this task type."""
 
@@ -64,15 +75,53 @@ class DirectoryLockedError(DispatcherError, RuntimeError):
 
 
 class NewerFormatError(DispatcherError, RuntimeError):
-    """The state file was written by a newer format version than this code understands."""
+    """The state file's format version is newer than this code understands, or unreadable
+    as a version (such as ``"1.1-rc1"``): either way the file is refused and left untouched."""
 
-    def __init__(self, path: Path, version: str) -> None:
+    def __init__(self, path: Path, version: str, *, parsed: bool = True) -> None:
+        what = "newer than what" if parsed else "which is not a version"
         super().__init__(
-            f"{str(path)!r} has format version {version!r}, newer than this task-dispatcher "
+            f"{str(path)!r} has format version {version!r}, {what} this task-dispatcher "
             "understands (1.0); upgrade task-dispatcher. The file was left untouched."
         )
         self.path = path
         self.version = version
+
+
+class TimezoneMismatchError(DispatcherError, ValueError):
+    """The dispatcher was given a zone other than the one its state file records.
+
+    The hour windows and end dates were written for the recorded zone; reading them in
+    another one changes when tasks run, so that takes ``convert_timezone=True``.
+    """
+
+    def __init__(self, path: Path, recorded: str, requested: str) -> None:
+        super().__init__(
+            f"timezone: {str(path)!r} records the zone {recorded!r}, not {requested!r}; its hour "
+            f"windows mean {recorded} hours. Leave the zone out to keep {recorded!r}, or convert "
+            "the store explicitly (convert_timezone=True, --convert-timezone)"
+        )
+        self.field = "timezone"
+        self.path = path
+        self.recorded = recorded
+        self.requested = requested
+
+
+class SaveFailedError(DispatcherError, OSError):
+    """A change was applied but could not be saved durably.
+
+    The change stays in effect in memory and is retried in the background; ``save_health``
+    tells when it reaches the disk. ``task_ids`` are the tasks the failed call changed.
+    """
+
+    def __init__(self, path: Path, task_ids: tuple[str, ...], cause: str) -> None:
+        super().__init__(
+            f"change to task(s) {', '.join(task_ids)} not saved to {str(path)!r} ({cause}); "
+            "it is in effect in memory and saving is retried"
+        )
+        self.path = path
+        self.task_ids = task_ids
+        self.cause = cause
 
 
 class DispatcherNotRunningError(DispatcherError, RuntimeError):

@@ -23,6 +23,7 @@ __all__ = [
     "can_start",
     "completed",
     "exhausted",
+    "faulted",
     "loaded",
     "paused",
     "planned",
@@ -127,6 +128,15 @@ def exhausted(record: TaskRecord, now: datetime, *, run_out: bool = False) -> Ta
             return record
         return record.replace(next_execution_time=None, updated_at=now)
     return completed(record, now)
+
+
+def faulted(record: TaskRecord, error: str, now: datetime) -> TaskRecord:
+    """Planning the task raised: ``error``, with no next run until paused and resumed."""
+    if record.status is TaskStatus.PAUSED:
+        return record
+    return record.replace(
+        status=TaskStatus.ERROR, next_execution_time=None, last_error=error, updated_at=now
+    )
 
 
 def run_opened(record: TaskRecord, run: ActiveRun, now: datetime, *, started: bool) -> TaskRecord:

@@ -18,10 +18,22 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["ActiveRun", "TaskRecord", "TaskStatus", "check_json_value", "json_default"]
+__all__ = [
+    "MIN_INTERVAL",
+    "RESERVED_KWARGS",
+    "ActiveRun",
+    "TaskRecord",
+    "TaskStatus",
+    "check_json_value",
+    "json_default",
+    "kwargs_problems",
+    "parse_end_time",
+]
 
 _MAX_JSON_INT = 2**63 - 1
 _MAX_INTERVAL = 1000 * 365 * 86400
+MIN_INTERVAL = 1
+"""The shortest interval, in seconds: shorter ones would make the scheduler spin."""
 
 
 class TaskStatus(StrEnum):
@@ -40,6 +52,19 @@ class TaskStatus(StrEnum):
 
 
 _SETTLED = frozenset({TaskStatus.PAUSED, TaskStatus.COMPLETED})
+
+
+def json_default(value: Any) -> Any:
+    """What a fast JSON encoder (orjson) cannot encode itself in a saved record.
+
+    Nested models become their JSON form; dates and datetimes whose class is a subclass (the
+    time-travel classes of test tools) become ISO-8601 text with their offset.
+    """
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def check_json_value(value: Any, path: str) -> None:
@@ -75,17 +100,23 @@ def check_json_value(value: Any, path: str) -> None:
     )
 
 
-def json_default(value: Any) -> Any:
-    """What a fast JSON encoder (orjson) cannot encode itself in a saved record.
+def parse_end_time(text: str) -> date | datetime:
+    """``task_end_time`` from text: a date (``2099-01-01``, ``20990101``) or an ISO datetime.
 
-    Nested models become their JSON form; dates and datetimes whose class is a subclass (the
-    time-travel classes of test tools) become ISO-8601 text with their offset.
+    Anything :meth:`date.fromisoformat` reads is a date (the whole day counts); only text
+    with a time of day is a datetime (an exact cut-off). Raises ``ValueError``.
     """
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    if isinstance(value, date):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+    text = text.strip()
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"must be a date (YYYY-MM-DD) or an ISO-8601 datetime, got {text!r}"
+        ) from None
 
 
 def _zone(info: ValidationInfo) -> tzinfo | None:
@@ -136,7 +167,7 @@ class TaskRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow", validate_default=True)
 
     task_id: str = Field(min_length=1, max_length=256)
-    account_id: str = Field(min_length=1)
+    account_id: str = Field(min_length=1, max_length=256)
     account_name: str | None = None
     task_type: str = Field(min_length=1)
     sys_type: str = Field(min_length=1)
@@ -158,7 +189,7 @@ class TaskRecord(BaseModel):
     active_run: ActiveRun | None = None
     """The run that is out right now, if any."""
 
-    @field_validator("task_id")
+    @field_validator("task_id", "account_id")
     @classmethod
     def _printable_id(cls, value: str) -> str:
         if value != value.strip() or not value.isprintable():
@@ -174,6 +205,8 @@ class TaskRecord(BaseModel):
             raise ValueError(f"must be a number of seconds or a timedelta, not {value!r}")
         if value <= 0:
             raise ValueError(f"must be positive, got {value!r}")
+        if value < MIN_INTERVAL:
+            raise ValueError(f"must be at least {MIN_INTERVAL} second, got {value!r}")
         if value > _MAX_INTERVAL:
             raise ValueError(f"must be at most {_MAX_INTERVAL} seconds (1000 years)")
         if isinstance(value, float) and not math.isfinite(value):  # pragma: no cover - > max
@@ -191,21 +224,16 @@ class TaskRecord(BaseModel):
                 raise ValueError(f"hours must be whole numbers from 0 to 24, got {value!r}")
         if start == end:
             raise ValueError(f"start and end hour must differ, got {value!r} (use [0, 24])")
+        if (start, end) == (24, 0):
+            # Open while hour >= 24 or hour < 0: never.
+            raise ValueError(f"{list(value)!r} never opens (use [0, 24] for all day)")
         return (start, end)
 
     @field_validator("task_end_time", mode="before")
     @classmethod
     def _end(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
-            text = value.strip()
-            try:
-                value = (
-                    date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
-                )
-            except ValueError:
-                raise ValueError(
-                    f"must be a date (YYYY-MM-DD) or an ISO-8601 datetime, got {value!r}"
-                ) from None
+            value = parse_end_time(value)
         if isinstance(value, datetime):
             return _aware(value, info)
         if value is None or isinstance(value, date):
@@ -281,3 +309,21 @@ class TaskRecord(BaseModel):
 _ALL_FIELDS = set(TaskRecord.model_fields)
 _NO_EXTRA: dict[str, Any] = {}
 _TIMES = ("last_execution_time", "next_execution_time", "created_at", "updated_at")
+
+RESERVED_KWARGS = frozenset(_ALL_FIELDS - {"account_id", "account_name", "task_id", "task_type"})
+"""Record fields that cannot be task keywords: the manager is created as
+``factory(sys_type=..., **kwargs)``, and the rest belong to the dispatcher, not the manager.
+(``kwargs`` also carry the account and, as the dispatcher sets them, the task's id and type.)"""
+
+
+def kwargs_problems(record: TaskRecord) -> list[tuple[str, str]]:
+    """``(field, message)`` for what in ``record.kwargs`` cannot run as written."""
+    problems = [
+        (f"kwargs.{key}", "is a record field, not a task keyword")
+        for key in record.kwargs
+        if key in RESERVED_KWARGS
+    ]
+    own_id = record.kwargs.get("task_id", record.task_id)
+    if own_id != record.task_id:
+        problems.append(("kwargs.task_id", f"names task {own_id!r}, not this task"))
+    return problems

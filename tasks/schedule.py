@@ -11,11 +11,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-import tzlocal
-
-from tasks.errors import InvalidTaskError
 
 if TYPE_CHECKING:
     from tasks.model import TaskRecord
@@ -28,7 +23,6 @@ __all__ = [
     "may_start",
     "next_run",
     "resolve_wall_time",
-    "resolve_zone",
     "same_instant",
     "upcoming_runs",
     "utc_now",
@@ -118,12 +112,15 @@ def end_instant(task_end_time: date | datetime | None, zone: tzinfo) -> datetime
     """
     if task_end_time is None:
         return None
-    if isinstance(task_end_time, datetime):
-        if task_end_time.tzinfo is None:
-            task_end_time = task_end_time.replace(tzinfo=zone)
-        return task_end_time.astimezone(UTC)
-    next_midnight = datetime.combine(task_end_time + timedelta(days=1), time())
-    return resolve_wall_time(next_midnight, zone) - _ONE_MICROSECOND
+    try:
+        if isinstance(task_end_time, datetime):
+            if task_end_time.tzinfo is None:
+                task_end_time = task_end_time.replace(tzinfo=zone)
+            return task_end_time.astimezone(UTC)
+        next_midnight = datetime.combine(task_end_time + timedelta(days=1), time())
+        return resolve_wall_time(next_midnight, zone) - _ONE_MICROSECOND
+    except OverflowError:
+        return None  # an end near year 9999 is beyond any run: no end
 
 
 def may_start(t: datetime, window: Window, end: datetime | None, zone: tzinfo) -> bool:
@@ -169,23 +166,6 @@ def upcoming_runs(
         current = next_run(
             current, interval=interval, window=window, end=end, zone=zone, now=current
         )
-
-
-def resolve_zone(value: str | tzinfo | None) -> tzinfo:
-    """An IANA zone name or tzinfo as a tzinfo; None is the machine's local zone.
-
-    Raises :class:`InvalidTaskError` naming ``timezone`` for an unknown name.
-    """
-    if value is None:
-        return tzlocal.get_localzone()
-    if isinstance(value, tzinfo):
-        return value
-    if isinstance(value, str):
-        try:
-            return ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidTaskError("timezone", f"unknown time zone {value!r}") from None
-    raise InvalidTaskError("timezone", f"must be an IANA zone name or a tzinfo, not {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from helpers import SHANGHAI, Recorder, read_state, record, seed_file, seed_task
 
@@ -84,7 +85,6 @@ def test_no_file_is_an_empty_store(tmp_path: Path, recorder: Recorder) -> None:
         b"[1, 2, 3]",
         b'{"version": "1.0", "tasks": {"a": 1}}',
         b"\xff\xfe\x00garbage",
-        b'{"version": "one", "tasks": []}',
     ],
 )
 def test_a_corrupt_file_is_set_aside_and_the_store_starts_empty(
@@ -201,13 +201,15 @@ def test_account_tasks_disagreeing_with_tasks_is_repaired(
         store.close()
 
 
-@pytest.mark.parametrize("version", ["1.1", "2.0", 2])
+@pytest.mark.parametrize("version", ["1.1", "2.0", 2, "1.1-rc1", "one"])
 def test_a_newer_format_is_refused_and_left_untouched(
     tmp_path: Path, recorder: Recorder, version: Any
 ) -> None:
+    # A version that does not parse (a pre-release, say) is refused the same way: treating
+    # it as corruption would set the file aside and, without a backup, start empty.
     content = seed_file([SEED_TASK], version=version)
     (tmp_path / "dispatch_config.json").write_bytes(content)
-    with pytest.raises(NewerFormatError, match="newer"):
+    with pytest.raises(NewerFormatError, match=f"version '{version}'"):
         open_store(tmp_path, recorder)
     assert (tmp_path / "dispatch_config.json").read_bytes() == content
     assert list(tmp_path.glob("*.corrupt-*")) == []
@@ -232,3 +234,64 @@ def test_files_are_owner_only_and_temp_files_are_cleaned(
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"valid_time_range": [24, 0]}, "valid_time_range"),
+        ({"interval": 1e-7}, "interval"),
+        ({"interval": 0.5}, "interval"),
+        ({"account_id": " account_1"}, "account_id"),
+    ],
+)
+def test_a_record_that_cannot_run_is_kept_unrestored(
+    tmp_path: Path,
+    recorder: Recorder,
+    caplog: pytest.LogCaptureFixture,
+    changes: dict[str, Any],
+    field: str,
+) -> None:
+    bad = {**SEED_TASK, "task_id": "bad", **changes}
+    good = {**SEED_TASK, "kwargs": {**SEED_TASK["kwargs"]}}
+    (tmp_path / "dispatch_config.json").write_bytes(seed_file([bad, good]))
+    with caplog.at_level(logging.ERROR):
+        store = open_store(tmp_path, recorder)
+    try:
+        assert [r.task_id for r in store.records()] == ["task_id_1"]
+        assert store.kept_records() == [bad]
+        assert any(
+            "task bad could not be restored" in r.message and field in r.message
+            for r in caplog.records
+        )
+    finally:
+        store.close()
+
+
+def test_top_level_extra_keys_survive_saves(tmp_path: Path, recorder: Recorder) -> None:
+    document = orjson.loads(seed_file([SEED_TASK]))
+    document = {
+        "comment": "ops team: edit with care",
+        **document,
+        "owner": {"team": "growth", "pager": [1, 2]},
+    }
+    (tmp_path / "dispatch_config.json").write_bytes(orjson.dumps(document))
+    store = open_store(tmp_path, recorder)
+    try:
+        for _ in range(2):
+            store.touch()
+            assert store.save()
+        saved = read_state(tmp_path)
+        assert saved["comment"] == "ops team: edit with care"
+        assert saved["owner"] == {"team": "growth", "pager": [1, 2]}
+        assert saved["version"] == "1.0"
+        assert [t["task_id"] for t in saved["tasks"]] == ["task_id_1"]
+    finally:
+        store.close()
+    again = open_store(tmp_path, recorder)
+    try:
+        again.touch()
+        again.save()
+        assert read_state(tmp_path)["comment"] == "ops team: edit with care"
+    finally:
+        again.close()
