@@ -9,6 +9,7 @@ from scheduler.errors import (
     DispatcherClosedError,
     DispatcherError,
     DispatcherNotRunningError,
+    HistoryUnavailableError,
     InvalidTaskError,
     NewerFormatError,
     TaskNotFoundError,
@@ -17,6 +18,8 @@ from scheduler.errors import (
 
 if TYPE_CHECKING:
     from scheduler.dispatcher import TaskDispatcher
+    from scheduler.history import RunEntry, RunHistory
+    from scheduler.metrics import DispatcherMetrics
     from scheduler.runs import LocalRunBackend, RunBackend, RunOutcome, RunRequest
     from scheduler.triggers import TaskTrigger
 
@@ -24,11 +27,15 @@ __all__ = [
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
+    "DispatcherMetrics",
     "DispatcherNotRunningError",
+    "HistoryUnavailableError",
     "InvalidTaskError",
     "LocalRunBackend",
     "NewerFormatError",
     "RunBackend",
+    "RunEntry",
+    "RunHistory",
     "RunOutcome",
     "RunRequest",
     "TaskDispatcher",
@@ -39,6 +46,9 @@ __all__ = [
 
 _LAZY = {
     "TaskDispatcher": "scheduler.dispatcher",
+    "DispatcherMetrics": "scheduler.metrics",
+    "RunEntry": "scheduler.history",
+    "RunHistory": "scheduler.history",
     "LocalRunBackend": "scheduler.runs",
     "RunBackend": "scheduler.runs",
     "RunOutcome": "scheduler.runs",

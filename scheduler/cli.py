@@ -199,6 +199,7 @@ def _dispatcher(
             options.dir,
             task_manager_factory=factory or _editing_factory(options),
             timezone=options.zone(),
+            history=False,  # editing commands run nothing
         )
         try:
             yield dispatcher

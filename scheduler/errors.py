@@ -9,6 +9,7 @@ __all__ = [
     "DispatcherClosedError",
     "DispatcherError",
     "DispatcherNotRunningError",
+    "HistoryUnavailableError",
     "InvalidTaskError",
     "NewerFormatError",
     "TaskNotFoundError",
@@ -81,3 +82,7 @@ class DispatcherNotRunningError(DispatcherError, RuntimeError):
 
 class DispatcherClosedError(DispatcherError, RuntimeError):
     """The dispatcher was stopped: it no longer owns its directory and accepts no changes."""
+
+
+class HistoryUnavailableError(DispatcherError, RuntimeError):
+    """The run history is off, or its file cannot be opened or read."""
