@@ -396,11 +396,13 @@ class RunHistory(HistoryReader):
         self._clock = clock or (lambda: datetime.now(UTC))
         self._prune_interval = prune_interval.total_seconds()
         self._prune_batch = prune_batch
-        self._queue: queue.Queue[Any] = queue.Queue(max_queued)
+        # Unbounded, so flush/prune/stop requests always get in; record() bounds the events.
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._max_queued = max_queued
         self._closed = False
         self._dropped = 0
-        self._failing_since: float | None = None
-        self._last_failure_log = -math.inf
+        self._write_failing = False
+        self._last_logged: dict[str, float] = {}
         self._writer = self._open()
         self._thread = threading.Thread(
             target=self._write_loop, name=f"task-dispatcher history {self.path}", daemon=True
@@ -447,11 +449,11 @@ class RunHistory(HistoryReader):
                 "history closed: event %s of run %s not recorded", event.kind, event.run_id
             )
             return
-        try:
-            self._queue.put_nowait((request, event))
-        except queue.Full:
+        if self._queue.qsize() >= self._max_queued:
             self._dropped += 1
-            self._failure(f"{self._queue.maxsize} events waiting to be written", 1)
+            self._failure("full", f"{self._max_queued} events waiting to be written", 1)
+            return
+        self._queue.put((request, event))
 
     def prune(self, now: datetime | None = None, *, timeout: float | None = None) -> bool:
         """Delete runs older than the retention as of ``now`` (default: the clock).
@@ -553,12 +555,13 @@ class RunHistory(HistoryReader):
                     self._writer.executemany(_UPSERT_FINISHED, finished)
         except Exception as exc:  # a broken event must not stop the writer either
             self._dropped += len(events)
-            self._failure(f"{type(exc).__name__}: {exc}", len(events))
+            self._write_failing = True
+            self._failure("write", f"{type(exc).__name__}: {exc}", len(events))
             return
-        if self._failing_since is not None:
+        if self._write_failing:
             logger.info("run history %s: writes work again", self.path)
-            self._failing_since = None
-            self._last_failure_log = -math.inf
+            self._write_failing = False
+            self._last_logged.pop("write", None)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -570,13 +573,11 @@ class RunHistory(HistoryReader):
             raise
         self._writer.execute("COMMIT")
 
-    def _failure(self, reason: str, count: int) -> None:
+    def _failure(self, kind: str, reason: str, count: int) -> None:
         # Logged when it starts and then at most once a minute, not once per batch.
         now = time.monotonic()
-        if self._failing_since is None:
-            self._failing_since = now
-        if now - self._last_failure_log >= 60:
-            self._last_failure_log = now
+        if now - self._last_logged.get(kind, -math.inf) >= 60:
+            self._last_logged[kind] = now
             logger.error(
                 "run history %s: %d run event(s) not recorded (%s); runs and task state are "
                 "unaffected; %d event(s) lost so far",
