@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import sqlite3
 import threading
@@ -413,7 +414,10 @@ class RunHistory(HistoryReader):
 
     def _open(self) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Owner-only, like the state file (errors may quote what a task handled); SQLite
+            # gives its -wal and -shm files the same mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             connection = _connect(self.path, readonly=False)
             try:
                 version = connection.execute("PRAGMA user_version").fetchone()[0]
