@@ -2,12 +2,14 @@
 
 from scheduler.backends.local import LocalRunBackend
 from scheduler.dispatcher import TaskDispatcher
+from scheduler.history import RunEntry, RunHistory
 from scheduler.triggers import TaskTrigger
 from tasks.errors import (
     DirectoryLockedError,
     DispatcherClosedError,
     DispatcherError,
     DispatcherNotRunningError,
+    HistoryUnavailableError,
     InvalidTaskError,
     NewerFormatError,
     SaveFailedError,
@@ -23,12 +25,15 @@ __all__ = [
     "DispatcherClosedError",
     "DispatcherError",
     "DispatcherNotRunningError",
+    "HistoryUnavailableError",
     "InvalidTaskError",
     "LocalRunBackend",
     "NewerFormatError",
     "RunBackend",
+    "RunEntry",
     "RunEvent",
     "RunEventKind",
+    "RunHistory",
     "RunInbox",
     "RunRequest",
     "SaveFailedError",

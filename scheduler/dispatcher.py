@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import operator
 import os
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import ValidationError
 
@@ -19,6 +21,7 @@ from jobstores.jsonfile import JsonJobStore, describe_validation_error
 from jobstores.saver import SaveHealth
 from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
+from scheduler.history import RunEntry, RunHistory, open_history
 from scheduler.lanes import AccountLanes
 from scheduler.ledger import RunLedger, RunObserver
 from scheduler.runner import TaskRunner
@@ -26,6 +29,7 @@ from tasks import lifecycle
 from tasks.errors import (
     DispatcherClosedError,
     DispatcherNotRunningError,
+    HistoryUnavailableError,
     InvalidTaskError,
     SaveFailedError,
     TaskExistsError,
@@ -34,6 +38,9 @@ from tasks.manager import TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, check_json_value
 from tasks.runs import RunBackend
 from tasks.zones import resolve_timezone
+
+if TYPE_CHECKING:
+    from scheduler.metrics import DispatcherMetrics
 
 __all__ = ["DEFAULT_DISPATCHER_DIR", "DIR_ENV_VAR", "TaskDispatcher", "resolve_timezone"]
 
@@ -91,6 +98,10 @@ class TaskDispatcher:
     :class:`TimezoneMismatchError` unless ``convert_timezone=True``: then the windows are
     read in the new zone from now on (and the file records it from the next save).
 
+    Every run is recorded in ``<dispatcher_dir>/history.sqlite3`` (see :meth:`runs`);
+    ``history=False`` turns that off, a :class:`RunHistory` passed instead (its retention
+    configured) is used and closed with the dispatcher.
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -105,6 +116,7 @@ class TaskDispatcher:
         max_concurrent_runs: int = 10,
         run_backend: RunBackend | None = None,
         convert_timezone: bool = False,
+        history: bool | RunHistory = True,
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
@@ -126,6 +138,12 @@ class TaskDispatcher:
         self._scheduler = DispatchScheduler(
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
+        self._history = open_history(directory, history, self.timezone)
+        if self._history is not None:
+            self._ledger.observe(self._history.record)
+        self._metrics = self._make_metrics()
+        if self._metrics is not None:
+            self._ledger.observe(self._metrics.observe)
         if not self._backend.remote:
             self._ledger.recover()
         if not self._store.durable:
@@ -191,6 +209,30 @@ class TaskDispatcher:
         """Account id -> its task ids in priority order (a copy)."""
         return self._store.account_tasks()
 
+    @property
+    def history(self) -> RunHistory | None:
+        """The run history (None if off or its file could not be opened)."""
+        return self._history
+
+    @property
+    def metrics(self) -> DispatcherMetrics | None:
+        """The Prometheus metrics (None without the ``prometheus_client`` package)."""
+        return self._metrics
+
+    def _make_metrics(self) -> DispatcherMetrics | None:
+        try:
+            from scheduler.metrics import DispatcherMetrics, MetricsSource
+        except ImportError:  # prometheus_client comes with the optional 'control' extra
+            return None
+        store = self._store
+
+        def tasks_by_status() -> dict[str, int]:
+            return dict(Counter(record.status.value for record in store.records()))
+
+        return DispatcherMetrics(
+            MetricsSource(tasks_by_status, self._lanes.waiting_counts, lambda: store.save_health)
+        )
+
     # ------------------------------------------------------------------ queries
 
     def get_task(self, task_id: str) -> TaskRecord:
@@ -200,6 +242,34 @@ class TaskDispatcher:
     def list_tasks(self) -> list[TaskRecord]:
         """Snapshots of every task, in the order they were added."""
         return [record.snapshot() for record in self._store.records()]
+
+    def runs(
+        self,
+        task_id: str | None = None,
+        *,
+        account_id: str | None = None,
+        failed: bool | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        before_run: str | None = None,
+    ) -> list[RunEntry]:
+        """Recorded runs, newest first, filtered as :meth:`RunHistory.query` describes.
+
+        Blocks on a local SQLite read (milliseconds): from async code, call it in a thread.
+        Raises :class:`HistoryUnavailableError` if the history is off.
+        """
+        if self._history is None:
+            raise HistoryUnavailableError(f"the run history of {str(self.directory)!r} is off")
+        return self._history.query(
+            task_id=task_id,
+            account_id=account_id,
+            failed=failed,
+            since=since,
+            until=until,
+            limit=limit,
+            before_run=before_run,
+        )
 
     # ------------------------------------------------------------------ adding
 
@@ -458,6 +528,8 @@ class TaskDispatcher:
         self._scheduler.process_due()
         await self._runner.wait_idle()
         await self._store.save_async()
+        if self._history is not None:
+            await asyncio.to_thread(self._history.flush)
 
     async def stop(self, grace_period: float | None = 30.0) -> None:
         """Stop scheduling, let runs in progress finish, save, and release the directory.
@@ -475,6 +547,8 @@ class TaskDispatcher:
         await self._store.drain_saves()
         self._store.touch()  # the final save happens even if nothing changed
         await self._store.save_async()
+        if self._history is not None:
+            await asyncio.to_thread(self._history.close)
         self._store.close()
         logger.info("dispatcher on %s stopped", self.directory)
 
@@ -485,6 +559,8 @@ class TaskDispatcher:
         if self._scheduler.running:
             raise DispatcherNotRunningError("the dispatcher is running: use 'await stop()'")
         self._store.save()
+        if self._history is not None:
+            self._history.close()
         self._store.close()
 
     async def __aenter__(self) -> Self:

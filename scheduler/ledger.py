@@ -205,6 +205,16 @@ class RunLedger:
                 store.update_task(task_id, lambda r: lifecycle.run_abandoned(r, run_id, now))
         if entry.ended is not None and not entry.ended.done():
             entry.ended.cancel()
+        self._tell(
+            entry.request,
+            RunEvent(
+                run_id,
+                task_id,
+                RunEventKind.LOST,
+                at=now,
+                error="cancelled: the dispatcher stopped before the run ended",
+            ),
+        )
         logger.warning(
             "run %s of task %s was cut off before it ended; it stays runnable", run_id, task_id
         )

@@ -9,6 +9,7 @@ __all__ = [
     "DispatcherClosedError",
     "DispatcherError",
     "DispatcherNotRunningError",
+    "HistoryUnavailableError",
     "InvalidTaskError",
     "NewerFormatError",
     "SaveFailedError",
@@ -122,6 +123,10 @@ class SaveFailedError(DispatcherError, OSError):
         self.path = path
         self.task_ids = task_ids
         self.cause = cause
+
+
+class HistoryUnavailableError(DispatcherError, RuntimeError):
+    """The run history is off, or its file cannot be opened or read."""
 
 
 class DispatcherNotRunningError(DispatcherError, RuntimeError):
