@@ -431,4 +431,7 @@ class JsonJobStore(BaseJobStore):
         self._closed = True
         self._table.close()
         self._saver.close()
-        self._dir_lock.release()
+        try:
+            self._storage.close()
+        finally:
+            self._dir_lock.release()

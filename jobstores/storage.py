@@ -43,6 +43,10 @@ class StorageBackend(Protocol):
         """Make ``image`` durable; raise ``OSError`` (nothing durable changed) on failure."""
         ...
 
+    def close(self) -> None:
+        """The owner is done: no commit follows (the directory is still owned)."""
+        ...
+
 
 class SnapshotStorage:
     """The whole state in one file, replaced atomically at each commit.
@@ -93,3 +97,8 @@ class SnapshotStorage:
             image.extra,
         )
         write_atomic(self.path, data, backup=self.backup_path)
+
+    def close(self) -> None:
+        """Leave no temporary file behind (the owner still holds the directory, no save runs)."""
+        remove_stale_temp_files(self.path)
+        remove_stale_temp_files(self.backup_path)

@@ -243,10 +243,10 @@ async def test_an_observer_that_raises_does_not_affect_the_run(
     def broken(request: RunRequest, event: RunEvent) -> None:
         raise RuntimeError("observer bug")
 
-    dispatcher._runner.observers.insert(0, broken)
+    dispatcher.observe_runs(broken)
     await dispatcher.start()
     clock.move_to(at(2026, 1, 8, 8, 0))
-    with caplog.at_level(logging.ERROR, logger="scheduler.runner"):
+    with caplog.at_level(logging.ERROR, logger="scheduler.ledger"):
         await dispatcher.run_pending()
     assert sum("observer" in r.getMessage() for r in caplog.records) == 2  # started, succeeded
     assert [e.outcome for e in dispatcher.runs()] == ["succeeded"]
