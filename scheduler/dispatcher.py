@@ -458,13 +458,18 @@ class TaskDispatcher:
         self._store.close()
         logger.info("dispatcher on %s stopped", self.directory)
 
-    def close(self) -> None:
-        """Save and release the directory without an event loop (for a never-started dispatcher)."""
+    def close(self, *, save: bool = True) -> None:
+        """Save and release the directory without an event loop (for a never-started dispatcher).
+
+        ``save=False`` releases it without writing changes that are not saved yet (for a caller
+        that reported them as not saved after a :class:`SaveFailedError`).
+        """
         if self._store.closed:
             return
         if self._scheduler.running:
             raise DispatcherNotRunningError("the dispatcher is running: use 'await stop()'")
-        self._store.save()
+        if save:
+            self._store.save()
         self._store.close()
 
     async def __aenter__(self) -> Self:
