@@ -758,6 +758,7 @@ def run(
             task_manager_factory=factory,
             timezone=options.zone(),
             max_concurrent_runs=max_concurrent_runs,
+            convert_timezone=options.convert_timezone,
         )
     try:
         with _errors():

@@ -301,12 +301,13 @@ class TaskDispatcher:
             self._save_failed(tuple(record.task_id for record in records))
         for record in records:
             logger.info(
-                "task %s added for account %s (%s, every %ss, hours %d-%d)",
+                "task %s added for account %s (%s, every %ss, hours %d-%d), first run %s",
                 record.task_id,
                 record.account_id,
                 record.task_type,
                 record.interval,
                 *record.valid_time_range,
+                record.next_execution_time,
             )
         return [record.task_id for record in records]
 
@@ -424,7 +425,18 @@ class TaskDispatcher:
         self._check_open()
         if not self._scheduler.running:
             self._scheduler.start()
-            logger.info("dispatcher on %s started", self.directory)
+            planned = [
+                (record.next_execution_time, record.task_id)
+                for record in self._store.records()
+                if record.next_execution_time is not None and record.status is not TaskStatus.PAUSED
+            ]
+            if planned:
+                when, task_id = min(planned)
+                logger.info(
+                    "dispatcher on %s started; next run %s (task %s)", self.directory, when, task_id
+                )
+            else:
+                logger.info("dispatcher on %s started; no run planned", self.directory)
 
     async def run_pending(self) -> None:
         """Run every task due now and return when all runs in progress have finished.
