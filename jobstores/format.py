@@ -53,7 +53,7 @@ class Document:
     account_tasks: dict[str, list[str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
-    """Top-level keys of the format's readers other than this one (kept through saves)."""
+    """Top-level keys the format does not define (a ``"comment"``, say): kept through saves."""
 
 
 def _version_tuple(version: str, path: Path) -> tuple[int, ...]:

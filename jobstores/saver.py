@@ -125,6 +125,7 @@ class Saver:
                     type(exc).__name__,
                     exc,
                     ", ".join(sorted(image.changed)) or "-",
+                    extra={"unsaved_task_ids": tuple(sorted(image.changed))},
                 )
                 return False
             with self._state_lock:

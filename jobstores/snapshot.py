@@ -6,7 +6,6 @@ atomically, so a reader sees either the previous or the next complete state.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import tzinfo
@@ -14,14 +13,14 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import tzlocal
 from pydantic import ValidationError
 
-from jobstores.format import CorruptFileError, Document, decode_document
+from jobstores.format import CorruptFileError, decode_document
 from jobstores.loading import read_document, restore, validation_problems
 from jobstores.storage import STATE_FILENAME
 from tasks.errors import NewerFormatError
-from tasks.model import TaskRecord
+from tasks.model import TaskRecord, kwargs_problems
+from tasks.zones import choose_timezone, resolve_timezone
 
 __all__ = ["Problem", "StateSnapshot", "read_snapshot", "validate_state_file"]
 
@@ -56,30 +55,27 @@ class StateSnapshot:
         return next((r for r in self.records if r.task_id == task_id), None)
 
 
-def _zone(document: Document | None, zone: tzinfo | None) -> tzinfo:
-    if zone is not None:
-        return zone
-    if document is not None and document.timezone:
-        with contextlib.suppress(ZoneInfoNotFoundError, ValueError):
-            return ZoneInfo(document.timezone)
-    return tzlocal.get_localzone()
-
-
-def read_snapshot(directory: Path, zone: tzinfo | None = None) -> StateSnapshot:
+def read_snapshot(
+    directory: Path, zone: tzinfo | None = None, *, convert: bool = False
+) -> StateSnapshot:
     """Read ``<directory>/dispatch_config.json``, falling back to its backup if unreadable.
 
-    ``zone`` defaults to the zone the file records, else the local zone. Raises
-    :class:`CorruptFileError` when neither file is readable and
-    :class:`NewerFormatError` for a newer format.
+    The zone is resolved as a dispatcher resolves it (:func:`tasks.zones.choose_timezone`):
+    ``zone`` None is the zone the file records, else the local zone. Raises
+    :class:`CorruptFileError` when neither file is readable, :class:`NewerFormatError` for a
+    newer format and :class:`TimezoneMismatchError` for another zone without ``convert``.
     """
     path = directory / STATE_FILENAME
     if not path.exists():
-        return StateSnapshot(path=path, exists=False, timezone=_zone(None, zone))
+        return StateSnapshot(path=path, exists=False, timezone=choose_timezone(zone, None, path))
     document, _ = read_document(path, directory / f"{STATE_FILENAME}.bak", repair=False)
     if document is None:
         raise CorruptFileError(f"{path} and its backup are unreadable")
     snapshot = StateSnapshot(
-        path=path, exists=True, timezone=_zone(document, zone), saved_at=document.saved_at
+        path=path,
+        exists=True,
+        timezone=choose_timezone(zone, document.timezone, path, convert=convert),
+        saved_at=document.saved_at,
     )
     restored = restore(document.tasks, snapshot.timezone, parsed_json=document.parsed_json)
     snapshot.records = restored.records
@@ -107,7 +103,15 @@ def validate_state_file(path: Path, zone: tzinfo | None = None) -> list[Problem]
     except (CorruptFileError, NewerFormatError) as exc:
         return [Problem("file", str(path), str(exc))]
     problems = [Problem("file", "account_tasks", p) for p in document.problems]
-    zone = _zone(document, zone)
+    recorded = document.timezone
+    if recorded is not None:
+        try:
+            ZoneInfo(recorded)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            problems.append(Problem("file", "timezone", f"unknown time zone {recorded!r}"))
+            recorded = None
+    # Checking reads the file in the zone asked for, else the recorded one (never refuses).
+    zone = zone or (ZoneInfo(recorded) if recorded else resolve_timezone(None))
     ids: Counter[str] = Counter()
     accounts: dict[str, str] = {}
     for index, raw in enumerate(document.tasks):
@@ -121,6 +125,7 @@ def validate_state_file(path: Path, zone: tzinfo | None = None) -> list[Problem]
         except ValidationError as exc:
             problems.extend(Problem(where, f, m) for f, m in validation_problems(exc))
             continue
+        problems.extend(Problem(where, f, m) for f, m in kwargs_problems(record))
         ids[record.task_id] += 1
         accounts[record.task_id] = record.account_id
     problems.extend(

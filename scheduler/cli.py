@@ -35,12 +35,13 @@ from scheduler.errors import (
     DispatcherError,
     HistoryUnavailableError,
     NewerFormatError,
+    SaveFailedError,
     UnknownTaskTypeError,
 )
 from scheduler.history import HISTORY_FILENAME, MAX_QUERY_LIMIT, RunEntry, read_runs
-from scheduler.triggers import TaskTrigger
+from scheduler.triggers import TaskTrigger, may_start
 from tasks.manager import TaskManager, TaskManagerFactory
-from tasks.model import TaskRecord, TaskStatus
+from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, parse_end_time
 from tasks.registry import default_registry
 from tasks.secrets import mask_secrets
 from tasks.zones import resolve_timezone
@@ -76,25 +77,56 @@ def parse_hours(text: str) -> tuple[int, int]:
 
 def _parse_until(text: str) -> date | datetime:
     try:
-        return date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
-    except ValueError:
-        raise click.BadParameter(
-            f"{text!r} is not a date (YYYY-MM-DD) or an ISO datetime"
-        ) from None
+        return parse_end_time(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--until") from None
 
 
-def _parse_kw(pairs: tuple[str, ...]) -> dict[str, Any]:
+def _parse_kw(pairs: tuple[str, ...], *, as_json: bool = False) -> dict[str, Any]:
+    """``key=value`` pairs: the value is a string (``--kw``) or parsed JSON (``--kw-json``)."""
+    hint = "--kw-json" if as_json else "--kw"
     values: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not key=value", param_hint="--kw")
-        try:
-            value = orjson.loads(raw)
-            values[key] = value if not isinstance(value, dict | list) else raw
-        except orjson.JSONDecodeError:
+            raise click.BadParameter(f"{pair!r} is not key=value", param_hint=hint)
+        if not as_json:
             values[key] = raw
+            continue
+        try:
+            values[key] = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise click.BadParameter(
+                f"{key}: {raw!r} is not JSON ({exc})", param_hint=hint
+            ) from None
     return values
+
+
+_OPTION_FOR = {
+    "sys_type": "--sys-type",
+    "task_type": "--type",
+    "account_id": "--account",
+    "account_name": "--account-name",
+    "interval": "--interval",
+    "valid_time_range": "--hours",
+    "valid_time_rage": "--hours",
+    "task_end_time": "--until",
+    "task_id": "--id",
+}
+
+
+def _check_keywords(keywords: dict[str, Any], source: str) -> None:
+    """Task keywords must not name what an option or the dispatcher sets."""
+    for key in keywords:
+        if key in _OPTION_FOR:
+            raise click.BadParameter(
+                f"{key!r} is set with {_OPTION_FOR[key]}, not as a task keyword", param_hint=source
+            )
+        if key in RESERVED_KWARGS:
+            raise click.BadParameter(
+                f"{key!r} is a task record field the dispatcher keeps, not a task keyword",
+                param_hint=source,
+            )
 
 
 # ---------------------------------------------------------------------- shared options
@@ -107,6 +139,7 @@ class Options:
     directory: Path | None = None
     factory: str | None = None
     timezone: str | None = None
+    convert_timezone: bool = False
 
     @property
     def dir(self) -> Path:
@@ -116,9 +149,43 @@ class Options:
         return resolve_timezone(self.timezone) if self.timezone else None
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, status: int = 2) -> NoReturn:
     click.echo(f"task-dispatcher: error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(status)
+
+
+class _OneLineUsageError(click.UsageError):
+    """A usage error shown as the other errors are: one line on stderr (exit status 2)."""
+
+    def show(self, file: Any = None) -> None:
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"task-dispatcher: error: {self.format_message()}{hint}", err=True)
+
+
+class _Commands(click.Group):
+    """The command group; turns click's usage errors into one-line errors."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except _OneLineUsageError:
+            raise
+        except click.UsageError as exc:
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from exc
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _OneLineUsageError:
+            raise
+        except click.UsageError as exc:
+            raise _OneLineUsageError(exc.format_message(), exc.ctx) from exc
 
 
 def _import_factory(spec: str) -> TaskManagerFactory:
@@ -177,6 +244,14 @@ def _dir_option(command: F) -> F:
         command = click.option(
             name, default=None, expose_value=False, callback=remember, help=help_text
         )(command)
+    command = click.option(
+        "--convert-timezone",
+        is_flag=True,
+        default=None,
+        expose_value=False,
+        callback=remember,
+        help="Read the hour windows in --timezone from now on, though the file records another.",
+    )(command)
     return click.option(
         "--dir",
         "directory",
@@ -193,23 +268,57 @@ def _errors() -> Iterator[None]:
     """Bad input and unknown ids: one line on stderr, exit status 2, nothing changed."""
     try:
         yield
+    except SaveFailedError:
+        raise  # reported by _dispatcher, once it gave up the directory
     except (DispatcherError, ValueError, TypeError) as exc:
         _fail(str(exc))
+
+
+class _ReportedHere(logging.Filter):
+    """Drops the log line of a failed save: the command reports it itself, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not hasattr(record, "unsaved_task_ids")
+
+
+@contextlib.contextmanager
+def _library_warnings() -> Iterator[None]:
+    """Show the library's warnings (a file set aside, a task not restored) as lines of ours."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("task-dispatcher: %(levelname)s: %(message)s"))
+    handler.addFilter(_ReportedHere())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
 
 
 @contextlib.contextmanager
 def _dispatcher(
     options: Options, factory: TaskManagerFactory | None = None
 ) -> Iterator[TaskDispatcher]:
-    with _errors():
+    with _errors(), _library_warnings():
         dispatcher = TaskDispatcher(
             options.dir,
             task_manager_factory=factory or _editing_factory(options),
             timezone=options.zone(),
             history=False,  # editing commands run nothing
+            convert_timezone=options.convert_timezone,
         )
         try:
             yield dispatcher
+        except SaveFailedError as exc:
+            # A one-shot command has no background to retry in: nothing is left pending.
+            dispatcher.close(save=False)
+            command = click.get_current_context().info_name
+            _fail(
+                f"{command} {' '.join(exc.task_ids)}: not saved to {exc.path} ({exc.cause}); "
+                "nothing was changed",
+                status=1,
+            )
         finally:
             dispatcher.close()
 
@@ -217,7 +326,7 @@ def _dispatcher(
 def _snapshot(options: Options) -> StateSnapshot:
     with _errors():
         try:
-            return read_snapshot(options.dir, options.zone())
+            return read_snapshot(options.dir, options.zone(), convert=options.convert_timezone)
         except (CorruptFileError, NewerFormatError) as exc:
             _fail(str(exc))
 
@@ -248,6 +357,20 @@ _STATUS_STYLE = {
 }
 
 
+def _overdue(record: TaskRecord, zone: tzinfo, now: datetime) -> str | None:
+    """What happens to a next run already past (the store stopped, or its loop is stuck)."""
+    planned = record.next_execution_time
+    if planned is None or planned >= now:
+        return None
+    trigger = TaskTrigger.for_record(record, zone)
+    if may_start(now, record.valid_time_range, trigger.end, zone):
+        return "overdue: runs as soon as the dispatcher runs"
+    later = trigger.get_next_fire_time(planned, now)
+    if later is None:
+        return "overdue: past its end, completed when the dispatcher runs"
+    return f"overdue: outside its hours now, next run {_when(later, zone)}"
+
+
 def _table(records: list[TaskRecord], zone: tzinfo, *, title: str | None = None) -> Table:
     table = Table(title=title, expand=False)
     for column in (
@@ -264,8 +387,10 @@ def _table(records: list[TaskRecord], zone: tzinfo, *, title: str | None = None)
         "last error",
     ):
         table.add_column(column, overflow="fold", no_wrap=column in ("status", "every", "runs"))
+    now = datetime.now(zone)
     for record in records:
         start, end = record.valid_time_range
+        overdue = _overdue(record, zone, now)
         table.add_row(
             record.task_id,
             record.account_id,
@@ -274,7 +399,7 @@ def _table(records: list[TaskRecord], zone: tzinfo, *, title: str | None = None)
             _interval(record.interval),
             f"{start}-{end}",
             _when(record.last_execution_time, zone),
-            _when(record.next_execution_time, zone),
+            _when(record.next_execution_time, zone) + (f" ({overdue})" if overdue else ""),
             str(record.run_count),
             str(record.failure_count),
             (record.last_error or "")[:80],
@@ -298,7 +423,7 @@ def _json_record(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------------- commands
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--dir",
     "directory",
@@ -310,17 +435,31 @@ def _json_record(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
 @click.option(
     "--factory", default=None, help="module:attr of the host's TaskManager class or factory."
 )
-@click.option("--timezone", default=None, help="IANA zone of the hour windows (default: local).")
+@click.option(
+    "--timezone",
+    default=None,
+    help="IANA zone of the hour windows (default: the one the file records, else local).",
+)
+@click.option(
+    "--convert-timezone",
+    is_flag=True,
+    help="Read the hour windows in --timezone from now on, though the file records another.",
+)
 @click.version_option(package_name="task-dispatcher")
 @click.pass_context
 def main(
-    ctx: click.Context, directory: Path | None, factory: str | None, timezone: str | None
+    ctx: click.Context,
+    directory: Path | None,
+    factory: str | None,
+    timezone: str | None,
+    convert_timezone: bool,
 ) -> None:
     """Run recurring per-account tasks with hour windows, end dates and a durable state file."""
     options = ctx.ensure_object(Options)
     options.directory = options.directory or directory
     options.factory = options.factory or factory
     options.timezone = options.timezone or timezone
+    options.convert_timezone = options.convert_timezone or convert_timezone
 
 
 @main.command()
@@ -337,8 +476,9 @@ def main(
     "--until", default=None, help="Last day (YYYY-MM-DD) or exact cut-off (ISO datetime)."
 )
 @click.option("--id", "task_id", default=None, help="Task id (default: generated).")
+@click.option("--kw", multiple=True, help="Task keyword key=value, a string; repeatable.")
 @click.option(
-    "--kw", multiple=True, help="Task keyword key=value (JSON scalars are parsed); repeatable."
+    "--kw-json", multiple=True, help="Task keyword key=JSON (5, true, [1, 2], ...); repeatable."
 )
 @click.option("--kwargs-json", default=None, help="Task keywords as a JSON object.")
 @click.pass_obj
@@ -353,6 +493,7 @@ def add(
     until: str | None,
     task_id: str | None,
     kw: tuple[str, ...],
+    kw_json: tuple[str, ...],
     kwargs_json: str | None,
 ) -> None:
     """Add a task and print its id."""
@@ -364,9 +505,12 @@ def add(
             _fail(f"--kwargs-json: {exc}")
         if not isinstance(loaded, dict):
             _fail("--kwargs-json: must be a JSON object")
+        _check_keywords(loaded, "--kwargs-json")
         keywords.update(loaded)
+    for source, given in (("--kw", _parse_kw(kw)), ("--kw-json", _parse_kw(kw_json, as_json=True))):
+        _check_keywords(given, source)
+        keywords.update(given)
     with _errors():
-        keywords.update(_parse_kw(kw))
         keywords.update(
             interval=parse_interval(interval),
             valid_time_range=parse_hours(hours),
@@ -444,11 +588,15 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
     if record is None:
         _fail(f"no task with id {task_id!r} in {snapshot.path}")
     zone = snapshot.timezone
+    now = datetime.now(zone)
     for key, value in _json_record(record, show_secrets).items():
         if key == "kwargs":
             value = orjson.dumps(value).decode()
         click.echo(f"{key:>22}: {'-' if value is None else value}")
     click.echo(f"{'position':>22}: {snapshot.account_tasks[record.account_id].index(task_id)}")
+    overdue = _overdue(record, zone, now)
+    if overdue:
+        click.echo(f"{'':>22}  {overdue}")
     trigger = TaskTrigger.for_record(record, zone)
     if record.status is TaskStatus.COMPLETED:
         click.echo("             next runs: none (completed)")
@@ -456,7 +604,7 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
     first = record.next_execution_time
     label = "next runs"
     if record.status is TaskStatus.PAUSED:
-        first = trigger.get_next_fire_time(record.last_execution_time, datetime.now(zone))
+        first = trigger.get_next_fire_time(record.last_execution_time, now)
         label = "if resumed now"
     runs = [_when(t, zone) for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
     click.echo(f"{label:>22}: {runs[0] if runs else 'none before the end time'}")
@@ -553,6 +701,9 @@ def runs(
 
 
 def _edit(options: Options, action: Callable[[TaskDispatcher], str]) -> None:
+    if not options.dir.is_dir():
+        # A mistyped --dir must not leave a new, empty store behind.
+        _fail(f"no dispatcher directory {str(options.dir)!r}")
     with _dispatcher(options) as dispatcher, _errors():
         click.echo(action(dispatcher))
 
@@ -602,7 +753,7 @@ def remove(options: Options, task_id: str) -> None:
     _edit(options, action)
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # "-1" is a position
 @_dir_option
 @click.argument("task_id")
 @click.argument("position", type=int)
@@ -698,6 +849,7 @@ def run(
             task_manager_factory=factory,
             timezone=options.zone(),
             max_concurrent_runs=max_concurrent_runs,
+            convert_timezone=options.convert_timezone,
         )
     try:
         with _errors():

@@ -35,7 +35,7 @@ from tasks.errors import (
     TaskExistsError,
 )
 from tasks.manager import TaskManagerFactory
-from tasks.model import RESERVED_KWARGS, TaskRecord, check_json_value
+from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, check_json_value
 from tasks.runs import RunBackend
 from tasks.zones import resolve_timezone
 
@@ -398,12 +398,13 @@ class TaskDispatcher:
             self._save_failed(tuple(record.task_id for record in records))
         for record in records:
             logger.info(
-                "task %s added for account %s (%s, every %ss, hours %d-%d)",
+                "task %s added for account %s (%s, every %ss, hours %d-%d), first run %s",
                 record.task_id,
                 record.account_id,
                 record.task_type,
                 record.interval,
                 *record.valid_time_range,
+                record.next_execution_time,
             )
         return [record.task_id for record in records]
 
@@ -513,7 +514,18 @@ class TaskDispatcher:
                 self._runner.resume(request)
             if recovered:
                 await self._backend.recover(recovered)
-            logger.info("dispatcher on %s started", self.directory)
+            planned = [
+                (record.next_execution_time, record.task_id)
+                for record in self._store.records()
+                if record.next_execution_time is not None and record.status is not TaskStatus.PAUSED
+            ]
+            if planned:
+                when, task_id = min(planned)
+                logger.info(
+                    "dispatcher on %s started; next run %s (task %s)", self.directory, when, task_id
+                )
+            else:
+                logger.info("dispatcher on %s started; no run planned", self.directory)
 
     async def run_pending(self) -> None:
         """Run every task due now and return when all runs in progress have finished.
@@ -552,13 +564,18 @@ class TaskDispatcher:
         self._store.close()
         logger.info("dispatcher on %s stopped", self.directory)
 
-    def close(self) -> None:
-        """Save and release the directory without an event loop (for a never-started dispatcher)."""
+    def close(self, *, save: bool = True) -> None:
+        """Save and release the directory without an event loop (for a never-started dispatcher).
+
+        ``save=False`` releases it without writing changes that are not saved yet (for a caller
+        that reported them as not saved after a :class:`SaveFailedError`).
+        """
         if self._store.closed:
             return
         if self._scheduler.running:
             raise DispatcherNotRunningError("the dispatcher is running: use 'await stop()'")
-        self._store.save()
+        if save:
+            self._store.save()
         if self._history is not None:
             self._history.close()
         self._store.close()

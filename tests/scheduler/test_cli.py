@@ -98,9 +98,9 @@ def test_add_prints_the_id_and_saves_every_flag(cli: Callable[..., Result], tmp_
         "nightly",
         "--kw",
         "command=echo hi",
-        "--kw",
+        "--kw-json",
         "timeout=5",
-        "--kw",
+        "--kw-json",
         "shell=true",
         "--kwargs-json",
         '{"env": {"A": "1"}}',
@@ -136,6 +136,19 @@ def test_add_prints_the_id_and_saves_every_flag(cli: Callable[..., Result], tmp_
         (["--type", "unknown-type"], "unknown task type"),
         (["--kwargs-json", "[1]"], "JSON object"),
         (["--kw", "novalue"], "key=value"),
+        (["--hours", "24-0"], "valid_time_range"),
+        (["--interval", "1e-7"], "interval"),
+        (["--interval", "0.5"], "interval"),
+        (["--until", "20991301"], "date"),
+        (["--account", " padded"], "account_id"),
+        (["--kw", "status=paused"], "'status' is a task record field"),
+        (["--kw", "run_count=3"], "'run_count' is a task record field"),
+        (["--kw", "kwargs=x"], "'kwargs' is a task record field"),
+        (["--kw", "interval=5"], "'interval' is set with --interval"),
+        (["--kw", "account_id=x"], "'account_id' is set with --account"),
+        (["--kw-json", "next_execution_time=null"], "'next_execution_time' is a task record"),
+        (["--kw-json", "retries=three"], "retries: 'three' is not JSON"),
+        (["--kwargs-json", '{"sys_type": "mac"}'], "'sys_type' is set with --sys-type"),
     ],
 )
 def test_add_rejects_bad_input_with_exit_2(
@@ -145,9 +158,11 @@ def test_add_rejects_bad_input_with_exit_2(
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     flat = [item for pair in base.items() for item in pair]
-    extra = [a for a in args if a not in flat] if "--kw" in args or "--kwargs-json" in args else []
+    keywords = ("--kw", "--kw-json", "--kwargs-json")
+    extra = [a for a in args if a not in flat] if any(k in args for k in keywords) else []
     result = cli("add", *flat, *extra, "--kw", "command=date", expect=2)
     assert message in result.stderr
+    assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.output
     assert not (tmp_path / "store" / "dispatch_config.json").exists()
 
@@ -367,3 +382,96 @@ def test_modifying_commands_refuse_while_the_directory_is_owned(
     finally:
         owner.close()
     cli("pause", task_id)
+
+
+def test_kw_values_are_strings_and_kw_json_values_are_typed(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    cli(
+        "add", "--type", "shell", "--account", "acc", "--interval", "1h", "--id", "t",
+        "--kw", "command=true", "--kw", "api_token=123456", "--kw", "note=[1]",
+        "--kw-json", "retries=3", "--kw-json", "flags=[1, true]", "--kw-json", "shell=false",
+    )  # fmt: skip
+    kwargs = read_state(tmp_path / "store")["tasks"][0]["kwargs"]
+    assert kwargs["command"] == "true"
+    assert kwargs["api_token"] == "123456"
+    assert kwargs["note"] == "[1]"
+    assert (kwargs["retries"], kwargs["flags"], kwargs["shell"]) == (3, [1, True], False)
+
+
+def test_until_in_compact_form_is_a_whole_day(cli: Callable[..., Result], tmp_path: Path) -> None:
+    add(cli, "--until", "20990101")
+    assert read_state(tmp_path / "store")["tasks"][0]["task_end_time"] == "2099-01-01"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["add", "--account", "a", "--interval", "1h"], "Missing option '--type'"),
+        (["add", "--nope"], "No such option '--nope'"),
+        (["list", "--status", "sleeping"], "Invalid value for '--status'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["--nope", "list"], "No such option '--nope'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(
+    cli: Callable[..., Result], args: list[str], message: str
+) -> None:
+    result = cli(*args, expect=2)
+    assert result.stderr.startswith("task-dispatcher: error: ")
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_reorder_to_a_negative_position_is_a_range_error(cli: Callable[..., Result]) -> None:
+    task_id = add(cli)
+    result = cli("reorder", task_id, "-1", expect=2)
+    assert "position: must be from 0 to 0 for account 'acc'" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "command", [["pause", "t"], ["resume", "t"], ["remove", "t"], ["reorder", "t", "0"]]
+)
+def test_editing_a_mistyped_directory_creates_nothing(tmp_path: Path, command: list[str]) -> None:
+    typo = tmp_path / "stroe"
+    result = CliRunner().invoke(main, ["--dir", str(typo), *command])
+    assert result.exit_code == 2
+    assert f"no dispatcher directory '{typo}'" in result.stderr
+    assert not typo.exists()
+
+
+def test_validate_reports_what_cannot_run_as_written(
+    cli: Callable[..., Result], tmp_path: Path
+) -> None:
+    first, second = add(cli, "--id", "first"), add(cli, "--id", "second")
+    path = tmp_path / "store" / "dispatch_config.json"
+    document = orjson.loads(path.read_bytes())
+    document["timezone"] = "Mars/Olympus"
+    document["tasks"][0]["kwargs"]["sys_type"] = "mac"
+    document["tasks"][0]["kwargs"]["status"] = "paused"
+    document["tasks"][1]["kwargs"]["task_id"] = first
+    path.write_bytes(orjson.dumps(document))
+    result = CliRunner().invoke(main, ["--dir", str(tmp_path / "store"), "validate"])
+    assert result.exit_code == 1
+    assert "file: timezone: unknown time zone 'Mars/Olympus'" in result.stdout
+    assert f"task {first}: kwargs.sys_type: is a record field" in result.stdout
+    assert f"task {first}: kwargs.status: is a record field" in result.stdout
+    assert f"task {second}: kwargs.task_id: names task '{first}', not this task" in result.stdout
+
+
+def test_list_and_show_mark_a_past_next_run_as_overdue(
+    clock: Any, cli: Callable[..., Result]
+) -> None:
+    from helpers import at
+
+    task_id = add(cli, "--hours", "8-22")  # at 07:00: first run 08:00
+    clock.move_to(at(2026, 1, 8, 9, 30))
+    assert "08:00:00 (overdue: runs as soon as the dispatcher runs)" in cli("list").stdout
+    assert "overdue: runs as soon as the dispatcher runs" in cli("show", task_id).stdout
+    clock.move_to(at(2026, 1, 8, 23, 0))
+    expected = "overdue: outside its hours now, next run 2026-01-09 08:00:00"
+    assert expected in cli("list").stdout
+    assert expected in cli("show", task_id).stdout
+    clock.move_to(at(2026, 1, 8, 7, 30))
+    assert "overdue" not in cli("list").stdout

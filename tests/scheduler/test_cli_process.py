@@ -10,7 +10,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from helpers import read_state
@@ -148,3 +150,75 @@ def test_one_owner_across_processes_and_a_killed_owner_frees_the_directory(
     paused = cli(directory, "pause", "t1")
     assert paused.returncode == 0, paused.stderr
     assert read_state(directory)["tasks"][0]["status"] == "paused"
+
+
+def cli_in(
+    directory: Path, *args: str, zone: str = "UTC", file_size_limit: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command as a process on a machine in ``zone``, optionally unable to write more
+    than ``file_size_limit`` bytes to a file (writes past it fail with EFBIG)."""
+
+    def limit() -> None:
+        if file_size_limit is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run(
+        command(directory, *args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "TZ": zone},
+        preexec_fn=limit,  # the child only sets a resource limit
+    )
+
+
+def test_editing_keeps_the_files_zone_on_a_machine_in_another(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    added = cli_in(
+        directory, "--timezone", "Asia/Shanghai", "add", "--type", "shell", "--account", "a",
+        "--interval", "1h", "--hours", "8-22", "--id", "t1", "--kw", "command=true",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    for step in ("pause", "resume"):
+        result = cli_in(directory, step, "t1")  # no --timezone: the machine is in UTC
+        assert result.returncode == 0, result.stderr
+    state = read_state(directory)
+    assert state["timezone"] == "Asia/Shanghai"
+    planned = datetime.fromisoformat(state["tasks"][0]["next_execution_time"])
+    assert 8 <= planned.astimezone(ZoneInfo("Asia/Shanghai")).hour < 22
+    refused = cli_in(directory, "--timezone", "UTC", "pause", "t1")
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1
+    assert "'Asia/Shanghai', not 'UTC'" in refused.stderr
+    assert "--convert-timezone" in refused.stderr
+    converted = cli_in(directory, "pause", "t1", "--timezone", "UTC", "--convert-timezone")
+    assert converted.returncode == 0, converted.stderr
+    assert read_state(directory)["timezone"] == "UTC"
+
+
+def test_a_change_that_cannot_be_saved_exits_1_and_says_so(tmp_path: Path) -> None:
+    directory = tmp_path / "store"
+    added = cli_in(
+        directory, "add", "--type", "shell", "--account", "a", "--interval", "1h", "--id", "t1",
+        "--kw", "command=true",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    before = (directory / "dispatch_config.json").read_bytes()
+    paused = cli_in(directory, "pause", "t1", file_size_limit=64)
+    assert (paused.returncode, paused.stdout) == (1, "")
+    assert paused.stderr.count("\n") == 1, paused.stderr
+    assert paused.stderr.startswith("task-dispatcher: error: pause t1: not saved to ")
+    assert "File too large" in paused.stderr
+    added = cli_in(
+        directory, "add", "--type", "shell", "--account", "a", "--interval", "1h", "--id", "t2",
+        "--kw", "command=true", file_size_limit=64,
+    )  # fmt: skip
+    assert (added.returncode, added.stdout) == (1, "")
+    assert added.stderr.count("\n") == 1, added.stderr
+    assert "add t2: not saved" in added.stderr
+    assert (directory / "dispatch_config.json").read_bytes() == before
+    assert read_state(directory)["tasks"][0]["status"] == "pending"
