@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import (
+    BrokerUnavailableError,
     DirectoryLockedError,
     DispatcherClosedError,
     DispatcherError,
@@ -16,11 +17,14 @@ from scheduler.errors import (
 )
 
 if TYPE_CHECKING:
+    from scheduler.backends.celery import CeleryRunBackend
     from scheduler.dispatcher import TaskDispatcher
     from scheduler.runs import LocalRunBackend, RunBackend, RunOutcome, RunRequest
     from scheduler.triggers import TaskTrigger
 
 __all__ = [
+    "BrokerUnavailableError",
+    "CeleryRunBackend",
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
@@ -38,6 +42,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "CeleryRunBackend": "scheduler.backends",
     "TaskDispatcher": "scheduler.dispatcher",
     "LocalRunBackend": "scheduler.runs",
     "RunBackend": "scheduler.runs",

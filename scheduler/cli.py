@@ -30,6 +30,7 @@ from rich.table import Table
 
 from jobstores.format import CorruptFileError
 from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
+from scheduler.cli_fleet import worker
 from scheduler.dispatcher import DIR_ENV_VAR, TaskDispatcher, default_directory, resolve_timezone
 from scheduler.errors import DispatcherError, NewerFormatError, UnknownTaskTypeError
 from scheduler.triggers import TaskTrigger
@@ -313,6 +314,9 @@ def main(
     options.directory = options.directory or directory
     options.factory = options.factory or factory
     options.timezone = options.timezone or timezone
+
+
+main.add_command(worker)
 
 
 @main.command()

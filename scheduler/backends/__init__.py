@@ -1,0 +1,31 @@
+"""Run backends that execute runs outside the dispatcher's process.
+
+``CeleryRunBackend`` needs the ``celery`` extra: ``pip install 'task-dispatcher[celery]'``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scheduler.backends.celery import CeleryRunBackend
+
+__all__ = ["CeleryRunBackend"]
+
+_EXTRA_MODULES = {"celery", "kombu", "redis", "billiard", "vine"}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use, so `import scheduler` works without the celery extra.
+    if name != "CeleryRunBackend":
+        raise AttributeError(f"module 'scheduler.backends' has no attribute {name!r}")
+    try:
+        from scheduler.backends.celery import CeleryRunBackend
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] not in _EXTRA_MODULES:
+            raise
+        raise ImportError(
+            "CeleryRunBackend needs the celery extra: pip install 'task-dispatcher[celery]' "
+            f"({exc})"
+        ) from exc
+    return CeleryRunBackend
