@@ -146,6 +146,9 @@ def worker(
     if visibility_timeout is not None:
         options = dict(app.conf.broker_transport_options or {})
         options["visibility_timeout"] = visibility_timeout
+        # Look for overdue messages often enough for a short timeout to take effect.
+        options["unacked_restore_interval"] = max(1, min(10, int(visibility_timeout / 2)))
+        options["unacked_restore_throttle"] = 1
         app.conf.broker_transport_options = options
     name = hostname or socket.gethostname()
     argv = [
