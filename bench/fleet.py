@@ -1,0 +1,278 @@
+"""The fleet side by side with bare Celery on the same Redis broker, in one run.
+
+(a) task-dispatcher: N runs of a no-op task, all due at once, sent by ``CeleryRunBackend`` to
+2 ``task-dispatcher worker`` processes (threads pool, concurrency 4 each), each outcome applied
+back through the event stream. (b) bare Celery: an ``apply_async`` loop of N no-op tasks to 2
+plain Celery workers with the same pool and concurrency (no claims, no outcomes: the floor).
+Latency is from the instant the runs were due to their start on a worker (one clock: all
+processes run on this machine).
+
+    python -m bench --fleet            # needs Redis (default redis://127.0.0.1:6379, a free db)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from scheduler.worker import make_app
+
+__all__ = ["bare_app", "noop_factory", "redis_reachable", "run_fleet"]
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_ENV = "TASK_DISPATCHER_BENCH_BROKER"
+BARE_QUEUE = "bench.bare"
+STARTS = "bench:starts"
+WORKERS = 2
+CONCURRENCY = 4
+
+bare_app = make_app(os.environ.get(BROKER_ENV) or None)
+
+
+_clients: dict[str, redis.Redis] = {}
+
+
+@bare_app.task(name="bench.noop", ignore_result=True)
+def bare_noop(due: float) -> None:
+    """The floor's task: record when it started (one pooled client, as our worker has)."""
+    started = time.time()
+    url = str(bare_app.conf.broker_url)
+    client = _clients.get(url) or _clients.setdefault(url, redis.Redis.from_url(url))
+    client.rpush(STARTS, f"{due},{started}")
+
+
+class NoopManager:
+    """Our no-op task manager."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        pass
+
+    def run(self) -> None:
+        """Do nothing."""
+
+
+def noop_factory(**kwargs: Any) -> NoopManager:
+    """The workers' ``--factory bench.fleet:noop_factory``."""
+    return NoopManager(**kwargs)
+
+
+def redis_reachable(host: str = "127.0.0.1", port: int = 6379) -> bool:
+    """Whether a Redis answers there."""
+    try:
+        return bool(redis.Redis(host, port, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@contextmanager
+def _database(host: str, port: int) -> Iterator[str]:
+    """A Redis database of our own (claimed in database 0 like the tests do)."""
+    admin = redis.Redis(host, port)
+    token = uuid.uuid4().hex
+    for number in range(15, 0, -1):
+        if admin.set(f"td-test:db:{number}", token, nx=True, ex=3600):
+            break
+    else:
+        raise RuntimeError("no free Redis database for the benchmark")
+    db = redis.Redis(host, port, db=number)
+    db.flushdb()
+    try:
+        yield f"redis://{host}:{port}/{number}"
+    finally:
+        db.flushdb()
+        admin.delete(f"td-test:db:{number}")
+
+
+@contextmanager
+def _workers(commands: list[list[str]], url: str, ready: Any) -> Iterator[None]:
+    env = {**os.environ, BROKER_ENV: url, "PYTHONPATH": str(ROOT)}
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for command in commands
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("benchmark workers did not start")
+            time.sleep(0.1)
+        yield
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@dataclass
+class FleetResult:
+    """Throughput and start latencies of one side."""
+
+    runs_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return (
+        ordered[len(ordered) // 2] * 1000,
+        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+    )
+
+
+class _Inbox:
+    def __init__(self, n: int) -> None:
+        self.starts: dict[str, datetime] = {}
+        self.finished = 0
+        self.n = n
+        self.done = asyncio.Event()
+
+    async def deliver(self, event: Any) -> None:
+        if event.kind.value == "started":
+            self.starts[event.run_id] = event.at
+        else:
+            self.finished += 1
+            if self.finished >= self.n:
+                self.done.set()
+
+
+async def _ours(url: str, n: int, pace: float) -> FleetResult:
+    from scheduler.backends.celery import CeleryRunBackend
+    from tasks.runs import RunRequest
+
+    client = redis.Redis.from_url(url)
+    commands = [
+        [
+            *(sys.executable, "-m", "scheduler", "worker", "--broker", url, "--sys-type", "bench"),
+            *("--concurrency", str(CONCURRENCY), "--hostname", f"bench-{i}"),
+            *("--factory", "bench.fleet:noop_factory", "--loglevel", "WARNING"),
+        ]
+        for i in range(WORKERS)
+    ]
+
+    def ready() -> bool:
+        return all(client.exists(f"td:worker:bench-{i}") for i in range(WORKERS))
+
+    with _workers(commands, url, ready):
+        inbox = _Inbox(n)
+        backend = CeleryRunBackend(url)
+        await backend.open(inbox)
+        first = datetime.now(UTC)
+        due = {f"bench-{i}": first + timedelta(seconds=i * pace) for i in range(n)}
+        began = time.perf_counter()
+
+        async def submit(i: int) -> None:
+            scheduled = due[f"bench-{i}"]
+            await asyncio.sleep(max(0.0, (scheduled - datetime.now(UTC)).total_seconds()))
+            await backend.submit(
+                RunRequest(
+                    run_id=f"bench-{i}",
+                    task_id=f"task-{i}",
+                    account_id=f"account-{i}",
+                    sys_type="bench",
+                    task_type="noop",
+                    kwargs={"task_id": f"task-{i}", "task_type": "noop"},
+                    scheduled_at=scheduled,
+                    submitted_at=datetime.now(UTC),
+                )
+            )
+
+        await asyncio.gather(*(submit(i) for i in range(n)))
+        await asyncio.wait_for(inbox.done.wait(), 300)
+        elapsed = time.perf_counter() - began
+        await backend.close(1)
+    p50, p99 = _percentiles([(at - due[run]).total_seconds() for run, at in inbox.starts.items()])
+    return FleetResult(n / elapsed, p50, p99)
+
+
+def _bare(url: str, n: int, pace: float) -> FleetResult:
+    client = redis.Redis.from_url(url)
+    commands = [
+        [
+            *(sys.executable, "-m", "celery", "-A", "bench.fleet:bare_app", "worker"),
+            *("-Q", BARE_QUEUE, "-P", "threads", "-c", str(CONCURRENCY)),
+            *("-n", f"bare-{i}@%h", "--without-mingle", "--loglevel", "WARNING"),
+        ]
+        for i in range(WORKERS)
+    ]
+    bare_app.conf.broker_url = url
+
+    def ready() -> bool:
+        replies = bare_app.control.ping(timeout=0.5) or []
+        return len(replies) >= WORKERS
+
+    with _workers(commands, url, ready):
+        first = time.time()
+        began = time.perf_counter()
+        for i in range(n):
+            due = first + i * pace
+            time.sleep(max(0.0, due - time.time()))
+            bare_noop.apply_async(args=[due], queue=BARE_QUEUE)
+        deadline = time.monotonic() + 300
+        while client.llen(STARTS) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("bare Celery runs did not all start")
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - began
+    samples = []
+    raw_starts: list[bytes] = client.lrange(STARTS, 0, -1)  # type: ignore[assignment]
+    for raw in raw_starts:
+        planned, started = (float(x) for x in raw.decode().split(","))
+        samples.append(started - planned)
+    p50, p99 = _percentiles(samples)
+    return FleetResult(n / elapsed, p50, p99)
+
+
+def run_fleet(n: int = 1_000, host: str = "127.0.0.1", port: int = 6379) -> str:
+    """Both sides on one broker, N due at once then N/5 due at 50/s; a Markdown table."""
+    paced_n, pace = max(1, n // 5), 0.02
+    results: dict[str, tuple[FleetResult, FleetResult]] = {}
+    with _database(host, port) as url:
+        client = redis.Redis.from_url(url)
+        for label, count, gap in (("burst", n, 0.0), ("paced", paced_n, pace)):
+            ours = asyncio.run(_ours(url, count, gap))
+            client.flushdb()
+            bare = _bare(url, count, gap)
+            client.flushdb()
+            results[label] = (ours, bare)
+    (ours, bare), (ours_paced, bare_paced) = results["burst"], results["paced"]
+    rows = [
+        "| N | measurement | (a) task-dispatcher fleet | (b) bare Celery | a/b |",
+        "|---:|---|---:|---:|---:|",
+        f"| {n:,} | all due at once: runs/s | {ours.runs_per_s:,.0f}/s | "
+        f"{bare.runs_per_s:,.0f}/s | {ours.runs_per_s / bare.runs_per_s:.2f}x |",
+    ]
+    for label, count, a, b in (
+        ("all due at once", n, ours, bare),
+        (f"due at {1 / pace:.0f}/s", paced_n, ours_paced, bare_paced),
+    ):
+        for name, x, y in (("p50", a.p50_ms, b.p50_ms), ("p99", a.p99_ms, b.p99_ms)):
+            rows.append(
+                f"| {count:,} | {label}: due -> start {name} | {x:.1f} ms | {y:.1f} ms | "
+                f"{x / y:.2f}x |"
+            )
+    return "\n".join(rows)
