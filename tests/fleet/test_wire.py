@@ -43,7 +43,7 @@ def test_queue_names_and_worker_names() -> None:
 )
 def test_backend_options_are_checked(options: dict[str, float], field: str) -> None:
     with pytest.raises(ValueError, match=f"^{field}: "):
-        CeleryRunBackend("redis://localhost:6379/0", **options)  # type: ignore[arg-type]
+        CeleryRunBackend("redis://localhost:6379/0", **options)
 
 
 def test_broker_must_be_redis() -> None:
