@@ -16,6 +16,7 @@ Who writes what (``S`` a sys_type, ``R`` a run id):
   ``expired``) in the order they happened, read by the dispatcher through the consumer group
   ``dispatcher`` and acknowledged only once applied durably.
 - ``td:worker:NAME``: a live worker's sys_types (renewed while the worker runs).
+- ``td:epoch``: a token the dispatcher sets; its disappearance means Redis lost its data.
 
 Each state change of a run is one Lua script: taking a claim and announcing ``started`` happen
 together or not at all, as do recording an outcome and releasing the heartbeat.
@@ -34,6 +35,7 @@ __all__ = [
     "CLAIM_PREFIX",
     "CLAIM_SCRIPT",
     "CLAIM_TTL",
+    "EPOCH_KEY",
     "EVENTS_GROUP",
     "EVENTS_STREAM",
     "FACTORY_ENV_VAR",
@@ -46,6 +48,7 @@ __all__ = [
     "alive_key",
     "check_broker_url",
     "claim_key",
+    "dumps",
     "mask_url",
     "queue_name",
     "worker_name",
@@ -59,6 +62,9 @@ CLAIM_PREFIX = "td:claim:"
 ALIVE_PREFIX = "td:alive:"
 WORKER_PREFIX = "td:worker:"
 EVENTS_STREAM = "td:events"
+EPOCH_KEY = "td:epoch"
+"""Set once by the dispatcher: if it vanishes, the broker lost its data (a restart without
+persistence) and with it the messages of runs not started yet."""
 EVENTS_GROUP = "dispatcher"
 CLAIM_TTL = 7 * 24 * 3600
 """Seconds a claim is kept: far longer than any redelivery of a run's message."""

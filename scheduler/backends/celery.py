@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,7 @@ from redis.exceptions import RedisError, ResponseError
 from scheduler.errors import BrokerUnavailableError
 from scheduler.fleet import (
     CLAIM_TTL,
+    EPOCH_KEY,
     EVENTS_GROUP,
     EVENTS_STREAM,
     MARK_SCRIPT,
@@ -60,6 +62,7 @@ _BATCH = 500
 _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
 _WORKERS_EVERY = 5.0
+_FLAP = 10.0
 
 
 @dataclass(slots=True)
@@ -74,6 +77,9 @@ class _OpenRun:
     """Monotonic time since which the run's heartbeat has been seen missing."""
     verdict: bool = False
     """Whether this backend already recorded it as expired or lost."""
+    orphan_since: float | None = None
+    """Monotonic time at which the broker was found to have lost its data (and maybe this
+    run's message)."""
 
 
 def _utcnow() -> datetime:
@@ -134,14 +140,18 @@ class CeleryRunBackend:
         self._redis: aioredis.Redis | None = None
         self._app: Celery | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._chores: set[asyncio.Task[None]] = set()
         self._closing = False
         self._outage_since: float | None = None
+        self._recovered_at: float | None = None
         self._outage_at: datetime | None = None
         self._retry_at = 0.0
         self._backoff = _BACKOFF_FIRST
         self._last_error: str | None = None
         self._workers: dict[str, list[str]] = {}
         self._workers_at = 0.0
+        self._epoch = uuid.uuid4().hex
+        self._epoch_set = False
 
     # ------------------------------------------------------------------ the protocol
 
@@ -159,6 +169,9 @@ class CeleryRunBackend:
             self.broker_url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=30
         )
         self._app = make_app(self.broker_url)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            # Know the broker's data before the first run is sent (see _check_epoch).
+            await asyncio.wait_for(self._check_epoch(), 2.0)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._read_events(), name="celery backend: events"),
@@ -306,7 +319,11 @@ class CeleryRunBackend:
             self._outage_since = now
             self._outage_at = _utcnow()
             self._backoff = _BACKOFF_FIRST
-            logger.error(
+            # A connection that went stale in the outage may fail once more just after it:
+            # that is the same outage, not a new one worth an ERROR.
+            flap = self._recovered_at is not None and now - self._recovered_at < _FLAP
+            logger.log(
+                logging.WARNING if flap else logging.ERROR,
                 "broker %s unreachable (%s): runs due meanwhile are recorded as failed; "
                 "reconnecting with backoff",
                 self._masked,
@@ -326,6 +343,14 @@ class CeleryRunBackend:
         )
         self._outage_since = None
         self._outage_at = None
+        self._recovered_at = time.monotonic()
+        if self._redis is not None:
+            # Drop idle connections opened before the outage rather than fail on each.
+            chore = asyncio.get_running_loop().create_task(
+                self._redis.connection_pool.disconnect(inuse_connections=False)
+            )
+            self._chores.add(chore)
+            chore.add_done_callback(self._chores.discard)
         # Workers could not renew their heartbeats during the outage: judge them afresh.
         for run in self._runs.values():
             run.silent_since = None
@@ -425,11 +450,32 @@ class CeleryRunBackend:
                 if self._outage_since is not None:
                     await self._redis.ping()
                     self._broker_ok()
+                await self._check_epoch()
                 await self._check_runs()
                 if time.monotonic() - self._workers_at >= _WORKERS_EVERY:
                     await self._refresh_workers()
             except (RedisError, OSError) as exc:
                 self._broker_failed(exc)
+            except Exception:
+                # Keep watching: a run stuck open forever is worse than a logged bug.
+                logger.exception("celery run backend: checking runs failed")
+
+    async def _check_epoch(self) -> None:
+        """Notice a broker that lost its data: unstarted runs' messages went with it."""
+        assert self._redis is not None
+        if await self._redis.set(EPOCH_KEY, self._epoch, nx=True):
+            if self._epoch_set:
+                now = time.monotonic()
+                logger.error(
+                    "broker %s lost its data (restarted without persistence?): runs not "
+                    "started yet are recorded as lost unless a worker reports them",
+                    self._masked,
+                )
+                for run in self._runs.values():
+                    run.orphan_since = now
+            self._epoch_set = True
+            return
+        self._epoch_set = True
 
     async def _check_runs(self) -> None:
         assert self._redis is not None
@@ -448,6 +494,22 @@ class CeleryRunBackend:
         request = run.request
         if claim is None:
             run.state = "queued"
+            orphaned = run.orphan_since is not None
+            if orphaned and time.monotonic() - (run.orphan_since or 0.0) >= self._silence:
+                # Running workers re-create their claims with their next heartbeat: a run
+                # still without one lost its message (or its outcome) with the broker's data.
+                error = (
+                    "RunLostError: the broker lost the run's message (restarted without its "
+                    "data) before a worker reported it; it is not re-sent"
+                )
+                if await self._mark(run, "", RunEventKind.LOST, None, error):
+                    logger.error(
+                        "run %s of task %s (account %s) lost with the broker's data",
+                        request.run_id,
+                        request.task_id,
+                        request.account_id,
+                    )
+                return
             if run.deadline is not None and _utcnow() >= run.deadline:
                 waited = (run.deadline - request.submitted_at).total_seconds()
                 error = (

@@ -215,6 +215,9 @@ async def test_broker_killed_and_restarted(
     probe = tmp_path / "probe.jsonl"
     await backend.submit(request("before", sys_type="linux", probe_log=probe))
     await eventually(lambda: inbox.finished("before"), 20, "a run before the outage")
+    # Queued (no worker for its sys_type) when the broker dies with its data.
+    await backend.submit(request("queued", sys_type="nobody", probe_log=probe))
+    await eventually(lambda: backend.run_state("queued") == "queued", 5, "a queued run")
 
     caplog.set_level(logging.INFO, logger="scheduler.backends.celery")
     own_redis.kill()
@@ -224,9 +227,13 @@ async def test_broker_killed_and_restarted(
     await eventually(lambda: not backend.health()["connected"], 5, "the outage to be seen")
     own_redis.start()
     await eventually(lambda: backend.health()["connected"], 20, "the broker to be back")
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1, [r.getMessage() for r in errors]
-    assert "unreachable" in errors[0].getMessage()
+    # The queued run's message died with the broker's data: it is recorded, not forgotten.
+    await eventually(lambda: inbox.finished("queued"), 10, "the queued run to be lost")
+    assert inbox.kinds("queued") == ["lost"]
+    assert "broker lost" in inbox.last("queued")["error"]  # type: ignore[index]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    outage = [m for m in errors if "unreachable" in m]
+    assert len(outage) == 1, errors
 
     # The worker reconnects by itself; runs flow again.
     await backend.submit(request("after", sys_type="linux", probe_log=probe))
