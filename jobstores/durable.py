@@ -17,7 +17,7 @@ from pathlib import Path
 
 import filelock
 
-from scheduler.errors import DirectoryLockedError
+from tasks.errors import DirectoryLockedError
 
 __all__ = [
     "DirectoryLock",

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from scheduler.errors import NewerFormatError
+from tasks.errors import NewerFormatError
+from tasks.model import json_default
 
 __all__ = [
     "FORMAT_VERSION",
@@ -31,6 +32,7 @@ __all__ = [
 
 FORMAT_VERSION = "1.0"
 _SUPPORTED = (1, 0)
+_KNOWN_KEYS = frozenset({"version", "saved_at", "timezone", "tasks", "account_tasks"})
 
 
 class CorruptFileError(ValueError):
@@ -50,13 +52,16 @@ class Document:
     """The IANA key of the zone the writing dispatcher used, if it recorded one."""
     account_tasks: dict[str, list[str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Top-level keys of the format's readers other than this one (kept through saves)."""
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
+def _version_tuple(version: str, path: Path) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in version.split("."))
     except ValueError:
-        raise CorruptFileError(f"version {version!r} is not a version number") from None
+        # Perhaps a pre-release of a later format ("1.1-rc1"): refuse it as a newer one.
+        raise NewerFormatError(path, version, parsed=False) from None
 
 
 def decode_document(data: bytes, path: Path) -> Document:
@@ -79,7 +84,7 @@ def decode_document(data: bytes, path: Path) -> Document:
     if not isinstance(version, str | int | float) or isinstance(version, bool):
         raise CorruptFileError(f"version {version!r} is not a version number")
     version = str(version)
-    if _version_tuple(version) > _SUPPORTED:
+    if _version_tuple(version, path) > _SUPPORTED:
         raise NewerFormatError(path, version)
     tasks = top.get("tasks", [])
     if not isinstance(tasks, list):
@@ -104,18 +109,11 @@ def decode_document(data: bytes, path: Path) -> Document:
         timezone=zone if isinstance(zone, str) else None,
         account_tasks=account_tasks,
         problems=problems,
+        extra={key: value for key, value in top.items() if key not in _KNOWN_KEYS},
     )
 
 
 _TASK_PREFIX = b"    "
-
-
-def _isoformat(value: Any) -> str:
-    # orjson encodes datetime and date itself, but not their subclasses (such as the
-    # time-travel classes of test tools).
-    if isinstance(value, date):
-        return value.isoformat()
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def encode_task(task: dict[str, Any]) -> bytes:
@@ -125,7 +123,7 @@ def encode_task(task: dict[str, Any]) -> bytes:
     third smaller than an indented layout. Datetimes are written as ISO-8601 with their
     offset, dates as ``YYYY-MM-DD``, enums as their values, tuples as arrays.
     """
-    return _TASK_PREFIX + orjson.dumps(task, default=_isoformat)
+    return _TASK_PREFIX + orjson.dumps(task, default=json_default)
 
 
 def encode_raw(value: Any) -> bytes:
@@ -133,7 +131,11 @@ def encode_raw(value: Any) -> bytes:
 
     The standard library keeps what orjson would alter or refuse (huge integers, NaN).
     """
-    return _TASK_PREFIX + json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return _TASK_PREFIX + _verbatim(value)
+
+
+def _verbatim(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def encode_document(
@@ -141,13 +143,20 @@ def encode_document(
     account_tasks: dict[str, list[str]],
     saved_at: datetime,
     timezone: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> list[bytes]:
     """The document, in parts to write one after another, from tasks encoded with
     :func:`encode_task`.
 
     ``timezone`` (an extra key) tells readers such as the command line which zone the hour
-    windows are in.
+    windows are in. ``extra`` holds top-level keys read from the file (a ``"comment"``, say),
+    written back as they were.
     """
+    kept = b"".join(
+        b",\n  " + _verbatim(key) + b": " + _verbatim(value)
+        for key, value in (extra or {}).items()
+        if key not in _KNOWN_KEYS
+    )
     order = orjson.dumps(account_tasks, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n  ")
     body = b",\n".join(encoded_tasks)
     head = b"".join(
@@ -157,6 +166,7 @@ def encode_document(
             b',\n  "saved_at": ',
             orjson.dumps(saved_at.isoformat()),
             b',\n  "timezone": ' + orjson.dumps(timezone) if timezone else b"",
+            kept,
             b',\n  "tasks": [\n' if body else b',\n  "tasks": [',
         )
     )

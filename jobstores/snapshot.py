@@ -18,8 +18,9 @@ import tzlocal
 from pydantic import ValidationError
 
 from jobstores.format import CorruptFileError, Document, decode_document
-from jobstores.jsonfile import STATE_FILENAME, parse_record, validation_problems
-from scheduler.errors import InvalidTaskError, NewerFormatError
+from jobstores.loading import read_document, restore, validation_problems
+from jobstores.storage import STATE_FILENAME
+from tasks.errors import NewerFormatError
 from tasks.model import TaskRecord
 
 __all__ = ["Problem", "StateSnapshot", "read_snapshot", "validate_state_file"]
@@ -72,33 +73,17 @@ def read_snapshot(directory: Path, zone: tzinfo | None = None) -> StateSnapshot:
     :class:`NewerFormatError` for a newer format.
     """
     path = directory / STATE_FILENAME
-    document = None
-    for candidate in (path, directory / f"{STATE_FILENAME}.bak"):
-        try:
-            document = decode_document(candidate.read_bytes(), candidate)
-            break
-        except FileNotFoundError:
-            if candidate == path:
-                return StateSnapshot(path=path, exists=False, timezone=_zone(None, zone))
-        except CorruptFileError:
-            continue
+    if not path.exists():
+        return StateSnapshot(path=path, exists=False, timezone=_zone(None, zone))
+    document, _ = read_document(path, directory / f"{STATE_FILENAME}.bak", repair=False)
     if document is None:
         raise CorruptFileError(f"{path} and its backup are unreadable")
     snapshot = StateSnapshot(
         path=path, exists=True, timezone=_zone(document, zone), saved_at=document.saved_at
     )
-    seen: set[str] = set()
-    for raw in document.tasks:
-        try:
-            record = parse_record(raw, snapshot.timezone)
-        except InvalidTaskError:
-            snapshot.unreadable.append(raw)
-            continue
-        if record.task_id in seen:
-            snapshot.unreadable.append(raw)
-            continue
-        seen.add(record.task_id)
-        snapshot.records.append(record)
+    restored = restore(document.tasks, snapshot.timezone, parsed_json=document.parsed_json)
+    snapshot.records = restored.records
+    snapshot.unreadable = [raw for raw, _ in restored.kept]
     listed = {r.task_id: r.account_id for r in snapshot.records}
     for account, ids in document.account_tasks.items():
         kept = [i for i in ids if listed.get(i) == account]

@@ -1,10 +1,11 @@
 """The dispatcher: recurring per-account tasks on APScheduler 3, persisted to one JSON file."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Any
 
-from scheduler.errors import (
+from scheduler.backends.local import LocalRunBackend
+from scheduler.dispatcher import TaskDispatcher
+from scheduler.triggers import TaskTrigger
+from tasks.errors import (
     BrokerUnavailableError,
     DirectoryLockedError,
     DispatcherClosedError,
@@ -12,15 +13,16 @@ from scheduler.errors import (
     DispatcherNotRunningError,
     InvalidTaskError,
     NewerFormatError,
+    SaveFailedError,
+    TaskExistsError,
     TaskNotFoundError,
+    TimezoneMismatchError,
     UnknownTaskTypeError,
 )
+from tasks.runs import RunBackend, RunEvent, RunEventKind, RunInbox, RunRequest
 
 if TYPE_CHECKING:
     from scheduler.backends.celery import CeleryRunBackend
-    from scheduler.dispatcher import TaskDispatcher
-    from scheduler.runs import LocalRunBackend, RunBackend, RunOutcome, RunRequest
-    from scheduler.triggers import TaskTrigger
 
 __all__ = [
     "BrokerUnavailableError",
@@ -33,31 +35,24 @@ __all__ = [
     "LocalRunBackend",
     "NewerFormatError",
     "RunBackend",
-    "RunOutcome",
+    "RunEvent",
+    "RunEventKind",
+    "RunInbox",
     "RunRequest",
+    "SaveFailedError",
     "TaskDispatcher",
+    "TaskExistsError",
     "TaskNotFoundError",
     "TaskTrigger",
+    "TimezoneMismatchError",
     "UnknownTaskTypeError",
 ]
 
-_LAZY = {
-    "CeleryRunBackend": "scheduler.backends",
-    "TaskDispatcher": "scheduler.dispatcher",
-    "LocalRunBackend": "scheduler.runs",
-    "RunBackend": "scheduler.runs",
-    "RunOutcome": "scheduler.runs",
-    "RunRequest": "scheduler.runs",
-    "TaskTrigger": "scheduler.triggers",
-}
-
 
 def __getattr__(name: str) -> Any:
-    # The dispatcher imports the job store, which imports scheduler.triggers: importing it
-    # lazily lets `import jobstores` and `import scheduler` work in either order.
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'scheduler' has no attribute {name!r}")
-    import importlib
+    # CeleryRunBackend is imported on first use: `import scheduler` works without the extra.
+    if name == "CeleryRunBackend":
+        from scheduler import backends
 
-    return getattr(importlib.import_module(module), name)
+        return backends.CeleryRunBackend
+    raise AttributeError(f"module 'scheduler' has no attribute {name!r}")

@@ -31,13 +31,14 @@ from rich.table import Table
 from jobstores.format import CorruptFileError
 from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
 from scheduler.cli_fleet import worker
-from scheduler.dispatcher import DIR_ENV_VAR, TaskDispatcher, default_directory, resolve_timezone
+from scheduler.dispatcher import DIR_ENV_VAR, TaskDispatcher, default_directory
 from scheduler.errors import DispatcherError, NewerFormatError, UnknownTaskTypeError
 from scheduler.triggers import TaskTrigger
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
 from tasks.registry import default_registry
 from tasks.secrets import mask_secrets
+from tasks.zones import resolve_timezone
 
 __all__ = ["main", "parse_hours", "parse_interval"]
 

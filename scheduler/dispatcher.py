@@ -12,21 +12,28 @@ from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import tzlocal
 from pydantic import ValidationError
 
-from jobstores.jsonfile import JsonJobStore, SaveHealth, describe_validation_error
+from jobstores.jsonfile import JsonJobStore, describe_validation_error
+from jobstores.saver import SaveHealth
+from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
-from scheduler.errors import DispatcherClosedError, DispatcherNotRunningError, InvalidTaskError
 from scheduler.lanes import AccountLanes
+from scheduler.ledger import RunLedger, RunObserver
 from scheduler.runner import TaskRunner
-from scheduler.runs import LocalRunBackend, RunBackend
-from scheduler.triggers import end_instant
+from tasks import lifecycle
+from tasks.errors import (
+    DispatcherClosedError,
+    DispatcherNotRunningError,
+    InvalidTaskError,
+    SaveFailedError,
+    TaskExistsError,
+)
 from tasks.manager import TaskManagerFactory
-from tasks.model import TaskRecord, TaskStatus, check_json_value
-from tasks.registry import default_registry
+from tasks.model import RESERVED_KWARGS, TaskRecord, check_json_value
+from tasks.runs import RunBackend
+from tasks.zones import resolve_timezone
 
 __all__ = ["DEFAULT_DISPATCHER_DIR", "DIR_ENV_VAR", "TaskDispatcher", "resolve_timezone"]
 
@@ -42,18 +49,11 @@ _SCHEDULING_KEYWORDS = frozenset(
 )
 
 
-def resolve_timezone(value: str | tzinfo | None) -> tzinfo:
-    """An IANA zone name or tzinfo as a tzinfo; None is the machine's local zone."""
-    if value is None:
-        return tzlocal.get_localzone()
-    if isinstance(value, tzinfo):
-        return value
-    if isinstance(value, str):
-        try:
-            return ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidTaskError("timezone", f"unknown time zone {value!r}") from None
-    raise InvalidTaskError("timezone", f"must be an IANA zone name or a tzinfo, not {value!r}")
+def _task_id(value: Any, name: str = "task_id") -> str:
+    """``value`` if it is a string; else a ``TypeError`` naming the parameter."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: must be a string, not {type(value).__name__}")
+    return value
 
 
 def default_directory() -> Path:
@@ -86,6 +86,11 @@ class TaskDispatcher:
     on after a restart or a crash. The dispatcher owns its directory (an OS-level lock) until
     :meth:`stop` or :meth:`close`.
 
+    ``timezone`` is the zone of the hour windows and end dates. None takes the zone the file
+    records, else the local one. A zone other than the recorded one raises
+    :class:`TimezoneMismatchError` unless ``convert_timezone=True``: then the windows are
+    read in the new zone from now on (and the file records it from the next save).
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -99,30 +104,46 @@ class TaskDispatcher:
         timezone: str | tzinfo | None = None,
         max_concurrent_runs: int = 10,
         run_backend: RunBackend | None = None,
+        convert_timezone: bool = False,
     ) -> None:
-        self.timezone = resolve_timezone(timezone)
-        """The zone whose wall-clock hours the windows and end dates are read in."""
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
+        self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
+        self._local = self._backend if isinstance(self._backend, LocalRunBackend) else None
+        self._factory = task_manager_factory
         self._store = JsonJobStore(
             directory,
-            timezone=self.timezone,
-            manager_factory=task_manager_factory or default_registry,
+            timezone=None if timezone is None else resolve_timezone(timezone),
+            convert_timezone=convert_timezone,
+            accept=self._check_manager,
         )
+        self.timezone = self._store.timezone
+        """The zone whose wall-clock hours the windows and end dates are read in."""
         self._lanes = AccountLanes(
             max_concurrent_runs, self._store.position, lambda: self._store.order_version
         )
-        self._runner = TaskRunner(
-            self._store, run_backend or LocalRunBackend(), self._lanes, self.timezone
-        )
+        self._ledger = RunLedger(self._store, remote=self._backend.remote)
+        self._runner = TaskRunner(self._store, self._backend, self._lanes, self._ledger)
         self._scheduler = DispatchScheduler(
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
+        if not self._backend.remote:
+            self._ledger.recover()
+        if not self._store.durable:
+            self._store.save()
         logger.info(
             "dispatcher on %s loaded %d task(s) (%d kept unrestored)",
             directory,
             len(self._store.records()),
             len(self._store.kept_records()),
         )
+
+    def _check_manager(self, record: TaskRecord) -> None:
+        """Create ``record``'s manager now: a task whose manager cannot be created is refused
+        at add time, and kept unrestored at load."""
+        if self._local is not None:
+            self._local.manager(record.task_id, record.sys_type, record.kwargs)
+        elif self._factory is not None:
+            create_manager(self._factory, record.sys_type, record.kwargs)
 
     # ------------------------------------------------------------------ properties
 
@@ -157,6 +178,15 @@ class TaskDispatcher:
         return self._scheduler
 
     @property
+    def run_backend(self) -> RunBackend:
+        """Where runs execute."""
+        return self._backend
+
+    def observe_runs(self, observer: RunObserver) -> None:
+        """Call ``observer(request, event)`` for every run event applied (from the loop)."""
+        self._ledger.observe(observer)
+
+    @property
     def account_tasks(self) -> dict[str, list[str]]:
         """Account id -> its task ids in priority order (a copy)."""
         return self._store.account_tasks()
@@ -165,7 +195,7 @@ class TaskDispatcher:
 
     def get_task(self, task_id: str) -> TaskRecord:
         """A snapshot of ``task_id``'s record; raises :class:`TaskNotFoundError`."""
-        return self._store.get(task_id).snapshot()
+        return self._store.get(_task_id(task_id)).snapshot()
 
     def list_tasks(self) -> list[TaskRecord]:
         """Snapshots of every task, in the order they were added."""
@@ -188,15 +218,22 @@ class TaskDispatcher:
             if keywords.get(field) is None:
                 raise InvalidTaskError(field, "is required")
         extra = {k: v for k, v in keywords.items() if k not in _SCHEDULING_KEYWORDS}
+        for key in extra:
+            if key in RESERVED_KWARGS:
+                raise InvalidTaskError(
+                    key, "is a task record field the dispatcher keeps; it cannot be a task keyword"
+                )
         account_id = _account(extra, "_account_id", required=True)
         account_name = _account(extra, "_account_name", required=False)
         task_id = keywords.get("task_id")
         if task_id is None:
             task_id = uuid.uuid4().hex[:12]
-            while task_id in taken or self._store.find(task_id) is not None:
+            while task_id in taken or self._store.table.taken(task_id):
                 task_id = uuid.uuid4().hex[:12]
-        elif task_id in taken or self._store.find(task_id) is not None:
-            raise InvalidTaskError("task_id", f"a task with id {task_id!r} exists")
+        elif task_id in taken:
+            raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
+        elif self._store.table.taken(task_id):
+            raise TaskExistsError(task_id)
         try:
             check_json_value(extra, "kwargs")
         except ValueError as exc:
@@ -222,10 +259,10 @@ class TaskDispatcher:
             )
         except ValidationError as exc:
             raise InvalidTaskError(*describe_validation_error(exc)) from None
-        end = end_instant(record.task_end_time, self.timezone)
-        if end is not None and end < now:
+        schedule = self._store.schedule(record)
+        if schedule.ended(now):
             raise InvalidTaskError("task_end_time", f"{record.task_end_time} is already past")
-        first = self._store.next_time(record, None, now)
+        first = schedule.next_run(None, now)
         if first is None:
             raise InvalidTaskError(
                 "task_end_time",
@@ -251,7 +288,9 @@ class TaskDispatcher:
         ``task_id`` and ``task_type``) re-create its manager as
         ``factory(sys_type=sys_type, **kwargs)``. The account is ``account_id`` or the one
         keyword ending in ``_account_id``. Raises :class:`InvalidTaskError` (a ``ValueError``)
-        naming the field, and saves nothing, if anything is invalid.
+        naming the field, and saves nothing, if anything is invalid (:class:`TaskExistsError`
+        if the id is taken). Raises :class:`SaveFailedError` if the task was added but could
+        not be saved (it stays added and saving is retried).
         """
         keywords = dict(kwargs)
         keywords.update(
@@ -269,7 +308,8 @@ class TaskDispatcher:
     async def add_tasks(self, tasks: Iterable[Mapping[str, Any]]) -> list[str]:
         """Add many tasks with one save: each validated as :meth:`add_task` does, all or none.
 
-        Each item holds :meth:`add_task`'s keywords. Returns the new ids in order.
+        Each item holds :meth:`add_task`'s keywords. Returns the new ids in order. Raises
+        :class:`SaveFailedError` if the tasks were added but could not be saved.
         """
         self._check_open()
         now = self._store.now()
@@ -279,8 +319,13 @@ class TaskDispatcher:
             record = self._record(now, dict(keywords), taken)
             taken.add(record.task_id)
             records.append(record)
+        for record in records:
+            self._check_manager(record)
         self._store.add_tasks(records)
-        await self._store.save_async()
+        saved = await self._store.save_async()
+        self._wake()
+        if not saved:
+            self._save_failed(tuple(record.task_id for record in records))
         for record in records:
             logger.info(
                 "task %s added for account %s (%s, every %ss, hours %d-%d)",
@@ -290,10 +335,21 @@ class TaskDispatcher:
                 record.interval,
                 *record.valid_time_range,
             )
-        self._wake()
         return [record.task_id for record in records]
 
     # ------------------------------------------------------------------ changing
+
+    def _save(self, task_id: str) -> None:
+        """Save durably now; raise :class:`SaveFailedError` naming ``task_id`` if that fails."""
+        if not self._store.save():
+            self._save_failed((task_id,))
+
+    def _save_failed(self, task_ids: tuple[str, ...]) -> None:
+        # The change stays applied; a background retry is scheduled when there is a loop.
+        self._store.request_retry()
+        raise SaveFailedError(
+            self.state_file, task_ids, self._store.save_health.last_error or "unknown error"
+        )
 
     def _check_open(self) -> None:
         if self._store.closed:
@@ -312,16 +368,11 @@ class TaskDispatcher:
         changes nothing.
         """
         self._check_open()
+        _task_id(task_id)
 
-        def pause(record: TaskRecord) -> TaskRecord:
-            if record.status in (TaskStatus.PAUSED, TaskStatus.COMPLETED):
-                return record
-            return record.replace(
-                status=TaskStatus.PAUSED, next_execution_time=None, updated_at=self._store.now()
-            )
-
-        record = self._store.update_task(task_id, pause)
-        self._store.save()
+        now = self._store.now()
+        record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
+        self._save(task_id)
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
 
     def resume_task(self, task_id: str) -> None:
@@ -332,20 +383,15 @@ class TaskDispatcher:
         changes nothing.
         """
         self._check_open()
+        _task_id(task_id)
+
+        now = self._store.now()
 
         def resume(record: TaskRecord) -> TaskRecord:
-            if record.status is not TaskStatus.PAUSED:
-                return record
-            now = self._store.now()
-            planned = self._store.next_time(record, record.last_execution_time, now)
-            if planned is None:
-                return record.replace(status=TaskStatus.COMPLETED, updated_at=now)
-            executing = self._store.is_executing(task_id)
-            status = TaskStatus.RUNNING if executing else TaskStatus.PENDING
-            return record.replace(status=status, next_execution_time=planned, updated_at=now)
+            return lifecycle.resumed(record, self._store.schedule(record), now)
 
         record = self._store.update_task(task_id, resume)
-        self._store.save()
+        self._save(task_id)
         self._wake()
         logger.info(
             "task %s (account %s) is %s, next run %s",
@@ -358,8 +404,11 @@ class TaskDispatcher:
     def remove_task(self, task_id: str) -> None:
         """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
         self._check_open()
+        _task_id(task_id)
         record = self._store.remove_task(task_id)
-        self._store.save()
+        if self._local is not None:
+            self._local.forget(task_id)
+        self._save(task_id)
         logger.info("task %s (account %s) removed", task_id, record.account_id)
 
     def reorder_task(self, task_id: str, position: int) -> None:
@@ -368,6 +417,7 @@ class TaskDispatcher:
         Tasks of one account run one at a time in that order. Saved when this returns.
         """
         self._check_open()
+        _task_id(task_id)
         if isinstance(position, bool):
             raise TypeError("position: must be an integer, not bool")
         try:
@@ -377,7 +427,7 @@ class TaskDispatcher:
                 f"position: must be an integer, not {type(position).__name__}"
             ) from None
         self._store.reorder(task_id, position)
-        self._store.save()
+        self._save(task_id)
         logger.info("task %s moved to position %d", task_id, position)
 
     # ------------------------------------------------------------------ running
@@ -386,7 +436,13 @@ class TaskDispatcher:
         """Start scheduling on the running event loop (a no-op if already started)."""
         self._check_open()
         if not self._scheduler.running:
+            await self._backend.open(self._ledger)
+            recovered = self._ledger.recover() if self._backend.remote else []
             self._scheduler.start()
+            for request in recovered:
+                self._runner.resume(request)
+            if recovered:
+                await self._backend.recover(recovered)
             logger.info("dispatcher on %s started", self.directory)
 
     async def run_pending(self) -> None:
@@ -414,6 +470,7 @@ class TaskDispatcher:
         if self._scheduler.running:
             self._scheduler.pause()
             await self._runner.drain(grace_period)
+            await self._backend.close(0)
             self._scheduler.shutdown(wait=False)
         await self._store.drain_saves()
         self._store.touch()  # the final save happens even if nothing changed

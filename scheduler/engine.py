@@ -21,13 +21,13 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
 from jobstores.jsonfile import JsonJobStore
-from scheduler.runs import RunOutcome
+from tasks.runs import RunEvent
 
 __all__ = ["DispatchExecutor", "DispatchScheduler"]
 
 logger = logging.getLogger(__name__)
 
-Submit = Callable[[str, datetime], asyncio.Task[RunOutcome | None]]
+Submit = Callable[[str, datetime], asyncio.Task[RunEvent | None]]
 
 
 class DispatchExecutor(BaseExecutor):
@@ -50,7 +50,7 @@ class DispatchExecutor(BaseExecutor):
         if exc is not None:
             self._run_job_error(job_id, exc, exc.__traceback__)
             return
-        outcome: RunOutcome | None = task.result()
+        outcome: RunEvent | None = task.result()
         if outcome is None:
             event = JobExecutionEvent(EVENT_JOB_MISSED, job_id, alias, run_time)
         elif outcome.ok:
@@ -81,8 +81,34 @@ class DispatchScheduler(AsyncIOScheduler):
         self._jobstores_lock = store.lock
 
     def _process_jobs(self) -> float | None:
-        with self._store.deferred_saves(durable=False):
-            return super()._process_jobs()  # type: ignore[no-any-return]
+        with self._store.deferred_saves():
+            while True:
+                try:
+                    return super()._process_jobs()  # type: ignore[no-any-return]
+                except Exception:
+                    # One task's schedule raised mid-pass: put it in error and pass again,
+                    # so the other tasks run and the timer is re-armed. Each retry follows
+                    # at least one task taken out, so this ends.
+                    if not self._isolate_faults():
+                        logger.exception(
+                            "scheduler pass failed; trying again in %ss",
+                            self.jobstore_retry_interval,
+                        )
+                        return float(self.jobstore_retry_interval)
+
+    def _isolate_faults(self) -> int:
+        """Put every due task whose schedule raises in error; return how many there were."""
+        now = datetime.now(self.timezone)
+        faults = 0
+        for job in self._store.get_due_jobs(now):
+            try:
+                run_times = job._get_run_times(now)
+                if run_times:
+                    job.trigger.get_next_fire_time(run_times[-1], now)
+            except Exception as exc:
+                self._store.fault(job.id, exc)
+                faults += 1
+        return faults
 
     def process_due(self) -> None:
         """Run one scheduler pass now (on the event loop thread) and re-arm the timer."""

@@ -1,18 +1,23 @@
-"""From "APScheduler submitted a run" to "the outcome is on the task record"."""
+"""From "APScheduler submitted a run" to "its outcome is on the task record".
+
+A run goes: due (APScheduler) -> the account lane -> the ledger opens it (the gate: paused,
+removed, outside the window or past the end means skipped) -> the backend executes it ->
+its events come back to the ledger -> the lane is released.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import uuid
-from datetime import datetime, tzinfo
+from collections.abc import Coroutine
+from datetime import datetime
+from typing import Any
 
 from jobstores.jsonfile import JsonJobStore
 from scheduler.lanes import AccountLanes
-from scheduler.runs import RunBackend, RunOutcome, RunRequest, describe_error
-from scheduler.triggers import end_instant, may_start
-from tasks.model import TaskStatus
+from scheduler.ledger import RunLedger
+from tasks.runs import RunBackend, RunEvent, RunEventKind, RunRequest, describe_error
+from tasks.schedule import utc_now
 
 __all__ = ["TaskRunner"]
 
@@ -20,30 +25,32 @@ logger = logging.getLogger(__name__)
 
 
 class TaskRunner:
-    """Runs submitted tasks through their account lane and records each outcome.
-
-    A run starts only if, at the moment it gets its lane, the task is neither paused nor
-    removed, its window is open and its end time not passed; otherwise it is skipped (this is
-    what makes missed runs coalesce into at most one run, and only inside the window).
-    """
+    """Runs submitted tasks through their account lane, the ledger and the backend."""
 
     def __init__(
-        self, store: JsonJobStore, backend: RunBackend, lanes: AccountLanes, zone: tzinfo
+        self, store: JsonJobStore, backend: RunBackend, lanes: AccountLanes, ledger: RunLedger
     ) -> None:
         self._store = store
         self._backend = backend
         self._lanes = lanes
-        self._zone = zone
-        self._tasks: set[asyncio.Task[RunOutcome | None]] = set()
-        # Run ids: unique per process by the counter, across processes by the prefix.
-        self._run_prefix = uuid.uuid4().hex[:12]
-        self._run_numbers = itertools.count(1)
+        self._ledger = ledger
+        self._tasks: set[asyncio.Task[RunEvent | None]] = set()
 
-    def submit(self, task_id: str, scheduled_at: datetime) -> asyncio.Task[RunOutcome | None]:
+    def submit(self, task_id: str, scheduled_at: datetime) -> asyncio.Task[RunEvent | None]:
         """Queue a run of ``task_id`` planned for ``scheduled_at``; call on the event loop."""
         self._store.run_submitted(task_id)
+        return self._spawn(self._run(task_id, scheduled_at), task_id)
+
+    def resume(self, request: RunRequest) -> asyncio.Task[RunEvent | None]:
+        """Hold the lane of a run recovered after a restart until it ends."""
+        self._store.run_submitted(request.task_id)
+        return self._spawn(self._hold(request), request.task_id)
+
+    def _spawn(
+        self, coroutine: Coroutine[Any, Any, RunEvent | None], task_id: str
+    ) -> asyncio.Task[RunEvent | None]:
         task = asyncio.get_running_loop().create_task(
-            self._run(task_id, scheduled_at), name=f"task-dispatcher run {task_id}"
+            coroutine, name=f"task-dispatcher run {task_id}"
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -69,7 +76,7 @@ class TaskRunner:
             )
             await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _run(self, task_id: str, scheduled_at: datetime) -> RunOutcome | None:
+    async def _run(self, task_id: str, scheduled_at: datetime) -> RunEvent | None:
         try:
             record = self._store.find(task_id)
             if record is None:
@@ -77,122 +84,58 @@ class TaskRunner:
             account = record.account_id
             await self._lanes.acquire(account, task_id)
             try:
-                request = self._begin(task_id, scheduled_at)
+                request = self._ledger.open(task_id, scheduled_at)
                 if request is None:
                     return None
-                try:
-                    outcome = await self._backend.execute(request)
-                except asyncio.CancelledError:
-                    self._interrupted(task_id)
-                    raise
-                except Exception as exc:
-                    outcome = RunOutcome(request.run_id, error=describe_error(exc))
-                self._finish(request, outcome)
-                return outcome
+                return await self._execute(request)
             finally:
                 self._lanes.release(account)
         finally:
-            self._store.run_settled(task_id)
-            if not self._store.closed:
-                self._store.request_save()
+            self._settled(task_id)
 
-    def _begin(self, task_id: str, scheduled_at: datetime) -> RunRequest | None:
-        store = self._store
-        with store.lock:
-            record = store.find(task_id)
-            if record is None or store.closed:
-                return None
-            if record.status in (TaskStatus.PAUSED, TaskStatus.COMPLETED):
-                logger.info(
-                    "run of task %s (account %s) skipped: task is %s",
-                    task_id,
-                    record.account_id,
-                    record.status.value,
+    async def _hold(self, request: RunRequest) -> RunEvent | None:
+        try:
+            await self._lanes.acquire(request.account_id, request.task_id)
+            try:
+                ended = self._ledger.ended(request.run_id)
+                return None if ended is None else await ended
+            finally:
+                self._lanes.release(request.account_id)
+        finally:
+            self._settled(request.task_id)
+
+    async def _execute(self, request: RunRequest) -> RunEvent:
+        ended = self._ledger.ended(request.run_id)
+        assert ended is not None
+        try:
+            if self._backend.remote and not await self._store.save_async():
+                # At most once: a run is sent only once it is on disk as sent.
+                error = (
+                    f"not sent: the run could not be saved ({self._store.save_health.last_error})"
                 )
-                return None
-            now = store.now()
-            end = end_instant(record.task_end_time, self._zone)
-            if not may_start(now, record.valid_time_range, end, self._zone):
-                logger.info(
-                    "run of task %s (account %s) planned for %s skipped: outside hours %d-%d "
-                    "or past its end time; next run %s",
-                    task_id,
-                    record.account_id,
-                    scheduled_at.isoformat(),
-                    *record.valid_time_range,
-                    record.next_execution_time,
-                )
-                return None
-            record = store.update_task(task_id, lambda r: r.run_started(now))
-            store.run_executing(task_id, True)
-        store.request_save()
-        run_id = f"{self._run_prefix}-{next(self._run_numbers)}"
-        logger.info(
-            "run %s of task %s (account %s, %s) started",
-            run_id,
-            task_id,
-            record.account_id,
-            record.task_type,
-        )
-        return RunRequest(
-            run_id=run_id,
-            task_id=task_id,
-            account_id=record.account_id,
-            sys_type=record.sys_type,
-            task_type=record.task_type,
-            scheduled_at=scheduled_at,
-            started_at=now,
-            manager=store.manager(task_id),
+                self._ledger.apply(self._failed(request, error))
+            else:
+                if not self._backend.remote:
+                    self._store.request_save()
+                try:
+                    await self._backend.submit(request)
+                except Exception as exc:
+                    self._ledger.apply(
+                        self._failed(request, f"could not be sent: {describe_error(exc)}")
+                    )
+            return await asyncio.shield(ended)
+        except asyncio.CancelledError:
+            if not self._backend.remote:
+                self._ledger.abandon(request.run_id)
+            raise
+
+    @staticmethod
+    def _failed(request: RunRequest, error: str) -> RunEvent:
+        return RunEvent(
+            request.run_id, request.task_id, RunEventKind.FAILED, at=utc_now(), error=error
         )
 
-    def _finish(self, request: RunRequest, outcome: RunOutcome) -> None:
-        store = self._store
-        now = store.now()
-        with store.lock:
-            store.run_executing(request.task_id, False)
-            if store.find(request.task_id) is None:
-                logger.info(
-                    "run %s of task %s finished after the task was removed",
-                    request.run_id,
-                    request.task_id,
-                )
-                return
-            store.update_task(
-                request.task_id, lambda r: r.run_finished(error=outcome.error, now=now)
-            )
-        seconds = (now - request.started_at).total_seconds()
-        if outcome.ok:
-            logger.info(
-                "run %s of task %s (account %s) finished in %.3fs",
-                request.run_id,
-                request.task_id,
-                request.account_id,
-                seconds,
-            )
-        else:
-            logger.error(
-                "run %s of task %s (account %s) failed after %.3fs: %s",
-                request.run_id,
-                request.task_id,
-                request.account_id,
-                seconds,
-                outcome.error,
-            )
-
-    def _interrupted(self, task_id: str) -> None:
-        store = self._store
-        with store.lock:
-            store.run_executing(task_id, False)
-            if store.find(task_id) is None or store.closed:
-                return
-            store.update_task(
-                task_id,
-                lambda r: (
-                    r
-                    if r.status is not TaskStatus.RUNNING
-                    else r.replace(status=TaskStatus.PENDING, updated_at=store.now())
-                ),
-            )
-        logger.warning(
-            "run of task %s was cancelled before it finished; it stays runnable", task_id
-        )
+    def _settled(self, task_id: str) -> None:
+        self._store.run_settled(task_id)
+        if not self._store.closed:
+            self._store.request_save()

@@ -1,21 +1,22 @@
-"""When a task runs: pure functions of ``now``, and the APScheduler trigger built on them.
+"""When a task runs (re-exported from :mod:`tasks.schedule`) and its APScheduler trigger."""
 
-Interval arithmetic is done on UTC instants (elapsed time, as APScheduler's IntervalTrigger
-counts it); the dispatcher's zone is consulted only to read wall-clock hours.
-"""
-
-from __future__ import annotations
-
-from collections.abc import Iterator
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
-from typing import TYPE_CHECKING
-
-from apscheduler.triggers.base import BaseTrigger
-
-if TYPE_CHECKING:
-    from tasks.model import TaskRecord
+from jobstores.jobs import TaskTrigger
+from tasks.schedule import (
+    Schedule,
+    Window,
+    end_instant,
+    in_window,
+    may_start,
+    next_run,
+    resolve_wall_time,
+    same_instant,
+    upcoming_runs,
+    utc_now,
+    window_opening,
+)
 
 __all__ = [
+    "Schedule",
     "TaskTrigger",
     "Window",
     "end_instant",
@@ -28,195 +29,3 @@ __all__ = [
     "utc_now",
     "window_opening",
 ]
-
-Window = tuple[int, int]
-"""Hours ``(start, end)`` of the dispatcher's zone: open while ``start <= hour < end``;
-``start > end`` wraps midnight; ``(0, 24)`` is all day."""
-
-_ONE_SECOND = timedelta(seconds=1)
-_ONE_MICROSECOND = timedelta(microseconds=1)
-
-
-def utc_now() -> datetime:
-    """The current instant, aware, in UTC (the one clock the dispatcher reads)."""
-    return datetime.now(UTC)
-
-
-def same_instant(a: datetime | None, b: datetime | None) -> bool:
-    """Whether ``a`` and ``b`` are the same instant (or both None).
-
-    ``==`` on aware datetimes is not that: within one zone it compares wall times (ignoring
-    ``fold``), and across zones PEP 495 makes it False for any ambiguous time.
-    """
-    if a is b:
-        return True
-    if a is None or b is None:
-        return False
-    return a.astimezone(UTC) == b.astimezone(UTC)
-
-
-def in_window(t: datetime, window: Window, zone: tzinfo) -> bool:
-    """Whether a run may start at instant ``t`` as far as the hour window is concerned."""
-    start, end = window
-    if start == 0 and end == 24:
-        return True
-    hour = t.astimezone(zone).hour
-    if start < end:
-        return start <= hour < end
-    return hour >= start or hour < end
-
-
-def resolve_wall_time(wall: datetime, zone: tzinfo) -> datetime:
-    """The first instant (UTC) at which the zone's clock reads ``wall`` (naive) or later.
-
-    A repeated wall time (fall back) resolves to its first occurrence; a skipped one (spring
-    forward) to the first instant after the gap, i.e. the transition itself.
-    """
-    first = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
-    second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
-    if first <= second:
-        return first
-    # In a gap zoneinfo maps fold=0 with the offset before the transition and fold=1 with the
-    # offset after it, so the transition lies between the two: find it (offsets change on
-    # whole seconds).
-    lo, hi = second, first
-    before = lo.astimezone(zone).utcoffset()
-    while hi - lo > _ONE_SECOND:
-        mid = lo + (hi - lo) / 2
-        mid = mid.replace(microsecond=0)
-        if mid.astimezone(zone).utcoffset() == before:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def window_opening(t: datetime, window: Window, zone: tzinfo) -> datetime:
-    """The first instant at or after ``t`` at which the window is open (``t`` itself if open)."""
-    if in_window(t, window, zone):
-        return t
-    local_day = t.astimezone(zone).date()
-    start_offset = timedelta(hours=window[0])
-    for days in range(4):
-        wall = datetime.combine(local_day + timedelta(days=days), time()) + start_offset
-        opening = resolve_wall_time(wall, zone)
-        if opening >= t and in_window(opening, window, zone):
-            return opening.astimezone(zone)
-    raise AssertionError(f"window {window} never opens after {t}")  # pragma: no cover
-
-
-def end_instant(task_end_time: date | datetime | None, zone: tzinfo) -> datetime | None:
-    """The last instant at which a run may start, or None for no end.
-
-    A date allows runs until the end of that day in ``zone``; a datetime is the exact cut-off.
-    """
-    if task_end_time is None:
-        return None
-    if isinstance(task_end_time, datetime):
-        if task_end_time.tzinfo is None:
-            task_end_time = task_end_time.replace(tzinfo=zone)
-        return task_end_time.astimezone(UTC)
-    next_midnight = datetime.combine(task_end_time + timedelta(days=1), time())
-    return resolve_wall_time(next_midnight, zone) - _ONE_MICROSECOND
-
-
-def may_start(t: datetime, window: Window, end: datetime | None, zone: tzinfo) -> bool:
-    """Whether a run may start at ``t``: inside the window and not after the end."""
-    return in_window(t, window, zone) and (end is None or t <= end)
-
-
-def next_run(
-    previous: datetime | None,
-    *,
-    interval: timedelta,
-    window: Window,
-    end: datetime | None,
-    zone: tzinfo,
-    now: datetime,
-) -> datetime | None:
-    """When the run after ``previous`` starts, or None when no run can start before ``end``.
-
-    The first run (``previous`` None) is ``now`` if the window is open, else its next opening.
-    Then ``previous + interval``, moved to the next window opening if it falls outside the
-    window. A time already past (runs missed while stopped or busy) collapses to ``now``, so
-    missed runs coalesce into one run now if the window is open, else the next opening.
-    """
-    candidate = now if previous is None else max(previous.astimezone(UTC) + interval, now)
-    result = window_opening(candidate, window, zone)
-    if end is not None and result > end:
-        return None
-    return result.astimezone(zone)
-
-
-def upcoming_runs(
-    first: datetime | None,
-    *,
-    interval: timedelta,
-    window: Window,
-    end: datetime | None,
-    zone: tzinfo,
-) -> Iterator[datetime]:
-    """The planned run times starting at ``first``, each the next after the one before."""
-    current = first
-    while current is not None:
-        yield current
-        current = next_run(
-            current, interval=interval, window=window, end=end, zone=zone, now=current
-        )
-
-
-class TaskTrigger(BaseTrigger):
-    """An interval trigger gated by an hour window and an end time.
-
-    ``get_next_fire_time`` is :func:`next_run`, so APScheduler never sees a window rule of
-    its own.
-    """
-
-    __slots__ = ("end", "interval", "timezone", "window")
-
-    def __init__(
-        self, *, interval: timedelta, window: Window, end: datetime | None, zone: tzinfo
-    ) -> None:
-        self.interval = interval
-        self.window = window
-        self.end = end
-        self.timezone = zone
-
-    @classmethod
-    def for_record(cls, record: TaskRecord, zone: tzinfo) -> TaskTrigger:
-        """The trigger that plans ``record``'s runs in ``zone``."""
-        return cls(
-            interval=record.interval_delta,
-            window=record.valid_time_range,
-            end=end_instant(record.task_end_time, zone),
-            zone=zone,
-        )
-
-    def upcoming(self, first: datetime | None) -> Iterator[datetime]:
-        """The planned run times from ``first`` on (see :func:`upcoming_runs`)."""
-        return upcoming_runs(
-            first, interval=self.interval, window=self.window, end=self.end, zone=self.timezone
-        )
-
-    def get_next_fire_time(
-        self, previous_fire_time: datetime | None, now: datetime
-    ) -> datetime | None:
-        return next_run(
-            previous_fire_time,
-            interval=self.interval,
-            window=self.window,
-            end=self.end,
-            zone=self.timezone,
-            now=now,
-        )
-
-    def __str__(self) -> str:
-        start, stop = self.window
-        until = f", until {self.end.isoformat()}" if self.end else ""
-        return f"every {self.interval} within hours {start}-{stop}{until}"
-
-    def __repr__(self) -> str:
-        return (
-            f"<TaskTrigger interval={self.interval!r} window={self.window!r} "
-            f"end={self.end!r} timezone='{self.timezone}'>"
-        )

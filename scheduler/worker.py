@@ -29,6 +29,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
+from scheduler.backends.local import call_manager, create_manager
 from scheduler.fleet import (
     BROKER_ENV_VAR,
     CLAIM_SCRIPT,
@@ -46,7 +47,6 @@ from scheduler.fleet import (
     mask_url,
     worker_name,
 )
-from scheduler.runs import call_manager
 from tasks.manager import TaskManagerFactory
 from tasks.registry import default_registry
 from tasks.runs import RunEvent, RunEventKind, RunRequest, describe_error
@@ -290,7 +290,7 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
     error: str | None = None
     with _Heartbeat(client, request.run_id, claim, interval, alive_ms):
         try:
-            manager = _state.factory()(sys_type=request.sys_type, **request.kwargs)
+            manager = create_manager(_state.factory(), request.sys_type, request.kwargs)
             asyncio.run(call_manager(manager))
         except Exception as exc:
             error = describe_error(exc)

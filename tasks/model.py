@@ -7,6 +7,7 @@ from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import Any
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -17,10 +18,22 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["TaskRecord", "TaskStatus", "check_json_value"]
+__all__ = [
+    "MIN_INTERVAL",
+    "RESERVED_KWARGS",
+    "ActiveRun",
+    "TaskRecord",
+    "TaskStatus",
+    "check_json_value",
+    "json_default",
+    "kwargs_problems",
+    "parse_end_time",
+]
 
 _MAX_JSON_INT = 2**63 - 1
 _MAX_INTERVAL = 1000 * 365 * 86400
+MIN_INTERVAL = 1
+"""The shortest interval, in seconds: shorter ones would make the scheduler spin."""
 
 
 class TaskStatus(StrEnum):
@@ -31,6 +44,27 @@ class TaskStatus(StrEnum):
     PAUSED = "paused"
     COMPLETED = "completed"
     ERROR = "error"
+
+    @property
+    def settled(self) -> bool:
+        """Whether no run may start in this status (paused or completed)."""
+        return self in _SETTLED
+
+
+_SETTLED = frozenset({TaskStatus.PAUSED, TaskStatus.COMPLETED})
+
+
+def json_default(value: Any) -> Any:
+    """What a fast JSON encoder (orjson) cannot encode itself in a saved record.
+
+    Nested models become their JSON form; dates and datetimes whose class is a subclass (the
+    time-travel classes of test tools) become ISO-8601 text with their offset.
+    """
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 def check_json_value(value: Any, path: str) -> None:
@@ -66,6 +100,25 @@ def check_json_value(value: Any, path: str) -> None:
     )
 
 
+def parse_end_time(text: str) -> date | datetime:
+    """``task_end_time`` from text: a date (``2099-01-01``, ``20990101``) or an ISO datetime.
+
+    Anything :meth:`date.fromisoformat` reads is a date (the whole day counts); only text
+    with a time of day is a datetime (an exact cut-off). Raises ``ValueError``.
+    """
+    text = text.strip()
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"must be a date (YYYY-MM-DD) or an ISO-8601 datetime, got {text!r}"
+        ) from None
+
+
 def _zone(info: ValidationInfo) -> tzinfo | None:
     context = info.context or {}
     zone = context.get("zone")
@@ -82,6 +135,28 @@ def _aware(value: datetime, info: ValidationInfo) -> datetime:
     return value.astimezone(zone) if zone is not None else value
 
 
+class ActiveRun(BaseModel):
+    """The run of a task that is out (submitted, not yet finished): the run ledger's entry.
+
+    Saved in the record, so a run still out when the dispatcher stops is neither sent again
+    nor forgotten after a restart.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str = Field(min_length=1)
+    scheduled_at: datetime
+    submitted_at: datetime
+    attempt: int = Field(default=1, ge=1)
+    started_at: datetime | None = None
+    """When it started executing (None: still queued)."""
+
+    @property
+    def queued(self) -> bool:
+        """Whether the run waits for a worker to start it."""
+        return self.started_at is None
+
+
 class TaskRecord(BaseModel):
     """Everything that is known about one task, as saved in ``dispatch_config.json``.
 
@@ -92,7 +167,7 @@ class TaskRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow", validate_default=True)
 
     task_id: str = Field(min_length=1, max_length=256)
-    account_id: str = Field(min_length=1)
+    account_id: str = Field(min_length=1, max_length=256)
     account_name: str | None = None
     task_type: str = Field(min_length=1)
     sys_type: str = Field(min_length=1)
@@ -109,8 +184,12 @@ class TaskRecord(BaseModel):
     failure_count: int = Field(default=0, ge=0)
     consecutive_failures: int = Field(default=0, ge=0)
     last_error: str | None = None
+    last_worker: str | None = None
+    """The worker that ran the last run (None: this process)."""
+    active_run: ActiveRun | None = None
+    """The run that is out right now, if any."""
 
-    @field_validator("task_id")
+    @field_validator("task_id", "account_id")
     @classmethod
     def _printable_id(cls, value: str) -> str:
         if value != value.strip() or not value.isprintable():
@@ -126,6 +205,8 @@ class TaskRecord(BaseModel):
             raise ValueError(f"must be a number of seconds or a timedelta, not {value!r}")
         if value <= 0:
             raise ValueError(f"must be positive, got {value!r}")
+        if value < MIN_INTERVAL:
+            raise ValueError(f"must be at least {MIN_INTERVAL} second, got {value!r}")
         if value > _MAX_INTERVAL:
             raise ValueError(f"must be at most {_MAX_INTERVAL} seconds (1000 years)")
         if isinstance(value, float) and not math.isfinite(value):  # pragma: no cover - > max
@@ -143,21 +224,16 @@ class TaskRecord(BaseModel):
                 raise ValueError(f"hours must be whole numbers from 0 to 24, got {value!r}")
         if start == end:
             raise ValueError(f"start and end hour must differ, got {value!r} (use [0, 24])")
+        if (start, end) == (24, 0):
+            # Open while hour >= 24 or hour < 0: never.
+            raise ValueError(f"{list(value)!r} never opens (use [0, 24] for all day)")
         return (start, end)
 
     @field_validator("task_end_time", mode="before")
     @classmethod
     def _end(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
-            text = value.strip()
-            try:
-                value = (
-                    date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
-                )
-            except ValueError:
-                raise ValueError(
-                    f"must be a date (YYYY-MM-DD) or an ISO-8601 datetime, got {value!r}"
-                ) from None
+            value = parse_end_time(value)
         if isinstance(value, datetime):
             return _aware(value, info)
         if value is None or isinstance(value, date):
@@ -224,34 +300,30 @@ class TaskRecord(BaseModel):
         """A deep copy for callers: mutating its ``kwargs`` changes nothing here."""
         return self.model_copy(deep=True)
 
-    def run_started(self, now: datetime) -> TaskRecord:
-        """The record once a run started at ``now``."""
-        return self.replace(status=TaskStatus.RUNNING, last_execution_time=now, updated_at=now)
-
-    def run_finished(self, *, error: str | None, now: datetime) -> TaskRecord:
-        """The record once a run ended (``error`` is None on success).
-
-        A task paused during the run stays paused; otherwise it is ``error`` after a failure and
-        ``pending`` after a success (completion is decided by whoever knows the schedule).
-        """
-        if self.status is TaskStatus.PAUSED:
-            status = TaskStatus.PAUSED
-        else:
-            status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
-        return self.replace(
-            status=status,
-            run_count=self.run_count + 1,
-            failure_count=self.failure_count + (error is not None),
-            consecutive_failures=0 if error is None else self.consecutive_failures + 1,
-            last_error=self.last_error if error is None else error,
-            updated_at=now,
-        )
-
     def to_json_dict(self) -> dict[str, Any]:
-        """The record as saved: plain JSON types, datetimes as ISO-8601 with offset."""
-        return self.model_dump(mode="json")
+        """The record exactly as saved: plain JSON types, datetimes as ISO-8601 with offset."""
+        data: dict[str, Any] = orjson.loads(orjson.dumps(self.plain(), default=json_default))
+        return data
 
 
 _ALL_FIELDS = set(TaskRecord.model_fields)
 _NO_EXTRA: dict[str, Any] = {}
 _TIMES = ("last_execution_time", "next_execution_time", "created_at", "updated_at")
+
+RESERVED_KWARGS = frozenset(_ALL_FIELDS - {"account_id", "account_name", "task_id", "task_type"})
+"""Record fields that cannot be task keywords: the manager is created as
+``factory(sys_type=..., **kwargs)``, and the rest belong to the dispatcher, not the manager.
+(``kwargs`` also carry the account and, as the dispatcher sets them, the task's id and type.)"""
+
+
+def kwargs_problems(record: TaskRecord) -> list[tuple[str, str]]:
+    """``(field, message)`` for what in ``record.kwargs`` cannot run as written."""
+    problems = [
+        (f"kwargs.{key}", "is a record field, not a task keyword")
+        for key in record.kwargs
+        if key in RESERVED_KWARGS
+    ]
+    own_id = record.kwargs.get("task_id", record.task_id)
+    if own_id != record.task_id:
+        problems.append(("kwargs.task_id", f"names task {own_id!r}, not this task"))
+    return problems

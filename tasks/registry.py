@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from scheduler.errors import UnknownTaskTypeError
+from tasks.errors import UnknownTaskTypeError
 from tasks.manager import TaskManager, TaskManagerFactory
 
 __all__ = ["TaskTypeRegistry", "default_registry", "register_task_type"]

@@ -219,6 +219,9 @@ class RunBackend(Protocol):
 
     name: str
     """A short name for logs and health ("local", "celery")."""
+    remote: bool
+    """Whether runs execute in other processes: they then outlive a restart of the
+    dispatcher (which recovers them), and each run is made durable before it is sent."""
 
     async def open(self, inbox: RunInbox) -> None:
         """Start: from now on deliver events (including those waiting from before a restart)."""

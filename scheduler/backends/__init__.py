@@ -1,16 +1,16 @@
-"""Run backends that execute runs outside the dispatcher's process.
+"""Run backends: where runs execute (this process, or a fleet of workers).
 
 ``CeleryRunBackend`` needs the ``celery`` extra: ``pip install 'task-dispatcher[celery]'``.
 """
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING, Any
+
+from scheduler.backends.local import LocalRunBackend, call_manager
 
 if TYPE_CHECKING:
     from scheduler.backends.celery import CeleryRunBackend
 
-__all__ = ["CeleryRunBackend"]
+__all__ = ["CeleryRunBackend", "LocalRunBackend", "call_manager"]
 
 _EXTRA_MODULES = {"celery", "kombu", "redis", "billiard", "vine"}
 

@@ -33,7 +33,6 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError, ResponseError
 
-from scheduler.errors import BrokerUnavailableError
 from scheduler.fleet import (
     CLAIM_TTL,
     EPOCH_KEY,
@@ -49,6 +48,7 @@ from scheduler.fleet import (
     mask_url,
     queue_name,
 )
+from tasks.errors import BrokerUnavailableError
 from tasks.runs import RunEvent, RunEventKind, RunInbox, RunRequest, describe_error
 
 __all__ = ["CeleryRunBackend"]
@@ -109,6 +109,8 @@ class CeleryRunBackend:
     """
 
     name = "celery"
+    remote = True
+    """Runs outlive this process: after a restart they are recovered, not re-sent."""
 
     def __init__(
         self,

@@ -89,7 +89,7 @@ def test_directory_lock(tmp_path: Path) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path, recorder: Recorder) -> JsonJobStore:
-    return JsonJobStore(tmp_path, timezone=SHANGHAI, manager_factory=recorder, now=T0)
+    return JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0)
 
 
 @pytest.mark.parametrize(

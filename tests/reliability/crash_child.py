@@ -57,7 +57,7 @@ async def main(directory: str, seed: int) -> None:
                 task_type="crash",
                 account_id=op["account"],
                 task_id=task_id,
-                interval=rng.choice([0.05, 0.1, 0.3]),
+                interval=rng.choice([1, 2, 3]),  # the shortest allowed: runs stay frequent
                 fail=rng.random() < 0.3,
             )
         else:

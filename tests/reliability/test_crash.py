@@ -122,7 +122,7 @@ def observe(directory: Path) -> tuple[Model, dict[str, str], list[str]]:
             assert record.task_id in model.order[record.account_id]
     finally:
         dispatcher.close()
-    assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")], (os.getpid(), leftovers)
     assert not list(directory.glob("*.corrupt-*")), "the state file was unreadable after a crash"
     return model, statuses, leftovers
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from jobstores import JsonJobStore
 from jobstores.jsonfile import parse_record
+from scheduler import TaskDispatcher
 from scheduler.errors import InvalidTaskError, NewerFormatError
 
 UTC = ZoneInfo("UTC")
@@ -43,7 +44,7 @@ def directory_with(content: bytes) -> Iterator[Path]:
 def load(directory: Path) -> JsonJobStore | None:
     """Open the store; the one allowed refusal is a newer format."""
     try:
-        return JsonJobStore(directory, timezone=UTC, manager_factory=Manager, now=NOW)
+        return JsonJobStore(directory, timezone=UTC, now=NOW)
     except NewerFormatError:
         return None
 
@@ -215,9 +216,9 @@ def test_the_file_cannot_name_code_to_import(tmp_path: Path) -> None:
         "kwargs": {"task_id": "t0", "task_type": "os:system"},
     }
     (tmp_path / "dispatch_config.json").write_text(json.dumps({"version": "1.0", "tasks": [task]}))
-    store = JsonJobStore(tmp_path, timezone=UTC, manager_factory=TaskTypeRegistry(), now=NOW)
+    dispatcher = TaskDispatcher(tmp_path, task_manager_factory=TaskTypeRegistry(), timezone=UTC)
     try:
-        assert store.records() == []
-        assert store.kept_records() == [task]
+        assert dispatcher.list_tasks() == []
+        assert dispatcher._store.kept_records() == [task]
     finally:
-        store.close()
+        dispatcher.close()

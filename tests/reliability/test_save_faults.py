@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from helpers import Recorder, at, read_state
 
-from scheduler import TaskDispatcher
+from scheduler import SaveFailedError, TaskDispatcher
 
 MakeDispatcher = Callable[..., TaskDispatcher]
 
@@ -42,7 +42,9 @@ async def test_runs_go_on_while_saves_fail_and_the_next_save_catches_up(
         for hour in (8, 9, 10):
             clock.move_to(at(2026, 1, 8, hour, 0))
             await dispatcher.run_pending()
-        dispatcher.pause_task(task_id)  # acknowledged in memory; the save failed and says so
+        with pytest.raises(SaveFailedError, match=task_id):  # in effect, but not durable
+            dispatcher.pause_task(task_id)
+    assert dispatcher.get_task(task_id).status == "paused"
     assert recorder.count(task_id) == 3
     assert (state_dir / "dispatch_config.json").read_bytes() == before
     health = dispatcher.save_health
@@ -66,9 +68,9 @@ async def test_runs_go_on_while_saves_fail_and_the_next_save_catches_up(
 async def test_a_failed_background_save_is_retried_without_a_new_change(
     make_dispatcher: MakeDispatcher, state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import jobstores.jsonfile
+    import jobstores.saver
 
-    monkeypatch.setattr(jobstores.jsonfile, "_RETRY_FIRST", 0.0)  # retry on the next loop turn
+    monkeypatch.setattr(jobstores.saver, "RETRY_FIRST", 0.0)  # retry on the next loop turn
     dispatcher = make_dispatcher()
     task_id = await dispatcher.add_task(sys_type="s", task_type="t", account_id="a", interval=60)
     store = dispatcher._store
@@ -83,7 +85,8 @@ async def test_a_failed_background_save_is_retried_without_a_new_change(
 
     monkeypatch.setattr(os, "replace", fail_once)
     retried = asyncio.Event()
-    request_save = store.request_save
+    saver = store._saver
+    request_save = saver.request
 
     def noting_request_save() -> None:
         retried.set()
@@ -92,9 +95,98 @@ async def test_a_failed_background_save_is_retried_without_a_new_change(
     store.update_task(task_id, lambda r: r.replace(run_count=7))
     assert not await store.save_async()  # the failed write schedules a retry
     assert not dispatcher.save_health.ok
-    monkeypatch.setattr(store, "request_save", noting_request_save)
+    monkeypatch.setattr(saver, "request", noting_request_save)
     await asyncio.wait_for(retried.wait(), 5)  # no new change: only the retry asks to save
     await store.drain_saves()
     assert dispatcher.save_health.ok
     assert read_state(state_dir)["tasks"][0]["run_count"] == 7
     dispatcher.close()
+
+
+def _fail_writes(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Make every save fail (disk full) until the returned function is called."""
+    real_replace = os.replace
+
+    def full_disk(src: Any, dst: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def restore() -> None:
+        monkeypatch.setattr(os, "replace", real_replace)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    return restore
+
+
+def _new(task_id: str, account: str = "a") -> dict[str, Any]:
+    return {
+        "sys_type": "s",
+        "task_type": "t",
+        "account_id": account,
+        "interval": 60,
+        "task_id": task_id,
+    }
+
+
+async def _change(dispatcher: TaskDispatcher, call: str) -> None:
+    if call == "add_task":
+        await dispatcher.add_task(**_new("new"))
+    elif call == "add_tasks":
+        await dispatcher.add_tasks([_new("new"), _new("new2", "b")])
+    elif call == "reorder":
+        dispatcher.reorder_task("second", 0)
+    else:
+        getattr(dispatcher, f"{call}_task")("second" if call == "resume" else "first")
+
+
+# What each call changed, and how that shows in the saved file.
+CHANGES: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], bool]]] = {
+    "add_task": (("new",), lambda f: "new" in {t["task_id"] for t in f["tasks"]}),
+    "add_tasks": (
+        ("new", "new2"),
+        lambda f: {"new", "new2"} <= {t["task_id"] for t in f["tasks"]},
+    ),
+    "pause": (("first",), lambda f: f["tasks"][0]["status"] == "paused"),
+    "resume": (("second",), lambda f: f["tasks"][1]["status"] == "pending"),
+    "remove": (("first",), lambda f: "first" not in {t["task_id"] for t in f["tasks"]}),
+    "reorder": (("second",), lambda f: f["account_tasks"]["a"] == ["second", "first"]),
+}
+
+
+@pytest.mark.parametrize("call", list(CHANGES))
+async def test_a_change_that_could_not_be_saved_raises_stays_applied_and_is_retried(
+    make_dispatcher: MakeDispatcher, state_dir: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    import jobstores.saver
+
+    monkeypatch.setattr(jobstores.saver, "RETRY_FIRST", 0.0)
+    dispatcher = make_dispatcher()
+    await dispatcher.add_tasks([_new("first"), _new("second")])
+    dispatcher.pause_task("second")
+    await dispatcher.start()
+    before = (state_dir / "dispatch_config.json").read_bytes()
+    ids, shows = CHANGES[call]
+    restore = _fail_writes(monkeypatch)
+    with pytest.raises(SaveFailedError) as raised:
+        await _change(dispatcher, call)
+    assert isinstance(raised.value, OSError)
+    assert raised.value.task_ids == ids
+    assert "No space left" in raised.value.cause
+    assert all(task_id in str(raised.value) for task_id in ids)
+    assert (state_dir / "dispatch_config.json").read_bytes() == before
+    # In effect in memory, as the file will say ...
+    in_memory = {
+        "tasks": [r.to_json_dict() for r in dispatcher.list_tasks()],
+        "account_tasks": dispatcher.account_tasks,
+    }
+    assert shows(in_memory)
+    # ... once writes work again, with no further call: the background retry saves it.
+    restore()
+
+    async def saved() -> None:
+        # save_health offers nothing to await; the wait is bounded below.
+        while not dispatcher.save_health.ok:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(saved(), 10)
+    assert shows(read_state(state_dir))
+    await dispatcher.stop()

@@ -26,9 +26,7 @@ class Quick:
 async def test_hammering_the_api_from_threads_keeps_file_and_memory_in_step(tmp_path: Path) -> None:
     dispatcher = TaskDispatcher(tmp_path, task_manager_factory=Quick, timezone="UTC")
     ids = [
-        await dispatcher.add_task(
-            sys_type="s", task_type="t", account_id=f"acc{n % 4}", interval=0.02
-        )
+        await dispatcher.add_task(sys_type="s", task_type="t", account_id=f"acc{n % 4}", interval=1)
         for n in range(20)
     ]
     await dispatcher.start()
@@ -51,7 +49,7 @@ async def test_hammering_the_api_from_threads_keeps_file_and_memory_in_step(tmp_
                     elif action == "add":
                         future = asyncio.run_coroutine_threadsafe(
                             dispatcher.add_task(
-                                sys_type="s", task_type="t", account_id="acc9", interval=0.05
+                                sys_type="s", task_type="t", account_id="acc9", interval=1
                             ),
                             loop,
                         )

@@ -16,6 +16,7 @@ from scheduler import (
     DirectoryLockedError,
     InvalidTaskError,
     TaskDispatcher,
+    TaskExistsError,
     TaskNotFoundError,
     UnknownTaskTypeError,
 )
@@ -115,6 +116,18 @@ class NoRun:
         ({"valid_time_range": [8, 12, 20]}, "valid_time_range"),
         ({"valid_time_range": "8-22"}, "valid_time_range"),
         ({"valid_time_range": [8.5, 22]}, "valid_time_range"),
+        ({"valid_time_range": [24, 0]}, "valid_time_range"),
+        ({"interval": 1e-7}, "interval"),
+        ({"interval": 0.999}, "interval"),
+        ({"interval": datetime.timedelta(milliseconds=500)}, "interval"),
+        ({"xhs_account_id": " padded "}, "account_id"),
+        ({"xhs_account_id": "tab\there"}, "account_id"),
+        ({"xhs_account_id": "a" * 257}, "account_id"),
+        ({"status": "paused"}, "status"),
+        ({"run_count": 5}, "run_count"),
+        ({"next_execution_time": "2026-01-08T10:00:00+08:00"}, "next_execution_time"),
+        ({"kwargs": {"a": 1}}, "kwargs"),
+        ({"last_error": "x"}, "last_error"),
         ({"task_end_time": datetime.date(2020, 1, 1)}, "task_end_time"),
         ({"task_end_time": datetime.datetime(2020, 1, 1, 12, 0)}, "task_end_time"),
         ({"task_end_time": "tomorrow"}, "task_end_time"),
@@ -161,8 +174,29 @@ async def test_bad_input_names_the_field_and_saves_nothing(
 async def test_duplicate_task_id_is_refused(make_dispatcher: MakeDispatcher) -> None:
     dispatcher = make_dispatcher()
     await dispatcher.add_task(**GOOD, task_id="same")
-    with pytest.raises(ValueError, match="task_id"):
+    with pytest.raises(TaskExistsError, match="task_id: a task with id 'same' exists"):
         await dispatcher.add_task(**GOOD, task_id="same")
+
+
+async def test_a_duplicate_inside_one_batch_says_so(
+    make_dispatcher: MakeDispatcher, state_dir: Path
+) -> None:
+    dispatcher = make_dispatcher()
+    with pytest.raises(TaskExistsError, match="'twin' appears more than once in this batch"):
+        await dispatcher.add_tasks([{**GOOD, "task_id": "twin"}, {**GOOD, "task_id": "twin"}])
+    assert dispatcher.list_tasks() == []
+    assert not (state_dir / "dispatch_config.json").exists()
+
+
+@pytest.mark.parametrize("method", ["get_task", "pause_task", "resume_task", "remove_task"])
+async def test_a_task_id_that_is_not_a_string_is_a_type_error(
+    make_dispatcher: MakeDispatcher, method: str
+) -> None:
+    dispatcher = make_dispatcher()
+    with pytest.raises(TypeError, match="task_id: must be a string, not list"):
+        getattr(dispatcher, method)([1])
+    with pytest.raises(TypeError, match="task_id: must be a string, not list"):
+        dispatcher.reorder_task([1], 0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("factory", [_factory_raises, NoRun])
@@ -196,9 +230,9 @@ async def test_the_default_factory_knows_registered_types(
 
     fresh = TaskTypeRegistry()
     monkeypatch.setattr(registry, "default_registry", fresh)
-    import scheduler.dispatcher as dispatcher_module
+    import scheduler.backends.local as local_backend
 
-    monkeypatch.setattr(dispatcher_module, "default_registry", fresh)
+    monkeypatch.setattr(local_backend, "default_registry", fresh)
     recorder = Recorder()
     fresh.register("xhs_type", recorder)
     dispatcher = make_dispatcher(task_manager_factory=None)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from helpers import SHANGHAI, Recorder, at, read_state, task_in_file
+from helpers import SHANGHAI, Recorder, at, read_state, seed_file, seed_task, task_in_file
 
-from scheduler import TaskDispatcher
+from scheduler import InvalidTaskError, TaskDispatcher, TimezoneMismatchError
 from tasks import TaskStatus
 
 MakeDispatcher = Callable[..., TaskDispatcher]
@@ -583,3 +584,73 @@ def test_timezone_accepts_tzinfo(state_dir: Path) -> None:
         assert dispatcher.timezone is SHANGHAI
     finally:
         dispatcher.close()
+
+
+def _store_recording(state_dir: Path, zone: str) -> bytes:
+    """A state file of one task, recording ``zone``."""
+    document = json.loads(seed_file([seed_task()]))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    content = json.dumps({**document, "timezone": zone}).encode()
+    (state_dir / "dispatch_config.json").write_bytes(content)
+    return content
+
+
+def test_no_zone_given_takes_the_files_zone(state_dir: Path) -> None:
+    _store_recording(state_dir, "Asia/Shanghai")
+    dispatcher = TaskDispatcher(state_dir, task_manager_factory=Recorder())
+    try:
+        assert str(dispatcher.timezone) == "Asia/Shanghai"
+        dispatcher.pause_task("task_id_1")
+    finally:
+        dispatcher.close()
+    assert read_state(state_dir)["timezone"] == "Asia/Shanghai"
+
+
+def test_another_zone_than_the_files_is_refused(state_dir: Path) -> None:
+    content = _store_recording(state_dir, "Asia/Shanghai")
+    with pytest.raises(TimezoneMismatchError, match=r"'Asia/Shanghai', not 'UTC'") as raised:
+        TaskDispatcher(state_dir, timezone="UTC")
+    assert isinstance(raised.value, ValueError)
+    assert (raised.value.recorded, raised.value.requested) == ("Asia/Shanghai", "UTC")
+    assert "convert_timezone=True" in str(raised.value)
+    assert (state_dir / "dispatch_config.json").read_bytes() == content
+    TaskDispatcher(state_dir, task_manager_factory=Recorder(), timezone=SHANGHAI).close()
+
+
+async def test_converting_the_zone_is_explicit(
+    clock: Any, state_dir: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = TaskDispatcher(state_dir, task_manager_factory=recorder, timezone="Asia/Shanghai")
+    task_id = await add(first)  # hours 8-22 Shanghai: next run 08:00 Shanghai
+    first.close()
+    with caplog.at_level(logging.WARNING):
+        dispatcher = TaskDispatcher(
+            state_dir, task_manager_factory=recorder, timezone="UTC", convert_timezone=True
+        )
+    try:
+        assert str(dispatcher.timezone) == "UTC"
+        assert any("converting" in r.getMessage() for r in caplog.records)
+        dispatcher.pause_task(task_id)
+        dispatcher.resume_task(task_id)  # now 23:00 UTC: the next 8-22 opening is 08:00 UTC
+        planned = dispatcher.get_task(task_id).next_execution_time
+        assert planned == datetime.datetime(2026, 1, 8, 8, 0, tzinfo=datetime.UTC)
+    finally:
+        dispatcher.close()
+    assert read_state(state_dir)["timezone"] == "UTC"
+
+
+def test_an_unknown_recorded_zone_needs_an_explicit_conversion(state_dir: Path) -> None:
+    _store_recording(state_dir, "Asia/Shanghai")
+    path = state_dir / "dispatch_config.json"
+    path.write_bytes(path.read_bytes().replace(b'"Asia/Shanghai"', b'"Mars/Olympus"'))
+    with pytest.raises(InvalidTaskError, match="Mars/Olympus") as raised:
+        TaskDispatcher(state_dir)
+    assert raised.value.field == "timezone"
+    with pytest.raises(TimezoneMismatchError):
+        TaskDispatcher(state_dir, timezone="UTC")
+    converted = TaskDispatcher(
+        state_dir, task_manager_factory=Recorder(), timezone="UTC", convert_timezone=True
+    )
+    converted.pause_task("task_id_1")
+    converted.close()
+    assert read_state(state_dir)["timezone"] == "UTC"

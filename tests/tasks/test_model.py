@@ -10,7 +10,7 @@ from helpers import SHANGHAI, T0, record
 from pydantic import ValidationError
 
 from tasks import TaskRecord, TaskStatus
-from tasks.model import check_json_value
+from tasks.model import check_json_value, kwargs_problems, parse_end_time
 
 
 def test_json_form_is_plain_and_readable() -> None:
@@ -26,6 +26,9 @@ def test_json_form_is_plain_and_readable() -> None:
     ("value", "expected"),
     [
         ("2026-02-08", date(2026, 2, 8)),
+        ("20260208", date(2026, 2, 8)),  # compact ISO: the whole day, not a midnight cut-off
+        (" 2026-02-08 ", date(2026, 2, 8)),
+        ("2026-02-08T12:00", datetime(2026, 2, 8, 12, 0, tzinfo=SHANGHAI)),
         ("2026-02-08T12:00:00+08:00", datetime(2026, 2, 8, 12, 0, tzinfo=SHANGHAI)),
         (datetime(2026, 2, 8, 12, 0), datetime(2026, 2, 8, 12, 0, tzinfo=SHANGHAI)),
         (None, None),
@@ -49,7 +52,7 @@ def test_naive_datetimes_need_a_zone() -> None:
 def test_interval_normalised() -> None:
     assert record("a", interval=timedelta(hours=2)).interval == 7200
     assert isinstance(record("a", interval=60.0).interval, int)
-    assert record("a", interval=0.25).interval == 0.25
+    assert record("a", interval=1.5).interval == 1.5
 
 
 def test_status_round_trips_and_rejects_unknown() -> None:
@@ -57,25 +60,6 @@ def test_status_round_trips_and_rejects_unknown() -> None:
     assert TaskRecord.model_validate(raw, context={"zone": SHANGHAI}).status is TaskStatus.PAUSED
     with pytest.raises(ValidationError, match="status"):
         TaskRecord.model_validate(raw | {"status": "sleeping"}, context={"zone": SHANGHAI})
-
-
-def test_run_transitions() -> None:
-    started = record("a").run_started(T0)
-    assert started.status is TaskStatus.RUNNING
-    assert started.last_execution_time == T0
-    failed = started.run_finished(error="ValueError: x", now=T0)
-    assert (failed.status, failed.run_count, failed.failure_count) == (TaskStatus.ERROR, 1, 1)
-    assert failed.consecutive_failures == 1
-    again = failed.run_finished(error="ValueError: y", now=T0)
-    assert again.consecutive_failures == 2
-    ok = again.run_finished(error=None, now=T0)
-    assert (ok.status, ok.consecutive_failures, ok.last_error) == (
-        TaskStatus.PENDING,
-        0,
-        "ValueError: y",
-    )
-    paused = started.replace(status=TaskStatus.PAUSED).run_finished(error=None, now=T0)
-    assert paused.status is TaskStatus.PAUSED
 
 
 @pytest.mark.parametrize(
@@ -93,3 +77,42 @@ def test_check_json_value(value: Any, message: str) -> None:
 
 def test_check_json_value_accepts_json() -> None:
     check_json_value({"a": [1, 2.5, "x", None, True, {"b": []}]}, "kwargs")
+
+
+@pytest.mark.parametrize("text", ["20991301", "2099-01-01 noon", "", "someday"])
+def test_parse_end_time_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="date"):
+        parse_end_time(text)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        ({"valid_time_range": [24, 0]}, "valid_time_range", "never opens"),
+        ({"interval": 1e-7}, "interval", "at least 1 second"),
+        ({"interval": timedelta(milliseconds=999)}, "interval", "at least 1 second"),
+        ({"account_id": " acc"}, "account_id", "printable"),
+        ({"account_id": "acc\n"}, "account_id", "printable"),
+        ({"account_id": "x" * 257}, "account_id", "at most 256"),
+    ],
+)
+def test_record_rejects(changes: dict[str, Any], field: str, message: str) -> None:
+    raw = record("a").to_json_dict() | changes
+    with pytest.raises(ValidationError, match=message) as raised:
+        TaskRecord.model_validate(raw, context={"zone": SHANGHAI})
+    assert raised.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.mark.parametrize("window", [(24, 5), (0, 24), (23, 0), (22, 6)])
+def test_windows_that_open_are_accepted(window: tuple[int, int]) -> None:
+    assert record("a", valid_time_range=window).valid_time_range == window
+
+
+def test_kwargs_problems_name_record_fields_and_foreign_ids() -> None:
+    kwargs = {"task_id": "b", "task_type": "xhs_type", "sys_type": "mac", "status": "x", "q": 1}
+    assert kwargs_problems(record("a", kwargs=kwargs)) == [
+        ("kwargs.sys_type", "is a record field, not a task keyword"),
+        ("kwargs.status", "is a record field, not a task keyword"),
+        ("kwargs.task_id", "names task 'b', not this task"),
+    ]
+    assert kwargs_problems(record("a")) == []

@@ -1,0 +1,265 @@
+"""``TaskTable``: the one owner of task records, account order and unrestorable records.
+
+Every read and change takes the table's lock, which is never held while writing to disk or
+while waiting for another lock (the saver captures what to write under it, then writes
+without it). Each change bumps a version; the saver writes versions, so it knows what is
+durable. Listeners (APScheduler's job view) hear of every record change under the lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
+from tasks.model import TaskRecord
+
+__all__ = ["Change", "StateImage", "TaskTable"]
+
+_UNKNOWN_POSITION = 1 << 30
+
+Change = Callable[[str, TaskRecord | None], None]
+"""A listener: ``(task_id, new record or None when removed)``, called under the lock."""
+
+
+@dataclass(frozen=True)
+class StateImage:
+    """Everything that is saved, captured at one version of the table."""
+
+    version: int
+    records: Sequence[TaskRecord]
+    """Every restored record, in file order."""
+    account_tasks: dict[str, list[str]]
+    """Account id -> task ids in priority order (unrestorable ones last)."""
+    kept: Sequence[Any]
+    """Records that could not be restored, as they were read."""
+    extra: dict[str, Any]
+    """Top-level keys of the document this code does not interpret, kept as they were."""
+    changed: frozenset[str]
+    """Task ids whose latest change is not durable yet (for backends that write changes
+    only); a removed task's id is here and not in ``records``."""
+
+
+class TaskTable:
+    """Task records by id, each account's task order, and the records kept unrestored."""
+
+    def __init__(self, description: str = "task table") -> None:
+        self.lock = threading.RLock()
+        """Guards everything here; the scheduler shares it as its job store lock."""
+        self._description = description
+        self._records: dict[str, TaskRecord] = {}
+        self._order: dict[str, list[str]] = {}
+        self._kept: list[Any] = []
+        self._kept_ids: set[str] = set()
+        self._kept_order: dict[str, list[str]] = {}
+        self.extra: dict[str, Any] = {}
+        """Top-level document keys this code does not interpret (kept across saves)."""
+        self.version = 0
+        """Bumped by every change."""
+        self.order_version = 0
+        """Bumped whenever a task's position within its account may have changed."""
+        self._dirty: dict[str, int] = {}
+        self._listeners: list[Change] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ set-up
+
+    def load(
+        self,
+        records: Iterable[TaskRecord],
+        kept: Iterable[tuple[Any, str | None]],
+        order_hint: dict[str, list[str]],
+    ) -> None:
+        """Fill an empty table with what the storage read (``kept``: raw records with their
+        task id, if they have one)."""
+        with self.lock:
+            for record in records:
+                self._records[record.task_id] = record
+            for raw, task_id in kept:
+                self._kept.append(raw)
+                if task_id is not None:
+                    self._kept_ids.add(task_id)
+            placed: set[str] = set()
+            for account, ids in order_hint.items():
+                for task_id in ids:
+                    found = self._records.get(task_id)
+                    if found is not None and found.account_id == account:
+                        if task_id not in placed:
+                            self._order.setdefault(account, []).append(task_id)
+                            placed.add(task_id)
+                    elif task_id in self._kept_ids:
+                        self._kept_order.setdefault(account, []).append(task_id)
+            for task_id, record in self._records.items():
+                if task_id not in placed:
+                    self._order.setdefault(record.account_id, []).append(task_id)
+
+    def listen(self, listener: Change) -> None:
+        """Call ``listener(task_id, record)`` after every record change (under the lock)."""
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def closed(self) -> bool:
+        """Whether the table was closed (it then refuses changes)."""
+        return self._closed
+
+    def find(self, task_id: str) -> TaskRecord | None:
+        """The record of ``task_id``, or None."""
+        return self._records.get(task_id)
+
+    def get(self, task_id: str) -> TaskRecord:
+        """The record of ``task_id``; raises :class:`TaskNotFoundError`."""
+        try:
+            return self._records[task_id]
+        except KeyError:
+            raise TaskNotFoundError(task_id) from None
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def records(self) -> list[TaskRecord]:
+        """Every restored record, in file order."""
+        with self.lock:
+            return list(self._records.values())
+
+    def account_tasks(self) -> dict[str, list[str]]:
+        """Account id -> its task ids in priority order (a copy)."""
+        with self.lock:
+            return {account: list(ids) for account, ids in self._order.items() if ids}
+
+    def position(self, task_id: str) -> int:
+        """``task_id``'s 0-based priority within its account (large if unknown)."""
+        record = self._records.get(task_id)
+        ids = self._order.get(record.account_id) if record is not None else None
+        try:
+            return ids.index(task_id) if ids is not None else _UNKNOWN_POSITION
+        except ValueError:
+            return _UNKNOWN_POSITION
+
+    def kept_records(self) -> list[Any]:
+        """Records that could not be restored, as read (they stay in the file)."""
+        with self.lock:
+            return list(self._kept)
+
+    def taken(self, task_id: str) -> bool:
+        """Whether ``task_id`` names a task, restored or kept."""
+        return task_id in self._records or task_id in self._kept_ids
+
+    # ------------------------------------------------------------------ changes
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DispatcherClosedError(f"the {self._description} is closed")
+
+    def _changed(self, task_id: str, record: TaskRecord | None) -> None:
+        self.version += 1
+        self._dirty[task_id] = self.version
+        for listener in self._listeners:
+            listener(task_id, record)
+
+    def touch(self) -> None:
+        """Make the next save write even if no task changed."""
+        with self.lock:
+            self.version += 1
+
+    def add(self, records: Sequence[TaskRecord]) -> None:
+        """Add new tasks all together, or none of them (raises :class:`InvalidTaskError`)."""
+        self._check_open()
+        seen: set[str] = set()
+        for record in records:
+            if record.task_id in seen:
+                raise InvalidTaskError(
+                    "task_id", f"duplicate task id {record.task_id!r} in the batch"
+                )
+            seen.add(record.task_id)
+        with self.lock:
+            for record in records:
+                if self.taken(record.task_id):
+                    raise InvalidTaskError("task_id", f"a task with id {record.task_id!r} exists")
+            for record in records:
+                self._records[record.task_id] = record
+                self._order.setdefault(record.account_id, []).append(record.task_id)
+                self._changed(record.task_id, record)
+            self.order_version += 1
+
+    def remove(self, task_id: str) -> TaskRecord:
+        """Delete ``task_id`` for good; returns its last record."""
+        self._check_open()
+        with self.lock:
+            record = self.get(task_id)
+            del self._records[task_id]
+            ids = self._order.get(record.account_id, [])
+            if task_id in ids:
+                ids.remove(task_id)
+            if not ids:
+                self._order.pop(record.account_id, None)
+            self.order_version += 1
+            self._changed(task_id, None)
+            return record
+
+    def update(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
+        """Replace ``task_id``'s record with ``change(record)`` atomically; returns the new one.
+
+        ``change`` runs under the lock: it must be a pure function (no I/O, no other lock).
+        """
+        self._check_open()
+        with self.lock:
+            old = self.get(task_id)
+            new = change(old)
+            if new is not old:
+                self._records[task_id] = new
+                self._changed(task_id, new)
+            return new
+
+    def reorder(self, task_id: str, position: int) -> None:
+        """Move ``task_id`` to ``position`` (0-based) in its account's priority order."""
+        self._check_open()
+        with self.lock:
+            record = self.get(task_id)
+            ids = self._order[record.account_id]
+            if not 0 <= position < len(ids):
+                raise InvalidTaskError(
+                    "position",
+                    f"must be from 0 to {len(ids) - 1} for account {record.account_id!r}",
+                )
+            ids.remove(task_id)
+            ids.insert(position, task_id)
+            self.order_version += 1
+            self._changed(task_id, record)
+
+    def close(self) -> None:
+        """Refuse every change from now on."""
+        self._closed = True
+
+    # ------------------------------------------------------------------ for the saver
+
+    def capture(self) -> StateImage:
+        """What to write now, at the current version."""
+        with self.lock:
+            order = {account: list(ids) for account, ids in self._order.items() if ids}
+            for account, ids in self._kept_order.items():
+                order.setdefault(account, []).extend(ids)
+            return StateImage(
+                version=self.version,
+                records=list(self._records.values()),
+                account_tasks=order,
+                kept=list(self._kept),
+                extra=dict(self.extra),
+                changed=frozenset(self._dirty),
+            )
+
+    def saved(self, version: int) -> None:
+        """Everything up to ``version`` is durable."""
+        with self.lock:
+            if version >= self.version:
+                self._dirty.clear()
+            else:
+                self._dirty = {k: v for k, v in self._dirty.items() if v > version}
+
+    def unsaved(self) -> tuple[str, ...]:
+        """Task ids whose latest change is not durable yet."""
+        with self.lock:
+            return tuple(sorted(self._dirty))

@@ -1,0 +1,135 @@
+"""The local run backend: task managers run in this process, on its event loop or threads."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tasks.errors import InvalidTaskError
+from tasks.manager import TaskManager, TaskManagerFactory
+from tasks.registry import default_registry
+from tasks.runs import RunEvent, RunEventKind, RunInbox, RunRequest, describe_error
+from tasks.schedule import utc_now
+
+__all__ = ["LocalRunBackend", "call_manager", "create_manager"]
+
+logger = logging.getLogger(__name__)
+
+
+def create_manager(
+    factory: TaskManagerFactory, sys_type: str, kwargs: Mapping[str, Any]
+) -> TaskManager:
+    """``factory(sys_type=sys_type, **kwargs)``, checked to have a ``run()``.
+
+    Raises :class:`InvalidTaskError` naming ``task_manager_factory`` if it cannot.
+    """
+    try:
+        manager = factory(sys_type=sys_type, **kwargs)
+    except InvalidTaskError:
+        raise
+    except Exception as exc:
+        raise InvalidTaskError(
+            "task_manager_factory", f"raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not callable(getattr(manager, "run", None)):
+        raise InvalidTaskError(
+            "task_manager_factory", f"returned {type(manager).__name__}, which has no run()"
+        )
+    return manager
+
+
+async def call_manager(manager: TaskManager) -> object:
+    """Call ``manager.run()``: on the loop if it is a coroutine function, else in a thread."""
+    run = manager.run
+    if inspect.iscoroutinefunction(run):
+        result = await run()
+    else:
+        result = await asyncio.to_thread(run)
+        if inspect.isawaitable(result):
+            result = await result
+    return result
+
+
+class LocalRunBackend:
+    """Runs each request's task manager in this process.
+
+    Managers are created once per task with the factory (the task type registry by default)
+    and re-created when the task's kwargs change.
+    """
+
+    name = "local"
+    remote = False
+    """Runs end with this process: a run cut off by a restart is not recovered."""
+
+    def __init__(self, task_manager_factory: TaskManagerFactory | None = None) -> None:
+        self.factory: TaskManagerFactory = task_manager_factory or default_registry
+        self._managers: dict[str, tuple[Mapping[str, Any], TaskManager]] = {}
+        self._inbox: RunInbox | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    def manager(self, task_id: str, sys_type: str, kwargs: Mapping[str, Any]) -> TaskManager:
+        """The manager of ``task_id`` (created, or re-created if its kwargs changed)."""
+        cached = self._managers.get(task_id)
+        if cached is not None and (cached[0] is kwargs or cached[0] == kwargs):
+            return cached[1]
+        manager = create_manager(self.factory, sys_type, kwargs)
+        self._managers[task_id] = (kwargs, manager)
+        return manager
+
+    def forget(self, task_id: str) -> None:
+        """Drop ``task_id``'s manager (the task was removed)."""
+        self._managers.pop(task_id, None)
+
+    async def open(self, inbox: RunInbox) -> None:
+        """Deliver outcomes to ``inbox`` from now on."""
+        self._inbox = inbox
+
+    async def submit(self, request: RunRequest) -> None:
+        """Start the run as a task of this event loop."""
+        manager = self.manager(request.task_id, request.sys_type, request.kwargs)
+        task = asyncio.get_running_loop().create_task(
+            self._execute(request, manager), name=f"task-dispatcher run {request.run_id}"
+        )
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, request: RunRequest, manager: TaskManager) -> None:
+        started = utc_now()
+        error: str | None = None
+        try:
+            await call_manager(manager)
+        except Exception as exc:
+            kind, error = RunEventKind.FAILED, describe_error(exc)
+        else:
+            kind = RunEventKind.SUCCEEDED
+        assert self._inbox is not None
+        await self._inbox.deliver(
+            RunEvent(
+                run_id=request.run_id,
+                task_id=request.task_id,
+                kind=kind,
+                at=utc_now(),
+                error=error,
+                started_at=started,
+            )
+        )
+
+    async def recover(self, requests: Sequence[RunRequest]) -> None:
+        """Nothing to recover: local runs end with the process that ran them."""
+
+    async def close(self, grace_period: float | None) -> None:
+        """Cancel runs still going after ``grace_period`` seconds."""
+        if not self._running:
+            return
+        _, pending = await asyncio.wait(set(self._running), timeout=grace_period)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def health(self) -> Mapping[str, Any]:
+        """Runs executing in this process."""
+        return {"backend": self.name, "running": len(self._running)}

@@ -1,0 +1,274 @@
+"""The run ledger: every run that is out, by run id, from "opened" to its last event.
+
+Opening a run writes it into its task record (``active_run``), in the same change that marks
+the task running for a run that starts at once, so the run is persisted with the task. Events
+come back through :meth:`RunLedger.deliver` (the dispatcher's :class:`~tasks.runs.RunInbox`)
+and are applied once: an event is applied only while its run id is the record's open run, and
+applying a finishing event closes it in the same record change, so a duplicate finds nothing
+to apply, even after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from jobstores.jsonfile import JsonJobStore
+from tasks import lifecycle
+from tasks.model import ActiveRun, TaskRecord
+from tasks.runs import RunEvent, RunEventKind, RunRequest
+
+__all__ = ["RunLedger", "RunObserver"]
+
+logger = logging.getLogger(__name__)
+
+RunObserver = Callable[[RunRequest, RunEvent], None]
+"""Told of every event applied, with its run's request (history, metrics, listeners)."""
+
+
+@dataclass(eq=False)
+class _Open:
+    request: RunRequest
+    ended: asyncio.Future[RunEvent] | None = None
+
+
+class RunLedger:
+    """Opens runs, applies their events once, and tells who waits on a run when it ended.
+
+    ``remote`` says runs execute elsewhere: each event is then durable before
+    :meth:`deliver` returns (the backend acknowledges it to its transport after that).
+    """
+
+    def __init__(self, store: JsonJobStore, *, remote: bool) -> None:
+        self._store = store
+        self._remote = remote
+        self._open: dict[str, _Open] = {}
+        self._observers: list[RunObserver] = []
+        # Run ids: unique per process by the counter, across processes by the prefix.
+        self._prefix = uuid.uuid4().hex[:12]
+        self._numbers = itertools.count(1)
+
+    def observe(self, observer: RunObserver) -> None:
+        """Call ``observer(request, event)`` after each event is applied."""
+        self._observers.append(observer)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def requests(self) -> list[RunRequest]:
+        """The runs that are out."""
+        return [entry.request for entry in self._open.values()]
+
+    # ------------------------------------------------------------------ opening
+
+    def open(self, task_id: str, scheduled_at: datetime) -> RunRequest | None:
+        """Open a run of ``task_id`` planned for ``scheduled_at``, if it may start now.
+
+        A run starts only if the task is neither paused, completed nor removed, has no run
+        out, its window is open and its end not passed; otherwise it is skipped (None): this
+        is what makes missed runs coalesce into at most one run, and only inside the window.
+        """
+        store = self._store
+        with store.lock:
+            record = store.find(task_id)
+            if record is None or store.closed:
+                return None
+            now = store.now()
+            if not lifecycle.can_start(record, store.schedule(record), now):
+                logger.info(
+                    "run of task %s (account %s) planned for %s skipped: task is %s%s; next run %s",
+                    task_id,
+                    record.account_id,
+                    scheduled_at.isoformat(),
+                    record.status.value,
+                    "" if record.status.settled else ", outside its hours or past its end",
+                    record.next_execution_time,
+                )
+                return None
+            run = ActiveRun(
+                run_id=f"{self._prefix}-{next(self._numbers)}",
+                scheduled_at=scheduled_at.astimezone(now.tzinfo),
+                submitted_at=now,
+            )
+            record = store.update_task(
+                task_id, lambda r: lifecycle.run_opened(r, run, now, started=not self._remote)
+            )
+        request = _request(record, run)
+        self._open[run.run_id] = _Open(request)
+        logger.info(
+            "run %s of task %s (account %s, %s) %s",
+            run.run_id,
+            task_id,
+            record.account_id,
+            record.task_type,
+            "sent" if self._remote else "started",
+        )
+        if not self._remote:
+            self._tell(request, RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now))
+        return request
+
+    def recover(self) -> list[RunRequest]:
+        """Take back the runs that were out when the dispatcher last stopped.
+
+        With a remote backend they are still out (their outcomes will come); with the local
+        one they died with the process: each is closed without counting (the task stays
+        runnable).
+        """
+        store = self._store
+        recovered = []
+        for record in store.records():
+            if record.active_run is None:
+                continue
+            if not self._remote:
+                now = store.now()
+                run_id = record.active_run.run_id
+                store.update_task(
+                    record.task_id,
+                    functools.partial(lifecycle.run_abandoned, run_id=run_id, now=now),
+                )
+                logger.warning(
+                    "task %s (account %s) was running when the dispatcher stopped; runnable again",
+                    record.task_id,
+                    record.account_id,
+                )
+                continue
+            request = _request(record, record.active_run)
+            self._open[request.run_id] = _Open(request)
+            recovered.append(request)
+        return recovered
+
+    # ------------------------------------------------------------------ events
+
+    async def deliver(self, event: RunEvent) -> None:
+        """Apply ``event`` once; return when its change is durable (remote runs) or requested
+        (local runs, saved in the background)."""
+        self.apply(event)
+        if self._remote:
+            if not await self._store.save_async():
+                raise OSError(
+                    f"the outcome of run {event.run_id} could not be saved: "
+                    f"{self._store.save_health.last_error}"
+                )
+        else:
+            self._store.request_save()
+
+    def apply(self, event: RunEvent) -> bool:
+        """Apply ``event`` to its task's record; False for a duplicate or an unknown run."""
+        store = self._store
+        now = store.now()
+        entry = self._open.get(event.run_id)
+        with store.lock:
+            record = store.find(event.task_id)
+            applied = record is not None and _is_open(record, event.run_id)
+            if applied and entry is None:
+                assert record is not None
+                assert record.active_run is not None
+                entry = _Open(_request(record, record.active_run))
+            if applied:
+                if event.kind is RunEventKind.STARTED:
+                    store.update_task(event.task_id, lambda r: lifecycle.run_started(r, event, now))
+                else:
+                    store.update_task(
+                        event.task_id, lambda r: lifecycle.run_finished(r, event, now)
+                    )
+        if entry is None:
+            logger.debug("run %s: %s event ignored (not open)", event.run_id, event.kind)
+            return False
+        if not applied and event.kind.finished:
+            logger.info(
+                "run %s of task %s ended after the task was removed", event.run_id, event.task_id
+            )
+        if event.kind.finished:
+            self._open.pop(event.run_id, None)
+            if entry.ended is not None and not entry.ended.done():
+                entry.ended.set_result(event)
+        _log(entry.request, event)
+        self._tell(entry.request, event)
+        return applied
+
+    def abandon(self, run_id: str) -> None:
+        """Close ``run_id`` without an outcome: cut off in this process; it does not count."""
+        entry = self._open.pop(run_id, None)
+        if entry is None:
+            return
+        store = self._store
+        now = store.now()
+        task_id = entry.request.task_id
+        with store.lock:
+            if store.find(task_id) is not None and not store.closed:
+                store.update_task(task_id, lambda r: lifecycle.run_abandoned(r, run_id, now))
+        if entry.ended is not None and not entry.ended.done():
+            entry.ended.cancel()
+        logger.warning(
+            "run %s of task %s was cut off before it ended; it stays runnable", run_id, task_id
+        )
+
+    def ended(self, run_id: str) -> asyncio.Future[RunEvent] | None:
+        """A future of the finishing event of ``run_id`` (None: it is not out)."""
+        entry = self._open.get(run_id)
+        if entry is None:
+            return None
+        if entry.ended is None:
+            entry.ended = asyncio.get_running_loop().create_future()
+        return entry.ended
+
+    def _tell(self, request: RunRequest, event: RunEvent) -> None:
+        for observer in self._observers:
+            try:
+                observer(request, event)
+            except Exception:
+                logger.exception("a run observer failed on run %s", request.run_id)
+
+
+def _is_open(record: TaskRecord, run_id: str) -> bool:
+    return record.active_run is not None and record.active_run.run_id == run_id
+
+
+def _request(record: TaskRecord, run: ActiveRun) -> RunRequest:
+    return RunRequest(
+        run_id=run.run_id,
+        task_id=record.task_id,
+        account_id=record.account_id,
+        sys_type=record.sys_type,
+        task_type=record.task_type,
+        kwargs=record.kwargs,
+        scheduled_at=run.scheduled_at,
+        submitted_at=run.submitted_at,
+        attempt=run.attempt,
+    )
+
+
+def _log(request: RunRequest, event: RunEvent) -> None:
+    if event.kind is RunEventKind.STARTED:
+        logger.info(
+            "run %s of task %s started on %s",
+            request.run_id,
+            request.task_id,
+            event.worker or "this process",
+        )
+        return
+    seconds = (event.at - (event.started_at or request.submitted_at)).total_seconds()
+    if event.ok:
+        logger.info(
+            "run %s of task %s (account %s) finished in %.3fs",
+            request.run_id,
+            request.task_id,
+            request.account_id,
+            seconds,
+        )
+    else:
+        logger.error(
+            "run %s of task %s (account %s) %s after %.3fs: %s",
+            request.run_id,
+            request.task_id,
+            request.account_id,
+            "failed" if event.kind is RunEventKind.FAILED else f"failed ({event.kind.value})",
+            seconds,
+            event.error,
+        )

@@ -1,0 +1,137 @@
+"""The dispatcher's exceptions: one hierarchy, each also the stdlib type it resembles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = [
+    "BrokerUnavailableError",
+    "DirectoryLockedError",
+    "DispatcherClosedError",
+    "DispatcherError",
+    "DispatcherNotRunningError",
+    "InvalidTaskError",
+    "NewerFormatError",
+    "SaveFailedError",
+    "TaskExistsError",
+    "TaskNotFoundError",
+    "TimezoneMismatchError",
+    "UnknownTaskTypeError",
+]
+
+
+class DispatcherError(Exception):
+    """Base class of every error raised by task-dispatcher."""
+
+
+class TaskNotFoundError(DispatcherError, KeyError):
+    """No task with this id exists."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(task_id)
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return f"no task with id {self.task_id!r}"
+
+
+class InvalidTaskError(DispatcherError, ValueError):
+    """A task's parameters are invalid; the message names the field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class TaskExistsError(InvalidTaskError):
+    """A task with this id exists already (or appears twice in one ``add_tasks`` batch)."""
+
+    def __init__(self, task_id: str, message: str | None = None) -> None:
+        super().__init__("task_id", message or f"a task with id {task_id!r} exists")
+        self.task_id = task_id
+
+
+class UnknownTaskTypeError(InvalidTaskError):
+    """The default factory has no task manager registered for this task type."""
+
+    def __init__(self, task_type: str, known: list[str]) -> None:
+        listed = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            "task_type",
+            f"unknown task type {task_type!r} (registered: {listed}); register it with "
+            "tasks.register_task_type() or pass task_manager_factory=",
+        )
+        self.task_type = task_type
+
+
+class DirectoryLockedError(DispatcherError, RuntimeError):
+    """Another dispatcher (in this or another process) owns the dispatcher directory."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(
+            f"dispatcher directory {str(directory)!r} is in use by another dispatcher "
+            "(a running 'task-dispatcher run' or a host application); stop it first"
+        )
+        self.directory = directory
+
+
+class NewerFormatError(DispatcherError, RuntimeError):
+    """The state file's format version is newer than this code understands, or unreadable
+    as a version (such as ``"1.1-rc1"``): either way the file is refused and left untouched."""
+
+    def __init__(self, path: Path, version: str, *, parsed: bool = True) -> None:
+        what = "newer than what" if parsed else "which is not a version"
+        super().__init__(
+            f"{str(path)!r} has format version {version!r}, {what} this task-dispatcher "
+            "understands (1.0); upgrade task-dispatcher. The file was left untouched."
+        )
+        self.path = path
+        self.version = version
+
+
+class TimezoneMismatchError(DispatcherError, ValueError):
+    """The dispatcher was given a zone other than the one its state file records.
+
+    The hour windows and end dates were written for the recorded zone; reading them in
+    another one changes when tasks run, so that takes ``convert_timezone=True``.
+    """
+
+    def __init__(self, path: Path, recorded: str, requested: str) -> None:
+        super().__init__(
+            f"timezone: {str(path)!r} records the zone {recorded!r}, not {requested!r}; its hour "
+            f"windows mean {recorded} hours. Leave the zone out to keep {recorded!r}, or convert "
+            "the store explicitly (convert_timezone=True, --convert-timezone)"
+        )
+        self.field = "timezone"
+        self.path = path
+        self.recorded = recorded
+        self.requested = requested
+
+
+class SaveFailedError(DispatcherError, OSError):
+    """A change was applied but could not be saved durably.
+
+    The change stays in effect in memory and is retried in the background; ``save_health``
+    tells when it reaches the disk. ``task_ids`` are the tasks the failed call changed.
+    """
+
+    def __init__(self, path: Path, task_ids: tuple[str, ...], cause: str) -> None:
+        super().__init__(
+            f"change to task(s) {', '.join(task_ids)} not saved to {str(path)!r} ({cause}); "
+            "it is in effect in memory and saving is retried"
+        )
+        self.path = path
+        self.task_ids = task_ids
+        self.cause = cause
+
+
+class DispatcherNotRunningError(DispatcherError, RuntimeError):
+    """An operation needs a started dispatcher."""
+
+
+class DispatcherClosedError(DispatcherError, RuntimeError):
+    """The dispatcher was stopped: it no longer owns its directory and accepts no changes."""
+
+
+class BrokerUnavailableError(DispatcherError, ConnectionError):
+    """A run could not be sent: the broker of a remote run backend is unreachable."""

@@ -1,0 +1,220 @@
+"""Every status transition of a task, decided once: pure functions ``(record, ...) -> record``.
+
+Nothing here reads a clock or touches storage: the caller passes ``now`` (and the task's
+:class:`~tasks.schedule.Schedule` where the schedule decides), and stores the record returned.
+A function returns its ``record`` argument itself when nothing changes, so callers can skip
+saving with ``new is old``.
+
+The statuses: ``pending`` (waiting for its next run), ``running`` (a run is executing),
+``error`` (the last run failed; still scheduled), ``paused`` (no run starts until resumed) and
+``completed`` (no run is left before the end; kept on file). A run that is out (submitted,
+not finished) is the record's ``active_run``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from tasks.model import ActiveRun, TaskRecord, TaskStatus
+from tasks.runs import RunEvent, RunEventKind
+from tasks.schedule import Schedule, same_instant
+
+__all__ = [
+    "can_start",
+    "completed",
+    "exhausted",
+    "faulted",
+    "loaded",
+    "paused",
+    "planned",
+    "resumed",
+    "run_abandoned",
+    "run_finished",
+    "run_opened",
+    "run_started",
+    "schedulable",
+]
+
+
+def schedulable(record: TaskRecord) -> bool:
+    """Whether the scheduler keeps a job for ``record`` (paused ones too, without a time)."""
+    if record.status is TaskStatus.PAUSED:
+        return True
+    return record.status is not TaskStatus.COMPLETED and record.next_execution_time is not None
+
+
+def can_start(record: TaskRecord, schedule: Schedule, now: datetime) -> bool:
+    """Whether a run of ``record`` may start at ``now`` (the gate at the account lane)."""
+    return not record.status.settled and record.active_run is None and schedule.may_start(now)
+
+
+def _without_next(record: TaskRecord) -> TaskRecord:
+    return record.replace(next_execution_time=None) if record.next_execution_time else record
+
+
+def loaded(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
+    """``record`` as read from disk, made consistent: times planned, ended tasks completed.
+
+    A record with an ``active_run`` keeps it: the run ledger decides what became of that run.
+    One found ``running`` without it (the process died mid-run) is runnable again.
+    """
+    if record.status is TaskStatus.RUNNING and record.active_run is None:
+        record = record.replace(status=TaskStatus.PENDING)
+    if record.status.settled:
+        return _without_next(record)
+    planned_at = record.next_execution_time
+    if planned_at is None and record.active_run is None:
+        planned_at = schedule.next_run(record.last_execution_time, now)
+    if planned_at is not None and schedule.ended(planned_at):
+        planned_at = None
+    if planned_at is None:
+        if record.active_run is not None:
+            return (
+                record.replace(next_execution_time=None) if record.next_execution_time else record
+            )
+        return record.replace(status=TaskStatus.COMPLETED, next_execution_time=None)
+    if same_instant(planned_at, record.next_execution_time):
+        return record
+    return record.replace(next_execution_time=planned_at)
+
+
+def paused(record: TaskRecord, now: datetime) -> TaskRecord:
+    """Paused: no run starts until resumed (a run that is out finishes). Settled tasks stay."""
+    if record.status.settled:
+        return record
+    return record.replace(status=TaskStatus.PAUSED, next_execution_time=None, updated_at=now)
+
+
+def resumed(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
+    """Scheduled again: next run at ``last_execution_time + interval`` or now, in the window.
+
+    Only a paused task changes; one with no run left before its end is completed.
+    """
+    if record.status is not TaskStatus.PAUSED:
+        return record
+    planned_at = schedule.next_run(record.last_execution_time, now)
+    if planned_at is None:
+        return completed(record, now)
+    executing = record.active_run is not None and not record.active_run.queued
+    status = TaskStatus.RUNNING if executing else TaskStatus.PENDING
+    return record.replace(status=status, next_execution_time=planned_at, updated_at=now)
+
+
+def planned(record: TaskRecord, when: datetime | None, now: datetime) -> TaskRecord:
+    """The scheduler moved the next run to ``when`` (None: it holds the job without a time)."""
+    if same_instant(when, record.next_execution_time):
+        return record
+    status = record.status
+    if when is None and not status.settled:
+        status = TaskStatus.PAUSED
+    elif when is not None and status is TaskStatus.PAUSED:
+        status = TaskStatus.PENDING
+    return record.replace(next_execution_time=when, status=status, updated_at=now)
+
+
+def completed(record: TaskRecord, now: datetime) -> TaskRecord:
+    """No run is left before the end: ``completed``, kept on file, never runs again."""
+    if record.status is TaskStatus.COMPLETED and record.next_execution_time is None:
+        return record
+    return record.replace(status=TaskStatus.COMPLETED, next_execution_time=None, updated_at=now)
+
+
+def exhausted(record: TaskRecord, now: datetime, *, run_out: bool = False) -> TaskRecord:
+    """The schedule has no further run. Completed now, unless a run is still out (``run_out``:
+    submitted and not ended) or the task is paused: then only the next run is cleared, and the
+    run's end (or resume) decides."""
+    if run_out or record.active_run is not None or record.status is TaskStatus.PAUSED:
+        if record.next_execution_time is None:
+            return record
+        return record.replace(next_execution_time=None, updated_at=now)
+    return completed(record, now)
+
+
+def faulted(record: TaskRecord, error: str, now: datetime) -> TaskRecord:
+    """Planning the task raised: ``error``, with no next run until paused and resumed."""
+    if record.status is TaskStatus.PAUSED:
+        return record
+    return record.replace(
+        status=TaskStatus.ERROR, next_execution_time=None, last_error=error, updated_at=now
+    )
+
+
+def run_opened(record: TaskRecord, run: ActiveRun, now: datetime, *, started: bool) -> TaskRecord:
+    """A run was handed to a backend; ``started`` when it starts at once (this process)."""
+    if started:
+        return record.replace(
+            active_run=run.model_copy(update={"started_at": now}),
+            status=record.status if record.status.settled else TaskStatus.RUNNING,
+            last_execution_time=now,
+            last_worker=None,
+            updated_at=now,
+        )
+    return record.replace(active_run=run, updated_at=now)
+
+
+def _is_open(record: TaskRecord, run_id: str) -> bool:
+    return record.active_run is not None and record.active_run.run_id == run_id
+
+
+def run_started(record: TaskRecord, event: RunEvent, now: datetime) -> TaskRecord:
+    """A worker reports that the run started (at ``event.at``, on its clock)."""
+    if not _is_open(record, event.run_id) or event.kind is not RunEventKind.STARTED:
+        return record
+    started_at = event.at.astimezone(now.tzinfo)
+    active = record.active_run
+    assert active is not None
+    if not active.queued:
+        return record
+    return record.replace(
+        active_run=active.model_copy(update={"started_at": started_at}),
+        status=record.status if record.status.settled else TaskStatus.RUNNING,
+        last_execution_time=started_at,
+        last_worker=event.worker,
+        updated_at=now,
+    )
+
+
+def run_finished(record: TaskRecord, event: RunEvent, now: datetime) -> TaskRecord:
+    """The run ended (succeeded, failed, lost or expired); applied once, by run id.
+
+    Lost and expired runs count as failed runs. A task paused meanwhile stays paused; one
+    whose schedule has no further run is completed; otherwise ``pending`` after a success,
+    ``error`` after a failure.
+    """
+    if not _is_open(record, event.run_id) or not event.kind.finished:
+        return record
+    error = None if event.ok else (event.error or event.kind.value)
+    if record.status.settled:
+        status = record.status
+    elif record.next_execution_time is None:
+        status = TaskStatus.COMPLETED
+    else:
+        status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
+    changes: dict[str, object] = {}
+    if event.started_at is not None and event.kind is not RunEventKind.EXPIRED:
+        changes["last_execution_time"] = event.started_at.astimezone(now.tzinfo)
+    if event.worker is not None:
+        changes["last_worker"] = event.worker
+    return record.replace(
+        status=status,
+        active_run=None,
+        run_count=record.run_count + 1,
+        failure_count=record.failure_count + (error is not None),
+        consecutive_failures=0 if error is None else record.consecutive_failures + 1,
+        last_error=record.last_error if error is None else error,
+        updated_at=now,
+        **changes,
+    )
+
+
+def run_abandoned(record: TaskRecord, run_id: str, now: datetime) -> TaskRecord:
+    """The run was cut off in this process (cancelled at stop, or the process died): it does
+    not count, and the task stays runnable."""
+    if not _is_open(record, run_id):
+        return record
+    status = record.status
+    if status is TaskStatus.RUNNING:
+        status = (
+            TaskStatus.PENDING if record.next_execution_time is not None else (TaskStatus.COMPLETED)
+        )
+    return record.replace(status=status, active_run=None, updated_at=now)
