@@ -61,28 +61,6 @@ async def test_routing_by_sys_type_and_outcomes(
     assert backend.health()["open_runs"] == 0
 
 
-async def test_run_longer_than_visibility_timeout_executes_once(
-    start_worker: StartWorker, open_backend: OpenBackend, tmp_path: Path
-) -> None:
-    # Redis redelivers an unacknowledged message after the visibility timeout (here 1s): a 4s
-    # run is delivered again while it runs, to the other worker, which must not execute it.
-    first = start_worker("w1", "linux", visibility_timeout=1)
-    second = start_worker("w2", "linux", visibility_timeout=1)
-    inbox = FileInbox(tmp_path / "inbox.json")
-    backend = await open_backend(inbox, lost_after=10.0)
-    probe = tmp_path / "probe.jsonl"
-    await backend.submit(request("long", sys_type="linux", probe_log=probe, seconds=4))
-    await eventually(lambda: inbox.finished("long"), 30, "the long run's outcome")
-    assert inbox.kinds("long") == ["started", "succeeded"]
-    assert [line["phase"] for line in read_probe(probe)] == ["start", "end"]
-    await eventually(
-        lambda: "not executed here: already claimed" in first.log() + second.log(),
-        10,
-        "the redelivered message to be refused by the claim",
-    )
-    assert inbox.duplicates == 0
-
-
 async def test_message_delivered_twice_executes_once(
     start_worker: StartWorker, open_backend: OpenBackend, tmp_path: Path
 ) -> None:
