@@ -1,9 +1,11 @@
 """The fleet side by side with bare Celery on the same Redis broker, in one run.
 
-(a) task-dispatcher: N runs of a no-op task, all due at once, sent by ``CeleryRunBackend`` to
-2 ``task-dispatcher worker`` processes (threads pool, concurrency 4 each), each outcome applied
-back through the event stream. (b) bare Celery: an ``apply_async`` loop of N no-op tasks to 2
-plain Celery workers with the same pool and concurrency (no claims, no outcomes: the floor).
+(a) task-dispatcher: N tasks of a no-op task type, all due at once, run by a ``TaskDispatcher``
+with ``CeleryRunBackend`` on 2 ``task-dispatcher worker`` processes (threads pool, concurrency 4
+each), each outcome saved back into the state file. The paced case (runs due at 50/s) submits
+straight to the backend, since a dispatcher's first runs cannot be spread that finely.
+(b) bare Celery: an ``apply_async`` loop of N no-op tasks to 2 plain Celery workers with the
+same pool and concurrency (no claims, no outcomes: the floor).
 Latency is from the instant the runs were due to their start on a worker (one clock: all
 processes run on this machine).
 
@@ -17,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -160,10 +163,7 @@ class _Inbox:
                 self.done.set()
 
 
-async def _ours(url: str, n: int, pace: float) -> FleetResult:
-    from scheduler.backends.celery import CeleryRunBackend
-    from tasks.runs import RunRequest
-
+def _our_workers(url: str) -> tuple[list[list[str]], Any]:
     client = redis.Redis.from_url(url)
     commands = [
         [
@@ -177,6 +177,56 @@ async def _ours(url: str, n: int, pace: float) -> FleetResult:
     def ready() -> bool:
         return all(client.exists(f"td:worker:bench-{i}") for i in range(WORKERS))
 
+    return commands, ready
+
+
+async def _ours_dispatcher(url: str, n: int, root: Path) -> FleetResult:
+    """N tasks due at once through a real TaskDispatcher (ledger, lanes, durable outcomes)."""
+    from scheduler import CeleryRunBackend, TaskDispatcher
+
+    commands, ready = _our_workers(url)
+    with _workers(commands, url, ready):
+        dispatcher = TaskDispatcher(
+            root / "fleet-bench",
+            run_backend=CeleryRunBackend(url),
+            timezone="UTC",
+            max_concurrent_runs=100,
+        )
+        ids = await dispatcher.add_tasks(
+            {
+                "sys_type": "bench",
+                "task_type": "noop",
+                "account_id": f"account-{i}",
+                "interval": 3600,
+            }
+            for i in range(n)
+        )
+        planned = {t: dispatcher.get_task(t).next_execution_time for t in ids}
+        began = time.perf_counter()
+        await dispatcher.start()
+        deadline = time.monotonic() + 300
+        while sum(r.run_count for r in dispatcher.list_tasks()) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fleet runs did not all finish")
+            await asyncio.sleep(0.2)
+        elapsed = time.perf_counter() - began
+        records = {r.task_id: r for r in dispatcher.list_tasks()}
+        await dispatcher.stop()
+    samples = []
+    for task_id, due in planned.items():
+        started = records[task_id].last_execution_time
+        if due is not None and started is not None:
+            samples.append((started - due).total_seconds())
+    p50, p99 = _percentiles(samples)
+    return FleetResult(n / elapsed, p50, p99)
+
+
+async def _ours(url: str, n: int, pace: float) -> FleetResult:
+    """N runs submitted straight to the backend at their due times (the transport alone)."""
+    from scheduler.backends.celery import CeleryRunBackend
+    from tasks.runs import RunRequest
+
+    commands, ready = _our_workers(url)
     with _workers(commands, url, ready):
         inbox = _Inbox(n)
         backend = CeleryRunBackend(url)
@@ -251,10 +301,13 @@ def run_fleet(n: int = 1_000, host: str = "127.0.0.1", port: int = 6379) -> str:
     """Both sides on one broker, N due at once then N/5 due at 50/s; a Markdown table."""
     paced_n, pace = max(1, n // 5), 0.02
     results: dict[str, tuple[FleetResult, FleetResult]] = {}
-    with _database(host, port) as url:
+    with _database(host, port) as url, tempfile.TemporaryDirectory() as root:
         client = redis.Redis.from_url(url)
         for label, count, gap in (("burst", n, 0.0), ("paced", paced_n, pace)):
-            ours = asyncio.run(_ours(url, count, gap))
+            if gap:
+                ours = asyncio.run(_ours(url, count, gap))
+            else:
+                ours = asyncio.run(_ours_dispatcher(url, count, Path(root)))
             client.flushdb()
             bare = _bare(url, count, gap)
             client.flushdb()
