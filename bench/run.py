@@ -7,6 +7,7 @@ floor). Same no-op async task everywhere. Ratios are what count; these machines 
     python -m bench                 # N = 1,000 and 10,000
     python -m bench --large         # and 100,000
     python -m bench --history-only  # only the run history case (bench/history.py)
+    python -m bench --fleet-only    # only the fleet against bare Celery (needs Redis)
 """
 
 from __future__ import annotations
@@ -388,13 +389,29 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also N = 100,000")
     parser.add_argument("--sizes", type=int, nargs="*", help="explicit N values")
     parser.add_argument("--history-only", action="store_true", help="only the run history case")
+    parser.add_argument(
+        "--fleet",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the fleet against bare Celery (default: when Redis answers on 127.0.0.1:6379)",
+    )
+    parser.add_argument(
+        "--fleet-only", action="store_true", help="only the fleet side by side, nothing else"
+    )
     args = parser.parse_args()
+    if args.fleet_only:
+        args.fleet = True
     logging.basicConfig(level=logging.ERROR)
     sizes = args.sizes or ([1_000, 10_000, 100_000] if args.large else [1_000, 10_000])
+    if args.fleet_only:
+        sizes = []
     started = time.perf_counter()
-    rows = [] if args.history_only else asyncio.run(run(sizes))
-    with tempfile.TemporaryDirectory(prefix="bench-") as name:
-        lines = history.history_case(Path(name))
+    rows = [] if args.history_only or not sizes else asyncio.run(run(sizes))
+    lines: list[history.Line] = []
+    if not args.fleet_only:
+        with tempfile.TemporaryDirectory(prefix="bench-") as name:
+            lines = history.history_case(Path(name))
+    fleet = None if args.history_only else _fleet(args.fleet)
     print()
     print(
         f"Python {platform.python_version()} on {platform.machine()}, "
@@ -404,4 +421,26 @@ def main() -> None:
     if rows:
         print(report(rows))
         print()
-    print(history.report(lines))
+    if lines:
+        print(history.report(lines))
+    if fleet:
+        print()
+        print(fleet)
+
+
+def _fleet(wanted: bool | None) -> str | None:
+    """The fleet table, if asked for (or by default, if Redis and the celery extra are here)."""
+    if wanted is False:
+        return None
+    try:
+        from bench.fleet import redis_reachable, run_fleet
+    except ImportError as exc:
+        if wanted:
+            raise SystemExit(f"--fleet needs the celery extra: {exc}") from exc
+        return None
+    if not redis_reachable():
+        if wanted:
+            raise SystemExit("--fleet needs Redis on 127.0.0.1:6379")
+        return None
+    print("  fleet: task-dispatcher workers vs bare Celery ...", flush=True)
+    return run_fleet()

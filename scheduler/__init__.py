@@ -1,10 +1,13 @@
 """The dispatcher: recurring per-account tasks on APScheduler 3, persisted to one JSON file."""
 
+from typing import TYPE_CHECKING, Any
+
 from scheduler.backends.local import LocalRunBackend
 from scheduler.dispatcher import TaskDispatcher
 from scheduler.history import RunEntry, RunHistory
 from scheduler.triggers import TaskTrigger
 from tasks.errors import (
+    BrokerUnavailableError,
     DirectoryLockedError,
     DispatcherClosedError,
     DispatcherError,
@@ -20,7 +23,12 @@ from tasks.errors import (
 )
 from tasks.runs import RunBackend, RunEvent, RunEventKind, RunInbox, RunRequest
 
+if TYPE_CHECKING:
+    from scheduler.backends.celery import CeleryRunBackend
+
 __all__ = [
+    "BrokerUnavailableError",
+    "CeleryRunBackend",
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
@@ -44,3 +52,12 @@ __all__ = [
     "TimezoneMismatchError",
     "UnknownTaskTypeError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # CeleryRunBackend is imported on first use: `import scheduler` works without the extra.
+    if name == "CeleryRunBackend":
+        from scheduler import backends
+
+        return backends.CeleryRunBackend
+    raise AttributeError(f"module 'scheduler' has no attribute {name!r}")

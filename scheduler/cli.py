@@ -30,6 +30,7 @@ from rich.table import Table
 
 from jobstores.format import CorruptFileError
 from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
+from scheduler.cli_fleet import broker_options, make_backend, worker
 from scheduler.dispatcher import DIR_ENV_VAR, TaskDispatcher, default_directory
 from scheduler.errors import (
     DispatcherError,
@@ -395,7 +396,7 @@ def _table(records: list[TaskRecord], zone: tzinfo, *, title: str | None = None)
             record.task_id,
             record.account_id,
             record.task_type,
-            f"[{_STATUS_STYLE[record.status]}]{record.status.value}[/]",
+            f"[{_STATUS_STYLE[record.status]}]{record.status.value}[/]{_queued(record)}",
             _interval(record.interval),
             f"{start}-{end}",
             _when(record.last_execution_time, zone),
@@ -405,6 +406,12 @@ def _table(records: list[TaskRecord], zone: tzinfo, *, title: str | None = None)
             (record.last_error or "")[:80],
         )
     return table
+
+
+def _queued(record: TaskRecord) -> str:
+    """`` (queued)`` for a run sent to the workers and not started yet."""
+    run = record.active_run
+    return " (queued)" if run is not None and run.queued else ""
 
 
 def _console() -> Console:
@@ -460,6 +467,9 @@ def main(
     options.factory = options.factory or factory
     options.timezone = options.timezone or timezone
     options.convert_timezone = options.convert_timezone or convert_timezone
+
+
+main.add_command(worker)
 
 
 @main.command()
@@ -597,6 +607,14 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
     overdue = _overdue(record, zone, now)
     if overdue:
         click.echo(f"{'':>22}  {overdue}")
+    if record.active_run is not None:
+        run = record.active_run
+        state = (
+            f"queued since {_when(run.submitted_at, zone)}, waiting for a {record.sys_type} worker"
+            if run.queued
+            else f"executing since {_when(run.started_at, zone)}"
+        )
+        click.echo(f"{'run out':>22}: {run.run_id} {state}")
     trigger = TaskTrigger.for_record(record, zone)
     if record.status is TaskStatus.COMPLETED:
         click.echo("             next runs: none (completed)")
@@ -825,9 +843,17 @@ DEMO_TASKS: list[dict[str, Any]] = [
     "--demo", is_flag=True, help="Add a few short-interval shell tasks if the store is empty."
 )
 @click.option("--live/--no-live", default=None, help="Live table (default: on a terminal).")
+@broker_options
 @click.pass_obj
 def run(
-    options: Options, grace: float, max_concurrent_runs: int, demo: bool, live: bool | None
+    options: Options,
+    grace: float,
+    max_concurrent_runs: int,
+    demo: bool,
+    live: bool | None,
+    broker: str | None,
+    start_timeout: float | None,
+    lost_after: float,
 ) -> None:
     """Run the dispatcher in the foreground until SIGINT or SIGTERM."""
     console = _console()
@@ -842,7 +868,9 @@ def run(
     level = logging.WARNING if live else logging.INFO
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    factory = _running_factory(options)
+    backend = make_backend(broker, start_timeout, lost_after)
+    # With workers, a --factory only checks tasks early; the workers create the managers.
+    factory = _running_factory(options) if backend is None or options.factory else None
     with _errors():
         dispatcher = TaskDispatcher(
             options.dir,
@@ -850,6 +878,7 @@ def run(
             timezone=options.zone(),
             max_concurrent_runs=max_concurrent_runs,
             convert_timezone=options.convert_timezone,
+            run_backend=backend,
         )
     try:
         with _errors():

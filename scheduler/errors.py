@@ -1,6 +1,7 @@
 """The dispatcher's exceptions (defined in :mod:`tasks.errors`, re-exported here)."""
 
 from tasks.errors import (
+    BrokerUnavailableError,
     DirectoryLockedError,
     DispatcherClosedError,
     DispatcherError,
@@ -16,6 +17,7 @@ from tasks.errors import (
 )
 
 __all__ = [
+    "BrokerUnavailableError",
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",

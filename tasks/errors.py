@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "BrokerUnavailableError",
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
@@ -135,3 +136,7 @@ class DispatcherNotRunningError(DispatcherError, RuntimeError):
 
 class DispatcherClosedError(DispatcherError, RuntimeError):
     """The dispatcher was stopped: it no longer owns its directory and accepts no changes."""
+
+
+class BrokerUnavailableError(DispatcherError, ConnectionError):
+    """A run could not be sent: the broker of a remote run backend is unreachable."""

@@ -1,0 +1,331 @@
+"""The fleet side by side with bare Celery on the same Redis broker, in one run.
+
+(a) task-dispatcher: N tasks of a no-op task type, all due at once, run by a ``TaskDispatcher``
+with ``CeleryRunBackend`` on 2 ``task-dispatcher worker`` processes (threads pool, concurrency 4
+each), each outcome saved back into the state file. The paced case (runs due at 50/s) submits
+straight to the backend, since a dispatcher's first runs cannot be spread that finely.
+(b) bare Celery: an ``apply_async`` loop of N no-op tasks to 2 plain Celery workers with the
+same pool and concurrency (no claims, no outcomes: the floor).
+Latency is from the instant the runs were due to their start on a worker (one clock: all
+processes run on this machine).
+
+    python -m bench --fleet            # needs Redis (default redis://127.0.0.1:6379, a free db)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from scheduler.worker import make_app
+
+__all__ = ["bare_app", "noop_factory", "redis_reachable", "run_fleet"]
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_ENV = "TASK_DISPATCHER_BENCH_BROKER"
+BARE_QUEUE = "bench.bare"
+STARTS = "bench:starts"
+WORKERS = 2
+CONCURRENCY = 4
+
+bare_app = make_app(os.environ.get(BROKER_ENV) or None)
+
+
+_clients: dict[str, redis.Redis] = {}
+
+
+@bare_app.task(name="bench.noop", ignore_result=True)
+def bare_noop(due: float) -> None:
+    """The floor's task: record when it started (one pooled client, as our worker has)."""
+    started = time.time()
+    url = str(bare_app.conf.broker_url)
+    client = _clients.get(url) or _clients.setdefault(url, redis.Redis.from_url(url))
+    client.rpush(STARTS, f"{due},{started}")
+
+
+class NoopManager:
+    """Our no-op task manager."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        pass
+
+    def run(self) -> None:
+        """Do nothing."""
+
+
+def noop_factory(**kwargs: Any) -> NoopManager:
+    """The workers' ``--factory bench.fleet:noop_factory``."""
+    return NoopManager(**kwargs)
+
+
+def redis_reachable(host: str = "127.0.0.1", port: int = 6379) -> bool:
+    """Whether a Redis answers there."""
+    try:
+        return bool(redis.Redis(host, port, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+@contextmanager
+def _database(host: str, port: int) -> Iterator[str]:
+    """A Redis database of our own (claimed in database 0 like the tests do)."""
+    admin = redis.Redis(host, port)
+    token = uuid.uuid4().hex
+    for number in range(15, 0, -1):
+        if admin.set(f"td-test:db:{number}", token, nx=True, ex=3600):
+            break
+    else:
+        raise RuntimeError("no free Redis database for the benchmark")
+    db = redis.Redis(host, port, db=number)
+    db.flushdb()
+    try:
+        yield f"redis://{host}:{port}/{number}"
+    finally:
+        db.flushdb()
+        admin.delete(f"td-test:db:{number}")
+
+
+@contextmanager
+def _workers(commands: list[list[str]], url: str, ready: Any) -> Iterator[None]:
+    env = {**os.environ, BROKER_ENV: url, "PYTHONPATH": str(ROOT)}
+    processes = [
+        subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for command in commands
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError("benchmark workers did not start")
+            time.sleep(0.1)
+        yield
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@dataclass
+class FleetResult:
+    """Throughput and start latencies of one side."""
+
+    runs_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return (
+        ordered[len(ordered) // 2] * 1000,
+        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
+    )
+
+
+class _Inbox:
+    def __init__(self, n: int) -> None:
+        self.starts: dict[str, datetime] = {}
+        self.finished = 0
+        self.n = n
+        self.done = asyncio.Event()
+
+    async def deliver(self, event: Any) -> None:
+        if event.kind.value == "started":
+            self.starts[event.run_id] = event.at
+        else:
+            self.finished += 1
+            if self.finished >= self.n:
+                self.done.set()
+
+
+def _our_workers(url: str) -> tuple[list[list[str]], Any]:
+    client = redis.Redis.from_url(url)
+    commands = [
+        [
+            *(sys.executable, "-m", "scheduler", "worker", "--broker", url, "--sys-type", "bench"),
+            *("--concurrency", str(CONCURRENCY), "--hostname", f"bench-{i}"),
+            *("--factory", "bench.fleet:noop_factory", "--loglevel", "WARNING"),
+        ]
+        for i in range(WORKERS)
+    ]
+
+    def ready() -> bool:
+        return all(client.exists(f"td:worker:bench-{i}") for i in range(WORKERS))
+
+    return commands, ready
+
+
+async def _ours_dispatcher(url: str, n: int, root: Path) -> FleetResult:
+    """N tasks due at once through a real TaskDispatcher (ledger, lanes, durable outcomes)."""
+    from scheduler import CeleryRunBackend, TaskDispatcher
+
+    commands, ready = _our_workers(url)
+    with _workers(commands, url, ready):
+        dispatcher = TaskDispatcher(
+            root / "fleet-bench",
+            run_backend=CeleryRunBackend(url),
+            timezone="UTC",
+            max_concurrent_runs=100,
+        )
+        ids = await dispatcher.add_tasks(
+            {
+                "sys_type": "bench",
+                "task_type": "noop",
+                "account_id": f"account-{i}",
+                "interval": 3600,
+            }
+            for i in range(n)
+        )
+        planned = {t: dispatcher.get_task(t).next_execution_time for t in ids}
+        began = time.perf_counter()
+        await dispatcher.start()
+        deadline = time.monotonic() + 300
+        while sum(r.run_count for r in dispatcher.list_tasks()) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fleet runs did not all finish")
+            await asyncio.sleep(0.2)
+        elapsed = time.perf_counter() - began
+        records = {r.task_id: r for r in dispatcher.list_tasks()}
+        await dispatcher.stop()
+    samples = []
+    for task_id, due in planned.items():
+        started = records[task_id].last_execution_time
+        if due is not None and started is not None:
+            samples.append((started - due).total_seconds())
+    p50, p99 = _percentiles(samples)
+    return FleetResult(n / elapsed, p50, p99)
+
+
+async def _ours(url: str, n: int, pace: float) -> FleetResult:
+    """N runs submitted straight to the backend at their due times (the transport alone)."""
+    from scheduler.backends.celery import CeleryRunBackend
+    from tasks.runs import RunRequest
+
+    commands, ready = _our_workers(url)
+    with _workers(commands, url, ready):
+        inbox = _Inbox(n)
+        backend = CeleryRunBackend(url)
+        await backend.open(inbox)
+        first = datetime.now(UTC)
+        due = {f"bench-{i}": first + timedelta(seconds=i * pace) for i in range(n)}
+        began = time.perf_counter()
+
+        async def submit(i: int) -> None:
+            scheduled = due[f"bench-{i}"]
+            await asyncio.sleep(max(0.0, (scheduled - datetime.now(UTC)).total_seconds()))
+            await backend.submit(
+                RunRequest(
+                    run_id=f"bench-{i}",
+                    task_id=f"task-{i}",
+                    account_id=f"account-{i}",
+                    sys_type="bench",
+                    task_type="noop",
+                    kwargs={"task_id": f"task-{i}", "task_type": "noop"},
+                    scheduled_at=scheduled,
+                    submitted_at=datetime.now(UTC),
+                )
+            )
+
+        await asyncio.gather(*(submit(i) for i in range(n)))
+        await asyncio.wait_for(inbox.done.wait(), 300)
+        elapsed = time.perf_counter() - began
+        await backend.close(1)
+    p50, p99 = _percentiles([(at - due[run]).total_seconds() for run, at in inbox.starts.items()])
+    return FleetResult(n / elapsed, p50, p99)
+
+
+def _bare(url: str, n: int, pace: float) -> FleetResult:
+    client = redis.Redis.from_url(url)
+    commands = [
+        [
+            *(sys.executable, "-m", "celery", "-A", "bench.fleet:bare_app", "worker"),
+            *("-Q", BARE_QUEUE, "-P", "threads", "-c", str(CONCURRENCY)),
+            *("-n", f"bare-{i}@%h", "--without-mingle", "--loglevel", "WARNING"),
+        ]
+        for i in range(WORKERS)
+    ]
+    bare_app.conf.broker_url = url
+
+    def ready() -> bool:
+        replies = bare_app.control.ping(timeout=0.5) or []
+        return len(replies) >= WORKERS
+
+    with _workers(commands, url, ready):
+        first = time.time()
+        began = time.perf_counter()
+        for i in range(n):
+            due = first + i * pace
+            time.sleep(max(0.0, due - time.time()))
+            bare_noop.apply_async(args=[due], queue=BARE_QUEUE)
+        deadline = time.monotonic() + 300
+        while client.llen(STARTS) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("bare Celery runs did not all start")
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - began
+    samples = []
+    raw_starts: list[bytes] = client.lrange(STARTS, 0, -1)  # type: ignore[assignment]
+    for raw in raw_starts:
+        planned, started = (float(x) for x in raw.decode().split(","))
+        samples.append(started - planned)
+    p50, p99 = _percentiles(samples)
+    return FleetResult(n / elapsed, p50, p99)
+
+
+def run_fleet(n: int = 1_000, host: str = "127.0.0.1", port: int = 6379) -> str:
+    """Both sides on one broker, N due at once then N/5 due at 50/s; a Markdown table."""
+    paced_n, pace = max(1, n // 5), 0.02
+    results: dict[str, tuple[FleetResult, FleetResult]] = {}
+    with _database(host, port) as url, tempfile.TemporaryDirectory() as root:
+        client = redis.Redis.from_url(url)
+        for label, count, gap in (("burst", n, 0.0), ("paced", paced_n, pace)):
+            if gap:
+                ours = asyncio.run(_ours(url, count, gap))
+            else:
+                ours = asyncio.run(_ours_dispatcher(url, count, Path(root)))
+            client.flushdb()
+            bare = _bare(url, count, gap)
+            client.flushdb()
+            results[label] = (ours, bare)
+    (ours, bare), (ours_paced, bare_paced) = results["burst"], results["paced"]
+    rows = [
+        "| N | measurement | (a) task-dispatcher fleet | (b) bare Celery | a/b |",
+        "|---:|---|---:|---:|---:|",
+        f"| {n:,} | all due at once: runs/s | {ours.runs_per_s:,.0f}/s | "
+        f"{bare.runs_per_s:,.0f}/s | {ours.runs_per_s / bare.runs_per_s:.2f}x |",
+    ]
+    for label, count, a, b in (
+        ("all due at once", n, ours, bare),
+        (f"due at {1 / pace:.0f}/s", paced_n, ours_paced, bare_paced),
+    ):
+        for name, x, y in (("p50", a.p50_ms, b.p50_ms), ("p99", a.p99_ms, b.p99_ms)):
+            rows.append(
+                f"| {count:,} | {label}: due -> start {name} | {x:.1f} ms | {y:.1f} ms | "
+                f"{x / y:.2f}x |"
+            )
+    return "\n".join(rows)

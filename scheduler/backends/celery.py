@@ -1,0 +1,606 @@
+"""Runs on a fleet of workers through Celery on Redis: the dispatcher's side.
+
+:class:`CeleryRunBackend` sends each run to the queue of its sys_type (``td.sys.<S>``) and
+turns what the workers record in Redis into run events for the dispatcher's inbox:
+
+- the ``td:events`` stream (``started``, ``succeeded``, ``failed``), read through a consumer
+  group and acknowledged only after the inbox made the change durable, so outcomes recorded
+  while the dispatcher is down are applied when it comes back;
+- the runs' claims and heartbeats, watched for runs that nobody started by their deadline
+  (``expired``) and runs whose worker went silent (``lost``). Both verdicts are taken in Redis
+  atomically against the workers (see :mod:`scheduler.fleet`), so a late worker can never
+  execute an expired run and a declared-lost run is never recorded twice.
+
+Nothing here blocks the event loop: Redis is spoken to through ``redis.asyncio`` and Celery's
+(blocking) publishing runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import redis.asyncio as aioredis
+from celery import Celery
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError, ResponseError
+
+from scheduler.fleet import (
+    CLAIM_TTL,
+    EPOCH_KEY,
+    EVENTS_GROUP,
+    EVENTS_STREAM,
+    MARK_SCRIPT,
+    TASK_NAME,
+    WORKER_PREFIX,
+    alive_key,
+    check_broker_url,
+    claim_key,
+    dumps,
+    mask_url,
+    queue_name,
+)
+from tasks.errors import BrokerUnavailableError
+from tasks.runs import RunEvent, RunEventKind, RunInbox, RunRequest, describe_error
+
+__all__ = ["CeleryRunBackend"]
+
+logger = logging.getLogger(__name__)
+
+_CONSUMER = "dispatcher"
+"""The stream consumer name: fixed, so a restarted dispatcher reads its predecessor's
+unacknowledged events first."""
+_BATCH = 500
+_BACKOFF_FIRST = 0.5
+_BACKOFF_MAX = 30.0
+_WORKERS_EVERY = 5.0
+_FLAP = 10.0
+
+
+@dataclass(slots=True)
+class _OpenRun:
+    """A run sent (or recovered) whose finishing event has not been delivered yet."""
+
+    request: RunRequest
+    deadline: datetime | None
+    state: str = "queued"
+    worker: str | None = None
+    silent_since: float | None = None
+    """Monotonic time since which the run's heartbeat has been seen missing."""
+    verdict: bool = False
+    """Whether this backend already recorded it as expired or lost."""
+    orphan_since: float | None = None
+    """Monotonic time at which the broker was found to have lost its data (and maybe this
+    run's message)."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _stream_entries(response: Any) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    """The entries of one stream in an XREADGROUP reply (RESP2: a list, RESP3: a dict)."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return list(next(iter(response.values()))[0] if response else [])
+    return list(response[0][1])
+
+
+class CeleryRunBackend:
+    """Executes runs on Celery workers chosen by sys_type, through a Redis broker.
+
+    ``broker_url`` is a ``redis://`` or ``rediss://`` URL (TLS: ``rediss://``); the workers
+    must use the same one. ``start_timeout``: seconds a run may wait in its queue before it
+    expires (None: it waits for a worker as long as it takes). ``lost_after``: seconds without
+    a heartbeat after which a started run is recorded as lost (its worker died).
+    ``poll_interval``: how often claims and heartbeats are checked (default: a tenth of
+    ``lost_after``, at most one second).
+
+    One dispatcher per Redis database: the event stream and its consumer group belong to it.
+    """
+
+    name = "celery"
+    remote = True
+    """Runs outlive this process: after a restart they are recovered, not re-sent."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        start_timeout: float | None = None,
+        lost_after: float = 30.0,
+        poll_interval: float | None = None,
+    ) -> None:
+        self.broker_url = check_broker_url(broker_url)
+        if start_timeout is not None and not start_timeout > 0:
+            raise ValueError(f"start_timeout: must be positive or None, got {start_timeout!r}")
+        if not lost_after > 0:
+            raise ValueError(f"lost_after: must be positive, got {lost_after!r}")
+        if poll_interval is not None and not poll_interval > 0:
+            raise ValueError(f"poll_interval: must be positive, got {poll_interval!r}")
+        self.start_timeout = start_timeout
+        self.lost_after = float(lost_after)
+        # A worker renews its heartbeat ten times per lost_after; the heartbeat lasts 40% of
+        # it, and a run is declared lost once its heartbeat has been seen missing for half of
+        # it: a dead worker's run is lost within lost_after (plus one poll).
+        self._heartbeat = max(0.05, self.lost_after / 10)
+        self._alive_ms = max(100, int(self.lost_after * 400))
+        self._silence = self.lost_after / 2
+        self._poll = poll_interval or min(1.0, self.lost_after / 10)
+        self._masked = mask_url(broker_url)
+        self._runs: dict[str, _OpenRun] = {}
+        self._inbox: RunInbox | None = None
+        self._redis: aioredis.Redis | None = None
+        self._app: Celery | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._chores: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self._outage_since: float | None = None
+        self._recovered_at: float | None = None
+        self._outage_at: datetime | None = None
+        self._retry_at = 0.0
+        self._backoff = _BACKOFF_FIRST
+        self._last_error: str | None = None
+        self._workers: dict[str, list[str]] = {}
+        self._workers_at = 0.0
+        self._epoch = uuid.uuid4().hex
+        self._epoch_set = False
+
+    # ------------------------------------------------------------------ the protocol
+
+    async def open(self, inbox: RunInbox) -> None:
+        """Start reading outcomes (those waiting from before a restart first) and watching runs.
+
+        Does not fail if the broker is unreachable: it is retried with backoff.
+        """
+        from scheduler.worker import make_app
+
+        if self._inbox is not None:
+            raise RuntimeError("CeleryRunBackend: already opened")
+        self._inbox = inbox
+        self._redis = aioredis.Redis.from_url(
+            self.broker_url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=30
+        )
+        self._app = make_app(self.broker_url)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            # Know the broker's data before the first run is sent (see _check_epoch).
+            await asyncio.wait_for(self._check_epoch(), 2.0)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._read_events(), name="celery backend: events"),
+            loop.create_task(self._watch_runs(), name="celery backend: claims"),
+        ]
+        logger.info(
+            "celery run backend on %s (start_timeout %s, lost_after %ss)",
+            self._masked,
+            self.start_timeout,
+            self.lost_after,
+        )
+
+    async def submit(self, request: RunRequest) -> None:
+        """Publish ``request`` on the queue of its sys_type.
+
+        Raises :class:`BrokerUnavailableError` if the broker cannot take it (at once, without
+        trying, while a known outage lasts and the next reconnection attempt is not due).
+        """
+        if self._app is None or self._closing:
+            raise RuntimeError("CeleryRunBackend: not open")
+        queue = queue_name(request.sys_type)
+        if self._outage_since is not None and time.monotonic() < self._retry_at:
+            raise BrokerUnavailableError(
+                f"run {request.run_id} of task {request.task_id} was not sent: broker "
+                f"{self._masked} unreachable since {self._outage_text()} ({self._last_error})"
+            )
+        run = _OpenRun(request, self._deadline(request))
+        self._runs[request.run_id] = run
+        payload = {
+            "request": request.to_json(),
+            "heartbeat": self._heartbeat,
+            "alive_ms": self._alive_ms,
+        }
+        try:
+            await asyncio.to_thread(self._publish, payload, queue, run.deadline, request.run_id)
+        except (OperationalError, RedisError, OSError) as exc:
+            self._runs.pop(request.run_id, None)
+            self._broker_failed(exc)
+            raise BrokerUnavailableError(
+                f"run {request.run_id} of task {request.task_id} was not sent: broker "
+                f"{self._masked} unreachable ({describe_error(exc)})"
+            ) from exc
+        except BaseException:
+            self._runs.pop(request.run_id, None)
+            raise
+        self._broker_ok()
+
+    async def recover(self, requests: Sequence[RunRequest]) -> None:
+        """Watch runs sent before a restart again (never re-sent).
+
+        A run whose outcome waits in the stream is applied by the reader; a started run whose
+        worker is silent becomes lost; an unstarted one expires at its deadline, if it has one.
+        """
+        for request in requests:
+            if request.run_id not in self._runs:
+                self._runs[request.run_id] = _OpenRun(request, self._deadline(request))
+        if requests:
+            logger.info("celery run backend: watching %d run(s) sent before", len(requests))
+
+    async def close(self, grace_period: float | None) -> None:
+        """Stop reading and watching; runs on workers go on and their outcomes wait in Redis.
+
+        ``grace_period`` bounds how long a batch of events being applied may take to finish.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        for task in self._tasks[1:]:
+            task.cancel()
+        if self._tasks:
+            reader = self._tasks[0]
+            # Let the batch being applied finish so it is acknowledged, then stop.
+            timeout = 5.0 if grace_period is None else max(0.1, min(grace_period, 5.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), timeout)
+            reader.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._app is not None:
+            await asyncio.to_thread(self._app.close)
+
+    def health(self) -> Mapping[str, Any]:
+        """Broker reachability, open runs by state, and the live workers by sys_type."""
+        states: dict[str, int] = {}
+        for run in self._runs.values():
+            states[run.state] = states.get(run.state, 0) + 1
+        return {
+            "backend": self.name,
+            "broker": self._masked,
+            "connected": self._outage_since is None,
+            "unreachable_since": self._outage_text() if self._outage_since is not None else None,
+            "last_error": self._last_error,
+            "open_runs": len(self._runs),
+            "runs": states,
+            "workers": dict(self._workers),
+            "start_timeout": self.start_timeout,
+            "lost_after": self.lost_after,
+        }
+
+    # ------------------------------------------------------------------ queries
+
+    def run_state(self, run_id: str) -> str | None:
+        """``queued``, ``running`` or ``finishing`` for an open run, else None."""
+        run = self._runs.get(run_id)
+        return None if run is None else run.state
+
+    # ------------------------------------------------------------------ sending
+
+    def _deadline(self, request: RunRequest) -> datetime | None:
+        deadline = request.deadline
+        if self.start_timeout is not None:
+            limit = request.submitted_at + timedelta(seconds=self.start_timeout)
+            deadline = limit if deadline is None else min(deadline, limit)
+        return deadline
+
+    def _publish(
+        self, payload: dict[str, Any], queue: str, deadline: datetime | None, run_id: str
+    ) -> None:
+        assert self._app is not None
+        self._app.send_task(
+            TASK_NAME,
+            args=[payload],
+            task_id=run_id,
+            queue=queue,
+            expires=deadline,
+            retry=True,
+            retry_policy={
+                "max_retries": 1,
+                "interval_start": 0,
+                "interval_step": 0.2,
+                "interval_max": 0.2,
+            },
+        )
+
+    # ------------------------------------------------------------------ outages
+
+    def _outage_text(self) -> str:
+        return self._outage_at.isoformat(timespec="seconds") if self._outage_at else "?"
+
+    def _broker_failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._last_error = describe_error(exc)
+        if self._outage_since is None:
+            self._outage_since = now
+            self._outage_at = _utcnow()
+            self._backoff = _BACKOFF_FIRST
+            # A connection that went stale in the outage may fail once more just after it:
+            # that is the same outage, not a new one worth an ERROR.
+            flap = self._recovered_at is not None and now - self._recovered_at < _FLAP
+            logger.log(
+                logging.WARNING if flap else logging.ERROR,
+                "broker %s unreachable (%s): runs due meanwhile are recorded as failed; "
+                "reconnecting with backoff",
+                self._masked,
+                self._last_error,
+            )
+        else:
+            self._backoff = min(self._backoff * 2, _BACKOFF_MAX)
+        self._retry_at = now + self._backoff
+
+    def _broker_ok(self) -> None:
+        if self._outage_since is None:
+            return
+        logger.warning(
+            "broker %s reachable again after %.1fs",
+            self._masked,
+            time.monotonic() - self._outage_since,
+        )
+        self._outage_since = None
+        self._outage_at = None
+        self._recovered_at = time.monotonic()
+        if self._redis is not None:
+            # Drop idle connections opened before the outage rather than fail on each.
+            chore = asyncio.get_running_loop().create_task(
+                self._redis.connection_pool.disconnect(inuse_connections=False)
+            )
+            self._chores.add(chore)
+            chore.add_done_callback(self._chores.discard)
+        # Workers could not renew their heartbeats during the outage: judge them afresh.
+        for run in self._runs.values():
+            run.silent_since = None
+
+    # ------------------------------------------------------------------ events
+
+    async def _read_events(self) -> None:
+        assert self._redis is not None
+        client = self._redis
+        group_ready = False
+        caught_up = False
+        while not self._closing:
+            try:
+                if self._outage_since is not None and time.monotonic() < self._retry_at:
+                    await asyncio.sleep(min(self._poll, self._retry_at - time.monotonic()))
+                    continue
+                if not group_ready:
+                    with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                        await client.xgroup_create(EVENTS_STREAM, EVENTS_GROUP, "0", mkstream=True)
+                    group_ready = True
+                response: Any = await client.xreadgroup(
+                    EVENTS_GROUP,
+                    _CONSUMER,
+                    {EVENTS_STREAM: ">" if caught_up else "0"},
+                    count=_BATCH,
+                    block=1000 if caught_up else None,
+                )
+                self._broker_ok()
+                entries = _stream_entries(response)
+                if not entries:
+                    caught_up = True
+                    continue
+                if not await self._apply(entries):
+                    caught_up = False  # re-read what was not acknowledged
+                    await asyncio.sleep(1.0)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The broker lost the stream (a restart without persistence): start over.
+                group_ready = caught_up = False
+            except (RedisError, OSError) as exc:
+                self._broker_failed(exc)
+
+    async def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> bool:
+        """Deliver a batch (each run's events in order), then acknowledge what was applied."""
+        assert self._redis is not None
+        assert self._inbox is not None
+        inbox = self._inbox
+        done: list[bytes] = []
+        by_run: dict[str, list[tuple[bytes, RunEvent]]] = {}
+        for entry_id, fields in entries:
+            raw = (fields or {}).get(b"event")
+            if raw is None:
+                done.append(entry_id)
+                continue
+            try:
+                event = RunEvent.from_json(json.loads(raw))
+            except ValueError as exc:
+                logger.error("ignoring a malformed run event %s: %s", entry_id.decode(), exc)
+                done.append(entry_id)
+                continue
+            by_run.setdefault(event.run_id, []).append((entry_id, event))
+
+        async def deliver(items: list[tuple[bytes, RunEvent]]) -> None:
+            for entry_id, event in items:
+                await inbox.deliver(event)
+                done.append(entry_id)
+                if event.kind.finished:
+                    self._runs.pop(event.run_id, None)
+                else:
+                    run = self._runs.get(event.run_id)
+                    if run is not None and run.state == "queued":
+                        run.state, run.worker = "running", event.worker
+
+        results = await asyncio.gather(
+            *(deliver(items) for items in by_run.values()), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        for failure in failed:
+            logger.error("run events not applied yet (will retry): %s", describe_error(failure))
+        if done:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(EVENTS_STREAM, EVENTS_GROUP, *done)
+                pipe.xdel(EVENTS_STREAM, *done)
+                await pipe.execute()
+        return not failed
+
+    # ------------------------------------------------------------------ claims
+
+    async def _watch_runs(self) -> None:
+        assert self._redis is not None
+        while not self._closing:
+            await asyncio.sleep(self._poll)
+            if self._outage_since is not None and time.monotonic() < self._retry_at:
+                continue
+            try:
+                if self._outage_since is not None:
+                    await self._redis.ping()
+                    self._broker_ok()
+                await self._check_epoch()
+                await self._check_runs()
+                if time.monotonic() - self._workers_at >= _WORKERS_EVERY:
+                    await self._refresh_workers()
+            except (RedisError, OSError) as exc:
+                self._broker_failed(exc)
+            except Exception:
+                # Keep watching: a run stuck open forever is worse than a logged bug.
+                logger.exception("celery run backend: checking runs failed")
+
+    async def _check_epoch(self) -> None:
+        """Notice a broker that lost its data: unstarted runs' messages went with it."""
+        assert self._redis is not None
+        if await self._redis.set(EPOCH_KEY, self._epoch, nx=True):
+            if self._epoch_set:
+                now = time.monotonic()
+                logger.error(
+                    "broker %s lost its data (restarted without persistence?): runs not "
+                    "started yet are recorded as lost unless a worker reports them",
+                    self._masked,
+                )
+                for run in self._runs.values():
+                    run.orphan_since = now
+            self._epoch_set = True
+            return
+        self._epoch_set = True
+
+    async def _check_runs(self) -> None:
+        assert self._redis is not None
+        runs = [run for run in self._runs.values() if not run.verdict]
+        for start in range(0, len(runs), _BATCH):
+            chunk = runs[start : start + _BATCH]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for run in chunk:
+                    pipe.get(claim_key(run.request.run_id))
+                    pipe.exists(alive_key(run.request.run_id))
+                replies = await pipe.execute()
+            for index, run in enumerate(chunk):
+                await self._judge(run, replies[2 * index], bool(replies[2 * index + 1]))
+
+    async def _judge(self, run: _OpenRun, claim: bytes | None, alive: bool) -> None:
+        request = run.request
+        if claim is None:
+            run.state = "queued"
+            orphaned = run.orphan_since is not None
+            if orphaned and time.monotonic() - (run.orphan_since or 0.0) >= self._silence:
+                # Running workers re-create their claims with their next heartbeat: a run
+                # still without one lost its message (or its outcome) with the broker's data.
+                error = (
+                    "RunLostError: the broker lost the run's message (restarted without its "
+                    "data) before a worker reported it; it is not re-sent"
+                )
+                if await self._mark(run, "", RunEventKind.LOST, None, error):
+                    logger.error(
+                        "run %s of task %s (account %s) lost with the broker's data",
+                        request.run_id,
+                        request.task_id,
+                        request.account_id,
+                    )
+                return
+            if run.deadline is not None and _utcnow() >= run.deadline:
+                waited = (run.deadline - request.submitted_at).total_seconds()
+                error = (
+                    f"RunExpiredError: no worker for sys_type {request.sys_type!r} started "
+                    f"the run within {waited:g}s; it will not run"
+                )
+                if await self._mark(run, "", RunEventKind.EXPIRED, None, error):
+                    logger.error(
+                        "run %s of task %s (account %s) expired: no worker for sys_type %r "
+                        "started it in time",
+                        request.run_id,
+                        request.task_id,
+                        request.account_id,
+                        request.sys_type,
+                    )
+            return
+        try:
+            holder = json.loads(claim)
+            state, worker = str(holder["state"]), holder.get("worker")
+        except (ValueError, KeyError, TypeError):
+            logger.error("run %s: unreadable claim %r", request.run_id, claim)
+            return
+        run.worker = worker
+        if state != "running":
+            run.state = "finishing"  # its finishing event is in the stream
+            return
+        run.state = "running"
+        if alive:
+            run.silent_since = None
+            return
+        now = time.monotonic()
+        if run.silent_since is None:
+            run.silent_since = now
+        if now - run.silent_since < self._silence:
+            return
+        error = (
+            f"RunLostError: worker {worker!r} was lost during the run (no heartbeat for "
+            f"{self.lost_after:g}s); the run is not retried"
+        )
+        if await self._mark(run, claim.decode(), RunEventKind.LOST, worker, error):
+            logger.error(
+                "run %s of task %s (account %s) lost: worker %s stopped sending heartbeats",
+                request.run_id,
+                request.task_id,
+                request.account_id,
+                worker,
+            )
+
+    async def _mark(
+        self,
+        run: _OpenRun,
+        expected: str,
+        kind: RunEventKind,
+        worker: str | None,
+        error: str,
+    ) -> bool:
+        """Record the dispatcher's verdict in Redis, atomically against the workers."""
+        assert self._redis is not None
+        request = run.request
+        now = _utcnow()
+        event = RunEvent(request.run_id, request.task_id, kind, at=now, worker=worker, error=error)
+        value = dumps({"state": kind.value, "worker": worker, "at": now.isoformat()})
+        done = await self._redis.eval(
+            MARK_SCRIPT,
+            3,
+            claim_key(request.run_id),
+            alive_key(request.run_id),
+            EVENTS_STREAM,
+            expected,
+            value,
+            CLAIM_TTL,
+            dumps(event.to_json()),
+        )
+        if done == 1:
+            run.verdict = True
+            run.state = "finishing"
+            return True
+        return False
+
+    async def _refresh_workers(self) -> None:
+        assert self._redis is not None
+        self._workers_at = time.monotonic()
+        keys = [key async for key in self._redis.scan_iter(match=WORKER_PREFIX + "*", count=200)]
+        workers: dict[str, list[str]] = {}
+        if keys:
+            for raw in await self._redis.mget(keys):
+                if raw is None:
+                    continue
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    info = json.loads(raw)
+                    workers[str(info["worker"])] = [str(s) for s in info["sys_types"]]
+        self._workers = workers

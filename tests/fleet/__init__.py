@@ -1,0 +1,1 @@
+"""Fleet tests: real Redis, real Celery workers."""

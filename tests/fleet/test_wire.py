@@ -1,0 +1,88 @@
+"""What the dispatcher and workers agree on, and the backend's checks (no broker needed)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from fleet_support import ROOT
+
+from scheduler.backends.celery import CeleryRunBackend
+from scheduler.fleet import check_broker_url, mask_url, queue_name, worker_name
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("redis://10.0.0.5:6379/0", "redis://10.0.0.5:6379/0"),
+        ("redis://:s3cret@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
+        ("rediss://ops:s3cret@broker.example:6380/2", "rediss://ops:***@broker.example:6380/2"),
+    ],
+)
+def test_broker_urls_are_logged_without_password(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+    assert "s3cret" not in repr(CeleryRunBackend(url).health())
+
+
+def test_queue_names_and_worker_names() -> None:
+    assert queue_name("mac_intel") == "td.sys.mac_intel"
+    with pytest.raises(ValueError, match="sys_type: 'a b'"):
+        queue_name("a b")
+    assert worker_name("celery@mac-01") == "mac-01"
+    assert worker_name("w1@host") == "w1@host"
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"start_timeout": 0}, "start_timeout"),
+        ({"lost_after": -1}, "lost_after"),
+        ({"poll_interval": 0}, "poll_interval"),
+    ],
+)
+def test_backend_options_are_checked(options: dict[str, float], field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        CeleryRunBackend("redis://localhost:6379/0", **options)
+
+
+def test_broker_must_be_redis() -> None:
+    with pytest.raises(ValueError, match="broker_url: 'amqp://u:\\*\\*\\*@h/' is not a Redis"):
+        check_broker_url("amqp://u:pw@h/")
+
+
+def test_scheduler_imports_without_the_celery_extra() -> None:
+    # Hide celery/kombu/redis: `import scheduler` works; the backend names the extra.
+    code = """
+import sys
+for name in ("celery", "kombu", "redis"):
+    sys.modules[name] = None
+import scheduler
+try:
+    scheduler.CeleryRunBackend
+except ImportError as exc:
+    print(exc)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    assert "pip install 'task-dispatcher[celery]'" in result.stdout
+
+
+def test_worker_command_without_broker_fails_clearly() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "scheduler", "worker", "--sys-type", "linux"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--broker" in result.stderr
