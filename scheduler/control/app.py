@@ -171,7 +171,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.dispatcher = dispatcher
-    app.include_router(_api_router(dispatcher))
+    for router in _api_routers(dispatcher):
+        app.include_router(router)
     app.include_router(_metrics_router(dispatcher))
     for router in extra_routers:
         app.include_router(router)
@@ -199,7 +200,7 @@ def _metrics_router(dispatcher: TaskDispatcher) -> APIRouter:
     return router
 
 
-def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
+def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
     async def dispatcher_open() -> None:
         if dispatcher.closed:
             raise DispatcherClosedError(f"the dispatcher on {str(dispatcher.directory)!r} stopped")
@@ -207,6 +208,8 @@ def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
     router = APIRouter(
         prefix=API_PREFIX, dependencies=[Depends(dispatcher_open)], responses=_ERRORS
     )
+    # Health answers even once the dispatcher stopped: that is what a monitor asks about.
+    health_router = APIRouter(prefix=API_PREFIX, responses=_ERRORS)
 
     def view(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
         return record.to_json_dict(masked=not show_secrets)
@@ -220,9 +223,13 @@ def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
             raise ApiError(501, "not_available", "run history is not available in this version")
         return runs
 
-    @router.get("/health", response_model=Health, summary="The dispatcher's health")
+    @health_router.get(
+        "/health",
+        response_model=Health,
+        summary="The dispatcher's health (503 with the same body once stopped)",
+    )
     async def health() -> Response:
-        records = await asyncio.to_thread(dispatcher.list_tasks)
+        records = [] if dispatcher.closed else await asyncio.to_thread(dispatcher.list_tasks)
         saves = dispatcher.save_health
         running = dispatcher.running
         queued = dispatcher.queued_runs() if running else {}
@@ -398,4 +405,4 @@ def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
         queued = dispatcher.queued_runs() if dispatcher.running else {}
         return _json(account_order(account_id, ids, queued))
 
-    return router
+    return [health_router, router]
