@@ -6,13 +6,13 @@ import asyncio
 import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import APIRouter
+from helpers import at
 
 from scheduler import TaskDispatcher
 from scheduler.control import create_app
@@ -286,66 +286,70 @@ async def test_health_reports_saves_version_uptime_backend(
     assert health["save_health"]["unsaved_task_ids"] == []
 
 
-@dataclass
-class Entry:
-    run_id: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id}
-
-
-class FakeHistory:
-    """Stands in for the dispatcher's run history: records the filters it was asked."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Any, dict[str, Any]]] = []
-
-    def __call__(self, task_id: str | None = None, **filters: Any) -> list[Entry]:
-        self.calls.append((task_id, filters))
-        return [Entry("r1"), Entry("r2")]
-
-
-async def test_runs_endpoints_pass_filters_to_the_history(
-    connect: Connect, make_dispatcher: Callable[..., TaskDispatcher], monkeypatch: Any
+async def test_run_history_by_task_account_outcome_and_pages(
+    connect: Connect, make_dispatcher: Callable[..., TaskDispatcher], recorder: Any, clock: Any
 ) -> None:
     dispatcher = make_dispatcher()
-    history = FakeHistory()
-    monkeypatch.setattr(dispatcher, "runs", history, raising=False)
     api = connect(dispatcher)
-    await add(api, task_id="t")
+    await add(api, task_id="good")
+    await add(api, task_id="bad", account_id="other")
+    recorder.fail.add("bad")
+    await dispatcher.start()
+    try:
+        for hour in (8, 9):
+            clock.move_to(at(2026, 1, 8, hour, 0))
+            await dispatcher.run_pending()
 
-    runs = await api.get(f"{API}/tasks/t/runs", params={"limit": 2, "failed": "true"})
-    assert runs.json() == [{"run_id": "r1"}, {"run_id": "r2"}]
-    since = "2026-01-08T08:00:00+08:00"
-    await api.get(f"{API}/runs", params={"account": "acc", "since": since})
-    assert history.calls == [
-        ("t", {"limit": 2, "failed": True, "since": None}),
-        (
-            None,
-            {
-                "account_id": "acc",
-                "limit": 100,
-                "failed": None,
-                "since": datetime.fromisoformat(since),
-            },
-        ),
-    ]
-    assert error(await api.get(f"{API}/runs", params={"limit": 0}), 422)["field"] == "limit"
+        good = (await api.get(f"{API}/tasks/good/runs")).json()
+        assert [(r["task_id"], r["outcome"]) for r in good] == [("good", "succeeded")] * 2
+        assert good[0]["started_at"] == "2026-01-08T09:00:00+08:00"
+        failed = (await api.get(f"{API}/runs", params={"failed": "true"})).json()
+        assert [(r["task_id"], r["error"]) for r in failed] == [
+            ("bad", "ValueError: boom in bad")
+        ] * 2
+        other = (await api.get(f"{API}/runs", params={"account": "other"})).json()
+        assert {r["task_id"] for r in other} == {"bad"}
+        since = (await api.get(f"{API}/runs", params={"since": "2026-01-08T09:00:00+08:00"})).json()
+        assert len(since) == 2
+        first = (await api.get(f"{API}/runs", params={"limit": 3})).json()
+        rest = (
+            await api.get(f"{API}/runs", params={"limit": 3, "before_run": first[-1]["run_id"]})
+        ).json()
+        assert len(first) + len(rest) == 4
+        assert not {r["run_id"] for r in first} & {r["run_id"] for r in rest}
+
+        for params, field in (
+            ({"limit": 0}, "limit"),
+            ({"since": "2026-01-08T09:00:00"}, "since"),
+            ({"before_run": "nope"}, "before_run"),
+            ({"failed": "maybe"}, "failed"),
+        ):
+            assert error(await api.get(f"{API}/runs", params=params), 422)["field"] == field
+    finally:
+        await dispatcher.stop()
 
 
-async def test_metrics_serves_what_the_dispatcher_renders(
+async def test_runs_and_metrics_answer_501_when_off(
     connect: Connect, make_dispatcher: Callable[..., TaskDispatcher], monkeypatch: Any
 ) -> None:
-    class Metrics:
-        def render(self) -> tuple[bytes, str]:
-            return b"task_dispatcher_runs_total 3\n", "text/plain; version=0.0.4"
+    dispatcher = make_dispatcher(history=False)
+    monkeypatch.setattr(dispatcher, "_metrics", None)
+    api = connect(dispatcher)
+    assert error(await api.get(f"{API}/runs"), 501)["error"] == "not_available"
+    assert error(await api.get("/metrics"), 501)["error"] == "not_available"
 
-    dispatcher = make_dispatcher()
-    monkeypatch.setattr(dispatcher, "metrics", Metrics(), raising=False)
-    response = await connect(dispatcher).get("/metrics")
+
+async def test_metrics_in_prometheus_text(
+    connect: Connect, started: TaskDispatcher, recorder: Any
+) -> None:
+    api = connect(started)
+    await add(api, task_id="t", valid_time_range=[0, 24])
+    await started.run_pending()
+    response = await api.get("/metrics")
     assert response.status_code == 200
-    assert response.text == "task_dispatcher_runs_total 3\n"
     assert response.headers["content-type"].startswith("text/plain")
+    assert 'task_dispatcher_tasks{status="pending"}' in response.text
+    assert "task_dispatcher_runs_total" in response.text
 
 
 async def test_changes_are_saved_off_the_event_loop(

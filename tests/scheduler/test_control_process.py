@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -149,6 +150,14 @@ def test_remote_commands_over_tcp_need_the_token(
     assert read_state(directory)["tasks"][0]["status"] == "paused"
     shown = cli(elsewhere, "show", "r1", "--show-secrets", env=env)
     assert '"password":"pw"' in shown.stdout
+    # r1 ran when `run` started; its history comes over the API (no file is reachable here).
+    deadline = time.monotonic() + 30
+    while not (history := orjson.loads(cli(elsewhere, "runs", "--json", env=env).stdout)):
+        assert time.monotonic() < deadline, "r1's run never showed in the history"
+    assert [(r["task_id"], r["outcome"]) for r in history] == [("r1", "succeeded")]
+    assert "r1" in cli(elsewhere, "runs", "r1", "--account", "ops", env=env).stdout
+    bad_since = cli(elsewhere, "runs", "--since", "2026-01-08T09:00", env=env)
+    assert bad_since.returncode == 0  # naive times are read in the local zone, as on the file
     assert not elsewhere.exists()
 
     # The same over raw HTTP, as curl would do it.
