@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scheduler.control import API_PREFIX
 from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
 from scheduler.control.models import (
     AccountOrder,
@@ -49,9 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["API_PREFIX", "ApiError", "create_app", "zone_name"]
 
 logger = logging.getLogger(__name__)
-
-API_PREFIX = "/api/v1"
-"""Where the API's routes live; a later, incompatible API gets a new prefix."""
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
