@@ -166,3 +166,12 @@ async def test_served_once_and_close_refused_while_serving(
         dispatcher.close()
     await dispatcher.stop()
     assert dispatcher.closed
+
+
+async def test_a_socket_path_too_long_is_refused_plainly(
+    make_dispatcher: Callable[..., TaskDispatcher], tmp_path: Path
+) -> None:
+    dispatcher = make_dispatcher(dispatcher_dir=tmp_path / ("d" * 120))
+    with pytest.raises(ListenError, match="too long for a Unix socket"):
+        await dispatcher.serve_control()
+    await dispatcher.stop()
