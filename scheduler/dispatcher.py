@@ -6,6 +6,7 @@ import asyncio
 import logging
 import operator
 import os
+import time
 import uuid
 import warnings
 from collections import Counter
@@ -37,12 +38,22 @@ from tasks.errors import (
 from tasks.manager import TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, check_json_value
 from tasks.runs import RunBackend
+from tasks.schedule import RunPreview, preview_runs
 from tasks.zones import resolve_timezone
 
 if TYPE_CHECKING:
+    from fastapi import APIRouter, FastAPI
+
+    from scheduler.control.server import ControlServer
     from scheduler.metrics import DispatcherMetrics
 
-__all__ = ["DEFAULT_DISPATCHER_DIR", "DIR_ENV_VAR", "TaskDispatcher", "resolve_timezone"]
+__all__ = [
+    "CONTROL_SOCKET",
+    "DEFAULT_DISPATCHER_DIR",
+    "DIR_ENV_VAR",
+    "TaskDispatcher",
+    "resolve_timezone",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +61,8 @@ DIR_ENV_VAR = "TASK_DISPATCHER_DIR"
 """Environment variable naming the default dispatcher directory."""
 DEFAULT_DISPATCHER_DIR = "dispatcher"
 """The dispatcher directory when none is given (relative to the working directory)."""
+CONTROL_SOCKET = "control.sock"
+"""The control API's Unix socket, in the dispatcher directory."""
 
 _SCHEDULING_KEYWORDS = frozenset(
     {"sys_type", "task_type", "interval", "valid_time_range", "task_end_time", "task_id"}
@@ -144,6 +157,8 @@ class TaskDispatcher:
         self._metrics = self._make_metrics()
         if self._metrics is not None:
             self._ledger.observe(self._metrics.observe)
+        self._control: ControlServer | None = None
+        self._started_at: float | None = None
         if not self._backend.remote:
             self._ledger.recover()
         if not self._store.durable:
@@ -501,6 +516,71 @@ class TaskDispatcher:
         self._save(task_id)
         logger.info("task %s moved to position %d", task_id, position)
 
+    # ------------------------------------------------------------------ control plane
+    # What the control API (scheduler/control/) needs beyond the methods above.
+
+    def next_runs(self, task_id: str, count: int = 5) -> RunPreview:
+        """``task_id``'s next ``count`` planned runs (for a paused task: if resumed now)."""
+        return preview_runs(self._store.get(task_id), self.timezone, self._store.now(), count)
+
+    def queued_runs(self) -> dict[str, list[str]]:
+        """Account id -> ids of tasks whose due run waits for the account's lane (call on the
+        event loop the dispatcher runs on)."""
+        queued = {account: self._lanes.waiting(account) for account in self.account_tasks}
+        return {account: ids for account, ids in queued.items() if ids}
+
+    @property
+    def uptime(self) -> float | None:
+        """Seconds since :meth:`start` (None if not started or stopped)."""
+        if self._started_at is None or not self.running:
+            return None
+        return time.monotonic() - self._started_at
+
+    def control_app(
+        self, *, token: str | None = None, extra_routers: Sequence[APIRouter] = ()
+    ) -> FastAPI:
+        """The control API as an ASGI (FastAPI) app a host can mount in its own app.
+
+        With ``token``, every request needs ``Authorization: Bearer <token>``. Needs the
+        ``control`` extra (``pip install 'task-dispatcher[control]'``).
+        """
+        from scheduler.control.app import create_app
+
+        return create_app(self, token=token, extra_routers=extra_routers)
+
+    async def serve_control(
+        self,
+        socket: bool = True,
+        listen: str | None = None,
+        token: str | None = None,
+        *,
+        extra_routers: Sequence[APIRouter] = (),
+    ) -> ControlServer:
+        """Serve the control API on ``<directory>/control.sock`` and, with ``listen``
+        (``HOST:PORT``), on TCP; return once listening. The listeners stop with :meth:`stop`.
+
+        A non-loopback ``listen`` without ``token`` raises :class:`ListenError`.
+        """
+        from scheduler.control.server import ControlServer
+
+        self._check_open()
+        if self._control is not None:
+            raise RuntimeError(f"the control API of {str(self.directory)!r} is already served")
+        server = ControlServer(
+            self.control_app(token=token, extra_routers=extra_routers),
+            socket_path=self.directory / CONTROL_SOCKET if socket else None,
+            listen=listen,
+            token=token,
+        )
+        await server.start()
+        self._control = server
+        return server
+
+    async def _stop_control(self) -> None:
+        control, self._control = self._control, None
+        if control is not None:
+            await control.close()
+
     # ------------------------------------------------------------------ running
 
     async def start(self) -> None:
@@ -510,6 +590,7 @@ class TaskDispatcher:
             await self._backend.open(self._ledger)
             recovered = self._ledger.recover() if self._backend.remote else []
             self._scheduler.start()
+            self._started_at = time.monotonic()
             for request in recovered:
                 self._runner.resume(request)
             if recovered:
@@ -551,6 +632,7 @@ class TaskDispatcher:
         """
         if self._store.closed:
             return
+        await self._stop_control()
         if self._scheduler.running:
             self._scheduler.pause()
             await self._runner.drain(grace_period)
@@ -572,7 +654,7 @@ class TaskDispatcher:
         """
         if self._store.closed:
             return
-        if self._scheduler.running:
+        if self._scheduler.running or self._control is not None:
             raise DispatcherNotRunningError("the dispatcher is running: use 'await stop()'")
         if save:
             self._store.save()

@@ -2,12 +2,14 @@
 
 from tasks.errors import (
     BrokerUnavailableError,
+    ControlError,
     DirectoryLockedError,
     DispatcherClosedError,
     DispatcherError,
     DispatcherNotRunningError,
     HistoryUnavailableError,
     InvalidTaskError,
+    ListenError,
     NewerFormatError,
     SaveFailedError,
     TaskExistsError,
@@ -18,12 +20,14 @@ from tasks.errors import (
 
 __all__ = [
     "BrokerUnavailableError",
+    "ControlError",
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
     "DispatcherNotRunningError",
     "HistoryUnavailableError",
     "InvalidTaskError",
+    "ListenError",
     "NewerFormatError",
     "SaveFailedError",
     "TaskExistsError",

@@ -2,12 +2,14 @@
 
 from jobstores.jobs import TaskTrigger
 from tasks.schedule import (
+    RunPreview,
     Schedule,
     Window,
     end_instant,
     in_window,
     may_start,
     next_run,
+    preview_runs,
     resolve_wall_time,
     same_instant,
     upcoming_runs,
@@ -16,6 +18,7 @@ from tasks.schedule import (
 )
 
 __all__ = [
+    "RunPreview",
     "Schedule",
     "TaskTrigger",
     "Window",
@@ -23,6 +26,7 @@ __all__ = [
     "in_window",
     "may_start",
     "next_run",
+    "preview_runs",
     "resolve_wall_time",
     "same_instant",
     "upcoming_runs",

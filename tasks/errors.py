@@ -6,12 +6,14 @@ from pathlib import Path
 
 __all__ = [
     "BrokerUnavailableError",
+    "ControlError",
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
     "DispatcherNotRunningError",
     "HistoryUnavailableError",
     "InvalidTaskError",
+    "ListenError",
     "NewerFormatError",
     "SaveFailedError",
     "TaskExistsError",
@@ -140,3 +142,19 @@ class DispatcherClosedError(DispatcherError, RuntimeError):
 
 class BrokerUnavailableError(DispatcherError, ConnectionError):
     """A run could not be sent: the broker of a remote run backend is unreachable."""
+
+
+class ListenError(DispatcherError, ValueError):
+    """The control API cannot listen where asked: a bad address, a non-loopback address
+    without a token, or a socket path or port that is taken."""
+
+
+class ControlError(DispatcherError, RuntimeError):
+    """A request to a dispatcher's control API failed; the message is the server's."""
+
+    def __init__(self, message: str, *, status: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        """The HTTP status (None: the dispatcher could not be reached)."""
+        self.field = field
+        """The request field the error is about, if any."""

@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.secrets import mask_secrets
+
 __all__ = [
     "MIN_INTERVAL",
     "RESERVED_KWARGS",
@@ -300,9 +302,14 @@ class TaskRecord(BaseModel):
         """A deep copy for callers: mutating its ``kwargs`` changes nothing here."""
         return self.model_copy(deep=True)
 
-    def to_json_dict(self) -> dict[str, Any]:
-        """The record exactly as saved: plain JSON types, datetimes as ISO-8601 with offset."""
+    def to_json_dict(self, *, masked: bool = False) -> dict[str, Any]:
+        """The record exactly as saved: plain JSON types, datetimes as ISO-8601 with offset.
+
+        ``masked`` replaces the values of secret-looking kwargs by ``***`` (for display).
+        """
         data: dict[str, Any] = orjson.loads(orjson.dumps(self.plain(), default=json_default))
+        if masked:
+            data["kwargs"] = mask_secrets(data["kwargs"])
         return data
 
 

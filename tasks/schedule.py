@@ -7,6 +7,7 @@ counts it); the dispatcher's zone is consulted only to read wall-clock hours.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
@@ -16,12 +17,14 @@ if TYPE_CHECKING:
     from tasks.model import TaskRecord
 
 __all__ = [
+    "RunPreview",
     "Schedule",
     "Window",
     "end_instant",
     "in_window",
     "may_start",
     "next_run",
+    "preview_runs",
     "resolve_wall_time",
     "same_instant",
     "upcoming_runs",
@@ -223,3 +226,30 @@ def _schedule(
         end=end_instant(task_end_time, zone),
         zone=zone,
     )
+
+
+@dataclass(frozen=True)
+class RunPreview:
+    """A task's next planned runs, as ``show`` prints them and the control API serves them."""
+
+    task_id: str
+    status: str
+    """The task's status when the preview was made."""
+    if_resumed: bool
+    """True for a paused task: the runs it would make if resumed at the preview's ``now``."""
+    runs: tuple[datetime, ...]
+    """Up to the requested number of planned run times, in the dispatcher's zone."""
+
+
+def preview_runs(record: TaskRecord, zone: tzinfo, now: datetime, count: int) -> RunPreview:
+    """The next ``count`` runs of ``record``: the ones planned, or for a paused task the ones
+    a resume at ``now`` would plan (a completed task has none)."""
+    schedule = Schedule.of(record, zone)
+    status = str(record.status)
+    first = record.next_execution_time
+    if status == "completed":
+        first = None
+    elif status == "paused":
+        first = schedule.next_run(record.last_execution_time, now)
+    runs = tuple(itertools.islice(schedule.upcoming(first), max(count, 0)))
+    return RunPreview(record.task_id, status, status == "paused", runs)
