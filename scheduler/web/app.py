@@ -31,7 +31,7 @@ from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
 from scheduler.web.feed import FeedState, diff
 from scheduler.web.security import COOKIE_NAME, SESSION_SECONDS, DashboardGuard, WebSecurity
-from scheduler.web.timeline import build_timeline
+from scheduler.web.timeline import HORIZON, build_timeline
 from scheduler.web.views import format_time, lanes, masked_fields, next_runs, task_row
 from tasks.model import TaskStatus
 from tasks.registry import default_registry
@@ -51,6 +51,8 @@ FEED_LIFETIME = 300.0
 """Seconds after which a feed connection ends; the browser reconnects on its own."""
 HISTORY_PAGE = 50
 """Runs per page of a task's history."""
+TIMELINE_RUNS = 50_000
+"""At most this many past runs are drawn on the timeline (the newest ones)."""
 
 HealthProbe = Callable[[], Sequence[str]]
 """Extra health problems to show (e.g. a fleet backend's unreachable broker)."""
@@ -79,16 +81,19 @@ def health_problems(dispatcher: TaskDispatcher, probe: HealthProbe | None = None
     return problems
 
 
-def _runs(dispatcher: TaskDispatcher, **query: Any) -> list[Any]:
-    """Run history entries, or none when this dispatcher keeps no history."""
+async def _runs(dispatcher: TaskDispatcher, *args: Any, **query: Any) -> list[Any] | None:
+    """Run history entries (newest first), or None when this dispatcher keeps no history.
+
+    The history is SQLite on the local disk: read in a thread, off the event loop.
+    """
     runs = getattr(dispatcher, "runs", None)
     if runs is None:
-        return []
+        return None
     try:
-        return list(runs(**query))
+        return list(await asyncio.to_thread(runs, *args, **query))
     except Exception as exc:  # history is an index: the page still shows without it
-        logger.warning("dashboard could not read the run history: %s", exc)
-        return []
+        logger.debug("dashboard could not read the run history: %s", exc)
+        return None
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -163,9 +168,13 @@ class _Pages:
     async def timeline(self, request: Request) -> Response:
         dispatcher = self.dispatcher
         now = utc_now()
-        history = _runs(dispatcher, since=now - timedelta(hours=24), limit=100_000)
+        history = await _runs(dispatcher, since=now - HORIZON, limit=TIMELINE_RUNS)
         timeline = build_timeline(
-            dispatcher.list_tasks(), dispatcher.account_tasks, dispatcher.timezone, now, history
+            dispatcher.list_tasks(),
+            dispatcher.account_tasks,
+            dispatcher.timezone,
+            now,
+            history or (),
         )
         zone = dispatcher.timezone
         hours = []
@@ -182,7 +191,7 @@ class _Pages:
                 "timeline": timeline,
                 "hours": hours,
                 "tz": zone,
-                "has_history": hasattr(dispatcher, "runs"),
+                "has_history": history is not None,
             },
         )
 
@@ -193,16 +202,11 @@ class _Pages:
             record = dispatcher.get_task(task_id)
         except TaskNotFoundError:
             return self._render(request, "missing.html", {"task_id": task_id}, status_code=404)
-        try:
-            page = max(0, int(request.query_params.get("page", "0")))
-        except ValueError:
-            page = 0
+        before = request.query_params.get("before") or None
         order = dispatcher.account_tasks.get(record.account_id, [])
         position = order.index(task_id) if task_id in order else 0
         label, upcoming = next_runs(record, dispatcher.timezone, utc_now())
-        entries = _runs(
-            dispatcher, task_id=task_id, limit=HISTORY_PAGE + 1, offset=page * HISTORY_PAGE
-        )
+        entries = await _runs(dispatcher, task_id, limit=HISTORY_PAGE + 1, before_run=before)
         return self._render(
             request,
             "task.html",
@@ -211,16 +215,17 @@ class _Pages:
                 "fields": masked_fields(record),
                 "preview_label": label,
                 "preview": [format_time(t, dispatcher.timezone) for t in upcoming],
-                "runs": [self._run_view(entry) for entry in entries[:HISTORY_PAGE]],
-                "has_history": hasattr(dispatcher, "runs"),
-                "page": page,
-                "more": len(entries) > HISTORY_PAGE,
+                "runs": [self._run_view(entry) for entry in (entries or [])[:HISTORY_PAGE]],
+                "has_history": entries is not None,
+                "before": before,
+                "more": len(entries or []) > HISTORY_PAGE,
             },
         )
 
     def _run_view(self, entry: Any) -> dict[str, str]:
         zone = self.dispatcher.timezone
         duration = getattr(entry, "duration", None)
+        outcome = getattr(entry, "outcome", "")
         if isinstance(duration, timedelta):
             duration = duration.total_seconds()
         return {
@@ -228,7 +233,7 @@ class _Pages:
             "started": format_time(getattr(entry, "started_at", None), zone),
             "finished": format_time(getattr(entry, "finished_at", None), zone),
             "duration": "-" if duration is None else f"{float(duration):.3f} s",
-            "outcome": str(getattr(entry, "outcome", "")),
+            "outcome": str(getattr(outcome, "value", outcome)),
             "error": str(getattr(entry, "error", None) or ""),
             "worker": str(getattr(entry, "worker", None) or ""),
         }

@@ -176,7 +176,11 @@ def past_runs(entries: Iterable[RunLike], start: datetime) -> dict[str, list[Pas
         if entry.started_at is None or entry.started_at < start:
             continue
         result.setdefault(entry.task_id, []).append(
-            PastRun(entry.started_at, entry.finished_at, str(entry.outcome))
+            PastRun(
+                entry.started_at,
+                entry.finished_at,
+                str(getattr(entry.outcome, "value", entry.outcome)),
+            )
         )
     for runs in result.values():
         runs.sort(key=lambda run: run.start)

@@ -428,9 +428,11 @@
         return;
       }
       if (v.command) kwargs.command = v.command;
+      // The API takes add_task's keywords: the named ones, and every other key as a kwarg.
       const body = {
+        ...kwargs,
         task_type: v.task_type, account_id: v.account_id, sys_type: v.sys_type,
-        interval: seconds(v.interval), valid_time_range: hours(v.valid_time_range), kwargs,
+        interval: seconds(v.interval), valid_time_range: hours(v.valid_time_range),
       };
       for (const key of ["account_name", "task_end_time", "task_id"]) if (v[key]) body[key] = v[key].trim();
       const button = form.querySelector("button[type=submit]");
@@ -445,7 +447,7 @@
       const errors = fieldErrors(result.data);
       let placed = false;
       for (const [field, message] of errors) {
-        const name = field.startsWith("kwargs") ? "kwargs" : field === "command" ? "command" : field;
+        const name = form.querySelector(`[data-error-for="${CSS.escape(field)}"]`) ? field : "kwargs";
         placed = showError(name, message) || placed;
       }
       if (!placed) document.getElementById("form-error").textContent = describe(result);
