@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from scheduler.errors import (
+    ControlError,
     DirectoryLockedError,
     DispatcherClosedError,
     DispatcherError,
     DispatcherNotRunningError,
     InvalidTaskError,
+    ListenError,
     NewerFormatError,
+    TaskExistsError,
     TaskNotFoundError,
     UnknownTaskTypeError,
 )
@@ -21,17 +24,20 @@ if TYPE_CHECKING:
     from scheduler.triggers import TaskTrigger
 
 __all__ = [
+    "ControlError",
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
     "DispatcherNotRunningError",
     "InvalidTaskError",
+    "ListenError",
     "LocalRunBackend",
     "NewerFormatError",
     "RunBackend",
     "RunOutcome",
     "RunRequest",
     "TaskDispatcher",
+    "TaskExistsError",
     "TaskNotFoundError",
     "TaskTrigger",
     "UnknownTaskTypeError",

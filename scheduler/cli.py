@@ -1,8 +1,10 @@
 """``task-dispatcher``: see and steer a dispatcher directory from the shell.
 
-Every command goes through the library's public API: modifying commands open a
-:class:`TaskDispatcher` (and so take the directory's lock), read-only ones read the state file
-without owning it.
+Every command goes through the library's public API. When a dispatcher runs on the directory
+(its ``control.sock`` answers), or ``--url`` names a remote one, commands go through its control
+API and see live state. Otherwise modifying commands open a :class:`TaskDispatcher` (and so take
+the directory's lock) and read-only ones read the state file without owning it. Either way a
+command prints the same lines and exits with the same status.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from zoneinfo import ZoneInfo
 
 import click
 import orjson
@@ -30,17 +33,32 @@ from rich.table import Table
 
 from jobstores.format import CorruptFileError
 from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
-from scheduler.dispatcher import DIR_ENV_VAR, TaskDispatcher, default_directory, resolve_timezone
-from scheduler.errors import DispatcherError, NewerFormatError, UnknownTaskTypeError
-from scheduler.triggers import TaskTrigger
+from scheduler.dispatcher import (
+    CONTROL_SOCKET,
+    DIR_ENV_VAR,
+    TaskDispatcher,
+    default_directory,
+    resolve_timezone,
+)
+from scheduler.errors import ControlError, DispatcherError, NewerFormatError, UnknownTaskTypeError
+from scheduler.triggers import RunPreview, preview_runs
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
 from tasks.registry import default_registry
-from tasks.secrets import mask_secrets
+
+if TYPE_CHECKING:
+    from scheduler.control.client import ControlClient
 
 __all__ = ["main", "parse_hours", "parse_interval"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
+
+URL_ENV_VAR = "TASK_DISPATCHER_URL"
+"""Environment variable naming a remote dispatcher's control API (``http://host:port``)."""
+TOKEN_ENV_VAR = "TASK_DISPATCHER_TOKEN"
+"""Environment variable holding the control API's token (server and client side)."""
+CONTROL_EXTRA_HINT = "pip install 'task-dispatcher[control]'"
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INTERVAL = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -100,6 +118,8 @@ class Options:
     directory: Path | None = None
     factory: str | None = None
     timezone: str | None = None
+    url: str | None = None
+    token: str | None = None
 
     @property
     def dir(self) -> Path:
@@ -164,6 +184,8 @@ def _dir_option(command: F) -> F:
         return value
 
     for name, help_text in (
+        ("--token", f"The control API's token (prefer ${TOKEN_ENV_VAR})."),
+        ("--url", "A remote dispatcher's control API, http://host:port."),
         ("--timezone", "IANA zone of the hour windows (default: the file's, else local)."),
         ("--factory", "module:attr of the host's TaskManager class or factory."),
     ):
@@ -214,7 +236,44 @@ def _snapshot(options: Options) -> StateSnapshot:
             _fail(str(exc))
 
 
+def _remote(options: Options) -> ControlClient | None:
+    """A client of the dispatcher to go through: ``--url``'s, else the one serving the
+    directory's socket; None when no dispatcher answers (commands then use the file)."""
+    if options.url is None and not (options.dir / CONTROL_SOCKET).exists():
+        return None  # the common case costs no import
+    try:
+        from scheduler.control.client import ControlClient
+    except ImportError:
+        if options.url is not None:
+            _fail(f"--url needs the control extra: {CONTROL_EXTRA_HINT}")
+        return None
+    if options.url is not None:
+        return ControlClient(url=options.url, token=options.token)
+    return ControlClient.probe(options.dir / CONTROL_SOCKET)
+
+
+def _remote_zone(options: Options, client: ControlClient) -> tzinfo:
+    return options.zone() or client.zone()
+
+
+def _change(
+    options: Options,
+    local: Callable[[TaskDispatcher], R],
+    remote: Callable[[ControlClient], R],
+    factory: TaskManagerFactory | None = None,
+) -> tuple[R, tzinfo]:
+    """Apply a change through the running dispatcher if there is one, else on the file;
+    the result and the zone to show times in."""
+    client = _remote(options)
+    if client is not None:
+        with client, _errors():
+            return remote(client), _remote_zone(options, client)
+    with _dispatcher(options, factory) as dispatcher, _errors():
+        return local(dispatcher), dispatcher.timezone
+
+
 # ---------------------------------------------------------------------- output
+# One formatter per command, fed alike from the file and from the control API.
 
 
 def _when(value: datetime | None, zone: tzinfo) -> str:
@@ -240,7 +299,13 @@ _STATUS_STYLE = {
 }
 
 
-def _table(records: list[TaskRecord], zone: tzinfo, *, title: str | None = None) -> Table:
+def _table(
+    records: list[TaskRecord],
+    zone: tzinfo,
+    *,
+    title: str | None = None,
+    queued: frozenset[str] = frozenset(),
+) -> Table:
     table = Table(title=title, expand=False)
     for column in (
         "task",
@@ -258,11 +323,12 @@ def _table(records: list[TaskRecord], zone: tzinfo, *, title: str | None = None)
         table.add_column(column, overflow="fold", no_wrap=column in ("status", "every", "runs"))
     for record in records:
         start, end = record.valid_time_range
+        status = f"[{_STATUS_STYLE[record.status]}]{record.status.value}[/]"
         table.add_row(
             record.task_id,
             record.account_id,
             record.task_type,
-            f"[{_STATUS_STYLE[record.status]}]{record.status.value}[/]",
+            status + " (queued)" if record.task_id in queued else status,
             _interval(record.interval),
             f"{start}-{end}",
             _when(record.last_execution_time, zone),
@@ -280,11 +346,59 @@ def _console() -> Console:
     return console if console.is_terminal else Console(highlight=False, width=220)
 
 
-def _json_record(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
-    data = record.to_json_dict()
-    if not show_secrets:
-        data["kwargs"] = mask_secrets(data["kwargs"])
-    return data
+@dataclass
+class _Listing:
+    """What ``list`` shows, from either source."""
+
+    records: list[TaskRecord]
+    """The chosen tasks, by account then priority."""
+    store_empty: bool
+    zone: tzinfo
+    state_file: str
+    queued: frozenset[str] = frozenset()
+    unreadable: int = 0
+
+
+def _print_listing(listing: _Listing, options: Options, as_json: bool, show_secrets: bool) -> None:
+    if as_json:
+        click.echo(
+            orjson.dumps(
+                [r.to_json_dict(masked=not show_secrets) for r in listing.records],
+                option=orjson.OPT_INDENT_2,
+            ).decode()
+        )
+        return
+    if listing.store_empty:
+        click.echo(
+            f"No tasks in {listing.state_file}. Add one with: task-dispatcher --dir "
+            f"{options.dir} add --type shell --account me --interval 1h --kw command=date"
+        )
+        return
+    _console().print(_table(listing.records, listing.zone, queued=listing.queued))
+    if listing.unreadable:
+        click.echo(
+            f"{listing.unreadable} unreadable task record(s) kept in the file; "
+            "run 'task-dispatcher validate' for details",
+            err=True,
+        )
+
+
+def _print_task(
+    record: TaskRecord, position: int, preview: RunPreview, zone: tzinfo, show_secrets: bool
+) -> None:
+    for key, value in record.to_json_dict(masked=not show_secrets).items():
+        if key == "kwargs":
+            value = orjson.dumps(value).decode()
+        click.echo(f"{key:>22}: {'-' if value is None else value}")
+    click.echo(f"{'position':>22}: {position}")
+    if preview.status == TaskStatus.COMPLETED:
+        click.echo("             next runs: none (completed)")
+        return
+    label = "if resumed now" if preview.if_resumed else "next runs"
+    runs = [_when(t, zone) for t in preview.runs]
+    click.echo(f"{label:>22}: {runs[0] if runs else 'none before the end time'}")
+    for line in runs[1:]:
+        click.echo(f"{'':>22}  {line}")
 
 
 # ---------------------------------------------------------------------- commands
@@ -303,16 +417,36 @@ def _json_record(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
     "--factory", default=None, help="module:attr of the host's TaskManager class or factory."
 )
 @click.option("--timezone", default=None, help="IANA zone of the hour windows (default: local).")
+@click.option(
+    "--url",
+    envvar=URL_ENV_VAR,
+    default=None,
+    help=f"A remote dispatcher's control API, http://host:port [env {URL_ENV_VAR}].",
+)
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV_VAR,
+    default=None,
+    help=f"The control API's token: sent with --url, required by run --listen off loopback "
+    f"[env {TOKEN_ENV_VAR}, preferred: arguments are visible to other users].",
+)
 @click.version_option(package_name="task-dispatcher")
 @click.pass_context
 def main(
-    ctx: click.Context, directory: Path | None, factory: str | None, timezone: str | None
+    ctx: click.Context,
+    directory: Path | None,
+    factory: str | None,
+    timezone: str | None,
+    url: str | None,
+    token: str | None,
 ) -> None:
     """Run recurring per-account tasks with hour windows, end dates and a durable state file."""
     options = ctx.ensure_object(Options)
     options.directory = options.directory or directory
     options.factory = options.factory or factory
     options.timezone = options.timezone or timezone
+    options.url = options.url or url
+    options.token = options.token or token or None
 
 
 @main.command()
@@ -366,17 +500,13 @@ def add(
         )
     if account_name is not None:
         keywords["account_name"] = account_name
-    factory = _running_factory(options)
-    with _dispatcher(options, factory) as dispatcher, _errors():
-        new_id = asyncio.run(
-            dispatcher.add_task(
-                sys_type=sys_type,
-                task_type=task_type,
-                account_id=account_id,
-                task_id=task_id,
-                **keywords,
-            )
-        )
+    keywords.update(sys_type=sys_type, task_type=task_type, account_id=account_id, task_id=task_id)
+    new_id, _ = _change(
+        options,
+        lambda d: asyncio.run(d.add_task(**keywords)),
+        lambda client: client.add_task(keywords),
+        _running_factory(options),
+    )
     click.echo(new_id)
 
 
@@ -390,35 +520,37 @@ def add(
 def list_(
     options: Options, account: str | None, status: str | None, as_json: bool, show_secrets: bool
 ) -> None:
-    """List tasks (read-only; works while the directory is in use)."""
-    snapshot = _snapshot(options)
-    order = {tid: i for ids in snapshot.account_tasks.values() for i, tid in enumerate(ids)}
-    records = [
-        r
-        for r in snapshot.records
-        if (account is None or r.account_id == account) and (status is None or r.status == status)
-    ]
-    records.sort(key=lambda r: (r.account_id, order.get(r.task_id, 0)))
-    if as_json:
-        click.echo(
-            orjson.dumps(
-                [_json_record(r, show_secrets) for r in records], option=orjson.OPT_INDENT_2
-            ).decode()
+    """List tasks: live from a running dispatcher, else from the file (works while the
+    directory is in use)."""
+    client = _remote(options)
+    if client is not None:
+        with client, _errors():
+            live = client.list_tasks(account=account, status=status, show_secrets=show_secrets)
+            listing = _Listing(
+                records=live["tasks"],
+                store_empty=live["total"] == 0,
+                zone=options.zone() or ZoneInfo(live["timezone"]),
+                state_file=live["state_file"],
+                queued=frozenset(tid for ids in live["queued"].values() for tid in ids),
+            )
+    else:
+        snapshot = _snapshot(options)
+        order = {tid: i for ids in snapshot.account_tasks.values() for i, tid in enumerate(ids)}
+        records = [
+            r
+            for r in snapshot.records
+            if (account is None or r.account_id == account)
+            and (status is None or r.status == status)
+        ]
+        records.sort(key=lambda r: (r.account_id, order.get(r.task_id, 0)))
+        listing = _Listing(
+            records=records,
+            store_empty=not snapshot.records,
+            zone=snapshot.timezone,
+            state_file=str(snapshot.path),
+            unreadable=len(snapshot.unreadable),
         )
-        return
-    if not snapshot.records:
-        click.echo(
-            f"No tasks in {snapshot.path}. Add one with: task-dispatcher --dir "
-            f"{options.dir} add --type shell --account me --interval 1h --kw command=date"
-        )
-        return
-    _console().print(_table(records, snapshot.timezone))
-    if snapshot.unreadable:
-        click.echo(
-            f"{len(snapshot.unreadable)} unreadable task record(s) kept in the file; "
-            "run 'task-dispatcher validate' for details",
-            err=True,
-        )
+    _print_listing(listing, options, as_json, show_secrets)
 
 
 @main.command()
@@ -431,34 +563,27 @@ def list_(
 @click.pass_obj
 def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None:
     """Show every field of a task and its next runs (read-only)."""
-    snapshot = _snapshot(options)
-    record = snapshot.get(task_id)
-    if record is None:
-        _fail(f"no task with id {task_id!r} in {snapshot.path}")
-    zone = snapshot.timezone
-    for key, value in _json_record(record, show_secrets).items():
-        if key == "kwargs":
-            value = orjson.dumps(value).decode()
-        click.echo(f"{key:>22}: {'-' if value is None else value}")
-    click.echo(f"{'position':>22}: {snapshot.account_tasks[record.account_id].index(task_id)}")
-    trigger = TaskTrigger.for_record(record, zone)
-    if record.status is TaskStatus.COMPLETED:
-        click.echo("             next runs: none (completed)")
-        return
-    first = record.next_execution_time
-    label = "next runs"
-    if record.status is TaskStatus.PAUSED:
-        first = trigger.get_next_fire_time(record.last_execution_time, datetime.now(zone))
-        label = "if resumed now"
-    runs = [_when(t, zone) for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
-    click.echo(f"{label:>22}: {runs[0] if runs else 'none before the end time'}")
-    for line in runs[1:]:
-        click.echo(f"{'':>22}  {line}")
-
-
-def _edit(options: Options, action: Callable[[TaskDispatcher], str]) -> None:
-    with _dispatcher(options) as dispatcher, _errors():
-        click.echo(action(dispatcher))
+    client = _remote(options)
+    if client is not None:
+        with client, _errors():
+            try:
+                record = client.get_task(task_id, show_secrets=show_secrets)
+            except ControlError as exc:
+                if exc.status == 404:
+                    _fail(f"{exc} in {client.state_file()}")
+                raise
+            preview = client.next_runs(task_id, count)
+            position = client.account_tasks(record.account_id).index(task_id)
+            zone = _remote_zone(options, client)
+    else:
+        snapshot = _snapshot(options)
+        found = snapshot.get(task_id)
+        if found is None:
+            _fail(f"no task with id {task_id!r} in {snapshot.path}")
+        record, zone = found, snapshot.timezone
+        position = snapshot.account_tasks[record.account_id].index(task_id)
+        preview = preview_runs(record, zone, datetime.now(zone), count)
+    _print_task(record, position, preview, zone, show_secrets)
 
 
 @main.command()
@@ -468,11 +593,12 @@ def _edit(options: Options, action: Callable[[TaskDispatcher], str]) -> None:
 def pause(options: Options, task_id: str) -> None:
     """Pause a task (saved before the command returns)."""
 
-    def action(d: TaskDispatcher) -> str:
+    def local(d: TaskDispatcher) -> TaskRecord:
         d.pause_task(task_id)
-        return f"{task_id}: {d.get_task(task_id).status}"
+        return d.get_task(task_id)
 
-    _edit(options, action)
+    record, _ = _change(options, local, lambda client: client.pause_task(task_id))
+    click.echo(f"{task_id}: {record.status}")
 
 
 @main.command()
@@ -482,14 +608,12 @@ def pause(options: Options, task_id: str) -> None:
 def resume(options: Options, task_id: str) -> None:
     """Resume a paused task."""
 
-    def action(d: TaskDispatcher) -> str:
+    def local(d: TaskDispatcher) -> TaskRecord:
         d.resume_task(task_id)
-        record = d.get_task(task_id)
-        return (
-            f"{task_id}: {record.status}, next run {_when(record.next_execution_time, d.timezone)}"
-        )
+        return d.get_task(task_id)
 
-    _edit(options, action)
+    record, zone = _change(options, local, lambda client: client.resume_task(task_id))
+    click.echo(f"{task_id}: {record.status}, next run {_when(record.next_execution_time, zone)}")
 
 
 @main.command()
@@ -498,12 +622,8 @@ def resume(options: Options, task_id: str) -> None:
 @click.pass_obj
 def remove(options: Options, task_id: str) -> None:
     """Delete a task for good."""
-
-    def action(d: TaskDispatcher) -> str:
-        d.remove_task(task_id)
-        return f"{task_id}: removed"
-
-    _edit(options, action)
+    _change(options, lambda d: d.remove_task(task_id), lambda client: client.remove_task(task_id))
+    click.echo(f"{task_id}: removed")
 
 
 @main.command()
@@ -514,12 +634,15 @@ def remove(options: Options, task_id: str) -> None:
 def reorder(options: Options, task_id: str, position: int) -> None:
     """Move a task to POSITION (0-based) in its account's priority order."""
 
-    def action(d: TaskDispatcher) -> str:
+    def local(d: TaskDispatcher) -> tuple[str, list[str]]:
         d.reorder_task(task_id, position)
         account = d.get_task(task_id).account_id
-        return f"{account}: {' '.join(d.account_tasks[account])}"
+        return account, d.account_tasks[account]
 
-    _edit(options, action)
+    (account, ids), _ = _change(
+        options, local, lambda client: client.reorder_task(task_id, position)
+    )
+    click.echo(f"{account}: {' '.join(ids)}")
 
 
 @main.command()
@@ -578,11 +701,32 @@ DEMO_TASKS: list[dict[str, Any]] = [
     "--demo", is_flag=True, help="Add a few short-interval shell tasks if the store is empty."
 )
 @click.option("--live/--no-live", default=None, help="Live table (default: on a terminal).")
+@click.option(
+    "--listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve the control API on TCP (off loopback only with a token).",
+)
 @click.pass_obj
 def run(
-    options: Options, grace: float, max_concurrent_runs: int, demo: bool, live: bool | None
+    options: Options,
+    grace: float,
+    max_concurrent_runs: int,
+    demo: bool,
+    live: bool | None,
+    listen: str | None,
 ) -> None:
-    """Run the dispatcher in the foreground until SIGINT or SIGTERM."""
+    """Run the dispatcher in the foreground until SIGINT or SIGTERM.
+
+    The control API is served on <dir>/control.sock (owner only), through which the other
+    commands steer it, and with --listen on TCP.
+    """
+    control = _control_available(listen)
+    if control and listen is not None:
+        from scheduler.control.server import check_listen
+
+        with _errors():
+            check_listen(listen, options.token)
     console = _console()
     live = console.is_terminal if live is None else live
     handler: logging.Handler = (
@@ -595,6 +739,13 @@ def run(
     level = logging.WARNING if live else logging.INFO
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    if not control:
+        logging.getLogger(__name__).warning(
+            "the control API is not installed, so other commands cannot steer this dispatcher "
+            "while it runs: %s",
+            CONTROL_EXTRA_HINT,
+        )
     factory = _running_factory(options)
     with _errors():
         dispatcher = TaskDispatcher(
@@ -605,14 +756,49 @@ def run(
         )
     try:
         with _errors():
-            asyncio.run(_serve(dispatcher, console, grace=grace, demo=demo, live=live))
+            asyncio.run(
+                _serve(
+                    dispatcher,
+                    console,
+                    grace=grace,
+                    demo=demo,
+                    live=live,
+                    control=control,
+                    listen=listen,
+                    token=options.token,
+                )
+            )
     finally:
         if not dispatcher.closed:
             dispatcher.close()
 
 
+def _control_available(listen: str | None) -> bool:
+    """Whether the control extra is installed; ``--listen`` without it is an error.
+
+    Without it ``run`` still runs the tasks (an optional extra must not stop a service from
+    starting) and says what it cannot do; asking for TCP explicitly fails instead.
+    """
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        if listen is not None:
+            _fail(f"--listen needs the control API: {CONTROL_EXTRA_HINT}")
+        return False
+    return True
+
+
 async def _serve(
-    dispatcher: TaskDispatcher, console: Console, *, grace: float, demo: bool, live: bool
+    dispatcher: TaskDispatcher,
+    console: Console,
+    *,
+    grace: float,
+    demo: bool,
+    live: bool,
+    control: bool = False,
+    listen: str | None = None,
+    token: str | None = None,
 ) -> None:
     if demo and not dispatcher.list_tasks():
         await dispatcher.add_tasks({"sys_type": "local", **task} for task in DEMO_TASKS)
@@ -628,26 +814,31 @@ async def _serve(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await dispatcher.start()
-    logging.getLogger(__name__).info(
-        "running %d task(s) from %s; Ctrl-C to stop",
-        len(dispatcher.list_tasks()),
-        dispatcher.state_file,
-    )
     try:
+        if control:
+            await dispatcher.serve_control(socket=True, listen=listen, token=token)
+        logging.getLogger(__name__).info(
+            "running %d task(s) from %s; Ctrl-C to stop",
+            len(dispatcher.list_tasks()),
+            dispatcher.state_file,
+        )
         if live:
             title = f"task-dispatcher: {dispatcher.state_file}"
             with Live(
-                _table(dispatcher.list_tasks(), dispatcher.timezone, title=title),
-                console=console,
-                refresh_per_second=2,
+                _live_table(dispatcher, title), console=console, refresh_per_second=2
             ) as screen:
                 while not stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1)
-                    screen.update(_table(dispatcher.list_tasks(), dispatcher.timezone, title=title))
+                    screen.update(_live_table(dispatcher, title))
         else:
             await stop.wait()
     finally:
         logging.getLogger(__name__).info("stopping: letting runs finish (up to %gs)", grace)
         await dispatcher.stop(grace_period=grace)
         logging.getLogger(__name__).info("stopped; state saved to %s", dispatcher.state_file)
+
+
+def _live_table(dispatcher: TaskDispatcher, title: str) -> Table:
+    queued = frozenset(tid for ids in dispatcher.queued_runs().values() for tid in ids)
+    return _table(dispatcher.list_tasks(), dispatcher.timezone, title=title, queued=queued)

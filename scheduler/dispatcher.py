@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import operator
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import tzlocal
@@ -19,16 +20,32 @@ from pydantic import ValidationError
 
 from jobstores.jsonfile import JsonJobStore, SaveHealth, describe_validation_error
 from scheduler.engine import DispatchExecutor, DispatchScheduler
-from scheduler.errors import DispatcherClosedError, DispatcherNotRunningError, InvalidTaskError
+from scheduler.errors import (
+    DispatcherClosedError,
+    DispatcherNotRunningError,
+    InvalidTaskError,
+    TaskExistsError,
+)
 from scheduler.lanes import AccountLanes
 from scheduler.runner import TaskRunner
 from scheduler.runs import LocalRunBackend, RunBackend
-from scheduler.triggers import end_instant
+from scheduler.triggers import RunPreview, end_instant, preview_runs
 from tasks.manager import TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus, check_json_value
 from tasks.registry import default_registry
 
-__all__ = ["DEFAULT_DISPATCHER_DIR", "DIR_ENV_VAR", "TaskDispatcher", "resolve_timezone"]
+if TYPE_CHECKING:
+    from fastapi import APIRouter, FastAPI
+
+    from scheduler.control.server import ControlServer
+
+__all__ = [
+    "CONTROL_SOCKET",
+    "DEFAULT_DISPATCHER_DIR",
+    "DIR_ENV_VAR",
+    "TaskDispatcher",
+    "resolve_timezone",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +53,8 @@ DIR_ENV_VAR = "TASK_DISPATCHER_DIR"
 """Environment variable naming the default dispatcher directory."""
 DEFAULT_DISPATCHER_DIR = "dispatcher"
 """The dispatcher directory when none is given (relative to the working directory)."""
+CONTROL_SOCKET = "control.sock"
+"""The control API's Unix socket, in the dispatcher directory."""
 
 _SCHEDULING_KEYWORDS = frozenset(
     {"sys_type", "task_type", "interval", "valid_time_range", "task_end_time", "task_id"}
@@ -117,6 +136,8 @@ class TaskDispatcher:
         self._scheduler = DispatchScheduler(
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
+        self._control: ControlServer | None = None
+        self._started_at: float | None = None
         logger.info(
             "dispatcher on %s loaded %d task(s) (%d kept unrestored)",
             directory,
@@ -196,7 +217,7 @@ class TaskDispatcher:
             while task_id in taken or self._store.find(task_id) is not None:
                 task_id = uuid.uuid4().hex[:12]
         elif task_id in taken or self._store.find(task_id) is not None:
-            raise InvalidTaskError("task_id", f"a task with id {task_id!r} exists")
+            raise TaskExistsError(task_id)
         try:
             check_json_value(extra, "kwargs")
         except ValueError as exc:
@@ -380,6 +401,76 @@ class TaskDispatcher:
         self._store.save()
         logger.info("task %s moved to position %d", task_id, position)
 
+    # ------------------------------------------------------------------ control plane
+    # What the control API (scheduler/control/) needs beyond the methods above.
+
+    def next_runs(self, task_id: str, count: int = 5) -> RunPreview:
+        """``task_id``'s next ``count`` planned runs (for a paused task: if resumed now)."""
+        return preview_runs(self._store.get(task_id), self.timezone, self._store.now(), count)
+
+    def queued_runs(self) -> dict[str, list[str]]:
+        """Account id -> ids of tasks whose due run waits for the account's lane (call on the
+        event loop the dispatcher runs on)."""
+        queued = {account: self._lanes.waiting(account) for account in self.account_tasks}
+        return {account: ids for account, ids in queued.items() if ids}
+
+    @property
+    def uptime(self) -> float | None:
+        """Seconds since :meth:`start` (None if not started or stopped)."""
+        if self._started_at is None or not self.running:
+            return None
+        return time.monotonic() - self._started_at
+
+    @property
+    def run_backend(self) -> str:
+        """The class name of the backend that executes runs."""
+        return self._runner.backend_name
+
+    def control_app(
+        self, *, token: str | None = None, extra_routers: Sequence[APIRouter] = ()
+    ) -> FastAPI:
+        """The control API as an ASGI (FastAPI) app a host can mount in its own app.
+
+        With ``token``, every request needs ``Authorization: Bearer <token>``. Needs the
+        ``control`` extra (``pip install 'task-dispatcher[control]'``).
+        """
+        from scheduler.control.app import create_app
+
+        return create_app(self, token=token, extra_routers=extra_routers)
+
+    async def serve_control(
+        self,
+        socket: bool = True,
+        listen: str | None = None,
+        token: str | None = None,
+        *,
+        extra_routers: Sequence[APIRouter] = (),
+    ) -> ControlServer:
+        """Serve the control API on ``<directory>/control.sock`` and, with ``listen``
+        (``HOST:PORT``), on TCP; return once listening. The listeners stop with :meth:`stop`.
+
+        A non-loopback ``listen`` without ``token`` raises :class:`ListenError`.
+        """
+        from scheduler.control.server import ControlServer
+
+        self._check_open()
+        if self._control is not None:
+            raise RuntimeError(f"the control API of {str(self.directory)!r} is already served")
+        server = ControlServer(
+            self.control_app(token=token, extra_routers=extra_routers),
+            socket_path=self.directory / CONTROL_SOCKET if socket else None,
+            listen=listen,
+            token=token,
+        )
+        await server.start()
+        self._control = server
+        return server
+
+    async def _stop_control(self) -> None:
+        control, self._control = self._control, None
+        if control is not None:
+            await control.close()
+
     # ------------------------------------------------------------------ running
 
     async def start(self) -> None:
@@ -387,6 +478,7 @@ class TaskDispatcher:
         self._check_open()
         if not self._scheduler.running:
             self._scheduler.start()
+            self._started_at = time.monotonic()
             logger.info("dispatcher on %s started", self.directory)
 
     async def run_pending(self) -> None:
@@ -411,6 +503,7 @@ class TaskDispatcher:
         """
         if self._store.closed:
             return
+        await self._stop_control()
         if self._scheduler.running:
             self._scheduler.pause()
             await self._runner.drain(grace_period)
@@ -425,7 +518,7 @@ class TaskDispatcher:
         """Save and release the directory without an event loop (for a never-started dispatcher)."""
         if self._store.closed:
             return
-        if self._scheduler.running:
+        if self._scheduler.running or self._control is not None:
             raise DispatcherNotRunningError("the dispatcher is running: use 'await stop()'")
         self._store.save()
         self._store.close()

@@ -5,12 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "ControlError",
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
     "DispatcherNotRunningError",
     "InvalidTaskError",
+    "ListenError",
     "NewerFormatError",
+    "TaskExistsError",
     "TaskNotFoundError",
     "UnknownTaskTypeError",
 ]
@@ -37,6 +40,14 @@ class InvalidTaskError(DispatcherError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class TaskExistsError(InvalidTaskError):
+    """A task with the requested id already exists (the control API answers 409)."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__("task_id", f"a task with id {task_id!r} exists")
+        self.task_id = task_id
 
 
 class UnknownTaskTypeError(InvalidTaskError):
@@ -81,3 +92,19 @@ class DispatcherNotRunningError(DispatcherError, RuntimeError):
 
 class DispatcherClosedError(DispatcherError, RuntimeError):
     """The dispatcher was stopped: it no longer owns its directory and accepts no changes."""
+
+
+class ListenError(DispatcherError, ValueError):
+    """The control API cannot listen where asked: a bad address, a non-loopback address
+    without a token, or a socket path or port that is taken."""
+
+
+class ControlError(DispatcherError, RuntimeError):
+    """A request to a dispatcher's control API failed; the message is the server's."""
+
+    def __init__(self, message: str, *, status: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        """The HTTP status (None: the dispatcher could not be reached)."""
+        self.field = field
+        """The request field the error is about, if any."""

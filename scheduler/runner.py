@@ -39,6 +39,11 @@ class TaskRunner:
         self._run_prefix = uuid.uuid4().hex[:12]
         self._run_numbers = itertools.count(1)
 
+    @property
+    def backend_name(self) -> str:
+        """The class name of the run backend."""
+        return type(self._backend).__name__
+
     def submit(self, task_id: str, scheduled_at: datetime) -> asyncio.Task[RunOutcome | None]:
         """Queue a run of ``task_id`` planned for ``scheduled_at``; call on the event loop."""
         self._store.run_submitted(task_id)

@@ -6,7 +6,9 @@ counts it); the dispatcher's zone is consulted only to read wall-clock hours.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
 from typing import TYPE_CHECKING
 
@@ -16,12 +18,14 @@ if TYPE_CHECKING:
     from tasks.model import TaskRecord
 
 __all__ = [
+    "RunPreview",
     "TaskTrigger",
     "Window",
     "end_instant",
     "in_window",
     "may_start",
     "next_run",
+    "preview_runs",
     "resolve_wall_time",
     "same_instant",
     "upcoming_runs",
@@ -163,6 +167,33 @@ def upcoming_runs(
         current = next_run(
             current, interval=interval, window=window, end=end, zone=zone, now=current
         )
+
+
+@dataclass(frozen=True)
+class RunPreview:
+    """A task's next planned runs, as ``show`` prints them and the control API serves them."""
+
+    task_id: str
+    status: str
+    """The task's status when the preview was made."""
+    if_resumed: bool
+    """True for a paused task: the runs it would make if resumed at the preview's ``now``."""
+    runs: tuple[datetime, ...]
+    """Up to the requested number of planned run times, in the dispatcher's zone."""
+
+
+def preview_runs(record: TaskRecord, zone: tzinfo, now: datetime, count: int) -> RunPreview:
+    """The next ``count`` runs of ``record``: the ones planned, or for a paused task the ones
+    a resume at ``now`` would plan (a completed task has none)."""
+    trigger = TaskTrigger.for_record(record, zone)
+    status = str(record.status)
+    first = record.next_execution_time
+    if status == "completed":
+        first = None
+    elif status == "paused":
+        first = trigger.get_next_fire_time(record.last_execution_time, now)
+    runs = tuple(itertools.islice(trigger.upcoming(first), max(count, 0)))
+    return RunPreview(record.task_id, status, status == "paused", runs)
 
 
 class TaskTrigger(BaseTrigger):

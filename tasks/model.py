@@ -17,6 +17,8 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.secrets import mask_secrets
+
 __all__ = ["TaskRecord", "TaskStatus", "check_json_value"]
 
 _MAX_JSON_INT = 2**63 - 1
@@ -247,9 +249,15 @@ class TaskRecord(BaseModel):
             updated_at=now,
         )
 
-    def to_json_dict(self) -> dict[str, Any]:
-        """The record as saved: plain JSON types, datetimes as ISO-8601 with offset."""
-        return self.model_dump(mode="json")
+    def to_json_dict(self, *, masked: bool = False) -> dict[str, Any]:
+        """The record as saved: plain JSON types, datetimes as ISO-8601 with offset.
+
+        ``masked`` replaces the values of secret-looking kwargs by ``***`` (for display).
+        """
+        data = self.model_dump(mode="json")
+        if masked:
+            data["kwargs"] = mask_secrets(data["kwargs"])
+        return data
 
 
 _ALL_FIELDS = set(TaskRecord.model_fields)

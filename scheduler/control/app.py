@@ -1,0 +1,401 @@
+"""The control API: a FastAPI app over one :class:`TaskDispatcher`.
+
+Every route under ``/api/v1`` goes through the dispatcher's public methods. The synchronous
+ones save durably before returning, so handlers call them in a worker thread: the event loop
+(which also runs the tasks) never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
+from scheduler.control.models import (
+    AccountOrder,
+    BulkAdd,
+    BulkAdded,
+    ErrorBody,
+    Health,
+    NextRuns,
+    Position,
+    TaskList,
+    TaskSpec,
+)
+from scheduler.errors import (
+    DispatcherClosedError,
+    InvalidTaskError,
+    TaskExistsError,
+    TaskNotFoundError,
+)
+from tasks.model import TaskRecord, TaskStatus
+
+if TYPE_CHECKING:
+    from scheduler.dispatcher import TaskDispatcher
+
+__all__ = ["API_PREFIX", "ApiError", "create_app", "zone_name"]
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+"""Where the API's routes live; a later, incompatible API gets a new prefix."""
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (401, "A token is configured and the request did not carry it."),
+        (403, "Secrets asked for by a caller not authorised to see them."),
+        (404, "No task (or account) with this id."),
+        (409, "A task with this id exists."),
+        (413, "The request body is too large."),
+        (422, "Invalid input; `field` names what is wrong."),
+        (503, "The dispatcher was stopped."),
+    )
+}
+
+
+class ApiError(Exception):
+    """An error answered as :class:`ErrorBody` with ``status``."""
+
+    def __init__(self, status: int, error: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.field = field
+
+
+def _json(data: Any, status: int = 200, **headers: str) -> Response:
+    return Response(
+        orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _error(status: int, error: str, message: str, field: str | None) -> Response:
+    return _json({"error": error, "message": message, "field": field}, status)
+
+
+def zone_name(zone: Any) -> str:
+    """An IANA key for a tzinfo when it has one, else its string form."""
+    return str(getattr(zone, "key", None) or zone)
+
+
+def _package_version() -> str:
+    try:
+        return version("task-dispatcher")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> Response:
+        return _error(exc.status, exc.error, exc.message, exc.field)
+
+    @app.exception_handler(TaskNotFoundError)
+    async def not_found(request: Request, exc: TaskNotFoundError) -> Response:
+        return _error(404, "not_found", str(exc), "task_id")
+
+    @app.exception_handler(TaskExistsError)
+    async def exists(request: Request, exc: TaskExistsError) -> Response:
+        return _error(409, "conflict", str(exc), exc.field)
+
+    @app.exception_handler(InvalidTaskError)
+    async def invalid(request: Request, exc: InvalidTaskError) -> Response:
+        return _error(422, "invalid", str(exc), exc.field)
+
+    @app.exception_handler(DispatcherClosedError)
+    async def closed(request: Request, exc: DispatcherClosedError) -> Response:
+        return _error(503, "stopped", str(exc), None)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> Response:
+        problem = exc.errors()[0]
+        location = [str(part) for part in problem.get("loc", ())]
+        # ("body", "tasks", "0", "interval") -> "tasks.0.interval"; a bare "body" stays.
+        field = ".".join(location[1:]) or (location[0] if location else "body")
+        return _error(422, "invalid", f"{field}: {problem.get('msg', 'invalid')}", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        error = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "error")
+        return _error(exc.status_code, error, str(exc.detail), None)
+
+
+def _secrets_allowed(request: Request, show_secrets: bool = False) -> bool:
+    """``?show_secrets=true``, allowed only to an authorised caller (see the guard)."""
+    if show_secrets and not is_authorised(request.scope):
+        raise ApiError(
+            403,
+            "forbidden",
+            "show_secrets: only a token holder or a caller on the Unix socket may see secrets",
+            "show_secrets",
+        )
+    return show_secrets
+
+
+ShowSecrets = Annotated[bool, Depends(_secrets_allowed)]
+
+
+def create_app(
+    dispatcher: TaskDispatcher,
+    *,
+    token: str | None = None,
+    max_body: int = MAX_BODY,
+    extra_routers: Sequence[APIRouter] = (),
+) -> FastAPI:
+    """The control API of ``dispatcher``.
+
+    ``token``: when set, every request not made through the Unix socket must carry
+    ``Authorization: Bearer <token>``. ``max_body``: the request body limit in bytes.
+    ``extra_routers`` are included after the API (e.g. a dashboard served at ``/``); they sit
+    behind the same guard. The app keeps the dispatcher as ``app.state.dispatcher``.
+    """
+    app = FastAPI(
+        title="task-dispatcher control API",
+        version=_package_version(),
+        description="Steer a running task-dispatcher: tasks, accounts, runs, health.",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.dispatcher = dispatcher
+    app.include_router(_api_router(dispatcher))
+    app.include_router(_metrics_router(dispatcher))
+    for router in extra_routers:
+        app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(ControlGuard, token=token, max_body=max_body)
+    return app
+
+
+def _metrics_router(dispatcher: TaskDispatcher) -> APIRouter:
+    router = APIRouter()
+
+    @router.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}}, 501: {"model": ErrorBody}},
+    )
+    async def metrics() -> Response:
+        source = getattr(dispatcher, "metrics", None)
+        if source is None:
+            raise ApiError(501, "not_available", "metrics are not available in this version")
+        body, content_type = await asyncio.to_thread(source.render)
+        return Response(body, media_type=content_type)
+
+    return router
+
+
+def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
+    async def dispatcher_open() -> None:
+        if dispatcher.closed:
+            raise DispatcherClosedError(f"the dispatcher on {str(dispatcher.directory)!r} stopped")
+
+    router = APIRouter(
+        prefix=API_PREFIX, dependencies=[Depends(dispatcher_open)], responses=_ERRORS
+    )
+
+    def view(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
+        return record.to_json_dict(masked=not show_secrets)
+
+    def account_order(account_id: str, ids: list[str], queued: dict[str, list[str]]) -> Any:
+        return {"account_id": account_id, "task_ids": ids, "queued": queued.get(account_id, [])}
+
+    def history() -> Any:
+        runs = getattr(dispatcher, "runs", None)
+        if runs is None:
+            raise ApiError(501, "not_available", "run history is not available in this version")
+        return runs
+
+    @router.get("/health", response_model=Health, summary="The dispatcher's health")
+    async def health() -> Response:
+        records = await asyncio.to_thread(dispatcher.list_tasks)
+        saves = dispatcher.save_health
+        running = dispatcher.running
+        queued = dispatcher.queued_runs() if running else {}
+        by_status = Counter(record.status.value for record in records)
+        status = "stopped" if not running else ("ok" if saves.ok else "degraded")
+        body = {
+            "status": status,
+            "version": _package_version(),
+            "running": running,
+            "uptime_seconds": dispatcher.uptime,
+            "directory": str(dispatcher.directory),
+            "state_file": str(dispatcher.state_file),
+            "timezone": zone_name(dispatcher.timezone),
+            "tasks": len(records),
+            "tasks_by_status": {s.value: by_status.get(s.value, 0) for s in TaskStatus},
+            "backend": {
+                "name": dispatcher.run_backend,
+                "running_runs": by_status.get(TaskStatus.RUNNING.value, 0),
+                "queued_runs": sum(len(ids) for ids in queued.values()),
+            },
+            "save_health": {
+                "ok": saves.ok,
+                "last_saved_at": saves.last_saved_at,
+                "last_error": saves.last_error,
+                "last_error_at": saves.last_error_at,
+                "failed_saves": saves.failed_saves,
+                "unsaved_task_ids": list(saves.unsaved_task_ids),
+            },
+        }
+        return _json(body, 200 if running else 503)
+
+    @router.get("/tasks", response_model=TaskList, summary="Tasks, filtered")
+    async def list_tasks(
+        show_secrets: ShowSecrets,
+        account: str | None = None,
+        status: TaskStatus | None = None,
+        task_type: str | None = None,
+        sys_type: str | None = None,
+    ) -> Response:
+        def select() -> tuple[list[dict[str, Any]], int]:
+            order = dispatcher.account_tasks
+            rank = {tid: i for ids in order.values() for i, tid in enumerate(ids)}
+            records = dispatcher.list_tasks()
+            chosen = [
+                r
+                for r in records
+                if (account is None or r.account_id == account)
+                and (status is None or r.status is status)
+                and (task_type is None or r.task_type == task_type)
+                and (sys_type is None or r.sys_type == sys_type)
+            ]
+            chosen.sort(key=lambda r: (r.account_id, rank.get(r.task_id, 0)))
+            return [view(r, show_secrets) for r in chosen], len(records)
+
+        tasks, total = await asyncio.to_thread(select)
+        queued = dispatcher.queued_runs() if dispatcher.running else {}
+        if account is not None:
+            queued = {account: queued[account]} if account in queued else {}
+        return _json(
+            {
+                "tasks": tasks,
+                "total": total,
+                "queued": queued,
+                "timezone": zone_name(dispatcher.timezone),
+                "state_file": str(dispatcher.state_file),
+            }
+        )
+
+    @router.post("/tasks", status_code=201, response_model=TaskRecord, summary="Add a task (saved)")
+    async def add_task(spec: TaskSpec, show_secrets: ShowSecrets) -> Response:
+        (task_id,) = await dispatcher.add_tasks([spec.keywords()])
+        record = dispatcher.get_task(task_id)
+        return _json(view(record, show_secrets), 201, Location=f"{API_PREFIX}/tasks/{task_id}")
+
+    @router.post(
+        "/tasks/bulk",
+        status_code=201,
+        response_model=BulkAdded,
+        summary="Add many tasks with one save, all or none",
+    )
+    async def add_tasks(body: BulkAdd) -> Response:
+        task_ids = await dispatcher.add_tasks([spec.keywords() for spec in body.tasks])
+        return _json({"task_ids": task_ids}, 201)
+
+    @router.get("/tasks/{task_id}", response_model=TaskRecord, summary="One task")
+    async def get_task(task_id: str, show_secrets: ShowSecrets) -> Response:
+        return _json(view(dispatcher.get_task(task_id), show_secrets))
+
+    @router.get(
+        "/tasks/{task_id}/next-runs", response_model=NextRuns, summary="The next planned runs"
+    )
+    async def next_runs(task_id: str, count: Annotated[int, Query(ge=0, le=1000)] = 5) -> Response:
+        preview = dispatcher.next_runs(task_id, count)
+        return _json(
+            {
+                "task_id": preview.task_id,
+                "status": preview.status,
+                "if_resumed": preview.if_resumed,
+                "runs": list(preview.runs),
+            }
+        )
+
+    @router.post("/tasks/{task_id}/pause", response_model=TaskRecord, summary="Pause (saved)")
+    async def pause(task_id: str, show_secrets: ShowSecrets) -> Response:
+        await asyncio.to_thread(dispatcher.pause_task, task_id)
+        return _json(view(dispatcher.get_task(task_id), show_secrets))
+
+    @router.post("/tasks/{task_id}/resume", response_model=TaskRecord, summary="Resume (saved)")
+    async def resume(task_id: str, show_secrets: ShowSecrets) -> Response:
+        await asyncio.to_thread(dispatcher.resume_task, task_id)
+        return _json(view(dispatcher.get_task(task_id), show_secrets))
+
+    @router.post(
+        "/tasks/{task_id}/reorder",
+        response_model=AccountOrder,
+        summary="Move a task in its account's priority order (saved)",
+    )
+    async def reorder(task_id: str, body: Position) -> Response:
+        await asyncio.to_thread(dispatcher.reorder_task, task_id, body.position)
+        account = dispatcher.get_task(task_id).account_id
+        queued = dispatcher.queued_runs() if dispatcher.running else {}
+        return _json(account_order(account, dispatcher.account_tasks.get(account, []), queued))
+
+    @router.delete("/tasks/{task_id}", status_code=204, summary="Remove a task (saved)")
+    async def remove(task_id: str) -> Response:
+        await asyncio.to_thread(dispatcher.remove_task, task_id)
+        return Response(status_code=204)
+
+    @router.get(
+        "/tasks/{task_id}/runs", response_model=list[dict[str, Any]], summary="A task's runs"
+    )
+    async def task_runs(
+        task_id: str,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        failed: bool | None = None,
+        since: datetime | None = None,
+    ) -> Response:
+        dispatcher.get_task(task_id)  # 404 for an unknown id
+        runs = history()
+        entries = await asyncio.to_thread(runs, task_id, limit=limit, failed=failed, since=since)
+        return _json([entry.to_json() for entry in entries])
+
+    @router.get("/runs", response_model=list[dict[str, Any]], summary="Run history")
+    async def all_runs(
+        task_id: str | None = None,
+        account: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        failed: bool | None = None,
+        since: datetime | None = None,
+    ) -> Response:
+        runs = history()
+        entries = await asyncio.to_thread(
+            runs, task_id, account_id=account, limit=limit, failed=failed, since=since
+        )
+        return _json([entry.to_json() for entry in entries])
+
+    @router.get(
+        "/accounts",
+        response_model=list[AccountOrder],
+        summary="Accounts and their tasks in priority order",
+    )
+    async def accounts() -> Response:
+        queued = dispatcher.queued_runs() if dispatcher.running else {}
+        return _json(
+            [account_order(a, ids, queued) for a, ids in sorted(dispatcher.account_tasks.items())]
+        )
+
+    @router.get("/accounts/{account_id}", response_model=AccountOrder, summary="One account")
+    async def account(account_id: str) -> Response:
+        ids = dispatcher.account_tasks.get(account_id)
+        if not ids:
+            raise ApiError(404, "not_found", f"no account with id {account_id!r}", "account_id")
+        queued = dispatcher.queued_runs() if dispatcher.running else {}
+        return _json(account_order(account_id, ids, queued))
+
+    return router

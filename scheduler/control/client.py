@@ -1,0 +1,233 @@
+"""A small synchronous client of the control API, for the command line (and scripts).
+
+It speaks to a dispatcher through its Unix socket (``<dir>/control.sock``) or over TCP
+(``--url``), and turns error responses into :class:`ControlError` carrying the server's
+message, so a command prints the same line whether it ran on the file or through the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, tzinfo
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+from zoneinfo import ZoneInfo
+
+import httpx
+import orjson
+
+from scheduler.control.app import API_PREFIX
+from scheduler.errors import ControlError
+from scheduler.triggers import RunPreview
+from tasks.model import TaskRecord
+
+__all__ = ["PROBE_TIMEOUT", "ControlClient"]
+
+PROBE_TIMEOUT = 2.0
+"""Seconds to wait for a dispatcher's socket to answer before treating it as stale."""
+_TIMEOUT = 60.0
+"""Seconds a request may take: changes are saved before the answer (a large store's save)."""
+
+
+class ControlClient:
+    """Requests to one dispatcher's control API; use as a context manager or :meth:`close`."""
+
+    def __init__(
+        self,
+        *,
+        socket_path: Path | None = None,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = _TIMEOUT,
+    ) -> None:
+        if (socket_path is None) == (url is None):
+            raise ValueError("give exactly one of socket_path and url")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if socket_path is not None:
+            self.where = str(socket_path)
+            transport = httpx.HTTPTransport(uds=str(socket_path))
+            base = "http://localhost"
+        else:
+            assert url is not None
+            self.where = url
+            transport = httpx.HTTPTransport()
+            base = url.rstrip("/")
+        self._http = httpx.Client(
+            transport=transport, base_url=base, headers=headers, timeout=timeout
+        )
+        self._health: dict[str, Any] | None = None
+
+    @classmethod
+    def probe(cls, socket_path: Path) -> ControlClient | None:
+        """A client of the dispatcher serving ``socket_path``, or None if nothing answers."""
+        if not socket_path.exists():
+            return None
+        client = cls(socket_path=socket_path)
+        try:
+            client._health = client._request("GET", "/health", timeout=PROBE_TIMEOUT, ok=(503,))
+        except ControlError:
+            client.close()
+            return None
+        return client
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        timeout: float | None = None,
+        ok: tuple[int, ...] = (),
+    ) -> Any:
+        query = {k: _param(v) for k, v in (params or {}).items() if v is not None}
+        try:
+            response = self._http.request(
+                method,
+                API_PREFIX + path,
+                params=query,
+                content=None if body is None else orjson.dumps(body),
+                headers={"Content-Type": "application/json"} if body is not None else None,
+                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+            )
+        except httpx.HTTPError as exc:
+            raise ControlError(f"cannot reach the dispatcher at {self.where}: {exc}") from exc
+        if response.status_code >= 400 and response.status_code not in ok:
+            try:
+                error = response.json()
+                message, field = str(error["message"]), error.get("field")
+            except (ValueError, KeyError, TypeError):
+                message, field = f"HTTP {response.status_code}: {response.text[:200]}", None
+            raise ControlError(message, status=response.status_code, field=field)
+        return response.json() if response.content else None
+
+    # ------------------------------------------------------------------ queries
+
+    def health(self) -> dict[str, Any]:
+        """The dispatcher's health document (fetched once per client)."""
+        if self._health is None:
+            self._health = self._request("GET", "/health", ok=(503,))
+        return self._health
+
+    def zone(self) -> tzinfo:
+        """The dispatcher's zone of the hour windows."""
+        return ZoneInfo(self.health()["timezone"])
+
+    def state_file(self) -> str:
+        """The dispatcher's state file (as the server names it)."""
+        return str(self.health()["state_file"])
+
+    def list_tasks(
+        self,
+        *,
+        account: str | None = None,
+        status: str | None = None,
+        task_type: str | None = None,
+        sys_type: str | None = None,
+        show_secrets: bool = False,
+    ) -> dict[str, Any]:
+        """The ``/tasks`` listing; its ``tasks`` as :class:`TaskRecord`."""
+        listing: dict[str, Any] = self._request(
+            "GET",
+            "/tasks",
+            params={
+                "account": account,
+                "status": status,
+                "task_type": task_type,
+                "sys_type": sys_type,
+                "show_secrets": show_secrets or None,
+            },
+        )
+        listing["tasks"] = [TaskRecord.model_validate(data) for data in listing["tasks"]]
+        return listing
+
+    def get_task(self, task_id: str, *, show_secrets: bool = False) -> TaskRecord:
+        """One task's record."""
+        data = self._request(
+            "GET", f"/tasks/{_quote(task_id)}", params={"show_secrets": show_secrets or None}
+        )
+        return TaskRecord.model_validate(data)
+
+    def next_runs(self, task_id: str, count: int = 5) -> RunPreview:
+        """The task's next planned runs."""
+        data = self._request("GET", f"/tasks/{_quote(task_id)}/next-runs", params={"count": count})
+        return RunPreview(
+            data["task_id"],
+            data["status"],
+            data["if_resumed"],
+            tuple(datetime.fromisoformat(t) for t in data["runs"]),
+        )
+
+    def account_tasks(self, account_id: str) -> list[str]:
+        """The account's task ids in priority order."""
+        data = self._request("GET", f"/accounts/{_quote(account_id)}")
+        return list(data["task_ids"])
+
+    def runs(self, task_id: str | None = None, **filters: Any) -> list[dict[str, Any]]:
+        """Run history entries as JSON objects (filters: account, limit, failed, since)."""
+        result: list[dict[str, Any]] = self._request(
+            "GET", "/runs", params={"task_id": task_id, **filters}
+        )
+        return result
+
+    # ------------------------------------------------------------------ changes
+
+    def add_task(self, keywords: Mapping[str, Any]) -> str:
+        """Add one task (``add_task``'s keywords); its id once saved."""
+        return str(self._request("POST", "/tasks", body=dict(keywords))["task_id"])
+
+    def add_tasks(self, tasks: list[Mapping[str, Any]]) -> list[str]:
+        """Add many tasks with one save, all or none; their ids."""
+        data = self._request("POST", "/tasks/bulk", body={"tasks": [dict(t) for t in tasks]})
+        return [str(task_id) for task_id in data["task_ids"]]
+
+    def pause_task(self, task_id: str) -> TaskRecord:
+        """Pause; the record once saved."""
+        return TaskRecord.model_validate(self._request("POST", f"/tasks/{_quote(task_id)}/pause"))
+
+    def resume_task(self, task_id: str) -> TaskRecord:
+        """Resume; the record once saved."""
+        return TaskRecord.model_validate(self._request("POST", f"/tasks/{_quote(task_id)}/resume"))
+
+    def remove_task(self, task_id: str) -> None:
+        """Remove for good (saved when this returns)."""
+        self._request("DELETE", f"/tasks/{_quote(task_id)}")
+
+    def reorder_task(self, task_id: str, position: int) -> tuple[str, list[str]]:
+        """Move within the account's order; ``(account_id, task ids in the new order)``."""
+        data = self._request(
+            "POST", f"/tasks/{_quote(task_id)}/reorder", body={"position": position}
+        )
+        return str(data["account_id"]), list(data["task_ids"])
+
+
+def _quote(segment: str) -> str:
+    from urllib.parse import quote
+
+    return quote(segment, safe="")
+
+
+def _param(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
