@@ -28,6 +28,8 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from scheduler.control.guard import LISTENER
+
 __all__ = [
     "COOKIE_NAME",
     "CSRF_HEADER",
@@ -147,7 +149,8 @@ class DashboardGuard:
         self.security = security
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] not in ("http", "websocket") or scope.get(LISTENER) == "unix":
+            # The Unix socket is owner-only: the operating system already authenticated.
             await self.app(scope, receive, send)
             return
         response = self._refusal(scope)

@@ -168,6 +168,24 @@
   }
 
   function applyUpdate(message) {
+    if (message.health) showHealth(message.health.problems);
+    if (document.getElementById("lanes")) applyToLanes(message);
+    const page = document.querySelector("article.task-page");
+    if (page) {
+      const mine = (message.changed || []).find((r) => r.task_id === page.dataset.id);
+      if (mine) {
+        page.dataset.status = mine.status;
+        page.querySelector("h1 .status").textContent = mine.status;
+        const pause = page.querySelector("[data-action=pause]");
+        const resume = page.querySelector("[data-action=resume]");
+        pause.hidden = mine.status === "paused" || mine.status === "completed";
+        resume.hidden = mine.status !== "paused";
+      }
+    }
+    tickTimes();
+  }
+
+  function applyToLanes(message) {
     const rows = rowsById();
     for (const row of message.changed || []) {
       let li = rows.get(row.task_id);
@@ -184,21 +202,7 @@
       if (li) li.remove();
     }
     if (message.order) applyOrder(message.order);
-    if (message.health) showHealth(message.health.problems);
-    const page = document.querySelector("article.task-page");
-    if (page) {
-      const mine = (message.changed || []).find((r) => r.task_id === page.dataset.id);
-      if (mine) {
-        page.dataset.status = mine.status;
-        page.querySelector("h1 .status").textContent = mine.status;
-        const pause = page.querySelector("[data-action=pause]");
-        const resume = page.querySelector("[data-action=resume]");
-        pause.hidden = mine.status === "paused" || mine.status === "completed";
-        resume.hidden = mine.status !== "paused";
-      }
-    }
     applyFilters();
-    tickTimes();
   }
 
   function showHealth(problems) {

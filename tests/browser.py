@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -33,6 +33,9 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = ROOT / "tests" / "artifacts"
 """Screenshots and figures the browser tests leave behind (gitignored)."""
+
+ZONE = "Asia/Shanghai"
+"""The dispatcher's zone in the browser tests."""
 
 _URL = re.compile(r"dashboard on (http://\S+?)/?\s*$")
 
@@ -82,6 +85,9 @@ class Served:
                 "scheduler",
                 "--dir",
                 str(directory),
+                # The zone seed() adds tasks in (run reads hour windows in the local zone).
+                "--timezone",
+                ZONE,
                 "run",
                 "--no-live",
                 "--grace",
@@ -119,7 +125,7 @@ class Served:
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.process.poll() is not None and self.lines.empty():
+            if remaining <= 0 or (self.process.poll() is not None and self.lines.empty()):
                 raise AssertionError("not in the log in time:\n" + "".join(self.seen))
             try:
                 line = self.lines.get(timeout=min(remaining, 0.5))
@@ -144,17 +150,36 @@ class Served:
         assert "Traceback" not in "".join(self.seen), "".join(self.seen)
 
 
-def seed(directory: Path, tasks: Iterable[Mapping[str, Any]]) -> None:
-    """Write tasks to ``directory``'s state file through the library (no dispatcher running)."""
+def seed(
+    directory: Path, tasks: Iterable[Mapping[str, Any]], *, paused: Iterable[str] = ()
+) -> None:
+    """Write tasks to ``directory``'s state file through the library (no dispatcher running),
+    pausing those in ``paused``."""
     import asyncio
 
     from scheduler import TaskDispatcher
 
     async def add() -> None:
-        dispatcher = TaskDispatcher(directory, timezone="Asia/Shanghai")
+        dispatcher = TaskDispatcher(directory, timezone=ZONE)
         try:
             await dispatcher.add_tasks(tasks)
+            for task_id in paused:
+                dispatcher.pause_task(task_id)
         finally:
             dispatcher.close()
 
-    asyncio.run(add())
+    # Playwright's synchronous API runs an event loop on this thread: add from another one.
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(add())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), "seeding the store took over two minutes"
+    if errors:
+        raise errors[0]
