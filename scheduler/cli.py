@@ -835,6 +835,8 @@ async def _serve(
             )
             if dashboard and server.url is not None:
                 logging.getLogger(__name__).info("dashboard on %s/", server.url)
+                if live:  # the log shows only problems above the live table
+                    console.print(f"dashboard on {server.url}/")
         logging.getLogger(__name__).info(
             "running %d task(s) from %s; Ctrl-C to stop",
             len(dispatcher.list_tasks()),

@@ -11,6 +11,7 @@ from helpers import SHANGHAI, at, record
 from starlette.types import Receive, Scope, Send
 
 from scheduler import TaskDispatcher
+from scheduler.control.guard import LISTENER
 from scheduler.web import WebSecurity, dashboard_app
 from scheduler.web.feed import FeedState, diff
 from scheduler.web.security import COOKIE_NAME
@@ -208,3 +209,16 @@ def test_row_of_a_never_run_task() -> None:
         3,
         "2026-01-08 08:00:00",
     )
+
+
+async def test_the_unix_socket_is_trusted_like_the_api_trusts_it(
+    dispatcher: TaskDispatcher,
+) -> None:
+    app = dashboard_app(dispatcher, api=_api, token="tok")
+
+    async def through_socket(scope: Scope, receive: Receive, send: Send) -> None:
+        await app({**scope, LISTENER: "unix"}, receive, send)
+
+    async with client(through_socket, host="localhost") as c:
+        assert (await c.get("/api/v1/tasks")).status_code == 200
+        assert (await c.get("/")).status_code == 200
