@@ -218,7 +218,8 @@
 
   function listen() {
     if (!window.EventSource) return;
-    const source = new EventSource("/events");
+    // The feed first sends what changed since this page was rendered, then every change.
+    const source = new EventSource(`/events?since=${encodeURIComponent(meta("rendered-at"))}`);
     source.addEventListener("update", (event) => applyUpdate(JSON.parse(event.data)));
     window.addEventListener("pagehide", () => source.close());
   }
