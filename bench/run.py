@@ -6,6 +6,7 @@ floor). Same no-op async task everywhere. Ratios are what count; these machines 
 
     python -m bench                 # N = 1,000 and 10,000
     python -m bench --large         # and 100,000
+    python -m bench --history-only  # only the run history case (bench/history.py)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from bench import history
 from scheduler import TaskDispatcher
 
 ACCOUNTS = 100
@@ -385,15 +387,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--large", action="store_true", help="also N = 100,000")
     parser.add_argument("--sizes", type=int, nargs="*", help="explicit N values")
+    parser.add_argument("--history-only", action="store_true", help="only the run history case")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     sizes = args.sizes or ([1_000, 10_000, 100_000] if args.large else [1_000, 10_000])
     started = time.perf_counter()
-    rows = asyncio.run(run(sizes))
+    rows = [] if args.history_only else asyncio.run(run(sizes))
+    with tempfile.TemporaryDirectory(prefix="bench-") as name:
+        lines = history.history_case(Path(name))
     print()
     print(
         f"Python {platform.python_version()} on {platform.machine()}, "
         f"{platform.processor() or platform.platform()}, "
         f"{__import__('os').cpu_count()} cores; {time.perf_counter() - started:.0f} s in all"
     )
-    print(report(rows))
+    if rows:
+        print(report(rows))
+        print()
+    print(history.report(lines))

@@ -10,6 +10,7 @@ from scheduler.errors import (
     DispatcherClosedError,
     DispatcherError,
     DispatcherNotRunningError,
+    HistoryUnavailableError,
     InvalidTaskError,
     ListenError,
     NewerFormatError,
@@ -20,6 +21,8 @@ from scheduler.errors import (
 
 if TYPE_CHECKING:
     from scheduler.dispatcher import TaskDispatcher
+    from scheduler.history import RunEntry, RunHistory
+    from scheduler.metrics import DispatcherMetrics
     from scheduler.runs import LocalRunBackend, RunBackend, RunOutcome, RunRequest
     from scheduler.triggers import TaskTrigger
 
@@ -28,12 +31,16 @@ __all__ = [
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
+    "DispatcherMetrics",
     "DispatcherNotRunningError",
+    "HistoryUnavailableError",
     "InvalidTaskError",
     "ListenError",
     "LocalRunBackend",
     "NewerFormatError",
     "RunBackend",
+    "RunEntry",
+    "RunHistory",
     "RunOutcome",
     "RunRequest",
     "TaskDispatcher",
@@ -45,6 +52,9 @@ __all__ = [
 
 _LAZY = {
     "TaskDispatcher": "scheduler.dispatcher",
+    "DispatcherMetrics": "scheduler.metrics",
+    "RunEntry": "scheduler.history",
+    "RunHistory": "scheduler.history",
     "LocalRunBackend": "scheduler.runs",
     "RunBackend": "scheduler.runs",
     "RunOutcome": "scheduler.runs",

@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from zoneinfo import ZoneInfo
@@ -40,7 +40,14 @@ from scheduler.dispatcher import (
     default_directory,
     resolve_timezone,
 )
-from scheduler.errors import ControlError, DispatcherError, NewerFormatError, UnknownTaskTypeError
+from scheduler.errors import (
+    ControlError,
+    DispatcherError,
+    HistoryUnavailableError,
+    NewerFormatError,
+    UnknownTaskTypeError,
+)
+from scheduler.history import HISTORY_FILENAME, MAX_QUERY_LIMIT, RunEntry, read_runs
 from scheduler.triggers import RunPreview, preview_runs
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
@@ -49,7 +56,7 @@ from tasks.registry import default_registry
 if TYPE_CHECKING:
     from scheduler.control.client import ControlClient
 
-__all__ = ["main", "parse_hours", "parse_interval"]
+__all__ = ["main", "parse_hours", "parse_interval", "parse_since"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
@@ -221,6 +228,7 @@ def _dispatcher(
             options.dir,
             task_manager_factory=factory or _editing_factory(options),
             timezone=options.zone(),
+            history=False,  # editing commands run nothing
         )
         try:
             yield dispatcher
@@ -584,6 +592,98 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
         position = snapshot.account_tasks[record.account_id].index(task_id)
         preview = preview_runs(record, zone, datetime.now(zone), count)
     _print_task(record, position, preview, zone, show_secrets)
+
+
+def parse_since(text: str, zone: tzinfo, now: datetime) -> datetime:
+    """An age before ``now`` (``90m``, ``2h``, ``7d``), a date or an ISO datetime.
+
+    Dates and datetimes without an offset are read in ``zone``.
+    """
+    try:
+        return now - timedelta(seconds=parse_interval(text))
+    except click.BadParameter:
+        pass
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not an age (90m, 2h, 7d), a date or an ISO datetime",
+            param_hint="--since",
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=zone)
+
+
+def _history(options: Options, **filters: Any) -> list[RunEntry]:
+    """The runs matching ``filters``, read from the directory's history file."""
+    if not (options.dir / HISTORY_FILENAME).exists():
+        return []
+    try:
+        return read_runs(options.dir, options.zone() or resolve_timezone(None), **filters)
+    except (HistoryUnavailableError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _runs_table(entries: list[RunEntry], zone: tzinfo) -> Table:
+    table = Table(expand=False)
+    for column in ("run", "task", "account", "type", "planned", "started", "took", "outcome"):
+        table.add_column(column, no_wrap=column in ("run", "planned", "started", "outcome"))
+    table.add_column("error", overflow="fold")
+    styles = {"succeeded": "green", "running": "bold cyan"}
+    for entry in entries:
+        table.add_row(
+            entry.run_id,
+            entry.task_id,
+            entry.account_id,
+            entry.task_type,
+            _when(entry.scheduled_at, zone),
+            _when(entry.started_at, zone),
+            "-" if entry.duration is None else f"{entry.duration:.1f}s",
+            f"[{styles.get(entry.outcome, 'bold red')}]{entry.outcome}[/]",
+            (entry.error or "")[:80],
+        )
+    return table
+
+
+@main.command()
+@_dir_option
+@click.argument("task_id", required=False)
+@click.option("--account", default=None, help="Only this account's runs.")
+@click.option("--failed", is_flag=True, help="Only failed, lost and expired runs.")
+@click.option("--since", default=None, help="An age (90m, 2h, 7d), a date or an ISO datetime.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, MAX_QUERY_LIMIT))
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of runs.")
+@click.pass_obj
+def runs(
+    options: Options,
+    task_id: str | None,
+    account: str | None,
+    failed: bool,
+    since: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Show the run history, newest first (read-only; works while the directory is in use)."""
+    zone = options.zone() or resolve_timezone(None)
+    filters: dict[str, Any] = {
+        "failed": True if failed else None,
+        "since": None if since is None else parse_since(since, zone, datetime.now(zone)),
+        "limit": limit,
+    }
+    client = _remote(options)
+    if client is not None:
+        with client, _errors():
+            found = client.runs(task_id, account=account, **filters)
+            entries = [RunEntry.model_validate(data) for data in found]
+    else:
+        entries = _history(options, task_id=task_id, account_id=account, **filters)
+    if as_json:
+        click.echo(
+            orjson.dumps([e.to_json() for e in entries], option=orjson.OPT_INDENT_2).decode()
+        )
+    elif not entries:
+        click.echo("No runs recorded.")
+    else:
+        _console().print(_runs_table(entries, zone))
 
 
 @main.command()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import operator
 import os
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -23,9 +25,11 @@ from scheduler.engine import DispatchExecutor, DispatchScheduler
 from scheduler.errors import (
     DispatcherClosedError,
     DispatcherNotRunningError,
+    HistoryUnavailableError,
     InvalidTaskError,
     TaskExistsError,
 )
+from scheduler.history import RunEntry, RunHistory, open_history
 from scheduler.lanes import AccountLanes
 from scheduler.runner import TaskRunner
 from scheduler.runs import LocalRunBackend, RunBackend
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
     from scheduler.control.server import ControlServer
+    from scheduler.metrics import DispatcherMetrics
 
 __all__ = [
     "CONTROL_SOCKET",
@@ -106,6 +111,10 @@ class TaskDispatcher:
     on after a restart or a crash. The dispatcher owns its directory (an OS-level lock) until
     :meth:`stop` or :meth:`close`.
 
+    Every run is recorded in ``<dispatcher_dir>/history.sqlite3`` (see :meth:`runs`);
+    ``history=False`` turns that off, a :class:`RunHistory` passed instead (its retention
+    configured) is used and closed with the dispatcher.
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -119,6 +128,7 @@ class TaskDispatcher:
         timezone: str | tzinfo | None = None,
         max_concurrent_runs: int = 10,
         run_backend: RunBackend | None = None,
+        history: bool | RunHistory = True,
     ) -> None:
         self.timezone = resolve_timezone(timezone)
         """The zone whose wall-clock hours the windows and end dates are read in."""
@@ -137,6 +147,12 @@ class TaskDispatcher:
         self._scheduler = DispatchScheduler(
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
+        self._history = open_history(directory, history, self.timezone)
+        if self._history is not None:
+            self._runner.observers.append(self._history.record)
+        self._metrics = self._make_metrics()
+        if self._metrics is not None:
+            self._runner.observers.append(self._metrics.observe)
         self._control: ControlServer | None = None
         self._started_at: float | None = None
         logger.info(
@@ -183,6 +199,30 @@ class TaskDispatcher:
         """Account id -> its task ids in priority order (a copy)."""
         return self._store.account_tasks()
 
+    @property
+    def history(self) -> RunHistory | None:
+        """The run history (None if off or its file could not be opened)."""
+        return self._history
+
+    @property
+    def metrics(self) -> DispatcherMetrics | None:
+        """The Prometheus metrics (None without the ``prometheus_client`` package)."""
+        return self._metrics
+
+    def _make_metrics(self) -> DispatcherMetrics | None:
+        try:
+            from scheduler.metrics import DispatcherMetrics, MetricsSource
+        except ImportError:  # prometheus_client comes with the optional 'control' extra
+            return None
+        store = self._store
+
+        def tasks_by_status() -> dict[str, int]:
+            return dict(Counter(record.status.value for record in store.records()))
+
+        return DispatcherMetrics(
+            MetricsSource(tasks_by_status, self._lanes.waiting_counts, lambda: store.save_health)
+        )
+
     # ------------------------------------------------------------------ queries
 
     def get_task(self, task_id: str) -> TaskRecord:
@@ -192,6 +232,34 @@ class TaskDispatcher:
     def list_tasks(self) -> list[TaskRecord]:
         """Snapshots of every task, in the order they were added."""
         return [record.snapshot() for record in self._store.records()]
+
+    def runs(
+        self,
+        task_id: str | None = None,
+        *,
+        account_id: str | None = None,
+        failed: bool | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        before_run: str | None = None,
+    ) -> list[RunEntry]:
+        """Recorded runs, newest first, filtered as :meth:`RunHistory.query` describes.
+
+        Blocks on a local SQLite read (milliseconds): from async code, call it in a thread.
+        Raises :class:`HistoryUnavailableError` if the history is off.
+        """
+        if self._history is None:
+            raise HistoryUnavailableError(f"the run history of {str(self.directory)!r} is off")
+        return self._history.query(
+            task_id=task_id,
+            account_id=account_id,
+            failed=failed,
+            since=since,
+            until=until,
+            limit=limit,
+            before_run=before_run,
+        )
 
     # ------------------------------------------------------------------ adding
 
@@ -494,7 +562,7 @@ class TaskDispatcher:
         """Run every task due now and return when all runs in progress have finished.
 
         Meant for host-application tests that move the clock (e.g. with freezegun); the state
-        file reflects the runs when it returns.
+        file and the run history reflect the runs when it returns.
         """
         if not self._scheduler.running:
             raise DispatcherNotRunningError(
@@ -503,6 +571,8 @@ class TaskDispatcher:
         self._scheduler.process_due()
         await self._runner.wait_idle()
         await self._store.save_async()
+        if self._history is not None:
+            await asyncio.to_thread(self._history.flush)
 
     async def stop(self, grace_period: float | None = 30.0) -> None:
         """Stop scheduling, let runs in progress finish, save, and release the directory.
@@ -520,6 +590,8 @@ class TaskDispatcher:
         await self._store.drain_saves()
         self._store.touch()  # the final save happens even if nothing changed
         await self._store.save_async()
+        if self._history is not None:
+            await asyncio.to_thread(self._history.close)
         self._store.close()
         logger.info("dispatcher on %s stopped", self.directory)
 
@@ -530,6 +602,8 @@ class TaskDispatcher:
         if self._scheduler.running or self._control is not None:
             raise DispatcherNotRunningError("the dispatcher is running: use 'await stop()'")
         self._store.save()
+        if self._history is not None:
+            self._history.close()
         self._store.close()
 
     async def __aenter__(self) -> Self:

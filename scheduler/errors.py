@@ -10,6 +10,7 @@ __all__ = [
     "DispatcherClosedError",
     "DispatcherError",
     "DispatcherNotRunningError",
+    "HistoryUnavailableError",
     "InvalidTaskError",
     "ListenError",
     "NewerFormatError",
@@ -108,3 +109,7 @@ class ControlError(DispatcherError, RuntimeError):
         """The HTTP status (None: the dispatcher could not be reached)."""
         self.field = field
         """The request field the error is about, if any."""
+
+
+class HistoryUnavailableError(DispatcherError, RuntimeError):
+    """The run history is off, or its file cannot be opened or read."""

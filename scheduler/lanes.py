@@ -65,6 +65,17 @@ class AccountLanes:
         )
         return [w.task_id for w in waiters]
 
+    def waiting_counts(self) -> dict[str, int]:
+        """Account id -> number of runs waiting for its lane (accounts with a lane in use).
+
+        Safe to call from another thread (for metrics): it reads copies, and a count may be
+        a moment old.
+        """
+        counts: dict[str, int] = {}
+        for account, lane in list(self._lanes.items()):
+            counts[account] = sum(not w.future.done() for _, _, w in list(lane.queue))
+        return counts
+
     @asynccontextmanager
     async def slot(self, account: str, task_id: str) -> AsyncIterator[None]:
         """Hold ``account``'s lane (and one global slot) for the duration of the block."""

@@ -6,15 +6,20 @@ import asyncio
 import itertools
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import datetime, tzinfo
 
 from jobstores.jsonfile import JsonJobStore
 from scheduler.lanes import AccountLanes
 from scheduler.runs import RunBackend, RunOutcome, RunRequest, describe_error
 from scheduler.triggers import end_instant, may_start
+from tasks import runs as messages
 from tasks.model import TaskStatus
 
-__all__ = ["TaskRunner"]
+__all__ = ["RunObserver", "TaskRunner"]
+
+RunObserver = Callable[[messages.RunRequest, messages.RunEvent], None]
+"""Told of every run event (on the event loop): must return quickly and not raise."""
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ class TaskRunner:
         # Run ids: unique per process by the counter, across processes by the prefix.
         self._run_prefix = uuid.uuid4().hex[:12]
         self._run_numbers = itertools.count(1)
+        self.observers: list[RunObserver] = []
+        """Called with each run's events (the run history, metrics)."""
+        self._messages: dict[str, messages.RunRequest] = {}
 
     @property
     def backend_name(self) -> str:
@@ -85,6 +93,7 @@ class TaskRunner:
                 request = self._begin(task_id, scheduled_at)
                 if request is None:
                     return None
+                outcome: RunOutcome | None = None
                 try:
                     outcome = await self._backend.execute(request)
                 except asyncio.CancelledError:
@@ -92,6 +101,8 @@ class TaskRunner:
                     raise
                 except Exception as exc:
                     outcome = RunOutcome(request.run_id, error=describe_error(exc))
+                finally:
+                    self._observe_end(request, outcome)
                 self._finish(request, outcome)
                 return outcome
             finally:
@@ -132,6 +143,21 @@ class TaskRunner:
             store.run_executing(task_id, True)
         store.request_save()
         run_id = f"{self._run_prefix}-{next(self._run_numbers)}"
+        message = messages.RunRequest(
+            run_id=run_id,
+            task_id=task_id,
+            account_id=record.account_id,
+            sys_type=record.sys_type,
+            task_type=record.task_type,
+            kwargs=record.kwargs,
+            scheduled_at=scheduled_at,
+            submitted_at=now,
+        )
+        self._messages[run_id] = message
+        self._observe(
+            message,
+            messages.RunEvent(run_id, task_id, messages.RunEventKind.STARTED, now),
+        )
         logger.info(
             "run %s of task %s (account %s, %s) started",
             run_id,
@@ -149,6 +175,38 @@ class TaskRunner:
             started_at=now,
             manager=store.manager(task_id),
         )
+
+    def _observe_end(self, request: RunRequest, outcome: RunOutcome | None) -> None:
+        """Tell the observers how the run ended (no outcome: cancelled at stop, so lost)."""
+        message = self._messages.pop(request.run_id)
+        if outcome is None:
+            kind, error = messages.RunEventKind.LOST, "cancelled: the dispatcher stopped"
+        elif outcome.ok:
+            kind, error = messages.RunEventKind.SUCCEEDED, None
+        else:
+            kind, error = messages.RunEventKind.FAILED, outcome.error
+        event = messages.RunEvent(
+            request.run_id,
+            request.task_id,
+            kind,
+            self._store.now(),
+            error=error,
+            started_at=request.started_at,
+        )
+        self._observe(message, event)
+
+    def _observe(self, request: messages.RunRequest, event: messages.RunEvent) -> None:
+        for observer in self.observers:
+            try:
+                observer(request, event)
+            except Exception:
+                logger.exception(
+                    "run %s of task %s: observer %r failed on %s; the run is unaffected",
+                    event.run_id,
+                    event.task_id,
+                    observer,
+                    event.kind.value,
+                )
 
     def _finish(self, request: RunRequest, outcome: RunOutcome) -> None:
         store = self._store

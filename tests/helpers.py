@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import queue
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -165,3 +171,98 @@ def seed_file(tasks: list[Any], account_tasks: Any = None, version: Any = "1.0")
         else {"account_1": [t["task_id"] for t in tasks if isinstance(t, dict)]},
     }
     return json.dumps(document, ensure_ascii=False, indent=2).encode()
+
+
+# ---------------------------------------------------------------------- processes
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository (the working directory of the processes tests start)."""
+
+
+def command(directory: Path, *args: str) -> list[str]:
+    """``task-dispatcher --dir DIRECTORY ARGS...`` as a process argument list."""
+    return [sys.executable, "-m", "scheduler", "--dir", str(directory), *args]
+
+
+def cli(
+    directory: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run one command to its end (bounded) and capture its output."""
+    return subprocess.run(
+        command(directory, *args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def add_shell_task(directory: Path, task_id: str, interval: str, command: str) -> None:
+    """Add a shell task for account ``me`` through the command line."""
+    added = cli(
+        directory,
+        "add",
+        "--type",
+        "shell",
+        "--account",
+        "me",
+        "--interval",
+        interval,
+        "--id",
+        task_id,
+        "--kw",
+        command,
+    )
+    assert added.returncode == 0, added.stderr
+
+
+class Running:
+    """A `run` process whose log lines are read on a thread; waits are bounded."""
+
+    def __init__(self, directory: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            command(directory, "run", "--no-live", "--grace", "10", *args),
+            cwd=ROOT,
+            env=None if env is None else {**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(10)
+        self.reader.join(10)
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.seen):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError("timed out; log so far:\n" + "".join(self.seen))
+            try:
+                self.seen.append(self.lines.get(timeout=remaining))
+            except queue.Empty:
+                continue
+
+    def wait_for_line(self, text: str, timeout: float = 30) -> str:
+        """The first log line containing ``text`` (waiting for it, bounded)."""
+        self.wait_for(lambda lines: any(text in line for line in lines), timeout)
+        return next(line for line in self.seen if text in line)
+
+    def finished_runs(self, lines: list[str]) -> int:
+        return sum(" finished in " in line for line in lines)

@@ -6,9 +6,33 @@ through :meth:`TaskDispatcher.control_app` and :meth:`TaskDispatcher.serve_contr
 
 from __future__ import annotations
 
-from scheduler.control.app import API_PREFIX, create_app
-from scheduler.control.client import ControlClient
-from scheduler.control.guard import MAX_BODY
-from scheduler.control.server import ControlServer, check_listen
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scheduler.control.app import create_app
+    from scheduler.control.client import ControlClient
+    from scheduler.control.guard import MAX_BODY
+    from scheduler.control.server import ControlServer, check_listen
 
 __all__ = ["API_PREFIX", "MAX_BODY", "ControlClient", "ControlServer", "check_listen", "create_app"]
+
+API_PREFIX = "/api/v1"
+"""Where the API's routes live; a later, incompatible API gets a new prefix."""
+
+_LAZY = {
+    "create_app": "scheduler.control.app",
+    "ControlClient": "scheduler.control.client",
+    "MAX_BODY": "scheduler.control.guard",
+    "ControlServer": "scheduler.control.server",
+    "check_listen": "scheduler.control.server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # The command line's client must not pay for importing the server side (FastAPI, uvicorn).
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'scheduler.control' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

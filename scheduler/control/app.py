@@ -11,7 +11,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -21,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scheduler.control import API_PREFIX
 from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
 from scheduler.control.models import (
     AccountOrder,
@@ -30,15 +30,18 @@ from scheduler.control.models import (
     Health,
     NextRuns,
     Position,
+    RunFilters,
     TaskList,
     TaskSpec,
 )
 from scheduler.errors import (
     DispatcherClosedError,
+    HistoryUnavailableError,
     InvalidTaskError,
     TaskExistsError,
     TaskNotFoundError,
 )
+from scheduler.history import RunEntry
 from tasks.model import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
@@ -47,9 +50,6 @@ if TYPE_CHECKING:
 __all__ = ["API_PREFIX", "ApiError", "create_app", "zone_name"]
 
 logger = logging.getLogger(__name__)
-
-API_PREFIX = "/api/v1"
-"""Where the API's routes live; a later, incompatible API gets a new prefix."""
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
@@ -60,6 +60,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (409, "A task with this id exists."),
         (413, "The request body is too large."),
         (422, "Invalid input; `field` names what is wrong."),
+        (501, "Run history or metrics are off in this dispatcher."),
         (503, "The dispatcher was stopped."),
     )
 }
@@ -114,6 +115,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidTaskError)
     async def invalid(request: Request, exc: InvalidTaskError) -> Response:
         return _error(422, "invalid", str(exc), exc.field)
+
+    @app.exception_handler(HistoryUnavailableError)
+    async def no_history(request: Request, exc: HistoryUnavailableError) -> Response:
+        return _error(501, "not_available", str(exc), None)
 
     @app.exception_handler(DispatcherClosedError)
     async def closed(request: Request, exc: DispatcherClosedError) -> Response:
@@ -171,7 +176,8 @@ def create_app(
         redoc_url=None,
     )
     app.state.dispatcher = dispatcher
-    app.include_router(_api_router(dispatcher))
+    for router in _api_routers(dispatcher):
+        app.include_router(router)
     app.include_router(_metrics_router(dispatcher))
     for router in extra_routers:
         app.include_router(router)
@@ -190,16 +196,18 @@ def _metrics_router(dispatcher: TaskDispatcher) -> APIRouter:
         responses={200: {"content": {"text/plain": {}}}, 501: {"model": ErrorBody}},
     )
     async def metrics() -> Response:
-        source = getattr(dispatcher, "metrics", None)
+        source = dispatcher.metrics
         if source is None:
-            raise ApiError(501, "not_available", "metrics are not available in this version")
+            raise ApiError(
+                501, "not_available", "metrics need prometheus_client (the control extra)"
+            )
         body, content_type = await asyncio.to_thread(source.render)
         return Response(body, media_type=content_type)
 
     return router
 
 
-def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
+def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
     async def dispatcher_open() -> None:
         if dispatcher.closed:
             raise DispatcherClosedError(f"the dispatcher on {str(dispatcher.directory)!r} stopped")
@@ -207,6 +215,8 @@ def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
     router = APIRouter(
         prefix=API_PREFIX, dependencies=[Depends(dispatcher_open)], responses=_ERRORS
     )
+    # Health answers even once the dispatcher stopped: that is what a monitor asks about.
+    health_router = APIRouter(prefix=API_PREFIX, responses=_ERRORS)
 
     def view(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
         return record.to_json_dict(masked=not show_secrets)
@@ -214,15 +224,13 @@ def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
     def account_order(account_id: str, ids: list[str], queued: dict[str, list[str]]) -> Any:
         return {"account_id": account_id, "task_ids": ids, "queued": queued.get(account_id, [])}
 
-    def history() -> Any:
-        runs = getattr(dispatcher, "runs", None)
-        if runs is None:
-            raise ApiError(501, "not_available", "run history is not available in this version")
-        return runs
-
-    @router.get("/health", response_model=Health, summary="The dispatcher's health")
+    @health_router.get(
+        "/health",
+        response_model=Health,
+        summary="The dispatcher's health (503 with the same body once stopped)",
+    )
     async def health() -> Response:
-        records = await asyncio.to_thread(dispatcher.list_tasks)
+        records = [] if dispatcher.closed else await asyncio.to_thread(dispatcher.list_tasks)
         saves = dispatcher.save_health
         running = dispatcher.running
         queued = dispatcher.queued_runs() if running else {}
@@ -351,33 +359,41 @@ def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
         await asyncio.to_thread(dispatcher.remove_task, task_id)
         return Response(status_code=204)
 
-    @router.get(
-        "/tasks/{task_id}/runs", response_model=list[dict[str, Any]], summary="A task's runs"
-    )
-    async def task_runs(
-        task_id: str,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-        failed: bool | None = None,
-        since: datetime | None = None,
-    ) -> Response:
-        dispatcher.get_task(task_id)  # 404 for an unknown id
-        runs = history()
-        entries = await asyncio.to_thread(runs, task_id, limit=limit, failed=failed, since=since)
+    async def query_runs(task_id: str | None, filters: RunFilters) -> Response:
+        try:
+            entries = await asyncio.to_thread(
+                dispatcher.runs,
+                task_id,
+                account_id=filters.account,
+                failed=filters.failed,
+                since=filters.since,
+                until=filters.until,
+                limit=filters.limit,
+                before_run=filters.before_run,
+            )
+        except ValueError as exc:
+            field, _, _ = str(exc).partition(":")
+            raise ApiError(422, "invalid", str(exc), field) from None
         return _json([entry.to_json() for entry in entries])
 
-    @router.get("/runs", response_model=list[dict[str, Any]], summary="Run history")
+    @router.get(
+        "/tasks/{task_id}/runs",
+        response_model=list[RunEntry],
+        summary="A task's recorded runs, newest first",
+    )
+    async def task_runs(task_id: str, filters: Annotated[RunFilters, Query()]) -> Response:
+        dispatcher.get_task(task_id)  # 404 for an unknown id
+        return await query_runs(task_id, filters)
+
+    @router.get(
+        "/runs",
+        response_model=list[RunEntry],
+        summary="Recorded runs, newest first (page with before_run)",
+    )
     async def all_runs(
-        task_id: str | None = None,
-        account: str | None = None,
-        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-        failed: bool | None = None,
-        since: datetime | None = None,
+        filters: Annotated[RunFilters, Query()], task_id: str | None = None
     ) -> Response:
-        runs = history()
-        entries = await asyncio.to_thread(
-            runs, task_id, account_id=account, limit=limit, failed=failed, since=since
-        )
-        return _json([entry.to_json() for entry in entries])
+        return await query_runs(task_id, filters)
 
     @router.get(
         "/accounts",
@@ -398,4 +414,4 @@ def _api_router(dispatcher: TaskDispatcher) -> APIRouter:
         queued = dispatcher.queued_runs() if dispatcher.running else {}
         return _json(account_order(account_id, ids, queued))
 
-    return router
+    return [health_router, router]

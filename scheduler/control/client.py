@@ -12,12 +12,13 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
 
-from scheduler.control.app import API_PREFIX
+from scheduler.control import API_PREFIX
 from scheduler.errors import ControlError
 from scheduler.triggers import RunPreview
 from tasks.model import TaskRecord
@@ -220,8 +221,6 @@ class ControlClient:
 
 
 def _quote(segment: str) -> str:
-    from urllib.parse import quote
-
     return quote(segment, safe="")
 
 

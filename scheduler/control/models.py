@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from scheduler.history import MAX_QUERY_LIMIT
 from tasks.model import TaskRecord
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "Health",
     "NextRuns",
     "Position",
+    "RunFilters",
     "SaveHealthBody",
     "TaskList",
     "TaskSpec",
@@ -119,6 +121,21 @@ class NextRuns(BaseModel):
     status: str
     if_resumed: bool
     runs: list[datetime]
+
+
+class RunFilters(BaseModel):
+    """Which recorded runs to list (query parameters); newest first."""
+
+    account: str | None = None
+    failed: bool | None = Field(
+        default=None, description="true: failed, lost and expired runs; false: succeeded ones."
+    )
+    since: datetime | None = Field(default=None, description="Started at or after (with offset).")
+    until: datetime | None = Field(default=None, description="Started before (with offset).")
+    limit: int = Field(default=100, ge=1, le=MAX_QUERY_LIMIT)
+    before_run: str | None = Field(
+        default=None, description="The next page: the run_id of the previous page's last entry."
+    )
 
 
 class SaveHealthBody(BaseModel):

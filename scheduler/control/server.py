@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 _SHUTDOWN_GRACE = 5.0
 """Seconds requests in progress get to finish when the listeners stop."""
+_MAX_UNIX_PATH = 107
+"""The longest Unix socket path Linux accepts (sun_path holds 108 bytes with the NUL)."""
 _START_TIMEOUT = 10.0
 """Seconds a listener may take to start (binding is already done; this is uvicorn's setup)."""
 
@@ -78,6 +80,12 @@ def check_listen(listen: str, token: str | None) -> tuple[str, int]:
 
 def _bind_unix(path: Path) -> socket.socket:
     """A listening Unix socket at ``path``, mode 0600 from the moment it appears there."""
+    staged_length = len(os.fsencode(path.parent)) + len("/.ctl-xxxxxxxx/s")
+    if max(len(os.fsencode(path)), staged_length) > _MAX_UNIX_PATH:
+        raise ListenError(
+            f"{path}: the path is too long for a Unix socket ({_MAX_UNIX_PATH} bytes at most); "
+            "use a dispatcher directory with a shorter path"
+        )
     try:
         existing = os.lstat(path)
     except FileNotFoundError:

@@ -394,4 +394,13 @@ def dashboard_app(
         routes.append(Mount("/", api))
     # The overview of 1,000 tasks is about a megabyte of repetitive markup: 15 times less gzipped.
     app = Starlette(routes=routes, middleware=[Middleware(GZipMiddleware, minimum_size=1024)])
-    return DashboardGuard(app, security)
+    return DashboardGuard(app, security, owns=_dashboard_path)
+
+
+_PAGES = frozenset({"/", "/timeline", "/add", "/events", "/login", "/logout"})
+_PAGE_PREFIXES = ("/tasks/", "/static/")
+
+
+def _dashboard_path(path: str) -> bool:
+    """Whether ``path`` is the dashboard's (every other one is the control API's)."""
+    return path in _PAGES or path.startswith(_PAGE_PREFIXES)

@@ -20,7 +20,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from urllib.parse import quote, urlsplit
 
 from starlette.datastructures import Headers
@@ -141,12 +141,24 @@ def _same_origin(origin: str, host: str | None) -> bool:
     return origin != "null" and urlsplit(origin).netloc == (host or "")
 
 
-class DashboardGuard:
-    """ASGI middleware applying :class:`WebSecurity` to everything behind one listener."""
+def _error(status: int, error: str, message: str, **headers: str) -> JSONResponse:
+    # The control API's error body, so a client reads one shape whoever refused.
+    body = {"error": error, "message": message, "field": None}
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
-    def __init__(self, app: ASGIApp, security: WebSecurity) -> None:
+
+class DashboardGuard:
+    """ASGI middleware applying :class:`WebSecurity` in front of the dashboard and the API.
+
+    The dashboard's own paths (``owns``) are authenticated here. Every other path belongs to
+    the control API, whose own guard authenticates it: here a valid session cookie is only
+    turned into the bearer token it stands for, and browser changes are checked for CSRF.
+    """
+
+    def __init__(self, app: ASGIApp, security: WebSecurity, owns: Callable[[str], bool]) -> None:
         self.app = app
         self.security = security
+        self.owns = owns
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or scope.get(LISTENER) == "unix":
@@ -164,35 +176,43 @@ class DashboardGuard:
         connection = HTTPConnection(scope)
         headers = connection.headers
         security = self.security
-        if not security.host_allowed(headers.get("host")):
-            return JSONResponse({"detail": "unknown host name"}, status_code=421)
+        path: str = scope["path"]
+        own = self.owns(path)
         method = scope.get("method", "GET")
         origin = headers.get("origin")
+        if own and not security.host_allowed(headers.get("host")):
+            return _error(
+                403,
+                "forbidden",
+                f"Host {headers.get('host')!r} is not a loopback name; without a token the "
+                "dashboard answers only requests addressed to localhost",
+            )
         if method not in _SAFE_METHODS and origin and not _same_origin(origin, headers.get("host")):
-            return JSONResponse({"detail": "cross-origin request refused"}, status_code=403)
+            return _error(403, "forbidden", f"cross-site request from {origin!r} refused")
         bearer = _bearer(headers)
         session = connection.cookies.get(COOKIE_NAME)
-        path: str = scope["path"]
-        if security.token_required and not path.startswith(_PUBLIC_PREFIXES):
+        if security.token_required and bearer is None and security.valid_session(session):
+            # The API authorises bearer tokens only: hand it the one the cookie stands for.
+            assert security.token is not None
+            raw = [(k, v) for k, v in scope["headers"] if k != b"authorization"]
+            raw.append((b"authorization", f"Bearer {security.token}".encode()))
+            scope["headers"] = raw
+        elif security.token_required and own and not path.startswith(_PUBLIC_PREFIXES):
             if bearer is not None:
                 if not security.check_token(bearer):
-                    return JSONResponse({"detail": "invalid token"}, status_code=401)
-            elif security.valid_session(session):
-                # The API authorises bearer tokens only: hand it the one the cookie stands for.
-                assert security.token is not None
-                raw = [(k, v) for k, v in scope["headers"] if k != b"authorization"]
-                raw.append((b"authorization", f"Bearer {security.token}".encode()))
-                scope["headers"] = raw
+                    return _error(401, "unauthorized", "invalid token")
             elif method == "GET" and "text/html" in headers.get("accept", ""):
-                target = scope.get("path", "/")
+                target = path
                 if scope.get("query_string"):
                     target += "?" + scope["query_string"].decode("latin-1")
                 return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
             else:
-                return JSONResponse(
-                    {"detail": "authentication required"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
+                return _error(
+                    401,
+                    "unauthorized",
+                    "this dispatcher needs a token: log in, or send "
+                    "'Authorization: Bearer <token>'",
+                    **{"WWW-Authenticate": "Bearer"},
                 )
         browser = bool(origin or "cookie" in headers or "sec-fetch-site" in headers)
         if (
@@ -202,5 +222,5 @@ class DashboardGuard:
             and path not in _FORM_PATHS
             and not security.valid_csrf(session, headers.get(CSRF_HEADER))
         ):
-            return JSONResponse({"detail": "missing or invalid CSRF token"}, status_code=403)
+            return _error(403, "forbidden", "missing or invalid CSRF token: reload the page")
         return None

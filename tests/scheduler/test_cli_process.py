@@ -3,91 +3,12 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import read_state
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def command(directory: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "scheduler", "--dir", str(directory), *args]
-
-
-def cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command(directory, *args), cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
-
-
-def add_shell_task(directory: Path, task_id: str, interval: str, command: str) -> None:
-    added = cli(
-        directory,
-        "add",
-        "--type",
-        "shell",
-        "--account",
-        "me",
-        "--interval",
-        interval,
-        "--id",
-        task_id,
-        "--kw",
-        command,
-    )
-    assert added.returncode == 0, added.stderr
-
-
-class Running:
-    """A `run` process whose log lines are read on a thread; waits are bounded."""
-
-    def __init__(self, directory: Path) -> None:
-        self.process = subprocess.Popen(
-            command(directory, "run", "--no-live", "--grace", "10"),
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(10)
-        self.reader.join(10)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(self.seen):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError("timed out; log so far:\n" + "".join(self.seen))
-            try:
-                self.seen.append(self.lines.get(timeout=remaining))
-            except queue.Empty:
-                continue
-
-    def finished_runs(self, lines: list[str]) -> int:
-        return sum(" finished in " in line for line in lines)
+from helpers import Running, add_shell_task, cli, read_state
 
 
 @pytest.fixture

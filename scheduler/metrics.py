@@ -1,0 +1,140 @@
+"""Prometheus metrics of one dispatcher (needs the ``control`` extra: ``prometheus_client``).
+
+Run counts and the duration and lateness histograms are fed by run events
+(:meth:`DispatcherMetrics.observe`, an observer of the runner); the gauges (tasks by status,
+runs waiting per account, saving) are read from the dispatcher when scraped. Every dispatcher
+has its own registry, so several in one process never collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from jobstores.jsonfile import SaveHealth
+from tasks.model import TaskStatus
+from tasks.runs import RunEvent, RunEventKind, RunRequest
+
+__all__ = [
+    "CONTENT_TYPE",
+    "DURATION_BUCKETS",
+    "LATENESS_BUCKETS",
+    "DispatcherMetrics",
+    "MetricsSource",
+]
+
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, float("inf"))
+"""Run duration histogram buckets, in seconds (runs take seconds to an hour)."""
+LATENESS_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, float("inf"))
+"""Start lateness histogram buckets, in seconds (planned time to actual start)."""
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The classic Prometheus text format, which every scraper reads."""
+
+
+@dataclass(frozen=True)
+class MetricsSource:
+    """What the scrape-time gauges read; each callable must be safe to call from any thread."""
+
+    tasks_by_status: Callable[[], Mapping[str, int]]
+    """Status value -> number of tasks."""
+    waiting_by_account: Callable[[], Mapping[str, int]]
+    """Account id -> runs waiting for its lane (accounts with none may be left out)."""
+    save_health: Callable[[], SaveHealth]
+
+
+class _StateCollector(Collector):
+    """The gauges, computed from the dispatcher at each scrape."""
+
+    def __init__(self, source: MetricsSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        counts = self._source.tasks_by_status()
+        tasks = GaugeMetricFamily("task_dispatcher_tasks", "Tasks by status.", labels=["status"])
+        for status in TaskStatus:
+            tasks.add_metric([status.value], counts.get(status.value, 0))
+        yield tasks
+
+        waiting = {a: n for a, n in self._source.waiting_by_account().items() if n}
+        lanes = GaugeMetricFamily(
+            "task_dispatcher_lane_waiting_runs",
+            "Runs waiting for their account's lane (accounts with none are left out).",
+            labels=["account"],
+        )
+        for account, count in sorted(waiting.items()):
+            lanes.add_metric([account], count)
+        yield lanes
+        yield GaugeMetricFamily(
+            "task_dispatcher_waiting_runs",
+            "Runs waiting for a lane, all accounts together.",
+            value=sum(waiting.values()),
+        )
+
+        health = self._source.save_health()
+        yield GaugeMetricFamily(
+            "task_dispatcher_failed_saves",
+            "Failed saves of the state file since the last successful one.",
+            value=health.failed_saves,
+        )
+        yield GaugeMetricFamily(
+            "task_dispatcher_unsaved_tasks",
+            "Tasks whose latest change is not on disk yet.",
+            value=len(health.unsaved_task_ids),
+        )
+        if health.last_saved_at is not None:
+            yield GaugeMetricFamily(
+                "task_dispatcher_last_durable_save_timestamp_seconds",
+                "When the state file was last written durably (unix seconds).",
+                value=health.last_saved_at.timestamp(),
+            )
+
+
+class DispatcherMetrics:
+    """A dispatcher's metrics in a registry of its own.
+
+    Thread safety: :meth:`observe` and :meth:`render` may be called from any thread.
+    """
+
+    def __init__(self, source: MetricsSource) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        """This dispatcher's registry (never the process-wide default one)."""
+        self._runs = Counter(
+            "task_dispatcher_runs",
+            "Finished runs by task type, sys_type and outcome.",
+            ["task_type", "sys_type", "outcome"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "task_dispatcher_run_duration_seconds",
+            "Run duration, start to finish, by task type.",
+            ["task_type"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._lateness = Histogram(
+            "task_dispatcher_run_start_lateness_seconds",
+            "Planned time to actual start of runs.",
+            buckets=LATENESS_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_StateCollector(source))
+
+    def observe(self, request: RunRequest, event: RunEvent) -> None:
+        """Count ``event`` of ``request``'s run (a runner observer)."""
+        if event.kind is RunEventKind.STARTED:
+            lateness = (event.at - request.scheduled_at).total_seconds()
+            self._lateness.observe(max(lateness, 0.0))
+            return
+        self._runs.labels(request.task_type, request.sys_type, event.kind.value).inc()
+        if event.started_at is not None:
+            duration = (event.at - event.started_at).total_seconds()
+            self._duration.labels(request.task_type).observe(max(duration, 0.0))
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of every metric, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE

@@ -1,0 +1,177 @@
+"""``serve_control``: real listeners on the dispatcher's socket and on TCP, in this process."""
+
+from __future__ import annotations
+
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scheduler import ListenError, TaskDispatcher
+from scheduler.control import check_listen
+
+API = "/api/v1"
+TASK = {
+    "task_type": "xhs_type",
+    "sys_type": "mac_intel",
+    "account_id": "acc",
+    "interval": 3600,
+    "valid_time_range": [8, 22],
+    "password": "hunter2",
+}
+
+
+def over_socket(path: Path) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(path)), base_url="http://localhost"
+    )
+
+
+async def test_the_socket_is_owner_only_trusted_and_gone_after_stop(
+    started: TaskDispatcher,
+) -> None:
+    server = await started.serve_control()
+    path = started.directory / "control.sock"
+    assert server.socket_path == path
+    mode = path.stat().st_mode
+    assert stat.S_ISSOCK(mode)
+    assert stat.S_IMODE(mode) == 0o600
+    assert not [p for p in started.directory.iterdir() if p.name.startswith(".ctl-")]
+    async with over_socket(path) as api:
+        added = await api.post(f"{API}/tasks", json={**TASK, "task_id": "t"})
+        assert added.status_code == 201
+        # The socket's caller is the directory's owner: it may see secrets.
+        shown = await api.get(f"{API}/tasks/t", params={"show_secrets": "true"})
+        assert shown.json()["kwargs"]["password"] == "hunter2"
+        assert (await api.get(f"{API}/health")).json()["status"] == "ok"
+    await started.stop()
+    assert not path.exists()
+
+
+async def test_a_stale_socket_is_replaced_and_anything_else_refused(
+    make_dispatcher: Callable[..., TaskDispatcher], state_dir: Path
+) -> None:
+    state_dir.mkdir(mode=0o700)
+    path = state_dir / "control.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))  # what a killed owner leaves behind
+    dead.close()
+    dispatcher = make_dispatcher()
+    await dispatcher.start()
+    try:
+        await dispatcher.serve_control()
+        async with over_socket(path) as api:
+            assert (await api.get(f"{API}/health")).status_code == 200
+    finally:
+        await dispatcher.stop()
+
+    path.write_text("not a socket")
+    dispatcher = make_dispatcher()
+    await dispatcher.start()
+    try:
+        with pytest.raises(ListenError, match="not a socket"):
+            await dispatcher.serve_control()
+        assert path.read_text() == "not a socket"
+    finally:
+        await dispatcher.stop()
+
+
+async def test_tcp_on_loopback_without_a_token(started: TaskDispatcher) -> None:
+    server = await started.serve_control(socket=False, listen="127.0.0.1:0")
+    assert server.socket_path is None
+    assert not (started.directory / "control.sock").exists()
+    assert server.address is not None
+    assert server.address[1] > 0
+    async with httpx.AsyncClient(base_url=str(server.url)) as api:
+        added = await api.post(f"{API}/tasks", json={**TASK, "task_id": "t"})
+        assert added.status_code == 201
+        assert added.json()["kwargs"]["password"] == "***"
+        refused = await api.get(f"{API}/tasks/t", params={"show_secrets": "true"})
+        assert refused.status_code == 403
+        # A page on another site that resolves its name to 127.0.0.1 (DNS rebinding).
+        rebound = await api.get(f"{API}/tasks", headers={"Host": "evil.example:80"})
+        assert rebound.status_code == 403
+        assert "loopback" in rebound.json()["message"]
+
+
+async def test_tcp_with_a_token_needs_it_from_every_caller(started: TaskDispatcher) -> None:
+    server = await started.serve_control(listen="127.0.0.1:0", token="tok-123")
+    async with httpx.AsyncClient(base_url=str(server.url)) as anonymous:
+        assert (await anonymous.get(f"{API}/tasks")).status_code == 401
+        assert (await anonymous.get("/openapi.json")).status_code == 401
+    headers = {"Authorization": "Bearer tok-123"}
+    async with httpx.AsyncClient(base_url=str(server.url), headers=headers) as holder:
+        added = await holder.post(f"{API}/tasks", json={**TASK, "task_id": "t"})
+        assert added.status_code == 201
+        shown = await holder.get(f"{API}/tasks/t", params={"show_secrets": "true"})
+        assert shown.json()["kwargs"]["password"] == "hunter2"
+    # The socket stays the owner's way in, token or not.
+    async with over_socket(started.directory / "control.sock") as owner:
+        assert (await owner.get(f"{API}/tasks")).status_code == 200
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0"])
+def test_off_loopback_needs_a_token(listen: str) -> None:
+    with pytest.raises(ListenError, match="not a loopback address"):
+        check_listen(listen, None)
+    assert check_listen(listen, "tok-123")[1] == 0
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [("127.0.0.1:8765", ("127.0.0.1", 8765)), ("[::1]:80", ("::1", 80)), ("localhost:1", None)],
+)
+def test_listen_addresses(listen: str, expected: tuple[str, int] | None) -> None:
+    host, port = check_listen(listen, None)
+    if expected is not None:
+        assert (host, port) == expected
+
+
+@pytest.mark.parametrize("listen", ["8765", "127.0.0.1", "127.0.0.1:x", ":8765", "h:99999"])
+def test_bad_listen_addresses_are_refused(listen: str) -> None:
+    with pytest.raises(ListenError, match="HOST:PORT"):
+        check_listen(listen, None)
+
+
+async def test_off_loopback_refused_before_anything_listens(started: TaskDispatcher) -> None:
+    with pytest.raises(ListenError):
+        await started.serve_control(listen="0.0.0.0:0")
+    assert not (started.directory / "control.sock").exists()
+    server = await started.serve_control(listen="0.0.0.0:0", token="tok-123")
+    assert server.address is not None
+
+
+async def test_a_taken_port_is_a_listen_error_and_nothing_is_left(started: TaskDispatcher) -> None:
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match="cannot listen"):
+            await started.serve_control(listen=f"127.0.0.1:{port}")
+        assert not (started.directory / "control.sock").exists()
+    finally:
+        taken.close()
+
+
+async def test_served_once_and_close_refused_while_serving(
+    make_dispatcher: Callable[..., TaskDispatcher],
+) -> None:
+    dispatcher = make_dispatcher()
+    await dispatcher.serve_control()
+    with pytest.raises(RuntimeError, match="already served"):
+        await dispatcher.serve_control()
+    with pytest.raises(RuntimeError, match="await stop"):
+        dispatcher.close()
+    await dispatcher.stop()
+    assert dispatcher.closed
+
+
+async def test_a_socket_path_too_long_is_refused_plainly(
+    make_dispatcher: Callable[..., TaskDispatcher], tmp_path: Path
+) -> None:
+    dispatcher = make_dispatcher(dispatcher_dir=tmp_path / ("d" * 120))
+    with pytest.raises(ListenError, match="too long for a Unix socket"):
+        await dispatcher.serve_control()
+    await dispatcher.stop()
