@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import SHANGHAI, at, record
+from helpers import SHANGHAI, Recorder, at, record
 from starlette.types import Receive, Scope, Send
 
 from scheduler import TaskDispatcher
@@ -225,3 +225,20 @@ async def test_the_unix_socket_is_trusted_like_the_api_trusts_it(
     async with client(through_socket, host="localhost") as c:
         assert (await c.get("/api/v1/tasks")).status_code == 200
         assert (await c.get("/")).status_code == 200
+
+
+async def test_task_page_and_timeline_show_the_run_history(
+    dispatcher: TaskDispatcher, recorder: Recorder
+) -> None:
+    recorder.fail.add("t-2")
+    await dispatcher.start()
+    try:
+        await dispatcher.run_pending()
+        async with client(dashboard_app(dispatcher)) as c:
+            page = await c.get("/tasks/t-2")
+            timeline = await c.get("/timeline")
+    finally:
+        await dispatcher.stop()
+    assert 'class="outcome-failed"' in page.text
+    assert "boom in t-2" in page.text
+    assert 'class="past failed"' in timeline.text
