@@ -1061,6 +1061,19 @@ def _control_available(listen: str | None) -> bool:
     return True
 
 
+def _dashboard_available() -> bool:
+    """Whether the web extra is installed; without it ``--listen`` serves the API alone."""
+    try:
+        import jinja2  # noqa: F401
+    except ImportError:
+        logging.getLogger(__name__).warning(
+            "the web dashboard is not installed, so --listen serves the JSON API only: "
+            "pip install 'task-dispatcher[web]'"
+        )
+        return False
+    return True
+
+
 async def _serve(
     dispatcher: TaskDispatcher,
     console: Console,
@@ -1088,7 +1101,14 @@ async def _serve(
     await dispatcher.start()
     try:
         if control:
-            await dispatcher.serve_control(socket=True, listen=listen, token=token)
+            dashboard = listen is not None and _dashboard_available()
+            server = await dispatcher.serve_control(
+                socket=True, listen=listen, token=token, dashboard=dashboard
+            )
+            if dashboard and server.url is not None:
+                logging.getLogger(__name__).info("dashboard on %s/", server.url)
+                if live:  # the log shows only problems above the live table
+                    console.print(f"dashboard on {server.url}/")
         logging.getLogger(__name__).info(
             "running %d task(s) from %s; Ctrl-C to stop",
             len(dispatcher.list_tasks()),

@@ -43,6 +43,7 @@ from tasks.zones import resolve_timezone
 
 if TYPE_CHECKING:
     from fastapi import APIRouter, FastAPI
+    from starlette.types import ASGIApp
 
     from scheduler.control.server import ControlServer
     from scheduler.metrics import DispatcherMetrics
@@ -555,19 +556,27 @@ class TaskDispatcher:
         token: str | None = None,
         *,
         extra_routers: Sequence[APIRouter] = (),
+        dashboard: bool = False,
     ) -> ControlServer:
         """Serve the control API on ``<directory>/control.sock`` and, with ``listen``
         (``HOST:PORT``), on TCP; return once listening. The listeners stop with :meth:`stop`.
 
-        A non-loopback ``listen`` without ``token`` raises :class:`ListenError`.
+        With ``dashboard`` the web dashboard is served at ``/`` of the same listeners (needs
+        the ``web`` extra). A non-loopback ``listen`` without ``token`` raises
+        :class:`ListenError`.
         """
         from scheduler.control.server import ControlServer
 
         self._check_open()
         if self._control is not None:
             raise RuntimeError(f"the control API of {str(self.directory)!r} is already served")
+        app: ASGIApp = self.control_app(token=token, extra_routers=extra_routers)
+        if dashboard:
+            from scheduler.web import dashboard_app
+
+            app = dashboard_app(self, api=app, token=token)
         server = ControlServer(
-            self.control_app(token=token, extra_routers=extra_routers),
+            app,
             socket_path=self.directory / CONTROL_SOCKET if socket else None,
             listen=listen,
             token=token,

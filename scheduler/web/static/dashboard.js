@@ -1,0 +1,475 @@
+// task-dispatcher dashboard: a small script, no build step, no dependencies.
+// Pages are rendered by the server; this script keeps them live (server-sent events), filters
+// the overview, and sends every change to the control plane's JSON API. It only ever sets
+// user-provided text with textContent, never as markup.
+"use strict";
+
+(() => {
+  const meta = (name) => document.querySelector(`meta[name="${name}"]`).content;
+  const API = meta("api-prefix");
+  const CSRF = meta("csrf-token");
+  const ENDPOINTS = {
+    add: () => ["POST", `${API}/tasks`],
+    pause: (id) => ["POST", `${API}/tasks/${encodeURIComponent(id)}/pause`],
+    resume: (id) => ["POST", `${API}/tasks/${encodeURIComponent(id)}/resume`],
+    remove: (id) => ["DELETE", `${API}/tasks/${encodeURIComponent(id)}`],
+    reorder: (id) => ["POST", `${API}/tasks/${encodeURIComponent(id)}/reorder`],
+  };
+
+  // ---------------------------------------------------------------- API calls
+
+  async function call(action, id, body) {
+    const [method, url] = ENDPOINTS[action](id);
+    const headers = { "X-CSRF-Token": CSRF, Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    let response;
+    try {
+      response = await fetch(url, {
+        method, headers, credentials: "same-origin",
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (err) {
+      return { ok: false, status: 0, data: { detail: `network error: ${err.message}` } };
+    }
+    let data = null;
+    try { data = await response.json(); } catch (_) { data = null; }
+    return { ok: response.ok, status: response.status, data };
+  }
+
+  // Errors come back as JSON naming the field; accept FastAPI's list form and a flat one.
+  function fieldErrors(data) {
+    const found = [];
+    const visit = (item) => {
+      if (!item || typeof item !== "object") return;
+      if (Array.isArray(item)) { item.forEach(visit); return; }
+      const loc = Array.isArray(item.loc) ? item.loc.filter((p) => p !== "body") : null;
+      const field = item.field || (loc && loc.length ? String(loc[0]) : null);
+      const message = item.message || item.msg || (typeof item.detail === "string" ? item.detail : null);
+      if (field && message) { found.push([field, message]); return; }
+      if (item.detail !== undefined) visit(item.detail);
+      if (item.error !== undefined) visit(item.error);
+      if (item.errors !== undefined) visit(item.errors);
+    };
+    visit(data);
+    return found;
+  }
+
+  function describe(result) {
+    const errors = fieldErrors(result.data);
+    if (errors.length) return errors.map(([f, m]) => `${f}: ${m}`).join("; ");
+    const detail = result.data && (result.data.detail || result.data.message);
+    return typeof detail === "string" ? detail : `HTTP ${result.status}`;
+  }
+
+  let noticeTimer = 0;
+  function notice(text) {
+    const box = document.getElementById("notice");
+    if (!box) return;
+    box.textContent = text;
+    box.classList.add("shown");
+    clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(() => box.classList.remove("shown"), 4000);
+  }
+
+  // ---------------------------------------------------------------- relative times
+
+  function relative(iso, now) {
+    if (!iso) return "-";
+    const seconds = Math.round((Date.parse(iso) - now) / 1000);
+    const abs = Math.abs(seconds);
+    let text;
+    if (abs < 2) return "now";
+    if (abs < 60) text = `${abs}s`;
+    else if (abs < 3600) text = `${Math.floor(abs / 60)}m ${abs % 60}s`;
+    else if (abs < 86400) text = `${Math.floor(abs / 3600)}h ${Math.floor((abs % 3600) / 60)}m`;
+    else text = `${Math.floor(abs / 86400)}d ${Math.floor((abs % 86400) / 3600)}h`;
+    return seconds > 0 ? `in ${text}` : `${text} ago`;
+  }
+
+  function tickTimes() {
+    const now = Date.now();
+    for (const el of document.querySelectorAll("time[data-rel]")) {
+      const text = relative(el.getAttribute("datetime"), now);
+      if (el.textContent !== text) el.textContent = text;
+    }
+  }
+
+  // ---------------------------------------------------------------- rows
+
+  function fillRow(li, row) {
+    li.dataset.id = row.task_id;
+    li.dataset.status = row.status;
+    li.dataset.type = row.task_type;
+    li.dataset.sys = row.sys_type;
+    for (const el of li.querySelectorAll("[data-f]")) {
+      const value = row[el.dataset.f];
+      if (value === undefined) continue;
+      const text = String(value);
+      if (el.textContent !== text) el.textContent = text;
+      if (el.dataset.f === "outcome") el.dataset.v = text;
+    }
+    const link = li.querySelector("a[data-f=task_id]");
+    if (link) link.href = `/tasks/${encodeURIComponent(row.task_id)}`;
+    const handle = li.querySelector(".handle");
+    if (handle) handle.setAttribute("aria-label", `Move ${row.task_id}: arrow up or down`);
+    const time = li.querySelector("time[data-rel]");
+    if (time) time.setAttribute("datetime", row.next_run_at);
+    const streak = li.querySelector(".streak");
+    if (streak) streak.hidden = !row.streak;
+    const error = li.querySelector(".error");
+    if (error) error.title = row.last_error;
+    const pause = li.querySelector("[data-action=pause]");
+    const resume = li.querySelector("[data-action=resume]");
+    if (pause) pause.hidden = row.status === "paused" || row.status === "completed";
+    if (resume) resume.hidden = row.status !== "paused";
+  }
+
+  function rowsById() {
+    const map = new Map();
+    for (const li of document.querySelectorAll("#lanes li.task")) map.set(li.dataset.id, li);
+    return map;
+  }
+
+  function laneFor(account) {
+    const lanes = document.getElementById("lanes");
+    for (const lane of lanes.querySelectorAll("section.lane")) {
+      if (lane.dataset.account === account) return lane;
+    }
+    const lane = document.getElementById("lane-template").content.firstElementChild.cloneNode(true);
+    lane.dataset.account = account;
+    lane.querySelector(".lane-id").textContent = account;
+    lane.querySelector("ol").setAttribute("aria-label", `Tasks of ${account} in priority order`);
+    const after = [...lanes.children].find((s) => s.dataset.account > account);
+    lanes.insertBefore(lane, after || null);
+    return lane;
+  }
+
+  function newRow(row) {
+    const li = document.getElementById("row-template").content.firstElementChild.cloneNode(true);
+    fillRow(li, row);
+    return li;
+  }
+
+  function applyOrder(order) {
+    const rows = rowsById();
+    for (const [account, ids] of Object.entries(order)) {
+      const list = laneFor(account).querySelector("ol");
+      ids.forEach((id, index) => {
+        const li = rows.get(id);
+        if (li && list.children[index] !== li) list.insertBefore(li, list.children[index] || null);
+      });
+    }
+    for (const lane of document.querySelectorAll("#lanes section.lane")) {
+      const count = lane.querySelectorAll("li.task").length;
+      if (!count && !(lane.dataset.account in order)) { lane.remove(); continue; }
+      const label = lane.querySelector(".count");
+      if (label) label.textContent = `${count} task(s)`;
+    }
+  }
+
+  function applyUpdate(message) {
+    if (message.health) showHealth(message.health.problems);
+    if (document.getElementById("lanes")) applyToLanes(message);
+    const page = document.querySelector("article.task-page");
+    if (page) {
+      const mine = (message.changed || []).find((r) => r.task_id === page.dataset.id);
+      if (mine) {
+        page.dataset.status = mine.status;
+        page.querySelector("h1 .status").textContent = mine.status;
+        const pause = page.querySelector("[data-action=pause]");
+        const resume = page.querySelector("[data-action=resume]");
+        pause.hidden = mine.status === "paused" || mine.status === "completed";
+        resume.hidden = mine.status !== "paused";
+      }
+    }
+    tickTimes();
+  }
+
+  function applyToLanes(message) {
+    const rows = rowsById();
+    for (const row of message.changed || []) {
+      let li = rows.get(row.task_id);
+      if (!li) {
+        li = newRow(row);
+        laneFor(row.account_id).querySelector("ol").appendChild(li);
+        rows.set(row.task_id, li);
+      } else {
+        fillRow(li, row);
+      }
+    }
+    for (const id of message.removed || []) {
+      const li = rows.get(id);
+      if (li) li.remove();
+    }
+    if (message.order) applyOrder(message.order);
+    applyFilters();
+  }
+
+  function showHealth(problems) {
+    const box = document.getElementById("health");
+    const list = box.querySelector("ul");
+    list.replaceChildren(...problems.map((p) => {
+      const li = document.createElement("li");
+      li.textContent = p;
+      return li;
+    }));
+    box.hidden = problems.length === 0;
+  }
+
+  function listen() {
+    if (!window.EventSource) return;
+    // The feed first sends what changed since this page was rendered, then every change.
+    const source = new EventSource(`/events?since=${encodeURIComponent(meta("rendered-at"))}`);
+    source.addEventListener("update", (event) => applyUpdate(JSON.parse(event.data)));
+    window.addEventListener("pagehide", () => source.close());
+  }
+
+  // ---------------------------------------------------------------- filters
+
+  let filterForm = null;
+  function applyFilters() {
+    if (!filterForm) return;
+    const f = Object.fromEntries(new FormData(filterForm).entries());
+    const q = (f.q || "").trim().toLowerCase();
+    let shown = 0;
+    for (const lane of document.querySelectorAll("#lanes section.lane")) {
+      let visible = 0;
+      const laneMatches = !f.account || lane.dataset.account === f.account;
+      for (const li of lane.querySelectorAll("li.task")) {
+        const match = laneMatches
+          && (!f.status || li.dataset.status === f.status)
+          && (!f.type || li.dataset.type === f.type)
+          && (!f.sys || li.dataset.sys === f.sys)
+          && (!q || li.dataset.id.toLowerCase().includes(q)
+              || li.querySelector(".error").textContent.toLowerCase().includes(q));
+        if (li.hidden === match) li.hidden = !match;
+        if (match) visible += 1;
+      }
+      lane.hidden = visible === 0;
+      shown += visible;
+    }
+    document.getElementById("shown").textContent = `${shown} task(s) shown`;
+  }
+
+  function setUpFilters() {
+    filterForm = document.getElementById("filters");
+    if (!filterForm) return;
+    const params = new URLSearchParams(location.search);
+    for (const el of filterForm.elements) {
+      if (el.name && params.has(el.name)) el.value = params.get(el.name);
+    }
+    const changed = () => {
+      const query = new URLSearchParams();
+      for (const [k, v] of new FormData(filterForm).entries()) if (v) query.set(k, v);
+      const search = query.toString();
+      history.replaceState(null, "", search ? `?${search}` : location.pathname);
+      applyFilters();
+    };
+    filterForm.addEventListener("input", changed);
+    filterForm.addEventListener("submit", (e) => e.preventDefault());
+    applyFilters();
+  }
+
+  // ---------------------------------------------------------------- actions
+
+  async function act(action, id, control) {
+    if (control) control.disabled = true;
+    const result = await call(action, id);
+    if (control) control.disabled = false;
+    if (!result.ok) { notice(`${action} ${id} failed: ${describe(result)}`); return false; }
+    notice(`${id}: ${action === "remove" ? "removed" : action === "pause" ? "paused" : "resumed"}`);
+    const record = result.data && typeof result.data === "object" ? result.data : null;
+    const status = action === "pause" ? "paused" : action === "resume" ? "pending" : null;
+    for (const root of document.querySelectorAll(`[data-id="${CSS.escape(id)}"]`)) {
+      const pause = root.querySelector("[data-action=pause]");
+      const resume = root.querySelector("[data-action=resume]");
+      if (status && pause && resume) {
+        const now = (record && record.status) || status;
+        root.dataset.status = now;
+        const badge = root.querySelector(".status");
+        if (badge) badge.textContent = now;
+        pause.hidden = now === "paused" || now === "completed";
+        resume.hidden = now !== "paused";
+      }
+    }
+    return true;
+  }
+
+  function setUpActions() {
+    document.addEventListener("click", async (event) => {
+      const button = event.target.closest("button[data-action]");
+      if (!button) return;
+      const holder = button.closest("[data-id]");
+      const id = holder && holder.dataset.id;
+      if (!id) return;
+      const action = button.dataset.action;
+      if (action === "remove") {
+        const dialog = document.getElementById("confirm-remove");
+        dialog.returnValue = "";
+        dialog.showModal();
+        dialog.addEventListener("close", async () => {
+          if (dialog.returnValue !== "remove") return;
+          if (await act("remove", id, button)) location.assign("/");
+        }, { once: true });
+        return;
+      }
+      await act(action, id, button);
+    });
+  }
+
+  // ---------------------------------------------------------------- reorder
+
+  async function moveTo(li, position) {
+    const list = li.parentElement;
+    const before = [...list.children];
+    const from = before.indexOf(li);
+    if (position === from || position < 0 || position >= before.length) return;
+    list.insertBefore(li, before.filter((x) => x !== li)[position] || null);
+    const result = await call("reorder", li.dataset.id, { position });
+    if (!result.ok) {
+      list.replaceChildren(...before);
+      notice(`reorder ${li.dataset.id} failed: ${describe(result)}`);
+      return;
+    }
+    notice(`${li.dataset.id}: moved to position ${position}`);
+  }
+
+  function setUpReorder() {
+    const lanes = document.getElementById("lanes");
+    if (!lanes) return;
+    let dragged = null;
+    const clear = () => lanes.querySelectorAll(".drop-before, .drop-after")
+      .forEach((el) => el.classList.remove("drop-before", "drop-after"));
+    lanes.addEventListener("dragstart", (event) => {
+      const li = event.target.closest && event.target.closest("li.task");
+      if (!li) return;
+      dragged = li;
+      li.classList.add("dragging");
+      event.dataTransfer.effectAllowed = "move";
+      event.dataTransfer.setData("text/plain", li.dataset.id);
+    });
+    lanes.addEventListener("dragover", (event) => {
+      const target = event.target.closest && event.target.closest("li.task");
+      if (!dragged || !target || target.parentElement !== dragged.parentElement) return;
+      event.preventDefault();
+      event.dataTransfer.dropEffect = "move";
+      clear();
+      if (target === dragged) return;
+      const box = target.getBoundingClientRect();
+      target.classList.add(event.clientY < box.top + box.height / 2 ? "drop-before" : "drop-after");
+    });
+    lanes.addEventListener("drop", (event) => {
+      const target = event.target.closest && event.target.closest("li.task");
+      if (!dragged || !target || target.parentElement !== dragged.parentElement) return;
+      event.preventDefault();
+      const after = target.classList.contains("drop-after");
+      clear();
+      const siblings = [...target.parentElement.children].filter((x) => x !== dragged);
+      let position = siblings.indexOf(target) + (after ? 1 : 0);
+      if (target === dragged) position = [...target.parentElement.children].indexOf(dragged);
+      moveTo(dragged, position);
+    });
+    lanes.addEventListener("dragend", () => {
+      if (dragged) dragged.classList.remove("dragging");
+      dragged = null;
+      clear();
+    });
+    lanes.addEventListener("keydown", async (event) => {
+      const handle = event.target.closest && event.target.closest("button.handle");
+      if (!handle || !["ArrowUp", "ArrowDown"].includes(event.key)) return;
+      event.preventDefault();
+      const li = handle.closest("li.task");
+      const index = [...li.parentElement.children].indexOf(li);
+      await moveTo(li, index + (event.key === "ArrowUp" ? -1 : 1));
+      handle.focus();
+    });
+  }
+
+  // ---------------------------------------------------------------- add form
+
+  const UNITS = { s: 1, m: 60, h: 3600, d: 86400 };
+  function seconds(text) {
+    const t = text.trim();
+    if (/^\d+(\.\d+)?$/.test(t)) return Number(t);
+    const parts = [...t.matchAll(/(\d+(?:\.\d+)?)([smhd])/g)];
+    if (!parts.length || parts.map((m) => m[0]).join("") !== t) return t;
+    return parts.reduce((sum, m) => sum + Number(m[1]) * UNITS[m[2]], 0);
+  }
+
+  function hours(text) {
+    const m = text.trim().match(/^(\d{1,2})\s*-\s*(\d{1,2})$/);
+    return m ? [Number(m[1]), Number(m[2])] : text.trim();
+  }
+
+  function setUpAddForm() {
+    const form = document.getElementById("add-form");
+    if (!form) return;
+    const clearErrors = () => {
+      form.querySelectorAll("[data-error-for]").forEach((p) => { p.textContent = ""; });
+      form.querySelectorAll(".field.invalid").forEach((f) => f.classList.remove("invalid"));
+      form.querySelectorAll("[aria-invalid]").forEach((f) => f.removeAttribute("aria-invalid"));
+      document.getElementById("form-error").textContent = "";
+    };
+    const showError = (field, message) => {
+      const slot = form.querySelector(`[data-error-for="${CSS.escape(field)}"]`);
+      if (!slot) return false;
+      slot.textContent = message;
+      const box = slot.closest(".field");
+      box.classList.add("invalid");
+      const input = box.querySelector("input, textarea");
+      if (input) input.setAttribute("aria-invalid", "true");
+      return true;
+    };
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearErrors();
+      const v = Object.fromEntries(new FormData(form).entries());
+      let kwargs;
+      try {
+        kwargs = JSON.parse(v.kwargs || "{}");
+        if (!kwargs || typeof kwargs !== "object" || Array.isArray(kwargs)) throw new Error("must be a JSON object");
+      } catch (err) {
+        showError("kwargs", `not a JSON object: ${err.message}`);
+        return;
+      }
+      if (v.command) kwargs.command = v.command;
+      // The API takes add_task's keywords: the named ones, and every other key as a kwarg.
+      const body = {
+        ...kwargs,
+        task_type: v.task_type, account_id: v.account_id, sys_type: v.sys_type,
+        interval: seconds(v.interval), valid_time_range: hours(v.valid_time_range),
+      };
+      for (const key of ["account_name", "task_end_time", "task_id"]) if (v[key]) body[key] = v[key].trim();
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      const result = await call("add", undefined, body);
+      button.disabled = false;
+      if (result.ok) {
+        const id = (result.data && (result.data.task_id || (result.data.task && result.data.task.task_id))) || body.task_id;
+        location.assign(id ? `/tasks/${encodeURIComponent(id)}` : "/");
+        return;
+      }
+      const errors = fieldErrors(result.data);
+      let placed = false;
+      for (const [field, message] of errors) {
+        const name = form.querySelector(`[data-error-for="${CSS.escape(field)}"]`) ? field : "kwargs";
+        placed = showError(name, message) || placed;
+      }
+      if (!placed) document.getElementById("form-error").textContent = describe(result);
+      const first = form.querySelector("[aria-invalid]");
+      if (first) first.focus();
+    });
+  }
+
+  // ---------------------------------------------------------------- start
+
+  document.addEventListener("DOMContentLoaded", () => {
+    setUpFilters();
+    setUpActions();
+    setUpReorder();
+    setUpAddForm();
+    tickTimes();
+    setInterval(tickTimes, 1000);
+    if (document.body.dataset.page === "overview" || document.body.dataset.page === "task") listen();
+  });
+})();

@@ -1,0 +1,175 @@
+"""What the dashboard shows about a task, computed once in Python for pages and live updates.
+
+Every value here is plain text or a number: the templates escape it, the script sets it with
+``textContent``. Nothing user-provided ever becomes markup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, tzinfo
+from typing import Any
+
+import orjson
+
+from scheduler.triggers import TaskTrigger
+from tasks.model import TaskRecord, TaskStatus
+from tasks.secrets import mask_secrets
+
+__all__ = [
+    "Lane",
+    "TaskRow",
+    "format_interval",
+    "format_time",
+    "lanes",
+    "last_outcome",
+    "masked_fields",
+    "next_runs",
+    "task_row",
+]
+
+
+def format_interval(seconds: float) -> str:
+    """``3600`` as ``1h``, ``90`` as ``90s``, ``5400`` as ``1h30m``: the CLI's units."""
+    if seconds < 60 or seconds % 1:
+        return f"{seconds:g}s"
+    parts: list[str] = []
+    rest = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            parts.append(f"{rest // size}{unit}")
+            rest %= size
+    return "".join(parts)
+
+
+def format_time(value: datetime | None, zone: tzinfo) -> str:
+    """An instant as wall time of ``zone`` (``2026-01-08 10:30:00``), or ``-``."""
+    return "-" if value is None else value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(value: datetime | None) -> str:
+    return "" if value is None else value.isoformat()
+
+
+def last_outcome(record: TaskRecord) -> str:
+    """``never`` before the first run, then ``failed`` or ``succeeded`` for the latest one."""
+    if record.run_count == 0:
+        return "never"
+    return "failed" if record.consecutive_failures else "succeeded"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """One task as the overview shows it."""
+
+    task_id: str
+    account_id: str
+    account_name: str
+    task_type: str
+    sys_type: str
+    status: str
+    interval: str
+    hours: str
+    ends: str
+    next_run: str
+    next_run_at: str
+    last_run: str
+    last_run_at: str
+    outcome: str
+    streak: int
+    runs: int
+    last_error: str
+    position: int
+
+    def as_json(self) -> dict[str, Any]:
+        """The row as a JSON-ready dict (the live feed's payload)."""
+        return asdict(self)
+
+
+def task_row(record: TaskRecord, zone: tzinfo, position: int) -> TaskRow:
+    """The overview row of ``record``, at ``position`` in its account's order."""
+    start, end = record.valid_time_range
+    ends = record.task_end_time
+    return TaskRow(
+        task_id=record.task_id,
+        account_id=record.account_id,
+        account_name=record.account_name or "",
+        task_type=record.task_type,
+        sys_type=record.sys_type,
+        status=record.status.value,
+        interval=format_interval(record.interval),
+        hours="all day" if (start, end) == (0, 24) else f"{start:02d}-{end:02d}",
+        ends="" if ends is None else ends.isoformat(),
+        next_run=format_time(record.next_execution_time, zone),
+        next_run_at=_iso(record.next_execution_time),
+        last_run=format_time(record.last_execution_time, zone),
+        last_run_at=_iso(record.last_execution_time),
+        outcome=last_outcome(record),
+        streak=record.consecutive_failures,
+        runs=record.run_count,
+        last_error=record.last_error or "",
+        position=position,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Lane:
+    """One account and its tasks in priority order."""
+
+    account_id: str
+    account_name: str
+    rows: list[TaskRow]
+
+
+def lanes(
+    records: Iterable[TaskRecord], account_tasks: dict[str, list[str]], zone: tzinfo
+) -> list[Lane]:
+    """One lane per account (sorted by id), each with its rows in priority order."""
+    by_id = {record.task_id: record for record in records}
+    result: list[Lane] = []
+    for account in sorted(account_tasks):
+        rows = [
+            task_row(by_id[task_id], zone, position)
+            for position, task_id in enumerate(account_tasks[account])
+            if task_id in by_id
+        ]
+        name = next((row.account_name for row in rows if row.account_name), "")
+        result.append(Lane(account, name, rows))
+    return result
+
+
+def masked_fields(record: TaskRecord, *, show_secrets: bool = False) -> list[tuple[str, str]]:
+    """Every saved field of ``record`` as ``(name, text)``, secret-looking kwargs masked."""
+    data = record.to_json_dict()
+    if not show_secrets:
+        data["kwargs"] = mask_secrets(data["kwargs"])
+    fields: list[tuple[str, str]] = []
+    for key, value in data.items():
+        if value is None:
+            text = "-"
+        elif isinstance(value, str):
+            text = value
+        else:
+            text = orjson.dumps(value).decode()
+        fields.append((key, text))
+    return fields
+
+
+def next_runs(
+    record: TaskRecord, zone: tzinfo, now: datetime, count: int = 5
+) -> tuple[str, Sequence[datetime]]:
+    """A label and the next ``count`` planned runs, as ``task-dispatcher show`` computes them.
+
+    A paused task previews its runs "if resumed now"; a completed one has none.
+    """
+    if record.status is TaskStatus.COMPLETED:
+        return "none (completed)", []
+    trigger = TaskTrigger.for_record(record, zone)
+    first = record.next_execution_time
+    label = "next runs"
+    if record.status is TaskStatus.PAUSED:
+        first = trigger.get_next_fire_time(record.last_execution_time, now)
+        label = "if resumed now"
+    runs = [t for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
+    return label, runs

@@ -1,0 +1,313 @@
+"""The dashboard in a real Chromium against a real ``task-dispatcher run --listen`` process."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ZONE, Served, require_browser, seed
+from helpers import read_state, task_in_file
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Dialog, Page
+
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
+
+WAIT = 15_000
+"""Milliseconds any one browser expectation may take."""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(WAIT)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[list[Served]]:
+    started: list[Served] = []
+    yield started
+    for process in started:
+        process.close()
+
+
+def shell(task_id: str, account: str, interval: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "account_id": account,
+        "task_type": "shell",
+        "sys_type": "local",
+        "interval": interval,
+        "command": "true",
+        **extra,
+    }
+
+
+def start(directory: Path, served: list[Served], **options: Any) -> Served:
+    served.append(Served(directory, **options))
+    return served[-1]
+
+
+def order(directory: Path, account: str = "shop") -> list[str]:
+    ids: list[str] = read_state(directory)["account_tasks"][account]
+    return ids
+
+
+def expect_in_file(check: Any, timeout: float = 15) -> None:
+    """Poll the state file until ``check()`` holds; bounded (the file is the contract)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except (OSError, ValueError, KeyError, AssertionError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("the state file never got there")
+        time.sleep(0.05)
+
+
+def test_overview_lists_every_task_and_pausing_changes_the_file(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(
+        directory, [shell("a-1", "shop-a", 3600), shell("a-2", "shop-a", 60), shell("b-1", "b", 90)]
+    )
+    server = start(directory, served)
+    page.goto(server.url + "/")
+    expect(page.locator("li.task")).to_have_count(3)
+    expect(page.locator("section.lane[data-account=shop-a] li.task")).to_have_count(2)
+    row = page.locator("li.task[data-id=a-1]")
+    expect(row.locator(".status")).to_have_text("pending")
+    row.get_by_role("button", name="Pause").click()
+    expect(row.locator(".status")).to_have_text("paused")
+    expect_in_file(lambda: task_in_file(directory, "a-1")["status"] == "paused")
+    row.get_by_role("button", name="Resume").click()
+    expect(row.locator(".status")).to_have_text("pending")
+    expect_in_file(lambda: task_in_file(directory, "a-1")["status"] == "pending")
+
+
+def test_drag_and_drop_and_keyboard_reorder_change_account_tasks(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell(f"t{i}", "shop", 3600) for i in range(4)])
+    server = start(directory, served)
+    page.goto(server.url + "/")
+    rows = page.locator("section.lane[data-account=shop] li.task")
+    expect(rows).to_have_count(4)
+    page.locator("li.task[data-id=t3]").drag_to(
+        page.locator("li.task[data-id=t0]"), target_position={"x": 40, "y": 2}
+    )
+    expect_in_file(
+        lambda: read_state(directory)["account_tasks"]["shop"] == ["t3", "t0", "t1", "t2"]
+    )
+    expect(rows.first).to_have_attribute("data-id", "t3")
+
+    page.locator("li.task[data-id=t1] .handle").focus()
+    page.keyboard.press("ArrowUp")
+    expect_in_file(
+        lambda: read_state(directory)["account_tasks"]["shop"] == ["t3", "t1", "t0", "t2"]
+    )
+    expect(rows.nth(1)).to_have_attribute("data-id", "t1")
+    expect(page.locator("li.task[data-id=t1] .handle")).to_be_focused()
+
+
+def test_add_form_shows_a_field_error_then_adds_a_good_task(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("x", "shop", 3600)])
+    server = start(directory, served)
+    page.goto(server.url + "/add")
+    page.get_by_label("Task type").fill("shell")
+    page.get_by_label("Account", exact=True).fill("shop-9")
+    page.get_by_label("Interval").fill("30m")
+    page.get_by_label("Hours").fill("8-25")
+    page.get_by_label("Command").fill("echo hi")
+    page.get_by_label("Task id").fill("new-one")
+    page.get_by_role("button", name="Add task").click()
+    error = page.locator('[data-error-for="valid_time_range"]')
+    expect(error).to_contain_text("24")
+    expect(page.get_by_label("Hours")).to_have_attribute("aria-invalid", "true")
+    expect(page.locator('[data-error-for="interval"]')).to_be_empty()
+    assert "new-one" not in json.dumps(read_state(directory)["account_tasks"])
+
+    page.get_by_label("Hours").fill("8-22")
+    page.get_by_role("button", name="Add task").click()
+    expect(page).to_have_url(server.url + "/tasks/new-one")
+    saved = task_in_file(directory, "new-one")
+    assert saved["interval"] == 1800
+    assert saved["valid_time_range"] == [8, 22]
+    assert saved["kwargs"]["command"] == "echo hi"
+    assert read_state(directory)["account_tasks"]["shop-9"] == ["new-one"]
+
+
+def test_a_finished_run_updates_the_page_without_reload(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("quiet", "shop", 3600), shell("tick", "other", 2, command="exit 3")])
+    server = start(directory, served)
+    page.goto(server.url + "/")
+    page.evaluate("window.__sameDocument = true")
+    row = page.locator("li.task[data-id=tick]")
+    expect(row.locator(".outcome")).to_have_text("failed", timeout=20_000)
+    expect(row.locator("[data-f=streak]")).not_to_have_text("0")
+    expect(row.locator(".error")).to_contain_text("exit", ignore_case=True)
+    assert page.evaluate("window.__sameDocument") is True
+
+
+def test_user_strings_are_shown_as_text_never_run(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    script = "<script>window.__xss = 1</script>"
+    image = "<img src=x onerror='window.__xss = 2'>"
+    directory = tmp_path / "store"
+    seed(directory, [shell("evil", image, 3600, note=script, account_name=script)])
+    server = start(directory, served)
+    dialogs: list[str] = []
+
+    def on_dialog(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
+    page.goto(server.url + "/")
+    expect(page.locator("section.lane h2").first).to_contain_text(image)
+    page.goto(server.url + "/tasks/evil")
+    expect(page.locator('dd[data-field="kwargs"]')).to_contain_text(script)
+    page.goto(server.url + "/timeline")
+    expect(page.locator("section.tl-account h2").first).to_have_text(image)
+    assert page.evaluate("window.__xss") is None
+    assert page.locator("img[src=x]").count() == 0
+    assert dialogs == []
+
+
+def test_token_login_sets_a_strict_httponly_cookie(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("guarded", "shop", 3600)])
+    server = start(directory, served, token="correct horse battery staple")
+    page.goto(server.url + "/tasks/guarded")
+    expect(page).to_have_url(server.url + "/login?next=%2Ftasks%2Fguarded")
+    page.get_by_label("Token").fill("wrong")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("#token-error")).to_have_text("That is not the token.")
+    page.get_by_label("Token").fill("correct horse battery staple")
+    page.get_by_role("button", name="Log in").click()
+    expect(page).to_have_url(server.url + "/tasks/guarded")
+    (cookie,) = page.context.cookies()
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert "correct horse" not in cookie["value"]
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("h1 .status")).to_have_text("paused")
+    expect_in_file(lambda: task_in_file(directory, "guarded")["status"] == "paused")
+
+
+def test_remove_asks_for_confirmation(tmp_path: Path, page: Page, served: list[Served]) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("keep", "shop", 3600), shell("drop", "shop", 3600)])
+    server = start(directory, served)
+    page.goto(server.url + "/tasks/drop")
+    page.get_by_role("button", name="Remove…").click()
+    page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+    expect(page.get_by_role("dialog")).to_be_hidden()
+    assert task_in_file(directory, "drop")
+    page.get_by_role("button", name="Remove…").click()
+    page.get_by_role("dialog").get_by_role("button", name="Remove", exact=True).click()
+    expect(page).to_have_url(server.url + "/")
+    expect_in_file(lambda: read_state(directory)["account_tasks"]["shop"] == ["keep"])
+
+
+def test_screenshots_at_a_thousand_tasks(tmp_path: Path, page: Page, served: list[Served]) -> None:
+    from playwright.sync_api import expect
+
+    # Windows that open later today keep the runs (and their processes) out of the test,
+    # except for 20 tasks that fail at once: the page shows every status.
+    hour = datetime.now(ZoneInfo(ZONE)).hour
+    windows = [[(hour + a) % 24, (hour + b) % 24] for a, b in ((1, 13), (3, 9), (2, 20))]
+    intervals = [600, 1800, 3600, 7200, 86400, 60]
+    tasks = [
+        shell(
+            f"task-{i:04d}",
+            f"account-{i % 40:02d}",
+            intervals[i % len(intervals)],
+            valid_time_range=windows[i % len(windows)],
+            task_end_time=(date.today() + timedelta(days=1 + i % 3)).isoformat()
+            if i % 9 == 0
+            else None,
+        )
+        for i in range(980)
+    ]
+    tasks += [
+        shell(f"fails-{i:02d}", f"account-{i:02d}", 3600, command="exit 4") for i in range(20)
+    ]
+    directory = tmp_path / "store"
+    seed(directory, tasks, paused=[f"task-{i:04d}" for i in range(0, 980, 49)])
+    server = start(directory, served)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    figures: dict[str, Any] = {}
+    for name, path, ready in [
+        ("overview", "/", "li.task >> nth=999"),
+        ("timeline", "/timeline", ".tl-line >> nth=999"),
+        ("task", "/tasks/task-0009", "dd[data-field=task_id]"),
+    ]:
+        started = time.perf_counter()
+        response = page.goto(server.url + path, wait_until="load")
+        expect(page.locator(ready)).to_be_attached()
+        figures[name] = {
+            "load_seconds": round(time.perf_counter() - started, 3),
+            "html_bytes": len(response.body()) if response else None,
+        }
+        if name == "overview":
+            expect(page.locator("li.task[data-status=error]")).to_have_count(20, timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / f"{name}-1000.png"), full_page=name == "task")
+    page.goto(server.url + "/?account=account-07")
+    expect(page.locator("li.task:visible")).to_have_count(26)
+    started = time.perf_counter()
+    page.locator("#filters select[name=account]").select_option("")
+    expect(page.locator("#shown")).to_have_text("1000 task(s) shown")
+    figures["filter_all_seconds"] = round(time.perf_counter() - started, 3)
+    (ARTIFACTS / "figures-1000.json").write_text(json.dumps(figures, indent=2))
+    assert figures["overview"]["load_seconds"] < 10, figures

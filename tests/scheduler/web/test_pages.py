@@ -1,0 +1,252 @@
+"""The dashboard in-process: pages, escaping, masking, the live feed's messages, security."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from helpers import SHANGHAI, Recorder, at, record
+from starlette.types import Receive, Scope, Send
+
+from scheduler import TaskDispatcher
+from scheduler.control.guard import LISTENER
+from scheduler.web import WebSecurity, dashboard_app
+from scheduler.web.feed import FeedState, diff
+from scheduler.web.security import COOKIE_NAME
+from scheduler.web.views import format_interval, task_row
+from tasks import TaskStatus
+
+XSS = "<script>alert('x')</script>"
+
+
+async def _api(scope: Scope, receive: Receive, send: Send) -> None:
+    """A stand-in for the control API: echoes the authorization it was given."""
+    headers = dict(scope["headers"])
+    body = httpx.Response(200, json={"authorization": headers.get(b"authorization", b"").decode()})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body.content})
+
+
+@pytest.fixture
+async def dispatcher(
+    make_dispatcher: Callable[..., TaskDispatcher],
+) -> TaskDispatcher:
+    d = make_dispatcher()
+    await d.add_task(
+        sys_type="local",
+        task_type="shell",
+        account_id="shop-1",
+        interval=1800,
+        valid_time_range=[8, 22],
+        task_id="t-1",
+        command="./sync.sh",
+        api_token="abc123",
+        note=XSS,
+    )
+    await d.add_task(
+        sys_type="local",
+        task_type="shell",
+        account_id="shop-1",
+        interval=60,
+        task_id="t-2",
+        command="date",
+    )
+    await d.add_task(sys_type="mac", task_type="xhs", account_id=XSS, interval=3600, task_id="t-3")
+    return d
+
+
+def client(app: Any, host: str = "127.0.0.1:8765") -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{host}")
+
+
+async def test_overview_lists_lanes_in_priority_order_and_escapes(
+    dispatcher: TaskDispatcher,
+) -> None:
+    async with client(dashboard_app(dispatcher)) as c:
+        page = await c.get("/")
+    assert page.status_code == 200
+    text = page.text
+    assert text.index('data-id="t-1"') < text.index('data-id="t-2"')
+    assert XSS not in text
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in text
+    assert "The dispatcher is stopped" in text  # never started: the banner says so
+
+
+async def test_task_page_masks_secrets_and_escapes_kwargs(dispatcher: TaskDispatcher) -> None:
+    async with client(dashboard_app(dispatcher)) as c:
+        page = await c.get("/tasks/t-1")
+        missing = await c.get("/tasks/nope")
+    assert page.status_code == 200
+    assert "abc123" not in page.text
+    assert "***" in page.text
+    assert XSS not in page.text
+    assert "next runs" in page.text.lower()
+    assert missing.status_code == 404
+
+
+async def test_timeline_and_add_pages_render(dispatcher: TaskDispatcher) -> None:
+    async with client(dashboard_app(dispatcher)) as c:
+        timeline = await c.get("/timeline")
+        add = await c.get("/add")
+    assert timeline.status_code == 200
+    assert timeline.text.count('class="tl-line') == 3
+    assert XSS not in timeline.text
+    assert add.status_code == 200
+    assert 'data-error-for="interval"' in add.text
+
+
+async def test_a_foreign_host_name_is_refused_without_a_token(dispatcher: TaskDispatcher) -> None:
+    async with client(dashboard_app(dispatcher), host="attacker.example") as c:
+        assert (await c.get("/")).status_code == 403
+
+
+async def test_cross_origin_and_tokenless_browser_changes_are_refused(
+    dispatcher: TaskDispatcher,
+) -> None:
+    app = dashboard_app(dispatcher, api=_api)
+    async with client(app) as c:
+        cross = await c.post("/api/v1/tasks/t-1/pause", headers={"origin": "http://evil.example"})
+        no_csrf = await c.post("/api/v1/tasks/t-1/pause", headers={"sec-fetch-site": "same-origin"})
+        page = await c.get("/")
+        token = page.text.split('name="csrf-token" content="')[1].split('"')[0]
+        ok = await c.post(
+            "/api/v1/tasks/t-1/pause",
+            headers={"origin": "http://127.0.0.1:8765", "x-csrf-token": token},
+        )
+        script = await c.post("/api/v1/tasks/t-1/pause")  # a non-browser client
+    assert cross.status_code == 403
+    assert no_csrf.status_code == 403
+    assert ok.status_code == 200
+    assert script.status_code == 200
+
+
+async def test_token_login_sets_a_strict_httponly_cookie_that_authorises_the_api(
+    dispatcher: TaskDispatcher,
+) -> None:
+    app = dashboard_app(
+        dispatcher, api=dispatcher.control_app(token="s3cret-token"), token="s3cret-token"
+    )
+    async with client(app, host="10.0.0.5:8765") as c:
+        redirected = await c.get("/timeline", headers={"accept": "text/html"})
+        assert redirected.status_code == 303
+        assert redirected.headers["location"] == "/login?next=%2Ftimeline"
+        assert (await c.get("/api/v1/tasks")).status_code == 401
+        assert (
+            await c.get("/api/v1/tasks", headers={"authorization": "Bearer no"})
+        ).status_code == 401
+        form = await c.get("/login")
+        csrf = form.text.split('name="csrf_token" value="')[1].split('"')[0]
+        wrong = await c.post("/login", data={"token": "nope", "csrf_token": csrf})
+        assert wrong.status_code == 401
+        assert "not the token" in wrong.text
+        forged = await c.post("/login", data={"token": "s3cret-token", "csrf_token": "x"})
+        assert forged.status_code == 403
+        good = await c.post(
+            "/login?next=/timeline", data={"token": "s3cret-token", "csrf_token": csrf}
+        )
+        assert good.status_code == 303
+        assert good.headers["location"] == "/timeline"
+        cookie = good.headers["set-cookie"].lower()
+        assert "httponly" in cookie
+        assert "samesite=strict" in cookie
+        assert (await c.get("/timeline")).status_code == 200
+        api = await c.get("/api/v1/tasks")
+        assert api.status_code == 200
+        assert {task["task_id"] for task in api.json()["tasks"]} == {"t-1", "t-2", "t-3"}
+        bearer = await c.get(
+            "/api/v1/tasks", headers={"authorization": "Bearer s3cret-token", "cookie": ""}
+        )
+        assert bearer.status_code == 200
+
+
+def test_sessions_are_signed_and_expire() -> None:
+    security = WebSecurity("tok")
+    session = security.new_session(now=1000.0)
+    assert security.valid_session(session, now=1001.0)
+    assert not security.valid_session(session, now=1000.0 + 13 * 3600)
+    assert not security.valid_session(
+        session[:-1] + ("0" if session[-1] != "0" else "1"), now=1001.0
+    )
+    assert not WebSecurity("other").valid_session(session, now=1001.0)
+    assert not WebSecurity(None).valid_session(session)
+    assert COOKIE_NAME == "td_session"
+
+
+def test_feed_sends_changed_rows_removed_ids_order_and_health() -> None:
+    now = at(2026, 1, 8, 7, 0)
+    a, b = record("a"), record("b")
+    state = FeedState.of([a, b], {"acc": ["a", "b"]}, {"problems": []})
+    same, message = diff(state, [a, b], {"acc": ["a", "b"]}, {"problems": []}, SHANGHAI, now)
+    assert message is None
+    ran = a.replace(
+        status=TaskStatus.ERROR,
+        run_count=1,
+        failure_count=1,
+        consecutive_failures=1,
+        last_error="boom",
+        updated_at=now,
+    )
+    _, message = diff(same, [ran], {"acc": ["a"]}, {"problems": ["x"]}, SHANGHAI, now)
+    assert message is not None
+    assert [row["task_id"] for row in message["changed"]] == ["a"]
+    assert message["changed"][0]["outcome"] == "failed"
+    assert message["changed"][0]["streak"] == 1
+    assert message["removed"] == ["b"]
+    assert message["order"] == {"acc": ["a"]}
+    assert message["health"] == {"problems": ["x"]}
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(2, "2s"), (90, "1m30s"), (3600, "1h"), (5400, "1h30m"), (86400, "1d"), (1.5, "1.5s")],
+)
+def test_format_interval(seconds: float, text: str) -> None:
+    assert format_interval(seconds) == text
+
+
+def test_row_of_a_never_run_task() -> None:
+    row = task_row(record("a", valid_time_range=(0, 24)), SHANGHAI, 3)
+    assert (row.outcome, row.hours, row.position, row.next_run) == (
+        "never",
+        "all day",
+        3,
+        "2026-01-08 08:00:00",
+    )
+
+
+async def test_the_unix_socket_is_trusted_like_the_api_trusts_it(
+    dispatcher: TaskDispatcher,
+) -> None:
+    app = dashboard_app(dispatcher, api=_api, token="tok")
+
+    async def through_socket(scope: Scope, receive: Receive, send: Send) -> None:
+        await app({**scope, LISTENER: "unix"}, receive, send)
+
+    async with client(through_socket, host="localhost") as c:
+        assert (await c.get("/api/v1/tasks")).status_code == 200
+        assert (await c.get("/")).status_code == 200
+
+
+async def test_task_page_and_timeline_show_the_run_history(
+    dispatcher: TaskDispatcher, recorder: Recorder
+) -> None:
+    recorder.fail.add("t-2")
+    await dispatcher.start()
+    try:
+        await dispatcher.run_pending()
+        async with client(dashboard_app(dispatcher)) as c:
+            page = await c.get("/tasks/t-2")
+            timeline = await c.get("/timeline")
+    finally:
+        await dispatcher.stop()
+    assert 'class="outcome-failed"' in page.text
+    assert "boom in t-2" in page.text
+    assert 'class="past failed"' in timeline.text
