@@ -8,9 +8,10 @@ is one way to change a task and one set of checks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -39,7 +40,7 @@ from tasks.registry import default_registry
 if TYPE_CHECKING:
     from scheduler.dispatcher import TaskDispatcher
 
-__all__ = ["API_PREFIX", "HealthProbe", "dashboard_app", "health_problems"]
+__all__ = ["API_PREFIX", "HealthProbe", "backend_problems", "dashboard_app", "health_problems"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,39 @@ def health_problems(dispatcher: TaskDispatcher, probe: HealthProbe | None = None
             f"{len(health.unsaved_task_ids)} task(s) have changes not on disk yet; "
             f"last durable save {format_time(health.last_saved_at, zone)}. Retrying."
         )
-    if probe is not None:
+    for probe_ in (functools.partial(backend_problems, dispatcher), probe):
+        if probe_ is None:
+            continue
         try:
-            problems.extend(probe())
+            problems.extend(probe_())
         except Exception as exc:  # a broken probe must not take the page down
             logger.warning("dashboard health probe failed: %s", exc)
             problems.append(f"Health check failed: {exc}")
+    return problems
+
+
+def backend_problems(dispatcher: TaskDispatcher) -> list[str]:
+    """What the run backend reports wrong: an unreachable broker, or a sys_type of a scheduled
+    task with no live worker (for backends that report their workers)."""
+    health = dispatcher.run_backend.health()
+    problems = []
+    if health.get("connected") is False:
+        since = health.get("unreachable_since")
+        problems.append(
+            f"The broker {health.get('broker', '')} is unreachable"
+            + (f" since {since}" if since else "")
+            + ": runs cannot be sent; they are recorded as failed."
+        )
+    workers = health.get("workers")
+    if isinstance(workers, Mapping):
+        wanted = sorted(
+            {r.sys_type for r in dispatcher.list_tasks() if not r.status.settled}
+            - {sys_type for sys_type, names in workers.items() if names}
+        )
+        problems.extend(
+            f"No worker is running for sys_type {sys_type!r}: its runs wait in the queue."
+            for sys_type in wanted
+        )
     return problems
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
@@ -10,9 +10,10 @@ import pytest
 from helpers import SHANGHAI, Recorder, at, record
 from starlette.types import Receive, Scope, Send
 
-from scheduler import TaskDispatcher
+from scheduler import LocalRunBackend, TaskDispatcher
 from scheduler.control.guard import LISTENER
 from scheduler.web import WebSecurity, dashboard_app
+from scheduler.web.app import backend_problems
 from scheduler.web.feed import FeedState, diff
 from scheduler.web.security import COOKIE_NAME
 from scheduler.web.views import format_interval, task_row
@@ -250,3 +251,37 @@ async def test_task_page_and_timeline_show_the_run_history(
     assert 'class="outcome-failed"' in page.text
     assert "boom in t-2" in page.text
     assert 'class="past failed"' in timeline.text
+
+
+class _ReportingBackend(LocalRunBackend):
+    """The local backend, reporting what a fleet backend reports about its broker and workers."""
+
+    def __init__(self, report: dict[str, Any], factory: Recorder) -> None:
+        super().__init__(factory)
+        self.report = report
+
+    def health(self) -> Mapping[str, Any]:
+        return self.report
+
+
+async def test_the_banner_names_an_unreachable_broker_and_sys_types_without_workers(
+    make_dispatcher: Callable[..., TaskDispatcher], recorder: Recorder
+) -> None:
+    backend = _ReportingBackend({"connected": True, "workers": {"mac": ["mac-01"]}}, recorder)
+    d = make_dispatcher(run_backend=backend)
+    for task_id, sys_type in (("on-mac", "mac"), ("on-win", "win")):
+        await d.add_task(
+            sys_type=sys_type, task_type="xhs", account_id="a", interval=3600, task_id=task_id
+        )
+    d.pause_task("on-win")
+    assert backend_problems(d) == []  # a paused task needs no worker
+    d.resume_task("on-win")
+    assert backend_problems(d) == [
+        "No worker is running for sys_type 'win': its runs wait in the queue."
+    ]
+    backend.report = {"connected": False, "broker": "redis://h:***@b/0", "unreachable_since": "x"}
+    (problem,) = backend_problems(d)
+    assert problem.startswith("The broker redis://h:***@b/0 is unreachable since x")
+    async with client(dashboard_app(d)) as http:
+        page = await http.get("/")
+    assert "is unreachable since x" in page.text
