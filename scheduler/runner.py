@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from jobstores.jsonfile import JsonJobStore
+from scheduler.backends.local import finish_or_cancel
 from scheduler.lanes import AccountLanes
 from scheduler.ledger import RunLedger
 from tasks.runs import RunBackend, RunEvent, RunEventKind, RunRequest, describe_error
@@ -63,18 +64,13 @@ class TaskRunner:
 
     async def drain(self, grace_period: float | None) -> None:
         """Let runs finish for up to ``grace_period`` seconds, then cancel the rest and wait."""
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_period)
-        for task in pending:
-            task.cancel()
-        if pending:
+        cancelled = await finish_or_cancel(self._tasks, grace_period)
+        if cancelled:
             logger.warning(
                 "stopping: %d run(s) did not finish in %ss and were cancelled",
-                len(pending),
+                cancelled,
                 grace_period,
             )
-            await asyncio.gather(*pending, return_exceptions=True)
 
     async def _run(self, task_id: str, scheduled_at: datetime) -> RunEvent | None:
         try:

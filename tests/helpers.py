@@ -185,9 +185,20 @@ def command(directory: Path, *args: str) -> list[str]:
 
 
 def cli(
-    directory: Path, *args: str, env: dict[str, str] | None = None
+    directory: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    file_size_limit: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run one command to its end (bounded) and capture its output."""
+    """Run one command to its end (bounded) and capture its output; with ``file_size_limit``
+    the process cannot write more than that many bytes to a file (writes fail with EFBIG)."""
+
+    def limit() -> None:
+        if file_size_limit is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     return subprocess.run(
         command(directory, *args),
         cwd=ROOT,
@@ -196,6 +207,7 @@ def cli(
         timeout=60,
         check=False,
         env=None if env is None else {**os.environ, **env},
+        preexec_fn=limit,  # the child only sets a resource limit
     )
 
 

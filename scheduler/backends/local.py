@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from tasks.errors import InvalidTaskError
@@ -14,7 +14,7 @@ from tasks.registry import default_registry
 from tasks.runs import RunEvent, RunEventKind, RunInbox, RunRequest, describe_error
 from tasks.schedule import utc_now
 
-__all__ = ["LocalRunBackend", "call_manager", "create_manager"]
+__all__ = ["LocalRunBackend", "call_manager", "create_manager", "finish_or_cancel"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,19 @@ def create_manager(
             "task_manager_factory", f"returned {type(manager).__name__}, which has no run()"
         )
     return manager
+
+
+async def finish_or_cancel(tasks: Collection[asyncio.Task[Any]], grace_period: float | None) -> int:
+    """Let ``tasks`` finish for up to ``grace_period`` seconds (None: no limit), then cancel
+    the rest and wait for them; returns how many were cancelled."""
+    if not tasks:
+        return 0
+    _, pending = await asyncio.wait(set(tasks), timeout=grace_period)
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    return len(pending)
 
 
 async def call_manager(manager: TaskManager) -> object:
@@ -122,13 +135,7 @@ class LocalRunBackend:
 
     async def close(self, grace_period: float | None) -> None:
         """Cancel runs still going after ``grace_period`` seconds."""
-        if not self._running:
-            return
-        _, pending = await asyncio.wait(set(self._running), timeout=grace_period)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_or_cancel(self._running, grace_period)
 
     def health(self) -> Mapping[str, Any]:
         """Runs executing in this process."""

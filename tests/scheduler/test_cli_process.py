@@ -11,7 +11,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from helpers import ROOT, Running, add_shell_task, cli, command, read_state
+from helpers import Running, add_shell_task, cli, read_state
 
 
 @pytest.fixture
@@ -76,25 +76,8 @@ def test_one_owner_across_processes_and_a_killed_owner_frees_the_directory(
 def cli_in(
     directory: Path, *args: str, zone: str = "UTC", file_size_limit: int | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """The command as a process on a machine in ``zone``, optionally unable to write more
-    than ``file_size_limit`` bytes to a file (writes past it fail with EFBIG)."""
-
-    def limit() -> None:
-        if file_size_limit is not None:
-            import resource
-
-            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
-    return subprocess.run(
-        command(directory, *args),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "TZ": zone},
-        preexec_fn=limit,  # the child only sets a resource limit
-    )
+    """The command as a process on a machine in ``zone``."""
+    return cli(directory, *args, env={"TZ": zone}, file_size_limit=file_size_limit)
 
 
 def test_editing_keeps_the_files_zone_on_a_machine_in_another(tmp_path: Path) -> None:
