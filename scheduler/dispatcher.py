@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import operator
 import os
@@ -24,6 +25,7 @@ from scheduler.engine import DispatchExecutor, DispatchScheduler
 from scheduler.history import RunEntry, RunHistory, open_history
 from scheduler.lanes import AccountLanes
 from scheduler.ledger import RunLedger, RunObserver
+from scheduler.retries import RetryTimer
 from scheduler.runner import TaskRunner
 from tasks import lifecycle
 from tasks.errors import (
@@ -36,6 +38,7 @@ from tasks.errors import (
 )
 from tasks.manager import TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, check_json_value
+from tasks.policy import RunPolicy
 from tasks.runs import RunBackend
 from tasks.zones import resolve_timezone
 
@@ -52,8 +55,24 @@ DEFAULT_DISPATCHER_DIR = "dispatcher"
 """The dispatcher directory when none is given (relative to the working directory)."""
 
 _SCHEDULING_KEYWORDS = frozenset(
-    {"sys_type", "task_type", "interval", "valid_time_range", "task_end_time", "task_id"}
+    {
+        "sys_type",
+        "task_type",
+        "interval",
+        "valid_time_range",
+        "task_end_time",
+        "task_id",
+        "run_policy",
+    }
 )
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+
+_UNSET = _Unset.UNSET
+"""``update_task``'s default: the field keeps its value (None is a value: no end)."""
 
 
 def _task_id(value: Any, name: str = "task_id") -> str:
@@ -138,6 +157,8 @@ class TaskDispatcher:
         self._scheduler = DispatchScheduler(
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
+        self._retries = RetryTimer(self._store, self._runner.submit)
+        self._ledger.watch(self._retries.watch)
         self._history = open_history(directory, history, self.timezone)
         if self._history is not None:
             self._ledger.observe(self._history.record)
@@ -284,6 +305,28 @@ class TaskDispatcher:
             if "valid_time_range" in keywords:
                 raise InvalidTaskError("valid_time_rage", "give valid_time_range only")
             keywords["valid_time_range"] = keywords.pop("valid_time_rage")
+        task_id = keywords.get("task_id")
+        if task_id is None:
+            task_id = uuid.uuid4().hex[:12]
+            while task_id in taken or self._store.table.taken(task_id):
+                task_id = uuid.uuid4().hex[:12]
+        elif task_id in taken:
+            raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
+        elif self._store.table.taken(task_id):
+            raise TaskExistsError(task_id)
+        return self._validated(now, keywords, task_id, created_at=now, previous=None)
+
+    def _validated(
+        self,
+        now: datetime,
+        keywords: Mapping[str, Any],
+        task_id: str,
+        *,
+        created_at: datetime,
+        previous: datetime | None,
+    ) -> TaskRecord:
+        """The record of ``task_id`` built from ``add_task``'s keywords, with its next run
+        planned from ``previous`` (its last run); raises :class:`InvalidTaskError`."""
         for field in ("sys_type", "task_type", "interval"):
             if keywords.get(field) is None:
                 raise InvalidTaskError(field, "is required")
@@ -295,21 +338,13 @@ class TaskDispatcher:
                 )
         account_id = _account(extra, "_account_id", required=True)
         account_name = _account(extra, "_account_name", required=False)
-        task_id = keywords.get("task_id")
-        if task_id is None:
-            task_id = uuid.uuid4().hex[:12]
-            while task_id in taken or self._store.table.taken(task_id):
-                task_id = uuid.uuid4().hex[:12]
-        elif task_id in taken:
-            raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
-        elif self._store.table.taken(task_id):
-            raise TaskExistsError(task_id)
         try:
             check_json_value(extra, "kwargs")
         except ValueError as exc:
             field, _, message = str(exc).partition(": ")
             raise InvalidTaskError(field, message) from None
         window = keywords.get("valid_time_range")
+        policy = keywords.get("run_policy")
         try:
             record = TaskRecord.model_validate(
                 {
@@ -321,7 +356,8 @@ class TaskDispatcher:
                     "interval": keywords["interval"],
                     "valid_time_range": (0, 24) if window is None else window,
                     "task_end_time": keywords.get("task_end_time"),
-                    "created_at": now,
+                    "run_policy": None if policy is None or policy == {} else policy,
+                    "created_at": created_at,
                     "updated_at": now,
                     "kwargs": {**extra, "task_id": task_id, "task_type": keywords["task_type"]},
                 },
@@ -329,10 +365,12 @@ class TaskDispatcher:
             )
         except ValidationError as exc:
             raise InvalidTaskError(*describe_validation_error(exc)) from None
+        if record.run_policy is not None and record.run_policy.is_default:
+            record = record.replace(run_policy=None)
         schedule = self._store.schedule(record)
         if schedule.ended(now):
             raise InvalidTaskError("task_end_time", f"{record.task_end_time} is already past")
-        first = schedule.next_run(None, now)
+        first = schedule.next_run(previous, now)
         if first is None:
             raise InvalidTaskError(
                 "task_end_time",
@@ -350,6 +388,7 @@ class TaskDispatcher:
         valid_time_range: Sequence[int] | None = None,
         task_end_time: date | datetime | str | None = None,
         task_id: str | None = None,
+        run_policy: RunPolicy | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> str:
         """Register a task and return its id once it is saved.
@@ -357,7 +396,9 @@ class TaskDispatcher:
         Every keyword besides the named ones goes into the task's ``kwargs``, which (with
         ``task_id`` and ``task_type``) re-create its manager as
         ``factory(sys_type=sys_type, **kwargs)``. The account is ``account_id`` or the one
-        keyword ending in ``_account_id``. Raises :class:`InvalidTaskError` (a ``ValueError``)
+        keyword ending in ``_account_id``. ``run_policy`` (a :class:`~tasks.RunPolicy` or a dict
+        of its fields) sets jitter, retries, a run timeout and auto-pause; the defaults change
+        nothing. Raises :class:`InvalidTaskError` (a ``ValueError``)
         naming the field, and saves nothing, if anything is invalid (:class:`TaskExistsError`
         if the id is taken). Raises :class:`SaveFailedError` if the task was added but could
         not be saved (it stays added and saving is retried).
@@ -369,6 +410,7 @@ class TaskDispatcher:
             interval=interval,
             task_end_time=task_end_time,
             task_id=task_id,
+            run_policy=run_policy,
         )
         if valid_time_range is not None:
             keywords["valid_time_range"] = valid_time_range
@@ -472,6 +514,112 @@ class TaskDispatcher:
             record.next_execution_time,
         )
 
+    def update_task(
+        self,
+        task_id: str,
+        *,
+        interval: float | timedelta | _Unset = _UNSET,
+        valid_time_range: Sequence[int] | _Unset = _UNSET,
+        task_end_time: date | datetime | str | _Unset | None = _UNSET,
+        run_policy: RunPolicy | Mapping[str, Any] | _Unset | None = _UNSET,
+        kwargs: Mapping[str, Any] | _Unset = _UNSET,
+    ) -> TaskRecord:
+        """Change ``task_id``'s rules in place; returns its new record, saved when this returns.
+
+        Only the fields given change; each is validated as :meth:`add_task` validates it
+        (an :class:`InvalidTaskError` naming the field, and nothing changed, otherwise).
+        ``task_end_time=None`` removes the end; ``run_policy`` as a dict changes only the
+        policy fields it names (a :class:`~tasks.RunPolicy` or None replaces the policy);
+        ``kwargs`` replaces the task keywords (the account must stay the same). The manager
+        is created again from the new keywords, and the next run planned again from the new
+        rules (from ``last_execution_time`` when there is one); the id, counters, position,
+        history and a run in progress are kept; a planned retry is dropped. A paused task
+        stays paused; a completed one with a run left under the new rules is pending again.
+        """
+        self._check_open()
+        _task_id(task_id)
+        current = self._store.get(task_id)
+        now = self._store.now()
+        keywords: dict[str, Any] = {
+            key: value
+            for key, value in current.kwargs.items()
+            if key not in ("task_id", "task_type")
+        }
+        if not isinstance(kwargs, _Unset):
+            keywords = self._new_kwargs(current, kwargs)
+        keywords.update(
+            sys_type=current.sys_type,
+            task_type=current.task_type,
+            interval=current.interval if isinstance(interval, _Unset) else interval,
+            valid_time_range=(
+                current.valid_time_range
+                if isinstance(valid_time_range, _Unset)
+                else valid_time_range
+            ),
+            task_end_time=current.task_end_time
+            if isinstance(task_end_time, _Unset)
+            else task_end_time,
+            run_policy=self._new_policy(current, run_policy),
+        )
+        rules = self._validated(
+            now,
+            keywords,
+            task_id,
+            created_at=current.created_at,
+            previous=current.last_execution_time,
+        )
+        if rules.account_id != current.account_id:
+            raise InvalidTaskError(
+                "kwargs",
+                f"names account {rules.account_id!r}: a task cannot move to another account "
+                f"(it belongs to {current.account_id!r}); add a new task instead",
+            )
+        self._check_manager(rules)
+        schedule = self._store.schedule(rules)
+        record = self._store.update_task(
+            task_id, lambda r: lifecycle.edited(r, rules, schedule, now)
+        )
+        self._save(task_id)
+        self._wake()
+        logger.info(
+            "task %s (account %s) updated: every %ss, hours %d-%d, until %s; %s, next run %s",
+            task_id,
+            record.account_id,
+            record.interval,
+            *record.valid_time_range,
+            record.task_end_time,
+            record.status.value,
+            record.start_time,
+        )
+        return record.snapshot()
+
+    @staticmethod
+    def _new_kwargs(current: TaskRecord, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(kwargs, Mapping):
+            raise InvalidTaskError("kwargs", f"must be a dict, not {type(kwargs).__name__}")
+        keywords = dict(kwargs)
+        for key in ("task_id", "task_type"):
+            if key in keywords and keywords.pop(key) != getattr(current, key):
+                raise InvalidTaskError(
+                    f"kwargs.{key}", f"cannot change (it is {getattr(current, key)!r})"
+                )
+        clash = sorted(_SCHEDULING_KEYWORDS & keywords.keys())
+        if clash:
+            raise InvalidTaskError(
+                f"kwargs.{clash[0]}", "is a parameter of update_task, not a task keyword"
+            )
+        return keywords
+
+    @staticmethod
+    def _new_policy(
+        current: TaskRecord, run_policy: RunPolicy | Mapping[str, Any] | _Unset | None
+    ) -> RunPolicy | Mapping[str, Any] | None:
+        if isinstance(run_policy, _Unset):
+            return current.run_policy
+        if isinstance(run_policy, Mapping) and current.run_policy is not None:
+            return {**current.run_policy.model_dump(), **run_policy}
+        return run_policy
+
     def remove_task(self, task_id: str) -> None:
         """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
         self._check_open()
@@ -510,6 +658,7 @@ class TaskDispatcher:
             await self._backend.open(self._ledger)
             recovered = self._ledger.recover() if self._backend.remote else []
             self._scheduler.start()
+            self._retries.start()
             for request in recovered:
                 self._runner.resume(request)
             if recovered:
@@ -538,6 +687,7 @@ class TaskDispatcher:
                 "run_pending() needs a started dispatcher: await start()"
             )
         self._scheduler.process_due()
+        self._retries.fire_due()
         await self._runner.wait_idle()
         await self._store.save_async()
         if self._history is not None:
@@ -553,6 +703,7 @@ class TaskDispatcher:
             return
         if self._scheduler.running:
             self._scheduler.pause()
+            self._retries.stop()
             await self._runner.drain(grace_period)
             await self._backend.close(0)
             self._scheduler.shutdown(wait=False)
