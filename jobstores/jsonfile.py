@@ -74,10 +74,10 @@ class JsonJobStore(BaseJobStore):
         convert_timezone: bool = False,
         storage: StorageBackend | None = None,
         accept: Callable[[TaskRecord], None] | None = None,
-        fraction: Callable[[], float] = random.random,
+        fraction: Callable[[], float] | None = None,
     ) -> None:
         super().__init__()
-        self._fraction = fraction
+        self._fraction = fraction or random.random
         """Where jitter draws come from (a fraction in [0, 1])."""
         self.directory = Path(directory)
         self._storage: StorageBackend = storage or SnapshotStorage(self.directory)

@@ -241,7 +241,7 @@ def run_finished(
         status = TaskStatus.COMPLETED
     elif error is not None and policy.pause_due(record.policy, consecutive):
         status = TaskStatus.PAUSED
-        changes.update(_NOTHING_NEXT)
+        changes.update(next_execution_time=None, next_start_time=None)
         changes["paused_reason"] = f"{consecutive} failed runs in a row; the last: {error}"
     else:
         status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
