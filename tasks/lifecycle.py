@@ -330,7 +330,7 @@ def jittered(record: TaskRecord, schedule: Schedule, fraction: float) -> TaskRec
     start = record.next_start_time
     if start is not None:
         earliest, latest = policy.jitter_bounds(planned_at, jitter, schedule)
-        if earliest <= start <= latest:
+        if earliest.timestamp() <= start.timestamp() <= latest.timestamp():
             return record
     start = policy.jittered_start(planned_at, jitter, schedule, fraction)
     return record.replace(next_start_time=start.astimezone(planned_at.tzinfo))

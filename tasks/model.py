@@ -307,7 +307,7 @@ class TaskRecord(BaseModel):
     def start_time(self) -> datetime | None:
         """When the next run starts (with its jitter), or None when none is planned."""
         planned, start = self.next_execution_time, self.next_start_time
-        if planned is None or start is None or start < planned:
+        if planned is None or start is None or start.timestamp() < planned.timestamp():
             return planned
         return start
 

@@ -9,7 +9,7 @@ Every decision here is a function of its arguments: the caller passes ``now``, t
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -90,10 +90,11 @@ def retry_time(
     """
     if attempt > policy.retries:
         return None
-    at = window_opening(now + retry_delay(policy, attempt), schedule.window, schedule.zone)
-    if schedule.ended(at) or (next_start is not None and at >= next_start):
+    earliest = now.astimezone(UTC) + retry_delay(policy, attempt)
+    at = window_opening(earliest, schedule.window, schedule.zone).astimezone(UTC)
+    if schedule.ended(at) or (next_start is not None and at >= next_start.astimezone(UTC)):
         return None
-    return at
+    return at.astimezone(now.tzinfo)
 
 
 def jitter_bounds(
@@ -103,15 +104,17 @@ def jitter_bounds(
 
     The latest is ``planned + jitter``, but still inside the window that ``planned`` is in,
     not after the end, and before ``planned + interval`` (the earliest the next run can be).
+    Both are in ``planned``'s zone.
     """
-    latest = planned + timedelta(seconds=jitter)
-    latest = min(latest, planned + schedule.interval - _ONE_MICROSECOND)
-    closing = window_closing(planned, schedule.window, schedule.zone)
+    # Elapsed time on UTC instants: aware arithmetic within one zone is wall-clock arithmetic.
+    start = planned.astimezone(UTC)
+    latest = start + min(timedelta(seconds=jitter), schedule.interval - _ONE_MICROSECOND)
+    closing = window_closing(start, schedule.window, schedule.zone)
     if closing is not None:
-        latest = min(latest, closing - _ONE_MICROSECOND)
+        latest = min(latest, closing.astimezone(UTC) - _ONE_MICROSECOND)
     if schedule.end is not None:
-        latest = min(latest, schedule.end)
-    return planned, max(latest, planned)
+        latest = min(latest, schedule.end.astimezone(UTC))
+    return planned, max(latest, start).astimezone(planned.tzinfo)
 
 
 def jittered_start(
@@ -120,9 +123,10 @@ def jittered_start(
     """The start of a run planned at ``planned``: ``fraction`` (in ``[0, 1]``) of the way to
     the latest start (:func:`jitter_bounds`), in whole seconds."""
     earliest, latest = jitter_bounds(planned, jitter, schedule)
-    span = (latest - earliest).total_seconds()
+    start = earliest.astimezone(UTC)
+    span = (latest.astimezone(UTC) - start).total_seconds()
     offset = math.floor(span * min(max(fraction, 0.0), 1.0))
-    return earliest + timedelta(seconds=offset)
+    return (start + timedelta(seconds=offset)).astimezone(planned.tzinfo)
 
 
 def pause_due(policy: RunPolicy, consecutive_failures: int) -> bool:
