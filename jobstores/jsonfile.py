@@ -95,6 +95,8 @@ class JsonJobStore(BaseJobStore):
         self._faults: dict[str, str] = {}
         """Tasks put in error while a run was out: the error outlives that run."""
         self._closed = False
+        self.on_completed: Callable[[TaskRecord], None] | None = None
+        """Told (under the lock: defer any work) when APScheduler's side completes a task."""
 
         ensure_private_dir(self.directory)
         self._dir_lock = DirectoryLock(self.directory)
@@ -269,6 +271,11 @@ class JsonJobStore(BaseJobStore):
         if not self._closed:
             self._saver.request()
 
+    def on_save_health(self, observer: Callable[[str | None], None]) -> None:
+        """Call ``observer(error)`` when saving starts failing, ``observer(None)`` when it
+        works again (from the saving thread)."""
+        self._saver.on_change = observer
+
     def request_retry(self) -> None:
         """After a failed :meth:`save`: retry later in the background when on an event loop
         (otherwise the next save, whatever asks for it, writes the change)."""
@@ -442,6 +449,8 @@ class JsonJobStore(BaseJobStore):
                 task_id,
                 new.account_id,
             )
+            if self.on_completed is not None and old.status is not TaskStatus.COMPLETED:
+                self.on_completed(new)
 
     # ------------------------------------------------------------------ closing
 

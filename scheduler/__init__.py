@@ -3,6 +3,22 @@
 from scheduler.backends.local import LocalRunBackend
 from scheduler.dispatcher import TaskDispatcher
 from scheduler.history import RunEntry, RunHistory
+from scheduler.listeners import (
+    DispatcherEvent,
+    RunFailed,
+    RunRetried,
+    RunStarted,
+    RunSucceeded,
+    RunTimedOut,
+    SaveFailed,
+    SaveRecovered,
+    TaskAdded,
+    TaskCompleted,
+    TaskPaused,
+    TaskRemoved,
+    TaskResumed,
+    WebhookListener,
+)
 from scheduler.triggers import TaskTrigger
 from tasks.errors import (
     DirectoryLockedError,
@@ -24,6 +40,7 @@ __all__ = [
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
+    "DispatcherEvent",
     "DispatcherNotRunningError",
     "HistoryUnavailableError",
     "InvalidTaskError",
@@ -33,14 +50,27 @@ __all__ = [
     "RunEntry",
     "RunEvent",
     "RunEventKind",
+    "RunFailed",
     "RunHistory",
     "RunInbox",
     "RunRequest",
+    "RunRetried",
+    "RunStarted",
+    "RunSucceeded",
+    "RunTimedOut",
+    "SaveFailed",
     "SaveFailedError",
+    "SaveRecovered",
+    "TaskAdded",
+    "TaskCompleted",
     "TaskDispatcher",
     "TaskExistsError",
     "TaskNotFoundError",
+    "TaskPaused",
+    "TaskRemoved",
+    "TaskResumed",
     "TaskTrigger",
     "TimezoneMismatchError",
     "UnknownTaskTypeError",
+    "WebhookListener",
 ]

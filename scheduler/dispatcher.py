@@ -25,6 +25,25 @@ from scheduler.engine import DispatchExecutor, DispatchScheduler
 from scheduler.history import RunEntry, RunHistory, open_history
 from scheduler.lanes import AccountLanes
 from scheduler.ledger import RunLedger, RunObserver
+from scheduler.listeners import (
+    DispatcherEvent,
+    EventFilter,
+    Listener,
+    Listeners,
+    RunFailed,
+    RunRetried,
+    RunStarted,
+    RunSucceeded,
+    RunTimedOut,
+    SaveFailed,
+    SaveRecovered,
+    TaskAdded,
+    TaskCompleted,
+    TaskPaused,
+    TaskRemoved,
+    TaskResumed,
+    WebhookListener,
+)
 from scheduler.retries import RetryTimer
 from scheduler.runner import TaskRunner
 from tasks import lifecycle
@@ -39,7 +58,7 @@ from tasks.errors import (
 from tasks.manager import TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, check_json_value
 from tasks.policy import RunPolicy
-from tasks.runs import RunBackend
+from tasks.runs import TIMED_OUT, RunBackend, RunEvent, RunEventKind, RunRequest
 from tasks.zones import resolve_timezone
 
 if TYPE_CHECKING:
@@ -65,6 +84,10 @@ _SCHEDULING_KEYWORDS = frozenset(
         "run_policy",
     }
 )
+
+
+_LISTENER_GRACE = 10.0
+"""Seconds :meth:`TaskDispatcher.stop` waits for coroutine listeners (webhooks) to finish."""
 
 
 class _Unset(enum.Enum):
@@ -159,6 +182,12 @@ class TaskDispatcher:
         )
         self._retries = RetryTimer(self._store, self._runner.submit)
         self._ledger.watch(self._retries.watch)
+        # Listeners (typed events): run events from the ledger, completions and save health
+        # from the store, task events at this class's API calls.
+        self._listeners = Listeners()
+        self._ledger.watch(self._tell_run)
+        self._store.on_completed = self._tell_completed
+        self._store.on_save_health(self._tell_save)
         self._history = open_history(directory, history, self.timezone)
         if self._history is not None:
             self._ledger.observe(self._history.record)
@@ -253,6 +282,114 @@ class TaskDispatcher:
         return DispatcherMetrics(
             MetricsSource(tasks_by_status, self._lanes.waiting_counts, lambda: store.save_health)
         )
+
+    # ------------------------------------------------------------------ listeners
+
+    def add_listener(self, callback: Listener, events: EventFilter = None) -> None:
+        """Call ``callback(event)`` for every event of the classes in ``events``.
+
+        ``events`` holds event classes of :mod:`scheduler.listeners` (``RunFailed``,
+        ``TaskPaused``, ...) or their ``kind`` names; None means every event (for a
+        :class:`~scheduler.listeners.WebhookListener`: the events it was made for). Callbacks
+        run on the event loop; coroutine functions are run as tasks. One that raises is logged
+        and never stops the dispatcher.
+        """
+        if events is None and isinstance(callback, WebhookListener):
+            events = callback.events
+        self._listeners.add(callback, events)
+
+    def remove_listener(self, callback: Listener) -> None:
+        """Stop calling ``callback``."""
+        self._listeners.remove(callback)
+
+    def _tell(self, event: DispatcherEvent) -> None:
+        if self._listeners:
+            self._listeners.emit(event)
+
+    def _tell_task(
+        self, kind: type[TaskAdded | TaskResumed | TaskRemoved | TaskCompleted], record: TaskRecord
+    ) -> None:
+        self._tell(kind(at=self._store.now(), task_id=record.task_id, account_id=record.account_id))
+
+    def _tell_paused(self, record: TaskRecord) -> None:
+        self._tell(
+            TaskPaused(
+                at=self._store.now(),
+                task_id=record.task_id,
+                account_id=record.account_id,
+                automatic=record.paused_reason is not None,
+                reason=record.paused_reason,
+            )
+        )
+
+    def _tell_completed(self, record: TaskRecord) -> None:
+        # Under the table's lock: emitted from the loop, after it is released.
+        if self._listeners:
+            event = TaskCompleted(
+                at=self._store.now(), task_id=record.task_id, account_id=record.account_id
+            )
+            self._listeners.emit_soon(event)
+
+    def _tell_save(self, error: str | None) -> None:
+        if not self._listeners:
+            return
+        now = self._store.now()
+        event: DispatcherEvent = (
+            SaveRecovered(at=now) if error is None else SaveFailed(at=now, error=error)
+        )
+        self._listeners.emit_soon(event)
+
+    def _tell_run(
+        self,
+        request: RunRequest,
+        event: RunEvent,
+        before: TaskRecord | None,
+        after: TaskRecord | None,
+    ) -> None:
+        if not self._listeners:
+            return
+        common: dict[str, Any] = {
+            "at": event.at.astimezone(self.timezone),
+            "task_id": request.task_id,
+            "account_id": request.account_id,
+            "run_id": request.run_id,
+            "attempt": request.attempt,
+            "scheduled_at": request.scheduled_at,
+        }
+        if event.kind is RunEventKind.STARTED:
+            self._tell(RunStarted(**common))
+            return
+        if event.ok:
+            self._tell(RunSucceeded(**common))
+        else:
+            timeout = event.extra.get(TIMED_OUT)
+            if timeout is not None:
+                self._tell(RunTimedOut(**common, timeout=float(timeout)))
+            retry = after.retry if after is not None else None
+            self._tell(
+                RunFailed(
+                    **common,
+                    error=event.error or event.kind.value,
+                    retry_at=retry.at if retry is not None else None,
+                )
+            )
+            if retry is not None:
+                self._tell(
+                    RunRetried(
+                        at=common["at"],
+                        task_id=request.task_id,
+                        account_id=request.account_id,
+                        run_id=request.run_id,
+                        attempt=retry.attempt,
+                        retry_at=retry.at,
+                    )
+                )
+        if after is None or before is None or before.status is after.status:
+            return
+        if after.status is TaskStatus.PAUSED:
+            self._tell_paused(after)
+        elif after.status is TaskStatus.COMPLETED:
+            self._tell_task(TaskCompleted, after)
 
     # ------------------------------------------------------------------ queries
 
@@ -448,6 +585,7 @@ class TaskDispatcher:
                 *record.valid_time_range,
                 record.next_execution_time,
             )
+            self._tell_task(TaskAdded, record)
         return [record.task_id for record in records]
 
     # ------------------------------------------------------------------ changing
@@ -484,9 +622,12 @@ class TaskDispatcher:
         _task_id(task_id)
 
         now = self._store.now()
+        before = self._store.get(task_id)
         record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
         self._save(task_id)
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
+        if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
+            self._tell_paused(record)
 
     def resume_task(self, task_id: str) -> None:
         """Schedule a paused task again; saved when this returns.
@@ -503,9 +644,14 @@ class TaskDispatcher:
         def resume(record: TaskRecord) -> TaskRecord:
             return lifecycle.resumed(record, self._store.schedule(record), now)
 
+        before = self._store.get(task_id)
         record = self._store.update_task(task_id, resume)
         self._save(task_id)
         self._wake()
+        if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
+            self._tell_task(TaskResumed, record)
+            if record.status is TaskStatus.COMPLETED:
+                self._tell_task(TaskCompleted, record)
         logger.info(
             "task %s (account %s) is %s, next run %s",
             task_id,
@@ -629,6 +775,7 @@ class TaskDispatcher:
             self._local.forget(task_id)
         self._save(task_id)
         logger.info("task %s (account %s) removed", task_id, record.account_id)
+        self._tell_task(TaskRemoved, record)
 
     def reorder_task(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order.
@@ -655,6 +802,7 @@ class TaskDispatcher:
         """Start scheduling on the running event loop (a no-op if already started)."""
         self._check_open()
         if not self._scheduler.running:
+            self._listeners.bind(asyncio.get_running_loop())
             await self._backend.open(self._ledger)
             recovered = self._ledger.recover() if self._backend.remote else []
             self._scheduler.start()
@@ -707,6 +855,7 @@ class TaskDispatcher:
             await self._runner.drain(grace_period)
             await self._backend.close(0)
             self._scheduler.shutdown(wait=False)
+            await self._listeners.drain(_LISTENER_GRACE)
         await self._store.drain_saves()
         self._store.touch()  # the final save happens even if nothing changed
         await self._store.save_async()

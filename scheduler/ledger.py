@@ -126,7 +126,9 @@ class RunLedger:
             f" (attempt {attempt})" if attempt > 1 else "",
         )
         if not self._remote:
-            self._tell(request, RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now))
+            started = RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now)
+            self._tell(request, started)
+            self._watch(request, started, None, record)
         return request
 
     def recover(self) -> list[RunRequest]:
@@ -212,11 +214,7 @@ class RunLedger:
         if applied and event.kind.finished:
             _log_change(entry.request, record, after)
         self._tell(entry.request, event)
-        for watcher in self._watchers:
-            try:
-                watcher(entry.request, event, record, after)
-            except Exception:
-                logger.exception("a run watcher failed on run %s", event.run_id)
+        self._watch(entry.request, event, record, after)
         return applied
 
     def abandon(self, run_id: str) -> None:
@@ -254,6 +252,19 @@ class RunLedger:
         if entry.ended is None:
             entry.ended = asyncio.get_running_loop().create_future()
         return entry.ended
+
+    def _watch(
+        self,
+        request: RunRequest,
+        event: RunEvent,
+        before: TaskRecord | None,
+        after: TaskRecord | None,
+    ) -> None:
+        for watcher in self._watchers:
+            try:
+                watcher(request, event, before, after)
+            except Exception:
+                logger.exception("a run watcher failed on run %s", request.run_id)
 
     def _tell(self, request: RunRequest, event: RunEvent) -> None:
         for observer in self._observers:
