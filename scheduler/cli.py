@@ -39,9 +39,11 @@ from scheduler.errors import (
     UnknownTaskTypeError,
 )
 from scheduler.history import HISTORY_FILENAME, MAX_QUERY_LIMIT, RunEntry, read_runs
+from scheduler.listeners import WebhookListener
 from scheduler.triggers import TaskTrigger, may_start
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, parse_end_time
+from tasks.policy import jitter_bounds
 from tasks.registry import default_registry
 from tasks.secrets import mask_secrets
 from tasks.zones import resolve_timezone
@@ -101,6 +103,11 @@ def _parse_kw(pairs: tuple[str, ...], *, as_json: bool = False) -> dict[str, Any
             ) from None
     return values
 
+
+_POLICY_HELP = (
+    "Run policy field=value (jitter, retries, retry_delay, retry_backoff, retry_max_delay, "
+    "run_timeout: seconds or counts; pause_after_failures); repeatable."
+)
 
 _OPTION_FOR = {
     "sys_type": "--sys-type",
@@ -481,6 +488,7 @@ def main(
     "--kw-json", multiple=True, help="Task keyword key=JSON (5, true, [1, 2], ...); repeatable."
 )
 @click.option("--kwargs-json", default=None, help="Task keywords as a JSON object.")
+@click.option("--policy", multiple=True, help=_POLICY_HELP)
 @click.pass_obj
 def add(
     options: Options,
@@ -495,6 +503,7 @@ def add(
     kw: tuple[str, ...],
     kw_json: tuple[str, ...],
     kwargs_json: str | None,
+    policy: tuple[str, ...],
 ) -> None:
     """Add a task and print its id."""
     keywords: dict[str, Any] = {}
@@ -526,6 +535,7 @@ def add(
                 task_type=task_type,
                 account_id=account_id,
                 task_id=task_id,
+                run_policy=_parse_policy(policy),
                 **keywords,
             )
         )
@@ -606,10 +616,26 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
     if record.status is TaskStatus.PAUSED:
         first = trigger.get_next_fire_time(record.last_execution_time, now)
         label = "if resumed now"
-    runs = [_when(t, zone) for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
+    runs = [
+        _jittered_when(record, trigger, t, zone)
+        for t, _ in zip(trigger.upcoming(first), range(count), strict=False)
+    ]
+    if runs and record.next_start_time is not None and record.status is not TaskStatus.PAUSED:
+        runs[0] = f"{_when(record.start_time, zone)} (jittered from {_when(first, zone)})"
     click.echo(f"{label:>22}: {runs[0] if runs else 'none before the end time'}")
     for line in runs[1:]:
         click.echo(f"{'':>22}  {line}")
+
+
+def _jittered_when(
+    record: TaskRecord, trigger: TaskTrigger, planned: datetime, zone: tzinfo
+) -> str:
+    """A planned run as shown: with jitter, the span its start is drawn from."""
+    jitter = record.policy.jitter
+    if not jitter:
+        return _when(planned, zone)
+    _, latest = jitter_bounds(planned, jitter, trigger.schedule)
+    return f"between {_when(planned, zone)} and {_when(latest.replace(microsecond=0), zone)}"
 
 
 def parse_since(text: str, zone: tzinfo, now: datetime) -> datetime:
@@ -698,6 +724,72 @@ def runs(
         click.echo("No runs recorded.")
     else:
         _console().print(_runs_table(entries, zone))
+
+
+# ---------------------------------------------------------------------- run policies, update
+
+
+def _parse_policy(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--policy field=value`` pairs (values as JSON: 300, 2.5, null)."""
+    return _parse_kw(pairs, as_json=True) if pairs else None
+
+
+@main.command()
+@_dir_option
+@click.argument("task_id")
+@click.option("--interval", default=None, help="3600, 90s, 30m, 1h, 1d.")
+@click.option("--hours", default=None, help="Hour window, e.g. 8-22 or 22-6.")
+@click.option("--until", default=None, help="Last day (YYYY-MM-DD) or exact cut-off.")
+@click.option("--no-end", is_flag=True, help="Remove the end date.")
+@click.option("--kw", multiple=True, help="Set a task keyword key=value (a string); repeatable.")
+@click.option("--kw-json", multiple=True, help="Set a task keyword key=JSON; repeatable.")
+@click.option("--policy", multiple=True, help=_POLICY_HELP)
+@click.pass_obj
+def update(
+    options: Options,
+    task_id: str,
+    interval: str | None,
+    hours: str | None,
+    until: str | None,
+    no_end: bool,
+    kw: tuple[str, ...],
+    kw_json: tuple[str, ...],
+    policy: tuple[str, ...],
+) -> None:
+    """Change a task in place (id, counters and history kept); its next run is planned again."""
+    if until and no_end:
+        _fail("give --until or --no-end, not both")
+    changes: dict[str, Any] = {}
+    with _errors():
+        if interval is not None:
+            changes["interval"] = parse_interval(interval)
+        if hours is not None:
+            changes["valid_time_range"] = parse_hours(hours)
+        if until is not None:
+            changes["task_end_time"] = _parse_until(until)
+    if no_end:
+        changes["task_end_time"] = None
+    given: dict[str, Any] = {}
+    for source, values in (
+        ("--kw", _parse_kw(kw)),
+        ("--kw-json", _parse_kw(kw_json, as_json=True)),
+    ):
+        _check_keywords(values, source)
+        given.update(values)
+    if policy:
+        changes["run_policy"] = _parse_policy(policy)
+    if not changes and not given:
+        _fail("nothing to change: give --interval, --hours, --until, --no-end, --kw or --policy")
+
+    def action(d: TaskDispatcher) -> str:
+        if given:
+            current = d.get_task(task_id).kwargs
+            kept = {k: v for k, v in current.items() if k not in ("task_id", "task_type")}
+            changes["kwargs"] = {**kept, **given}
+        record = d.update_task(task_id, **changes)
+        return f"{task_id}: {record.status}, next run {_when(record.start_time, d.timezone)}"
+
+    _edit(options, action)
 
 
 def _edit(options: Options, action: Callable[[TaskDispatcher], str]) -> None:
@@ -825,11 +917,23 @@ DEMO_TASKS: list[dict[str, Any]] = [
     "--demo", is_flag=True, help="Add a few short-interval shell tasks if the store is empty."
 )
 @click.option("--live/--no-live", default=None, help="Live table (default: on a terminal).")
+@click.option(
+    "--notify-url",
+    multiple=True,
+    help="POST failed runs and pauses as JSON to this URL; repeatable.",
+)
 @click.pass_obj
 def run(
-    options: Options, grace: float, max_concurrent_runs: int, demo: bool, live: bool | None
+    options: Options,
+    grace: float,
+    max_concurrent_runs: int,
+    demo: bool,
+    live: bool | None,
+    notify_url: tuple[str, ...],
 ) -> None:
     """Run the dispatcher in the foreground until SIGINT or SIGTERM."""
+    with _errors():  # webhooks for failed runs and pauses, checked before anything starts
+        webhooks = [WebhookListener(url) for url in notify_url]
     console = _console()
     live = console.is_terminal if live is None else live
     handler: logging.Handler = (
@@ -851,6 +955,8 @@ def run(
             max_concurrent_runs=max_concurrent_runs,
             convert_timezone=options.convert_timezone,
         )
+    for webhook in webhooks:
+        dispatcher.add_listener(webhook)
     try:
         with _errors():
             asyncio.run(_serve(dispatcher, console, grace=grace, demo=demo, live=live))
