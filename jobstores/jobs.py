@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable, Iterable, Iterator
-from datetime import datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from apscheduler.job import Job
@@ -98,7 +98,7 @@ class TaskTrigger(BaseTrigger):
 class TaskJob(Job):
     """The APScheduler job of one task; also remembers where it is filed in the due index."""
 
-    __slots__ = ("filed_at",)
+    __slots__ = ("filed_at", "planned")
 
     @classmethod
     def adopt(cls, job: Job) -> TaskJob:
@@ -109,7 +109,25 @@ class TaskJob(Job):
         for name in Job.__slots__:
             if name != "__weakref__" and hasattr(job, name):
                 setattr(copy, name, getattr(job, name))
+        copy.planned = None
         return copy
+
+    def _get_run_times(self, now: datetime) -> list[datetime]:
+        # A jittered run fires at its start (next_run_time) but stands for its planned time:
+        # APScheduler counts the next run from the last time returned here, so the schedule
+        # does not drift by the jitter.
+        planned = getattr(self, "planned", None)
+        start = self.next_run_time
+        if planned is None or start is None or same_instant(planned, start):
+            return super()._get_run_times(now)  # type: ignore[no-any-return]
+        if start.astimezone(UTC) > now.astimezone(UTC):
+            return []
+        run_times = [planned]
+        following = self.trigger.get_next_fire_time(planned, now)
+        while following is not None and following.astimezone(UTC) <= now.astimezone(UTC):
+            run_times.append(following)
+            following = self.trigger.get_next_fire_time(following, now)
+        return run_times
 
 
 def _timestamp(when: datetime | None) -> float:
@@ -232,7 +250,12 @@ class JobView:
         wanted = _job_time(record)
         if job is None:
             self.place(self._build(record))
-        elif not same_instant(job.next_run_time, wanted):
+            return
+        job.planned = record.next_execution_time
+        trigger = self.trigger(record)
+        if job.trigger is not trigger:  # the task's rules were edited
+            job.trigger = trigger
+        if not same_instant(job.next_run_time, wanted):
             job._modify(next_run_time=wanted)
             self.place(job)
 
@@ -256,8 +279,9 @@ class JobView:
         job.coalesce = True
         job.max_instances = 1
         job.next_run_time = _job_time(record)
+        job.planned = record.next_execution_time
         return job
 
 
 def _job_time(record: TaskRecord) -> datetime | None:
-    return None if record.status is TaskStatus.PAUSED else record.next_execution_time
+    return None if record.status is TaskStatus.PAUSED else record.start_time

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
@@ -73,8 +74,11 @@ class JsonJobStore(BaseJobStore):
         convert_timezone: bool = False,
         storage: StorageBackend | None = None,
         accept: Callable[[TaskRecord], None] | None = None,
+        fraction: Callable[[], float] | None = None,
     ) -> None:
         super().__init__()
+        self._fraction = fraction or random.random
+        """Where jitter draws come from (a fraction in [0, 1])."""
         self.directory = Path(directory)
         self._storage: StorageBackend = storage or SnapshotStorage(self.directory)
         self.path = self._storage.path
@@ -91,6 +95,8 @@ class JsonJobStore(BaseJobStore):
         self._faults: dict[str, str] = {}
         """Tasks put in error while a run was out: the error outlives that run."""
         self._closed = False
+        self.on_completed: Callable[[TaskRecord], None] | None = None
+        """Told (under the lock: defer any work) when APScheduler's side completes a task."""
 
         ensure_private_dir(self.directory)
         self._dir_lock = DirectoryLock(self.directory)
@@ -133,7 +139,12 @@ class JsonJobStore(BaseJobStore):
         for problem in document.problems:
             logger.warning("%s: %s", self.path, problem)
         restored = restore(
-            document.tasks, self.timezone, parsed_json=document.parsed_json, now=now, accept=accept
+            document.tasks,
+            self.timezone,
+            parsed_json=document.parsed_json,
+            now=now,
+            accept=accept,
+            fraction=self._fraction,
         )
         self._table.load(restored.records, restored.kept, document.account_tasks)
         self._table.extra.update(document.extra)
@@ -215,10 +226,17 @@ class JsonJobStore(BaseJobStore):
         """Make the next save write the file even if no task changed."""
         self._table.touch()
 
+    def jittered(self, record: TaskRecord) -> TaskRecord:
+        """``record`` with the start of its next run drawn, if its policy has jitter and none is
+        drawn yet for that run (:func:`tasks.lifecycle.jittered`)."""
+        if record.run_policy is None and record.next_start_time is None:
+            return record
+        return lifecycle.jittered(record, self.schedule(record), self._fraction())
+
     def add_tasks(self, records: Sequence[TaskRecord]) -> None:
         """Add new tasks all together, or none of them (raises :class:`InvalidTaskError`)."""
         self._check_open()
-        self._table.add(records)
+        self._table.add([self.jittered(record) for record in records])
 
     def remove_task(self, task_id: str) -> TaskRecord:
         """Delete ``task_id`` for good; returns its last record."""
@@ -226,9 +244,12 @@ class JsonJobStore(BaseJobStore):
         return self._table.remove(task_id)
 
     def update_task(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
-        """Replace ``task_id``'s record with ``change(record)`` atomically; returns the new one."""
+        """Replace ``task_id``'s record with ``change(record)`` atomically; returns the new one.
+
+        A next run planned by the change gets its jitter drawn in the same change.
+        """
         self._check_open()
-        return self._table.update(task_id, change)
+        return self._table.update(task_id, lambda record: self.jittered(change(record)))
 
     def reorder(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order."""
@@ -249,6 +270,11 @@ class JsonJobStore(BaseJobStore):
         """Save soon, in the background, without writing here."""
         if not self._closed:
             self._saver.request()
+
+    def on_save_health(self, observer: Callable[[str | None], None]) -> None:
+        """Call ``observer(error)`` when saving starts failing, ``observer(None)`` when it
+        works again (from the saving thread)."""
+        self._saver.on_change = observer
 
     def request_retry(self) -> None:
         """After a failed :meth:`save`: retry later in the background when on an event loop
@@ -346,7 +372,9 @@ class JsonJobStore(BaseJobStore):
         when = None if when is None else when.astimezone(self.timezone)
         now = self.now()
         old = self._table.find(job.id)
-        new = self._table.update(job.id, lambda record: lifecycle.planned(record, when, now))
+        new = self._table.update(
+            job.id, lambda record: self.jittered(lifecycle.planned(record, when, now))
+        )
         if new is not old:
             self._persist()
 
@@ -421,6 +449,8 @@ class JsonJobStore(BaseJobStore):
                 task_id,
                 new.account_id,
             )
+            if self.on_completed is not None and old.status is not TaskStatus.COMPLETED:
+                self.on_completed(new)
 
     # ------------------------------------------------------------------ closing
 

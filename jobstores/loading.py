@@ -121,6 +121,7 @@ def restore(
     now: datetime | None = None,
     accept: Callable[[TaskRecord], None] | None = None,
     label: str = "",
+    fraction: Callable[[], float] | None = None,
 ) -> Restored:
     """Validate every task object; a duplicate id or invalid object is kept unrestored.
 
@@ -128,6 +129,7 @@ def restore(
     (:func:`tasks.lifecycle.loaded`), equal strings are shared between records, and every
     unrestorable object is logged. ``accept(record)`` may refuse a valid record by raising
     :class:`InvalidTaskError` (the dispatcher checks that its manager can be created).
+    ``fraction()`` draws the jitter of a next run planned here (none without it).
     """
     restored = Restored()
     ids: set[str] = set()
@@ -142,7 +144,7 @@ def restore(
             if accept is not None:
                 accept(record)
             if now is not None:
-                record = _loaded(record, zone, now, shared, label)
+                record = _loaded(record, zone, now, shared, label, fraction)
         except Exception as exc:
             # One record never stops the others: whatever it does (an invalid field, a
             # factory or a schedule that raises), it is kept as it is, unrestored.
@@ -163,7 +165,12 @@ def restore(
 
 
 def _loaded(
-    record: TaskRecord, zone: tzinfo, now: datetime, shared: dict[str, str], label: str
+    record: TaskRecord,
+    zone: tzinfo,
+    now: datetime,
+    shared: dict[str, str],
+    label: str,
+    fraction: Callable[[], float] | None,
 ) -> TaskRecord:
     if record.status is TaskStatus.RUNNING and record.active_run is None:
         logger.warning(
@@ -173,7 +180,11 @@ def _loaded(
             record.account_id,
         )
     record = _share_strings(record, shared)
-    return lifecycle.loaded(record, Schedule.of(record, zone), now)
+    schedule = Schedule.of(record, zone)
+    record = lifecycle.loaded(record, schedule, now)
+    if fraction is not None and (record.run_policy is not None or record.next_start_time):
+        record = lifecycle.jittered(record, schedule, fraction())
+    return record
 
 
 def _share_strings(record: TaskRecord, shared: dict[str, str]) -> TaskRecord:

@@ -70,6 +70,9 @@ class Saver:
         self._wanted = False
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
+        self.on_change: Callable[[str | None], None] | None = None
+        """Told when saving starts failing (the error) and when it works again (None); called
+        on the saving thread, holding no lock."""
 
     # ------------------------------------------------------------------ state
 
@@ -112,6 +115,7 @@ class Saver:
                 self._storage.commit(image, now)
             except (OSError, TypeError, ValueError) as exc:
                 with self._state_lock:
+                    first = self._health.last_error is None
                     self._health = SaveHealth(
                         last_saved_at=self._health.last_saved_at,
                         last_error=f"{type(exc).__name__}: {exc}",
@@ -127,6 +131,8 @@ class Saver:
                     ", ".join(sorted(image.changed)) or "-",
                     extra={"unsaved_task_ids": tuple(sorted(image.changed))},
                 )
+                if first:
+                    self._changed(f"{type(exc).__name__}: {exc}")
                 return False
             with self._state_lock:
                 self._durable_version = image.version
@@ -137,7 +143,15 @@ class Saver:
             logger.warning(
                 "saving %s works again; every pending change is written", self._storage.path
             )
+            self._changed(None)
         return True
+
+    def _changed(self, error: str | None) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(error)
+            except Exception:
+                logger.exception("a save health observer failed")
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -5,6 +5,22 @@ from typing import TYPE_CHECKING, Any
 from scheduler.backends.local import LocalRunBackend
 from scheduler.dispatcher import TaskDispatcher
 from scheduler.history import RunEntry, RunHistory
+from scheduler.listeners import (
+    DispatcherEvent,
+    RunFailed,
+    RunRetried,
+    RunStarted,
+    RunSucceeded,
+    RunTimedOut,
+    SaveFailed,
+    SaveRecovered,
+    TaskAdded,
+    TaskCompleted,
+    TaskPaused,
+    TaskRemoved,
+    TaskResumed,
+    WebhookListener,
+)
 from scheduler.triggers import TaskTrigger
 from tasks.errors import (
     BrokerUnavailableError,
@@ -35,6 +51,7 @@ __all__ = [
     "DirectoryLockedError",
     "DispatcherClosedError",
     "DispatcherError",
+    "DispatcherEvent",
     "DispatcherNotRunningError",
     "HistoryUnavailableError",
     "InvalidTaskError",
@@ -45,16 +62,29 @@ __all__ = [
     "RunEntry",
     "RunEvent",
     "RunEventKind",
+    "RunFailed",
     "RunHistory",
     "RunInbox",
     "RunRequest",
+    "RunRetried",
+    "RunStarted",
+    "RunSucceeded",
+    "RunTimedOut",
+    "SaveFailed",
     "SaveFailedError",
+    "SaveRecovered",
+    "TaskAdded",
+    "TaskCompleted",
     "TaskDispatcher",
     "TaskExistsError",
     "TaskNotFoundError",
+    "TaskPaused",
+    "TaskRemoved",
+    "TaskResumed",
     "TaskTrigger",
     "TimezoneMismatchError",
     "UnknownTaskTypeError",
+    "WebhookListener",
 ]
 
 

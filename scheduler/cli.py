@@ -44,9 +44,11 @@ from scheduler.errors import (
     UnknownTaskTypeError,
 )
 from scheduler.history import HISTORY_FILENAME, MAX_QUERY_LIMIT, RunEntry, read_runs
+from scheduler.listeners import WebhookListener
 from scheduler.triggers import RunPreview, TaskTrigger, may_start, preview_runs
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, parse_end_time
+from tasks.policy import jitter_bounds
 from tasks.registry import default_registry
 from tasks.zones import resolve_timezone
 
@@ -115,6 +117,11 @@ def _parse_kw(pairs: tuple[str, ...], *, as_json: bool = False) -> dict[str, Any
             ) from None
     return values
 
+
+_POLICY_HELP = (
+    "Run policy field=value (jitter, retries, retry_delay, retry_backoff, retry_max_delay, "
+    "run_timeout: seconds or counts; pause_after_failures); repeatable."
+)
 
 _OPTION_FOR = {
     "sys_type": "--sys-type",
@@ -547,7 +554,10 @@ def _print_task(
         click.echo("             next runs: none (completed)")
         return
     label = "if resumed now" if preview.if_resumed else "next runs"
-    runs = [_when(t, zone) for t in preview.runs]
+    trigger = TaskTrigger.for_record(record, zone)
+    runs = [_jittered_when(record, trigger, t, zone) for t in preview.runs]
+    if runs and record.next_start_time is not None and not preview.if_resumed:
+        runs[0] = f"{_when(record.start_time, zone)} (jittered from {_when(preview.runs[0], zone)})"
     click.echo(f"{label:>22}: {runs[0] if runs else 'none before the end time'}")
     for line in runs[1:]:
         click.echo(f"{'':>22}  {line}")
@@ -634,6 +644,7 @@ main.add_command(worker)
     "--kw-json", multiple=True, help="Task keyword key=JSON (5, true, [1, 2], ...); repeatable."
 )
 @click.option("--kwargs-json", default=None, help="Task keywords as a JSON object.")
+@click.option("--policy", multiple=True, help=_POLICY_HELP)
 @click.pass_obj
 def add(
     options: Options,
@@ -648,6 +659,7 @@ def add(
     kw: tuple[str, ...],
     kw_json: tuple[str, ...],
     kwargs_json: str | None,
+    policy: tuple[str, ...],
 ) -> None:
     """Add a task and print its id."""
     keywords: dict[str, Any] = {}
@@ -672,6 +684,9 @@ def add(
     if account_name is not None:
         keywords["account_name"] = account_name
     keywords.update(sys_type=sys_type, task_type=task_type, account_id=account_id, task_id=task_id)
+    run_policy = _parse_policy(policy)
+    if run_policy is not None:
+        keywords["run_policy"] = run_policy
     new_id, _ = _change(
         options,
         lambda d: asyncio.run(d.add_task(**keywords)),
@@ -756,6 +771,17 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
         position = snapshot.account_tasks[record.account_id].index(task_id)
         preview = preview_runs(record, zone, datetime.now(zone), count)
     _print_task(record, position, preview, zone, show_secrets)
+
+
+def _jittered_when(
+    record: TaskRecord, trigger: TaskTrigger, planned: datetime, zone: tzinfo
+) -> str:
+    """A planned run as shown: with jitter, the span its start is drawn from."""
+    jitter = record.policy.jitter
+    if not jitter:
+        return _when(planned, zone)
+    _, latest = jitter_bounds(planned, jitter, trigger.schedule)
+    return f"between {_when(planned, zone)} and {_when(latest.replace(microsecond=0), zone)}"
 
 
 def parse_since(text: str, zone: tzinfo, now: datetime) -> datetime:
@@ -848,6 +874,79 @@ def runs(
         click.echo("No runs recorded.")
     else:
         _console().print(_runs_table(entries, zone))
+
+
+# ---------------------------------------------------------------------- run policies, update
+
+
+def _parse_policy(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--policy field=value`` pairs (values as JSON: 300, 2.5, null)."""
+    return _parse_kw(pairs, as_json=True) if pairs else None
+
+
+@main.command()
+@_dir_option
+@click.argument("task_id")
+@click.option("--interval", default=None, help="3600, 90s, 30m, 1h, 1d.")
+@click.option("--hours", default=None, help="Hour window, e.g. 8-22 or 22-6.")
+@click.option("--until", default=None, help="Last day (YYYY-MM-DD) or exact cut-off.")
+@click.option("--no-end", is_flag=True, help="Remove the end date.")
+@click.option("--kw", multiple=True, help="Set a task keyword key=value (a string); repeatable.")
+@click.option("--kw-json", multiple=True, help="Set a task keyword key=JSON; repeatable.")
+@click.option("--policy", multiple=True, help=_POLICY_HELP)
+@click.pass_obj
+def update(
+    options: Options,
+    task_id: str,
+    interval: str | None,
+    hours: str | None,
+    until: str | None,
+    no_end: bool,
+    kw: tuple[str, ...],
+    kw_json: tuple[str, ...],
+    policy: tuple[str, ...],
+) -> None:
+    """Change a task in place (id, counters and history kept); its next run is planned again."""
+    if until and no_end:
+        _fail("give --until or --no-end, not both")
+    changes: dict[str, Any] = {}
+    with _errors():
+        if interval is not None:
+            changes["interval"] = parse_interval(interval)
+        if hours is not None:
+            changes["valid_time_range"] = parse_hours(hours)
+        if until is not None:
+            changes["task_end_time"] = _parse_until(until)
+    if no_end:
+        changes["task_end_time"] = None
+    given: dict[str, Any] = {}
+    for source, values in (
+        ("--kw", _parse_kw(kw)),
+        ("--kw-json", _parse_kw(kw_json, as_json=True)),
+    ):
+        _check_keywords(values, source)
+        given.update(values)
+    if policy:
+        changes["run_policy"] = _parse_policy(policy)
+    if not changes and not given:
+        _fail("nothing to change: give --interval, --hours, --until, --no-end, --kw or --policy")
+
+    def local(d: TaskDispatcher) -> TaskRecord:
+        if given:
+            current = d.get_task(task_id).kwargs
+            kept = {k: v for k, v in current.items() if k not in ("task_id", "task_type")}
+            changes["kwargs"] = {**kept, **given}
+        return d.update_task(task_id, **changes)
+
+    def remote(client: ControlClient) -> TaskRecord:
+        if given:
+            current = client.get_task(task_id, show_secrets=True).kwargs
+            kept = {k: v for k, v in current.items() if k not in ("task_id", "task_type")}
+            changes["kwargs"] = {**kept, **given}
+        return client.update_task(task_id, changes)
+
+    record, zone = _change(options, local, remote)
+    click.echo(f"{task_id}: {record.status}, next run {_when(record.start_time, zone)}")
 
 
 @main.command()
@@ -972,6 +1071,11 @@ DEMO_TASKS: list[dict[str, Any]] = [
     metavar="HOST:PORT",
     help="Also serve the control API on TCP (off loopback only with a token).",
 )
+@click.option(
+    "--notify-url",
+    multiple=True,
+    help="POST failed runs and pauses as JSON to this URL; repeatable.",
+)
 @click.pass_obj
 def run(
     options: Options,
@@ -983,6 +1087,7 @@ def run(
     start_timeout: float | None,
     lost_after: float,
     listen: str | None,
+    notify_url: tuple[str, ...],
 ) -> None:
     """Run the dispatcher in the foreground until SIGINT or SIGTERM.
 
@@ -995,6 +1100,8 @@ def run(
 
         with _errors():
             check_listen(listen, options.token)
+    with _errors():  # webhooks for failed runs and pauses, checked before anything starts
+        webhooks = [WebhookListener(url) for url in notify_url]
     console = _console()
     live = console.is_terminal if live is None else live
     handler: logging.Handler = (
@@ -1026,6 +1133,8 @@ def run(
             convert_timezone=options.convert_timezone,
             run_backend=backend,
         )
+    for webhook in webhooks:
+        dispatcher.add_listener(webhook)
     try:
         with _errors():
             asyncio.run(

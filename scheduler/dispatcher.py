@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import operator
 import os
@@ -25,6 +26,26 @@ from scheduler.engine import DispatchExecutor, DispatchScheduler
 from scheduler.history import RunEntry, RunHistory, open_history
 from scheduler.lanes import AccountLanes
 from scheduler.ledger import RunLedger, RunObserver
+from scheduler.listeners import (
+    DispatcherEvent,
+    EventFilter,
+    Listener,
+    Listeners,
+    RunFailed,
+    RunRetried,
+    RunStarted,
+    RunSucceeded,
+    RunTimedOut,
+    SaveFailed,
+    SaveRecovered,
+    TaskAdded,
+    TaskCompleted,
+    TaskPaused,
+    TaskRemoved,
+    TaskResumed,
+    WebhookListener,
+)
+from scheduler.retries import RetryTimer
 from scheduler.runner import TaskRunner
 from tasks import lifecycle
 from tasks.errors import (
@@ -37,7 +58,8 @@ from tasks.errors import (
 )
 from tasks.manager import TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, check_json_value
-from tasks.runs import RunBackend
+from tasks.policy import RunPolicy
+from tasks.runs import TIMED_OUT, RunBackend, RunEvent, RunEventKind, RunRequest
 from tasks.schedule import RunPreview, preview_runs
 from tasks.zones import resolve_timezone
 
@@ -66,8 +88,28 @@ CONTROL_SOCKET = "control.sock"
 """The control API's Unix socket, in the dispatcher directory."""
 
 _SCHEDULING_KEYWORDS = frozenset(
-    {"sys_type", "task_type", "interval", "valid_time_range", "task_end_time", "task_id"}
+    {
+        "sys_type",
+        "task_type",
+        "interval",
+        "valid_time_range",
+        "task_end_time",
+        "task_id",
+        "run_policy",
+    }
 )
+
+
+_LISTENER_GRACE = 10.0
+"""Seconds :meth:`TaskDispatcher.stop` waits for coroutine listeners (webhooks) to finish."""
+
+
+class _Unset(enum.Enum):
+    UNSET = "unset"
+
+
+_UNSET = _Unset.UNSET
+"""``update_task``'s default: the field keeps its value (None is a value: no end)."""
 
 
 def _task_id(value: Any, name: str = "task_id") -> str:
@@ -152,6 +194,14 @@ class TaskDispatcher:
         self._scheduler = DispatchScheduler(
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
+        self._retries = RetryTimer(self._store, self._runner.submit)
+        self._ledger.watch(self._retries.watch)
+        # Listeners (typed events): run events from the ledger, completions and save health
+        # from the store, task events at this class's API calls.
+        self._listeners = Listeners()
+        self._ledger.watch(self._tell_run)
+        self._store.on_completed = self._tell_completed
+        self._store.on_save_health(self._tell_save)
         self._history = open_history(directory, history, self.timezone)
         if self._history is not None:
             self._ledger.observe(self._history.record)
@@ -249,6 +299,114 @@ class TaskDispatcher:
             MetricsSource(tasks_by_status, self._lanes.waiting_counts, lambda: store.save_health)
         )
 
+    # ------------------------------------------------------------------ listeners
+
+    def add_listener(self, callback: Listener, events: EventFilter = None) -> None:
+        """Call ``callback(event)`` for every event of the classes in ``events``.
+
+        ``events`` holds event classes of :mod:`scheduler.listeners` (``RunFailed``,
+        ``TaskPaused``, ...) or their ``kind`` names; None means every event (for a
+        :class:`~scheduler.listeners.WebhookListener`: the events it was made for). Callbacks
+        run on the event loop; coroutine functions are run as tasks. One that raises is logged
+        and never stops the dispatcher.
+        """
+        if events is None and isinstance(callback, WebhookListener):
+            events = callback.events
+        self._listeners.add(callback, events)
+
+    def remove_listener(self, callback: Listener) -> None:
+        """Stop calling ``callback``."""
+        self._listeners.remove(callback)
+
+    def _tell(self, event: DispatcherEvent) -> None:
+        if self._listeners:
+            self._listeners.emit(event)
+
+    def _tell_task(
+        self, kind: type[TaskAdded | TaskResumed | TaskRemoved | TaskCompleted], record: TaskRecord
+    ) -> None:
+        self._tell(kind(at=self._store.now(), task_id=record.task_id, account_id=record.account_id))
+
+    def _tell_paused(self, record: TaskRecord) -> None:
+        self._tell(
+            TaskPaused(
+                at=self._store.now(),
+                task_id=record.task_id,
+                account_id=record.account_id,
+                automatic=record.paused_reason is not None,
+                reason=record.paused_reason,
+            )
+        )
+
+    def _tell_completed(self, record: TaskRecord) -> None:
+        # Under the table's lock: emitted from the loop, after it is released.
+        if self._listeners:
+            event = TaskCompleted(
+                at=self._store.now(), task_id=record.task_id, account_id=record.account_id
+            )
+            self._listeners.emit_soon(event)
+
+    def _tell_save(self, error: str | None) -> None:
+        if not self._listeners:
+            return
+        now = self._store.now()
+        event: DispatcherEvent = (
+            SaveRecovered(at=now) if error is None else SaveFailed(at=now, error=error)
+        )
+        self._listeners.emit_soon(event)
+
+    def _tell_run(
+        self,
+        request: RunRequest,
+        event: RunEvent,
+        before: TaskRecord | None,
+        after: TaskRecord | None,
+    ) -> None:
+        if not self._listeners:
+            return
+        common: dict[str, Any] = {
+            "at": event.at.astimezone(self.timezone),
+            "task_id": request.task_id,
+            "account_id": request.account_id,
+            "run_id": request.run_id,
+            "attempt": request.attempt,
+            "scheduled_at": request.scheduled_at,
+        }
+        if event.kind is RunEventKind.STARTED:
+            self._tell(RunStarted(**common))
+            return
+        if event.ok:
+            self._tell(RunSucceeded(**common))
+        else:
+            timeout = event.extra.get(TIMED_OUT)
+            if timeout is not None:
+                self._tell(RunTimedOut(**common, timeout=float(timeout)))
+            retry = after.retry if after is not None else None
+            self._tell(
+                RunFailed(
+                    **common,
+                    error=event.error or event.kind.value,
+                    retry_at=retry.at if retry is not None else None,
+                )
+            )
+            if retry is not None:
+                self._tell(
+                    RunRetried(
+                        at=common["at"],
+                        task_id=request.task_id,
+                        account_id=request.account_id,
+                        run_id=request.run_id,
+                        attempt=retry.attempt,
+                        retry_at=retry.at,
+                    )
+                )
+        if after is None or before is None or before.status is after.status:
+            return
+        if after.status is TaskStatus.PAUSED:
+            self._tell_paused(after)
+        elif after.status is TaskStatus.COMPLETED:
+            self._tell_task(TaskCompleted, after)
+
     # ------------------------------------------------------------------ queries
 
     def get_task(self, task_id: str) -> TaskRecord:
@@ -300,6 +458,28 @@ class TaskDispatcher:
             if "valid_time_range" in keywords:
                 raise InvalidTaskError("valid_time_rage", "give valid_time_range only")
             keywords["valid_time_range"] = keywords.pop("valid_time_rage")
+        task_id = keywords.get("task_id")
+        if task_id is None:
+            task_id = uuid.uuid4().hex[:12]
+            while task_id in taken or self._store.table.taken(task_id):
+                task_id = uuid.uuid4().hex[:12]
+        elif task_id in taken:
+            raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
+        elif self._store.table.taken(task_id):
+            raise TaskExistsError(task_id)
+        return self._validated(now, keywords, task_id, created_at=now, previous=None)
+
+    def _validated(
+        self,
+        now: datetime,
+        keywords: Mapping[str, Any],
+        task_id: str,
+        *,
+        created_at: datetime,
+        previous: datetime | None,
+    ) -> TaskRecord:
+        """The record of ``task_id`` built from ``add_task``'s keywords, with its next run
+        planned from ``previous`` (its last run); raises :class:`InvalidTaskError`."""
         for field in ("sys_type", "task_type", "interval"):
             if keywords.get(field) is None:
                 raise InvalidTaskError(field, "is required")
@@ -311,21 +491,13 @@ class TaskDispatcher:
                 )
         account_id = _account(extra, "_account_id", required=True)
         account_name = _account(extra, "_account_name", required=False)
-        task_id = keywords.get("task_id")
-        if task_id is None:
-            task_id = uuid.uuid4().hex[:12]
-            while task_id in taken or self._store.table.taken(task_id):
-                task_id = uuid.uuid4().hex[:12]
-        elif task_id in taken:
-            raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
-        elif self._store.table.taken(task_id):
-            raise TaskExistsError(task_id)
         try:
             check_json_value(extra, "kwargs")
         except ValueError as exc:
             field, _, message = str(exc).partition(": ")
             raise InvalidTaskError(field, message) from None
         window = keywords.get("valid_time_range")
+        policy = keywords.get("run_policy")
         try:
             record = TaskRecord.model_validate(
                 {
@@ -337,7 +509,8 @@ class TaskDispatcher:
                     "interval": keywords["interval"],
                     "valid_time_range": (0, 24) if window is None else window,
                     "task_end_time": keywords.get("task_end_time"),
-                    "created_at": now,
+                    "run_policy": None if policy is None or policy == {} else policy,
+                    "created_at": created_at,
                     "updated_at": now,
                     "kwargs": {**extra, "task_id": task_id, "task_type": keywords["task_type"]},
                 },
@@ -345,10 +518,12 @@ class TaskDispatcher:
             )
         except ValidationError as exc:
             raise InvalidTaskError(*describe_validation_error(exc)) from None
+        if record.run_policy is not None and record.run_policy.is_default:
+            record = record.replace(run_policy=None)
         schedule = self._store.schedule(record)
         if schedule.ended(now):
             raise InvalidTaskError("task_end_time", f"{record.task_end_time} is already past")
-        first = schedule.next_run(None, now)
+        first = schedule.next_run(previous, now)
         if first is None:
             raise InvalidTaskError(
                 "task_end_time",
@@ -366,6 +541,7 @@ class TaskDispatcher:
         valid_time_range: Sequence[int] | None = None,
         task_end_time: date | datetime | str | None = None,
         task_id: str | None = None,
+        run_policy: RunPolicy | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> str:
         """Register a task and return its id once it is saved.
@@ -373,7 +549,9 @@ class TaskDispatcher:
         Every keyword besides the named ones goes into the task's ``kwargs``, which (with
         ``task_id`` and ``task_type``) re-create its manager as
         ``factory(sys_type=sys_type, **kwargs)``. The account is ``account_id`` or the one
-        keyword ending in ``_account_id``. Raises :class:`InvalidTaskError` (a ``ValueError``)
+        keyword ending in ``_account_id``. ``run_policy`` (a :class:`~tasks.RunPolicy` or a dict
+        of its fields) sets jitter, retries, a run timeout and auto-pause; the defaults change
+        nothing. Raises :class:`InvalidTaskError` (a ``ValueError``)
         naming the field, and saves nothing, if anything is invalid (:class:`TaskExistsError`
         if the id is taken). Raises :class:`SaveFailedError` if the task was added but could
         not be saved (it stays added and saving is retried).
@@ -385,6 +563,7 @@ class TaskDispatcher:
             interval=interval,
             task_end_time=task_end_time,
             task_id=task_id,
+            run_policy=run_policy,
         )
         if valid_time_range is not None:
             keywords["valid_time_range"] = valid_time_range
@@ -422,6 +601,7 @@ class TaskDispatcher:
                 *record.valid_time_range,
                 record.next_execution_time,
             )
+            self._tell_task(TaskAdded, record)
         return [record.task_id for record in records]
 
     # ------------------------------------------------------------------ changing
@@ -458,9 +638,12 @@ class TaskDispatcher:
         _task_id(task_id)
 
         now = self._store.now()
+        before = self._store.get(task_id)
         record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
         self._save(task_id)
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
+        if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
+            self._tell_paused(record)
 
     def resume_task(self, task_id: str) -> None:
         """Schedule a paused task again; saved when this returns.
@@ -477,9 +660,14 @@ class TaskDispatcher:
         def resume(record: TaskRecord) -> TaskRecord:
             return lifecycle.resumed(record, self._store.schedule(record), now)
 
+        before = self._store.get(task_id)
         record = self._store.update_task(task_id, resume)
         self._save(task_id)
         self._wake()
+        if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
+            self._tell_task(TaskResumed, record)
+            if record.status is TaskStatus.COMPLETED:
+                self._tell_task(TaskCompleted, record)
         logger.info(
             "task %s (account %s) is %s, next run %s",
             task_id,
@@ -487,6 +675,112 @@ class TaskDispatcher:
             record.status.value,
             record.next_execution_time,
         )
+
+    def update_task(
+        self,
+        task_id: str,
+        *,
+        interval: float | timedelta | _Unset = _UNSET,
+        valid_time_range: Sequence[int] | _Unset = _UNSET,
+        task_end_time: date | datetime | str | _Unset | None = _UNSET,
+        run_policy: RunPolicy | Mapping[str, Any] | _Unset | None = _UNSET,
+        kwargs: Mapping[str, Any] | _Unset = _UNSET,
+    ) -> TaskRecord:
+        """Change ``task_id``'s rules in place; returns its new record, saved when this returns.
+
+        Only the fields given change; each is validated as :meth:`add_task` validates it
+        (an :class:`InvalidTaskError` naming the field, and nothing changed, otherwise).
+        ``task_end_time=None`` removes the end; ``run_policy`` as a dict changes only the
+        policy fields it names (a :class:`~tasks.RunPolicy` or None replaces the policy);
+        ``kwargs`` replaces the task keywords (the account must stay the same). The manager
+        is created again from the new keywords, and the next run planned again from the new
+        rules (from ``last_execution_time`` when there is one); the id, counters, position,
+        history and a run in progress are kept; a planned retry is dropped. A paused task
+        stays paused; a completed one with a run left under the new rules is pending again.
+        """
+        self._check_open()
+        _task_id(task_id)
+        current = self._store.get(task_id)
+        now = self._store.now()
+        keywords: dict[str, Any] = {
+            key: value
+            for key, value in current.kwargs.items()
+            if key not in ("task_id", "task_type")
+        }
+        if not isinstance(kwargs, _Unset):
+            keywords = self._new_kwargs(current, kwargs)
+        keywords.update(
+            sys_type=current.sys_type,
+            task_type=current.task_type,
+            interval=current.interval if isinstance(interval, _Unset) else interval,
+            valid_time_range=(
+                current.valid_time_range
+                if isinstance(valid_time_range, _Unset)
+                else valid_time_range
+            ),
+            task_end_time=current.task_end_time
+            if isinstance(task_end_time, _Unset)
+            else task_end_time,
+            run_policy=self._new_policy(current, run_policy),
+        )
+        rules = self._validated(
+            now,
+            keywords,
+            task_id,
+            created_at=current.created_at,
+            previous=current.last_execution_time,
+        )
+        if rules.account_id != current.account_id:
+            raise InvalidTaskError(
+                "kwargs",
+                f"names account {rules.account_id!r}: a task cannot move to another account "
+                f"(it belongs to {current.account_id!r}); add a new task instead",
+            )
+        self._check_manager(rules)
+        schedule = self._store.schedule(rules)
+        record = self._store.update_task(
+            task_id, lambda r: lifecycle.edited(r, rules, schedule, now)
+        )
+        self._save(task_id)
+        self._wake()
+        logger.info(
+            "task %s (account %s) updated: every %ss, hours %d-%d, until %s; %s, next run %s",
+            task_id,
+            record.account_id,
+            record.interval,
+            *record.valid_time_range,
+            record.task_end_time,
+            record.status.value,
+            record.start_time,
+        )
+        return record.snapshot()
+
+    @staticmethod
+    def _new_kwargs(current: TaskRecord, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(kwargs, Mapping):
+            raise InvalidTaskError("kwargs", f"must be a dict, not {type(kwargs).__name__}")
+        keywords = dict(kwargs)
+        for key in ("task_id", "task_type"):
+            if key in keywords and keywords.pop(key) != getattr(current, key):
+                raise InvalidTaskError(
+                    f"kwargs.{key}", f"cannot change (it is {getattr(current, key)!r})"
+                )
+        clash = sorted(_SCHEDULING_KEYWORDS & keywords.keys())
+        if clash:
+            raise InvalidTaskError(
+                f"kwargs.{clash[0]}", "is a parameter of update_task, not a task keyword"
+            )
+        return keywords
+
+    @staticmethod
+    def _new_policy(
+        current: TaskRecord, run_policy: RunPolicy | Mapping[str, Any] | _Unset | None
+    ) -> RunPolicy | Mapping[str, Any] | None:
+        if isinstance(run_policy, _Unset):
+            return current.run_policy
+        if isinstance(run_policy, Mapping) and current.run_policy is not None:
+            return {**current.run_policy.model_dump(), **run_policy}
+        return run_policy
 
     def remove_task(self, task_id: str) -> None:
         """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
@@ -497,6 +791,7 @@ class TaskDispatcher:
             self._local.forget(task_id)
         self._save(task_id)
         logger.info("task %s (account %s) removed", task_id, record.account_id)
+        self._tell_task(TaskRemoved, record)
 
     def reorder_task(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order.
@@ -596,10 +891,12 @@ class TaskDispatcher:
         """Start scheduling on the running event loop (a no-op if already started)."""
         self._check_open()
         if not self._scheduler.running:
+            self._listeners.bind(asyncio.get_running_loop())
             await self._backend.open(self._ledger)
             recovered = self._ledger.recover() if self._backend.remote else []
             self._scheduler.start()
             self._started_at = time.monotonic()
+            self._retries.start()
             for request in recovered:
                 self._runner.resume(request)
             if recovered:
@@ -628,6 +925,7 @@ class TaskDispatcher:
                 "run_pending() needs a started dispatcher: await start()"
             )
         self._scheduler.process_due()
+        self._retries.fire_due()
         await self._runner.wait_idle()
         await self._store.save_async()
         if self._history is not None:
@@ -644,9 +942,11 @@ class TaskDispatcher:
         await self._stop_control()
         if self._scheduler.running:
             self._scheduler.pause()
+            self._retries.stop()
             await self._runner.drain(grace_period)
             await self._backend.close(0)
             self._scheduler.shutdown(wait=False)
+            await self._listeners.drain(_LISTENER_GRACE)
         await self._store.drain_saves()
         self._store.touch()  # the final save happens even if nothing changed
         await self._store.save_async()

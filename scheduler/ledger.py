@@ -24,12 +24,15 @@ from tasks import lifecycle
 from tasks.model import ActiveRun, TaskRecord
 from tasks.runs import RunEvent, RunEventKind, RunRequest
 
-__all__ = ["RunLedger", "RunObserver"]
+__all__ = ["ChangeObserver", "RunLedger", "RunObserver"]
 
 logger = logging.getLogger(__name__)
 
 RunObserver = Callable[[RunRequest, RunEvent], None]
 """Told of every event applied, with its run's request (history, metrics, listeners)."""
+ChangeObserver = Callable[[RunRequest, RunEvent, TaskRecord | None, TaskRecord | None], None]
+"""Told of every event applied with the task's record before and after it (retries,
+listeners); the records are None for a task removed meanwhile."""
 
 
 @dataclass(eq=False)
@@ -50,6 +53,7 @@ class RunLedger:
         self._remote = remote
         self._open: dict[str, _Open] = {}
         self._observers: list[RunObserver] = []
+        self._watchers: list[ChangeObserver] = []
         # Run ids: unique per process by the counter, across processes by the prefix.
         self._prefix = uuid.uuid4().hex[:12]
         self._numbers = itertools.count(1)
@@ -57,6 +61,10 @@ class RunLedger:
     def observe(self, observer: RunObserver) -> None:
         """Call ``observer(request, event)`` after each event is applied."""
         self._observers.append(observer)
+
+    def watch(self, observer: ChangeObserver) -> None:
+        """Call ``observer(request, event, before, after)`` after each event is applied."""
+        self._watchers.append(observer)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -67,12 +75,15 @@ class RunLedger:
 
     # ------------------------------------------------------------------ opening
 
-    def open(self, task_id: str, scheduled_at: datetime) -> RunRequest | None:
-        """Open a run of ``task_id`` planned for ``scheduled_at``, if it may start now.
+    def open(self, task_id: str, scheduled_at: datetime, attempt: int = 1) -> RunRequest | None:
+        """Open attempt ``attempt`` of a run of ``task_id`` planned for ``scheduled_at``, if it
+        may start now.
 
         A run starts only if the task is neither paused, completed nor removed, has no run
         out, its window is open and its end not passed; otherwise it is skipped (None): this
         is what makes missed runs coalesce into at most one run, and only inside the window.
+        A retry (``attempt`` 2 and up) starts only while the record still plans it and its
+        time has come (pausing or editing the task, or the next planned run, drops it).
         """
         store = self._store
         with store.lock:
@@ -80,6 +91,9 @@ class RunLedger:
             if record is None or store.closed:
                 return None
             now = store.now()
+            if attempt > 1 and not _retry_due(record, attempt, now):
+                logger.debug("retry %d of task %s no longer planned", attempt, task_id)
+                return None
             if not lifecycle.can_start(record, store.schedule(record), now):
                 logger.info(
                     "run of task %s (account %s) planned for %s skipped: task is %s%s; next run %s",
@@ -95,6 +109,7 @@ class RunLedger:
                 run_id=f"{self._prefix}-{next(self._numbers)}",
                 scheduled_at=scheduled_at.astimezone(now.tzinfo),
                 submitted_at=now,
+                attempt=attempt,
             )
             record = store.update_task(
                 task_id, lambda r: lifecycle.run_opened(r, run, now, started=not self._remote)
@@ -102,15 +117,18 @@ class RunLedger:
         request = _request(record, run)
         self._open[run.run_id] = _Open(request)
         logger.info(
-            "run %s of task %s (account %s, %s) %s",
+            "run %s of task %s (account %s, %s) %s%s",
             run.run_id,
             task_id,
             record.account_id,
             record.task_type,
             "sent" if self._remote else "started",
+            f" (attempt {attempt})" if attempt > 1 else "",
         )
         if not self._remote:
-            self._tell(request, RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now))
+            started = RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now)
+            self._tell(request, started)
+            self._watch(request, started, None, record)
         return request
 
     def recover(self) -> list[RunRequest]:
@@ -163,6 +181,7 @@ class RunLedger:
         store = self._store
         now = store.now()
         entry = self._open.get(event.run_id)
+        after: TaskRecord | None = None
         with store.lock:
             record = store.find(event.task_id)
             applied = record is not None and _is_open(record, event.run_id)
@@ -172,10 +191,13 @@ class RunLedger:
                 entry = _Open(_request(record, record.active_run))
             if applied:
                 if event.kind is RunEventKind.STARTED:
-                    store.update_task(event.task_id, lambda r: lifecycle.run_started(r, event, now))
+                    after = store.update_task(
+                        event.task_id, lambda r: lifecycle.run_started(r, event, now)
+                    )
                 else:
-                    store.update_task(
-                        event.task_id, lambda r: lifecycle.run_finished(r, event, now)
+                    after = store.update_task(
+                        event.task_id,
+                        lambda r: lifecycle.run_finished(r, event, now, store.schedule(r)),
                     )
         if entry is None:
             logger.debug("run %s: %s event ignored (not open)", event.run_id, event.kind)
@@ -189,7 +211,10 @@ class RunLedger:
             if entry.ended is not None and not entry.ended.done():
                 entry.ended.set_result(event)
         _log(entry.request, event)
+        if applied and event.kind.finished:
+            _log_change(entry.request, record, after)
         self._tell(entry.request, event)
+        self._watch(entry.request, event, record, after)
         return applied
 
     def abandon(self, run_id: str) -> None:
@@ -228,6 +253,19 @@ class RunLedger:
             entry.ended = asyncio.get_running_loop().create_future()
         return entry.ended
 
+    def _watch(
+        self,
+        request: RunRequest,
+        event: RunEvent,
+        before: TaskRecord | None,
+        after: TaskRecord | None,
+    ) -> None:
+        for watcher in self._watchers:
+            try:
+                watcher(request, event, before, after)
+            except Exception:
+                logger.exception("a run watcher failed on run %s", request.run_id)
+
     def _tell(self, request: RunRequest, event: RunEvent) -> None:
         for observer in self._observers:
             try:
@@ -238,6 +276,32 @@ class RunLedger:
 
 def _is_open(record: TaskRecord, run_id: str) -> bool:
     return record.active_run is not None and record.active_run.run_id == run_id
+
+
+def _retry_due(record: TaskRecord, attempt: int, now: datetime) -> bool:
+    retry = record.retry
+    return retry is not None and retry.attempt == attempt and retry.at <= now
+
+
+def _log_change(request: RunRequest, before: TaskRecord | None, after: TaskRecord | None) -> None:
+    if after is None:
+        return
+    if after.retry is not None and (before is None or before.retry != after.retry):
+        logger.warning(
+            "task %s (account %s): attempt %d failed; attempt %d at %s",
+            request.task_id,
+            request.account_id,
+            after.retry.attempt - 1,
+            after.retry.attempt,
+            after.retry.at.isoformat(),
+        )
+    if after.paused_reason is not None and (before is None or before.paused_reason is None):
+        logger.error(
+            "task %s (account %s) paused: %s; resume it to run it again",
+            request.task_id,
+            request.account_id,
+            after.paused_reason,
+        )
 
 
 def _request(record: TaskRecord, run: ActiveRun) -> RunRequest:
@@ -251,6 +315,7 @@ def _request(record: TaskRecord, run: ActiveRun) -> RunRequest:
         scheduled_at=run.scheduled_at,
         submitted_at=run.submitted_at,
         attempt=run.attempt,
+        timeout=record.policy.run_timeout,
     )
 
 

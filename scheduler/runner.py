@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from jobstores.jsonfile import JsonJobStore
-from scheduler.backends.local import finish_or_cancel
+from scheduler.backends.local import LocalRunBackend, finish_or_cancel
 from scheduler.lanes import AccountLanes
 from scheduler.ledger import RunLedger
 from tasks.runs import RunBackend, RunEvent, RunEventKind, RunRequest, describe_error
@@ -37,10 +37,13 @@ class TaskRunner:
         self._ledger = ledger
         self._tasks: set[asyncio.Task[RunEvent | None]] = set()
 
-    def submit(self, task_id: str, scheduled_at: datetime) -> asyncio.Task[RunEvent | None]:
-        """Queue a run of ``task_id`` planned for ``scheduled_at``; call on the event loop."""
+    def submit(
+        self, task_id: str, scheduled_at: datetime, attempt: int = 1
+    ) -> asyncio.Task[RunEvent | None]:
+        """Queue attempt ``attempt`` of a run of ``task_id`` planned for ``scheduled_at`` (2
+        and up: a retry); call on the event loop."""
         self._store.run_submitted(task_id)
-        return self._spawn(self._run(task_id, scheduled_at), task_id)
+        return self._spawn(self._run(task_id, scheduled_at, attempt), task_id)
 
     def resume(self, request: RunRequest) -> asyncio.Task[RunEvent | None]:
         """Hold the lane of a run recovered after a restart until it ends."""
@@ -72,7 +75,7 @@ class TaskRunner:
                 grace_period,
             )
 
-    async def _run(self, task_id: str, scheduled_at: datetime) -> RunEvent | None:
+    async def _run(self, task_id: str, scheduled_at: datetime, attempt: int) -> RunEvent | None:
         try:
             record = self._store.find(task_id)
             if record is None:
@@ -80,7 +83,7 @@ class TaskRunner:
             account = record.account_id
             await self._lanes.acquire(account, task_id)
             try:
-                request = self._ledger.open(task_id, scheduled_at)
+                request = self._ledger.open(task_id, scheduled_at, attempt)
                 if request is None:
                     return None
                 return await self._execute(request)
@@ -119,7 +122,12 @@ class TaskRunner:
                     self._ledger.apply(
                         self._failed(request, f"could not be sent: {describe_error(exc)}")
                     )
-            return await asyncio.shield(ended)
+            event = await asyncio.shield(ended)
+            if isinstance(self._backend, LocalRunBackend):
+                # A timed-out manager in a thread cannot be stopped: its lane stays held
+                # until the thread returns.
+                await self._backend.finished(request.run_id)
+            return event
         except asyncio.CancelledError:
             if not self._backend.remote:
                 self._ledger.abandon(request.run_id)

@@ -2,11 +2,13 @@
 
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
+from tasks.policy import RunPolicy
 from tasks.registry import TaskTypeRegistry, default_registry, register_task_type
 from tasks.secrets import mask_secrets
 from tasks.shell import ShellTask, ShellTaskError
 
 __all__ = [
+    "RunPolicy",
     "ShellTask",
     "ShellTaskError",
     "TaskManager",

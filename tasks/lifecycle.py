@@ -15,15 +15,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from tasks.model import ActiveRun, TaskRecord, TaskStatus
+from tasks import policy
+from tasks.model import ActiveRun, PendingRetry, TaskRecord, TaskStatus
 from tasks.runs import RunEvent, RunEventKind
 from tasks.schedule import Schedule, same_instant
 
 __all__ = [
     "can_start",
     "completed",
+    "edited",
     "exhausted",
     "faulted",
+    "jittered",
     "loaded",
     "paused",
     "planned",
@@ -48,8 +51,17 @@ def can_start(record: TaskRecord, schedule: Schedule, now: datetime) -> bool:
     return not record.status.settled and record.active_run is None and schedule.may_start(now)
 
 
+_NOTHING_NEXT: dict[str, object] = {
+    "next_execution_time": None,
+    "next_start_time": None,
+    "retry": None,
+}
+
+
 def _without_next(record: TaskRecord) -> TaskRecord:
-    return record.replace(next_execution_time=None) if record.next_execution_time else record
+    if record.next_execution_time or record.next_start_time or record.retry:
+        return record.replace(**_NOTHING_NEXT)
+    return record
 
 
 def loaded(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
@@ -68,36 +80,44 @@ def loaded(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
     if planned_at is not None and schedule.ended(planned_at):
         planned_at = None
     if planned_at is None:
-        if record.active_run is not None:
-            return (
-                record.replace(next_execution_time=None) if record.next_execution_time else record
-            )
-        return record.replace(status=TaskStatus.COMPLETED, next_execution_time=None)
+        if record.active_run is not None or record.retry is not None:
+            if record.next_execution_time or record.next_start_time:
+                return record.replace(next_execution_time=None, next_start_time=None)
+            return record
+        return record.replace(status=TaskStatus.COMPLETED, **_NOTHING_NEXT)
     if same_instant(planned_at, record.next_execution_time):
         return record
-    return record.replace(next_execution_time=planned_at)
+    return record.replace(next_execution_time=planned_at, next_start_time=None)
 
 
-def paused(record: TaskRecord, now: datetime) -> TaskRecord:
-    """Paused: no run starts until resumed (a run that is out finishes). Settled tasks stay."""
+def paused(record: TaskRecord, now: datetime, reason: str | None = None) -> TaskRecord:
+    """Paused: no run starts until resumed (a run that is out finishes; a planned retry is
+    dropped). ``reason`` says why the dispatcher paused it itself. Settled tasks stay."""
     if record.status.settled:
         return record
-    return record.replace(status=TaskStatus.PAUSED, next_execution_time=None, updated_at=now)
+    return record.replace(
+        status=TaskStatus.PAUSED, paused_reason=reason, updated_at=now, **_NOTHING_NEXT
+    )
 
 
 def resumed(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
     """Scheduled again: next run at ``last_execution_time + interval`` or now, in the window.
 
-    Only a paused task changes; one with no run left before its end is completed.
+    Only a paused task changes; one with no run left before its end is completed. The reason
+    of an automatic pause is cleared, and with it the count of failures that caused it.
     """
     if record.status is not TaskStatus.PAUSED:
         return record
+    if record.paused_reason is not None:
+        record = record.replace(paused_reason=None, consecutive_failures=0)
     planned_at = schedule.next_run(record.last_execution_time, now)
     if planned_at is None:
         return completed(record, now)
     executing = record.active_run is not None and not record.active_run.queued
     status = TaskStatus.RUNNING if executing else TaskStatus.PENDING
-    return record.replace(status=status, next_execution_time=planned_at, updated_at=now)
+    return record.replace(
+        status=status, next_execution_time=planned_at, next_start_time=None, updated_at=now
+    )
 
 
 def planned(record: TaskRecord, when: datetime | None, now: datetime) -> TaskRecord:
@@ -109,24 +129,31 @@ def planned(record: TaskRecord, when: datetime | None, now: datetime) -> TaskRec
         status = TaskStatus.PAUSED
     elif when is not None and status is TaskStatus.PAUSED:
         status = TaskStatus.PENDING
-    return record.replace(next_execution_time=when, status=status, updated_at=now)
+    return record.replace(
+        next_execution_time=when, next_start_time=None, status=status, updated_at=now
+    )
 
 
 def completed(record: TaskRecord, now: datetime) -> TaskRecord:
     """No run is left before the end: ``completed``, kept on file, never runs again."""
-    if record.status is TaskStatus.COMPLETED and record.next_execution_time is None:
+    if record.status is TaskStatus.COMPLETED and _without_next(record) is record:
         return record
-    return record.replace(status=TaskStatus.COMPLETED, next_execution_time=None, updated_at=now)
+    return record.replace(status=TaskStatus.COMPLETED, updated_at=now, **_NOTHING_NEXT)
 
 
 def exhausted(record: TaskRecord, now: datetime, *, run_out: bool = False) -> TaskRecord:
     """The schedule has no further run. Completed now, unless a run is still out (``run_out``:
-    submitted and not ended) or the task is paused: then only the next run is cleared, and the
-    run's end (or resume) decides."""
-    if run_out or record.active_run is not None or record.status is TaskStatus.PAUSED:
-        if record.next_execution_time is None:
+    submitted and not ended), a retry is planned, or the task is paused: then only the next
+    run is cleared, and the run's end (or the retry's, or resume) decides."""
+    if (
+        run_out
+        or record.active_run is not None
+        or record.retry is not None
+        or record.status is TaskStatus.PAUSED
+    ):
+        if record.next_execution_time is None and record.next_start_time is None:
             return record
-        return record.replace(next_execution_time=None, updated_at=now)
+        return record.replace(next_execution_time=None, next_start_time=None, updated_at=now)
     return completed(record, now)
 
 
@@ -135,7 +162,7 @@ def faulted(record: TaskRecord, error: str, now: datetime) -> TaskRecord:
     if record.status is TaskStatus.PAUSED:
         return record
     return record.replace(
-        status=TaskStatus.ERROR, next_execution_time=None, last_error=error, updated_at=now
+        status=TaskStatus.ERROR, last_error=error, updated_at=now, **_NOTHING_NEXT
     )
 
 
@@ -147,9 +174,10 @@ def run_opened(record: TaskRecord, run: ActiveRun, now: datetime, *, started: bo
             status=record.status if record.status.settled else TaskStatus.RUNNING,
             last_execution_time=now,
             last_worker=None,
+            retry=None,
             updated_at=now,
         )
-    return record.replace(active_run=run, updated_at=now)
+    return record.replace(active_run=run, retry=None, updated_at=now)
 
 
 def _is_open(record: TaskRecord, run_id: str) -> bool:
@@ -174,37 +202,77 @@ def run_started(record: TaskRecord, event: RunEvent, now: datetime) -> TaskRecor
     )
 
 
-def run_finished(record: TaskRecord, event: RunEvent, now: datetime) -> TaskRecord:
+def run_finished(
+    record: TaskRecord, event: RunEvent, now: datetime, schedule: Schedule | None = None
+) -> TaskRecord:
     """The run ended (succeeded, failed, lost or expired); applied once, by run id.
 
-    Lost and expired runs count as failed runs. A task paused meanwhile stays paused; one
-    whose schedule has no further run is completed; otherwise ``pending`` after a success,
-    ``error`` after a failure.
+    Lost and expired runs count as failed runs. A failed or lost run whose task's policy has
+    retries left is retried (given ``schedule``; see :func:`tasks.policy.retry_time`): the
+    attempt counts as a run, but only the last attempt's failure counts as a failed run and
+    sets ``error``. A task paused meanwhile stays paused; one whose policy says so is paused
+    after that many failed runs in a row (with ``paused_reason``); one whose schedule has no
+    further run is completed; otherwise ``pending`` after a success, ``error`` after a failure.
     """
     if not _is_open(record, event.run_id) or not event.kind.finished:
         return record
+    active = record.active_run
+    assert active is not None
     error = None if event.ok else (event.error or event.kind.value)
-    if record.status.settled:
-        status = record.status
-    elif record.next_execution_time is None:
-        status = TaskStatus.COMPLETED
-    else:
-        status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
     changes: dict[str, object] = {}
     if event.started_at is not None and event.kind is not RunEventKind.EXPIRED:
         changes["last_execution_time"] = event.started_at.astimezone(now.tzinfo)
     if event.worker is not None:
         changes["last_worker"] = event.worker
+    retry = _retry(record, event, active, schedule, now) if error is not None else None
+    if retry is not None:
+        return record.replace(
+            status=TaskStatus.PENDING,
+            active_run=None,
+            run_count=record.run_count + 1,
+            retry=retry,
+            updated_at=now,
+            **changes,
+        )
+    consecutive = 0 if error is None else record.consecutive_failures + 1
+    if record.status.settled:
+        status = record.status
+    elif record.next_execution_time is None:
+        status = TaskStatus.COMPLETED
+    elif error is not None and policy.pause_due(record.policy, consecutive):
+        status = TaskStatus.PAUSED
+        changes.update(next_execution_time=None, next_start_time=None)
+        changes["paused_reason"] = f"{consecutive} failed runs in a row; the last: {error}"
+    else:
+        status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
     return record.replace(
         status=status,
         active_run=None,
         run_count=record.run_count + 1,
         failure_count=record.failure_count + (error is not None),
-        consecutive_failures=0 if error is None else record.consecutive_failures + 1,
+        consecutive_failures=consecutive,
         last_error=record.last_error if error is None else error,
+        retry=None,
         updated_at=now,
         **changes,
     )
+
+
+def _retry(
+    record: TaskRecord,
+    event: RunEvent,
+    active: ActiveRun,
+    schedule: Schedule | None,
+    now: datetime,
+) -> PendingRetry | None:
+    if schedule is None or record.status.settled:
+        return None
+    if event.kind not in (RunEventKind.FAILED, RunEventKind.LOST):
+        return None
+    at = policy.retry_time(record.policy, active.attempt, schedule, record.start_time, now)
+    if at is None:
+        return None
+    return PendingRetry(at=at, attempt=active.attempt + 1, scheduled_at=active.scheduled_at)
 
 
 def run_abandoned(record: TaskRecord, run_id: str, now: datetime) -> TaskRecord:
@@ -218,3 +286,51 @@ def run_abandoned(record: TaskRecord, run_id: str, now: datetime) -> TaskRecord:
             TaskStatus.PENDING if record.next_execution_time is not None else (TaskStatus.COMPLETED)
         )
     return record.replace(status=status, active_run=None, updated_at=now)
+
+
+def edited(record: TaskRecord, rules: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
+    """The task's rules (interval, window, end, policy, kwargs) replaced by those of ``rules``
+    (validated like a new task); ``schedule`` is theirs.
+
+    The next run is planned again from ``last_execution_time`` (or now); id, counters and the
+    run that is out are kept; a planned retry is dropped. A paused task stays paused; a
+    completed one with a run left under the new rules is pending again.
+    """
+    record = record.replace(
+        interval=rules.interval,
+        valid_time_range=rules.valid_time_range,
+        task_end_time=rules.task_end_time,
+        run_policy=rules.run_policy,
+        kwargs=rules.kwargs,
+        account_name=rules.account_name,
+        retry=None,
+        next_start_time=None,
+        updated_at=now,
+    )
+    if record.status is TaskStatus.PAUSED:
+        return record
+    planned_at = schedule.next_run(record.last_execution_time, now)
+    if planned_at is None:
+        return exhausted(record, now)
+    status = TaskStatus.PENDING if record.status is TaskStatus.COMPLETED else record.status
+    return record.replace(status=status, next_execution_time=planned_at)
+
+
+def jittered(record: TaskRecord, schedule: Schedule, fraction: float) -> TaskRecord:
+    """``record`` with the start of its next run drawn (``fraction`` in ``[0, 1]`` of the way
+    through its jitter; see :func:`tasks.policy.jittered_start`).
+
+    A start already drawn for the planned run is kept (it is saved, so a restart keeps it);
+    without jitter, a planned run or while paused there is none.
+    """
+    planned_at = record.next_execution_time
+    jitter = record.policy.jitter
+    if not jitter or planned_at is None or record.status is TaskStatus.PAUSED:
+        return record if record.next_start_time is None else record.replace(next_start_time=None)
+    start = record.next_start_time
+    if start is not None:
+        earliest, latest = policy.jitter_bounds(planned_at, jitter, schedule)
+        if earliest.timestamp() <= start.timestamp() <= latest.timestamp():
+            return record
+    start = policy.jittered_start(planned_at, jitter, schedule, fraction)
+    return record.replace(next_start_time=start.astimezone(planned_at.tzinfo))

@@ -18,12 +18,14 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.policy import DEFAULT_POLICY, RunPolicy
 from tasks.secrets import mask_secrets
 
 __all__ = [
     "MIN_INTERVAL",
     "RESERVED_KWARGS",
     "ActiveRun",
+    "PendingRetry",
     "TaskRecord",
     "TaskStatus",
     "check_json_value",
@@ -159,6 +161,19 @@ class ActiveRun(BaseModel):
         return self.started_at is None
 
 
+class PendingRetry(BaseModel):
+    """A retry of a failed run, planned and saved in the record until it opens."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: datetime
+    """When the retry may start."""
+    attempt: int = Field(ge=2)
+    """Its attempt number (the planned run is attempt 1)."""
+    scheduled_at: datetime
+    """The planned time of the run it retries."""
+
+
 class TaskRecord(BaseModel):
     """Everything that is known about one task, as saved in ``dispatch_config.json``.
 
@@ -190,6 +205,15 @@ class TaskRecord(BaseModel):
     """The worker that ran the last run (None: this process)."""
     active_run: ActiveRun | None = None
     """The run that is out right now, if any."""
+    run_policy: RunPolicy | None = None
+    """Jitter, retries, run timeout, auto-pause (None: the defaults, which change nothing)."""
+    paused_reason: str | None = None
+    """Why the dispatcher paused the task itself (None: not paused, or paused on request)."""
+    next_start_time: datetime | None = None
+    """When the next run starts: ``next_execution_time`` plus its jitter, drawn once and
+    saved (None: it starts at ``next_execution_time``)."""
+    retry: PendingRetry | None = None
+    """The retry of a failed run, waiting for its time (None: none)."""
 
     @field_validator("task_id", "account_id")
     @classmethod
@@ -276,6 +300,19 @@ class TaskRecord(BaseModel):
         return self.valid_time_range
 
     @property
+    def policy(self) -> RunPolicy:
+        """The run policy in effect (the defaults when the record has none)."""
+        return self.run_policy or DEFAULT_POLICY
+
+    @property
+    def start_time(self) -> datetime | None:
+        """When the next run starts (with its jitter), or None when none is planned."""
+        planned, start = self.next_execution_time, self.next_start_time
+        if planned is None or start is None or start.timestamp() < planned.timestamp():
+            return planned
+        return start
+
+    @property
     def interval_delta(self) -> timedelta:
         """The interval as a ``timedelta``."""
         return timedelta(seconds=self.interval)
@@ -315,9 +352,20 @@ class TaskRecord(BaseModel):
 
 _ALL_FIELDS = set(TaskRecord.model_fields)
 _NO_EXTRA: dict[str, Any] = {}
-_TIMES = ("last_execution_time", "next_execution_time", "created_at", "updated_at")
+_TIMES = (
+    "last_execution_time",
+    "next_execution_time",
+    "next_start_time",
+    "created_at",
+    "updated_at",
+)
+# Fields added after the seed's format that only the dispatcher sets: host keywords keep
+# these names (``run_policy`` is the one new reserved keyword).
+_INTERNAL_FIELDS = {"paused_reason", "next_start_time", "retry"}
 
-RESERVED_KWARGS = frozenset(_ALL_FIELDS - {"account_id", "account_name", "task_id", "task_type"})
+RESERVED_KWARGS = frozenset(
+    _ALL_FIELDS - {"account_id", "account_name", "task_id", "task_type"} - _INTERNAL_FIELDS
+)
 """Record fields that cannot be task keywords: the manager is created as
 ``factory(sys_type=..., **kwargs)``, and the rest belong to the dispatcher, not the manager.
 (``kwargs`` also carry the account and, as the dispatcher sets them, the task's id and type.)"""

@@ -21,16 +21,28 @@ from typing import Any, Protocol
 
 __all__ = [
     "ERROR_LIMIT",
+    "TIMED_OUT",
     "RunBackend",
     "RunEvent",
     "RunEventKind",
     "RunInbox",
     "RunRequest",
     "describe_error",
+    "timed_out_error",
 ]
 
 ERROR_LIMIT = 2000
 """The longest error text recorded for a run (longer ones are cut)."""
+
+
+TIMED_OUT = "timed_out"
+"""The key in :attr:`RunEvent.extra` of a failed run that was stopped by its timeout (the
+value: the timeout in seconds)."""
+
+
+def timed_out_error(timeout: float) -> str:
+    """The error recorded for a run stopped by its timeout."""
+    return f"timed out after {timeout:g} s"
 
 
 def describe_error(exc: BaseException) -> str:
@@ -76,6 +88,10 @@ class RunRequest:
     """The latest instant at which the run may start; a run not started by then expires."""
     attempt: int = 1
     """1 for a planned run, 2 and up for its retries."""
+    timeout: float | None = None
+    """Seconds the run may take (the task's ``run_timeout``); the executor stops a run still
+    going then and reports it failed, "timed out after N s". The local backend cancels
+    coroutines and shell commands; a fleet worker is to apply it as the task's time limit."""
 
     def to_json(self) -> dict[str, Any]:
         """The request as a JSON object (datetimes as ISO-8601 with offset)."""
@@ -90,6 +106,7 @@ class RunRequest:
             "submitted_at": _instant(self.submitted_at),
             "deadline": _instant(self.deadline),
             "attempt": self.attempt,
+            "timeout": self.timeout,
         }
 
     @classmethod
@@ -114,6 +131,7 @@ class RunRequest:
                 submitted_at=submitted_at,
                 deadline=_parse_instant(data.get("deadline")),
                 attempt=int(data.get("attempt", 1)),
+                timeout=None if data.get("timeout") is None else float(data["timeout"]),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a run request: {exc!r}") from exc

@@ -29,6 +29,7 @@ __all__ = [
     "same_instant",
     "upcoming_runs",
     "utc_now",
+    "window_closing",
     "window_opening",
 ]
 
@@ -106,6 +107,23 @@ def window_opening(t: datetime, window: Window, zone: tzinfo) -> datetime:
         if opening >= t and in_window(opening, window, zone):
             return opening.astimezone(zone)
     raise AssertionError(f"window {window} never opens after {t}")  # pragma: no cover
+
+
+def window_closing(t: datetime, window: Window, zone: tzinfo) -> datetime | None:
+    """The first instant at or after ``t`` at which the window is closed (``t`` itself if
+    closed), or None for a window open all day."""
+    if window == (0, 24):
+        return None
+    if not in_window(t, window, zone):
+        return t
+    local_day = t.astimezone(zone).date()
+    end_offset = timedelta(hours=window[1])
+    for days in range(3):
+        wall = datetime.combine(local_day + timedelta(days=days), time()) + end_offset
+        closing = resolve_wall_time(wall, zone)
+        if closing > t and not in_window(closing, window, zone):
+            return closing.astimezone(zone)
+    raise AssertionError(f"window {window} never closes after {t}")  # pragma: no cover
 
 
 def end_instant(task_end_time: date | datetime | None, zone: tzinfo) -> datetime | None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import shlex
+import signal
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -111,14 +112,16 @@ class ShellTask:
         try:
             await asyncio.wait_for(process.wait(), self.timeout)
         except TimeoutError:
-            process.kill()
+            _kill_group(process)
             await process.wait()
             await readers
             raise ShellTaskError(
                 f"timed out after {self.timeout:g}s; stderr: {_tail(stderr) or '(empty)'}"
             ) from None
         except asyncio.CancelledError:
-            process.kill()
+            # Cancelled: stopped (the run's timeout, or the dispatcher stopping). Kill the
+            # whole process group, so children of a shell command stop too.
+            _kill_group(process)
             await process.wait()
             readers.cancel()
             raise
@@ -129,6 +132,16 @@ class ShellTask:
             raise ShellTaskError(
                 f"exit status {process.returncode}; stderr: {_tail(stderr) or '(empty)'}"
             )
+
+
+def _kill_group(process: asyncio.subprocess.Process) -> None:
+    """Kill ``process`` and every process of its group (it leads a session of its own)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    except OSError:  # pragma: no cover - no process groups here
+        process.kill()
 
 
 default_registry.register("shell", ShellTask, replace=True)

@@ -11,7 +11,15 @@ from typing import Any
 from tasks.errors import InvalidTaskError
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.registry import default_registry
-from tasks.runs import RunEvent, RunEventKind, RunInbox, RunRequest, describe_error
+from tasks.runs import (
+    TIMED_OUT,
+    RunEvent,
+    RunEventKind,
+    RunInbox,
+    RunRequest,
+    describe_error,
+    timed_out_error,
+)
 from tasks.schedule import utc_now
 
 __all__ = ["LocalRunBackend", "call_manager", "create_manager", "finish_or_cancel"]
@@ -82,6 +90,7 @@ class LocalRunBackend:
         self._managers: dict[str, tuple[Mapping[str, Any], TaskManager]] = {}
         self._inbox: RunInbox | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._lingering: dict[str, asyncio.Future[object]] = {}
 
     def manager(self, task_id: str, sys_type: str, kwargs: Mapping[str, Any]) -> TaskManager:
         """The manager of ``task_id`` (created, or re-created if its kwargs changed)."""
@@ -112,12 +121,24 @@ class LocalRunBackend:
     async def _execute(self, request: RunRequest, manager: TaskManager) -> None:
         started = utc_now()
         error: str | None = None
+        extra: dict[str, object] = {}
+        call = asyncio.ensure_future(call_manager(manager))
         try:
-            await call_manager(manager)
-        except Exception as exc:
-            kind, error = RunEventKind.FAILED, describe_error(exc)
+            done, _ = await asyncio.wait({call}, timeout=request.timeout)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        if done:
+            exc = asyncio.CancelledError() if call.cancelled() else call.exception()
+            if exc is None:
+                kind = RunEventKind.SUCCEEDED
+            else:
+                kind, error = RunEventKind.FAILED, describe_error(exc)
         else:
-            kind = RunEventKind.SUCCEEDED
+            assert request.timeout is not None
+            kind, error = RunEventKind.FAILED, timed_out_error(request.timeout)
+            extra[TIMED_OUT] = request.timeout
+            await self._stop(request, manager, call)
         assert self._inbox is not None
         await self._inbox.deliver(
             RunEvent(
@@ -127,8 +148,49 @@ class LocalRunBackend:
                 at=utc_now(),
                 error=error,
                 started_at=started,
+                extra=extra,
             )
         )
+
+    async def _stop(
+        self, request: RunRequest, manager: TaskManager, call: asyncio.Future[object]
+    ) -> None:
+        """Stop a run past its timeout: cancel a coroutine (a shell command's process group is
+        killed on cancellation); a thread cannot be stopped, so it is left to finish, and
+        :meth:`finished` waits for it."""
+        if inspect.iscoroutinefunction(manager.run):
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            return
+        logger.warning(
+            "run %s of task %s (account %s) timed out after %gs, but its manager runs in a "
+            "thread, which cannot be stopped: the account's runs wait until it returns",
+            request.run_id,
+            request.task_id,
+            request.account_id,
+            request.timeout,
+        )
+        self._lingering[request.run_id] = call
+
+        def returned(future: asyncio.Future[object]) -> None:
+            self._lingering.pop(request.run_id, None)
+            if not future.cancelled() and future.exception() is not None:
+                logger.debug(
+                    "run %s raised after its timeout: %r", request.run_id, future.exception()
+                )
+            logger.warning(
+                "run %s of task %s: the timed-out thread returned; the account's lane is free",
+                request.run_id,
+                request.task_id,
+            )
+
+        call.add_done_callback(returned)
+
+    async def finished(self, run_id: str) -> None:
+        """Return once ``run_id`` no longer executes here (a timed-out thread has returned)."""
+        call = self._lingering.get(run_id)
+        if call is not None:
+            await asyncio.gather(asyncio.shield(call), return_exceptions=True)
 
     async def recover(self, requests: Sequence[RunRequest]) -> None:
         """Nothing to recover: local runs end with the process that ran them."""

@@ -8,6 +8,7 @@ ones save durably before returning, so handlers call them in a worker thread: th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from scheduler.control.models import (
     NextRuns,
     Position,
     RunFilters,
+    TaskChanges,
     TaskList,
     TaskSpec,
 )
@@ -343,6 +345,14 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
     async def resume(task_id: str, show_secrets: ShowSecrets) -> Response:
         await asyncio.to_thread(dispatcher.resume_task, task_id)
         return _json(view(dispatcher.get_task(task_id), show_secrets))
+
+    @router.patch("/tasks/{task_id}", response_model=TaskRecord, summary="Edit a task (saved)")
+    async def update(task_id: str, body: TaskChanges, show_secrets: ShowSecrets) -> Response:
+        changes = body.model_dump(exclude_unset=True)
+        record = await asyncio.to_thread(
+            functools.partial(dispatcher.update_task, task_id, **changes)
+        )
+        return _json(view(record, show_secrets))
 
     @router.post(
         "/tasks/{task_id}/reorder",

@@ -212,6 +212,12 @@ class ControlClient:
         """Remove for good (saved when this returns)."""
         self._request("DELETE", f"/tasks/{_quote(task_id)}")
 
+    def update_task(self, task_id: str, changes: Mapping[str, Any]) -> TaskRecord:
+        """Edit in place (only the fields given); the record once saved."""
+        return TaskRecord.model_validate(
+            self._request("PATCH", f"/tasks/{_quote(task_id)}", body=dict(changes))
+        )
+
     def reorder_task(self, task_id: str, position: int) -> tuple[str, list[str]]:
         """Move within the account's order; ``(account_id, task ids in the new order)``."""
         data = self._request(

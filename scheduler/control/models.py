@@ -94,6 +94,19 @@ class Position(BaseModel):
     position: int = Field(description="0-based; the dispatcher checks the account's range.")
 
 
+class TaskChanges(BaseModel):
+    """What ``update_task`` changes: only the fields given (``task_end_time`` null removes
+    the end; a ``run_policy`` object changes the policy fields it names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    interval: float | None = None
+    valid_time_range: list[int] | None = None
+    task_end_time: str | None = None
+    run_policy: dict[str, Any] | None = None
+    kwargs: dict[str, Any] | None = None
+
+
 class AccountOrder(BaseModel):
     """One account's tasks in priority order, and those whose due run waits for the lane."""
 

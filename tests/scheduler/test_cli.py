@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -475,3 +477,75 @@ def test_list_and_show_mark_a_past_next_run_as_overdue(
     assert expected in cli("show", task_id).stdout
     clock.move_to(at(2026, 1, 8, 7, 30))
     assert "overdue" not in cli("list").stdout
+
+
+# ---------------------------------------------------------------------- update and policies
+
+
+def test_update_changes_a_task_in_place(cli: Callable[..., Result], tmp_path: Path) -> None:
+    task_id = add(cli, "--policy", "retries=2", "--policy", "jitter=0")
+    result = cli(
+        "update",
+        task_id,
+        "--interval",
+        "2h",
+        "--hours",
+        "9-21",
+        "--until",
+        "2099-01-31",
+        "--kw",
+        "command=echo again",
+        "--policy",
+        "run_timeout=30",
+    )
+    assert result.stdout.startswith(f"{task_id}: pending, next run ")
+    shown = json.loads(cli("list", "--json").stdout)[0]
+    assert shown["interval"] == 7200
+    assert shown["valid_time_range"] == [9, 21]
+    assert shown["task_end_time"] == "2099-01-31"
+    assert shown["kwargs"]["command"] == "echo again"
+    assert shown["kwargs"]["account_id"] == "acc"
+    assert shown["run_policy"]["retries"] == 2
+    assert shown["run_policy"]["run_timeout"] == 30
+    cli("update", task_id, "--no-end")
+    assert json.loads(cli("list", "--json").stdout)[0]["task_end_time"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--interval", "0"), "interval"),
+        (("--policy", "retries=-1"), "run_policy.retries"),
+        (("--policy", "retires=1"), "run_policy.retires"),
+        ((), "nothing to change"),
+        (("--until", "2099-01-01", "--no-end"), "not both"),
+    ],
+)
+def test_update_rejects_bad_input_with_exit_2(
+    cli: Callable[..., Result], args: tuple[str, ...], message: str
+) -> None:
+    task_id = add(cli)
+    result = cli("update", task_id, *args, expect=2)
+    assert message in result.stderr
+
+
+def test_update_of_an_unknown_task(cli: Callable[..., Result]) -> None:
+    add(cli)
+    assert "nope" in cli("update", "nope", "--interval", "1h", expect=2).stderr
+
+
+def test_run_refuses_a_bad_notify_url(cli: Callable[..., Result]) -> None:
+    add(cli)
+    result = cli("run", "--no-live", "--notify-url", "ftp://x", expect=2)
+    assert "url" in result.stderr
+
+
+def test_show_previews_jittered_runs_as_spans(cli: Callable[..., Result]) -> None:
+    task_id = add(cli, "--policy", "jitter=300")
+    shown = cli("show", task_id, "--runs", "3").stdout
+    assert "(jittered from " in shown
+    spans = re.findall(r"between (\S+ \S+) and (\S+ \S+)", shown)
+    assert len(spans) == 2, shown
+    for start, end in spans:
+        gap = datetime.fromisoformat(end) - datetime.fromisoformat(start)
+        assert gap == timedelta(minutes=5)

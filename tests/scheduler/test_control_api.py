@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import APIRouter
-from helpers import at
+from helpers import at, task_in_file
 
 from scheduler import TaskDispatcher
 from scheduler.control import create_app
@@ -169,6 +169,28 @@ async def test_pause_resume_reorder_remove(connect: Connect) -> None:
     assert (await api.get(f"{API}/accounts")).json() == [
         {"account_id": "acc", "task_ids": ["c", "b"], "queued": []}
     ]
+
+
+async def test_patch_edits_a_task_in_place_and_names_a_bad_field(
+    connect: Connect, state_dir: Any
+) -> None:
+    api = connect()
+    await add(api, task_id="e")
+    edited = await api.patch(
+        f"{API}/tasks/e",
+        json={"interval": 7200, "valid_time_range": [9, 21], "run_policy": {"retries": 2}},
+    )
+    assert edited.status_code == 200, edited.text
+    body = edited.json()
+    assert (body["task_id"], body["interval"], body["valid_time_range"]) == ("e", 7200, [9, 21])
+    assert body["run_policy"]["retries"] == 2
+    saved = task_in_file(state_dir, "e")
+    assert (saved["interval"], saved["valid_time_range"]) == (7200, [9, 21])
+    bad = error(await api.patch(f"{API}/tasks/e", json={"valid_time_range": [24, 0]}), 422)
+    assert bad["field"] == "valid_time_range"
+    assert task_in_file(state_dir, "e")["valid_time_range"] == [9, 21]
+    error(await api.patch(f"{API}/tasks/nope", json={"interval": 60}), 404)
+    error(await api.patch(f"{API}/tasks/e", json={"status": "paused"}), 422)
 
 
 async def test_next_runs_previews_pending_and_paused_tasks(connect: Connect) -> None:

@@ -81,10 +81,22 @@ def test_every_command_goes_through_the_running_dispatcher(
     assert live.stdout.startswith("a2: ")
     assert live.stdout.split(",")[0] == file.stdout.split(",")[0]
 
+    live, file = both("update", "a3", "--interval", "2h", "--kw", "note=x", "--policy", "retries=1")
+    assert (live.returncode, live.stderr) == (0, ""), live.stderr
+    assert live.stdout.split(",")[0] == file.stdout.split(",")[0] == "a3: pending"
+    edited = {t["task_id"]: t for t in read_state(directory)["tasks"]}["a3"]
+    assert (edited["interval"], edited["kwargs"]["note"], edited["kwargs"]["command"]) == (
+        7200,
+        "x",
+        "date",
+    )
+    assert edited["run_policy"]["retries"] == 1
+
     mistakes: list[tuple[str, ...]] = [
         ("pause", "nope"),
         ("reorder", "a3", "9"),
         ("remove", "nope"),
+        ("update", "a3", "--hours", "24-0"),
         (*ADD, "--id", "a3", "--kw", "command=date"),
         ("add", "--type", "shell", "--account", "ops", "--interval", "-5"),
     ]

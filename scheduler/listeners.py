@@ -1,0 +1,352 @@
+"""Listeners: typed events for what happens to runs, tasks and saving, and a webhook.
+
+``TaskDispatcher.add_listener(callback, events=...)`` calls ``callback(event)`` for each event
+of the classes asked for (all of them by default), in APScheduler's style. A callback may be
+a plain function or a coroutine function (run as a task of the dispatcher's loop); one that
+raises is logged and never breaks the dispatcher. Callbacks run on the event loop: a slow one
+delays the dispatcher, so do I/O in a coroutine (or in a thread, as :class:`WebhookListener`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+import orjson
+
+__all__ = [
+    "DispatcherEvent",
+    "Listener",
+    "Listeners",
+    "RunFailed",
+    "RunRetried",
+    "RunStarted",
+    "RunSucceeded",
+    "RunTimedOut",
+    "SaveFailed",
+    "SaveRecovered",
+    "TaskAdded",
+    "TaskCompleted",
+    "TaskPaused",
+    "TaskRemoved",
+    "TaskResumed",
+    "WebhookListener",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DispatcherEvent:
+    """Something that happened in the dispatcher; ``kind`` names the event class."""
+
+    kind: ClassVar[str] = "event"
+    at: datetime
+    """When it happened (the dispatcher's zone)."""
+    task_id: str | None
+    """The task concerned (None for events about the whole dispatcher)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The event as a JSON object: ``{"event": kind, ...fields}``, times in ISO-8601."""
+        data: dict[str, Any] = {"event": self.kind}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            data[field.name] = value.isoformat() if isinstance(value, datetime) else value
+        return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TaskEvent(DispatcherEvent):
+    task_id: str
+    account_id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RunEvent(_TaskEvent):
+    run_id: str
+    attempt: int
+    """1 for a planned run, 2 and up for its retries."""
+    scheduled_at: datetime
+    """The planned time of the run."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunStarted(_RunEvent):
+    """A run started executing."""
+
+    kind: ClassVar[str] = "run_started"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSucceeded(_RunEvent):
+    """A run finished without error."""
+
+    kind: ClassVar[str] = "run_succeeded"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFailed(_RunEvent):
+    """A run failed (raised, timed out, was lost or expired); ``retry_at`` if retried."""
+
+    kind: ClassVar[str] = "run_failed"
+    error: str
+    retry_at: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunTimedOut(_RunEvent):
+    """A run was stopped by its ``run_timeout`` (a :class:`RunFailed` follows)."""
+
+    kind: ClassVar[str] = "run_timed_out"
+    timeout: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRetried(_TaskEvent):
+    """A failed run will be tried again: attempt ``attempt`` at ``retry_at``."""
+
+    kind: ClassVar[str] = "run_retried"
+    run_id: str
+    """The run that failed."""
+    attempt: int
+    retry_at: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskAdded(_TaskEvent):
+    """A task was added."""
+
+    kind: ClassVar[str] = "task_added"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskPaused(_TaskEvent):
+    """A task was paused: on request, or by the dispatcher (``automatic``, with ``reason``)."""
+
+    kind: ClassVar[str] = "task_paused"
+    automatic: bool = False
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskResumed(_TaskEvent):
+    """A paused task was resumed."""
+
+    kind: ClassVar[str] = "task_resumed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskRemoved(_TaskEvent):
+    """A task was removed."""
+
+    kind: ClassVar[str] = "task_removed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskCompleted(_TaskEvent):
+    """A task has no run left before its end."""
+
+    kind: ClassVar[str] = "task_completed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveFailed(DispatcherEvent):
+    """Saving the state file failed (changes stay in memory; saving is retried)."""
+
+    kind: ClassVar[str] = "save_failed"
+    task_id: None = None
+    error: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveRecovered(DispatcherEvent):
+    """Saving works again after a failure; every pending change is written."""
+
+    kind: ClassVar[str] = "save_recovered"
+    task_id: None = None
+
+
+EVENT_CLASSES: tuple[type[DispatcherEvent], ...] = (
+    RunStarted,
+    RunSucceeded,
+    RunFailed,
+    RunTimedOut,
+    RunRetried,
+    TaskAdded,
+    TaskPaused,
+    TaskResumed,
+    TaskRemoved,
+    TaskCompleted,
+    SaveFailed,
+    SaveRecovered,
+)
+_BY_KIND = {cls.kind: cls for cls in EVENT_CLASSES}
+
+Listener = Callable[[DispatcherEvent], object]
+"""A callback: ``callback(event)``, plain or a coroutine function."""
+EventFilter = Iterable["type[DispatcherEvent] | str"] | None
+
+
+def event_classes(events: EventFilter) -> tuple[type[DispatcherEvent], ...]:
+    """The event classes named by ``events`` (classes or kind strings; None: all)."""
+    if events is None:
+        return (DispatcherEvent,)
+    found: list[type[DispatcherEvent]] = []
+    for item in events:
+        if isinstance(item, str):
+            if item not in _BY_KIND:
+                raise ValueError(f"events: unknown event {item!r} (known: {sorted(_BY_KIND)})")
+            found.append(_BY_KIND[item])
+        elif isinstance(item, type) and issubclass(item, DispatcherEvent):
+            found.append(item)
+        else:
+            raise TypeError(f"events: {item!r} is not an event class or name")
+    return tuple(found)
+
+
+class Listeners:
+    """The dispatcher's listeners; :meth:`emit` calls the ones that asked for an event."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[Listener, tuple[type[DispatcherEvent], ...]]] = []
+        self._tasks: set[asyncio.Future[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def add(self, callback: Listener, events: EventFilter = None) -> None:
+        """Call ``callback(event)`` for events of the classes in ``events`` (None: all)."""
+        if not callable(callback):
+            raise TypeError(f"callback: {callback!r} is not callable")
+        self._entries.append((callback, event_classes(events)))
+
+    def remove(self, callback: Listener) -> None:
+        """Stop calling ``callback`` (every registration of it)."""
+        self._entries = [entry for entry in self._entries if entry[0] is not callback]
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The dispatcher's loop: coroutine callbacks run there, events from other threads
+        are handed there."""
+        self._loop = loop
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def emit_soon(self, event: DispatcherEvent) -> None:
+        """Emit ``event`` from the loop, later (safe under the table's lock, from any thread)."""
+        loop = self._loop
+        if not self._entries:
+            return
+        if loop is not None and loop.is_running() and not loop.is_closed():
+            loop.call_soon_threadsafe(self.emit, event)
+        else:
+            self.emit(event)
+
+    def emit(self, event: DispatcherEvent) -> None:
+        """Call every listener that asked for ``event``; a raising one is logged."""
+        for callback, classes in list(self._entries):
+            if not isinstance(event, classes):
+                continue
+            try:
+                result = callback(event)
+            except Exception:
+                logger.exception("listener %r failed on %s", callback, event.kind)
+                continue
+            if inspect.isawaitable(result):
+                self._schedule(callback, event, result)
+
+    def _schedule(
+        self, callback: Listener, event: DispatcherEvent, result: Awaitable[None]
+    ) -> None:
+        async def guarded() -> None:
+            try:
+                await result
+            except Exception:
+                logger.exception("listener %r failed on %s", callback, event.kind)
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            task = loop.create_task(guarded())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(guarded(), self._loop)
+        else:  # no loop at all (a dispatcher never started): run it here
+            asyncio.run(guarded())
+
+    async def drain(self, grace_period: float) -> None:
+        """Wait up to ``grace_period`` seconds for coroutine callbacks still running."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_period)
+
+
+class WebhookListener:
+    """POSTs each event it receives to ``url`` as JSON (:meth:`DispatcherEvent.to_json`).
+
+    The request runs in a thread, off the event loop, with ``timeout`` seconds per attempt;
+    a connection error or a 5xx answer is retried up to ``retries`` times, waiting ``backoff``
+    seconds, doubled each time; then the event is dropped with a WARNING. ``events`` are the
+    event classes (or names) it wants: failed runs and pauses by default.
+    ``add_listener(WebhookListener(url))`` subscribes it to those.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        events: EventFilter = (RunFailed, TaskPaused),
+        *,
+        timeout: float = 5.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url: must be an http:// or https:// URL, not {url!r}")
+        self.url = url
+        self.events = event_classes(events)
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._order: asyncio.Lock | None = None
+
+    async def __call__(self, event: DispatcherEvent) -> None:
+        """Send ``event`` (in a thread; one at a time, in the order they happened)."""
+        body = orjson.dumps(event.to_json())
+        if self._order is None:
+            self._order = asyncio.Lock()
+        async with self._order:
+            await asyncio.to_thread(self.post, body, event.kind)
+
+    def post(self, body: bytes, what: str = "event") -> bool:
+        """POST ``body``, retrying as described; True once the server accepted it."""
+        error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(
+                self.url,
+                data=body,
+                method="POST",
+                headers={"Content-Type": "application/json", "User-Agent": "task-dispatcher"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    response.read()
+                return True
+            except urllib.error.HTTPError as exc:
+                error = f"HTTP {exc.code}"
+                if exc.code < 500:
+                    break
+            except (OSError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        logger.warning("webhook %s: %s not delivered (%s)", self.url, what, error)
+        return False

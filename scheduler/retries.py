@@ -1,0 +1,100 @@
+"""Retries of failed runs: a timer that submits each planned retry through the runner.
+
+The retry itself is decided when the failure is applied (:func:`tasks.lifecycle.run_finished`)
+and saved in the record (``retry``), so it survives a restart; this module only keeps the
+time. A retry goes through the account lane and the ledger's gate like any run, and is
+skipped if the record no longer plans it (paused, edited, or the next planned run came first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from jobstores.jsonfile import JsonJobStore
+from tasks.model import TaskRecord
+from tasks.runs import RunEvent, RunRequest
+from tasks.schedule import utc_now
+
+__all__ = ["RetryTimer"]
+
+logger = logging.getLogger(__name__)
+
+Submit = Callable[[str, datetime, int], "asyncio.Task[RunEvent | None]"]
+
+
+class RetryTimer:
+    """Submits planned retries when their time comes (call on the event loop)."""
+
+    def __init__(self, store: JsonJobStore, submit: Submit) -> None:
+        self._store = store
+        self._submit = submit
+        self._due: dict[str, datetime] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._running = False
+
+    def start(self) -> None:
+        """Take up the retries saved in the records and arm the timer."""
+        self._running = True
+        for record in self._store.records():
+            if record.retry is not None:
+                self._due[record.task_id] = record.retry.at
+        self._arm()
+
+    def stop(self) -> None:
+        """Submit nothing more (the retries stay saved in their records)."""
+        self._running = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def watch(
+        self,
+        request: RunRequest,
+        event: RunEvent,
+        before: TaskRecord | None,
+        after: TaskRecord | None,
+    ) -> None:
+        """A run event was applied (a ledger watcher): take up the retry it planned, if any."""
+        if after is not None and after.retry is not None:
+            self._due[after.task_id] = after.retry.at
+            self._arm()
+
+    def fire_due(self) -> int:
+        """Submit every retry whose time has come; return how many were submitted."""
+        if not self._running:
+            return 0
+        now = self._store.now()
+        fired = 0
+        for task_id, at in sorted(self._due.items(), key=lambda item: item[1]):
+            if at > now:
+                continue
+            del self._due[task_id]
+            record = self._store.find(task_id)
+            retry = record.retry if record is not None else None
+            if retry is None or retry.at > now:
+                continue
+            self._submit(task_id, retry.scheduled_at, retry.attempt)
+            fired += 1
+        self._arm()
+        return fired
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._running or not self._due:
+            return
+        delay = (min(self._due.values()) - utc_now()).total_seconds()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(delay, 0.0), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        try:
+            self.fire_due()
+        except Exception:  # pragma: no cover - a retry must never stop the others
+            logger.exception("submitting retries failed; trying again in 5 s")
+            self._timer = asyncio.get_running_loop().call_later(5.0, self._fire)
