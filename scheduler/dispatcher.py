@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import operator
 import os
 import time
-import uuid
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
@@ -17,13 +14,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from pydantic import ValidationError
-
-from jobstores.jsonfile import JsonJobStore, describe_validation_error
+from jobstores.jsonfile import JsonJobStore
 from jobstores.saver import SaveHealth
 from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
 from scheduler.history import RunEntry, RunHistory, open_history
+from scheduler.intake import UNSET, TaskIntake, Unset
 from scheduler.lanes import AccountLanes
 from scheduler.ledger import RunLedger, RunObserver
 from scheduler.listeners import (
@@ -52,12 +48,10 @@ from tasks.errors import (
     DispatcherClosedError,
     DispatcherNotRunningError,
     HistoryUnavailableError,
-    InvalidTaskError,
     SaveFailedError,
-    TaskExistsError,
 )
 from tasks.manager import TaskManagerFactory
-from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, check_json_value
+from tasks.model import TaskRecord, TaskStatus
 from tasks.policy import RunPolicy
 from tasks.runs import TIMED_OUT, RunBackend, RunEvent, RunEventKind, RunRequest
 from tasks.schedule import RunPreview, preview_runs
@@ -87,29 +81,9 @@ DEFAULT_DISPATCHER_DIR = "dispatcher"
 CONTROL_SOCKET = "control.sock"
 """The control API's Unix socket, in the dispatcher directory."""
 
-_SCHEDULING_KEYWORDS = frozenset(
-    {
-        "sys_type",
-        "task_type",
-        "interval",
-        "valid_time_range",
-        "task_end_time",
-        "task_id",
-        "run_policy",
-    }
-)
-
 
 _LISTENER_GRACE = 10.0
 """Seconds :meth:`TaskDispatcher.stop` waits for coroutine listeners (webhooks) to finish."""
-
-
-class _Unset(enum.Enum):
-    UNSET = "unset"
-
-
-_UNSET = _Unset.UNSET
-"""``update_task``'s default: the field keeps its value (None is a value: no end)."""
 
 
 def _task_id(value: Any, name: str = "task_id") -> str:
@@ -122,24 +96,6 @@ def _task_id(value: Any, name: str = "task_id") -> str:
 def default_directory() -> Path:
     """``$TASK_DISPATCHER_DIR``, else ``./dispatcher``."""
     return Path(os.environ.get(DIR_ENV_VAR) or DEFAULT_DISPATCHER_DIR)
-
-
-def _account(keywords: Mapping[str, Any], suffix: str, required: bool) -> Any:
-    explicit = suffix.lstrip("_")
-    if explicit in keywords:
-        return keywords[explicit]
-    matches = sorted(key for key in keywords if key.endswith(suffix))
-    if len(matches) > 1:
-        raise InvalidTaskError(
-            explicit, f"ambiguous: several keywords end in {suffix!r}: {matches}"
-        )
-    if matches:
-        return keywords[matches[0]]
-    if required:
-        raise InvalidTaskError(
-            explicit, f"is required: pass {explicit}= or a keyword ending in {suffix!r}"
-        )
-    return None
 
 
 class TaskDispatcher:
@@ -186,6 +142,7 @@ class TaskDispatcher:
         )
         self.timezone = self._store.timezone
         """The zone whose wall-clock hours the windows and end dates are read in."""
+        self._intake = TaskIntake(self._store)
         self._lanes = AccountLanes(
             max_concurrent_runs, self._store.position, lambda: self._store.order_version
         )
@@ -447,91 +404,6 @@ class TaskDispatcher:
 
     # ------------------------------------------------------------------ adding
 
-    def _record(self, now: datetime, keywords: dict[str, Any], taken: set[str]) -> TaskRecord:
-        """Validate ``add_task``'s keywords and build the new task's record."""
-        if "valid_time_rage" in keywords:
-            warnings.warn(
-                "valid_time_rage is a misspelling; use valid_time_range",
-                DeprecationWarning,
-                stacklevel=4,
-            )
-            if "valid_time_range" in keywords:
-                raise InvalidTaskError("valid_time_rage", "give valid_time_range only")
-            keywords["valid_time_range"] = keywords.pop("valid_time_rage")
-        task_id = keywords.get("task_id")
-        if task_id is None:
-            task_id = uuid.uuid4().hex[:12]
-            while task_id in taken or self._store.table.taken(task_id):
-                task_id = uuid.uuid4().hex[:12]
-        elif task_id in taken:
-            raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
-        elif self._store.table.taken(task_id):
-            raise TaskExistsError(task_id)
-        return self._validated(now, keywords, task_id, created_at=now, previous=None)
-
-    def _validated(
-        self,
-        now: datetime,
-        keywords: Mapping[str, Any],
-        task_id: str,
-        *,
-        created_at: datetime,
-        previous: datetime | None,
-    ) -> TaskRecord:
-        """The record of ``task_id`` built from ``add_task``'s keywords, with its next run
-        planned from ``previous`` (its last run); raises :class:`InvalidTaskError`."""
-        for field in ("sys_type", "task_type", "interval"):
-            if keywords.get(field) is None:
-                raise InvalidTaskError(field, "is required")
-        extra = {k: v for k, v in keywords.items() if k not in _SCHEDULING_KEYWORDS}
-        for key in extra:
-            if key in RESERVED_KWARGS:
-                raise InvalidTaskError(
-                    key, "is a task record field the dispatcher keeps; it cannot be a task keyword"
-                )
-        account_id = _account(extra, "_account_id", required=True)
-        account_name = _account(extra, "_account_name", required=False)
-        try:
-            check_json_value(extra, "kwargs")
-        except ValueError as exc:
-            field, _, message = str(exc).partition(": ")
-            raise InvalidTaskError(field, message) from None
-        window = keywords.get("valid_time_range")
-        policy = keywords.get("run_policy")
-        try:
-            record = TaskRecord.model_validate(
-                {
-                    "task_id": task_id,
-                    "account_id": account_id,
-                    "account_name": account_name,
-                    "task_type": keywords["task_type"],
-                    "sys_type": keywords["sys_type"],
-                    "interval": keywords["interval"],
-                    "valid_time_range": (0, 24) if window is None else window,
-                    "task_end_time": keywords.get("task_end_time"),
-                    "run_policy": None if policy is None or policy == {} else policy,
-                    "created_at": created_at,
-                    "updated_at": now,
-                    "kwargs": {**extra, "task_id": task_id, "task_type": keywords["task_type"]},
-                },
-                context={"zone": self.timezone, "kwargs_checked": True},
-            )
-        except ValidationError as exc:
-            raise InvalidTaskError(*describe_validation_error(exc)) from None
-        if record.run_policy is not None and record.run_policy.is_default:
-            record = record.replace(run_policy=None)
-        schedule = self._store.schedule(record)
-        if schedule.ended(now):
-            raise InvalidTaskError("task_end_time", f"{record.task_end_time} is already past")
-        first = schedule.next_run(previous, now)
-        if first is None:
-            raise InvalidTaskError(
-                "task_end_time",
-                f"no run can start before {record.task_end_time} within hours "
-                f"{record.valid_time_range[0]}-{record.valid_time_range[1]}",
-            )
-        return record.replace(next_execution_time=first)
-
     async def add_task(
         self,
         *,
@@ -578,12 +450,7 @@ class TaskDispatcher:
         """
         self._check_open()
         now = self._store.now()
-        records: list[TaskRecord] = []
-        taken: set[str] = set()
-        for keywords in tasks:
-            record = self._record(now, dict(keywords), taken)
-            taken.add(record.task_id)
-            records.append(record)
+        records = self._intake.new_records(tasks, now)
         for record in records:
             self._check_manager(record)
         self._store.add_tasks(records)
@@ -680,11 +547,11 @@ class TaskDispatcher:
         self,
         task_id: str,
         *,
-        interval: float | timedelta | _Unset = _UNSET,
-        valid_time_range: Sequence[int] | _Unset = _UNSET,
-        task_end_time: date | datetime | str | _Unset | None = _UNSET,
-        run_policy: RunPolicy | Mapping[str, Any] | _Unset | None = _UNSET,
-        kwargs: Mapping[str, Any] | _Unset = _UNSET,
+        interval: float | timedelta | Unset = UNSET,
+        valid_time_range: Sequence[int] | Unset = UNSET,
+        task_end_time: date | datetime | str | Unset | None = UNSET,
+        run_policy: RunPolicy | Mapping[str, Any] | Unset | None = UNSET,
+        kwargs: Mapping[str, Any] | Unset = UNSET,
     ) -> TaskRecord:
         """Change ``task_id``'s rules in place; returns its new record, saved when this returns.
 
@@ -702,40 +569,15 @@ class TaskDispatcher:
         _task_id(task_id)
         current = self._store.get(task_id)
         now = self._store.now()
-        keywords: dict[str, Any] = {
-            key: value
-            for key, value in current.kwargs.items()
-            if key not in ("task_id", "task_type")
-        }
-        if not isinstance(kwargs, _Unset):
-            keywords = self._new_kwargs(current, kwargs)
-        keywords.update(
-            sys_type=current.sys_type,
-            task_type=current.task_type,
-            interval=current.interval if isinstance(interval, _Unset) else interval,
-            valid_time_range=(
-                current.valid_time_range
-                if isinstance(valid_time_range, _Unset)
-                else valid_time_range
-            ),
-            task_end_time=current.task_end_time
-            if isinstance(task_end_time, _Unset)
-            else task_end_time,
-            run_policy=self._new_policy(current, run_policy),
-        )
-        rules = self._validated(
+        rules = self._intake.edited(
+            current,
             now,
-            keywords,
-            task_id,
-            created_at=current.created_at,
-            previous=current.last_execution_time,
+            interval=interval,
+            valid_time_range=valid_time_range,
+            task_end_time=task_end_time,
+            run_policy=run_policy,
+            kwargs=kwargs,
         )
-        if rules.account_id != current.account_id:
-            raise InvalidTaskError(
-                "kwargs",
-                f"names account {rules.account_id!r}: a task cannot move to another account "
-                f"(it belongs to {current.account_id!r}); add a new task instead",
-            )
         self._check_manager(rules)
         schedule = self._store.schedule(rules)
         record = self._store.update_task(
@@ -754,33 +596,6 @@ class TaskDispatcher:
             record.start_time,
         )
         return record.snapshot()
-
-    @staticmethod
-    def _new_kwargs(current: TaskRecord, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(kwargs, Mapping):
-            raise InvalidTaskError("kwargs", f"must be a dict, not {type(kwargs).__name__}")
-        keywords = dict(kwargs)
-        for key in ("task_id", "task_type"):
-            if key in keywords and keywords.pop(key) != getattr(current, key):
-                raise InvalidTaskError(
-                    f"kwargs.{key}", f"cannot change (it is {getattr(current, key)!r})"
-                )
-        clash = sorted(_SCHEDULING_KEYWORDS & keywords.keys())
-        if clash:
-            raise InvalidTaskError(
-                f"kwargs.{clash[0]}", "is a parameter of update_task, not a task keyword"
-            )
-        return keywords
-
-    @staticmethod
-    def _new_policy(
-        current: TaskRecord, run_policy: RunPolicy | Mapping[str, Any] | _Unset | None
-    ) -> RunPolicy | Mapping[str, Any] | None:
-        if isinstance(run_policy, _Unset):
-            return current.run_policy
-        if isinstance(run_policy, Mapping) and current.run_policy is not None:
-            return {**current.run_policy.model_dump(), **run_policy}
-        return run_policy
 
     def remove_task(self, task_id: str) -> None:
         """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
