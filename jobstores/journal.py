@@ -51,7 +51,11 @@ MAX_AGE = 600.0
 """... or once its oldest line not in the snapshot is this many seconds old."""
 _CHUNK = 256  # task lines joined at a time when writing the snapshot
 _FILE_MODE = 0o600
-_sync: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+
+
+def _sync(fd: int) -> None:
+    # Data and the file's size, not its times: what an appended line needs to be read back.
+    (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
 
 
 class JournalStorage:
@@ -127,7 +131,7 @@ class JournalStorage:
         """Whether the next commit should carry the whole state: a snapshot is due."""
         with self._lock:
             if closing:
-                return self._next_seq - 1 > self._folded_seq or self._no_snapshot
+                return self._next_seq - 1 > self._folded_seq
             if self._broken:
                 return True
             if self._compactor is not None:
@@ -144,8 +148,13 @@ class JournalStorage:
 
     def commit(self, image: StateImage, saved_at: datetime) -> None:
         """Append ``image``'s changes to the journal durably; with a full image, have the
-        snapshot written in the background (synchronously after a failed append)."""
-        if self._broken:
+        snapshot written in the background (at once when there is none yet, or after an
+        append failed)."""
+        if self._broken or (image.full and (self._no_snapshot or image.requested)):
+            # The snapshot is written here and now when the owner asks for it (at stop, or
+            # after a load that repaired something), in a new directory (so the file a
+            # person looks for is there from the first change) and after an append that
+            # could not be undone.
             if not image.full:
                 raise OSError("the journal needs a snapshot first; the next commit writes one")
             self._wait_compaction()
@@ -155,6 +164,9 @@ class JournalStorage:
             with self._lock:
                 self._broken = False
                 self._folded_seq = seq
+                self._unfolded_bytes = 0
+                self._unfolded_since = None
+                self._retry_at = None
                 self._close_segment()
             self._drop_segments(seq)
             return

@@ -26,9 +26,10 @@ from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLook
 from jobstores.durable import DirectoryLock, ensure_private_dir
 from jobstores.format import Document
 from jobstores.jobs import JobView, TaskTrigger
+from jobstores.journal import JournalStorage
 from jobstores.loading import describe_validation_error, parse_record, restore
 from jobstores.saver import SaveHealth, Saver
-from jobstores.storage import STATE_FILENAME, SnapshotStorage, StorageBackend
+from jobstores.storage import STATE_FILENAME, StorageBackend
 from jobstores.table import TaskTable
 from tasks import lifecycle
 from tasks.errors import DispatcherClosedError
@@ -76,7 +77,7 @@ class JsonJobStore(BaseJobStore):
     ) -> None:
         super().__init__()
         self.directory = Path(directory)
-        self._storage: StorageBackend = storage or SnapshotStorage(self.directory)
+        self._storage: StorageBackend = storage or JournalStorage(self.directory)
         self.path = self._storage.path
         self.backup_path = self.directory / f"{STATE_FILENAME}.bak"
         self.timezone: tzinfo = timezone or UTC

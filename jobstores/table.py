@@ -49,6 +49,9 @@ class StateImage:
     only); a removed task's id is here and not in ``records``."""
     full: bool = True
     """Whether ``records``, ``account_tasks`` and ``kept`` hold the whole state."""
+    requested: bool = False
+    """Whether the owner asked for the whole state to be written (:meth:`TaskTable.touch`):
+    a journal then writes its snapshot before the commit returns."""
     changes: Sequence[tuple[str, TaskRecord | None]] = ()
     """The latest record of each id in ``changed`` (None: removed), in the order the ids
     first changed: replaying them in this order appends new tasks in their account order."""
@@ -272,7 +275,8 @@ class TaskTable:
         Without ``full`` the cost is that of the changes, not of the table.
         """
         with self.lock:
-            full = full or self._touched > 0
+            requested = self._touched > 0
+            full = full or requested
             records = self._records
             changes: list[tuple[str, TaskRecord | None]] = []
             for task_id in self._dirty:
@@ -303,6 +307,7 @@ class TaskTable:
                 extra=dict(self.extra),
                 changed=frozenset(self._dirty),
                 full=True,
+                requested=requested,
                 changes=changes,
                 orders=orders,
             )

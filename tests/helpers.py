@@ -13,6 +13,9 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from jobstores import loading
+from jobstores.journal import JournalStorage
+from jobstores.storage import SnapshotStorage, StorageBackend
 from tasks import TaskRecord
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -85,7 +88,20 @@ class RecordingManager:
 
 
 def read_state(directory: Path) -> dict[str, Any]:
-    """The parsed dispatch_config.json of ``directory``."""
+    """The state of ``directory`` as a reader sees it (dispatch_config.json with the journal
+    folded in), in the file's shape."""
+    path = directory / "dispatch_config.json"
+    data: dict[str, Any] = orjson.loads(path.read_bytes()) if path.exists() else {}
+    document, _, _ = loading.read_state(directory, repair=False)
+    if document is None:
+        raise FileNotFoundError(path)
+    data["tasks"] = document.tasks
+    data["account_tasks"] = document.account_tasks
+    return data
+
+
+def read_file(directory: Path) -> dict[str, Any]:
+    """The parsed dispatch_config.json of ``directory`` alone (no journal)."""
     data: dict[str, Any] = orjson.loads((directory / "dispatch_config.json").read_bytes())
     return data
 
@@ -165,3 +181,12 @@ def seed_file(tasks: list[Any], account_tasks: Any = None, version: Any = "1.0")
         else {"account_1": [t["task_id"] for t in tasks if isinstance(t, dict)]},
     }
     return json.dumps(document, ensure_ascii=False, indent=2).encode()
+
+
+BACKENDS = ("journal", "snapshot")
+"""The storage backends every contract test runs over."""
+
+
+def storage(kind: str, directory: Path) -> StorageBackend:
+    """A fresh storage backend of ``kind`` on ``directory``."""
+    return JournalStorage(directory) if kind == "journal" else SnapshotStorage(directory)
