@@ -71,7 +71,7 @@ class JournalStorage:
         *,
         timezone_key: str | None = None,
         max_bytes: int | None = None,
-        max_age: float = MAX_AGE,
+        max_age: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.directory = directory
@@ -80,7 +80,7 @@ class JournalStorage:
         self.timezone_key = timezone_key
         """The zone the snapshot records for its hour windows."""
         self._max_bytes = max_bytes
-        self._max_age = max_age
+        self._max_age = MAX_AGE if max_age is None else max_age
         self._clock = clock
         self._lock = threading.Lock()  # a leaf lock: guards the fields below
         self._segments: list[tuple[int, Path]] = []
@@ -141,6 +141,8 @@ class JournalStorage:
             if self._no_snapshot:
                 return True
             limit = self._max_bytes or max(MIN_BYTES, self._snapshot_bytes)
+            if self._unfolded_since is None:
+                return False
             if self._unfolded_bytes >= limit:
                 return True
             since = self._unfolded_since
