@@ -2,9 +2,9 @@
 
 Run as ``python crash_child.py DIR SEED [MODE]``: MODE ``journal`` (the default storage),
 ``compact`` (the journal folded into the snapshot at almost every commit, so kills land
-during compactions) or ``snapshot`` (the whole-file backend). Before each call it prints ``{"intent": ...}`` and,
-once the call has returned, ``{"ack": ...}`` (one JSON object per line, flushed), so the
-parent knows which operations were acknowledged when it sends SIGKILL.
+during compactions) or ``snapshot`` (the whole-file backend). Before each call it prints
+``{"intent": ...}`` and, once the call has returned, ``{"ack": ...}`` (one JSON object per
+line, flushed), so the parent knows which operations were acknowledged when it sends SIGKILL.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def use_mode(mode: str) -> None:
         jobstores.journal.MIN_BYTES = 1
         jobstores.journal.MAX_AGE = 0.0
     elif mode == "snapshot":
-        jobstores.jsonfile.JournalStorage = jobstores.storage.SnapshotStorage  # type: ignore[misc, assignment]
+        jobstores.jsonfile.JournalStorage = jobstores.storage.SnapshotStorage  # type: ignore[attr-defined, assignment]
 
 
 async def main(directory: str, seed: int) -> None:
