@@ -88,7 +88,9 @@ class JournalStorage:
         self._size = 0
         self._next_seq = 1
         self._folded_seq = 0
-        """The last line the snapshot on disk, or the one being written, holds."""
+        """The last line the snapshot on disk holds."""
+        self._covered_seq = 0
+        """The last line the snapshot on disk, or one queued or being written, holds."""
         self._unfolded_bytes = 0
         self._unfolded_since: float | None = None
         self._snapshot_bytes = 0
@@ -131,7 +133,7 @@ class JournalStorage:
         """Whether the next commit should carry the whole state: a snapshot is due."""
         with self._lock:
             if closing:
-                return self._next_seq - 1 > self._folded_seq
+                return self._next_seq - 1 > max(self._folded_seq, self._covered_seq)
             if self._broken:
                 return True
             if self._compactor is not None:
@@ -247,6 +249,7 @@ class JournalStorage:
         if self._size:
             self._close_segment()  # the appends go on in a new segment
         self._queued = (image, saved_at, seq)
+        self._covered_seq = max(self._covered_seq, seq)
         self._unfolded_bytes = 0
         self._unfolded_since = None
         self._retry_at = None
@@ -276,6 +279,7 @@ class JournalStorage:
                 )
                 with self._lock:
                     self._retry_at = self._clock() + 5.0
+                    self._covered_seq = self._folded_seq
                 continue
             with self._lock:
                 self._folded_seq = max(self._folded_seq, seq)

@@ -6,7 +6,10 @@ or raise ``OSError`` leaving the previous durable state intact). Group commit, r
 save health are the saver's; a backend only does its part.
 
 :class:`SnapshotStorage`, the first backend, rewrites the whole ``dispatch_config.json`` at
-each commit with the atomic protocol of :mod:`jobstores.durable`.
+each commit with the atomic protocol of :mod:`jobstores.durable`. The second,
+:class:`~jobstores.journal.JournalStorage` (the default), appends each commit's changes to a
+journal and folds it into that file in the background; a backend asks for the whole state
+in its next image through :meth:`StorageBackend.wants_full_image`.
 """
 
 from __future__ import annotations
