@@ -4,8 +4,9 @@
 SQLite file (the durable peer), (c) AsyncIOScheduler + MemoryJobStore (no durability: the
 floor). Same no-op async task everywhere. Ratios are what count; these machines are noisy.
 
-    python -m bench                 # N = 1,000 and 10,000
-    python -m bench --large         # and 100,000
+    python -m bench                 # N = 1,000 and 10,000; 100,000 for per-change, cold start
+                                    # and memory (the SQLite peer's table loaded in one go)
+    python -m bench --large         # every measurement at 100,000 too
     python -m bench --history-only  # only the run history case (bench/history.py)
     python -m bench --fleet-only    # only the fleet against bare Celery (needs Redis)
 """
@@ -111,6 +112,29 @@ def peer(kind: str, directory: Path) -> AsyncIOScheduler:
     )
 
 
+def peer_load(scheduler: AsyncIOScheduler, n: int) -> None:
+    """Fill the started SQLite peer with N jobs in one transaction (what N ``add_job`` calls
+    would store), as a user would import a large table."""
+    import pickle
+
+    template = peer("memory", Path("."))
+    template.start(paused=True)
+    for i in range(n):
+        peer_add(template, i)
+    store = scheduler._lookup_jobstore("default")
+    rows = [
+        {
+            "id": job.id,
+            "next_run_time": job.next_run_time.timestamp() if job.next_run_time else None,
+            "job_state": pickle.dumps(job.__getstate__(), store.pickle_protocol),
+        }
+        for job in template.get_jobs()
+    ]
+    template.shutdown(wait=False)
+    with store.engine.begin() as connection:
+        connection.execute(store.jobs_t.insert(), rows)
+
+
 def peer_add(scheduler: AsyncIOScheduler, i: int, next_run_time: datetime | None = None) -> None:
     options: dict[str, Any] = {} if next_run_time is None else {"next_run_time": next_run_time}
     scheduler.add_job(noop, "interval", seconds=3600, id=f"task-{i:06d}", **options)
@@ -155,7 +179,7 @@ async def add_one_by_one(n: int, root: Path) -> list[Row]:
         dispatcher.close()
 
     sequential.values["ours"] = await timed(ours_sequential) if n <= 10_000 else None
-    concurrent.values["ours"] = await timed(ours_concurrent)
+    concurrent.values["ours"] = await timed(ours_concurrent) if n <= 10_000 else None
     bulk.values["ours"] = await timed(ours_bulk)
     for kind in ("sqlalchemy", "memory"):
         scheduler = peer(kind, _fresh(root / f"{kind}-add"))
@@ -166,19 +190,27 @@ async def add_one_by_one(n: int, root: Path) -> list[Row]:
                 peer_add(scheduler, i)
 
         seconds = await timed(add_all) if kind == "memory" or n <= 10_000 else None
+        if seconds is None:
+            peer_load(scheduler, n)
         sequential.values[kind] = seconds
         concurrent.values[kind] = seconds
         scheduler.shutdown(wait=False)
     return [sequential, concurrent, bulk]
 
 
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    samples.sort()
+    return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
+
+
 async def mutations(n: int, root: Path) -> list[Row]:
     p50 = Row("pause/resume of one task: p50", n, unit="ms")
     p99 = Row("pause/resume of one task: p99", n, unit="ms")
-
-    def percentiles(samples: list[float]) -> tuple[float, float]:
-        samples.sort()
-        return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
+    add50 = Row("one awaited add_task into the loaded store: p50", n, unit="ms")
+    add99 = Row("one awaited add_task into the loaded store: p99", n, unit="ms")
+    other50 = Row("remove / reorder of one task (ours): p50", n, unit="ms")
+    other99 = Row("remove / reorder of one task (ours): p99", n, unit="ms")
+    percentiles = _percentiles
 
     dispatcher = ours(root / "a-bulk")
     samples = []
@@ -189,6 +221,23 @@ async def mutations(n: int, root: Path) -> list[Row]:
             call(task_id)
             samples.append(time.perf_counter() - start)
     p50.values["ours"], p99.values["ours"] = percentiles(samples)
+    samples = []
+    for i in range(MUTATIONS // 2):
+        start = time.perf_counter()
+        await dispatcher.add_task(**task(n + i))
+        samples.append(time.perf_counter() - start)
+    add50.values["ours"], add99.values["ours"] = percentiles(samples)
+    samples = []
+    for i in range(MUTATIONS // 4):
+        start = time.perf_counter()
+        dispatcher.remove_task(f"task-{n + i:06d}")
+        samples.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        dispatcher.reorder_task(f"task-{i:06d}", 0)
+        samples.append(time.perf_counter() - start)
+    other50.values["ours"], other99.values["ours"] = percentiles(samples)
+    for i in range(MUTATIONS // 4, MUTATIONS // 2):  # back to N tasks
+        dispatcher.remove_task(f"task-{n + i:06d}")
     dispatcher.close()
     for kind in ("sqlalchemy", "memory"):
         directory = root / f"{kind}-add"
@@ -204,8 +253,16 @@ async def mutations(n: int, root: Path) -> list[Row]:
                 call(f"task-{i:06d}")
                 samples.append(time.perf_counter() - start)
         p50.values[kind], p99.values[kind] = percentiles(samples)
+        samples = []
+        for i in range(MUTATIONS // 2):
+            start = time.perf_counter()
+            peer_add(scheduler, n + i)
+            samples.append(time.perf_counter() - start)
+        add50.values[kind], add99.values[kind] = percentiles(samples)
+        for i in range(MUTATIONS // 2):
+            scheduler.remove_job(f"task-{n + i:06d}")
         scheduler.shutdown(wait=False)
-    return [p50, p99]
+    return [p50, p99, add50, add99, other50, other99]
 
 
 async def cold_start(n: int, root: Path) -> list[Row]:
@@ -294,13 +351,15 @@ async def memory(n: int, root: Path) -> list[Row]:
     for kind in ("sqlalchemy", "memory"):
 
         async def peer_build(kind: str = kind) -> Any:
-            scheduler = peer(kind, _fresh(root / f"{kind}-mem"))
+            scheduler = peer(kind, _fresh(root / f"{kind}-add"))
             scheduler.start(paused=True)
-            for i in range(n):
-                peer_add(scheduler, i)
+            if kind == "memory":
+                for i in range(n):
+                    peer_add(scheduler, i)
+            scheduler.listed = scheduler.get_jobs()  # what it holds once its jobs are listed
             return scheduler
 
-        row.values[kind] = await measure(peer_build) if kind == "memory" or n <= 10_000 else None
+        row.values[kind] = await measure(peer_build)
     return [row]
 
 
@@ -331,8 +390,29 @@ async def loop_lag(n: int, root: Path) -> list[Row]:
     row.values["ours"] = max(lags) * 1000
     row.values["sqlalchemy"] = row.values["memory"] = None
     save.values["sqlalchemy"] = save.values["memory"] = None
+    # A compaction: the whole state written to dispatch_config.json in the background,
+    # while the loop keeps making durable changes.
+    compaction = Row("event-loop lag during a background compaction (max)", n, unit="ms")
+    storage = store._storage
+    lags.clear()
+    stop.clear()
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    store.update_task("task-000000", lambda r: r.replace(updated_at=now))
+    wants = storage.wants_full_image
+
+    def always(*, closing: bool = False) -> bool:
+        return True
+
+    storage.wants_full_image = always  # type: ignore[method-assign]
+    await store.save_async()
+    storage.wants_full_image = wants  # type: ignore[method-assign]
+    await asyncio.to_thread(getattr(storage, "_wait_compaction", lambda: None))
+    stop.set()
+    await tick
+    compaction.values["ours"] = max(lags) * 1000
     dispatcher.close()
-    return [row, save]
+    return [row, save, compaction]
 
 
 def _fresh(directory: Path) -> Path:
@@ -373,14 +453,21 @@ def report(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-async def run(sizes: list[int]) -> list[Row]:
+ALL_STEPS = ("add_one_by_one", "mutations", "cold_start", "throughput", "memory", "loop_lag")
+LARGE_STEPS = ("add_one_by_one", "mutations", "cold_start", "memory", "loop_lag")
+"""What the default run measures at N = 100,000 (add_one_by_one builds the stores; its
+one-by-one rows are skipped at that size)."""
+
+
+async def run(sizes: list[int], large: list[int]) -> list[Row]:
     rows: list[Row] = []
-    for n in sizes:
+    for n in [*sizes, *large]:
+        steps = ALL_STEPS if n in sizes else LARGE_STEPS
         with tempfile.TemporaryDirectory(prefix="bench-") as name:
             root = Path(name)
-            for step in (add_one_by_one, mutations, cold_start, throughput, memory, loop_lag):
-                rows.extend(await step(n, root))
-                print(f"  N={n:,}: {step.__name__} done", flush=True)
+            for step in steps:
+                rows.extend(await globals()[step](n, root))
+                print(f"  N={n:,}: {step} done", flush=True)
     return rows
 
 
@@ -403,10 +490,11 @@ def main() -> None:
         args.fleet = True
     logging.basicConfig(level=logging.ERROR)
     sizes = args.sizes or ([1_000, 10_000, 100_000] if args.large else [1_000, 10_000])
+    large = [] if args.sizes or args.large else [100_000]
     if args.fleet_only:
-        sizes = []
+        sizes, large = [], []
     started = time.perf_counter()
-    rows = [] if args.history_only or not sizes else asyncio.run(run(sizes))
+    rows = [] if args.history_only or not sizes else asyncio.run(run(sizes, large))
     lines: list[history.Line] = []
     if not args.fleet_only:
         with tempfile.TemporaryDirectory(prefix="bench-") as name:

@@ -3,12 +3,19 @@
 The format is the seed's: ``version`` ("1.0"), ``saved_at``, ``tasks`` (one object per task)
 and ``account_tasks`` (account id -> ordered task ids). Datetimes carry a UTC offset; naive
 ones, as the seed's own application wrote them, are read as wall times of the dispatcher's
-zone (the record model does that).
+zone (the record model does that). ``journal_seq``, when present, is the last journal line
+the document already holds (see :mod:`jobstores.journal`).
+
+A journal line is one JSON object per change, ending in a CRC-32 of the rest of the line:
+``{"seq":7,"put":{...task...},"crc":"89abcdef"}``, ``{"seq":8,"remove":"task-id",...}`` or
+``{"seq":9,"order":{"account":"a","tasks":[...]},...}``; the last line of each commit carries
+``"commit":true``.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -24,15 +31,21 @@ __all__ = [
     "FORMAT_VERSION",
     "CorruptFileError",
     "Document",
+    "JournalLine",
     "decode_document",
+    "decode_journal_line",
     "encode_document",
+    "encode_document_chunks",
+    "encode_journal_line",
     "encode_raw",
     "encode_task",
 ]
 
 FORMAT_VERSION = "1.0"
 _SUPPORTED = (1, 0)
-_KNOWN_KEYS = frozenset({"version", "saved_at", "timezone", "tasks", "account_tasks"})
+_KNOWN_KEYS = frozenset(
+    {"version", "saved_at", "timezone", "journal_seq", "tasks", "account_tasks"}
+)
 
 
 class CorruptFileError(ValueError):
@@ -54,6 +67,8 @@ class Document:
     problems: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     """Top-level keys the format does not define (a ``"comment"``, say): kept through saves."""
+    journal_seq: int = 0
+    """The last journal line this document holds (0: none)."""
 
 
 def _version_tuple(version: str, path: Path) -> tuple[int, ...]:
@@ -101,6 +116,10 @@ def decode_document(data: bytes, path: Path) -> Document:
     else:
         problems.append("account_tasks: not an object, order rebuilt from tasks")
     zone = top.get("timezone")
+    journal_seq = top.get("journal_seq", 0)
+    if isinstance(journal_seq, bool) or not isinstance(journal_seq, int) or journal_seq < 0:
+        problems.append(f"journal_seq: {journal_seq!r} is not a line number, read as 0")
+        journal_seq = 0
     return Document(
         version=version,
         saved_at=saved_at if isinstance(saved_at, str) else None,
@@ -110,6 +129,7 @@ def decode_document(data: bytes, path: Path) -> Document:
         account_tasks=account_tasks,
         problems=problems,
         extra={key: value for key, value in top.items() if key not in _KNOWN_KEYS},
+        journal_seq=journal_seq,
     )
 
 
@@ -144,6 +164,7 @@ def encode_document(
     saved_at: datetime,
     timezone: str | None = None,
     extra: dict[str, Any] | None = None,
+    journal_seq: int = 0,
 ) -> list[bytes]:
     """The document, in parts to write one after another, from tasks encoded with
     :func:`encode_task`.
@@ -166,6 +187,7 @@ def encode_document(
             b',\n  "saved_at": ',
             orjson.dumps(saved_at.isoformat()),
             b',\n  "timezone": ' + orjson.dumps(timezone) if timezone else b"",
+            b',\n  "journal_seq": %d' % journal_seq if journal_seq else b"",
             kept,
             b',\n  "tasks": [\n' if body else b',\n  "tasks": [',
         )
@@ -173,3 +195,78 @@ def encode_document(
     tail = b"".join((b"\n  ],\n" if body else b"],\n", b'  "account_tasks": ', order, b"\n}\n"))
     # Parts, not one joined document: the tasks, most of the bytes, are not copied again.
     return [head, body, tail]
+
+
+def encode_document_chunks(
+    chunks: list[bytes],
+    account_tasks: dict[str, list[str]],
+    saved_at: datetime,
+    timezone: str | None = None,
+    extra: dict[str, Any] | None = None,
+    journal_seq: int = 0,
+) -> list[bytes]:
+    """:func:`encode_document` from tasks already joined in chunks (``b",\\n".join`` of a
+    few hundred lines each, none empty): no single copy of all the tasks is ever made, so a
+    background writer never holds the interpreter for long."""
+    head, _, tail = encode_document(
+        [b"-"] if chunks else [], account_tasks, saved_at, timezone, extra, journal_seq
+    )
+    parts = [head]
+    for index, chunk in enumerate(chunks):
+        if index:
+            parts.append(b",\n")
+        parts.append(chunk)
+    parts.append(tail)
+    return parts
+
+
+# ---------------------------------------------------------------------- journal lines
+
+_CRC_SUFFIX = len(b',"crc":"00000000"}')
+
+
+@dataclass(frozen=True)
+class JournalLine:
+    """One decoded journal line."""
+
+    seq: int
+    kind: str
+    """``"put"``, ``"remove"`` or ``"order"``."""
+    value: Any
+    """The task object, the removed task id, or ``{"account": ..., "tasks": [...]}``."""
+    commit: bool
+    """Whether the line ends a commit (a commit applies whole or not at all)."""
+
+
+def encode_journal_line(seq: int, kind: str, value: Any, *, commit: bool) -> bytes:
+    """One journal line (newline included), its CRC-32 covering everything before it."""
+    change: dict[str, Any] = {"seq": seq, kind: value}
+    if commit:
+        change["commit"] = True
+    payload = orjson.dumps(change, default=json_default)
+    return b'%s,"crc":"%08x"}\n' % (payload[:-1], zlib.crc32(payload))
+
+
+def decode_journal_line(line: bytes) -> JournalLine | None:
+    """The line (without its newline), or None when it is torn or fails its checksum."""
+    if len(line) <= _CRC_SUFFIX or not line.endswith(b'"}') or not line.startswith(b"{"):
+        return None
+    suffix = line[-_CRC_SUFFIX:]
+    if not suffix.startswith(b',"crc":"'):
+        return None
+    payload = line[:-_CRC_SUFFIX] + b"}"
+    try:
+        if int(suffix[8:16], 16) != zlib.crc32(payload):
+            return None
+        change = orjson.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(change, dict):
+        return None
+    seq = change.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        return None
+    for kind in ("put", "remove", "order"):
+        if kind in change:
+            return JournalLine(seq, kind, change[kind], change.get("commit") is True)
+    return None

@@ -1,38 +1,64 @@
-"""Reading a state file back: the one recovery path of the owner and of read-only readers.
+"""Reading the state back: the one recovery path of the owner and of read-only readers.
 
-``read_document`` finds a readable document (the state file, else its backup); the owner
-(``repair=True``) sets unreadable files aside, a reader only reads. ``restore`` validates
-each task object, keeping the ones that cannot be restored as they were read.
+``read_state`` is the whole of it: ``read_document`` finds a readable document (the state
+file, else its backup), ``read_journal`` finds the journal lines written since that document
+and ``apply_journal`` folds them into it. The owner (``repair=True``) sets unreadable files
+aside and cuts torn journal tails; a reader only reads. ``restore`` validates each task
+object, keeping the ones that cannot be restored as they were read.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-from jobstores.durable import set_aside
-from jobstores.format import CorruptFileError, Document, decode_document
+from jobstores.durable import set_aside, write_atomic
+from jobstores.format import (
+    CorruptFileError,
+    Document,
+    JournalLine,
+    decode_document,
+    decode_journal_line,
+    encode_document,
+    encode_raw,
+)
 from tasks import lifecycle
 from tasks.errors import InvalidTaskError
 from tasks.model import TaskRecord, TaskStatus
 from tasks.schedule import Schedule
 
 __all__ = [
+    "BACKUP_FILENAME",
+    "JOURNAL_PREFIX",
+    "STATE_FILENAME",
+    "JournalRead",
     "Restored",
+    "apply_journal",
     "describe_validation_error",
+    "journal_segments",
     "parse_record",
     "read_document",
+    "read_journal",
+    "read_state",
     "restore",
     "validation_problems",
 ]
 
 logger = logging.getLogger(__name__)
+
+STATE_FILENAME = "dispatch_config.json"
+"""The state file in a dispatcher directory: the seed's format, read and repaired by people."""
+BACKUP_FILENAME = f"{STATE_FILENAME}.bak"
+JOURNAL_PREFIX = "dispatch_config.journal-"
+"""Journal segments are ``<prefix><first line number, 12 digits>``, read in number order."""
+_SEGMENT_DIGITS = 12
 
 
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -205,3 +231,231 @@ def _share_strings(record: TaskRecord, shared: dict[str, str]) -> TaskRecord:
         elif isinstance(value, str) and len(value) <= 128:
             kwargs[key] = shared.setdefault(value, value)
     return record
+
+
+# ---------------------------------------------------------------------- the journal
+
+
+@dataclass
+class JournalRead:
+    """What the journal of a directory holds beyond its document."""
+
+    batches: list[list[JournalLine]] = field(default_factory=list)
+    """Whole commits to apply, in order."""
+    segments: list[tuple[int, Path]] = field(default_factory=list)
+    """The segments still in use (number, path), in order (set-aside ones excluded)."""
+    next_seq: int = 1
+    """The number of the next line to write."""
+    lines: int = 0
+    """Lines applied on top of the document."""
+    bytes: int = 0
+    """Bytes of those lines."""
+    torn: list[tuple[Path, int, int]] = field(default_factory=list)
+    """Segments whose tail is torn or fails its checksum: (path, good length, lines dropped)."""
+    damaged: Path | None = None
+    """The segment where damage starts (a bad line before good ones, or a missing line):
+    it and every later segment are not applied."""
+    damage: str = ""
+    """What the damage is."""
+    vanished: bool = False
+    """A segment disappeared while reading (a reader raced the owner's compaction)."""
+
+
+def journal_segments(directory: Path) -> list[tuple[int, Path]]:
+    """The journal segments of ``directory`` (number, path), in order."""
+    found = []
+    for path in directory.glob(f"{JOURNAL_PREFIX}*"):
+        number = path.name[len(JOURNAL_PREFIX) :]
+        if len(number) == _SEGMENT_DIGITS and number.isdigit():
+            found.append((int(number), path))
+    return sorted(found)
+
+
+def read_journal(directory: Path, base: int) -> JournalRead:
+    """The journal lines after line ``base`` (the last one the document holds).
+
+    Lines come in whole commits; a commit that is torn or fails its checksum at the end of a
+    segment was never acknowledged and is dropped (``torn``). Damage followed by good lines,
+    or a missing line, stops the reading there (``damaged``): nothing after it is applied.
+    """
+    read = JournalRead(next_seq=base + 1)
+    segments = journal_segments(directory)
+    expected = base + 1
+    for position, (number, path) in enumerate(segments):
+        following = segments[position + 1][0] if position + 1 < len(segments) else None
+        if read.damaged is not None:
+            break
+        read.segments.append((number, path))
+        if following is not None and following <= expected:
+            continue  # every line in it is in the document already
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            read.vanished = True
+            read.segments.pop()
+            continue
+        offset = good_end = 0
+        pending: list[JournalLine] = []
+        pending_bytes = 0
+        bad = 0
+        pieces = data.split(b"\n")
+        for index, piece in enumerate(pieces):
+            end = offset + len(piece) + 1
+            last = index == len(pieces) - 1
+            line = None if last else decode_journal_line(piece)
+            offset = end
+            if line is None:
+                bad += bool(piece)
+                continue
+            if line.seq <= base:
+                bad = 0  # whatever was bad before it is in the document already
+                if line.commit:
+                    good_end = end
+                continue
+            if bad or line.seq != expected:
+                read.damaged = path
+                read.damage = (
+                    f"line {line.seq} follows {bad} unreadable line(s)"
+                    if bad
+                    else f"line {line.seq} where line {expected} was expected"
+                )
+                pending = []
+                break
+            pending.append(line)
+            pending_bytes += len(piece) + 1
+            expected += 1
+            if line.commit:
+                read.batches.append(pending)
+                read.lines += len(pending)
+                read.bytes += pending_bytes
+                pending, pending_bytes = [], 0
+                good_end = end
+        if read.damaged is not None:
+            break
+        if pending or bad:
+            expected -= len(pending)
+            read.torn.append((path, good_end, len(pending) + bad))
+    read.next_seq = expected
+    return read
+
+
+_REMOVED = object()
+
+
+def apply_journal(document: Document, batches: Iterable[list[JournalLine]]) -> None:
+    """Fold journal commits into ``document`` (its task objects stay raw, for ``restore``).
+
+    A put replaces the first object with its task id (or appends the task, last in its
+    account); a remove drops it; an order line sets an account's whole order.
+    """
+    tasks: list[Any] = document.tasks
+    index: dict[str, int] = {}
+    for at, raw in enumerate(tasks):
+        task_id = raw.get("task_id") if isinstance(raw, dict) else None
+        if isinstance(task_id, str):
+            index.setdefault(task_id, at)
+    orders = {account: dict.fromkeys(ids) for account, ids in document.account_tasks.items()}
+
+    def account_of(raw: Any) -> Any:
+        return raw.get("account_id") if isinstance(raw, dict) else None
+
+    for batch in batches:
+        for line in batch:
+            if line.kind == "put":
+                raw = line.value
+                task_id, account = raw.get("task_id"), account_of(raw)
+                position: int | None = index.get(task_id) if isinstance(task_id, str) else None
+                if position is None:
+                    if isinstance(task_id, str):
+                        index[task_id] = len(tasks)
+                    tasks.append(raw)
+                else:
+                    previous = account_of(tasks[position])
+                    tasks[position] = raw
+                    if previous != account and isinstance(previous, str):
+                        orders.get(previous, {}).pop(task_id, None)
+                if isinstance(account, str) and isinstance(task_id, str):
+                    orders.setdefault(account, {}).setdefault(task_id)
+            elif line.kind == "remove":
+                position = index.pop(line.value) if line.value in index else None
+                if position is not None:
+                    account = account_of(tasks[position])
+                    tasks[position] = _REMOVED
+                    if isinstance(account, str):
+                        orders.get(account, {}).pop(line.value, None)
+            elif isinstance(line.value, dict):
+                account, ids = line.value.get("account"), line.value.get("tasks")
+                if isinstance(account, str) and isinstance(ids, list):
+                    orders[account] = dict.fromkeys(i for i in ids if isinstance(i, str))
+    document.tasks = [raw for raw in tasks if raw is not _REMOVED]
+    document.account_tasks = {account: list(ids) for account, ids in orders.items() if ids}
+
+
+def read_state(directory: Path, *, repair: bool) -> tuple[Document | None, bool, JournalRead]:
+    """The state of ``directory``: its document with the journal folded in; whether the
+    document is the backup; what the journal held.
+
+    The owner (``repair``) cuts torn journal tails (logged as a WARNING: they were never
+    acknowledged) and sets damaged segments aside as ``<name>.corrupt-<time>`` with an ERROR.
+    A reader retries when it raced a compaction of the owner. Raises as ``read_document``.
+    """
+    path, backup = directory / STATE_FILENAME, directory / BACKUP_FILENAME
+    for _attempt in range(1 if repair else 5):
+        document, from_backup = read_document(path, backup, repair=repair)
+        journal = read_journal(directory, document.journal_seq if document is not None else 0)
+        raced = journal.vanished or (journal.damaged is not None and not repair)
+        if not raced:
+            break
+    if journal.batches or (repair and journal.damaged is not None):
+        if document is None:
+            document = Document(version="1.0", saved_at=None, tasks=[])
+        apply_journal(document, journal.batches)
+    if repair:
+        assert document is not None or journal.damaged is None
+        _repair_journal(journal, document, path, backup)
+    return document, from_backup, journal
+
+
+def _repair_journal(
+    journal: JournalRead, document: Document | None, path: Path, backup: Path
+) -> None:
+    for path_, good_end, dropped in journal.torn:
+        logger.warning(
+            "%s: dropped %d journal line(s) at its end, torn or failing their checksum (a "
+            "change being written when the dispatcher stopped; it was never acknowledged)",
+            path_,
+            dropped,
+        )
+        with open(path_, "r+b") as file:
+            file.truncate(good_end)
+            os.fsync(file.fileno())
+    if journal.damaged is not None and document is not None:
+        # What was read before the damage is written into the document first, so setting
+        # the damaged segments aside loses nothing that was restored.
+        document.journal_seq = journal.next_seq - 1
+        write_atomic(
+            path,
+            encode_document(
+                map(encode_raw, document.tasks),
+                document.account_tasks,
+                datetime.now(UTC),
+                document.timezone,
+                document.extra,
+                document.journal_seq,
+            ),
+            backup=backup,
+        )
+        kept = [(n, p) for n, p in journal.segments if n < _number(journal.damaged)]
+        for _, path in journal.segments[len(kept) :]:
+            set_aside(path, f"journal damaged ({journal.damage}); later lines not applied")
+        logger.error(
+            "%s: the journal is damaged (%s): the changes before it are restored, the ones "
+            "in the segment(s) set aside are not",
+            journal.damaged,
+            journal.damage,
+        )
+        journal.segments = kept
+
+
+def _number(path: Path) -> int:
+    return int(path.name[len(JOURNAL_PREFIX) :])

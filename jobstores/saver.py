@@ -109,7 +109,7 @@ class Saver:
             if self._durable_version >= target:
                 with self._state_lock:
                     return self._health.ok
-            image = self._table.capture()
+            image = self._table.capture(full=self._storage.wants_full_image())
             now = self._clock()
             try:
                 self._storage.commit(image, now)

@@ -1,11 +1,15 @@
 """Reading a dispatcher directory without owning it: for ``list``, ``show`` and ``validate``.
 
-Nothing here takes the lock, creates a task manager or writes a byte. Saves replace the file
-atomically, so a reader sees either the previous or the next complete state.
+Nothing here takes the lock, creates a task manager or writes a byte. A reader sees what the
+owner would load: ``dispatch_config.json`` with the journal lines written since folded in
+(:func:`jobstores.loading.read_state`). Snapshots replace the file atomically and journal
+lines count only once whole, so a reader sees a complete state at some instant.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import tzinfo
@@ -15,8 +19,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import ValidationError
 
-from jobstores.format import CorruptFileError, decode_document
-from jobstores.loading import read_document, restore, validation_problems
+from jobstores.format import CorruptFileError, Document, decode_document
+from jobstores.loading import (
+    JournalRead,
+    apply_journal,
+    read_journal,
+    read_state,
+    restore,
+    validation_problems,
+)
 from jobstores.storage import STATE_FILENAME
 from tasks.errors import NewerFormatError
 from tasks.model import TaskRecord, kwargs_problems
@@ -58,7 +69,7 @@ class StateSnapshot:
 def read_snapshot(
     directory: Path, zone: tzinfo | None = None, *, convert: bool = False
 ) -> StateSnapshot:
-    """Read ``<directory>/dispatch_config.json``, falling back to its backup if unreadable.
+    """Read ``<directory>/dispatch_config.json`` (its backup if unreadable) and its journal.
 
     The zone is resolved as a dispatcher resolves it (:func:`tasks.zones.choose_timezone`):
     ``zone`` None is the zone the file records, else the local zone. Raises
@@ -66,9 +77,10 @@ def read_snapshot(
     newer format and :class:`TimezoneMismatchError` for another zone without ``convert``.
     """
     path = directory / STATE_FILENAME
-    if not path.exists():
+    existed = path.exists()
+    document, _, _ = read_state(directory, repair=False)
+    if document is None and not existed:
         return StateSnapshot(path=path, exists=False, timezone=choose_timezone(zone, None, path))
-    document, _ = read_document(path, directory / f"{STATE_FILENAME}.bak", repair=False)
     if document is None:
         raise CorruptFileError(f"{path} and its backup are unreadable")
     snapshot = StateSnapshot(
@@ -92,17 +104,46 @@ def read_snapshot(
     return snapshot
 
 
+def _journal_problems(journal: JournalRead) -> list[Problem]:
+    problems = [
+        Problem("journal", path.name, f"{dropped} torn line(s) at its end (never acknowledged)")
+        for path, _, dropped in journal.torn
+    ]
+    if journal.damaged is not None:
+        problems.append(
+            Problem(
+                "journal",
+                journal.damaged.name,
+                f"damaged: {journal.damage}; it and later segments are not applied",
+            )
+        )
+    return problems
+
+
 def validate_state_file(path: Path, zone: tzinfo | None = None) -> list[Problem]:
-    """Every problem in the state file at ``path``, each naming its task and field."""
+    """Every problem in the state file at ``path`` with its journal folded in (when ``path``
+    is a dispatcher's state file), each naming its task and field."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        data = None
     except OSError as exc:
         return [Problem("file", str(path), exc.strerror or str(exc))]
     try:
-        document = decode_document(data, path)
+        document = decode_document(data, path) if data is not None else None
     except (CorruptFileError, NewerFormatError) as exc:
         return [Problem("file", str(path), str(exc))]
-    problems = [Problem("file", "account_tasks", p) for p in document.problems]
+    problems: list[Problem] = []
+    if path.name == STATE_FILENAME:
+        journal = read_journal(path.parent, document.journal_seq if document else 0)
+        problems.extend(_journal_problems(journal))
+        if document is None and journal.batches:
+            document = Document(version="1.0", saved_at=None, tasks=[])
+        if document is not None:
+            apply_journal(document, journal.batches)
+    if document is None:
+        return [Problem("file", str(path), os.strerror(errno.ENOENT))]
+    problems.extend(Problem("file", "account_tasks", p) for p in document.problems)
     recorded = document.timezone
     if recorded is not None:
         try:

@@ -6,25 +6,26 @@ or raise ``OSError`` leaving the previous durable state intact). Group commit, r
 save health are the saver's; a backend only does its part.
 
 :class:`SnapshotStorage`, the first backend, rewrites the whole ``dispatch_config.json`` at
-each commit with the atomic protocol of :mod:`jobstores.durable`.
+each commit with the atomic protocol of :mod:`jobstores.durable`. The second,
+:class:`~jobstores.journal.JournalStorage` (the default), appends each commit's changes to a
+journal and folds it into that file in the background; a backend asks for the whole state
+in its next image through :meth:`StorageBackend.wants_full_image`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
-from jobstores.durable import remove_stale_temp_files, write_atomic
+from jobstores.durable import fsync_dir, remove_stale_temp_files, write_atomic
 from jobstores.format import Document, encode_document, encode_raw, encode_task
-from jobstores.loading import read_document
+from jobstores.loading import BACKUP_FILENAME, STATE_FILENAME, read_state
 from jobstores.table import StateImage
 from tasks.model import TaskRecord
 
 __all__ = ["STATE_FILENAME", "SnapshotStorage", "StorageBackend"]
-
-STATE_FILENAME = "dispatch_config.json"
-"""The state file in a dispatcher directory: the seed's format, read and repaired by people."""
 
 
 class StorageBackend(Protocol):
@@ -43,6 +44,14 @@ class StorageBackend(Protocol):
         """Make ``image`` durable; raise ``OSError`` (nothing durable changed) on failure."""
         ...
 
+    def wants_full_image(self, *, closing: bool = False) -> bool:
+        """Whether the next commit should carry the whole state (:attr:`StateImage.full`).
+
+        ``closing``: whether one more commit of the whole state is worth making before the
+        owner closes (a journal folds itself into the snapshot then).
+        """
+        ...
+
     def close(self) -> None:
         """The owner is done: no commit follows (the directory is still owned)."""
         ...
@@ -57,19 +66,30 @@ class SnapshotStorage:
 
     def __init__(self, directory: Path, *, timezone_key: str | None = None) -> None:
         self.path = directory / STATE_FILENAME
-        self.backup_path = directory / f"{STATE_FILENAME}.bak"
+        self.backup_path = directory / BACKUP_FILENAME
         self.timezone_key = timezone_key
         """The zone the file records for its hour windows."""
         self._lines: dict[str, tuple[TaskRecord, bytes]] = {}
+        self._journal_seq = 0
+        self._journal: list[Path] = []
 
     def load(self) -> tuple[Document | None, bool]:
-        """Clean up after an interrupted save, then read the state (see ``read_document``).
+        """Clean up after an interrupted save, then read the state (see ``read_state``).
 
-        Call only while owning the directory.
+        A journal left by :class:`~jobstores.journal.JournalStorage` is folded in, and
+        removed once the first commit has written what it held. Call only while owning the
+        directory.
         """
         remove_stale_temp_files(self.path)
         remove_stale_temp_files(self.backup_path)
-        return read_document(self.path, self.backup_path, repair=True)
+        document, from_backup, journal = read_state(self.path.parent, repair=True)
+        self._journal_seq = journal.next_seq - 1
+        self._journal = [path for _, path in journal.segments]
+        return document, from_backup
+
+    def wants_full_image(self, *, closing: bool = False) -> bool:
+        """Always, but at close: every commit writes the whole file."""
+        return not closing
 
     def _encoded(self, records: list[TaskRecord] | tuple[TaskRecord, ...]) -> list[bytes]:
         cache = self._lines
@@ -88,15 +108,26 @@ class SnapshotStorage:
         return lines
 
     def commit(self, image: StateImage, saved_at: datetime) -> None:
-        """Write ``image`` as the whole state file, atomically and durably."""
+        """Write ``image`` (always a full one) as the whole state file, atomically and
+        durably."""
         data = encode_document(
             [*self._encoded(list(image.records)), *map(encode_raw, image.kept)],
             image.account_tasks,
             saved_at,
             self.timezone_key,
             image.extra,
+            self._journal_seq,
         )
         write_atomic(self.path, data, backup=self.backup_path)
+        if self._journal:
+            # The file holds every journal line now (journal_seq says so, should these
+            # removals not reach the disk).
+            for path in self._journal:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            self._journal = []
+            with contextlib.suppress(OSError):
+                fsync_dir(self.path.parent)
 
     def close(self) -> None:
         """Leave no temporary file behind (the owner still holds the directory, no save runs)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
@@ -26,20 +26,39 @@ Change = Callable[[str, TaskRecord | None], None]
 
 @dataclass(frozen=True)
 class StateImage:
-    """Everything that is saved, captured at one version of the table."""
+    """What is saved, captured at one version of the table.
+
+    A *full* image carries the whole state (``records``, ``account_tasks``, ``kept``,
+    ``extra``); any image carries the changes not yet durable (``changes``, ``orders``), all
+    a backend that writes changes only needs. Capturing a full image copies every record
+    reference, so a journal asks for one only when it folds itself into a snapshot.
+    """
 
     version: int
     records: Sequence[TaskRecord]
-    """Every restored record, in file order."""
+    """Every restored record, in file order (empty unless ``full``)."""
     account_tasks: dict[str, list[str]]
-    """Account id -> task ids in priority order (unrestorable ones last)."""
+    """Account id -> task ids in priority order, unrestorable ones last (empty unless
+    ``full``)."""
     kept: Sequence[Any]
-    """Records that could not be restored, as they were read."""
+    """Records that could not be restored, as they were read (empty unless ``full``)."""
     extra: dict[str, Any]
     """Top-level keys of the document this code does not interpret, kept as they were."""
     changed: frozenset[str]
     """Task ids whose latest change is not durable yet (for backends that write changes
     only); a removed task's id is here and not in ``records``."""
+    full: bool = True
+    """Whether ``records``, ``account_tasks`` and ``kept`` hold the whole state."""
+    requested: bool = False
+    """Whether the owner asked for the whole state to be written (:meth:`TaskTable.touch`):
+    a journal then writes its snapshot before the commit returns."""
+    changes: Sequence[tuple[str, TaskRecord | None]] = ()
+    """The latest record of each id in ``changed`` (None: removed), in the order the ids
+    first changed: replaying them in this order appends new tasks in their account order."""
+    orders: dict[str, list[str]] = field(default_factory=dict)
+    """The whole priority order (unrestorable ids last) of each account whose order changed
+    other than by appending a new task (a reorder or a removal) since the last durable
+    version."""
 
 
 class TaskTable:
@@ -61,6 +80,9 @@ class TaskTable:
         self.order_version = 0
         """Bumped whenever a task's position within its account may have changed."""
         self._dirty: dict[str, int] = {}
+        self._order_dirty: dict[str, int] = {}
+        self._recreated: dict[str, int] = {}
+        self._touched = 0
         self._listeners: list[Change] = []
         self._closed = False
 
@@ -161,9 +183,10 @@ class TaskTable:
             listener(task_id, record)
 
     def touch(self) -> None:
-        """Make the next save write even if no task changed."""
+        """Make the next save write the whole state even if no task changed."""
         with self.lock:
             self.version += 1
+            self._touched = self.version
 
     def add(self, records: Sequence[TaskRecord]) -> None:
         """Add new tasks all together, or none of them (raises :class:`InvalidTaskError`)."""
@@ -180,6 +203,10 @@ class TaskTable:
                 if self.taken(record.task_id):
                     raise InvalidTaskError("task_id", f"a task with id {record.task_id!r} exists")
             for record in records:
+                if self._dirty.pop(record.task_id, None) is not None:
+                    # Removed and added again before a save: a backend that writes changes
+                    # writes the removal first, so the task lands last, as it is here.
+                    self._recreated[record.task_id] = self.version + 1
                 self._records[record.task_id] = record
                 self._order.setdefault(record.account_id, []).append(record.task_id)
                 self._changed(record.task_id, record)
@@ -198,6 +225,7 @@ class TaskTable:
                 self._order.pop(record.account_id, None)
             self.order_version += 1
             self._changed(task_id, None)
+            self._order_dirty[record.account_id] = self.version
             return record
 
     def update(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
@@ -229,6 +257,7 @@ class TaskTable:
             ids.insert(position, task_id)
             self.order_version += 1
             self._changed(task_id, record)
+            self._order_dirty[record.account_id] = self.version
 
     def close(self) -> None:
         """Refuse every change from now on."""
@@ -236,19 +265,51 @@ class TaskTable:
 
     # ------------------------------------------------------------------ for the saver
 
-    def capture(self) -> StateImage:
-        """What to write now, at the current version."""
+    def _account_order(self, account: str) -> list[str]:
+        return [*self._order.get(account, ()), *self._kept_order.get(account, ())]
+
+    def capture(self, *, full: bool = True) -> StateImage:
+        """What to write now, at the current version: the whole state if ``full`` (or if
+        :meth:`touch` asked for it since the last durable version), the changes in any case.
+
+        Without ``full`` the cost is that of the changes, not of the table.
+        """
         with self.lock:
+            requested = self._touched > 0
+            full = full or requested
+            records = self._records
+            changes: list[tuple[str, TaskRecord | None]] = []
+            for task_id in self._dirty:
+                if task_id in self._recreated:
+                    changes.append((task_id, None))
+                changes.append((task_id, records.get(task_id)))
+            orders = {account: self._account_order(account) for account in self._order_dirty}
+            if not full:
+                return StateImage(
+                    version=self.version,
+                    records=(),
+                    account_tasks={},
+                    kept=(),
+                    extra=self.extra,
+                    changed=frozenset(self._dirty),
+                    full=False,
+                    changes=changes,
+                    orders=orders,
+                )
             order = {account: list(ids) for account, ids in self._order.items() if ids}
             for account, ids in self._kept_order.items():
                 order.setdefault(account, []).extend(ids)
             return StateImage(
                 version=self.version,
-                records=list(self._records.values()),
+                records=list(records.values()),
                 account_tasks=order,
                 kept=list(self._kept),
                 extra=dict(self.extra),
                 changed=frozenset(self._dirty),
+                full=True,
+                requested=requested,
+                changes=changes,
+                orders=orders,
             )
 
     def saved(self, version: int) -> None:
@@ -256,8 +317,14 @@ class TaskTable:
         with self.lock:
             if version >= self.version:
                 self._dirty.clear()
+                self._order_dirty.clear()
+                self._recreated.clear()
             else:
                 self._dirty = {k: v for k, v in self._dirty.items() if v > version}
+                self._order_dirty = {k: v for k, v in self._order_dirty.items() if v > version}
+                self._recreated = {k: v for k, v in self._recreated.items() if v > version}
+            if self._touched <= version:
+                self._touched = 0
 
     def unsaved(self) -> tuple[str, ...]:
         """Task ids whose latest change is not durable yet."""

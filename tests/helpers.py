@@ -19,6 +19,9 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from jobstores import loading
+from jobstores.journal import JournalStorage
+from jobstores.storage import SnapshotStorage, StorageBackend
 from tasks import TaskRecord
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -91,7 +94,20 @@ class RecordingManager:
 
 
 def read_state(directory: Path) -> dict[str, Any]:
-    """The parsed dispatch_config.json of ``directory``."""
+    """The state of ``directory`` as a reader sees it (dispatch_config.json with the journal
+    folded in), in the file's shape."""
+    path = directory / "dispatch_config.json"
+    data: dict[str, Any] = orjson.loads(path.read_bytes()) if path.exists() else {}
+    document, _, _ = loading.read_state(directory, repair=False)
+    if document is None:
+        raise FileNotFoundError(path)
+    data["tasks"] = document.tasks
+    data["account_tasks"] = document.account_tasks
+    return data
+
+
+def read_file(directory: Path) -> dict[str, Any]:
+    """The parsed dispatch_config.json of ``directory`` alone (no journal)."""
     data: dict[str, Any] = orjson.loads((directory / "dispatch_config.json").read_bytes())
     return data
 
@@ -278,3 +294,12 @@ class Running:
 
     def finished_runs(self, lines: list[str]) -> int:
         return sum(" finished in " in line for line in lines)
+
+
+BACKENDS = ("journal", "snapshot")
+"""The storage backends every contract test runs over."""
+
+
+def storage(kind: str, directory: Path) -> StorageBackend:
+    """A fresh storage backend of ``kind`` on ``directory``."""
+    return JournalStorage(directory) if kind == "journal" else SnapshotStorage(directory)

@@ -18,6 +18,7 @@ import redis
 from click.testing import CliRunner
 from fleet_probe import read_probe
 from fleet_support import ROOT, TESTS, RedisServer, StartWorker, eventually, wait_until
+from helpers import read_state
 
 from scheduler import CeleryRunBackend, TaskDispatcher
 from scheduler.cli import main
@@ -72,7 +73,7 @@ def finished(dispatcher: TaskDispatcher, *task_ids: str) -> bool:
 
 
 def on_disk(directory: Path, task_id: str) -> dict[str, Any]:
-    data = json.loads((directory / "dispatch_config.json").read_text())
+    data = read_state(directory)
     record: dict[str, Any] = next(t for t in data["tasks"] if t["task_id"] == task_id)
     return record
 

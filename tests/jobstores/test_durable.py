@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SHANGHAI, T0, Recorder, read_state, record
+from helpers import SHANGHAI, T0, Recorder, read_state, record, storage
 
 from jobstores import JsonJobStore
 from jobstores.durable import DirectoryLock, set_aside, write_atomic
@@ -93,17 +93,24 @@ def store(tmp_path: Path, recorder: Recorder) -> JsonJobStore:
 
 
 @pytest.mark.parametrize(
-    ("name", "error"),
-    [("write", errno.ENOSPC), ("fsync", errno.EIO), ("replace", errno.EACCES)],
+    ("backend", "name", "error"),
+    [
+        ("snapshot", "write", errno.ENOSPC),
+        ("snapshot", "fsync", errno.EIO),
+        ("snapshot", "replace", errno.EACCES),
+        ("journal", "write", errno.ENOSPC),
+        ("journal", "fdatasync", errno.EIO),
+    ],
 )
 def test_a_failed_save_is_logged_reported_and_carried_by_the_next(
-    store: JsonJobStore,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    backend: str,
     name: str,
     error: int,
 ) -> None:
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
     store.add_tasks([record("a")])
     assert store.save()
     before = (tmp_path / "dispatch_config.json").read_bytes()

@@ -11,9 +11,18 @@ from typing import Any
 import pytest
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
-from helpers import SHANGHAI, T0, Recorder, read_state, record, task_in_file
+from helpers import (
+    BACKENDS,
+    SHANGHAI,
+    T0,
+    Recorder,
+    read_state,
+    record,
+    storage,
+    task_in_file,
+)
 
-from jobstores import JsonJobStore, durable
+from jobstores import JsonJobStore
 from scheduler.errors import DirectoryLockedError, InvalidTaskError, TaskNotFoundError
 from tasks import TaskStatus
 
@@ -24,9 +33,15 @@ def job_of(store: JsonJobStore, task_id: str) -> Any:
     return job
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every test here runs over each storage backend: one contract."""
+    return str(request.param)
+
+
 @pytest.fixture
-def store(tmp_path: Path, recorder: Recorder) -> Iterator[JsonJobStore]:
-    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0)
+def store(tmp_path: Path, recorder: Recorder, backend: str) -> Iterator[JsonJobStore]:
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
     scheduler = BackgroundScheduler(timezone=SHANGHAI)
     store.start(scheduler, "default")
     yield store
@@ -190,7 +205,7 @@ def test_reorder(store: JsonJobStore) -> None:
 
 
 def test_reopening_restores_records_without_creating_managers(
-    store: JsonJobStore, tmp_path: Path, recorder: Recorder
+    store: JsonJobStore, tmp_path: Path, recorder: Recorder, backend: str
 ) -> None:
     store.add_tasks([record("a"), record("b", account="other", run_count=3)])
     store.reorder("a", 0)
@@ -198,7 +213,7 @@ def test_reopening_restores_records_without_creating_managers(
     before = store.records()
     store.close()
     recorder.created.clear()
-    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0)
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
     try:
         assert again.records() == before
         assert recorder.created == []  # managers belong to the run backend, not the store
@@ -218,15 +233,16 @@ def test_concurrent_saves_share_writes(
     store: JsonJobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    real_write = durable.write_atomic
+    backend = store._storage
+    real_commit = backend.commit
     gate = threading.Event()
 
-    def slow_write(path: Path, data: bytes, *, backup: Path | None = None) -> None:
-        writes.append(len(data))
+    def slow_commit(image: Any, saved_at: Any) -> None:
+        writes.append(len(image.changed))
         gate.wait(5)
-        real_write(path, data, backup=backup)
+        real_commit(image, saved_at)
 
-    monkeypatch.setattr("jobstores.storage.write_atomic", slow_write)
+    monkeypatch.setattr(backend, "commit", slow_commit)
     store.add_tasks([record("first")])
     leader = threading.Thread(target=store.save)
     leader.start()
@@ -241,6 +257,6 @@ def test_concurrent_saves_share_writes(
     for thread in [leader, *followers]:
         thread.join(5)
     # One write for the leader, one shared by all eight followers.
-    assert len(writes) == 2
+    assert writes == [1, 8]
     assert len(read_state(tmp_path)["tasks"]) == 9
     assert store.save_health.unsaved_task_ids == ()

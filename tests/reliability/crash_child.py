@@ -1,8 +1,10 @@
 """Drives a TaskDispatcher through random operations until it is killed.
 
-Run as ``python crash_child.py DIR SEED``. Before each call it prints ``{"intent": ...}`` and,
-once the call has returned, ``{"ack": ...}`` (one JSON object per line, flushed), so the
-parent knows which operations were acknowledged when it sends SIGKILL.
+Run as ``python crash_child.py DIR SEED [MODE]``: MODE ``journal`` (the default storage),
+``compact`` (the journal folded into the snapshot at almost every commit, so kills land
+during compactions) or ``snapshot`` (the whole-file backend). Before each call it prints
+``{"intent": ...}`` and, once the call has returned, ``{"ack": ...}`` (one JSON object per
+line, flushed), so the parent knows which operations were acknowledged when it sends SIGKILL.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ class CrashManager:
 def say(kind: str, op: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps({kind: op}) + "\n")
     sys.stdout.flush()
+
+
+def use_mode(mode: str) -> None:
+    import jobstores.journal
+    import jobstores.jsonfile
+    import jobstores.storage
+
+    if mode == "compact":
+        jobstores.journal.MIN_BYTES = 1
+        jobstores.journal.MAX_AGE = 0.0
+    elif mode == "snapshot":
+        jobstores.jsonfile.JournalStorage = jobstores.storage.SnapshotStorage  # type: ignore[attr-defined, assignment]
 
 
 async def main(directory: str, seed: int) -> None:
@@ -79,4 +93,5 @@ async def main(directory: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
+    use_mode(sys.argv[3] if len(sys.argv) > 3 else "journal")
     asyncio.run(main(sys.argv[1], int(sys.argv[2])))

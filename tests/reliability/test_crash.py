@@ -65,9 +65,9 @@ class Model:
 
 
 class Child:
-    def __init__(self, directory: Path, seed: int) -> None:
+    def __init__(self, directory: Path, seed: int, mode: str = "journal") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(CHILD), str(directory), str(seed)],
+            [sys.executable, str(CHILD), str(directory), str(seed), mode],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -132,7 +132,7 @@ class _Noop:
         raise AssertionError("observing never runs tasks")
 
 
-def crash_loop(directory: Path, kills: int, seed: int) -> dict[str, int]:
+def crash_loop(directory: Path, kills: int, seed: int, mode: str = "journal") -> dict[str, int]:
     rng = random.Random(seed)
     base, _, _ = (
         observe(directory) if (directory / "dispatch_config.json").exists() else (Model(), {}, [])
@@ -140,7 +140,7 @@ def crash_loop(directory: Path, kills: int, seed: int) -> dict[str, int]:
     attempted: set[str] = set()
     stats = {"kills": 0, "acknowledged": 0, "in_flight_landed": 0, "max_leftovers": 0}
     for round_number in range(kills):
-        child = Child(directory, seed * 100_000 + round_number)
+        child = Child(directory, seed * 100_000 + round_number, mode)
         child.kill_after(rng.choice([0.0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4]))
         stats["kills"] += 1
         stats["acknowledged"] += len(child.acked)
@@ -171,16 +171,23 @@ def crash_loop(directory: Path, kills: int, seed: int) -> dict[str, int]:
     return stats
 
 
-def test_kill_9_at_random_instants(tmp_path: Path) -> None:
-    stats = crash_loop(tmp_path / "store", kills=12, seed=1)
+MODES = ["journal", "compact", "snapshot"]
+"""The journal (the default), the journal folded into the snapshot at almost every commit
+(kills land during compactions), and the whole-file snapshot backend."""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kill_9_at_random_instants(tmp_path: Path, mode: str) -> None:
+    stats = crash_loop(tmp_path / "store", kills=12, seed=1, mode=mode)
     assert stats["kills"] == 12
     assert stats["acknowledged"] > 0
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_kill_9_two_hundred_times(tmp_path: Path) -> None:
-    stats = crash_loop(tmp_path / "store", kills=200, seed=7)
-    print(f"crash loop: {stats}")
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("mode", MODES)
+def test_kill_9_two_hundred_times(tmp_path: Path, mode: str) -> None:
+    stats = crash_loop(tmp_path / "store", kills=200, seed=7, mode=mode)
+    print(f"crash loop ({mode}): {stats}")
     assert stats["kills"] == 200
     assert stats["acknowledged"] > 200

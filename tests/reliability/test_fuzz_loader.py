@@ -222,3 +222,72 @@ def test_the_file_cannot_name_code_to_import(tmp_path: Path) -> None:
         assert dispatcher._store.kept_records() == [task]
     finally:
         dispatcher.close()
+
+
+# ---------------------------------------------------------------------- the journal
+
+
+def _journal_directory(directory: Path, commits: int) -> list[tuple[list[Any], Any]]:
+    """A snapshot and a journal of ``commits`` commits; the state after each (prefixes)."""
+    from jobstores.journal import JournalStorage
+
+    store = JsonJobStore(directory, timezone=UTC, now=NOW, storage=JournalStorage(directory))
+    store.add_tasks([parse_record(valid_task(0, "a"), UTC)])
+    assert store.save()  # the snapshot
+    states = [(store.records(), store.account_tasks())]
+    for n in range(1, commits + 1):
+        if n % 3 == 0:
+            store.reorder(f"t{n - 1}", 0)
+        else:
+            store.add_tasks([parse_record(valid_task(n, "ab"[n % 2]), UTC)])
+        assert store.save()
+        states.append((store.records(), store.account_tasks()))
+    store._saver._closed = True  # a crash: the journal stays as it is
+    store._storage.close()
+    store._dir_lock.release()
+    return states
+
+
+@FUZZ
+@given(
+    commits=st.integers(1, 6),
+    where=st.floats(0, 1),
+    damage=st.sampled_from(["truncate", "flip", "insert", "zero-fill"]),
+    byte=st.integers(0, 255),
+)
+def test_a_damaged_journal_loads_a_prefix_of_its_commits(
+    commits: int, where: float, damage: str, byte: int
+) -> None:
+    from jobstores.loading import journal_segments
+
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        states = _journal_directory(directory, commits)
+        (_, segment), *_ = journal_segments(directory)
+        original = segment.read_bytes()
+        ends, offset = [], 0  # where each commit's last line ends (its newline)
+        for line in original.splitlines(keepends=True):
+            offset += len(line)
+            if b'"commit":true' in line:
+                ends.append(offset - 1)
+        data = bytearray(original)
+        at = min(int(where * len(data)), len(data) - 1)
+        if damage == "truncate":
+            del data[at:]
+        elif damage == "flip":
+            data[at] ^= byte or 1
+        elif damage == "insert":
+            data[at:at] = bytes([byte])
+        else:
+            data[at:] = bytes(len(data) - at)
+        segment.write_bytes(bytes(data))
+        store = load(directory)
+        assert store is not None
+        try:
+            got = (store.records(), store.account_tasks())
+            # The snapshot plus every commit written whole before the damage, and nothing
+            # after it (unless the damage is harmless, such as a blank line).
+            before = sum(end < at for end in ends)
+            assert got in (states[before], states[-1])
+        finally:
+            store.close()

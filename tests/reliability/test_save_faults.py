@@ -30,14 +30,14 @@ async def test_runs_go_on_while_saves_fail_and_the_next_save_catches_up(
     task_id = await dispatcher.add_task(sys_type="s", task_type="t", account_id="a", interval=3600)
     await dispatcher.start()
     before = (state_dir / "dispatch_config.json").read_bytes()
-    real_replace = os.replace
+    real_write = os.write
     faults = {"count": 0}
 
-    def full_disk(src: Any, dst: Any) -> None:
+    def full_disk(fd: int, data: Any) -> int:
         faults["count"] += 1
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "replace", full_disk)
+    monkeypatch.setattr(os, "write", full_disk)  # the journal's appends and any snapshot
     with caplog.at_level(logging.ERROR):
         for hour in (8, 9, 10):
             clock.move_to(at(2026, 1, 8, hour, 0))
@@ -55,7 +55,7 @@ async def test_runs_go_on_while_saves_fail_and_the_next_save_catches_up(
     assert len(failures) == faults["count"]
     assert all(task_id in r.getMessage() for r in failures)
 
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "write", real_write)
     dispatcher.resume_task(task_id)
     saved = read_state(state_dir)["tasks"][0]
     assert saved["run_count"] == 3
@@ -74,16 +74,16 @@ async def test_a_failed_background_save_is_retried_without_a_new_change(
     dispatcher = make_dispatcher()
     task_id = await dispatcher.add_task(sys_type="s", task_type="t", account_id="a", interval=60)
     store = dispatcher._store
-    real_replace = os.replace
+    real_write = os.write
     calls = {"n": 0}
 
-    def fail_once(src: Any, dst: Any) -> None:
+    def fail_once(fd: int, data: Any) -> int:
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_replace(src, dst)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(os, "replace", fail_once)
+    monkeypatch.setattr(os, "write", fail_once)
     retried = asyncio.Event()
     saver = store._saver
     request_save = saver.request
@@ -105,15 +105,15 @@ async def test_a_failed_background_save_is_retried_without_a_new_change(
 
 def _fail_writes(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """Make every save fail (disk full) until the returned function is called."""
-    real_replace = os.replace
+    real_write = os.write
 
-    def full_disk(src: Any, dst: Any) -> None:
+    def full_disk(fd: int, data: Any) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     def restore() -> None:
-        monkeypatch.setattr(os, "replace", real_replace)
+        monkeypatch.setattr(os, "write", real_write)
 
-    monkeypatch.setattr(os, "replace", full_disk)
+    monkeypatch.setattr(os, "write", full_disk)
     return restore
 
 

@@ -167,17 +167,17 @@ async def test_save_failed_and_recovered_events(
     dispatcher.add_listener(seen, events=["save_failed", "save_recovered"])
     task_id = await add(dispatcher)
     await dispatcher.start()
-    real_replace = os.replace
+    real_write = os.write
 
-    def full_disk(src: Any, dst: Any) -> None:
+    def full_disk(fd: int, data: Any) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(os, "replace", full_disk)
+    monkeypatch.setattr(os, "write", full_disk)
     with pytest.raises(SaveFailedError):
         dispatcher.pause_task(task_id)
     failed = await seen.wait_for("save_failed")
     assert "No space left" in failed.to_json()["error"]
-    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(os, "write", real_write)
     dispatcher.resume_task(task_id)
     await seen.wait_for("save_recovered")
     assert seen.kinds() == ["save_failed", "save_recovered"]

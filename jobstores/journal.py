@@ -1,0 +1,332 @@
+"""``JournalStorage``: each commit appends its changes to a journal; the snapshot follows later.
+
+A commit writes one line per change (the task's whole record, its removal, or an account's
+whole order) with a sequence number and a CRC-32, the last line marked as ending the commit,
+in one ``write`` and one ``fdatasync``: a change costs what it writes, not what the store
+holds. The saver groups concurrent changes into one commit, so they share the sync.
+
+``dispatch_config.json`` stays the seed's format and what a person reads and repairs: when
+the journal outgrows the snapshot (or a threshold of age), and when the owner closes, the
+saver hands over the whole state and a background thread writes it with the atomic protocol
+of :mod:`jobstores.durable`, recording the last journal line it holds (``journal_seq``); only
+then are the journal segments it covers deleted. A crash at any instant leaves the old or
+the new snapshot and every segment not yet covered: loading skips the lines the snapshot
+holds, so nothing is lost and nothing applied twice (see :func:`jobstores.loading.read_state`).
+
+Segments: ``dispatch_config.journal-<first line number>``. Each compaction starts a new one,
+so the thread writing the snapshot never shares a file with the appends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jobstores.durable import fsync_dir, remove_stale_temp_files, write_atomic
+from jobstores.format import (
+    Document,
+    encode_document_chunks,
+    encode_journal_line,
+    encode_raw,
+    encode_task,
+)
+from jobstores.loading import BACKUP_FILENAME, JOURNAL_PREFIX, STATE_FILENAME, read_state
+from jobstores.table import StateImage
+
+__all__ = ["MAX_AGE", "MIN_BYTES", "JournalStorage"]
+
+logger = logging.getLogger(__name__)
+
+MIN_BYTES = 1 << 20
+"""Fold the journal into the snapshot once it holds this many bytes, or the snapshot's
+size if larger (so the writes a compaction costs stay proportional to the changes)."""
+MAX_AGE = 600.0
+"""... or once its oldest line not in the snapshot is this many seconds old."""
+_CHUNK = 256  # task lines joined at a time when writing the snapshot
+_FILE_MODE = 0o600
+
+
+def _sync(fd: int) -> None:
+    # Data and the file's size, not its times: what an appended line needs to be read back.
+    (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+
+
+class JournalStorage:
+    """The state as ``dispatch_config.json`` plus a journal of the changes made since.
+
+    ``max_bytes`` / ``max_age`` override :data:`MIN_BYTES` / :data:`MAX_AGE`; ``clock`` is a
+    monotonic clock in seconds (for the age threshold).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        timezone_key: str | None = None,
+        max_bytes: int | None = None,
+        max_age: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.directory = directory
+        self.path = directory / STATE_FILENAME
+        self.backup_path = directory / BACKUP_FILENAME
+        self.timezone_key = timezone_key
+        """The zone the snapshot records for its hour windows."""
+        self._max_bytes = max_bytes
+        self._max_age = MAX_AGE if max_age is None else max_age
+        self._clock = clock
+        self._lock = threading.Lock()  # a leaf lock: guards the fields below
+        self._segments: list[tuple[int, Path]] = []
+        self._fd: int | None = None
+        self._size = 0
+        self._next_seq = 1
+        self._folded_seq = 0
+        """The last line the snapshot on disk holds."""
+        self._covered_seq = 0
+        """The last line the snapshot on disk, or one queued or being written, holds."""
+        self._unfolded_bytes = 0
+        self._unfolded_since: float | None = None
+        self._snapshot_bytes = 0
+        self._no_snapshot = True
+        self._broken = False
+        """An append failed and could not be undone: the next commit writes a snapshot."""
+        self._retry_at: float | None = None
+        self._queued: tuple[StateImage, datetime, int] | None = None
+        self._compactor: threading.Thread | None = None
+        self.compactions = 0
+        """Snapshots written (for tests and the curious)."""
+        self.last_compaction_error: str | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    def load(self) -> tuple[Document | None, bool]:
+        """Clean up after an interrupted save, read the snapshot and replay the journal.
+
+        Call only while owning the directory.
+        """
+        remove_stale_temp_files(self.path)
+        remove_stale_temp_files(self.backup_path)
+        document, from_backup, journal = read_state(self.directory, repair=True)
+        with self._lock:
+            self._segments = list(journal.segments)
+            self._next_seq = journal.next_seq
+            self._folded_seq = document.journal_seq if document is not None else 0
+            self._unfolded_bytes = journal.bytes
+            self._unfolded_since = self._clock() if journal.lines else None
+            try:
+                self._snapshot_bytes = self.path.stat().st_size
+                self._no_snapshot = False
+            except FileNotFoundError:
+                self._no_snapshot = True
+        return document, from_backup
+
+    # ------------------------------------------------------------------ committing
+
+    def wants_full_image(self, *, closing: bool = False) -> bool:
+        """Whether the next commit should carry the whole state: a snapshot is due."""
+        with self._lock:
+            if closing:
+                return self._next_seq - 1 > max(self._folded_seq, self._covered_seq)
+            if self._broken:
+                return True
+            if self._compactor is not None:
+                return False
+            if self._retry_at is not None:
+                return self._clock() >= self._retry_at
+            if self._no_snapshot:
+                return True
+            limit = self._max_bytes or max(MIN_BYTES, self._snapshot_bytes)
+            if self._unfolded_since is None:
+                return False
+            if self._unfolded_bytes >= limit:
+                return True
+            since = self._unfolded_since
+            return since is not None and self._clock() - since >= self._max_age
+
+    def commit(self, image: StateImage, saved_at: datetime) -> None:
+        """Append ``image``'s changes to the journal durably; with a full image, have the
+        snapshot written in the background (at once when there is none yet, or after an
+        append failed)."""
+        if self._broken or (image.full and (self._no_snapshot or image.requested)):
+            # The snapshot is written here and now when the owner asks for it (at stop, or
+            # after a load that repaired something), in a new directory (so the file a
+            # person looks for is there from the first change) and after an append that
+            # could not be undone.
+            if not image.full:
+                raise OSError("the journal needs a snapshot first; the next commit writes one")
+            self._wait_compaction()
+            with self._lock:
+                seq = self._next_seq - 1
+            self._write_snapshot(image, saved_at, seq)
+            with self._lock:
+                self._broken = False
+                self._folded_seq = seq
+                self._unfolded_bytes = 0
+                self._unfolded_since = None
+                self._retry_at = None
+                self._close_segment()
+            self._drop_segments(seq)
+            return
+        lines = list(self._lines(image))
+        with self._lock:
+            if lines:
+                self._append(lines)
+            if image.full:
+                self._queue(image, saved_at, self._next_seq - 1)
+
+    def _lines(self, image: StateImage) -> Iterator[bytes]:
+        changes: list[tuple[str, Any]] = []
+        for task_id, record in image.changes:
+            changes.append(("remove", task_id) if record is None else ("put", record.plain()))
+        changes.extend(
+            ("order", {"account": account, "tasks": ids}) for account, ids in image.orders.items()
+        )
+        seq = self._next_seq
+        for index, (kind, value) in enumerate(changes):
+            yield encode_journal_line(seq + index, kind, value, commit=index == len(changes) - 1)
+
+    def _open_segment(self) -> int:
+        if self._fd is None:
+            number = self._next_seq
+            path = self.directory / f"{JOURNAL_PREFIX}{number:012d}"
+            # A segment of this number can only hold lines that were never acknowledged.
+            self._fd = os.open(
+                path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, _FILE_MODE
+            )
+            self._size = 0
+            try:
+                fsync_dir(self.directory)
+            except OSError:
+                self._close_segment()
+                raise
+            self._segments = [s for s in self._segments if s[0] != number]
+            self._segments.append((number, path))
+        return self._fd
+
+    def _close_segment(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _append(self, lines: list[bytes]) -> None:
+        fd = self._open_segment()
+        data = memoryview(b"".join(lines))
+        start = self._size
+        try:
+            view = data
+            while view:
+                view = view[os.write(fd, view) :]
+            _sync(fd)
+        except OSError:
+            # Leave no partial commit behind: a later line written after it would look
+            # like damage in the middle of the journal.
+            try:
+                os.ftruncate(fd, start)
+                _sync(fd)
+            except OSError:
+                self._broken = True
+                self._next_seq += len(lines)  # never reuse what may be on disk
+                self._close_segment()
+            raise
+        self._size += len(data)
+        self._next_seq += len(lines)
+        self._unfolded_bytes += len(data)
+        if self._unfolded_since is None:
+            self._unfolded_since = self._clock()
+
+    # ------------------------------------------------------------------ compaction
+
+    def _queue(self, image: StateImage, saved_at: datetime, seq: int) -> None:
+        """Have the snapshot of ``image`` (which holds every line up to ``seq``) written."""
+        if self._size:
+            self._close_segment()  # the appends go on in a new segment
+        self._queued = (image, saved_at, seq)
+        self._covered_seq = max(self._covered_seq, seq)
+        self._unfolded_bytes = 0
+        self._unfolded_since = None
+        self._retry_at = None
+        if self._compactor is None:
+            self._compactor = threading.Thread(
+                target=self._compact, name="dispatch-compact", daemon=True
+            )
+            self._compactor.start()
+
+    def _compact(self) -> None:
+        while True:
+            with self._lock:
+                job, self._queued = self._queued, None
+                if job is None:
+                    self._compactor = None
+                    return
+            image, saved_at, seq = job
+            try:
+                self._write_snapshot(image, saved_at, seq)
+            except (OSError, TypeError, ValueError) as exc:
+                self.last_compaction_error = f"{type(exc).__name__}: {exc}"
+                logger.error(
+                    "writing %s from the journal failed (%s); the journal keeps every change "
+                    "and the snapshot is tried again later",
+                    self.path,
+                    self.last_compaction_error,
+                )
+                with self._lock:
+                    self._retry_at = self._clock() + 5.0
+                    self._covered_seq = self._folded_seq
+                continue
+            with self._lock:
+                self._folded_seq = max(self._folded_seq, seq)
+                self.last_compaction_error = None
+            self._drop_segments(seq)
+
+    def _write_snapshot(self, image: StateImage, saved_at: datetime, seq: int) -> None:
+        records = image.records
+        chunks = [
+            b",\n".join(encode_task(record.plain()) for record in records[at : at + _CHUNK])
+            for at in range(0, len(records), _CHUNK)
+        ]
+        if image.kept:
+            chunks.append(b",\n".join(map(encode_raw, image.kept)))
+        parts = encode_document_chunks(
+            chunks, image.account_tasks, saved_at, self.timezone_key, image.extra, seq
+        )
+        write_atomic(self.path, parts, backup=self.backup_path)
+        with self._lock:
+            self._snapshot_bytes = sum(map(len, parts))
+            self._no_snapshot = False
+            self.compactions += 1
+
+    def _drop_segments(self, seq: int) -> None:
+        """Delete the segments every line of which the snapshot holds (lines up to ``seq``)."""
+        with self._lock:
+            active = self._next_seq if self._fd is None else self._segments[-1][0]
+            covered = [s for s in self._segments if s[0] <= seq and s[0] != active]
+            self._segments = [s for s in self._segments if s not in covered]
+        for _, path in covered:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if covered:
+            with contextlib.suppress(OSError):
+                fsync_dir(self.directory)
+
+    def _wait_compaction(self) -> None:
+        compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> None:
+        """Wait for the snapshot being written, then leave no temporary file behind."""
+        self._wait_compaction()
+        with self._lock:
+            self._close_segment()
+        remove_stale_temp_files(self.path)
+        remove_stale_temp_files(self.backup_path)

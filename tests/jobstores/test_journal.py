@@ -1,0 +1,334 @@
+"""The journal backend: damage at the tail and in the middle, crashes around a compaction,
+failed appends, readers, and a property test of changes, compactions and reloads."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import SHANGHAI, T0, read_file, read_state, record
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from jobstores import JsonJobStore
+from jobstores.journal import JournalStorage
+from jobstores.loading import JOURNAL_PREFIX, journal_segments
+from jobstores.snapshot import read_snapshot, validate_state_file
+from jobstores.storage import SnapshotStorage
+from tasks import TaskRecord, TaskStatus, lifecycle
+
+
+def open_store(directory: Path, **options: Any) -> JsonJobStore:
+    return JsonJobStore(
+        directory, timezone=SHANGHAI, now=T0, storage=JournalStorage(directory, **options)
+    )
+
+
+def crash(store: JsonJobStore) -> None:
+    """Let the store go as a killed process would: no close, no final snapshot."""
+    store._storage._wait_compaction()  # type: ignore[attr-defined]
+    store._storage._close_segment()  # type: ignore[attr-defined]
+    store._saver._closed = True
+    store._dir_lock.release()
+
+
+def ran(count: int) -> Callable[[TaskRecord], TaskRecord]:
+    return lambda record: record.replace(run_count=count)
+
+
+def state(store: JsonJobStore) -> tuple[list[Any], dict[str, list[str]], list[Any]]:
+    return store.records(), store.account_tasks(), store.kept_records()
+
+
+@pytest.fixture
+def seeded(tmp_path: Path) -> tuple[Path, Any]:
+    """A store with a snapshot of a, b and a journal holding: pause a, add c, reorder c."""
+    store = open_store(tmp_path)
+    store.add_tasks([record("a"), record("b")])
+    assert store.save()  # the first commit of a new directory writes the snapshot
+    store.update_task("a", lambda r: lifecycle.paused(r, T0))
+    assert store.save()
+    store.add_tasks([record("c")])
+    assert store.save()
+    store.reorder("c", 0)
+    assert store.save()
+    expected = state(store)
+    crash(store)
+    return tmp_path, expected
+
+
+def segment(directory: Path) -> Path:
+    return journal_segments(directory)[-1][1]
+
+
+def test_a_journal_left_by_a_crash_with_no_snapshot_change_is_replayed(
+    seeded: tuple[Path, Any],
+) -> None:
+    directory, expected = seeded
+    assert [t["task_id"] for t in read_file(directory)["tasks"]] == ["a", "b"]
+    store = open_store(directory)
+    try:
+        assert state(store) == expected
+    finally:
+        store.close()
+    # Closing folds the journal into the file a person reads, and drops it.
+    assert read_file(directory)["account_tasks"] == {"acc": ["c", "a", "b"]}
+    assert journal_segments(directory) == []
+
+
+def test_readers_see_the_snapshot_and_the_journal(seeded: tuple[Path, Any]) -> None:
+    directory, expected = seeded
+    snapshot = read_snapshot(directory)
+    assert snapshot.records == expected[0]
+    assert snapshot.account_tasks == expected[1]
+    assert validate_state_file(directory / "dispatch_config.json") == []
+
+
+@pytest.mark.parametrize("cut", ["torn", "checksum", "half a commit"])
+def test_a_torn_or_failing_tail_is_dropped_with_a_warning(
+    seeded: tuple[Path, Any], cut: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory, expected = seeded
+    path = segment(directory)
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    if cut == "torn":
+        path.write_bytes(data + lines[0][:40])
+    elif cut == "checksum":
+        path.write_bytes(data + lines[0].replace(b'"seq":', b'"seq": '))
+    else:  # the last commit (the reorder: a put and an order line) loses its last line
+        path.write_bytes(b"".join(lines[:-1]))
+        expected = None
+    with caplog.at_level(logging.WARNING):
+        store = open_store(directory)
+    try:
+        if expected is None:  # the reorder never happened
+            assert store.account_tasks() == {"acc": ["a", "b", "c"]}
+        else:
+            assert state(store) == expected
+        assert any("dropped" in r.getMessage() for r in caplog.records)
+        assert not list(directory.glob("*.corrupt-*"))
+        # The tail was cut: what is appended next is not behind garbage.
+        store.update_task("b", lambda r: r.replace(run_count=4))
+        assert store.save()
+        crash(store)
+        again = open_store(directory)
+        assert again.get("b").run_count == 4
+        again.close()
+    finally:
+        store.close()
+
+
+def test_a_bad_line_in_the_middle_is_set_aside_never_skipped(
+    seeded: tuple[Path, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    directory, _ = seeded
+    path = segment(directory)
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4  # pause a | add c | reorder c (put, order)
+    lines[1] = lines[1].replace(b'"task_id":"c"', b'"task_id":"C"')  # fails its checksum
+    path.write_bytes(b"".join(lines))
+
+    problems = validate_state_file(directory / "dispatch_config.json")
+    assert [p.where for p in problems] == ["journal"]
+    assert "damaged" in problems[0].message
+    with caplog.at_level(logging.ERROR):
+        store = open_store(directory)
+    try:
+        # What came before the damage is restored; nothing after it is applied.
+        assert store.get("a").status is TaskStatus.PAUSED
+        assert store.find("c") is None
+        assert any("journal is damaged" in r.getMessage() for r in caplog.records)
+        (aside,) = directory.glob(f"{JOURNAL_PREFIX}*.corrupt-*")
+        assert aside.read_bytes() == b"".join(lines)  # kept for a person, as it was
+        assert read_file(directory)["journal_seq"] == 1  # the restored part is in the file
+        store.add_tasks([record("d")])
+        assert store.save()
+        crash(store)
+        again = open_store(directory)
+        assert [r.task_id for r in again.records()] == ["a", "b", "d"]
+        again.close()
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("step", ["before the snapshot", "before the journal is dropped"])
+def test_a_crash_at_any_step_of_a_compaction_loses_nothing_and_applies_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    store = open_store(tmp_path, max_bytes=1)
+    store.add_tasks([record("a"), record("b"), record("c", account="x")])
+    assert store.save()
+    storage = store._storage
+    assert isinstance(storage, JournalStorage)
+    if step == "before the snapshot":
+        monkeypatch.setattr(storage, "_write_snapshot", lambda *a: None)
+    monkeypatch.setattr(storage, "_drop_segments", lambda seq: None)
+    # Changes that replaying twice would get wrong: a move, a removal, a re-add.
+    store.reorder("b", 0)
+    assert store.save()  # asks for a compaction (the threshold is one byte)
+    store.remove_task("a")
+    store.add_tasks([record("a", account="x")])
+    assert store.save()
+    store.reorder("a", 0)
+    assert store.save()
+    expected = state(store)
+    crash(store)
+    again = open_store(tmp_path)
+    try:
+        assert state(again) == expected
+    finally:
+        again.close()
+
+
+def test_the_journal_is_folded_in_the_background_past_its_threshold(tmp_path: Path) -> None:
+    store = open_store(tmp_path, max_bytes=2000)
+    store.add_tasks([record(f"t{n}") for n in range(5)])
+    assert store.save()
+    storage = store._storage
+    assert isinstance(storage, JournalStorage)
+    for n in range(30):
+        store.update_task(f"t{n % 5}", ran(n))
+        assert store.save()
+    storage._wait_compaction()
+    assert storage.compactions >= 2
+    assert len(journal_segments(tmp_path)) <= 1  # the covered segments are gone
+    assert read_state(tmp_path)["tasks"] == [r.to_json_dict() for r in store.records()]
+    store.close()
+
+
+def test_enospc_while_appending_leaves_no_partial_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(tmp_path)
+    store.add_tasks([record("a")])
+    assert store.save()
+    real_write = os.write
+
+    def half_then_full(fd: int, data: Any) -> int:
+        if len(data) > 20:
+            real_write(fd, bytes(data[: len(data) // 2]))  # part of the commit lands ...
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # ... then the disk is full
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    store.update_task("a", lambda r: r.replace(run_count=1))
+    assert not store.save()
+    monkeypatch.setattr(os, "write", real_write)
+    store.update_task("a", lambda r: r.replace(run_count=2))
+    assert store.save()
+    crash(store)
+    again = open_store(tmp_path)
+    try:
+        assert again.get("a").run_count == 2
+        assert not list(tmp_path.glob("*.corrupt-*"))
+    finally:
+        again.close()
+
+
+def test_an_append_that_cannot_be_undone_is_followed_by_a_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = open_store(tmp_path)
+    store.add_tasks([record("a")])
+    assert store.save()
+    real_write = os.write
+
+    def garbage(fd: int, data: Any) -> int:
+        real_write(fd, b'{"seq":2,"put":{"task')
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    def no_truncate(fd: int, size: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "write", garbage)
+    monkeypatch.setattr(os, "ftruncate", no_truncate)
+    store.update_task("a", lambda r: r.replace(run_count=1))
+    assert not store.save()
+    monkeypatch.undo()
+    store.update_task("a", lambda r: r.replace(run_count=2))
+    assert store.save()  # writes the whole snapshot, past the garbage
+    assert read_file(tmp_path)["tasks"][0]["run_count"] == 2
+    store.add_tasks([record("b")])
+    assert store.save()
+    crash(store)
+    again = open_store(tmp_path)
+    try:
+        assert [r.run_count for r in again.records()] == [2, 0]
+        assert not list(tmp_path.glob("*.corrupt-*"))
+    finally:
+        again.close()
+
+
+def test_the_snapshot_backend_folds_a_journal_left_behind(seeded: tuple[Path, Any]) -> None:
+    directory, expected = seeded
+    store = JsonJobStore(directory, timezone=SHANGHAI, now=T0, storage=SnapshotStorage(directory))
+    assert state(store) == expected
+    store.touch()
+    assert store.save()
+    store.close()
+    assert journal_segments(directory) == []
+    again = open_store(directory)  # and back: nothing replayed twice
+    assert state(again) == expected
+    again.close()
+
+
+# ---------------------------------------------------------------------- the property
+
+operation = st.one_of(
+    st.tuples(st.just("add"), st.integers(0, 7), st.sampled_from(["a", "b"])),
+    st.tuples(st.just("remove"), st.integers(0, 7), st.none()),
+    st.tuples(st.just("update"), st.integers(0, 7), st.integers(0, 5)),
+    st.tuples(st.just("reorder"), st.integers(0, 7), st.integers(0, 7)),
+    st.tuples(st.just("save"), st.none(), st.none()),
+    st.tuples(st.just("compact"), st.none(), st.none()),
+    st.tuples(st.just("crash"), st.none(), st.none()),
+    st.tuples(st.just("close"), st.none(), st.none()),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(operation, max_size=40), st.sampled_from([1, 400, 1 << 20]))
+def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
+    operations: list[tuple[str, Any, Any]], threshold: int
+) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        store = open_store(directory, max_bytes=threshold)
+        for kind, n, arg in operations:
+            task_id = f"t{n}"
+            if kind == "add" and not store.table.taken(task_id):
+                store.add_tasks([record(task_id, account=arg)])
+            elif kind == "remove" and store.find(task_id):
+                store.remove_task(task_id)
+            elif kind == "update" and store.find(task_id):
+                store.update_task(task_id, ran(arg))
+            elif kind == "reorder" and store.find(task_id):
+                ids = store.account_tasks()[store.get(task_id).account_id]
+                store.reorder(task_id, arg % len(ids))
+            elif kind == "save":
+                assert store.save()
+            elif kind == "compact":
+                store.touch()
+                assert store.save()
+            elif kind in ("crash", "close"):
+                assert store.save()
+                expected = state(store)
+                crash(store) if kind == "crash" else store.close()
+                store = open_store(directory, max_bytes=threshold)
+                assert state(store) == expected
+        assert store.save()
+        expected = state(store)
+        crash(store)
+        again = open_store(directory)
+        try:
+            assert state(again) == expected
+            assert read_snapshot(directory, SHANGHAI).records == expected[0]
+        finally:
+            again.close()
