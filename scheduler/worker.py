@@ -47,9 +47,16 @@ from scheduler.fleet import (
     mask_url,
     worker_name,
 )
-from tasks.manager import TaskManagerFactory
+from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.registry import default_registry
-from tasks.runs import RunEvent, RunEventKind, RunRequest, describe_error
+from tasks.runs import (
+    TIMED_OUT,
+    RunEvent,
+    RunEventKind,
+    RunRequest,
+    describe_error,
+    timed_out_error,
+)
 
 __all__ = ["app", "execute_run", "load_factory", "make_app"]
 
@@ -288,10 +295,14 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
         name,
     )
     error: str | None = None
+    extra: dict[str, Any] = {}
     with _Heartbeat(client, request.run_id, claim, interval, alive_ms):
         try:
             manager = create_manager(_state.factory(), request.sys_type, request.kwargs)
-            asyncio.run(call_manager(manager))
+            _run_bounded(manager, request.timeout)
+        except TimeoutError:
+            assert request.timeout is not None
+            error, extra[TIMED_OUT] = timed_out_error(request.timeout), request.timeout
         except Exception as exc:
             error = describe_error(exc)
     finished = _now()
@@ -304,6 +315,7 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
         worker=name,
         error=error,
         started_at=started,
+        extra=extra,
     )
     done = dumps({"state": kind.value, "worker": name, "at": finished.isoformat()})
     recorded = _record_outcome(client, request.run_id, claim, done, _event(outcome))
@@ -330,6 +342,23 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
             error,
         )
     return kind.value
+
+
+def _run_bounded(manager: TaskManager, timeout: float | None) -> None:
+    """Run ``manager`` on a loop of its own; raise ``TimeoutError`` once ``timeout`` passes.
+
+    An async manager is cancelled (the shell type kills its process group). A sync one runs
+    in a thread that cannot be stopped: the timeout is reported at once and the thread is left
+    to return on its own (this worker slot stays busy until it does, as the local backend's
+    lane does).
+    """
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(call_manager(manager), timeout))
+    finally:
+        if timeout is None:
+            loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
 
 
 @app.task(name=TASK_NAME, bind=True, ignore_result=True)

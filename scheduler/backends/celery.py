@@ -208,7 +208,9 @@ class CeleryRunBackend:
             "alive_ms": self._alive_ms,
         }
         try:
-            await asyncio.to_thread(self._publish, payload, queue, run.deadline, request.run_id)
+            await asyncio.to_thread(
+                self._publish, payload, queue, run.deadline, request.run_id, request.timeout
+            )
         except (OperationalError, RedisError, OSError) as exc:
             self._runs.pop(request.run_id, None)
             self._broker_failed(exc)
@@ -291,15 +293,24 @@ class CeleryRunBackend:
         return deadline
 
     def _publish(
-        self, payload: dict[str, Any], queue: str, deadline: datetime | None, run_id: str
+        self,
+        payload: dict[str, Any],
+        queue: str,
+        deadline: datetime | None,
+        run_id: str,
+        timeout: float | None,
     ) -> None:
         assert self._app is not None
+        # The worker bounds the run itself (any pool); Celery's own limits back it up where
+        # the pool enforces them (prefork), a little later so the worker reports first.
+        limits = {} if timeout is None else {"time_limit": timeout + 30.0}
         self._app.send_task(
             TASK_NAME,
             args=[payload],
             task_id=run_id,
             queue=queue,
             expires=deadline,
+            **limits,
             retry=True,
             retry_policy={
                 "max_retries": 1,

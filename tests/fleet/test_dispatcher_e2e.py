@@ -217,6 +217,24 @@ async def test_no_worker_with_start_timeout(
     assert [line["task_id"] for line in read_probe(probe) if line["phase"] == "start"] == [other]
 
 
+async def test_a_fleet_run_past_its_timeout_is_recorded_as_timed_out(
+    start_worker: StartWorker, make: Make, tmp_path: Path
+) -> None:
+    start_worker("linux-1", "linux")
+    probe = tmp_path / "probe.jsonl"
+    dispatcher = make()
+    async with dispatcher:
+        (slow,) = await dispatcher.add_tasks(
+            [probe_task(probe, "a", seconds=30.0, run_policy={"run_timeout": 1})]
+        )
+        await eventually(lambda: finished(dispatcher, slow), 15, "the timed-out run")
+        record = dispatcher.get_task(slow)
+    assert (record.status, record.failure_count) == (TaskStatus.ERROR, 1)
+    assert record.last_error == "timed out after 1 s"
+    assert record.last_worker == "linux-1"
+    assert [line["phase"] for line in read_probe(probe)] == ["start"]  # never ran to its end
+
+
 async def test_no_worker_without_start_timeout_waits_queued(
     start_worker: StartWorker, make: Make, tmp_path: Path
 ) -> None:
