@@ -408,8 +408,9 @@ def _trusted_values(
     keys = tuple(raw)
     if keys[: len(_FIELD_ORDER)] != _FIELD_ORDER:
         return None
-    values = dict(raw)
-    extra = {key: values.pop(key) for key in keys[len(_FIELD_ORDER) :]}
+    # Built key by key, not copied: a copy keeps the parser's larger table (+340 B a task).
+    values = {key: raw[key] for key in _FIELD_ORDER}
+    extra = {key: raw[key] for key in keys[len(_FIELD_ORDER) :]}
     values["status"] = _STATUSES[values["status"]]
     start, end = values["valid_time_range"]
     values["valid_time_range"] = (start, end)
