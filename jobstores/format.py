@@ -10,6 +10,10 @@ A journal line is one JSON object per change, ending in a CRC-32 of the rest of 
 ``{"seq":7,"put":{...task...},"crc":"89abcdef"}``, ``{"seq":8,"remove":"task-id",...}`` or
 ``{"seq":9,"order":{"account":"a","tasks":[...]},...}``; the last line of each commit carries
 ``"commit":true``.
+
+A document that holds only records this library validated ends in a ``"checksum"`` (CRC-32
+of every byte before it): when it still matches, loading trusts the tasks instead of
+validating each one again. Editing the file by hand breaks it, and every task is validated.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ __all__ = [
 FORMAT_VERSION = "1.0"
 _SUPPORTED = (1, 0)
 _KNOWN_KEYS = frozenset(
-    {"version", "saved_at", "timezone", "journal_seq", "tasks", "account_tasks"}
+    {"version", "saved_at", "timezone", "journal_seq", "tasks", "account_tasks", "checksum"}
 )
 
 
@@ -69,6 +73,10 @@ class Document:
     """Top-level keys the format does not define (a ``"comment"``, say): kept through saves."""
     journal_seq: int = 0
     """The last journal line this document holds (0: none)."""
+    trusted: bool = False
+    """Whether its checksum proves its tasks are as this library wrote them, validated."""
+    trusted_tasks: set[int] = field(default_factory=set)
+    """``id()`` of task objects from checksummed journal lines, folded in (trusted too)."""
 
 
 def _version_tuple(version: str, path: Path) -> tuple[int, ...]:
@@ -130,6 +138,7 @@ def decode_document(data: bytes, path: Path) -> Document:
         problems=problems,
         extra={key: value for key, value in top.items() if key not in _KNOWN_KEYS},
         journal_seq=journal_seq,
+        trusted=parsed_json and _intact(data),
     )
 
 
@@ -165,21 +174,37 @@ def encode_document(
     timezone: str | None = None,
     extra: dict[str, Any] | None = None,
     journal_seq: int = 0,
+    *,
+    sealed: bool = False,
 ) -> list[bytes]:
     """The document, in parts to write one after another, from tasks encoded with
     :func:`encode_task`.
 
     ``timezone`` (an extra key) tells readers such as the command line which zone the hour
     windows are in. ``extra`` holds top-level keys read from the file (a ``"comment"``, say),
-    written back as they were.
+    written back as they were. ``sealed`` (every task is a record this library validated)
+    ends the document with a ``"checksum"`` of all of it, so loading it again can trust the
+    tasks instead of validating each one.
     """
+    body = b",\n".join(encoded_tasks)
+    head, tail = _frame(bool(body), account_tasks, saved_at, timezone, extra, journal_seq)
+    return _closed([head, body, tail], sealed=sealed)
+
+
+def _frame(
+    has_tasks: bool,
+    account_tasks: dict[str, list[str]],
+    saved_at: datetime,
+    timezone: str | None,
+    extra: dict[str, Any] | None,
+    journal_seq: int,
+) -> tuple[bytes, bytes]:
     kept = b"".join(
         b",\n  " + _verbatim(key) + b": " + _verbatim(value)
         for key, value in (extra or {}).items()
         if key not in _KNOWN_KEYS
     )
     order = orjson.dumps(account_tasks, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n  ")
-    body = b",\n".join(encoded_tasks)
     head = b"".join(
         (
             b'{\n  "version": ',
@@ -189,12 +214,42 @@ def encode_document(
             b',\n  "timezone": ' + orjson.dumps(timezone) if timezone else b"",
             b',\n  "journal_seq": %d' % journal_seq if journal_seq else b"",
             kept,
-            b',\n  "tasks": [\n' if body else b',\n  "tasks": [',
+            b',\n  "tasks": [\n' if has_tasks else b',\n  "tasks": [',
         )
     )
-    tail = b"".join((b"\n  ],\n" if body else b"],\n", b'  "account_tasks": ', order, b"\n}\n"))
-    # Parts, not one joined document: the tasks, most of the bytes, are not copied again.
-    return [head, body, tail]
+    tail = b"".join((b"\n  ],\n" if has_tasks else b"],\n", b'  "account_tasks": ', order))
+    return head, tail
+
+
+_CHECKSUM_KEY = b',\n  "checksum": "'
+_END = b"\n}\n"
+_CHECKSUM_END = b'"' + _END
+_SEAL = len(_CHECKSUM_KEY) + 8 + len(_CHECKSUM_END)
+
+
+def _closed(parts: list[bytes], *, sealed: bool) -> list[bytes]:
+    if not sealed:
+        parts.append(_END)
+        return parts
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    parts.append(b"%s%08x%s" % (_CHECKSUM_KEY, crc, _CHECKSUM_END))
+    return parts
+
+
+def _intact(data: bytes) -> bool:
+    """Whether ``data`` ends in a checksum that matches the rest (see ``sealed``)."""
+    if len(data) <= _SEAL or not data.endswith(_CHECKSUM_END):
+        return False
+    seal = data[-_SEAL:]
+    if not seal.startswith(_CHECKSUM_KEY):
+        return False
+    try:
+        crc = int(seal[len(_CHECKSUM_KEY) : len(_CHECKSUM_KEY) + 8], 16)
+    except ValueError:
+        return False
+    return crc == zlib.crc32(memoryview(data)[: len(data) - _SEAL])
 
 
 def encode_document_chunks(
@@ -204,20 +259,20 @@ def encode_document_chunks(
     timezone: str | None = None,
     extra: dict[str, Any] | None = None,
     journal_seq: int = 0,
+    *,
+    sealed: bool = False,
 ) -> list[bytes]:
     """:func:`encode_document` from tasks already joined in chunks (``b",\\n".join`` of a
     few hundred lines each, none empty): no single copy of all the tasks is ever made, so a
     background writer never holds the interpreter for long."""
-    head, _, tail = encode_document(
-        [b"-"] if chunks else [], account_tasks, saved_at, timezone, extra, journal_seq
-    )
+    head, tail = _frame(bool(chunks), account_tasks, saved_at, timezone, extra, journal_seq)
     parts = [head]
     for index, chunk in enumerate(chunks):
         if index:
             parts.append(b",\n")
         parts.append(chunk)
     parts.append(tail)
-    return parts
+    return _closed(parts, sealed=sealed)
 
 
 # ---------------------------------------------------------------------- journal lines

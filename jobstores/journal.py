@@ -295,7 +295,13 @@ class JournalStorage:
         if image.kept:
             chunks.append(b",\n".join(map(encode_raw, image.kept)))
         parts = encode_document_chunks(
-            chunks, image.account_tasks, saved_at, self.timezone_key, image.extra, seq
+            chunks,
+            image.account_tasks,
+            saved_at,
+            self.timezone_key,
+            image.extra,
+            seq,
+            sealed=not image.kept,
         )
         write_atomic(self.path, parts, backup=self.backup_path)
         with self._lock:

@@ -117,6 +117,7 @@ class SnapshotStorage:
             self.timezone_key,
             image.extra,
             self._journal_seq,
+            sealed=not image.kept,
         )
         write_atomic(self.path, data, backup=self.backup_path)
         if self._journal:

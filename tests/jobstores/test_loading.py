@@ -11,12 +11,12 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import SHANGHAI, Recorder, read_state, record, seed_file, seed_task
+from helpers import BACKENDS, SHANGHAI, Recorder, read_state, record, seed_file, seed_task, storage
 
 from jobstores import JsonJobStore
 from scheduler import TaskDispatcher
 from scheduler.errors import NewerFormatError
-from tasks import TaskStatus
+from tasks import TaskRecord, TaskStatus
 
 NOW = datetime(2026, 1, 8, 10, 45, tzinfo=SHANGHAI)
 
@@ -293,5 +293,60 @@ def test_top_level_extra_keys_survive_saves(tmp_path: Path, recorder: Recorder) 
         again.touch()
         again.save()
         assert read_state(tmp_path)["comment"] == "ops team: edit with care"
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_file_this_library_wrote_is_trusted_without_validation(
+    tmp_path: Path, recorder: Recorder, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    store.add_tasks([record(f"t{i}", at=NOW, note=i) for i in range(3)])
+    store.save()
+    store.close()
+    assert (tmp_path / "dispatch_config.json").read_bytes().endswith(b'"\n}\n')
+    assert read_state(tmp_path)["checksum"]
+
+    validations = []
+    original = TaskRecord.model_validate.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[TaskRecord], *args: Any, **kwargs: Any) -> TaskRecord:
+        validations.append(args[0].get("task_id"))
+        return original(cls, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(TaskRecord, "model_validate", classmethod(counted))
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    try:
+        assert validations == []
+        assert [r.task_id for r in again.records()] == ["t0", "t1", "t2"]
+        assert again.get("t2").model_extra == {"note": 2}
+        assert again.get("t1").next_execution_time == NOW
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_a_hand_edit_breaks_the_checksum_and_every_task_is_validated(
+    tmp_path: Path, recorder: Recorder, kind: str
+) -> None:
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    store.add_tasks([record("t1", at=NOW), record("t2", at=NOW)])
+    store.save()
+    store.close()
+    path = tmp_path / "dispatch_config.json"
+    data = path.read_bytes()
+    edited = data.replace(b'"interval":3600', b'"interval":-5', 1)
+    assert edited != data
+    path.write_bytes(edited)
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    try:
+        assert [r.task_id for r in again.records()] == ["t2"]
+        assert [raw["task_id"] for raw in again.kept_records()] == ["t1"]
+        again.touch()
+        again.save()
+        # A file holding a task that was never validated is not sealed: its next load
+        # validates again.
+        assert "checksum" not in read_state(tmp_path)
     finally:
         again.close()

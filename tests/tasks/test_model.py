@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
 import pytest
@@ -116,3 +116,39 @@ def test_kwargs_problems_name_record_fields_and_foreign_ids() -> None:
         ("kwargs.task_id", "names task 'b', not this task"),
     ]
     assert kwargs_problems(record("a")) == []
+
+
+TRUSTED_CASES: list[dict[str, Any]] = [
+    {},
+    {"status": TaskStatus.PAUSED, "paused_reason": "too many failures"},
+    {"task_end_time": date(2099, 1, 1), "valid_time_range": (22, 6)},
+    {"task_end_time": datetime(2099, 1, 1, 3, tzinfo=SHANGHAI), "interval": 0.5 + 1},
+    {"last_execution_time": T0, "next_start_time": T0 + timedelta(seconds=7), "run_count": 3},
+    {"run_policy": {"jitter": 5, "retries": 2}, "last_error": "boom", "last_worker": "w1"},
+    {
+        "active_run": {"run_id": "r1", "scheduled_at": T0, "submitted_at": T0, "attempt": 2},
+        "retry": {"at": T0, "attempt": 2, "scheduled_at": T0},
+    },
+    {"note": "a key added by hand", "kwargs": {"nested": {"a": [1, 2.5, None]}}},
+]
+
+
+@pytest.mark.parametrize("changes", TRUSTED_CASES)
+@pytest.mark.parametrize("zone", [SHANGHAI, UTC])
+def test_a_trusted_record_is_the_validated_one(changes: dict[str, Any], zone: tzinfo) -> None:
+    saved = record("t1", **changes).to_json_dict()
+    validated = TaskRecord.model_validate(saved, context={"zone": zone})
+    trusted = TaskRecord.trusted(saved, zone)
+    assert trusted == validated
+    assert trusted.model_extra == validated.model_extra
+    for name, value in validated.__dict__.items():
+        assert type(trusted.__dict__[name]) is type(value), name
+        if isinstance(value, datetime):
+            assert trusted.__dict__[name].tzinfo is zone, name
+
+
+def test_a_record_not_laid_out_as_saved_is_validated() -> None:
+    saved = record("t1").to_json_dict()
+    reordered = {"interval": -1, **{k: v for k, v in saved.items() if k != "interval"}}
+    with pytest.raises(ValidationError, match="interval"):
+        TaskRecord.trusted(reordered, UTC)
