@@ -62,6 +62,13 @@ BACKUP_FILENAME = f"{STATE_FILENAME}.bak"
 JOURNAL_PREFIX = "dispatch_config.journal-"
 """Journal segments are ``<prefix><first line number, 12 digits>``, read in number order."""
 _SEGMENT_DIGITS = 12
+_SHARED_TIMES = (
+    "last_execution_time",
+    "next_execution_time",
+    "next_start_time",
+    "created_at",
+    "updated_at",
+)
 
 
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -182,7 +189,7 @@ def restore(
     """
     restored = Restored()
     ids: set[str] = set()
-    shared: dict[str, str] = {}
+    shared: dict[Any, Any] = {}
     for index, raw in enumerate(tasks):
         task_id = raw.get("task_id") if isinstance(raw, dict) else None
         task_id = task_id if isinstance(task_id, str) else None
@@ -220,7 +227,7 @@ def _loaded(
     record: TaskRecord,
     zone: tzinfo,
     now: datetime,
-    shared: dict[str, str],
+    shared: dict[Any, Any],
     label: str,
     fraction: Callable[[], float] | None,
 ) -> TaskRecord:
@@ -231,25 +238,30 @@ def _loaded(
             record.task_id,
             record.account_id,
         )
-    record = _share_strings(record, shared)
     schedule = Schedule.of(record, zone)
     record = lifecycle.loaded(record, schedule, now)
     if fraction is not None and (record.run_policy is not None or record.next_start_time):
         record = lifecycle.jittered(record, schedule, fraction())
-    return record
+    return _share_values(record, shared)
 
 
-def _share_strings(record: TaskRecord, shared: dict[str, str]) -> TaskRecord:
-    """Make a freshly loaded record reuse equal strings already loaded (``shared``).
+def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
+    """Make a freshly loaded record reuse equal values already loaded (``shared``).
 
-    Account ids, names, task types and most kwargs values repeat across tasks; a file parser
-    creates a new string for every occurrence.
+    Account ids, names, task types, most kwargs values and many times (tasks added or run
+    together) repeat across tasks; a file parser creates a new object for every occurrence.
+    The record is this load's own, not yet seen by anyone, so it is changed in place.
     """
     values = record.__dict__
     for name in ("account_id", "account_name", "task_type", "sys_type"):
         value = values[name]
         if value is not None:
             values[name] = shared.setdefault(value, value)
+    for name in _SHARED_TIMES:
+        value = values[name]
+        if value is not None:
+            # Keyed with the zone too: equal instants in different zones are not the same value.
+            values[name] = shared.setdefault((value, value.tzinfo, value.fold), value)
     kwargs = values["kwargs"]
     for key, value in kwargs.items():
         if value == record.task_id:

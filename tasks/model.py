@@ -282,12 +282,14 @@ class TaskRecord(BaseModel):
             value = values[name]
             if value is not None:
                 values[name] = _aware(value, info)
+        values["valid_time_range"] = _shared_window(*values["valid_time_range"])
         # Every field of a record counts as set; one shared set instead of one per record
         # (about 700 bytes each), and one shared empty dict of extra keys, keep 100k records
         # affordable. Records are frozen: neither is ever mutated.
         object.__setattr__(self, "__pydantic_fields_set__", _ALL_FIELDS)
         if not self.__pydantic_extra__:
             object.__setattr__(self, "__pydantic_extra__", _NO_EXTRA)
+        object.__setattr__(self, "__dict__", _compact_dict(type(self), values))
         return self
 
     @field_serializer("valid_time_range")
@@ -324,7 +326,9 @@ class TaskRecord(BaseModel):
         records change on every run, so this is on the hot path.
         """
         new = object.__new__(type(self))
-        object.__setattr__(new, "__dict__", {**self.__dict__, **changes})
+        values = new.__dict__  # a key-sharing dict: see _compact_dict
+        values.update(self.__dict__.items())
+        values.update(changes)
         object.__setattr__(new, "__pydantic_fields_set__", _ALL_FIELDS)
         object.__setattr__(new, "__pydantic_extra__", self.__pydantic_extra__)
         object.__setattr__(new, "__pydantic_private__", None)
@@ -348,7 +352,7 @@ class TaskRecord(BaseModel):
             return cls.model_validate(raw, context={"zone": zone, "kwargs_checked": True})
         values, extra = converted
         new = object.__new__(cls)
-        object.__setattr__(new, "__dict__", values)
+        new.__dict__.update(values.items())  # a key-sharing dict: see _compact_dict
         object.__setattr__(new, "__pydantic_fields_set__", _ALL_FIELDS)
         object.__setattr__(new, "__pydantic_extra__", extra or _NO_EXTRA)
         object.__setattr__(new, "__pydantic_private__", None)
@@ -375,6 +379,32 @@ class TaskRecord(BaseModel):
 
 
 _ALL_FIELDS = set(TaskRecord.model_fields)
+
+
+def _compact_dict(cls: type[TaskRecord], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` as a key-sharing dict: one table of field names for every record.
+
+    CPython gives each instance dict of a class the class's shared table of keys when the
+    attributes are stored through the instance, so a record's fields cost 8 bytes each
+    instead of about 24 (roughly 550 bytes a record). pydantic assigns a plain dict, so
+    validated records are moved into a shared-key one here; other interpreters simply
+    keep a plain dict.
+    """
+    compact = object.__new__(cls).__dict__
+    # Item by item: updating an empty dict from a whole dict clones that dict's own table.
+    compact.update(values.items())
+    return compact
+
+
+def _share_field_names(cls: type[TaskRecord]) -> None:
+    # CPython shrinks a class's shared key table for every instance created before the table
+    # is filled, so fill it with every field, in order, before the first record exists.
+    template = object.__new__(cls)
+    for name in cls.model_fields:
+        object.__setattr__(template, name, None)
+
+
+_share_field_names(TaskRecord)
 _NO_EXTRA: dict[str, Any] = {}
 _TIMES = (
     "last_execution_time",
@@ -390,6 +420,17 @@ _NESTED: dict[str, type[BaseModel]] = {
     "run_policy": RunPolicy,
     "retry": PendingRetry,
 }
+
+
+_WINDOWS: dict[tuple[int, int], tuple[int, int]] = {}
+
+
+def _shared_window(start: int, end: int) -> tuple[int, int]:
+    """One tuple per distinct hour window (at most 25 x 25 of them), shared by records."""
+    window = (start, end)
+    if type(start) is int and type(end) is int and 0 <= start <= 24 and 0 <= end <= 24:
+        return _WINDOWS.setdefault(window, window)
+    return window
 
 
 def _trusted_time(value: str | datetime, zone: tzinfo) -> datetime:
@@ -412,8 +453,7 @@ def _trusted_values(
     values = {key: raw[key] for key in _FIELD_ORDER}
     extra = {key: raw[key] for key in keys[len(_FIELD_ORDER) :]}
     values["status"] = _STATUSES[values["status"]]
-    start, end = values["valid_time_range"]
-    values["valid_time_range"] = (start, end)
+    values["valid_time_range"] = _shared_window(*values["valid_time_range"])
     for name in _TIMES:
         value = values[name]
         if value is not None:

@@ -350,3 +350,24 @@ def test_a_hand_edit_breaks_the_checksum_and_every_task_is_validated(
         assert "checksum" not in read_state(tmp_path)
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_loaded_records_share_equal_values(tmp_path: Path, recorder: Recorder, kind: str) -> None:
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    store.add_tasks([record(f"t{i}", at=NOW, account=f"acc{i % 2}") for i in range(4)])
+    store.save()
+    store.close()
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    try:
+        first, *others = again.records()
+        for other in others:
+            assert other.created_at is first.created_at
+            assert other.next_execution_time is first.next_execution_time
+            assert other.valid_time_range is first.valid_time_range
+        assert others[1].account_id is first.account_id
+        assert others[0].account_id == "acc1"
+        assert others[0].account_id is not first.account_id
+        assert first.created_at.tzinfo is SHANGHAI
+    finally:
+        again.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
@@ -152,3 +153,36 @@ def test_a_record_not_laid_out_as_saved_is_validated() -> None:
     reordered = {"interval": -1, **{k: v for k, v in saved.items() if k != "interval"}}
     with pytest.raises(ValidationError, match="interval"):
         TaskRecord.trusted(reordered, UTC)
+
+
+def _plain_size(values: dict[str, Any]) -> int:
+    return sys.getsizeof(dict(values))
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's key-sharing dicts")
+def test_every_way_of_making_a_record_shares_its_field_names() -> None:
+    validated = record("t1")
+    saved = validated.to_json_dict()
+    made = {
+        "constructed": validated,
+        "validated": TaskRecord.model_validate(saved, context={"zone": UTC}),
+        "trusted": TaskRecord.trusted(saved, UTC),
+        "replaced": validated.replace(run_count=4, last_error="boom"),
+    }
+    for how, made_record in made.items():
+        fields = made_record.__dict__
+        # A key-sharing dict holds only its values: about a third of a plain one.
+        assert sys.getsizeof(fields) * 2 < _plain_size(fields), how
+        assert list(fields) == list(TaskRecord.model_fields), how
+    assert made["replaced"].run_count == 4
+    assert validated.run_count == 0
+    assert made["validated"] == made["trusted"] == validated
+    assert made["validated"].model_dump() == validated.model_dump()
+
+
+def test_records_share_one_tuple_per_hour_window() -> None:
+    first, second = record("t1", valid_time_range=[22, 6]), record("t2", valid_time_range=(22, 6))
+    assert first.valid_time_range == (22, 6)
+    assert first.valid_time_range is second.valid_time_range
+    trusted = TaskRecord.trusted(first.to_json_dict(), UTC)
+    assert trusted.valid_time_range is first.valid_time_range
