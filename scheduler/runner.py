@@ -35,6 +35,7 @@ class TaskRunner:
         self._backend = backend
         self._lanes = lanes
         self._ledger = ledger
+        self._local = backend if isinstance(backend, LocalRunBackend) else None
         self._tasks: set[asyncio.Task[RunEvent | None]] = set()
 
     def submit(
@@ -86,6 +87,8 @@ class TaskRunner:
                 request = self._ledger.open(task_id, scheduled_at, attempt)
                 if request is None:
                     return None
+                if self._local is not None:
+                    return await self._execute_here(request, self._local)
                 return await self._execute(request)
             finally:
                 self._lanes.release(account)
@@ -122,15 +125,25 @@ class TaskRunner:
                     self._ledger.apply(
                         self._failed(request, f"could not be sent: {describe_error(exc)}")
                     )
-            event = await asyncio.shield(ended)
-            if isinstance(self._backend, LocalRunBackend):
-                # A timed-out manager in a thread cannot be stopped: its lane stays held
-                # until the thread returns.
-                await self._backend.finished(request.run_id)
-            return event
+            return await asyncio.shield(ended)
         except asyncio.CancelledError:
             if not self._backend.remote:
                 self._ledger.abandon(request.run_id)
+            raise
+
+    async def _execute_here(self, request: RunRequest, local: LocalRunBackend) -> RunEvent:
+        """A local run, executed in this run's task (no task, future or shield of its own)."""
+        try:
+            self._store.request_save()
+            try:
+                manager = local.manager(request.task_id, request.sys_type, request.kwargs)
+            except Exception as exc:
+                event = self._failed(request, f"could not be sent: {describe_error(exc)}")
+                self._ledger.apply(event)
+                return event
+            return await local.run(request, manager)
+        except asyncio.CancelledError:
+            self._ledger.abandon(request.run_id)
             raise
 
     @staticmethod
