@@ -361,6 +361,35 @@ async def test_sync_managers_run_in_a_thread(clock: Any, make_dispatcher: MakeDi
     await dispatcher.stop()
 
 
+class SelfCancellingManager:
+    """An async manager whose run() raises CancelledError without being cancelled."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    async def run(self) -> None:
+        raise asyncio.CancelledError("gave up")
+
+
+async def test_a_run_raising_cancelled_error_by_itself_fails_and_is_counted(
+    clock: Any, make_dispatcher: MakeDispatcher, state_dir: Path
+) -> None:
+    # Local runs are awaited in the runner's own task: a CancelledError the manager raises
+    # must count as a failed run, not as the dispatcher cutting the run off.
+    dispatcher = make_dispatcher(task_manager_factory=SelfCancellingManager)
+    task_id = await add(dispatcher)
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 8, 0))
+    await dispatcher.run_pending()
+    record = dispatcher.get_task(task_id)
+    assert (record.run_count, record.failure_count) == (1, 1)
+    assert record.status is TaskStatus.ERROR
+    assert record.last_error == "CancelledError: gave up"
+    assert record.active_run is None
+    await dispatcher.stop()
+    assert task_in_file(state_dir, task_id)["last_error"] == "CancelledError: gave up"
+
+
 async def test_stop_and_recreate_restores_everything(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
 ) -> None:
