@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 __all__ = ["AccountLanes"]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Waiter:
     task_id: str
     sequence: int
