@@ -131,9 +131,9 @@ class RunLedger:
                 f" (attempt {attempt})" if attempt > 1 else "",
             )
         if started:
-            started = RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now)
-            self._tell(request, started)
-            self._watch(request, started, None, record)
+            event = RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now)
+            self._tell(request, event)
+            self._watch(request, event, None, record)
         return request
 
     def recover(self) -> list[RunRequest]:

@@ -154,13 +154,13 @@ class LocalRunBackend:
             # No timeout: await the manager in this task (no task nor wait of its own).
             try:
                 await call_manager(manager)
-            except asyncio.CancelledError as exc:
+            except asyncio.CancelledError as cancelled:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise  # this run is being cancelled, not failing
-                kind, error = RunEventKind.FAILED, describe_error(exc)
-            except Exception as exc:
-                kind, error = RunEventKind.FAILED, describe_error(exc)
+                kind, error = RunEventKind.FAILED, describe_error(cancelled)
+            except Exception as raised:
+                kind, error = RunEventKind.FAILED, describe_error(raised)
             else:
                 kind = RunEventKind.SUCCEEDED
         else:
