@@ -574,6 +574,27 @@ async def test_stop_cancels_a_run_past_the_grace_period(
     assert saved["last_execution_time"] == at(2026, 1, 8, 8, 0).isoformat()
 
 
+async def test_stop_past_the_grace_period_drops_runs_still_waiting_for_their_lane(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
+) -> None:
+    # Runs waiting for a lane are queue entries, not tasks: stopping must still take them
+    # back (never started, nothing counted) and settle them, besides cutting off the run.
+    dispatcher = make_dispatcher(max_concurrent_runs=1)
+    held = await add(dispatcher, account="a", task_id="a-0")
+    behind = await add(dispatcher, account="a", task_id="a-1")  # waits for a's lane
+    other = await add(dispatcher, account="b", task_id="b-0")  # waits for the one slot
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 8, 0))
+    await hold_run(dispatcher, recorder, held, via_run_pending=False)  # never released
+    await asyncio.wait_for(dispatcher.stop(grace_period=0), 5)
+    assert recorder.run_ids() == [held]
+    for task_id in (held, behind, other):
+        saved = task_in_file(state_dir, task_id)
+        assert (saved["status"], saved["run_count"]) == ("pending", 0), task_id
+        assert saved.get("active_run") is None, task_id
+    assert task_in_file(state_dir, behind).get("last_execution_time") is None
+
+
 async def test_run_pending_needs_a_started_dispatcher(make_dispatcher: MakeDispatcher) -> None:
     from scheduler import DispatcherNotRunningError
 
