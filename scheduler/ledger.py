@@ -35,7 +35,7 @@ ChangeObserver = Callable[[RunRequest, RunEvent, TaskRecord | None, TaskRecord |
 listeners); the records are None for a task removed meanwhile."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Open:
     request: RunRequest
     ended: asyncio.Future[RunEvent] | None = None
