@@ -96,6 +96,9 @@ class TaskRunner:
         return task
 
     def _start(self, queued: _Queued) -> None:
+        if queued.outcome.done():  # cancelled while it waited: it never runs
+            self._withdraw(queued)
+            return
         self._queued.discard(queued)
         task = asyncio.get_running_loop().create_task(
             self._run(queued), name=f"task-dispatcher run {queued.task_id}"
@@ -115,7 +118,9 @@ class TaskRunner:
 
     def _withdraw(self, queued: _Queued) -> None:
         """Cut off a run still waiting for its lane (it never started)."""
-        self._queued.discard(queued)
+        if queued not in self._queued:
+            return
+        self._queued.remove(queued)
         assert queued.waiter is not None
         self._lanes.withdraw(queued.waiter)
         self._settled(queued.task_id)
@@ -124,9 +129,23 @@ class TaskRunner:
     async def wait_idle(self) -> None:
         """Return when every run submitted so far has finished."""
         while self._tasks or self._queued:
-            await asyncio.gather(
-                *self._tasks, *(queued.outcome for queued in self._queued), return_exceptions=True
-            )
+            try:
+                await asyncio.gather(
+                    *self._tasks,
+                    *(queued.outcome for queued in self._queued),
+                    return_exceptions=True,
+                )
+            except asyncio.CancelledError:
+                # The gather cancelled the runs it waited for (their outcomes, for runs
+                # submitted while it waited): those still queued never run, those started
+                # since are cut off.
+                for queued in list(self._queued):
+                    if queued.outcome.cancelled():
+                        self._withdraw(queued)
+                for task, started in list(self._tasks.items()):
+                    if started is not None and started.outcome.cancelled():
+                        task.cancel()
+                raise
 
     async def drain(self, grace_period: float | None) -> None:
         """Let runs finish for up to ``grace_period`` seconds, then cancel the rest and wait."""
@@ -173,11 +192,13 @@ class TaskRunner:
             outcome.cancel()
             raise
         except BaseException as exc:
-            outcome.set_exception(exc)
+            if not outcome.done():
+                outcome.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise
             return
-        outcome.set_result(event)
+        if not outcome.done():
+            outcome.set_result(event)
 
     async def _hold(self, request: RunRequest) -> RunEvent | None:
         try:

@@ -704,3 +704,24 @@ def test_an_unknown_recorded_zone_needs_an_explicit_conversion(state_dir: Path) 
     converted.pause_task("task_id_1")
     converted.close()
     assert read_state(state_dir)["timezone"] == "UTC"
+
+
+async def test_cancelling_run_pending_drops_the_runs_still_waiting_for_their_lane(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
+) -> None:
+    dispatcher = make_dispatcher()
+    held = await add(dispatcher, account="a", task_id="a-0")
+    behind = await add(dispatcher, account="a", task_id="a-1")
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 8, 0))
+    pending = await hold_run(dispatcher, recorder, held)
+    assert pending is not None
+    pending.cancel()  # cancels the run it waits for, and the one waiting behind it
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    await asyncio.wait_for(dispatcher.run_pending(), 5)  # nothing left out
+    assert recorder.run_ids() == [held]
+    assert dispatcher.get_task(behind).active_run is None
+    assert dispatcher.get_task(held).active_run is None
+    await dispatcher.stop()
+    assert task_in_file(state_dir, behind)["run_count"] == 0
