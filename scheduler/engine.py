@@ -27,7 +27,7 @@ __all__ = ["DispatchExecutor", "DispatchScheduler"]
 
 logger = logging.getLogger(__name__)
 
-Submit = Callable[[str, datetime], asyncio.Task[RunEvent | None]]
+Submit = Callable[[str, datetime], asyncio.Future[RunEvent | None]]
 
 
 class DispatchExecutor(BaseExecutor):

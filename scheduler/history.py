@@ -194,6 +194,30 @@ def _row_values(request: RunRequest, event: RunEvent) -> tuple[Any, ...]:
     )
 
 
+def _covered_starts(events: list[tuple[RunRequest, RunEvent]]) -> set[str]:
+    """Run ids whose ``started`` rows in this batch need not be written.
+
+    A batch writes every started row, then every finishing one: a run's row is its first
+    ``started`` event's, completed by its first finishing event. When that finishing event
+    carries everything the start would leave in the row (the start time, the same worker, and
+    the start reported no extra), writing the finishing row alone gives the same row: that is
+    every local run whose start and end fall in one batch, so it is one row write, not two.
+    """
+    first_start: dict[str, RunEvent] = {}
+    first_finish: dict[str, RunEvent] = {}
+    for _, event in events:
+        firsts = first_start if event.kind is RunEventKind.STARTED else first_finish
+        firsts.setdefault(event.run_id, event)
+    return {
+        run_id
+        for run_id, start in first_start.items()
+        if (finish := first_finish.get(run_id)) is not None
+        and finish.started_at is not None
+        and finish.worker == start.worker
+        and not start.extra
+    }
+
+
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     if readonly:
         connection = sqlite3.connect(
@@ -550,9 +574,13 @@ class RunHistory(HistoryReader):
         started: list[tuple[Any, ...]] = []
         finished: list[tuple[Any, ...]] = []
         try:
+            covered = _covered_starts(events)
             for request, event in events:
-                values = _row_values(request, event)
-                (started if event.kind is RunEventKind.STARTED else finished).append(values)
+                if event.kind is RunEventKind.STARTED:
+                    if event.run_id not in covered:
+                        started.append(_row_values(request, event))
+                else:
+                    finished.append(_row_values(request, event))
             # Started rows first: a run that started and finished in one batch is completed.
             with self._transaction():
                 if started:

@@ -10,18 +10,33 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["AccountLanes"]
+__all__ = ["AccountLanes", "Waiter"]
 
 
-@dataclass(eq=False)
-class _Waiter:
+_WAITING = 0
+"""Queued for its account's lane."""
+_LANE = 1
+"""Holds its account's lane, queued for a global slot."""
+_GRANTED = 2
+"""Holds the lane and a global slot: its ``grant`` was called."""
+_WITHDRAWN = 3
+"""Taken back before it was granted (its run was cancelled)."""
+
+
+@dataclass(eq=False, slots=True)
+class Waiter:
+    """A run queued for its account's lane: :meth:`AccountLanes.enqueue`'s ticket."""
+
+    account: str
     task_id: str
     sequence: int
-    future: asyncio.Future[None]
+    grant: Callable[[], object]
+    state: int = _WAITING
 
 
 @dataclass(eq=False)
@@ -29,7 +44,7 @@ class _Lane:
     busy: bool = False
     grant_pending: bool = False
     order_version: int = -1
-    queue: list[tuple[int, int, _Waiter]] = field(default_factory=list)
+    queue: list[tuple[int, int, Waiter]] = field(default_factory=list)
 
 
 class AccountLanes:
@@ -37,7 +52,7 @@ class AccountLanes:
 
     ``priority(task_id)`` is the task's position in its account's order (lower runs first);
     ``order_version()`` changes whenever positions may have changed, so waiting runs are
-    re-ranked only then.
+    re-ranked only then. Call on the event loop, except :meth:`waiting_counts`.
     """
 
     def __init__(
@@ -53,7 +68,10 @@ class AccountLanes:
         self._order_version = order_version
         self._lanes: dict[str, _Lane] = {}
         self._sequence = itertools.count()
-        self._global: asyncio.Semaphore | None = None
+        self._free = max_concurrent_runs
+        """Global slots nobody holds."""
+        self._slot_queue: deque[Waiter] = deque()
+        """Holders of a lane waiting for a global slot, in the order their lanes came."""
 
     def waiting(self, account: str) -> list[str]:
         """Task ids waiting for ``account``'s lane, in arrival order."""
@@ -61,7 +79,7 @@ class AccountLanes:
         if lane is None:
             return []
         waiters = sorted(
-            (w for _, _, w in lane.queue if not w.future.done()), key=lambda w: w.sequence
+            (w for _, _, w in lane.queue if w.state == _WAITING), key=lambda w: w.sequence
         )
         return [w.task_id for w in waiters]
 
@@ -73,7 +91,7 @@ class AccountLanes:
         """
         counts: dict[str, int] = {}
         for account, lane in list(self._lanes.items()):
-            counts[account] = sum(not w.future.done() for _, _, w in list(lane.queue))
+            counts[account] = sum(w.state == _WAITING for _, _, w in list(lane.queue))
         return counts
 
     @asynccontextmanager
@@ -87,39 +105,65 @@ class AccountLanes:
 
     async def acquire(self, account: str, task_id: str) -> None:
         """Wait for ``account``'s lane and a global slot; pair with :meth:`release`."""
-        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def grant() -> None:
+            if not granted.done():
+                granted.set_result(None)
+
+        waiter = self.enqueue(account, task_id, grant)
+        try:
+            await granted
+        except asyncio.CancelledError:
+            self.withdraw(waiter)
+            raise
+
+    def enqueue(self, account: str, task_id: str, grant: Callable[[], object]) -> Waiter:
+        """Queue a run of ``task_id`` for ``account``'s lane without waiting: ``grant()`` is
+        called (from the loop) once it holds the lane and a global slot; it then gives them
+        back with :meth:`release`. :meth:`withdraw` takes back a waiter at any point.
+
+        What :meth:`acquire` does without a coroutine and a future per waiting run: a
+        scheduler pass may queue thousands of runs at once.
+        """
         lane = self._lanes.get(account)
         if lane is None:
             lane = self._lanes[account] = _Lane(order_version=self._order_version())
-        waiter = _Waiter(task_id, next(self._sequence), loop.create_future())
+        waiter = Waiter(account, task_id, next(self._sequence), grant)
         heapq.heappush(lane.queue, (self._priority(task_id), waiter.sequence, waiter))
-        self._schedule_grant(lane, loop)
-        try:
-            await waiter.future
-        except asyncio.CancelledError:
-            if waiter.future.done() and not waiter.future.cancelled():
-                self._release(account, lane, loop)
-            raise
-        if self._global is None:
-            self._global = asyncio.Semaphore(self.max_concurrent_runs)
-        try:
-            await self._global.acquire()
-        except asyncio.CancelledError:
-            self._release(account, lane, loop)
-            raise
+        self._schedule_grant(lane)
+        return waiter
+
+    def withdraw(self, waiter: Waiter) -> None:
+        """Take ``waiter`` out of its queue, giving back the lane (and slot) it holds."""
+        state, waiter.state = waiter.state, _WITHDRAWN
+        if state == _LANE:
+            self._slot_queue.remove(waiter)
+            self._release(waiter.account)
+        elif state == _GRANTED:
+            self._release_slot()
+            self._release(waiter.account)
 
     def release(self, account: str) -> None:
-        """Give back ``account``'s lane and the global slot taken by :meth:`acquire`."""
-        assert self._global is not None
-        self._global.release()
-        self._release(account, self._lanes[account], asyncio.get_running_loop())
+        """Give back ``account``'s lane and the global slot taken by :meth:`acquire` (or held
+        by a granted :meth:`enqueue` waiter)."""
+        self._release_slot()
+        self._release(account)
 
-    def _schedule_grant(self, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
+    def _release_slot(self) -> None:
+        if self._slot_queue:
+            waiter = self._slot_queue.popleft()  # the slot passes on, held all along
+            waiter.state = _GRANTED
+            waiter.grant()
+        else:
+            self._free += 1
+
+    def _schedule_grant(self, lane: _Lane) -> None:
         # Granting on the next loop iteration lets every run submitted in the same scheduler
         # pass join the queue first, so priority, not submission order, decides.
         if not lane.busy and not lane.grant_pending:
             lane.grant_pending = True
-            loop.call_soon(self._grant, lane)
+            asyncio.get_running_loop().call_soon(self._grant, lane)
 
     def _grant(self, lane: _Lane) -> None:
         lane.grant_pending = False
@@ -131,19 +175,27 @@ class AccountLanes:
             lane.queue = [
                 (self._priority(w.task_id), w.sequence, w)
                 for _, _, w in lane.queue
-                if not w.future.done()
+                if w.state == _WAITING
             ]
             heapq.heapify(lane.queue)
         while lane.queue:
             _, _, waiter = heapq.heappop(lane.queue)
-            if not waiter.future.done():
-                lane.busy = True
-                waiter.future.set_result(None)
-                return
+            if waiter.state != _WAITING:
+                continue
+            lane.busy = True
+            if self._free:
+                self._free -= 1
+                waiter.state = _GRANTED
+                waiter.grant()
+            else:
+                waiter.state = _LANE
+                self._slot_queue.append(waiter)
+            return
 
-    def _release(self, account: str, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
+    def _release(self, account: str) -> None:
+        lane = self._lanes[account]
         lane.busy = False
         if lane.queue:
-            self._schedule_grant(lane, loop)
-        elif self._lanes.get(account) is lane and not lane.grant_pending:
+            self._schedule_grant(lane)
+        elif not lane.grant_pending:
             del self._lanes[account]

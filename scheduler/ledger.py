@@ -35,7 +35,7 @@ ChangeObserver = Callable[[RunRequest, RunEvent, TaskRecord | None, TaskRecord |
 listeners); the records are None for a task removed meanwhile."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Open:
     request: RunRequest
     ended: asyncio.Future[RunEvent] | None = None
@@ -95,40 +95,45 @@ class RunLedger:
                 logger.debug("retry %d of task %s no longer planned", attempt, task_id)
                 return None
             if not lifecycle.can_start(record, store.schedule(record), now):
-                logger.info(
-                    "run of task %s (account %s) planned for %s skipped: task is %s%s; next run %s",
-                    task_id,
-                    record.account_id,
-                    scheduled_at.isoformat(),
-                    record.status.value,
-                    "" if record.status.settled else ", outside its hours or past its end",
-                    record.next_execution_time,
-                )
+                if logger.isEnabledFor(logging.INFO):
+                    logger.info(
+                        "run of task %s (account %s) planned for %s skipped: task is %s%s; "
+                        "next run %s",
+                        task_id,
+                        record.account_id,
+                        scheduled_at.isoformat(),
+                        record.status.value,
+                        "" if record.status.settled else ", outside its hours or past its end",
+                        record.next_execution_time,
+                    )
                 return None
+            started = not self._remote
             run = ActiveRun(
                 run_id=f"{self._prefix}-{next(self._numbers)}",
                 scheduled_at=scheduled_at.astimezone(now.tzinfo),
                 submitted_at=now,
                 attempt=attempt,
+                started_at=now if started else None,
             )
             record = store.update_task(
-                task_id, lambda r: lifecycle.run_opened(r, run, now, started=not self._remote)
+                task_id, lambda r: lifecycle.run_opened(r, run, now, started=started)
             )
         request = _request(record, run)
         self._open[run.run_id] = _Open(request)
-        logger.info(
-            "run %s of task %s (account %s, %s) %s%s",
-            run.run_id,
-            task_id,
-            record.account_id,
-            record.task_type,
-            "sent" if self._remote else "started",
-            f" (attempt {attempt})" if attempt > 1 else "",
-        )
-        if not self._remote:
-            started = RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now)
-            self._tell(request, started)
-            self._watch(request, started, None, record)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "run %s of task %s (account %s, %s) %s%s",
+                run.run_id,
+                task_id,
+                record.account_id,
+                record.task_type,
+                "sent" if self._remote else "started",
+                f" (attempt {attempt})" if attempt > 1 else "",
+            )
+        if started:
+            event = RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now)
+            self._tell(request, event)
+            self._watch(request, event, None, record)
         return request
 
     def recover(self) -> list[RunRequest]:
@@ -320,6 +325,8 @@ def _request(record: TaskRecord, run: ActiveRun) -> RunRequest:
 
 
 def _log(request: RunRequest, event: RunEvent) -> None:
+    if (event.ok or event.kind is RunEventKind.STARTED) and not logger.isEnabledFor(logging.INFO):
+        return
     if event.kind is RunEventKind.STARTED:
         logger.info(
             "run %s of task %s started on %s",

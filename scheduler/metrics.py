@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -123,6 +124,11 @@ class DispatcherMetrics:
             registry=self.registry,
         )
         self.registry.register(_StateCollector(source))
+        # Labelled children by label values: labels() takes a lock and builds a key on every
+        # call, and runs of a dispatcher have few distinct task types and sys_types. A child
+        # once made stays in its metric, so caching it never changes what is exported.
+        self._run_counters: dict[tuple[str, str, str], Any] = {}
+        self._durations: dict[str, Any] = {}
 
     def observe(self, request: RunRequest, event: RunEvent) -> None:
         """Count ``event`` of ``request``'s run (a runner observer)."""
@@ -130,10 +136,19 @@ class DispatcherMetrics:
             lateness = (event.at - request.scheduled_at).total_seconds()
             self._lateness.observe(max(lateness, 0.0))
             return
-        self._runs.labels(request.task_type, request.sys_type, event.kind.value).inc()
+        key = (request.task_type, request.sys_type, event.kind.value)
+        counter = self._run_counters.get(key)
+        if counter is None:
+            counter = self._run_counters[key] = self._runs.labels(*key)
+        counter.inc()
         if event.started_at is not None:
             duration = (event.at - event.started_at).total_seconds()
-            self._duration.labels(request.task_type).observe(max(duration, 0.0))
+            histogram = self._durations.get(request.task_type)
+            if histogram is None:
+                histogram = self._durations[request.task_type] = self._duration.labels(
+                    request.task_type
+                )
+            histogram.observe(max(duration, 0.0))
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type."""

@@ -22,7 +22,7 @@ __all__ = ["RetryTimer"]
 
 logger = logging.getLogger(__name__)
 
-Submit = Callable[[str, datetime, int], "asyncio.Task[RunEvent | None]"]
+Submit = Callable[[str, datetime, int], "asyncio.Future[RunEvent | None]"]
 
 
 class RetryTimer:

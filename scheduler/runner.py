@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from jobstores.jsonfile import JsonJobStore
 from scheduler.backends.local import LocalRunBackend, finish_or_cancel
-from scheduler.lanes import AccountLanes
+from scheduler.lanes import AccountLanes, Waiter
 from scheduler.ledger import RunLedger
 from tasks.runs import RunBackend, RunEvent, RunEventKind, RunRequest, describe_error
 from tasks.schedule import utc_now
@@ -23,6 +24,23 @@ from tasks.schedule import utc_now
 __all__ = ["TaskRunner"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, slots=True)
+class _Queued:
+    """A submitted run waiting for its account's lane: no task until the lane is granted."""
+
+    runner: TaskRunner
+    task_id: str
+    scheduled_at: datetime
+    attempt: int
+    outcome: asyncio.Future[RunEvent | None]
+    waiter: Waiter | None = None
+    started: bool = False
+
+    def __call__(self) -> None:
+        """The lane and a global slot are granted: run it (the lanes' ``grant``)."""
+        self.runner._start(self)
 
 
 class TaskRunner:
@@ -35,15 +53,32 @@ class TaskRunner:
         self._backend = backend
         self._lanes = lanes
         self._ledger = ledger
-        self._tasks: set[asyncio.Task[RunEvent | None]] = set()
+        self._local = backend if isinstance(backend, LocalRunBackend) else None
+        self._tasks: dict[asyncio.Task[Any], _Queued | None] = {}
+        """Runs executing (or holding a recovered run's lane), with their queue entries."""
+        self._queued: set[_Queued] = set()
+        """Runs waiting for their lanes."""
 
     def submit(
         self, task_id: str, scheduled_at: datetime, attempt: int = 1
-    ) -> asyncio.Task[RunEvent | None]:
+    ) -> asyncio.Future[RunEvent | None]:
         """Queue attempt ``attempt`` of a run of ``task_id`` planned for ``scheduled_at`` (2
-        and up: a retry); call on the event loop."""
+        and up: a retry); call on the event loop. The future is the run's finishing event
+        (None: skipped, or the task is gone); it is cancelled if the run is cut off.
+
+        A run waits for its lane as a queue entry: its task is made once it may start, so a
+        pass that finds thousands of runs due does not make thousands of waiting tasks.
+        """
         self._store.run_submitted(task_id)
-        return self._spawn(self._run(task_id, scheduled_at, attempt), task_id)
+        record = self._store.find(task_id)
+        if record is None:
+            return self._spawn(self._gone(task_id), task_id)
+        queued = _Queued(
+            self, task_id, scheduled_at, attempt, asyncio.get_running_loop().create_future()
+        )
+        self._queued.add(queued)
+        queued.waiter = self._lanes.enqueue(record.account_id, task_id, queued)
+        return queued.outcome
 
     def resume(self, request: RunRequest) -> asyncio.Task[RunEvent | None]:
         """Hold the lane of a run recovered after a restart until it ends."""
@@ -56,18 +91,73 @@ class TaskRunner:
         task = asyncio.get_running_loop().create_task(
             coroutine, name=f"task-dispatcher run {task_id}"
         )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = None
+        task.add_done_callback(self._done)
         return task
+
+    def _start(self, queued: _Queued) -> None:
+        if queued.outcome.done():  # cancelled while it waited: it never runs
+            self._withdraw(queued)
+            return
+        self._queued.discard(queued)
+        task = asyncio.get_running_loop().create_task(
+            self._run(queued), name=f"task-dispatcher run {queued.task_id}"
+        )
+        self._tasks[task] = queued
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        queued = self._tasks.pop(task, None)
+        if queued is not None and not queued.started:
+            # Cancelled before its first step: it never ran, so nothing else gives back
+            # its lane or settles it.
+            assert queued.waiter is not None
+            self._lanes.withdraw(queued.waiter)
+            self._settled(queued.task_id)
+            queued.outcome.cancel()
+
+    def _withdraw(self, queued: _Queued) -> None:
+        """Cut off a run still waiting for its lane (it never started)."""
+        if queued not in self._queued:
+            return
+        self._queued.remove(queued)
+        assert queued.waiter is not None
+        self._lanes.withdraw(queued.waiter)
+        self._settled(queued.task_id)
+        queued.outcome.cancel()
 
     async def wait_idle(self) -> None:
         """Return when every run submitted so far has finished."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks or self._queued:
+            try:
+                await asyncio.gather(
+                    *self._tasks,
+                    *(queued.outcome for queued in self._queued),
+                    return_exceptions=True,
+                )
+            except asyncio.CancelledError:
+                # The gather cancelled the runs it waited for (their outcomes, for runs
+                # submitted while it waited): those still queued never run, those started
+                # since are cut off.
+                for queued in list(self._queued):
+                    if queued.outcome.cancelled():
+                        self._withdraw(queued)
+                for task, started in list(self._tasks.items()):
+                    if started is not None and started.outcome.cancelled():
+                        task.cancel()
+                raise
 
     async def drain(self, grace_period: float | None) -> None:
         """Let runs finish for up to ``grace_period`` seconds, then cancel the rest and wait."""
-        cancelled = await finish_or_cancel(self._tasks, grace_period)
+        running = {*self._tasks, *(queued.outcome for queued in self._queued)}
+        if running:
+            await asyncio.wait(running, timeout=grace_period)
+        # Those still waiting never start (withdrawn first, so that the runs cancelled next
+        # hand their lanes to nobody), then those still going are cancelled.
+        cancelled = len(self._queued)
+        for queued in list(self._queued):
+            self._withdraw(queued)
+        cancelled += await finish_or_cancel(list(self._tasks), 0)
         if cancelled:
             logger.warning(
                 "stopping: %d run(s) did not finish in %ss and were cancelled",
@@ -75,22 +165,40 @@ class TaskRunner:
                 grace_period,
             )
 
-    async def _run(self, task_id: str, scheduled_at: datetime, attempt: int) -> RunEvent | None:
+    async def _gone(self, task_id: str) -> None:
+        self._settled(task_id)
+
+    async def _run(self, queued: _Queued) -> None:
+        """Open the granted run, execute it, give back its lane; resolve its outcome."""
+        queued.started = True
+        outcome = queued.outcome
+        task_id = queued.task_id
+        assert queued.waiter is not None
         try:
-            record = self._store.find(task_id)
-            if record is None:
-                return None
-            account = record.account_id
-            await self._lanes.acquire(account, task_id)
             try:
-                request = self._ledger.open(task_id, scheduled_at, attempt)
-                if request is None:
-                    return None
-                return await self._execute(request)
+                try:
+                    request = self._ledger.open(task_id, queued.scheduled_at, queued.attempt)
+                    if request is None:
+                        event = None
+                    elif self._local is not None:
+                        event = await self._execute_here(request, self._local)
+                    else:
+                        event = await self._execute(request)
+                finally:
+                    self._lanes.release(queued.waiter.account)
             finally:
-                self._lanes.release(account)
-        finally:
-            self._settled(task_id)
+                self._settled(task_id)
+        except asyncio.CancelledError:
+            outcome.cancel()
+            raise
+        except BaseException as exc:
+            if not outcome.done():
+                outcome.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not outcome.done():
+            outcome.set_result(event)
 
     async def _hold(self, request: RunRequest) -> RunEvent | None:
         try:
@@ -122,15 +230,25 @@ class TaskRunner:
                     self._ledger.apply(
                         self._failed(request, f"could not be sent: {describe_error(exc)}")
                     )
-            event = await asyncio.shield(ended)
-            if isinstance(self._backend, LocalRunBackend):
-                # A timed-out manager in a thread cannot be stopped: its lane stays held
-                # until the thread returns.
-                await self._backend.finished(request.run_id)
-            return event
+            return await asyncio.shield(ended)
         except asyncio.CancelledError:
             if not self._backend.remote:
                 self._ledger.abandon(request.run_id)
+            raise
+
+    async def _execute_here(self, request: RunRequest, local: LocalRunBackend) -> RunEvent:
+        """A local run, executed in this run's task (no task, future or shield of its own)."""
+        try:
+            self._store.request_save()
+            try:
+                manager = local.manager(request.task_id, request.sys_type, request.kwargs)
+            except Exception as exc:
+                event = self._failed(request, f"could not be sent: {describe_error(exc)}")
+                self._ledger.apply(event)
+                return event
+            return await local.run(request, manager)
+        except asyncio.CancelledError:
+            self._ledger.abandon(request.run_id)
             raise
 
     @staticmethod

@@ -170,7 +170,7 @@ def run_opened(record: TaskRecord, run: ActiveRun, now: datetime, *, started: bo
     """A run was handed to a backend; ``started`` when it starts at once (this process)."""
     if started:
         return record.replace(
-            active_run=run.model_copy(update={"started_at": now}),
+            active_run=run if run.started_at == now else run.model_copy(update={"started_at": now}),
             status=record.status if record.status.settled else TaskStatus.RUNNING,
             last_execution_time=now,
             last_worker=None,

@@ -91,6 +91,7 @@ class LocalRunBackend:
         self._inbox: RunInbox | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._lingering: dict[str, asyncio.Future[object]] = {}
+        self._inline = 0  # runs executing through run(), in their callers' tasks
 
     def manager(self, task_id: str, sys_type: str, kwargs: Mapping[str, Any]) -> TaskManager:
         """The manager of ``task_id`` (created, or re-created if its kwargs changed)."""
@@ -118,38 +119,75 @@ class LocalRunBackend:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
+    async def run(self, request: RunRequest, manager: TaskManager) -> RunEvent:
+        """Execute ``request`` in the calling task, deliver its outcome to the inbox and
+        return it, once the run no longer executes here (see :meth:`finished`).
+
+        What :meth:`submit` does, minus a task of its own: the dispatcher's runner already
+        runs each run in a task, so it calls this directly. Cancelling the caller cancels the
+        manager (as :meth:`close` would) and nothing is delivered.
+        """
+        self._inline += 1
+        try:
+            event = await self._outcome(request, manager)
+        finally:
+            self._inline -= 1
+        assert self._inbox is not None
+        await self._inbox.deliver(event)
+        if self._lingering:
+            # A timed-out manager in a thread cannot be stopped: the caller (holding the
+            # account's lane) waits until the thread returns.
+            await self.finished(request.run_id)
+        return event
+
     async def _execute(self, request: RunRequest, manager: TaskManager) -> None:
+        event = await self._outcome(request, manager)
+        assert self._inbox is not None
+        await self._inbox.deliver(event)
+
+    async def _outcome(self, request: RunRequest, manager: TaskManager) -> RunEvent:
+        """Call the manager (bounded by the request's timeout) and say how it went."""
         started = utc_now()
         error: str | None = None
         extra: dict[str, object] = {}
-        call = asyncio.ensure_future(call_manager(manager))
-        try:
-            done, _ = await asyncio.wait({call}, timeout=request.timeout)
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-        if done:
-            exc = asyncio.CancelledError() if call.cancelled() else call.exception()
-            if exc is None:
-                kind = RunEventKind.SUCCEEDED
+        if request.timeout is None:
+            # No timeout: await the manager in this task (no task nor wait of its own).
+            try:
+                await call_manager(manager)
+            except asyncio.CancelledError as cancelled:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this run is being cancelled, not failing
+                kind, error = RunEventKind.FAILED, describe_error(cancelled)
+            except Exception as raised:
+                kind, error = RunEventKind.FAILED, describe_error(raised)
             else:
-                kind, error = RunEventKind.FAILED, describe_error(exc)
+                kind = RunEventKind.SUCCEEDED
         else:
-            assert request.timeout is not None
-            kind, error = RunEventKind.FAILED, timed_out_error(request.timeout)
-            extra[TIMED_OUT] = request.timeout
-            await self._stop(request, manager, call)
-        assert self._inbox is not None
-        await self._inbox.deliver(
-            RunEvent(
-                run_id=request.run_id,
-                task_id=request.task_id,
-                kind=kind,
-                at=utc_now(),
-                error=error,
-                started_at=started,
-                extra=extra,
-            )
+            call = asyncio.ensure_future(call_manager(manager))
+            try:
+                done, _ = await asyncio.wait({call}, timeout=request.timeout)
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            if done:
+                exc = asyncio.CancelledError() if call.cancelled() else call.exception()
+                if exc is None:
+                    kind = RunEventKind.SUCCEEDED
+                else:
+                    kind, error = RunEventKind.FAILED, describe_error(exc)
+            else:
+                kind, error = RunEventKind.FAILED, timed_out_error(request.timeout)
+                extra[TIMED_OUT] = request.timeout
+                await self._stop(request, manager, call)
+        return RunEvent(
+            run_id=request.run_id,
+            task_id=request.task_id,
+            kind=kind,
+            at=utc_now(),
+            error=error,
+            started_at=started,
+            extra=extra,
         )
 
     async def _stop(
@@ -201,4 +239,4 @@ class LocalRunBackend:
 
     def health(self) -> Mapping[str, Any]:
         """Runs executing in this process."""
-        return {"backend": self.name, "running": len(self._running)}
+        return {"backend": self.name, "running": len(self._running) + self._inline}

@@ -361,6 +361,35 @@ async def test_sync_managers_run_in_a_thread(clock: Any, make_dispatcher: MakeDi
     await dispatcher.stop()
 
 
+class SelfCancellingManager:
+    """An async manager whose run() raises CancelledError without being cancelled."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    async def run(self) -> None:
+        raise asyncio.CancelledError("gave up")
+
+
+async def test_a_run_raising_cancelled_error_by_itself_fails_and_is_counted(
+    clock: Any, make_dispatcher: MakeDispatcher, state_dir: Path
+) -> None:
+    # Local runs are awaited in the runner's own task: a CancelledError the manager raises
+    # must count as a failed run, not as the dispatcher cutting the run off.
+    dispatcher = make_dispatcher(task_manager_factory=SelfCancellingManager)
+    task_id = await add(dispatcher)
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 8, 0))
+    await dispatcher.run_pending()
+    record = dispatcher.get_task(task_id)
+    assert (record.run_count, record.failure_count) == (1, 1)
+    assert record.status is TaskStatus.ERROR
+    assert record.last_error == "CancelledError: gave up"
+    assert record.active_run is None
+    await dispatcher.stop()
+    assert task_in_file(state_dir, task_id)["last_error"] == "CancelledError: gave up"
+
+
 async def test_stop_and_recreate_restores_everything(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
 ) -> None:
@@ -545,6 +574,27 @@ async def test_stop_cancels_a_run_past_the_grace_period(
     assert saved["last_execution_time"] == at(2026, 1, 8, 8, 0).isoformat()
 
 
+async def test_stop_past_the_grace_period_drops_runs_still_waiting_for_their_lane(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
+) -> None:
+    # Runs waiting for a lane are queue entries, not tasks: stopping must still take them
+    # back (never started, nothing counted) and settle them, besides cutting off the run.
+    dispatcher = make_dispatcher(max_concurrent_runs=1)
+    held = await add(dispatcher, account="a", task_id="a-0")
+    behind = await add(dispatcher, account="a", task_id="a-1")  # waits for a's lane
+    other = await add(dispatcher, account="b", task_id="b-0")  # waits for the one slot
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 8, 0))
+    await hold_run(dispatcher, recorder, held, via_run_pending=False)  # never released
+    await asyncio.wait_for(dispatcher.stop(grace_period=0), 5)
+    assert recorder.run_ids() == [held]
+    for task_id in (held, behind, other):
+        saved = task_in_file(state_dir, task_id)
+        assert (saved["status"], saved["run_count"]) == ("pending", 0), task_id
+        assert saved.get("active_run") is None, task_id
+    assert task_in_file(state_dir, behind).get("last_execution_time") is None
+
+
 async def test_run_pending_needs_a_started_dispatcher(make_dispatcher: MakeDispatcher) -> None:
     from scheduler import DispatcherNotRunningError
 
@@ -654,3 +704,24 @@ def test_an_unknown_recorded_zone_needs_an_explicit_conversion(state_dir: Path) 
     converted.pause_task("task_id_1")
     converted.close()
     assert read_state(state_dir)["timezone"] == "UTC"
+
+
+async def test_cancelling_run_pending_drops_the_runs_still_waiting_for_their_lane(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder, state_dir: Path
+) -> None:
+    dispatcher = make_dispatcher()
+    held = await add(dispatcher, account="a", task_id="a-0")
+    behind = await add(dispatcher, account="a", task_id="a-1")
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 8, 0))
+    pending = await hold_run(dispatcher, recorder, held)
+    assert pending is not None
+    pending.cancel()  # cancels the run it waits for, and the one waiting behind it
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    await asyncio.wait_for(dispatcher.run_pending(), 5)  # nothing left out
+    assert recorder.run_ids() == [held]
+    assert dispatcher.get_task(behind).active_run is None
+    assert dispatcher.get_task(held).active_run is None
+    await dispatcher.stop()
+    assert task_in_file(state_dir, behind)["run_count"] == 0

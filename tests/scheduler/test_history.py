@@ -383,6 +383,58 @@ def test_extra_and_worker_are_kept(history_at: Callable[..., RunHistory]) -> Non
     assert (entry.worker, entry.extra, entry.duration) == ("mac-mini-3", {"exit_code": 0}, 86400)
 
 
+def test_a_batch_writes_the_same_rows_as_writing_starts_then_finishes_one_by_one(
+    tmp_path: Path,
+) -> None:
+    # A run whose start and end share a batch is written as one row (its start row is
+    # skipped when the finishing row says everything it would): the rows must not change.
+    t0 = DAY0
+    later = t0 + timedelta(seconds=5)
+
+    def ev(run: str, kind: RunEventKind, at: datetime, **fields: Any) -> RunEvent:
+        return RunEvent(run, "t1", kind, at, **fields)
+
+    S, OK, FAILED, LOST = (
+        RunEventKind.STARTED,
+        RunEventKind.SUCCEEDED,
+        RunEventKind.FAILED,
+        RunEventKind.LOST,
+    )
+    events = [
+        ev("local", S, t0),
+        ev("local", OK, later, started_at=t0 + timedelta(seconds=1)),
+        ev("worker", S, t0, worker="w1"),
+        ev("worker", FAILED, later, worker="w1", error="E", started_at=t0),
+        ev("other-worker", S, t0, worker="w1"),
+        ev("other-worker", OK, later, started_at=t0),
+        ev("start-extra", S, t0, extra={"pid": 7}),
+        ev("start-extra", OK, later, started_at=t0),
+        ev("no-start-time", S, t0, worker="w2"),
+        ev("no-start-time", LOST, later, worker="w2", error="gone"),
+        ev("twice", S, t0),
+        ev("twice", S, t0 + timedelta(seconds=2), worker="w3"),
+        ev("twice", OK, later, started_at=t0),
+        ev("end-first", OK, later, started_at=t0, extra={"exit_code": 0}),
+        ev("end-first", S, t0),
+        ev("only-start", S, t0, worker="w4"),
+    ]
+    pairs = [(request(event.run_id), event) for event in events]
+    batched = RunHistory(tmp_path / "batched.sqlite3", clock=Clock(DAY0))
+    single = RunHistory(tmp_path / "single.sqlite3", clock=Clock(DAY0))
+    try:
+        for history in (batched, single):
+            assert history.flush()  # the writer thread is idle from here on
+        batched._write(pairs)
+        for pair in [p for p in pairs if p[1].kind is S] + [p for p in pairs if p[1].kind is not S]:
+            single._write([pair])
+        rows = {h: sorted(h.query(limit=100), key=lambda e: e.run_id) for h in (batched, single)}
+    finally:
+        batched.close()
+        single.close()
+    assert rows[batched] == rows[single]
+    assert len(rows[batched]) == 8
+
+
 # ---------------------------------------------------------------------- retention and load
 
 

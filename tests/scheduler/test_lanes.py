@@ -81,3 +81,40 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
 def test_limit_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_concurrent_runs"):
         AccountLanes(0, lambda task_id: 0)
+
+
+async def test_a_waiter_withdrawn_while_waiting_for_a_global_slot_gives_back_its_lane() -> None:
+    lanes = AccountLanes(1, lambda task_id: 0)
+    granted: list[str] = []
+    first = lanes.enqueue("a", "a-1", lambda: granted.append("a-1"))
+    blocked = lanes.enqueue("b", "b-1", lambda: granted.append("b-1"))
+    lanes.enqueue("b", "b-2", lambda: granted.append("b-2"))
+    await asyncio.sleep(0)  # the grants run on the next loop iteration
+    assert granted == ["a-1"]  # b-1 holds b's lane, but the only global slot is a-1's
+    assert lanes.waiting("b") == ["b-2"]
+    lanes.withdraw(blocked)
+    await asyncio.sleep(0)
+    assert granted == ["a-1"]  # b's lane went to b-2, which now waits for the slot
+    assert lanes.waiting("b") == []
+    lanes.release(first.account)
+    assert granted == ["a-1", "b-2"]  # the slot passes straight on
+    lanes.release("b")
+    await asyncio.sleep(0)
+    assert lanes.waiting_counts() == {}
+
+
+async def test_a_granted_waiter_withdrawn_gives_back_lane_and_slot() -> None:
+    lanes = AccountLanes(1, lambda task_id: 0)
+    granted: list[str] = []
+    first = lanes.enqueue("a", "a-1", lambda: granted.append("a-1"))
+    lanes.enqueue("a", "a-2", lambda: granted.append("a-2"))
+    lanes.enqueue("b", "b-1", lambda: granted.append("b-1"))
+    await asyncio.sleep(0)
+    assert granted == ["a-1"]
+    lanes.withdraw(first)
+    await asyncio.sleep(0)
+    assert granted == ["a-1", "b-1"]  # b-1 held b's lane, waiting for the slot: it passes on
+    await asyncio.sleep(0)
+    assert lanes.waiting("a") == []  # a-2 has a's lane now, and waits for the slot
+    lanes.release("b")
+    assert granted == ["a-1", "b-1", "a-2"]
