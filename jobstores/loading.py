@@ -182,7 +182,7 @@ def restore(
     """
     restored = Restored()
     ids: set[str] = set()
-    shared: dict[str, str] = {}
+    shared: dict[Any, Any] = {}
     for index, raw in enumerate(tasks):
         task_id = raw.get("task_id") if isinstance(raw, dict) else None
         task_id = task_id if isinstance(task_id, str) else None
@@ -220,7 +220,7 @@ def _loaded(
     record: TaskRecord,
     zone: tzinfo,
     now: datetime,
-    shared: dict[str, str],
+    shared: dict[Any, Any],
     label: str,
     fraction: Callable[[], float] | None,
 ) -> TaskRecord:
@@ -231,7 +231,7 @@ def _loaded(
             record.task_id,
             record.account_id,
         )
-    record = _share_strings(record, shared)
+    record = _share_values(record, shared)
     schedule = Schedule.of(record, zone)
     record = lifecycle.loaded(record, schedule, now)
     if fraction is not None and (record.run_policy is not None or record.next_start_time):
@@ -239,23 +239,60 @@ def _loaded(
     return record
 
 
-def _share_strings(record: TaskRecord, shared: dict[str, str]) -> TaskRecord:
-    """Make a freshly loaded record reuse equal strings already loaded (``shared``).
+_SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
+_SHARED_TIMES = ("next_execution_time", "created_at", "updated_at", "last_execution_time")
+_LAST_TIME = object()
+"""The key in ``shared`` of the last time read (see :func:`_share_values`)."""
 
-    Account ids, names, task types and most kwargs values repeat across tasks; a file parser
-    creates a new string for every occurrence.
+
+def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
+    """Make a freshly loaded record reuse equal values already loaded (``shared``).
+
+    Account ids, names, task types, most kwargs values, intervals and hour windows repeat
+    across tasks; a file parser creates a new object for every occurrence. All of them are
+    immutable. A value is only shared with one of its own type (``3600`` is not ``3600.0``).
+
+    Times repeat too (tasks added together; a task never run was created, updated and
+    planned at one instant), but hashing a time costs more than the rest of this: a time is
+    shared with the one read just before it only, when both are in the same zone and fold
+    (so it reads back exactly as parsed).
     """
     values = record.__dict__
-    for name in ("account_id", "account_name", "task_type", "sys_type"):
+    setdefault = shared.setdefault
+    for name in _SHARED_STRINGS:
         value = values[name]
         if value is not None:
-            values[name] = shared.setdefault(value, value)
+            values[name] = setdefault(value, value)
+    interval = values["interval"]
+    found = setdefault(interval, interval)
+    if type(found) is type(interval):
+        values["interval"] = found
+    window = values["valid_time_range"]
+    if type(window) is tuple and len(window) == 2:
+        found = setdefault(window, window)
+        if type(found[0]) is type(window[0]) and type(found[1]) is type(window[1]):
+            values["valid_time_range"] = found
+    last = shared.get(_LAST_TIME)
+    for name in _SHARED_TIMES:
+        value = values[name]
+        if value is None:
+            continue
+        if (
+            last is not None
+            and value.tzinfo is last.tzinfo
+            and value == last
+            and value.fold == last.fold
+        ):
+            values[name] = last
+        else:
+            last = value
+    shared[_LAST_TIME] = last
     kwargs = values["kwargs"]
     for key, value in kwargs.items():
         if value == record.task_id:
             kwargs[key] = record.task_id
         elif isinstance(value, str) and len(value) <= 128:
-            kwargs[key] = shared.setdefault(value, value)
+            kwargs[key] = setdefault(value, value)
     return record
 
 

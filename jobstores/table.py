@@ -20,8 +20,9 @@ __all__ = ["Change", "StateImage", "TaskTable"]
 
 _UNKNOWN_POSITION = 1 << 30
 
-Change = Callable[[str, TaskRecord | None], None]
-"""A listener: ``(task_id, new record or None when removed)``, called under the lock."""
+Change = Callable[[str, TaskRecord | None, TaskRecord | None], None]
+"""A listener: ``(task_id, old record or None when added, new record or None when removed)``,
+called under the lock (old and new are the same record when only the task's order changed)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class TaskTable:
                     found = self._records.get(task_id)
                     if found is not None and found.account_id == account:
                         if task_id not in placed:
-                            self._order.setdefault(account, []).append(task_id)
+                            # The record's own string: the document's order holds a copy.
+                            self._order.setdefault(account, []).append(found.task_id)
                             placed.add(task_id)
                     elif task_id in self._kept_ids:
                         self._kept_order.setdefault(account, []).append(task_id)
@@ -118,7 +120,7 @@ class TaskTable:
                     self._order.setdefault(record.account_id, []).append(task_id)
 
     def listen(self, listener: Change) -> None:
-        """Call ``listener(task_id, record)`` after every record change (under the lock)."""
+        """Call ``listener(task_id, old, new)`` after every record change (under the lock)."""
         self._listeners.append(listener)
 
     # ------------------------------------------------------------------ queries
@@ -176,11 +178,11 @@ class TaskTable:
         if self._closed:
             raise DispatcherClosedError(f"the {self._description} is closed")
 
-    def _changed(self, task_id: str, record: TaskRecord | None) -> None:
+    def _changed(self, task_id: str, old: TaskRecord | None, new: TaskRecord | None) -> None:
         self.version += 1
         self._dirty[task_id] = self.version
         for listener in self._listeners:
-            listener(task_id, record)
+            listener(task_id, old, new)
 
     def touch(self) -> None:
         """Make the next save write the whole state even if no task changed."""
@@ -209,7 +211,7 @@ class TaskTable:
                     self._recreated[record.task_id] = self.version + 1
                 self._records[record.task_id] = record
                 self._order.setdefault(record.account_id, []).append(record.task_id)
-                self._changed(record.task_id, record)
+                self._changed(record.task_id, None, record)
             self.order_version += 1
 
     def remove(self, task_id: str) -> TaskRecord:
@@ -224,7 +226,7 @@ class TaskTable:
             if not ids:
                 self._order.pop(record.account_id, None)
             self.order_version += 1
-            self._changed(task_id, None)
+            self._changed(task_id, record, None)
             self._order_dirty[record.account_id] = self.version
             return record
 
@@ -239,7 +241,7 @@ class TaskTable:
             new = change(old)
             if new is not old:
                 self._records[task_id] = new
-                self._changed(task_id, new)
+                self._changed(task_id, old, new)
             return new
 
     def reorder(self, task_id: str, position: int) -> None:
@@ -256,7 +258,7 @@ class TaskTable:
             ids.remove(task_id)
             ids.insert(position, task_id)
             self.order_version += 1
-            self._changed(task_id, record)
+            self._changed(task_id, record, record)
             self._order_dirty[record.account_id] = self.version
 
     def close(self) -> None:
