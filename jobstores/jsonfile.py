@@ -336,7 +336,7 @@ class JsonJobStore(BaseJobStore):
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
         """Jobs whose next run time is at or before ``now``, earliest first."""
-        with self.lock:
+        with self.lock, bulk_allocation():
             jobs, faults = self._jobs.due(now)
             self._faulted(faults)
             return list(jobs)
@@ -354,7 +354,7 @@ class JsonJobStore(BaseJobStore):
 
     def get_all_jobs(self) -> list[Job]:
         """Every job, earliest first, paused jobs last."""
-        with self.lock:
+        with self.lock, bulk_allocation():  # one job per task, built now
             jobs, faults = self._jobs.all()
             self._faulted(faults)
             return list(jobs)

@@ -104,20 +104,31 @@ class TaskTable:
                 self._kept.append(raw)
                 if task_id is not None:
                     self._kept_ids.add(task_id)
-            placed: set[str] = set()
-            for account, ids in order_hint.items():
-                for task_id in ids:
-                    found = self._records.get(task_id)
-                    if found is not None and found.account_id == account:
-                        if task_id not in placed:
-                            # The record's own string: the document's order holds a copy.
-                            self._order.setdefault(account, []).append(found.task_id)
-                            placed.add(task_id)
-                    elif task_id in self._kept_ids:
-                        self._kept_order.setdefault(account, []).append(task_id)
+            # Each account's tasks, in file order: one pass over the records in the order they
+            # lie in memory. Looking each up in the hint's order instead (accounts interleave)
+            # missed the cache on every record at 100,000 tasks.
+            groups: dict[str, dict[str, str]] = {}
             for task_id, record in self._records.items():
-                if task_id not in placed:
-                    self._order.setdefault(record.account_id, []).append(task_id)
+                group = groups.get(record.account_id)
+                if group is None:
+                    group = groups[record.account_id] = {}
+                group[task_id] = task_id
+            for account, ids in order_hint.items():
+                group = groups.get(account, {})
+                ordered: list[str] = []
+                for task_id in ids:
+                    own = group.pop(task_id, None)  # the record's string, not the hint's copy
+                    if own is not None:
+                        ordered.append(own)
+                    elif task_id in self._kept_ids:
+                        found = self._records.get(task_id)
+                        if found is None or found.account_id != account:
+                            self._kept_order.setdefault(account, []).append(task_id)
+                if ordered:
+                    self._order[account] = ordered
+            for account, group in groups.items():
+                if group:  # tasks the hint does not place: last, in file order
+                    self._order.setdefault(account, []).extend(group)
 
     def listen(self, listener: Change) -> None:
         """Call ``listener(task_id, old, new)`` after every record change (under the lock)."""
