@@ -319,10 +319,14 @@ class JobView:
         dropped = task_id in self._dropped
         self._dropped.discard(task_id)
         self._assigned.pop(task_id, None)
-        if old is not None and not dropped and lifecycle.schedulable(old):
-            self._unfile(task_id, _key(old))
-        if new is not None and lifecycle.schedulable(new):
-            self._file(task_id, _key(new))
+        filed = None if old is None or dropped or not lifecycle.schedulable(old) else _key(old)
+        wanted = None if new is None or not lifecycle.schedulable(new) else _key(new)
+        if filed != wanted:  # most changes (a run's progress) leave the next run where it is
+            if filed is not None:
+                self._unfile(task_id, filed)
+            if wanted is not None:
+                self._file(task_id, wanted)
+        if new is not None and wanted is not None:
             self.trigger(new)  # rules that cannot be planned raise to the change's caller
 
     def _position(self, when: float, task_id: str) -> int:
