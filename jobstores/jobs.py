@@ -316,12 +316,30 @@ class JobView:
         listener; None: added or removed)."""
         if self._scheduler is None or old is new:
             return
+        if self._assigned:
+            self._assigned.pop(task_id, None)
+        if (
+            old is not None
+            and new is not None
+            and old.status is new.status
+            and old.next_execution_time is new.next_execution_time
+            and old.next_start_time is new.next_start_time
+            and task_id not in self._dropped
+        ):
+            # Filed where it was (most changes are a run's progress); only an edit of the
+            # rules needs its trigger checked.
+            if (
+                old.interval is not new.interval
+                or old.valid_time_range is not new.valid_time_range
+                or old.task_end_time is not new.task_end_time
+            ) and lifecycle.schedulable(new):
+                self.trigger(new)
+            return
         dropped = task_id in self._dropped
         self._dropped.discard(task_id)
-        self._assigned.pop(task_id, None)
         filed = None if old is None or dropped or not lifecycle.schedulable(old) else _key(old)
         wanted = None if new is None or not lifecycle.schedulable(new) else _key(new)
-        if filed != wanted:  # most changes (a run's progress) leave the next run where it is
+        if filed != wanted:
             if filed is not None:
                 self._unfile(task_id, filed)
             if wanted is not None:

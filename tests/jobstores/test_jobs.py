@@ -104,6 +104,15 @@ def test_the_index_follows_every_change() -> None:
             if task_id in model.view:
                 model.view.drop(task_id)
                 model.dropped.add(task_id)
+        elif action < 0.88:
+            task_id = rng.choice(ids)  # a run's progress, or an edit of its rules
+            interval = rng.choice([3600, 7200])
+            model.update(
+                task_id,
+                lambda r, interval=interval: r.replace(
+                    run_count=r.run_count + 1, interval=interval
+                ),
+            )
         elif action < 0.9:
             if model.dropped:
                 task_id = rng.choice(sorted(model.dropped))
