@@ -321,10 +321,8 @@ class JobView:
         if (
             old is not None
             and new is not None
-            and old.status is new.status
-            and old.next_execution_time is new.next_execution_time
-            and old.next_start_time is new.next_start_time
             and task_id not in self._dropped
+            and _same_place(old, new)
         ):
             # Filed where it was (most changes are a run's progress); only an edit of the
             # rules needs its trigger checked.
@@ -405,6 +403,20 @@ class JobView:
         job.next_run_time = _job_time(record)
         job.planned = record.next_execution_time
         return job
+
+
+def _same_place(old: TaskRecord, new: TaskRecord) -> bool:
+    """Whether ``new`` is filed where ``old`` is, without computing either place."""
+    if (
+        old.next_execution_time is not new.next_execution_time
+        or old.next_start_time is not new.next_start_time
+    ):
+        return False
+    if old.status is new.status:
+        return True
+    return (old.status is TaskStatus.PAUSED) == (new.status is TaskStatus.PAUSED) and (
+        lifecycle.schedulable(old) == lifecycle.schedulable(new)
+    )
 
 
 def _key(record: TaskRecord) -> float:

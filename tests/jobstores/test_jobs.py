@@ -114,6 +114,10 @@ def test_the_index_follows_every_change() -> None:
                 ),
             )
         elif action < 0.9:
+            task_id = rng.choice(ids)  # a run starts, ends, fails; a pause by hand
+            status = rng.choice(list(TaskStatus))
+            model.update(task_id, lambda r, status=status: r.replace(status=status))
+        elif action < 0.92:
             if model.dropped:
                 task_id = rng.choice(sorted(model.dropped))
                 model.view.readmit(task_id)
