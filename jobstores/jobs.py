@@ -1,4 +1,4 @@
-"""APScheduler's view of the task table: a trigger and a job per task, and the due index.
+"""APScheduler's view of the task table: the due index, and jobs built from records on demand.
 
 This module and ``scheduler/engine.py`` are the only homes of APScheduler's private API.
 The view follows the table (it listens to every record change, under the table's lock);
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
@@ -96,21 +97,9 @@ class TaskTrigger(BaseTrigger):
 
 
 class TaskJob(Job):
-    """The APScheduler job of one task; also remembers where it is filed in the due index."""
+    """The APScheduler job of one task, built from its record when APScheduler asks for it."""
 
-    __slots__ = ("filed_at", "planned")
-
-    @classmethod
-    def adopt(cls, job: Job) -> TaskJob:
-        """``job`` itself if it is a TaskJob, else a TaskJob copy of it."""
-        if isinstance(job, cls):
-            return job
-        copy = cls.__new__(cls)
-        for name in Job.__slots__:
-            if name != "__weakref__" and hasattr(job, name):
-                setattr(copy, name, getattr(job, name))
-        copy.planned = None
-        return copy
+    __slots__ = ("planned",)
 
     def _get_run_times(self, now: datetime) -> list[datetime]:
         # A jittered run fires at its start (next_run_time) but stands for its planned time:
@@ -130,24 +119,42 @@ class TaskJob(Job):
         return run_times
 
 
-def _timestamp(when: datetime | None) -> float:
-    return math.inf if when is None else float(when.timestamp())
-
-
 class JobView:
-    """A job for every schedulable record, ordered by next run time (paused ones last).
+    """APScheduler's jobs, built from the records when asked for, over a compact due index.
 
-    Jobs exist only between :meth:`attach` (APScheduler started the store) and
+    The index holds, for every schedulable record, the instant of its next run (paused ones
+    at infinity, so last) and its task id, in two parallel arrays sorted by (instant, id): no
+    job, trigger or tuple is kept per task. A job is built from its record each time
+    APScheduler asks for one, as APScheduler's SQLAlchemyJobStore rebuilds its jobs from its
+    rows. APScheduler hands a changed job back through the store, which changes the record;
+    the record's change refiles the task here (:meth:`sync`). The record is the one source of
+    truth for when a task runs.
+
+    The index lives between :meth:`attach` (APScheduler started the store) and
     :meth:`detach`. Callers hold the table's lock.
     """
 
-    def __init__(self, zone: tzinfo, run_target: Callable[[], Any]) -> None:
+    def __init__(
+        self, zone: tzinfo, run_target: Callable[[], Any], find: Callable[[str], TaskRecord | None]
+    ) -> None:
         self._zone = zone
         self._target = run_target
-        self._jobs: dict[str, TaskJob] = {}
-        self._index: list[tuple[float, str]] = []
+        self._find = find
+        self._times = array("d")
+        self._ids: list[str] = []
+        self._head = 0
+        """Entries before it were taken off the front (a scheduler pass takes the earliest
+        first): taking one off costs no move; the arrays are cut when half is taken."""
+        self._dropped: set[str] = set()
+        """Schedulable tasks APScheduler removed (or whose schedule raised): no job until
+        their record changes or APScheduler adds them again."""
         self._triggers: dict[Schedule, TaskTrigger] = {}
-        self._names: dict[str, str] = {}
+        self._by_rules: dict[tuple[Any, ...], TaskTrigger] = {}
+        """The same triggers by the fields of a record they are made of (all a trigger reads):
+        a job is built for APScheduler at every question, so this is on the hot path."""
+        self._assigned: dict[str, BaseTrigger] = {}
+        """Triggers APScheduler gave a job (``modify_job(trigger=...)``): they hold until the
+        task's record changes, which plans it by its own rules again."""
         self._scheduler: Any = None
         self._alias: str | None = None
 
@@ -158,122 +165,237 @@ class JobView:
 
     def trigger(self, record: TaskRecord) -> TaskTrigger:
         """The trigger that plans ``record``'s runs (shared by tasks with the same schedule)."""
-        schedule = Schedule.of(record, self._zone)
-        trigger = self._triggers.get(schedule)
+        rules = (record.interval, record.valid_time_range, record.task_end_time)
+        trigger = self._by_rules.get(rules)
         if trigger is None:
-            trigger = self._triggers[schedule] = TaskTrigger(schedule)
+            schedule = Schedule.of(record, self._zone)
+            trigger = self._triggers.get(schedule)
+            if trigger is None:
+                trigger = self._triggers[schedule] = TaskTrigger(schedule)
+            self._by_rules[rules] = trigger
         return trigger
 
     def attach(
         self, scheduler: Any, alias: str, records: Iterable[TaskRecord]
     ) -> list[tuple[str, Exception]]:
-        """APScheduler started: build a job for every schedulable record.
+        """APScheduler started: file every schedulable record.
 
-        Returns the tasks whose job could not be built, with the error (the others carry on).
+        Returns the tasks whose trigger could not be built, with the error (they get no job;
+        the others carry on).
         """
         self._scheduler = scheduler
         self._alias = alias
-        self._jobs.clear()
+        self._dropped.clear()
+        self._assigned.clear()
         faults: list[tuple[str, Exception]] = []
+        keys: list[tuple[float, str]] = []
+        schedulable, trigger, append = lifecycle.schedulable, self.trigger, keys.append
         for record in records:
-            if lifecycle.schedulable(record):
-                try:
-                    job = self._build(record)
-                except Exception as exc:
-                    faults.append((record.task_id, exc))
-                    continue
-                job.filed_at = _timestamp(job.next_run_time)
-                self._jobs[job.id] = job
-        self._index = sorted((job.filed_at, task_id) for task_id, job in self._jobs.items())
+            if not schedulable(record):
+                continue
+            try:
+                trigger(record)
+            except Exception as exc:
+                faults.append((record.task_id, exc))
+                self._dropped.add(record.task_id)
+                continue
+            append((_key(record), record.task_id))
+        keys.sort()
+        self._times = array("d", [when for when, _ in keys])
+        self._ids = [task_id for _, task_id in keys]
+        self._head = 0
         return faults
 
     def detach(self) -> None:
-        """APScheduler shut down: the jobs are let go."""
-        self._jobs.clear()
-        self._index.clear()
+        """APScheduler shut down: the index is let go."""
+        self._times = array("d")
+        self._ids = []
+        self._head = 0
+        self._dropped.clear()
+        self._assigned.clear()
         self._scheduler = None
 
     # ------------------------------------------------------------------ queries
 
-    def lookup(self, task_id: str) -> TaskJob | None:
-        """The job of ``task_id``, or None."""
-        return self._jobs.get(task_id)
-
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._jobs
+        """Whether ``task_id`` has a job."""
+        if self._scheduler is None or not isinstance(task_id, str) or task_id in self._dropped:
+            return False
+        record = self._find(task_id)
+        return record is not None and lifecycle.schedulable(record)
 
-    def due(self, now: datetime) -> list[TaskJob]:
-        """Jobs whose next run time is at or before ``now``, earliest first."""
-        end = bisect.bisect_right(self._index, (now.timestamp(), "\U0010ffff"))
-        return [self._jobs[task_id] for _, task_id in self._index[:end]]
+    def __len__(self) -> int:
+        return len(self._ids) - self._head
+
+    def lookup(self, task_id: str) -> TaskJob | None:
+        """The job of ``task_id`` (built now), or None."""
+        if task_id not in self:
+            return None
+        record = self._find(task_id)
+        assert record is not None
+        return self._build(record)
+
+    def due(self, now: datetime) -> tuple[list[TaskJob], list[tuple[str, Exception]]]:
+        """Jobs whose next run time is at or before ``now``, earliest first; and the tasks
+        whose job could not be built, with the error."""
+        end = bisect.bisect_right(self._times, now.timestamp(), self._head)
+        return self._jobs_of(self._ids[self._head : end])
 
     def next_run_time(self) -> datetime | None:
         """The earliest next run time, or None when nothing is scheduled."""
-        if not self._index or self._index[0][0] == math.inf:
-            return None
-        return self._jobs[self._index[0][1]].next_run_time  # type: ignore[no-any-return]
+        first = self.first()
+        return None if first is None else first[1]
 
-    def all(self) -> list[TaskJob]:
-        """Every job, earliest first, paused jobs last."""
-        return [self._jobs[task_id] for _, task_id in self._index]
+    def first(self) -> tuple[str, datetime] | None:
+        """The task whose run is next, and when it starts; None when nothing is scheduled."""
+        if self._head == len(self._ids) or self._times[self._head] == math.inf:
+            return None
+        task_id = self._ids[self._head]
+        record = self._find(task_id)
+        when = None if record is None else _job_time(record)
+        return None if when is None else (task_id, when)
+
+    def ids(self) -> list[str]:
+        """The task ids with a job, earliest first, paused ones last."""
+        return self._ids[self._head :]
+
+    def all(self) -> tuple[list[TaskJob], list[tuple[str, Exception]]]:
+        """Every job, earliest first, paused jobs last; and the tasks whose job could not be
+        built, with the error."""
+        return self._jobs_of(self.ids())
+
+    def _jobs_of(self, ids: list[str]) -> tuple[list[TaskJob], list[tuple[str, Exception]]]:
+        jobs: list[TaskJob] = []
+        faults: list[tuple[str, Exception]] = []
+        for task_id in ids:
+            record = self._find(task_id)
+            if record is None:  # pragma: no cover - a removed record is unfiled at once
+                continue
+            try:
+                jobs.append(self._build(record))
+            except Exception as exc:
+                faults.append((task_id, exc))
+        return jobs, faults
 
     # ------------------------------------------------------------------ changes
 
     def drop(self, task_id: str) -> None:
-        """Forget ``task_id``'s job (if any)."""
-        job = self._jobs.pop(task_id, None)
-        if job is not None:
-            # The job's place in the index is the one it was filed under: APScheduler changes
-            # a job's next run time before it calls update_job().
-            key = (job.filed_at, task_id)
-            position = bisect.bisect_left(self._index, key)
-            if position < len(self._index) and self._index[position] == key:
-                del self._index[position]
-
-    def place(self, job: Job) -> TaskJob:
-        """File ``job`` (replacing the one of the same id) under its next run time."""
-        self.drop(job.id)
-        adopted = TaskJob.adopt(job)
-        adopted.filed_at = _timestamp(adopted.next_run_time)
-        self._jobs[adopted.id] = adopted
-        bisect.insort(self._index, (adopted.filed_at, adopted.id))
-        return adopted
-
-    def sync(self, task_id: str, record: TaskRecord | None) -> None:
-        """Make ``task_id``'s job agree with its record (a table listener)."""
-        if self._scheduler is None:
+        """Take ``task_id``'s job away (APScheduler removed it, or it cannot be planned)
+        until its record changes or :meth:`readmit`."""
+        if self._scheduler is None or task_id in self._dropped:
             return
+        record = self._find(task_id)
         if record is None or not lifecycle.schedulable(record):
-            self.drop(task_id)
             return
-        job = self._jobs.get(task_id)
-        wanted = _job_time(record)
-        if job is None:
-            self.place(self._build(record))
+        self._unfile(task_id, _key(record))
+        self._dropped.add(task_id)
+        self._assigned.pop(task_id, None)
+
+    def readmit(self, task_id: str) -> None:
+        """Give ``task_id`` its job back after :meth:`drop` (APScheduler added it again)."""
+        if task_id not in self._dropped:
             return
-        job.planned = record.next_execution_time
-        trigger = self.trigger(record)
-        if job.trigger is not trigger:  # the task's rules were edited
-            job.trigger = trigger
-        if not same_instant(job.next_run_time, wanted):
-            job._modify(next_run_time=wanted)
-            self.place(job)
+        self._dropped.discard(task_id)
+        record = self._find(task_id)
+        if record is not None and lifecycle.schedulable(record):
+            self._file(task_id, _key(record))
+
+    def assign(self, job: Job) -> None:
+        """APScheduler handed ``job`` back: keep its trigger if it is a foreign one.
+
+        A :class:`TaskTrigger` is always the record's: the job may have been built before the
+        record's rules were edited, and the record decides.
+        """
+        if isinstance(job.trigger, TaskTrigger) or self._find(job.id) is None:
+            self._assigned.pop(job.id, None)
+        else:
+            self._assigned[job.id] = job.trigger
+
+    def sync(self, task_id: str, old: TaskRecord | None, new: TaskRecord | None) -> None:
+        """Refile ``task_id`` after its record changed from ``old`` to ``new`` (a table
+        listener; None: added or removed)."""
+        if self._scheduler is None or old is new:
+            return
+        if self._assigned:
+            self._assigned.pop(task_id, None)
+        if (
+            old is not None
+            and new is not None
+            and task_id not in self._dropped
+            and _same_place(old, new)
+        ):
+            # Filed where it was (most changes are a run's progress); only an edit of the
+            # rules needs its trigger checked.
+            if (
+                old.interval is not new.interval
+                or old.valid_time_range is not new.valid_time_range
+                or old.task_end_time is not new.task_end_time
+            ) and lifecycle.schedulable(new):
+                self.trigger(new)
+            return
+        dropped = task_id in self._dropped
+        self._dropped.discard(task_id)
+        filed = None if old is None or dropped or not lifecycle.schedulable(old) else _key(old)
+        wanted = None if new is None or not lifecycle.schedulable(new) else _key(new)
+        if filed != wanted:
+            if filed is not None:
+                self._unfile(task_id, filed)
+            if wanted is not None:
+                self._file(task_id, wanted)
+        if new is not None and wanted is not None:
+            self.trigger(new)  # rules that cannot be planned raise to the change's caller
+
+    def _position(self, when: float, task_id: str) -> int:
+        """Where ``(when, task_id)`` is, or would be, filed."""
+        low = bisect.bisect_left(self._times, when, self._head)
+        high = bisect.bisect_right(self._times, when, low)
+        return bisect.bisect_left(self._ids, task_id, low, high)
+
+    def _file(self, task_id: str, when: float) -> None:
+        position = self._position(when, task_id)
+        if position == self._head and position > 0:
+            # Before every live entry: the slot in front is free.
+            position = self._head = position - 1
+            self._times[position] = when
+            self._ids[position] = task_id
+            return
+        self._times.insert(position, when)
+        self._ids.insert(position, task_id)
+
+    def _unfile(self, task_id: str, when: float) -> None:
+        position = self._position(when, task_id)
+        ids = self._ids
+        if position == len(ids) or ids[position] != task_id or self._times[position] != when:
+            # Not where its record says: look for it (never expected; keeps the index whole).
+            try:
+                position = ids.index(task_id, self._head)
+            except ValueError:
+                return
+        if position == self._head:
+            ids[position] = ""
+            self._head += 1
+            if self._head * 2 > len(ids):
+                del self._times[: self._head]
+                del ids[: self._head]
+                self._head = 0
+            return
+        del self._times[position]
+        del ids[position]
 
     def _build(self, record: TaskRecord) -> TaskJob:
         # Fill the job's slots directly, as APScheduler's own stores do when they restore a
         # job (Job.__setstate__): Job.__init__ re-validates the callable's signature with
-        # inspect, which is most of the cost of starting a dispatcher with many tasks.
+        # inspect.
         job = TaskJob.__new__(TaskJob)
         job._scheduler = self._scheduler
         job._jobstore_alias = self._alias
         job.id = record.task_id
-        name = f"{record.task_type} for {record.account_id}"
-        job.name = self._names.setdefault(name, name)
+        job.name = f"{record.task_type} for {record.account_id}"
         job.func = self._target
         job.func_ref = None
         job.args = ()
         job.kwargs = _NO_KWARGS
-        job.trigger = self.trigger(record)
+        job.trigger = self._assigned.get(record.task_id) or self.trigger(record)
         job.executor = "default"
         job.misfire_grace_time = None
         job.coalesce = True
@@ -281,6 +403,28 @@ class JobView:
         job.next_run_time = _job_time(record)
         job.planned = record.next_execution_time
         return job
+
+
+def _same_place(old: TaskRecord, new: TaskRecord) -> bool:
+    """Whether ``new`` is filed where ``old`` is, without computing either place."""
+    if (
+        old.next_execution_time is not new.next_execution_time
+        or old.next_start_time is not new.next_start_time
+    ):
+        return False
+    if old.status is new.status:
+        return True
+    return (old.status is TaskStatus.PAUSED) == (new.status is TaskStatus.PAUSED) and (
+        lifecycle.schedulable(old) == lifecycle.schedulable(new)
+    )
+
+
+def _key(record: TaskRecord) -> float:
+    """Where ``record`` is filed: the instant of its next run (infinity when paused)."""
+    if record.status is TaskStatus.PAUSED:
+        return math.inf
+    when = record.start_time
+    return math.inf if when is None else float(when.timestamp())
 
 
 def _job_time(record: TaskRecord) -> datetime | None:

@@ -106,7 +106,7 @@ class JsonJobStore(BaseJobStore):
             with bulk_allocation():
                 document, from_backup = self._storage.load()
                 self._settle_zone(document, timezone, convert_timezone)
-                self._jobs = JobView(self.timezone, _not_a_manager)
+                self._jobs = JobView(self.timezone, _not_a_manager, self._table.find)
                 self._table.listen(self._jobs.sync)
                 self._load(document, from_backup, now or self.now(), accept)
         except BaseException:
@@ -318,12 +318,11 @@ class JsonJobStore(BaseJobStore):
     # APScheduler's job store interface ------------------------------------------------
 
     def start(self, scheduler: Any, alias: str) -> None:
-        """Called by APScheduler when it starts: build a job for every schedulable record."""
+        """Called by APScheduler when it starts: file every schedulable record (its job is
+        built when APScheduler asks for it)."""
         super().start(scheduler, alias)
         with self.lock, bulk_allocation():
-            faults = self._jobs.attach(scheduler, alias, self._table.records())
-            for task_id, exc in faults:
-                self.fault(task_id, exc)
+            self._faulted(self._jobs.attach(scheduler, alias, self._table.records()))
 
     def shutdown(self) -> None:
         """Called by APScheduler when it shuts down: the records stay; jobs are let go."""
@@ -332,22 +331,37 @@ class JsonJobStore(BaseJobStore):
 
     def lookup_job(self, job_id: str) -> Job | None:
         """The job of ``job_id``, or None."""
-        return self._jobs.lookup(job_id)
+        with self.lock:
+            return self._jobs.lookup(job_id)
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
         """Jobs whose next run time is at or before ``now``, earliest first."""
-        with self.lock:
-            return list(self._jobs.due(now))
+        with self.lock, bulk_allocation():
+            jobs, faults = self._jobs.due(now)
+            self._faulted(faults)
+            return list(jobs)
 
     def get_next_run_time(self) -> datetime | None:
         """The earliest next run time, or None when nothing is scheduled."""
         with self.lock:
             return self._jobs.next_run_time()
 
+    def next_run(self) -> tuple[str, datetime] | None:
+        """The task whose run is next and when it starts (None when nothing is scheduled or
+        APScheduler has not started the store)."""
+        with self.lock:
+            return self._jobs.first()
+
     def get_all_jobs(self) -> list[Job]:
         """Every job, earliest first, paused jobs last."""
-        with self.lock:
-            return list(self._jobs.all())
+        with self.lock, bulk_allocation():  # one job per task, built now
+            jobs, faults = self._jobs.all()
+            self._faulted(faults)
+            return list(jobs)
+
+    def _faulted(self, faults: list[tuple[str, Exception]]) -> None:
+        for task_id, exc in faults:
+            self.fault(task_id, exc)
 
     def add_job(self, job: Job) -> None:
         """Attach ``job`` to its task record; only tasks added through the store qualify."""
@@ -359,7 +373,8 @@ class JsonJobStore(BaseJobStore):
                     f"JsonJobStore holds task-dispatcher tasks only; add task {job.id!r} with "
                     "TaskDispatcher.add_task()"
                 )
-            self._jobs.place(job)
+            self._jobs.readmit(job.id)
+            self._jobs.assign(job)
             self._adopt(job)
 
     def update_job(self, job: Job) -> None:
@@ -367,7 +382,7 @@ class JsonJobStore(BaseJobStore):
         with self.lock:
             if job.id not in self._jobs:
                 raise JobLookupError(job.id)
-            self._jobs.place(job)
+            self._jobs.assign(job)
             self._adopt(job)
 
     def _adopt(self, job: Job) -> None:
@@ -396,8 +411,8 @@ class JsonJobStore(BaseJobStore):
     def remove_all_jobs(self) -> None:
         """Unschedule every job: each task is ``completed`` (records are never dropped here)."""
         with self.lock, self.deferred_saves():
-            for job_id in list(self._jobs.all()):
-                self.remove_job(job_id.id)
+            for job_id in self._jobs.ids():
+                self.remove_job(job_id)
 
     def fault(self, task_id: str, exc: BaseException) -> None:
         """Scheduling ``task_id`` raised: log it, unschedule it and put it in ``error``.

@@ -62,13 +62,6 @@ BACKUP_FILENAME = f"{STATE_FILENAME}.bak"
 JOURNAL_PREFIX = "dispatch_config.journal-"
 """Journal segments are ``<prefix><first line number, 12 digits>``, read in number order."""
 _SEGMENT_DIGITS = 12
-_SHARED_TIMES = (
-    "last_execution_time",
-    "next_execution_time",
-    "next_start_time",
-    "created_at",
-    "updated_at",
-)
 
 
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -245,29 +238,62 @@ def _loaded(
     return _share_values(record, shared)
 
 
+_SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
+_SHARED_TIMES = (
+    "next_execution_time",
+    "next_start_time",
+    "created_at",
+    "updated_at",
+    "last_execution_time",
+)
+_LAST_TIME = object()
+"""The key in ``shared`` of the last time read (see :func:`_share_values`)."""
+
+
 def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
     """Make a freshly loaded record reuse equal values already loaded (``shared``).
 
-    Account ids, names, task types, most kwargs values and many times (tasks added or run
-    together) repeat across tasks; a file parser creates a new object for every occurrence.
-    The record is this load's own, not yet seen by anyone, so it is changed in place.
+    Account ids, names, task types, most kwargs values and intervals repeat across tasks
+    (hour windows are shared by the record model itself); a file parser creates a new
+    object for every occurrence. All of them are immutable. A value is only shared with one
+    of its own type (``3600`` is not ``3600.0``).
+
+    Times repeat too (tasks added together; a task never run was created, updated and
+    planned at one instant), but hashing a time costs more than the rest of this: a time is
+    shared with the one read just before it only, when both are in the same zone and fold
+    (so it reads back exactly as parsed).
     """
     values = record.__dict__
-    for name in ("account_id", "account_name", "task_type", "sys_type"):
+    setdefault = shared.setdefault
+    for name in _SHARED_STRINGS:
         value = values[name]
         if value is not None:
-            values[name] = shared.setdefault(value, value)
+            values[name] = setdefault(value, value)
+    interval = values["interval"]
+    found = setdefault(interval, interval)
+    if type(found) is type(interval):
+        values["interval"] = found
+    last = shared.get(_LAST_TIME)
     for name in _SHARED_TIMES:
         value = values[name]
-        if value is not None:
-            # Keyed with the zone too: equal instants in different zones are not the same value.
-            values[name] = shared.setdefault((value, value.tzinfo, value.fold), value)
+        if value is None:
+            continue
+        if (
+            last is not None
+            and value.tzinfo is last.tzinfo
+            and value == last
+            and value.fold == last.fold
+        ):
+            values[name] = last
+        else:
+            last = value
+    shared[_LAST_TIME] = last
     kwargs = values["kwargs"]
     for key, value in kwargs.items():
         if value == record.task_id:
             kwargs[key] = record.task_id
         elif isinstance(value, str) and len(value) <= 128:
-            kwargs[key] = shared.setdefault(value, value)
+            kwargs[key] = setdefault(value, value)
     return record
 
 

@@ -716,13 +716,9 @@ class TaskDispatcher:
                 self._runner.resume(request)
             if recovered:
                 await self._backend.recover(recovered)
-            planned = [
-                (record.next_execution_time, record.task_id)
-                for record in self._store.records()
-                if record.next_execution_time is not None and record.status is not TaskStatus.PAUSED
-            ]
-            if planned:
-                when, task_id = min(planned)
+            planned = self._store.next_run()
+            if planned is not None:
+                task_id, when = planned
                 logger.info(
                     "dispatcher on %s started; next run %s (task %s)", self.directory, when, task_id
                 )
