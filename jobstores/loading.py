@@ -247,7 +247,7 @@ _SHARED_TIMES = (
     "last_execution_time",
 )
 _LAST_TIME = object()
-"""The key in ``shared`` of the last time read (see :func:`_share_values`)."""
+"""The key in ``shared`` of the last time read in each field (see :func:`_share_values`)."""
 
 
 def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
@@ -260,8 +260,9 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
 
     Times repeat too (tasks added together; a task never run was created, updated and
     planned at one instant), but hashing a time costs more than the rest of this: a time is
-    shared with the one read just before it only, when both are in the same zone and fold
-    (so it reads back exactly as parsed).
+    shared only with the same field of the record read just before or the time read just
+    before in this record, when both are in the same zone and fold (so it reads back
+    exactly as parsed).
     """
     values = record.__dict__
     setdefault = shared.setdefault
@@ -273,21 +274,22 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
     found = setdefault(interval, interval)
     if type(found) is type(interval):
         values["interval"] = found
-    last = shared.get(_LAST_TIME)
+    latest: dict[str, datetime] = shared.setdefault(_LAST_TIME, {})
+    previous = None  # the time read just before, in this record
     for name in _SHARED_TIMES:
         value = values[name]
         if value is None:
             continue
-        if (
-            last is not None
-            and value.tzinfo is last.tzinfo
-            and value == last
-            and value.fold == last.fold
-        ):
-            values[name] = last
-        else:
-            last = value
-    shared[_LAST_TIME] = last
+        for seen in (latest.get(name), previous):
+            if (
+                seen is not None
+                and value.tzinfo is seen.tzinfo
+                and value == seen
+                and value.fold == seen.fold
+            ):
+                value = values[name] = seen
+                break
+        latest[name] = previous = value
     kwargs = values["kwargs"]
     for key, value in kwargs.items():
         if value == record.task_id:
