@@ -183,12 +183,13 @@ def restore(
     restored = Restored()
     ids: set[str] = set()
     shared: dict[Any, Any] = {}
+    times: dict[str, datetime] = {}
     for index, raw in enumerate(tasks):
         task_id = raw.get("task_id") if isinstance(raw, dict) else None
         task_id = task_id if isinstance(task_id, str) else None
         try:
             if trusted is not None and isinstance(raw, dict) and trusted(raw):
-                record = TaskRecord.trusted(raw, zone)
+                record = TaskRecord.trusted(raw, zone, times)
             else:
                 record = parse_record(raw, zone, parsed_json=parsed_json)
             if record.task_id in ids:
@@ -281,6 +282,8 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
         if value is None:
             continue
         for seen in (latest.get(name), previous):
+            if seen is value:
+                break
             if (
                 seen is not None
                 and value.tzinfo is seen.tzinfo

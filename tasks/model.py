@@ -335,7 +335,9 @@ class TaskRecord(BaseModel):
         return new
 
     @classmethod
-    def trusted(cls, raw: dict[str, Any], zone: tzinfo) -> TaskRecord:
+    def trusted(
+        cls, raw: dict[str, Any], zone: tzinfo, times: dict[str, datetime] | None = None
+    ) -> TaskRecord:
         """Rebuild a record from an object this library saved, without validating it.
 
         Only for objects whose checksum proved them unchanged since this library wrote them
@@ -343,9 +345,12 @@ class TaskRecord(BaseModel):
         :meth:`model_validate` would (ISO datetimes into ``zone``, the status enum, the hour
         window as a tuple, nested models), but no constraint is checked again. Anything
         unexpected goes through :meth:`model_validate`, so the result is always a valid record.
+
+        ``times`` maps saved time texts to the times already made from them in ``zone``: records
+        loaded together share equal times (and each text is parsed once).
         """
         try:
-            converted = _trusted_values(raw, zone)
+            converted = _trusted_values(raw, zone, {} if times is None else times)
         except (KeyError, TypeError, ValueError):
             converted = None
         if converted is None:
@@ -441,7 +446,7 @@ def _trusted_time(value: str | datetime, zone: tzinfo) -> datetime:
 
 
 def _trusted_values(
-    raw: dict[str, Any], zone: tzinfo
+    raw: dict[str, Any], zone: tzinfo, times: dict[str, datetime]
 ) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """``(fields, extras)`` of a saved object, converted as validation would; None when the
     object is not laid out as this library writes records (every field, in field order, then
@@ -457,7 +462,10 @@ def _trusted_values(
     for name in _TIMES:
         value = values[name]
         if value is not None:
-            values[name] = _trusted_time(value, zone)
+            made = times.get(value)
+            if made is None:
+                made = times[value] = _trusted_time(value, zone)
+            values[name] = made
     end_time = values["task_end_time"]
     if end_time is not None:
         end_time = parse_end_time(end_time)

@@ -186,3 +186,15 @@ def test_records_share_one_tuple_per_hour_window() -> None:
     assert first.valid_time_range is second.valid_time_range
     trusted = TaskRecord.trusted(first.to_json_dict(), UTC)
     assert trusted.valid_time_range is first.valid_time_range
+
+
+def test_records_trusted_together_share_equal_times() -> None:
+    times: dict[str, datetime] = {}
+    first = TaskRecord.trusted(record("t1").to_json_dict(), SHANGHAI, times)
+    second = TaskRecord.trusted(record("t2").to_json_dict(), SHANGHAI, times)
+    assert second.created_at is first.created_at
+    assert second.next_execution_time is first.next_execution_time
+    assert first.created_at.tzinfo is SHANGHAI
+    alone = TaskRecord.trusted(record("t3").to_json_dict(), SHANGHAI)
+    assert alone.created_at == first.created_at
+    assert alone.created_at is not first.created_at
