@@ -2,8 +2,10 @@
 
 A commit writes one line per change (the task's whole record, its removal, or an account's
 whole order) with a sequence number and a CRC-32, the last line marked as ending the commit,
-in one ``write`` and one ``fdatasync``: a change costs what it writes, not what the store
-holds. The saver groups concurrent changes into one commit, so they share the sync.
+then one ``fdatasync``: a change costs what it writes, not what the store holds. The saver
+groups concurrent changes into one commit, so they share the sync. Lines are encoded and
+written a few hundred at a time on the save thread, so even a commit of every task never
+holds the interpreter (and the event loop) for long, nor keeps a copy of what it wrote.
 
 ``dispatch_config.json`` stays the seed's format and what a person reads and repairs: when
 the journal outgrows the snapshot (or a threshold of age), and when the owner closes, the
@@ -182,8 +184,7 @@ class JournalStorage:
             if image.full:
                 self._queue(image, saved_at, self._next_seq - 1)
 
-    @staticmethod
-    def _lines(image: StateImage, seq: int, count: int) -> Iterator[bytes]:
+    def _lines(self, image: StateImage, seq: int, count: int) -> Iterator[bytes]:
         """The ``count`` lines of ``image``'s changes, from line number ``seq``, encoded one
         at a time: only bytes outlive a line (no task object survives to tax the collector)."""
         changes: Iterator[tuple[str, Any]] = (
