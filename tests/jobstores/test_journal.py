@@ -366,6 +366,30 @@ def test_a_failed_save_is_written_again_before_the_changes_made_since(tmp_path: 
         again.close()
 
 
+def test_a_large_store_is_kept_from_the_collector_until_it_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+
+    from jobstores import jsonfile
+
+    store = open_store(tmp_path)
+    store.add_tasks([record("a"), record("b")])
+    assert store.save()
+    store.close()
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(jsonfile, "FREEZE_AT", 2)  # "large" is two tasks here
+    try:
+        store = open_store(tmp_path)
+        loaded = store.get("a")
+        assert gc.get_freeze_count() > 0  # what loading built is frozen, the records too
+        assert gc.is_tracked(loaded)
+        store.close()
+        assert gc.get_freeze_count() == 0  # a closed store can be collected, cycles and all
+    finally:
+        gc.unfreeze()
+
+
 # ---------------------------------------------------------------------- the property
 
 operation = st.one_of(
