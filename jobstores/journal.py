@@ -43,7 +43,7 @@ from jobstores.format import (
 from jobstores.loading import BACKUP_FILENAME, JOURNAL_PREFIX, STATE_FILENAME, read_state
 from jobstores.table import StateImage
 
-__all__ = ["MAX_AGE", "MIN_BYTES", "JournalStorage"]
+__all__ = ["MAX_AGE", "MIN_BYTES", "PAUSE", "JournalStorage"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,10 @@ size if larger (so the writes a compaction costs stay proportional to the change
 MAX_AGE = 600.0
 """... or once its oldest line not in the snapshot is this many seconds old."""
 _CHUNK = 256  # lines joined at a time when writing the snapshot or a commit
+PAUSE = 0.0001
+"""Seconds a thread encoding a large commit or batch sleeps between chunks: a thread that
+only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and an
+event loop waiting for it would lag that long; a sleep hands it over at once."""
 _FILE_MODE = 0o600
 
 
@@ -230,6 +234,8 @@ class JournalStorage:
         written = 0
         try:
             while chunk := b"".join(itertools.islice(lines, _CHUNK)):
+                if written:
+                    time.sleep(PAUSE)  # a large commit: let the event loop have its turn
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -298,10 +304,13 @@ class JournalStorage:
 
     def _write_snapshot(self, image: StateImage, saved_at: datetime, seq: int) -> None:
         records = image.records
-        chunks = [
-            b",\n".join(encode_task(record.plain()) for record in records[at : at + _CHUNK])
-            for at in range(0, len(records), _CHUNK)
-        ]
+        chunks = []
+        for at in range(0, len(records), _CHUNK):
+            if at:
+                time.sleep(PAUSE)  # let the event loop have its turn
+            chunks.append(
+                b",\n".join(encode_task(record.plain()) for record in records[at : at + _CHUNK])
+            )
         if image.kept:
             chunks.append(b",\n".join(map(encode_raw, image.kept)))
         parts = encode_document_chunks(

@@ -9,6 +9,7 @@ durable. Listeners (APScheduler's job view) hear of every record change under th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = ["Change", "ChangeBatch", "StateImage", "TaskTable"]
 
 _UNKNOWN_POSITION = 1 << 30
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
+_RELEASE_PAUSE = 0.0001  # seconds between pieces (see jobstores.journal.PAUSE)
 
 Change = Callable[[str, TaskRecord | None], None]
 """A listener: ``(task_id, new record or None when removed)``, called under the lock."""
@@ -74,16 +76,19 @@ class ChangeBatch(Collection[tuple[str, TaskRecord | None]]):
         """The ids changed (a view: do not hold it across changes of a live batch)."""
         return self.latest.keys()
 
-    def release(self) -> None:
-        """Let go of every record, a few at a time (after the batch is durable).
+    def release(self, pause: float) -> None:
+        """Let go of every record, a thousand at a time, sleeping ``pause`` seconds in
+        between (after the batch is durable; never under the table's lock).
 
         Dropping a large batch in one go frees whatever only it still references in one
-        C call, holding the interpreter; emptying it in Python lets other threads (the
+        C call, holding the interpreter; emptying it piecemeal lets other threads (the
         event loop) run in between.
         """
         latest = self.latest
         while latest:
-            latest.popitem()
+            for _ in range(min(len(latest), 1024)):
+                latest.popitem()
+            time.sleep(pause)
         self.recreated = set()
 
 
@@ -414,7 +419,7 @@ class TaskTable:
             if self._touched <= version:
                 self._touched = 0
         if inflight is not None and len(inflight[0].latest) > _RELEASE_IN_PIECES:
-            inflight[0].release()
+            inflight[0].release(_RELEASE_PAUSE)
 
     def unsaved(self) -> tuple[str, ...]:
         """Task ids whose latest change is not durable yet."""
