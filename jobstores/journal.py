@@ -2,8 +2,10 @@
 
 A commit writes one line per change (the task's whole record, its removal, or an account's
 whole order) with a sequence number and a CRC-32, the last line marked as ending the commit,
-in one ``write`` and one ``fdatasync``: a change costs what it writes, not what the store
-holds. The saver groups concurrent changes into one commit, so they share the sync.
+then one ``fdatasync``: a change costs what it writes, not what the store holds. The saver
+groups concurrent changes into one commit, so they share the sync. Lines are encoded and
+written a few hundred at a time on the save thread, so even a commit of every task never
+holds the interpreter (and the event loop) for long, nor keeps a copy of what it wrote.
 
 ``dispatch_config.json`` stays the seed's format and what a person reads and repairs: when
 the journal outgrows the snapshot (or a threshold of age), and when the owner closes, the
@@ -20,6 +22,7 @@ so the thread writing the snapshot never shares a file with the appends.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import threading
@@ -40,7 +43,7 @@ from jobstores.format import (
 from jobstores.loading import BACKUP_FILENAME, JOURNAL_PREFIX, STATE_FILENAME, read_state
 from jobstores.table import StateImage
 
-__all__ = ["MAX_AGE", "MIN_BYTES", "JournalStorage"]
+__all__ = ["MAX_AGE", "MIN_BYTES", "PAUSE", "JournalStorage"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,11 @@ MIN_BYTES = 1 << 20
 size if larger (so the writes a compaction costs stay proportional to the changes)."""
 MAX_AGE = 600.0
 """... or once its oldest line not in the snapshot is this many seconds old."""
-_CHUNK = 256  # task lines joined at a time when writing the snapshot
+_CHUNK = 256  # lines joined at a time when writing the snapshot or a commit
+PAUSE = 0.0001
+"""Seconds a thread encoding a large commit or batch sleeps between chunks: a thread that
+only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and an
+event loop waiting for it would lag that long; a sleep hands it over at once."""
 _FILE_MODE = 0o600
 
 
@@ -174,23 +181,26 @@ class JournalStorage:
                 self._close_segment()
             self._drop_segments(seq)
             return
-        lines = list(self._lines(image))
+        count = len(image.changes) + len(image.orders)
         with self._lock:
-            if lines:
-                self._append(lines)
+            if count:
+                self._append(self._lines(image, self._next_seq, count), count)
             if image.full:
                 self._queue(image, saved_at, self._next_seq - 1)
 
-    def _lines(self, image: StateImage) -> Iterator[bytes]:
-        changes: list[tuple[str, Any]] = []
-        for task_id, record in image.changes:
-            changes.append(("remove", task_id) if record is None else ("put", record.plain()))
-        changes.extend(
+    def _lines(self, image: StateImage, seq: int, count: int) -> Iterator[bytes]:
+        """The ``count`` lines of ``image``'s changes, from line number ``seq``, encoded one
+        at a time: only bytes outlive a line (no task object survives to tax the collector)."""
+        changes: Iterator[tuple[str, Any]] = (
+            ("remove", task_id) if record is None else ("put", record.plain())
+            for task_id, record in image.changes
+        )
+        orders = (
             ("order", {"account": account, "tasks": ids}) for account, ids in image.orders.items()
         )
-        seq = self._next_seq
-        for index, (kind, value) in enumerate(changes):
-            yield encode_journal_line(seq + index, kind, value, commit=index == len(changes) - 1)
+        last = seq + count - 1
+        for number, (kind, value) in enumerate(itertools.chain(changes, orders), seq):
+            yield encode_journal_line(number, kind, value, commit=number == last)
 
     def _open_segment(self) -> int:
         if self._fd is None:
@@ -216,16 +226,22 @@ class JournalStorage:
                 os.close(self._fd)
             self._fd = None
 
-    def _append(self, lines: list[bytes]) -> None:
+    def _append(self, lines: Iterator[bytes], count: int) -> None:
+        """Write ``count`` lines and sync them, a chunk at a time (no single copy of a large
+        commit is made, so this thread never holds the interpreter for long)."""
         fd = self._open_segment()
-        data = memoryview(b"".join(lines))
         start = self._size
+        written = 0
         try:
-            view = data
-            while view:
-                view = view[os.write(fd, view) :]
+            while chunk := b"".join(itertools.islice(lines, _CHUNK)):
+                if written:
+                    time.sleep(PAUSE)  # a large commit: let the event loop have its turn
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                written += len(chunk)
             _sync(fd)
-        except OSError:
+        except BaseException:
             # Leave no partial commit behind: a later line written after it would look
             # like damage in the middle of the journal.
             try:
@@ -233,12 +249,12 @@ class JournalStorage:
                 _sync(fd)
             except OSError:
                 self._broken = True
-                self._next_seq += len(lines)  # never reuse what may be on disk
+                self._next_seq += count  # never reuse what may be on disk
                 self._close_segment()
             raise
-        self._size += len(data)
-        self._next_seq += len(lines)
-        self._unfolded_bytes += len(data)
+        self._size += written
+        self._next_seq += count
+        self._unfolded_bytes += written
         if self._unfolded_since is None:
             self._unfolded_since = self._clock()
 
@@ -288,10 +304,13 @@ class JournalStorage:
 
     def _write_snapshot(self, image: StateImage, saved_at: datetime, seq: int) -> None:
         records = image.records
-        chunks = [
-            b",\n".join(encode_task(record.plain()) for record in records[at : at + _CHUNK])
-            for at in range(0, len(records), _CHUNK)
-        ]
+        chunks = []
+        for at in range(0, len(records), _CHUNK):
+            if at:
+                time.sleep(PAUSE)  # let the event loop have its turn
+            chunks.append(
+                b",\n".join(encode_task(record.plain()) for record in records[at : at + _CHUNK])
+            )
         if image.kept:
             chunks.append(b",\n".join(map(encode_raw, image.kept)))
         parts = encode_document_chunks(

@@ -14,6 +14,7 @@ lock), so they never write: they request a save, made on the save thread.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -64,6 +65,9 @@ class JsonJobStore(BaseJobStore):
     leave saving to the caller, who picks :meth:`save` (durable on return; never while
     holding :attr:`lock`), :meth:`save_async` or :meth:`request_save`. APScheduler's methods
     request a save in the background.
+
+    Loading a store of :data:`FREEZE_AT` tasks or more ends with :func:`gc.freeze` (what it
+    built is never scanned by the cyclic collector again; :meth:`close` unfreezes).
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class JsonJobStore(BaseJobStore):
         self._faults: dict[str, str] = {}
         """Tasks put in error while a run was out: the error outlives that run."""
         self._closed = False
+        self._frozen = False
         self.on_completed: Callable[[TaskRecord], None] | None = None
         """Told (under the lock: defer any work) when APScheduler's side completes a task."""
 
@@ -109,6 +114,7 @@ class JsonJobStore(BaseJobStore):
                 self._jobs = JobView(self.timezone, _not_a_manager, self._table.find)
                 self._table.listen(self._jobs.sync)
                 self._load(document, from_backup, now or self.now(), accept)
+                self._frozen = _keep_from_collector(len(self._table))
         except BaseException:
             self._dir_lock.release()
             raise
@@ -323,6 +329,7 @@ class JsonJobStore(BaseJobStore):
         super().start(scheduler, alias)
         with self.lock, bulk_allocation():
             self._faulted(self._jobs.attach(scheduler, alias, self._table.records()))
+            self._frozen = _keep_from_collector(len(self._table)) or self._frozen
 
     def shutdown(self) -> None:
         """Called by APScheduler when it shuts down: the records stay; jobs are let go."""
@@ -487,6 +494,32 @@ class JsonJobStore(BaseJobStore):
             self._storage.close()
         finally:
             self._dir_lock.release()
+            if self._frozen:
+                self._frozen = False
+                gc.unfreeze()
+
+
+FREEZE_AT = 10_000
+"""Loading (or starting) a store of this many tasks or more ends with :func:`gc.freeze`."""
+
+
+def _keep_from_collector(count: int) -> bool:
+    """At the end of a bulk allocation, the collector still held off: for a large store,
+    move every object alive now to the collector's permanent generation.
+
+    What loading built lives as long as the store, and each young-generation pass that
+    would first scan it, then the full pass its promotion brings on, holds the interpreter
+    for a time proportional to the store (hundreds of milliseconds at 100,000 tasks), at
+    whatever change or save it happens to land on. Frozen, those objects are never scanned
+    again; they are still freed as usual when no longer referenced (records hold no
+    cycles). It is process-wide: objects of the host alive at that moment are frozen too
+    (:meth:`JsonJobStore.close` undoes it with :func:`gc.unfreeze`, so that a closed
+    store, cycles and all, can be collected). Returns whether it froze.
+    """
+    if count < FREEZE_AT:
+        return False
+    gc.freeze()
+    return True
 
 
 def _trust(document: Document) -> Callable[[Any], bool] | None:

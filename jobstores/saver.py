@@ -134,11 +134,12 @@ class Saver:
                 if first:
                     self._changed(f"{type(exc).__name__}: {exc}")
                 return False
+            # Under the write lock: the next capture must find this one's changes durable.
+            self._table.saved(image.version)
             with self._state_lock:
                 self._durable_version = image.version
                 recovered = self._health.last_error is not None
                 self._health = SaveHealth(last_saved_at=now)
-        self._table.saved(image.version)
         if recovered:
             logger.warning(
                 "saving %s works again; every pending change is written", self._storage.path

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Protocol
 
 from jobstores.durable import fsync_dir, remove_stale_temp_files, write_atomic
-from jobstores.format import Document, encode_document, encode_raw, encode_task
+from jobstores.format import Document, encode_document_chunks, encode_raw, encode_task
 from jobstores.loading import BACKUP_FILENAME, STATE_FILENAME, read_state
 from jobstores.table import StateImage
 from tasks.model import TaskRecord
 
 __all__ = ["STATE_FILENAME", "SnapshotStorage", "StorageBackend"]
+
+_CHUNK = 256  # task lines joined at a time
 
 
 class StorageBackend(Protocol):
@@ -110,8 +112,11 @@ class SnapshotStorage:
     def commit(self, image: StateImage, saved_at: datetime) -> None:
         """Write ``image`` (always a full one) as the whole state file, atomically and
         durably."""
-        data = encode_document(
-            [*self._encoded(list(image.records)), *map(encode_raw, image.kept)],
+        lines = [*self._encoded(list(image.records)), *map(encode_raw, image.kept)]
+        # Joined a few hundred lines at a time: no single copy of every task is made, so this
+        # thread never holds the interpreter (and the event loop) for long.
+        data = encode_document_chunks(
+            [b",\n".join(lines[at : at + _CHUNK]) for at in range(0, len(lines), _CHUNK)],
             image.account_tasks,
             saved_at,
             self.timezone_key,

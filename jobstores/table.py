@@ -9,20 +9,88 @@ durable. Listeners (APScheduler's job view) hear of every record change under th
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
 from tasks.model import TaskRecord
 
-__all__ = ["Change", "StateImage", "TaskTable"]
+__all__ = ["Change", "ChangeBatch", "StateImage", "TaskTable"]
 
 _UNKNOWN_POSITION = 1 << 30
+_RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
+_RELEASE_PAUSE = 0.0001  # seconds between pieces (see jobstores.journal.PAUSE)
 
 Change = Callable[[str, TaskRecord | None, TaskRecord | None], None]
 """A listener: ``(task_id, old record or None when added, new record or None when removed)``,
 called under the lock (old and new are the same record when only the task's order changed)."""
+
+
+class ChangeBatch(Collection[tuple[str, TaskRecord | None]]):
+    """The changes of one save: the latest record of each changed task id (None: removed),
+    in the order the ids first changed.
+
+    The table hands its change log over whole when a save captures it and starts a new one,
+    so capturing costs nothing per change; the save's writer reads the batch off the lock
+    (nothing changes it any more). Iterating yields ``(task_id, record)`` pairs, a removal
+    first for an id removed and added again (so replaying appends it last in its account).
+    """
+
+    __slots__ = ("latest", "recreated", "version")
+
+    def __init__(
+        self,
+        latest: dict[str, TaskRecord | None] | None = None,
+        recreated: set[str] | None = None,
+        version: int = 0,
+    ) -> None:
+        self.latest: dict[str, TaskRecord | None] = {} if latest is None else latest
+        """Task id -> its latest record (None: removed), in the order the ids first changed."""
+        self.recreated: set[str] = set() if recreated is None else recreated
+        """Ids removed, then added again (their removal is replayed first)."""
+        self.version = version
+        """The table's version when the batch was captured."""
+
+    def __iter__(self) -> Iterator[tuple[str, TaskRecord | None]]:
+        recreated = self.recreated
+        for task_id, record in self.latest.items():
+            if task_id in recreated:
+                yield task_id, None
+            yield task_id, record
+
+    def __len__(self) -> int:
+        """The number of pairs iterating yields."""
+        return len(self.latest) + sum(1 for task_id in self.recreated if task_id in self.latest)
+
+    def __contains__(self, item: object) -> bool:
+        if not isinstance(item, tuple) or len(item) != 2:
+            return False
+        task_id, record = item
+        if task_id not in self.latest:
+            return False
+        return self.latest[task_id] is record or (record is None and task_id in self.recreated)
+
+    @property
+    def task_ids(self) -> Collection[str]:
+        """The ids changed (a view: do not hold it across changes of a live batch)."""
+        return self.latest.keys()
+
+    def release(self, pause: float) -> None:
+        """Let go of every record, a thousand at a time, sleeping ``pause`` seconds in
+        between (after the batch is durable; never under the table's lock).
+
+        Dropping a large batch in one go frees whatever only it still references in one
+        C call, holding the interpreter; emptying it piecemeal lets other threads (the
+        event loop) run in between.
+        """
+        latest = self.latest
+        while latest:
+            for _ in range(min(len(latest), 1024)):
+                latest.popitem()
+            time.sleep(pause)
+        self.recreated = set()
 
 
 @dataclass(frozen=True)
@@ -45,21 +113,24 @@ class StateImage:
     """Records that could not be restored, as they were read (empty unless ``full``)."""
     extra: dict[str, Any]
     """Top-level keys of the document this code does not interpret, kept as they were."""
-    changed: frozenset[str]
-    """Task ids whose latest change is not durable yet (for backends that write changes
-    only); a removed task's id is here and not in ``records``."""
     full: bool = True
     """Whether ``records``, ``account_tasks`` and ``kept`` hold the whole state."""
     requested: bool = False
     """Whether the owner asked for the whole state to be written (:meth:`TaskTable.touch`):
     a journal then writes its snapshot before the commit returns."""
-    changes: Sequence[tuple[str, TaskRecord | None]] = ()
+    changes: ChangeBatch = field(default_factory=ChangeBatch)
     """The latest record of each id in ``changed`` (None: removed), in the order the ids
     first changed: replaying them in this order appends new tasks in their account order."""
     orders: dict[str, list[str]] = field(default_factory=dict)
     """The whole priority order (unrestorable ids last) of each account whose order changed
     other than by appending a new task (a reorder or a removal) since the last durable
     version."""
+
+    @property
+    def changed(self) -> frozenset[str]:
+        """Task ids whose latest change is not durable yet (for backends that write changes
+        only); a removed task's id is here and not in ``records``."""
+        return frozenset(self.changes.task_ids)
 
 
 class TaskTable:
@@ -80,9 +151,13 @@ class TaskTable:
         """Bumped by every change."""
         self.order_version = 0
         """Bumped whenever a task's position within its account may have changed."""
-        self._dirty: dict[str, int] = {}
-        self._order_dirty: dict[str, int] = {}
-        self._recreated: dict[str, int] = {}
+        self._dirty = ChangeBatch()
+        """The changes since the last capture."""
+        self._order_dirty: set[str] = set()
+        """Accounts whose order changed other than by appending, since the last capture."""
+        self._inflight: tuple[ChangeBatch, set[str]] | None = None
+        """The changes of the capture being written (with its accounts), until it is
+        durable; a capture finding one here (its save failed) puts them back first."""
         self._touched = 0
         self._listeners: list[Change] = []
         self._closed = False
@@ -191,7 +266,7 @@ class TaskTable:
 
     def _changed(self, task_id: str, old: TaskRecord | None, new: TaskRecord | None) -> None:
         self.version += 1
-        self._dirty[task_id] = self.version
+        self._dirty.latest[task_id] = new
         for listener in self._listeners:
             listener(task_id, old, new)
 
@@ -216,10 +291,10 @@ class TaskTable:
                 if self.taken(record.task_id):
                     raise InvalidTaskError("task_id", f"a task with id {record.task_id!r} exists")
             for record in records:
-                if self._dirty.pop(record.task_id, None) is not None:
+                if self._dirty.latest.pop(record.task_id, record) is None:
                     # Removed and added again before a save: a backend that writes changes
                     # writes the removal first, so the task lands last, as it is here.
-                    self._recreated[record.task_id] = self.version + 1
+                    self._dirty.recreated.add(record.task_id)
                 self._records[record.task_id] = record
                 self._order.setdefault(record.account_id, []).append(record.task_id)
                 self._changed(record.task_id, None, record)
@@ -238,7 +313,7 @@ class TaskTable:
                 self._order.pop(record.account_id, None)
             self.order_version += 1
             self._changed(task_id, record, None)
-            self._order_dirty[record.account_id] = self.version
+            self._order_dirty.add(record.account_id)
             return record
 
     def update(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
@@ -270,7 +345,7 @@ class TaskTable:
             ids.insert(position, task_id)
             self.order_version += 1
             self._changed(task_id, record, record)
-            self._order_dirty[record.account_id] = self.version
+            self._order_dirty.add(record.account_id)
 
     def close(self) -> None:
         """Refuse every change from now on."""
@@ -285,18 +360,21 @@ class TaskTable:
         """What to write now, at the current version: the whole state if ``full`` (or if
         :meth:`touch` asked for it since the last durable version), the changes in any case.
 
-        Without ``full`` the cost is that of the changes, not of the table.
+        Without ``full`` the cost under the lock is that of the accounts whose order
+        changed, not of the changes nor of the table: the change log is handed over whole
+        (a new one starts) and the writer reads it off the lock. Call :meth:`saved` once the
+        image is durable; until then, a change made meanwhile goes to the next capture, and
+        the next capture after a failed save writes this one's changes again, first.
         """
         with self.lock:
+            self._take_back()
+            batch, accounts = self._dirty, self._order_dirty
+            batch.version = self.version
+            self._inflight = (batch, accounts)
+            self._dirty, self._order_dirty = ChangeBatch(), set()
             requested = self._touched > 0
             full = full or requested
-            records = self._records
-            changes: list[tuple[str, TaskRecord | None]] = []
-            for task_id in self._dirty:
-                if task_id in self._recreated:
-                    changes.append((task_id, None))
-                changes.append((task_id, records.get(task_id)))
-            orders = {account: self._account_order(account) for account in self._order_dirty}
+            orders = {account: self._account_order(account) for account in accounts}
             if not full:
                 return StateImage(
                     version=self.version,
@@ -304,9 +382,8 @@ class TaskTable:
                     account_tasks={},
                     kept=(),
                     extra=self.extra,
-                    changed=frozenset(self._dirty),
                     full=False,
-                    changes=changes,
+                    changes=batch,
                     orders=orders,
                 )
             order = {account: list(ids) for account, ids in self._order.items() if ids}
@@ -314,32 +391,53 @@ class TaskTable:
                 order.setdefault(account, []).extend(ids)
             return StateImage(
                 version=self.version,
-                records=list(records.values()),
+                records=list(self._records.values()),
                 account_tasks=order,
                 kept=list(self._kept),
                 extra=dict(self.extra),
-                changed=frozenset(self._dirty),
                 full=True,
                 requested=requested,
-                changes=changes,
+                changes=batch,
                 orders=orders,
             )
 
+    def _take_back(self) -> None:
+        """Put the changes of a capture that did not become durable back in front of the
+        changes made since (under the lock)."""
+        if self._inflight is None:
+            return
+        failed, accounts = self._inflight
+        self._inflight = None
+        latest = dict(failed.latest)
+        recreated = set(failed.recreated)
+        for task_id, record in self._dirty.latest.items():
+            if task_id in self._dirty.recreated or (
+                record is not None and task_id in latest and latest[task_id] is None
+            ):
+                # Removed (in either batch), then added again: it goes last, as in add().
+                latest.pop(task_id, None)
+                recreated.add(task_id)
+            latest[task_id] = record
+        self._dirty = ChangeBatch(latest, recreated)
+        self._order_dirty = accounts | self._order_dirty
+
     def saved(self, version: int) -> None:
-        """Everything up to ``version`` is durable."""
+        """The image captured at ``version`` is durable."""
         with self.lock:
-            if version >= self.version:
-                self._dirty.clear()
-                self._order_dirty.clear()
-                self._recreated.clear()
+            inflight = self._inflight
+            if inflight is not None and inflight[0].version <= version:
+                self._inflight = None
             else:
-                self._dirty = {k: v for k, v in self._dirty.items() if v > version}
-                self._order_dirty = {k: v for k, v in self._order_dirty.items() if v > version}
-                self._recreated = {k: v for k, v in self._recreated.items() if v > version}
+                inflight = None
             if self._touched <= version:
                 self._touched = 0
+        if inflight is not None and len(inflight[0].latest) > _RELEASE_IN_PIECES:
+            inflight[0].release(_RELEASE_PAUSE)
 
     def unsaved(self) -> tuple[str, ...]:
         """Task ids whose latest change is not durable yet."""
         with self.lock:
-            return tuple(sorted(self._dirty))
+            ids = set(self._dirty.latest)
+            if self._inflight is not None:
+                ids.update(self._inflight[0].latest)
+            return tuple(sorted(ids))
