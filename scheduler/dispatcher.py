@@ -178,11 +178,12 @@ class TaskDispatcher:
             len(self._store.kept_records()),
         )
 
-    def _check_manager(self, record: TaskRecord) -> None:
+    def _check_manager(self, record: TaskRecord, *, renew: bool = False) -> None:
         """Create ``record``'s manager now: a task whose manager cannot be created is refused
-        at add time, and kept unrestored at load."""
+        at add time, and kept unrestored at load. ``renew``: its kwargs or sys_type were
+        edited, so the manager made for the old ones is replaced."""
         if self._local is not None:
-            self._local.manager(record.task_id, record.sys_type, record.kwargs)
+            self._local.manager(record.task_id, record.sys_type, record.kwargs, renew=renew)
         elif self._factory is not None:
             create_manager(self._factory, record.sys_type, record.kwargs)
 
@@ -578,7 +579,9 @@ class TaskDispatcher:
             run_policy=run_policy,
             kwargs=kwargs,
         )
-        self._check_manager(rules)
+        self._check_manager(
+            rules, renew=(rules.kwargs, rules.sys_type) != (current.kwargs, current.sys_type)
+        )
         schedule = self._store.schedule(rules)
         record = self._store.update_task(
             task_id, lambda r: lifecycle.edited(r, rules, schedule, now)

@@ -87,19 +87,24 @@ class LocalRunBackend:
 
     def __init__(self, task_manager_factory: TaskManagerFactory | None = None) -> None:
         self.factory: TaskManagerFactory = task_manager_factory or default_registry
-        self._managers: dict[str, tuple[Mapping[str, Any], TaskManager]] = {}
+        self._managers: dict[str, TaskManager] = {}
         self._inbox: RunInbox | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._lingering: dict[str, asyncio.Future[object]] = {}
         self._inline = 0  # runs executing through run(), in their callers' tasks
 
-    def manager(self, task_id: str, sys_type: str, kwargs: Mapping[str, Any]) -> TaskManager:
-        """The manager of ``task_id`` (created, or re-created if its kwargs changed)."""
-        cached = self._managers.get(task_id)
-        if cached is not None and (cached[0] is kwargs or cached[0] == kwargs):
-            return cached[1]
-        manager = create_manager(self.factory, sys_type, kwargs)
-        self._managers[task_id] = (kwargs, manager)
+    def manager(
+        self, task_id: str, sys_type: str, kwargs: Mapping[str, Any], *, renew: bool = False
+    ) -> TaskManager:
+        """The manager of ``task_id``, created at its first use (or anew with ``renew``).
+
+        Only the manager is kept (a task's kwargs are not held twice): whoever edits a task's
+        kwargs or sys_type renews its manager (:meth:`TaskDispatcher.update_task` does).
+        """
+        manager = None if renew else self._managers.get(task_id)
+        if manager is None:
+            manager = create_manager(self.factory, sys_type, kwargs)
+            self._managers[task_id] = manager
         return manager
 
     def forget(self, task_id: str) -> None:

@@ -425,6 +425,14 @@ async def test_update_kwargs_recreates_the_manager(
     created = len(recorder.created)
     await run_at(clock, dispatcher, 2026, 1, 8, 9, 0)
     assert len(recorder.created) == created  # the run used the new manager
+    dispatcher.update_task(task_id, interval=7200)
+    dispatcher.update_task(task_id, kwargs={"xhs_account_id": "account_1", "user_query": "new"})
+    await run_at(clock, dispatcher, 2026, 1, 8, 11, 0)
+    assert len(recorder.created) == created  # same keywords: the manager is kept
+    dispatcher.update_task(task_id, kwargs={"xhs_account_id": "account_1", "user_query": "last"})
+    await run_at(clock, dispatcher, 2026, 1, 8, 13, 0)
+    assert len(recorder.created) == created + 1
+    assert recorder.created[-1]["user_query"] == "last"
     await dispatcher.stop()
 
 
