@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +38,7 @@ __all__ = [
     "JournalLine",
     "decode_document",
     "decode_journal_line",
+    "encode_account_tasks",
     "encode_document",
     "encode_document_chunks",
     "encode_journal_line",
@@ -191,6 +192,31 @@ def encode_document(
     return _closed([head, body, tail], sealed=sealed)
 
 
+def encode_account_tasks(
+    account_tasks: dict[str, list[str]], pause: Callable[[], None] | None = None
+) -> bytes:
+    """``account_tasks`` as the document holds it (indented by two, one id a line), encoded
+    an account at a time; ``pause()`` is called every few accounts.
+
+    The bytes are those of encoding the whole mapping at once, but a background writer
+    calling ``pause`` to let other threads run never holds the interpreter for the whole
+    of it (about 15 ms at 100,000 tasks).
+    """
+    if not account_tasks:
+        return orjson.dumps(account_tasks)
+    pieces = []
+    for index, (account, ids) in enumerate(account_tasks.items()):
+        if pause is not None and index and not index % _ACCOUNTS_AT_A_TIME:
+            pause()
+        # {"account": [...]} without its braces: one entry of the whole mapping.
+        entry = orjson.dumps({account: ids}, option=orjson.OPT_INDENT_2)[2:-2]
+        pieces.append(entry.replace(b"\n", b"\n  "))
+    return b"{\n  " + b",\n  ".join(pieces) + b"\n  }"
+
+
+_ACCOUNTS_AT_A_TIME = 16
+
+
 def _frame(
     has_tasks: bool,
     account_tasks: dict[str, list[str]],
@@ -198,13 +224,14 @@ def _frame(
     timezone: str | None,
     extra: dict[str, Any] | None,
     journal_seq: int,
+    pause: Callable[[], None] | None = None,
 ) -> tuple[bytes, bytes]:
     kept = b"".join(
         b",\n  " + _verbatim(key) + b": " + _verbatim(value)
         for key, value in (extra or {}).items()
         if key not in _KNOWN_KEYS
     )
-    order = orjson.dumps(account_tasks, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n  ")
+    order = encode_account_tasks(account_tasks, pause)
     head = b"".join(
         (
             b'{\n  "version": ',
@@ -261,11 +288,13 @@ def encode_document_chunks(
     journal_seq: int = 0,
     *,
     sealed: bool = False,
+    pause: Callable[[], None] | None = None,
 ) -> list[bytes]:
     """:func:`encode_document` from tasks already joined in chunks (``b",\\n".join`` of a
     few hundred lines each, none empty): no single copy of all the tasks is ever made, so a
-    background writer never holds the interpreter for long."""
-    head, tail = _frame(bool(chunks), account_tasks, saved_at, timezone, extra, journal_seq)
+    background writer never holds the interpreter for long (``pause`` as for
+    :func:`encode_account_tasks`)."""
+    head, tail = _frame(bool(chunks), account_tasks, saved_at, timezone, extra, journal_seq, pause)
     parts = [head]
     for index, chunk in enumerate(chunks):
         if index:

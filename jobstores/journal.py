@@ -57,7 +57,12 @@ PAUSE = 0.0001
 """Seconds a thread encoding a large commit or batch sleeps between chunks: a thread that
 only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and an
 event loop waiting for it would lag that long; a sleep hands it over at once."""
+
 _FILE_MODE = 0o600
+
+
+def _pause() -> None:
+    time.sleep(PAUSE)
 
 
 def _sync(fd: int) -> None:
@@ -321,6 +326,7 @@ class JournalStorage:
             image.extra,
             seq,
             sealed=not image.kept,
+            pause=_pause,
         )
         write_atomic(self.path, parts, backup=self.backup_path)
         with self._lock:
