@@ -32,6 +32,7 @@ from tasks.errors import NewerFormatError
 from tasks.model import json_default
 
 __all__ = [
+    "CHUNK",
     "FORMAT_VERSION",
     "CorruptFileError",
     "Document",
@@ -215,6 +216,9 @@ def encode_account_tasks(
 
 
 _ACCOUNTS_AT_A_TIME = 16
+CHUNK = 256
+"""Task lines a background writer joins at a time: no single copy of every task is made, so
+it never holds the interpreter for long."""
 
 
 def _frame(

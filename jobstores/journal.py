@@ -34,6 +34,7 @@ from typing import Any
 
 from jobstores.durable import fsync_dir, remove_stale_temp_files, write_atomic
 from jobstores.format import (
+    CHUNK,
     Document,
     encode_document_chunks,
     encode_journal_line,
@@ -41,7 +42,7 @@ from jobstores.format import (
     encode_task,
 )
 from jobstores.loading import BACKUP_FILENAME, JOURNAL_PREFIX, STATE_FILENAME, read_state
-from jobstores.table import StateImage
+from jobstores.table import PAUSE, StateImage, pause
 
 __all__ = ["MAX_AGE", "MIN_BYTES", "PAUSE", "JournalStorage"]
 
@@ -52,17 +53,8 @@ MIN_BYTES = 1 << 20
 size if larger (so the writes a compaction costs stay proportional to the changes)."""
 MAX_AGE = 600.0
 """... or once its oldest line not in the snapshot is this many seconds old."""
-_CHUNK = 256  # lines joined at a time when writing the snapshot or a commit
-PAUSE = 0.0001
-"""Seconds a thread encoding a large commit or batch sleeps between chunks: a thread that
-only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and an
-event loop waiting for it would lag that long; a sleep hands it over at once."""
 
 _FILE_MODE = 0o600
-
-
-def _pause() -> None:
-    time.sleep(PAUSE)
 
 
 def _sync(fd: int) -> None:
@@ -238,9 +230,9 @@ class JournalStorage:
         start = self._size
         written = 0
         try:
-            while chunk := b"".join(itertools.islice(lines, _CHUNK)):
+            while chunk := b"".join(itertools.islice(lines, CHUNK)):
                 if written:
-                    time.sleep(PAUSE)  # a large commit: let the event loop have its turn
+                    pause()  # a large commit: let the event loop have its turn
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -310,11 +302,11 @@ class JournalStorage:
     def _write_snapshot(self, image: StateImage, saved_at: datetime, seq: int) -> None:
         records = image.records
         chunks = []
-        for at in range(0, len(records), _CHUNK):
+        for at in range(0, len(records), CHUNK):
             if at:
-                time.sleep(PAUSE)  # let the event loop have its turn
+                pause()  # let the event loop have its turn
             chunks.append(
-                b",\n".join(encode_task(record.plain()) for record in records[at : at + _CHUNK])
+                b",\n".join(encode_task(record.plain()) for record in records[at : at + CHUNK])
             )
         if image.kept:
             chunks.append(b",\n".join(map(encode_raw, image.kept)))
@@ -326,7 +318,7 @@ class JournalStorage:
             image.extra,
             seq,
             sealed=not image.kept,
-            pause=_pause,
+            pause=pause,
         )
         write_atomic(self.path, parts, backup=self.backup_path)
         with self._lock:

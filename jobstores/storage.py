@@ -20,14 +20,18 @@ from pathlib import Path
 from typing import Protocol
 
 from jobstores.durable import fsync_dir, remove_stale_temp_files, write_atomic
-from jobstores.format import Document, encode_document_chunks, encode_raw, encode_task
+from jobstores.format import (
+    CHUNK,
+    Document,
+    encode_document_chunks,
+    encode_raw,
+    encode_task,
+)
 from jobstores.loading import BACKUP_FILENAME, STATE_FILENAME, read_state
 from jobstores.table import StateImage
 from tasks.model import TaskRecord
 
 __all__ = ["STATE_FILENAME", "SnapshotStorage", "StorageBackend"]
-
-_CHUNK = 256  # task lines joined at a time
 
 
 class StorageBackend(Protocol):
@@ -116,7 +120,7 @@ class SnapshotStorage:
         # Joined a few hundred lines at a time: no single copy of every task is made, so this
         # thread never holds the interpreter (and the event loop) for long.
         data = encode_document_chunks(
-            [b",\n".join(lines[at : at + _CHUNK]) for at in range(0, len(lines), _CHUNK)],
+            [b",\n".join(lines[at : at + CHUNK]) for at in range(0, len(lines), CHUNK)],
             image.account_tasks,
             saved_at,
             self.timezone_key,

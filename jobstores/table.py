@@ -17,11 +17,20 @@ from typing import Any
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
 from tasks.model import TaskRecord
 
-__all__ = ["Change", "ChangeBatch", "StateImage", "TaskTable"]
+__all__ = ["PAUSE", "Change", "ChangeBatch", "StateImage", "TaskTable", "pause"]
 
 _UNKNOWN_POSITION = 1 << 30
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
-_RELEASE_PAUSE = 0.0001  # seconds between pieces (see jobstores.journal.PAUSE)
+PAUSE = 0.0001
+"""Seconds a background thread working through a large batch sleeps between pieces: a thread
+that only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and
+an event loop waiting for it would lag that long; a sleep hands it over at once."""
+
+
+def pause() -> None:
+    """Let the event loop (and every other thread) have its turn: see :data:`PAUSE`."""
+    time.sleep(PAUSE)
+
 
 Change = Callable[[str, TaskRecord | None, TaskRecord | None], None]
 """A listener: ``(task_id, old record or None when added, new record or None when removed)``,
@@ -432,7 +441,7 @@ class TaskTable:
             if self._touched <= version:
                 self._touched = 0
         if inflight is not None and len(inflight[0].latest) > _RELEASE_IN_PIECES:
-            inflight[0].release(_RELEASE_PAUSE)
+            inflight[0].release(PAUSE)
 
     def unsaved(self) -> tuple[str, ...]:
         """Task ids whose latest change is not durable yet."""
