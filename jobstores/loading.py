@@ -265,20 +265,20 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
     before in this record, when both are in the same zone and fold (so it reads back
     exactly as parsed).
     """
-    values = record.__dict__
     setdefault = shared.setdefault
+    share = object.__setattr__  # the record is this load's own until it is returned
     for name in _SHARED_STRINGS:
-        value = values[name]
+        value = getattr(record, name)
         if value is not None:
-            values[name] = setdefault(value, value)
-    interval = values["interval"]
+            share(record, name, setdefault(value, value))
+    interval = record.interval
     found = setdefault(interval, interval)
     if type(found) is type(interval):
-        values["interval"] = found
+        share(record, "interval", found)
     latest: dict[str, datetime] = shared.setdefault(_LAST_TIME, {})
     previous = None  # the time read just before, in this record
     for name in _SHARED_TIMES:
-        value = values[name]
+        value = getattr(record, name)
         if value is None:
             continue
         for seen in (latest.get(name), previous):
@@ -290,10 +290,11 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
                 and value == seen
                 and value.fold == seen.fold
             ):
-                value = values[name] = seen
+                value = seen
+                share(record, name, seen)
                 break
         latest[name] = previous = value
-    kwargs = values["kwargs"]
+    kwargs = record.kwargs
     for key, value in kwargs.items():
         if value == record.task_id:
             kwargs[key] = record.task_id

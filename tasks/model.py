@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from copy import deepcopy
 from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
-from typing import Any
+from operator import attrgetter
+from typing import Any, Self, TypeVar
 
 import orjson
 from pydantic import (
@@ -325,14 +328,17 @@ class TaskRecord(BaseModel):
         This is ``model_copy(update=changes)`` without copying the per-instance bookkeeping:
         records change on every run, so this is on the hot path.
         """
-        new = object.__new__(type(self))
-        values = new.__dict__  # a key-sharing dict: see _compact_dict
-        values.update(self.__dict__.items())
-        values.update(changes)
-        object.__setattr__(new, "__pydantic_fields_set__", _ALL_FIELDS)
-        object.__setattr__(new, "__pydantic_extra__", self.__pydantic_extra__)
-        object.__setattr__(new, "__pydantic_private__", None)
+        new = _fields_only(type(self), _fields_of(self), self.__pydantic_extra__)
+        for name, value in changes.items():
+            _set(new, name, value)
         return new
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        """Validate ``obj`` as :meth:`BaseModel.model_validate` does; the record keeps its
+        fields without an instance dict (see :func:`_fields_only`)."""
+        validated = super().model_validate(obj, *args, **kwargs)
+        return _fields_only(cls, _fields_of(validated), validated.__pydantic_extra__)
 
     @classmethod
     def trusted(
@@ -356,21 +362,22 @@ class TaskRecord(BaseModel):
         if converted is None:
             return cls.model_validate(raw, context={"zone": zone, "kwargs_checked": True})
         values, extra = converted
-        new = object.__new__(cls)
-        new.__dict__.update(values.items())  # a key-sharing dict: see _compact_dict
-        object.__setattr__(new, "__pydantic_fields_set__", _ALL_FIELDS)
-        object.__setattr__(new, "__pydantic_extra__", extra or _NO_EXTRA)
-        object.__setattr__(new, "__pydantic_private__", None)
-        return new
+        return _fields_only(cls, values.items(), extra)
 
     def plain(self) -> dict[str, Any]:
         """The saved fields (extras included) as Python values, for a fast JSON encoder."""
+        values = dict(_fields_of(self))
         extra = self.__pydantic_extra__
-        return {**self.__dict__, **extra} if extra else dict(self.__dict__)
+        if extra:
+            values.update(extra)
+        return values
 
     def snapshot(self) -> TaskRecord:
         """A deep copy for callers: mutating its ``kwargs`` changes nothing here."""
-        return self.model_copy(deep=True)
+        extra = self.__pydantic_extra__
+        copy = _fields_only(type(self), _fields_of(self), deepcopy(extra))
+        _set(copy, "kwargs", deepcopy(self.kwargs))
+        return copy
 
     def to_json_dict(self, *, masked: bool = False) -> dict[str, Any]:
         """The record exactly as saved: plain JSON types, datetimes as ISO-8601 with offset.
@@ -384,6 +391,7 @@ class TaskRecord(BaseModel):
 
 
 _ALL_FIELDS = set(TaskRecord.model_fields)
+_Record = TypeVar("_Record", bound=TaskRecord)
 
 
 def _compact_dict(cls: type[TaskRecord], values: dict[str, Any]) -> dict[str, Any]:
@@ -391,14 +399,33 @@ def _compact_dict(cls: type[TaskRecord], values: dict[str, Any]) -> dict[str, An
 
     CPython gives each instance dict of a class the class's shared table of keys when the
     attributes are stored through the instance, so a record's fields cost 8 bytes each
-    instead of about 24 (roughly 550 bytes a record). pydantic assigns a plain dict, so
-    validated records are moved into a shared-key one here; other interpreters simply
-    keep a plain dict.
+    instead of about 24 (roughly 550 bytes a record). pydantic assigns a plain dict, so a
+    record made by calling the class is moved into a shared-key one here; the records the
+    dispatcher keeps carry no dict at all (see :func:`_fields_only`).
     """
     compact = object.__new__(cls).__dict__
     # Item by item: updating an empty dict from a whole dict clones that dict's own table.
     compact.update(values.items())
     return compact
+
+
+def _fields_only(
+    cls: type[_Record], fields: Iterable[tuple[str, Any]], extra: dict[str, Any] | None
+) -> _Record:
+    """A record of ``fields`` (every field, as valid values) and ``extra`` keys.
+
+    CPython keeps an instance's attributes in a row of values beside the object, keyed by the
+    class's shared table of names, until something reads ``__dict__``; only then is a dict
+    object made for it (64 bytes a record). So records are filled attribute by attribute and
+    read the same way (:data:`_FIELD_VALUES`); other interpreters keep whatever they keep.
+    """
+    new = object.__new__(cls)
+    for name, value in fields:
+        _set(new, name, value)
+    _set(new, "__pydantic_fields_set__", _ALL_FIELDS)
+    _set(new, "__pydantic_extra__", extra or _NO_EXTRA)
+    _set(new, "__pydantic_private__", None)
+    return new
 
 
 def _share_field_names(cls: type[TaskRecord]) -> None:
@@ -410,7 +437,18 @@ def _share_field_names(cls: type[TaskRecord]) -> None:
 
 
 _share_field_names(TaskRecord)
+_set = object.__setattr__
 _NO_EXTRA: dict[str, Any] = {}
+_FIELD_ORDER = tuple(TaskRecord.model_fields)
+_FIELD_VALUES = attrgetter(*_FIELD_ORDER)
+
+
+def _fields_of(record: TaskRecord) -> Iterable[tuple[str, Any]]:
+    """A record's ``(name, value)`` pairs, in field order, read without making its
+    ``__dict__``."""
+    return zip(_FIELD_ORDER, _FIELD_VALUES(record), strict=True)
+
+
 _TIMES = (
     "last_execution_time",
     "next_execution_time",
@@ -418,7 +456,6 @@ _TIMES = (
     "created_at",
     "updated_at",
 )
-_FIELD_ORDER = tuple(TaskRecord.model_fields)
 _STATUSES = {status.value: status for status in TaskStatus}
 _NESTED: dict[str, type[BaseModel]] = {
     "active_run": ActiveRun,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import queue
@@ -142,6 +143,12 @@ def record(
     }
     fields.update(changes)
     return TaskRecord(**fields)
+
+
+def has_instance_dict(made: TaskRecord) -> bool:
+    """Whether CPython made a dict object for ``made``'s attributes (it makes one only when
+    ``__dict__`` is read; until then the collector sees the field values themselves)."""
+    return any(isinstance(it, dict) and "interval" in it for it in gc.get_referents(made))
 
 
 recording_factory = Recorder()

@@ -5,13 +5,24 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import sys
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from helpers import BACKENDS, SHANGHAI, Recorder, read_state, record, seed_file, seed_task, storage
+from helpers import (
+    BACKENDS,
+    SHANGHAI,
+    Recorder,
+    has_instance_dict,
+    read_state,
+    record,
+    seed_file,
+    seed_task,
+    storage,
+)
 
 from jobstores import JsonJobStore
 from scheduler import TaskDispatcher
@@ -369,5 +380,7 @@ def test_loaded_records_share_equal_values(tmp_path: Path, recorder: Recorder, k
         assert others[0].account_id == "acc1"
         assert others[0].account_id is not first.account_id
         assert first.created_at.tzinfo is SHANGHAI
+        if sys.implementation.name == "cpython":  # fields kept without an instance dict
+            assert not any(map(has_instance_dict, again.records()))
     finally:
         again.close()

@@ -7,7 +7,7 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
 import pytest
-from helpers import SHANGHAI, T0, record
+from helpers import SHANGHAI, T0, has_instance_dict, record
 from pydantic import ValidationError
 
 from tasks import TaskRecord, TaskStatus
@@ -159,25 +159,43 @@ def _plain_size(values: dict[str, Any]) -> int:
     return sys.getsizeof(dict(values))
 
 
-@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's key-sharing dicts")
-def test_every_way_of_making_a_record_shares_its_field_names() -> None:
-    validated = record("t1")
-    saved = validated.to_json_dict()
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's instance values")
+def test_records_the_dispatcher_makes_hold_no_instance_dict() -> None:
+    constructed = record("t1", extra_key=[1])
+    saved = constructed.to_json_dict()
     made = {
-        "constructed": validated,
-        "validated": TaskRecord.model_validate(saved, context={"zone": UTC}),
-        "trusted": TaskRecord.trusted(saved, UTC),
-        "replaced": validated.replace(run_count=4, last_error="boom"),
+        "validated": TaskRecord.model_validate(saved, context={"zone": SHANGHAI}),
+        "trusted": TaskRecord.trusted(saved, SHANGHAI),
+        "replaced": constructed.replace(run_count=4, last_error="boom"),
+        "snapshot": constructed.snapshot(),
     }
     for how, made_record in made.items():
-        fields = made_record.__dict__
-        # A key-sharing dict holds only its values: about a third of a plain one.
-        assert sys.getsizeof(fields) * 2 < _plain_size(fields), how
-        assert list(fields) == list(TaskRecord.model_fields), how
+        assert not has_instance_dict(made_record), how
+        # Reading it as the store and the API do makes none either.
+        made_record.plain(), made_record.to_json_dict(masked=True), made_record.snapshot()
+        assert made_record.task_id == "t1", how
+        assert made_record.model_extra == {"extra_key": [1]}, how
+        assert not has_instance_dict(made_record), how
+        changed = {"run_count": 4, "last_error": "boom"} if how == "replaced" else {}
+        assert made_record.to_json_dict() == {**saved, **changed}, how
     assert made["replaced"].run_count == 4
-    assert validated.run_count == 0
-    assert made["validated"] == made["trusted"] == validated
-    assert made["validated"].model_dump() == validated.model_dump()
+    assert made["replaced"].last_error == "boom"
+    assert constructed.run_count == 0
+    assert constructed.last_error is None
+    assert made["validated"] == made["trusted"] == made["snapshot"] == constructed
+    assert made["validated"].model_dump() == constructed.model_dump()
+    made["snapshot"].kwargs["task_id"] = "changed"
+    made["snapshot"].model_extra["extra_key"].append(2)  # type: ignore[index]
+    assert constructed.kwargs["task_id"] == "t1"
+    assert constructed.model_extra == {"extra_key": [1]}
+
+
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="CPython's key-sharing dicts")
+def test_a_record_made_by_calling_the_class_shares_its_field_names() -> None:
+    fields = record("t1").__dict__
+    # A key-sharing dict holds only its values: about a third of a plain one.
+    assert sys.getsizeof(fields) * 2 < _plain_size(fields)
+    assert list(fields) == list(TaskRecord.model_fields)
 
 
 def test_records_share_one_tuple_per_hour_window() -> None:
