@@ -24,6 +24,7 @@ from tasks.secrets import mask_secrets
 __all__ = [
     "MIN_INTERVAL",
     "RESERVED_KWARGS",
+    "SHARED_STRINGS",
     "ActiveRun",
     "PendingRetry",
     "TaskRecord",
@@ -349,19 +350,32 @@ class TaskRecord(BaseModel):
         ``times`` maps saved time texts to the times already made from them in ``zone``: records
         loaded together share equal times (and each text is parsed once).
         """
-        try:
-            converted = _trusted_values(raw, zone, {} if times is None else times)
-        except (KeyError, TypeError, ValueError):
-            converted = None
-        if converted is None:
+        record = cls.rebuilt(raw, zone, {} if times is None else times)
+        if record is None:
             return cls.model_validate(raw, context={"zone": zone, "kwargs_checked": True})
-        values, extra = converted
-        new = object.__new__(cls)
-        new.__dict__.update(values.items())  # a key-sharing dict: see _compact_dict
-        object.__setattr__(new, "__pydantic_fields_set__", _ALL_FIELDS)
-        object.__setattr__(new, "__pydantic_extra__", extra or _NO_EXTRA)
-        object.__setattr__(new, "__pydantic_private__", None)
-        return new
+        return record
+
+    @classmethod
+    def rebuilt(
+        cls,
+        raw: dict[str, Any],
+        zone: tzinfo,
+        times: dict[str, datetime],
+        shared: dict[Any, Any] | None = None,
+    ) -> TaskRecord | None:
+        """What :meth:`trusted` makes of ``raw``, or None when ``raw`` is not laid out as this
+        library writes records (every field, in field order, then the extras) or a value does
+        not convert: the caller validates it then.
+
+        ``shared`` (values already loaded, each its own key) makes the record reuse equal
+        strings and intervals of records loaded before it, as it is built: account ids, names,
+        task and system types, short ``kwargs`` texts (a ``kwargs`` value equal to the task id
+        becomes the task id itself).
+        """
+        try:
+            return _rebuilt(cls, raw, zone, times, shared)
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def plain(self) -> dict[str, Any]:
         """The saved fields (extras included) as Python values, for a fast JSON encoder."""
@@ -445,20 +459,39 @@ def _trusted_time(value: str | datetime, zone: tzinfo) -> datetime:
     return parsed.astimezone(zone)
 
 
-def _trusted_values(
-    raw: dict[str, Any], zone: tzinfo, times: dict[str, datetime]
-) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(fields, extras)`` of a saved object, converted as validation would; None when the
-    object is not laid out as this library writes records (every field, in field order, then
-    the extras), so the caller validates it."""
+_FIELD_COUNT = len(_FIELD_ORDER)
+SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
+"""Record fields whose values repeat across tasks: loading shares equal ones."""
+_LONGEST_SHARED = 128
+"""Longer ``kwargs`` texts are not looked up for sharing (hashing them costs more)."""
+
+
+def _rebuilt(
+    cls: type[TaskRecord],
+    raw: dict[str, Any],
+    zone: tzinfo,
+    times: dict[str, datetime],
+    shared: dict[Any, Any] | None,
+) -> TaskRecord | None:
+    """See :meth:`TaskRecord.rebuilt` (raises ``KeyError``, ``TypeError``, ``ValueError`` on a
+    value it cannot convert)."""
     keys = tuple(raw)
-    if keys[: len(_FIELD_ORDER)] != _FIELD_ORDER:
+    if keys[:_FIELD_COUNT] != _FIELD_ORDER:
         return None
-    # Built key by key, not copied: a copy keeps the parser's larger table (+340 B a task).
-    values = {key: raw[key] for key in _FIELD_ORDER}
-    extra = {key: raw[key] for key in keys[len(_FIELD_ORDER) :]}
+    new = object.__new__(cls)
+    # Filled field by field, in field order, so it stays a key-sharing dict (see
+    # _compact_dict); a copy of the parser's dict would keep its larger table (+340 B a task).
+    values = new.__dict__
+    if len(keys) == _FIELD_COUNT:
+        values.update(raw.items())
+        extra = _NO_EXTRA
+    else:
+        for key in _FIELD_ORDER:
+            values[key] = raw[key]
+        extra = {key: raw[key] for key in keys[_FIELD_COUNT:]}
     values["status"] = _STATUSES[values["status"]]
-    values["valid_time_range"] = _shared_window(*values["valid_time_range"])
+    start, end = values["valid_time_range"]
+    values["valid_time_range"] = _shared_window(start, end)
     for name in _TIMES:
         value = values[name]
         if value is not None:
@@ -476,7 +509,29 @@ def _trusted_values(
         nested = values[name]
         if nested is not None:
             values[name] = model.model_validate(nested)
-    return values, extra
+    if type(values["interval"]) not in (int, float) or type(values["kwargs"]) is not dict:
+        return None
+    if shared is not None:
+        setdefault = shared.setdefault
+        for name in SHARED_STRINGS:
+            value = values[name]
+            if value is not None:
+                values[name] = setdefault(value, value)
+        interval = values["interval"]
+        found = setdefault(interval, interval)
+        if type(found) is type(interval):
+            values["interval"] = found
+        task_id = values["task_id"]
+        kwargs = values["kwargs"]
+        for key, value in kwargs.items():
+            if value == task_id:
+                kwargs[key] = task_id
+            elif type(value) is str and len(value) <= _LONGEST_SHARED:
+                kwargs[key] = setdefault(value, value)
+    object.__setattr__(new, "__pydantic_fields_set__", _ALL_FIELDS)
+    object.__setattr__(new, "__pydantic_extra__", extra or _NO_EXTRA)
+    object.__setattr__(new, "__pydantic_private__", None)
+    return new
 
 
 # Fields added after the seed's format that only the dispatcher sets: host keywords keep

@@ -14,6 +14,7 @@ import pytest
 from helpers import BACKENDS, SHANGHAI, Recorder, read_state, record, seed_file, seed_task, storage
 
 from jobstores import JsonJobStore
+from jobstores.format import encode_document, encode_task
 from scheduler import TaskDispatcher
 from scheduler.errors import NewerFormatError
 from tasks import TaskRecord, TaskStatus
@@ -371,3 +372,41 @@ def test_loaded_records_share_equal_values(tmp_path: Path, recorder: Recorder, k
         assert first.created_at.tzinfo is SHANGHAI
     finally:
         again.close()
+
+
+def test_a_checksummed_task_laid_out_unexpectedly_is_validated(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    good = [record(f"t{i}", at=NOW).to_json_dict() for i in range(2)]
+    odd = record("odd", at=NOW).to_json_dict()
+    odd = {"interval": -5, **{k: v for k, v in odd.items() if k != "interval"}}
+    parts = encode_document(
+        map(encode_task, [good[0], odd, good[1]]),
+        {"acc": ["t0", "odd", "t1"]},
+        NOW,
+        "Asia/Shanghai",
+        sealed=True,
+    )
+    (tmp_path / "dispatch_config.json").write_bytes(b"".join(parts))
+    assert read_state(tmp_path)["checksum"]
+    store = open_store(tmp_path, recorder)
+    try:
+        assert [r.task_id for r in store.records()] == ["t0", "t1"]
+        assert store.kept_records() == [odd]
+    finally:
+        store.close()
+
+
+def test_validated_records_share_equal_values_too(tmp_path: Path, recorder: Recorder) -> None:
+    tasks = [{**SEED_TASK, "task_id": f"t{i}", "next_execution_time": None} for i in range(3)]
+    (tmp_path / "dispatch_config.json").write_bytes(seed_file(tasks))  # no checksum
+    store = open_store(tmp_path, recorder)
+    try:
+        first, *others = store.records()
+        for other in others:
+            assert other.account_id is first.account_id
+            assert other.kwargs["xhs_account_id"] is first.kwargs["xhs_account_id"]
+            # planned at load (changed there): its new time is shared as well
+            assert other.next_execution_time is first.next_execution_time
+    finally:
+        store.close()
