@@ -33,7 +33,7 @@ from jobstores.format import (
 )
 from tasks import lifecycle
 from tasks.errors import InvalidTaskError
-from tasks.model import SHARED_STRINGS, TaskRecord, TaskStatus
+from tasks.model import TaskRecord, TaskStatus, share_values
 from tasks.schedule import Schedule
 
 __all__ = [
@@ -262,12 +262,9 @@ _LAST_TIME = object()
 
 
 def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
-    """Make a freshly loaded record reuse equal values already loaded (``shared``).
-
-    Account ids, names, task types, most kwargs values and intervals repeat across tasks
-    (hour windows are shared by the record model itself); a file parser creates a new
-    object for every occurrence. All of them are immutable. A value is only shared with one
-    of its own type (``3600`` is not ``3600.0``).
+    """Make a freshly loaded record reuse equal values already loaded (``shared``): what
+    :func:`tasks.model.share_values` shares (hour windows are shared by the record model
+    itself), and times.
 
     Times repeat too (tasks added together; a task never run was created, updated and
     planned at one instant), but hashing a time costs more than the rest of this: a time is
@@ -276,15 +273,7 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
     exactly as parsed).
     """
     values = record.__dict__
-    setdefault = shared.setdefault
-    for name in SHARED_STRINGS:
-        value = values[name]
-        if value is not None:
-            values[name] = setdefault(value, value)
-    interval = values["interval"]
-    found = setdefault(interval, interval)
-    if type(found) is type(interval):
-        values["interval"] = found
+    share_values(values, shared)
     latest: dict[str, datetime] = shared.setdefault(_LAST_TIME, {})
     previous = None  # the time read just before, in this record
     for name in _SHARED_TIMES:
@@ -303,12 +292,6 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
                 value = values[name] = seen
                 break
         latest[name] = previous = value
-    kwargs = values["kwargs"]
-    for key, value in kwargs.items():
-        if value == record.task_id:
-            kwargs[key] = record.task_id
-        elif isinstance(value, str) and len(value) <= 128:
-            kwargs[key] = setdefault(value, value)
     return record
 
 

@@ -24,7 +24,6 @@ from tasks.secrets import mask_secrets
 __all__ = [
     "MIN_INTERVAL",
     "RESERVED_KWARGS",
-    "SHARED_STRINGS",
     "ActiveRun",
     "PendingRetry",
     "TaskRecord",
@@ -33,6 +32,7 @@ __all__ = [
     "json_default",
     "kwargs_problems",
     "parse_end_time",
+    "share_values",
 ]
 
 _MAX_JSON_INT = 2**63 - 1
@@ -367,10 +367,8 @@ class TaskRecord(BaseModel):
         library writes records (every field, in field order, then the extras) or a value does
         not convert: the caller validates it then.
 
-        ``shared`` (values already loaded, each its own key) makes the record reuse equal
-        strings and intervals of records loaded before it, as it is built: account ids, names,
-        task and system types, short ``kwargs`` texts (a ``kwargs`` value equal to the task id
-        becomes the task id itself).
+        ``shared`` makes the record reuse equal values of records loaded before it, as it is
+        built (see :func:`share_values`).
         """
         try:
             return _rebuilt(cls, raw, zone, times, shared)
@@ -460,10 +458,36 @@ def _trusted_time(value: str | datetime, zone: tzinfo) -> datetime:
 
 
 _FIELD_COUNT = len(_FIELD_ORDER)
-SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
-"""Record fields whose values repeat across tasks: loading shares equal ones."""
+_SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
 _LONGEST_SHARED = 128
 """Longer ``kwargs`` texts are not looked up for sharing (hashing them costs more)."""
+
+
+def share_values(values: dict[str, Any], shared: dict[Any, Any]) -> None:
+    """Make the fields of a record being loaded (``values``, its ``__dict__``) reuse equal
+    values of records loaded before it, kept in ``shared`` (each value its own key).
+
+    Account ids, names, task and system types, intervals and most ``kwargs`` texts repeat
+    across tasks, and a file parser creates a new object for every occurrence; all of them
+    are immutable. A value is only shared with one of its own type (``3600`` is not
+    ``3600.0``); a ``kwargs`` value equal to the task id becomes the task id itself.
+    """
+    setdefault = shared.setdefault
+    for name in _SHARED_STRINGS:
+        value = values[name]
+        if value is not None:
+            values[name] = setdefault(value, value)
+    interval = values["interval"]
+    found = setdefault(interval, interval)
+    if type(found) is type(interval):
+        values["interval"] = found
+    task_id = values["task_id"]
+    kwargs = values["kwargs"]
+    for key, value in kwargs.items():
+        if value == task_id:
+            kwargs[key] = task_id
+        elif isinstance(value, str) and len(value) <= _LONGEST_SHARED:
+            kwargs[key] = setdefault(value, value)
 
 
 def _rebuilt(
@@ -512,22 +536,7 @@ def _rebuilt(
     if type(values["interval"]) not in (int, float) or type(values["kwargs"]) is not dict:
         return None
     if shared is not None:
-        setdefault = shared.setdefault
-        for name in SHARED_STRINGS:
-            value = values[name]
-            if value is not None:
-                values[name] = setdefault(value, value)
-        interval = values["interval"]
-        found = setdefault(interval, interval)
-        if type(found) is type(interval):
-            values["interval"] = found
-        task_id = values["task_id"]
-        kwargs = values["kwargs"]
-        for key, value in kwargs.items():
-            if value == task_id:
-                kwargs[key] = task_id
-            elif type(value) is str and len(value) <= _LONGEST_SHARED:
-                kwargs[key] = setdefault(value, value)
+        share_values(values, shared)
     object.__setattr__(new, "__pydantic_fields_set__", _ALL_FIELDS)
     object.__setattr__(new, "__pydantic_extra__", extra or _NO_EXTRA)
     object.__setattr__(new, "__pydantic_private__", None)
