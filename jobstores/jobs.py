@@ -24,6 +24,7 @@ from tasks.schedule import Schedule, Window, same_instant
 __all__ = ["JobView", "TaskJob", "TaskTrigger"]
 
 _NO_KWARGS: dict[str, Any] = {}  # shared by every job: the run target takes none
+_new_job = object.__new__
 
 
 class TaskTrigger(BaseTrigger):
@@ -190,6 +191,7 @@ class JobView:
         faults: list[tuple[str, Exception]] = []
         keys: list[tuple[float, str]] = []
         schedulable, trigger, append = lifecycle.schedulable, self.trigger, keys.append
+        instant = _Instants()
         for record in records:
             if not schedulable(record):
                 continue
@@ -199,7 +201,7 @@ class JobView:
                 faults.append((record.task_id, exc))
                 self._dropped.add(record.task_id)
                 continue
-            append((_key(record), record.task_id))
+            append((_key(record, instant), record.task_id))
         keys.sort()
         self._times = array("d", [when for when, _ in keys])
         self._ids = [task_id for _, task_id in keys]
@@ -267,12 +269,13 @@ class JobView:
     def _jobs_of(self, ids: list[str]) -> tuple[list[TaskJob], list[tuple[str, Exception]]]:
         jobs: list[TaskJob] = []
         faults: list[tuple[str, Exception]] = []
+        find, build, append = self._find, self._build, jobs.append
         for task_id in ids:
-            record = self._find(task_id)
+            record = find(task_id)
             if record is None:  # pragma: no cover - a removed record is unfiled at once
                 continue
             try:
-                jobs.append(self._build(record))
+                append(build(record))
             except Exception as exc:
                 faults.append((task_id, exc))
         return jobs, faults
@@ -386,21 +389,22 @@ class JobView:
         # Fill the job's slots directly, as APScheduler's own stores do when they restore a
         # job (Job.__setstate__): Job.__init__ re-validates the callable's signature with
         # inspect.
-        job = TaskJob.__new__(TaskJob)
+        task_id = record.task_id
+        job = _new_job(TaskJob)
         job._scheduler = self._scheduler
         job._jobstore_alias = self._alias
-        job.id = record.task_id
+        job.id = task_id
         job.name = f"{record.task_type} for {record.account_id}"
         job.func = self._target
         job.func_ref = None
         job.args = ()
         job.kwargs = _NO_KWARGS
-        job.trigger = self._assigned.get(record.task_id) or self.trigger(record)
+        job.trigger = (self._assigned and self._assigned.get(task_id)) or self.trigger(record)
         job.executor = "default"
         job.misfire_grace_time = None
         job.coalesce = True
         job.max_instances = 1
-        job.next_run_time = _job_time(record)
+        job.next_run_time = None if record.status is TaskStatus.PAUSED else record.start_time
         job.planned = record.next_execution_time
         return job
 
@@ -419,12 +423,32 @@ def _same_place(old: TaskRecord, new: TaskRecord) -> bool:
     )
 
 
-def _key(record: TaskRecord) -> float:
+class _Instants:
+    """``when.timestamp()``, remembering the last time asked about: records loaded together
+    share equal times (one object), so filing them all asks about the same few."""
+
+    __slots__ = ("_instant", "_when")
+
+    def __init__(self) -> None:
+        self._when: datetime | None = None
+        self._instant = 0.0
+
+    def __call__(self, when: datetime) -> float:
+        if when is not self._when:
+            self._when, self._instant = when, float(when.timestamp())
+        return self._instant
+
+
+def _timestamp(when: datetime) -> float:
+    return float(when.timestamp())
+
+
+def _key(record: TaskRecord, instant: Callable[[datetime], float] = _timestamp) -> float:
     """Where ``record`` is filed: the instant of its next run (infinity when paused)."""
     if record.status is TaskStatus.PAUSED:
         return math.inf
     when = record.start_time
-    return math.inf if when is None else float(when.timestamp())
+    return math.inf if when is None else instant(when)
 
 
 def _job_time(record: TaskRecord) -> datetime | None:

@@ -33,7 +33,7 @@ from jobstores.format import (
 )
 from tasks import lifecycle
 from tasks.errors import InvalidTaskError
-from tasks.model import TaskRecord, TaskStatus
+from tasks.model import TaskRecord, TaskStatus, share_record_values
 from tasks.schedule import Schedule
 
 __all__ = [
@@ -184,20 +184,27 @@ def restore(
     ids: set[str] = set()
     shared: dict[Any, Any] = {}
     times: dict[str, datetime] = {}
+    schedules: dict[tuple[Any, ...], Schedule] = {}
+    share = None if now is None else shared
     for index, raw in enumerate(tasks):
         task_id = raw.get("task_id") if isinstance(raw, dict) else None
         task_id = task_id if isinstance(task_id, str) else None
         try:
+            record = None
             if trusted is not None and isinstance(raw, dict) and trusted(raw):
-                record = TaskRecord.trusted(raw, zone, times)
-            else:
+                # Built with its values shared in the same pass (None: laid out unexpectedly).
+                record = TaskRecord.rebuilt(raw, zone, times, share)
+            built = record
+            if record is None:
                 record = parse_record(raw, zone, parsed_json=parsed_json)
             if record.task_id in ids:
                 raise InvalidTaskError("task_id", "duplicate task id")
             if accept is not None:
                 accept(record)
             if now is not None:
-                record = _loaded(record, zone, now, shared, label, fraction)
+                record = _loaded(record, zone, now, schedules, label, fraction)
+                if record is not built:  # validated, or changed: share what it holds anew
+                    record = _share_values(record, shared)
         except Exception as exc:
             # One record never stops the others: whatever it does (an invalid field, a
             # factory or a schedule that raises), it is kept as it is, unrestored.
@@ -221,7 +228,7 @@ def _loaded(
     record: TaskRecord,
     zone: tzinfo,
     now: datetime,
-    shared: dict[Any, Any],
+    schedules: dict[tuple[Any, ...], Schedule],
     label: str,
     fraction: Callable[[], float] | None,
 ) -> TaskRecord:
@@ -232,14 +239,17 @@ def _loaded(
             record.task_id,
             record.account_id,
         )
-    schedule = Schedule.of(record, zone)
+    # One schedule per distinct set of rules (all a schedule is made of), looked up by them.
+    rules = (record.interval, record.valid_time_range, record.task_end_time)
+    schedule = schedules.get(rules)
+    if schedule is None:
+        schedule = schedules[rules] = Schedule.of(record, zone)
     record = lifecycle.loaded(record, schedule, now)
     if fraction is not None and (record.run_policy is not None or record.next_start_time):
         record = lifecycle.jittered(record, schedule, fraction())
-    return _share_values(record, shared)
+    return record
 
 
-_SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
 _SHARED_TIMES = (
     "next_execution_time",
     "next_start_time",
@@ -252,12 +262,9 @@ _LAST_TIME = object()
 
 
 def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
-    """Make a freshly loaded record reuse equal values already loaded (``shared``).
-
-    Account ids, names, task types, most kwargs values and intervals repeat across tasks
-    (hour windows are shared by the record model itself); a file parser creates a new
-    object for every occurrence. All of them are immutable. A value is only shared with one
-    of its own type (``3600`` is not ``3600.0``).
+    """Make a freshly loaded record reuse equal values already loaded (``shared``): what
+    :func:`tasks.model.share_values` shares (hour windows are shared by the record model
+    itself), and times.
 
     Times repeat too (tasks added together; a task never run was created, updated and
     planned at one instant), but hashing a time costs more than the rest of this: a time is
@@ -265,16 +272,8 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
     before in this record, when both are in the same zone and fold (so it reads back
     exactly as parsed).
     """
-    setdefault = shared.setdefault
+    share_record_values(record, shared)
     share = object.__setattr__  # the record is this load's own until it is returned
-    for name in _SHARED_STRINGS:
-        value = getattr(record, name)
-        if value is not None:
-            share(record, name, setdefault(value, value))
-    interval = record.interval
-    found = setdefault(interval, interval)
-    if type(found) is type(interval):
-        share(record, "interval", found)
     latest: dict[str, datetime] = shared.setdefault(_LAST_TIME, {})
     previous = None  # the time read just before, in this record
     for name in _SHARED_TIMES:
@@ -294,12 +293,6 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
                 share(record, name, seen)
                 break
         latest[name] = previous = value
-    kwargs = record.kwargs
-    for key, value in kwargs.items():
-        if value == record.task_id:
-            kwargs[key] = record.task_id
-        elif isinstance(value, str) and len(value) <= 128:
-            kwargs[key] = setdefault(value, value)
     return record
 
 

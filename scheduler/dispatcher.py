@@ -174,7 +174,7 @@ class TaskDispatcher:
         logger.info(
             "dispatcher on %s loaded %d task(s) (%d kept unrestored)",
             directory,
-            len(self._store.records()),
+            len(self._store.table),
             len(self._store.kept_records()),
         )
 

@@ -48,50 +48,63 @@ class MetricsSource:
     save_health: Callable[[], SaveHealth]
 
 
+_GAUGES: dict[str, tuple[str, list[str] | None]] = {
+    "task_dispatcher_tasks": ("Tasks by status.", ["status"]),
+    "task_dispatcher_lane_waiting_runs": (
+        "Runs waiting for their account's lane (accounts with none are left out).",
+        ["account"],
+    ),
+    "task_dispatcher_waiting_runs": ("Runs waiting for a lane, all accounts together.", None),
+    "task_dispatcher_failed_saves": (
+        "Failed saves of the state file since the last successful one.",
+        None,
+    ),
+    "task_dispatcher_unsaved_tasks": ("Tasks whose latest change is not on disk yet.", None),
+    "task_dispatcher_last_durable_save_timestamp_seconds": (
+        "When the state file was last written durably (unix seconds).",
+        None,
+    ),
+}
+"""The scrape-time gauges: name -> (help, labels)."""
+
+
+def _gauge(name: str, value: float | None = None) -> GaugeMetricFamily:
+    documentation, labels = _GAUGES[name]
+    return GaugeMetricFamily(name, documentation, value=value, labels=labels)
+
+
 class _StateCollector(Collector):
     """The gauges, computed from the dispatcher at each scrape."""
 
     def __init__(self, source: MetricsSource) -> None:
         self._source = source
 
+    def describe(self) -> Iterable[Metric]:
+        """The gauges without values: what registering checks names against (without it the
+        registry collects once, a pass over every task of the dispatcher)."""
+        return [_gauge(name) for name in _GAUGES]
+
     def collect(self) -> Iterable[Metric]:
         counts = self._source.tasks_by_status()
-        tasks = GaugeMetricFamily("task_dispatcher_tasks", "Tasks by status.", labels=["status"])
+        tasks = _gauge("task_dispatcher_tasks")
         for status in TaskStatus:
             tasks.add_metric([status.value], counts.get(status.value, 0))
         yield tasks
 
         waiting = {a: n for a, n in self._source.waiting_by_account().items() if n}
-        lanes = GaugeMetricFamily(
-            "task_dispatcher_lane_waiting_runs",
-            "Runs waiting for their account's lane (accounts with none are left out).",
-            labels=["account"],
-        )
+        lanes = _gauge("task_dispatcher_lane_waiting_runs")
         for account, count in sorted(waiting.items()):
             lanes.add_metric([account], count)
         yield lanes
-        yield GaugeMetricFamily(
-            "task_dispatcher_waiting_runs",
-            "Runs waiting for a lane, all accounts together.",
-            value=sum(waiting.values()),
-        )
+        yield _gauge("task_dispatcher_waiting_runs", sum(waiting.values()))
 
         health = self._source.save_health()
-        yield GaugeMetricFamily(
-            "task_dispatcher_failed_saves",
-            "Failed saves of the state file since the last successful one.",
-            value=health.failed_saves,
-        )
-        yield GaugeMetricFamily(
-            "task_dispatcher_unsaved_tasks",
-            "Tasks whose latest change is not on disk yet.",
-            value=len(health.unsaved_task_ids),
-        )
+        yield _gauge("task_dispatcher_failed_saves", health.failed_saves)
+        yield _gauge("task_dispatcher_unsaved_tasks", len(health.unsaved_task_ids))
         if health.last_saved_at is not None:
-            yield GaugeMetricFamily(
+            yield _gauge(
                 "task_dispatcher_last_durable_save_timestamp_seconds",
-                "When the state file was last written durably (unix seconds).",
-                value=health.last_saved_at.timestamp(),
+                health.last_saved_at.timestamp(),
             )
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "json_default",
     "kwargs_problems",
     "parse_end_time",
+    "share_values",
 ]
 
 _MAX_JSON_INT = 2**63 - 1
@@ -355,14 +356,30 @@ class TaskRecord(BaseModel):
         ``times`` maps saved time texts to the times already made from them in ``zone``: records
         loaded together share equal times (and each text is parsed once).
         """
-        try:
-            converted = _trusted_values(raw, zone, {} if times is None else times)
-        except (KeyError, TypeError, ValueError):
-            converted = None
-        if converted is None:
+        record = cls.rebuilt(raw, zone, {} if times is None else times)
+        if record is None:
             return cls.model_validate(raw, context={"zone": zone, "kwargs_checked": True})
-        values, extra = converted
-        return _fields_only(cls, values.items(), extra)
+        return record
+
+    @classmethod
+    def rebuilt(
+        cls,
+        raw: dict[str, Any],
+        zone: tzinfo,
+        times: dict[str, datetime],
+        shared: dict[Any, Any] | None = None,
+    ) -> TaskRecord | None:
+        """What :meth:`trusted` makes of ``raw``, or None when ``raw`` is not laid out as this
+        library writes records (every field, in field order, then the extras) or a value does
+        not convert: the caller validates it then.
+
+        ``shared`` makes the record reuse equal values of records loaded before it, as it is
+        built (see :func:`share_values`).
+        """
+        try:
+            return _rebuilt(cls, raw, zone, times, shared)
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def plain(self) -> dict[str, Any]:
         """The saved fields (extras included) as Python values, for a fast JSON encoder."""
@@ -482,20 +499,71 @@ def _trusted_time(value: str | datetime, zone: tzinfo) -> datetime:
     return parsed.astimezone(zone)
 
 
-def _trusted_values(
-    raw: dict[str, Any], zone: tzinfo, times: dict[str, datetime]
-) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """``(fields, extras)`` of a saved object, converted as validation would; None when the
-    object is not laid out as this library writes records (every field, in field order, then
-    the extras), so the caller validates it."""
+_FIELD_COUNT = len(_FIELD_ORDER)
+_SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
+_SHARED_FIELDS = (*_SHARED_STRINGS, "interval")
+"""The fields :func:`share_values` may replace (``kwargs`` it changes in place)."""
+_LONGEST_SHARED = 128
+"""Longer ``kwargs`` texts are not looked up for sharing (hashing them costs more)."""
+
+
+def share_values(values: dict[str, Any], shared: dict[Any, Any]) -> None:
+    """Make the fields of a record being loaded (``values``, its ``__dict__``) reuse equal
+    values of records loaded before it, kept in ``shared`` (each value its own key).
+
+    Account ids, names, task and system types, intervals and most ``kwargs`` texts repeat
+    across tasks, and a file parser creates a new object for every occurrence; all of them
+    are immutable. A value is only shared with one of its own type (``3600`` is not
+    ``3600.0``); a ``kwargs`` value equal to the task id becomes the task id itself.
+    """
+    setdefault = shared.setdefault
+    for name in _SHARED_STRINGS:
+        value = values[name]
+        if value is not None:
+            values[name] = setdefault(value, value)
+    interval = values["interval"]
+    found = setdefault(interval, interval)
+    if type(found) is type(interval):
+        values["interval"] = found
+    task_id = values["task_id"]
+    kwargs = values["kwargs"]
+    for key, value in kwargs.items():
+        if value == task_id:
+            kwargs[key] = task_id
+        elif isinstance(value, str) and len(value) <= _LONGEST_SHARED:
+            kwargs[key] = setdefault(value, value)
+
+
+def share_record_values(record: TaskRecord, shared: dict[Any, Any]) -> None:
+    """:func:`share_values` for a record already built (validated, or changed at load): it
+    is the load's own until the load hands it out."""
+    values = dict(_fields_of(record))
+    share_values(values, shared)
+    for name in _SHARED_FIELDS:
+        _set(record, name, values[name])
+
+
+def _rebuilt(
+    cls: type[TaskRecord],
+    raw: dict[str, Any],
+    zone: tzinfo,
+    times: dict[str, datetime],
+    shared: dict[Any, Any] | None,
+) -> TaskRecord | None:
+    """See :meth:`TaskRecord.rebuilt` (raises ``KeyError``, ``TypeError``, ``ValueError`` on a
+    value it cannot convert)."""
     keys = tuple(raw)
-    if keys[: len(_FIELD_ORDER)] != _FIELD_ORDER:
+    if keys[:_FIELD_COUNT] != _FIELD_ORDER:
         return None
-    # Built key by key, not copied: a copy keeps the parser's larger table (+340 B a task).
-    values = {key: raw[key] for key in _FIELD_ORDER}
-    extra = {key: raw[key] for key in keys[len(_FIELD_ORDER) :]}
+    if len(keys) == _FIELD_COUNT:
+        values = dict(raw)  # the parser's object stays as read, should this one not convert
+        extra = _NO_EXTRA
+    else:
+        values = {key: raw[key] for key in _FIELD_ORDER}
+        extra = {key: raw[key] for key in keys[_FIELD_COUNT:]}
     values["status"] = _STATUSES[values["status"]]
-    values["valid_time_range"] = _shared_window(*values["valid_time_range"])
+    start, end = values["valid_time_range"]
+    values["valid_time_range"] = _shared_window(start, end)
     for name in _TIMES:
         value = values[name]
         if value is not None:
@@ -513,7 +581,11 @@ def _trusted_values(
         nested = values[name]
         if nested is not None:
             values[name] = model.model_validate(nested)
-    return values, extra
+    if type(values["interval"]) not in (int, float) or type(values["kwargs"]) is not dict:
+        return None
+    if shared is not None:
+        share_values(values, shared)
+    return _fields_only(cls, values.items(), extra)
 
 
 # Fields added after the seed's format that only the dispatcher sets: host keywords keep

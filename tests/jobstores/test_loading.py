@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 from helpers import (
     BACKENDS,
     SHANGHAI,
@@ -25,6 +26,7 @@ from helpers import (
 )
 
 from jobstores import JsonJobStore
+from jobstores.format import encode_document, encode_task
 from scheduler import TaskDispatcher
 from scheduler.errors import NewerFormatError
 from tasks import TaskRecord, TaskStatus
@@ -380,7 +382,47 @@ def test_loaded_records_share_equal_values(tmp_path: Path, recorder: Recorder, k
         assert others[0].account_id == "acc1"
         assert others[0].account_id is not first.account_id
         assert first.created_at.tzinfo is SHANGHAI
+        again.start(BackgroundScheduler(timezone=SHANGHAI), "default")
+        assert len(again.get_all_jobs()) == 4  # jobs read records as the scheduler does
         if sys.implementation.name == "cpython":  # fields kept without an instance dict
             assert not any(map(has_instance_dict, again.records()))
     finally:
         again.close()
+
+
+def test_a_checksummed_task_laid_out_unexpectedly_is_validated(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    good = [record(f"t{i}", at=NOW).to_json_dict() for i in range(2)]
+    odd = record("odd", at=NOW).to_json_dict()
+    odd = {"interval": -5, **{k: v for k, v in odd.items() if k != "interval"}}
+    parts = encode_document(
+        map(encode_task, [good[0], odd, good[1]]),
+        {"acc": ["t0", "odd", "t1"]},
+        NOW,
+        "Asia/Shanghai",
+        sealed=True,
+    )
+    (tmp_path / "dispatch_config.json").write_bytes(b"".join(parts))
+    assert read_state(tmp_path)["checksum"]
+    store = open_store(tmp_path, recorder)
+    try:
+        assert [r.task_id for r in store.records()] == ["t0", "t1"]
+        assert store.kept_records() == [odd]
+    finally:
+        store.close()
+
+
+def test_validated_records_share_equal_values_too(tmp_path: Path, recorder: Recorder) -> None:
+    tasks = [{**SEED_TASK, "task_id": f"t{i}", "next_execution_time": None} for i in range(3)]
+    (tmp_path / "dispatch_config.json").write_bytes(seed_file(tasks))  # no checksum
+    store = open_store(tmp_path, recorder)
+    try:
+        first, *others = store.records()
+        for other in others:
+            assert other.account_id is first.account_id
+            assert other.kwargs["xhs_account_id"] is first.kwargs["xhs_account_id"]
+            # planned at load (changed there): its new time is shared as well
+            assert other.next_execution_time is first.next_execution_time
+    finally:
+        store.close()

@@ -216,3 +216,45 @@ def test_records_trusted_together_share_equal_times() -> None:
     alone = TaskRecord.trusted(record("t3").to_json_dict(), SHANGHAI)
     assert alone.created_at == first.created_at
     assert alone.created_at is not first.created_at
+
+
+def test_records_rebuilt_with_shared_values_reuse_them() -> None:
+    shared: dict[Any, Any] = {}
+    times: dict[str, datetime] = {}
+    kwargs = {"xhs_account_id": "acc", "note": "same text", "count": 3}
+    made = [
+        TaskRecord.rebuilt(
+            record(task_id, kwargs={**kwargs, "task_id": task_id}).to_json_dict(),
+            UTC,
+            times,
+            shared,
+        )
+        for task_id in ("t1", "t2")
+    ]
+    first, second = made
+    assert first is not None
+    assert second is not None
+    for name in ("account_id", "task_type", "sys_type", "interval"):
+        assert getattr(second, name) is getattr(first, name), name
+    assert second.kwargs["note"] is first.kwargs["note"]
+    assert second.kwargs["xhs_account_id"] is first.account_id
+    assert second.kwargs["task_id"] is second.task_id
+    assert second.kwargs == {**kwargs, "task_id": "t2"}
+    assert second == TaskRecord.model_validate(second.to_json_dict(), context={"zone": UTC})
+    assert list(second.__dict__) == list(TaskRecord.model_fields)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda saved: {"status": saved.pop("status"), **saved},  # out of field order
+        lambda saved: {k: v for k, v in saved.items() if k != "retry"},  # a field missing
+        lambda saved: {**saved, "status": "bogus"},
+        lambda saved: {**saved, "interval": "3600"},
+        lambda saved: {**saved, "kwargs": ["not", "a", "dict"]},
+        lambda saved: {**saved, "created_at": "yesterday"},
+    ],
+)
+def test_a_rebuild_refuses_what_it_cannot_convert(damage: Any) -> None:
+    # None: the loader validates the object instead (and keeps it unrestored if invalid).
+    assert TaskRecord.rebuilt(damage(record("t1").to_json_dict()), UTC, {}, {}) is None
