@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -136,3 +137,26 @@ async def test_a_schedule_raising_at_load_or_start_stops_only_its_task(
     kept = task_in_file(state_dir, "at-load")  # kept verbatim, not lost
     assert kept["next_execution_time"] is None
     assert task_in_file(state_dir, "at-start")["status"] == "error"
+
+
+async def test_the_collector_is_held_off_during_a_pass_only(
+    clock: Any, make_dispatcher: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatcher = make_dispatcher()
+    await add(dispatcher, "a")
+    await dispatcher.start()
+    during: list[bool] = []
+    store = dispatcher._store
+    real = store.update_job
+
+    def update_job(job: Any) -> None:  # APScheduler moving the job's next run, in the pass
+        during.append(gc.isenabled())
+        real(job)
+
+    monkeypatch.setattr(store, "update_job", update_job)
+    assert gc.isenabled()
+    clock.move_to(at(2026, 1, 8, 7, 0) + timedelta(seconds=1))
+    await dispatcher.run_pending()
+    assert during == [False]
+    assert gc.isenabled()
+    await dispatcher.stop()
