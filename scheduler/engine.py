@@ -52,6 +52,9 @@ class DispatchExecutor(BaseExecutor):
             self._run_job_error(job_id, exc, exc.__traceback__)
             return
         outcome: RunEvent | None = task.result()
+        if not self._scheduler._listeners:  # nobody to tell: the run is only counted off
+            self._run_job_success(job_id, [])
+            return
         if outcome is None:
             event = JobExecutionEvent(EVENT_JOB_MISSED, job_id, alias, run_time)
         elif outcome.ok:
@@ -113,6 +116,12 @@ class DispatchScheduler(AsyncIOScheduler):
                 self._store.fault(job.id, exc)
                 faults += 1
         return faults
+
+    def _dispatch_event(self, event: Any) -> None:
+        # A pass makes an event per job it submits and every run ends with one: with nobody
+        # listening (the usual case) there is nothing to hand them to.
+        if self._listeners:
+            super()._dispatch_event(event)
 
     def process_due(self) -> None:
         """Run one scheduler pass now (on the event loop thread) and re-arm the timer."""

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_SUBMITTED
 from apscheduler.triggers.base import BaseTrigger
 from helpers import Recorder, at, read_state, task_in_file
 
@@ -159,4 +160,33 @@ async def test_the_collector_is_held_off_during_a_pass_only(
     await dispatcher.run_pending()
     assert during == [False]
     assert gc.isenabled()
+    await dispatcher.stop()
+
+
+async def test_apscheduler_listeners_hear_of_every_submission_and_run(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
+) -> None:
+    """Events are made and handed out only while someone listens; then all of them are."""
+    dispatcher = make_dispatcher()
+    await add(dispatcher, "ok")
+    await add(dispatcher, "bad")
+    recorder.fail.add("bad")
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 7, 0) + timedelta(seconds=1))
+    await dispatcher.run_pending()  # nobody listens
+    heard: list[tuple[int, str]] = []
+    dispatcher.scheduler.add_listener(
+        lambda event: heard.append((event.code, event.job_id)),
+        EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR,
+    )
+    clock.move_to(at(2026, 1, 8, 7, 0) + timedelta(seconds=2))
+    await dispatcher.run_pending()
+    assert sorted(heard) == sorted(
+        [
+            (EVENT_JOB_SUBMITTED, "ok"),
+            (EVENT_JOB_SUBMITTED, "bad"),
+            (EVENT_JOB_EXECUTED, "ok"),
+            (EVENT_JOB_ERROR, "bad"),
+        ]
+    )
     await dispatcher.stop()
