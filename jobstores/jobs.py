@@ -25,6 +25,7 @@ __all__ = ["JobView", "TaskJob", "TaskTrigger"]
 
 _NO_KWARGS: dict[str, Any] = {}  # shared by every job: the run target takes none
 _new_job = object.__new__
+_NEVER = datetime.min.replace(tzinfo=UTC)  # no question asked yet
 
 
 class TaskTrigger(BaseTrigger):
@@ -34,7 +35,7 @@ class TaskTrigger(BaseTrigger):
     rule of its own.
     """
 
-    __slots__ = ("schedule",)
+    __slots__ = ("_last", "schedule")
 
     def __init__(
         self,
@@ -50,6 +51,9 @@ class TaskTrigger(BaseTrigger):
                 raise TypeError("TaskTrigger needs a schedule, or interval, window and zone")
             schedule = Schedule(interval=interval, window=window, end=end, zone=zone)
         self.schedule = schedule
+        self._last: tuple[datetime | None, datetime, datetime | None] = (None, _NEVER, None)
+        """The last question and its answer: a scheduler pass asks the same one twice per
+        job (finding its run times, then its next run), with the same two objects."""
 
     @classmethod
     def for_record(cls, record: TaskRecord, zone: tzinfo) -> TaskTrigger:
@@ -83,7 +87,12 @@ class TaskTrigger(BaseTrigger):
     def get_next_fire_time(
         self, previous_fire_time: datetime | None, now: datetime
     ) -> datetime | None:
-        return self.schedule.next_run(previous_fire_time, now)
+        previous, asked_at, answer = self._last
+        if previous is previous_fire_time and asked_at is now:
+            return answer
+        answer = self.schedule.next_run(previous_fire_time, now)
+        self._last = (previous_fire_time, now, answer)
+        return answer
 
     def __str__(self) -> str:
         start, stop = self.window
@@ -329,11 +338,7 @@ class JobView:
         ):
             # Filed where it was (most changes are a run's progress); only an edit of the
             # rules needs its trigger checked.
-            if (
-                old.interval is not new.interval
-                or old.valid_time_range is not new.valid_time_range
-                or old.task_end_time is not new.task_end_time
-            ) and lifecycle.schedulable(new):
+            if not _same_rules(old, new) and lifecycle.schedulable(new):
                 self.trigger(new)
             return
         dropped = task_id in self._dropped
@@ -345,7 +350,11 @@ class JobView:
                 self._unfile(task_id, filed)
             if wanted is not None:
                 self._file(task_id, wanted)
-        if new is not None and wanted is not None:
+        if (
+            new is not None
+            and wanted is not None
+            and (filed is None or not _same_rules(old, new))  # filed: its rules were planned
+        ):
             self.trigger(new)  # rules that cannot be planned raise to the change's caller
 
     def _position(self, when: float, task_id: str) -> int:
@@ -407,6 +416,16 @@ class JobView:
         job.next_run_time = None if record.status is TaskStatus.PAUSED else record.start_time
         job.planned = record.next_execution_time
         return job
+
+
+def _same_rules(old: TaskRecord | None, new: TaskRecord) -> bool:
+    """Whether ``new`` has the very rules (the objects) ``old`` has: all a trigger reads."""
+    return (
+        old is not None
+        and old.interval is new.interval
+        and old.valid_time_range is new.valid_time_range
+        and old.task_end_time is new.task_end_time
+    )
 
 
 def _same_place(old: TaskRecord, new: TaskRecord) -> bool:

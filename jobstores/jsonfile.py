@@ -96,6 +96,8 @@ class JsonJobStore(BaseJobStore):
         self._saver = Saver(self._table, self._storage, self.now)
         self._defer_depth = 0
         self._deferred = False
+        self._held_now: datetime | None = None
+        """The clock reading of the :meth:`deferred_saves` block under way (None: none)."""
         self._queued: set[str] = set()
         self._faults: dict[str, str] = {}
         """Tasks put in error while a run was out: the error outlives that run."""
@@ -307,15 +309,24 @@ class JsonJobStore(BaseJobStore):
 
     @contextlib.contextmanager
     def deferred_saves(self) -> Iterator[None]:
-        """Request one save when the block ends instead of one per change inside it."""
+        """Request one save when the block ends instead of one per change inside it.
+
+        APScheduler's changes inside the block (a scheduler pass: next runs moved, tasks
+        completed) are stamped with one reading of the clock, taken when the block began, as
+        APScheduler reads it once per pass.
+        """
         with self.lock:
             self._defer_depth += 1
+            if self._defer_depth == 1:
+                self._held_now = self.now()
         try:
             yield
         finally:
             with self.lock:
                 self._defer_depth -= 1
                 flush = not self._defer_depth and self._deferred
+                if not self._defer_depth:
+                    self._held_now = None
                 if flush:
                     self._deferred = False
             if flush:
@@ -395,12 +406,12 @@ class JsonJobStore(BaseJobStore):
     def _adopt(self, job: Job) -> None:
         when = job.next_run_time
         when = None if when is None else when.astimezone(self.timezone)
-        now = self.now()
-        old = self._table.find(job.id)
-        new = self._table.update(
+        now = self._held_now or self.now()
+        version = self._table.version
+        self._table.update(
             job.id, lambda record: self.jittered(lifecycle.planned(record, when, now))
         )
-        if new is not old:
+        if self._table.version != version:
             self._persist()
 
     def remove_job(self, job_id: str) -> None:
@@ -410,7 +421,7 @@ class JsonJobStore(BaseJobStore):
             if job_id not in self._jobs:
                 raise JobLookupError(job_id)
             self._jobs.drop(job_id)
-            now = self.now()
+            now = self._held_now or self.now()
             run_out = job_id in self._queued
             self._change(job_id, lambda r: lifecycle.exhausted(r, now, run_out=run_out))
             self._persist()
@@ -451,21 +462,26 @@ class JsonJobStore(BaseJobStore):
         with self.lock:
             self._queued.add(task_id)
 
-    def run_settled(self, task_id: str) -> None:
+    def run_settled(self, task_id: str) -> bool:
         """The submitted run of ``task_id`` is over (ran, skipped or cut off): a task with no
-        further run is completed now."""
+        further run is completed now. Returns whether its record changed (then it is the
+        caller's to save)."""
         with self.lock:
             self._queued.discard(task_id)
             record = self._table.find(task_id)
             error = self._faults.pop(task_id, None)
             if record is not None and error is not None:
                 now = self.now()
-                self._table.update(task_id, lambda r: lifecycle.faulted(r, error, now))
-            elif record is not None and self._jobs.attached and task_id not in self._jobs:
+                new = self._table.update(task_id, lambda r: lifecycle.faulted(r, error, now))
+                return new is not record
+            if record is not None and self._jobs.attached and task_id not in self._jobs:
                 now = self.now()
-                self._change(task_id, lambda r: lifecycle.exhausted(r, now))
+                return self._change(task_id, lambda r: lifecycle.exhausted(r, now))
+            return False
 
-    def _change(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> None:
+    def _change(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> bool:
+        """Apply ``change``, telling :attr:`on_completed` if it completed the task; returns
+        whether the record changed."""
         old = self._table.get(task_id)
         new = self._table.update(task_id, change)
         if new is not old and new.status is TaskStatus.COMPLETED:
@@ -476,6 +492,7 @@ class JsonJobStore(BaseJobStore):
             )
             if self.on_completed is not None and old.status is not TaskStatus.COMPLETED:
                 self.on_completed(new)
+        return new is not old
 
     # ------------------------------------------------------------------ closing
 

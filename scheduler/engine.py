@@ -21,6 +21,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
 from jobstores.jsonfile import JsonJobStore
+from jobstores.loading import bulk_allocation
 from tasks.runs import RunEvent
 
 __all__ = ["DispatchExecutor", "DispatchScheduler"]
@@ -51,6 +52,9 @@ class DispatchExecutor(BaseExecutor):
             self._run_job_error(job_id, exc, exc.__traceback__)
             return
         outcome: RunEvent | None = task.result()
+        if not self._scheduler._listeners:  # nobody to tell: the run is only counted off
+            self._run_job_success(job_id, [])
+            return
         if outcome is None:
             event = JobExecutionEvent(EVENT_JOB_MISSED, job_id, alias, run_time)
         elif outcome.ok:
@@ -81,7 +85,10 @@ class DispatchScheduler(AsyncIOScheduler):
         self._jobstores_lock = store.lock
 
     def _process_jobs(self) -> float | None:
-        with self._store.deferred_saves():
+        # A pass allocates a job, a queue entry and a future per due run, all alive until the
+        # pass ends (most until the run starts): the collector is held off meanwhile, as
+        # while a store is built, instead of scanning them again and again as they pile up.
+        with self._store.deferred_saves(), bulk_allocation():
             while True:
                 try:
                     return super()._process_jobs()  # type: ignore[no-any-return]
@@ -109,6 +116,12 @@ class DispatchScheduler(AsyncIOScheduler):
                 self._store.fault(job.id, exc)
                 faults += 1
         return faults
+
+    def _dispatch_event(self, event: Any) -> None:
+        # A pass makes an event per job it submits and every run ends with one: with nobody
+        # listening (the usual case) there is nothing to hand them to.
+        if self._listeners:
+            super()._dispatch_event(event)
 
     def process_due(self) -> None:
         """Run one scheduler pass now (on the event loop thread) and re-arm the timer."""

@@ -148,7 +148,7 @@ class AccountLanes:
         """Give back ``account``'s lane and the global slot taken by :meth:`acquire` (or held
         by a granted :meth:`enqueue` waiter)."""
         self._release_slot()
-        self._release(account)
+        self._release(account, at_once=True)
 
     def _release_slot(self) -> None:
         if self._slot_queue:
@@ -192,10 +192,14 @@ class AccountLanes:
                 self._slot_queue.append(waiter)
             return
 
-    def _release(self, account: str) -> None:
+    def _release(self, account: str, *, at_once: bool = False) -> None:
         lane = self._lanes[account]
         lane.busy = False
-        if lane.queue:
+        if lane.queue and at_once and not lane.grant_pending:
+            # A run gave the lane back: whoever waits for it queued before (the wait for the
+            # next loop iteration is for runs submitted together), so it passes on now.
+            self._grant(lane)
+        elif lane.queue:
             self._schedule_grant(lane)
-        elif not lane.grant_pending:
+        if not lane.queue and not lane.busy and not lane.grant_pending:
             del self._lanes[account]

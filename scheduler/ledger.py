@@ -200,9 +200,12 @@ class RunLedger:
                         event.task_id, lambda r: lifecycle.run_started(r, event, now)
                     )
                 else:
+                    # Only a failure may plan a retry, which needs the schedule.
                     after = store.update_task(
                         event.task_id,
-                        lambda r: lifecycle.run_finished(r, event, now, store.schedule(r)),
+                        lambda r: lifecycle.run_finished(
+                            r, event, now, None if event.ok else store.schedule(r)
+                        ),
                     )
         if entry is None:
             logger.debug("run %s: %s event ignored (not open)", event.run_id, event.kind)

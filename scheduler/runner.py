@@ -258,6 +258,5 @@ class TaskRunner:
         )
 
     def _settled(self, task_id: str) -> None:
-        self._store.run_settled(task_id)
-        if not self._store.closed:
+        if self._store.run_settled(task_id) and not self._store.closed:
             self._store.request_save()

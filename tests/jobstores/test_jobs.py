@@ -19,6 +19,7 @@ from jobstores.jobs import JobView, TaskTrigger
 from jobstores.table import TaskTable
 from tasks import TaskStatus, lifecycle
 from tasks.model import TaskRecord
+from tasks.schedule import Schedule
 
 
 def _run() -> None:  # pragma: no cover - never called: the view only files jobs
@@ -174,6 +175,28 @@ def test_jobs_are_built_from_the_record_every_time(store: JsonJobStore) -> None:
     shared = [j.trigger for j in store.get_all_jobs()]
     assert isinstance(shared[0], TaskTrigger)
     assert shared[0] is shared[1]  # equal rules, one trigger
+
+
+def test_a_trigger_answers_the_same_question_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler pass asks a job's trigger for the run after the same time twice (finding
+    its run times, then moving it): the second answer is the first one."""
+    trigger = TaskTrigger.for_record(record("a", interval=600), SHANGHAI)
+    asked: list[datetime | None] = []
+    real = Schedule.next_run
+
+    def next_run(self: Schedule, previous: datetime | None, now: datetime) -> datetime | None:
+        asked.append(previous)
+        return real(self, previous, now)
+
+    monkeypatch.setattr(Schedule, "next_run", next_run)
+    now = T0 + timedelta(minutes=1)
+    first = trigger.get_next_fire_time(T0, now)
+    assert trigger.get_next_fire_time(T0, now) is first
+    assert asked == [T0]
+    # Another question (even an equal one, asked anew) is answered anew.
+    assert trigger.get_next_fire_time(T0, T0 + timedelta(minutes=1)) == first
+    assert trigger.get_next_fire_time(first, now) == T0 + timedelta(minutes=20)
+    assert asked == [T0, T0, first]
 
 
 def test_a_job_that_cannot_be_built_is_faulted_and_the_others_are_due(

@@ -145,6 +145,35 @@ def test_remove_job_waits_for_an_in_flight_run(store: JsonJobStore) -> None:
     assert store.get("a").status is TaskStatus.COMPLETED
 
 
+def test_a_pass_stamps_its_changes_with_one_reading_of_the_clock(
+    store: JsonJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.add_tasks([record("a"), record("b"), record("c")])
+    readings = iter([T0 + timedelta(seconds=s) for s in range(1, 10)])
+    monkeypatch.setattr(store, "now", lambda: next(readings))
+    later = T0 + timedelta(hours=1)
+    with store.deferred_saves():  # what a scheduler pass runs in
+        for task_id in ("a", "b"):
+            job = job_of(store, task_id)
+            job._modify(next_run_time=later)
+            store.update_job(job)
+    job = job_of(store, "c")
+    job._modify(next_run_time=later)
+    store.update_job(job)
+    assert store.get("a").updated_at == store.get("b").updated_at == T0 + timedelta(seconds=1)
+    assert store.get("c").updated_at == T0 + timedelta(seconds=2)  # after the pass: read anew
+
+
+def test_run_settled_says_whether_it_changed_the_record(store: JsonJobStore) -> None:
+    store.add_tasks([record("a"), record("b")])
+    store.run_submitted("a")
+    assert store.run_settled("a") is False  # still planned: nothing to save
+    store.run_submitted("b")
+    store.remove_job("b")  # no further run, while one is out
+    assert store.run_settled("b") is True
+    assert store.get("b").status is TaskStatus.COMPLETED
+
+
 def test_remove_all_jobs_completes_every_task(store: JsonJobStore, tmp_path: Path) -> None:
     store.add_tasks([record("a"), record("b")])
     store.remove_all_jobs()

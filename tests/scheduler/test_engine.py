@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -11,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_SUBMITTED
 from apscheduler.triggers.base import BaseTrigger
 from helpers import Recorder, at, read_state, task_in_file
 
@@ -136,3 +138,55 @@ async def test_a_schedule_raising_at_load_or_start_stops_only_its_task(
     kept = task_in_file(state_dir, "at-load")  # kept verbatim, not lost
     assert kept["next_execution_time"] is None
     assert task_in_file(state_dir, "at-start")["status"] == "error"
+
+
+async def test_the_collector_is_held_off_during_a_pass_only(
+    clock: Any, make_dispatcher: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dispatcher = make_dispatcher()
+    await add(dispatcher, "a")
+    await dispatcher.start()
+    during: list[bool] = []
+    store = dispatcher._store
+    real = store.update_job
+
+    def update_job(job: Any) -> None:  # APScheduler moving the job's next run, in the pass
+        during.append(gc.isenabled())
+        real(job)
+
+    monkeypatch.setattr(store, "update_job", update_job)
+    assert gc.isenabled()
+    clock.move_to(at(2026, 1, 8, 7, 0) + timedelta(seconds=1))
+    await dispatcher.run_pending()
+    assert during == [False]
+    assert gc.isenabled()
+    await dispatcher.stop()
+
+
+async def test_apscheduler_listeners_hear_of_every_submission_and_run(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
+) -> None:
+    """Events are made and handed out only while someone listens; then all of them are."""
+    dispatcher = make_dispatcher()
+    await add(dispatcher, "ok")
+    await add(dispatcher, "bad")
+    recorder.fail.add("bad")
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 7, 0) + timedelta(seconds=1))
+    await dispatcher.run_pending()  # nobody listens
+    heard: list[tuple[int, str]] = []
+    dispatcher.scheduler.add_listener(
+        lambda event: heard.append((event.code, event.job_id)),
+        EVENT_JOB_SUBMITTED | EVENT_JOB_EXECUTED | EVENT_JOB_ERROR,
+    )
+    clock.move_to(at(2026, 1, 8, 7, 0) + timedelta(seconds=2))
+    await dispatcher.run_pending()
+    assert sorted(heard) == sorted(
+        [
+            (EVENT_JOB_SUBMITTED, "ok"),
+            (EVENT_JOB_SUBMITTED, "bad"),
+            (EVENT_JOB_EXECUTED, "ok"),
+            (EVENT_JOB_ERROR, "bad"),
+        ]
+    )
+    await dispatcher.stop()

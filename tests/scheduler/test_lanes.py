@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
@@ -118,3 +119,19 @@ async def test_a_granted_waiter_withdrawn_gives_back_lane_and_slot() -> None:
     assert lanes.waiting("a") == []  # a-2 has a's lane now, and waits for the slot
     lanes.release("b")
     assert granted == ["a-1", "b-1", "a-2"]
+
+
+async def test_a_lane_given_back_passes_at_once_to_the_run_waiting_first() -> None:
+    priority = {"a-1": 0, "a-2": 2, "a-3": 1}
+    lanes = AccountLanes(10, priority.__getitem__)
+    granted: list[str] = []
+    for task_id in priority:
+        lanes.enqueue("a", task_id, functools.partial(granted.append, task_id))
+    await asyncio.sleep(0)  # runs submitted together are granted on the next iteration
+    assert granted == ["a-1"]
+    lanes.release("a")
+    assert granted == ["a-1", "a-3"]  # no iteration in between, still by priority
+    lanes.release("a")
+    lanes.release("a")
+    assert granted == ["a-1", "a-3", "a-2"]
+    assert lanes.waiting_counts() == {}
