@@ -4,18 +4,27 @@ Run counts and the duration and lateness histograms are fed by run events
 (:meth:`DispatcherMetrics.observe`, an observer of the runner); the gauges (tasks by status,
 runs waiting per account, saving) are read from the dispatcher when scraped. Every dispatcher
 has its own registry, so several in one process never collide.
+
+The run metrics are counted in plain numbers on the run's path (one lock, no per-sample value
+objects) and exposed at scrape time exactly as ``prometheus_client``'s ``Counter`` and
+``Histogram`` would expose them: same names, labels, buckets, sums, counts and ``_created``
+series.
 """
 
 from __future__ import annotations
 
+import bisect
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from jobstores.jsonfile import SaveHealth
 from tasks.model import TaskStatus
@@ -108,6 +117,100 @@ class _StateCollector(Collector):
             )
 
 
+_RUNS = ("task_dispatcher_runs", "Finished runs by task type, sys_type and outcome.")
+_DURATION = ("task_dispatcher_run_duration_seconds", "Run duration, start to finish, by task type.")
+_LATENESS = (
+    "task_dispatcher_run_start_lateness_seconds",
+    "Planned time to actual start of runs.",
+)
+
+
+def _bucket_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """The ``le`` label of each bucket, written as prometheus_client writes it."""
+    return tuple(floatToGoString(bound) for bound in bounds)  # type: ignore[no-untyped-call]
+
+
+_DURATION_LE = _bucket_labels(DURATION_BUCKETS)
+_LATENESS_LE = _bucket_labels(LATENESS_BUCKETS)
+
+
+class _Histogram:
+    """One histogram series: a count per bucket (not cumulative), the sum, when it began."""
+
+    __slots__ = ("counts", "created", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.total = 0.0
+        self.created = time.time()
+
+
+class _RunCollector(Collector):
+    """The run counter and histograms, read from :class:`DispatcherMetrics`' numbers."""
+
+    def __init__(self, metrics: DispatcherMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return [
+            Metric(_RUNS[0], _RUNS[1], "counter"),
+            Metric(_DURATION[0], _DURATION[1], "histogram"),
+            Metric(_LATENESS[0], _LATENESS[1], "histogram"),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        # Read at each scrape, as prometheus_client does (disable_created_metrics()).
+        created = getattr(prometheus_metrics, "_use_created", True)
+        metrics = self._metrics
+        with metrics._lock:
+            runs = [(key, count, at) for key, (count, at) in metrics._runs.items()]
+            durations = [
+                (task_type, list(h.counts), h.total, h.created)
+                for task_type, h in metrics._durations.items()
+            ]
+            late = metrics._lateness
+            lateness = (list(late.counts), late.total, late.created)
+
+        counter = Metric(_RUNS[0], _RUNS[1], "counter")
+        for (task_type, sys_type, outcome), count, at in runs:
+            labels = {"task_type": task_type, "sys_type": sys_type, "outcome": outcome}
+            counter.add_sample(_RUNS[0] + "_total", labels, float(count))
+            if created:
+                counter.add_sample(_RUNS[0] + "_created", labels, at)
+        yield counter
+
+        histogram = Metric(_DURATION[0], _DURATION[1], "histogram")
+        for task_type, counts, total, at in durations:
+            _add_histogram(
+                histogram, {"task_type": task_type}, _DURATION_LE, counts, total, at, created
+            )
+        yield histogram
+
+        histogram = Metric(_LATENESS[0], _LATENESS[1], "histogram")
+        _add_histogram(histogram, {}, _LATENESS_LE, *lateness, created)
+        yield histogram
+
+
+def _add_histogram(
+    metric: Metric,
+    labels: dict[str, str],
+    bounds: tuple[str, ...],
+    counts: list[int],
+    total: float,
+    at: float,
+    created: bool,
+) -> None:
+    name = metric.name
+    cumulative = 0.0
+    for bound, count in zip(bounds, counts, strict=True):
+        cumulative += count
+        metric.add_sample(name + "_bucket", {**labels, "le": bound}, cumulative)
+    metric.add_sample(name + "_count", labels, cumulative)
+    metric.add_sample(name + "_sum", labels, total)
+    if created:
+        metric.add_sample(name + "_created", labels, at)
+
+
 class DispatcherMetrics:
     """A dispatcher's metrics in a registry of its own.
 
@@ -117,51 +220,40 @@ class DispatcherMetrics:
     def __init__(self, source: MetricsSource) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         """This dispatcher's registry (never the process-wide default one)."""
-        self._runs = Counter(
-            "task_dispatcher_runs",
-            "Finished runs by task type, sys_type and outcome.",
-            ["task_type", "sys_type", "outcome"],
-            registry=self.registry,
-        )
-        self._duration = Histogram(
-            "task_dispatcher_run_duration_seconds",
-            "Run duration, start to finish, by task type.",
-            ["task_type"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._lateness = Histogram(
-            "task_dispatcher_run_start_lateness_seconds",
-            "Planned time to actual start of runs.",
-            buckets=LATENESS_BUCKETS,
-            registry=self.registry,
-        )
+        self._lock = threading.Lock()  # a leaf lock: guards the numbers below
+        self._runs: dict[tuple[str, str, str], list[float]] = {}
+        """(task_type, sys_type, outcome) -> [count, when the series began]."""
+        self._durations: dict[str, _Histogram] = {}
+        self._lateness = _Histogram(len(LATENESS_BUCKETS))
+        self.registry.register(_RunCollector(self))
         self.registry.register(_StateCollector(source))
-        # Labelled children by label values: labels() takes a lock and builds a key on every
-        # call, and runs of a dispatcher have few distinct task types and sys_types. A child
-        # once made stays in its metric, so caching it never changes what is exported.
-        self._run_counters: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
 
     def observe(self, request: RunRequest, event: RunEvent) -> None:
         """Count ``event`` of ``request``'s run (a runner observer)."""
         if event.kind is RunEventKind.STARTED:
-            lateness = (event.at - request.scheduled_at).total_seconds()
-            self._lateness.observe(max(lateness, 0.0))
+            lateness = max((event.at - request.scheduled_at).total_seconds(), 0.0)
+            bucket = bisect.bisect_left(LATENESS_BUCKETS, lateness)
+            with self._lock:
+                late = self._lateness
+                late.total += lateness
+                late.counts[bucket] += 1
             return
         key = (request.task_type, request.sys_type, event.kind.value)
-        counter = self._run_counters.get(key)
-        if counter is None:
-            counter = self._run_counters[key] = self._runs.labels(*key)
-        counter.inc()
-        if event.started_at is not None:
-            duration = (event.at - event.started_at).total_seconds()
+        started_at = event.started_at
+        with self._lock:
+            counter = self._runs.get(key)
+            if counter is None:
+                self._runs[key] = [1, time.time()]
+            else:
+                counter[0] += 1
+            if started_at is None:
+                return
+            duration = max((event.at - started_at).total_seconds(), 0.0)
             histogram = self._durations.get(request.task_type)
             if histogram is None:
-                histogram = self._durations[request.task_type] = self._duration.labels(
-                    request.task_type
-                )
-            histogram.observe(max(duration, 0.0))
+                histogram = self._durations[request.task_type] = _Histogram(len(DURATION_BUCKETS))
+            histogram.total += duration
+            histogram.counts[bisect.bisect_left(DURATION_BUCKETS, duration)] += 1
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type."""

@@ -160,3 +160,83 @@ def test_creating_the_metrics_reads_no_task() -> None:
     assert reads == ["tasks"]
     assert value(samples, "task_dispatcher_tasks", status="pending") == 2
     assert value(samples, "task_dispatcher_waiting_runs") == 0
+
+
+def test_scrape_matches_prometheus_client_metrics_fed_the_same_runs() -> None:
+    # The run metrics are counted in plain numbers; a scrape must read exactly as
+    # prometheus_client's own Counter and Histograms fed the same runs (only the _created
+    # instants differ).
+    from datetime import UTC, datetime, timedelta
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from scheduler.metrics import DURATION_BUCKETS, LATENESS_BUCKETS
+    from tasks.runs import RunEvent, RunEventKind, RunRequest
+
+    metrics = DispatcherMetrics(MetricsSource(dict, dict, SaveHealth))
+    reference = CollectorRegistry()
+    runs = Counter(
+        "task_dispatcher_runs",
+        "Finished runs by task type, sys_type and outcome.",
+        ["task_type", "sys_type", "outcome"],
+        registry=reference,
+    )
+    durations = Histogram(
+        "task_dispatcher_run_duration_seconds",
+        "Run duration, start to finish, by task type.",
+        ["task_type"],
+        buckets=DURATION_BUCKETS,
+        registry=reference,
+    )
+    lateness = Histogram(
+        "task_dispatcher_run_start_lateness_seconds",
+        "Planned time to actual start of runs.",
+        buckets=LATENESS_BUCKETS,
+        registry=reference,
+    )
+    planned = datetime(2026, 1, 8, 8, 0, tzinfo=UTC)
+    kinds = [RunEventKind.SUCCEEDED, RunEventKind.FAILED, RunEventKind.LOST]
+    # Lateness and durations on, around and between bucket bounds, negative ones too.
+    seconds = [-1.0, 0.0, 0.01, 0.0100001, 0.3, 1, 4.99, 5, 61, 299.5, 3600, 7200.25]
+    for i in range(60):
+        task_type, sys_type = ("xhs_type", "mac_intel") if i % 3 else ("dy_type", "win")
+        request = RunRequest(
+            run_id=f"r{i}",
+            task_id=f"t{i}",
+            account_id="a",
+            sys_type=sys_type,
+            task_type=task_type,
+            kwargs={},
+            scheduled_at=planned,
+            submitted_at=planned,
+        )
+        late = seconds[i % len(seconds)]
+        started = planned + timedelta(seconds=late)
+        metrics.observe(request, RunEvent(f"r{i}", f"t{i}", RunEventKind.STARTED, at=started))
+        lateness.observe(max((started - planned).total_seconds(), 0.0))
+        took = seconds[(i * 7) % len(seconds)]
+        kind = kinds[(i // 3) % len(kinds)]
+        began = None if i % 11 == 0 else started  # a lost run may not know when it began
+        ended = RunEvent(
+            f"r{i}", f"t{i}", kind, at=started + timedelta(seconds=took), started_at=began
+        )
+        metrics.observe(request, ended)
+        runs.labels(task_type, sys_type, kind.value).inc()
+        if began is not None:
+            durations.labels(task_type).observe(max((ended.at - began).total_seconds(), 0.0))
+
+    def lines(body: bytes) -> list[str]:
+        kept = []
+        for line in body.decode().splitlines():
+            name = line.split("{")[0].split(" ")[0]
+            if name.startswith("task_dispatcher_run") and not line.startswith("#"):
+                if name.endswith("_created"):
+                    line = line.rsplit(" ", 1)[0] + " <created>"
+                kept.append(line)
+            elif line.startswith("#") and "task_dispatcher_run" in line:
+                kept.append(line)
+        return kept
+
+    ours = lines(metrics.render()[0])
+    assert ours == lines(generate_latest(reference))
+    assert len([line for line in ours if line.endswith("<created>")]) == 2 * 3 + 2 + 1
