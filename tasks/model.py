@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
 from copy import deepcopy
 from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
+from itertools import repeat
 from operator import attrgetter
 from typing import Any, Self, TypeVar
 
@@ -329,9 +331,15 @@ class TaskRecord(BaseModel):
         This is ``model_copy(update=changes)`` without copying the per-instance bookkeeping:
         records change on every run, so this is on the hot path.
         """
-        new = _fields_only(type(self), _fields_of(self), self.__pydantic_extra__)
+        values = list(_FIELD_VALUES(self))
         for name, value in changes.items():
-            _set(new, name, value)
+            values[_FIELD_INDEX[name]] = value
+        new = object.__new__(type(self))
+        # Set in field order by a loop in C: one call per field, no bytecode per field.
+        deque(map(_set, repeat(new), _FIELD_ORDER, values), 0)
+        _set(new, "__pydantic_fields_set__", _ALL_FIELDS)
+        _set(new, "__pydantic_extra__", self.__pydantic_extra__ or _NO_EXTRA)
+        _set(new, "__pydantic_private__", None)
         return new
 
     @classmethod
@@ -458,6 +466,7 @@ _set = object.__setattr__
 _NO_EXTRA: dict[str, Any] = {}
 _FIELD_ORDER = tuple(TaskRecord.model_fields)
 _FIELD_VALUES = attrgetter(*_FIELD_ORDER)
+_FIELD_INDEX = {name: index for index, name in enumerate(_FIELD_ORDER)}
 
 
 def _fields_of(record: TaskRecord) -> Iterable[tuple[str, Any]]:
