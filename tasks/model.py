@@ -391,7 +391,7 @@ class TaskRecord(BaseModel):
 
     def plain(self) -> dict[str, Any]:
         """The saved fields (extras included) as Python values, for a fast JSON encoder."""
-        values = dict(_fields_of(self))
+        values = dict(zip(_FIELD_ORDER, _FIELD_VALUES(self)))  # noqa: B905 - one value per field name
         extra = self.__pydantic_extra__
         if extra:
             values.update(extra)
