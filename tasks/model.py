@@ -326,7 +326,7 @@ class TaskRecord(BaseModel):
         return timedelta(seconds=self.interval)
 
     def replace(self, **changes: Any) -> TaskRecord:
-        """Return a copy with ``changes`` applied (values must already be valid).
+        """Return a copy with ``changes`` applied (field names only, values already valid).
 
         This is ``model_copy(update=changes)`` without copying the per-instance bookkeeping:
         records change on every run, so this is on the hot path.
