@@ -334,20 +334,14 @@ class TaskRecord(BaseModel):
         values = list(_FIELD_VALUES(self))
         for name, value in changes.items():
             values[_FIELD_INDEX[name]] = value
-        new = object.__new__(type(self))
-        # Set in field order by a loop in C: one call per field, no bytecode per field.
-        deque(map(_set, repeat(new), _FIELD_ORDER, values), 0)
-        _set(new, "__pydantic_fields_set__", _ALL_FIELDS)
-        _set(new, "__pydantic_extra__", self.__pydantic_extra__ or _NO_EXTRA)
-        _set(new, "__pydantic_private__", None)
-        return new
+        return _fields_only(type(self), values, self.__pydantic_extra__)
 
     @classmethod
     def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
         """Validate ``obj`` as :meth:`BaseModel.model_validate` does; the record keeps its
         fields without an instance dict (see :func:`_fields_only`)."""
         validated = super().model_validate(obj, *args, **kwargs)
-        return _fields_only(cls, _fields_of(validated), validated.__pydantic_extra__)
+        return _fields_only(cls, _FIELD_VALUES(validated), validated.__pydantic_extra__)
 
     @classmethod
     def trusted(
@@ -400,7 +394,7 @@ class TaskRecord(BaseModel):
     def snapshot(self) -> TaskRecord:
         """A deep copy for callers: mutating its ``kwargs`` changes nothing here."""
         extra = self.__pydantic_extra__
-        copy = _fields_only(type(self), _fields_of(self), deepcopy(extra))
+        copy = _fields_only(type(self), _FIELD_VALUES(self), deepcopy(extra))
         _set(copy, "kwargs", deepcopy(self.kwargs))
         return copy
 
@@ -435,9 +429,9 @@ def _compact_dict(cls: type[TaskRecord], values: dict[str, Any]) -> dict[str, An
 
 
 def _fields_only(
-    cls: type[_Record], fields: Iterable[tuple[str, Any]], extra: dict[str, Any] | None
+    cls: type[_Record], values: Iterable[Any], extra: dict[str, Any] | None
 ) -> _Record:
-    """A record of ``fields`` (every field, as valid values) and ``extra`` keys.
+    """A record of ``values`` (every field's, valid, in field order) and ``extra`` keys.
 
     CPython keeps an instance's attributes in a row of values beside the object, keyed by the
     class's shared table of names, until something reads ``__dict__``; only then is a dict
@@ -445,8 +439,8 @@ def _fields_only(
     read the same way (:data:`_FIELD_VALUES`); other interpreters keep whatever they keep.
     """
     new = object.__new__(cls)
-    for name, value in fields:
-        _set(new, name, value)
+    # Set in field order by a loop in C: one call per field, no bytecode per field.
+    deque(map(_set, repeat(new), _FIELD_ORDER, values), 0)
     _set(new, "__pydantic_fields_set__", _ALL_FIELDS)
     _set(new, "__pydantic_extra__", extra or _NO_EXTRA)
     _set(new, "__pydantic_private__", None)
@@ -594,7 +588,7 @@ def _rebuilt(
         return None
     if shared is not None:
         share_values(values, shared)
-    return _fields_only(cls, values.items(), extra)
+    return _fields_only(cls, values.values(), extra)
 
 
 # Fields added after the seed's format that only the dispatcher sets: host keywords keep
