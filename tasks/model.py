@@ -463,12 +463,6 @@ _FIELD_VALUES = attrgetter(*_FIELD_ORDER)
 _FIELD_INDEX = {name: index for index, name in enumerate(_FIELD_ORDER)}
 
 
-def _fields_of(record: TaskRecord) -> Iterable[tuple[str, Any]]:
-    """A record's ``(name, value)`` pairs, in field order, read without making its
-    ``__dict__``."""
-    return zip(_FIELD_ORDER, _FIELD_VALUES(record), strict=True)
-
-
 _TIMES = (
     "last_execution_time",
     "next_execution_time",
@@ -511,7 +505,7 @@ _LONGEST_SHARED = 128
 
 
 def share_values(values: dict[str, Any], shared: dict[Any, Any]) -> None:
-    """Make the fields of a record being loaded (``values``, its ``__dict__``) reuse equal
+    """Make the field values of a record being loaded (``values``, by field name) reuse equal
     values of records loaded before it, kept in ``shared`` (each value its own key).
 
     Account ids, names, task and system types, intervals and most ``kwargs`` texts repeat
@@ -540,7 +534,7 @@ def share_values(values: dict[str, Any], shared: dict[Any, Any]) -> None:
 def share_record_values(record: TaskRecord, shared: dict[Any, Any]) -> None:
     """:func:`share_values` for a record already built (validated, or changed at load): it
     is the load's own until the load hands it out."""
-    values = dict(_fields_of(record))
+    values = record.plain()
     share_values(values, shared)
     for name in _SHARED_FIELDS:
         _set(record, name, values[name])
