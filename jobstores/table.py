@@ -20,6 +20,11 @@ from tasks.model import TaskRecord
 __all__ = ["PAUSE", "Change", "ChangeBatch", "StateImage", "TaskTable", "pause"]
 
 _UNKNOWN_POSITION = 1 << 30
+_INDEXED_ORDER = 256
+"""An account with more tasks than this gets an index of its tasks' positions, built when a
+position is first asked for and dropped when the order changes: a run's lane asks for its
+task's position, and looking it up in a long order list would cost a run time in proportion
+to the account's size. Below this, the list is looked up (no index to keep in memory)."""
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
 PAUSE = 0.0001
 """Seconds a background thread working through a large batch sleeps between pieces: a thread
@@ -151,6 +156,8 @@ class TaskTable:
         self._description = description
         self._records: dict[str, TaskRecord] = {}
         self._order: dict[str, list[str]] = {}
+        self._positions: dict[str, dict[str, int]] = {}
+        """Account id -> task id -> position, for large accounts (see :data:`_INDEXED_ORDER`)."""
         self._kept: list[Any] = []
         self._kept_ids: set[str] = set()
         self._kept_order: dict[str, list[str]] = {}
@@ -182,6 +189,7 @@ class TaskTable:
         """Fill an empty table with what the storage read (``kept``: raw records with their
         task id, if they have one)."""
         with self.lock:
+            self._positions.clear()
             for record in records:
                 self._records[record.task_id] = record
             for raw, task_id in kept:
@@ -252,11 +260,24 @@ class TaskTable:
     def position(self, task_id: str) -> int:
         """``task_id``'s 0-based priority within its account (large if unknown)."""
         record = self._records.get(task_id)
-        ids = self._order.get(record.account_id) if record is not None else None
-        try:
-            return ids.index(task_id) if ids is not None else _UNKNOWN_POSITION
-        except ValueError:
+        if record is None:
             return _UNKNOWN_POSITION
+        account = record.account_id
+        ids = self._order.get(account)
+        if ids is None:
+            return _UNKNOWN_POSITION
+        if len(ids) <= _INDEXED_ORDER:
+            try:
+                return ids.index(task_id)
+            except ValueError:
+                return _UNKNOWN_POSITION
+        positions = self._positions.get(account)
+        if positions is None:
+            with self.lock:
+                ids = self._order.get(account, [])
+                positions = {task_id: index for index, task_id in enumerate(ids)}
+                self._positions[account] = positions
+        return positions.get(task_id, _UNKNOWN_POSITION)
 
     def kept_records(self) -> list[Any]:
         """Records that could not be restored, as read (they stay in the file)."""
@@ -305,7 +326,11 @@ class TaskTable:
                     # writes the removal first, so the task lands last, as it is here.
                     self._dirty.recreated.add(record.task_id)
                 self._records[record.task_id] = record
-                self._order.setdefault(record.account_id, []).append(record.task_id)
+                ids = self._order.setdefault(record.account_id, [])
+                ids.append(record.task_id)
+                positions = self._positions.get(record.account_id)
+                if positions is not None:  # appended: the others keep their positions
+                    positions[record.task_id] = len(ids) - 1
                 self._changed(record.task_id, None, record)
             self.order_version += 1
 
@@ -320,6 +345,7 @@ class TaskTable:
                 ids.remove(task_id)
             if not ids:
                 self._order.pop(record.account_id, None)
+            self._positions.pop(record.account_id, None)
             self.order_version += 1
             self._changed(task_id, record, None)
             self._order_dirty.add(record.account_id)
@@ -352,6 +378,7 @@ class TaskTable:
                 )
             ids.remove(task_id)
             ids.insert(position, task_id)
+            self._positions.pop(record.account_id, None)
             self.order_version += 1
             self._changed(task_id, record, record)
             self._order_dirty.add(record.account_id)

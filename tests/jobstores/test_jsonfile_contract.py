@@ -233,6 +233,39 @@ def test_reorder(store: JsonJobStore) -> None:
         store.reorder("a", 3)
 
 
+@pytest.mark.parametrize("size", [3, 300], ids=["small account", "large account"])
+def test_positions_follow_every_change_of_the_order(
+    store: JsonJobStore, tmp_path: Path, backend: str, size: int
+) -> None:
+    # A large account's positions come from an index (a run's lane asks for one per run);
+    # it must say what the order list says after every kind of change.
+    def expected() -> dict[str, int]:
+        return {task_id: index for index, task_id in enumerate(store.account_tasks()["acc"])}
+
+    def positions() -> dict[str, int]:
+        return {task_id: store.position(task_id) for task_id in expected()}
+
+    store.add_tasks([record(f"t{i:03d}") for i in range(size)])
+    assert positions() == expected()
+    store.reorder(f"t{size - 1:03d}", 0)
+    assert store.position(f"t{size - 1:03d}") == 0
+    assert positions() == expected()
+    store.add_tasks([record("new")])  # appended: the others keep their positions
+    assert store.position("new") == size
+    assert positions() == expected()
+    store.remove_task("t000")
+    assert positions() == expected()
+    assert store.position("t000") == store.position("unknown") > size
+    store.save()
+    store.close()
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
+    try:
+        assert again.position("new") == size - 1
+        assert again.position(f"t{size - 1:03d}") == 0
+    finally:
+        again.close()
+
+
 def test_reopening_restores_records_without_creating_managers(
     store: JsonJobStore, tmp_path: Path, recorder: Recorder, backend: str
 ) -> None:
