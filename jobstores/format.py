@@ -319,9 +319,11 @@ class JournalLine:
 
     seq: int
     kind: str
-    """``"put"``, ``"remove"`` or ``"order"``."""
+    """``"put"``, ``"remove"``, ``"move"`` or ``"order"``."""
     value: Any
-    """The task object, the removed task id, or ``{"account": ..., "tasks": [...]}``."""
+    """The task object, the removed task id, ``{"account": ..., "task": ..., "before": ...}``
+    (the task now stands before that one, or last when it is null) or
+    ``{"account": ..., "tasks": [...]}`` (an account's whole order)."""
     commit: bool
     """Whether the line ends a commit (a commit applies whole or not at all)."""
 
@@ -354,7 +356,7 @@ def decode_journal_line(line: bytes) -> JournalLine | None:
     seq = change.get("seq")
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         return None
-    for kind in ("put", "remove", "order"):
+    for kind in ("put", "remove", "move", "order"):
         if kind in change:
             return JournalLine(seq, kind, change[kind], change.get("commit") is True)
     return None

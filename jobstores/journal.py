@@ -1,7 +1,8 @@
 """``JournalStorage``: each commit appends its changes to a journal; the snapshot follows later.
 
-A commit writes one line per change (the task's whole record, its removal, or an account's
-whole order) with a sequence number and a CRC-32, the last line marked as ending the commit,
+A commit writes one line per change (the task's whole record, its removal, a reordered
+task's new place, or an account's whole order when many of its tasks were reordered) with a
+sequence number and a CRC-32, the last line marked as ending the commit,
 then one ``fdatasync``: a change costs what it writes, not what the store holds. The saver
 groups concurrent changes into one commit, so they share the sync. Lines are encoded and
 written a few hundred at a time on the save thread, so even a commit of every task never
@@ -178,7 +179,7 @@ class JournalStorage:
                 self._close_segment()
             self._drop_segments(seq)
             return
-        count = len(image.changes) + len(image.orders)
+        count = len(image.changes) + len(image.orders) + len(image.moves)
         with self._lock:
             if count:
                 self._append(self._lines(image, self._next_seq, count), count)
@@ -195,8 +196,12 @@ class JournalStorage:
         orders = (
             ("order", {"account": account, "tasks": ids}) for account, ids in image.orders.items()
         )
+        moves = (
+            ("move", {"account": account, "task": task_id, "before": following})
+            for account, task_id, following in image.moves
+        )
         last = seq + count - 1
-        for number, (kind, value) in enumerate(itertools.chain(changes, orders), seq):
+        for number, (kind, value) in enumerate(itertools.chain(changes, orders, moves), seq):
             yield encode_journal_line(number, kind, value, commit=number == last)
 
     def _open_segment(self) -> int:

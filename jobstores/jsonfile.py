@@ -199,6 +199,11 @@ class JsonJobStore(BaseJobStore):
         """``task_id``'s 0-based priority within its account (large if unknown)."""
         return self._table.position(task_id)
 
+    def rank(self, task_id: str) -> float:
+        """A number ordering ``task_id`` within its account as :meth:`position` does, at a
+        cost that does not grow with the account (what a run's lane asks for)."""
+        return self._table.rank(task_id)
+
     @property
     def order_version(self) -> int:
         """Changes whenever a task's position within its account may have changed."""

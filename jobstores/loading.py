@@ -409,7 +409,8 @@ def apply_journal(document: Document, batches: Iterable[list[JournalLine]]) -> N
     """Fold journal commits into ``document`` (its task objects stay raw, for ``restore``).
 
     A put replaces the first object with its task id (or appends the task, last in its
-    account); a remove drops it; an order line sets an account's whole order.
+    account); a remove drops it; a move places a task before another one of its account (or
+    last); an order line sets an account's whole order.
     """
     tasks: list[Any] = document.tasks
     index: dict[str, int] = {}
@@ -447,12 +448,29 @@ def apply_journal(document: Document, batches: Iterable[list[JournalLine]]) -> N
                     tasks[position] = _REMOVED
                     if isinstance(account, str):
                         orders.get(account, {}).pop(line.value, None)
+            elif line.kind == "move" and isinstance(line.value, dict):
+                account, task_id = line.value.get("account"), line.value.get("task")
+                if isinstance(account, str) and isinstance(task_id, str):
+                    order = orders.get(account)
+                    if order is not None and task_id in order:
+                        orders[account] = _moved(order, task_id, line.value.get("before"))
             elif isinstance(line.value, dict):
                 account, ids = line.value.get("account"), line.value.get("tasks")
                 if isinstance(account, str) and isinstance(ids, list):
                     orders[account] = dict.fromkeys(i for i in ids if isinstance(i, str))
     document.tasks = [raw for raw in tasks if raw is not _REMOVED]
     document.account_tasks = {account: list(ids) for account, ids in orders.items() if ids}
+
+
+def _moved(order: dict[str, None], task_id: str, before: Any) -> dict[str, None]:
+    """``order`` with ``task_id`` placed before ``before`` (last if that is not in it)."""
+    del order[task_id]
+    if not isinstance(before, str) or before not in order:
+        order[task_id] = None
+        return order
+    ids = list(order)
+    ids.insert(ids.index(before), task_id)
+    return dict.fromkeys(ids)
 
 
 def read_state(directory: Path, *, repair: bool) -> tuple[Document | None, bool, JournalRead]:

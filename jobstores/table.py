@@ -8,6 +8,7 @@ durable. Listeners (APScheduler's job view) hear of every record change under th
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -20,11 +21,14 @@ from tasks.model import TaskRecord
 __all__ = ["PAUSE", "Change", "ChangeBatch", "StateImage", "TaskTable", "pause"]
 
 _UNKNOWN_POSITION = 1 << 30
-_INDEXED_ORDER = 256
-"""An account with more tasks than this gets an index of its tasks' positions, built when a
-position is first asked for and dropped when the order changes: a run's lane asks for its
-task's position, and looking it up in a long order list would cost a run time in proportion
-to the account's size. Below this, the list is looked up (no index to keep in memory)."""
+_MOVES_PER_ACCOUNT = 64
+"""Above this many tasks reordered in one account between two saves, the save writes the
+account's whole order instead of a move per task."""
+_RANKED_ORDER = 256
+"""An account with more tasks than this gets a rank per task (see :meth:`TaskTable.rank`),
+built when one is first asked for: a run's lane asks for its task's rank, and finding a task
+in a long order list would cost a run time in proportion to the account's size. Below this,
+the list is looked up (no ranks to keep in memory)."""
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
 PAUSE = 0.0001
 """Seconds a background thread working through a large batch sleeps between pieces: a thread
@@ -112,7 +116,8 @@ class StateImage:
     """What is saved, captured at one version of the table.
 
     A *full* image carries the whole state (``records``, ``account_tasks``, ``kept``,
-    ``extra``); any image carries the changes not yet durable (``changes``, ``orders``), all
+    ``extra``); any image carries the changes not yet durable (``changes``, ``orders``,
+    ``moves``), all
     a backend that writes changes only needs. Capturing a full image copies every record
     reference, so a journal asks for one only when it folds itself into a snapshot.
     """
@@ -136,9 +141,13 @@ class StateImage:
     """The latest record of each id in ``changed`` (None: removed), in the order the ids
     first changed: replaying them in this order appends new tasks in their account order."""
     orders: dict[str, list[str]] = field(default_factory=dict)
-    """The whole priority order (unrestorable ids last) of each account whose order changed
-    other than by appending a new task (a reorder or a removal) since the last durable
-    version."""
+    """The whole priority order (unrestorable ids last) of each account where many tasks
+    were reordered since the last durable version (see :data:`_MOVES_PER_ACCOUNT`)."""
+    moves: list[tuple[str, str, str | None]] = field(default_factory=list)
+    """``(account, task id, the id it now stands before or None when last)`` for each task
+    reordered since the last durable version, in an account with few of them: applied in
+    this order after ``changes`` (which remove and append tasks), they give every account
+    its current order, at a cost per reordered task, not per task of the account."""
 
     @property
     def changed(self) -> frozenset[str]:
@@ -156,8 +165,8 @@ class TaskTable:
         self._description = description
         self._records: dict[str, TaskRecord] = {}
         self._order: dict[str, list[str]] = {}
-        self._positions: dict[str, dict[str, int]] = {}
-        """Account id -> task id -> position, for large accounts (see :data:`_INDEXED_ORDER`)."""
+        self._ranks: dict[str, dict[str, float]] = {}
+        """Account id -> task id -> rank, for large accounts (see :data:`_RANKED_ORDER`)."""
         self._kept: list[Any] = []
         self._kept_ids: set[str] = set()
         self._kept_order: dict[str, list[str]] = {}
@@ -169,9 +178,10 @@ class TaskTable:
         """Bumped whenever a task's position within its account may have changed."""
         self._dirty = ChangeBatch()
         """The changes since the last capture."""
-        self._order_dirty: set[str] = set()
-        """Accounts whose order changed other than by appending, since the last capture."""
-        self._inflight: tuple[ChangeBatch, set[str]] | None = None
+        self._order_dirty: dict[str, set[str]] = {}
+        """Account -> its tasks reordered since the last capture (removing or appending a
+        task is a change of its own: the account's other tasks keep their order)."""
+        self._inflight: tuple[ChangeBatch, dict[str, set[str]]] | None = None
         """The changes of the capture being written (with its accounts), until it is
         durable; a capture finding one here (its save failed) puts them back first."""
         self._touched = 0
@@ -189,7 +199,7 @@ class TaskTable:
         """Fill an empty table with what the storage read (``kept``: raw records with their
         task id, if they have one)."""
         with self.lock:
-            self._positions.clear()
+            self._ranks.clear()
             for record in records:
                 self._records[record.task_id] = record
             for raw, task_id in kept:
@@ -260,24 +270,56 @@ class TaskTable:
     def position(self, task_id: str) -> int:
         """``task_id``'s 0-based priority within its account (large if unknown)."""
         record = self._records.get(task_id)
-        if record is None:
+        ids = self._order.get(record.account_id) if record is not None else None
+        if record is None or ids is None:
             return _UNKNOWN_POSITION
-        account = record.account_id
-        ids = self._order.get(account)
-        if ids is None:
+        with self.lock:
+            index = self._index(record.account_id, ids, task_id)
+        return _UNKNOWN_POSITION if index is None else index
+
+    def rank(self, task_id: str) -> float:
+        """A number that orders ``task_id`` within its account as :meth:`position` does
+        (large if unknown), at a cost that does not grow with the account.
+
+        In a large account each task keeps a rank: appending one ranks it after the last, a
+        removal leaves the others' ranks, and a reorder ranks the task between its new
+        neighbours (the account is ranked afresh, when next asked, once they are too close).
+        """
+        record = self._records.get(task_id)
+        ids = self._order.get(record.account_id) if record is not None else None
+        if record is None or ids is None:
             return _UNKNOWN_POSITION
-        if len(ids) <= _INDEXED_ORDER:
+        ranks = self._ranks_of(record.account_id, ids)
+        if ranks is None:
+            return self.position(task_id)
+        return ranks.get(task_id, _UNKNOWN_POSITION)
+
+    def _ranks_of(self, account: str, ids: list[str]) -> dict[str, float] | None:
+        """The ranks of a large account (made now if need be); None for a small one."""
+        if len(ids) <= _RANKED_ORDER:
+            return None
+        ranks = self._ranks.get(account)
+        if ranks is None:
+            with self.lock:
+                ids = self._order.get(account, [])
+                ranks = {task_id: float(index) for index, task_id in enumerate(ids)}
+                self._ranks[account] = ranks
+        return ranks
+
+    def _index(self, account: str, ids: list[str], task_id: str) -> int | None:
+        """Where ``task_id`` is in its account's ``ids`` (under the lock): found by its rank
+        in a large account (ranks rise along the list), by a scan in a small one."""
+        ranks = self._ranks_of(account, ids)
+        if ranks is None:
             try:
                 return ids.index(task_id)
             except ValueError:
-                return _UNKNOWN_POSITION
-        positions = self._positions.get(account)
-        if positions is None:
-            with self.lock:
-                ids = self._order.get(account, [])
-                positions = {task_id: index for index, task_id in enumerate(ids)}
-                self._positions[account] = positions
-        return positions.get(task_id, _UNKNOWN_POSITION)
+                return None
+        rank = ranks.get(task_id)
+        if rank is None:
+            return None
+        index = bisect.bisect_left(ids, rank, key=ranks.__getitem__)
+        return index if index < len(ids) and ids[index] == task_id else None
 
     def kept_records(self) -> list[Any]:
         """Records that could not be restored, as read (they stay in the file)."""
@@ -328,9 +370,9 @@ class TaskTable:
                 self._records[record.task_id] = record
                 ids = self._order.setdefault(record.account_id, [])
                 ids.append(record.task_id)
-                positions = self._positions.get(record.account_id)
-                if positions is not None:  # appended: the others keep their positions
-                    positions[record.task_id] = len(ids) - 1
+                ranks = self._ranks.get(record.account_id)
+                if ranks is not None:  # appended: ranked after the last
+                    ranks[record.task_id] = ranks[ids[-2]] + 1.0 if len(ids) > 1 else 0.0
                 self._changed(record.task_id, None, record)
             self.order_version += 1
 
@@ -341,14 +383,16 @@ class TaskTable:
             record = self.get(task_id)
             del self._records[task_id]
             ids = self._order.get(record.account_id, [])
-            if task_id in ids:
-                ids.remove(task_id)
+            index = self._index(record.account_id, ids, task_id)
+            if index is not None:
+                del ids[index]
             if not ids:
                 self._order.pop(record.account_id, None)
-            self._positions.pop(record.account_id, None)
+            ranks = self._ranks.get(record.account_id)
+            if ranks is not None:
+                ranks.pop(task_id, None)
             self.order_version += 1
             self._changed(task_id, record, None)
-            self._order_dirty.add(record.account_id)
             return record
 
     def update(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
@@ -376,12 +420,32 @@ class TaskTable:
                     "position",
                     f"must be from 0 to {len(ids) - 1} for account {record.account_id!r}",
                 )
-            ids.remove(task_id)
+            index = self._index(record.account_id, ids, task_id)
+            assert index is not None  # a restored task is in its account's order
+            del ids[index]
             ids.insert(position, task_id)
-            self._positions.pop(record.account_id, None)
+            self._rerank(record.account_id, ids, position)
             self.order_version += 1
             self._changed(task_id, record, record)
-            self._order_dirty.add(record.account_id)
+            self._order_dirty.setdefault(record.account_id, set()).add(task_id)
+
+    def _rerank(self, account: str, ids: list[str], position: int) -> None:
+        """Rank the task just moved to ``position`` between its neighbours (under the lock)."""
+        ranks = self._ranks.get(account)
+        if ranks is None:
+            return
+        before = ranks[ids[position - 1]] if position > 0 else None
+        after = ranks[ids[position + 1]] if position + 1 < len(ids) else None
+        if before is None:
+            rank = 0.0 if after is None else after - 1.0
+        elif after is None:
+            rank = before + 1.0
+        else:
+            rank = (before + after) / 2
+            if not before < rank < after:  # no number left between them
+                del self._ranks[account]
+                return
+        ranks[ids[position]] = rank
 
     def close(self) -> None:
         """Refuse every change from now on."""
@@ -396,8 +460,9 @@ class TaskTable:
         """What to write now, at the current version: the whole state if ``full`` (or if
         :meth:`touch` asked for it since the last durable version), the changes in any case.
 
-        Without ``full`` the cost under the lock is that of the accounts whose order
-        changed, not of the changes nor of the table: the change log is handed over whole
+        Without ``full`` the cost under the lock is that of the tasks reordered (or of the
+        whole order of an account where many were), not of the other changes nor of the
+        table: the change log is handed over whole
         (a new one starts) and the writer reads it off the lock. Call :meth:`saved` once the
         image is durable; until then, a change made meanwhile goes to the next capture, and
         the next capture after a failed save writes this one's changes again, first.
@@ -407,10 +472,10 @@ class TaskTable:
             batch, accounts = self._dirty, self._order_dirty
             batch.version = self.version
             self._inflight = (batch, accounts)
-            self._dirty, self._order_dirty = ChangeBatch(), set()
+            self._dirty, self._order_dirty = ChangeBatch(), {}
             requested = self._touched > 0
             full = full or requested
-            orders = {account: self._account_order(account) for account in accounts}
+            orders, moves = self._reorders(accounts)
             if not full:
                 return StateImage(
                     version=self.version,
@@ -421,6 +486,7 @@ class TaskTable:
                     full=False,
                     changes=batch,
                     orders=orders,
+                    moves=moves,
                 )
             order = {account: list(ids) for account, ids in self._order.items() if ids}
             for account, ids in self._kept_order.items():
@@ -435,7 +501,32 @@ class TaskTable:
                 requested=requested,
                 changes=batch,
                 orders=orders,
+                moves=moves,
             )
+
+    def _reorders(
+        self, accounts: dict[str, set[str]]
+    ) -> tuple[dict[str, list[str]], list[tuple[str, str, str | None]]]:
+        """What to write of ``accounts``' reordered tasks (under the lock): whole orders, and
+        moves. Each account's moves go from its last task to its first, each task placed
+        before its successor now: a successor is either a task that kept its place or one
+        placed already, so replaying them one by one rebuilds the order exactly."""
+        orders: dict[str, list[str]] = {}
+        moves: list[tuple[str, str, str | None]] = []
+        for account, moved in accounts.items():
+            if len(moved) > _MOVES_PER_ACCOUNT:
+                orders[account] = self._account_order(account)
+                continue
+            ids = self._order.get(account, [])
+            placed = sorted(
+                (position, task_id)
+                for task_id in moved
+                if (position := self.position(task_id)) < len(ids)
+            )
+            for position, task_id in reversed(placed):
+                following = ids[position + 1] if position + 1 < len(ids) else None
+                moves.append((account, task_id, following))
+        return orders, moves
 
     def _take_back(self) -> None:
         """Put the changes of a capture that did not become durable back in front of the
@@ -455,7 +546,8 @@ class TaskTable:
                 recreated.add(task_id)
             latest[task_id] = record
         self._dirty = ChangeBatch(latest, recreated)
-        self._order_dirty = accounts | self._order_dirty
+        for account, moved in accounts.items():
+            self._order_dirty.setdefault(account, set()).update(moved)
 
     def saved(self, version: int) -> None:
         """The image captured at ``version`` is durable."""

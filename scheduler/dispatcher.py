@@ -144,7 +144,7 @@ class TaskDispatcher:
         """The zone whose wall-clock hours the windows and end dates are read in."""
         self._intake = TaskIntake(self._store)
         self._lanes = AccountLanes(
-            max_concurrent_runs, self._store.position, lambda: self._store.order_version
+            max_concurrent_runs, self._store.rank, lambda: self._store.order_version
         )
         self._ledger = RunLedger(self._store, remote=self._backend.remote)
         self._runner = TaskRunner(self._store, self._backend, self._lanes, self._ledger)

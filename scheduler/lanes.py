@@ -44,13 +44,14 @@ class _Lane:
     busy: bool = False
     grant_pending: bool = False
     order_version: int = -1
-    queue: list[tuple[int, int, Waiter]] = field(default_factory=list)
+    queue: list[tuple[float, int, Waiter]] = field(default_factory=list)
 
 
 class AccountLanes:
     """Grants run slots: serial within an account, concurrent across accounts.
 
-    ``priority(task_id)`` is the task's position in its account's order (lower runs first);
+    ``priority(task_id)`` orders the task as its position in its account's order does (lower
+    runs first);
     ``order_version()`` changes whenever positions may have changed, so waiting runs are
     re-ranked only then. Call on the event loop, except :meth:`waiting_counts`.
     """
@@ -58,7 +59,7 @@ class AccountLanes:
     def __init__(
         self,
         max_concurrent_runs: int,
-        priority: Callable[[str], int],
+        priority: Callable[[str], float],
         order_version: Callable[[], int] = lambda: 0,
     ) -> None:
         if max_concurrent_runs < 1:

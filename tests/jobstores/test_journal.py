@@ -15,7 +15,8 @@ from helpers import SHANGHAI, T0, read_file, read_state, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobstores import JsonJobStore
+from jobstores import JsonJobStore, table
+from jobstores.format import decode_journal_line
 from jobstores.journal import JournalStorage
 from jobstores.loading import JOURNAL_PREFIX, journal_segments
 from jobstores.snapshot import read_snapshot, validate_state_file
@@ -366,6 +367,46 @@ def test_a_failed_save_is_written_again_before_the_changes_made_since(tmp_path: 
         again.close()
 
 
+def journal_kinds(directory: Path) -> list[str]:
+    lines = segment(directory).read_bytes().splitlines()
+    return [line.kind for line in map(decode_journal_line, lines) if line is not None]
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["moves", "whole order"])
+def test_reorders_are_saved_at_a_cost_per_reordered_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, many: bool
+) -> None:
+    if many:  # past the limit, the account's whole order is written instead
+        monkeypatch.setattr(table, "_MOVES_PER_ACCOUNT", 2)
+    store = open_store(tmp_path)
+    store.add_tasks([record(f"t{i}") for i in range(8)] + [record("x", account="other")])
+    assert store.save()
+    # Reorders that depend on each other, a removal and an addition, in one commit.
+    store.reorder("t7", 0)
+    store.reorder("t6", 0)  # t6 now stands before t7, which moved too
+    store.reorder("t3", 6)
+    store.remove_task("t1")
+    store.add_tasks([record("new")])
+    store.reorder("new", 2)
+    assert store.save()
+    expected = state(store)
+    assert expected[1]["acc"] == ["t6", "t7", "new", "t0", "t2", "t4", "t3", "t5"]
+    kinds = journal_kinds(tmp_path)
+    assert kinds.count("remove") == 1
+    if many:
+        assert kinds.count("order") == 1
+        assert "move" not in kinds
+    else:  # one line per reordered task; the other tasks of the account are not written
+        assert kinds.count("move") == 4
+        assert "order" not in kinds
+    crash(store)
+    again = open_store(tmp_path)
+    try:
+        assert state(again) == expected
+    finally:
+        again.close()
+
+
 def test_a_large_store_is_kept_from_the_collector_until_it_closes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -406,13 +447,22 @@ operation = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(operation, max_size=40), st.sampled_from([1, 400, 1 << 20]))
+@given(
+    st.lists(operation, max_size=40),
+    st.sampled_from([1, 400, 1 << 20]),
+    st.sampled_from([0, 2, table._MOVES_PER_ACCOUNT]),
+)
 def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
-    operations: list[tuple[str, Any, Any]], threshold: int
+    operations: list[tuple[str, Any, Any]], threshold: int, moves_per_account: int
 ) -> None:
+    # Reorders are saved as moves, or as whole orders past moves_per_account in an account.
     import tempfile
+    from unittest import mock
 
-    with tempfile.TemporaryDirectory() as name:
+    with (
+        tempfile.TemporaryDirectory() as name,
+        mock.patch.object(table, "_MOVES_PER_ACCOUNT", moves_per_account),
+    ):
         directory = Path(name)
         store = open_store(directory, max_bytes=threshold)
         for kind, n, arg in operations:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from datetime import UTC, timedelta
@@ -234,34 +235,38 @@ def test_reorder(store: JsonJobStore) -> None:
 
 
 @pytest.mark.parametrize("size", [3, 300], ids=["small account", "large account"])
-def test_positions_follow_every_change_of_the_order(
+def test_ranks_order_tasks_as_their_positions_after_every_change(
     store: JsonJobStore, tmp_path: Path, backend: str, size: int
 ) -> None:
-    # A large account's positions come from an index (a run's lane asks for one per run);
-    # it must say what the order list says after every kind of change.
-    def expected() -> dict[str, int]:
-        return {task_id: index for index, task_id in enumerate(store.account_tasks()["acc"])}
-
-    def positions() -> dict[str, int]:
-        return {task_id: store.position(task_id) for task_id in expected()}
+    # A run's lane asks for its task's rank; a large account keeps one per task, which must
+    # order the tasks as the order list does after every kind of change.
+    def check(target: JsonJobStore = store) -> None:
+        ids = target.account_tasks()["acc"]
+        assert [target.position(task_id) for task_id in ids] == list(range(len(ids)))
+        ranks = [target.rank(task_id) for task_id in ids]
+        assert all(a < b for a, b in itertools.pairwise(ranks))
 
     store.add_tasks([record(f"t{i:03d}") for i in range(size)])
-    assert positions() == expected()
+    check()
     store.reorder(f"t{size - 1:03d}", 0)
     assert store.position(f"t{size - 1:03d}") == 0
-    assert positions() == expected()
-    store.add_tasks([record("new")])  # appended: the others keep their positions
+    check()
+    store.add_tasks([record("new")])  # appended: last
     assert store.position("new") == size
-    assert positions() == expected()
+    check()
     store.remove_task("t000")
-    assert positions() == expected()
-    assert store.position("t000") == store.position("unknown") > size
+    check()
+    assert store.rank("t000") == store.position("t000") == store.position("unknown") > size
+    for _ in range(80):  # into the same gap again and again: past what halving can rank
+        store.reorder(store.account_tasks()["acc"][-1], 1)
+        check()
+    store.reorder(store.account_tasks()["acc"][1], len(store.account_tasks()["acc"]) - 1)
+    check()
     store.save()
     store.close()
     again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
     try:
-        assert again.position("new") == size - 1
-        assert again.position(f"t{size - 1:03d}") == 0
+        check(again)
     finally:
         again.close()
 
