@@ -210,7 +210,21 @@ async def mutations(n: int, root: Path) -> list[Row]:
     add99 = Row("one awaited add_task into the loaded store: p99", n, unit="ms")
     other50 = Row("remove / reorder of one task (ours): p50", n, unit="ms")
     other99 = Row("remove / reorder of one task (ours): p99", n, unit="ms")
+    one50 = Row("  the same, all N tasks in one account: p50", n, unit="ms")
+    one99 = Row("  the same, all N tasks in one account: p99", n, unit="ms")
     percentiles = _percentiles
+
+    async def remove_reorder(dispatcher: TaskDispatcher, accounts: int) -> list[float]:
+        await dispatcher.add_tasks(task(n + i, accounts) for i in range(MUTATIONS // 4))
+        samples = []
+        for i in range(MUTATIONS // 4):
+            start = time.perf_counter()
+            dispatcher.remove_task(f"task-{n + i:06d}")
+            samples.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            dispatcher.reorder_task(f"task-{i:06d}", 0)
+            samples.append(time.perf_counter() - start)
+        return samples
 
     dispatcher = ours(root / "a-bulk")
     samples = []
@@ -227,17 +241,16 @@ async def mutations(n: int, root: Path) -> list[Row]:
         await dispatcher.add_task(**task(n + i))
         samples.append(time.perf_counter() - start)
     add50.values["ours"], add99.values["ours"] = percentiles(samples)
-    samples = []
-    for i in range(MUTATIONS // 4):
-        start = time.perf_counter()
+    for i in range(MUTATIONS // 2):  # back to N tasks
         dispatcher.remove_task(f"task-{n + i:06d}")
-        samples.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        dispatcher.reorder_task(f"task-{i:06d}", 0)
-        samples.append(time.perf_counter() - start)
-    other50.values["ours"], other99.values["ours"] = percentiles(samples)
-    for i in range(MUTATIONS // 4, MUTATIONS // 2):  # back to N tasks
-        dispatcher.remove_task(f"task-{n + i:06d}")
+    other50.values["ours"], other99.values["ours"] = percentiles(
+        await remove_reorder(dispatcher, ACCOUNTS)
+    )
+    dispatcher.close()
+    # One account of N tasks: what a reorder or removal costs must not grow with it.
+    dispatcher = ours(root / "a-one-account")
+    await dispatcher.add_tasks(task(i, 1) for i in range(n))
+    one50.values["ours"], one99.values["ours"] = percentiles(await remove_reorder(dispatcher, 1))
     dispatcher.close()
     for kind in ("sqlalchemy", "memory"):
         directory = root / f"{kind}-add"
@@ -262,7 +275,7 @@ async def mutations(n: int, root: Path) -> list[Row]:
         for i in range(MUTATIONS // 2):
             scheduler.remove_job(f"task-{n + i:06d}")
         scheduler.shutdown(wait=False)
-    return [p50, p99, add50, add99, other50, other99]
+    return [p50, p99, add50, add99, other50, other99, one50, one99]
 
 
 async def cold_start(n: int, root: Path) -> list[Row]:
