@@ -9,6 +9,7 @@ skipped if the record no longer plans it (paused, edited, or the next planned ru
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -26,13 +27,22 @@ Submit = Callable[[str, datetime, int], "asyncio.Future[RunEvent | None]"]
 
 
 class RetryTimer:
-    """Submits planned retries when their time comes (call on the event loop)."""
+    """Submits planned retries when their time comes (call on the event loop).
+
+    Planned retries wait in a heap by time, so taking one up costs a heap push, not a look
+    at every other one: an outage that fails every task plans a retry for each at once.
+    """
 
     def __init__(self, store: JsonJobStore, submit: Submit) -> None:
         self._store = store
         self._submit = submit
         self._due: dict[str, datetime] = {}
+        """Task id -> when its planned retry may start."""
+        self._heap: list[tuple[datetime, str]] = []
+        """``(time, task id)`` for every entry of ``_due``, and for times since replaced (a
+        pair no longer in ``_due`` is passed over)."""
         self._timer: asyncio.TimerHandle | None = None
+        self._armed_for: datetime | None = None
         self._running = False
 
     def start(self) -> None:
@@ -41,14 +51,14 @@ class RetryTimer:
         for record in self._store.records():
             if record.retry is not None:
                 self._due[record.task_id] = record.retry.at
+        self._heap = [(at, task_id) for task_id, at in self._due.items()]
+        heapq.heapify(self._heap)
         self._arm()
 
     def stop(self) -> None:
         """Submit nothing more (the retries stay saved in their records)."""
         self._running = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._disarm()
 
     def watch(
         self,
@@ -59,18 +69,27 @@ class RetryTimer:
     ) -> None:
         """A run event was applied (a ledger watcher): take up the retry it planned, if any."""
         if after is not None and after.retry is not None:
-            self._due[after.task_id] = after.retry.at
-            self._arm()
+            at = after.retry.at
+            self._due[after.task_id] = at
+            heapq.heappush(self._heap, (at, after.task_id))
+            if len(self._heap) > 2 * len(self._due) + 64:  # mostly replaced times: drop them
+                self._heap = [(at, task_id) for task_id, at in self._due.items()]
+                heapq.heapify(self._heap)
+            if self._armed_for is None or at < self._armed_for:
+                self._arm()
 
     def fire_due(self) -> int:
-        """Submit every retry whose time has come; return how many were submitted."""
+        """Submit every retry whose time has come, earliest first; return how many were
+        submitted."""
         if not self._running:
             return 0
         now = self._store.now()
         fired = 0
-        for task_id, at in sorted(self._due.items(), key=lambda item: item[1]):
-            if at > now:
-                continue
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, task_id = heapq.heappop(heap)
+            if self._due.get(task_id) != at:
+                continue  # replaced by a later plan, or taken up already
             del self._due[task_id]
             record = self._store.find(task_id)
             retry = record.retry if record is not None else None
@@ -81,18 +100,28 @@ class RetryTimer:
         self._arm()
         return fired
 
-    def _arm(self) -> None:
+    def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._running or not self._due:
+        self._armed_for = None
+
+    def _arm(self) -> None:
+        """Set the timer for the earliest planned retry."""
+        self._disarm()
+        heap = self._heap
+        while heap and self._due.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        if not self._running or not heap:
             return
-        delay = (min(self._due.values()) - utc_now()).total_seconds()
+        self._armed_for = heap[0][0]
+        delay = (self._armed_for - utc_now()).total_seconds()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(delay, 0.0), self._fire)
 
     def _fire(self) -> None:
         self._timer = None
+        self._armed_for = None
         try:
             self.fire_due()
         except Exception:  # pragma: no cover - a retry must never stop the others

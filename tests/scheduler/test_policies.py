@@ -84,6 +84,30 @@ async def test_retries_back_off_exactly_then_the_last_failure_sets_error(
     await dispatcher.stop()
 
 
+async def test_retries_of_many_tasks_run_in_the_order_of_their_times(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
+) -> None:
+    # Planned in one order, due in another: each is submitted at its own time.
+    dispatcher = make_dispatcher()
+    delays = {"account_1": 300, "account_2": 60, "account_3": 180}
+    ids = {
+        account: await add(dispatcher, account, run_policy={"retries": 1, "retry_delay": delay})
+        for account, delay in delays.items()
+    }
+    recorder.fail.update(ids.values())
+    await dispatcher.start()
+    await run_at(clock, dispatcher, 2026, 1, 8, 8, 0)
+    assert len(recorder.runs) == 3
+    for minute in (1, 2, 3, 4, 5):
+        await run_at(clock, dispatcher, 2026, 1, 8, 8, minute)
+    assert [(run.task_id, run.at) for run in recorder.runs[3:]] == [
+        (ids["account_2"], at(2026, 1, 8, 8, 1)),
+        (ids["account_3"], at(2026, 1, 8, 8, 3)),
+        (ids["account_1"], at(2026, 1, 8, 8, 5)),
+    ]
+    await dispatcher.stop()
+
+
 async def test_a_retry_that_succeeds_clears_the_failure(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
 ) -> None:
