@@ -1194,9 +1194,9 @@ async def _serve(
     listen: str | None = None,
     token: str | None = None,
 ) -> None:
-    if demo and not dispatcher.list_tasks():
+    if demo and not dispatcher.peek_tasks():
         await dispatcher.add_tasks({"sys_type": "local", **task} for task in DEMO_TASKS)
-    if not dispatcher.list_tasks():
+    if not dispatcher.peek_tasks():
         logging.getLogger(__name__).warning(
             "no tasks in %s yet. Stop with Ctrl-C, then add one: task-dispatcher --dir %s add "
             "--type shell --account me --interval 1m --kw command=date  (or try: run --demo)",
@@ -1220,7 +1220,7 @@ async def _serve(
                     console.print(f"dashboard on {server.url}/")
         logging.getLogger(__name__).info(
             "running %d task(s) from %s; Ctrl-C to stop",
-            len(dispatcher.list_tasks()),
+            len(dispatcher.peek_tasks()),
             dispatcher.state_file,
         )
         if live:
@@ -1242,4 +1242,4 @@ async def _serve(
 
 def _live_table(dispatcher: TaskDispatcher, title: str) -> Table:
     queued = frozenset(tid for ids in dispatcher.queued_runs().values() for tid in ids)
-    return _table(dispatcher.list_tasks(), dispatcher.timezone, title=title, queued=queued)
+    return _table(dispatcher.peek_tasks(), dispatcher.timezone, title=title, queued=queued)

@@ -232,7 +232,7 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         summary="The dispatcher's health (503 with the same body once stopped)",
     )
     async def health() -> Response:
-        records = [] if dispatcher.closed else await asyncio.to_thread(dispatcher.list_tasks)
+        records = [] if dispatcher.closed else await asyncio.to_thread(dispatcher.peek_tasks)
         saves = dispatcher.save_health
         running = dispatcher.running
         queued = dispatcher.queued_runs() if running else {}
@@ -276,7 +276,7 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         def select() -> tuple[list[dict[str, Any]], int]:
             order = dispatcher.account_tasks
             rank = {tid: i for ids in order.values() for i, tid in enumerate(ids)}
-            records = dispatcher.list_tasks()
+            records = dispatcher.peek_tasks()
             chosen = [
                 r
                 for r in records

@@ -286,6 +286,23 @@ async def test_snapshots_are_copies(make_dispatcher: MakeDispatcher) -> None:
     assert dispatcher.account_tasks == {"account_1": [task_id]}
 
 
+async def test_peeking_shows_the_current_records_without_copying(
+    make_dispatcher: MakeDispatcher,
+) -> None:
+    dispatcher = make_dispatcher()
+    first = await dispatcher.add_task(**GOOD)
+    second = await dispatcher.add_task(**GOOD)
+    seen = dispatcher.peek_tasks()
+    assert [r.task_id for r in seen] == [first, second]
+    assert seen == dispatcher.list_tasks()
+    again = dispatcher.peek_tasks()
+    assert [a is b for a, b in zip(seen, again, strict=True)] == [True, True]  # no copies
+    dispatcher.pause_task(first)  # a change replaces the record; the one seen stays as it was
+    assert dispatcher.peek_tasks()[0].status is TaskStatus.PAUSED
+    assert seen[0].status is not TaskStatus.PAUSED
+    assert dispatcher.peek_tasks()[1] is seen[1]
+
+
 async def test_a_second_dispatcher_on_the_directory_fails_fast(
     make_dispatcher: MakeDispatcher, state_dir: Path
 ) -> None:

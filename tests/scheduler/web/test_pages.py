@@ -205,6 +205,32 @@ def test_feed_sends_changed_rows_removed_ids_order_and_health() -> None:
     assert message["health"] == {"problems": ["x"]}
 
 
+@pytest.mark.parametrize("updated", [2, 12], ids=["few changed", "many changed"])
+def test_feed_compares_records_and_places_each_changed_row(updated: int) -> None:
+    # A tick passes over the records it showed; a record replaced with nothing shown
+    # changed sends no row; added and removed tasks in one tick are both told; each row
+    # carries its task's position in its account.
+    now = at(2026, 1, 8, 7, 0)
+    ids = [f"t{i:02d}" for i in range(20)]
+    records = [record(task_id) for task_id in ids]
+    state = FeedState.of(records, {"acc": ids}, {})
+    later = [
+        r.replace(run_count=1, updated_at=now) if index < updated else r
+        for index, r in enumerate(records)
+    ]
+    later[-1] = later[-1].replace(kwargs={"note": "edited, nothing shown changed"})
+    later[-2] = record("new")
+    order = [*ids[:-2], ids[-1], "new"]
+    order.reverse()
+    _, message = diff(state, later, {"acc": order}, {}, SHANGHAI, now)
+    assert message is not None
+    rows = {row["task_id"]: row for row in message["changed"]}
+    assert sorted(rows) == sorted([*ids[:updated], "new"])
+    assert message["removed"] == [ids[-2]]
+    for task_id, row in rows.items():
+        assert row["position"] == order.index(task_id)
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(2, "2s"), (90, "1m30s"), (3600, "1h"), (5400, "1h30m"), (86400, "1d"), (1.5, "1.5s")],
