@@ -30,7 +30,7 @@ from starlette.types import ASGIApp
 
 from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
-from scheduler.web.feed import FeedState, diff
+from scheduler.web.feed import diff, rendered_at
 from scheduler.web.security import COOKIE_NAME, SESSION_SECONDS, DashboardGuard, WebSecurity
 from scheduler.web.timeline import HORIZON, build_timeline
 from scheduler.web.views import format_time, lanes, masked_fields, next_runs, task_row
@@ -369,8 +369,7 @@ class _Pages:
             since = datetime.fromisoformat(request.query_params["since"])
         except (KeyError, ValueError):
             since = None
-        shown = [r for r in records if since is not None and r.updated_at < since]
-        state = FeedState.of(shown, {}, {})
+        state = await asyncio.to_thread(rendered_at, records, since)
 
         async def stream() -> AsyncIterator[bytes]:
             nonlocal state
