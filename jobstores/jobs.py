@@ -246,10 +246,14 @@ class JobView:
         assert record is not None
         return self._build(record)
 
-    def due(self, now: datetime) -> tuple[list[TaskJob], list[tuple[str, Exception]]]:
-        """Jobs whose next run time is at or before ``now``, earliest first; and the tasks
-        whose job could not be built, with the error."""
+    def due(
+        self, now: datetime, limit: int | None = None
+    ) -> tuple[list[TaskJob], list[tuple[str, Exception]]]:
+        """Jobs whose next run time is at or before ``now``, earliest first (the first
+        ``limit`` of them); and the tasks whose job could not be built, with the error."""
         end = bisect.bisect_right(self._times, now.timestamp(), self._head)
+        if limit is not None:
+            end = min(end, self._head + limit)
         return self._jobs_of(self._ids[self._head : end])
 
     def next_run_time(self) -> datetime | None:

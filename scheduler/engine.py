@@ -124,9 +124,18 @@ class DispatchScheduler(AsyncIOScheduler):
             super()._dispatch_event(event)
 
     def process_due(self) -> None:
-        """Run one scheduler pass now (on the event loop thread) and re-arm the timer."""
+        """Submit every job due now, in as many scheduler passes as that takes (on the event
+        loop thread), and re-arm the timer."""
         self._stop_timer()
-        self._start_timer(self._process_jobs())
+        for _ in range(len(self._store.table) // self._store.pass_limit + 1):
+            wait = self._process_jobs()
+            if wait is None or wait > 0 or not self._due_now():
+                break
+        self._start_timer(wait)
+
+    def _due_now(self) -> bool:
+        first = self._store.get_next_run_time()
+        return first is not None and first <= datetime.now(self.timezone)
 
     def shutdown(self, wait: bool = True) -> None:
         """Shut down at once (the caller is on the event loop thread)."""

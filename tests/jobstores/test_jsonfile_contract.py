@@ -80,6 +80,14 @@ def test_get_due_jobs_and_next_run_time(store: JsonJobStore) -> None:
     assert [j.id for j in store.get_due_jobs(T0.astimezone(UTC))] == ["early"]
 
 
+def test_a_pass_takes_at_most_pass_limit_due_jobs(store: JsonJobStore) -> None:
+    store.pass_limit = 2
+    store.add_tasks([record(f"t{i}", at=T0 + timedelta(seconds=i)) for i in range(5)])
+    now = T0 + timedelta(minutes=1)
+    assert [j.id for j in store.get_due_jobs(now)] == ["t0", "t1"]  # the earliest first
+    assert store.get_next_run_time() == T0  # the others stay due for the next pass
+
+
 def test_get_all_jobs_sorts_paused_last(store: JsonJobStore) -> None:
     store.add_tasks(
         [

@@ -14,7 +14,14 @@ from typing import Any, ClassVar
 import pytest
 from helpers import SHANGHAI, Recorder, at, read_state, seed_file, seed_task, task_in_file
 
-from scheduler import InvalidTaskError, TaskDispatcher, TimezoneMismatchError
+from jobstores import JsonJobStore
+from scheduler import (
+    DispatcherEvent,
+    InvalidTaskError,
+    RunSucceeded,
+    TaskDispatcher,
+    TimezoneMismatchError,
+)
 from tasks import TaskStatus
 
 MakeDispatcher = Callable[..., TaskDispatcher]
@@ -158,6 +165,46 @@ async def test_exact_end_datetime_is_the_last_start(
         await dispatcher.run_pending()
     assert [run.at.hour for run in recorder.runs] == [8, 9, 10]
     assert dispatcher.get_task(task_id).status is TaskStatus.COMPLETED
+    await dispatcher.stop()
+
+
+async def test_more_tasks_due_than_a_pass_takes_all_run(
+    clock: Any,
+    make_dispatcher: MakeDispatcher,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A pass takes at most pass_limit due jobs (so it never holds the loop for long); the
+    # passes that follow at once take the rest, for run_pending as for the scheduler's timer.
+    monkeypatch.setattr(JsonJobStore, "pass_limit", 2)
+    dispatcher = make_dispatcher()
+    ids = [await add(dispatcher, f"account_{i}") for i in range(7)]
+    await dispatcher.start()
+    clock.move_to(at(2026, 1, 8, 8, 0))
+    await dispatcher.run_pending()
+    assert sorted(recorder.run_ids()) == sorted(ids)
+    await dispatcher.stop()
+
+
+async def test_more_tasks_due_than_a_pass_takes_all_run_on_time(
+    make_dispatcher: MakeDispatcher, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(JsonJobStore, "pass_limit", 2)
+    dispatcher = make_dispatcher()
+    for i in range(7):
+        await add(dispatcher, f"account_{i}", valid_time_range=[0, 24])
+    finished: list[DispatcherEvent] = []
+    all_ran = asyncio.Event()
+
+    def count(event: DispatcherEvent) -> None:
+        finished.append(event)
+        if len(finished) == 7:
+            all_ran.set()
+
+    dispatcher.add_listener(count, [RunSucceeded])
+    await dispatcher.start()  # all due now: the scheduler's own passes, one after another
+    await asyncio.wait_for(all_ran.wait(), 10)
+    assert len(recorder.runs) == 7
     await dispatcher.stop()
 
 
