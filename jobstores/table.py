@@ -117,8 +117,7 @@ class StateImage:
 
     A *full* image carries the whole state (``records``, ``account_tasks``, ``kept``,
     ``extra``); any image carries the changes not yet durable (``changes``, ``orders``,
-    ``moves``), all
-    a backend that writes changes only needs. Capturing a full image copies every record
+    ``moves``), all a backend that writes changes only needs. Capturing a full image copies every record
     reference, so a journal asks for one only when it folds itself into a snapshot.
     """
 
@@ -462,8 +461,8 @@ class TaskTable:
 
         Without ``full`` the cost under the lock is that of the tasks reordered (or of the
         whole order of an account where many were), not of the other changes nor of the
-        table: the change log is handed over whole
-        (a new one starts) and the writer reads it off the lock. Call :meth:`saved` once the
+        table: the change log is handed over whole (a new one starts) and the writer reads
+        it off the lock. Call :meth:`saved` once the
         image is durable; until then, a change made meanwhile goes to the next capture, and
         the next capture after a failed save writes this one's changes again, first.
         """
