@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -186,14 +187,15 @@ def restore(
     times: dict[str, datetime] = {}
     schedules: dict[tuple[Any, ...], Schedule] = {}
     share = None if now is None else shared
-    for index, raw in enumerate(tasks):
+    raws = tasks if isinstance(tasks, list) else list(tasks)
+    chosen = [trusted is not None and isinstance(raw, dict) and trusted(raw) for raw in raws]
+    # Rebuilt all at once, their values shared as they are (None: laid out unexpectedly).
+    rebuilt = iter(TaskRecord.rebuilt_all(list(compress(raws, chosen)), zone, times, share))
+    for index, (raw, trust) in enumerate(zip(raws, chosen, strict=True)):
         task_id = raw.get("task_id") if isinstance(raw, dict) else None
         task_id = task_id if isinstance(task_id, str) else None
         try:
-            record = None
-            if trusted is not None and isinstance(raw, dict) and trusted(raw):
-                # Built with its values shared in the same pass (None: laid out unexpectedly).
-                record = TaskRecord.rebuilt(raw, zone, times, share)
+            record = next(rebuilt) if trust else None
             built = record
             if record is None:
                 record = parse_record(raw, zone, parsed_json=parsed_json)
