@@ -191,12 +191,11 @@ def restore(
     chosen = [trusted is not None and isinstance(raw, dict) and trusted(raw) for raw in raws]
     # Rebuilt all at once, their values shared as they are (None: laid out unexpectedly).
     rebuilt = iter(TaskRecord.rebuilt_all(list(compress(raws, chosen)), zone, times, share))
+    add, append = ids.add, restored.records.append
     for index, (raw, trust) in enumerate(zip(raws, chosen, strict=True)):
-        task_id = raw.get("task_id") if isinstance(raw, dict) else None
-        task_id = task_id if isinstance(task_id, str) else None
+        record = next(rebuilt) if trust else None
+        built = record
         try:
-            record = next(rebuilt) if trust else None
-            built = record
             if record is None:
                 record = parse_record(raw, zone, parsed_json=parsed_json)
             if record.task_id in ids:
@@ -210,6 +209,8 @@ def restore(
         except Exception as exc:
             # One record never stops the others: whatever it does (an invalid field, a
             # factory or a schedule that raises), it is kept as it is, unrestored.
+            task_id = raw.get("task_id") if isinstance(raw, dict) else None
+            task_id = task_id if isinstance(task_id, str) else None
             if now is not None:
                 logger.error(
                     "%stask %s could not be restored (%s); kept in the file as it is",
@@ -221,8 +222,8 @@ def restore(
             if task_id is not None:
                 ids.add(task_id)
             continue
-        ids.add(record.task_id)
-        restored.records.append(record)
+        add(record.task_id)
+        append(record)
     return restored
 
 
