@@ -623,7 +623,7 @@ def _converted(
         return []
     try:
         return _records(cls, rows, extras, zone, times, shared)
-    except (AttributeError, KeyError, TypeError, ValueError):
+    except Exception:  # whatever a value raises, its record is validated instead
         if len(rows) == 1:
             return [None]
         half = len(rows) // 2
@@ -642,9 +642,8 @@ def _records(
     shared: dict[Any, Any] | None,
 ) -> list[TaskRecord]:
     """The records of ``rows`` (every field's saved value, in field order), converted a field
-    at a time: raises ``AttributeError``, ``KeyError``, ``TypeError`` or ``ValueError`` if any
-    value does not convert. Each distinct text (a time, a status, an hour window) is converted
-    once, and records share what it converts to."""
+    at a time; raises if any value does not convert. Each distinct text (a time, a status,
+    an hour window, an end) is converted once, and records share what it converts to."""
     count = len(rows)
     columns: dict[str, Sequence[Any]] = dict(zip(_FIELD_ORDER, zip(*rows)))  # noqa: B905 - rows are whole
     columns["status"] = list(map(_STATUSES.__getitem__, columns["status"]))
