@@ -16,7 +16,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from itertools import compress
+from itertools import compress, repeat
+from operator import and_
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,9 @@ def restore(
     schedules: dict[tuple[Any, ...], Schedule] = {}
     share = None if now is None else shared
     raws = tasks if isinstance(tasks, list) else list(tasks)
-    chosen = [trusted is not None and isinstance(raw, dict) and trusted(raw) for raw in raws]
+    chosen = [False] * len(raws)
+    if trusted is not None:  # a trusted object (``trusted`` is asked of every one) that is a dict
+        chosen = list(map(and_, map(isinstance, raws, repeat(dict)), map(trusted, raws)))
     # Rebuilt all at once, their values shared as they are (None: laid out unexpectedly).
     rebuilt = iter(TaskRecord.rebuilt_all(list(compress(raws, chosen)), zone, times, share))
     add, append = ids.add, restored.records.append

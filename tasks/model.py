@@ -590,21 +590,19 @@ def _rebuilt_all(
     shared: dict[Any, Any] | None,
 ) -> list[TaskRecord | None]:
     """See :meth:`TaskRecord.rebuilt_all`."""
+    if all(map(_FIELD_ORDER.__eq__, map(tuple, raws))):  # every field, in field order
+        rows = list(map(tuple, map(dict.values, raws)))
+        return list(_converted(cls, rows, [_NO_EXTRA] * len(rows), zone, times, shared))
     made: list[TaskRecord | None] = [None] * len(raws)
-    exact = list(map(_FIELD_ORDER.__eq__, map(tuple, raws)))
-    if all(exact):
-        at: list[int] | range = range(len(raws))
-        rows = list(map(tuple, map(dict.values, raws)))  # every field, in field order
-        extras: list[dict[str, Any]] = [_NO_EXTRA] * len(raws)
-    else:
-        at, rows, extras = [], [], []
-        for index, raw in enumerate(raws):
-            keys = tuple(raw)
-            if keys[:_FIELD_COUNT] == _FIELD_ORDER:  # extras follow the fields
-                at.append(index)
-                rows.append(_FIELD_ROW(raw))
-                extras.append({key: raw[key] for key in keys[_FIELD_COUNT:]} or _NO_EXTRA)
-    for index, record in zip(at, _converted(cls, rows, extras, zone, times, shared)):  # noqa: B905 - one record per row
+    at: list[int] = []
+    rows, extras = [], []
+    for index, raw in enumerate(raws):
+        keys = tuple(raw)
+        if keys[:_FIELD_COUNT] == _FIELD_ORDER:  # extras follow the fields
+            at.append(index)
+            rows.append(_FIELD_ROW(raw))
+            extras.append({key: raw[key] for key in keys[_FIELD_COUNT:]} or _NO_EXTRA)
+    for index, record in zip(at, _converted(cls, rows, extras, zone, times, shared), strict=True):
         made[index] = record
     return made
 
