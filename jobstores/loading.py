@@ -195,6 +195,7 @@ def restore(
     # Rebuilt all at once, their values shared as they are (None: laid out unexpectedly).
     rebuilt = iter(TaskRecord.rebuilt_all(list(compress(raws, chosen)), zone, times, share))
     add, append = ids.add, restored.records.append
+    unshared: list[TaskRecord] = []  # validated, or changed: their values are shared at the end
     for index, (raw, trust) in enumerate(zip(raws, chosen, strict=True)):
         record = next(rebuilt) if trust else None
         built = record
@@ -207,8 +208,9 @@ def restore(
                 accept(record)
             if now is not None:
                 record = _loaded(record, zone, now, schedules, label, fraction)
-                if record is not built:  # validated, or changed: share what it holds anew
-                    record = _share_values(record, shared)
+                if record is not built:
+                    _share_times(record, shared)
+                    unshared.append(record)
         except Exception as exc:
             # One record never stops the others: whatever it does (an invalid field, a
             # factory or a schedule that raises), it is kept as it is, unrestored.
@@ -227,6 +229,7 @@ def restore(
             continue
         add(record.task_id)
         append(record)
+    share_record_values(unshared, shared)
     return restored
 
 
@@ -264,21 +267,20 @@ _SHARED_TIMES = (
     "last_execution_time",
 )
 _LAST_TIME = object()
-"""The key in ``shared`` of the last time read in each field (see :func:`_share_values`)."""
+"""The key in ``shared`` of the last time read in each field (see :func:`_share_times`)."""
 
 
-def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
-    """Make a freshly loaded record reuse equal values already loaded (``shared``): what
-    :func:`tasks.model.share_values` shares (hour windows are shared by the record model
-    itself), and times.
+def _share_times(record: TaskRecord, shared: dict[Any, Any]) -> None:
+    """Make a freshly loaded record reuse equal times already loaded (``shared``); the rest
+    of what it holds is shared with :func:`tasks.model.share_record_values` (hour windows
+    by the record model itself).
 
-    Times repeat too (tasks added together; a task never run was created, updated and
+    Times repeat (tasks added together; a task never run was created, updated and
     planned at one instant), but hashing a time costs more than the rest of this: a time is
     shared only with the same field of the record read just before or the time read just
     before in this record, when both are in the same zone and fold (so it reads back
     exactly as parsed).
     """
-    share_record_values(record, shared)
     share = object.__setattr__  # the record is this load's own until it is returned
     latest: dict[str, datetime] = shared.setdefault(_LAST_TIME, {})
     previous = None  # the time read just before, in this record
@@ -299,7 +301,6 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
                 share(record, name, seen)
                 break
         latest[name] = previous = value
-    return record
 
 
 # ---------------------------------------------------------------------- the journal

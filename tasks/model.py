@@ -37,7 +37,7 @@ __all__ = [
     "json_default",
     "kwargs_problems",
     "parse_end_time",
-    "share_values",
+    "share_record_values",
 ]
 
 _MAX_JSON_INT = 2**63 - 1
@@ -376,7 +376,7 @@ class TaskRecord(BaseModel):
         not convert: the caller validates it then.
 
         ``shared`` makes the record reuse equal values of records loaded before it, as it is
-        built (see :func:`share_values`).
+        built (see :func:`share_record_values`).
         """
         return cls.rebuilt_all([raw], zone, times, shared)[0]
 
@@ -517,29 +517,20 @@ _SET_NAMES = (*_FIELD_ORDER, *_SLOTS)
 _NUMBERS = frozenset({int, float})
 _SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
 _SHARED_FIELDS = (*_SHARED_STRINGS, "interval")
-"""The fields :func:`share_values` may replace (``kwargs`` it changes in place)."""
+"""The fields :func:`_share_columns` may replace (``kwargs`` it changes in place)."""
 
 
-def share_values(values: dict[str, Any], shared: dict[Any, Any]) -> None:
-    """Make the field values of a record being loaded (``values``, by field name) reuse equal
-    values of records loaded before it, kept in ``shared`` (each value its own key).
+def _share_columns(columns: dict[str, Sequence[Any]], shared: dict[Any, Any]) -> None:
+    """Make the values of records being loaded (``columns``: each field's values, one per
+    record) reuse equal values of records loaded before them, kept in ``shared`` (each value
+    its own key); one loop in C per field, none in Python per record.
 
     Account ids, names, task and system types, intervals and ``kwargs`` texts repeat across
     tasks, and a file parser creates a new object for every occurrence; all of them are
     immutable. A value is only shared with one of its own type (``3600`` is not ``3600.0``);
-    a ``kwargs`` text equal to a task id becomes that task id itself.
+    a ``kwargs`` text equal to a task id becomes that task id itself. ``kwargs`` are changed
+    in place, the other columns replaced.
     """
-    columns: dict[str, Sequence[Any]] = {
-        name: [values[name]] for name in (*_SHARED_FIELDS, "task_id", "kwargs")
-    }
-    _share_columns(columns, shared)
-    for name in _SHARED_FIELDS:
-        values[name] = columns[name][0]
-
-
-def _share_columns(columns: dict[str, Sequence[Any]], shared: dict[Any, Any]) -> None:
-    """:func:`share_values` over the values of many records at once, by field name: one loop
-    in C per field, none in Python per record."""
     setdefault = shared.setdefault
     for name in _SHARED_STRINGS:
         texts = columns[name]
@@ -573,13 +564,19 @@ def _share_columns(columns: dict[str, Sequence[Any]], shared: dict[Any, Any]) ->
     )
 
 
-def share_record_values(record: TaskRecord, shared: dict[Any, Any]) -> None:
-    """:func:`share_values` for a record already built (validated, or changed at load): it
-    is the load's own until the load hands it out."""
-    values = record.plain()
-    share_values(values, shared)
+def share_record_values(records: Sequence[TaskRecord], shared: dict[Any, Any]) -> None:
+    """Make records already built (validated, or changed at load) reuse equal values of
+    records loaded before them, kept in ``shared``, as :meth:`TaskRecord.rebuilt_all` does
+    as it builds them. They are the load's own until the load hands them out."""
+    if not records:
+        return
+    columns: dict[str, Sequence[Any]] = {
+        name: list(map(attrgetter(name), records))
+        for name in (*_SHARED_FIELDS, "task_id", "kwargs")
+    }
+    _share_columns(columns, shared)
     for name in _SHARED_FIELDS:
-        _set(record, name, values[name])
+        deque(map(_set, records, repeat(name), columns[name]), 0)
 
 
 def _rebuilt_all(
