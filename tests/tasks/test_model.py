@@ -312,3 +312,17 @@ def test_values_shared_across_a_batch_keep_their_types() -> None:
     assert third.interval is first.interval
     assert second.kwargs["text"] is first.kwargs["text"] is third.kwargs["text"]
     assert third.kwargs["other"] is second.task_id  # a text equal to a task id becomes it
+
+
+def test_a_store_larger_than_a_batch_is_rebuilt_whole() -> None:
+    saved = [record(f"t{index}").to_json_dict() for index in range(700)]
+    saved[300]["status"] = "bogus"
+    made = TaskRecord.rebuilt_all(saved, UTC, {}, {})
+    assert len(made) == len(saved)
+    assert [index for index, rebuilt in enumerate(made) if rebuilt is None] == [300]
+    assert [rebuilt.task_id for rebuilt in made if rebuilt] == [
+        raw["task_id"] for index, raw in enumerate(saved) if index != 300
+    ]
+    assert made[0] is not None
+    assert made[699] is not None
+    assert made[699].created_at is made[0].created_at  # shared across batches too
