@@ -11,7 +11,7 @@ from helpers import SHANGHAI, T0, has_instance_dict, record
 from pydantic import ValidationError
 
 from tasks import TaskRecord, TaskStatus
-from tasks.model import check_json_value, kwargs_problems, parse_end_time
+from tasks.model import check_json_value, kwargs_problems, parse_end_time, share_record_values
 
 
 def test_json_form_is_plain_and_readable() -> None:
@@ -326,3 +326,21 @@ def test_a_store_larger_than_a_batch_is_rebuilt_whole() -> None:
     assert made[0] is not None
     assert made[699] is not None
     assert made[699].created_at is made[0].created_at  # shared across batches too
+
+
+def test_records_built_apart_share_their_values_in_batches() -> None:
+    made = [
+        TaskRecord.model_validate(
+            record(
+                f"t{index}", kwargs={"note": "same text", "task_id": f"t{index}"}
+            ).to_json_dict(),
+            context={"zone": UTC},
+        )
+        for index in range(600)
+    ]
+    share_record_values(made, {})
+    first, last = made[0], made[-1]
+    assert not has_instance_dict(last)
+    assert last.account_id is first.account_id
+    assert last.kwargs["note"] is first.kwargs["note"]
+    assert last.kwargs["task_id"] is last.task_id
