@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
@@ -21,6 +22,7 @@ __all__ = ["PAUSE", "Change", "ChangeBatch", "StateImage", "TaskTable", "pause"]
 
 _UNKNOWN_POSITION = 1 << 30
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
+_TASK_ID = attrgetter("task_id")
 PAUSE = 0.0001
 """Seconds a background thread working through a large batch sleeps between pieces: a thread
 that only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and
@@ -181,9 +183,9 @@ class TaskTable:
     ) -> None:
         """Fill an empty table with what the storage read (``kept``: raw records with their
         task id, if they have one)."""
+        records = records if isinstance(records, list) else list(records)
         with self.lock:
-            for record in records:
-                self._records[record.task_id] = record
+            self._records.update(zip(map(_TASK_ID, records), records, strict=True))
             for raw, task_id in kept:
                 self._kept.append(raw)
                 if task_id is not None:
