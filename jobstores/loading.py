@@ -192,7 +192,7 @@ def restore(
     chosen = [False] * len(raws)
     if trusted is not None:  # a trusted object (``trusted`` is asked of every one) that is a dict
         chosen = list(map(and_, map(isinstance, raws, repeat(dict)), map(trusted, raws)))
-    # Rebuilt all at once, their values shared as they are (None: laid out unexpectedly).
+    # Rebuilt together, their values shared as they are (None: laid out unexpectedly).
     rebuilt = iter(TaskRecord.rebuilt_all(list(compress(raws, chosen)), zone, times, share))
     add, append = ids.add, restored.records.append
     unshared: list[TaskRecord] = []  # validated, or changed: their values are shared at the end
