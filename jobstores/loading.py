@@ -16,6 +16,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
+from itertools import compress, repeat
+from operator import and_
 from pathlib import Path
 from typing import Any
 
@@ -186,15 +188,18 @@ def restore(
     times: dict[str, datetime] = {}
     schedules: dict[tuple[Any, ...], Schedule] = {}
     share = None if now is None else shared
-    for index, raw in enumerate(tasks):
-        task_id = raw.get("task_id") if isinstance(raw, dict) else None
-        task_id = task_id if isinstance(task_id, str) else None
+    raws = tasks if isinstance(tasks, list) else list(tasks)
+    chosen = [False] * len(raws)
+    if trusted is not None:  # a trusted object (``trusted`` is asked of every one) that is a dict
+        chosen = list(map(and_, map(isinstance, raws, repeat(dict)), map(trusted, raws)))
+    # Rebuilt together, their values shared as they are (None: laid out unexpectedly).
+    rebuilt = iter(TaskRecord.rebuilt_all(list(compress(raws, chosen)), zone, times, share))
+    add, append = ids.add, restored.records.append
+    unshared: list[TaskRecord] = []  # validated, or changed: their values are shared at the end
+    for index, (raw, trust) in enumerate(zip(raws, chosen, strict=True)):
+        record = next(rebuilt) if trust else None
+        built = record
         try:
-            record = None
-            if trusted is not None and isinstance(raw, dict) and trusted(raw):
-                # Built with its values shared in the same pass (None: laid out unexpectedly).
-                record = TaskRecord.rebuilt(raw, zone, times, share)
-            built = record
             if record is None:
                 record = parse_record(raw, zone, parsed_json=parsed_json)
             if record.task_id in ids:
@@ -203,11 +208,14 @@ def restore(
                 accept(record)
             if now is not None:
                 record = _loaded(record, zone, now, schedules, label, fraction)
-                if record is not built:  # validated, or changed: share what it holds anew
-                    record = _share_values(record, shared)
+                if record is not built:
+                    _share_times(record, shared)
+                    unshared.append(record)
         except Exception as exc:
             # One record never stops the others: whatever it does (an invalid field, a
             # factory or a schedule that raises), it is kept as it is, unrestored.
+            task_id = raw.get("task_id") if isinstance(raw, dict) else None
+            task_id = task_id if isinstance(task_id, str) else None
             if now is not None:
                 logger.error(
                     "%stask %s could not be restored (%s); kept in the file as it is",
@@ -219,8 +227,9 @@ def restore(
             if task_id is not None:
                 ids.add(task_id)
             continue
-        ids.add(record.task_id)
-        restored.records.append(record)
+        add(record.task_id)
+        append(record)
+    share_record_values(unshared, shared)
     return restored
 
 
@@ -258,21 +267,20 @@ _SHARED_TIMES = (
     "last_execution_time",
 )
 _LAST_TIME = object()
-"""The key in ``shared`` of the last time read in each field (see :func:`_share_values`)."""
+"""The key in ``shared`` of the last time read in each field (see :func:`_share_times`)."""
 
 
-def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
-    """Make a freshly loaded record reuse equal values already loaded (``shared``): what
-    :func:`tasks.model.share_values` shares (hour windows are shared by the record model
-    itself), and times.
+def _share_times(record: TaskRecord, shared: dict[Any, Any]) -> None:
+    """Make a freshly loaded record reuse equal times already loaded (``shared``); the rest
+    of what it holds is shared with :func:`tasks.model.share_record_values` (hour windows
+    by the record model itself).
 
-    Times repeat too (tasks added together; a task never run was created, updated and
+    Times repeat (tasks added together; a task never run was created, updated and
     planned at one instant), but hashing a time costs more than the rest of this: a time is
     shared only with the same field of the record read just before or the time read just
     before in this record, when both are in the same zone and fold (so it reads back
     exactly as parsed).
     """
-    share_record_values(record, shared)
     share = object.__setattr__  # the record is this load's own until it is returned
     latest: dict[str, datetime] = shared.setdefault(_LAST_TIME, {})
     previous = None  # the time read just before, in this record
@@ -293,7 +301,6 @@ def _share_values(record: TaskRecord, shared: dict[Any, Any]) -> TaskRecord:
                 share(record, name, seen)
                 break
         latest[name] = previous = value
-    return record
 
 
 # ---------------------------------------------------------------------- the journal

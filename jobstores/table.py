@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
@@ -30,6 +31,7 @@ built when one is first asked for: a run's lane asks for its task's rank, and fi
 in a long order list would cost a run time in proportion to the account's size. Below this,
 the list is looked up (no ranks to keep in memory)."""
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
+_TASK_ID = attrgetter("task_id")
 PAUSE = 0.0001
 """Seconds a background thread working through a large batch sleeps between pieces: a thread
 that only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and
@@ -117,8 +119,9 @@ class StateImage:
 
     A *full* image carries the whole state (``records``, ``account_tasks``, ``kept``,
     ``extra``); any image carries the changes not yet durable (``changes``, ``orders``,
-    ``moves``), all a backend that writes changes only needs. Capturing a full image copies every record
-    reference, so a journal asks for one only when it folds itself into a snapshot.
+    ``moves``), all a backend that writes changes only needs. Capturing a full image copies
+    every record reference, so a journal asks for one only when it folds itself into a
+    snapshot.
     """
 
     version: int
@@ -191,16 +194,16 @@ class TaskTable:
 
     def load(
         self,
-        records: Iterable[TaskRecord],
+        records: Sequence[TaskRecord],
         kept: Iterable[tuple[Any, str | None]],
         order_hint: dict[str, list[str]],
     ) -> None:
         """Fill an empty table with what the storage read (``kept``: raw records with their
         task id, if they have one)."""
+        records = records if isinstance(records, list) else list(records)
         with self.lock:
             self._ranks.clear()
-            for record in records:
-                self._records[record.task_id] = record
+            self._records.update(zip(map(_TASK_ID, records), records, strict=True))
             for raw, task_id in kept:
                 self._kept.append(raw)
                 if task_id is not None:

@@ -11,7 +11,7 @@ from helpers import SHANGHAI, T0, has_instance_dict, record
 from pydantic import ValidationError
 
 from tasks import TaskRecord, TaskStatus
-from tasks.model import check_json_value, kwargs_problems, parse_end_time
+from tasks.model import check_json_value, kwargs_problems, parse_end_time, share_record_values
 
 
 def test_json_form_is_plain_and_readable() -> None:
@@ -258,3 +258,89 @@ def test_records_rebuilt_with_shared_values_reuse_them() -> None:
 def test_a_rebuild_refuses_what_it_cannot_convert(damage: Any) -> None:
     # None: the loader validates the object instead (and keeps it unrestored if invalid).
     assert TaskRecord.rebuilt(damage(record("t1").to_json_dict()), UTC, {}, {}) is None
+
+
+def test_records_rebuilt_together_are_the_validated_ones() -> None:
+    saved = [
+        record(f"t{index}", **changes).to_json_dict()
+        for index, changes in enumerate(TRUSTED_CASES * 3)
+    ]
+    made = TaskRecord.rebuilt_all(saved, SHANGHAI, {}, {})
+    for raw, rebuilt in zip(saved, made, strict=True):
+        assert rebuilt is not None
+        assert not has_instance_dict(rebuilt)  # before comparing: == reads __dict__
+        validated = TaskRecord.model_validate(raw, context={"zone": SHANGHAI})
+        assert rebuilt == validated
+        assert rebuilt.model_extra == validated.model_extra
+
+
+def test_a_damaged_record_among_many_is_the_only_one_refused() -> None:
+    saved = [record(f"t{index}").to_json_dict() for index in range(9)]
+    saved[3]["created_at"] = "yesterday"
+    saved[5]["updated_at"] = "0001-01-01T00:00:00+01:00"  # OverflowError in UTC
+    saved[7] = {"status": saved[7].pop("status"), **saved[7]}  # out of field order
+    kwargs_before = [dict(raw["kwargs"]) for raw in saved]
+    made = TaskRecord.rebuilt_all(saved, UTC, {}, {})
+    assert [index for index, rebuilt in enumerate(made) if rebuilt is None] == [3, 5, 7]
+    assert [raw["kwargs"] for raw in saved] == kwargs_before
+    for index, (raw, rebuilt) in enumerate(zip(saved, made, strict=True)):
+        if index not in (3, 5, 7):
+            assert rebuilt == TaskRecord.model_validate(raw, context={"zone": UTC})
+
+
+def test_values_shared_across_a_batch_keep_their_types() -> None:
+    kwargs: list[dict[str, Any]] = [
+        {"n": 1, "flag": True, "text": "same", "items": [1, "same"]},
+        {"n": 1.0, "flag": 1, "text": "same", "items": [1, "same"]},
+        {"n": True, "flag": 1.0, "text": "same", "other": "t1"},
+    ]
+    saved = [record(f"t{index}", kwargs=own).to_json_dict() for index, own in enumerate(kwargs)]
+    saved[1]["interval"] = 3600.0  # equal to the others' 3600, not the same value
+    made = TaskRecord.rebuilt_all(saved, UTC, {}, {})
+    assert None not in made
+    for rebuilt, own in zip(made, kwargs, strict=True):
+        assert rebuilt is not None
+        assert rebuilt.kwargs == own
+        assert [type(value) for value in rebuilt.kwargs.values()] == [
+            type(value) for value in own.values()
+        ]
+    first, second, third = made
+    assert first is not None
+    assert second is not None
+    assert third is not None
+    assert [type(rebuilt.interval) for rebuilt in made if rebuilt] == [int, float, int]
+    assert third.interval is first.interval
+    assert second.kwargs["text"] is first.kwargs["text"] is third.kwargs["text"]
+    assert third.kwargs["other"] is second.task_id  # a text equal to a task id becomes it
+
+
+def test_a_store_larger_than_a_batch_is_rebuilt_whole() -> None:
+    saved = [record(f"t{index}").to_json_dict() for index in range(700)]
+    saved[300]["status"] = "bogus"
+    made = TaskRecord.rebuilt_all(saved, UTC, {}, {})
+    assert len(made) == len(saved)
+    assert [index for index, rebuilt in enumerate(made) if rebuilt is None] == [300]
+    assert [rebuilt.task_id for rebuilt in made if rebuilt] == [
+        raw["task_id"] for index, raw in enumerate(saved) if index != 300
+    ]
+    assert made[0] is not None
+    assert made[699] is not None
+    assert made[699].created_at is made[0].created_at  # shared across batches too
+
+
+def test_records_built_apart_share_their_values_in_batches() -> None:
+    made = [
+        TaskRecord.model_validate(
+            record(
+                f"t{index}", kwargs={"note": "same text", "task_id": f"t{index}"}
+            ).to_json_dict(),
+            context={"zone": UTC},
+        )
+        for index in range(600)
+    ]
+    share_record_values(made, {})
+    first, last = made[0], made[-1]
+    assert not has_instance_dict(last)
+    assert last.account_id is first.account_id
+    assert last.kwargs["note"] is first.kwargs["note"]
+    assert last.kwargs["task_id"] is last.task_id
