@@ -9,6 +9,7 @@ durable. Listeners (APScheduler's job view) hear of every record change under th
 from __future__ import annotations
 
 import bisect
+import itertools
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -304,8 +305,7 @@ class TaskTable:
         if ranks is None:
             with self.lock:
                 ids = self._order.get(account, [])
-                ranks = {task_id: float(index) for index, task_id in enumerate(ids)}
-                self._ranks[account] = ranks
+                ranks = self._ranks[account] = dict(zip(ids, itertools.count(0.0)))
         return ranks
 
     def _index(self, account: str, ids: list[str], task_id: str) -> int | None:
