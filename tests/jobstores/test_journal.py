@@ -67,6 +67,16 @@ def crash(store: JsonJobStore) -> None:
     store._dir_lock.release()
 
 
+def assert_reloads_after_a_crash(store: JsonJobStore, directory: Path, expected: Any) -> None:
+    """Crash ``store``, open ``directory`` again and check it holds ``expected``."""
+    crash(store)
+    again = open_store(directory)
+    try:
+        assert state(again) == expected
+    finally:
+        again.close()
+
+
 def ran(count: int) -> Callable[[TaskRecord], TaskRecord]:
     return lambda record: record.replace(run_count=count)
 
@@ -208,12 +218,7 @@ def test_a_crash_at_any_step_of_a_compaction_loses_nothing_and_applies_nothing_t
     store.reorder("a", 0)
     assert store.save()
     expected = state(store)
-    crash(store)
-    again = open_store(tmp_path)
-    try:
-        assert state(again) == expected
-    finally:
-        again.close()
+    assert_reloads_after_a_crash(store, tmp_path, expected)
 
 
 def test_the_journal_is_folded_in_the_background_past_its_threshold(tmp_path: Path) -> None:
@@ -399,12 +404,7 @@ def test_reorders_are_saved_at_a_cost_per_reordered_task(
     else:  # one line per reordered task; the other tasks of the account are not written
         assert kinds.count("move") == 4
         assert "order" not in kinds
-    crash(store)
-    again = open_store(tmp_path)
-    try:
-        assert state(again) == expected
-    finally:
-        again.close()
+    assert_reloads_after_a_crash(store, tmp_path, expected)
 
 
 def test_a_large_store_is_kept_from_the_collector_until_it_closes(
