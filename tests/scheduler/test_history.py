@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -383,11 +384,14 @@ def test_extra_and_worker_are_kept(history_at: Callable[..., RunHistory]) -> Non
     assert (entry.worker, entry.extra, entry.duration) == ("mac-mini-3", {"exit_code": 0}, 86400)
 
 
+@pytest.mark.parametrize("copies", [1, 20], ids=["one statement", "many rows a statement"])
 def test_a_batch_writes_the_same_rows_as_writing_starts_then_finishes_one_by_one(
-    tmp_path: Path,
+    tmp_path: Path, copies: int
 ) -> None:
     # A run whose start and end share a batch is written as one row (its start row is
     # skipped when the finishing row says everything it would): the rows must not change.
+    # Rows are written many to a statement: repeated and late events of one run may then
+    # share a statement, which must apply them in order as separate statements would.
     t0 = DAY0
     later = t0 + timedelta(seconds=5)
 
@@ -418,6 +422,11 @@ def test_a_batch_writes_the_same_rows_as_writing_starts_then_finishes_one_by_one
         ev("end-first", S, t0),
         ev("only-start", S, t0, worker="w4"),
     ]
+    events = [
+        dataclasses.replace(event, run_id=f"{event.run_id}-{copy}")
+        for copy in range(copies)
+        for event in events
+    ]
     pairs = [(request(event.run_id), event) for event in events]
     batched = RunHistory(tmp_path / "batched.sqlite3", clock=Clock(DAY0))
     single = RunHistory(tmp_path / "single.sqlite3", clock=Clock(DAY0))
@@ -425,14 +434,15 @@ def test_a_batch_writes_the_same_rows_as_writing_starts_then_finishes_one_by_one
         for history in (batched, single):
             assert history.flush()  # the writer thread is idle from here on
         batched._write(pairs)
+        assert batched.dropped == 0
         for pair in [p for p in pairs if p[1].kind is S] + [p for p in pairs if p[1].kind is not S]:
             single._write([pair])
-        rows = {h: sorted(h.query(limit=100), key=lambda e: e.run_id) for h in (batched, single)}
+        rows = {h: sorted(h.query(limit=1000), key=lambda e: e.run_id) for h in (batched, single)}
     finally:
         batched.close()
         single.close()
     assert rows[batched] == rows[single]
-    assert len(rows[batched]) == 8
+    assert len(rows[batched]) == 8 * copies
 
 
 # ---------------------------------------------------------------------- retention and load
