@@ -295,8 +295,11 @@ class WebhookListener:
 
     The request runs in a thread, off the event loop, with ``timeout`` seconds per attempt;
     a connection error or a 5xx answer is retried up to ``retries`` times, waiting ``backoff``
-    seconds, doubled each time; then the event is dropped with a WARNING. ``events`` are the
-    event classes (or names) it wants: failed runs and pauses by default.
+    seconds, doubled each time; then the event is dropped with a WARNING. While the endpoint
+    is down (the last event was not delivered), each event is tried once, so an outage that
+    fails every task does not multiply the wait by the retries. At most ``max_waiting`` events
+    wait their turn; one more is dropped with a WARNING (counted in :attr:`dropped`).
+    ``events`` are the event classes (or names) it wants: failed runs and pauses by default.
     ``add_listener(WebhookListener(url))`` subscribes it to those.
     """
 
@@ -308,28 +311,54 @@ class WebhookListener:
         timeout: float = 5.0,
         retries: int = 3,
         backoff: float = 0.5,
+        max_waiting: int = 1000,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url: must be an http:// or https:// URL, not {url!r}")
+        if max_waiting < 1:
+            raise ValueError(f"max_waiting: must be at least 1, got {max_waiting}")
         self.url = url
         self.events = event_classes(events)
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.max_waiting = max_waiting
+        self.dropped = 0
+        """Events dropped because ``max_waiting`` events were waiting already."""
+        self._waiting = 0
+        self._down = False
         self._order: asyncio.Lock | None = None
 
     async def __call__(self, event: DispatcherEvent) -> None:
         """Send ``event`` (in a thread; one at a time, in the order they happened)."""
+        if self._waiting >= self.max_waiting:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                logger.warning(
+                    "webhook %s: %d events waiting; %s dropped (%d so far)",
+                    self.url,
+                    self._waiting,
+                    event.kind,
+                    self.dropped,
+                )
+            return
         body = orjson.dumps(event.to_json())
         if self._order is None:
             self._order = asyncio.Lock()
-        async with self._order:
-            await asyncio.to_thread(self.post, body, event.kind)
+        self._waiting += 1
+        try:
+            async with self._order:
+                retries = 0 if self._down else self.retries
+                delivered = await asyncio.to_thread(self.post, body, event.kind, retries)
+                self._down = not delivered
+        finally:
+            self._waiting -= 1
 
-    def post(self, body: bytes, what: str = "event") -> bool:
-        """POST ``body``, retrying as described; True once the server accepted it."""
+    def post(self, body: bytes, what: str = "event", retries: int | None = None) -> bool:
+        """POST ``body``, retrying as described (``retries`` times, if given); True once the
+        server accepted it."""
         error = ""
-        for attempt in range(self.retries + 1):
+        for attempt in range((self.retries if retries is None else retries) + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             request = urllib.request.Request(

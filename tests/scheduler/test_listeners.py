@@ -21,6 +21,7 @@ from scheduler import (
     RunRetried,
     RunTimedOut,
     SaveFailedError,
+    TaskAdded,
     TaskCompleted,
     TaskDispatcher,
     TaskPaused,
@@ -263,6 +264,82 @@ def test_the_webhook_gives_up_after_its_retries(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.WARNING, logger="scheduler.listeners"):
         assert not hook.post(b"{}", "run_failed")
     assert "run_failed not delivered" in caplog.text
+
+
+class Gate(BaseHTTPRequestHandler):
+    """Counts POSTs; answers each once ``open`` is set, 503 while ``failing`` is set."""
+
+    posts: list[str]
+    open: threading.Event
+    failing: threading.Event
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.open.wait(10)
+        self.posts.append(json.loads(body)["task_id"])
+        self.send_response(503 if self.failing.is_set() else 204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def gate_server() -> Iterator[tuple[str, type[Gate]]]:
+    handler: type[Gate] = type(
+        "TestGate",
+        (Gate,),
+        {"posts": [], "open": threading.Event(), "failing": threading.Event()},
+    )
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+    finally:
+        handler.open.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def added(task_id: str) -> TaskAdded:
+    return TaskAdded(at=at(2026, 1, 8, 8, 0), task_id=task_id, account_id="a")
+
+
+async def test_the_webhook_holds_a_bounded_number_of_events(
+    gate_server: tuple[str, type[Gate]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # While the endpoint hangs, events wait their turn up to max_waiting; more are dropped
+    # and counted, not queued without end.
+    url, handler = gate_server
+    hook = WebhookListener(url, events=None, max_waiting=3)
+    with caplog.at_level(logging.WARNING, logger="scheduler.listeners"):
+        sending = [asyncio.create_task(hook(added(f"t{i}"))) for i in range(5)]
+        await asyncio.sleep(0)  # every call has begun: three wait, two are dropped
+        assert hook.dropped == 2
+        handler.open.set()
+        await asyncio.wait_for(asyncio.gather(*sending), 10)
+    assert handler.posts == ["t0", "t1", "t2"]
+    assert "task_added dropped (1 so far)" in caplog.text
+
+
+async def test_a_webhook_that_is_down_is_tried_once_an_event_until_it_answers(
+    gate_server: tuple[str, type[Gate]],
+) -> None:
+    url, handler = gate_server
+    handler.open.set()
+    handler.failing.set()
+    hook = WebhookListener(url, events=None, retries=2, backoff=0.01)
+    await hook(added("first"))  # tried 1 + 2 times, then dropped: the endpoint is down
+    await hook(added("second"))  # down: tried once
+    handler.failing.clear()
+    await hook(added("third"))  # once: it answers, so it is up again
+    await hook(added("fourth"))
+    assert handler.posts == ["first"] * 3 + ["second", "third", "fourth"]
+    handler.failing.set()
+    await hook(added("fifth"))  # up: retried again
+    assert handler.posts[6:] == ["fifth"] * 3
 
 
 def test_the_webhook_wants_an_http_url() -> None:
