@@ -186,53 +186,63 @@ class _Pages:
 
     # ------------------------------------------------------------------ pages
 
+    # The overview and the timeline show every task: they are made in a worker thread (their
+    # records are read, never copied), or a page at 100,000 tasks would hold the event loop
+    # for seconds.
+
     async def overview(self, request: Request) -> Response:
         dispatcher = self.dispatcher
         read_at = utc_now()
         records = dispatcher.peek_tasks()
-        account_lanes = lanes(records, dispatcher.account_tasks, dispatcher.timezone)
-        return self._render(
-            request,
-            "overview.html",
-            {
-                "lanes": account_lanes,
-                "task_count": len(records),
-                "statuses": [status.value for status in TaskStatus],
-                "task_types": sorted({r.task_type for r in records}),
-                "sys_types": sorted({r.sys_type for r in records}),
-            },
-            read_at=read_at,
-        )
+        order = dispatcher.account_tasks
+
+        def page() -> Response:
+            return self._render(
+                request,
+                "overview.html",
+                {
+                    "lanes": lanes(records, order, dispatcher.timezone),
+                    "task_count": len(records),
+                    "statuses": [status.value for status in TaskStatus],
+                    "task_types": sorted({r.task_type for r in records}),
+                    "sys_types": sorted({r.sys_type for r in records}),
+                },
+                read_at=read_at,
+            )
+
+        return await asyncio.to_thread(page)
 
     async def timeline(self, request: Request) -> Response:
         dispatcher = self.dispatcher
         now = utc_now()
         history = await _runs(dispatcher, since=now - HORIZON, limit=TIMELINE_RUNS)
-        timeline = build_timeline(
+        records, order, zone = (
             dispatcher.peek_tasks(),
             dispatcher.account_tasks,
             dispatcher.timezone,
-            now,
-            history or (),
         )
-        zone = dispatcher.timezone
-        hours = []
-        first = (timeline.start.astimezone(zone) + timedelta(hours=1)).replace(
-            minute=0, second=0, microsecond=0
-        )
-        for step in range(0, 48, 3):
-            tick = first + timedelta(hours=step)
-            hours.append((timeline.fraction(tick), tick.strftime("%H:%M")))
-        return self._render(
-            request,
-            "timeline.html",
-            {
-                "timeline": timeline,
-                "hours": hours,
-                "tz": zone,
-                "has_history": history is not None,
-            },
-        )
+
+        def page() -> Response:
+            timeline = build_timeline(records, order, zone, now, history or ())
+            hours = []
+            first = (timeline.start.astimezone(zone) + timedelta(hours=1)).replace(
+                minute=0, second=0, microsecond=0
+            )
+            for step in range(0, 48, 3):
+                tick = first + timedelta(hours=step)
+                hours.append((timeline.fraction(tick), tick.strftime("%H:%M")))
+            return self._render(
+                request,
+                "timeline.html",
+                {
+                    "timeline": timeline,
+                    "hours": hours,
+                    "tz": zone,
+                    "has_history": history is not None,
+                },
+            )
+
+        return await asyncio.to_thread(page)
 
     async def task(self, request: Request) -> Response:
         dispatcher = self.dispatcher
