@@ -7,8 +7,10 @@ zone (the record model does that). ``journal_seq``, when present, is the last jo
 the document already holds (see :mod:`jobstores.journal`).
 
 A journal line is one JSON object per change, ending in a CRC-32 of the rest of the line:
-``{"seq":7,"put":{...task...},"crc":"89abcdef"}``, ``{"seq":8,"remove":"task-id",...}`` or
-``{"seq":9,"order":{"account":"a","tasks":[...]},...}``; the last line of each commit carries
+``{"seq":7,"put":{...task...},"crc":"89abcdef"}``, ``{"seq":8,"remove":"task-id",...}``,
+``{"seq":9,"move":{"account":"a","task":"t2","before":"t1"},...}`` (a reordered task and the
+one it now stands before, or null when last) or ``{"seq":10,"order":{"account":"a",
+"tasks":[...]},...}`` (an account's whole order); the last line of each commit carries
 ``"commit":true``.
 
 A document that holds only records this library validated ends in a ``"checksum"`` (CRC-32
