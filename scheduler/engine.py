@@ -129,13 +129,9 @@ class DispatchScheduler(AsyncIOScheduler):
         self._stop_timer()
         for _ in range(len(self._store.table) // self._store.pass_limit + 1):
             wait = self._process_jobs()
-            if wait is None or wait > 0 or not self._due_now():
+            if wait is None or wait > 0:  # no wait: a job is due still (the pass took its limit)
                 break
         self._start_timer(wait)
-
-    def _due_now(self) -> bool:
-        first = self._store.get_next_run_time()
-        return first is not None and first <= datetime.now(self.timezone)
 
     def shutdown(self, wait: bool = True) -> None:
         """Shut down at once (the caller is on the event loop thread)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -218,20 +219,27 @@ class Hook(BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP listener on a free loopback port with ``handler``; yields its hook URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 @pytest.fixture
 def hook_server() -> Iterator[tuple[str, type[Hook]]]:
     handler = type(
         "TestHook", (Hook,), {"received": [], "failures": [1], "arrived": threading.Event()}
     )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving(handler) as url:
+        yield url, handler
 
 
 async def test_the_webhook_posts_failures_and_pauses_with_a_retry(
@@ -291,16 +299,11 @@ def gate_server() -> Iterator[tuple[str, type[Gate]]]:
         (Gate,),
         {"posts": [], "open": threading.Event(), "failing": threading.Event()},
     )
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
-    finally:
-        handler.open.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serving(handler) as url:
+        try:
+            yield url, handler
+        finally:
+            handler.open.set()  # no request hangs the listener's shutdown
 
 
 def added(task_id: str) -> TaskAdded:
