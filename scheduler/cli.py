@@ -65,6 +65,8 @@ URL_ENV_VAR = "TASK_DISPATCHER_URL"
 TOKEN_ENV_VAR = "TASK_DISPATCHER_TOKEN"
 """Environment variable holding the control API's token (server and client side)."""
 CONTROL_EXTRA_HINT = "pip install 'task-dispatcher[control]'"
+LIST_PAGE = 5_000
+"""Tasks per request when ``list`` reads a running dispatcher's listing."""
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _INTERVAL = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
@@ -712,7 +714,19 @@ def list_(
     client = _remote(options)
     if client is not None:
         with client, _errors():
-            live = client.list_tasks(account=account, status=status, show_secrets=show_secrets)
+            live = client.list_tasks(
+                account=account, status=status, show_secrets=show_secrets, limit=LIST_PAGE
+            )
+            while live.get("next"):  # the rest, a page at a time (None from an older server)
+                more = client.list_tasks(
+                    account=account,
+                    status=status,
+                    show_secrets=show_secrets,
+                    limit=LIST_PAGE,
+                    after=live["next"],
+                )
+                live["tasks"] += more["tasks"]
+                live["next"] = more["next"]
             listing = _Listing(
                 records=live["tasks"],
                 store_empty=live["total"] == 0,

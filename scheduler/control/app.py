@@ -36,6 +36,7 @@ from scheduler.control.models import (
     TaskList,
     TaskSpec,
 )
+from scheduler.control.paging import MAX_PAGE, Cursor, TaskFilter, task_page
 from scheduler.errors import (
     DispatcherClosedError,
     HistoryUnavailableError,
@@ -265,30 +266,33 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         }
         return _json(body, 200 if running else 503)
 
-    @router.get("/tasks", response_model=TaskList, summary="Tasks, filtered")
+    @router.get("/tasks", response_model=TaskList, summary="Tasks, filtered, in pages")
     async def list_tasks(
         show_secrets: ShowSecrets,
         account: str | None = None,
         status: TaskStatus | None = None,
         task_type: str | None = None,
         sys_type: str | None = None,
+        limit: Annotated[
+            int | None,
+            Query(ge=1, le=MAX_PAGE, description="At most this many tasks (default: all)"),
+        ] = None,
+        after: Annotated[
+            str | None, Query(description="The next page: the previous answer's `next`.")
+        ] = None,
     ) -> Response:
-        def select() -> tuple[list[dict[str, Any]], int]:
-            order = dispatcher.account_tasks
-            rank = {tid: i for ids in order.values() for i, tid in enumerate(ids)}
-            records = dispatcher.peek_tasks()
-            chosen = [
-                r
-                for r in records
-                if (account is None or r.account_id == account)
-                and (status is None or r.status is status)
-                and (task_type is None or r.task_type == task_type)
-                and (sys_type is None or r.sys_type == sys_type)
-            ]
-            chosen.sort(key=lambda r: (r.account_id, rank.get(r.task_id, 0)))
-            return [view(r, show_secrets) for r in chosen], len(records)
+        cursor = None if after is None else Cursor.decode(after)
+        chosen = TaskFilter(account, status, task_type, sys_type)
 
-        tasks, total = await asyncio.to_thread(select)
+        def select() -> tuple[list[dict[str, Any]], int, str | None]:
+            records = dispatcher.peek_tasks()
+            page, last = task_page(
+                records, dispatcher.account_tasks, chosen, limit=limit, after=cursor
+            )
+            following = None if last is None else last.encode()
+            return [view(r, show_secrets) for r in page], len(records), following
+
+        tasks, total, following = await asyncio.to_thread(select)
         queued = dispatcher.queued_runs() if dispatcher.running else {}
         if account is not None:
             queued = {account: queued[account]} if account in queued else {}
@@ -296,6 +300,7 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
             {
                 "tasks": tasks,
                 "total": total,
+                "next": following,
                 "queued": queued,
                 "timezone": zone_name(dispatcher.timezone),
                 "state_file": str(dispatcher.state_file),

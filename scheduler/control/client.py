@@ -144,8 +144,14 @@ class ControlClient:
         task_type: str | None = None,
         sys_type: str | None = None,
         show_secrets: bool = False,
+        limit: int | None = None,
+        after: str | None = None,
     ) -> dict[str, Any]:
-        """The ``/tasks`` listing; its ``tasks`` as :class:`TaskRecord`."""
+        """The ``/tasks`` listing; its ``tasks`` as :class:`TaskRecord`.
+
+        With ``limit``, one page of at most that many tasks: its ``next`` (None on the last
+        page) is the ``after`` of the following one.
+        """
         listing: dict[str, Any] = self._request(
             "GET",
             "/tasks",
@@ -155,6 +161,8 @@ class ControlClient:
                 "task_type": task_type,
                 "sys_type": sys_type,
                 "show_secrets": show_secrets or None,
+                "limit": limit,
+                "after": after,
             },
         )
         listing["tasks"] = [TaskRecord.model_validate(data) for data in listing["tasks"]]

@@ -120,6 +120,10 @@ class TaskList(BaseModel):
 
     tasks: list[TaskRecord]
     total: int = Field(description="How many tasks the dispatcher has, before filtering.")
+    next: str | None = Field(
+        default=None,
+        description="More tasks follow: pass this as `after` for the next page (null: none).",
+    )
     queued: dict[str, list[str]] = Field(
         description="Account id -> tasks whose due run waits for the account's lane."
     )

@@ -121,6 +121,70 @@ async def test_get_list_and_filters(connect: Connect) -> None:
     assert bad["field"] == "status"
 
 
+async def pages(
+    api: httpx.AsyncClient, limit: int, **params: str
+) -> tuple[list[list[str]], list[str | None]]:
+    """Every page of the listing at ``limit`` tasks a page: their ids, and each ``next``."""
+    ids: list[list[str]] = []
+    cursors: list[str | None] = []
+    after: str | None = None
+    while True:
+        query = {**params, "limit": str(limit), **({"after": after} if after else {})}
+        listing = (await api.get(f"{API}/tasks", params=query)).json()
+        ids.append([task["task_id"] for task in listing["tasks"]])
+        cursors.append(after := listing["next"])
+        if after is None:
+            return ids, cursors
+
+
+async def test_the_listing_comes_in_pages_in_account_and_priority_order(
+    connect: Connect,
+) -> None:
+    api = connect()
+    tasks = [
+        {**SECRET_TASK, "task_id": f"{account}{i}", "account_id": account}
+        for account in ("b", "a", "c")
+        for i in range(3)
+    ]
+    assert (await api.post(f"{API}/tasks/bulk", json={"tasks": tasks})).status_code == 201
+    await api.post(f"{API}/tasks/a2/reorder", json={"position": 0})
+    await api.post(f"{API}/tasks/b1/pause")
+    whole = (await api.get(f"{API}/tasks")).json()
+    assert whole["next"] is None
+    listed = [task["task_id"] for task in whole["tasks"]]
+    assert listed == ["a2", "a0", "a1", "b0", "b1", "b2", "c0", "c1", "c2"]
+
+    for limit in (1, 2, 4, 9):
+        ids, cursors = await pages(api, limit)
+        assert [i for page in ids for i in page] == listed, limit
+        assert all(len(page) == limit for page in ids[:-1]), limit
+        assert ids[-1], limit  # a listing that ends on a page's edge sends no empty page
+        assert cursors[-1] is None
+    ids, _ = await pages(api, 2, status="pending")
+    assert [i for page in ids for i in page] == [i for i in listed if i != "b1"]
+    ids, _ = await pages(api, 2, account="b")
+    assert ids == [["b0", "b1"], ["b2"]]
+
+    # Between two pages: the task a page ended at moves, or goes; the next page starts
+    # right after it where it is now, or after the place it had.
+    first = (await api.get(f"{API}/tasks", params={"limit": "4"})).json()
+    assert [t["task_id"] for t in first["tasks"]] == ["a2", "a0", "a1", "b0"]
+    await api.post(f"{API}/tasks/b0/reorder", json={"position": 1})
+    following = await api.get(f"{API}/tasks", params={"limit": "2", "after": first["next"]})
+    assert [t["task_id"] for t in following.json()["tasks"]] == ["b2", "c0"]
+    await api.delete(f"{API}/tasks/b0")
+    following = await api.get(f"{API}/tasks", params={"limit": "2", "after": first["next"]})
+    assert [t["task_id"] for t in following.json()["tasks"]] == ["b2", "c0"]
+
+    for params, field in (
+        ({"limit": "0"}, "limit"),
+        ({"limit": "10001"}, "limit"),
+        ({"after": "not-a-cursor"}, "after"),
+        ({"after": "WzEsMiwzXQ"}, "after"),  # JSON, but not a cursor: [1,2,3]
+    ):
+        assert error(await api.get(f"{API}/tasks", params=params), 422)["field"] == field
+
+
 async def test_bulk_add_is_all_or_nothing_and_names_the_field(connect: Connect) -> None:
     api = connect()
     response = await api.post(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
+from click.testing import CliRunner
 
-from scheduler import ListenError, TaskDispatcher
+from scheduler import ListenError, TaskDispatcher, cli
 from scheduler.control import check_listen
 
 API = "/api/v1"
@@ -49,6 +52,23 @@ async def test_the_socket_is_owner_only_trusted_and_gone_after_stop(
         assert (await api.get(f"{API}/health")).json()["status"] == "ok"
     await started.stop()
     assert not path.exists()
+
+
+async def test_list_reads_a_large_listing_in_pages(
+    started: TaskDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await started.serve_control()
+    await started.add_tasks(
+        {**TASK, "task_id": f"t{i}", "account_id": f"acc{i % 3}"} for i in range(7)
+    )
+    monkeypatch.setattr(cli, "LIST_PAGE", 2)
+    listed = await asyncio.to_thread(
+        CliRunner().invoke, cli.main, ["--dir", str(started.directory), "list", "--json"]
+    )
+    assert listed.exit_code == 0, listed.output
+    records = orjson.loads(listed.stdout)
+    assert [r["task_id"] for r in records] == ["t0", "t3", "t6", "t1", "t4", "t2", "t5"]
+    assert {r["kwargs"]["password"] for r in records} == {"***"}
 
 
 async def test_a_stale_socket_is_replaced_and_anything_else_refused(
