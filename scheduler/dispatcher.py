@@ -229,6 +229,12 @@ class TaskDispatcher:
         self._ledger.observe(observer)
 
     @property
+    def order_version(self) -> int:
+        """A number that changes whenever an account's task order may have changed (a task
+        added, removed or moved); it starts again from 0 in each process."""
+        return self._store.order_version
+
+    @property
     def account_tasks(self) -> dict[str, list[str]]:
         """Account id -> its task ids in priority order (a copy)."""
         return self._store.account_tasks()

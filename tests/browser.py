@@ -37,6 +37,9 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 ZONE = "Asia/Shanghai"
 """The dispatcher's zone in the browser tests."""
 
+PAGE_LIMIT_VARS = ("TASK_DISPATCHER_OVERVIEW_LIMIT", "TASK_DISPATCHER_LANE_LIMIT")
+"""How much one dashboard page shows: set for a test (through ``environ``), else defaults."""
+
 _URL = re.compile(r"dashboard on (http://\S+?)/?\s*$")
 
 
@@ -72,12 +75,19 @@ class Served:
     """``task-dispatcher run --listen 127.0.0.1:0`` in a subprocess; its log read on a thread."""
 
     def __init__(
-        self, directory: Path, *, token: str | None = None, extra: Iterable[str] = ()
+        self,
+        directory: Path,
+        *,
+        token: str | None = None,
+        extra: Iterable[str] = (),
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("TASK_DISPATCHER_TOKEN", None)
+        for name in ("TASK_DISPATCHER_TOKEN", *PAGE_LIMIT_VARS):
+            env.pop(name, None)
         if token is not None:
             env["TASK_DISPATCHER_TOKEN"] = token
+        env.update(environ or {})
         self.process = subprocess.Popen(
             [
                 sys.executable,

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -33,14 +36,34 @@ from scheduler.triggers import utc_now
 from scheduler.web.feed import diff, rendered_at
 from scheduler.web.security import COOKIE_NAME, SESSION_SECONDS, DashboardGuard, WebSecurity
 from scheduler.web.timeline import HORIZON, build_timeline
-from scheduler.web.views import format_time, lanes, masked_fields, next_runs, task_row
+from scheduler.web.views import (
+    Filters,
+    Lane,
+    Selection,
+    format_time,
+    lanes,
+    masked_fields,
+    next_runs,
+    select,
+    task_row,
+)
 from tasks.model import TaskRecord, TaskStatus
 from tasks.registry import default_registry
 
 if TYPE_CHECKING:
     from scheduler.dispatcher import TaskDispatcher
 
-__all__ = ["API_PREFIX", "HealthProbe", "backend_problems", "dashboard_app", "health_problems"]
+__all__ = [
+    "ACCOUNT_SELECT_LIMIT",
+    "API_PREFIX",
+    "LANE_LIMIT",
+    "OVERVIEW_LIMIT",
+    "HealthProbe",
+    "PageLimits",
+    "backend_problems",
+    "dashboard_app",
+    "health_problems",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +77,46 @@ HISTORY_PAGE = 50
 """Runs per page of a task's history."""
 TIMELINE_RUNS = 50_000
 """At most this many past runs are drawn on the timeline (the newest ones)."""
+
+OVERVIEW_LIMIT = 2_000
+"""Tasks one overview or timeline page shows at most. A store with no more tasks than this
+is shown whole (and filtered in the browser); a larger one is filtered by the server."""
+LANE_LIMIT = 50
+"""Tasks one account's lane shows at most on a bounded page (unless the page is filtered on
+that account, when its lane may take the whole page)."""
+ACCOUNT_SELECT_LIMIT = 500
+"""Above this many accounts the account filter is a text field, not a list of every one."""
+OVERVIEW_LIMIT_ENV_VAR = "TASK_DISPATCHER_OVERVIEW_LIMIT"
+"""Where an operator may set another :data:`OVERVIEW_LIMIT`."""
+LANE_LIMIT_ENV_VAR = "TASK_DISPATCHER_LANE_LIMIT"
+"""Where an operator may set another :data:`LANE_LIMIT`."""
+
+
+@dataclass(frozen=True, slots=True)
+class PageLimits:
+    """How much one overview or timeline page holds (see :data:`OVERVIEW_LIMIT`)."""
+
+    overview: int = OVERVIEW_LIMIT
+    lane: int = LANE_LIMIT
+    account_select: int = ACCOUNT_SELECT_LIMIT
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> PageLimits:
+        """The defaults, or ``$TASK_DISPATCHER_OVERVIEW_LIMIT`` and
+        ``$TASK_DISPATCHER_LANE_LIMIT`` when set (positive whole numbers)."""
+        values: dict[str, int] = {}
+        for field, name in (("overview", OVERVIEW_LIMIT_ENV_VAR), ("lane", LANE_LIMIT_ENV_VAR)):
+            text = environ.get(name, "").strip()
+            if not text:
+                continue
+            try:
+                values[field] = int(text)
+            except ValueError:
+                values[field] = 0
+            if values[field] < 1:
+                raise ValueError(f"${name} must be a positive whole number, not {text!r}")
+        return cls(**values)
+
 
 HealthProbe = Callable[[], Sequence[str]]
 """Extra health problems to show (e.g. a fleet backend's unreachable broker)."""
@@ -134,25 +197,34 @@ async def _form(request: Request) -> dict[str, str]:
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    environment = jinja2.Environment(
         loader=jinja2.PackageLoader("scheduler.web", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    environment.filters["count"] = "{:,}".format
+    return environment
 
 
 class _Pages:
     """The route handlers, sharing the dispatcher, the security settings and the templates."""
 
     def __init__(
-        self, dispatcher: TaskDispatcher, security: WebSecurity, probe: HealthProbe | None
+        self,
+        dispatcher: TaskDispatcher,
+        security: WebSecurity,
+        probe: HealthProbe | None,
+        limits: PageLimits,
     ) -> None:
         self.dispatcher = dispatcher
         self.security = security
         self.probe = probe
+        self.limits = limits
         self.templates = Jinja2Templates(env=_environment())
+        # Names this process's order versions, which start again from 0 after a restart.
+        self._epoch = secrets.token_hex(4)
         self._seen: (
             tuple[float, tuple[list[TaskRecord], dict[str, list[str]], dict[str, Any]]] | None
         ) = None
@@ -164,8 +236,10 @@ class _Pages:
         context: dict[str, Any],
         status_code: int = 200,
         read_at: datetime | None = None,
+        order_tag: str = "",
     ) -> HTMLResponse:
-        """Render ``name``; ``read_at`` is when the page's data was read (for the live feed)."""
+        """Render ``name``; ``read_at`` is when the page's data was read and ``order_tag``
+        which account order it shows (both for the live feed: see :meth:`events`)."""
         session = request.cookies.get(COOKIE_NAME)
         base = {
             "csrf_token": self.security.csrf_token(
@@ -177,6 +251,7 @@ class _Pages:
             "logged_in": self.security.token_required and self.security.valid_session(session),
             "path": request.url.path,
             "rendered_at": (read_at or utc_now()).isoformat(),
+            "order_tag": order_tag,
         }
         response = self.templates.TemplateResponse(
             request, name, {**base, **context}, status_code=status_code
@@ -186,28 +261,63 @@ class _Pages:
 
     # ------------------------------------------------------------------ pages
 
-    # The overview and the timeline show every task: they are made in a worker thread (their
-    # records are read, never copied), or a page at 100,000 tasks would hold the event loop
-    # for seconds.
+    # The overview and the timeline are made in a worker thread (their records are read,
+    # never copied): a look at 100,000 tasks takes tens of milliseconds, which the event loop
+    # must not wait out. Up to ``limits.overview`` tasks they show every task; above, the
+    # server applies the filters and shows the first matching tasks of each account.
+
+    def _select(
+        self, records: Sequence[TaskRecord], order: dict[str, list[str]], filters: Filters
+    ) -> Selection:
+        limits = self.limits
+        return select(records, order, filters, page_limit=limits.overview, lane_limit=limits.lane)
+
+    def _order_tag(self) -> str:
+        """What names the account order about to be read (read the tag first)."""
+        return f"{self._epoch}.{self.dispatcher.order_version}"
 
     async def overview(self, request: Request) -> Response:
         dispatcher = self.dispatcher
         read_at = utc_now()
+        order_tag = self._order_tag()
         records = dispatcher.peek_tasks()
         order = dispatcher.account_tasks
+        zone = dispatcher.timezone
+        limits = self.limits
 
         def page() -> Response:
+            filters = Filters.of(request.query_params)
+            selection = None
+            if len(records) > limits.overview:
+                selection = self._select(records, order, filters)
+                shown = [
+                    Lane(
+                        account,
+                        next((r.account_name for _, r in rows if r.account_name), ""),
+                        [task_row(record, zone, position) for position, record in rows],
+                        hidden=selection.hidden.get(account, 0),
+                        total=len(order[account]),
+                    )
+                    for account, rows in selection.accounts.items()
+                ]
+            else:
+                shown = lanes(records, order, zone)
             return self._render(
                 request,
                 "overview.html",
                 {
-                    "lanes": lanes(records, order, dispatcher.timezone),
+                    "lanes": shown,
+                    "selection": selection,
+                    "filters": filters,
+                    "accounts": sorted(order),
+                    "account_list": len(order) <= limits.account_select,
                     "task_count": len(records),
                     "statuses": [status.value for status in TaskStatus],
                     "task_types": sorted({r.task_type for r in records}),
                     "sys_types": sorted({r.sys_type for r in records}),
                 },
                 read_at=read_at,
+                order_tag=order_tag,
             )
 
         return await asyncio.to_thread(page)
@@ -221,9 +331,25 @@ class _Pages:
             dispatcher.account_tasks,
             dispatcher.timezone,
         )
+        limits = self.limits
 
         def page() -> Response:
-            timeline = build_timeline(records, order, zone, now, history or ())
+            filters = Filters.of(request.query_params)
+            selection = None
+            if len(records) > limits.overview:
+                selection = self._select(records, order, filters)
+                timeline = build_timeline(
+                    [record for rows in selection.accounts.values() for _, record in rows],
+                    {
+                        account: [record.task_id for _, record in rows]
+                        for account, rows in selection.accounts.items()
+                    },
+                    zone,
+                    now,
+                    history or (),
+                )
+            else:
+                timeline = build_timeline(records, order, zone, now, history or ())
             hours = []
             first = (timeline.start.astimezone(zone) + timedelta(hours=1)).replace(
                 minute=0, second=0, microsecond=0
@@ -239,6 +365,9 @@ class _Pages:
                     "hours": hours,
                     "tz": zone,
                     "has_history": history is not None,
+                    "selection": selection,
+                    "filters": filters,
+                    "task_count": len(records),
                 },
             )
 
@@ -248,6 +377,7 @@ class _Pages:
         dispatcher = self.dispatcher
         task_id = request.path_params["task_id"]
         read_at = utc_now()
+        order_tag = self._order_tag()  # the page shows no order: any current one will do
         try:
             record = dispatcher.get_task(task_id)
         except TaskNotFoundError:
@@ -271,6 +401,7 @@ class _Pages:
                 "more": len(entries or []) > HISTORY_PAGE,
             },
             read_at=read_at,
+            order_tag=order_tag,
         )
 
     def _run_view(self, entry: Any) -> dict[str, str]:
@@ -373,13 +504,18 @@ class _Pages:
         dispatcher = self.dispatcher
         # Start from what the page shows: the tasks as they are now, less those changed since
         # the page was rendered (``since``), so the first message carries only those, plus
-        # the order and health.
+        # health. The order too, unless the page's ``order`` tag says it shows the current
+        # one: at 100,000 tasks every account's order is over a megabyte.
         records, _, _ = self._look()
         try:
             since = datetime.fromisoformat(request.query_params["since"])
         except (KeyError, ValueError):
             since = None
-        state = await asyncio.to_thread(rendered_at, records, since)
+        tag = self._order_tag()
+        order = dispatcher.account_tasks
+        if request.query_params.get("order") != tag or self._order_tag() != tag:
+            order = {}
+        state = await asyncio.to_thread(rendered_at, records, since, order)
 
         async def stream() -> AsyncIterator[bytes]:
             nonlocal state
@@ -413,14 +549,18 @@ def dashboard_app(
     token: str | None = None,
     allowed_hosts: Sequence[str] | None = None,
     health_probe: HealthProbe | None = None,
+    limits: PageLimits | None = None,
 ) -> ASGIApp:
     """The dashboard at ``/``, with ``api`` (the control plane) behind it, guarded as one.
 
     ``token`` None serves without authentication, for loopback listeners only (``allowed_hosts``
     are the host names it answers to); with a token, browsers log in once through a form.
+    ``limits`` bound what one page shows (None: :meth:`PageLimits.from_environment`).
     """
     security = WebSecurity(token, allowed_hosts=allowed_hosts)
-    pages = _Pages(dispatcher, security, health_probe)
+    if limits is None:
+        limits = PageLimits.from_environment()
+    pages = _Pages(dispatcher, security, health_probe, limits)
     routes: list[BaseRoute] = [
         Route("/", pages.overview, name="overview"),
         Route("/timeline", pages.timeline, name="timeline"),

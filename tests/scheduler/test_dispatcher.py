@@ -300,6 +300,24 @@ async def test_reorder_changes_execution_order(
     await dispatcher.stop()
 
 
+async def test_order_version_changes_with_every_change_of_an_order(
+    make_dispatcher: MakeDispatcher,
+) -> None:
+    dispatcher = make_dispatcher()
+    seen = [dispatcher.order_version]
+    first = await add(dispatcher, task_id="first")
+    seen.append(dispatcher.order_version)
+    await add(dispatcher, task_id="second")
+    seen.append(dispatcher.order_version)
+    dispatcher.pause_task(first)  # a change that moves nothing
+    assert dispatcher.order_version == seen[-1]
+    dispatcher.reorder_task("second", 0)
+    seen.append(dispatcher.order_version)
+    dispatcher.remove_task(first)
+    seen.append(dispatcher.order_version)
+    assert len(set(seen)) == len(seen)
+
+
 async def test_one_run_at_a_time_per_account_and_accounts_in_parallel(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
 ) -> None:

@@ -150,20 +150,38 @@
     return li;
   }
 
+  // A bounded page (a large store: see OVERVIEW_LIMIT) shows only some tasks, picked and
+  // filtered by the server: rows for the others are not added, and changing a filter loads
+  // the page again.
+  function bounded() {
+    const lanes = document.getElementById("lanes");
+    return Boolean(lanes && lanes.hasAttribute("data-bounded"));
+  }
+
+  // ``order`` holds the accounts whose order changed (an emptied account as []). A lane
+  // moves the rows it has into their relative order; rows it lacks are left out.
   function applyOrder(order) {
     const rows = rowsById();
-    for (const [account, ids] of Object.entries(order)) {
-      const list = laneFor(account).querySelector("ol");
-      ids.forEach((id, index) => {
-        const li = rows.get(id);
-        if (li && list.children[index] !== li) list.insertBefore(li, list.children[index] || null);
-      });
-    }
     for (const lane of document.querySelectorAll("#lanes section.lane")) {
-      const count = lane.querySelectorAll("li.task").length;
-      if (!count && !(lane.dataset.account in order)) { lane.remove(); continue; }
+      const account = lane.dataset.account;
+      const ids = order[account];
+      const list = lane.querySelector("ol");
+      if (ids) {
+        let index = 0;
+        for (const id of ids) {
+          const li = rows.get(id);
+          if (!li || li.parentElement !== list) continue;
+          if (list.children[index] !== li) list.insertBefore(li, list.children[index] || null);
+          index += 1;
+        }
+      }
+      const count = list.querySelectorAll("li.task").length;
+      const truncated = lane.hasAttribute("data-truncated");
+      if (ids && !ids.length) { lane.remove(); continue; }
+      if (!count && !truncated) { lane.remove(); continue; }
       const label = lane.querySelector(".count");
-      if (label) label.textContent = `${count} task(s)`;
+      // A truncated lane counts its account's tasks, which only the order message knows.
+      if (label && (!truncated || ids)) label.textContent = `${truncated ? ids.length : count} task(s)`;
     }
   }
 
@@ -190,6 +208,7 @@
     for (const row of message.changed || []) {
       let li = rows.get(row.task_id);
       if (!li) {
+        if (bounded()) continue;
         li = newRow(row);
         laneFor(row.account_id).querySelector("ol").appendChild(li);
         rows.set(row.task_id, li);
@@ -218,8 +237,11 @@
 
   function listen() {
     if (!window.EventSource) return;
-    // The feed first sends what changed since this page was rendered, then every change.
-    const source = new EventSource(`/events?since=${encodeURIComponent(meta("rendered-at"))}`);
+    // The feed first sends what changed since this page was rendered (and the account
+    // order, unless it is still the one the page was rendered with), then every change.
+    const since = encodeURIComponent(meta("rendered-at"));
+    const order = encodeURIComponent(meta("order-tag"));
+    const source = new EventSource(`/events?since=${since}&order=${order}`);
     source.addEventListener("update", (event) => applyUpdate(JSON.parse(event.data)));
     window.addEventListener("pagehide", () => source.close());
   }
@@ -258,11 +280,31 @@
     for (const el of filterForm.elements) {
       if (el.name && params.has(el.name)) el.value = params.get(el.name);
     }
-    const changed = () => {
+    const search = () => {
       const query = new URLSearchParams();
       for (const [k, v] of new FormData(filterForm).entries()) if (v) query.set(k, v);
-      const search = query.toString();
-      history.replaceState(null, "", search ? `?${search}` : location.pathname);
+      const text = query.toString();
+      return text ? `?${text}` : "";
+    };
+    if (filterForm.hasAttribute("data-bounded")) {
+      // The server filters a bounded page: a change loads the page for the new filters
+      // (typing waits for a pause, so a word is one load, not one per letter).
+      let typing = 0;
+      const load = () => {
+        clearTimeout(typing);
+        if (search() !== location.search) location.assign(`${location.pathname}${search()}`);
+      };
+      filterForm.addEventListener("input", (event) => {
+        clearTimeout(typing);
+        if (event.target.tagName === "SELECT") load();
+        else typing = setTimeout(load, 500);
+      });
+      filterForm.addEventListener("submit", (e) => { e.preventDefault(); load(); });
+      applyFilters();
+      return;
+    }
+    const changed = () => {
+      history.replaceState(null, "", search() || location.pathname);
       applyFilters();
     };
     filterForm.addEventListener("input", changed);

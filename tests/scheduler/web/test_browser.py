@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, ZONE, Served, require_browser, seed
+from browser import (
+    ARTIFACTS,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    ZONE,
+    Served,
+    cli,
+    require_browser,
+    seed,
+)
 from helpers import read_state, task_in_file
 
 if TYPE_CHECKING:
@@ -311,3 +320,77 @@ def test_screenshots_at_a_thousand_tasks(tmp_path: Path, page: Page, served: lis
     figures["filter_all_seconds"] = round(time.perf_counter() - started, 3)
     (ARTIFACTS / "figures-1000.json").write_text(json.dumps(figures, indent=2))
     assert figures["overview"]["load_seconds"] < 10, figures
+
+
+def test_a_large_store_is_filtered_by_the_server_and_stays_live(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    # Windows that open later today keep runs out of the test: only the commands below
+    # change tasks. With these limits 20 tasks make a bounded page: 5 rows per lane.
+    hour = datetime.now(ZoneInfo(ZONE)).hour
+    later = [(hour + 2) % 24, (hour + 3) % 24]
+    tasks = [shell(f"a-{i:02d}", "acc-a", 3600, valid_time_range=later) for i in range(12)]
+    tasks += [shell(f"b-{i:02d}", "acc-b", 3600, valid_time_range=later) for i in range(8)]
+    directory = tmp_path / "store"
+    seed(directory, tasks, paused=["a-02", "a-09", "b-05"])
+    limits = {"TASK_DISPATCHER_OVERVIEW_LIMIT": "12", "TASK_DISPATCHER_LANE_LIMIT": "5"}
+    server = start(directory, served, environ=limits)
+
+    def shown(selector: str = "li.task") -> list[str]:
+        ids = page.locator(selector).evaluate_all("rows => rows.map((li) => li.dataset.id)")
+        return [str(task_id) for task_id in ids]
+
+    page.goto(server.url + "/")
+    expect(page.locator("#bounded")).to_have_text(
+        "10 of 20 matching tasks shown: filter to narrow."
+    )
+    lane = page.locator("section.lane[data-account=acc-a]")
+    expect(lane.locator("li.task")).to_have_count(5)
+    expect(lane.locator(".more")).to_contain_text("7 more matching task(s) not shown")
+
+    # A filter loads the page the server filtered: every paused task, and only those.
+    page.locator("#filters select[name=status]").select_option("paused")
+    expect(page).to_have_url(server.url + "/?status=paused")
+    expect(page.locator("li.task:visible")).to_have_count(3)
+    assert shown() == ["a-02", "a-09", "b-05"]
+    page.get_by_label("Search").fill("B-0")  # typing loads once it pauses
+    expect(page).to_have_url(server.url + "/?status=paused&q=B-0")
+    expect(page.locator("li.task")).to_have_count(1)
+    assert shown() == ["b-05"]
+
+    # Live, on a page of acc-a's tasks matching "a-0": a shown row follows its task; a
+    # matching task not shown is not added; the lane keeps the rows it has in their
+    # account's order; an account not on the page gets no lane.
+    page.add_init_script(
+        """window.__feed = [];
+        const Source = window.EventSource;
+        window.EventSource = class extends Source {
+          constructor(...args) {
+            super(...args);
+            this.addEventListener("update", (e) => window.__feed.push(JSON.parse(e.data)));
+          }
+        };"""
+    )
+    page.goto(server.url + "/?q=a-0")
+    expect(lane.locator("li.task")).to_have_count(5)
+    expect(page.locator("section.lane")).to_have_count(1)
+    # The page shows the current order: the feed's first message does not send it again.
+    page.wait_for_function("window.__feed.length > 0")
+    first = page.evaluate("window.__feed[0]")
+    assert "health" in first
+    assert "order" not in first
+    for args in (
+        ("pause", "a-07"),
+        ("reorder", "a-04", "0"),
+        ("reorder", "a-11", "0"),
+        ("reorder", "b-07", "0"),
+        ("pause", "a-01"),
+    ):
+        assert cli(directory, *args).returncode == 0
+    expect(lane.locator("li.task[data-id=a-01] .status")).to_have_text("paused")
+    assert shown() == ["a-04", "a-00", "a-01", "a-02", "a-03"]
+    assert page.locator("li.task[data-id=a-07]").count() == 0
+    assert page.locator("section.lane[data-account=acc-b]").count() == 0
+    expect(lane.locator(".count")).to_have_text("12 task(s)")

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import SHANGHAI, Recorder, at, record
+from helpers import SHANGHAI, Recorder, at, record, seed_file, seed_task
 from starlette.types import Receive, Scope, Send
 
 from scheduler import LocalRunBackend, TaskDispatcher
 from scheduler.control.guard import LISTENER
 from scheduler.web import WebSecurity, dashboard_app
-from scheduler.web.app import backend_problems
+from scheduler.web.app import LANE_LIMIT, OVERVIEW_LIMIT, PageLimits, backend_problems
 from scheduler.web.feed import FeedState, diff
 from scheduler.web.security import COOKIE_NAME
 from scheduler.web.views import format_interval, task_row
@@ -311,3 +313,219 @@ async def test_the_banner_names_an_unreachable_broker_and_sys_types_without_work
     async with client(dashboard_app(d)) as http:
         page = await http.get("/")
     assert "is unreachable since x" in page.text
+
+
+# ---------------------------------------------------------------------- a bounded page
+
+SMALL = PageLimits(overview=12, lane=5)
+"""Limits small enough that the 40 tasks of :func:`large` make a bounded page."""
+
+
+def _task(task_id: str, account: str, task_type: str, sys_type: str, **changes: Any) -> Any:
+    return seed_task(
+        task_id,
+        account_id=account,
+        task_type=task_type,
+        sys_type=sys_type,
+        kwargs={"task_id": task_id},
+        **changes,
+    )
+
+
+@pytest.fixture
+def large(make_dispatcher: Callable[..., TaskDispatcher], state_dir: Path) -> TaskDispatcher:
+    """40 tasks in three accounts: acc-a (12, in reverse priority order), acc-b (3), acc-c (25)."""
+    tasks = [_task(f"a-{i:02d}", "acc-a", "xhs", "mac") for i in range(12)]
+    tasks += [_task(f"b-{i:02d}", "acc-b", "dy", "win") for i in range(3)]
+    tasks += [_task(f"c-{i:02d}", "acc-c", "xhs", "win") for i in range(25)]
+    changes = {
+        "a-03": {"status": "paused"},
+        "a-07": {"status": "paused"},
+        "a-05": {"status": "error", "last_error": "Timeout talking to the API"},
+        "b-01": {"status": "error", "last_error": "disk FULL"},
+        "c-20": {"status": "error", "last_error": "boom"},
+    }
+    for task in tasks:
+        task.update(changes.get(task["task_id"], {}))
+    order = {
+        account: [t["task_id"] for t in tasks if t["account_id"] == account]
+        for account in ("acc-a", "acc-b", "acc-c")
+    }
+    order["acc-a"].reverse()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "dispatch_config.json").write_bytes(seed_file(tasks, order))
+    return make_dispatcher()
+
+
+def lanes_shown(text: str) -> dict[str, list[str]]:
+    """Account -> the task ids of its lane, in the page's order."""
+    found: dict[str, list[str]] = {}
+    for chunk in text.split('<section class="lane"')[1:]:
+        account = re.search(r'data-account="([^"]*)"', chunk)
+        assert account is not None
+        if account.group(1):
+            found[account.group(1)] = re.findall(r'<li class="task"[^>]*data-id="([^"]+)"', chunk)
+    return found
+
+
+def notes(text: str) -> list[str]:
+    """The "not shown" notes of truncated lanes and the page's sentence, as plain text."""
+    found = re.findall(r'<p class="(?:more|bounded)"[^>]*>(.*?)</p>', text, re.S)
+    return [" ".join(re.sub(r"<[^>]+>", "", note).split()) for note in found]
+
+
+async def test_a_large_store_shows_a_bounded_page(large: TaskDispatcher) -> None:
+    async with client(dashboard_app(large, limits=SMALL)) as c:
+        page = await c.get("/")
+    text = page.text
+    assert lanes_shown(text) == {
+        "acc-a": ["a-11", "a-10", "a-09", "a-08", "a-07"],
+        "acc-b": ["b-00", "b-01", "b-02"],
+        "acc-c": ["c-00", "c-01", "c-02", "c-03"],
+    }
+    assert notes(text) == [
+        "12 of 40 matching tasks shown: filter to narrow.",
+        "7 more matching task(s) not shown: show only acc-a",
+        "21 more matching task(s) not shown: show only acc-c",
+    ]
+    assert 'href="/?account=acc-a"' in text
+    assert 'href="/?account=acc-c"' in text
+    assert '<div id="lanes" data-bounded>' in text
+    assert "data-bounded>" in text.split('id="filters"')[1].split("\n")[0]
+    # A truncated lane counts its account's tasks; a whole one, its rows.
+    assert re.search(r'data-account="acc-a" data-truncated>.*?12 task\(s\)', text, re.S)
+    assert re.search(r'data-account="acc-b">.*?3 task\(s\)', text, re.S)
+
+
+async def test_a_bounded_page_names_the_accounts_it_has_no_room_for(
+    large: TaskDispatcher,
+) -> None:
+    async with client(dashboard_app(large, limits=PageLimits(overview=7, lane=5))) as c:
+        page = await c.get("/")
+    assert list(lanes_shown(page.text)) == ["acc-a", "acc-b"]
+    assert notes(page.text)[0] == (
+        "7 of 40 matching tasks shown, from 2 of 3 accounts: filter to narrow."
+    )
+
+
+PENDING_IN_A = ["a-11", "a-10", "a-09", "a-08", "a-06", "a-04", "a-02", "a-01", "a-00"]
+"""acc-a's pending tasks in priority order (all of them: the page is filtered on acc-a)."""
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("status=paused", {"acc-a": ["a-07", "a-03"]}),
+        ("status=error", {"acc-a": ["a-05"], "acc-b": ["b-01"], "acc-c": ["c-20"]}),
+        ("type=dy", {"acc-b": ["b-00", "b-01", "b-02"]}),
+        ("sys=win&status=error", {"acc-b": ["b-01"], "acc-c": ["c-20"]}),
+        ("account=acc-b", {"acc-b": ["b-00", "b-01", "b-02"]}),
+        ("account=acc-a&status=pending", {"acc-a": PENDING_IN_A}),
+        ("q=A-1", {"acc-a": ["a-11", "a-10"]}),  # the task id, any case
+        ("q=+timeout+", {"acc-a": ["a-05"]}),  # the last error, any case, trimmed
+        ("q=full", {"acc-b": ["b-01"]}),
+        ("q=boom&type=dy", {}),
+        ("account=nobody", {}),
+    ],
+)
+async def test_the_server_filters_a_bounded_page_as_the_browser_does(
+    large: TaskDispatcher, query: str, expected: dict[str, list[str]]
+) -> None:
+    async with client(dashboard_app(large, limits=SMALL)) as c:
+        page = await c.get(f"/?{query}")
+    assert lanes_shown(page.text) == expected
+    count = sum(map(len, expected.values()))
+    assert notes(page.text) == [f"{count} of {count} matching tasks shown (40 tasks in all)."]
+
+
+async def test_a_filtered_account_takes_the_whole_page_and_links_keep_the_filters(
+    large: TaskDispatcher,
+) -> None:
+    async with client(dashboard_app(large, limits=SMALL)) as c:
+        account = await c.get("/?account=acc-c")
+        win = await c.get("/?sys=win")
+    assert lanes_shown(account.text) == {"acc-c": [f"c-{i:02d}" for i in range(12)]}
+    assert notes(account.text) == [
+        "12 of 25 matching tasks shown (40 tasks in all): filter to narrow.",
+        "13 more matching task(s) not shown: narrow the filters",
+    ]
+    assert lanes_shown(win.text) == {
+        "acc-b": ["b-00", "b-01", "b-02"],
+        "acc-c": ["c-00", "c-01", "c-02", "c-03", "c-04"],
+    }
+    assert 'href="/?account=acc-c&amp;sys=win"' in win.text
+
+
+async def test_a_store_within_the_limit_is_shown_whole_and_filtered_in_the_browser(
+    large: TaskDispatcher,
+) -> None:
+    async with client(dashboard_app(large, limits=PageLimits(overview=40, lane=5))) as c:
+        page = await c.get("/?status=error")
+    assert sum(map(len, lanes_shown(page.text).values())) == 40
+    assert "data-bounded" not in page.text
+    assert notes(page.text) == []
+
+
+@pytest.mark.parametrize(("threshold", "select"), [(3, True), (2, False)])
+async def test_many_accounts_make_the_account_filter_a_text_field(
+    large: TaskDispatcher, threshold: int, select: bool
+) -> None:
+    limits = PageLimits(overview=12, lane=5, account_select=threshold)
+    async with client(dashboard_app(large, limits=limits)) as c:
+        page = await c.get("/?account=acc-b")
+    assert ('<select name="account">' in page.text) is select
+    assert ('<input type="text" name="account"' in page.text) is not select
+    assert lanes_shown(page.text) == {"acc-b": ["b-00", "b-01", "b-02"]}
+
+
+async def test_the_timeline_of_a_large_store_is_bounded_too(large: TaskDispatcher) -> None:
+    def lines(text: str) -> list[str]:
+        return re.findall(r'class="tl-line[^"]*" data-id="([^"]+)"', text)
+
+    async with client(dashboard_app(large, limits=SMALL)) as c:
+        whole = await c.get("/timeline")
+        one = await c.get("/timeline?account=acc-b")
+    assert lines(whole.text) == [
+        *["a-11", "a-10", "a-09", "a-08", "a-07"],
+        *["b-00", "b-01", "b-02"],
+        *["c-00", "c-01", "c-02", "c-03"],
+    ]
+    assert notes(whole.text) == [
+        "12 of 40 matching tasks shown: filter to narrow.",
+        "7 more matching task(s) not shown: show only acc-a",
+        "21 more matching task(s) not shown: show only acc-c",
+    ]
+    assert 'href="/timeline?account=acc-a"' in whole.text
+    assert lines(one.text) == ["b-00", "b-01", "b-02"]
+    assert notes(one.text) == ["3 of 3 matching tasks shown (40 tasks in all)."]
+
+
+def test_page_limits_come_from_the_environment() -> None:
+    assert PageLimits.from_environment({}) == PageLimits(OVERVIEW_LIMIT, LANE_LIMIT)
+    assert PageLimits.from_environment(
+        {"TASK_DISPATCHER_OVERVIEW_LIMIT": "30", "TASK_DISPATCHER_LANE_LIMIT": " 5 "}
+    ) == PageLimits(overview=30, lane=5)
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(ValueError, match="TASK_DISPATCHER_LANE_LIMIT"):
+            PageLimits.from_environment({"TASK_DISPATCHER_LANE_LIMIT": bad})
+
+
+def test_feed_order_carries_only_the_accounts_whose_order_changed() -> None:
+    now = at(2026, 1, 8, 7, 0)
+    a1, a2, b1, c1 = (
+        record("a1", account="a"),
+        record("a2", account="a"),
+        record("b1", account="b"),
+        record("c1", account="c"),
+    )
+    order = {"a": ["a1", "a2"], "b": ["b1"], "c": ["c1"]}
+    state = FeedState.of([a1, a2, b1, c1], order, {})
+    state, message = diff(
+        state, [a1, a2, b1, c1], {"a": ["a2", "a1"], "b": ["b1"], "c": ["c1"]}, {}, SHANGHAI, now
+    )
+    assert message is not None
+    assert message["order"] == {"a": ["a2", "a1"]}
+    _, message = diff(state, [a1, a2, b1], {"a": ["a2", "a1"], "b": ["b1"]}, {}, SHANGHAI, now)
+    assert message is not None
+    assert message["order"] == {"c": []}
+    assert message["removed"] == ["c1"]
