@@ -43,7 +43,7 @@ from jobstores.format import (
     encode_task,
 )
 from jobstores.loading import BACKUP_FILENAME, JOURNAL_PREFIX, STATE_FILENAME, read_state
-from jobstores.table import PAUSE, StateImage, pause
+from jobstores.table import PAUSE, StateImage, let_go, pause
 
 __all__ = ["MAX_AGE", "MIN_BYTES", "PAUSE", "JournalStorage"]
 
@@ -326,8 +326,11 @@ class JournalStorage:
             pause=pause,
         )
         write_atomic(self.path, parts, backup=self.backup_path)
+        size = sum(map(len, parts))
+        chunks.clear()  # parts holds the same chunks: let go of them once, piecemeal
+        let_go(parts)
         with self._lock:
-            self._snapshot_bytes = sum(map(len, parts))
+            self._snapshot_bytes = size
             self._no_snapshot = False
             self.compactions += 1
 

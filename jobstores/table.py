@@ -44,6 +44,19 @@ def pause() -> None:
     time.sleep(PAUSE)
 
 
+def let_go(items: list[Any], piece: int = 32) -> None:
+    """Empty ``items`` ``piece`` at a time, with a :func:`pause` in between.
+
+    Dropping the last reference to tens of megabytes at once (a snapshot's encoded chunks:
+    76 MB at 100,000 tasks) hands the memory back to the system in one C call, holding the
+    interpreter for milliseconds; a background writer lets go of it piecemeal instead.
+    """
+    while items:
+        del items[-piece:]
+        if items:
+            pause()
+
+
 Change = Callable[[str, TaskRecord | None, TaskRecord | None], None]
 """A listener: ``(task_id, old record or None when added, new record or None when removed)``,
 called under the lock (old and new are the same record when only the task's order changed)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from helpers import SHANGHAI, T0, read_file, read_state, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobstores import JsonJobStore, table
+from jobstores import JsonJobStore, journal, table
 from jobstores.format import decode_journal_line
 from jobstores.journal import JournalStorage
 from jobstores.loading import JOURNAL_PREFIX, journal_segments
@@ -233,6 +234,41 @@ def test_the_journal_is_folded_in_the_background_past_its_threshold(tmp_path: Pa
     storage._wait_compaction()
     assert storage.compactions >= 2
     assert len(journal_segments(tmp_path)) <= 1  # the covered segments are gone
+    assert read_state(tmp_path)["tasks"] == [r.to_json_dict() for r in store.records()]
+    store.close()
+
+
+def test_let_go_empties_a_list_a_piece_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+    items = list(range(100))
+    monkeypatch.setattr(table, "pause", lambda: sizes.append(len(items)))
+    table.let_go(items, 32)
+    assert (items, sizes) == ([], [68, 36, 4])  # a pause between pieces, none after the last
+
+
+def test_a_compaction_lets_go_of_the_encoded_snapshot_piecemeal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Freeing the whole encoded snapshot at once (76 MB at 100,000 tasks) held the
+    # interpreter, and the event loop, for milliseconds at the end of every compaction.
+    released: list[list[tuple[int, int]]] = []
+    real = table.let_go
+
+    def spy(items: list[Any], piece: int = 32) -> None:
+        released.append([(len(items[i]), sys.getrefcount(items[i])) for i in range(len(items))])
+        real(items, piece)
+
+    monkeypatch.setattr(journal, "let_go", spy)
+    store = open_store(tmp_path, max_bytes=2000)
+    store.add_tasks([record(f"t{n:04d}") for n in range(600)])
+    assert store.save()
+    probe(store)._wait_compaction()
+    assert probe(store).compactions == 1
+    (parts,) = released
+    # The chunks of 256, 256 and 88 tasks; the list is their last holder (2: the list and
+    # getrefcount's argument), so emptying it piecemeal is what frees them.
+    chunks = [holders for size, holders in parts if size > 20_000]
+    assert chunks == [2, 2, 2]
     assert read_state(tmp_path)["tasks"] == [r.to_json_dict() for r in store.records()]
     store.close()
 
