@@ -267,10 +267,17 @@ class _Pages:
     # server applies the filters and shows the first matching tasks of each account.
 
     def _select(
-        self, records: Sequence[TaskRecord], order: dict[str, list[str]], filters: Filters
-    ) -> Selection:
+        self, request: Request, records: Sequence[TaskRecord], order: dict[str, list[str]]
+    ) -> tuple[Filters, Selection | None]:
+        """The page's filters, and what a bounded page shows of ``records`` (None: they fit
+        on one page, shown whole and filtered in the browser)."""
+        filters = Filters.of(request.query_params)
         limits = self.limits
-        return select(records, order, filters, page_limit=limits.overview, lane_limit=limits.lane)
+        if len(records) <= limits.overview:
+            return filters, None
+        return filters, select(
+            records, order, filters, page_limit=limits.overview, lane_limit=limits.lane
+        )
 
     def _order_tag(self) -> str:
         """What names the account order about to be read (read the tag first)."""
@@ -286,10 +293,8 @@ class _Pages:
         limits = self.limits
 
         def page() -> Response:
-            filters = Filters.of(request.query_params)
-            selection = None
-            if len(records) > limits.overview:
-                selection = self._select(records, order, filters)
+            filters, selection = self._select(request, records, order)
+            if selection is not None:
                 shown = [
                     Lane(
                         account,
@@ -331,13 +336,10 @@ class _Pages:
             dispatcher.account_tasks,
             dispatcher.timezone,
         )
-        limits = self.limits
 
         def page() -> Response:
-            filters = Filters.of(request.query_params)
-            selection = None
-            if len(records) > limits.overview:
-                selection = self._select(records, order, filters)
+            filters, selection = self._select(request, records, order)
+            if selection is not None:
                 timeline = build_timeline(
                     [record for rows in selection.accounts.values() for _, record in rows],
                     {
