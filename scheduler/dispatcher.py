@@ -728,13 +728,14 @@ class TaskDispatcher:
             self._listeners.bind(asyncio.get_running_loop())
             await self._backend.open(self._ledger)
             recovered = self._ledger.recover() if self._backend.remote else []
-            self._scheduler.start()
-            self._started_at = time.monotonic()
-            self._retries.start()
+            # Runs still out (on workers) hold their lanes before the first scheduler pass.
             for request in recovered:
                 self._runner.resume(request)
             if recovered:
                 await self._backend.recover(recovered)
+            self._scheduler.start()
+            self._started_at = time.monotonic()
+            self._retries.start()
             planned = self._store.next_run()
             if planned is not None:
                 task_id, when = planned

@@ -119,6 +119,24 @@ class AccountLanes:
             self.withdraw(waiter)
             raise
 
+    def occupy(self, account: str) -> bool:
+        """Take ``account``'s lane and a global slot now, before anything queued for it; pair
+        with :meth:`release`. False (nothing taken) if the lane is already held.
+
+        For a run that is already executing when the dispatcher starts (recovered after a
+        restart): it holds its lane before the first scheduler pass queues anything, so no
+        run of its account starts beside it. It takes a global slot even when none is free
+        (the run is going on whatever the limit says); the next release gives it back.
+        """
+        lane = self._lanes.get(account)
+        if lane is None:
+            lane = self._lanes[account] = _Lane(order_version=self._order_version())
+        if lane.busy:
+            return False
+        lane.busy = True
+        self._free -= 1
+        return True
+
     def enqueue(self, account: str, task_id: str, grant: Callable[[], object]) -> Waiter:
         """Queue a run of ``task_id`` for ``account``'s lane without waiting: ``grant()`` is
         called (from the loop) once it holds the lane and a global slot; it then gives them
@@ -152,7 +170,7 @@ class AccountLanes:
         self._release(account, at_once=True)
 
     def _release_slot(self) -> None:
-        if self._slot_queue:
+        if self._slot_queue and self._free >= 0:
             waiter = self._slot_queue.popleft()  # the slot passes on, held all along
             waiter.state = _GRANTED
             waiter.grant()
@@ -184,7 +202,7 @@ class AccountLanes:
             if waiter.state != _WAITING:
                 continue
             lane.busy = True
-            if self._free:
+            if self._free > 0:
                 self._free -= 1
                 waiter.state = _GRANTED
                 waiter.grant()

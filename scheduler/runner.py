@@ -81,9 +81,15 @@ class TaskRunner:
         return queued.outcome
 
     def resume(self, request: RunRequest) -> asyncio.Task[RunEvent | None]:
-        """Hold the lane of a run recovered after a restart until it ends."""
+        """Hold the lane of a run recovered after a restart until it ends.
+
+        The lane is taken before this returns (unless another recovered run of the account
+        holds it): called before the scheduler starts, no run of the account that is due
+        can start beside a run still executing on a worker.
+        """
         self._store.run_submitted(request.task_id)
-        return self._spawn(self._hold(request), request.task_id)
+        held = self._lanes.occupy(request.account_id)
+        return self._spawn(self._hold(request, held), request.task_id)
 
     def _spawn(
         self, coroutine: Coroutine[Any, Any, RunEvent | None], task_id: str
@@ -200,9 +206,10 @@ class TaskRunner:
         if not outcome.done():
             outcome.set_result(event)
 
-    async def _hold(self, request: RunRequest) -> RunEvent | None:
+    async def _hold(self, request: RunRequest, held: bool) -> RunEvent | None:
         try:
-            await self._lanes.acquire(request.account_id, request.task_id)
+            if not held:
+                await self._lanes.acquire(request.account_id, request.task_id)
             try:
                 ended = self._ledger.ended(request.run_id)
                 return None if ended is None else await ended
