@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -223,3 +225,101 @@ StartWorker = Callable[..., Worker]
 visibility_timeout=None)``."""
 OpenBackend = Callable[..., Awaitable[CeleryRunBackend]]
 """``open_backend(inbox, **CeleryRunBackend options)``."""
+
+
+class FaultProxy:
+    """A TCP proxy on loopback in front of a Redis, which can cut a connection on cue.
+
+    :meth:`drop_reply` arms a one-shot fault: the next reply from the server that contains
+    ``marker`` is not forwarded and the client's connection is closed (a reset that
+    swallowed the reply). :meth:`drop_request` does the same to the next request containing
+    ``marker`` (it never reaches the server). ``dropped`` is set once the fault happened.
+    """
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.dropped = threading.Event()
+        self._reply_marker: bytes | None = None
+        self._request_marker: bytes | None = None
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._closed = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, name="fault-proxy", daemon=True)
+
+    def start(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def drop_reply(self, marker: bytes) -> None:
+        with self._lock:
+            self.dropped.clear()
+            self._reply_marker = marker
+
+    def drop_request(self, marker: bytes) -> None:
+        with self._lock:
+            self.dropped.clear()
+            self._request_marker = marker
+
+    def _fault(self, chunk: bytes, reply: bool) -> bool:
+        with self._lock:
+            marker = self._reply_marker if reply else self._request_marker
+            if marker is None or marker not in chunk:
+                return False
+            if reply:
+                self._reply_marker = None
+            else:
+                self._request_marker = None
+            self.dropped.set()
+            return True
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    server.close()
+                    return
+                self._sockets.update((client, server))
+            for source, target, reply in ((client, server, False), (server, client, True)):
+                threading.Thread(
+                    target=self._pipe, args=(source, target, reply), daemon=True
+                ).start()
+
+    def _pipe(self, source: socket.socket, target: socket.socket, reply: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if self._fault(chunk, reply):
+                    break
+                target.sendall(chunk)
+        except OSError:
+            pass
+        for end in (source, target):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop serving and close every connection."""
+        with self._lock:
+            self._closed = True
+            sockets, self._sockets = list(self._sockets), set()
+        self._listener.close()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._thread.join(5)

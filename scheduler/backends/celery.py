@@ -29,6 +29,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from celery import Celery
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError, ResponseError
@@ -63,6 +65,8 @@ _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 30.0
 _WORKERS_EVERY = 5.0
 _FLAP = 10.0
+_REREAD_EVERY = 10.0
+"""Seconds between re-reads of the dispatcher's own pending stream entries."""
 
 
 @dataclass(slots=True)
@@ -168,7 +172,13 @@ class CeleryRunBackend:
             raise RuntimeError("CeleryRunBackend: already opened")
         self._inbox = inbox
         self._redis = aioredis.Redis.from_url(
-            self.broker_url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=30
+            self.broker_url,
+            socket_connect_timeout=5,
+            socket_timeout=15,
+            health_check_interval=30,
+            # No silent retry: a read retried after a reset would skip the entries whose reply
+            # was lost; every error reaches the loops here, which re-read and back off.
+            retry=Retry(NoBackoff(), 0),
         )
         self._app = make_app(self.broker_url)
         with contextlib.suppress(RedisError, OSError, TimeoutError):
@@ -375,11 +385,17 @@ class CeleryRunBackend:
         client = self._redis
         group_ready = False
         caught_up = False
+        reread_at = time.monotonic() + _REREAD_EVERY
         while not self._closing:
             try:
                 if self._outage_since is not None and time.monotonic() < self._retry_at:
                     await asyncio.sleep(min(self._poll, self._retry_at - time.monotonic()))
                     continue
+                if time.monotonic() >= reread_at:
+                    # Our own pending entries (id 0) again now and then, as after an error:
+                    # a reply lost without an error we saw must not strand an outcome.
+                    caught_up = False
+                    reread_at = time.monotonic() + _REREAD_EVERY
                 if not group_ready:
                     with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
                         await client.xgroup_create(EVENTS_STREAM, EVENTS_GROUP, "0", mkstream=True)
@@ -405,6 +421,10 @@ class CeleryRunBackend:
                 # The broker lost the stream (a restart without persistence): start over.
                 group_ready = caught_up = False
             except (RedisError, OSError) as exc:
+                # The reply of a read may have been lost with the connection (its entries are
+                # then pending for us, never delivered), or an acknowledgement may have
+                # failed: read our own pending entries again first (applying is idempotent).
+                caught_up = False
                 self._broker_failed(exc)
 
     async def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> bool:

@@ -21,6 +21,7 @@ import redis
 from fleet_support import (
     PROBE,
     ROOT,
+    FaultProxy,
     TESTS,
     FileInbox,
     OpenBackend,
@@ -156,3 +157,13 @@ async def open_backend(broker_url: str) -> AsyncIterator[OpenBackend]:
     yield make
     for backend in opened:
         await backend.close(1.0)
+
+
+@pytest.fixture
+def fault_proxy(redis_address: tuple[str, int]) -> Iterator[FaultProxy]:
+    """A loopback TCP proxy in front of the test Redis that can cut a connection on cue."""
+    proxy = FaultProxy(redis_address[1], redis_address[0]).start()
+    try:
+        yield proxy
+    finally:
+        proxy.close()

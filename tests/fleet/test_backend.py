@@ -10,6 +10,7 @@ import pytest
 import redis
 from fleet_probe import read_probe
 from fleet_support import (
+    FaultProxy,
     FileInbox,
     OpenBackend,
     RedisServer,
@@ -218,3 +219,59 @@ async def test_broker_killed_and_restarted(
     await eventually(lambda: inbox.finished("after"), 30, "a run after the outage")
     assert inbox.kinds("after") == ["started", "succeeded"]
     assert not any(line["task_id"].startswith("task-lost") for line in read_probe(probe))
+
+
+def _pending(broker_url: str) -> int:
+    client = redis.Redis.from_url(broker_url)
+    try:
+        return int(client.xpending(EVENTS_STREAM, "dispatcher")["pending"])
+    except redis.ResponseError:
+        return 0
+
+
+async def test_an_outcome_whose_reply_was_lost_is_read_again(
+    start_worker: StartWorker,
+    open_backend: OpenBackend,
+    fault_proxy: FaultProxy,
+    broker_url: str,
+    tmp_path: Path,
+) -> None:
+    # The dispatcher reads the stream through a proxy that swallows the reply carrying the
+    # outcome and resets the connection: the entry is pending for the dispatcher, delivered
+    # to nobody. It must be read again (id 0) right after the error, not only at a restart.
+    start_worker("w1", "linux")
+    db = int(broker_url.rsplit("/", 1)[1])
+    inbox = FileInbox(tmp_path / "inbox.json")
+    backend = await open_backend(inbox, broker_url=fault_proxy.url(db))
+    probe = tmp_path / "probe.jsonl"
+    fault_proxy.drop_reply(b'"kind":"succeeded"')
+    await backend.submit(request("swallowed", sys_type="linux", probe_log=probe, seconds=0.3))
+    await eventually(fault_proxy.dropped.is_set, 20, "the reply to be swallowed")
+    await eventually(lambda: inbox.finished("swallowed"), 5, "the outcome read again")
+    assert inbox.kinds("swallowed") == ["started", "succeeded"]
+    await eventually(lambda: _pending(broker_url) == 0, 5, "the entries acknowledged")
+
+
+async def test_an_outcome_applied_but_not_acknowledged_is_acknowledged_later(
+    start_worker: StartWorker,
+    open_backend: OpenBackend,
+    fault_proxy: FaultProxy,
+    broker_url: str,
+    tmp_path: Path,
+) -> None:
+    start_worker("w1", "linux")
+    db = int(broker_url.rsplit("/", 1)[1])
+    inbox = FileInbox(tmp_path / "inbox.json")
+    backend = await open_backend(inbox, broker_url=fault_proxy.url(db))
+    probe = tmp_path / "probe.jsonl"
+    await backend.submit(request("first", sys_type="linux", probe_log=probe))
+    await eventually(lambda: inbox.finished("first"), 20, "a first outcome")
+    await eventually(lambda: _pending(broker_url) == 0, 5, "its entries acknowledged")
+    fault_proxy.drop_request(b"XACK")  # the acknowledgement never reaches Redis
+    await backend.submit(request("unacked", sys_type="linux", probe_log=probe))
+    await eventually(fault_proxy.dropped.is_set, 20, "an acknowledgement to be cut")
+    await eventually(lambda: inbox.finished("unacked"), 5, "the outcome applied")
+    # Read again and acknowledged; the inbox saw the copy and applied it once.
+    await eventually(lambda: _pending(broker_url) == 0, 5, "the entries acknowledged")
+    assert inbox.duplicates >= 1
+    assert inbox.kinds("unacked") == ["started", "succeeded"]
