@@ -23,6 +23,7 @@ from scheduler.listeners import (
 )
 from scheduler.triggers import TaskTrigger
 from tasks.errors import (
+    BrokerInUseError,
     BrokerUnavailableError,
     ControlError,
     DirectoryLockedError,
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from scheduler.backends.celery import CeleryRunBackend
 
 __all__ = [
+    "BrokerInUseError",
     "BrokerUnavailableError",
     "CeleryRunBackend",
     "ControlError",

@@ -17,6 +17,8 @@ Who writes what (``S`` a sys_type, ``R`` a run id):
   ``dispatcher`` and acknowledged only once applied durably.
 - ``td:worker:NAME``: a live worker's sys_types (renewed while the worker runs).
 - ``td:epoch``: a token the dispatcher sets; its disappearance means Redis lost its data.
+- ``td:dispatcher``: the lease of the one dispatcher that uses this database (who it is:
+  host, pid, directory), renewed while it runs and left to expire if it dies.
 
 Each state change of a run is one Lua script: taking a claim and announcing ``started`` happen
 together or not at all, as do recording an outcome and releasing the heartbeat.
@@ -41,6 +43,9 @@ __all__ = [
     "FACTORY_ENV_VAR",
     "FINISH_SCRIPT",
     "HEARTBEAT_SCRIPT",
+    "LEASE_KEY",
+    "LEASE_RELEASE_SCRIPT",
+    "LEASE_SCRIPT",
     "MARK_SCRIPT",
     "QUEUE_PREFIX",
     "TASK_NAME",
@@ -66,6 +71,8 @@ EPOCH_KEY = "td:epoch"
 """Set once by the dispatcher: if it vanishes, the broker lost its data (a restart without
 persistence) and with it the messages of runs not started yet."""
 EVENTS_GROUP = "dispatcher"
+LEASE_KEY = "td:dispatcher"
+"""The running dispatcher's lease on this database (JSON: id, host, pid, directory, since)."""
 CLAIM_TTL = 7 * 24 * 3600
 """Seconds a claim is kept: far longer than any redelivery of a run's message."""
 
@@ -189,4 +196,24 @@ end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 redis.call('XADD', KEYS[3], '*', 'event', ARGV[4])
 return 1
+"""
+
+# The dispatcher's lease. KEYS: lease. ARGV: our value, ttl (ms), a holder's value we may
+# replace ('' for none: a dead predecessor of ours). Returns 1 if the lease is ours (taken or
+# renewed), else the holder's value.
+LEASE_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] and current ~= ARGV[3] then
+  return current
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: lease. ARGV: our value. Gives the lease back if it is still ours.
+LEASE_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from jobstores.jsonfile import JsonJobStore
 from tasks import lifecycle
@@ -57,6 +58,11 @@ class RunLedger:
         # Run ids: unique per process by the counter, across processes by the prefix.
         self._prefix = uuid.uuid4().hex[:12]
         self._numbers = itertools.count(1)
+
+    @property
+    def directory(self) -> Path:
+        """The dispatcher directory (a remote backend names its dispatcher by it)."""
+        return self._store.directory
 
     def observe(self, observer: RunObserver) -> None:
         """Call ``observer(request, event)`` after each event is applied."""

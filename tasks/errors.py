@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "BrokerInUseError",
     "BrokerUnavailableError",
     "ControlError",
     "DirectoryLockedError",
@@ -142,6 +143,11 @@ class DispatcherClosedError(DispatcherError, RuntimeError):
 
 class BrokerUnavailableError(DispatcherError, ConnectionError):
     """A run could not be sent: the broker of a remote run backend is unreachable."""
+
+
+class BrokerInUseError(DispatcherError, RuntimeError):
+    """The broker's Redis database already serves another running dispatcher (one per
+    database: the run events and their consumer group belong to it)."""
 
 
 class ListenError(DispatcherError, ValueError):

@@ -21,11 +21,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import socket
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -40,6 +43,9 @@ from scheduler.fleet import (
     EPOCH_KEY,
     EVENTS_GROUP,
     EVENTS_STREAM,
+    LEASE_KEY,
+    LEASE_RELEASE_SCRIPT,
+    LEASE_SCRIPT,
     MARK_SCRIPT,
     TASK_NAME,
     WORKER_PREFIX,
@@ -50,7 +56,7 @@ from scheduler.fleet import (
     mask_url,
     queue_name,
 )
-from tasks.errors import BrokerUnavailableError
+from tasks.errors import BrokerInUseError, BrokerUnavailableError
 from tasks.runs import RunEvent, RunEventKind, RunInbox, RunRequest, describe_error
 
 __all__ = ["CeleryRunBackend"]
@@ -66,6 +72,9 @@ _BACKOFF_MAX = 30.0
 _WORKERS_EVERY = 5.0
 _FLAP = 10.0
 _REREAD_EVERY = 10.0
+_LEASE_TTL = 15.0
+"""Seconds the dispatcher's lease on the database outlives its last renewal (renewed at every
+poll): how long a dispatcher that died (elsewhere) keeps another one out."""
 """Seconds between re-reads of the dispatcher's own pending stream entries."""
 
 
@@ -158,6 +167,11 @@ class CeleryRunBackend:
         self._workers_at = 0.0
         self._epoch = uuid.uuid4().hex
         self._epoch_set = False
+        self._lease = ""
+        self._directory: str | None = None
+        self._leased = False
+        self._fenced: str | None = None
+        """Why this dispatcher may not use the database now (another one holds its lease)."""
 
     # ------------------------------------------------------------------ the protocol
 
@@ -181,9 +195,30 @@ class CeleryRunBackend:
             retry=Retry(NoBackoff(), 0),
         )
         self._app = make_app(self.broker_url)
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        directory = getattr(inbox, "directory", None)  # a TaskDispatcher's inbox names it
+        self._directory = None if directory is None else str(Path(directory).resolve())
+        self._lease = dumps(
+            {
+                "id": self._epoch,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "directory": self._directory,
+                "since": _utcnow().isoformat(timespec="seconds"),
+            }
+        )
+        try:
+            # One dispatcher per database: refuse to start beside another (an unreachable
+            # broker is not a refusal: the lease is then taken at the first contact).
+            await asyncio.wait_for(self._take_lease(), 2.0)
             # Know the broker's data before the first run is sent (see _check_epoch).
             await asyncio.wait_for(self._check_epoch(), 2.0)
+        except (RedisError, OSError, TimeoutError):
+            pass
+        except BrokerInUseError:
+            self._closing = True
+            await self._redis.aclose()
+            await asyncio.to_thread(self._app.close)
+            raise
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._read_events(), name="celery backend: events"),
@@ -204,6 +239,8 @@ class CeleryRunBackend:
         """
         if self._app is None or self._closing:
             raise RuntimeError("CeleryRunBackend: not open")
+        if self._fenced is not None:
+            raise BrokerInUseError(f"run {request.run_id} was not sent: {self._fenced}")
         queue = queue_name(request.sys_type)
         if self._outage_since is not None and time.monotonic() < self._retry_at:
             raise BrokerUnavailableError(
@@ -264,6 +301,11 @@ class CeleryRunBackend:
             reader.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._redis is not None:
+            if self._leased:
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await asyncio.wait_for(
+                        self._redis.eval(LEASE_RELEASE_SCRIPT, 1, LEASE_KEY, self._lease), 2.0
+                    )
             await self._redis.aclose()
         if self._app is not None:
             await asyncio.to_thread(self._app.close)
@@ -284,6 +326,7 @@ class CeleryRunBackend:
             "workers": dict(self._workers),
             "start_timeout": self.start_timeout,
             "lost_after": self.lost_after,
+            "in_use_by_another_dispatcher": self._fenced,
         }
 
     # ------------------------------------------------------------------ queries
@@ -391,6 +434,10 @@ class CeleryRunBackend:
                 if self._outage_since is not None and time.monotonic() < self._retry_at:
                     await asyncio.sleep(min(self._poll, self._retry_at - time.monotonic()))
                     continue
+                if not self._leased or self._fenced is not None:
+                    # The outcomes belong to whichever dispatcher holds the lease.
+                    await asyncio.sleep(self._poll)
+                    continue
                 if time.monotonic() >= reread_at:
                     # Our own pending entries (id 0) again now and then, as after an error:
                     # a reply lost without an error we saw must not strand an outcome.
@@ -483,6 +530,8 @@ class CeleryRunBackend:
                 if self._outage_since is not None:
                     await self._redis.ping()
                     self._broker_ok()
+                if not await self._renew_lease():
+                    continue
                 await self._check_epoch()
                 await self._check_runs()
                 if time.monotonic() - self._workers_at >= _WORKERS_EVERY:
@@ -492,6 +541,74 @@ class CeleryRunBackend:
             except Exception:
                 # Keep watching: a run stuck open forever is worse than a logged bug.
                 logger.exception("celery run backend: checking runs failed")
+
+    # ------------------------------------------------------------------ the lease
+
+    async def _take_lease(self) -> None:
+        """Take (or renew) this database's dispatcher lease; :class:`BrokerInUseError` naming
+        the holder if another running dispatcher has it."""
+        assert self._redis is not None
+        ttl = int(_LEASE_TTL * 1000)
+        result = await self._redis.eval(LEASE_SCRIPT, 1, LEASE_KEY, self._lease, ttl, "")
+        if result != 1 and self._predecessor(result):
+            result = await self._redis.eval(LEASE_SCRIPT, 1, LEASE_KEY, self._lease, ttl, result)
+        if result == 1:
+            self._leased = True
+            return
+        raise BrokerInUseError(self._in_use(result))
+
+    async def _renew_lease(self) -> bool:
+        """Renew the lease; False (logged once) while another dispatcher holds it."""
+        try:
+            await self._take_lease()
+        except BrokerInUseError as exc:
+            if self._fenced is None:
+                logger.error("%s; this dispatcher neither sends runs nor reads outcomes", exc)
+            self._fenced = str(exc)
+            return False
+        if self._fenced is not None:
+            logger.warning("broker %s: the dispatcher lease is ours again", self._masked)
+            self._fenced = None
+        return True
+
+    def _predecessor(self, holder: bytes) -> bool:
+        """Whether the lease ``holder`` is a dispatcher that is gone: one of this host that
+        had our directory (which we own now) or whose process no longer exists."""
+        try:
+            info = json.loads(holder)
+            same_host = info["host"] == socket.gethostname()
+            pid = int(info["pid"])
+            directory = info.get("directory")
+        except (ValueError, KeyError, TypeError):
+            return False
+        if not same_host:
+            return False
+        if self._directory is not None and directory == self._directory:
+            return True
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _in_use(self, holder: Any) -> str:
+        try:
+            info = json.loads(holder)
+            who = (
+                f"the dispatcher on host {info.get('host')!r} (pid {info.get('pid')}, "
+                f"directory {info.get('directory')!r}, since {info.get('since')})"
+            )
+        except (ValueError, TypeError):
+            who = f"another dispatcher ({holder!r})"
+        return (
+            f"broker {self._masked} is already used by {who}: one dispatcher per Redis "
+            f"database; stop that one, or give this one another database (its lease expires "
+            f"{_LEASE_TTL:g}s after it stops renewing it)"
+        )
 
     async def _check_epoch(self) -> None:
         """Notice a broker that lost its data: unstarted runs' messages went with it."""

@@ -5,16 +5,25 @@ Real Redis (a server of the test's own where it is killed or proxied), real work
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from fleet_probe import read_probe
-from fleet_support import StartWorker, eventually
+from fleet_support import ROOT, TESTS, StartWorker, eventually
 
 from scheduler import CeleryRunBackend, TaskDispatcher
+from scheduler.errors import BrokerInUseError
+from scheduler.fleet import LEASE_KEY
 from tasks import TaskStatus
 
 pytestmark = pytest.mark.timeout(90)
@@ -97,3 +106,67 @@ async def test_a_run_on_a_worker_holds_its_lane_across_a_dispatcher_restart(
     assert end is not None
     assert found[urgent][0] >= end, "a due task started beside the recovered run"
     assert second.get_task(long).run_count == 1
+
+
+async def test_a_second_dispatcher_on_the_same_database_is_refused(
+    make: Make, tmp_path: Path, broker_url: str
+) -> None:
+    first = make(tmp_path / "first")
+    await first.start()
+    second = make(tmp_path / "second")
+    with pytest.raises(BrokerInUseError) as refused:
+        await second.start()
+    message = str(refused.value)
+    assert f"pid {os.getpid()}" in message
+    assert repr(str((tmp_path / "first").resolve())) in message
+    assert socket.gethostname() in message
+    assert not second.running
+    await second.stop()
+    # Freed when the first stops.
+    await first.stop()
+    third = make(tmp_path / "third")
+    await third.start()
+    assert third.running
+
+
+async def test_the_lease_of_a_dispatcher_that_died_elsewhere_expires(
+    make: Make, tmp_path: Path, broker_url: str
+) -> None:
+    client = redis.Redis.from_url(broker_url)
+    holder = {"id": "x", "host": "elsewhere", "pid": 1, "directory": "/srv/ops", "since": "?"}
+    client.set(LEASE_KEY, json.dumps(holder), px=1500)
+    refused = make(tmp_path / "a")
+    with pytest.raises(BrokerInUseError, match="'elsewhere'.*'/srv/ops'"):
+        await refused.start()
+    await refused.stop()
+    await eventually(lambda: not client.exists(LEASE_KEY), 5, "the lease to expire")
+    taker = make(tmp_path / "b")
+    await taker.start()
+    assert json.loads(client.get(LEASE_KEY) or b"{}")["directory"] == str(
+        (tmp_path / "b").resolve()
+    )
+
+
+async def test_a_killed_dispatcher_on_this_host_does_not_keep_others_out(
+    make: Make, broker_url: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
+    client = redis.Redis.from_url(broker_url)
+    command = [sys.executable, "-m", "scheduler", "--dir", str(tmp_path / "gone"), "run"]
+    process = subprocess.Popen(
+        [*command, "--no-live", "--broker", broker_url],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        await eventually(lambda: client.exists(LEASE_KEY), 30, "the first dispatcher's lease")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    assert json.loads(client.get(LEASE_KEY) or b"{}")["pid"] == process.pid
+    # Its process is gone: another dispatcher of this host takes the lease at once.
+    successor = make(tmp_path / "next")
+    await successor.start()
+    assert json.loads(client.get(LEASE_KEY) or b"{}")["pid"] == os.getpid()
