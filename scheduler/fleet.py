@@ -41,6 +41,7 @@ __all__ = [
     "EVENTS_GROUP",
     "EVENTS_STREAM",
     "FACTORY_ENV_VAR",
+    "FIND_QUEUED_SCRIPT",
     "FINISH_SCRIPT",
     "HEARTBEAT_SCRIPT",
     "LEASE_KEY",
@@ -216,4 +217,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+# KEYS: a queue (a Redis list of Celery messages). ARGV: run ids. Returns those whose message
+# waits in the queue (a message's task id is the first "id" of its headers). One pass over the
+# queue whatever the number of ids.
+FIND_QUEUED_SCRIPT = """
+local wanted = {}
+for _, id in ipairs(ARGV) do wanted[id] = true end
+local found = {}
+for _, item in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local id = string.match(item, '"id": "([^"]*)"')
+  if id and wanted[id] then
+    table.insert(found, id)
+    wanted[id] = nil
+  end
+end
+return found
 """

@@ -23,7 +23,7 @@ from pathlib import Path
 from jobstores.jsonfile import JsonJobStore
 from tasks import lifecycle
 from tasks.model import ActiveRun, TaskRecord
-from tasks.runs import RunEvent, RunEventKind, RunRequest
+from tasks.runs import NOT_SENT, RunEvent, RunEventKind, RunRequest
 
 __all__ = ["ChangeObserver", "RunLedger", "RunObserver"]
 
@@ -342,6 +342,16 @@ def _log(request: RunRequest, event: RunEvent) -> None:
             request.run_id,
             request.task_id,
             event.worker or "this process",
+        )
+        return
+    if event.extra.get(NOT_SENT):
+        # One of many while the broker is down: the backend logs the outage and a count.
+        logger.info(
+            "run %s of task %s (account %s) not sent: %s",
+            request.run_id,
+            request.task_id,
+            request.account_id,
+            event.error,
         )
         return
     seconds = (event.at - (event.started_at or request.submitted_at)).total_seconds()

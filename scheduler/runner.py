@@ -18,7 +18,8 @@ from jobstores.jsonfile import JsonJobStore
 from scheduler.backends.local import LocalRunBackend, finish_or_cancel
 from scheduler.lanes import AccountLanes, Waiter
 from scheduler.ledger import RunLedger
-from tasks.runs import RunBackend, RunEvent, RunEventKind, RunRequest, describe_error
+from tasks.errors import BrokerUnavailableError
+from tasks.runs import NOT_SENT, RunBackend, RunEvent, RunEventKind, RunRequest, describe_error
 from tasks.schedule import utc_now
 
 __all__ = ["TaskRunner"]
@@ -233,6 +234,11 @@ class TaskRunner:
                     self._store.request_save()
                 try:
                     await self._backend.submit(request)
+                except BrokerUnavailableError as exc:
+                    # The backend reports the outage (once, and how many runs it cost).
+                    self._ledger.apply(
+                        self._failed(request, f"could not be sent: {exc}", {NOT_SENT: True})
+                    )
                 except Exception as exc:
                     self._ledger.apply(
                         self._failed(request, f"could not be sent: {describe_error(exc)}")
@@ -259,9 +265,16 @@ class TaskRunner:
             raise
 
     @staticmethod
-    def _failed(request: RunRequest, error: str) -> RunEvent:
+    def _failed(
+        request: RunRequest, error: str, extra: dict[str, object] | None = None
+    ) -> RunEvent:
         return RunEvent(
-            request.run_id, request.task_id, RunEventKind.FAILED, at=utc_now(), error=error
+            request.run_id,
+            request.task_id,
+            RunEventKind.FAILED,
+            at=utc_now(),
+            error=error,
+            extra=extra or {},
         )
 
     def _settled(self, task_id: str) -> None:

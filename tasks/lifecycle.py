@@ -17,7 +17,7 @@ from datetime import datetime
 
 from tasks import policy
 from tasks.model import ActiveRun, PendingRetry, TaskRecord, TaskStatus
-from tasks.runs import RunEvent, RunEventKind
+from tasks.runs import NOT_SENT, RunEvent, RunEventKind
 from tasks.schedule import Schedule, same_instant
 
 __all__ = [
@@ -234,12 +234,18 @@ def run_finished(
             updated_at=now,
             **changes,
         )
-    consecutive = 0 if error is None else record.consecutive_failures + 1
+    # A run not sent because the broker was unreachable neither counts toward
+    # pause_after_failures nor breaks a run of failures.
+    not_sent = bool(event.extra.get(NOT_SENT))
+    if error is None:
+        consecutive = 0
+    else:
+        consecutive = record.consecutive_failures + (not not_sent)
     if record.status.settled:
         status = record.status
     elif record.next_execution_time is None:
         status = TaskStatus.COMPLETED
-    elif error is not None and policy.pause_due(record.policy, consecutive):
+    elif error is not None and not not_sent and policy.pause_due(record.policy, consecutive):
         status = TaskStatus.PAUSED
         changes.update(next_execution_time=None, next_start_time=None)
         changes["paused_reason"] = f"{consecutive} failed runs in a row; the last: {error}"

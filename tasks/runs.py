@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "ERROR_LIMIT",
+    "NOT_SENT",
     "TIMED_OUT",
     "RunBackend",
     "RunEvent",
@@ -38,6 +39,12 @@ ERROR_LIMIT = 2000
 TIMED_OUT = "timed_out"
 """The key in :attr:`RunEvent.extra` of a failed run that was stopped by its timeout (the
 value: the timeout in seconds)."""
+
+
+NOT_SENT = "not_sent"
+"""The key in :attr:`RunEvent.extra` of a run that failed because its broker was unreachable
+(the value: True). Such a run is recorded as failed but does not count toward
+``pause_after_failures``: an outage is not the task's fault."""
 
 
 def timed_out_error(timeout: float) -> str:

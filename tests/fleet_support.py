@@ -80,22 +80,26 @@ def no_broker(message: str) -> None:
 
 
 class RedisServer:
-    """A ``redis-server`` of our own (no persistence), which a test may kill and restart."""
+    """A ``redis-server`` of our own, which a test may kill and restart: no persistence, or
+    with ``aof`` an append-only file (``appendfsync everysec``, Redis's default) in
+    ``directory``, so a restart keeps the data."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *, aof: bool = False) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             no_broker("no redis-server binary to start a broker of our own")
         self.directory = directory
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.aof = aof
 
     def start(self) -> RedisServer:
         assert self.binary is not None
         self.process = subprocess.Popen(
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+                *("--save", "", "--appendonly", "yes" if self.aof else "no"),
+                *("--dir", str(self.directory)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

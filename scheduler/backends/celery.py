@@ -43,6 +43,7 @@ from scheduler.fleet import (
     EPOCH_KEY,
     EVENTS_GROUP,
     EVENTS_STREAM,
+    FIND_QUEUED_SCRIPT,
     LEASE_KEY,
     LEASE_RELEASE_SCRIPT,
     LEASE_SCRIPT,
@@ -68,7 +69,11 @@ _CONSUMER = "dispatcher"
 unacknowledged events first."""
 _BATCH = 500
 _BACKOFF_FIRST = 0.5
-_BACKOFF_MAX = 30.0
+_BACKOFF_MAX = 2.0
+"""Seconds between reconnection attempts at most: once the broker is back, runs due are
+refused for at most this long."""
+_UNSENT_EVERY = 60.0
+"""Seconds between the counts of runs not sent, while an outage lasts."""
 _WORKERS_EVERY = 5.0
 _FLAP = 10.0
 _REREAD_EVERY = 10.0
@@ -93,6 +98,11 @@ class _OpenRun:
     orphan_since: float | None = None
     """Monotonic time at which the broker was found to have lost its data (and maybe this
     run's message)."""
+    sent_at: float = float("-inf")
+    """Monotonic time at which its message was last sent or seen in its queue (-inf: a run
+    recovered after a restart, whose message may never have been sent)."""
+    claimed: bool = False
+    """Whether a worker was ever seen holding its claim (such a run is never sent again)."""
 
 
 def _utcnow() -> datetime:
@@ -116,7 +126,10 @@ class CeleryRunBackend:
     expires (None: it waits for a worker as long as it takes). ``lost_after``: seconds without
     a heartbeat after which a started run is recorded as lost (its worker died).
     ``poll_interval``: how often claims and heartbeats are checked (default: a tenth of
-    ``lost_after``, at most one second).
+    ``lost_after``, at most one second). ``resend_after``: seconds after which a run that no
+    worker has claimed and whose message is no longer in its queue (lost with a worker killed
+    holding it, a broker restart, or this dispatcher killed before it published) is sent
+    again (default: ``lost_after``); its claim makes any other copy a no-op.
 
     One dispatcher per Redis database: the event stream and its consumer group belong to it.
     """
@@ -132,6 +145,7 @@ class CeleryRunBackend:
         start_timeout: float | None = None,
         lost_after: float = 30.0,
         poll_interval: float | None = None,
+        resend_after: float | None = None,
     ) -> None:
         self.broker_url = check_broker_url(broker_url)
         if start_timeout is not None and not start_timeout > 0:
@@ -140,6 +154,9 @@ class CeleryRunBackend:
             raise ValueError(f"lost_after: must be positive, got {lost_after!r}")
         if poll_interval is not None and not poll_interval > 0:
             raise ValueError(f"poll_interval: must be positive, got {poll_interval!r}")
+        if resend_after is not None and not resend_after > 0:
+            raise ValueError(f"resend_after: must be positive or None, got {resend_after!r}")
+        self.resend_after = float(resend_after or lost_after)
         self.start_timeout = start_timeout
         self.lost_after = float(lost_after)
         # A worker renews its heartbeat ten times per lost_after; the heartbeat lasts 40% of
@@ -163,6 +180,9 @@ class CeleryRunBackend:
         self._retry_at = 0.0
         self._backoff = _BACKOFF_FIRST
         self._last_error: str | None = None
+        self._unsent = 0
+        """Runs refused since the outage began (or since the last count was logged)."""
+        self._unsent_at = 0.0
         self._workers: dict[str, list[str]] = {}
         self._workers_at = 0.0
         self._epoch = uuid.uuid4().hex
@@ -243,24 +263,19 @@ class CeleryRunBackend:
             raise BrokerInUseError(f"run {request.run_id} was not sent: {self._fenced}")
         queue = queue_name(request.sys_type)
         if self._outage_since is not None and time.monotonic() < self._retry_at:
+            self._count_unsent()
             raise BrokerUnavailableError(
                 f"run {request.run_id} of task {request.task_id} was not sent: broker "
                 f"{self._masked} unreachable since {self._outage_text()} ({self._last_error})"
             )
-        run = _OpenRun(request, self._deadline(request))
+        run = _OpenRun(request, self._deadline(request), sent_at=time.monotonic())
         self._runs[request.run_id] = run
-        payload = {
-            "request": request.to_json(),
-            "heartbeat": self._heartbeat,
-            "alive_ms": self._alive_ms,
-        }
         try:
-            await asyncio.to_thread(
-                self._publish, payload, queue, run.deadline, request.run_id, request.timeout
-            )
+            await asyncio.to_thread(self._publish, run, queue)
         except (OperationalError, RedisError, OSError) as exc:
             self._runs.pop(request.run_id, None)
             self._broker_failed(exc)
+            self._count_unsent()
             raise BrokerUnavailableError(
                 f"run {request.run_id} of task {request.task_id} was not sent: broker "
                 f"{self._masked} unreachable ({describe_error(exc)})"
@@ -345,24 +360,24 @@ class CeleryRunBackend:
             deadline = limit if deadline is None else min(deadline, limit)
         return deadline
 
-    def _publish(
-        self,
-        payload: dict[str, Any],
-        queue: str,
-        deadline: datetime | None,
-        run_id: str,
-        timeout: float | None,
-    ) -> None:
+    def _publish(self, run: _OpenRun, queue: str) -> None:
         assert self._app is not None
+        request = run.request
+        payload = {
+            "request": request.to_json(),
+            "heartbeat": self._heartbeat,
+            "alive_ms": self._alive_ms,
+        }
         # The worker bounds the run itself (any pool); Celery's own limits back it up where
         # the pool enforces them (prefork), a little later so the worker reports first.
+        timeout = request.timeout
         limits = {} if timeout is None else {"time_limit": timeout + 30.0}
         self._app.send_task(
             TASK_NAME,
             args=[payload],
-            task_id=run_id,
+            task_id=request.run_id,
             queue=queue,
-            expires=deadline,
+            expires=run.deadline,
             **limits,
             retry=True,
             retry_policy={
@@ -377,6 +392,25 @@ class CeleryRunBackend:
 
     def _outage_text(self) -> str:
         return self._outage_at.isoformat(timespec="seconds") if self._outage_at else "?"
+
+    def _count_unsent(self) -> None:
+        self._unsent += 1
+        now = time.monotonic()
+        if now - self._unsent_at >= _UNSENT_EVERY and self._outage_since is not None:
+            if self._unsent_at:  # not the first: the outage's ERROR said it all
+                self._log_unsent("in the last minute of the outage")
+            self._unsent_at = now
+
+    def _log_unsent(self, when: str) -> None:
+        if self._unsent:
+            logger.warning(
+                "%d run(s) not sent %s of broker %s (recorded as failed; they do not count "
+                "toward pause_after_failures)",
+                self._unsent,
+                when,
+                self._masked,
+            )
+        self._unsent = 0
 
     def _broker_failed(self, exc: BaseException) -> None:
         now = time.monotonic()
@@ -407,6 +441,8 @@ class CeleryRunBackend:
             self._masked,
             time.monotonic() - self._outage_since,
         )
+        self._log_unsent("during the outage")
+        self._unsent_at = 0.0
         self._outage_since = None
         self._outage_at = None
         self._recovered_at = time.monotonic()
@@ -502,6 +538,8 @@ class CeleryRunBackend:
                     self._runs.pop(event.run_id, None)
                 else:
                     run = self._runs.get(event.run_id)
+                    if run is not None:
+                        run.claimed = True
                     if run is not None and run.state == "queued":
                         run.state, run.worker = "running", event.worker
 
@@ -618,7 +656,8 @@ class CeleryRunBackend:
                 now = time.monotonic()
                 logger.error(
                     "broker %s lost its data (restarted without persistence?): runs not "
-                    "started yet are recorded as lost unless a worker reports them",
+                    "started yet are sent again; started ones whose worker does not report "
+                    "are recorded as lost",
                     self._masked,
                 )
                 for run in self._runs.values():
@@ -639,6 +678,43 @@ class CeleryRunBackend:
                 replies = await pipe.execute()
             for index, run in enumerate(chunk):
                 await self._judge(run, replies[2 * index], bool(replies[2 * index + 1]))
+        await self._resend_lost_messages()
+
+    async def _resend_lost_messages(self) -> None:
+        """Send again the runs nobody claimed whose message is no longer in their queue."""
+        assert self._redis is not None
+        now = time.monotonic()
+        due: dict[str, list[_OpenRun]] = {}
+        for run in self._runs.values():
+            if (
+                run.verdict
+                or run.claimed
+                or run.state != "queued"
+                or run.orphan_since is not None
+                or now - run.sent_at < self.resend_after
+            ):
+                continue
+            due.setdefault(queue_name(run.request.sys_type), []).append(run)
+        for queue, runs in due.items():
+            waiting = await self._redis.eval(
+                FIND_QUEUED_SCRIPT, 1, queue, *(run.request.run_id for run in runs)
+            )
+            present = {item.decode() if isinstance(item, bytes) else str(item) for item in waiting}
+            for run in runs:
+                run.sent_at = time.monotonic()
+                if run.request.run_id in present or run.claimed or run.verdict:
+                    continue  # it waits its turn (or no worker of its sys_type is there)
+                await asyncio.to_thread(self._publish, run, queue)
+                request = run.request
+                logger.warning(
+                    "run %s of task %s (account %s) sent again: no worker claimed it and its "
+                    "message is no longer in queue %s (lost with a worker, a broker restart or "
+                    "a dispatcher stop); a copy delivered later is dropped by its claim",
+                    request.run_id,
+                    request.task_id,
+                    request.account_id,
+                    queue,
+                )
 
     async def _judge(self, run: _OpenRun, claim: bytes | None, alive: bool) -> None:
         request = run.request
@@ -646,11 +722,17 @@ class CeleryRunBackend:
             run.state = "queued"
             orphaned = run.orphan_since is not None
             if orphaned and time.monotonic() - (run.orphan_since or 0.0) >= self._silence:
-                # Running workers re-create their claims with their next heartbeat: a run
-                # still without one lost its message (or its outcome) with the broker's data.
+                run.orphan_since = None
+                if not run.claimed:
+                    # Its message went with the broker's data, or waits again in its queue:
+                    # looked for, and sent again if it is not there.
+                    run.sent_at = float("-inf")
+                    return
+                # Running workers re-create their claims with their next heartbeat: a started
+                # run still without one lost its worker or its outcome with the broker's data.
                 error = (
-                    "RunLostError: the broker lost the run's message (restarted without its "
-                    "data) before a worker reported it; it is not re-sent"
+                    "RunLostError: the broker lost the run's claim (restarted without its "
+                    "data) while it was out, and no worker reported it; it is not re-run"
                 )
                 if await self._mark(run, "", RunEventKind.LOST, None, error):
                     logger.error(
@@ -683,6 +765,7 @@ class CeleryRunBackend:
             logger.error("run %s: unreadable claim %r", request.run_id, claim)
             return
         run.worker = worker
+        run.claimed = True
         if state != "running":
             run.state = "finishing"  # its finishing event is in the stream
             return

@@ -160,6 +160,18 @@ async def open_backend(broker_url: str) -> AsyncIterator[OpenBackend]:
 
 
 @pytest.fixture
+def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A ``redis-server`` for this test alone with an append-only file (kept across restarts)."""
+    directory = tmp_path / "aof-redis"
+    directory.mkdir()
+    server = RedisServer(directory, aof=True).start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
 def fault_proxy(redis_address: tuple[str, int]) -> Iterator[FaultProxy]:
     """A loopback TCP proxy in front of the test Redis that can cut a connection on cue."""
     proxy = FaultProxy(redis_address[1], redis_address[0]).start()

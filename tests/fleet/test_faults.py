@@ -5,6 +5,7 @@ Real Redis (a server of the test's own where it is killed or proxied), real work
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 import redis
 from fleet_probe import read_probe
-from fleet_support import ROOT, TESTS, StartWorker, eventually
+from fleet_support import ROOT, TESTS, RedisServer, StartWorker, eventually
 
 from scheduler import CeleryRunBackend, TaskDispatcher
 from scheduler.errors import BrokerInUseError
@@ -170,3 +171,52 @@ async def test_a_killed_dispatcher_on_this_host_does_not_keep_others_out(
     successor = make(tmp_path / "next")
     await successor.start()
     assert json.loads(client.get(LEASE_KEY) or b"{}")["pid"] == os.getpid()
+
+
+async def test_a_broker_outage_logs_once_counts_unsent_runs_and_recovers_fast(
+    aof_redis: RedisServer,
+    start_worker: StartWorker,
+    make: Make,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = aof_redis.url(0)
+    start_worker("w1", "linux", broker=url)
+    probe = tmp_path / "probe.jsonl"
+    caplog.set_level(logging.INFO)
+    dispatcher = make(broker_url=url, poll_interval=0.1)
+    backend = dispatcher.run_backend
+    async with dispatcher:
+        (first,) = await dispatcher.add_tasks([probe_task(probe, "a")])
+        await eventually(lambda: finished(dispatcher, first), 20, "a run before the outage")
+        aof_redis.kill()
+        during = await dispatcher.add_tasks(
+            [probe_task(probe, f"x{i}", run_policy={"pause_after_failures": 1}) for i in range(4)]
+        )
+        await eventually(lambda: finished(dispatcher, *during), 10, "runs during the outage")
+        for task_id in during:
+            record = dispatcher.get_task(task_id)
+            assert record.failure_count == 1
+            assert record.last_error is not None
+            assert "unreachable" in record.last_error
+            # An outage is not the task's fault: no automatic pause.
+            assert record.status is TaskStatus.ERROR
+            assert record.consecutive_failures == 0
+        # The outage lasts a while (the scenario, not a wait for something): long enough for
+        # a doubling backoff to have grown far past a few seconds.
+        await asyncio.sleep(8)
+        aof_redis.start()
+        await eventually(lambda: backend.health()["connected"], 4, "the broker seen back")
+        (after,) = await dispatcher.add_tasks([probe_task(probe, "b")])
+        await eventually(lambda: finished(dispatcher, after), 20, "a run after the outage")
+        assert dispatcher.get_task(after).failure_count == 0
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith("scheduler")
+    ]
+    assert len(errors) == 1, errors
+    assert "unreachable" in errors[0]
+    counts = [r.getMessage() for r in caplog.records if "not sent during the outage" in r.message]
+    assert len(counts) == 1, counts
+    assert counts[0].startswith("4 run(s) not sent")
