@@ -21,6 +21,7 @@ import pytest
 import redis
 from fleet_probe import read_probe
 from fleet_support import ROOT, TESTS, RedisServer, StartWorker, eventually
+from helpers import read_state
 
 from scheduler import CeleryRunBackend, TaskDispatcher
 from scheduler.errors import BrokerInUseError
@@ -220,3 +221,61 @@ async def test_a_broker_outage_logs_once_counts_unsent_runs_and_recovers_fast(
     counts = [r.getMessage() for r in caplog.records if "not sent during the outage" in r.message]
     assert len(counts) == 1, counts
     assert counts[0].startswith("4 run(s) not sent")
+
+
+def on_disk(directory: Path, task_id: str) -> dict[str, Any]:
+    data = read_state(directory)
+    record: dict[str, Any] = next(t for t in data["tasks"] if t["task_id"] == task_id)
+    return record
+
+
+async def test_a_run_whose_message_never_reached_a_worker_is_sent_again(
+    start_worker: StartWorker,
+    make: Make,
+    tmp_path: Path,
+    broker_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The state says "sent" but the queue holds no message: what a dispatcher killed between
+    # saving a run as sent and publishing it leaves, or a broker that lost its last writes,
+    # or a worker killed holding the message it had popped.
+    probe = tmp_path / "probe.jsonl"
+    first = make()
+    async with first:
+        (task_id,) = await first.add_tasks([probe_task(probe, "a")])
+        await eventually(
+            lambda: on_disk(tmp_path / "ops", task_id).get("active_run"), 10, "the run sent"
+        )
+    client = redis.Redis.from_url(broker_url)
+    assert client.delete("td.sys.linux") == 1
+    start_worker("w1", "linux")
+    caplog.set_level(logging.WARNING)
+    second = make(resend_after=1.0)
+    async with second:
+        await eventually(lambda: finished(second, task_id), 20, "the run sent again")
+        record = second.get_task(task_id)
+    assert (record.run_count, record.failure_count, record.last_worker) == (1, 0, "w1")
+    assert [line["phase"] for line in read_probe(probe)] == ["start", "end"]
+    assert any("sent again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_queued_run_survives_a_broker_restart_that_lost_its_message(
+    own_redis: RedisServer, start_worker: StartWorker, make: Make, tmp_path: Path
+) -> None:
+    url = own_redis.url(0)
+    probe = tmp_path / "probe.jsonl"
+    dispatcher = make(broker_url=url, poll_interval=0.1, resend_after=1.0)
+    async with dispatcher:
+        (task_id,) = await dispatcher.add_tasks([probe_task(probe, "a")])
+        client = redis.Redis.from_url(url)
+        await eventually(lambda: client.llen("td.sys.linux") == 1, 10, "the run's message")
+        client.close()
+        own_redis.kill()
+        own_redis.start()  # without persistence: the queued message is gone
+        start_worker("w1", "linux", broker=url)
+        await eventually(lambda: finished(dispatcher, task_id), 30, "the run after the restart")
+        record = dispatcher.get_task(task_id)
+    assert (record.run_count, record.failure_count, record.last_worker) == (1, 0, "w1"), (
+        record.last_error
+    )
+    assert [line["phase"] for line in read_probe(probe)] == ["start", "end"]
