@@ -167,6 +167,7 @@ class TaskDispatcher:
             self._ledger.observe(self._metrics.observe)
         self._control: ControlServer | None = None
         self._started_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         if not self._backend.remote:
             self._ledger.recover()
         if not self._store.durable:
@@ -339,6 +340,8 @@ class TaskDispatcher:
         if event.kind is RunEventKind.STARTED:
             self._tell(RunStarted(**common))
             return
+        if event.kind is RunEventKind.CANCELLED:
+            return  # it never started: no run to speak of
         if event.ok:
             self._tell(RunSucceeded(**common))
         else:
@@ -524,6 +527,7 @@ class TaskDispatcher:
         now = self._store.now()
         before = self._store.get(task_id)
         record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
+        self._withdraw_sent(record)
         self._save(task_id)
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
         if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
@@ -621,11 +625,30 @@ class TaskDispatcher:
         self._check_open()
         _task_id(task_id)
         record = self._store.remove_task(task_id)
+        self._withdraw_sent(record)
         if self._local is not None:
             self._local.forget(task_id)
         self._save(task_id)
         logger.info("task %s (account %s) removed", task_id, record.account_id)
         self._tell_task(TaskRemoved, record)
+
+    def _withdraw_sent(self, record: TaskRecord) -> None:
+        """A paused or removed task's run that was sent but not started never starts (a
+        worker that holds it already lets it finish)."""
+        run = record.active_run
+        loop = self._loop
+        if run is None or not run.queued or loop is None or not self._scheduler.running:
+            return
+        if record.status is not TaskStatus.PAUSED and self._store.find(record.task_id):
+            return  # a settled task that stays: nothing changed for its run
+        try:
+            running_here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            running_here = False
+        if running_here:
+            self._runner.cancel_sent(run.run_id)
+        else:
+            loop.call_soon_threadsafe(self._runner.cancel_sent, run.run_id)
 
     def reorder_task(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order.
@@ -725,7 +748,8 @@ class TaskDispatcher:
         """Start scheduling on the running event loop (a no-op if already started)."""
         self._check_open()
         if not self._scheduler.running:
-            self._listeners.bind(asyncio.get_running_loop())
+            self._loop = asyncio.get_running_loop()
+            self._listeners.bind(self._loop)
             await self._backend.open(self._ledger)
             recovered = self._ledger.recover() if self._backend.remote else []
             # Runs still out (on workers) hold their lanes before the first scheduler pass.

@@ -60,7 +60,7 @@ MAX_QUERY_LIMIT = 10_000
 SCHEMA_VERSION = 1
 """``PRAGMA user_version`` of the file this code writes."""
 
-Outcome = Literal["running", "succeeded", "failed", "lost", "expired"]
+Outcome = Literal["running", "succeeded", "failed", "lost", "expired", "cancelled"]
 """How a run ended; ``"running"`` until its finishing event arrives."""
 
 FAILED_OUTCOMES: tuple[Outcome, ...] = ("failed", "lost", "expired")

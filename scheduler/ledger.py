@@ -52,6 +52,7 @@ class RunLedger:
     def __init__(self, store: JsonJobStore, *, remote: bool) -> None:
         self._store = store
         self._remote = remote
+        self._directory = store.directory.resolve()
         self._open: dict[str, _Open] = {}
         self._observers: list[RunObserver] = []
         self._watchers: list[ChangeObserver] = []
@@ -61,8 +62,8 @@ class RunLedger:
 
     @property
     def directory(self) -> Path:
-        """The dispatcher directory (a remote backend names its dispatcher by it)."""
-        return self._store.directory
+        """The dispatcher directory, absolute (a remote backend names its dispatcher by it)."""
+        return self._directory
 
     def observe(self, observer: RunObserver) -> None:
         """Call ``observer(request, event)`` after each event is applied."""
@@ -205,6 +206,12 @@ class RunLedger:
                     after = store.update_task(
                         event.task_id, lambda r: lifecycle.run_started(r, event, now)
                     )
+                elif event.kind is RunEventKind.CANCELLED:
+                    # It never started: closed without counting, as if never sent.
+                    after = store.update_task(
+                        event.task_id,
+                        lambda r: lifecycle.run_abandoned(r, event.run_id, now),
+                    )
                 else:
                     # Only a failure may plan a retry, which needs the schedule.
                     after = store.update_task(
@@ -342,6 +349,15 @@ def _log(request: RunRequest, event: RunEvent) -> None:
             request.run_id,
             request.task_id,
             event.worker or "this process",
+        )
+        return
+    if event.kind is RunEventKind.CANCELLED:
+        logger.info(
+            "run %s of task %s (account %s) cancelled before it started: %s",
+            request.run_id,
+            request.task_id,
+            request.account_id,
+            event.error,
         )
         return
     if event.extra.get(NOT_SENT):

@@ -59,6 +59,7 @@ class TaskRunner:
         """Runs executing (or holding a recovered run's lane), with their queue entries."""
         self._queued: set[_Queued] = set()
         """Runs waiting for their lanes."""
+        self._cancels: set[asyncio.Task[None]] = set()
 
     def submit(
         self, task_id: str, scheduled_at: datetime, attempt: int = 1
@@ -91,6 +92,21 @@ class TaskRunner:
         self._store.run_submitted(request.task_id)
         held = self._lanes.occupy(request.account_id)
         return self._spawn(self._hold(request, held), request.task_id)
+
+    def cancel_sent(self, run_id: str) -> None:
+        """Ask the backend to withdraw ``run_id`` if no worker started it yet (call on the
+        loop); if it is withdrawn, its ``cancelled`` event closes it and frees its lane."""
+
+        async def cancel() -> None:
+            try:
+                if await self._backend.cancel(run_id):
+                    logger.info("run %s withdrawn before it started", run_id)
+            except Exception:
+                logger.exception("run %s could not be withdrawn", run_id)
+
+        task = asyncio.get_running_loop().create_task(cancel(), name=f"cancel run {run_id}")
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
 
     def _spawn(
         self, coroutine: Coroutine[Any, Any, RunEvent | None], task_id: str

@@ -237,10 +237,7 @@ def run_finished(
     # A run not sent because the broker was unreachable neither counts toward
     # pause_after_failures nor breaks a run of failures.
     not_sent = bool(event.extra.get(NOT_SENT))
-    if error is None:
-        consecutive = 0
-    else:
-        consecutive = record.consecutive_failures + (not not_sent)
+    consecutive = 0 if error is None else record.consecutive_failures + (not not_sent)
     if record.status.settled:
         status = record.status
     elif record.next_execution_time is None:

@@ -3,7 +3,8 @@
 A :class:`RunRequest` is plain data (no live manager), so it can cross a process boundary:
 whoever executes it re-creates the manager as ``factory(sys_type=sys_type, **kwargs)``.
 What happens to a run comes back as :class:`RunEvent` messages (``started``, then one of
-``succeeded``, ``failed``, ``lost`` or ``expired``), delivered to the dispatcher's
+``succeeded``, ``failed``, ``lost`` or ``expired``; ``cancelled`` for one withdrawn before it
+started), delivered to the dispatcher's
 :class:`RunInbox`, which applies each one once, by run id, possibly after a restart.
 
 A :class:`RunBackend` is the seam between "this run is due" and "it ran, with this outcome":
@@ -155,6 +156,9 @@ class RunEventKind(StrEnum):
     """Whoever executed it went silent (killed, power loss): it counts as a failed run."""
     EXPIRED = "expired"
     """Nobody started it before its deadline: it counts as a failed run, and never runs."""
+    CANCELLED = "cancelled"
+    """Withdrawn before any worker started it (its task was paused or removed): it never
+    runs and does not count."""
 
     @property
     def finished(self) -> bool:
@@ -257,6 +261,11 @@ class RunBackend(Protocol):
 
         Raising means the run could not be sent; the dispatcher records it as failed.
         """
+        ...
+
+    async def cancel(self, run_id: str) -> bool:
+        """Withdraw ``run_id`` if nobody started it yet: True if it will never start (its
+        ``cancelled`` event follows through the inbox), False if it runs (or already ran)."""
         ...
 
     async def recover(self, requests: Sequence[RunRequest]) -> None:

@@ -28,14 +28,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from celery import Celery
 from kombu.exceptions import OperationalError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from scheduler.fleet import (
@@ -216,7 +215,7 @@ class CeleryRunBackend:
         )
         self._app = make_app(self.broker_url)
         directory = getattr(inbox, "directory", None)  # a TaskDispatcher's inbox names it
-        self._directory = None if directory is None else str(Path(directory).resolve())
+        self._directory = None if directory is None else str(directory)
         self._lease = dumps(
             {
                 "id": self._epoch,
@@ -284,6 +283,21 @@ class CeleryRunBackend:
             self._runs.pop(request.run_id, None)
             raise
         self._broker_ok()
+
+    async def cancel(self, run_id: str) -> bool:
+        """Withdraw a run no worker has claimed: its claim is taken with a ``cancelled``
+        verdict (so no copy of its message ever executes) and its ``cancelled`` event goes
+        through the stream like any outcome. False if a worker holds it already (it runs to
+        its end), or the broker cannot be reached."""
+        run = self._runs.get(run_id)
+        if run is None or run.verdict or run.claimed or self._redis is None or self._closing:
+            return False
+        error = "cancelled: its task was paused or removed before a worker started it"
+        try:
+            return await self._mark(run, "", RunEventKind.CANCELLED, None, error)
+        except (RedisError, OSError) as exc:
+            self._broker_failed(exc)
+            return False
 
     async def recover(self, requests: Sequence[RunRequest]) -> None:
         """Watch runs sent before a restart again (never re-sent).

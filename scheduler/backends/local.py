@@ -235,6 +235,10 @@ class LocalRunBackend:
         if call is not None:
             await asyncio.gather(asyncio.shield(call), return_exceptions=True)
 
+    async def cancel(self, run_id: str) -> bool:
+        """A local run starts as soon as it is opened: there is nothing to withdraw."""
+        return False
+
     async def recover(self, requests: Sequence[RunRequest]) -> None:
         """Nothing to recover: local runs end with the process that ran them."""
 

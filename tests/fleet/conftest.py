@@ -21,8 +21,8 @@ import redis
 from fleet_support import (
     PROBE,
     ROOT,
-    FaultProxy,
     TESTS,
+    FaultProxy,
     FileInbox,
     OpenBackend,
     RedisServer,

@@ -138,7 +138,7 @@ async def test_the_lease_of_a_dispatcher_that_died_elsewhere_expires(
     holder = {"id": "x", "host": "elsewhere", "pid": 1, "directory": "/srv/ops", "since": "?"}
     client.set(LEASE_KEY, json.dumps(holder), px=1500)
     refused = make(tmp_path / "a")
-    with pytest.raises(BrokerInUseError, match="'elsewhere'.*'/srv/ops'"):
+    with pytest.raises(BrokerInUseError, match=r"'elsewhere'.*'/srv/ops'"):
         await refused.start()
     await refused.stop()
     await eventually(lambda: not client.exists(LEASE_KEY), 5, "the lease to expire")
@@ -155,8 +155,11 @@ async def test_a_killed_dispatcher_on_this_host_does_not_keep_others_out(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT)])}
     client = redis.Redis.from_url(broker_url)
     command = [sys.executable, "-m", "scheduler", "--dir", str(tmp_path / "gone"), "run"]
-    process = subprocess.Popen(
-        [*command, "--no-live", "--broker", broker_url],
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        "--no-live",
+        "--broker",
+        broker_url,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -166,7 +169,7 @@ async def test_a_killed_dispatcher_on_this_host_does_not_keep_others_out(
         await eventually(lambda: client.exists(LEASE_KEY), 30, "the first dispatcher's lease")
     finally:
         os.killpg(process.pid, signal.SIGKILL)
-        process.wait(10)
+        await asyncio.wait_for(process.wait(), 10)
     assert json.loads(client.get(LEASE_KEY) or b"{}")["pid"] == process.pid
     # Its process is gone: another dispatcher of this host takes the lease at once.
     successor = make(tmp_path / "next")
@@ -279,3 +282,47 @@ async def test_a_queued_run_survives_a_broker_restart_that_lost_its_message(
         record.last_error
     )
     assert [line["phase"] for line in read_probe(probe)] == ["start", "end"]
+
+
+async def test_pause_or_remove_withdraws_a_run_sent_but_not_started(
+    start_worker: StartWorker, make: Make, tmp_path: Path, broker_url: str
+) -> None:
+    probe = tmp_path / "probe.jsonl"
+    client = redis.Redis.from_url(broker_url)
+    dispatcher = make()
+    async with dispatcher:
+        paused, removed, kept = await dispatcher.add_tasks(
+            [probe_task(probe, account) for account in ("a", "b", "c")]
+        )
+        await eventually(lambda: client.llen("td.sys.linux") == 3, 10, "three runs queued")
+        active = dispatcher.get_task(paused).active_run
+        assert active is not None
+        dispatcher.pause_task(paused)
+        dispatcher.remove_task(removed)
+        await eventually(
+            lambda: dispatcher.get_task(paused).active_run is None, 10, "the run withdrawn"
+        )
+        record = dispatcher.get_task(paused)
+        assert (record.status, record.run_count, record.failure_count) == (
+            TaskStatus.PAUSED,
+            0,
+            0,
+        )
+        assert record.last_error is None
+        await eventually(lambda: dispatcher.run_backend.health()["open_runs"] == 1, 10, "closed")
+        # The worker that comes later runs only the task still active.
+        start_worker("w1", "linux")
+        await eventually(lambda: finished(dispatcher, kept), 20, "the kept task's run")
+        await eventually(lambda: client.llen("td.sys.linux") == 0, 10, "the queue drained")
+        entries = dispatcher.runs(paused)
+        assert [entry.outcome for entry in entries] == ["cancelled"]
+        # A run a worker already holds finishes as before.
+        (busy,) = await dispatcher.add_tasks([probe_task(probe, "d", seconds=1.5)])
+        await eventually(lambda: dispatcher.get_task(busy).status is TaskStatus.RUNNING, 20, "run")
+        dispatcher.pause_task(busy)
+        await eventually(lambda: finished(dispatcher, busy), 20, "the held run's end")
+        assert dispatcher.get_task(busy).status is TaskStatus.PAUSED
+    started = [line["task_id"] for line in read_probe(probe) if line["phase"] == "start"]
+    assert sorted(started) == sorted([kept, busy])
+    claim = json.loads(client.get(f"td:claim:{active.run_id}") or b"{}")
+    assert claim["state"] == "cancelled"
