@@ -17,7 +17,7 @@ import logging
 import re
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
@@ -534,8 +534,15 @@ def _print_listing(listing: _Listing, options: Options, as_json: bool, show_secr
 
 
 def _print_task(
-    record: TaskRecord, position: int, preview: RunPreview, zone: tzinfo, show_secrets: bool
+    record: TaskRecord,
+    position: int,
+    preview: RunPreview,
+    zone: tzinfo,
+    show_secrets: bool,
+    waiting: Mapping[str, Any] | None = None,
 ) -> None:
+    """``waiting``: the fleet's runs not taken yet by sys_type, with the workers registered
+    (from a running dispatcher's health), to say why a queued run waits."""
     for key, value in record.to_json_dict(masked=not show_secrets).items():
         if key == "kwargs":
             value = orjson.dumps(value).decode()
@@ -548,6 +555,7 @@ def _print_task(
         run = record.active_run
         state = (
             f"queued since {_when(run.submitted_at, zone)}, waiting for a {record.sys_type} worker"
+            + _workers_note(record.sys_type, waiting)
             if run.queued
             else f"executing since {_when(run.started_at, zone)}"
         )
@@ -776,6 +784,8 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
             preview = client.next_runs(task_id, count)
             position = client.account_tasks(record.account_id).index(task_id)
             zone = _remote_zone(options, client)
+            backend = (client.health().get("backend") or {}).get("health") or {}
+            waiting = backend.get("waiting_for_workers")
     else:
         snapshot = _snapshot(options)
         found = snapshot.get(task_id)
@@ -784,7 +794,18 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
         record, zone = found, snapshot.timezone
         position = snapshot.account_tasks[record.account_id].index(task_id)
         preview = preview_runs(record, zone, datetime.now(zone), count)
-    _print_task(record, position, preview, zone, show_secrets)
+        waiting = None
+    _print_task(record, position, preview, zone, show_secrets, waiting)
+
+
+def _workers_note(sys_type: str, waiting: Mapping[str, Any] | None) -> str:
+    """Why a queued run waits, when a running dispatcher told which workers there are."""
+    if waiting is None:
+        return ""
+    workers = (waiting.get(sys_type) or {}).get("workers") or []
+    if not workers:
+        return f": none is registered (start one: task-dispatcher worker --sys-type {sys_type})"
+    return f": registered {', '.join(workers)} (busy, or its message waits its turn)"
 
 
 def _jittered_when(

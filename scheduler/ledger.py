@@ -110,7 +110,7 @@ class RunLedger:
                         record.account_id,
                         scheduled_at.isoformat(),
                         record.status.value,
-                        "" if record.status.settled else ", outside its hours or past its end",
+                        _why_not(record),
                         record.next_execution_time,
                     )
                 return None
@@ -293,6 +293,18 @@ class RunLedger:
                 observer(request, event)
             except Exception:
                 logger.exception("a run observer failed on run %s", request.run_id)
+
+
+def _why_not(record: TaskRecord) -> str:
+    run = record.active_run
+    if run is not None:
+        if run.queued:
+            return (
+                f", its run {run.run_id} is still out (sent {run.submitted_at.isoformat()}, "
+                f"not started by any {record.sys_type} worker yet)"
+            )
+        return f", its run {run.run_id} is still executing"
+    return "" if record.status.settled else ", outside its hours or past its end"
 
 
 def _is_open(record: TaskRecord, run_id: str) -> bool:

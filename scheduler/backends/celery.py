@@ -184,6 +184,8 @@ class CeleryRunBackend:
         self._unsent_at = 0.0
         self._workers: dict[str, list[str]] = {}
         self._workers_at = 0.0
+        self._unserved: set[str] = set()
+        """Sys_types with runs waiting and no worker registered (logged once each)."""
         self._epoch = uuid.uuid4().hex
         self._epoch_set = False
         self._lease = ""
@@ -353,10 +355,25 @@ class CeleryRunBackend:
             "open_runs": len(self._runs),
             "runs": states,
             "workers": dict(self._workers),
+            "waiting_for_workers": self._waiting(),
             "start_timeout": self.start_timeout,
             "lost_after": self.lost_after,
             "in_use_by_another_dispatcher": self._fenced,
         }
+
+    def _waiting(self) -> dict[str, dict[str, Any]]:
+        """Sys_type -> the runs no worker has taken yet and the workers registered for it."""
+        waiting: dict[str, dict[str, Any]] = {}
+        for run in self._runs.values():
+            if run.state == "queued" and not run.verdict:
+                sys_type = run.request.sys_type
+                entry = waiting.setdefault(sys_type, {"runs": 0, "workers": []})
+                entry["runs"] += 1
+        for worker, sys_types in self._workers.items():
+            for sys_type in sys_types:
+                if sys_type in waiting:
+                    waiting[sys_type]["workers"].append(worker)
+        return waiting
 
     # ------------------------------------------------------------------ queries
 
@@ -849,3 +866,20 @@ class CeleryRunBackend:
                     info = json.loads(raw)
                     workers[str(info["worker"])] = [str(s) for s in info["sys_types"]]
         self._workers = workers
+        waiting = self._waiting()
+        unserved = {sys_type for sys_type, entry in waiting.items() if not entry["workers"]}
+        for sys_type in sorted(unserved - self._unserved):
+            logger.warning(
+                "%d run(s) of sys_type %r wait in queue %s: no worker for it is registered "
+                "(start one: task-dispatcher worker --sys-type %s)%s",
+                waiting[sys_type]["runs"],
+                sys_type,
+                queue_name(sys_type),
+                sys_type,
+                ""
+                if self.start_timeout is None
+                else f"; they expire {self.start_timeout:g}s after they were sent",
+            )
+        for sys_type in sorted(self._unserved - unserved):
+            logger.info("sys_type %r: a worker is registered again", sys_type)
+        self._unserved = unserved

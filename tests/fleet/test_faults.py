@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 import redis
+from click.testing import CliRunner
 from fleet_probe import read_probe
 from fleet_support import ROOT, TESTS, RedisServer, StartWorker, eventually
 from helpers import read_state
 
 from scheduler import CeleryRunBackend, TaskDispatcher
+from scheduler.cli import main
 from scheduler.errors import BrokerInUseError
 from scheduler.fleet import LEASE_KEY
 from tasks import TaskStatus
@@ -326,3 +328,25 @@ async def test_pause_or_remove_withdraws_a_run_sent_but_not_started(
     assert sorted(started) == sorted([kept, busy])
     claim = json.loads(client.get(f"td:claim:{active.run_id}") or b"{}")
     assert claim["state"] == "cancelled"
+
+
+async def test_why_a_queued_run_waits_is_logged_and_shown(
+    make: Make, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    probe = tmp_path / "probe.jsonl"
+    caplog.set_level(logging.INFO)
+    dispatcher = make()
+    async with dispatcher:
+        await dispatcher.serve_control()
+        (waiting,) = await dispatcher.add_tasks([probe_task(probe, "a", sys_type="windows")])
+        await eventually(
+            lambda: any("no worker for it is registered" in r.message for r in caplog.records),
+            15,
+            "the warning that no windows worker is registered",
+        )
+        health = dispatcher.run_backend.health()["waiting_for_workers"]
+        assert health == {"windows": {"runs": 1, "workers": []}}
+        shown = await asyncio.to_thread(
+            CliRunner().invoke, main, ["--dir", str(tmp_path / "ops"), "show", waiting]
+        )
+        assert "waiting for a windows worker: none is registered" in shown.output, shown.output
