@@ -1,12 +1,15 @@
 """A task manager for fleet tests, loaded by real worker processes (``--factory``).
 
-Each run appends ``{"task_id", "account_id", "worker", "phase", "at"}`` lines (phase ``start``
-then ``end``) to the file named by its ``probe_log`` kwarg, sleeps ``seconds`` and fails if
-``fail`` is true. The worker's name comes from ``$TD_TEST_WORKER``.
+Each run appends ``{"task_id", "account_id", "worker", "run_id", "phase", "at"}`` lines (phase
+``start`` then ``end``, or ``cancelled`` if the worker stopped it) to the file named by its
+``probe_log`` kwarg, sleeps ``seconds`` and fails if ``fail`` is true. The worker's name comes
+from ``$TD_TEST_WORKER``; the run id from the Celery task executing it. With ``asynchronous``
+the manager is a coroutine (``async def run``), which a worker can cancel.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -25,6 +28,7 @@ class ProbeManager:
         account_id: str = "",
         seconds: float = 0.0,
         fail: bool = False,
+        run_id: str = "?",
         **kwargs: Any,
     ) -> None:
         self.sys_type = sys_type
@@ -33,6 +37,7 @@ class ProbeManager:
         self.log = probe_log
         self.seconds = float(seconds)
         self.fail = bool(fail)
+        self.run_id = run_id
 
     def _write(self, phase: str) -> None:
         line = {
@@ -40,6 +45,7 @@ class ProbeManager:
             "account_id": self.account_id,
             "sys_type": self.sys_type,
             "worker": os.environ.get("TD_TEST_WORKER", "?"),
+            "run_id": self.run_id,
             "phase": phase,
             "at": time.time(),
         }
@@ -56,8 +62,37 @@ class ProbeManager:
             raise RuntimeError(f"probe {self.task_id} failed on purpose")
 
 
+class AsyncProbeManager(ProbeManager):
+    """The same, as a coroutine: cancelling it stops it (the line then says ``cancelled``)."""
+
+    async def run(self) -> None:  # type: ignore[override]
+        """Sleep on the loop, then succeed or fail."""
+        self._write("start")
+        try:
+            await asyncio.sleep(self.seconds)
+        except asyncio.CancelledError:
+            self._write("cancelled")
+            raise
+        self._write("end")
+        if self.fail:
+            raise RuntimeError(f"probe {self.task_id} failed on purpose")
+
+
+def _current_run_id() -> str:
+    """The id of the Celery task being executed in this thread (the run id), if any."""
+    try:
+        from celery import current_task
+    except ImportError:
+        return "?"
+    request = getattr(current_task, "request", None)
+    return str(getattr(request, "id", None) or "?")
+
+
 def factory(**kwargs: Any) -> ProbeManager:
     """The worker's ``--factory fleet_probe:factory``."""
+    kwargs.setdefault("run_id", _current_run_id())
+    if kwargs.pop("asynchronous", False):
+        return AsyncProbeManager(**kwargs)
     return ProbeManager(**kwargs)
 
 

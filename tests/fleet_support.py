@@ -107,6 +107,13 @@ class RedisServer:
         wait_until(lambda: answers("127.0.0.1", self.port), 10, "redis-server to answer")
         return self
 
+    def stop(self) -> None:
+        """SIGTERM: a clean shutdown (with ``aof``, everything written is kept)."""
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+            self.process = None
+
     def kill(self) -> None:
         """SIGKILL: everything in memory is gone."""
         if self.process is not None:
