@@ -246,11 +246,12 @@ async def test_a_run_whose_message_never_reached_a_worker_is_sent_again(
     # or a worker killed holding the message it had popped.
     probe = tmp_path / "probe.jsonl"
     first = make()
-    async with first:
-        (task_id,) = await first.add_tasks([probe_task(probe, "a")])
-        await eventually(
-            lambda: on_disk(tmp_path / "ops", task_id).get("active_run"), 10, "the run sent"
-        )
+    await first.start()
+    (task_id,) = await first.add_tasks([probe_task(probe, "a")])
+    await eventually(
+        lambda: on_disk(tmp_path / "ops", task_id).get("active_run"), 10, "the run sent"
+    )
+    await first.stop(grace_period=0)  # the run stays out
     client = redis.Redis.from_url(broker_url)
     assert client.delete("td.sys.linux") == 1
     start_worker("w1", "linux")
@@ -336,17 +337,18 @@ async def test_why_a_queued_run_waits_is_logged_and_shown(
     probe = tmp_path / "probe.jsonl"
     caplog.set_level(logging.INFO)
     dispatcher = make()
-    async with dispatcher:
-        await dispatcher.serve_control()
-        (waiting,) = await dispatcher.add_tasks([probe_task(probe, "a", sys_type="windows")])
-        await eventually(
-            lambda: any("no worker for it is registered" in r.message for r in caplog.records),
-            15,
-            "the warning that no windows worker is registered",
-        )
-        health = dispatcher.run_backend.health()["waiting_for_workers"]
-        assert health == {"windows": {"runs": 1, "workers": []}}
-        shown = await asyncio.to_thread(
-            CliRunner().invoke, main, ["--dir", str(tmp_path / "ops"), "show", waiting]
-        )
-        assert "waiting for a windows worker: none is registered" in shown.output, shown.output
+    await dispatcher.start()
+    await dispatcher.serve_control()
+    (waiting,) = await dispatcher.add_tasks([probe_task(probe, "a", sys_type="windows")])
+    await eventually(
+        lambda: any("no worker for it is registered" in r.message for r in caplog.records),
+        15,
+        "the warning that no windows worker is registered",
+    )
+    health = dispatcher.run_backend.health()["waiting_for_workers"]
+    assert health == {"windows": {"runs": 1, "workers": []}}
+    shown = await asyncio.to_thread(
+        CliRunner().invoke, main, ["--dir", str(tmp_path / "ops"), "show", waiting]
+    )
+    assert "waiting for a windows worker: none is registered" in shown.output, shown.output
+    await dispatcher.stop(grace_period=0)
