@@ -735,7 +735,10 @@ class CeleryRunBackend:
                 run.sent_at = time.monotonic()
                 if run.request.run_id in present or run.claimed or run.verdict:
                     continue  # it waits its turn (or no worker of its sys_type is there)
-                await asyncio.to_thread(self._publish, run, queue)
+                try:
+                    await asyncio.to_thread(self._publish, run, queue)
+                except OperationalError as exc:
+                    raise ConnectionError(describe_error(exc)) from exc  # an outage
                 request = run.request
                 logger.warning(
                     "run %s of task %s (account %s) sent again: no worker claimed it and its "
