@@ -7,9 +7,12 @@ turns what the workers record in Redis into run events for the dispatcher's inbo
   group and acknowledged only after the inbox made the change durable, so outcomes recorded
   while the dispatcher is down are applied when it comes back;
 - the runs' claims and heartbeats, watched for runs that nobody started by their deadline
-  (``expired``) and runs whose worker went silent (``lost``). Both verdicts are taken in Redis
-  atomically against the workers (see :mod:`scheduler.fleet`), so a late worker can never
-  execute an expired run and a declared-lost run is never recorded twice.
+  (``expired``), runs whose worker went silent (``lost``) and runs withdrawn before they
+  started (``cancelled``). These verdicts are taken in Redis atomically against the workers
+  (see :mod:`scheduler.fleet`), so a late worker can never execute an expired or cancelled
+  run and a declared-lost run is never recorded twice;
+- the queues, for runs nobody claimed whose message is gone (a worker killed holding it, a
+  broker restart): those are sent again, and their claim makes any other copy a no-op.
 
 Nothing here blocks the event loop: Redis is spoken to through ``redis.asyncio`` and Celery's
 (blocking) publishing runs in a thread.
@@ -131,6 +134,8 @@ class CeleryRunBackend:
     again (default: ``lost_after``); its claim makes any other copy a no-op.
 
     One dispatcher per Redis database: the event stream and its consumer group belong to it.
+    :meth:`open` takes the database's lease (``td:dispatcher``) and raises
+    :class:`BrokerInUseError` naming the dispatcher that holds it.
     """
 
     name = "celery"
