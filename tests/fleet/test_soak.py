@@ -265,6 +265,7 @@ def check(probe: Path, records: dict[str, Any], history: dict[str, Any], faults:
     starts = [line for line in lines if line["phase"] == "start"]
     ends = {line["run_id"]: line for line in lines if line["phase"] != "start"}
     assert all(line["run_id"] != "?" for line in starts), "the probe could not name its run"
+    assert len(starts) >= 4 * RUNS_BETWEEN, len(starts)
 
     # No run executed twice.
     twice = [run_id for run_id, n in Counter(line["run_id"] for line in starts).items() if n > 1]
