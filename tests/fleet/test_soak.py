@@ -113,29 +113,21 @@ def tasks(probe: Path) -> list[dict[str, Any]]:
                     "asynchronous": True,
                 }
             )
-    # One account with a long run on win: its worker is the one frozen.
-    specs.append(
-        {
-            "sys_type": "win",
-            "task_type": "probe",
-            "interval": 4,
-            "account_id": LONG,
-            "probe_log": str(probe),
-            "seconds": 20.0,
-            "asynchronous": True,
-        }
-    )
-    specs.append(
-        {
-            "sys_type": "mac",
-            "task_type": "probe",
-            "interval": 4,
-            "account_id": LONG,
-            "probe_log": str(probe),
-            "seconds": 0.3,
-            "asynchronous": True,
-        }
-    )
+    # One account with a short task first in its order and a long one on win: the
+    # dispatcher is killed while the long one runs (the short one must wait for it), and the
+    # worker running it is the one frozen.
+    for sys_type, seconds in (("mac", 0.3), ("win", 20.0)):
+        specs.append(
+            {
+                "sys_type": sys_type,
+                "task_type": "probe",
+                "interval": 4,
+                "account_id": LONG,
+                "probe_log": str(probe),
+                "seconds": seconds,
+                "asynchronous": True,
+            }
+        )
     return specs
 
 
@@ -191,7 +183,23 @@ async def test_soak_under_faults(
         lambda: runs_started() >= mark + RUNS_BETWEEN, 60, "runs after the worker died"
     )
 
-    # 2. The dispatcher killed mid-flight and restarted.
+    # 2. The dispatcher killed while the long run executes (it must hold its account's lane
+    # when the dispatcher is back), and restarted.
+    def long_run() -> dict[str, Any] | None:
+        for line in open_runs(probe).values():
+            if line["account_id"] == LONG and line["sys_type"] == "win":
+                return line
+        return None
+
+    def long_run_worker() -> str | None:
+        line = long_run()
+        return None if line is None else str(line["worker"])
+
+    def long_run_past(seconds: float) -> bool:
+        line = long_run()
+        return line is not None and time.time() - line["at"] > seconds
+
+    await eventually(lambda: long_run_past(2.5), 60, "the long run under way")
     dispatcher.signal(signal.SIGKILL)
     assert dispatcher.process is not None
     dispatcher.process.wait(10)
@@ -208,12 +216,6 @@ async def test_soak_under_faults(
     )
 
     # 4. The worker running the long run frozen past lost_after, then thawed.
-    def long_run_worker() -> str | None:
-        for line in open_runs(probe).values():
-            if line["account_id"] == LONG and line["sys_type"] == "win":
-                return str(line["worker"])
-        return None
-
     frozen = await eventually(long_run_worker, 60, "the long run to start")
     os.killpg(workers[frozen].process.pid, signal.SIGSTOP)
     stopped_at = time.time()
