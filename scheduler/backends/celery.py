@@ -251,10 +251,11 @@ class CeleryRunBackend:
             loop.create_task(self._watch_runs(), name="celery backend: claims"),
         ]
         logger.info(
-            "celery run backend on %s (start_timeout %s, lost_after %ss)",
+            "celery run backend on %s (start_timeout %s, lost_after %ss, resend_after %ss)",
             self._masked,
             self.start_timeout,
             self.lost_after,
+            self.resend_after,
         )
 
     async def submit(self, request: RunRequest) -> None:
@@ -363,6 +364,7 @@ class CeleryRunBackend:
             "waiting_for_workers": self._waiting(),
             "start_timeout": self.start_timeout,
             "lost_after": self.lost_after,
+            "resend_after": self.resend_after,
             "in_use_by_another_dispatcher": self._fenced,
         }
 
