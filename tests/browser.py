@@ -34,6 +34,14 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "tests" / "artifacts"
 """Screenshots and figures the browser tests leave behind (gitignored)."""
 
+DOC_PICTURES = {
+    "overview": ROOT / "docs" / "dashboard.png",
+    "timeline": ROOT / "docs" / "images" / "timeline.png",
+    "task": ROOT / "docs" / "images" / "task.png",
+}
+"""The dashboard's pictures in the documentation (and the README), by page: the browser
+tests take them afresh each time they run, so the pages show the dashboard as it is."""
+
 ZONE = "Asia/Shanghai"
 """The dispatcher's zone in the browser tests."""
 

@@ -15,6 +15,7 @@ from browser import (
     ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,
+    DOC_PICTURES,
     ZONE,
     Served,
     cli,
@@ -311,7 +312,11 @@ def test_screenshots_at_a_thousand_tasks(tmp_path: Path, page: Page, served: lis
         }
         if name == "overview":
             expect(page.locator("li.task[data-status=error]")).to_have_count(20, timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / f"{name}-1000.png"), full_page=name == "task")
+        picture = page.screenshot(
+            path=str(ARTIFACTS / f"{name}-1000.png"), full_page=name == "task"
+        )
+        DOC_PICTURES[name].parent.mkdir(parents=True, exist_ok=True)
+        DOC_PICTURES[name].write_bytes(picture)
     page.goto(server.url + "/?account=account-07")
     expect(page.locator("li.task:visible")).to_have_count(26)
     started = time.perf_counter()
