@@ -461,7 +461,7 @@ class _Pages:
         client = request.client.host if request.client else None
         wait = security.throttle.wait(client)
         if wait > 0:
-            response = self._render(
+            refused = self._render(
                 request,
                 "login.html",
                 {
@@ -471,8 +471,8 @@ class _Pages:
                 },
                 status_code=429,
             )
-            response.headers["Retry-After"] = security.throttle.retry_after(client)
-            return response
+            refused.headers["Retry-After"] = security.throttle.retry_after(client)
+            return refused
         if not security.check_token(candidate, client):
             logger.warning("dashboard login refused from %s", client)
             return self._render(

@@ -258,7 +258,7 @@ def test_token_login_sets_a_strict_httponly_cookie(
 
 
 def test_the_printed_login_url_logs_the_browser_in_and_logging_out_ends_the_session(
-    tmp_path: Path, page: Page, served: list[Served]
+    tmp_path: Path, browser: Browser, page: Page, served: list[Served]
 ) -> None:
     from playwright.sync_api import expect
 
@@ -301,9 +301,9 @@ def test_the_printed_login_url_logs_the_browser_in_and_logging_out_ends_the_sess
     page.get_by_role("button", name="Log out").click()
     expect(page).to_have_url(server.url + "/login")
     # A copy of the cookie taken before logging out is refused.
-    replay = page.context.browser.new_context()  # type: ignore[union-attr]
+    replay = browser.new_context()
     try:
-        replay.add_cookies([cookie])
+        replay.add_cookies([{"name": cookie["name"], "value": cookie["value"], "url": server.url}])
         again = replay.new_page()
         again.goto(server.url + "/")
         expect(again).to_have_url(server.url + "/login?next=%2F")

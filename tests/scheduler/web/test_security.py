@@ -168,8 +168,9 @@ async def test_wrong_bearer_tokens_are_throttled_on_the_api_and_the_dashboard(
         good = {"authorization": f"Bearer {TOKEN}"}
         async with client(app, ip="10.1.1.1") as guesser, client(app, ip="10.1.1.2") as user:
             statuses = [
-                (await guesser.get("/api/v1/tasks", headers={"authorization": f"Bearer g{n}"}))
-                .status_code
+                (
+                    await guesser.get("/api/v1/tasks", headers={"authorization": f"Bearer g{n}"})
+                ).status_code
                 for n in range(6)
             ]
             assert statuses == [401] * 6
