@@ -31,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp
 
+from scheduler.control.guard import client_of
 from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
 from scheduler.web.feed import diff, rendered_at
@@ -458,7 +459,7 @@ class _Pages:
                     status_code=403,
                 )
             candidate = form.get("token")
-        client = request.client.host if request.client else None
+        client = client_of(request.scope)
         wait = security.throttle.wait(client)
         if wait > 0:
             refused = self._render(
