@@ -719,6 +719,12 @@ class TaskDispatcher:
         self._check_open()
         if self._control is not None:
             raise RuntimeError(f"the control API of {str(self.directory)!r} is already served")
+        if self._control_token is None:
+            # A token file here was left by a dispatcher that died (this one owns the
+            # directory now): its token is dead, and the file must not suggest otherwise.
+            from scheduler.control.guard import remove_token
+
+            remove_token(self.directory, None)
         if listen is not None:
             check_listen(listen, token)  # off loopback, only with a token the host chose
             token = token or self.control_token

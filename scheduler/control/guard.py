@@ -81,11 +81,12 @@ def issue_token(directory: Path) -> str:
     return token
 
 
-def remove_token(directory: Path, token: str) -> None:
-    """Remove ``directory``'s token file if it still holds ``token`` (once its listener is gone)."""
+def remove_token(directory: Path, token: str | None) -> None:
+    """Remove ``directory``'s token file if it still holds ``token`` (once its listener is
+    gone), or whatever it holds with None (a token left by a dispatcher that died)."""
     path = directory / TOKEN_FILE
     with contextlib.suppress(OSError):
-        if path.read_text().strip() == token:
+        if token is None or path.read_text().strip() == token:
             path.unlink()
 
 

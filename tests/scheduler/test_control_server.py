@@ -143,6 +143,14 @@ async def test_tcp_without_a_token_gets_a_drawn_one_kept_owner_only(
     assert not stored.exists()  # the token died with its listener
 
 
+async def test_a_token_left_by_a_dead_dispatcher_is_removed(started: TaskDispatcher) -> None:
+    stale = started.directory / TOKEN_FILE
+    stale.write_text("dead-token\n")
+    server = await started.serve_control(listen="127.0.0.1:0", token="tok-123")
+    assert server.token == "tok-123"
+    assert not stale.exists()
+
+
 async def test_the_token_file_is_never_readable_by_others(
     state_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
