@@ -1083,7 +1083,8 @@ DEMO_TASKS: list[dict[str, Any]] = [
     "--listen",
     default=None,
     metavar="HOST:PORT",
-    help="Also serve the control API on TCP (off loopback only with a token).",
+    help="Also serve the control API (and the dashboard) on TCP, with a token: --token, "
+    f"${TOKEN_ENV_VAR}, or one drawn and stored in <dir>/control.token (loopback only).",
 )
 @click.option(
     "--notify-url",
@@ -1232,6 +1233,8 @@ async def _serve(
                 logging.getLogger(__name__).info("dashboard on %s/", server.url)
                 if live:  # the log shows only problems above the live table
                     console.print(f"dashboard on {server.url}/")
+            if server.url is not None and token is None:
+                _announce_token(dispatcher, server.login_url)
         logging.getLogger(__name__).info(
             "running %d task(s) from %s; Ctrl-C to stop",
             len(dispatcher.peek_tasks()),
@@ -1252,6 +1255,23 @@ async def _serve(
         logging.getLogger(__name__).info("stopping: letting runs finish (up to %gs)", grace)
         await dispatcher.stop(grace_period=grace)
         logging.getLogger(__name__).info("stopped; state saved to %s", dispatcher.state_file)
+
+
+def _announce_token(dispatcher: TaskDispatcher, login_url: str | None) -> None:
+    """Say where the token drawn for the TCP listener is, and print the login URL once.
+
+    The URL goes to standard output only, never to the log: it carries the token.
+    """
+    from scheduler.control.guard import TOKEN_FILE
+
+    where = dispatcher.directory / TOKEN_FILE
+    logging.getLogger(__name__).info(
+        "TCP requests need the token in %s (Authorization: Bearer, or $%s for --url)",
+        where,
+        TOKEN_ENV_VAR,
+    )
+    if login_url is not None:
+        click.echo(f"log in to the dashboard (this URL carries the token): {login_url}")
 
 
 def _live_table(dispatcher: TaskDispatcher, title: str) -> Table:

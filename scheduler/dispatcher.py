@@ -166,6 +166,7 @@ class TaskDispatcher:
         if self._metrics is not None:
             self._ledger.observe(self._metrics.observe)
         self._control: ControlServer | None = None
+        self._control_token: str | None = None
         self._started_at: float | None = None
         if not self._backend.remote:
             self._ledger.recover()
@@ -666,17 +667,34 @@ class TaskDispatcher:
             return None
         return time.monotonic() - self._started_at
 
+    @property
+    def control_token(self) -> str:
+        """The token a TCP listener or an embedded control app of this dispatcher requires
+        when the host gives none of its own.
+
+        Drawn on first use (``secrets.token_urlsafe``), once per dispatcher, and written
+        owner-only to ``<directory>/control.token`` so the owner's scripts can read it; the
+        file goes when the dispatcher stops. Needs the ``control`` extra.
+        """
+        if self._control_token is None:
+            from scheduler.control.guard import issue_token
+
+            self._check_open()
+            self._control_token = issue_token(self.directory)
+        return self._control_token
+
     def control_app(
         self, *, token: str | None = None, extra_routers: Sequence[APIRouter] = ()
     ) -> FastAPI:
         """The control API as an ASGI (FastAPI) app a host can mount in its own app.
 
-        With ``token``, every request needs ``Authorization: Bearer <token>``. Needs the
-        ``control`` extra (``pip install 'task-dispatcher[control]'``).
+        Every request needs ``Authorization: Bearer <token>``; without ``token`` that is
+        :attr:`control_token`. Needs the ``control`` extra
+        (``pip install 'task-dispatcher[control]'``).
         """
         from scheduler.control.app import create_app
 
-        return create_app(self, token=token, extra_routers=extra_routers)
+        return create_app(self, token=token or self.control_token, extra_routers=extra_routers)
 
     async def serve_control(
         self,
@@ -690,16 +708,27 @@ class TaskDispatcher:
         """Serve the control API on ``<directory>/control.sock`` and, with ``listen``
         (``HOST:PORT``), on TCP; return once listening. The listeners stop with :meth:`stop`.
 
-        With ``dashboard`` the web dashboard is served at ``/`` of the same listeners (needs
-        the ``web`` extra). A non-loopback ``listen`` without ``token`` raises
-        :class:`ListenError`.
+        Every TCP request needs ``token``; without one a loopback ``listen`` uses
+        :attr:`control_token` (the returned server's ``token``, and its ``login_url`` for a
+        browser), and a non-loopback one raises :class:`ListenError`. With ``dashboard`` the
+        web dashboard is served at ``/`` of the same listeners (needs the ``web`` extra).
         """
-        from scheduler.control.server import ControlServer
+        from scheduler.control.app import create_app
+        from scheduler.control.server import ControlServer, check_listen
 
         self._check_open()
         if self._control is not None:
             raise RuntimeError(f"the control API of {str(self.directory)!r} is already served")
-        app: ASGIApp = self.control_app(token=token, extra_routers=extra_routers)
+        if self._control_token is None:
+            # A token file here was left by a dispatcher that died (this one owns the
+            # directory now): its token is dead, and the file must not suggest otherwise.
+            from scheduler.control.guard import remove_token
+
+            remove_token(self.directory, None)
+        if listen is not None:
+            check_listen(listen, token)  # off loopback, only with a token the host chose
+            token = token or self.control_token
+        app: ASGIApp = create_app(self, token=token, extra_routers=extra_routers)
         if dashboard:
             from scheduler.web import dashboard_app
 
@@ -709,6 +738,7 @@ class TaskDispatcher:
             socket_path=self.directory / CONTROL_SOCKET if socket else None,
             listen=listen,
             token=token,
+            dashboard=dashboard,
         )
         await server.start()
         self._control = server
@@ -718,6 +748,14 @@ class TaskDispatcher:
         control, self._control = self._control, None
         if control is not None:
             await control.close()
+        self._forget_control_token()
+
+    def _forget_control_token(self) -> None:
+        token, self._control_token = self._control_token, None
+        if token is not None:
+            from scheduler.control.guard import remove_token
+
+            remove_token(self.directory, token)
 
     # ------------------------------------------------------------------ running
 
@@ -799,6 +837,7 @@ class TaskDispatcher:
             self._store.save()
         if self._history is not None:
             self._history.close()
+        self._forget_control_token()
         self._store.close()
 
     async def __aenter__(self) -> Self:

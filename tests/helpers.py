@@ -261,8 +261,8 @@ class Running:
             command(directory, "run", "--no-live", "--grace", "10", *args),
             cwd=ROOT,
             env=None if env is None else {**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # what `run` prints (a login URL) among its log lines
             text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
@@ -275,12 +275,12 @@ class Running:
             self.process.kill()
         self.process.wait(10)
         self.reader.join(10)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
 
     def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             self.lines.put(line)
 
     def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 30) -> None:

@@ -31,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp
 
+from scheduler.control.guard import client_of
 from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
 from scheduler.web.feed import diff, rendered_at
@@ -436,6 +437,8 @@ class _Pages:
     # ------------------------------------------------------------------ login
 
     async def login(self, request: Request) -> Response:
+        """The login form; a valid token (typed in, or carried once by the login URL
+        ``/login?token=...``) is traded for a session cookie and a redirect to ``next``."""
         security = self.security
         target = request.query_params.get("next", "/")
         if not target.startswith("/") or target.startswith("//"):
@@ -443,24 +446,46 @@ class _Pages:
         if request.method == "GET":
             if not security.token_required:
                 return RedirectResponse(target, status_code=303)
-            return self._render(request, "login.html", {"next": target, "error": ""})
-        form = await _form(request)
-        if not security.valid_csrf(None, form.get("csrf_token")):
-            return self._render(
+            candidate = request.query_params.get("token")
+            if candidate is None:
+                return self._render(request, "login.html", {"next": target, "error": ""})
+        else:
+            form = await _form(request)
+            if not security.valid_csrf(None, form.get("csrf_token")):
+                return self._render(
+                    request,
+                    "login.html",
+                    {"next": target, "error": "The form expired: try again."},
+                    status_code=403,
+                )
+            candidate = form.get("token")
+        client = client_of(request.scope)
+        wait = security.throttle.wait(client)
+        if wait > 0:
+            refused = self._render(
                 request,
                 "login.html",
-                {"next": target, "error": "The form expired: try again."},
-                status_code=403,
+                {
+                    "next": target,
+                    "error": "Too many wrong tokens: wait "
+                    f"{security.throttle.retry_after(client)} s and try again.",
+                },
+                status_code=429,
             )
-        if not security.check_token(form.get("token")):
-            logger.warning("dashboard login refused from %s", request.client)
+            refused.headers["Retry-After"] = security.throttle.retry_after(client)
+            return refused
+        if not security.check_token(candidate, client):
+            logger.warning("dashboard login refused from %s", client)
             return self._render(
                 request,
                 "login.html",
                 {"next": target, "error": "That is not the token."},
                 status_code=401,
             )
+        # The token leaves the address bar at once: the redirect's target does not carry it.
         response = RedirectResponse(target, status_code=303)
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "no-store"
         response.set_cookie(
             COOKIE_NAME,
             security.new_session(),
@@ -473,10 +498,12 @@ class _Pages:
         return response
 
     async def logout(self, request: Request) -> Response:
+        """End the session (server-side: a copy of the cookie is refused from now on)."""
         form = await _form(request)
         session = request.cookies.get(COOKIE_NAME)
         if not self.security.valid_csrf(session, form.get("csrf_token")):
             return Response("missing or invalid CSRF token", status_code=403)
+        self.security.revoke(session)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
         return response
@@ -555,8 +582,10 @@ def dashboard_app(
 ) -> ASGIApp:
     """The dashboard at ``/``, with ``api`` (the control plane) behind it, guarded as one.
 
-    ``token`` None serves without authentication, for loopback listeners only (``allowed_hosts``
-    are the host names it answers to); with a token, browsers log in once through a form.
+    With a token, browsers log in once (through the form, or a login URL carrying the token);
+    ``token`` None serves without authentication, for a host embedding it in-process only
+    (``allowed_hosts`` are the host names it answers to, any loopback one by default): a
+    request through a TCP listener of ours is refused.
     ``limits`` bound what one page shows (None: :meth:`PageLimits.from_environment`).
     """
     security = WebSecurity(token, allowed_hosts=allowed_hosts)
@@ -571,6 +600,7 @@ def dashboard_app(
         Route("/login", pages.login, methods=["GET", "POST"], name="login"),
         Route("/logout", pages.logout, methods=["POST"], name="logout"),
         Route("/events", pages.events, name="events"),
+        Route("/favicon.ico", _favicon, name="favicon"),
         Mount("/static", StaticFiles(packages=[("scheduler.web", "static")]), name="static"),
     ]
     if api is not None:
@@ -580,7 +610,12 @@ def dashboard_app(
     return DashboardGuard(app, security, owns=_dashboard_path)
 
 
-_PAGES = frozenset({"/", "/timeline", "/add", "/events", "/login", "/logout"})
+async def _favicon(request: Request) -> Response:
+    # Browsers ask for /favicon.ico on pages that name no icon (the API's JSON, say).
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
+
+_PAGES = frozenset({"/", "/timeline", "/add", "/events", "/login", "/logout", "/favicon.ico"})
 _PAGE_PREFIXES = ("/tasks/", "/static/")
 
 

@@ -76,8 +76,13 @@ def shell(task_id: str, account: str, interval: float, **extra: Any) -> dict[str
     }
 
 
-def start(directory: Path, served: list[Served], **options: Any) -> Served:
+def start(
+    directory: Path, served: list[Served], page: Page | None = None, **options: Any
+) -> Served:
+    """Serve ``directory``; with ``page``, log its browser in through the printed URL."""
     served.append(Served(directory, **options))
+    if page is not None and served[-1].login_url is not None:
+        page.goto(served[-1].login_url)
     return served[-1]
 
 
@@ -109,7 +114,7 @@ def test_overview_lists_every_task_and_pausing_changes_the_file(
     seed(
         directory, [shell("a-1", "shop-a", 3600), shell("a-2", "shop-a", 60), shell("b-1", "b", 90)]
     )
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/")
     expect(page.locator("li.task")).to_have_count(3)
     expect(page.locator("section.lane[data-account=shop-a] li.task")).to_have_count(2)
@@ -130,7 +135,7 @@ def test_drag_and_drop_and_keyboard_reorder_change_account_tasks(
 
     directory = tmp_path / "store"
     seed(directory, [shell(f"t{i}", "shop", 3600) for i in range(4)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/")
     rows = page.locator("section.lane[data-account=shop] li.task")
     expect(rows).to_have_count(4)
@@ -158,7 +163,7 @@ def test_add_form_shows_a_field_error_then_adds_a_good_task(
 
     directory = tmp_path / "store"
     seed(directory, [shell("x", "shop", 3600)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/add")
     page.get_by_label("Task type").fill("shell")
     page.get_by_label("Account", exact=True).fill("shop-9")
@@ -190,7 +195,7 @@ def test_a_finished_run_updates_the_page_without_reload(
 
     directory = tmp_path / "store"
     seed(directory, [shell("quiet", "shop", 3600), shell("tick", "other", 2, command="exit 3")])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/")
     page.evaluate("window.__sameDocument = true")
     row = page.locator("li.task[data-id=tick]")
@@ -209,7 +214,7 @@ def test_user_strings_are_shown_as_text_never_run(
     image = "<img src=x onerror='window.__xss = 2'>"
     directory = tmp_path / "store"
     seed(directory, [shell("evil", image, 3600, note=script, account_name=script)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     dialogs: list[str] = []
 
     def on_dialog(dialog: Dialog) -> None:
@@ -253,12 +258,67 @@ def test_token_login_sets_a_strict_httponly_cookie(
     expect_in_file(lambda: task_in_file(directory, "guarded")["status"] == "paused")
 
 
+def test_the_printed_login_url_logs_the_browser_in_and_logging_out_ends_the_session(
+    tmp_path: Path, browser: Browser, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("mine", "shop", 3600)])
+    server = start(directory, served)  # no token given: one is drawn and printed once
+    assert server.login_url is not None
+    token = (directory / "control.token").read_text().strip()
+    assert server.login_url == f"{server.url}/login?token={token}"
+    failures: list[str] = []
+    page.on("response", lambda r: failures.append(r.url) if r.status >= 400 else None)
+
+    page.goto(server.url + "/")  # a stranger's browser: the login form, not the tasks
+    expect(page).to_have_url(server.url + "/login?next=%2F")
+    expect(page.locator("li.task")).to_have_count(0)
+    page.goto(server.login_url)
+    expect(page).to_have_url(server.url + "/")  # the token left the address bar at once
+    expect(page.locator("li.task[data-id=mine]")).to_have_count(1)
+    (cookie,) = page.context.cookies()
+    assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Strict")
+    assert token not in cookie["value"]
+    page.get_by_role("link", name="Timeline").click()
+    expect(page).to_have_url(server.url + "/timeline")
+    assert token not in page.evaluate("document.referrer")
+    page.goto(server.url + "/tasks/mine")
+    icon = page.locator('link[rel="icon"]').get_attribute("href")
+    assert icon is not None
+    assert page.request.get(server.url + icon).status == 200
+    assert failures == []  # no 404 for an icon (or anything else) on any page
+
+    # Framed by another site, the dashboard does not show (a click there would steer it).
+    attacker = page.context.new_page()
+    attacker.set_content(f'<iframe id="f" src="{server.url}/" width="800" height="600"></iframe>')
+    attacker.wait_for_load_state("load")
+    frame = attacker.frame_locator("#f")
+    expect(frame.locator("body")).not_to_contain_text("task-dispatcher", timeout=5_000)
+    assert frame.locator("button").count() == 0
+    attacker.close()
+
+    page.get_by_role("button", name="Log out").click()
+    expect(page).to_have_url(server.url + "/login")
+    # A copy of the cookie taken before logging out is refused.
+    replay = browser.new_context()
+    try:
+        replay.add_cookies([{"name": cookie["name"], "value": cookie["value"], "url": server.url}])
+        again = replay.new_page()
+        again.goto(server.url + "/")
+        expect(again).to_have_url(server.url + "/login?next=%2F")
+        expect(again.locator("li.task")).to_have_count(0)
+    finally:
+        replay.close()
+
+
 def test_remove_asks_for_confirmation(tmp_path: Path, page: Page, served: list[Served]) -> None:
     from playwright.sync_api import expect
 
     directory = tmp_path / "store"
     seed(directory, [shell("keep", "shop", 3600), shell("drop", "shop", 3600)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/tasks/drop")
     page.get_by_role("button", name="Remove…").click()
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
@@ -295,7 +355,7 @@ def test_screenshots_at_a_thousand_tasks(tmp_path: Path, page: Page, served: lis
     ]
     directory = tmp_path / "store"
     seed(directory, tasks, paused=[f"task-{i:04d}" for i in range(0, 980, 49)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
     for name, path, ready in [
@@ -341,7 +401,7 @@ def test_a_large_store_is_filtered_by_the_server_and_stays_live(
     directory = tmp_path / "store"
     seed(directory, tasks, paused=["a-02", "a-09", "b-05"])
     limits = {"TASK_DISPATCHER_OVERVIEW_LIMIT": "12", "TASK_DISPATCHER_LANE_LIMIT": "5"}
-    server = start(directory, served, environ=limits)
+    server = start(directory, served, page, environ=limits)
 
     def shown(selector: str = "li.task") -> list[str]:
         ids = page.locator(selector).evaluate_all("rows => rows.map((li) => li.dataset.id)")
