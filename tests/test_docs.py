@@ -267,7 +267,10 @@ async def test_the_openapi_document_is_the_served_one(tmp_path: Path) -> None:
     document = hooks.openapi_document()
     async with TaskDispatcher(tmp_path / "store", timezone="UTC", history=False) as dispatcher:
         transport = httpx.ASGITransport(app=dispatcher.control_app())
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+        headers = {"Authorization": f"Bearer {dispatcher.control_token}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://localhost", headers=headers
+        ) as client:
             served = (await client.get("/openapi.json")).json()
     assert document == served
     table = hooks.endpoint_table(document)
