@@ -22,7 +22,7 @@ from browser import (
     require_browser,
     seed,
 )
-from helpers import read_state, task_in_file
+from helpers import read_state, seed_file, seed_task, task_in_file
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Dialog, Page
@@ -488,3 +488,46 @@ def test_ids_outside_ascii_and_url_syntax_work_on_every_page(
     page.get_by_role("dialog").get_by_role("button", name="Remove", exact=True).click()
     expect(page).to_have_url(server.url + "/")
     expect_in_file(lambda: read_state(directory)["account_tasks"]["账号1"] == ["next"])
+
+
+def test_a_saved_id_with_a_slash_is_paused_opened_and_removed_from_the_dashboard(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    # Written before add refused '/': the dashboard still reaches it.
+    directory = tmp_path / "store"
+    directory.mkdir()
+    tasks = [
+        seed_task(
+            task_id,
+            task_type="shell",
+            task_end_time=None,
+            valid_time_range=later_window(),
+            kwargs={
+                "account_id": "shop",
+                "command": "true",
+                "task_id": task_id,
+                "task_type": "shell",
+            },
+            account_id="shop",
+        )
+        for task_id in ("shop/eu-1", "keep")
+    ]
+    (directory / "dispatch_config.json").write_bytes(
+        seed_file(tasks, account_tasks={"shop": ["shop/eu-1", "keep"]})
+    )
+    server = start(directory, served)
+    page.goto(server.url + "/")
+    row = page.locator('li.task[data-id="shop/eu-1"]')
+    row.get_by_role("button", name="Pause").click()
+    expect(row.locator(".status")).to_have_text("paused")
+    expect_in_file(lambda: task_in_file(directory, "shop/eu-1")["status"] == "paused")
+    row.get_by_role("link", name="shop/eu-1").click()
+    expect(page.locator("h1")).to_contain_text("shop/eu-1")
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("h1 .status")).to_have_text("pending")
+    page.get_by_role("button", name="Remove…").click()
+    page.get_by_role("dialog").get_by_role("button", name="Remove", exact=True).click()
+    expect(page).to_have_url(server.url + "/")
+    expect_in_file(lambda: read_state(directory)["account_tasks"]["shop"] == ["keep"])
