@@ -34,7 +34,8 @@ def path_segment(value: str) -> str:
 
     Everything but unreserved ASCII is encoded (``账号`` as UTF-8, ``/``, ``?``, ``#``, ``%``),
     and the dots of a whole ``.`` or ``..`` too, which HTTP clients would otherwise collapse as
-    relative segments (ids like that can only be in files saved before add refused them).
+    relative segments (an account may be called that; a task only in a file saved before such
+    task ids were refused). Browsers collapse ``%2E`` too: the dashboard cannot reach those.
     """
     if value in (".", ".."):
         return "%2E" * len(value)
