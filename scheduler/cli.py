@@ -26,12 +26,14 @@ from zoneinfo import ZoneInfo
 
 import click
 import orjson
+from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
 
 from jobstores.format import CorruptFileError
+from jobstores.loading import describe_validation_error
 from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
 from scheduler.cli_fleet import broker_options, make_backend, worker
 from scheduler.dispatcher import CONTROL_SOCKET, DIR_ENV_VAR, TaskDispatcher, default_directory
@@ -50,6 +52,7 @@ from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, parse_end_time
 from tasks.policy import jitter_bounds
 from tasks.registry import default_registry
+from tasks.shell import OUTPUT_LOGGER
 from tasks.zones import resolve_timezone
 
 if TYPE_CHECKING:
@@ -297,6 +300,11 @@ def _errors() -> Iterator[None]:
         yield
     except SaveFailedError:
         raise  # reported by _dispatcher, once it gave up the directory
+    except ValidationError as exc:
+        # An answer of a shape this command does not know (another version's server): one
+        # line naming the field, not pydantic's report.
+        field, message = describe_validation_error(exc)
+        _fail(f"unexpected data: {field}: {message}")
     except (DispatcherError, ValueError, TypeError) as exc:
         _fail(str(exc))
 
@@ -1028,6 +1036,14 @@ def reorder(options: Options, task_id: str, position: int) -> None:
 @click.pass_obj
 def validate(options: Options, path: Path | None) -> None:
     """Check a state file; list every problem; exit 1 if there is any. Never modifies it."""
+    if options.url is not None and path is None and options.directory is None:
+        # The file is on the dispatcher's machine; checking ./dispatcher here instead would
+        # report on some other store.
+        raise click.UsageError(
+            "validate checks a state file on this machine, not the dispatcher at --url: "
+            "run it where the dispatcher runs, or name the file (validate PATH) or the "
+            "directory (--dir DIR)"
+        )
     target = path or options.dir / "dispatch_config.json"
     with _errors():
         problems = validate_state_file(target, options.zone())
@@ -1130,6 +1146,8 @@ def run(
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    if demo:  # watching the demo is watching what its shell tasks print
+        logging.getLogger(OUTPUT_LOGGER).setLevel(logging.DEBUG)
     if not control:
         logging.getLogger(__name__).warning(
             "the control API is not installed, so other commands cannot steer this dispatcher "
@@ -1212,10 +1230,14 @@ async def _serve(
     if demo and not dispatcher.peek_tasks():
         await dispatcher.add_tasks({"sys_type": "local", **task} for task in DEMO_TASKS)
     if not dispatcher.peek_tasks():
+        # Other commands steer a running dispatcher through its control socket; without the
+        # control extra there is none, and they must wait for the directory to be free.
+        when = "from another terminal while this runs" if control else "after stopping (Ctrl-C)"
         logging.getLogger(__name__).warning(
-            "no tasks in %s yet. Stop with Ctrl-C, then add one: task-dispatcher --dir %s add "
-            "--type shell --account me --interval 1m --kw command=date  (or try: run --demo)",
+            "no tasks in %s yet; add one %s: task-dispatcher --dir %s add --type shell "
+            "--account me --interval 1m --kw command=date  (or try: run --demo)",
             dispatcher.state_file,
+            when,
             dispatcher.directory,
         )
     stop = asyncio.Event()

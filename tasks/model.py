@@ -36,6 +36,7 @@ __all__ = [
     "check_json_value",
     "json_default",
     "kwargs_problems",
+    "new_task_id_problem",
     "parse_end_time",
     "share_record_values",
 ]
@@ -108,6 +109,39 @@ def check_json_value(value: Any, path: str) -> None:
         f"{path}: {type(value).__name__} is not JSON-serialisable "
         "(use str, int, float, bool, None, list or dict)"
     )
+
+
+def _id_text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be any saved id (task or account), or None."""
+    if value.isprintable() and value == value.strip():
+        return None  # every record loaded passes here: two calls in C, no loop
+    if value != value.strip():
+        return f"{value!r} starts or ends with whitespace"
+    for position, char in enumerate(value):
+        if not char.isprintable():
+            return f"{value!r} holds the unprintable character {char!r} at position {position}"
+    return None
+
+
+def new_task_id_problem(task_id: str) -> str | None:
+    """Why ``task_id`` cannot name a new task, or None when it can.
+
+    A task id is one segment of the control API's and the dashboard's URLs
+    (``/api/v1/tasks/<id>/pause``), percent-encoded there, so any printable text works
+    (``账号1-运营``, ``a b``, ``50%``, ``q?``, ``#1``) except what no encoding gets through
+    every HTTP client and browser: ``/`` (a path separator once decoded) and the whole ids
+    ``.`` and ``..`` (clients collapse them as "this" and "the parent" segment). Control and
+    other unprintable characters and surrounding whitespace are refused too. Records saved
+    before this rule keep loading: it applies only when a task is added.
+    """
+    problem = _id_text_problem(task_id)
+    if problem is not None:
+        return problem
+    if "/" in task_id:
+        return f"{task_id!r} contains '/', which cannot be part of a URL path segment"
+    if task_id in (".", ".."):
+        return f"{task_id!r} cannot be a task id: URLs read it as a relative path segment"
+    return None
 
 
 def parse_end_time(text: str) -> date | datetime:
@@ -224,8 +258,9 @@ class TaskRecord(BaseModel):
     @field_validator("task_id", "account_id")
     @classmethod
     def _printable_id(cls, value: str) -> str:
-        if value != value.strip() or not value.isprintable():
-            raise ValueError("must be printable, without surrounding whitespace")
+        problem = _id_text_problem(value)
+        if problem is not None:
+            raise ValueError(f"must be printable, without surrounding whitespace: {problem}")
         return value
 
     @field_validator("interval", mode="before")

@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.control import API_PREFIX
+from scheduler.control import API_PREFIX, path_segment
 from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
 from scheduler.control.models import (
     AccountOrder,
@@ -311,7 +311,8 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
     async def add_task(spec: TaskSpec, show_secrets: ShowSecrets) -> Response:
         (task_id,) = await dispatcher.add_tasks([spec.keywords()])
         record = dispatcher.get_task(task_id)
-        return _json(view(record, show_secrets), 201, Location=f"{API_PREFIX}/tasks/{task_id}")
+        location = f"{API_PREFIX}/tasks/{path_segment(task_id)}"
+        return _json(view(record, show_secrets), 201, Location=location)
 
     @router.post(
         "/tasks/bulk",
@@ -323,12 +324,8 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         task_ids = await dispatcher.add_tasks([spec.keywords() for spec in body.tasks])
         return _json({"task_ids": task_ids}, 201)
 
-    @router.get("/tasks/{task_id}", response_model=TaskRecord, summary="One task")
-    async def get_task(task_id: str, show_secrets: ShowSecrets) -> Response:
-        return _json(view(dispatcher.get_task(task_id), show_secrets))
-
     @router.get(
-        "/tasks/{task_id}/next-runs", response_model=NextRuns, summary="The next planned runs"
+        "/tasks/{task_id:path}/next-runs", response_model=NextRuns, summary="The next planned runs"
     )
     async def next_runs(task_id: str, count: Annotated[int, Query(ge=0, le=1000)] = 5) -> Response:
         preview = dispatcher.next_runs(task_id, count)
@@ -341,17 +338,19 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
             }
         )
 
-    @router.post("/tasks/{task_id}/pause", response_model=TaskRecord, summary="Pause (saved)")
+    @router.post("/tasks/{task_id:path}/pause", response_model=TaskRecord, summary="Pause (saved)")
     async def pause(task_id: str, show_secrets: ShowSecrets) -> Response:
         await asyncio.to_thread(dispatcher.pause_task, task_id)
         return _json(view(dispatcher.get_task(task_id), show_secrets))
 
-    @router.post("/tasks/{task_id}/resume", response_model=TaskRecord, summary="Resume (saved)")
+    @router.post(
+        "/tasks/{task_id:path}/resume", response_model=TaskRecord, summary="Resume (saved)"
+    )
     async def resume(task_id: str, show_secrets: ShowSecrets) -> Response:
         await asyncio.to_thread(dispatcher.resume_task, task_id)
         return _json(view(dispatcher.get_task(task_id), show_secrets))
 
-    @router.patch("/tasks/{task_id}", response_model=TaskRecord, summary="Edit a task (saved)")
+    @router.patch("/tasks/{task_id:path}", response_model=TaskRecord, summary="Edit a task (saved)")
     async def update(task_id: str, body: TaskChanges, show_secrets: ShowSecrets) -> Response:
         changes = body.model_dump(exclude_unset=True)
         record = await asyncio.to_thread(
@@ -360,7 +359,7 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         return _json(view(record, show_secrets))
 
     @router.post(
-        "/tasks/{task_id}/reorder",
+        "/tasks/{task_id:path}/reorder",
         response_model=AccountOrder,
         summary="Move a task in its account's priority order (saved)",
     )
@@ -370,7 +369,7 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         queued = dispatcher.queued_runs() if dispatcher.running else {}
         return _json(account_order(account, dispatcher.account_tasks.get(account, []), queued))
 
-    @router.delete("/tasks/{task_id}", status_code=204, summary="Remove a task (saved)")
+    @router.delete("/tasks/{task_id:path}", status_code=204, summary="Remove a task (saved)")
     async def remove(task_id: str) -> Response:
         await asyncio.to_thread(dispatcher.remove_task, task_id)
         return Response(status_code=204)
@@ -393,13 +392,19 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         return _json([entry.to_json() for entry in entries])
 
     @router.get(
-        "/tasks/{task_id}/runs",
+        "/tasks/{task_id:path}/runs",
         response_model=list[RunEntry],
         summary="A task's recorded runs, newest first",
     )
     async def task_runs(task_id: str, filters: Annotated[RunFilters, Query()]) -> Response:
         dispatcher.get_task(task_id)  # 404 for an unknown id
         return await query_runs(task_id, filters)
+
+    # Declared after the routes that end in a word of their own (/next-runs, /runs), which
+    # would otherwise be read as part of the id.
+    @router.get("/tasks/{task_id:path}", response_model=TaskRecord, summary="One task")
+    async def get_task(task_id: str, show_secrets: ShowSecrets) -> Response:
+        return _json(view(dispatcher.get_task(task_id), show_secrets))
 
     @router.get(
         "/runs",
@@ -422,7 +427,7 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
             [account_order(a, ids, queued) for a, ids in sorted(dispatcher.account_tasks.items())]
         )
 
-    @router.get("/accounts/{account_id}", response_model=AccountOrder, summary="One account")
+    @router.get("/accounts/{account_id:path}", response_model=AccountOrder, summary="One account")
     async def account(account_id: str) -> Response:
         ids = dispatcher.account_tasks.get(account_id)
         if not ids:

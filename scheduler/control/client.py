@@ -12,13 +12,12 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
 
-from scheduler.control import API_PREFIX
+from scheduler.control import API_PREFIX, path_segment
 from scheduler.errors import ControlError
 from scheduler.triggers import RunPreview
 from tasks.model import TaskRecord
@@ -235,7 +234,7 @@ class ControlClient:
 
 
 def _quote(segment: str) -> str:
-    return quote(segment, safe="")
+    return path_segment(segment)
 
 
 def _param(value: Any) -> Any:

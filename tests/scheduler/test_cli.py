@@ -549,3 +549,36 @@ def test_show_previews_jittered_runs_as_spans(cli: Callable[..., Result]) -> Non
     for start, end in spans:
         gap = datetime.fromisoformat(end) - datetime.fromisoformat(start)
         assert gap == timedelta(minutes=5)
+
+
+def test_an_answer_of_an_unknown_shape_is_one_line_not_a_pydantic_report(
+    cli: Callable[..., Result],
+) -> None:
+    # A real listener answering a task request with something else (another version, a
+    # proxy): the command says what is wrong in one line.
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Elsewhere(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"tasks": [], "total": 0}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        result = cli("--url", url, "show", "t1", expect=2)
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()
+    assert result.stderr == "task-dispatcher: error: unexpected data: task_id: Field required\n"

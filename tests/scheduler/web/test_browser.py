@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -22,7 +23,7 @@ from browser import (
     require_browser,
     seed,
 )
-from helpers import read_state, task_in_file
+from helpers import read_state, seed_file, seed_task, task_in_file
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Dialog, Page
@@ -459,3 +460,139 @@ def test_a_large_store_is_filtered_by_the_server_and_stays_live(
     assert page.locator("li.task[data-id=a-07]").count() == 0
     assert page.locator("section.lane[data-account=acc-b]").count() == 0
     expect(lane.locator(".count")).to_have_text("12 task(s)")
+
+
+def later_window() -> list[int]:
+    """Hours that open later today: no run changes a task while a test looks at it."""
+    hour = datetime.now(ZoneInfo(ZONE)).hour
+    return [(hour + 2) % 24, (hour + 3) % 24]
+
+
+def test_the_filters_hide_the_rows_they_do_not_count(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    window = later_window()
+    tasks = [
+        shell(f"{account}-{i}", account, 3600, valid_time_range=window)
+        for account in ("shop-a", "shop-b", "shop-c", "shop-d")
+        for i in range(8)
+    ]
+    paused = [f"{account}-{i}" for account in ("shop-a", "shop-c") for i in (1, 3, 5, 7)]
+    directory = tmp_path / "store"
+    seed(directory, tasks, paused=paused)
+    server = start(directory, served)
+    page.goto(server.url + "/")
+    rows = page.locator("li.task")
+    expect(rows).to_have_count(32)
+    expect(page.locator("li.task:visible")).to_have_count(32)
+
+    def visible() -> list[str]:
+        ids = page.locator("li.task:visible").evaluate_all(
+            "rows => rows.map((li) => li.dataset.id)"
+        )
+        return sorted(str(task_id) for task_id in ids)
+
+    page.locator("#filters select[name=status]").select_option("paused")
+    expect(page.locator("#shown")).to_have_text("8 task(s) shown")
+    expect(page.locator("li.task:visible")).to_have_count(8)
+    assert visible() == sorted(paused)
+    expect(page.locator("section.lane:visible")).to_have_count(2)  # shop-b and shop-d: none
+
+    page.get_by_label("Search").fill("shop-c-")
+    expect(page.locator("#shown")).to_have_text("4 task(s) shown")
+    assert visible() == ["shop-c-1", "shop-c-3", "shop-c-5", "shop-c-7"]
+
+    page.locator("#filters select[name=status]").select_option("")
+    page.get_by_label("Search").fill("")
+    expect(page.locator("#shown")).to_have_text("32 task(s) shown")
+    expect(page.locator("li.task:visible")).to_have_count(32)
+
+
+@pytest.mark.parametrize("task_id", ["账号1-运营", "q?#50% a"])
+def test_ids_outside_ascii_and_url_syntax_work_on_every_page(
+    tmp_path: Path, page: Page, served: list[Served], task_id: str
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("next", "账号1", 3600, valid_time_range=later_window())])
+    server = start(directory, served)
+    page.goto(server.url + "/add")
+    page.get_by_label("Task type").fill("shell")
+    page.get_by_label("Account", exact=True).fill("账号1")
+    page.get_by_label("Interval").fill("1h")
+    page.get_by_label("Hours").fill("-".join(map(str, later_window())))
+    page.get_by_label("Command").fill("true")
+    page.get_by_label("Task id").fill("a/b")  # refused, naming the field
+    page.get_by_role("button", name="Add task").click()
+    expect(page.locator('[data-error-for="task_id"]')).to_contain_text("contains '/'")
+    page.get_by_label("Task id").fill(task_id)
+    page.get_by_role("button", name="Add task").click()
+    # The new task's page, at its percent-encoded address.
+    expect(page).to_have_url(f"{server.url}/tasks/{quote(task_id, safe='')}")
+    expect(page.locator("h1")).to_contain_text(task_id)
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("h1 .status")).to_have_text("paused")
+    expect_in_file(lambda: task_in_file(directory, task_id)["status"] == "paused")
+
+    # The overview's row: its actions and its link reach the task.
+    page.goto(server.url + "/")
+    row = page.locator(f'li.task[data-id="{task_id}"]')
+    row.get_by_role("button", name="Resume").click()
+    expect(row.locator(".status")).to_have_text("pending")
+    expect_in_file(lambda: task_in_file(directory, task_id)["status"] == "pending")
+    row.get_by_role("link", name=task_id).click()
+    expect(page.locator("h1")).to_contain_text(task_id)
+
+    page.goto(server.url + "/timeline")
+    page.get_by_role("link", name=task_id).click()
+    expect(page.locator("h1")).to_contain_text(task_id)
+    page.get_by_role("button", name="Remove…").click()
+    page.get_by_role("dialog").get_by_role("button", name="Remove", exact=True).click()
+    expect(page).to_have_url(server.url + "/")
+    expect_in_file(lambda: read_state(directory)["account_tasks"]["账号1"] == ["next"])
+
+
+def test_a_saved_id_with_a_slash_is_paused_opened_and_removed_from_the_dashboard(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    # Written before add refused '/': the dashboard still reaches it.
+    directory = tmp_path / "store"
+    directory.mkdir()
+    tasks = [
+        seed_task(
+            task_id,
+            task_type="shell",
+            task_end_time=None,
+            valid_time_range=later_window(),
+            kwargs={
+                "account_id": "shop",
+                "command": "true",
+                "task_id": task_id,
+                "task_type": "shell",
+            },
+            account_id="shop",
+        )
+        for task_id in ("shop/eu-1", "keep")
+    ]
+    (directory / "dispatch_config.json").write_bytes(
+        seed_file(tasks, account_tasks={"shop": ["shop/eu-1", "keep"]})
+    )
+    server = start(directory, served)
+    page.goto(server.url + "/")
+    row = page.locator('li.task[data-id="shop/eu-1"]')
+    row.get_by_role("button", name="Pause").click()
+    expect(row.locator(".status")).to_have_text("paused")
+    expect_in_file(lambda: task_in_file(directory, "shop/eu-1")["status"] == "paused")
+    row.get_by_role("link", name="shop/eu-1").click()
+    expect(page.locator("h1")).to_contain_text("shop/eu-1")
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("h1 .status")).to_have_text("pending")
+    page.get_by_role("button", name="Remove…").click()
+    page.get_by_role("dialog").get_by_role("button", name="Remove", exact=True).click()
+    expect(page).to_have_url(server.url + "/")
+    expect_in_file(lambda: read_state(directory)["account_tasks"]["shop"] == ["keep"])
