@@ -60,7 +60,8 @@ _CAMEL_KEY = ("Key", r"Key(?<=[A-Za-z0-9]Key)s?(?![\w.-])")
 # - name=value (query strings, environment assignments, options: ?token=abc, PGPASSWORD=abc,
 #   --api-key=abc, password = "abc"); an unquoted value ends at white space, '&', ';' or a
 #   quote; '==' is a comparison, not an assignment
-# - "name": value / 'name': value (JSON, Python reprs: {"password": "abc"})
+# - "name": value / 'name': value (JSON, Python reprs: {"password": "abc"}); an unquoted
+#   value ends at a ',', '}' or ']' too
 # - Name: value (HTTP headers, YAML, log lines: Authorization: Bearer abc); an unquoted
 #   value runs to the end of the line
 # A quoted value (escapes honoured, b'' and r'' prefixes allowed) has its inside masked; an
@@ -68,11 +69,12 @@ _CAMEL_KEY = ("Key", r"Key(?<=[A-Za-z0-9]Key)s?(?![\w.-])")
 # closes (its lastindex).
 _ASSIGNMENT = r"""
     (?:(?!{word})[\w.-])*+
-    (?:(?P<eq>['"]?[ \t]*+=|['"][ \t]*+:)[ \t]*+ | :[ \t]++)
+    (?:(?P<pair>['"][ \t]*+:)[ \t]*+ | (?P<eq>['"]?[ \t]*+=)[ \t]*+ | :[ \t]++)
     (?:
         [bBrRuU]{{0,2}}"(?P<dq>(?:[^"\\\r\n]++|\\.)*+)"?
       | [bBrRuU]{{0,2}}'(?P<sq>(?:[^'\\\r\n]++|\\.)*+)'?
-      | (?(eq)(?P<bare>[^\s&;'"=][^\s&;'"]*+)|(?P<line>[^\r\n]++))
+      | (?(pair)(?P<item>[^\s&;,'"}}\]]++)
+        |(?(eq)(?P<bare>[^\s&;'"=][^\s&;'"]*+)|(?P<line>[^\r\n]++)))
     )
 """
 
