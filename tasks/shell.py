@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tasks.registry import default_registry
+from tasks.secrets import mask_text
 
 __all__ = ["ShellTask", "ShellTaskError"]
 
@@ -34,7 +35,9 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _tail(data: bytes | bytearray) -> str:
-    text = bytes(data).decode(errors="replace").strip()
+    """The end of a command's output, credentials masked (before the cut, so the cut never
+    leaves the end of a secret's name and its value in view)."""
+    text = mask_text(bytes(data).decode(errors="replace").strip())
     return text if len(text) <= _TAIL else "..." + text[-_TAIL:]
 
 
