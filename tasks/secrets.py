@@ -55,8 +55,8 @@ _WORDS: tuple[tuple[str, str], ...] = (
 )
 _CAMEL_KEY = ("Key", r"Key(?<=[A-Za-z0-9]Key)s?(?![\w.-])")
 
-# After a secret word: the rest of the name (up to the next occurrence of that word, which
-# is tried on its own), a separator and the value, whose span is what gets masked:
+# After a secret word: the rest of the name (up to the word's next secret-looking occurrence,
+# which is tried on its own), a separator and the value, whose span is what gets masked:
 # - name=value (query strings, environment assignments, options: ?token=abc, PGPASSWORD=abc,
 #   --api-key=abc, password = "abc"); an unquoted value ends at white space, '&', ';' or a
 #   quote; '==' is a comparison, not an assignment
@@ -80,10 +80,10 @@ _ASSIGNMENT = r"""
 
 _NAMES = tuple(re.compile(pattern) for _, pattern in _WORDS)
 _ASSIGNMENTS = tuple(
-    re.compile(pattern + _ASSIGNMENT.format(word=word), re.VERBOSE) for word, pattern in _WORDS
+    re.compile(pattern + _ASSIGNMENT.format(word=pattern), re.VERBOSE) for _, pattern in _WORDS
 )
 _CAMEL_NAME = re.compile(_CAMEL_KEY[1])
-_CAMEL_ASSIGNMENT = re.compile(_CAMEL_KEY[1] + _ASSIGNMENT.format(word=_CAMEL_KEY[0]), re.VERBOSE)
+_CAMEL_ASSIGNMENT = re.compile(_CAMEL_KEY[1] + _ASSIGNMENT.format(word=_CAMEL_KEY[1]), re.VERBOSE)
 
 # The password of a URL's user info, up to the last '@' before the path (a password with an
 # unencoded '@' is still masked whole): scheme://user:PASSWORD@host. The search starts at

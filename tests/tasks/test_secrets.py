@@ -104,6 +104,8 @@ def test_names_that_stay_visible(name: str) -> None:
         ("KeyError: 'api_key'", "KeyError: 'api_key'"),
         ("if token == expected", "if token == expected"),
         ("monkey=1 author=me keyboard: qwerty", "monkey=1 author=me keyboard: qwerty"),
+        # a name is secret from its first secret-looking word on, whatever follows
+        ("passwordpass=1 tokentokenizer=abc", "passwordpass=*** tokentokenizer=***"),
         # İ is the one character whose lower case is longer: positions must not shift.
         ("İİ token=abc İ password=x", "İİ token=*** İ password=***"),
     ],
