@@ -72,7 +72,9 @@ LIST_PAGE = 5_000
 """Tasks per request when ``list`` reads a running dispatcher's listing."""
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_INTERVAL = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+# A number starts only where no digit or '.' precedes, and is read possessively: a long run
+# of digits without a unit is scanned once, not again from each of its digits.
+_INTERVAL = re.compile(r"(?<![\d.])(\d++(?:\.\d++)?+)([smhd])")
 
 
 def parse_interval(text: str) -> float:

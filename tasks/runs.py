@@ -19,6 +19,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
+from tasks.secrets import mask_text
+
 __all__ = [
     "ERROR_LIMIT",
     "TIMED_OUT",
@@ -46,8 +48,9 @@ def timed_out_error(timeout: float) -> str:
 
 
 def describe_error(exc: BaseException) -> str:
-    """``"Type: message"``, cut to :data:`ERROR_LIMIT` characters."""
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """``"Type: message"`` with credentials masked (see :func:`~tasks.secrets.mask_text`),
+    cut to :data:`ERROR_LIMIT` characters."""
+    text = mask_text(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
     return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 3] + "..."
 
 
@@ -167,11 +170,18 @@ class RunEvent:
     worker: str | None = None
     """The name of the worker that executed the run (None: this process)."""
     error: str | None = None
-    """``"Type: message"`` for failed, lost and expired runs."""
+    """``"Type: message"`` for failed, lost and expired runs, credentials masked."""
     started_at: datetime | None = None
     """For a finishing event: when the run started, if the reporter knows."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Anything else the backend reports (kept in the run history)."""
+
+    def __post_init__(self) -> None:
+        # Every run's error text passes here where it is formed (this process, a worker, a
+        # verdict of lost or expired), so the record, the history, the logs and the webhooks
+        # only ever see it masked, whichever reporter sent it.
+        if self.error is not None:
+            object.__setattr__(self, "error", mask_text(self.error))
 
     @property
     def ok(self) -> bool:

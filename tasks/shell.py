@@ -40,7 +40,9 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _tail(data: bytes | bytearray) -> str:
-    text = bytes(data).decode(errors="replace").strip()
+    """The end of a command's output, credentials masked (before the cut, so the cut never
+    leaves the end of a secret's name and its value in view)."""
+    text = mask_text(bytes(data).decode(errors="replace").strip())
     return text if len(text) <= _TAIL else "..." + text[-_TAIL:]
 
 
