@@ -482,7 +482,7 @@ def test_the_filters_hide_the_rows_they_do_not_count(
     paused = [f"{account}-{i}" for account in ("shop-a", "shop-c") for i in (1, 3, 5, 7)]
     directory = tmp_path / "store"
     seed(directory, tasks, paused=paused)
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/")
     rows = page.locator("li.task")
     expect(rows).to_have_count(32)
@@ -518,7 +518,7 @@ def test_ids_outside_ascii_and_url_syntax_work_on_every_page(
 
     directory = tmp_path / "store"
     seed(directory, [shell("next", "账号1", 3600, valid_time_range=later_window())])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/add")
     page.get_by_label("Task type").fill("shell")
     page.get_by_label("Account", exact=True).fill("账号1")
@@ -582,7 +582,7 @@ def test_a_saved_id_with_a_slash_is_paused_opened_and_removed_from_the_dashboard
     (directory / "dispatch_config.json").write_bytes(
         seed_file(tasks, account_tasks={"shop": ["shop/eu-1", "keep"]})
     )
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/")
     row = page.locator('li.task[data-id="shop/eu-1"]')
     row.get_by_role("button", name="Pause").click()
