@@ -799,6 +799,34 @@ class TaskDispatcher:
         """``task_id``'s next ``count`` planned runs (for a paused task: if resumed now)."""
         return preview_runs(self._store.get(task_id), self.timezone, self._store.now(), count)
 
+    def preview_update(
+        self,
+        task_id: str,
+        count: int = 5,
+        *,
+        interval: float | timedelta | Unset = UNSET,
+        valid_time_range: Sequence[int] | Unset = UNSET,
+        task_end_time: date | datetime | str | Unset | None = UNSET,
+        run_policy: RunPolicy | Mapping[str, Any] | Unset | None = UNSET,
+    ) -> RunPreview:
+        """The next ``count`` runs ``task_id`` would have after :meth:`update_task` with these
+        changes, changing nothing; invalid changes raise :class:`InvalidTaskError` naming the
+        field, as :meth:`update_task` would."""
+        _task_id(task_id)
+        current = self._store.get(task_id)
+        now = self._store.now()
+        rules = self._intake.edited(
+            current,
+            now,
+            interval=interval,
+            valid_time_range=valid_time_range,
+            task_end_time=task_end_time,
+            run_policy=run_policy,
+            kwargs=UNSET,
+        )
+        edited = lifecycle.edited(current, rules, self._store.schedule(rules), now)
+        return preview_runs(edited, self.timezone, now, count)
+
     def queued_runs(self) -> dict[str, list[str]]:
         """Account id -> ids of tasks whose due run waits for the account's lane (call on the
         event loop the dispatcher runs on)."""
