@@ -67,9 +67,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTROL_SOCKET",
-    "AccountChange",
     "DEFAULT_DISPATCHER_DIR",
     "DIR_ENV_VAR",
+    "AccountChange",
     "TaskDispatcher",
     "resolve_timezone",
 ]

@@ -64,8 +64,9 @@ class TaskRunner:
         self, task_id: str, scheduled_at: datetime, attempt: int = 1, *, manual: bool = False
     ) -> asyncio.Future[RunEvent | None]:
         """Queue attempt ``attempt`` of a run of ``task_id`` planned for ``scheduled_at`` (2
-        and up: a retry; ``manual``: asked for with "run now"); call on the event loop. The future is the run's finishing event
-        (None: skipped, or the task is gone); it is cancelled if the run is cut off.
+        and up: a retry; ``manual``: asked for with "run now"); call on the event loop. The
+        future is the run's finishing event (None: skipped, or the task is gone); it is
+        cancelled if the run is cut off.
 
         A run waits for its lane as a queue entry: its task is made once it may start, so a
         pass that finds thousands of runs due does not make thousands of waiting tasks.

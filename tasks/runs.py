@@ -22,12 +22,12 @@ from typing import Any, Literal, Protocol
 __all__ = [
     "ERROR_LIMIT",
     "TIMED_OUT",
+    "TRIGGERS",
     "RunBackend",
     "RunEvent",
     "RunEventKind",
     "RunInbox",
     "RunRequest",
-    "TRIGGERS",
     "Trigger",
     "describe_error",
     "run_trigger",
