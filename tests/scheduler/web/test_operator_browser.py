@@ -4,6 +4,7 @@ preview, the summary bar and the lanes ordered by attention; then the store and 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -190,11 +191,10 @@ def test_edit_a_task_with_errors_beside_the_fields_and_a_preview(
     page.get_by_label("Until").fill("2099-01-01")
     page.get_by_role("button", name="Preview next runs").click()
     expect(page.locator("#edit-preview-list li")).to_have_count(5)
-    times = [
-        datetime.fromisoformat(text)
-        for text in page.locator("#edit-preview-list li").all_inner_texts()
-    ]
-    assert all(b - a in (timedelta(hours=2), timedelta(hours=12)) for a, b in zip(times, times[1:]))
+    shown = page.locator("#edit-preview-list li").all_inner_texts()
+    times = [datetime.fromisoformat(text) for text in shown]
+    gaps = {b - a for a, b in itertools.pairwise(times)}
+    assert gaps <= {timedelta(hours=2), timedelta(hours=12)}
     assert all(8 <= t.hour < 22 for t in times)
     assert task_in_file(directory, "e-1")["interval"] == 3600  # a preview changes nothing
 
