@@ -35,7 +35,7 @@ from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
 from scheduler.web.feed import diff, rendered_at
 from scheduler.web.security import COOKIE_NAME, SESSION_SECONDS, DashboardGuard, WebSecurity
-from scheduler.web.timeline import HORIZON, build_timeline
+from scheduler.web.timeline import SPANS, axis_ticks, build_timeline
 from scheduler.web.views import (
     Filters,
     Lane,
@@ -364,7 +364,11 @@ class _Pages:
     async def timeline(self, request: Request) -> Response:
         dispatcher = self.dispatcher
         now = utc_now()
-        history = await _runs(dispatcher, since=now - HORIZON, limit=TIMELINE_RUNS)
+        span = request.query_params.get("span", "24h")
+        if span not in SPANS:
+            span = "24h"
+        horizon = SPANS[span]
+        history = await _runs(dispatcher, since=now - horizon, limit=TIMELINE_RUNS)
         records, order, zone = (
             dispatcher.peek_tasks(),
             dispatcher.account_tasks,
@@ -383,22 +387,24 @@ class _Pages:
                     zone,
                     now,
                     history or (),
+                    horizon,
                 )
             else:
-                timeline = build_timeline(records, order, zone, now, history or ())
-            hours = []
-            first = (timeline.start.astimezone(zone) + timedelta(hours=1)).replace(
-                minute=0, second=0, microsecond=0
-            )
-            for step in range(0, 48, 3):
-                tick = first + timedelta(hours=step)
-                hours.append((timeline.fraction(tick), tick.strftime("%H:%M")))
+                timeline = build_timeline(records, order, zone, now, history or (), horizon)
+            ticks = [
+                (timeline.fraction(tick.at), tick)
+                for tick in axis_ticks(timeline.start, timeline.stop, zone)
+            ]
             return self._render(
                 request,
                 "timeline.html",
                 {
                     "timeline": timeline,
-                    "hours": hours,
+                    "ticks": ticks,
+                    "now_at": timeline.fraction(now),
+                    "now_label": now.astimezone(zone).strftime("%H:%M"),
+                    "span": span,
+                    "spans": list(SPANS),
                     "tz": zone,
                     "has_history": history is not None,
                     "selection": selection,

@@ -643,6 +643,40 @@
     });
   }
 
+  // ---------------------------------------------------------------- timeline axis
+
+  // Keep the axis readable at any width: labels are kept in rank order (now, dates, then
+  // hours at multiples of 12, 6, 3, 1) and one that would touch a kept one, or stick out of
+  // the axis, is hidden.
+  function thinAxis() {
+    for (const axis of document.querySelectorAll(".axis")) {
+      const labels = [...axis.querySelectorAll("span[data-rank]")];
+      labels.forEach((label) => { label.style.visibility = ""; });
+      labels.sort((a, b) => Number(a.dataset.rank) - Number(b.dataset.rank));
+      const bounds = axis.getBoundingClientRect();
+      const kept = [];
+      const GAP = 4;
+      for (const label of labels) {
+        const box = label.getBoundingClientRect();
+        const outside = box.left < bounds.left - 1 || box.right > bounds.right + 1;
+        const touches = kept.some((k) => box.left < k.right + GAP && k.left < box.right + GAP
+          && box.top < k.bottom && k.top < box.bottom);
+        if (outside || touches) label.style.visibility = "hidden";
+        else kept.push(box);
+      }
+    }
+  }
+
+  function setUpTimeline() {
+    if (!document.querySelector(".axis")) return;
+    thinAxis();
+    let pending = 0;
+    window.addEventListener("resize", () => {
+      cancelAnimationFrame(pending);
+      pending = requestAnimationFrame(thinAxis);
+    });
+  }
+
   // ---------------------------------------------------------------- start
 
   document.addEventListener("DOMContentLoaded", () => {
@@ -651,6 +685,7 @@
     setUpReorder();
     setUpAddForm();
     setUpEditForm();
+    setUpTimeline();
     tickTimes();
     setInterval(tickTimes, 1000);
     if (document.body.dataset.page === "overview" || document.body.dataset.page === "task") listen();

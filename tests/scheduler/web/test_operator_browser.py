@@ -244,3 +244,49 @@ def test_the_summary_bar_filters_and_the_lanes_put_attention_first(
     page.locator("#summary a[data-sort=az]").click()
     accounts = page.locator("section.lane").evaluate_all("(ls) => ls.map((l) => l.dataset.account)")
     assert accounts == ["a-calm", "b-paused", "c-failing"]
+
+
+OVERLAPS = """(labels) => {
+  const boxes = labels.filter((l) => getComputedStyle(l).visibility !== "hidden")
+    .map((l) => {
+      const r = l.getBoundingClientRect();
+      return [l.textContent, r.left, r.right, r.top, r.bottom];
+    });
+  const clashes = [];
+  for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+    const [a, b] = [boxes[i], boxes[j]];
+    if (a[1] < b[2] && b[1] < a[2] && a[3] < b[4] && b[3] < a[4]) clashes.push([a[0], b[0]]);
+  }
+  return { shown: boxes.map((b) => b[0]), clashes };
+}"""
+
+
+@pytest.mark.parametrize("span", ["6h", "24h", "7d"])
+def test_the_timeline_axis_is_readable_on_a_phone(
+    tmp_path: Path, browser: Browser, served: list[Served], span: str
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("t-1", "shop", valid_time_range=[0, 24])])
+    page, errors = new_page(browser, width=390)
+    logged_in(page, directory, served, f"/timeline?span={span}")
+    expect(page.locator(".spans a[aria-current]")).to_have_attribute("data-span", span)
+    labels = page.locator(".axis span[data-rank]")
+    found = labels.evaluate_all(OVERLAPS)
+    assert found["clashes"] == [], found
+    shown = found["shown"]
+    assert any(text.startswith("now ") for text in shown), shown
+    assert any(text[:3] in ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun") for text in shown)
+    assert sum(":" in text and not text.startswith("now") for text in shown) >= 2, shown
+    # Wider, more labels fit, still without a clash.
+    page.set_viewport_size({"width": 1280, "height": 900})
+    page.wait_for_function(
+        "(n) => [...document.querySelectorAll('.axis span[data-rank]')]"
+        ".filter((l) => getComputedStyle(l).visibility !== 'hidden').length > n",
+        arg=len(shown),
+    )
+    wide = labels.evaluate_all(OVERLAPS)
+    assert wide["clashes"] == [], wide
+    page.context.close()
+    assert not errors, errors
