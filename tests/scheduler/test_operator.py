@@ -95,6 +95,31 @@ async def test_a_manual_run_of_a_paused_task_leaves_it_paused_and_never_auto_pau
     await dispatcher.stop()
 
 
+class Sleeper:
+    """A manager whose run takes far longer than any timeout here."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        pass
+
+    async def run(self) -> None:
+        await asyncio.sleep(30)
+
+
+async def test_a_manual_run_is_stopped_by_the_run_timeout(
+    clock: Any, make_dispatcher: MakeDispatcher
+) -> None:
+    dispatcher = make_dispatcher(task_manager_factory=Sleeper)
+    task_id = await add(dispatcher, run_policy={"run_timeout": 0.2})
+    await dispatcher.start()
+    dispatcher.run_now(task_id)
+    await settle(dispatcher)
+    record = dispatcher.get_task(task_id)
+    assert (record.status, record.last_error) == (TaskStatus.ERROR, "timed out after 0.2 s")
+    (entry,) = dispatcher.runs(task_id)
+    assert (entry.trigger, entry.outcome, entry.extra) == ("manual", "failed", {"timed_out": 0.2})
+    await dispatcher.stop()
+
+
 async def test_asking_twice_before_it_starts_runs_once(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
 ) -> None:
