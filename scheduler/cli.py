@@ -1053,8 +1053,9 @@ def run_now(options: Options, task_id: str) -> None:
     client = _remote(options)
     if client is None:
         _fail(
-            f"no dispatcher is running on {str(options.dir)!r}: run-now needs one "
-            "(start it with 'task-dispatcher run', or give --url)",
+            f"no dispatcher is running on {str(options.dir)!r} (nothing answers on its "
+            f"{CONTROL_SOCKET}): run-now needs one (start it with 'task-dispatcher run', "
+            "or give --url)",
             status=1,
         )
     with client, _errors():

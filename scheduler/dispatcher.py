@@ -171,6 +171,7 @@ class TaskDispatcher:
         )
         self._retries = RetryTimer(self._store, self._runner.submit)
         self._ledger.watch(self._retries.watch)
+        self._ledger.watch(self._take_up_manual)
         # Listeners (typed events): run events from the ledger, completions and save health
         # from the store, task events at this class's API calls.
         self._listeners = Listeners()
@@ -186,6 +187,8 @@ class TaskDispatcher:
         self._control: ControlServer | None = None
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._manual_queued: set[str] = set()
+        """Tasks whose manual run is queued for its lane (so it is queued once)."""
         if not self._backend.remote:
             self._ledger.recover()
         if not self._store.durable:
@@ -706,8 +709,12 @@ class TaskDispatcher:
             record = self._store.find(task_id)
             if record is None or record.run_requested is None or not self.running:
                 return
+            if task_id in self._manual_queued:
+                return
+            self._manual_queued.add(task_id)
             outcome = self._runner.submit(task_id, record.run_requested, manual=True)
             outcome.add_done_callback(_manual_done)
+            outcome.add_done_callback(lambda _: self._manual_queued.discard(task_id))
 
         try:
             here = asyncio.get_running_loop() is loop
@@ -717,6 +724,21 @@ class TaskDispatcher:
             submit()
         else:
             loop.call_soon_threadsafe(submit)
+
+    def _take_up_manual(
+        self,
+        request: RunRequest,
+        event: RunEvent,
+        before: TaskRecord | None,
+        after: TaskRecord | None,
+    ) -> None:
+        """A manual run that opened is no longer queued; when a run ends, a manual run still
+        asked for (asked again while it ran, or it found another run of its task out when its
+        lane came) is queued again."""
+        if request.trigger == "manual":
+            self._manual_queued.discard(request.task_id)
+        if event.kind.finished and after is not None and after.run_requested is not None:
+            self._submit_manual(after.task_id)
 
     def pause_account(self, account_id: str) -> list[AccountChange]:
         """Pause every task of ``account_id`` (an account banned or logged out), in one

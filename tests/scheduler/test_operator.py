@@ -134,6 +134,27 @@ async def test_asking_twice_before_it_starts_runs_once(
     await dispatcher.stop()
 
 
+async def test_asking_again_while_it_runs_runs_it_once_more(
+    clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
+) -> None:
+    dispatcher = make_dispatcher()
+    task_id = await add(dispatcher)
+    recorder.gates[task_id] = gate = asyncio.Event()
+    recorder.started[task_id] = started = asyncio.Event()
+    await dispatcher.start()
+    dispatcher.run_now(task_id)
+    await asyncio.wait_for(started.wait(), 10)
+    again = dispatcher.run_now(task_id)  # the first is running: this one is a new request
+    assert again.run_requested is not None
+    gate.set()
+    await settle(dispatcher)
+    await settle(dispatcher)
+    assert recorder.count(task_id) == 2
+    assert dispatcher.get_task(task_id).run_requested is None
+    assert [entry.trigger for entry in dispatcher.runs(task_id)] == ["manual", "manual"]
+    await dispatcher.stop()
+
+
 async def test_a_manual_run_waits_for_its_accounts_lane(
     clock: Any, make_dispatcher: MakeDispatcher, recorder: Recorder
 ) -> None:
