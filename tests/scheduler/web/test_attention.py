@@ -3,12 +3,17 @@ counts and the order of the lanes."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
+import httpx
 import pytest
-from helpers import at, record
+from helpers import Recorder, at, record
 
+from scheduler import LocalRunBackend, TaskDispatcher
+from scheduler.web import dashboard_app
 from scheduler.web.views import Filters, attention, failing, overdue
 from tasks.model import ActiveRun, TaskStatus
 
@@ -84,3 +89,43 @@ def test_lanes_order_failing_then_overdue_then_paused_then_the_rest() -> None:
         "error": 1,
     }
     assert summary.overdue == 2
+
+
+class _FleetLike(LocalRunBackend):
+    """The local backend, reporting live workers per sys_type as a fleet backend does."""
+
+    def __init__(self, workers: dict[str, list[str]], factory: Recorder) -> None:
+        super().__init__(factory)
+        self.workers = workers
+
+    def health(self) -> Mapping[str, Any]:
+        return {"connected": True, "workers": self.workers}
+
+
+async def test_the_summary_bar_counts_and_names_workers_per_sys_type(
+    make_dispatcher: Callable[..., TaskDispatcher], recorder: Recorder
+) -> None:
+    backend = _FleetLike({"mac": ["mac-01", "mac-02"], "win": ["win-01"]}, recorder)
+    dispatcher = make_dispatcher(run_backend=backend)
+    for task_id, account in (("t-1", "b"), ("t-2", "a"), ("t-3", "a")):
+        await dispatcher.add_task(
+            sys_type="mac", task_type="xhs", account_id=account, interval=3600, task_id=task_id
+        )
+    dispatcher.pause_task("t-1")
+    app = dashboard_app(dispatcher)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8765"
+    ) as http:
+        page = (await http.get("/")).text
+        alphabetical = (await http.get("/?sort=az")).text
+    assert ">3 tasks</a>" in page
+    assert 'data-count="paused" >1 paused</a>' in page
+    assert "2 worker(s) for mac" in page
+    assert "1 worker(s) for win" in page
+    lanes = re.findall(r'<section class="lane"[^>]*data-account="([^"]+)"', page)
+    assert lanes == ["b", "a"]  # the paused account first
+    assert re.findall(r'<section class="lane"[^>]*data-account="([^"]+)"', alphabetical) == [
+        "a",
+        "b",
+    ]
+    assert "Needs attention: 1 paused" in page
