@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 import orjson
 
-from scheduler.triggers import TaskTrigger
+from scheduler.triggers import preview_runs
 from tasks.model import TaskRecord, TaskStatus
 from tasks.secrets import mask_secrets
 
@@ -443,17 +443,12 @@ def masked_fields(record: TaskRecord, *, show_secrets: bool = False) -> list[tup
 def next_runs(
     record: TaskRecord, zone: tzinfo, now: datetime, count: int = 5
 ) -> tuple[str, Sequence[datetime]]:
-    """A label and the next ``count`` planned runs, as ``task-dispatcher show`` computes them.
+    """A label and the next ``count`` planned runs, as ``task-dispatcher show`` computes them
+    (:func:`~tasks.schedule.preview_runs`, which the edit form's preview uses too).
 
     A paused task previews its runs "if resumed now"; a completed one has none.
     """
-    if record.status is TaskStatus.COMPLETED:
+    preview = preview_runs(record, zone, now, count)
+    if preview.status == TaskStatus.COMPLETED:
         return "none (completed)", []
-    trigger = TaskTrigger.for_record(record, zone)
-    first = record.next_execution_time
-    label = "next runs"
-    if record.status is TaskStatus.PAUSED:
-        first = trigger.get_next_fire_time(record.last_execution_time, now)
-        label = "if resumed now"
-    runs = [t for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
-    return label, runs
+    return ("if resumed now" if preview.if_resumed else "next runs"), preview.runs
