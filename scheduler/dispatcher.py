@@ -746,14 +746,15 @@ class TaskDispatcher:
 
         Returns what happened to each task, in the account's order; a ``TaskPaused`` event
         is sent for each task paused. Raises :class:`AccountNotFoundError` if no task
-        belongs to the account.
+        belongs to the account, :class:`SaveFailedError` if the change (in effect, and
+        announced) could not be saved.
         """
         now = self._store.now()
-        changes = self._change_account(account_id, lambda r: lifecycle.paused(r, now))
+        changes, saved = self._change_account(account_id, lambda r: lifecycle.paused(r, now))
         for before, record in changes:
             if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
                 self._tell_paused(record)
-        return self._account_report(account_id, "paused", changes)
+        return self._account_report(account_id, "paused", changes, saved)
 
     def resume_account(self, account_id: str) -> list[AccountChange]:
         """Resume every paused task of ``account_id`` (as :meth:`resume_task` does each), in
@@ -761,11 +762,12 @@ class TaskDispatcher:
 
         Returns what happened to each task, in the account's order; a ``TaskResumed`` event
         is sent for each task resumed. Raises :class:`AccountNotFoundError` if no task
-        belongs to the account.
+        belongs to the account, :class:`SaveFailedError` if the change (in effect, and
+        announced) could not be saved.
         """
         now = self._store.now()
         store = self._store
-        changes = self._change_account(
+        changes, saved = self._change_account(
             account_id, lambda r: lifecycle.resumed(r, store.schedule(r), now)
         )
         for before, record in changes:
@@ -773,13 +775,14 @@ class TaskDispatcher:
                 self._tell_task(TaskResumed, record)
                 if record.status is TaskStatus.COMPLETED:
                     self._tell_task(TaskCompleted, record)
-        return self._account_report(account_id, "resumed", changes)
+        return self._account_report(account_id, "resumed", changes, saved)
 
     def _change_account(
         self, account_id: str, change: Callable[[TaskRecord], TaskRecord]
-    ) -> list[tuple[TaskRecord, TaskRecord]]:
+    ) -> tuple[list[tuple[TaskRecord, TaskRecord]], bool]:
         """Apply ``change`` to every task of ``account_id`` under the store's lock, then save
-        once: one commit. Returns each task's record before and after."""
+        once: one commit. Returns each task's record before and after, and whether the
+        commit is on disk."""
         self._check_open()
         _task_id(account_id, "account_id")
         changes: list[tuple[TaskRecord, TaskRecord]] = []
@@ -790,16 +793,16 @@ class TaskDispatcher:
             for task_id in task_ids:
                 before = self._store.get(task_id)
                 changes.append((before, self._store.update_task(task_id, change)))
-        try:
-            if not self._store.save():
-                self._save_failed(tuple(before.task_id for before, _ in changes))
-        finally:
-            self._wake()
-        return changes
+        saved = self._store.save()
+        self._wake()
+        return changes, saved
 
-    @staticmethod
     def _account_report(
-        account_id: str, verb: str, changes: list[tuple[TaskRecord, TaskRecord]]
+        self,
+        account_id: str,
+        verb: str,
+        changes: list[tuple[TaskRecord, TaskRecord]],
+        saved: bool,
     ) -> list[AccountChange]:
         report = [
             AccountChange(after.task_id, after.status, after is not before)
@@ -812,6 +815,8 @@ class TaskDispatcher:
             len(report),
             verb,
         )
+        if not saved:
+            self._save_failed(tuple(change.task_id for change in report))
         return report
 
     # ------------------------------------------------------------------ control plane

@@ -4,6 +4,8 @@ resuming a whole account."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Any
 import pytest
 from helpers import Recorder, at, task_in_file
 
-from scheduler import AccountNotFoundError, TaskDispatcher
+from scheduler import AccountNotFoundError, SaveFailedError, TaskDispatcher
 from scheduler.history import HISTORY_FILENAME, read_runs
 from scheduler.listeners import DispatcherEvent, TaskPaused, TaskResumed
 from tasks import TaskStatus
@@ -263,4 +265,34 @@ async def test_pause_and_resume_an_account_in_one_commit_reported_per_task(
 
     with pytest.raises(AccountNotFoundError, match="nobody"):
         dispatcher.pause_account("nobody")
+    await dispatcher.stop()
+
+
+async def test_an_account_change_that_could_not_be_saved_acts_is_announced_and_raises(
+    clock: Any,
+    make_dispatcher: MakeDispatcher,
+    state_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dispatcher = make_dispatcher()
+    first = await add(dispatcher, "banned")
+    second = await add(dispatcher, "banned")
+    events: list[DispatcherEvent] = []
+    dispatcher.add_listener(events.append, [TaskPaused])
+    await dispatcher.start()
+
+    def full_disk(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_write = os.write
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(SaveFailedError) as failed:
+        dispatcher.pause_account("banned")
+    assert set(failed.value.task_ids) == {first, second}
+    assert {dispatcher.get_task(t).status for t in (first, second)} == {TaskStatus.PAUSED}
+    await asyncio.sleep(0)
+    assert [e.task_id for e in events] == [first, second]
+    monkeypatch.setattr(os, "write", real_write)
+    await settle(dispatcher)
+    assert task_in_file(state_dir, first)["status"] == "paused"
     await dispatcher.stop()
