@@ -8,11 +8,12 @@ import errno
 import os
 import sqlite3
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Recorder, at, task_in_file
+from helpers import SHANGHAI, Recorder, at, task_in_file
 
 from scheduler import AccountNotFoundError, SaveFailedError, TaskDispatcher
 from scheduler.history import HISTORY_FILENAME, read_runs
@@ -296,3 +297,39 @@ async def test_an_account_change_that_could_not_be_saved_acts_is_announced_and_r
     await settle(dispatcher)
     assert task_in_file(state_dir, first)["status"] == "paused"
     await dispatcher.stop()
+
+
+# ---------------------------------------------------------------------- the API in-process
+
+
+async def test_preview_of_an_edit_changes_nothing_and_names_bad_fields(
+    make_dispatcher: MakeDispatcher, state_dir: Path
+) -> None:
+    import httpx
+
+    from scheduler.control import create_app
+
+    dispatcher = make_dispatcher()
+    task_id = await add(dispatcher)
+    app = create_app(dispatcher)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+    ) as http:
+        url = f"/api/v1/tasks/{task_id}/preview"
+        answer = await http.post(url, params={"count": 3}, json={"valid_time_range": [10, 12]})
+        assert answer.status_code == 200, answer.text
+        runs = [datetime.fromisoformat(t).astimezone(SHANGHAI) for t in answer.json()["runs"]]
+        assert len(runs) == 3
+        assert all(t.hour in (10, 11) and t.minute == runs[0].minute for t in runs), runs
+        assert dispatcher.get_task(task_id).valid_time_range == (8, 22)
+        assert task_in_file(state_dir, task_id)["valid_time_range"] == [8, 22]
+        for body, field in (
+            ({"valid_time_range": [24, 0]}, "valid_time_range"),
+            ({"run_policy": {"retries": -1}}, "run_policy.retries"),
+            ({"interval": "often"}, "interval"),
+            ({"kwargs": {"x": 1}}, "kwargs"),
+        ):
+            refused = await http.post(url, json=body)
+            assert (refused.status_code, refused.json()["field"]) == (422, field), body
+        missing = await http.post("/api/v1/tasks/nope/preview", json={})
+        assert (missing.status_code, missing.json()["field"]) == (404, "task_id")
