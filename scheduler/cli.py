@@ -839,7 +839,17 @@ def _history(options: Options, **filters: Any) -> list[RunEntry]:
 
 def _runs_table(entries: list[RunEntry], zone: tzinfo) -> Table:
     table = Table(expand=False)
-    for column in ("run", "task", "account", "type", "planned", "started", "took", "outcome"):
+    for column in (
+        "run",
+        "task",
+        "account",
+        "type",
+        "trigger",
+        "planned",
+        "started",
+        "took",
+        "outcome",
+    ):
         table.add_column(column, no_wrap=column in ("run", "planned", "started", "outcome"))
     table.add_column("error", overflow="fold")
     styles = {"succeeded": "green", "running": "bold cyan"}
@@ -849,6 +859,7 @@ def _runs_table(entries: list[RunEntry], zone: tzinfo) -> Table:
             entry.task_id,
             entry.account_id,
             entry.task_type,
+            entry.trigger,
             _when(entry.scheduled_at, zone),
             _when(entry.started_at, zone),
             "-" if entry.duration is None else f"{entry.duration:.1f}s",
@@ -973,12 +984,42 @@ def update(
     click.echo(f"{task_id}: {record.status}, next run {_when(record.start_time, zone)}")
 
 
+def _task_or_account(task_id: str | None, account: str | None) -> None:
+    if (task_id is None) == (account is None):
+        _fail("give a TASK_ID or --account ACCOUNT_ID (not both)")
+
+
+def _account_change(options: Options, account: str, verb: str) -> None:
+    """Pause or resume every task of ``account`` in one commit; print each task's status."""
+
+    def local(d: TaskDispatcher) -> list[tuple[str, str, bool]]:
+        change = d.pause_account if verb == "pause" else d.resume_account
+        return [(c.task_id, c.status.value, c.changed) for c in change(account)]
+
+    def remote(client: ControlClient) -> list[tuple[str, str, bool]]:
+        change = client.pause_account if verb == "pause" else client.resume_account
+        return [(t["task_id"], t["status"], t["changed"]) for t in change(account)]
+
+    report, _ = _change(options, local, remote)
+    changed = sum(item[2] for item in report)
+    past = "paused" if verb == "pause" else "resumed"
+    click.echo(f"{account}: {changed} of {len(report)} task(s) {past}")
+    for task_id, status, was_changed in report:
+        click.echo(f"  {task_id}: {status}{'' if was_changed else ' (unchanged)'}")
+
+
 @main.command()
 @_dir_option
-@click.argument("task_id")
+@click.argument("task_id", required=False)
+@click.option("--account", default=None, help="Pause every task of this account (one commit).")
 @click.pass_obj
-def pause(options: Options, task_id: str) -> None:
-    """Pause a task (saved before the command returns)."""
+def pause(options: Options, task_id: str | None, account: str | None) -> None:
+    """Pause a task, or every task of an account (saved before the command returns)."""
+    _task_or_account(task_id, account)
+    if account is not None:
+        _account_change(options, account, "pause")
+        return
+    assert task_id is not None
 
     def local(d: TaskDispatcher) -> TaskRecord:
         d.pause_task(task_id)
@@ -990,10 +1031,16 @@ def pause(options: Options, task_id: str) -> None:
 
 @main.command()
 @_dir_option
-@click.argument("task_id")
+@click.argument("task_id", required=False)
+@click.option("--account", default=None, help="Resume every paused task of this account.")
 @click.pass_obj
-def resume(options: Options, task_id: str) -> None:
-    """Resume a paused task."""
+def resume(options: Options, task_id: str | None, account: str | None) -> None:
+    """Resume a paused task, or every paused task of an account."""
+    _task_or_account(task_id, account)
+    if account is not None:
+        _account_change(options, account, "resume")
+        return
+    assert task_id is not None
 
     def local(d: TaskDispatcher) -> TaskRecord:
         d.resume_task(task_id)
@@ -1001,6 +1048,34 @@ def resume(options: Options, task_id: str) -> None:
 
     record, zone = _change(options, local, lambda client: client.resume_task(task_id))
     click.echo(f"{task_id}: {record.status}, next run {_when(record.next_execution_time, zone)}")
+
+
+@main.command("run-now")
+@_dir_option
+@click.argument("task_id")
+@click.pass_obj
+def run_now(options: Options, task_id: str) -> None:
+    """Run a task once, as soon as its account is free, whatever its hours or status.
+
+    Goes through the running dispatcher (its socket, or --url); the request is saved before
+    the command returns. Its planned runs stay as they are.
+    """
+    client = _remote(options)
+    if client is None:
+        _fail(
+            f"no dispatcher is running on {str(options.dir)!r} (nothing answers on its "
+            f"{CONTROL_SOCKET}): run-now needs one (start it with 'task-dispatcher run', "
+            "or give --url)",
+            status=1,
+        )
+    with client, _errors():
+        record = client.run_now(task_id)
+        zone = _remote_zone(options, client)
+    click.echo(
+        f"{task_id}: run asked for at {_when(record.run_requested, zone)}; it starts as soon "
+        f"as account {record.account_id} is free (next planned run "
+        f"{_when(record.next_execution_time, zone)}, unchanged)"
+    )
 
 
 @main.command()

@@ -8,11 +8,11 @@ import operator
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from jobstores.jsonfile import JsonJobStore
 from jobstores.saver import SaveHealth
@@ -45,6 +45,7 @@ from scheduler.retries import RetryTimer
 from scheduler.runner import TaskRunner
 from tasks import lifecycle
 from tasks.errors import (
+    AccountNotFoundError,
     DispatcherClosedError,
     DispatcherNotRunningError,
     HistoryUnavailableError,
@@ -68,6 +69,7 @@ __all__ = [
     "CONTROL_SOCKET",
     "DEFAULT_DISPATCHER_DIR",
     "DIR_ENV_VAR",
+    "AccountChange",
     "TaskDispatcher",
     "resolve_timezone",
 ]
@@ -93,9 +95,25 @@ def _task_id(value: Any, name: str = "task_id") -> str:
     return value
 
 
+class AccountChange(NamedTuple):
+    """What pausing or resuming a whole account did to one of its tasks."""
+
+    task_id: str
+    status: TaskStatus
+    """The task's status after the change."""
+    changed: bool
+    """False for a task already so (paused, or not paused), or completed."""
+
+
 def default_directory() -> Path:
     """``$TASK_DISPATCHER_DIR``, else ``./dispatcher``."""
     return Path(os.environ.get(DIR_ENV_VAR) or DEFAULT_DISPATCHER_DIR)
+
+
+def _manual_done(outcome: asyncio.Future[RunEvent | None]) -> None:
+    """Collect a manual run's outcome (its errors are logged where they happen)."""
+    if not outcome.cancelled() and outcome.exception() is not None:
+        logger.error("a manual run raised: %s", outcome.exception())
 
 
 class TaskDispatcher:
@@ -153,6 +171,7 @@ class TaskDispatcher:
         )
         self._retries = RetryTimer(self._store, self._runner.submit)
         self._ledger.watch(self._retries.watch)
+        self._ledger.watch(self._take_up_manual)
         # Listeners (typed events): run events from the ledger, completions and save health
         # from the store, task events at this class's API calls.
         self._listeners = Listeners()
@@ -168,6 +187,9 @@ class TaskDispatcher:
         self._control: ControlServer | None = None
         self._control_token: str | None = None
         self._started_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._manual_queued: set[str] = set()
+        """Tasks whose manual run is queued for its lane (so it is queued once)."""
         if not self._backend.remote:
             self._ledger.recover()
         if not self._store.durable:
@@ -647,12 +669,191 @@ class TaskDispatcher:
         self._save(task_id)
         logger.info("task %s moved to position %d", task_id, position)
 
+    def run_now(self, task_id: str) -> TaskRecord:
+        """Run ``task_id`` once, as soon as its account's lane is free; the request is saved
+        when this returns (a restart before the run starts still runs it once).
+
+        The run starts whatever the task's hours, end or status (a paused or completed task
+        too) and is stopped by the task's ``run_timeout``. It does not move the planned runs
+        (``next_execution_time`` and ``last_execution_time`` stay), is never retried and does
+        not count toward ``pause_after_failures``; the run history marks it
+        ``trigger="manual"``. Asking again before it starts changes nothing. On a dispatcher
+        not started yet it runs once :meth:`start` is called. Returns the task's record.
+        """
+        self._check_open()
+        _task_id(task_id)
+        now = self._store.now()
+        before = self._store.get(task_id)
+        record = self._store.update_task(task_id, lambda r: lifecycle.run_requested(r, now))
+        try:
+            self._save(task_id)
+        finally:
+            # A change in effect acts even when its save failed (the caller is told).
+            if before.run_requested is None and record.run_requested is not None:
+                self._submit_manual(task_id)
+        logger.info(
+            "task %s (account %s): run now asked for%s",
+            task_id,
+            record.account_id,
+            "" if before.run_requested is None else " (already asked for)",
+        )
+        return record.snapshot()
+
+    def _submit_manual(self, task_id: str) -> None:
+        """Queue the manual run asked for ``task_id`` (from any thread; a no-op until
+        :meth:`start`, which queues every run asked for)."""
+        loop = self._loop
+        if loop is None or not self.running or loop.is_closed():
+            return
+
+        def submit() -> None:
+            record = self._store.find(task_id)
+            if record is None or record.run_requested is None or not self.running:
+                return
+            if task_id in self._manual_queued:
+                return
+            self._manual_queued.add(task_id)
+            outcome = self._runner.submit(task_id, record.run_requested, manual=True)
+            outcome.add_done_callback(_manual_done)
+            outcome.add_done_callback(lambda _: self._manual_queued.discard(task_id))
+
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:  # queued at once, so that run_pending() sees it
+            submit()
+        else:
+            loop.call_soon_threadsafe(submit)
+
+    def _take_up_manual(
+        self,
+        request: RunRequest,
+        event: RunEvent,
+        before: TaskRecord | None,
+        after: TaskRecord | None,
+    ) -> None:
+        """A manual run that opened is no longer queued; when a run ends, a manual run still
+        asked for (asked again while it ran, or it found another run of its task out when its
+        lane came) is queued again."""
+        if request.trigger == "manual":
+            self._manual_queued.discard(request.task_id)
+        if event.kind.finished and after is not None and after.run_requested is not None:
+            self._submit_manual(after.task_id)
+
+    def pause_account(self, account_id: str) -> list[AccountChange]:
+        """Pause every task of ``account_id`` (an account banned or logged out), in one
+        commit, saved when this returns; runs in progress finish.
+
+        Returns what happened to each task, in the account's order; a ``TaskPaused`` event
+        is sent for each task paused. Raises :class:`AccountNotFoundError` if no task
+        belongs to the account, :class:`SaveFailedError` if the change (in effect, and
+        announced) could not be saved.
+        """
+        now = self._store.now()
+        changes, saved = self._change_account(account_id, lambda r: lifecycle.paused(r, now))
+        for before, record in changes:
+            if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
+                self._tell_paused(record)
+        return self._account_report(account_id, "paused", changes, saved)
+
+    def resume_account(self, account_id: str) -> list[AccountChange]:
+        """Resume every paused task of ``account_id`` (as :meth:`resume_task` does each), in
+        one commit, saved when this returns.
+
+        Returns what happened to each task, in the account's order; a ``TaskResumed`` event
+        is sent for each task resumed. Raises :class:`AccountNotFoundError` if no task
+        belongs to the account, :class:`SaveFailedError` if the change (in effect, and
+        announced) could not be saved.
+        """
+        now = self._store.now()
+        store = self._store
+        changes, saved = self._change_account(
+            account_id, lambda r: lifecycle.resumed(r, store.schedule(r), now)
+        )
+        for before, record in changes:
+            if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
+                self._tell_task(TaskResumed, record)
+                if record.status is TaskStatus.COMPLETED:
+                    self._tell_task(TaskCompleted, record)
+        return self._account_report(account_id, "resumed", changes, saved)
+
+    def _change_account(
+        self, account_id: str, change: Callable[[TaskRecord], TaskRecord]
+    ) -> tuple[list[tuple[TaskRecord, TaskRecord]], bool]:
+        """Apply ``change`` to every task of ``account_id`` under the store's lock, then save
+        once: one commit. Returns each task's record before and after, and whether the
+        commit is on disk."""
+        self._check_open()
+        _task_id(account_id, "account_id")
+        changes: list[tuple[TaskRecord, TaskRecord]] = []
+        with self._store.lock:
+            task_ids = self._store.account_tasks().get(account_id)
+            if not task_ids:
+                raise AccountNotFoundError(account_id)
+            for task_id in task_ids:
+                before = self._store.get(task_id)
+                changes.append((before, self._store.update_task(task_id, change)))
+        saved = self._store.save()
+        self._wake()
+        return changes, saved
+
+    def _account_report(
+        self,
+        account_id: str,
+        verb: str,
+        changes: list[tuple[TaskRecord, TaskRecord]],
+        saved: bool,
+    ) -> list[AccountChange]:
+        report = [
+            AccountChange(after.task_id, after.status, after is not before)
+            for before, after in changes
+        ]
+        logger.info(
+            "account %s: %d of %d task(s) %s",
+            account_id,
+            sum(change.changed for change in report),
+            len(report),
+            verb,
+        )
+        if not saved:
+            self._save_failed(tuple(change.task_id for change in report))
+        return report
+
     # ------------------------------------------------------------------ control plane
     # What the control API (scheduler/control/) needs beyond the methods above.
 
     def next_runs(self, task_id: str, count: int = 5) -> RunPreview:
         """``task_id``'s next ``count`` planned runs (for a paused task: if resumed now)."""
         return preview_runs(self._store.get(task_id), self.timezone, self._store.now(), count)
+
+    def preview_update(
+        self,
+        task_id: str,
+        count: int = 5,
+        *,
+        interval: float | timedelta | Unset = UNSET,
+        valid_time_range: Sequence[int] | Unset = UNSET,
+        task_end_time: date | datetime | str | Unset | None = UNSET,
+        run_policy: RunPolicy | Mapping[str, Any] | Unset | None = UNSET,
+    ) -> RunPreview:
+        """The next ``count`` runs ``task_id`` would have after :meth:`update_task` with these
+        changes, changing nothing; invalid changes raise :class:`InvalidTaskError` naming the
+        field, as :meth:`update_task` would."""
+        _task_id(task_id)
+        current = self._store.get(task_id)
+        now = self._store.now()
+        rules = self._intake.edited(
+            current,
+            now,
+            interval=interval,
+            valid_time_range=valid_time_range,
+            task_end_time=task_end_time,
+            run_policy=run_policy,
+            kwargs=UNSET,
+        )
+        edited = lifecycle.edited(current, rules, self._store.schedule(rules), now)
+        return preview_runs(edited, self.timezone, now, count)
 
     def queued_runs(self) -> dict[str, list[str]]:
         """Account id -> ids of tasks whose due run waits for the account's lane (call on the
@@ -773,6 +974,10 @@ class TaskDispatcher:
                 self._runner.resume(request)
             if recovered:
                 await self._backend.recover(recovered)
+            self._loop = asyncio.get_running_loop()
+            for record in self._store.records():
+                if record.run_requested is not None:
+                    self._submit_manual(record.task_id)
             planned = self._store.next_run()
             if planned is not None:
                 task_id, when = planned

@@ -35,6 +35,7 @@ class _Queued:
     scheduled_at: datetime
     attempt: int
     outcome: asyncio.Future[RunEvent | None]
+    manual: bool = False
     waiter: Waiter | None = None
     started: bool = False
 
@@ -60,11 +61,12 @@ class TaskRunner:
         """Runs waiting for their lanes."""
 
     def submit(
-        self, task_id: str, scheduled_at: datetime, attempt: int = 1
+        self, task_id: str, scheduled_at: datetime, attempt: int = 1, *, manual: bool = False
     ) -> asyncio.Future[RunEvent | None]:
         """Queue attempt ``attempt`` of a run of ``task_id`` planned for ``scheduled_at`` (2
-        and up: a retry); call on the event loop. The future is the run's finishing event
-        (None: skipped, or the task is gone); it is cancelled if the run is cut off.
+        and up: a retry; ``manual``: asked for with "run now"); call on the event loop. The
+        future is the run's finishing event (None: skipped, or the task is gone); it is
+        cancelled if the run is cut off.
 
         A run waits for its lane as a queue entry: its task is made once it may start, so a
         pass that finds thousands of runs due does not make thousands of waiting tasks.
@@ -74,7 +76,12 @@ class TaskRunner:
         if record is None:
             return self._spawn(self._gone(task_id), task_id)
         queued = _Queued(
-            self, task_id, scheduled_at, attempt, asyncio.get_running_loop().create_future()
+            self,
+            task_id,
+            scheduled_at,
+            attempt,
+            asyncio.get_running_loop().create_future(),
+            manual,
         )
         self._queued.add(queued)
         queued.waiter = self._lanes.enqueue(record.account_id, task_id, queued)
@@ -177,7 +184,9 @@ class TaskRunner:
         try:
             try:
                 try:
-                    request = self._ledger.open(task_id, queued.scheduled_at, queued.attempt)
+                    request = self._ledger.open(
+                        task_id, queued.scheduled_at, queued.attempt, manual=queued.manual
+                    )
                     if request is None:
                         event = None
                     elif self._local is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "AccountNotFoundError",
     "BrokerUnavailableError",
     "ControlError",
     "DirectoryLockedError",
@@ -36,6 +37,17 @@ class TaskNotFoundError(DispatcherError, KeyError):
 
     def __str__(self) -> str:
         return f"no task with id {self.task_id!r}"
+
+
+class AccountNotFoundError(DispatcherError, KeyError):
+    """No task belongs to this account id."""
+
+    def __init__(self, account_id: str) -> None:
+        super().__init__(account_id)
+        self.account_id = account_id
+
+    def __str__(self) -> str:
+        return f"no account with id {self.account_id!r}"
 
 
 class InvalidTaskError(DispatcherError, ValueError):

@@ -34,6 +34,7 @@ __all__ = [
     "run_abandoned",
     "run_finished",
     "run_opened",
+    "run_requested",
     "run_started",
     "schedulable",
 ]
@@ -166,8 +167,32 @@ def faulted(record: TaskRecord, error: str, now: datetime) -> TaskRecord:
     )
 
 
+def run_requested(record: TaskRecord, now: datetime) -> TaskRecord:
+    """An operator asked to run the task now ("run now"), whatever its window or status.
+
+    The request is kept in the record (saved) until its run opens; asking again before then
+    changes nothing: it runs once.
+    """
+    if record.run_requested is not None:
+        return record
+    return record.replace(run_requested=now, updated_at=now)
+
+
 def run_opened(record: TaskRecord, run: ActiveRun, now: datetime, *, started: bool) -> TaskRecord:
-    """A run was handed to a backend; ``started`` when it starts at once (this process)."""
+    """A run was handed to a backend; ``started`` when it starts at once (this process).
+
+    A manual run takes the request it answers and leaves ``last_execution_time`` (the planned
+    runs' anchor) and a planned retry as they are: it does not move the task's grid.
+    """
+    if run.manual:
+        if started and run.started_at != now:
+            run = run.model_copy(update={"started_at": now})
+        return record.replace(
+            active_run=run,
+            run_requested=None,
+            status=TaskStatus.RUNNING if started and not record.status.settled else record.status,
+            updated_at=now,
+        )
     if started:
         return record.replace(
             active_run=run if run.started_at == now else run.model_copy(update={"started_at": now}),
@@ -193,6 +218,12 @@ def run_started(record: TaskRecord, event: RunEvent, now: datetime) -> TaskRecor
     assert active is not None
     if not active.queued:
         return record
+    if active.manual:
+        return record.replace(
+            active_run=active.model_copy(update={"started_at": started_at}),
+            status=record.status if record.status.settled else TaskStatus.RUNNING,
+            updated_at=now,
+        )
     return record.replace(
         active_run=active.model_copy(update={"started_at": started_at}),
         status=record.status if record.status.settled else TaskStatus.RUNNING,
@@ -213,12 +244,18 @@ def run_finished(
     sets ``error``. A task paused meanwhile stays paused; one whose policy says so is paused
     after that many failed runs in a row (with ``paused_reason``); one whose schedule has no
     further run is completed; otherwise ``pending`` after a success, ``error`` after a failure.
+
+    A manual run (see :func:`run_requested`) is never retried, leaves ``last_execution_time``
+    and the count of failures in a row as they are (so it never pauses the task), and leaves
+    a paused or completed task so; it counts as a run (and a failed run if it failed).
     """
     if not _is_open(record, event.run_id) or not event.kind.finished:
         return record
     active = record.active_run
     assert active is not None
     error = None if event.ok else (event.error or event.kind.value)
+    if active.manual:
+        return _manual_finished(record, event, now, error)
     changes: dict[str, object] = {}
     if event.started_at is not None and event.kind is not RunEventKind.EXPIRED:
         changes["last_execution_time"] = event.started_at.astimezone(now.tzinfo)
@@ -258,6 +295,26 @@ def run_finished(
     )
 
 
+def _manual_finished(
+    record: TaskRecord, event: RunEvent, now: datetime, error: str | None
+) -> TaskRecord:
+    status = record.status
+    if not status.settled:
+        if record.next_execution_time is None and record.retry is None:
+            status = TaskStatus.COMPLETED
+        else:
+            status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
+    return record.replace(
+        status=status,
+        active_run=None,
+        run_count=record.run_count + 1,
+        failure_count=record.failure_count + (error is not None),
+        last_error=record.last_error if error is None else error,
+        last_worker=event.worker if event.worker is not None else record.last_worker,
+        updated_at=now,
+    )
+
+
 def _retry(
     record: TaskRecord,
     event: RunEvent,
@@ -280,6 +337,10 @@ def run_abandoned(record: TaskRecord, run_id: str, now: datetime) -> TaskRecord:
     not count, and the task stays runnable."""
     if not _is_open(record, run_id):
         return record
+    assert record.active_run is not None
+    if record.active_run.manual and record.run_requested is None:
+        # Asked for and cut off before it ended: it stays asked for, and runs again.
+        record = record.replace(run_requested=record.active_run.submitted_at)
     status = record.status
     if status is TaskStatus.RUNNING:
         status = (

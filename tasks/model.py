@@ -194,6 +194,9 @@ class ActiveRun(BaseModel):
     attempt: int = Field(default=1, ge=1)
     started_at: datetime | None = None
     """When it started executing (None: still queued)."""
+    manual: bool = False
+    """Asked for by an operator ("run now"), not planned: it neither moves the task's
+    planned runs nor counts toward its auto-pause."""
 
     @property
     def queued(self) -> bool:
@@ -254,6 +257,8 @@ class TaskRecord(BaseModel):
     saved (None: it starts at ``next_execution_time``)."""
     retry: PendingRetry | None = None
     """The retry of a failed run, waiting for its time (None: none)."""
+    run_requested: datetime | None = None
+    """When an operator asked for a run now that has not started yet (None: none asked)."""
 
     @field_validator("task_id", "account_id")
     @classmethod
@@ -515,6 +520,7 @@ _TIMES = (
     "last_execution_time",
     "next_execution_time",
     "next_start_time",
+    "run_requested",
     "created_at",
     "updated_at",
 )
@@ -731,7 +737,7 @@ _new = object.__new__
 
 # Fields added after the seed's format that only the dispatcher sets: host keywords keep
 # these names (``run_policy`` is the one new reserved keyword).
-_INTERNAL_FIELDS = {"paused_reason", "next_start_time", "retry"}
+_INTERNAL_FIELDS = {"paused_reason", "next_start_time", "retry", "run_requested"}
 
 RESERVED_KWARGS = frozenset(
     _ALL_FIELDS - {"account_id", "account_name", "task_id", "task_type"} - _INTERNAL_FIELDS

@@ -17,19 +17,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from tasks.secrets import mask_text
 
 __all__ = [
     "ERROR_LIMIT",
     "TIMED_OUT",
+    "TRIGGERS",
     "RunBackend",
     "RunEvent",
     "RunEventKind",
     "RunInbox",
     "RunRequest",
+    "Trigger",
     "describe_error",
+    "run_trigger",
     "timed_out_error",
 ]
 
@@ -40,6 +43,20 @@ ERROR_LIMIT = 2000
 TIMED_OUT = "timed_out"
 """The key in :attr:`RunEvent.extra` of a failed run that was stopped by its timeout (the
 value: the timeout in seconds)."""
+
+
+Trigger = Literal["schedule", "retry", "manual"]
+"""Why a run was started: its planned time came (``schedule``), it retries a failed run
+(``retry``), or an operator asked for it (``manual``: "run now")."""
+
+TRIGGERS: tuple[Trigger, ...] = ("schedule", "retry", "manual")
+
+
+def run_trigger(attempt: int, manual: bool = False) -> Trigger:
+    """The trigger of a run: ``manual`` if asked for, else by its attempt number."""
+    if manual:
+        return "manual"
+    return "retry" if attempt > 1 else "schedule"
 
 
 def timed_out_error(timeout: float) -> str:
@@ -95,6 +112,8 @@ class RunRequest:
     """Seconds the run may take (the task's ``run_timeout``); the executor stops a run still
     going then and reports it failed, "timed out after N s". The local backend cancels
     coroutines and shell commands; a fleet worker is to apply it as the task's time limit."""
+    trigger: Trigger = "schedule"
+    """Why the run was started (``schedule``, ``retry`` or ``manual``)."""
 
     def to_json(self) -> dict[str, Any]:
         """The request as a JSON object (datetimes as ISO-8601 with offset)."""
@@ -110,6 +129,7 @@ class RunRequest:
             "deadline": _instant(self.deadline),
             "attempt": self.attempt,
             "timeout": self.timeout,
+            "trigger": self.trigger,
         }
 
     @classmethod
@@ -135,9 +155,20 @@ class RunRequest:
                 deadline=_parse_instant(data.get("deadline")),
                 attempt=int(data.get("attempt", 1)),
                 timeout=None if data.get("timeout") is None else float(data["timeout"]),
+                trigger=_trigger(data.get("trigger"), int(data.get("attempt", 1))),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a run request: {exc!r}") from exc
+
+
+def _trigger(value: Any, attempt: int) -> Trigger:
+    """A trigger read back; a message from before triggers existed gets its attempt's."""
+    for trigger in TRIGGERS:
+        if value == trigger:
+            return trigger
+    if value is None:
+        return run_trigger(attempt)
+    raise ValueError(f"trigger: must be one of {', '.join(TRIGGERS)}, got {value!r}")
 
 
 class RunEventKind(StrEnum):

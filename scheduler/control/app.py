@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from scheduler.control import API_PREFIX, path_segment
 from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
 from scheduler.control.models import (
+    AccountChanges,
     AccountOrder,
     BulkAdd,
     BulkAdded,
@@ -38,6 +39,7 @@ from scheduler.control.models import (
 )
 from scheduler.control.paging import MAX_PAGE, Cursor, TaskFilter, task_page
 from scheduler.errors import (
+    AccountNotFoundError,
     DispatcherClosedError,
     HistoryUnavailableError,
     InvalidTaskError,
@@ -106,6 +108,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
         return _error(exc.status, exc.error, exc.message, exc.field)
+
+    @app.exception_handler(AccountNotFoundError)
+    async def no_account(request: Request, exc: AccountNotFoundError) -> Response:
+        return _error(404, "not_found", str(exc), "account_id")
 
     @app.exception_handler(TaskNotFoundError)
     async def not_found(request: Request, exc: TaskNotFoundError) -> Response:
@@ -350,6 +356,39 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         await asyncio.to_thread(dispatcher.resume_task, task_id)
         return _json(view(dispatcher.get_task(task_id), show_secrets))
 
+    @router.post(
+        "/tasks/{task_id:path}/run",
+        status_code=202,
+        response_model=TaskRecord,
+        summary="Run once now, whatever the window or status (the request is saved)",
+    )
+    async def run_now(task_id: str, show_secrets: ShowSecrets) -> Response:
+        record = await asyncio.to_thread(dispatcher.run_now, task_id)
+        return _json(view(record, show_secrets), 202)
+
+    @router.post(
+        "/tasks/{task_id:path}/preview",
+        response_model=NextRuns,
+        summary="The next runs an edit would plan (changes nothing)",
+    )
+    async def preview(
+        task_id: str, body: TaskChanges, count: Annotated[int, Query(ge=0, le=1000)] = 5
+    ) -> Response:
+        changes = body.model_dump(exclude_unset=True)
+        if "kwargs" in changes:
+            raise ApiError(422, "invalid", "kwargs: do not change the planned runs", "kwargs")
+        preview = await asyncio.to_thread(
+            functools.partial(dispatcher.preview_update, task_id, count, **changes)
+        )
+        return _json(
+            {
+                "task_id": preview.task_id,
+                "status": preview.status,
+                "if_resumed": preview.if_resumed,
+                "runs": list(preview.runs),
+            }
+        )
+
     @router.patch("/tasks/{task_id:path}", response_model=TaskRecord, summary="Edit a task (saved)")
     async def update(task_id: str, body: TaskChanges, show_secrets: ShowSecrets) -> Response:
         changes = body.model_dump(exclude_unset=True)
@@ -426,6 +465,34 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         return _json(
             [account_order(a, ids, queued) for a, ids in sorted(dispatcher.account_tasks.items())]
         )
+
+    async def account_change(account_id: str, change: Any) -> Response:
+        report = await asyncio.to_thread(change, account_id)
+        return _json(
+            {
+                "account_id": account_id,
+                "tasks": [
+                    {"task_id": c.task_id, "status": c.status.value, "changed": c.changed}
+                    for c in report
+                ],
+            }
+        )
+
+    @router.post(
+        "/accounts/{account_id:path}/pause",
+        response_model=AccountChanges,
+        summary="Pause every task of an account (one commit, saved)",
+    )
+    async def pause_account(account_id: str) -> Response:
+        return await account_change(account_id, dispatcher.pause_account)
+
+    @router.post(
+        "/accounts/{account_id:path}/resume",
+        response_model=AccountChanges,
+        summary="Resume every paused task of an account (one commit, saved)",
+    )
+    async def resume_account(account_id: str) -> Response:
+        return await account_change(account_id, dispatcher.resume_account)
 
     @router.get("/accounts/{account_id:path}", response_model=AccountOrder, summary="One account")
     async def account(account_id: str) -> Response:

@@ -215,6 +215,20 @@ class ControlClient:
         """Resume; the record once saved."""
         return TaskRecord.model_validate(self._request("POST", f"/tasks/{_quote(task_id)}/resume"))
 
+    def run_now(self, task_id: str) -> TaskRecord:
+        """Ask for one run now; the record once the request is saved."""
+        return TaskRecord.model_validate(self._request("POST", f"/tasks/{_quote(task_id)}/run"))
+
+    def pause_account(self, account_id: str) -> list[dict[str, Any]]:
+        """Pause every task of the account (one commit); per task: id, status, changed."""
+        data = self._request("POST", f"/accounts/{_quote(account_id)}/pause")
+        return list(data["tasks"])
+
+    def resume_account(self, account_id: str) -> list[dict[str, Any]]:
+        """Resume every paused task of the account (one commit); per task as above."""
+        data = self._request("POST", f"/accounts/{_quote(account_id)}/resume")
+        return list(data["tasks"])
+
     def remove_task(self, task_id: str) -> None:
         """Remove for good (saved when this returns)."""
         self._request("DELETE", f"/tasks/{_quote(task_id)}")

@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -36,11 +36,13 @@ from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
 from scheduler.web.feed import diff, rendered_at
 from scheduler.web.security import COOKIE_NAME, SESSION_SECONDS, DashboardGuard, WebSecurity
-from scheduler.web.timeline import HORIZON, build_timeline
+from scheduler.web.timeline import SPANS, axis_ticks, build_timeline
 from scheduler.web.views import (
     Filters,
     Lane,
     Selection,
+    attention,
+    edit_values,
     format_time,
     lanes,
     masked_fields,
@@ -188,6 +190,18 @@ async def _runs(dispatcher: TaskDispatcher, *args: Any, **query: Any) -> list[An
         return None
 
 
+def _workers(dispatcher: TaskDispatcher) -> dict[str, int] | None:
+    """Live workers per sys_type, for a backend that reports them (None: it does not)."""
+    try:
+        workers = dispatcher.run_backend.health().get("workers")
+    except Exception as exc:  # the page shows without them
+        logger.debug("dashboard could not read the workers: %s", exc)
+        return None
+    if not isinstance(workers, Mapping):
+        return None
+    return {str(sys_type): len(names) for sys_type, names in sorted(workers.items())}
+
+
 async def _form(request: Request) -> dict[str, str]:
     """A small urlencoded form (the login and logout forms), without a multipart parser."""
     body = await request.body()
@@ -268,16 +282,27 @@ class _Pages:
     # server applies the filters and shows the first matching tasks of each account.
 
     def _select(
-        self, request: Request, records: Sequence[TaskRecord], order: dict[str, list[str]]
+        self,
+        request: Request,
+        records: Sequence[TaskRecord],
+        order: dict[str, list[str]],
+        accounts: Sequence[str] | None = None,
     ) -> tuple[Filters, Selection | None]:
         """The page's filters, and what a bounded page shows of ``records`` (None: they fit
-        on one page, shown whole and filtered in the browser)."""
+        on one page, shown whole and filtered in the browser); lanes in the order of
+        ``accounts`` (else by account id)."""
         filters = Filters.of(request.query_params)
         limits = self.limits
         if len(records) <= limits.overview:
             return filters, None
         return filters, select(
-            records, order, filters, page_limit=limits.overview, lane_limit=limits.lane
+            records,
+            order,
+            filters,
+            page_limit=limits.overview,
+            lane_limit=limits.lane,
+            account_order=accounts,
+            now=utc_now(),
         )
 
     def _order_tag(self) -> str:
@@ -293,8 +318,13 @@ class _Pages:
         zone = dispatcher.timezone
         limits = self.limits
 
+        alphabetical = request.query_params.get("sort") == "az"
+        workers = _workers(dispatcher)
+
         def page() -> Response:
-            filters, selection = self._select(request, records, order)
+            needs = attention(records, read_at)
+            accounts = sorted(order) if alphabetical else needs.order(order)
+            filters, selection = self._select(request, records, order, accounts)
             if selection is not None:
                 shown = [
                     Lane(
@@ -307,7 +337,8 @@ class _Pages:
                     for account, rows in selection.accounts.items()
                 ]
             else:
-                shown = lanes(records, order, zone)
+                shown = lanes(records, order, zone, accounts)
+            shown = [replace(lane, reason=needs.reason(lane.account_id)) for lane in shown]
             return self._render(
                 request,
                 "overview.html",
@@ -321,6 +352,9 @@ class _Pages:
                     "statuses": [status.value for status in TaskStatus],
                     "task_types": sorted({r.task_type for r in records}),
                     "sys_types": sorted({r.sys_type for r in records}),
+                    "attention": needs,
+                    "workers": workers,
+                    "alphabetical": alphabetical,
                 },
                 read_at=read_at,
                 order_tag=order_tag,
@@ -331,7 +365,11 @@ class _Pages:
     async def timeline(self, request: Request) -> Response:
         dispatcher = self.dispatcher
         now = utc_now()
-        history = await _runs(dispatcher, since=now - HORIZON, limit=TIMELINE_RUNS)
+        span = request.query_params.get("span", "24h")
+        if span not in SPANS:
+            span = "24h"
+        horizon = SPANS[span]
+        history = await _runs(dispatcher, since=now - horizon, limit=TIMELINE_RUNS)
         records, order, zone = (
             dispatcher.peek_tasks(),
             dispatcher.account_tasks,
@@ -350,22 +388,24 @@ class _Pages:
                     zone,
                     now,
                     history or (),
+                    horizon,
                 )
             else:
-                timeline = build_timeline(records, order, zone, now, history or ())
-            hours = []
-            first = (timeline.start.astimezone(zone) + timedelta(hours=1)).replace(
-                minute=0, second=0, microsecond=0
-            )
-            for step in range(0, 48, 3):
-                tick = first + timedelta(hours=step)
-                hours.append((timeline.fraction(tick), tick.strftime("%H:%M")))
+                timeline = build_timeline(records, order, zone, now, history or (), horizon)
+            ticks = [
+                (timeline.fraction(tick.at), tick)
+                for tick in axis_ticks(timeline.start, timeline.stop, zone)
+            ]
             return self._render(
                 request,
                 "timeline.html",
                 {
                     "timeline": timeline,
-                    "hours": hours,
+                    "ticks": ticks,
+                    "now_at": timeline.fraction(now),
+                    "now_label": now.astimezone(zone).strftime("%H:%M"),
+                    "span": span,
+                    "spans": list(SPANS),
                     "tz": zone,
                     "has_history": history is not None,
                     "selection": selection,
@@ -398,6 +438,7 @@ class _Pages:
                 "fields": masked_fields(record),
                 "preview_label": label,
                 "preview": [format_time(t, dispatcher.timezone) for t in upcoming],
+                "edit": edit_values(record),
                 "runs": [self._run_view(entry) for entry in (entries or [])[:HISTORY_PAGE]],
                 "has_history": entries is not None,
                 "before": before,
@@ -421,6 +462,7 @@ class _Pages:
             "outcome": str(getattr(outcome, "value", outcome)),
             "error": str(getattr(entry, "error", None) or ""),
             "worker": str(getattr(entry, "worker", None) or ""),
+            "trigger": str(getattr(entry, "trigger", None) or ""),
         }
 
     async def add(self, request: Request) -> Response:
