@@ -170,6 +170,7 @@ def _our_workers(url: str) -> tuple[list[list[str]], Any]:
             *(sys.executable, "-m", "scheduler", "worker", "--broker", url, "--sys-type", "bench"),
             *("--concurrency", str(CONCURRENCY), "--hostname", f"bench-{i}"),
             *("--factory", "bench.fleet:noop_factory", "--loglevel", "WARNING"),
+            "--allow-non-durable-broker",  # the shared Redis: same persistence for both sides
         ]
         for i in range(WORKERS)
     ]

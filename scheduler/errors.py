@@ -1,6 +1,7 @@
 """The dispatcher's exceptions (defined in :mod:`tasks.errors`, re-exported here)."""
 
 from tasks.errors import (
+    BrokerNotDurableError,
     BrokerUnavailableError,
     ControlError,
     DirectoryLockedError,
@@ -19,6 +20,7 @@ from tasks.errors import (
 )
 
 __all__ = [
+    "BrokerNotDurableError",
     "BrokerUnavailableError",
     "ControlError",
     "DirectoryLockedError",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "BrokerNotDurableError",
     "BrokerUnavailableError",
     "ControlError",
     "DirectoryLockedError",
@@ -142,6 +143,11 @@ class DispatcherClosedError(DispatcherError, RuntimeError):
 
 class BrokerUnavailableError(DispatcherError, ConnectionError):
     """A run could not be sent: the broker of a remote run backend is unreachable."""
+
+
+class BrokerNotDurableError(DispatcherError, RuntimeError):
+    """A worker's broker cannot keep a run's claim across a crash (its persistence settings),
+    so a run could execute twice: the message names the setting to change."""
 
 
 class ListenError(DispatcherError, ValueError):

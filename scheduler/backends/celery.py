@@ -39,6 +39,7 @@ from scheduler.fleet import (
     EVENTS_GROUP,
     EVENTS_STREAM,
     MARK_SCRIPT,
+    MESSAGE_FORMAT,
     TASK_NAME,
     WORKER_PREFIX,
     alive_key,
@@ -203,9 +204,11 @@ class CeleryRunBackend:
         run = _OpenRun(request, self._deadline(request))
         self._runs[request.run_id] = run
         payload = {
+            "format": MESSAGE_FORMAT,
             "request": request.to_json(),
             "heartbeat": self._heartbeat,
             "alive_ms": self._alive_ms,
+            "lost_after": self.lost_after,
         }
         try:
             await asyncio.to_thread(
