@@ -26,7 +26,11 @@ from tasks.errors import BrokerNotDurableError
 if TYPE_CHECKING:
     from scheduler.backends.celery import CeleryRunBackend
 
-__all__ = ["broker_options", "make_backend", "worker"]
+__all__ = ["FLEET_MAX_CONCURRENT_RUNS", "broker_options", "make_backend", "worker"]
+
+FLEET_MAX_CONCURRENT_RUNS = 100
+"""``run --broker``'s default ``--max-concurrent-runs``: a run in flight on a fleet costs the
+dispatcher a message, and a shallow pipeline leaves workers idle between runs."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fleet_support import StartWorker, eventually, free_port
@@ -48,7 +49,12 @@ async def test_lost_expired_and_stop_are_said_once_and_rightly(
     dispatcher = TaskDispatcher(tmp_path / "ops", run_backend=backend, timezone="UTC")
     await dispatcher.start()
     try:
-        common = {"sys_type": "linux", "task_type": "probe", "interval": 3600, "probe_log": probe}
+        common: dict[str, Any] = {
+            "sys_type": "linux",
+            "task_type": "probe",
+            "interval": 3600,
+            "probe_log": probe,
+        }
         holder = await dispatcher.add_task(account_id="a", seconds=60, **common)
         await eventually(
             lambda: dispatcher.get_task(holder).status is TaskStatus.RUNNING, 20, "the long run"
