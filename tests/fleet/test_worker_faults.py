@@ -5,6 +5,7 @@ frozen past ``lost_after``, a partition, messages of another format, deployment 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -286,6 +287,16 @@ def shell_run(run_id: str, directory: Path) -> RunRequest:
     )
 
 
+@pytest.fixture
+def shells() -> Iterator[list[int]]:
+    """Process groups of shell runs, killed at the end whatever the test found."""
+    groups: list[int] = []
+    yield groups
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 def group_gone(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -295,7 +306,7 @@ def group_gone(pgid: int) -> bool:
 
 
 async def test_a_worker_frozen_past_lost_after_stops_its_run(
-    start_worker: StartWorker, open_backend: OpenBackend, tmp_path: Path
+    start_worker: StartWorker, open_backend: OpenBackend, tmp_path: Path, shells: list[int]
 ) -> None:
     worker = start_worker("zombie", "linux", factory=None)
     inbox = FileInbox(tmp_path / "inbox.json")
@@ -309,6 +320,7 @@ async def test_a_worker_frozen_past_lost_after_stops_its_run(
             "the shell",
         )
     )
+    shells.append(pgid)
     os.killpg(worker.process.pid, signal.SIGSTOP)
     try:
         await eventually(lambda: inbox.finished("frozen"), 15, "the run to be declared lost")
@@ -331,7 +343,7 @@ async def test_a_worker_frozen_past_lost_after_stops_its_run(
 
 
 async def test_a_worker_cut_off_from_the_broker_stops_its_run(
-    tmp_path: Path, start_worker: StartWorker, open_backend: OpenBackend
+    tmp_path: Path, start_worker: StartWorker, open_backend: OpenBackend, shells: list[int]
 ) -> None:
     server = RedisServer(tmp_path).start()
     try:
@@ -349,6 +361,7 @@ async def test_a_worker_cut_off_from_the_broker_stops_its_run(
                 "the shell",
             )
         )
+        shells.append(pgid)
         server.kill()
         cut_at = time.monotonic()
         # Half of lost_after without renewing: stopped before anyone could run the account's
