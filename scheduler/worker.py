@@ -179,6 +179,8 @@ class _ProcessState:
         self._client: redis.Redis | None = None
         self._factory: TaskManagerFactory | None = None
         self._durability: str | None = None
+        self._quick: redis.Redis | None = None
+        self._quick_timeout = 0.0
         self.beats = _Heartbeats()
 
     def _check_pid(self) -> None:
@@ -187,11 +189,29 @@ class _ProcessState:
             self._client = None
             self._factory = None
             self._durability = None
+            self._quick = None
             self.beats = _Heartbeats()
 
-    def client(self) -> redis.Redis:
+    def client(self, timeout: float | None = None) -> redis.Redis:
+        """This process's client; with ``timeout``, one whose replies wait at most that long
+        (kept for the heartbeats, whose patience is short)."""
         with self._lock:
-            return self._client_locked()
+            client = self._client_locked()
+            if timeout is None:
+                return client
+            if self._quick is None or self._quick_timeout > timeout:
+                self._quick_timeout = timeout
+                self._quick = redis.Redis(
+                    connection_pool=redis.ConnectionPool(
+                        connection_class=client.connection_pool.connection_class,
+                        **{
+                            **client.connection_pool.connection_kwargs,
+                            "socket_timeout": timeout,
+                            "socket_connect_timeout": timeout,
+                        },
+                    )
+                )
+            return self._quick
 
     def _client_locked(self) -> redis.Redis:
         self._check_pid()
@@ -296,7 +316,8 @@ class _Heartbeats:
             self._wake.clear()
 
     def _renew(self, due: list[_Beat], sent: float) -> None:
-        client = _state.client()
+        # A renewal that hangs (packets dropped) must fail within the runs' patience.
+        client = _state.client(timeout=max(0.2, min(beat.patience for beat in due) / 2))
         try:
             with client.pipeline(transaction=False) as pipe:
                 for beat in due:

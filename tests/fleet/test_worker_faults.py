@@ -343,9 +343,15 @@ async def test_a_worker_frozen_past_lost_after_stops_its_run(
     assert inbox.kinds("frozen") == ["started", "lost"]
 
 
+@pytest.mark.parametrize("cut", ["killed", "frozen"])
 async def test_a_worker_cut_off_from_the_broker_stops_its_run(
-    tmp_path: Path, start_worker: StartWorker, open_backend: OpenBackend, shells: list[int]
+    tmp_path: Path,
+    start_worker: StartWorker,
+    open_backend: OpenBackend,
+    shells: list[int],
+    cut: str,
 ) -> None:
+    """The broker dies (connections refused) or freezes (requests hang unanswered)."""
     server = RedisServer(tmp_path).start()
     try:
         worker = start_worker("cut", "linux", factory=None, broker=server.url())
@@ -363,7 +369,12 @@ async def test_a_worker_cut_off_from_the_broker_stops_its_run(
             )
         )
         shells.append(pgid)
-        server.kill()
+        assert server.process is not None
+        frozen = server.process.pid
+        if cut == "killed":
+            server.kill()
+        else:
+            os.kill(frozen, signal.SIGSTOP)
         cut_at = time.monotonic()
         # Half of lost_after without renewing: stopped before anyone could run the account's
         # next run elsewhere.
@@ -371,6 +382,8 @@ async def test_a_worker_cut_off_from_the_broker_stops_its_run(
         assert time.monotonic() - cut_at < 3.0 + 1.0
         assert "could not renew its heartbeat for 1.5s (broker unreachable" in worker.log()
     finally:
+        if server.process is not None:
+            os.kill(server.process.pid, signal.SIGCONT)
         server.kill()
 
 
