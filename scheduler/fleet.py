@@ -169,7 +169,7 @@ def broker_durability(version: str, settings: Mapping[str, str | None]) -> str:
         return BrokerNotDurableError(
             f"{problem}: a broker crash could lose claims of runs already started, and their "
             f"messages would run them again. {fix}, or start the worker with "
-            "--allow-non-durable-broker to accept that"
+            f"--allow-non-durable-broker (${ALLOW_NON_DURABLE_ENV_VAR}=1) to accept that"
         )
 
     def known(name: str) -> str:
