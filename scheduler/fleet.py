@@ -5,7 +5,8 @@ without the ``celery`` extra being installed.
 
 Who writes what (``S`` a sys_type, ``R`` a run id):
 
-- queue ``td.sys.S``: the Celery message of a run of a task with sys_type ``S`` (JSON).
+- queue ``td.sys.S``: the Celery message of a run of a task with sys_type ``S`` (JSON, with
+  its :data:`MESSAGE_FORMAT`).
 - ``td:claim:R``: the run's claim. A worker takes it with ``SET NX`` before executing (so one
   worker at most executes a run, however often its message is delivered); the dispatcher takes
   it with an ``expired`` marker when nobody started the run by its deadline, or turns a silent

@@ -6,6 +6,12 @@ delivered), announces ``started``, keeps a heartbeat while the manager runs, and
 outcome in the ``td:events`` stream, which the dispatcher reads. The manager is re-created from
 the message as ``factory(sys_type=sys_type, **kwargs)``.
 
+At most once holds across a broker crash only if the claim reaches the broker's disk before the
+run starts: a worker refuses to start on a broker whose persistence cannot promise that (see
+:func:`check_durability`). A run whose claim was taken meanwhile (the dispatcher declared it
+lost) or could not be renewed for half of ``lost_after`` is stopped, so an account's runs never
+overlap.
+
 Start one with ``task-dispatcher worker --broker URL --sys-type S``, or with Celery's own
 command on this module's :data:`app`::
 
