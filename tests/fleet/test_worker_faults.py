@@ -414,3 +414,19 @@ async def test_a_frozen_sync_manager_is_reported_and_keeps_its_slot(
         ("task-after", "end"),
     ]
     assert inbox.kinds("sync") == ["started", "lost"]
+
+
+async def test_sigterm_lets_the_running_run_finish_and_record_its_outcome(
+    start_worker: StartWorker, open_backend: OpenBackend, tmp_path: Path
+) -> None:
+    worker = start_worker("leaving", "linux")
+    inbox = FileInbox(tmp_path / "inbox.json")
+    backend = await open_backend(inbox)
+    probe = tmp_path / "probe.jsonl"
+    await backend.submit(request("last", sys_type="linux", probe_log=probe, seconds=2))
+    await eventually(lambda: inbox.kinds("last") == ["started"], 20, "the run to start")
+    os.killpg(worker.process.pid, signal.SIGTERM)  # a warm shutdown
+    await eventually(lambda: inbox.finished("last"), 20, "the outcome")
+    assert inbox.kinds("last") == ["started", "succeeded"]
+    await eventually(lambda: worker.process.poll() is not None, 20, "the worker to exit")
+    assert [line["phase"] for line in read_probe(probe)] == ["start", "end"]
