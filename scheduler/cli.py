@@ -35,7 +35,7 @@ from rich.table import Table
 from jobstores.format import CorruptFileError
 from jobstores.loading import describe_validation_error
 from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
-from scheduler.cli_fleet import broker_options, make_backend, worker
+from scheduler.cli_fleet import FLEET_MAX_CONCURRENT_RUNS, broker_options, make_backend, worker
 from scheduler.dispatcher import CONTROL_SOCKET, DIR_ENV_VAR, TaskDispatcher, default_directory
 from scheduler.errors import (
     ControlError,
@@ -1166,7 +1166,13 @@ DEMO_TASKS: list[dict[str, Any]] = [
 @click.option(
     "--grace", default=30.0, show_default=True, help="Seconds runs get to finish on stop."
 )
-@click.option("--max-concurrent-runs", default=10, show_default=True)
+@click.option(
+    "--max-concurrent-runs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Runs in flight at once (default: 10 here, 100 with --broker, where the workers' "
+    "--concurrency bounds execution).",
+)
 @click.option(
     "--demo", is_flag=True, help="Add a few short-interval shell tasks if the store is empty."
 )
@@ -1188,7 +1194,7 @@ DEMO_TASKS: list[dict[str, Any]] = [
 def run(
     options: Options,
     grace: float,
-    max_concurrent_runs: int,
+    max_concurrent_runs: int | None,
     demo: bool,
     live: bool | None,
     broker: str | None,
@@ -1232,6 +1238,8 @@ def run(
             CONTROL_EXTRA_HINT,
         )
     backend = make_backend(broker, start_timeout, lost_after)
+    if max_concurrent_runs is None:
+        max_concurrent_runs = FLEET_MAX_CONCURRENT_RUNS if backend else 10
     # With workers, a --factory only checks tasks early; the workers create the managers.
     factory = _running_factory(options) if backend is None or options.factory else None
     with _errors():

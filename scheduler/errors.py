@@ -2,6 +2,7 @@
 
 from tasks.errors import (
     AccountNotFoundError,
+    BrokerNotDurableError,
     BrokerUnavailableError,
     ControlError,
     DirectoryLockedError,
@@ -21,6 +22,7 @@ from tasks.errors import (
 
 __all__ = [
     "AccountNotFoundError",
+    "BrokerNotDurableError",
     "BrokerUnavailableError",
     "ControlError",
     "DirectoryLockedError",

@@ -358,6 +358,18 @@ def _log(request: RunRequest, event: RunEvent) -> None:
             event.worker or "this process",
         )
         return
+    if event.started_at is None and not event.ok:
+        # Never started here (not sent, expired, lost with the broker) or declared lost by
+        # the dispatcher: no duration to give.
+        logger.error(
+            "run %s of task %s (account %s) %s: %s",
+            request.run_id,
+            request.task_id,
+            request.account_id,
+            "failed" if event.kind is RunEventKind.FAILED else f"failed ({event.kind.value})",
+            event.error,
+        )
+        return
     seconds = (event.at - (event.started_at or request.submitted_at)).total_seconds()
     if event.ok:
         logger.info(

@@ -164,7 +164,17 @@ class TaskRunner:
         cancelled = len(self._queued)
         for queued in list(self._queued):
             self._withdraw(queued)
-        cancelled += await finish_or_cancel(list(self._tasks), 0)
+        left = await finish_or_cancel(list(self._tasks), 0)
+        if self._backend.remote:
+            # Remote runs are not cancelled: they go on on their workers.
+            if left:
+                logger.info(
+                    "stopping: %d run(s) still executing on workers; their outcomes are "
+                    "applied when the dispatcher is back",
+                    left,
+                )
+            left = 0
+        cancelled += left
         if cancelled:
             logger.warning(
                 "stopping: %d run(s) did not finish in %ss and were cancelled",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 __all__ = [
     "AccountNotFoundError",
+    "BrokerNotDurableError",
     "BrokerUnavailableError",
     "ControlError",
     "DirectoryLockedError",
@@ -154,6 +155,11 @@ class DispatcherClosedError(DispatcherError, RuntimeError):
 
 class BrokerUnavailableError(DispatcherError, ConnectionError):
     """A run could not be sent: the broker of a remote run backend is unreachable."""
+
+
+class BrokerNotDurableError(DispatcherError, RuntimeError):
+    """A worker's broker cannot keep a run's claim across a crash (its persistence settings),
+    so a run could execute twice: the message names the setting to change."""
 
 
 class ListenError(DispatcherError, ValueError):

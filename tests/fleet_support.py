@@ -78,14 +78,20 @@ def no_broker(message: str) -> None:
 
 
 class RedisServer:
-    """A ``redis-server`` of our own (no persistence), which a test may kill and restart."""
+    """A ``redis-server`` of our own, which a test may kill and restart.
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    No persistence unless ``config`` says otherwise (``{"appendonly": "yes", ...}``).
+    """
+
+    def __init__(
+        self, directory: Path, port: int | None = None, config: dict[str, str] | None = None
+    ) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             no_broker("no redis-server binary to start a broker of our own")
         self.directory = directory
         self.port = port or free_port()
+        self.config = {"save": "", "appendonly": "no", **(config or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
@@ -93,7 +99,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+                *("--dir", str(self.directory)),
+                *(arg for name, value in self.config.items() for arg in (f"--{name}", value)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -220,6 +227,7 @@ def request(
 
 StartWorker = Callable[..., Worker]
 """``start_worker(name, *sys_types, concurrency=2, factory=PROBE, broker=None,
-visibility_timeout=None)``."""
+visibility_timeout=None, check_broker=False)`` (``factory=None``: the registered task types;
+``check_broker``: without ``--allow-non-durable-broker``)."""
 OpenBackend = Callable[..., Awaitable[CeleryRunBackend]]
 """``open_backend(inbox, **CeleryRunBackend options)``."""
