@@ -473,8 +473,6 @@ class TaskDispatcher:
         self._store.add_tasks(records)
         saved = await self._store.save_async()
         self._wake()
-        if not saved:
-            self._save_failed(tuple(record.task_id for record in records))
         for record in records:
             logger.info(
                 "task %s added for account %s (%s, every %ss, hours %d-%d), first run %s",
@@ -486,13 +484,19 @@ class TaskDispatcher:
                 record.next_execution_time,
             )
             self._tell_task(TaskAdded, record)
+        if not saved:
+            self._save_failed(tuple(record.task_id for record in records))
         return [record.task_id for record in records]
 
     # ------------------------------------------------------------------ changing
 
-    def _save(self, task_id: str) -> None:
-        """Save durably now; raise :class:`SaveFailedError` naming ``task_id`` if that fails."""
-        if not self._store.save():
+    def _saved(self, saved: bool, task_id: str) -> None:
+        """Raise :class:`SaveFailedError` naming ``task_id`` if the save of its change failed.
+
+        Called last: a change whose save failed is in effect all the same, so it is scheduled
+        and announced like any other before the caller hears of the failure.
+        """
+        if not saved:
             self._save_failed((task_id,))
 
     def _save_failed(self, task_ids: tuple[str, ...]) -> None:
@@ -524,10 +528,11 @@ class TaskDispatcher:
         now = self._store.now()
         before = self._store.get(task_id)
         record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
         if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
             self._tell_paused(record)
+        self._saved(saved, task_id)
 
     def resume_task(self, task_id: str) -> None:
         """Schedule a paused task again; saved when this returns.
@@ -546,7 +551,7 @@ class TaskDispatcher:
 
         before = self._store.get(task_id)
         record = self._store.update_task(task_id, resume)
-        self._save(task_id)
+        saved = self._store.save()
         self._wake()
         if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
             self._tell_task(TaskResumed, record)
@@ -559,6 +564,7 @@ class TaskDispatcher:
             record.status.value,
             record.next_execution_time,
         )
+        self._saved(saved, task_id)
 
     def update_task(
         self,
@@ -602,7 +608,7 @@ class TaskDispatcher:
         record = self._store.update_task(
             task_id, lambda r: lifecycle.edited(r, rules, schedule, now)
         )
-        self._save(task_id)
+        saved = self._store.save()
         self._wake()
         logger.info(
             "task %s (account %s) updated: every %ss, hours %d-%d, until %s; %s, next run %s",
@@ -614,6 +620,7 @@ class TaskDispatcher:
             record.status.value,
             record.start_time,
         )
+        self._saved(saved, task_id)
         return record.snapshot()
 
     def remove_task(self, task_id: str) -> None:
@@ -623,9 +630,10 @@ class TaskDispatcher:
         record = self._store.remove_task(task_id)
         if self._local is not None:
             self._local.forget(task_id)
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s (account %s) removed", task_id, record.account_id)
         self._tell_task(TaskRemoved, record)
+        self._saved(saved, task_id)
 
     def reorder_task(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order.
@@ -643,8 +651,9 @@ class TaskDispatcher:
                 f"position: must be an integer, not {type(position).__name__}"
             ) from None
         self._store.reorder(task_id, position)
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s moved to position %d", task_id, position)
+        self._saved(saved, task_id)
 
     # ------------------------------------------------------------------ control plane
     # What the control API (scheduler/control/) needs beyond the methods above.
