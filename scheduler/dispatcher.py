@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from jobstores.jsonfile import JsonJobStore
+from jobstores.jsonfile import SNAPSHOT_BELOW, JsonJobStore
 from jobstores.saver import SaveHealth
 from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
@@ -114,6 +114,11 @@ class TaskDispatcher:
     ``history=False`` turns that off, a :class:`RunHistory` passed instead (its retention
     configured) is used and closed with the dispatcher.
 
+    ``snapshot_below`` (2,000 by default): below this many tasks the state file itself holds
+    every change when the call making it returns (``json.load`` it at any time); from that
+    many on, changes go to a journal beside it at a cost that does not grow with the number
+    of tasks, and the file follows within 10 minutes (see :class:`JsonJobStore`).
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -129,6 +134,7 @@ class TaskDispatcher:
         run_backend: RunBackend | None = None,
         convert_timezone: bool = False,
         history: bool | RunHistory = True,
+        snapshot_below: int = SNAPSHOT_BELOW,
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
@@ -139,6 +145,7 @@ class TaskDispatcher:
             timezone=None if timezone is None else resolve_timezone(timezone),
             convert_timezone=convert_timezone,
             accept=self._check_manager,
+            snapshot_below=snapshot_below,
         )
         self.timezone = self._store.timezone
         """The zone whose wall-clock hours the windows and end dates are read in."""
