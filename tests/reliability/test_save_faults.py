@@ -242,7 +242,7 @@ async def test_a_change_whose_save_failed_is_scheduled_and_announced_like_any_ot
     try:
         with pytest.raises(SaveFailedError):
             await _change(dispatcher, call)
-        assert [(type(e), e.task_id) for e in events] == expected  # type: ignore[attr-defined]
+        assert [(type(e), e.task_id) for e in events] == expected
         if due is not None:  # runs although saving still fails
             await asyncio.wait_for(ran(due), 10)
     finally:
