@@ -544,8 +544,9 @@ class TaskDispatcher:
     def resume_task(self, task_id: str) -> None:
         """Schedule a paused task again; saved when this returns.
 
-        The next run is at ``last_execution_time + interval`` or now, whichever is later,
-        moved to the window's next opening if outside it. Resuming a task that is not paused
+        The next run is one interval after the last run's planned time (not its jittered
+        start: the grid never moves) or now, whichever is later, moved to the window's next
+        opening if outside it. Resuming a task that is not paused
         changes nothing.
         """
         self._check_open()
@@ -591,7 +592,7 @@ class TaskDispatcher:
         policy fields it names (a :class:`~tasks.RunPolicy` or None replaces the policy);
         ``kwargs`` replaces the task keywords (the account must stay the same). The manager
         is created again from the new keywords, and the next run planned again from the new
-        rules (from ``last_execution_time`` when there is one); the id, counters, position,
+        rules (from the last run's planned time when there is one); the id, counters, position,
         history and a run in progress are kept; a planned retry is dropped. A paused task
         stays paused; a completed one with a run left under the new rules is pending again.
         """

@@ -295,7 +295,7 @@ def next_runs(
     first = record.next_execution_time
     label = "next runs"
     if record.status is TaskStatus.PAUSED:
-        first = trigger.get_next_fire_time(record.last_execution_time, now)
+        first = trigger.get_next_fire_time(record.grid_time, now)
         label = "if resumed now"
     runs = [t for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
     return label, runs
