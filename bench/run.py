@@ -486,8 +486,8 @@ one-by-one rows are skipped at that size)."""
 async def run(sizes: list[int], large: list[int], only: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for n in [*sizes, *large]:
-        steps = ALL_STEPS if n in sizes else LARGE_STEPS
-        steps = tuple(step for step in steps if only is None or step in only)
+        every: tuple[str, ...] = ALL_STEPS if n in sizes else LARGE_STEPS
+        steps = [step for step in every if only is None or step in only]
         with tempfile.TemporaryDirectory(prefix="bench-") as name:
             root = Path(name)
             for step in steps:

@@ -282,15 +282,13 @@ def test_repeated_pause_resume_and_edit_cycles_never_move_the_grid(fraction: flo
     )
     planned = []
     for cycle in range(12):
-        assert task.next_execution_time is not None
-        planned.append(task.next_execution_time)
-        start = task.start_time
+        due, start = task.next_execution_time, task.start_time
+        assert due is not None
         assert start is not None
-        run = ActiveRun(
-            run_id=f"r{cycle}", scheduled_at=task.next_execution_time, submitted_at=start
-        )
+        planned.append(due)
+        run = ActiveRun(run_id=f"r{cycle}", scheduled_at=due, submitted_at=start)
         task = lifecycle.run_opened(task, run, start, started=True)
-        task = lifecycle.planned(task, task.next_execution_time + HOUR, start)
+        task = lifecycle.planned(task, due + HOUR, start)
         done = RunEvent(f"r{cycle}", "a", RunEventKind.SUCCEEDED, at=start, started_at=start)
         task = lifecycle.run_finished(task, done, start + MINUTE, jittery)
         now = start + 2 * MINUTE
