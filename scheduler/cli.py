@@ -438,10 +438,14 @@ _STATUS_STYLE = {
 
 
 def _overdue(record: TaskRecord, zone: tzinfo, now: datetime) -> str | None:
-    """What happens to a next run already past (the store stopped, or its loop is stuck)."""
+    """What happens to a next run already past (the store stopped, or its loop is stuck);
+    a jittered run whose drawn start is still ahead waits for it, and says when."""
     planned = record.next_execution_time
     if planned is None or planned >= now:
         return None
+    start = record.start_time
+    if start is not None and start > now:
+        return f"jittered: starts {_when(start, zone)}"
     trigger = TaskTrigger.for_record(record, zone)
     if may_start(now, record.valid_time_range, trigger.end, zone):
         return "overdue: runs as soon as the dispatcher runs"

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
-from jobstores.jsonfile import JsonJobStore
+from jobstores.jsonfile import SNAPSHOT_BELOW, JsonJobStore
 from jobstores.saver import SaveHealth
 from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
@@ -132,6 +132,11 @@ class TaskDispatcher:
     ``history=False`` turns that off, a :class:`RunHistory` passed instead (its retention
     configured) is used and closed with the dispatcher.
 
+    ``snapshot_below`` (2,000 by default): below this many tasks the state file itself holds
+    every change when the call making it returns (``json.load`` it at any time); from that
+    many on, changes go to a journal beside it at a cost that does not grow with the number
+    of tasks, and the file follows within 10 minutes (see :class:`JsonJobStore`).
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -147,6 +152,7 @@ class TaskDispatcher:
         run_backend: RunBackend | None = None,
         convert_timezone: bool = False,
         history: bool | RunHistory = True,
+        snapshot_below: int = SNAPSHOT_BELOW,
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
@@ -157,6 +163,7 @@ class TaskDispatcher:
             timezone=None if timezone is None else resolve_timezone(timezone),
             convert_timezone=convert_timezone,
             accept=self._check_manager,
+            snapshot_below=snapshot_below,
         )
         self.timezone = self._store.timezone
         """The zone whose wall-clock hours the windows and end dates are read in."""
@@ -496,8 +503,6 @@ class TaskDispatcher:
         self._store.add_tasks(records)
         saved = await self._store.save_async()
         self._wake()
-        if not saved:
-            self._save_failed(tuple(record.task_id for record in records))
         for record in records:
             logger.info(
                 "task %s added for account %s (%s, every %ss, hours %d-%d), first run %s",
@@ -509,13 +514,19 @@ class TaskDispatcher:
                 record.next_execution_time,
             )
             self._tell_task(TaskAdded, record)
+        if not saved:
+            self._save_failed(tuple(record.task_id for record in records))
         return [record.task_id for record in records]
 
     # ------------------------------------------------------------------ changing
 
-    def _save(self, task_id: str) -> None:
-        """Save durably now; raise :class:`SaveFailedError` naming ``task_id`` if that fails."""
-        if not self._store.save():
+    def _saved(self, saved: bool, task_id: str) -> None:
+        """Raise :class:`SaveFailedError` naming ``task_id`` if the save of its change failed.
+
+        Called last: a change whose save failed is in effect all the same, so it is scheduled
+        and announced like any other before the caller hears of the failure.
+        """
+        if not saved:
             self._save_failed((task_id,))
 
     def _save_failed(self, task_ids: tuple[str, ...]) -> None:
@@ -547,16 +558,18 @@ class TaskDispatcher:
         now = self._store.now()
         before = self._store.get(task_id)
         record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
         if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
             self._tell_paused(record)
+        self._saved(saved, task_id)
 
     def resume_task(self, task_id: str) -> None:
         """Schedule a paused task again; saved when this returns.
 
-        The next run is at ``last_execution_time + interval`` or now, whichever is later,
-        moved to the window's next opening if outside it. Resuming a task that is not paused
+        The next run is one interval after the last run's planned time (not its jittered
+        start: the grid never moves) or now, whichever is later, moved to the window's next
+        opening if outside it. Resuming a task that is not paused
         changes nothing.
         """
         self._check_open()
@@ -569,7 +582,7 @@ class TaskDispatcher:
 
         before = self._store.get(task_id)
         record = self._store.update_task(task_id, resume)
-        self._save(task_id)
+        saved = self._store.save()
         self._wake()
         if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
             self._tell_task(TaskResumed, record)
@@ -582,6 +595,7 @@ class TaskDispatcher:
             record.status.value,
             record.next_execution_time,
         )
+        self._saved(saved, task_id)
 
     def update_task(
         self,
@@ -601,7 +615,7 @@ class TaskDispatcher:
         policy fields it names (a :class:`~tasks.RunPolicy` or None replaces the policy);
         ``kwargs`` replaces the task keywords (the account must stay the same). The manager
         is created again from the new keywords, and the next run planned again from the new
-        rules (from ``last_execution_time`` when there is one); the id, counters, position,
+        rules (from the last run's planned time when there is one); the id, counters, position,
         history and a run in progress are kept; a planned retry is dropped. A paused task
         stays paused; a completed one with a run left under the new rules is pending again.
         """
@@ -625,7 +639,7 @@ class TaskDispatcher:
         record = self._store.update_task(
             task_id, lambda r: lifecycle.edited(r, rules, schedule, now)
         )
-        self._save(task_id)
+        saved = self._store.save()
         self._wake()
         logger.info(
             "task %s (account %s) updated: every %ss, hours %d-%d, until %s; %s, next run %s",
@@ -637,6 +651,7 @@ class TaskDispatcher:
             record.status.value,
             record.start_time,
         )
+        self._saved(saved, task_id)
         return record.snapshot()
 
     def remove_task(self, task_id: str) -> None:
@@ -646,9 +661,10 @@ class TaskDispatcher:
         record = self._store.remove_task(task_id)
         if self._local is not None:
             self._local.forget(task_id)
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s (account %s) removed", task_id, record.account_id)
         self._tell_task(TaskRemoved, record)
+        self._saved(saved, task_id)
 
     def reorder_task(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order.
@@ -666,8 +682,9 @@ class TaskDispatcher:
                 f"position: must be an integer, not {type(position).__name__}"
             ) from None
         self._store.reorder(task_id, position)
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s moved to position %d", task_id, position)
+        self._saved(saved, task_id)
 
     def run_now(self, task_id: str) -> TaskRecord:
         """Run ``task_id`` once, as soon as its account's lane is free; the request is saved

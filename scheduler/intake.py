@@ -209,7 +209,7 @@ class TaskIntake:
             keywords,
             current.task_id,
             created_at=current.created_at,
-            previous=current.last_execution_time,
+            previous=current.grid_time,
         )
         if rules.account_id != current.account_id:
             raise InvalidTaskError(

@@ -77,7 +77,7 @@ def loaded(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
         return _without_next(record)
     planned_at = record.next_execution_time
     if planned_at is None and record.active_run is None:
-        planned_at = schedule.next_run(record.last_execution_time, now)
+        planned_at = schedule.next_run(record.grid_time, now)
     if planned_at is not None and schedule.ended(planned_at):
         planned_at = None
     if planned_at is None:
@@ -102,7 +102,9 @@ def paused(record: TaskRecord, now: datetime, reason: str | None = None) -> Task
 
 
 def resumed(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
-    """Scheduled again: next run at ``last_execution_time + interval`` or now, in the window.
+    """Scheduled again: next run one interval after the last run's planned time (its
+    :attr:`~tasks.model.TaskRecord.grid_time`, not its jittered start: the grid never moves)
+    or now, whichever is later, in the window.
 
     Only a paused task changes; one with no run left before its end is completed. The reason
     of an automatic pause is cleared, and with it the count of failures that caused it.
@@ -111,7 +113,7 @@ def resumed(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord
         return record
     if record.paused_reason is not None:
         record = record.replace(paused_reason=None, consecutive_failures=0)
-    planned_at = schedule.next_run(record.last_execution_time, now)
+    planned_at = schedule.next_run(record.grid_time, now)
     if planned_at is None:
         return completed(record, now)
     executing = record.active_run is not None and not record.active_run.queued
@@ -181,8 +183,9 @@ def run_requested(record: TaskRecord, now: datetime) -> TaskRecord:
 def run_opened(record: TaskRecord, run: ActiveRun, now: datetime, *, started: bool) -> TaskRecord:
     """A run was handed to a backend; ``started`` when it starts at once (this process).
 
-    A manual run takes the request it answers and leaves ``last_execution_time`` (the planned
-    runs' anchor) and a planned retry as they are: it does not move the task's grid.
+    A planned run's time (``run.scheduled_at``) is the task's new grid point. A manual run takes
+    the request it answers and leaves ``last_execution_time``, ``last_planned_time`` (the
+    planned runs' anchor) and a planned retry as they are: it does not move the task's grid.
     """
     if run.manual:
         if started and run.started_at != now:
@@ -198,11 +201,14 @@ def run_opened(record: TaskRecord, run: ActiveRun, now: datetime, *, started: bo
             active_run=run if run.started_at == now else run.model_copy(update={"started_at": now}),
             status=record.status if record.status.settled else TaskStatus.RUNNING,
             last_execution_time=now,
+            last_planned_time=run.scheduled_at,
             last_worker=None,
             retry=None,
             updated_at=now,
         )
-    return record.replace(active_run=run, retry=None, updated_at=now)
+    return record.replace(
+        active_run=run, last_planned_time=run.scheduled_at, retry=None, updated_at=now
+    )
 
 
 def _is_open(record: TaskRecord, run_id: str) -> bool:
@@ -353,7 +359,8 @@ def edited(record: TaskRecord, rules: TaskRecord, schedule: Schedule, now: datet
     """The task's rules (interval, window, end, policy, kwargs) replaced by those of ``rules``
     (validated like a new task); ``schedule`` is theirs.
 
-    The next run is planned again from ``last_execution_time`` (or now); id, counters and the
+    The next run is planned again from the last run's planned time (its
+    :attr:`~tasks.model.TaskRecord.grid_time`), or now; id, counters and the
     run that is out are kept; a planned retry is dropped. A paused task stays paused; a
     completed one with a run left under the new rules is pending again.
     """
@@ -370,7 +377,7 @@ def edited(record: TaskRecord, rules: TaskRecord, schedule: Schedule, now: datet
     )
     if record.status is TaskStatus.PAUSED:
         return record
-    planned_at = schedule.next_run(record.last_execution_time, now)
+    planned_at = schedule.next_run(record.grid_time, now)
     if planned_at is None:
         return exhausted(record, now)
     status = TaskStatus.PENDING if record.status is TaskStatus.COMPLETED else record.status

@@ -259,6 +259,10 @@ class TaskRecord(BaseModel):
     """The retry of a failed run, waiting for its time (None: none)."""
     run_requested: datetime | None = None
     """When an operator asked for a run now that has not started yet (None: none asked)."""
+    last_planned_time: datetime | None = None
+    """The planned time of the last run: the point of the task's grid that the next run is
+    counted from (``last_execution_time`` is when that run started, later by its jitter or
+    its wait for the account). None: no run yet, or a record saved before it was kept."""
 
     @field_validator("task_id", "account_id")
     @classmethod
@@ -359,6 +363,13 @@ class TaskRecord(BaseModel):
         if planned is None or start is None or start.timestamp() < planned.timestamp():
             return planned
         return start
+
+    @property
+    def grid_time(self) -> datetime | None:
+        """When the next run is counted from: the planned time of the last run (for a record
+        saved before that was kept, when the last run started); None before the first run.
+        Resuming or editing a task plans from here, so jitter never moves its grid."""
+        return self.last_planned_time or self.last_execution_time
 
     @property
     def interval_delta(self) -> timedelta:
@@ -523,6 +534,7 @@ _TIMES = (
     "run_requested",
     "created_at",
     "updated_at",
+    "last_planned_time",
 )
 _STATUSES = {status.value: status for status in TaskStatus}
 _NESTED: dict[str, type[BaseModel]] = {
@@ -552,6 +564,9 @@ def _trusted_time(value: str | datetime, zone: tzinfo) -> datetime:
 
 _FIELD_COUNT = len(_FIELD_ORDER)
 _FIELD_ROW = itemgetter(*_FIELD_ORDER)
+_EARLIER_ORDER = _FIELD_ORDER[:-1]
+"""The fields of records saved before ``last_planned_time`` (the last field) was kept."""
+_EARLIER_ROW = itemgetter(*_EARLIER_ORDER)
 _SLOTS = ("__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
 _SET_NAMES = (*_FIELD_ORDER, *_SLOTS)
 """What :func:`_fields_only` sets on a record, in its order: every field, then pydantic's slots."""
@@ -654,6 +669,10 @@ def _rebuilt_all(
             at.append(index)
             rows.append(_FIELD_ROW(raw))
             extras.append({key: raw[key] for key in keys[_FIELD_COUNT:]} or _NO_EXTRA)
+        elif keys[: _FIELD_COUNT - 1] == _EARLIER_ORDER and _FIELD_ORDER[-1] not in raw:
+            at.append(index)  # saved before the last field was kept: it is None
+            rows.append((*_EARLIER_ROW(raw), None))
+            extras.append({key: raw[key] for key in keys[_FIELD_COUNT - 1 :]} or _NO_EXTRA)
     for index, record in zip(at, _converted(cls, rows, extras, zone, times, shared), strict=True):
         made[index] = record
     return made
@@ -737,7 +756,13 @@ _new = object.__new__
 
 # Fields added after the seed's format that only the dispatcher sets: host keywords keep
 # these names (``run_policy`` is the one new reserved keyword).
-_INTERNAL_FIELDS = {"paused_reason", "next_start_time", "retry", "run_requested"}
+_INTERNAL_FIELDS = {
+    "paused_reason",
+    "next_start_time",
+    "retry",
+    "run_requested",
+    "last_planned_time",
+}
 
 RESERVED_KWARGS = frozenset(
     _ALL_FIELDS - {"account_id", "account_name", "task_id", "task_type"} - _INTERNAL_FIELDS

@@ -22,6 +22,7 @@ import orjson
 
 from jobstores import loading
 from jobstores.journal import JournalStorage
+from jobstores.jsonfile import SNAPSHOT_BELOW
 from jobstores.storage import SnapshotStorage, StorageBackend
 from tasks import TaskRecord
 
@@ -303,10 +304,20 @@ class Running:
         return sum(" finished in " in line for line in lines)
 
 
-BACKENDS = ("journal", "snapshot")
-"""The storage backends every contract test runs over."""
+BACKENDS = ("journal", "journal-small", "snapshot")
+"""The storages every contract test runs over: the journal taking every change (the store
+above its snapshot threshold), the journal of a store below it (every commit writes the
+file), and the whole-file backend."""
 
 
 def storage(kind: str, directory: Path) -> StorageBackend:
     """A fresh storage backend of ``kind`` on ``directory``."""
-    return JournalStorage(directory) if kind == "journal" else SnapshotStorage(directory)
+    return SnapshotStorage(directory) if kind == "snapshot" else JournalStorage(directory)
+
+
+def store_options(kind: str, directory: Path) -> dict[str, Any]:
+    """JsonJobStore's storage options for ``kind`` (see :data:`BACKENDS`)."""
+    return {
+        "storage": storage(kind, directory),
+        "snapshot_below": 0 if kind == "journal" else SNAPSHOT_BELOW,
+    }

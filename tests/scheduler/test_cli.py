@@ -482,6 +482,22 @@ def test_list_and_show_mark_a_past_next_run_as_overdue(
     assert "overdue" not in cli("list").stdout
 
 
+def test_list_and_show_say_when_a_jittered_run_really_starts(
+    clock: Any, cli: Callable[..., Result], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from helpers import at
+
+    monkeypatch.setattr("random.random", lambda: 0.5)
+    task_id = add(cli, "--hours", "8-22", "--policy", "jitter=1200")  # 08:00, starts 08:10
+    clock.move_to(at(2026, 1, 8, 8, 5))  # planned time past, drawn start ahead
+    listed, shown = cli("list").stdout, cli("show", task_id).stdout
+    assert "08:00:00 (jittered: starts 2026-01-08 08:10:00)" in listed
+    assert "jittered: starts 2026-01-08 08:10:00" in shown
+    assert "overdue" not in listed + shown
+    clock.move_to(at(2026, 1, 8, 8, 15))  # the start passed too: overdue
+    assert "08:00:00 (overdue: runs as soon as the dispatcher runs)" in cli("list").stdout
+
+
 # ---------------------------------------------------------------------- update and policies
 
 

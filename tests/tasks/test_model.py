@@ -388,3 +388,22 @@ def test_records_built_apart_share_their_values_in_batches() -> None:
     assert last.account_id is first.account_id
     assert last.kwargs["note"] is first.kwargs["note"]
     assert last.kwargs["task_id"] is last.task_id
+
+
+def test_records_saved_before_the_last_planned_time_was_kept_are_rebuilt_fast() -> None:
+    # Older files lack the field: such a record (extras and all) is rebuilt, not validated.
+    saved = [
+        {**record(f"t{index}").to_json_dict(), "comment": f"kept {index}"} for index in range(3)
+    ]
+    for raw in saved:
+        del raw["last_planned_time"]
+    made = TaskRecord.rebuilt_all(saved, UTC, {}, {})
+    for raw, rebuilt in zip(saved, made, strict=True):
+        assert rebuilt is not None
+        assert rebuilt.last_planned_time is None
+        assert rebuilt.grid_time is None
+        assert rebuilt.model_extra == {"comment": raw["comment"]}
+        assert rebuilt == TaskRecord.model_validate(raw, context={"zone": UTC})
+    assert TaskRecord.rebuilt_all(
+        [{**saved[0], "last_planned_time": "2026-01-08T08:00:00+08:00"}], UTC, {}, {}
+    ) == [None]  # the field out of its place: validated instead
