@@ -702,18 +702,16 @@ class TaskDispatcher:
         now = self._store.now()
         before = self._store.get(task_id)
         record = self._store.update_task(task_id, lambda r: lifecycle.run_requested(r, now))
-        try:
-            self._save(task_id)
-        finally:
-            # A change in effect acts even when its save failed (the caller is told).
-            if before.run_requested is None and record.run_requested is not None:
-                self._submit_manual(task_id)
+        saved = self._store.save()
+        if before.run_requested is None and record.run_requested is not None:
+            self._submit_manual(task_id)
         logger.info(
             "task %s (account %s): run now asked for%s",
             task_id,
             record.account_id,
             "" if before.run_requested is None else " (already asked for)",
         )
+        self._saved(saved, task_id)
         return record.snapshot()
 
     def _submit_manual(self, task_id: str) -> None:
