@@ -7,6 +7,9 @@ floor). Same no-op async task everywhere. Ratios are what count; these machines 
     python -m bench                 # N = 1,000 and 10,000; 100,000 for per-change, cold start
                                     # and memory (the SQLite peer's table loaded in one go)
     python -m bench --large         # every measurement at 100,000 too
+    python -m bench --sizes 1000 100000 --steps add_one_by_one mutations
+                                    # only some measurements (add_one_by_one builds the
+                                    # stores the others use)
     python -m bench --history-only  # only the run history case (bench/history.py)
     python -m bench --fleet-only    # only the fleet against bare Celery (needs Redis)
 """
@@ -480,10 +483,11 @@ LARGE_STEPS = ("add_one_by_one", "mutations", "cold_start", "memory", "loop_lag"
 one-by-one rows are skipped at that size)."""
 
 
-async def run(sizes: list[int], large: list[int]) -> list[Row]:
+async def run(sizes: list[int], large: list[int], only: list[str] | None = None) -> list[Row]:
     rows: list[Row] = []
     for n in [*sizes, *large]:
-        steps = ALL_STEPS if n in sizes else LARGE_STEPS
+        every: tuple[str, ...] = ALL_STEPS if n in sizes else LARGE_STEPS
+        steps = [step for step in every if only is None or step in only]
         with tempfile.TemporaryDirectory(prefix="bench-") as name:
             root = Path(name)
             for step in steps:
@@ -500,6 +504,9 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also N = 100,000")
     parser.add_argument("--sizes", type=int, nargs="*", help="explicit N values")
     parser.add_argument("--history-only", action="store_true", help="only the run history case")
+    parser.add_argument(
+        "--steps", nargs="*", choices=ALL_STEPS, help="only these measurements (and no others)"
+    )
     parser.add_argument(
         "--fleet",
         action=argparse.BooleanOptionalAction,
@@ -518,12 +525,12 @@ def main() -> None:
     if args.fleet_only:
         sizes, large = [], []
     started = time.perf_counter()
-    rows = [] if args.history_only or not sizes else asyncio.run(run(sizes, large))
+    rows = [] if args.history_only or not sizes else asyncio.run(run(sizes, large, args.steps))
     lines: list[history.Line] = []
-    if not args.fleet_only:
+    if not args.fleet_only and not args.steps:
         with tempfile.TemporaryDirectory(prefix="bench-") as name:
             lines = history.history_case(Path(name))
-    fleet = None if args.history_only else _fleet(args.fleet)
+    fleet = None if args.history_only or args.steps else _fleet(args.fleet)
     print()
     print(
         f"Python {platform.python_version()} on {platform.machine()}, "

@@ -8,10 +8,14 @@ groups concurrent changes into one commit, so they share the sync. Lines are enc
 written a few hundred at a time on the save thread, so even a commit of every task never
 holds the interpreter (and the event loop) for long, nor keeps a copy of what it wrote.
 
-``dispatch_config.json`` stays the seed's format and what a person reads and repairs: when
-the journal outgrows the snapshot (or a threshold of age), and when the owner closes, the
-saver hands over the whole state and a background thread writes it with the atomic protocol
-of :mod:`jobstores.durable`, recording the last journal line it holds (``journal_seq``); only
+``dispatch_config.json`` stays the seed's format and what a person reads and repairs. While
+the store is small the owner asks for the whole state at every commit
+(:attr:`~jobstores.table.StateImage.requested`): the snapshot is written then and there, in
+place of journal lines, so the file itself holds every acknowledged change. Above that, when
+the journal outgrows the snapshot or its oldest line is :data:`MAX_AGE` old (the saver asks
+at that age even if nothing changes, see :meth:`JournalStorage.fold_due_in`), the saver
+hands over the whole state and a background thread writes it with the atomic protocol of
+:mod:`jobstores.durable`, recording the last journal line it holds (``journal_seq``); only
 then are the journal segments it covers deleted. A crash at any instant leaves the old or
 the new snapshot and every segment not yet covered: loading skips the lines the snapshot
 holds, so nothing is lost and nothing applied twice (see :func:`jobstores.loading.read_state`).
@@ -43,6 +47,7 @@ from jobstores.format import (
     encode_task,
 )
 from jobstores.loading import BACKUP_FILENAME, JOURNAL_PREFIX, STATE_FILENAME, read_state
+from jobstores.storage import EncodedTasks
 from jobstores.table import PAUSE, StateImage, let_go, pause
 
 __all__ = ["MAX_AGE", "MIN_BYTES", "PAUSE", "JournalStorage"]
@@ -53,7 +58,13 @@ MIN_BYTES = 1 << 20
 """Fold the journal into the snapshot once it holds this many bytes, or the snapshot's
 size if larger (so the writes a compaction costs stay proportional to the changes)."""
 MAX_AGE = 600.0
-"""... or once its oldest line not in the snapshot is this many seconds old."""
+"""... or once its oldest line not in the snapshot is this many seconds old: the most the file
+a person reads lags behind the journal (plus the time to write it)."""
+COMPACTION_POLL = 1.0
+"""While a compaction is being written, the saver asks again this often whether another is due."""
+KEEP_LINES_BELOW = 10_000
+"""A snapshot written at a commit keeps its tasks' encoded lines for the next one, up to this
+many tasks (a small store writes one at every commit; a large one rarely does)."""
 
 _FILE_MODE = 0o600
 
@@ -105,6 +116,8 @@ class JournalStorage:
         self._retry_at: float | None = None
         self._queued: tuple[StateImage, datetime, int] | None = None
         self._compactor: threading.Thread | None = None
+        self._encoded = EncodedTasks()
+        """Lines of the last snapshot written at a commit (on the saving thread only)."""
         self.compactions = 0
         """Snapshots written (for tests and the curious)."""
         self.last_compaction_error: str | None = None
@@ -155,21 +168,35 @@ class JournalStorage:
             since = self._unfolded_since
             return since is not None and self._clock() - since >= self._max_age
 
+    def fold_due_in(self) -> float | None:
+        """Seconds until the journal's oldest line not in the snapshot is :data:`MAX_AGE`
+        old (or a failed compaction may be tried again); None when the snapshot holds every
+        line."""
+        with self._lock:
+            due = self._retry_at
+            if due is None and self._unfolded_since is not None:
+                due = self._unfolded_since + self._max_age
+            wait = None if due is None else max(0.0, due - self._clock())
+            if self._compactor is not None:
+                # Ask again once it is done: it may fail, and lines appended meanwhile wait.
+                return COMPACTION_POLL if wait is None else max(wait, COMPACTION_POLL)
+            return wait
+
     def commit(self, image: StateImage, saved_at: datetime) -> None:
         """Append ``image``'s changes to the journal durably; with a full image, have the
         snapshot written in the background (at once when there is none yet, or after an
         append failed)."""
         if self._broken or (image.full and (self._no_snapshot or image.requested)):
-            # The snapshot is written here and now when the owner asks for it (at stop, or
-            # after a load that repaired something), in a new directory (so the file a
-            # person looks for is there from the first change) and after an append that
-            # could not be undone.
+            # The snapshot is written here and now, in place of journal lines, when the owner
+            # asks for it (at every commit of a small store, at stop, after a load that
+            # repaired something), in a new directory (so the file a person looks for is
+            # there from the first change) and after an append that could not be undone.
             if not image.full:
                 raise OSError("the journal needs a snapshot first; the next commit writes one")
             self._wait_compaction()
             with self._lock:
                 seq = self._next_seq - 1
-            self._write_snapshot(image, saved_at, seq)
+            self._write_snapshot(image, saved_at, seq, now=True)
             with self._lock:
                 self._broken = False
                 self._folded_seq = seq
@@ -264,6 +291,7 @@ class JournalStorage:
 
     def _queue(self, image: StateImage, saved_at: datetime, seq: int) -> None:
         """Have the snapshot of ``image`` (which holds every line up to ``seq``) written."""
+        self._encoded.clear()  # the store is large: commits append lines again
         if self._size:
             self._close_segment()  # the appends go on in a new segment
         self._queued = (image, saved_at, seq)
@@ -304,15 +332,21 @@ class JournalStorage:
                 self.last_compaction_error = None
             self._drop_segments(seq)
 
-    def _write_snapshot(self, image: StateImage, saved_at: datetime, seq: int) -> None:
+    def _write_snapshot(
+        self, image: StateImage, saved_at: datetime, seq: int, *, now: bool = False
+    ) -> None:
+        """Write the snapshot of ``image``; ``now``: at a commit, on the saving thread (the
+        lines of unchanged tasks are reused from the last such snapshot)."""
         records = image.records
         chunks = []
-        for at in range(0, len(records), CHUNK):
-            if at:
-                pause()  # let the event loop have its turn
-            chunks.append(
-                b",\n".join(encode_task(record.plain()) for record in records[at : at + CHUNK])
-            )
+        if now and len(records) < KEEP_LINES_BELOW:
+            lines = self._encoded.encode(records)
+            chunks = [b",\n".join(lines[at : at + CHUNK]) for at in range(0, len(lines), CHUNK)]
+        else:
+            for at in range(0, len(records), CHUNK):
+                if at:
+                    pause()  # let the event loop have its turn
+                chunks.append(b",\n".join(encode_task(r.plain()) for r in records[at : at + CHUNK]))
         if image.kept:
             chunks.append(b",\n".join(map(encode_raw, image.kept)))
         parts = encode_document_chunks(

@@ -40,6 +40,7 @@ from tasks.schedule import Schedule, utc_now
 from tasks.zones import choose_timezone, zone_key
 
 __all__ = [
+    "SNAPSHOT_BELOW",
     "STATE_FILENAME",
     "JsonJobStore",
     "SaveHealth",
@@ -48,6 +49,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+SNAPSHOT_BELOW = 2000
+"""Below this many tasks each commit writes the whole ``dispatch_config.json``, so the file
+itself holds every acknowledged change; at or above it the journal takes the changes and the
+file follows within :data:`jobstores.journal.MAX_AGE` (see :class:`JsonJobStore`)."""
 
 PASS_LIMIT = 256
 """Due jobs a scheduler pass takes at most; the next pass follows at once with the others.
@@ -65,6 +71,14 @@ class JsonJobStore(BaseJobStore):
     Creating the store takes the directory's lock (one owner at a time), sets aside anything
     unreadable and loads the records. A record that cannot be restored (invalid, or refused by
     ``accept``) is logged and kept verbatim in the file through later saves.
+
+    ``snapshot_below`` (:data:`SNAPSHOT_BELOW` by default): while the store holds fewer tasks,
+    every save writes the whole state file, which a host can then read with ``json.load``
+    as soon as a change is acknowledged (a store loaded below it with a journal beside its
+    file is folded at once). From that many tasks on, the default storage appends each
+    save's changes to a journal instead, at a cost that does not grow with the store, and
+    the file follows within :data:`jobstores.journal.MAX_AGE` (10 minutes; readers such as
+    ``read_snapshot`` and the CLI fold the journal in themselves). ``0``: the journal always.
 
     Every method is thread-safe. Record changes (:meth:`add_tasks`, :meth:`update_task`, ...)
     leave saving to the caller, who picks :meth:`save` (durable on return; never while
@@ -88,8 +102,17 @@ class JsonJobStore(BaseJobStore):
         storage: StorageBackend | None = None,
         accept: Callable[[TaskRecord], None] | None = None,
         fraction: Callable[[], float] | None = None,
+        snapshot_below: int = SNAPSHOT_BELOW,
     ) -> None:
         super().__init__()
+        if isinstance(snapshot_below, bool) or not isinstance(snapshot_below, int):
+            raise TypeError(
+                f"snapshot_below: must be an integer, not {type(snapshot_below).__name__}"
+            )
+        if snapshot_below < 0:
+            raise ValueError(f"snapshot_below: must be 0 or more, not {snapshot_below}")
+        self.snapshot_below = snapshot_below
+        """Below this many tasks every save writes the whole state file."""
         self._fraction = fraction or random.random
         """Where jitter draws come from (a fraction in [0, 1])."""
         self.directory = Path(directory)
@@ -101,7 +124,7 @@ class JsonJobStore(BaseJobStore):
         self._table = TaskTable(f"job store of {str(self.directory)!r}")
         self.lock = self._table.lock
         """The table's lock; the scheduler shares it as its job store lock."""
-        self._saver = Saver(self._table, self._storage, self.now)
+        self._saver = Saver(self._table, self._storage, self.now, snapshot_below=snapshot_below)
         self._defer_depth = 0
         self._deferred = False
         self._held_now: datetime | None = None
@@ -167,7 +190,9 @@ class JsonJobStore(BaseJobStore):
         )
         self._table.load(restored.records, restored.kept, document.account_tasks)
         self._table.extra.update(document.extra)
-        if from_backup or restored.kept:
+        small = len(restored.records) + len(restored.kept) < self.snapshot_below
+        if from_backup or restored.kept or (small and self._storage.wants_full_image(closing=True)):
+            # Repaired, or small with a journal beside the file: the file is made whole now.
             self._table.touch()
             self.save()
 

@@ -265,6 +265,7 @@ _SHARED_TIMES = (
     "created_at",
     "updated_at",
     "last_execution_time",
+    "last_planned_time",
 )
 _LAST_TIME = object()
 """The key in ``shared`` of the last time read in each field (see :func:`_share_times`)."""

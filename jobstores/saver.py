@@ -1,7 +1,10 @@
 """The saver: makes the task table's changes durable through a storage backend.
 
 It owns durability bookkeeping: group commit (concurrent saves share one write), background
-saves that coalesce, retry with backoff after a failure, and the health a host watches.
+saves that coalesce, retry with backoff after a failure, the health a host watches, and when
+the state file itself must be current: after every commit below ``snapshot_below`` tasks,
+and within the storage's lag above it (a commit of the whole state is made when the storage
+says one is due, even if nothing changed, while an event loop runs the saves).
 Lock discipline (what keeps it free of deadlocks): the table's lock is taken only to capture
 what to write, never while writing; the write lock is never taken while holding the table's
 lock, because nothing saves synchronously under it (APScheduler's calls only *request* a
@@ -11,6 +14,8 @@ save, which runs on the save thread).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -51,14 +56,24 @@ class SaveHealth:
 
 
 class Saver:
-    """Writes the table through ``storage``; ``clock()`` gives the instant stamped on saves."""
+    """Writes the table through ``storage``; ``clock()`` gives the instant stamped on saves.
+
+    Below ``snapshot_below`` tasks every commit writes the whole state file (see
+    :attr:`~jobstores.table.StateImage.requested`).
+    """
 
     def __init__(
-        self, table: TaskTable, storage: StorageBackend, clock: Callable[[], datetime]
+        self,
+        table: TaskTable,
+        storage: StorageBackend,
+        clock: Callable[[], datetime],
+        *,
+        snapshot_below: int = 0,
     ) -> None:
         self._table = table
         self._storage = storage
         self._clock = clock
+        self._snapshot_below = snapshot_below
         self._write_lock = threading.Lock()
         self._state_lock = threading.Lock()  # a leaf lock: guards the fields below only
         self._durable_version = 0
@@ -69,6 +84,7 @@ class Saver:
         self._background: asyncio.Task[None] | None = None
         self._wanted = False
         self._retry: asyncio.TimerHandle | None = None
+        self._fold: asyncio.TimerHandle | None = None
         self._closed = False
         self.on_change: Callable[[str | None], None] | None = None
         """Told when saving starts failing (the error) and when it works again (None); called
@@ -97,19 +113,21 @@ class Saver:
 
     # ------------------------------------------------------------------ saving
 
-    def save(self) -> bool:
+    def save(self, *, fold: bool = False) -> bool:
         """Write every change made so far; durable when it returns True.
 
         Never call it while holding the table's lock. A failed write is logged once with the
         task ids affected and recorded in :attr:`health`; the changes stay in the table for
-        the next save.
+        the next save. ``fold``: commit the whole state if the storage wants it, even with
+        no change to write.
         """
         target = self._table.version
         with self._write_lock:
-            if self._durable_version >= target:
+            full = self._storage.wants_full_image()
+            if self._durable_version >= target and not (fold and full):
                 with self._state_lock:
                     return self._health.ok
-            image = self._table.capture(full=self._storage.wants_full_image())
+            image = self._table.capture(full=full, current_below=self._snapshot_below)
             now = self._clock()
             try:
                 self._storage.commit(image, now)
@@ -145,7 +163,41 @@ class Saver:
                 "saving %s works again; every pending change is written", self._storage.path
             )
             self._changed(None)
+        self._plan_fold()
         return True
+
+    def _plan_fold(self) -> None:
+        """Have :meth:`_arm_fold` run on the event loop the saves run on, if any."""
+        loop = self._loop
+        if loop is not None and not self._closed and loop.is_running() and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._arm_fold)
+
+    def _arm_fold(self) -> None:
+        """On the loop: commit the whole state when the storage says it is due, so that the
+        file follows the changes within a bounded time even if none follows them."""
+        if self._closed or self._fold is not None or self._loop is None:
+            return
+        delay = self._storage.fold_due_in()
+        if delay is None:
+            return
+        loop = self._loop
+
+        def fold() -> None:
+            self._fold = None
+            if self._closed:
+                return
+            done = loop.run_in_executor(self._executor(), functools.partial(self.save, fold=True))
+            done.add_done_callback(folded)
+
+        def folded(done: asyncio.Future[bool]) -> None:
+            if not done.cancelled() and done.exception() is None and done.result():
+                self._arm_fold()  # written, or not due after all (the clock is read again)
+            else:
+                self._schedule_retry(loop)  # a successful retry arms the timer again
+
+        # A little late rather than early: the storage reads its own clock when asked.
+        self._fold = loop.call_later(delay + 0.01, fold)
 
     def _changed(self, error: str | None) -> None:
         if self.on_change is not None:
@@ -240,5 +292,8 @@ class Saver:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self._fold is not None:
+            self._fold.cancel()
+            self._fold = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)

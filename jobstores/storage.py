@@ -9,12 +9,15 @@ save health are the saver's; a backend only does its part.
 each commit with the atomic protocol of :mod:`jobstores.durable`. The second,
 :class:`~jobstores.journal.JournalStorage` (the default), appends each commit's changes to a
 journal and folds it into that file in the background; a backend asks for the whole state
-in its next image through :meth:`StorageBackend.wants_full_image`.
+in its next image through :meth:`StorageBackend.wants_full_image`. Whatever the backend, the
+owner makes every commit carry the whole state while the store is small (see
+:attr:`~jobstores.table.StateImage.requested`), so the file itself is current there.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Protocol
@@ -31,7 +34,7 @@ from jobstores.loading import BACKUP_FILENAME, STATE_FILENAME, read_state
 from jobstores.table import StateImage
 from tasks.model import TaskRecord
 
-__all__ = ["STATE_FILENAME", "SnapshotStorage", "StorageBackend"]
+__all__ = ["STATE_FILENAME", "EncodedTasks", "SnapshotStorage", "StorageBackend"]
 
 
 class StorageBackend(Protocol):
@@ -53,14 +56,50 @@ class StorageBackend(Protocol):
     def wants_full_image(self, *, closing: bool = False) -> bool:
         """Whether the next commit should carry the whole state (:attr:`StateImage.full`).
 
-        ``closing``: whether one more commit of the whole state is worth making before the
-        owner closes (a journal folds itself into the snapshot then).
+        ``closing``: whether the state file lacks changes that are durable elsewhere (a
+        journal's lines), so that one more commit of the whole state is worth making before
+        the owner closes (a journal folds itself into the snapshot then) or after it loads a
+        small store (whose file is to be current).
         """
+        ...
+
+    def fold_due_in(self) -> float | None:
+        """Seconds until a commit of the whole state is due although nothing changes (the
+        file a person reads has been behind long enough); None when none is."""
         ...
 
     def close(self) -> None:
         """The owner is done: no commit follows (the directory is still owned)."""
         ...
+
+
+class EncodedTasks:
+    """Each task's encoded line, kept from one whole-file write to the next: a record
+    unchanged since (the same object: records are immutable) reuses its line."""
+
+    def __init__(self) -> None:
+        self._lines: dict[str, tuple[TaskRecord, bytes]] = {}
+
+    def encode(self, records: Sequence[TaskRecord]) -> list[bytes]:
+        """The lines of ``records``, in order; forgets the lines of tasks gone since."""
+        cache = self._lines
+        lines = []
+        for record in records:
+            cached = cache.get(record.task_id)
+            if cached is not None and cached[0] is record:
+                lines.append(cached[1])
+            else:
+                line = encode_task(record.plain())
+                cache[record.task_id] = (record, line)
+                lines.append(line)
+        if len(cache) > len(records) + 1024:
+            live = {record.task_id for record in records}
+            self._lines = {k: v for k, v in cache.items() if k in live}
+        return lines
+
+    def clear(self) -> None:
+        """Forget every line (to give the memory back)."""
+        self._lines = {}
 
 
 class SnapshotStorage:
@@ -75,7 +114,7 @@ class SnapshotStorage:
         self.backup_path = directory / BACKUP_FILENAME
         self.timezone_key = timezone_key
         """The zone the file records for its hour windows."""
-        self._lines: dict[str, tuple[TaskRecord, bytes]] = {}
+        self._encoded = EncodedTasks()
         self._journal_seq = 0
         self._journal: list[Path] = []
 
@@ -94,29 +133,18 @@ class SnapshotStorage:
         return document, from_backup
 
     def wants_full_image(self, *, closing: bool = False) -> bool:
-        """Always, but at close: every commit writes the whole file."""
-        return not closing
+        """Always: every commit writes the whole file (``closing``: only while a journal
+        loaded from the directory is not folded in yet)."""
+        return bool(self._journal) if closing else True
 
-    def _encoded(self, records: list[TaskRecord] | tuple[TaskRecord, ...]) -> list[bytes]:
-        cache = self._lines
-        lines = []
-        for record in records:
-            cached = cache.get(record.task_id)
-            if cached is not None and cached[0] is record:
-                lines.append(cached[1])
-            else:
-                line = encode_task(record.plain())
-                cache[record.task_id] = (record, line)
-                lines.append(line)
-        if len(cache) > len(records) + 1024:
-            live = {record.task_id for record in records}
-            self._lines = {k: v for k, v in cache.items() if k in live}
-        return lines
+    def fold_due_in(self) -> float | None:
+        """Never: the file is current after every commit."""
+        return None
 
     def commit(self, image: StateImage, saved_at: datetime) -> None:
         """Write ``image`` (always a full one) as the whole state file, atomically and
         durably."""
-        lines = [*self._encoded(list(image.records)), *map(encode_raw, image.kept)]
+        lines = [*self._encoded.encode(image.records), *map(encode_raw, image.kept)]
         # Joined a few hundred lines at a time: no single copy of every task is made, so this
         # thread never holds the interpreter (and the event loop) for long.
         data = encode_document_chunks(

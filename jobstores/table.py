@@ -151,8 +151,10 @@ class StateImage:
     full: bool = True
     """Whether ``records``, ``account_tasks`` and ``kept`` hold the whole state."""
     requested: bool = False
-    """Whether the owner asked for the whole state to be written (:meth:`TaskTable.touch`):
-    a journal then writes its snapshot before the commit returns."""
+    """Whether the state file itself must hold this image when the commit returns: the owner
+    asked for the whole state to be written (:meth:`TaskTable.touch`), or the store is small
+    enough that every commit writes it (``current_below`` of :meth:`TaskTable.capture`). A
+    journal then writes its snapshot before the commit returns."""
     changes: ChangeBatch = field(default_factory=ChangeBatch)
     """The latest record of each id in ``changed`` (None: removed), in the order the ids
     first changed: replaying them in this order appends new tasks in their account order."""
@@ -471,9 +473,11 @@ class TaskTable:
     def _account_order(self, account: str) -> list[str]:
         return [*self._order.get(account, ()), *self._kept_order.get(account, ())]
 
-    def capture(self, *, full: bool = True) -> StateImage:
+    def capture(self, *, full: bool = True, current_below: int = 0) -> StateImage:
         """What to write now, at the current version: the whole state if ``full`` (or if
-        :meth:`touch` asked for it since the last durable version), the changes in any case.
+        :meth:`touch` asked for it since the last durable version, or if the table holds
+        fewer than ``current_below`` tasks, restored and kept: then the image is
+        :attr:`~StateImage.requested`), the changes in any case.
 
         Without ``full`` the cost under the lock is that of the tasks reordered (or of the
         whole order of an account where many were), not of the other changes nor of the
@@ -488,7 +492,9 @@ class TaskTable:
             batch.version = self.version
             self._inflight = (batch, accounts)
             self._dirty, self._order_dirty = ChangeBatch(), {}
-            requested = self._touched > 0
+            # Decided under the lock, from the count this image holds: a commit of a store
+            # below the threshold writes the file, whatever changed just before.
+            requested = self._touched > 0 or len(self._records) + len(self._kept) < current_below
             full = full or requested
             orders, moves = self._reorders(accounts)
             if not full:

@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from scheduler.backends.local import LocalRunBackend
-from scheduler.dispatcher import TaskDispatcher
+from scheduler.dispatcher import AccountChange, TaskDispatcher
 from scheduler.history import RunEntry, RunHistory
 from scheduler.listeners import (
     DispatcherEvent,
@@ -23,6 +23,7 @@ from scheduler.listeners import (
 )
 from scheduler.triggers import TaskTrigger
 from tasks.errors import (
+    AccountNotFoundError,
     BrokerInUseError,
     BrokerUnavailableError,
     ControlError,
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from scheduler.backends.celery import CeleryRunBackend
 
 __all__ = [
+    "AccountChange",
+    "AccountNotFoundError",
     "BrokerInUseError",
     "BrokerUnavailableError",
     "CeleryRunBackend",

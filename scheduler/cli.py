@@ -26,14 +26,16 @@ from zoneinfo import ZoneInfo
 
 import click
 import orjson
+from pydantic import ValidationError
 from rich.console import Console
 from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
 
 from jobstores.format import CorruptFileError
+from jobstores.loading import describe_validation_error
 from jobstores.snapshot import StateSnapshot, read_snapshot, validate_state_file
-from scheduler.cli_fleet import broker_options, make_backend, worker
+from scheduler.cli_fleet import FLEET_MAX_CONCURRENT_RUNS, broker_options, make_backend, worker
 from scheduler.dispatcher import CONTROL_SOCKET, DIR_ENV_VAR, TaskDispatcher, default_directory
 from scheduler.errors import (
     ControlError,
@@ -50,6 +52,7 @@ from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import RESERVED_KWARGS, TaskRecord, TaskStatus, parse_end_time
 from tasks.policy import jitter_bounds
 from tasks.registry import default_registry
+from tasks.shell import OUTPUT_LOGGER
 from tasks.zones import resolve_timezone
 
 if TYPE_CHECKING:
@@ -69,7 +72,9 @@ LIST_PAGE = 5_000
 """Tasks per request when ``list`` reads a running dispatcher's listing."""
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_INTERVAL = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+# A number starts only where no digit or '.' precedes, and is read possessively: a long run
+# of digits without a unit is scanned once, not again from each of its digits.
+_INTERVAL = re.compile(r"(?<![\d.])(\d++(?:\.\d++)?+)([smhd])")
 
 
 def parse_interval(text: str) -> float:
@@ -297,6 +302,11 @@ def _errors() -> Iterator[None]:
         yield
     except SaveFailedError:
         raise  # reported by _dispatcher, once it gave up the directory
+    except ValidationError as exc:
+        # An answer of a shape this command does not know (another version's server): one
+        # line naming the field, not pydantic's report.
+        field, message = describe_validation_error(exc)
+        _fail(f"unexpected data: {field}: {message}")
     except (DispatcherError, ValueError, TypeError) as exc:
         _fail(str(exc))
 
@@ -428,10 +438,14 @@ _STATUS_STYLE = {
 
 
 def _overdue(record: TaskRecord, zone: tzinfo, now: datetime) -> str | None:
-    """What happens to a next run already past (the store stopped, or its loop is stuck)."""
+    """What happens to a next run already past (the store stopped, or its loop is stuck);
+    a jittered run whose drawn start is still ahead waits for it, and says when."""
     planned = record.next_execution_time
     if planned is None or planned >= now:
         return None
+    start = record.start_time
+    if start is not None and start > now:
+        return f"jittered: starts {_when(start, zone)}"
     trigger = TaskTrigger.for_record(record, zone)
     if may_start(now, record.valid_time_range, trigger.end, zone):
         return "overdue: runs as soon as the dispatcher runs"
@@ -850,7 +864,17 @@ def _history(options: Options, **filters: Any) -> list[RunEntry]:
 
 def _runs_table(entries: list[RunEntry], zone: tzinfo) -> Table:
     table = Table(expand=False)
-    for column in ("run", "task", "account", "type", "planned", "started", "took", "outcome"):
+    for column in (
+        "run",
+        "task",
+        "account",
+        "type",
+        "trigger",
+        "planned",
+        "started",
+        "took",
+        "outcome",
+    ):
         table.add_column(column, no_wrap=column in ("run", "planned", "started", "outcome"))
     table.add_column("error", overflow="fold")
     styles = {"succeeded": "green", "running": "bold cyan"}
@@ -860,6 +884,7 @@ def _runs_table(entries: list[RunEntry], zone: tzinfo) -> Table:
             entry.task_id,
             entry.account_id,
             entry.task_type,
+            entry.trigger,
             _when(entry.scheduled_at, zone),
             _when(entry.started_at, zone),
             "-" if entry.duration is None else f"{entry.duration:.1f}s",
@@ -984,12 +1009,42 @@ def update(
     click.echo(f"{task_id}: {record.status}, next run {_when(record.start_time, zone)}")
 
 
+def _task_or_account(task_id: str | None, account: str | None) -> None:
+    if (task_id is None) == (account is None):
+        _fail("give a TASK_ID or --account ACCOUNT_ID (not both)")
+
+
+def _account_change(options: Options, account: str, verb: str) -> None:
+    """Pause or resume every task of ``account`` in one commit; print each task's status."""
+
+    def local(d: TaskDispatcher) -> list[tuple[str, str, bool]]:
+        change = d.pause_account if verb == "pause" else d.resume_account
+        return [(c.task_id, c.status.value, c.changed) for c in change(account)]
+
+    def remote(client: ControlClient) -> list[tuple[str, str, bool]]:
+        change = client.pause_account if verb == "pause" else client.resume_account
+        return [(t["task_id"], t["status"], t["changed"]) for t in change(account)]
+
+    report, _ = _change(options, local, remote)
+    changed = sum(item[2] for item in report)
+    past = "paused" if verb == "pause" else "resumed"
+    click.echo(f"{account}: {changed} of {len(report)} task(s) {past}")
+    for task_id, status, was_changed in report:
+        click.echo(f"  {task_id}: {status}{'' if was_changed else ' (unchanged)'}")
+
+
 @main.command()
 @_dir_option
-@click.argument("task_id")
+@click.argument("task_id", required=False)
+@click.option("--account", default=None, help="Pause every task of this account (one commit).")
 @click.pass_obj
-def pause(options: Options, task_id: str) -> None:
-    """Pause a task (saved before the command returns)."""
+def pause(options: Options, task_id: str | None, account: str | None) -> None:
+    """Pause a task, or every task of an account (saved before the command returns)."""
+    _task_or_account(task_id, account)
+    if account is not None:
+        _account_change(options, account, "pause")
+        return
+    assert task_id is not None
 
     def local(d: TaskDispatcher) -> TaskRecord:
         d.pause_task(task_id)
@@ -1001,10 +1056,16 @@ def pause(options: Options, task_id: str) -> None:
 
 @main.command()
 @_dir_option
-@click.argument("task_id")
+@click.argument("task_id", required=False)
+@click.option("--account", default=None, help="Resume every paused task of this account.")
 @click.pass_obj
-def resume(options: Options, task_id: str) -> None:
-    """Resume a paused task."""
+def resume(options: Options, task_id: str | None, account: str | None) -> None:
+    """Resume a paused task, or every paused task of an account."""
+    _task_or_account(task_id, account)
+    if account is not None:
+        _account_change(options, account, "resume")
+        return
+    assert task_id is not None
 
     def local(d: TaskDispatcher) -> TaskRecord:
         d.resume_task(task_id)
@@ -1012,6 +1073,34 @@ def resume(options: Options, task_id: str) -> None:
 
     record, zone = _change(options, local, lambda client: client.resume_task(task_id))
     click.echo(f"{task_id}: {record.status}, next run {_when(record.next_execution_time, zone)}")
+
+
+@main.command("run-now")
+@_dir_option
+@click.argument("task_id")
+@click.pass_obj
+def run_now(options: Options, task_id: str) -> None:
+    """Run a task once, as soon as its account is free, whatever its hours or status.
+
+    Goes through the running dispatcher (its socket, or --url); the request is saved before
+    the command returns. Its planned runs stay as they are.
+    """
+    client = _remote(options)
+    if client is None:
+        _fail(
+            f"no dispatcher is running on {str(options.dir)!r} (nothing answers on its "
+            f"{CONTROL_SOCKET}): run-now needs one (start it with 'task-dispatcher run', "
+            "or give --url)",
+            status=1,
+        )
+    with client, _errors():
+        record = client.run_now(task_id)
+        zone = _remote_zone(options, client)
+    click.echo(
+        f"{task_id}: run asked for at {_when(record.run_requested, zone)}; it starts as soon "
+        f"as account {record.account_id} is free (next planned run "
+        f"{_when(record.next_execution_time, zone)}, unchanged)"
+    )
 
 
 @main.command()
@@ -1049,6 +1138,14 @@ def reorder(options: Options, task_id: str, position: int) -> None:
 @click.pass_obj
 def validate(options: Options, path: Path | None) -> None:
     """Check a state file; list every problem; exit 1 if there is any. Never modifies it."""
+    if options.url is not None and path is None and options.directory is None:
+        # The file is on the dispatcher's machine; checking ./dispatcher here instead would
+        # report on some other store.
+        raise click.UsageError(
+            "validate checks a state file on this machine, not the dispatcher at --url: "
+            "run it where the dispatcher runs, or name the file (validate PATH) or the "
+            "directory (--dir DIR)"
+        )
     target = path or options.dir / "dispatch_config.json"
     with _errors():
         problems = validate_state_file(target, options.zone())
@@ -1094,7 +1191,13 @@ DEMO_TASKS: list[dict[str, Any]] = [
 @click.option(
     "--grace", default=30.0, show_default=True, help="Seconds runs get to finish on stop."
 )
-@click.option("--max-concurrent-runs", default=10, show_default=True)
+@click.option(
+    "--max-concurrent-runs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Runs in flight at once (default: 10 here, 100 with --broker, where the workers' "
+    "--concurrency bounds execution).",
+)
 @click.option(
     "--demo", is_flag=True, help="Add a few short-interval shell tasks if the store is empty."
 )
@@ -1104,7 +1207,8 @@ DEMO_TASKS: list[dict[str, Any]] = [
     "--listen",
     default=None,
     metavar="HOST:PORT",
-    help="Also serve the control API on TCP (off loopback only with a token).",
+    help="Also serve the control API (and the dashboard) on TCP, with a token: --token, "
+    f"${TOKEN_ENV_VAR}, or one drawn and stored in <dir>/control.token (loopback only).",
 )
 @click.option(
     "--notify-url",
@@ -1115,7 +1219,7 @@ DEMO_TASKS: list[dict[str, Any]] = [
 def run(
     options: Options,
     grace: float,
-    max_concurrent_runs: int,
+    max_concurrent_runs: int | None,
     demo: bool,
     live: bool | None,
     broker: str | None,
@@ -1150,6 +1254,8 @@ def run(
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    if demo:  # watching the demo is watching what its shell tasks print
+        logging.getLogger(OUTPUT_LOGGER).setLevel(logging.DEBUG)
     if not control:
         logging.getLogger(__name__).warning(
             "the control API is not installed, so other commands cannot steer this dispatcher "
@@ -1157,6 +1263,8 @@ def run(
             CONTROL_EXTRA_HINT,
         )
     backend = make_backend(broker, start_timeout, lost_after)
+    if max_concurrent_runs is None:
+        max_concurrent_runs = FLEET_MAX_CONCURRENT_RUNS if backend else 10
     # With workers, a --factory only checks tasks early; the workers create the managers.
     factory = _running_factory(options) if backend is None or options.factory else None
     with _errors():
@@ -1232,10 +1340,14 @@ async def _serve(
     if demo and not dispatcher.peek_tasks():
         await dispatcher.add_tasks({"sys_type": "local", **task} for task in DEMO_TASKS)
     if not dispatcher.peek_tasks():
+        # Other commands steer a running dispatcher through its control socket; without the
+        # control extra there is none, and they must wait for the directory to be free.
+        when = "from another terminal while this runs" if control else "after stopping (Ctrl-C)"
         logging.getLogger(__name__).warning(
-            "no tasks in %s yet. Stop with Ctrl-C, then add one: task-dispatcher --dir %s add "
-            "--type shell --account me --interval 1m --kw command=date  (or try: run --demo)",
+            "no tasks in %s yet; add one %s: task-dispatcher --dir %s add --type shell "
+            "--account me --interval 1m --kw command=date  (or try: run --demo)",
             dispatcher.state_file,
+            when,
             dispatcher.directory,
         )
     stop = asyncio.Event()
@@ -1253,6 +1365,8 @@ async def _serve(
                 logging.getLogger(__name__).info("dashboard on %s/", server.url)
                 if live:  # the log shows only problems above the live table
                     console.print(f"dashboard on {server.url}/")
+            if server.url is not None and token is None:
+                _announce_token(dispatcher, server.login_url)
         logging.getLogger(__name__).info(
             "running %d task(s) from %s; Ctrl-C to stop",
             len(dispatcher.peek_tasks()),
@@ -1273,6 +1387,23 @@ async def _serve(
         logging.getLogger(__name__).info("stopping: letting runs finish (up to %gs)", grace)
         await dispatcher.stop(grace_period=grace)
         logging.getLogger(__name__).info("stopped; state saved to %s", dispatcher.state_file)
+
+
+def _announce_token(dispatcher: TaskDispatcher, login_url: str | None) -> None:
+    """Say where the token drawn for the TCP listener is, and print the login URL once.
+
+    The URL goes to standard output only, never to the log: it carries the token.
+    """
+    from scheduler.control.guard import TOKEN_FILE
+
+    where = dispatcher.directory / TOKEN_FILE
+    logging.getLogger(__name__).info(
+        "TCP requests need the token in %s (Authorization: Bearer, or $%s for --url)",
+        where,
+        TOKEN_ENV_VAR,
+    )
+    if login_url is not None:
+        click.echo(f"log in to the dashboard (this URL carries the token): {login_url}")
 
 
 def _live_table(dispatcher: TaskDispatcher, title: str) -> Table:

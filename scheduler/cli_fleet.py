@@ -13,12 +13,24 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from scheduler.fleet import BROKER_ENV_VAR, FACTORY_ENV_VAR, check_broker_url, queue_name
+from scheduler.fleet import (
+    ALLOW_NON_DURABLE_ENV_VAR,
+    BROKER_ENV_VAR,
+    FACTORY_ENV_VAR,
+    check_broker_url,
+    mask_url,
+    queue_name,
+)
+from tasks.errors import BrokerNotDurableError
 
 if TYPE_CHECKING:
     from scheduler.backends.celery import CeleryRunBackend
 
-__all__ = ["broker_options", "make_backend", "worker"]
+__all__ = ["FLEET_MAX_CONCURRENT_RUNS", "broker_options", "make_backend", "worker"]
+
+FLEET_MAX_CONCURRENT_RUNS = 100
+"""``run --broker``'s default ``--max-concurrent-runs``: a run in flight on a fleet costs the
+dispatcher a message, and a shallow pipeline leaves workers idle between runs."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,7 +104,11 @@ def make_backend(
 @click.option(
     "--concurrency", type=click.IntRange(min=1), default=4, show_default=True, help="Parallel runs."
 )
-@click.option("--hostname", default=None, help="This worker's name (default: the host name).")
+@click.option(
+    "--hostname",
+    default=None,
+    help="This worker's name, unique in the fleet (default: worker-<pid>@<host name>).",
+)
 @click.option(
     "--pool",
     type=click.Choice(["threads", "prefork"]),
@@ -107,6 +123,13 @@ def make_backend(
     default=None,
     help="Seconds before Redis redelivers an unacknowledged message (Celery's default: 1h).",
 )
+@click.option(
+    "--allow-non-durable-broker",
+    is_flag=True,
+    envvar=ALLOW_NON_DURABLE_ENV_VAR,
+    help="Start even if the broker's persistence cannot keep claims across a crash (or "
+    "cannot be read): a broker crash may then execute runs twice.",
+)
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -118,6 +141,7 @@ def worker(
     pool: str,
     loglevel: str,
     visibility_timeout: float | None,
+    allow_non_durable_broker: bool,
 ) -> None:
     """Execute the runs of the given sys_types: a Celery worker on the dispatcher's broker."""
     try:
@@ -134,14 +158,29 @@ def worker(
         os.environ[FACTORY_ENV_VAR] = factory
     else:
         os.environ.pop(FACTORY_ENV_VAR, None)
+    if allow_non_durable_broker:
+        os.environ[ALLOW_NON_DURABLE_ENV_VAR] = "1"
+    else:
+        os.environ.pop(ALLOW_NON_DURABLE_ENV_VAR, None)
+    # As `celery -A` does: a factory module beside the current directory is importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
-        from scheduler.worker import app, load_factory
+        import redis
+
+        from scheduler.worker import app, check_durability, load_factory
     except ImportError:
         _fail(_EXTRA_HINT)
     try:
         load_factory(factory)  # fail now, not at the first run
     except ValueError as exc:
         _fail(f"--{exc}")
+    try:
+        check_durability(redis.Redis.from_url(broker, socket_connect_timeout=5))
+    except BrokerNotDurableError as exc:
+        _fail(f"--broker {mask_url(broker)}: {exc}")
+    except redis.RedisError:
+        pass  # unreachable for now: the worker checks once it connects
     app.conf.broker_url = broker
     if visibility_timeout is not None:
         options = dict(app.conf.broker_transport_options or {})
@@ -150,7 +189,9 @@ def worker(
         options["unacked_restore_interval"] = max(1, min(10, int(visibility_timeout / 2)))
         options["unacked_restore_throttle"] = 1
         app.conf.broker_transport_options = options
-    name = hostname or socket.gethostname()
+    # Unique by default, as Celery's own default is: two workers of one name would share
+    # their registration and their names in run records.
+    name = hostname or f"worker-{os.getpid()}@{socket.gethostname()}"
     argv = [
         "worker",
         "--queues",

@@ -8,13 +8,13 @@ import operator
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, tzinfo
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
-from jobstores.jsonfile import JsonJobStore
+from jobstores.jsonfile import SNAPSHOT_BELOW, JsonJobStore
 from jobstores.saver import SaveHealth
 from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
@@ -45,6 +45,7 @@ from scheduler.retries import RetryTimer
 from scheduler.runner import TaskRunner
 from tasks import lifecycle
 from tasks.errors import (
+    AccountNotFoundError,
     DispatcherClosedError,
     DispatcherNotRunningError,
     HistoryUnavailableError,
@@ -68,6 +69,7 @@ __all__ = [
     "CONTROL_SOCKET",
     "DEFAULT_DISPATCHER_DIR",
     "DIR_ENV_VAR",
+    "AccountChange",
     "TaskDispatcher",
     "resolve_timezone",
 ]
@@ -93,9 +95,25 @@ def _task_id(value: Any, name: str = "task_id") -> str:
     return value
 
 
+class AccountChange(NamedTuple):
+    """What pausing or resuming a whole account did to one of its tasks."""
+
+    task_id: str
+    status: TaskStatus
+    """The task's status after the change."""
+    changed: bool
+    """False for a task already so (paused, or not paused), or completed."""
+
+
 def default_directory() -> Path:
     """``$TASK_DISPATCHER_DIR``, else ``./dispatcher``."""
     return Path(os.environ.get(DIR_ENV_VAR) or DEFAULT_DISPATCHER_DIR)
+
+
+def _manual_done(outcome: asyncio.Future[RunEvent | None]) -> None:
+    """Collect a manual run's outcome (its errors are logged where they happen)."""
+    if not outcome.cancelled() and outcome.exception() is not None:
+        logger.error("a manual run raised: %s", outcome.exception())
 
 
 class TaskDispatcher:
@@ -114,6 +132,11 @@ class TaskDispatcher:
     ``history=False`` turns that off, a :class:`RunHistory` passed instead (its retention
     configured) is used and closed with the dispatcher.
 
+    ``snapshot_below`` (2,000 by default): below this many tasks the state file itself holds
+    every change when the call making it returns (``json.load`` it at any time); from that
+    many on, changes go to a journal beside it at a cost that does not grow with the number
+    of tasks, and the file follows within 10 minutes (see :class:`JsonJobStore`).
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -129,6 +152,7 @@ class TaskDispatcher:
         run_backend: RunBackend | None = None,
         convert_timezone: bool = False,
         history: bool | RunHistory = True,
+        snapshot_below: int = SNAPSHOT_BELOW,
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
@@ -139,6 +163,7 @@ class TaskDispatcher:
             timezone=None if timezone is None else resolve_timezone(timezone),
             convert_timezone=convert_timezone,
             accept=self._check_manager,
+            snapshot_below=snapshot_below,
         )
         self.timezone = self._store.timezone
         """The zone whose wall-clock hours the windows and end dates are read in."""
@@ -153,6 +178,7 @@ class TaskDispatcher:
         )
         self._retries = RetryTimer(self._store, self._runner.submit)
         self._ledger.watch(self._retries.watch)
+        self._ledger.watch(self._take_up_manual)
         # Listeners (typed events): run events from the ledger, completions and save health
         # from the store, task events at this class's API calls.
         self._listeners = Listeners()
@@ -166,8 +192,11 @@ class TaskDispatcher:
         if self._metrics is not None:
             self._ledger.observe(self._metrics.observe)
         self._control: ControlServer | None = None
+        self._control_token: str | None = None
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._manual_queued: set[str] = set()
+        """Tasks whose manual run is queued for its lane (so it is queued once)."""
         if not self._backend.remote:
             self._ledger.recover()
         if not self._store.durable:
@@ -476,8 +505,6 @@ class TaskDispatcher:
         self._store.add_tasks(records)
         saved = await self._store.save_async()
         self._wake()
-        if not saved:
-            self._save_failed(tuple(record.task_id for record in records))
         for record in records:
             logger.info(
                 "task %s added for account %s (%s, every %ss, hours %d-%d), first run %s",
@@ -489,13 +516,19 @@ class TaskDispatcher:
                 record.next_execution_time,
             )
             self._tell_task(TaskAdded, record)
+        if not saved:
+            self._save_failed(tuple(record.task_id for record in records))
         return [record.task_id for record in records]
 
     # ------------------------------------------------------------------ changing
 
-    def _save(self, task_id: str) -> None:
-        """Save durably now; raise :class:`SaveFailedError` naming ``task_id`` if that fails."""
-        if not self._store.save():
+    def _saved(self, saved: bool, task_id: str) -> None:
+        """Raise :class:`SaveFailedError` naming ``task_id`` if the save of its change failed.
+
+        Called last: a change whose save failed is in effect all the same, so it is scheduled
+        and announced like any other before the caller hears of the failure.
+        """
+        if not saved:
             self._save_failed((task_id,))
 
     def _save_failed(self, task_ids: tuple[str, ...]) -> None:
@@ -528,16 +561,18 @@ class TaskDispatcher:
         before = self._store.get(task_id)
         record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
         self._withdraw_sent(record)
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
         if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
             self._tell_paused(record)
+        self._saved(saved, task_id)
 
     def resume_task(self, task_id: str) -> None:
         """Schedule a paused task again; saved when this returns.
 
-        The next run is at ``last_execution_time + interval`` or now, whichever is later,
-        moved to the window's next opening if outside it. Resuming a task that is not paused
+        The next run is one interval after the last run's planned time (not its jittered
+        start: the grid never moves) or now, whichever is later, moved to the window's next
+        opening if outside it. Resuming a task that is not paused
         changes nothing.
         """
         self._check_open()
@@ -550,7 +585,7 @@ class TaskDispatcher:
 
         before = self._store.get(task_id)
         record = self._store.update_task(task_id, resume)
-        self._save(task_id)
+        saved = self._store.save()
         self._wake()
         if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
             self._tell_task(TaskResumed, record)
@@ -563,6 +598,7 @@ class TaskDispatcher:
             record.status.value,
             record.next_execution_time,
         )
+        self._saved(saved, task_id)
 
     def update_task(
         self,
@@ -582,7 +618,7 @@ class TaskDispatcher:
         policy fields it names (a :class:`~tasks.RunPolicy` or None replaces the policy);
         ``kwargs`` replaces the task keywords (the account must stay the same). The manager
         is created again from the new keywords, and the next run planned again from the new
-        rules (from ``last_execution_time`` when there is one); the id, counters, position,
+        rules (from the last run's planned time when there is one); the id, counters, position,
         history and a run in progress are kept; a planned retry is dropped. A paused task
         stays paused; a completed one with a run left under the new rules is pending again.
         """
@@ -606,7 +642,7 @@ class TaskDispatcher:
         record = self._store.update_task(
             task_id, lambda r: lifecycle.edited(r, rules, schedule, now)
         )
-        self._save(task_id)
+        saved = self._store.save()
         self._wake()
         logger.info(
             "task %s (account %s) updated: every %ss, hours %d-%d, until %s; %s, next run %s",
@@ -618,6 +654,7 @@ class TaskDispatcher:
             record.status.value,
             record.start_time,
         )
+        self._saved(saved, task_id)
         return record.snapshot()
 
     def remove_task(self, task_id: str) -> None:
@@ -628,9 +665,10 @@ class TaskDispatcher:
         self._withdraw_sent(record)
         if self._local is not None:
             self._local.forget(task_id)
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s (account %s) removed", task_id, record.account_id)
         self._tell_task(TaskRemoved, record)
+        self._saved(saved, task_id)
 
     def _withdraw_sent(self, record: TaskRecord) -> None:
         """A paused or removed task's run that was sent but not started never starts (a
@@ -666,8 +704,158 @@ class TaskDispatcher:
                 f"position: must be an integer, not {type(position).__name__}"
             ) from None
         self._store.reorder(task_id, position)
-        self._save(task_id)
+        saved = self._store.save()
         logger.info("task %s moved to position %d", task_id, position)
+        self._saved(saved, task_id)
+
+    def run_now(self, task_id: str) -> TaskRecord:
+        """Run ``task_id`` once, as soon as its account's lane is free; the request is saved
+        when this returns (a restart before the run starts still runs it once).
+
+        The run starts whatever the task's hours, end or status (a paused or completed task
+        too) and is stopped by the task's ``run_timeout``. It does not move the planned runs
+        (``next_execution_time`` and ``last_execution_time`` stay), is never retried and does
+        not count toward ``pause_after_failures``; the run history marks it
+        ``trigger="manual"``. Asking again before it starts changes nothing. On a dispatcher
+        not started yet it runs once :meth:`start` is called. Returns the task's record.
+        """
+        self._check_open()
+        _task_id(task_id)
+        now = self._store.now()
+        before = self._store.get(task_id)
+        record = self._store.update_task(task_id, lambda r: lifecycle.run_requested(r, now))
+        saved = self._store.save()
+        if before.run_requested is None and record.run_requested is not None:
+            self._submit_manual(task_id)
+        logger.info(
+            "task %s (account %s): run now asked for%s",
+            task_id,
+            record.account_id,
+            "" if before.run_requested is None else " (already asked for)",
+        )
+        self._saved(saved, task_id)
+        return record.snapshot()
+
+    def _submit_manual(self, task_id: str) -> None:
+        """Queue the manual run asked for ``task_id`` (from any thread; a no-op until
+        :meth:`start`, which queues every run asked for)."""
+        loop = self._loop
+        if loop is None or not self.running or loop.is_closed():
+            return
+
+        def submit() -> None:
+            record = self._store.find(task_id)
+            if record is None or record.run_requested is None or not self.running:
+                return
+            if task_id in self._manual_queued:
+                return
+            self._manual_queued.add(task_id)
+            outcome = self._runner.submit(task_id, record.run_requested, manual=True)
+            outcome.add_done_callback(_manual_done)
+            outcome.add_done_callback(lambda _: self._manual_queued.discard(task_id))
+
+        try:
+            here = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            here = False
+        if here:  # queued at once, so that run_pending() sees it
+            submit()
+        else:
+            loop.call_soon_threadsafe(submit)
+
+    def _take_up_manual(
+        self,
+        request: RunRequest,
+        event: RunEvent,
+        before: TaskRecord | None,
+        after: TaskRecord | None,
+    ) -> None:
+        """A manual run that opened is no longer queued; when a run ends, a manual run still
+        asked for (asked again while it ran, or it found another run of its task out when its
+        lane came) is queued again."""
+        if request.trigger == "manual":
+            self._manual_queued.discard(request.task_id)
+        if event.kind.finished and after is not None and after.run_requested is not None:
+            self._submit_manual(after.task_id)
+
+    def pause_account(self, account_id: str) -> list[AccountChange]:
+        """Pause every task of ``account_id`` (an account banned or logged out), in one
+        commit, saved when this returns; runs in progress finish.
+
+        Returns what happened to each task, in the account's order; a ``TaskPaused`` event
+        is sent for each task paused. Raises :class:`AccountNotFoundError` if no task
+        belongs to the account, :class:`SaveFailedError` if the change (in effect, and
+        announced) could not be saved.
+        """
+        now = self._store.now()
+        changes, saved = self._change_account(account_id, lambda r: lifecycle.paused(r, now))
+        for before, record in changes:
+            if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
+                self._tell_paused(record)
+        return self._account_report(account_id, "paused", changes, saved)
+
+    def resume_account(self, account_id: str) -> list[AccountChange]:
+        """Resume every paused task of ``account_id`` (as :meth:`resume_task` does each), in
+        one commit, saved when this returns.
+
+        Returns what happened to each task, in the account's order; a ``TaskResumed`` event
+        is sent for each task resumed. Raises :class:`AccountNotFoundError` if no task
+        belongs to the account, :class:`SaveFailedError` if the change (in effect, and
+        announced) could not be saved.
+        """
+        now = self._store.now()
+        store = self._store
+        changes, saved = self._change_account(
+            account_id, lambda r: lifecycle.resumed(r, store.schedule(r), now)
+        )
+        for before, record in changes:
+            if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
+                self._tell_task(TaskResumed, record)
+                if record.status is TaskStatus.COMPLETED:
+                    self._tell_task(TaskCompleted, record)
+        return self._account_report(account_id, "resumed", changes, saved)
+
+    def _change_account(
+        self, account_id: str, change: Callable[[TaskRecord], TaskRecord]
+    ) -> tuple[list[tuple[TaskRecord, TaskRecord]], bool]:
+        """Apply ``change`` to every task of ``account_id`` under the store's lock, then save
+        once: one commit. Returns each task's record before and after, and whether the
+        commit is on disk."""
+        self._check_open()
+        _task_id(account_id, "account_id")
+        changes: list[tuple[TaskRecord, TaskRecord]] = []
+        with self._store.lock:
+            task_ids = self._store.account_tasks().get(account_id)
+            if not task_ids:
+                raise AccountNotFoundError(account_id)
+            for task_id in task_ids:
+                before = self._store.get(task_id)
+                changes.append((before, self._store.update_task(task_id, change)))
+        saved = self._store.save()
+        self._wake()
+        return changes, saved
+
+    def _account_report(
+        self,
+        account_id: str,
+        verb: str,
+        changes: list[tuple[TaskRecord, TaskRecord]],
+        saved: bool,
+    ) -> list[AccountChange]:
+        report = [
+            AccountChange(after.task_id, after.status, after is not before)
+            for before, after in changes
+        ]
+        logger.info(
+            "account %s: %d of %d task(s) %s",
+            account_id,
+            sum(change.changed for change in report),
+            len(report),
+            verb,
+        )
+        if not saved:
+            self._save_failed(tuple(change.task_id for change in report))
+        return report
 
     # ------------------------------------------------------------------ control plane
     # What the control API (scheduler/control/) needs beyond the methods above.
@@ -675,6 +863,34 @@ class TaskDispatcher:
     def next_runs(self, task_id: str, count: int = 5) -> RunPreview:
         """``task_id``'s next ``count`` planned runs (for a paused task: if resumed now)."""
         return preview_runs(self._store.get(task_id), self.timezone, self._store.now(), count)
+
+    def preview_update(
+        self,
+        task_id: str,
+        count: int = 5,
+        *,
+        interval: float | timedelta | Unset = UNSET,
+        valid_time_range: Sequence[int] | Unset = UNSET,
+        task_end_time: date | datetime | str | Unset | None = UNSET,
+        run_policy: RunPolicy | Mapping[str, Any] | Unset | None = UNSET,
+    ) -> RunPreview:
+        """The next ``count`` runs ``task_id`` would have after :meth:`update_task` with these
+        changes, changing nothing; invalid changes raise :class:`InvalidTaskError` naming the
+        field, as :meth:`update_task` would."""
+        _task_id(task_id)
+        current = self._store.get(task_id)
+        now = self._store.now()
+        rules = self._intake.edited(
+            current,
+            now,
+            interval=interval,
+            valid_time_range=valid_time_range,
+            task_end_time=task_end_time,
+            run_policy=run_policy,
+            kwargs=UNSET,
+        )
+        edited = lifecycle.edited(current, rules, self._store.schedule(rules), now)
+        return preview_runs(edited, self.timezone, now, count)
 
     def queued_runs(self) -> dict[str, list[str]]:
         """Account id -> ids of tasks whose due run waits for the account's lane (call on the
@@ -689,17 +905,34 @@ class TaskDispatcher:
             return None
         return time.monotonic() - self._started_at
 
+    @property
+    def control_token(self) -> str:
+        """The token a TCP listener or an embedded control app of this dispatcher requires
+        when the host gives none of its own.
+
+        Drawn on first use (``secrets.token_urlsafe``), once per dispatcher, and written
+        owner-only to ``<directory>/control.token`` so the owner's scripts can read it; the
+        file goes when the dispatcher stops. Needs the ``control`` extra.
+        """
+        if self._control_token is None:
+            from scheduler.control.guard import issue_token
+
+            self._check_open()
+            self._control_token = issue_token(self.directory)
+        return self._control_token
+
     def control_app(
         self, *, token: str | None = None, extra_routers: Sequence[APIRouter] = ()
     ) -> FastAPI:
         """The control API as an ASGI (FastAPI) app a host can mount in its own app.
 
-        With ``token``, every request needs ``Authorization: Bearer <token>``. Needs the
-        ``control`` extra (``pip install 'task-dispatcher[control]'``).
+        Every request needs ``Authorization: Bearer <token>``; without ``token`` that is
+        :attr:`control_token`. Needs the ``control`` extra
+        (``pip install 'task-dispatcher[control]'``).
         """
         from scheduler.control.app import create_app
 
-        return create_app(self, token=token, extra_routers=extra_routers)
+        return create_app(self, token=token or self.control_token, extra_routers=extra_routers)
 
     async def serve_control(
         self,
@@ -713,16 +946,27 @@ class TaskDispatcher:
         """Serve the control API on ``<directory>/control.sock`` and, with ``listen``
         (``HOST:PORT``), on TCP; return once listening. The listeners stop with :meth:`stop`.
 
-        With ``dashboard`` the web dashboard is served at ``/`` of the same listeners (needs
-        the ``web`` extra). A non-loopback ``listen`` without ``token`` raises
-        :class:`ListenError`.
+        Every TCP request needs ``token``; without one a loopback ``listen`` uses
+        :attr:`control_token` (the returned server's ``token``, and its ``login_url`` for a
+        browser), and a non-loopback one raises :class:`ListenError`. With ``dashboard`` the
+        web dashboard is served at ``/`` of the same listeners (needs the ``web`` extra).
         """
-        from scheduler.control.server import ControlServer
+        from scheduler.control.app import create_app
+        from scheduler.control.server import ControlServer, check_listen
 
         self._check_open()
         if self._control is not None:
             raise RuntimeError(f"the control API of {str(self.directory)!r} is already served")
-        app: ASGIApp = self.control_app(token=token, extra_routers=extra_routers)
+        if self._control_token is None:
+            # A token file here was left by a dispatcher that died (this one owns the
+            # directory now): its token is dead, and the file must not suggest otherwise.
+            from scheduler.control.guard import remove_token
+
+            remove_token(self.directory, None)
+        if listen is not None:
+            check_listen(listen, token)  # off loopback, only with a token the host chose
+            token = token or self.control_token
+        app: ASGIApp = create_app(self, token=token, extra_routers=extra_routers)
         if dashboard:
             from scheduler.web import dashboard_app
 
@@ -732,6 +976,7 @@ class TaskDispatcher:
             socket_path=self.directory / CONTROL_SOCKET if socket else None,
             listen=listen,
             token=token,
+            dashboard=dashboard,
         )
         await server.start()
         self._control = server
@@ -741,6 +986,14 @@ class TaskDispatcher:
         control, self._control = self._control, None
         if control is not None:
             await control.close()
+        self._forget_control_token()
+
+    def _forget_control_token(self) -> None:
+        token, self._control_token = self._control_token, None
+        if token is not None:
+            from scheduler.control.guard import remove_token
+
+            remove_token(self.directory, token)
 
     # ------------------------------------------------------------------ running
 
@@ -760,6 +1013,9 @@ class TaskDispatcher:
             self._scheduler.start()
             self._started_at = time.monotonic()
             self._retries.start()
+            for record in self._store.records():
+                if record.run_requested is not None:
+                    self._submit_manual(record.task_id)
             planned = self._store.next_run()
             if planned is not None:
                 task_id, when = planned
@@ -824,6 +1080,7 @@ class TaskDispatcher:
             self._store.save()
         if self._history is not None:
             self._history.close()
+        self._forget_control_token()
         self._store.close()
 
     async def __aenter__(self) -> Self:

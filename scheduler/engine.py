@@ -66,6 +66,27 @@ class DispatchExecutor(BaseExecutor):
         self._run_job_success(job_id, [event])
 
 
+class _LaneWaitFilter(logging.Filter):
+    """Turns APScheduler's "maximum number of running instances reached" into DEBUG.
+
+    A task's run waiting for its account's lane is still "running" to APScheduler, so the
+    task's next due time is skipped with that WARNING: normal here, not worth a warning.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "maximum number of running instances" in str(
+            record.msg
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_scheduler_logger = logging.getLogger("apscheduler.scheduler.dispatch")
+"""The scheduler's own logger: a child of APScheduler's, so the host's settings for it apply."""
+_scheduler_logger.addFilter(_LaneWaitFilter())
+
+
 class DispatchScheduler(AsyncIOScheduler):
     """An AsyncIOScheduler whose job store lock is the store's own lock.
 
@@ -80,6 +101,7 @@ class DispatchScheduler(AsyncIOScheduler):
             executors={"default": executor},
             job_defaults={"coalesce": True, "misfire_grace_time": None, "max_instances": 1},
             timezone=zone,
+            logger=_scheduler_logger,
         )
         self._store = store
         self._jobstores_lock = store.lock

@@ -1,7 +1,9 @@
 """The dispatcher's exceptions (defined in :mod:`tasks.errors`, re-exported here)."""
 
 from tasks.errors import (
+    AccountNotFoundError,
     BrokerInUseError,
+    BrokerNotDurableError,
     BrokerUnavailableError,
     ControlError,
     DirectoryLockedError,
@@ -20,7 +22,9 @@ from tasks.errors import (
 )
 
 __all__ = [
+    "AccountNotFoundError",
     "BrokerInUseError",
+    "BrokerNotDurableError",
     "BrokerUnavailableError",
     "ControlError",
     "DirectoryLockedError",

@@ -5,7 +5,8 @@ without the ``celery`` extra being installed.
 
 Who writes what (``S`` a sys_type, ``R`` a run id):
 
-- queue ``td.sys.S``: the Celery message of a run of a task with sys_type ``S`` (JSON).
+- queue ``td.sys.S``: the Celery message of a run of a task with sys_type ``S`` (JSON, with
+  its :data:`MESSAGE_FORMAT`).
 - ``td:claim:R``: the run's claim. A worker takes it with ``SET NX`` before executing (so one
   worker at most executes a run, however often its message is delivered); the dispatcher takes
   it with an ``expired`` marker when nobody started the run by its deadline, or turns a silent
@@ -28,11 +29,13 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "ALIVE_PREFIX",
+    "ALLOW_NON_DURABLE_ENV_VAR",
     "BROKER_ENV_VAR",
     "CLAIM_PREFIX",
     "CLAIM_SCRIPT",
@@ -48,10 +51,12 @@ __all__ = [
     "LEASE_RELEASE_SCRIPT",
     "LEASE_SCRIPT",
     "MARK_SCRIPT",
+    "MESSAGE_FORMAT",
     "QUEUE_PREFIX",
     "TASK_NAME",
     "WORKER_PREFIX",
     "alive_key",
+    "broker_durability",
     "check_broker_url",
     "claim_key",
     "dumps",
@@ -81,6 +86,13 @@ BROKER_ENV_VAR = "TASK_DISPATCHER_BROKER"
 """The broker URL when ``--broker`` is not given."""
 FACTORY_ENV_VAR = "TASK_DISPATCHER_FACTORY"
 """A worker's ``module:attr`` manager factory when ``--factory`` is not given."""
+ALLOW_NON_DURABLE_ENV_VAR = "TASK_DISPATCHER_ALLOW_NON_DURABLE_BROKER"
+"""Set to 1 to start a worker on a broker whose persistence cannot keep claims across a crash
+(``--allow-non-durable-broker``)."""
+
+MESSAGE_FORMAT = 1
+"""The format of a run message's payload (its ``format`` field; absent means 1). A worker
+refuses a message of another format: dispatcher and workers must run the same release."""
 
 _SYS_TYPE = re.compile(r"[A-Za-z0-9_.\-]+")
 
@@ -138,6 +150,68 @@ def check_broker_url(url: str, field: str = "broker_url") -> str:
             "runs, claims and outcomes travel through Redis"
         )
     return url
+
+
+def _version(text: str) -> tuple[int, ...]:
+    numbers = []
+    for part in text.split("."):
+        digits = re.match(r"\d+", part)
+        numbers.append(int(digits.group()) if digits else 0)
+    return tuple(numbers)
+
+
+def broker_durability(version: str, settings: Mapping[str, str | None]) -> str:
+    """How a worker makes each claim durable on a Redis ``version`` with ``settings``.
+
+    ``settings`` maps ``appendonly``, ``appendfsync`` and ``maxmemory-policy`` to their values
+    (None: unknown, e.g. ``CONFIG`` is disabled). Returns ``"waitaof"`` (Redis >= 7.2 with the
+    append-only file: the worker waits for its claim to reach the disk with ``WAITAOF``) or
+    ``"fsync"`` (``appendfsync always``: Redis answers only once a write is on disk).
+
+    Raises :class:`BrokerNotDurableError` naming the setting that breaks "at most once": a
+    claim lost in a broker crash (not yet on disk, or evicted) lets a redelivered message
+    execute the run a second time.
+    """
+    from tasks.errors import BrokerNotDurableError
+
+    def refuse(problem: str, fix: str) -> BrokerNotDurableError:
+        return BrokerNotDurableError(
+            f"{problem}: a broker crash could lose claims of runs already started, and their "
+            f"messages would run them again. {fix}, or start the worker with "
+            f"--allow-non-durable-broker (${ALLOW_NON_DURABLE_ENV_VAR}=1) to accept that"
+        )
+
+    def known(name: str) -> str:
+        value = settings.get(name)
+        if value is None:
+            raise refuse(
+                f"cannot read the broker's {name} (CONFIG GET disabled?)",
+                "Check appendonly yes, appendfsync always (or Redis >= 7.2) and "
+                "maxmemory-policy noeviction yourself",
+            )
+        return value.strip().lower()
+
+    if known("appendonly") != "yes":
+        raise refuse(
+            "the broker runs without its append-only file (appendonly no)",
+            "Set appendonly yes and appendfsync always in redis.conf",
+        )
+    policy = known("maxmemory-policy")
+    if policy != "noeviction":
+        raise refuse(
+            f"the broker may evict keys (maxmemory-policy {policy})",
+            "Set maxmemory-policy noeviction",
+        )
+    if _version(version) >= (7, 2):
+        return "waitaof"
+    fsync = known("appendfsync")
+    if fsync != "always":
+        raise refuse(
+            f"the broker writes its append-only file to disk with appendfsync {fsync} "
+            f"(and Redis {version} has no WAITAOF)",
+            "Set appendfsync always (or use Redis >= 7.2)",
+        )
+    return "fsync"
 
 
 def dumps(value: Any) -> str:

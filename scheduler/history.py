@@ -35,7 +35,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict
 
 from scheduler.errors import HistoryUnavailableError
-from tasks.runs import RunEvent, RunEventKind, RunRequest
+from tasks.runs import RunEvent, RunEventKind, RunRequest, Trigger, run_trigger
 
 __all__ = [
     "FAILED_OUTCOMES",
@@ -57,7 +57,7 @@ HISTORY_FILENAME = "history.sqlite3"
 MAX_QUERY_LIMIT = 10_000
 """The most entries one :meth:`HistoryReader.query` returns."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """``PRAGMA user_version`` of the file this code writes."""
 
 Outcome = Literal["running", "succeeded", "failed", "lost", "expired", "cancelled"]
@@ -83,7 +83,8 @@ CREATE TABLE IF NOT EXISTS runs (
     error TEXT,
     worker TEXT,
     extra TEXT,
-    ts REAL NOT NULL
+    ts REAL NOT NULL,
+    trigger TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_task_ts ON runs (task_id, ts);
 CREATE INDEX IF NOT EXISTS runs_account_ts ON runs (account_id, ts);
@@ -99,15 +100,17 @@ CREATE INDEX IF NOT EXISTS runs_ts ON runs (ts);
 
 _COLUMNS = (
     "run_id, task_id, account_id, sys_type, task_type, attempt, scheduled_at, started_at, "
-    "finished_at, duration, outcome, error, worker, extra, ts"
+    "finished_at, duration, outcome, error, worker, extra, ts, trigger"
 )
-_STARTED_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, 'running', NULL, ?, ?, ?)"
+# ``trigger`` came with format 2 (added to older files when a dispatcher opens them); rows
+# from before it have none and read as their attempt says ("schedule" or "retry").
+_STARTED_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, 'running', NULL, ?, ?, ?, ?)"
 _STARTED_CONFLICT = """
 ON CONFLICT (run_id) DO NOTHING
 """
 # A finishing event completes the run's row once: a duplicate (or one for a run already
 # finished) changes nothing, and a start that arrives after the finish is ignored above.
-_FINISHED_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_FINISHED_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FINISHED_CONFLICT = """
 ON CONFLICT (run_id) DO UPDATE SET
     started_at = coalesce(excluded.started_at, runs.started_at),
@@ -133,6 +136,8 @@ def _insert(row: str, conflict: str, count: int) -> str:
 
 
 _SELECT = f"SELECT id, {_COLUMNS} FROM runs"
+_SELECT_V1 = _SELECT.replace(", trigger FROM", ", NULL FROM")
+"""What a reader asks of a file written before ``trigger`` existed."""
 _FAILED = "outcome IN ('failed', 'lost', 'expired')"
 
 
@@ -164,6 +169,9 @@ class RunEntry(BaseModel):
     """``"Type: message"`` for failed, lost and expired runs."""
     worker: str | None
     """Where the run executed (None: in the dispatcher's process)."""
+    trigger: Trigger = "schedule"
+    """Why it ran: its planned time (``schedule``), a retry (``retry``) or an operator's
+    "run now" (``manual``)."""
     extra: dict[str, Any] = {}
     """Anything else the run backend reported."""
 
@@ -191,7 +199,7 @@ def _row_values(request: RunRequest, event: RunEvent) -> tuple[Any, ...]:
     )
     at = event.at.timestamp()
     if event.kind is RunEventKind.STARTED:
-        return (*common, at, event.worker, extra, at)
+        return (*common, at, event.worker, extra, at, request.trigger)
     started = _seconds(event.started_at)
     return (
         *common,
@@ -203,6 +211,7 @@ def _row_values(request: RunRequest, event: RunEvent) -> tuple[Any, ...]:
         event.worker,
         extra,
         at if started is None else started,
+        request.trigger,
     )
 
 
@@ -241,6 +250,12 @@ def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     return connection
 
 
+def _has_trigger(connection: sqlite3.Connection) -> bool:
+    """Whether the file has the ``trigger`` column (format 2)."""
+    columns = connection.execute("PRAGMA table_info(runs)").fetchall()
+    return any(column[1] == "trigger" for column in columns)
+
+
 class HistoryReader:
     """Queries a history file; never writes it (safe while a dispatcher owns the directory).
 
@@ -255,6 +270,7 @@ class HistoryReader:
         self._pool: list[sqlite3.Connection] = []
         self._pool_lock = threading.Lock()
         self._readonly = True
+        self._triggers = False
 
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -334,7 +350,9 @@ class HistoryReader:
                         raise ValueError(f"before_run: no run {before_run!r} in the history")
                     where.append("(ts, id) < (?, ?)")
                     parameters.extend(cursor)
-                sql = _SELECT
+                # Once the column is there it stays: a file is looked at until it has it.
+                self._triggers = self._triggers or _has_trigger(connection)
+                sql = _SELECT if self._triggers else _SELECT_V1
                 if where:
                     sql += " WHERE " + " AND ".join(where)
                 sql += " ORDER BY ts DESC, id DESC LIMIT ?"
@@ -368,6 +386,7 @@ class HistoryReader:
             worker,
             extra,
             _,
+            trigger,
         ) = row
         return RunEntry(
             run_id=run_id,
@@ -383,6 +402,7 @@ class HistoryReader:
             outcome=outcome,
             error=error,
             worker=worker,
+            trigger=trigger or run_trigger(attempt),
             extra=orjson.loads(extra) if extra else {},
         )
 
@@ -467,6 +487,8 @@ class RunHistory(HistoryReader):
                 # the last commits: right for an index of what happened.
                 connection.execute("PRAGMA synchronous = NORMAL")
                 connection.executescript(_SCHEMA)
+                if not _has_trigger(connection):
+                    connection.execute("ALTER TABLE runs ADD COLUMN trigger TEXT")
                 connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             except BaseException:
                 connection.close()

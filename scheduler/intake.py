@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from jobstores.jsonfile import JsonJobStore, describe_validation_error
 from tasks.errors import InvalidTaskError, TaskExistsError
-from tasks.model import RESERVED_KWARGS, TaskRecord, check_json_value
+from tasks.model import RESERVED_KWARGS, TaskRecord, check_json_value, new_task_id_problem
 from tasks.policy import RunPolicy
 
 __all__ = ["UNSET", "TaskIntake", "Unset"]
@@ -97,6 +97,10 @@ class TaskIntake:
             task_id = uuid.uuid4().hex[:12]
             while task_id in taken or self._store.table.taken(task_id):
                 task_id = uuid.uuid4().hex[:12]
+        elif not isinstance(task_id, str):
+            raise InvalidTaskError("task_id", f"must be a string, not {type(task_id).__name__}")
+        elif (problem := new_task_id_problem(task_id)) is not None:
+            raise InvalidTaskError("task_id", problem)
         elif task_id in taken:
             raise TaskExistsError(task_id, f"{task_id!r} appears more than once in this batch")
         elif self._store.table.taken(task_id):
@@ -205,7 +209,7 @@ class TaskIntake:
             keywords,
             current.task_id,
             created_at=current.created_at,
-            previous=current.last_execution_time,
+            previous=current.grid_time,
         )
         if rules.account_id != current.account_id:
             raise InvalidTaskError(

@@ -23,7 +23,7 @@ from pathlib import Path
 from jobstores.jsonfile import JsonJobStore
 from tasks import lifecycle
 from tasks.model import ActiveRun, TaskRecord
-from tasks.runs import NOT_SENT, RunEvent, RunEventKind, RunRequest
+from tasks.runs import NOT_SENT, RunEvent, RunEventKind, RunRequest, run_trigger
 
 __all__ = ["ChangeObserver", "RunLedger", "RunObserver"]
 
@@ -82,9 +82,15 @@ class RunLedger:
 
     # ------------------------------------------------------------------ opening
 
-    def open(self, task_id: str, scheduled_at: datetime, attempt: int = 1) -> RunRequest | None:
+    def open(
+        self, task_id: str, scheduled_at: datetime, attempt: int = 1, *, manual: bool = False
+    ) -> RunRequest | None:
         """Open attempt ``attempt`` of a run of ``task_id`` planned for ``scheduled_at``, if it
         may start now.
+
+        A ``manual`` run (asked for with "run now") starts whatever the task's window, end or
+        status, as long as it is still asked for (the record's ``run_requested``) and no other
+        run of the task is out.
 
         A run starts only if the task is neither paused, completed nor removed, has no run
         out, its window is open and its end not passed; otherwise it is skipped (None): this
@@ -98,10 +104,21 @@ class RunLedger:
             if record is None or store.closed:
                 return None
             now = store.now()
-            if attempt > 1 and not _retry_due(record, attempt, now):
+            if manual:
+                if record.run_requested is None or record.active_run is not None:
+                    logger.info(
+                        "manual run of task %s (account %s) not started: %s",
+                        task_id,
+                        record.account_id,
+                        "no longer asked for"
+                        if record.run_requested is None
+                        else "another run is out; it runs at the next start",
+                    )
+                    return None
+            elif attempt > 1 and not _retry_due(record, attempt, now):
                 logger.debug("retry %d of task %s no longer planned", attempt, task_id)
                 return None
-            if not lifecycle.can_start(record, store.schedule(record), now):
+            elif not lifecycle.can_start(record, store.schedule(record), now):
                 if logger.isEnabledFor(logging.INFO):
                     logger.info(
                         "run of task %s (account %s) planned for %s skipped: task is %s%s; "
@@ -121,6 +138,7 @@ class RunLedger:
                 submitted_at=now,
                 attempt=attempt,
                 started_at=now if started else None,
+                manual=manual,
             )
             record = store.update_task(
                 task_id, lambda r: lifecycle.run_opened(r, run, now, started=started)
@@ -129,7 +147,8 @@ class RunLedger:
         self._open[run.run_id] = _Open(request)
         if logger.isEnabledFor(logging.INFO):
             logger.info(
-                "run %s of task %s (account %s, %s) %s%s",
+                "%srun %s of task %s (account %s, %s) %s%s",
+                "manual " if manual else "",
                 run.run_id,
                 task_id,
                 record.account_id,
@@ -349,6 +368,7 @@ def _request(record: TaskRecord, run: ActiveRun) -> RunRequest:
         submitted_at=run.submitted_at,
         attempt=run.attempt,
         timeout=record.policy.run_timeout,
+        trigger=run_trigger(run.attempt, run.manual),
     )
 
 
@@ -379,6 +399,18 @@ def _log(request: RunRequest, event: RunEvent) -> None:
             request.run_id,
             request.task_id,
             request.account_id,
+            event.error,
+        )
+        return
+    if event.started_at is None and not event.ok:
+        # Never started here (expired, lost with the broker) or declared lost by the
+        # dispatcher: no duration to give.
+        logger.error(
+            "run %s of task %s (account %s) %s: %s",
+            request.run_id,
+            request.task_id,
+            request.account_id,
+            "failed" if event.kind is RunEventKind.FAILED else f"failed ({event.kind.value})",
             event.error,
         )
         return

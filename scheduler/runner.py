@@ -36,6 +36,7 @@ class _Queued:
     scheduled_at: datetime
     attempt: int
     outcome: asyncio.Future[RunEvent | None]
+    manual: bool = False
     waiter: Waiter | None = None
     started: bool = False
 
@@ -62,11 +63,12 @@ class TaskRunner:
         self._cancels: set[asyncio.Task[None]] = set()
 
     def submit(
-        self, task_id: str, scheduled_at: datetime, attempt: int = 1
+        self, task_id: str, scheduled_at: datetime, attempt: int = 1, *, manual: bool = False
     ) -> asyncio.Future[RunEvent | None]:
         """Queue attempt ``attempt`` of a run of ``task_id`` planned for ``scheduled_at`` (2
-        and up: a retry); call on the event loop. The future is the run's finishing event
-        (None: skipped, or the task is gone); it is cancelled if the run is cut off.
+        and up: a retry; ``manual``: asked for with "run now"); call on the event loop. The
+        future is the run's finishing event (None: skipped, or the task is gone); it is
+        cancelled if the run is cut off.
 
         A run waits for its lane as a queue entry: its task is made once it may start, so a
         pass that finds thousands of runs due does not make thousands of waiting tasks.
@@ -76,7 +78,12 @@ class TaskRunner:
         if record is None:
             return self._spawn(self._gone(task_id), task_id)
         queued = _Queued(
-            self, task_id, scheduled_at, attempt, asyncio.get_running_loop().create_future()
+            self,
+            task_id,
+            scheduled_at,
+            attempt,
+            asyncio.get_running_loop().create_future(),
+            manual,
         )
         self._queued.add(queued)
         queued.waiter = self._lanes.enqueue(record.account_id, task_id, queued)
@@ -180,7 +187,17 @@ class TaskRunner:
         cancelled = len(self._queued)
         for queued in list(self._queued):
             self._withdraw(queued)
-        cancelled += await finish_or_cancel(list(self._tasks), 0)
+        left = await finish_or_cancel(list(self._tasks), 0)
+        if self._backend.remote:
+            # Remote runs are not cancelled: they go on on their workers.
+            if left:
+                logger.info(
+                    "stopping: %d run(s) still executing on workers; their outcomes are "
+                    "applied when the dispatcher is back",
+                    left,
+                )
+            left = 0
+        cancelled += left
         if cancelled:
             logger.warning(
                 "stopping: %d run(s) did not finish in %ss and were cancelled",
@@ -200,7 +217,9 @@ class TaskRunner:
         try:
             try:
                 try:
-                    request = self._ledger.open(task_id, queued.scheduled_at, queued.attempt)
+                    request = self._ledger.open(
+                        task_id, queued.scheduled_at, queued.attempt, manual=queued.manual
+                    )
                     if request is None:
                         event = None
                     elif self._local is not None:

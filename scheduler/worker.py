@@ -6,6 +6,12 @@ delivered), announces ``started``, keeps a heartbeat while the manager runs, and
 outcome in the ``td:events`` stream, which the dispatcher reads. The manager is re-created from
 the message as ``factory(sys_type=sys_type, **kwargs)``.
 
+At most once holds across a broker crash only if the claim reaches the broker's disk before the
+run starts: a worker refuses to start on a broker whose persistence cannot promise that (see
+:func:`check_durability`). A run whose claim was taken meanwhile (the dispatcher declared it
+lost) or could not be renewed for half of ``lost_after`` is stopped, so an account's runs never
+overlap.
+
 Start one with ``task-dispatcher worker --broker URL --sys-type S``, or with Celery's own
 command on this module's :data:`app`::
 
@@ -18,11 +24,13 @@ import asyncio
 import contextlib
 import functools
 import importlib
+import inspect
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +39,7 @@ from celery import Celery, signals
 
 from scheduler.backends.local import call_manager, create_manager
 from scheduler.fleet import (
+    ALLOW_NON_DURABLE_ENV_VAR,
     BROKER_ENV_VAR,
     CLAIM_SCRIPT,
     CLAIM_TTL,
@@ -38,15 +47,18 @@ from scheduler.fleet import (
     FACTORY_ENV_VAR,
     FINISH_SCRIPT,
     HEARTBEAT_SCRIPT,
+    MESSAGE_FORMAT,
     QUEUE_PREFIX,
     TASK_NAME,
     WORKER_PREFIX,
     alive_key,
+    broker_durability,
     claim_key,
     dumps,
     mask_url,
     worker_name,
 )
+from tasks.errors import BrokerNotDurableError
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.registry import default_registry
 from tasks.runs import (
@@ -58,7 +70,7 @@ from tasks.runs import (
     timed_out_error,
 )
 
-__all__ = ["app", "execute_run", "load_factory", "make_app"]
+__all__ = ["app", "check_durability", "execute_run", "load_factory", "make_app"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +120,11 @@ app = make_app(os.environ.get(BROKER_ENV_VAR) or None)
 
 
 def load_factory(spec: str | None) -> TaskManagerFactory:
-    """The manager factory named ``module:attr``; None: the task-type registry."""
+    """The manager factory named ``module:attr``; None: the task-type registry.
+
+    The module is looked up on ``sys.path`` (the worker command puts the current directory
+    first, as ``celery`` does).
+    """
     if not spec:
         import tasks.shell  # noqa: F401  (registers the built-in shell type)
 
@@ -119,39 +135,108 @@ def load_factory(spec: str | None) -> TaskManagerFactory:
     try:
         factory = functools.reduce(getattr, attr.split("."), importlib.import_module(module_name))
     except (ImportError, AttributeError) as exc:
-        raise ValueError(f"factory: cannot load {spec!r}: {exc}") from exc
+        raise ValueError(
+            f"factory: cannot load {spec!r}: {exc} (the module must be importable on this "
+            f"worker: from the current directory {os.getcwd()} or $PYTHONPATH)"
+        ) from exc
     if not callable(factory):
         raise ValueError(f"factory: {spec!r} is not callable")
     result: TaskManagerFactory = factory
     return result
 
 
+def check_durability(client: redis.Redis) -> str:
+    """How this worker makes its claims durable on ``client``'s server (``"waitaof"`` or
+    ``"fsync"``), or ``"unchecked"`` if ``$TASK_DISPATCHER_ALLOW_NON_DURABLE_BROKER`` is set.
+
+    Raises :class:`BrokerNotDurableError` if the server's persistence cannot keep a claim
+    across a crash (see :func:`scheduler.fleet.broker_durability`).
+    """
+    version = str(client.info("server").get("redis_version", "0"))
+    settings: dict[str, str | None] = dict.fromkeys(_DURABILITY_SETTINGS)
+    try:
+        found = client.config_get(*_DURABILITY_SETTINGS)
+        settings.update({str(k): str(v) for k, v in found.items()})
+    except redis.ResponseError:
+        # CONFIG disabled or not permitted: INFO tells all but appendfsync.
+        info = {**client.info("persistence"), **client.info("memory")}
+        if "aof_enabled" in info:
+            settings["appendonly"] = "yes" if str(info["aof_enabled"]) == "1" else "no"
+        if "maxmemory_policy" in info:
+            settings["maxmemory-policy"] = str(info["maxmemory_policy"])
+    try:
+        return broker_durability(version, settings)
+    except BrokerNotDurableError:
+        if os.environ.get(ALLOW_NON_DURABLE_ENV_VAR, "") not in ("", "0"):
+            return "unchecked"
+        raise
+
+
+_DURABILITY_SETTINGS = ("appendonly", "appendfsync", "maxmemory-policy")
+
+
 class _ProcessState:
-    """The Redis client and the factory of this process (re-made after a fork)."""
+    """The Redis client, the factory and the broker's durability in this process (re-made
+    after a fork)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = -1
         self._client: redis.Redis | None = None
         self._factory: TaskManagerFactory | None = None
+        self._durability: str | None = None
+        self._quick: redis.Redis | None = None
+        self._quick_timeout = 0.0
+        self.beats = _Heartbeats()
 
     def _check_pid(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._client = None
             self._factory = None
+            self._durability = None
+            self._quick = None
+            self.beats = _Heartbeats()
 
-    def client(self) -> redis.Redis:
+    def client(self, timeout: float | None = None) -> redis.Redis:
+        """This process's client; with ``timeout``, one whose replies wait at most that long
+        (kept for the heartbeats, whose patience is short)."""
         with self._lock:
-            self._check_pid()
-            if self._client is None:
-                url = app.conf.broker_url or os.environ.get(BROKER_ENV_VAR)
-                if not url:
-                    raise RuntimeError(f"no broker: set ${BROKER_ENV_VAR} or pass --broker")
-                self._client = redis.Redis.from_url(
-                    url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=30
+            client = self._client_locked()
+            if timeout is None:
+                return client
+            if self._quick is None or self._quick_timeout > timeout:
+                self._quick_timeout = timeout
+                self._quick = redis.Redis(
+                    connection_pool=redis.ConnectionPool(
+                        connection_class=client.connection_pool.connection_class,
+                        **{
+                            **client.connection_pool.connection_kwargs,
+                            "socket_timeout": timeout,
+                            "socket_connect_timeout": timeout,
+                        },
+                    )
                 )
-            return self._client
+            return self._quick
+
+    def _client_locked(self) -> redis.Redis:
+        self._check_pid()
+        if self._client is None:
+            url = app.conf.broker_url or os.environ.get(BROKER_ENV_VAR)
+            if not url:
+                raise RuntimeError(f"no broker: set ${BROKER_ENV_VAR} or pass --broker")
+            self._client = redis.Redis.from_url(
+                url, socket_connect_timeout=5, socket_timeout=15, health_check_interval=30
+            )
+        return self._client
+
+    def durability(self) -> str:
+        """The broker's durability mode (checked once per process)."""
+        with self._lock:
+            client = self._client_locked()
+            if self._durability is None:
+                self._durability = check_durability(client)
+            return self._durability
 
     def factory(self) -> TaskManagerFactory:
         with self._lock:
@@ -161,7 +246,134 @@ class _ProcessState:
             return self._factory
 
 
+# ---------------------------------------------------------------------- heartbeats
+
+
+class _Beat:
+    """One executing run's heartbeat, and what to do if the run must stop."""
+
+    __slots__ = ("alive_ms", "claim", "due", "interval", "keys", "last_ok", "patience", "stop")
+
+    def __init__(
+        self,
+        run_id: str,
+        claim: str,
+        interval: float,
+        alive_ms: int,
+        patience: float,
+        stop: Callable[[str], None],
+    ) -> None:
+        self.keys = (claim_key(run_id), alive_key(run_id))
+        self.claim = claim
+        self.interval = interval
+        self.alive_ms = alive_ms
+        self.patience = patience
+        self.stop: Callable[[str], None] | None = stop
+        self.last_ok = time.monotonic()
+        self.due = self.last_ok + interval
+
+    def lost(self, reason: str) -> None:
+        stop, self.stop = self.stop, None
+        if stop is not None:
+            stop(reason)
+
+
+class _Heartbeats:
+    """One thread renewing the heartbeats of every run this process executes.
+
+    A run shorter than its heartbeat interval costs no round trip; the due ones are renewed
+    together in one pipeline. A run whose claim was taken (the dispatcher declared it lost)
+    or that could not renew for its patience (half of ``lost_after``: a partition) is told to
+    stop before the dispatcher can give its account's next run to another worker.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._beats: dict[str, _Beat] = {}
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failing = False
+
+    def add(self, run_id: str, beat: _Beat) -> None:
+        with self._lock:
+            self._beats[run_id] = beat
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="td-heartbeats", daemon=True
+                )
+                self._thread.start()
+        self._wake.set()
+
+    def remove(self, run_id: str) -> None:
+        with self._lock:
+            self._beats.pop(run_id, None)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                beats = list(self._beats.values())
+            now = time.monotonic()
+            due = [beat for beat in beats if beat.due <= now]
+            if due:
+                self._renew(due, now)
+            with self._lock:
+                upcoming = [beat.due for beat in self._beats.values()]
+            self._wake.wait(max(0.0, min(upcoming) - time.monotonic()) if upcoming else None)
+            self._wake.clear()
+
+    def _renew(self, due: list[_Beat], sent: float) -> None:
+        # A renewal that hangs (packets dropped) must fail within the runs' patience.
+        client = _state.client(timeout=max(0.2, min(beat.patience for beat in due) / 2))
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                for beat in due:
+                    _scripts.heartbeat(
+                        keys=beat.keys, args=[beat.claim, CLAIM_TTL, beat.alive_ms], client=pipe
+                    )
+                results = pipe.execute()
+        except redis.RedisError as exc:
+            if not self._failing:
+                logger.warning("heartbeats failed, retrying (broker unreachable?): %s", exc)
+                self._failing = True
+            now = time.monotonic()
+            for beat in due:
+                beat.due = now + beat.interval
+                if now - beat.last_ok >= beat.patience:
+                    beat.lost(
+                        f"could not renew its heartbeat for {beat.patience:g}s "
+                        f"(broker unreachable: {exc})"
+                    )
+            return
+        if self._failing:
+            logger.info("heartbeats restored")
+            self._failing = False
+        for beat, result in zip(due, results, strict=True):
+            beat.due = sent + beat.interval
+            if result == 1:
+                beat.last_ok = sent
+            else:
+                beat.lost(f"the dispatcher no longer counts on it (claim: {_text(result)})")
+
+
+class _Scripts:
+    """The fleet's scripts, sent by digest (``EVALSHA``) once Redis knows them."""
+
+    def __init__(self) -> None:
+        self._client: redis.Redis | None = None
+        self.claim: Any = None
+        self.heartbeat: Any = None
+        self.finish: Any = None
+
+    def bind(self, client: redis.Redis) -> None:
+        if self._client is not client:
+            self.claim = client.register_script(CLAIM_SCRIPT)
+            self.heartbeat = client.register_script(HEARTBEAT_SCRIPT)
+            self.finish = client.register_script(FINISH_SCRIPT)
+            self._client = client
+
+
 _state = _ProcessState()
+_scripts = _Scripts()
 
 
 # ---------------------------------------------------------------------- one run
@@ -175,58 +387,19 @@ def _event(event: RunEvent) -> str:
     return dumps(event.to_json())
 
 
-class _Heartbeat:
-    """Renews a run's heartbeat (and, if the broker lost it, its claim) until stopped."""
+def _text(value: Any) -> str:
+    """A Redis reply for a log line (claims are JSON text, not a bytes repr)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
-    def __init__(
-        self, client: redis.Redis, run_id: str, claim: str, interval: float, ttl_ms: int
-    ) -> None:
-        self._client = client
-        self._run_id = run_id
-        self._claim = claim
-        self._interval = interval
-        self._ttl_ms = ttl_ms
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._loop, name=f"td-heartbeat-{run_id}", daemon=True
-        )
 
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        keys = [claim_key(self._run_id), alive_key(self._run_id)]
-        failing = False
-        while not self._stop.wait(self._interval):
-            try:
-                result = self._client.eval(
-                    HEARTBEAT_SCRIPT, 2, *keys, self._claim, CLAIM_TTL, self._ttl_ms
-                )
-            except redis.RedisError as exc:
-                if not failing:
-                    logger.warning(
-                        "run %s: heartbeat failed, retrying (broker unreachable?): %s",
-                        self._run_id,
-                        exc,
-                    )
-                failing = True
-                continue
-            if failing:
-                logger.info("run %s: heartbeat restored", self._run_id)
-                failing = False
-            if result != 1:
-                logger.warning(
-                    "run %s: the dispatcher no longer counts on this run (claim: %s); "
-                    "it finishes here but its outcome will not be recorded",
-                    self._run_id,
-                    result,
-                )
-                return
+def _verdict(claim: Any) -> str:
+    """What a claim says of its run, for a log line: ``lost (by the dispatcher)``, ..."""
+    text = _text(claim)
+    try:
+        holder = json.loads(text)
+        return f"{holder['state']} (at {holder['at']})"
+    except (ValueError, KeyError, TypeError):
+        return text
 
 
 def _record_outcome(client: redis.Redis, run_id: str, claim: str, done: str, event: str) -> Any:
@@ -236,7 +409,7 @@ def _record_outcome(client: redis.Redis, run_id: str, claim: str, done: str, eve
     delay = 0.2
     while True:
         try:
-            return client.eval(FINISH_SCRIPT, 3, *keys, claim, done, CLAIM_TTL, event)
+            return _scripts.finish(keys=keys, args=[claim, done, CLAIM_TTL, event], client=client)
         except redis.RedisError as exc:
             if time.monotonic() > deadline:
                 raise
@@ -250,42 +423,84 @@ def _record_outcome(client: redis.Redis, run_id: str, claim: str, done: str, eve
             delay = min(delay * 2, 10.0)
 
 
+class _Stopped(Exception):
+    """The run was stopped because this worker no longer holds its claim."""
+
+
+def _refuse_format(payload: Mapping[str, Any], name: str, client: redis.Redis) -> str:
+    """A message of another format: never executed; recorded as failed if it can be read."""
+    got = payload.get("format")
+    error = (
+        f"MessageFormatError: the run message has format {got!r}, worker {name} reads format "
+        f"{MESSAGE_FORMAT}: the dispatcher and its workers must run the same release"
+    )
+    try:
+        request = RunRequest.from_json(payload["request"])
+    except (KeyError, TypeError, ValueError):
+        logger.error("refused a run message: %s", error)
+        return "refused"
+    logger.error("run %s of task %s refused: %s", request.run_id, request.task_id, error)
+    now = _now()
+    failed = RunEvent(
+        request.run_id, request.task_id, RunEventKind.FAILED, at=now, worker=name, error=error
+    )
+    value = dumps({"state": RunEventKind.FAILED.value, "worker": name, "at": now.isoformat()})
+    _scripts.claim(
+        keys=[claim_key(request.run_id), alive_key(request.run_id), EVENTS_STREAM],
+        args=[value, CLAIM_TTL, 1, _event(failed)],
+        client=client,
+    )
+    return "refused"
+
+
 def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
     """Execute one run message at most once; returns what happened (for logs and tests).
 
-    ``payload`` holds the run request (``request``), the heartbeat interval in seconds
-    (``heartbeat``) and how long a heartbeat lasts (``alive_ms``).
+    ``payload`` holds the message ``format``, the run request (``request``), the heartbeat
+    interval in seconds (``heartbeat``), how long a heartbeat lasts (``alive_ms``) and the
+    dispatcher's ``lost_after``.
     """
+    name = worker_name(nodename)
+    client = _state.client()
+    durability = _state.durability()
+    _scripts.bind(client)
+    if payload.get("format", 1) != MESSAGE_FORMAT:
+        return _refuse_format(payload, name, client)
     request = RunRequest.from_json(payload["request"])
     interval = float(payload.get("heartbeat", 5.0))
     alive_ms = int(payload.get("alive_ms", 15000))
-    name = worker_name(nodename)
-    client = _state.client()
+    lost_after = float(payload.get("lost_after", interval * 10))
     started = _now()
     claim = dumps({"state": "running", "worker": name, "at": started.isoformat()})
     announced = RunEvent(
         request.run_id, request.task_id, RunEventKind.STARTED, at=started, worker=name
     )
-    taken = client.eval(
-        CLAIM_SCRIPT,
-        3,
-        claim_key(request.run_id),
-        alive_key(request.run_id),
-        EVENTS_STREAM,
-        claim,
-        CLAIM_TTL,
-        alive_ms,
-        _event(announced),
+    taken = _scripts.claim(
+        keys=[claim_key(request.run_id), alive_key(request.run_id), EVENTS_STREAM],
+        args=[claim, CLAIM_TTL, alive_ms, _event(announced)],
+        client=client,
     )
     if taken != 1:
-        holder = taken.decode() if isinstance(taken, bytes) else taken
         logger.info(
             "run %s of task %s not executed here: already claimed (%s)",
             request.run_id,
             request.task_id,
-            holder,
+            _text(taken),
         )
         return "skipped"
+    error: str | None = None
+    extra: dict[str, Any] = {}
+    if durability == "waitaof":
+        # The claim must be on disk before the run executes: a crash that lost it would
+        # bring the message back, and the run would execute again.
+        local, _ = client.execute_command(  # type: ignore[no-untyped-call]
+            "WAITAOF", 1, 0, max(1000, alive_ms)
+        )
+        if int(local) < 1:
+            error = (
+                f"BrokerNotDurableError: the broker did not write the run's claim to disk "
+                f"within {max(1000, alive_ms)}ms; the run was not executed"
+            )
     logger.info(
         "run %s of task %s (account %s, %s) started on %s",
         request.run_id,
@@ -294,17 +509,22 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
         request.task_type,
         name,
     )
-    error: str | None = None
-    extra: dict[str, Any] = {}
-    with _Heartbeat(client, request.run_id, claim, interval, alive_ms):
-        try:
+    execution = _Execution(request, name)
+    beat = _Beat(request.run_id, claim, interval, alive_ms, lost_after / 2, execution.stop)
+    _state.beats.add(request.run_id, beat)
+    try:
+        if error is None:
             manager = create_manager(_state.factory(), request.sys_type, request.kwargs)
-            _run_bounded(manager, request.timeout)
-        except TimeoutError:
-            assert request.timeout is not None
-            error, extra[TIMED_OUT] = timed_out_error(request.timeout), request.timeout
-        except Exception as exc:
-            error = describe_error(exc)
+            execution.run(manager, request.timeout)
+    except TimeoutError:
+        assert request.timeout is not None
+        error, extra[TIMED_OUT] = timed_out_error(request.timeout), request.timeout
+    except _Stopped as stopped:
+        error = f"RunStoppedError: worker {name} stopped the run: it {stopped}"
+    except Exception as exc:
+        error = describe_error(exc)
+    finally:
+        _state.beats.remove(request.run_id)
     finished = _now()
     kind = RunEventKind.SUCCEEDED if error is None else RunEventKind.FAILED
     outcome = RunEvent(
@@ -322,12 +542,13 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
     seconds = (finished - started).total_seconds()
     if recorded != 1:
         logger.warning(
-            "run %s of task %s %s after %.3fs, too late: the dispatcher had declared it %s",
+            "run %s of task %s %s after %.3fs, too late: the dispatcher had declared it "
+            "%s; this outcome is dropped",
             request.run_id,
             request.task_id,
-            kind.value,
+            "stopped" if execution.stopped else kind.value,
             seconds,
-            recorded,
+            _verdict(recorded),
         )
     elif error is None:
         logger.info(
@@ -344,21 +565,100 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
     return kind.value
 
 
-def _run_bounded(manager: TaskManager, timeout: float | None) -> None:
-    """Run ``manager`` on a loop of its own; raise ``TimeoutError`` once ``timeout`` passes.
+_loops = threading.local()
 
-    An async manager is cancelled (the shell type kills its process group). A sync one runs
-    in a thread that cannot be stopped: the timeout is reported at once and the thread is left
-    to return on its own (this worker slot stays busy until it does, as the local backend's
-    lane does).
+
+def _thread_loop() -> asyncio.AbstractEventLoop:
+    """This thread's event loop, kept for its next runs (a pool thread runs one at a time)."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed() or getattr(_loops, "pid", None) != os.getpid():
+        loop = asyncio.new_event_loop()
+        _loops.loop, _loops.pid = loop, os.getpid()
+    return loop
+
+
+class _Execution:
+    """Runs one manager in the calling thread; :meth:`stop` (any thread) cuts it off.
+
+    An async manager runs on this thread's event loop and is cancelled when stopped (the
+    shell type then kills its process group). A sync one cannot be stopped: it is reported
+    and this worker slot stays taken until it returns (its outcome is dropped).
     """
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(call_manager(manager), timeout))
-    finally:
-        if timeout is None:
-            loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
+
+    def __init__(self, request: RunRequest, worker: str) -> None:
+        self._request = request
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._cancel: Callable[[], object] | None = None
+        self.stopped: str | None = None
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            self.stopped = reason
+            cancel = self._cancel
+        request = self._request
+        if cancel is not None:
+            logger.error(
+                "run %s of task %s (account %s) stopped on %s: it %s",
+                request.run_id,
+                request.task_id,
+                request.account_id,
+                self._worker,
+                reason,
+            )
+            cancel()
+            return
+        logger.error(
+            "run %s of task %s (account %s) on %s %s, but its manager runs in a thread, which "
+            "cannot be stopped: this worker slot stays taken until it returns, and its "
+            "outcome will be dropped",
+            request.run_id,
+            request.task_id,
+            request.account_id,
+            self._worker,
+            reason,
+        )
+
+    def run(self, manager: TaskManager, timeout: float | None) -> None:
+        """Run ``manager``; raise ``TimeoutError`` once ``timeout`` passes, :class:`_Stopped`
+        if stopped meanwhile."""
+        if timeout is None and not inspect.iscoroutinefunction(manager.run):
+            # Nothing to bound and nothing to cancel: the plain call, in this pool thread.
+            result = manager.run()
+            if inspect.isawaitable(result):
+                self._drive(manager, None, result)
+            return
+        self._drive(manager, timeout, None)
+
+    def _drive(self, manager: TaskManager, timeout: float | None, awaitable: Any) -> None:
+        loop = _thread_loop()
+
+        async def bounded() -> None:
+            call = asyncio.ensure_future(
+                awaitable if awaitable is not None else call_manager(manager)
+            )
+            cancellable = awaitable is not None or inspect.iscoroutinefunction(manager.run)
+            if cancellable:
+                with self._lock:
+                    if self.stopped is None:
+                        self._cancel = functools.partial(loop.call_soon_threadsafe, call.cancel)
+                    else:
+                        call.cancel()
+            done, _ = await asyncio.wait({call}, timeout=timeout)
+            if not done:
+                if cancellable:
+                    call.cancel()
+                    await asyncio.gather(call, return_exceptions=True)
+                raise TimeoutError
+            if call.cancelled():
+                raise _Stopped(self.stopped or "was cancelled")
+            call.result()
+
+        try:
+            loop.run_until_complete(bounded())
+        finally:
+            with self._lock:
+                self._cancel = None
 
 
 @app.task(name=TASK_NAME, bind=True, ignore_result=True)
@@ -411,6 +711,33 @@ class _Registration:
 
 
 _registration = _Registration()
+
+
+@signals.worker_init.connect
+def _on_init(sender: Any = None, **_: Any) -> None:
+    """Refuse to start on a broker that cannot keep claims, or without the factory."""
+    if sender is None or getattr(sender, "app", None) is not app:
+        return
+    delay = 0.5
+    while True:
+        try:
+            mode = _state.durability()
+            _state.factory()
+            break
+        except (BrokerNotDurableError, ValueError) as exc:
+            logger.critical("worker not started: %s", exc)
+            raise SystemExit(f"task-dispatcher worker: error: {exc}") from exc
+        except redis.RedisError as exc:
+            # Its persistence decides whether runs may start here: wait for the broker.
+            logger.warning("broker unreachable, retrying in %.1fs: %s", delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    if mode == "unchecked":
+        logger.warning(
+            "broker %s: persistence not verified (--allow-non-durable-broker): a broker crash "
+            "may execute runs twice",
+            mask_url(str(sender.app.conf.broker_url)),
+        )
 
 
 @signals.worker_ready.connect

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = [
+    "AccountNotFoundError",
     "BrokerInUseError",
+    "BrokerNotDurableError",
     "BrokerUnavailableError",
     "ControlError",
     "DirectoryLockedError",
@@ -37,6 +39,17 @@ class TaskNotFoundError(DispatcherError, KeyError):
 
     def __str__(self) -> str:
         return f"no task with id {self.task_id!r}"
+
+
+class AccountNotFoundError(DispatcherError, KeyError):
+    """No task belongs to this account id."""
+
+    def __init__(self, account_id: str) -> None:
+        super().__init__(account_id)
+        self.account_id = account_id
+
+    def __str__(self) -> str:
+        return f"no account with id {self.account_id!r}"
 
 
 class InvalidTaskError(DispatcherError, ValueError):
@@ -148,6 +161,11 @@ class BrokerUnavailableError(DispatcherError, ConnectionError):
 class BrokerInUseError(DispatcherError, RuntimeError):
     """The broker's Redis database already serves another running dispatcher (one per
     database: the run events and their consumer group belong to it)."""
+
+
+class BrokerNotDurableError(DispatcherError, RuntimeError):
+    """A worker's broker cannot keep a run's claim across a crash (its persistence settings),
+    so a run could execute twice: the message names the setting to change."""
 
 
 class ListenError(DispatcherError, ValueError):

@@ -34,6 +34,7 @@ __all__ = [
     "run_abandoned",
     "run_finished",
     "run_opened",
+    "run_requested",
     "run_started",
     "schedulable",
 ]
@@ -76,7 +77,7 @@ def loaded(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
         return _without_next(record)
     planned_at = record.next_execution_time
     if planned_at is None and record.active_run is None:
-        planned_at = schedule.next_run(record.last_execution_time, now)
+        planned_at = schedule.next_run(record.grid_time, now)
     if planned_at is not None and schedule.ended(planned_at):
         planned_at = None
     if planned_at is None:
@@ -101,7 +102,9 @@ def paused(record: TaskRecord, now: datetime, reason: str | None = None) -> Task
 
 
 def resumed(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord:
-    """Scheduled again: next run at ``last_execution_time + interval`` or now, in the window.
+    """Scheduled again: next run one interval after the last run's planned time (its
+    :attr:`~tasks.model.TaskRecord.grid_time`, not its jittered start: the grid never moves)
+    or now, whichever is later, in the window.
 
     Only a paused task changes; one with no run left before its end is completed. The reason
     of an automatic pause is cleared, and with it the count of failures that caused it.
@@ -110,7 +113,7 @@ def resumed(record: TaskRecord, schedule: Schedule, now: datetime) -> TaskRecord
         return record
     if record.paused_reason is not None:
         record = record.replace(paused_reason=None, consecutive_failures=0)
-    planned_at = schedule.next_run(record.last_execution_time, now)
+    planned_at = schedule.next_run(record.grid_time, now)
     if planned_at is None:
         return completed(record, now)
     executing = record.active_run is not None and not record.active_run.queued
@@ -166,18 +169,46 @@ def faulted(record: TaskRecord, error: str, now: datetime) -> TaskRecord:
     )
 
 
+def run_requested(record: TaskRecord, now: datetime) -> TaskRecord:
+    """An operator asked to run the task now ("run now"), whatever its window or status.
+
+    The request is kept in the record (saved) until its run opens; asking again before then
+    changes nothing: it runs once.
+    """
+    if record.run_requested is not None:
+        return record
+    return record.replace(run_requested=now, updated_at=now)
+
+
 def run_opened(record: TaskRecord, run: ActiveRun, now: datetime, *, started: bool) -> TaskRecord:
-    """A run was handed to a backend; ``started`` when it starts at once (this process)."""
+    """A run was handed to a backend; ``started`` when it starts at once (this process).
+
+    A planned run's time (``run.scheduled_at``) is the task's new grid point. A manual run takes
+    the request it answers and leaves ``last_execution_time``, ``last_planned_time`` (the
+    planned runs' anchor) and a planned retry as they are: it does not move the task's grid.
+    """
+    if run.manual:
+        if started and run.started_at != now:
+            run = run.model_copy(update={"started_at": now})
+        return record.replace(
+            active_run=run,
+            run_requested=None,
+            status=TaskStatus.RUNNING if started and not record.status.settled else record.status,
+            updated_at=now,
+        )
     if started:
         return record.replace(
             active_run=run if run.started_at == now else run.model_copy(update={"started_at": now}),
             status=record.status if record.status.settled else TaskStatus.RUNNING,
             last_execution_time=now,
+            last_planned_time=run.scheduled_at,
             last_worker=None,
             retry=None,
             updated_at=now,
         )
-    return record.replace(active_run=run, retry=None, updated_at=now)
+    return record.replace(
+        active_run=run, last_planned_time=run.scheduled_at, retry=None, updated_at=now
+    )
 
 
 def _is_open(record: TaskRecord, run_id: str) -> bool:
@@ -193,6 +224,12 @@ def run_started(record: TaskRecord, event: RunEvent, now: datetime) -> TaskRecor
     assert active is not None
     if not active.queued:
         return record
+    if active.manual:
+        return record.replace(
+            active_run=active.model_copy(update={"started_at": started_at}),
+            status=record.status if record.status.settled else TaskStatus.RUNNING,
+            updated_at=now,
+        )
     return record.replace(
         active_run=active.model_copy(update={"started_at": started_at}),
         status=record.status if record.status.settled else TaskStatus.RUNNING,
@@ -213,12 +250,18 @@ def run_finished(
     sets ``error``. A task paused meanwhile stays paused; one whose policy says so is paused
     after that many failed runs in a row (with ``paused_reason``); one whose schedule has no
     further run is completed; otherwise ``pending`` after a success, ``error`` after a failure.
+
+    A manual run (see :func:`run_requested`) is never retried, leaves ``last_execution_time``
+    and the count of failures in a row as they are (so it never pauses the task), and leaves
+    a paused or completed task so; it counts as a run (and a failed run if it failed).
     """
     if not _is_open(record, event.run_id) or not event.kind.finished:
         return record
     active = record.active_run
     assert active is not None
     error = None if event.ok else (event.error or event.kind.value)
+    if active.manual:
+        return _manual_finished(record, event, now, error)
     changes: dict[str, object] = {}
     if event.started_at is not None and event.kind is not RunEventKind.EXPIRED:
         changes["last_execution_time"] = event.started_at.astimezone(now.tzinfo)
@@ -261,6 +304,26 @@ def run_finished(
     )
 
 
+def _manual_finished(
+    record: TaskRecord, event: RunEvent, now: datetime, error: str | None
+) -> TaskRecord:
+    status = record.status
+    if not status.settled:
+        if record.next_execution_time is None and record.retry is None:
+            status = TaskStatus.COMPLETED
+        else:
+            status = TaskStatus.PENDING if error is None else TaskStatus.ERROR
+    return record.replace(
+        status=status,
+        active_run=None,
+        run_count=record.run_count + 1,
+        failure_count=record.failure_count + (error is not None),
+        last_error=record.last_error if error is None else error,
+        last_worker=event.worker if event.worker is not None else record.last_worker,
+        updated_at=now,
+    )
+
+
 def _retry(
     record: TaskRecord,
     event: RunEvent,
@@ -283,6 +346,10 @@ def run_abandoned(record: TaskRecord, run_id: str, now: datetime) -> TaskRecord:
     not count, and the task stays runnable."""
     if not _is_open(record, run_id):
         return record
+    assert record.active_run is not None
+    if record.active_run.manual and record.run_requested is None:
+        # Asked for and cut off before it ended: it stays asked for, and runs again.
+        record = record.replace(run_requested=record.active_run.submitted_at)
     status = record.status
     if status is TaskStatus.RUNNING:
         status = (
@@ -295,7 +362,8 @@ def edited(record: TaskRecord, rules: TaskRecord, schedule: Schedule, now: datet
     """The task's rules (interval, window, end, policy, kwargs) replaced by those of ``rules``
     (validated like a new task); ``schedule`` is theirs.
 
-    The next run is planned again from ``last_execution_time`` (or now); id, counters and the
+    The next run is planned again from the last run's planned time (its
+    :attr:`~tasks.model.TaskRecord.grid_time`), or now; id, counters and the
     run that is out are kept; a planned retry is dropped. A paused task stays paused; a
     completed one with a run left under the new rules is pending again.
     """
@@ -312,7 +380,7 @@ def edited(record: TaskRecord, rules: TaskRecord, schedule: Schedule, now: datet
     )
     if record.status is TaskStatus.PAUSED:
         return record
-    planned_at = schedule.next_run(record.last_execution_time, now)
+    planned_at = schedule.next_run(record.grid_time, now)
     if planned_at is None:
         return exhausted(record, now)
     status = TaskStatus.PENDING if record.status is TaskStatus.COMPLETED else record.status

@@ -36,6 +36,7 @@ __all__ = [
     "check_json_value",
     "json_default",
     "kwargs_problems",
+    "new_task_id_problem",
     "parse_end_time",
     "share_record_values",
 ]
@@ -110,6 +111,39 @@ def check_json_value(value: Any, path: str) -> None:
     )
 
 
+def _id_text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be any saved id (task or account), or None."""
+    if value.isprintable() and value == value.strip():
+        return None  # every record loaded passes here: two calls in C, no loop
+    if value != value.strip():
+        return f"{value!r} starts or ends with whitespace"
+    for position, char in enumerate(value):
+        if not char.isprintable():
+            return f"{value!r} holds the unprintable character {char!r} at position {position}"
+    return None
+
+
+def new_task_id_problem(task_id: str) -> str | None:
+    """Why ``task_id`` cannot name a new task, or None when it can.
+
+    A task id is one segment of the control API's and the dashboard's URLs
+    (``/api/v1/tasks/<id>/pause``), percent-encoded there, so any printable text works
+    (``账号1-运营``, ``a b``, ``50%``, ``q?``, ``#1``) except what no encoding gets through
+    every HTTP client and browser: ``/`` (a path separator once decoded) and the whole ids
+    ``.`` and ``..`` (clients collapse them as "this" and "the parent" segment). Control and
+    other unprintable characters and surrounding whitespace are refused too. Records saved
+    before this rule keep loading: it applies only when a task is added.
+    """
+    problem = _id_text_problem(task_id)
+    if problem is not None:
+        return problem
+    if "/" in task_id:
+        return f"{task_id!r} contains '/', which cannot be part of a URL path segment"
+    if task_id in (".", ".."):
+        return f"{task_id!r} cannot be a task id: URLs read it as a relative path segment"
+    return None
+
+
 def parse_end_time(text: str) -> date | datetime:
     """``task_end_time`` from text: a date (``2099-01-01``, ``20990101``) or an ISO datetime.
 
@@ -160,6 +194,9 @@ class ActiveRun(BaseModel):
     attempt: int = Field(default=1, ge=1)
     started_at: datetime | None = None
     """When it started executing (None: still queued)."""
+    manual: bool = False
+    """Asked for by an operator ("run now"), not planned: it neither moves the task's
+    planned runs nor counts toward its auto-pause."""
 
     @property
     def queued(self) -> bool:
@@ -220,12 +257,19 @@ class TaskRecord(BaseModel):
     saved (None: it starts at ``next_execution_time``)."""
     retry: PendingRetry | None = None
     """The retry of a failed run, waiting for its time (None: none)."""
+    run_requested: datetime | None = None
+    """When an operator asked for a run now that has not started yet (None: none asked)."""
+    last_planned_time: datetime | None = None
+    """The planned time of the last run: the point of the task's grid that the next run is
+    counted from (``last_execution_time`` is when that run started, later by its jitter or
+    its wait for the account). None: no run yet, or a record saved before it was kept."""
 
     @field_validator("task_id", "account_id")
     @classmethod
     def _printable_id(cls, value: str) -> str:
-        if value != value.strip() or not value.isprintable():
-            raise ValueError("must be printable, without surrounding whitespace")
+        problem = _id_text_problem(value)
+        if problem is not None:
+            raise ValueError(f"must be printable, without surrounding whitespace: {problem}")
         return value
 
     @field_validator("interval", mode="before")
@@ -319,6 +363,13 @@ class TaskRecord(BaseModel):
         if planned is None or start is None or start.timestamp() < planned.timestamp():
             return planned
         return start
+
+    @property
+    def grid_time(self) -> datetime | None:
+        """When the next run is counted from: the planned time of the last run (for a record
+        saved before that was kept, when the last run started); None before the first run.
+        Resuming or editing a task plans from here, so jitter never moves its grid."""
+        return self.last_planned_time or self.last_execution_time
 
     @property
     def interval_delta(self) -> timedelta:
@@ -480,8 +531,10 @@ _TIMES = (
     "last_execution_time",
     "next_execution_time",
     "next_start_time",
+    "run_requested",
     "created_at",
     "updated_at",
+    "last_planned_time",
 )
 _STATUSES = {status.value: status for status in TaskStatus}
 _NESTED: dict[str, type[BaseModel]] = {
@@ -511,6 +564,9 @@ def _trusted_time(value: str | datetime, zone: tzinfo) -> datetime:
 
 _FIELD_COUNT = len(_FIELD_ORDER)
 _FIELD_ROW = itemgetter(*_FIELD_ORDER)
+_EARLIER_ORDER = _FIELD_ORDER[:-1]
+"""The fields of records saved before ``last_planned_time`` (the last field) was kept."""
+_EARLIER_ROW = itemgetter(*_EARLIER_ORDER)
 _SLOTS = ("__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
 _SET_NAMES = (*_FIELD_ORDER, *_SLOTS)
 """What :func:`_fields_only` sets on a record, in its order: every field, then pydantic's slots."""
@@ -613,6 +669,10 @@ def _rebuilt_all(
             at.append(index)
             rows.append(_FIELD_ROW(raw))
             extras.append({key: raw[key] for key in keys[_FIELD_COUNT:]} or _NO_EXTRA)
+        elif keys[: _FIELD_COUNT - 1] == _EARLIER_ORDER and _FIELD_ORDER[-1] not in raw:
+            at.append(index)  # saved before the last field was kept: it is None
+            rows.append((*_EARLIER_ROW(raw), None))
+            extras.append({key: raw[key] for key in keys[_FIELD_COUNT - 1 :]} or _NO_EXTRA)
     for index, record in zip(at, _converted(cls, rows, extras, zone, times, shared), strict=True):
         made[index] = record
     return made
@@ -696,7 +756,13 @@ _new = object.__new__
 
 # Fields added after the seed's format that only the dispatcher sets: host keywords keep
 # these names (``run_policy`` is the one new reserved keyword).
-_INTERNAL_FIELDS = {"paused_reason", "next_start_time", "retry"}
+_INTERNAL_FIELDS = {
+    "paused_reason",
+    "next_start_time",
+    "retry",
+    "run_requested",
+    "last_planned_time",
+}
 
 RESERVED_KWARGS = frozenset(
     _ALL_FIELDS - {"account_id", "account_name", "task_id", "task_type"} - _INTERNAL_FIELDS

@@ -18,18 +18,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from tasks.secrets import mask_text
 
 __all__ = [
     "ERROR_LIMIT",
     "NOT_SENT",
     "TIMED_OUT",
+    "TRIGGERS",
     "RunBackend",
     "RunEvent",
     "RunEventKind",
     "RunInbox",
     "RunRequest",
+    "Trigger",
     "describe_error",
+    "run_trigger",
     "timed_out_error",
 ]
 
@@ -48,14 +53,29 @@ NOT_SENT = "not_sent"
 ``pause_after_failures``: an outage is not the task's fault."""
 
 
+Trigger = Literal["schedule", "retry", "manual"]
+"""Why a run was started: its planned time came (``schedule``), it retries a failed run
+(``retry``), or an operator asked for it (``manual``: "run now")."""
+
+TRIGGERS: tuple[Trigger, ...] = ("schedule", "retry", "manual")
+
+
+def run_trigger(attempt: int, manual: bool = False) -> Trigger:
+    """The trigger of a run: ``manual`` if asked for, else by its attempt number."""
+    if manual:
+        return "manual"
+    return "retry" if attempt > 1 else "schedule"
+
+
 def timed_out_error(timeout: float) -> str:
     """The error recorded for a run stopped by its timeout."""
     return f"timed out after {timeout:g} s"
 
 
 def describe_error(exc: BaseException) -> str:
-    """``"Type: message"``, cut to :data:`ERROR_LIMIT` characters."""
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    """``"Type: message"`` with credentials masked (see :func:`~tasks.secrets.mask_text`),
+    cut to :data:`ERROR_LIMIT` characters."""
+    text = mask_text(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
     return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 3] + "..."
 
 
@@ -100,6 +120,8 @@ class RunRequest:
     """Seconds the run may take (the task's ``run_timeout``); the executor stops a run still
     going then and reports it failed, "timed out after N s". The local backend cancels
     coroutines and shell commands; a fleet worker is to apply it as the task's time limit."""
+    trigger: Trigger = "schedule"
+    """Why the run was started (``schedule``, ``retry`` or ``manual``)."""
 
     def to_json(self) -> dict[str, Any]:
         """The request as a JSON object (datetimes as ISO-8601 with offset)."""
@@ -115,6 +137,7 @@ class RunRequest:
             "deadline": _instant(self.deadline),
             "attempt": self.attempt,
             "timeout": self.timeout,
+            "trigger": self.trigger,
         }
 
     @classmethod
@@ -140,9 +163,20 @@ class RunRequest:
                 deadline=_parse_instant(data.get("deadline")),
                 attempt=int(data.get("attempt", 1)),
                 timeout=None if data.get("timeout") is None else float(data["timeout"]),
+                trigger=_trigger(data.get("trigger"), int(data.get("attempt", 1))),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a run request: {exc!r}") from exc
+
+
+def _trigger(value: Any, attempt: int) -> Trigger:
+    """A trigger read back; a message from before triggers existed gets its attempt's."""
+    for trigger in TRIGGERS:
+        if value == trigger:
+            return trigger
+    if value is None:
+        return run_trigger(attempt)
+    raise ValueError(f"trigger: must be one of {', '.join(TRIGGERS)}, got {value!r}")
 
 
 class RunEventKind(StrEnum):
@@ -178,11 +212,18 @@ class RunEvent:
     worker: str | None = None
     """The name of the worker that executed the run (None: this process)."""
     error: str | None = None
-    """``"Type: message"`` for failed, lost and expired runs."""
+    """``"Type: message"`` for failed, lost and expired runs, credentials masked."""
     started_at: datetime | None = None
     """For a finishing event: when the run started, if the reporter knows."""
     extra: Mapping[str, Any] = field(default_factory=dict)
     """Anything else the backend reports (kept in the run history)."""
+
+    def __post_init__(self) -> None:
+        # Every run's error text passes here where it is formed (this process, a worker, a
+        # verdict of lost or expired), so the record, the history, the logs and the webhooks
+        # only ever see it masked, whichever reporter sent it.
+        if self.error is not None:
+            object.__setattr__(self, "error", mask_text(self.error))
 
     @property
     def ok(self) -> bool:

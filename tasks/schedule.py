@@ -268,6 +268,6 @@ def preview_runs(record: TaskRecord, zone: tzinfo, now: datetime, count: int) ->
     if status == "completed":
         first = None
     elif status == "paused":
-        first = schedule.next_run(record.last_execution_time, now)
+        first = schedule.next_run(record.grid_time, now)
     runs = tuple(itertools.islice(schedule.upcoming(first), max(count, 0)))
     return RunPreview(record.task_id, status, status == "paused", runs)

@@ -11,10 +11,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tasks.registry import default_registry
+from tasks.secrets import mask_text
 
-__all__ = ["ShellTask", "ShellTaskError"]
+__all__ = ["OUTPUT_LOGGER", "ShellTask", "ShellTaskError"]
 
 logger = logging.getLogger(__name__)
+
+OUTPUT_LOGGER = f"{__name__}.output"
+"""The logger of what a successful run printed (its stdout tail, masked, on one line), at
+DEBUG: a host (``run --demo``) lowers this logger's level to show the work."""
+_output = logging.getLogger(OUTPUT_LOGGER)
 
 _TAIL = 500
 _TRUE = {"1", "true", "yes", "on"}
@@ -34,7 +40,19 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _tail(data: bytes | bytearray) -> str:
-    text = bytes(data).decode(errors="replace").strip()
+    """The end of a command's output, credentials masked (before the cut, so the cut never
+    leaves the end of a secret's name and its value in view)."""
+    text = mask_text(bytes(data).decode(errors="replace").strip())
+    return text if len(text) <= _TAIL else "..." + text[-_TAIL:]
+
+
+def _output_tail(data: bytes | bytearray) -> str:
+    """What a run printed, as one line of at most about ``_TAIL`` characters: credentials
+    masked before the cut (a cut could split a ``password=`` and hide its name)."""
+    lines = mask_text(bytes(data).decode(errors="replace")).splitlines()
+    text = " | ".join(line.strip() for line in lines if line.strip())
+    # Terminal escapes and other control characters must not reach the log as such.
+    text = "".join(char if char.isprintable() else "?" for char in text)
     return text if len(text) <= _TAIL else "..." + text[-_TAIL:]
 
 
@@ -126,8 +144,8 @@ class ShellTask:
             readers.cancel()
             raise
         await readers
-        if stdout:
-            logger.debug("task %s stdout: %s", self.task_id, _tail(stdout))
+        if stdout and _output.isEnabledFor(logging.DEBUG):
+            _output.debug("task %s printed: %s", self.task_id, _output_tail(stdout))
         if process.returncode != 0:
             raise ShellTaskError(
                 f"exit status {process.returncode}; stderr: {_tail(stderr) or '(empty)'}"

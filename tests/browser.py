@@ -34,6 +34,14 @@ CHROMIUM_ARGS = [
 ARTIFACTS = ROOT / "tests" / "artifacts"
 """Screenshots and figures the browser tests leave behind (gitignored)."""
 
+DOC_PICTURES = {
+    "overview": ROOT / "docs" / "dashboard.png",
+    "timeline": ROOT / "docs" / "images" / "timeline.png",
+    "task": ROOT / "docs" / "images" / "task.png",
+}
+"""The dashboard's pictures in the documentation (and the README), by page: the browser
+tests take them afresh each time they run, so the pages show the dashboard as it is."""
+
 ZONE = "Asia/Shanghai"
 """The dispatcher's zone in the browser tests."""
 
@@ -41,6 +49,7 @@ PAGE_LIMIT_VARS = ("TASK_DISPATCHER_OVERVIEW_LIMIT", "TASK_DISPATCHER_LANE_LIMIT
 """How much one dashboard page shows: set for a test (through ``environ``), else defaults."""
 
 _URL = re.compile(r"dashboard on (http://\S+?)/?\s*$")
+_LOGIN = re.compile(r"log in to the dashboard .*: (http://\S+)\s*$")
 
 
 def require_browser() -> None:
@@ -72,7 +81,10 @@ def cli(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 class Served:
-    """``task-dispatcher run --listen 127.0.0.1:0`` in a subprocess; its log read on a thread."""
+    """``task-dispatcher run --listen 127.0.0.1:0`` in a subprocess; its log read on a thread.
+
+    Without ``token`` the process draws one and prints a login URL (:attr:`login_url`).
+    """
 
     def __init__(
         self,
@@ -121,6 +133,13 @@ class Served:
         self.wait_for(lambda line: _URL.search(line) is not None, timeout=60)
         match = next(m for m in map(_URL.search, self.seen) if m)
         self.url = match.group(1)
+        self.login_url: str | None = None
+        """The URL `run` printed that logs a browser in (None when the token was given)."""
+        if token is None:
+            line = self.wait_for(lambda line: _LOGIN.search(line) is not None)
+            login = _LOGIN.search(line)
+            assert login is not None
+            self.login_url = login.group(1)
 
     def _read(self) -> None:
         assert self.process.stdout is not None

@@ -80,16 +80,27 @@ def no_broker(message: str) -> None:
 
 
 class RedisServer:
-    """A ``redis-server`` of our own, which a test may kill and restart: no persistence, or
-    with ``aof`` an append-only file (``appendfsync everysec``, Redis's default) in
-    ``directory``, so a restart keeps the data."""
+    """A ``redis-server`` of our own, which a test may kill and restart.
 
-    def __init__(self, directory: Path, port: int | None = None, *, aof: bool = False) -> None:
+    No persistence unless ``config`` says otherwise (``{"appendonly": "yes", ...}``); ``aof``
+    is short for an append-only file with Redis's default ``appendfsync everysec``, so a
+    restart keeps the data.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        config: dict[str, str] | None = None,
+        *,
+        aof: bool = False,
+    ) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             no_broker("no redis-server binary to start a broker of our own")
         self.directory = directory
         self.port = port or free_port()
+        self.config = {"save": "", "appendonly": "yes" if aof else "no", **(config or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.aof = aof
 
@@ -98,8 +109,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 *(self.binary, "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "yes" if self.aof else "no"),
                 *("--dir", str(self.directory)),
+                *(arg for name, value in self.config.items() for arg in (f"--{name}", value)),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -233,7 +244,8 @@ def request(
 
 StartWorker = Callable[..., Worker]
 """``start_worker(name, *sys_types, concurrency=2, factory=PROBE, broker=None,
-visibility_timeout=None)``."""
+visibility_timeout=None, check_broker=False)`` (``factory=None``: the registered task types;
+``check_broker``: without ``--allow-non-durable-broker``)."""
 OpenBackend = Callable[..., Awaitable[CeleryRunBackend]]
 """``open_backend(inbox, **CeleryRunBackend options)``."""
 

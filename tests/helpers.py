@@ -22,6 +22,7 @@ import orjson
 
 from jobstores import loading
 from jobstores.journal import JournalStorage
+from jobstores.jsonfile import SNAPSHOT_BELOW
 from jobstores.storage import SnapshotStorage, StorageBackend
 from tasks import TaskRecord
 
@@ -261,8 +262,8 @@ class Running:
             command(directory, "run", "--no-live", "--grace", "10", *args),
             cwd=ROOT,
             env=None if env is None else {**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # what `run` prints (a login URL) among its log lines
             text=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
@@ -275,12 +276,12 @@ class Running:
             self.process.kill()
         self.process.wait(10)
         self.reader.join(10)
-        assert self.process.stderr is not None
-        self.process.stderr.close()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
 
     def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             self.lines.put(line)
 
     def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 30) -> None:
@@ -303,10 +304,20 @@ class Running:
         return sum(" finished in " in line for line in lines)
 
 
-BACKENDS = ("journal", "snapshot")
-"""The storage backends every contract test runs over."""
+BACKENDS = ("journal", "journal-small", "snapshot")
+"""The storages every contract test runs over: the journal taking every change (the store
+above its snapshot threshold), the journal of a store below it (every commit writes the
+file), and the whole-file backend."""
 
 
 def storage(kind: str, directory: Path) -> StorageBackend:
     """A fresh storage backend of ``kind`` on ``directory``."""
-    return JournalStorage(directory) if kind == "journal" else SnapshotStorage(directory)
+    return SnapshotStorage(directory) if kind == "snapshot" else JournalStorage(directory)
+
+
+def store_options(kind: str, directory: Path) -> dict[str, Any]:
+    """JsonJobStore's storage options for ``kind`` (see :data:`BACKENDS`)."""
+    return {
+        "storage": storage(kind, directory),
+        "snapshot_below": 0 if kind == "journal" else SNAPSHOT_BELOW,
+    }

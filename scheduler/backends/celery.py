@@ -50,6 +50,7 @@ from scheduler.fleet import (
     LEASE_RELEASE_SCRIPT,
     LEASE_SCRIPT,
     MARK_SCRIPT,
+    MESSAGE_FORMAT,
     TASK_NAME,
     WORKER_PREFIX,
     alive_key,
@@ -402,9 +403,11 @@ class CeleryRunBackend:
         assert self._app is not None
         request = run.request
         payload = {
+            "format": MESSAGE_FORMAT,
             "request": request.to_json(),
             "heartbeat": self._heartbeat,
             "alive_ms": self._alive_ms,
+            "lost_after": self.lost_after,
         }
         # The worker bounds the run itself (any pool); Celery's own limits back it up where
         # the pool enforces them (prefork), a little later so the worker reports first.
@@ -776,7 +779,7 @@ class CeleryRunBackend:
                     "data) while it was out, and no worker reported it; it is not re-run"
                 )
                 if await self._mark(run, "", RunEventKind.LOST, None, error):
-                    logger.error(
+                    logger.info(
                         "run %s of task %s (account %s) lost with the broker's data",
                         request.run_id,
                         request.task_id,
@@ -785,18 +788,26 @@ class CeleryRunBackend:
                 return
             if run.deadline is not None and _utcnow() >= run.deadline:
                 waited = (run.deadline - request.submitted_at).total_seconds()
+                serving = sorted(
+                    name for name, types in self._workers.items() if request.sys_type in types
+                )
+                why = (
+                    f"its worker(s) of sys_type {request.sys_type!r} ({', '.join(serving)}) "
+                    "were busy"
+                    if serving
+                    else f"no worker for sys_type {request.sys_type!r} was registered"
+                )
                 error = (
-                    f"RunExpiredError: no worker for sys_type {request.sys_type!r} started "
-                    f"the run within {waited:g}s; it will not run"
+                    f"RunExpiredError: no worker started the run within {waited:g}s ({why}); "
+                    "it will not run"
                 )
                 if await self._mark(run, "", RunEventKind.EXPIRED, None, error):
-                    logger.error(
-                        "run %s of task %s (account %s) expired: no worker for sys_type %r "
-                        "started it in time",
+                    logger.info(
+                        "run %s of task %s (account %s) expired: %s",
                         request.run_id,
                         request.task_id,
                         request.account_id,
-                        request.sys_type,
+                        why,
                     )
             return
         try:
@@ -824,7 +835,7 @@ class CeleryRunBackend:
             f"{self.lost_after:g}s); the run is not retried"
         )
         if await self._mark(run, claim.decode(), RunEventKind.LOST, worker, error):
-            logger.error(
+            logger.info(
                 "run %s of task %s (account %s) lost: worker %s stopped sending heartbeats",
                 request.run_id,
                 request.task_id,

@@ -217,9 +217,10 @@ class LocalRunBackend:
 
         def returned(future: asyncio.Future[object]) -> None:
             self._lingering.pop(request.run_id, None)
-            if not future.cancelled() and future.exception() is not None:
+            raised = None if future.cancelled() else future.exception()
+            if raised is not None:
                 logger.debug(
-                    "run %s raised after its timeout: %r", request.run_id, future.exception()
+                    "run %s raised after its timeout: %s", request.run_id, describe_error(raised)
                 )
             logger.warning(
                 "run %s of task %s: the timed-out thread returned; the account's lane is free",

@@ -7,6 +7,7 @@ through :meth:`TaskDispatcher.control_app` and :meth:`TaskDispatcher.serve_contr
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 if TYPE_CHECKING:
     from scheduler.control.app import create_app
@@ -14,10 +15,32 @@ if TYPE_CHECKING:
     from scheduler.control.guard import MAX_BODY
     from scheduler.control.server import ControlServer, check_listen
 
-__all__ = ["API_PREFIX", "MAX_BODY", "ControlClient", "ControlServer", "check_listen", "create_app"]
+__all__ = [
+    "API_PREFIX",
+    "MAX_BODY",
+    "ControlClient",
+    "ControlServer",
+    "check_listen",
+    "create_app",
+    "path_segment",
+]
 
 API_PREFIX = "/api/v1"
 """Where the API's routes live; a later, incompatible API gets a new prefix."""
+
+
+def path_segment(value: str) -> str:
+    """``value`` (a task or account id) as one percent-encoded URL path segment.
+
+    Everything but unreserved ASCII is encoded (``账号`` as UTF-8, ``/``, ``?``, ``#``, ``%``),
+    and the dots of a whole ``.`` or ``..`` too, which HTTP clients would otherwise collapse as
+    relative segments (an account may be called that; a task only in a file saved before such
+    task ids were refused). Browsers collapse ``%2E`` too: the dashboard cannot reach those.
+    """
+    if value in (".", ".."):
+        return "%2E" * len(value)
+    return quote(value, safe="")
+
 
 _LAZY = {
     "create_app": "scheduler.control.app",

@@ -21,9 +21,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.control import API_PREFIX
+from scheduler.control import API_PREFIX, path_segment
 from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
 from scheduler.control.models import (
+    AccountChanges,
     AccountOrder,
     BulkAdd,
     BulkAdded,
@@ -38,6 +39,7 @@ from scheduler.control.models import (
 )
 from scheduler.control.paging import MAX_PAGE, Cursor, TaskFilter, task_page
 from scheduler.errors import (
+    AccountNotFoundError,
     DispatcherClosedError,
     HistoryUnavailableError,
     InvalidTaskError,
@@ -106,6 +108,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
         return _error(exc.status, exc.error, exc.message, exc.field)
+
+    @app.exception_handler(AccountNotFoundError)
+    async def no_account(request: Request, exc: AccountNotFoundError) -> Response:
+        return _error(404, "not_found", str(exc), "account_id")
 
     @app.exception_handler(TaskNotFoundError)
     async def not_found(request: Request, exc: TaskNotFoundError) -> Response:
@@ -311,7 +317,8 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
     async def add_task(spec: TaskSpec, show_secrets: ShowSecrets) -> Response:
         (task_id,) = await dispatcher.add_tasks([spec.keywords()])
         record = dispatcher.get_task(task_id)
-        return _json(view(record, show_secrets), 201, Location=f"{API_PREFIX}/tasks/{task_id}")
+        location = f"{API_PREFIX}/tasks/{path_segment(task_id)}"
+        return _json(view(record, show_secrets), 201, Location=location)
 
     @router.post(
         "/tasks/bulk",
@@ -323,12 +330,8 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         task_ids = await dispatcher.add_tasks([spec.keywords() for spec in body.tasks])
         return _json({"task_ids": task_ids}, 201)
 
-    @router.get("/tasks/{task_id}", response_model=TaskRecord, summary="One task")
-    async def get_task(task_id: str, show_secrets: ShowSecrets) -> Response:
-        return _json(view(dispatcher.get_task(task_id), show_secrets))
-
     @router.get(
-        "/tasks/{task_id}/next-runs", response_model=NextRuns, summary="The next planned runs"
+        "/tasks/{task_id:path}/next-runs", response_model=NextRuns, summary="The next planned runs"
     )
     async def next_runs(task_id: str, count: Annotated[int, Query(ge=0, le=1000)] = 5) -> Response:
         preview = dispatcher.next_runs(task_id, count)
@@ -341,17 +344,52 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
             }
         )
 
-    @router.post("/tasks/{task_id}/pause", response_model=TaskRecord, summary="Pause (saved)")
+    @router.post("/tasks/{task_id:path}/pause", response_model=TaskRecord, summary="Pause (saved)")
     async def pause(task_id: str, show_secrets: ShowSecrets) -> Response:
         await asyncio.to_thread(dispatcher.pause_task, task_id)
         return _json(view(dispatcher.get_task(task_id), show_secrets))
 
-    @router.post("/tasks/{task_id}/resume", response_model=TaskRecord, summary="Resume (saved)")
+    @router.post(
+        "/tasks/{task_id:path}/resume", response_model=TaskRecord, summary="Resume (saved)"
+    )
     async def resume(task_id: str, show_secrets: ShowSecrets) -> Response:
         await asyncio.to_thread(dispatcher.resume_task, task_id)
         return _json(view(dispatcher.get_task(task_id), show_secrets))
 
-    @router.patch("/tasks/{task_id}", response_model=TaskRecord, summary="Edit a task (saved)")
+    @router.post(
+        "/tasks/{task_id:path}/run",
+        status_code=202,
+        response_model=TaskRecord,
+        summary="Run once now, whatever the window or status (the request is saved)",
+    )
+    async def run_now(task_id: str, show_secrets: ShowSecrets) -> Response:
+        record = await asyncio.to_thread(dispatcher.run_now, task_id)
+        return _json(view(record, show_secrets), 202)
+
+    @router.post(
+        "/tasks/{task_id:path}/preview",
+        response_model=NextRuns,
+        summary="The next runs an edit would plan (changes nothing)",
+    )
+    async def preview(
+        task_id: str, body: TaskChanges, count: Annotated[int, Query(ge=0, le=1000)] = 5
+    ) -> Response:
+        changes = body.model_dump(exclude_unset=True)
+        if "kwargs" in changes:
+            raise ApiError(422, "invalid", "kwargs: do not change the planned runs", "kwargs")
+        preview = await asyncio.to_thread(
+            functools.partial(dispatcher.preview_update, task_id, count, **changes)
+        )
+        return _json(
+            {
+                "task_id": preview.task_id,
+                "status": preview.status,
+                "if_resumed": preview.if_resumed,
+                "runs": list(preview.runs),
+            }
+        )
+
+    @router.patch("/tasks/{task_id:path}", response_model=TaskRecord, summary="Edit a task (saved)")
     async def update(task_id: str, body: TaskChanges, show_secrets: ShowSecrets) -> Response:
         changes = body.model_dump(exclude_unset=True)
         record = await asyncio.to_thread(
@@ -360,7 +398,7 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         return _json(view(record, show_secrets))
 
     @router.post(
-        "/tasks/{task_id}/reorder",
+        "/tasks/{task_id:path}/reorder",
         response_model=AccountOrder,
         summary="Move a task in its account's priority order (saved)",
     )
@@ -370,7 +408,7 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         queued = dispatcher.queued_runs() if dispatcher.running else {}
         return _json(account_order(account, dispatcher.account_tasks.get(account, []), queued))
 
-    @router.delete("/tasks/{task_id}", status_code=204, summary="Remove a task (saved)")
+    @router.delete("/tasks/{task_id:path}", status_code=204, summary="Remove a task (saved)")
     async def remove(task_id: str) -> Response:
         await asyncio.to_thread(dispatcher.remove_task, task_id)
         return Response(status_code=204)
@@ -393,13 +431,19 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
         return _json([entry.to_json() for entry in entries])
 
     @router.get(
-        "/tasks/{task_id}/runs",
+        "/tasks/{task_id:path}/runs",
         response_model=list[RunEntry],
         summary="A task's recorded runs, newest first",
     )
     async def task_runs(task_id: str, filters: Annotated[RunFilters, Query()]) -> Response:
         dispatcher.get_task(task_id)  # 404 for an unknown id
         return await query_runs(task_id, filters)
+
+    # Declared after the routes that end in a word of their own (/next-runs, /runs), which
+    # would otherwise be read as part of the id.
+    @router.get("/tasks/{task_id:path}", response_model=TaskRecord, summary="One task")
+    async def get_task(task_id: str, show_secrets: ShowSecrets) -> Response:
+        return _json(view(dispatcher.get_task(task_id), show_secrets))
 
     @router.get(
         "/runs",
@@ -422,7 +466,35 @@ def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
             [account_order(a, ids, queued) for a, ids in sorted(dispatcher.account_tasks.items())]
         )
 
-    @router.get("/accounts/{account_id}", response_model=AccountOrder, summary="One account")
+    async def account_change(account_id: str, change: Any) -> Response:
+        report = await asyncio.to_thread(change, account_id)
+        return _json(
+            {
+                "account_id": account_id,
+                "tasks": [
+                    {"task_id": c.task_id, "status": c.status.value, "changed": c.changed}
+                    for c in report
+                ],
+            }
+        )
+
+    @router.post(
+        "/accounts/{account_id:path}/pause",
+        response_model=AccountChanges,
+        summary="Pause every task of an account (one commit, saved)",
+    )
+    async def pause_account(account_id: str) -> Response:
+        return await account_change(account_id, dispatcher.pause_account)
+
+    @router.post(
+        "/accounts/{account_id:path}/resume",
+        response_model=AccountChanges,
+        summary="Resume every paused task of an account (one commit, saved)",
+    )
+    async def resume_account(account_id: str) -> Response:
+        return await account_change(account_id, dispatcher.resume_account)
+
+    @router.get("/accounts/{account_id:path}", response_model=AccountOrder, summary="One account")
     async def account(account_id: str) -> Response:
         ids = dispatcher.account_tasks.get(account_id)
         if not ids:

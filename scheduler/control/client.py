@@ -12,13 +12,12 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
 
-from scheduler.control import API_PREFIX
+from scheduler.control import API_PREFIX, path_segment
 from scheduler.errors import ControlError
 from scheduler.triggers import RunPreview
 from tasks.model import TaskRecord
@@ -216,6 +215,20 @@ class ControlClient:
         """Resume; the record once saved."""
         return TaskRecord.model_validate(self._request("POST", f"/tasks/{_quote(task_id)}/resume"))
 
+    def run_now(self, task_id: str) -> TaskRecord:
+        """Ask for one run now; the record once the request is saved."""
+        return TaskRecord.model_validate(self._request("POST", f"/tasks/{_quote(task_id)}/run"))
+
+    def pause_account(self, account_id: str) -> list[dict[str, Any]]:
+        """Pause every task of the account (one commit); per task: id, status, changed."""
+        data = self._request("POST", f"/accounts/{_quote(account_id)}/pause")
+        return list(data["tasks"])
+
+    def resume_account(self, account_id: str) -> list[dict[str, Any]]:
+        """Resume every paused task of the account (one commit); per task as above."""
+        data = self._request("POST", f"/accounts/{_quote(account_id)}/resume")
+        return list(data["tasks"])
+
     def remove_task(self, task_id: str) -> None:
         """Remove for good (saved when this returns)."""
         self._request("DELETE", f"/tasks/{_quote(task_id)}")
@@ -235,7 +248,7 @@ class ControlClient:
 
 
 def _quote(segment: str) -> str:
-    return quote(segment, safe="")
+    return path_segment(segment)
 
 
 def _param(value: Any) -> Any:

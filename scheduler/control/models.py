@@ -11,7 +11,9 @@ from scheduler.history import MAX_QUERY_LIMIT
 from tasks.model import TaskRecord
 
 __all__ = [
+    "AccountChanges",
     "AccountOrder",
+    "AccountTaskChange",
     "BulkAdd",
     "BulkAdded",
     "ErrorBody",
@@ -105,6 +107,21 @@ class TaskChanges(BaseModel):
     task_end_time: str | None = None
     run_policy: dict[str, Any] | None = None
     kwargs: dict[str, Any] | None = None
+
+
+class AccountTaskChange(BaseModel):
+    """What pausing or resuming an account did to one of its tasks."""
+
+    task_id: str
+    status: str = Field(description="The task's status after the change.")
+    changed: bool = Field(description="False for a task already so, or completed.")
+
+
+class AccountChanges(BaseModel):
+    """The tasks of an account after pausing or resuming all of them (one commit)."""
+
+    account_id: str
+    tasks: list[AccountTaskChange]
 
 
 class AccountOrder(BaseModel):

@@ -7,8 +7,9 @@ Each listener is a uvicorn server on the dispatcher's own event loop, on a socke
   connect; a stale socket left by a dead owner is replaced (only this process, holding the
   directory's lock, can own the directory, so any socket already there is stale), anything
   else at that path is refused;
-* TCP binds only after :func:`check_listen` accepted the address: a non-loopback address needs
-  a token.
+* TCP binds only with a token (TCP cannot tell local users apart: another user of the machine
+  could otherwise steer the dispatcher) and after :func:`check_listen` accepted the address: a
+  non-loopback address needs a token the host chose, not one drawn for it.
 
 uvicorn installs no signal handlers and configures no logging here: the host (or the ``run``
 command) owns both.
@@ -27,6 +28,7 @@ import stat
 import tempfile
 from collections.abc import Generator
 from pathlib import Path
+from urllib.parse import quote
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -155,11 +157,21 @@ class ControlServer:
         socket_path: Path | None,
         listen: str | None = None,
         token: str | None = None,
+        dashboard: bool = False,
     ) -> None:
         self._app = app
         self.socket_path = socket_path
         """The Unix socket served (None: no socket)."""
+        if listen and not token:
+            raise ListenError(
+                f"--listen {listen}: a TCP listener needs a token (TCP cannot tell the users "
+                "of this machine apart)"
+            )
         self._listen = check_listen(listen, token) if listen else None
+        self.token = token if listen else None
+        """The token every TCP request needs (None: no TCP listener)."""
+        self.dashboard = dashboard
+        """Whether the app serves the dashboard (then :attr:`login_url` logs a browser in)."""
         self.address: tuple[str, int] | None = None
         """The TCP address bound (the real port if 0 was asked), or None."""
         self._servers: list[tuple[_Server, asyncio.Task[None]]] = []
@@ -172,6 +184,15 @@ class ControlServer:
             return None
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def login_url(self) -> str | None:
+        """The dashboard's URL carrying the token once: opening it logs a browser in (it
+        trades the token for a session cookie and moves on to ``/`` without it). None
+        without TCP or without the dashboard. It holds the token: show it to its owner only."""
+        if self.url is None or self.token is None or not self.dashboard:
+            return None
+        return f"{self.url}/login?token={quote(self.token, safe='')}"
 
     async def start(self) -> None:
         """Bind and start serving; returns once every listener accepts connections."""

@@ -14,7 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -31,15 +31,18 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp
 
+from scheduler.control.guard import client_of
 from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
 from scheduler.web.feed import diff, rendered_at
 from scheduler.web.security import COOKIE_NAME, SESSION_SECONDS, DashboardGuard, WebSecurity
-from scheduler.web.timeline import HORIZON, build_timeline
+from scheduler.web.timeline import SPANS, axis_ticks, build_timeline
 from scheduler.web.views import (
     Filters,
     Lane,
     Selection,
+    attention,
+    edit_values,
     format_time,
     lanes,
     masked_fields,
@@ -187,6 +190,18 @@ async def _runs(dispatcher: TaskDispatcher, *args: Any, **query: Any) -> list[An
         return None
 
 
+def _workers(dispatcher: TaskDispatcher) -> dict[str, int] | None:
+    """Live workers per sys_type, for a backend that reports them (None: it does not)."""
+    try:
+        workers = dispatcher.run_backend.health().get("workers")
+    except Exception as exc:  # the page shows without them
+        logger.debug("dashboard could not read the workers: %s", exc)
+        return None
+    if not isinstance(workers, Mapping):
+        return None
+    return {str(sys_type): len(names) for sys_type, names in sorted(workers.items())}
+
+
 async def _form(request: Request) -> dict[str, str]:
     """A small urlencoded form (the login and logout forms), without a multipart parser."""
     body = await request.body()
@@ -267,16 +282,27 @@ class _Pages:
     # server applies the filters and shows the first matching tasks of each account.
 
     def _select(
-        self, request: Request, records: Sequence[TaskRecord], order: dict[str, list[str]]
+        self,
+        request: Request,
+        records: Sequence[TaskRecord],
+        order: dict[str, list[str]],
+        accounts: Sequence[str] | None = None,
     ) -> tuple[Filters, Selection | None]:
         """The page's filters, and what a bounded page shows of ``records`` (None: they fit
-        on one page, shown whole and filtered in the browser)."""
+        on one page, shown whole and filtered in the browser); lanes in the order of
+        ``accounts`` (else by account id)."""
         filters = Filters.of(request.query_params)
         limits = self.limits
         if len(records) <= limits.overview:
             return filters, None
         return filters, select(
-            records, order, filters, page_limit=limits.overview, lane_limit=limits.lane
+            records,
+            order,
+            filters,
+            page_limit=limits.overview,
+            lane_limit=limits.lane,
+            account_order=accounts,
+            now=utc_now(),
         )
 
     def _order_tag(self) -> str:
@@ -292,8 +318,13 @@ class _Pages:
         zone = dispatcher.timezone
         limits = self.limits
 
+        alphabetical = request.query_params.get("sort") == "az"
+        workers = _workers(dispatcher)
+
         def page() -> Response:
-            filters, selection = self._select(request, records, order)
+            needs = attention(records, read_at)
+            accounts = sorted(order) if alphabetical else needs.order(order)
+            filters, selection = self._select(request, records, order, accounts)
             if selection is not None:
                 shown = [
                     Lane(
@@ -306,7 +337,8 @@ class _Pages:
                     for account, rows in selection.accounts.items()
                 ]
             else:
-                shown = lanes(records, order, zone)
+                shown = lanes(records, order, zone, accounts)
+            shown = [replace(lane, reason=needs.reason(lane.account_id)) for lane in shown]
             return self._render(
                 request,
                 "overview.html",
@@ -320,6 +352,9 @@ class _Pages:
                     "statuses": [status.value for status in TaskStatus],
                     "task_types": sorted({r.task_type for r in records}),
                     "sys_types": sorted({r.sys_type for r in records}),
+                    "attention": needs,
+                    "workers": workers,
+                    "alphabetical": alphabetical,
                 },
                 read_at=read_at,
                 order_tag=order_tag,
@@ -330,7 +365,11 @@ class _Pages:
     async def timeline(self, request: Request) -> Response:
         dispatcher = self.dispatcher
         now = utc_now()
-        history = await _runs(dispatcher, since=now - HORIZON, limit=TIMELINE_RUNS)
+        span = request.query_params.get("span", "24h")
+        if span not in SPANS:
+            span = "24h"
+        horizon = SPANS[span]
+        history = await _runs(dispatcher, since=now - horizon, limit=TIMELINE_RUNS)
         records, order, zone = (
             dispatcher.peek_tasks(),
             dispatcher.account_tasks,
@@ -349,22 +388,24 @@ class _Pages:
                     zone,
                     now,
                     history or (),
+                    horizon,
                 )
             else:
-                timeline = build_timeline(records, order, zone, now, history or ())
-            hours = []
-            first = (timeline.start.astimezone(zone) + timedelta(hours=1)).replace(
-                minute=0, second=0, microsecond=0
-            )
-            for step in range(0, 48, 3):
-                tick = first + timedelta(hours=step)
-                hours.append((timeline.fraction(tick), tick.strftime("%H:%M")))
+                timeline = build_timeline(records, order, zone, now, history or (), horizon)
+            ticks = [
+                (timeline.fraction(tick.at), tick)
+                for tick in axis_ticks(timeline.start, timeline.stop, zone)
+            ]
             return self._render(
                 request,
                 "timeline.html",
                 {
                     "timeline": timeline,
-                    "hours": hours,
+                    "ticks": ticks,
+                    "now_at": timeline.fraction(now),
+                    "now_label": now.astimezone(zone).strftime("%H:%M"),
+                    "span": span,
+                    "spans": list(SPANS),
                     "tz": zone,
                     "has_history": history is not None,
                     "selection": selection,
@@ -397,6 +438,7 @@ class _Pages:
                 "fields": masked_fields(record),
                 "preview_label": label,
                 "preview": [format_time(t, dispatcher.timezone) for t in upcoming],
+                "edit": edit_values(record),
                 "runs": [self._run_view(entry) for entry in (entries or [])[:HISTORY_PAGE]],
                 "has_history": entries is not None,
                 "before": before,
@@ -420,6 +462,7 @@ class _Pages:
             "outcome": str(getattr(outcome, "value", outcome)),
             "error": str(getattr(entry, "error", None) or ""),
             "worker": str(getattr(entry, "worker", None) or ""),
+            "trigger": str(getattr(entry, "trigger", None) or ""),
         }
 
     async def add(self, request: Request) -> Response:
@@ -436,6 +479,8 @@ class _Pages:
     # ------------------------------------------------------------------ login
 
     async def login(self, request: Request) -> Response:
+        """The login form; a valid token (typed in, or carried once by the login URL
+        ``/login?token=...``) is traded for a session cookie and a redirect to ``next``."""
         security = self.security
         target = request.query_params.get("next", "/")
         if not target.startswith("/") or target.startswith("//"):
@@ -443,24 +488,46 @@ class _Pages:
         if request.method == "GET":
             if not security.token_required:
                 return RedirectResponse(target, status_code=303)
-            return self._render(request, "login.html", {"next": target, "error": ""})
-        form = await _form(request)
-        if not security.valid_csrf(None, form.get("csrf_token")):
-            return self._render(
+            candidate = request.query_params.get("token")
+            if candidate is None:
+                return self._render(request, "login.html", {"next": target, "error": ""})
+        else:
+            form = await _form(request)
+            if not security.valid_csrf(None, form.get("csrf_token")):
+                return self._render(
+                    request,
+                    "login.html",
+                    {"next": target, "error": "The form expired: try again."},
+                    status_code=403,
+                )
+            candidate = form.get("token")
+        client = client_of(request.scope)
+        wait = security.throttle.wait(client)
+        if wait > 0:
+            refused = self._render(
                 request,
                 "login.html",
-                {"next": target, "error": "The form expired: try again."},
-                status_code=403,
+                {
+                    "next": target,
+                    "error": "Too many wrong tokens: wait "
+                    f"{security.throttle.retry_after(client)} s and try again.",
+                },
+                status_code=429,
             )
-        if not security.check_token(form.get("token")):
-            logger.warning("dashboard login refused from %s", request.client)
+            refused.headers["Retry-After"] = security.throttle.retry_after(client)
+            return refused
+        if not security.check_token(candidate, client):
+            logger.warning("dashboard login refused from %s", client)
             return self._render(
                 request,
                 "login.html",
                 {"next": target, "error": "That is not the token."},
                 status_code=401,
             )
+        # The token leaves the address bar at once: the redirect's target does not carry it.
         response = RedirectResponse(target, status_code=303)
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "no-store"
         response.set_cookie(
             COOKIE_NAME,
             security.new_session(),
@@ -473,10 +540,12 @@ class _Pages:
         return response
 
     async def logout(self, request: Request) -> Response:
+        """End the session (server-side: a copy of the cookie is refused from now on)."""
         form = await _form(request)
         session = request.cookies.get(COOKIE_NAME)
         if not self.security.valid_csrf(session, form.get("csrf_token")):
             return Response("missing or invalid CSRF token", status_code=403)
+        self.security.revoke(session)
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
         return response
@@ -555,8 +624,10 @@ def dashboard_app(
 ) -> ASGIApp:
     """The dashboard at ``/``, with ``api`` (the control plane) behind it, guarded as one.
 
-    ``token`` None serves without authentication, for loopback listeners only (``allowed_hosts``
-    are the host names it answers to); with a token, browsers log in once through a form.
+    With a token, browsers log in once (through the form, or a login URL carrying the token);
+    ``token`` None serves without authentication, for a host embedding it in-process only
+    (``allowed_hosts`` are the host names it answers to, any loopback one by default): a
+    request through a TCP listener of ours is refused.
     ``limits`` bound what one page shows (None: :meth:`PageLimits.from_environment`).
     """
     security = WebSecurity(token, allowed_hosts=allowed_hosts)
@@ -571,6 +642,7 @@ def dashboard_app(
         Route("/login", pages.login, methods=["GET", "POST"], name="login"),
         Route("/logout", pages.logout, methods=["POST"], name="logout"),
         Route("/events", pages.events, name="events"),
+        Route("/favicon.ico", _favicon, name="favicon"),
         Mount("/static", StaticFiles(packages=[("scheduler.web", "static")]), name="static"),
     ]
     if api is not None:
@@ -580,7 +652,12 @@ def dashboard_app(
     return DashboardGuard(app, security, owns=_dashboard_path)
 
 
-_PAGES = frozenset({"/", "/timeline", "/add", "/events", "/login", "/logout"})
+async def _favicon(request: Request) -> Response:
+    # Browsers ask for /favicon.ico on pages that name no icon (the API's JSON, say).
+    return RedirectResponse("/static/favicon.svg", status_code=301)
+
+
+_PAGES = frozenset({"/", "/timeline", "/add", "/events", "/login", "/logout", "/favicon.ico"})
 _PAGE_PREFIXES = ("/tasks/", "/static/")
 
 

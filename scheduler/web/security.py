@@ -3,15 +3,23 @@
 The listener is the security boundary, so one ASGI middleware (:class:`DashboardGuard`) wraps
 everything it serves, the dashboard and the control API alike:
 
-- **Host check** without a token (loopback only): a page from another site cannot reach the
-  dispatcher through DNS rebinding, because its requests carry that site's host name.
-- **Token**: when one is configured, every request needs it, as an ``Authorization: Bearer``
-  header (API clients) or as a session cookie (browsers) that the login form sets once the
-  token was typed in. The cookie is signed, ``HttpOnly`` and ``SameSite=Strict``; a valid
-  cookie is passed on to the API as the bearer token, so the API has one way to authorise.
+- **Token**: every TCP listener has one (the server refuses TCP without it; a request that
+  came through TCP to an app without a token is refused here too). Every request needs it, as
+  an ``Authorization: Bearer`` header (API clients) or as a session cookie (browsers) that the
+  login form, or a login URL carrying the token once (``/login?token=...``), sets. The cookie
+  is signed, ``HttpOnly`` and ``SameSite=Strict``; a valid cookie is passed on to the API as
+  the bearer token, so the API has one way to authorise.
+- **Sessions** are revocable: the cookie names a session the process keeps (a bounded set of
+  live ones), and logging out ends it, so a copy of the cookie is refused afterwards.
+- **Throttling**: wrong tokens (header, form or URL) make their client wait
+  (:class:`~scheduler.control.guard.Throttle`, 429 with ``Retry-After``).
+- **Host check** without a token (an app a host embeds in-process, never a TCP listener of
+  ours): a page from another site cannot reach it through DNS rebinding, because its requests
+  carry that site's host name.
 - **CSRF**: a change (any method but GET/HEAD/OPTIONS) made by a browser must carry the page's
   CSRF token in ``X-CSRF-Token``, and a cross-origin ``Origin`` is refused outright. Clients
   that authenticate with a header (the CLI, scripts) are not browsers and are not asked.
+- **Framing**: every response forbids being shown in a frame (clickjacking).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from urllib.parse import quote, urlsplit
 
@@ -28,7 +37,13 @@ from starlette.requests import HTTPConnection
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from scheduler.control.guard import LISTENER
+from scheduler.control.guard import (
+    LISTENER,
+    Throttle,
+    client_of,
+    framing_forbidden,
+    is_loopback_host,
+)
 
 __all__ = [
     "COOKIE_NAME",
@@ -43,12 +58,14 @@ COOKIE_NAME = "td_session"
 CSRF_HEADER = "x-csrf-token"
 """The header that carries the page's CSRF token on every change."""
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-"""Host names a loopback listener answers to."""
+"""Some host names a loopback listener answers to (any loopback address or name will do)."""
 SESSION_SECONDS = 12 * 3600
 """How long a login lasts."""
+MAX_SESSIONS = 1_000
+"""Live sessions kept at most; beyond, the oldest login ends (the memory stays bounded)."""
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-_PUBLIC_PREFIXES = ("/login", "/static/")
+_PUBLIC_PREFIXES = ("/login", "/static/", "/favicon.ico")
 # Plain HTML forms, which cannot send a header: their routes check a CSRF form field instead.
 _FORM_PATHS = frozenset({"/login", "/logout"})
 
@@ -61,11 +78,13 @@ def _host_name(host: str) -> str:
 
 
 class WebSecurity:
-    """The token, the signing key derived from it, and the checks built on them.
+    """The token, the signing key derived from it, the live sessions and the checks on them.
 
-    ``token`` None means an unauthenticated listener, which is only allowed on loopback: then
-    ``allowed_hosts`` (loopback names by default) guards against DNS rebinding. Sessions and
-    CSRF tokens are HMACs under a key drawn per process, so a restart logs everyone out.
+    ``token`` None means an unauthenticated app, which only an in-process host may embed:
+    then ``allowed_hosts`` (None: any loopback name or address) guards against DNS rebinding.
+    Sessions and CSRF tokens are HMACs under a key drawn per process, so a restart logs
+    everyone out; a session is valid while this process keeps it (:meth:`revoke` ends it).
+    ``throttle`` counts wrong tokens per client.
     """
 
     def __init__(
@@ -74,12 +93,18 @@ class WebSecurity:
         *,
         allowed_hosts: Collection[str] | None = None,
         key: bytes | None = None,
+        throttle: Throttle | None = None,
+        max_sessions: int = MAX_SESSIONS,
     ) -> None:
         self.token = token or None
-        self.allowed_hosts = frozenset(allowed_hosts or LOOPBACK_HOSTS) if not token else None
+        self.allowed_hosts = frozenset(allowed_hosts) if allowed_hosts and not token else None
+        self.throttle = throttle or Throttle()
+        self.max_sessions = max_sessions
         self._key = hashlib.sha256(
             (key or secrets.token_bytes(32)) + (token or "").encode()
         ).digest()
+        # Session id -> when it expires, oldest login first.
+        self._sessions: OrderedDict[str, float] = OrderedDict()
 
     @property
     def token_required(self) -> bool:
@@ -89,28 +114,56 @@ class WebSecurity:
     def _sign(self, purpose: str, value: str) -> str:
         return hmac.new(self._key, f"{purpose}:{value}".encode(), hashlib.sha256).hexdigest()
 
-    def check_token(self, candidate: str | None) -> bool:
-        """Whether ``candidate`` is the token (a constant-time comparison)."""
+    def check_token(self, candidate: str | None, client: str | None = None) -> bool:
+        """Whether ``candidate`` is the token (a constant-time comparison). With ``client``,
+        a wrong candidate counts against it in :attr:`throttle` (a right one clears it): ask
+        :meth:`Throttle.wait` first, and do not check while it says wait."""
         if self.token is None or candidate is None:
             return False
-        return hmac.compare_digest(candidate.encode(), self.token.encode())
+        right = hmac.compare_digest(candidate.encode(), self.token.encode())
+        if client is not None:
+            if right:
+                self.throttle.succeeded(client)
+            else:
+                self.throttle.failed(client)
+        return right
 
     def new_session(self, now: float | None = None) -> str:
-        """A fresh signed session value, valid for :data:`SESSION_SECONDS`."""
-        expires = int((time.time() if now is None else now) + SESSION_SECONDS)
-        nonce = secrets.token_hex(16)
-        payload = f"{expires}.{nonce}"
+        """A fresh signed session value, valid for :data:`SESSION_SECONDS` unless revoked."""
+        now = time.time() if now is None else now
+        expires = int(now + SESSION_SECONDS)
+        session_id = secrets.token_hex(16)
+        sessions = self._sessions
+        while sessions and (
+            len(sessions) >= self.max_sessions or next(iter(sessions.values())) <= now
+        ):
+            sessions.popitem(last=False)
+        sessions[session_id] = expires
+        payload = f"{expires}.{session_id}"
         return f"{payload}.{self._sign('session', payload)}"
 
-    def valid_session(self, value: str | None, now: float | None = None) -> bool:
-        """Whether ``value`` is a session this process signed and that has not expired."""
+    def _session_id(self, value: str | None) -> str | None:
+        """The id of the session ``value`` names, if this process signed it."""
         if not value or self.token is None:
-            return False
+            return None
         payload, _, signature = value.rpartition(".")
-        expires, _, _ = payload.partition(".")
         if not hmac.compare_digest(signature, self._sign("session", payload)):
+            return None
+        return payload.partition(".")[2]
+
+    def valid_session(self, value: str | None, now: float | None = None) -> bool:
+        """Whether ``value`` is a live session this process signed and that has not expired."""
+        session_id = self._session_id(value)
+        if session_id is None:
             return False
-        return expires.isdigit() and int(expires) > (time.time() if now is None else now)
+        expires = self._sessions.get(session_id)
+        return expires is not None and expires > (time.time() if now is None else now)
+
+    def revoke(self, value: str | None) -> None:
+        """End the session ``value`` names: the cookie is refused from now on."""
+        session_id = self._session_id(value)
+        if session_id is not None:
+            self._sessions.pop(session_id, None)
 
     def csrf_token(self, session: str | None) -> str:
         """The CSRF token of a page shown to ``session`` (or to an anonymous visitor)."""
@@ -124,9 +177,13 @@ class WebSecurity:
 
     def host_allowed(self, host: str | None) -> bool:
         """Whether a request for ``host`` (the Host header) may be answered."""
-        if self.allowed_hosts is None:
+        if self.token is not None:
             return True
-        return host is not None and _host_name(host) in self.allowed_hosts
+        if host is None:
+            return False
+        if self.allowed_hosts is None:
+            return is_loopback_host(host)
+        return _host_name(host) in self.allowed_hosts
 
 
 def _bearer(headers: Headers) -> str | None:
@@ -150,9 +207,11 @@ def _error(status: int, error: str, message: str, **headers: str) -> JSONRespons
 class DashboardGuard:
     """ASGI middleware applying :class:`WebSecurity` in front of the dashboard and the API.
 
-    The dashboard's own paths (``owns``) are authenticated here. Every other path belongs to
-    the control API, whose own guard authenticates it: here a valid session cookie is only
-    turned into the bearer token it stands for, and browser changes are checked for CSRF.
+    The listener is the boundary: every token presented in a header is checked (and
+    throttled) here, for the API's paths too. The dashboard's own paths (``owns``) need the
+    token or a session; on the API's paths a valid session cookie is turned into the bearer
+    token it stands for and the API's own guard decides. Browser changes are checked for CSRF.
+    Every response, refusals included, forbids framing.
     """
 
     def __init__(self, app: ASGIApp, security: WebSecurity, owns: Callable[[str], bool]) -> None:
@@ -161,6 +220,8 @@ class DashboardGuard:
         self.owns = owns
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            send = framing_forbidden(send)
         if scope["type"] not in ("http", "websocket") or scope.get(LISTENER) == "unix":
             # The Unix socket is owner-only: the operating system already authenticated.
             await self.app(scope, receive, send)
@@ -180,6 +241,13 @@ class DashboardGuard:
         own = self.owns(path)
         method = scope.get("method", "GET")
         origin = headers.get("origin")
+        if not security.token_required and scope.get(LISTENER) == "tcp":
+            return _error(
+                401,
+                "unauthorized",
+                "this listener has no token: TCP cannot tell local users apart, so a token "
+                "is required; serve the dashboard with a token",
+            )
         if own and not security.host_allowed(headers.get("host")):
             return _error(
                 403,
@@ -191,29 +259,41 @@ class DashboardGuard:
             return _error(403, "forbidden", f"cross-site request from {origin!r} refused")
         bearer = _bearer(headers)
         session = connection.cookies.get(COOKIE_NAME)
-        if security.token_required and bearer is None and security.valid_session(session):
+        if security.token_required and bearer is not None:
+            client = client_of(scope)
+            wait = security.throttle.wait(client)
+            if wait > 0:
+                return _error(
+                    429,
+                    "too_many_requests",
+                    "too many wrong tokens from this address: wait and try again",
+                    **{"Retry-After": security.throttle.retry_after(client)},
+                )
+            if not security.check_token(bearer, client):
+                return _error(
+                    401,
+                    "unauthorized",
+                    "invalid token: send 'Authorization: Bearer <token>'",
+                    **{"WWW-Authenticate": "Bearer"},
+                )
+        elif security.token_required and security.valid_session(session):
             # The API authorises bearer tokens only: hand it the one the cookie stands for.
             assert security.token is not None
             raw = [(k, v) for k, v in scope["headers"] if k != b"authorization"]
             raw.append((b"authorization", f"Bearer {security.token}".encode()))
             scope["headers"] = raw
         elif security.token_required and own and not path.startswith(_PUBLIC_PREFIXES):
-            if bearer is not None:
-                if not security.check_token(bearer):
-                    return _error(401, "unauthorized", "invalid token")
-            elif method == "GET" and "text/html" in headers.get("accept", ""):
+            if method == "GET" and "text/html" in headers.get("accept", ""):
                 target = path
                 if scope.get("query_string"):
                     target += "?" + scope["query_string"].decode("latin-1")
                 return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
-            else:
-                return _error(
-                    401,
-                    "unauthorized",
-                    "this dispatcher needs a token: log in, or send "
-                    "'Authorization: Bearer <token>'",
-                    **{"WWW-Authenticate": "Bearer"},
-                )
+            return _error(
+                401,
+                "unauthorized",
+                "this dispatcher needs a token: log in, or send 'Authorization: Bearer <token>'",
+                **{"WWW-Authenticate": "Bearer"},
+            )
         browser = bool(origin or "cookie" in headers or "sec-fetch-site" in headers)
         if (
             method not in _SAFE_METHODS

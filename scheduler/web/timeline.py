@@ -13,16 +13,20 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Protocol
 
 from scheduler.triggers import TaskTrigger, Window, end_instant, in_window
+from scheduler.web.views import last_outcome
 from tasks.model import TaskRecord, TaskStatus
 
 __all__ = [
     "DENSE_INTERVAL",
     "HORIZON",
+    "SPANS",
     "PastRun",
     "RunLike",
     "Span",
     "TaskLine",
+    "Tick",
     "Timeline",
+    "axis_ticks",
     "build_timeline",
     "past_runs",
     "plan_task",
@@ -35,6 +39,62 @@ DENSE_INTERVAL = timedelta(minutes=15)
 """Tasks running more often than this are drawn as a band over their open window, not ticks."""
 
 _HOUR = timedelta(hours=1)
+
+SPANS: dict[str, timedelta] = {
+    "6h": timedelta(hours=6),
+    "24h": timedelta(hours=24),
+    "7d": timedelta(days=7),
+}
+"""The timeline's choices of span: how far it looks back, and ahead."""
+
+_TICK_STEPS: tuple[tuple[timedelta, int], ...] = (
+    (timedelta(hours=6), 1),
+    (timedelta(hours=24), 3),
+    (timedelta(days=7), 6),
+)
+"""Hours between two hour labels, by span (the shortest span at least as long)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """One label of the timeline's axis."""
+
+    at: datetime
+    label: str
+    kind: str
+    """``day`` (a date: at midnight, and at the axis's start) or ``hour``."""
+    rank: int
+    """Which labels stay when there is no room for all (lower stays first): days, then the
+    hours at multiples of 12, 6, 3 and 1."""
+
+
+def axis_ticks(start: datetime, stop: datetime, zone: tzinfo) -> list[Tick]:
+    """The axis labels of ``[start, stop)`` in ``zone``'s wall time: the date at each midnight
+    (and at the start), and whole hours every few hours (more often on a short span).
+
+    Hours are stepped as instants, so a day with a clock change still gets one label per
+    real hour step; a label's text is the wall time there.
+    """
+    span = (stop - start) / 2
+    step = next((hours for limit, hours in _TICK_STEPS if span <= limit), _TICK_STEPS[-1][1])
+    ticks = [Tick(start, _day(start.astimezone(zone)), "day", 0)]
+    local = start.astimezone(zone)
+    at = local.replace(minute=0, second=0, microsecond=0).astimezone(UTC)
+    if at < start:
+        at += _HOUR
+    while at < stop:
+        wall = at.astimezone(zone)
+        if wall.hour == 0 and wall.minute == 0:
+            ticks.append(Tick(at, _day(wall), "day", 0))
+        elif wall.hour % step == 0 and wall.minute == 0:
+            rank = next(r for r, every in enumerate((12, 6, 3, 1), 1) if wall.hour % every == 0)
+            ticks.append(Tick(at, wall.strftime("%H:%M"), "hour", rank))
+        at += _HOUR
+    return ticks
+
+
+def _day(wall: datetime) -> str:
+    return wall.strftime("%a %m-%d")
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +140,8 @@ class TaskLine:
     windows: list[Span]
     planned: list[datetime]
     """Planned starts in the horizon (empty for a dense task: see ``band``)."""
+    outcome: str
+    """How its last run ended: ``never``, ``failed`` or ``succeeded``."""
     band: list[Span]
     """For a dense task, the stretches in which it runs back to back."""
     end: datetime | None
@@ -137,7 +199,11 @@ def _clip(spans: Iterable[Span], start: datetime, stop: datetime) -> list[Span]:
 def plan_task(
     record: TaskRecord, zone: tzinfo, now: datetime, horizon: timedelta = HORIZON
 ) -> TaskLine:
-    """``record``'s planned runs over ``[now, now + horizon)``, as its trigger computes them."""
+    """``record``'s planned runs over ``[now, now + horizon)``, as its trigger computes them.
+
+    A task running more often than :data:`DENSE_INTERVAL` per 24 h of ``horizon`` is drawn as
+    a band (so a week's picture stays as light as a day's).
+    """
     stop = now + horizon
     trigger = TaskTrigger.for_record(record, zone)
     end = end_instant(record.task_end_time, zone)
@@ -148,6 +214,7 @@ def plan_task(
         status=record.status,
         windows=windows,
         planned=[],
+        outcome=last_outcome(record),
         band=[],
         end=end if end is not None and now <= end < stop else None,
         ends_at=end,
@@ -155,7 +222,7 @@ def plan_task(
     first = record.next_execution_time
     if record.status in (TaskStatus.PAUSED, TaskStatus.COMPLETED) or first is None:
         return line
-    if record.interval_delta < DENSE_INTERVAL:
+    if record.interval_delta < DENSE_INTERVAL * (horizon / HORIZON):
         band_start = max(first, now)
         band_stop = stop if end is None else min(stop, end)
         line.band = _clip(windows, band_start, band_stop)

@@ -9,27 +9,36 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime, tzinfo
+from datetime import datetime, timedelta, tzinfo
+from operator import attrgetter
 from typing import Any
 from urllib.parse import urlencode
 
 import orjson
 
-from scheduler.triggers import TaskTrigger
+from scheduler.triggers import preview_runs
 from tasks.model import TaskRecord, TaskStatus
 from tasks.secrets import mask_secrets
 
 __all__ = [
+    "ATTENTION_RANKS",
+    "OVERDUE_AFTER",
+    "Attention",
+    "EditValues",
     "Filters",
     "Lane",
     "Selection",
     "TaskRow",
+    "attention",
+    "edit_values",
+    "failing",
     "format_interval",
     "format_time",
     "lanes",
     "last_outcome",
     "masked_fields",
     "next_runs",
+    "overdue",
     "select",
     "task_row",
 ]
@@ -58,10 +67,43 @@ def _iso(value: datetime | None) -> str:
 
 
 def last_outcome(record: TaskRecord) -> str:
-    """``never`` before the first run, then ``failed`` or ``succeeded`` for the latest one."""
+    """``never`` before the first run, then ``failed`` or ``succeeded`` for the latest one
+    (a task in ``error`` failed last, also when the run was a manual one)."""
     if record.run_count == 0:
         return "never"
-    return "failed" if record.consecutive_failures else "succeeded"
+    failed = record.consecutive_failures or record.status is TaskStatus.ERROR
+    return "failed" if failed else "succeeded"
+
+
+OVERDUE_AFTER = timedelta(minutes=1)
+"""A run that should have started longer ago than this, and has not, is overdue."""
+
+
+def failing(record: TaskRecord) -> bool:
+    """Whether ``record`` needs attention for its failures: its last run failed (and it may
+    run again), or the dispatcher paused it after failures."""
+    status = record.status
+    if status is TaskStatus.PAUSED:
+        return record.paused_reason is not None
+    if status is TaskStatus.COMPLETED:
+        return False
+    return status is TaskStatus.ERROR or record.consecutive_failures > 0
+
+
+def overdue(record: TaskRecord, now: datetime) -> bool:
+    """Whether ``record``'s next run should have started over :data:`OVERDUE_AFTER` ago and
+    has not (its account's lane is busy, or the dispatcher is stopped or stuck)."""
+    return not record.status.settled and _late(record, now - OVERDUE_AFTER)
+
+
+def _late(record: TaskRecord, cutoff: datetime) -> bool:
+    """Whether no run of ``record`` is out and its next start (``start_time``) is before
+    ``cutoff``; written without the property, as the summary asks it of every task."""
+    planned = record.next_execution_time
+    if planned is None or record.active_run is not None or not planned < cutoff:
+        return False
+    start = record.next_start_time
+    return start is None or start < cutoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +128,11 @@ class TaskRow:
     runs: int
     last_error: str
     position: int
+    failing: bool = False
+    """Whether its failures need attention (see :func:`failing`)."""
+    due_at: str = ""
+    """When its next run starts (ISO-8601; empty: none planned): the page tells from it
+    whether the run is overdue."""
 
     def as_json(self) -> dict[str, Any]:
         """The row as a JSON-ready dict (the live feed's payload)."""
@@ -115,6 +162,8 @@ def task_row(record: TaskRecord, zone: tzinfo, position: int) -> TaskRow:
         runs=record.run_count,
         last_error=record.last_error or "",
         position=position,
+        failing=failing(record),
+        due_at="" if record.status.settled or record.active_run else _iso(record.start_time),
     )
 
 
@@ -131,15 +180,21 @@ class Lane:
     rows: list[TaskRow]
     hidden: int = 0
     total: int = 0
+    reason: str = ""
+    """Why the account needs attention ("2 failing, 1 paused"; empty: it does not)."""
 
 
 def lanes(
-    records: Iterable[TaskRecord], account_tasks: dict[str, list[str]], zone: tzinfo
+    records: Iterable[TaskRecord],
+    account_tasks: dict[str, list[str]],
+    zone: tzinfo,
+    account_order: Sequence[str] | None = None,
 ) -> list[Lane]:
-    """One lane per account (sorted by id), each with its rows in priority order."""
+    """One lane per account (in the order of ``account_order``, else sorted by id), each with
+    its rows in priority order."""
     by_id = {record.task_id: record for record in records}
     result: list[Lane] = []
-    for account in sorted(account_tasks):
+    for account in sorted(account_tasks) if account_order is None else account_order:
         rows = [
             task_row(by_id[task_id], zone, position)
             for position, task_id in enumerate(account_tasks[account])
@@ -165,6 +220,8 @@ class Filters:
     type: str = ""
     sys: str = ""
     q: str = ""
+    attention: str = ""
+    """``failing`` or ``overdue`` (see :func:`failing`, :func:`overdue`)."""
 
     @classmethod
     def of(cls, query: Mapping[str, str]) -> Filters:
@@ -174,9 +231,13 @@ class Filters:
     def __bool__(self) -> bool:
         return any(getattr(self, f.name) for f in fields(self))
 
-    def matches(self, record: TaskRecord) -> bool:
-        """Whether ``record`` passes every filter."""
+    def matches(self, record: TaskRecord, now: datetime | None = None) -> bool:
+        """Whether ``record`` passes every filter (``now``: for ``attention=overdue``)."""
         if self.account and record.account_id != self.account:
+            return False
+        if self.attention == "failing" and not failing(record):
+            return False
+        if self.attention == "overdue" and (now is None or not overdue(record, now)):
             return False
         if self.status and record.status != self.status:
             return False
@@ -228,15 +289,19 @@ def select(
     *,
     page_limit: int,
     lane_limit: int,
+    account_order: Sequence[str] | None = None,
+    now: datetime | None = None,
 ) -> Selection:
     """At most ``lane_limit`` matching tasks of each account (in priority order) and at most
-    ``page_limit`` in all, accounts taken in order of their ids; an account filter lets its
-    one lane take the whole page.
+    ``page_limit`` in all, accounts taken in the order of ``account_order`` (else of their ids); an
+    account filter lets its one lane take the whole page.
 
     One pass over ``records`` finds the matches, and a lane's walk down its account's order
     stops when the lane is full: at 100,000 tasks this costs tens of milliseconds.
     """
-    matching = [record for record in records if filters.matches(record)] if filters else records
+    matching = (
+        [record for record in records if filters.matches(record, now)] if filters else records
+    )
     by_id = {record.task_id: record for record in matching}
     counts = Counter(record.account_id for record in matching)
     per_lane = page_limit if filters.account else lane_limit
@@ -244,7 +309,7 @@ def select(
     accounts: dict[str, list[tuple[int, TaskRecord]]] = {}
     hidden: dict[str, int] = {}
     matched = 0
-    for account in sorted(account_tasks):
+    for account in sorted(account_tasks) if account_order is None else account_order:
         count = counts.get(account, 0)
         if not count:
             continue
@@ -263,6 +328,99 @@ def select(
         if count > len(shown):
             hidden[account] = count - len(shown)
     return Selection(accounts, hidden, matched)
+
+
+ATTENTION_RANKS = ("failing", "overdue", "paused")
+"""Why an account's lane comes first, most urgent first; the other lanes follow."""
+
+
+@dataclass(slots=True)
+class Attention:
+    """What needs an operator's attention, counted in one pass over the tasks."""
+
+    by_status: dict[str, int]
+    overdue: int
+    accounts: dict[str, dict[str, int]]
+    """Account -> how many of its tasks are failing, overdue or paused (accounts with none
+    are left out)."""
+
+    @property
+    def failing_accounts(self) -> int:
+        """How many accounts have a failing task."""
+        return sum(bool(counts.get("failing")) for counts in self.accounts.values())
+
+    def rank(self, account: str) -> int:
+        """0 for an account with a failing task, 1 overdue, 2 paused, 3 the rest."""
+        counts = self.accounts.get(account, {})
+        return next(
+            (rank for rank, why in enumerate(ATTENTION_RANKS) if counts.get(why)),
+            len(ATTENTION_RANKS),
+        )
+
+    def reason(self, account: str) -> str:
+        """Why ``account``'s lane needs attention (empty: it does not)."""
+        counts = self.accounts.get(account, {})
+        return ", ".join(f"{counts[why]} {why}" for why in ATTENTION_RANKS if counts.get(why))
+
+    def order(self, account_ids: Iterable[str]) -> list[str]:
+        """``account_ids`` with those needing attention first (then by id)."""
+        return sorted(account_ids, key=lambda account: (self.rank(account), account))
+
+
+def attention(records: Sequence[TaskRecord], now: datetime) -> Attention:
+    """Tasks by status, overdue tasks, and per account what needs attention (the rules of
+    :func:`failing` and :func:`overdue`, in one pass)."""
+    statuses = Counter(map(_STATUS, records))
+    by_status = {status.value: statuses.get(status, 0) for status in TaskStatus}
+    accounts: dict[str, dict[str, int]] = {}
+    cutoff = now - OVERDUE_AFTER
+    late = 0
+    for record in records:
+        status = record.status
+        if status is TaskStatus.COMPLETED:
+            continue
+        if status is TaskStatus.PAUSED:
+            why = "failing" if record.paused_reason is not None else "paused"
+        else:
+            is_late = _late(record, cutoff)
+            late += is_late
+            if status is TaskStatus.ERROR or record.consecutive_failures > 0:
+                why = "failing"
+            elif is_late:
+                why = "overdue"
+            else:
+                continue
+        counts = accounts.setdefault(record.account_id, {})
+        counts[why] = counts.get(why, 0) + 1
+    return Attention(by_status, late, accounts)
+
+
+_STATUS = attrgetter("status")
+
+
+@dataclass(frozen=True, slots=True)
+class EditValues:
+    """What the task page's edit form starts from: the task's rules as the form writes them
+    (the command line's units)."""
+
+    interval: str
+    hours: str
+    until: str
+    policy: list[tuple[str, str]]
+    """Each run policy field and its value (empty: none)."""
+
+
+def edit_values(record: TaskRecord) -> EditValues:
+    """The edit form's values for ``record``."""
+    start, end = record.valid_time_range
+    ends = record.task_end_time
+    policy = record.policy.model_dump()
+    return EditValues(
+        interval=format_interval(record.interval),
+        hours=f"{start}-{end}",
+        until="" if ends is None else ends.isoformat(),
+        policy=[(name, "" if value is None else f"{value:g}") for name, value in policy.items()],
+    )
 
 
 def masked_fields(record: TaskRecord, *, show_secrets: bool = False) -> list[tuple[str, str]]:
@@ -285,17 +443,12 @@ def masked_fields(record: TaskRecord, *, show_secrets: bool = False) -> list[tup
 def next_runs(
     record: TaskRecord, zone: tzinfo, now: datetime, count: int = 5
 ) -> tuple[str, Sequence[datetime]]:
-    """A label and the next ``count`` planned runs, as ``task-dispatcher show`` computes them.
+    """A label and the next ``count`` planned runs, as ``task-dispatcher show`` computes them
+    (:func:`~tasks.schedule.preview_runs`, which the edit form's preview uses too).
 
     A paused task previews its runs "if resumed now"; a completed one has none.
     """
-    if record.status is TaskStatus.COMPLETED:
+    preview = preview_runs(record, zone, now, count)
+    if preview.status == TaskStatus.COMPLETED:
         return "none (completed)", []
-    trigger = TaskTrigger.for_record(record, zone)
-    first = record.next_execution_time
-    label = "next runs"
-    if record.status is TaskStatus.PAUSED:
-        first = trigger.get_next_fire_time(record.last_execution_time, now)
-        label = "if resumed now"
-    runs = [t for t, _ in zip(trigger.upcoming(first), range(count), strict=False)]
-    return label, runs
+    return ("if resumed now" if preview.if_resumed else "next runs"), preview.runs

@@ -95,9 +95,10 @@ def start_worker(broker_url: str, tmp_path: Path) -> Iterator[StartWorker]:
         name: str,
         *sys_types: str,
         concurrency: int = 2,
-        factory: str = PROBE,
+        factory: str | None = PROBE,
         broker: str | None = None,
         visibility_timeout: float | None = None,
+        check_broker: bool = False,
     ) -> Worker:
         url = broker or broker_url
         env = {
@@ -111,7 +112,12 @@ def start_worker(broker_url: str, tmp_path: Path) -> Iterator[StartWorker]:
         for sys_type in sys_types:
             command += ["--sys-type", sys_type]
         command += ["--hostname", name, "--concurrency", str(concurrency)]
-        command += ["--factory", factory, "--loglevel", "INFO"]
+        command += ["--loglevel", "INFO"]
+        if factory is not None:
+            command += ["--factory", factory]
+        if not check_broker:
+            # The shared test Redis keeps no append-only file.
+            command += ["--allow-non-durable-broker"]
         if visibility_timeout is not None:
             command += ["--visibility-timeout", str(visibility_timeout)]
         log_path = tmp_path / f"worker-{name}-{len(started)}.log"

@@ -388,3 +388,38 @@ def test_dispatcher_killed_while_runs_execute_then_restarted(
     assert log.read_text().count("start") == 3  # nothing was sent again
     for task_id in ids:
         assert on_disk(directory, task_id)["run_count"] == 1
+
+
+async def test_a_remote_outcome_is_in_the_file_itself_once_applied(
+    start_worker: StartWorker, make: Make, tmp_path: Path
+) -> None:
+    # The seed's host reads dispatch_config.json with json.load: once the dispatcher has
+    # applied an outcome (and before the backend acknowledges it), the file itself holds it.
+    start_worker("linux-1", "linux")
+    probe = tmp_path / "probe.jsonl"
+    dispatcher = make()
+    state_file = tmp_path / "ops" / "dispatch_config.json"
+    seen: dict[str, dict[str, Any]] = {}
+    deliver = dispatcher._ledger.deliver
+
+    async def deliver_then_read(event: RunEvent) -> None:
+        await deliver(event)
+        if event.kind.finished:
+            with state_file.open(encoding="utf-8") as file:
+                tasks = json.load(file)["tasks"]
+            seen[event.task_id] = next(t for t in tasks if t["task_id"] == event.task_id)
+
+    dispatcher._ledger.deliver = deliver_then_read  # type: ignore[method-assign]
+    async with dispatcher:
+        ok, bad = await dispatcher.add_tasks(
+            [probe_task(probe, "a"), probe_task(probe, "b", fail=True)]
+        )
+        await eventually(lambda: {ok, bad} <= seen.keys(), 30, "two outcomes applied")
+    assert (seen[ok]["status"], seen[ok]["run_count"], seen[ok]["last_worker"]) == (
+        "pending",
+        1,
+        "linux-1",
+    )
+    assert seen[ok].get("active_run") is None
+    assert (seen[bad]["status"], seen[bad]["failure_count"]) == ("error", 1)
+    assert seen[bad]["last_error"] == f"RuntimeError: probe {bad} failed on purpose"

@@ -323,12 +323,7 @@ def check(probe: Path, records: dict[str, Any], history: dict[str, Any], faults:
         for (_, end, first), (start, _, second) in itertools.pairwise(runs):
             assert end <= start, f"account {account}: {second} started before {first} ended"
 
-    # A frozen worker that comes back must stop the run it was told it lost at once (its
+    # A frozen worker that comes back stops the run it was told it lost at once (its
     # heartbeat finds the claim taken), instead of going on beside the account's next runs.
-    # This one check depends on the worker doing so.
     late = [(run_id, round(after, 1)) for run_id, after in zombies if after > 1.5]
-    if late:
-        pytest.xfail(
-            f"a resumed worker went on with runs declared lost for seconds: {late} "
-            "(needs the worker to stop a run whose claim was taken)"
-        )
+    assert not late, f"a resumed worker went on with runs declared lost for seconds: {late}"

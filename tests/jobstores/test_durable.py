@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SHANGHAI, T0, Recorder, read_state, record, storage
+from helpers import SHANGHAI, T0, Recorder, read_state, record, store_options
 
 from jobstores import JsonJobStore
 from jobstores.durable import DirectoryLock, set_aside, write_atomic
@@ -100,6 +100,7 @@ def store(tmp_path: Path, recorder: Recorder) -> JsonJobStore:
         ("snapshot", "replace", errno.EACCES),
         ("journal", "write", errno.ENOSPC),
         ("journal", "fdatasync", errno.EIO),
+        ("journal-small", "fsync", errno.EIO),
     ],
 )
 def test_a_failed_save_is_logged_reported_and_carried_by_the_next(
@@ -110,7 +111,7 @@ def test_a_failed_save_is_logged_reported_and_carried_by_the_next(
     name: str,
     error: int,
 ) -> None:
-    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, **store_options(backend, tmp_path))
     store.add_tasks([record("a")])
     assert store.save()
     before = (tmp_path / "dispatch_config.json").read_bytes()

@@ -3,7 +3,9 @@ failed appends, readers, and a property test of changes, compactions and reloads
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import json
 import logging
 import os
 import sys
@@ -48,9 +50,14 @@ class ProbedJournal(JournalStorage):
             yield line
 
 
-def open_store(directory: Path, **options: Any) -> JsonJobStore:
+def open_store(directory: Path, *, snapshot_below: int = 0, **options: Any) -> JsonJobStore:
+    """A store on a probed journal that takes every change (none below the threshold)."""
     return JsonJobStore(
-        directory, timezone=SHANGHAI, now=T0, storage=ProbedJournal(directory, **options)
+        directory,
+        timezone=SHANGHAI,
+        now=T0,
+        storage=ProbedJournal(directory, **options),
+        snapshot_below=snapshot_below,
     )
 
 
@@ -467,6 +474,112 @@ def test_a_large_store_is_kept_from_the_collector_until_it_closes(
         gc.unfreeze()
 
 
+# ---------------------------------------------------------------------- the threshold
+
+
+def the_file(directory: Path) -> tuple[list[Any], dict[str, list[str]]]:
+    """What dispatch_config.json alone says, read as a host reads it (``json.load``); no
+    file yet is no task."""
+    path = directory / "dispatch_config.json"
+    if not path.exists():
+        return [], {}
+    with path.open(encoding="utf-8") as file:
+        data = json.load(file)
+    return data["tasks"], data["account_tasks"]
+
+
+def in_memory(store: JsonJobStore) -> tuple[list[Any], dict[str, list[str]]]:
+    return [r.to_json_dict() for r in store.records()], store.account_tasks()
+
+
+def test_below_the_threshold_every_commit_writes_the_file_itself(tmp_path: Path) -> None:
+    store = open_store(tmp_path, snapshot_below=10)
+    changes: list[Callable[[], object]] = [
+        lambda: store.add_tasks([record("a"), record("b"), record("c", account="x")]),
+        lambda: store.update_task("a", lambda r: lifecycle.paused(r, T0)),
+        lambda: store.reorder("b", 0),
+        lambda: store.remove_task("c"),
+        lambda: store.update_task("b", ran(3)),
+    ]
+    for change in changes:
+        change()
+        assert store.save()
+        assert the_file(tmp_path) == in_memory(store)
+        assert journal_segments(tmp_path) == []
+    assert probe(store).compactions == len(changes)
+    store.close()
+
+
+def test_crossing_the_threshold_up_and_down(tmp_path: Path) -> None:
+    store = open_store(tmp_path, snapshot_below=3)
+    store.add_tasks([record("a"), record("b")])
+    assert store.save()
+    written = the_file(tmp_path)
+    assert written == in_memory(store)
+    store.add_tasks([record("c")])  # 3 tasks: the journal takes the change
+    assert store.save()
+    assert the_file(tmp_path) == written
+    assert len(journal_segments(tmp_path)) == 1
+    assert read_state(tmp_path)["tasks"] == in_memory(store)[0]
+    store.update_task("c", ran(1))
+    assert store.save()
+    assert the_file(tmp_path) == written
+    store.remove_task("a")  # 2 again: this commit writes the file, the journal goes
+    assert store.save()
+    assert the_file(tmp_path) == in_memory(store)
+    assert journal_segments(tmp_path) == []
+    expected = state(store)
+    crash(store)
+    again = open_store(tmp_path, snapshot_below=3)
+    try:
+        assert state(again) == expected
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 4])
+def test_a_small_store_loaded_with_a_journal_beside_its_file_folds_it_at_once(
+    seeded: tuple[Path, Any], threshold: int
+) -> None:
+    directory, expected = seeded  # three tasks, a journal of three commits
+    store = open_store(directory, snapshot_below=threshold)
+    try:
+        assert state(store) == expected
+        if threshold > 3:
+            assert the_file(directory) == in_memory(store)
+            assert journal_segments(directory) == []
+        else:  # a large store: the journal stays (the file follows later)
+            assert the_file(directory) != in_memory(store)
+            assert len(journal_segments(directory)) == 1
+    finally:
+        crash(store)
+    again = open_store(directory)
+    try:
+        assert state(again) == expected
+    finally:
+        again.close()
+
+
+async def test_above_the_threshold_the_file_follows_within_max_age_with_no_further_change(
+    tmp_path: Path,
+) -> None:
+    store = open_store(tmp_path, max_age=0.3)
+    store.add_tasks([record("a"), record("b")])
+    assert await store.save_async()  # the first commit writes the file
+    store.update_task("a", ran(5))
+    assert await store.save_async()  # a journal line; nothing else happens from here on
+    assert the_file(tmp_path) != in_memory(store)
+
+    async def followed() -> None:
+        while the_file(tmp_path) != in_memory(store):  # noqa: ASYNC110 - bounded below
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(followed(), 10)
+    probe(store)._wait_compaction()
+    assert probe(store).compactions == 2
+    store.close()
+
+
 # ---------------------------------------------------------------------- the property
 
 operation = st.one_of(
@@ -487,11 +600,16 @@ operation = st.one_of(
     st.lists(operation, max_size=40),
     st.sampled_from([1, 400, 1 << 20]),
     st.sampled_from([0, 2, table._MOVES_PER_ACCOUNT]),
+    st.sampled_from([0, 3, 100]),
 )
 def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
-    operations: list[tuple[str, Any, Any]], threshold: int, moves_per_account: int
+    operations: list[tuple[str, Any, Any]],
+    threshold: int,
+    moves_per_account: int,
+    snapshot_below: int,
 ) -> None:
-    # Reorders are saved as moves, or as whole orders past moves_per_account in an account.
+    # Reorders are saved as moves, or as whole orders past moves_per_account in an account;
+    # with snapshot_below 3 the store crosses the threshold both ways.
     import tempfile
     from unittest import mock
 
@@ -500,7 +618,7 @@ def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
         mock.patch.object(table, "_MOVES_PER_ACCOUNT", moves_per_account),
     ):
         directory = Path(name)
-        store = open_store(directory, max_bytes=threshold)
+        store = open_store(directory, max_bytes=threshold, snapshot_below=snapshot_below)
         for kind, n, arg in operations:
             task_id = f"t{n}"
             if kind == "add" and not store.table.taken(task_id):
@@ -514,6 +632,8 @@ def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
                 store.reorder(task_id, arg % len(ids))
             elif kind == "save":
                 assert store.save()
+                if len(store.records()) < snapshot_below:
+                    assert the_file(directory) == in_memory(store)
             elif kind == "fail" and not store.durable:
                 # A save that writes nothing: the next one writes its changes, first.
                 probe(store).fail = True
@@ -526,8 +646,10 @@ def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
                 assert store.save()
                 expected = state(store)
                 crash(store) if kind == "crash" else store.close()
-                store = open_store(directory, max_bytes=threshold)
+                store = open_store(directory, max_bytes=threshold, snapshot_below=snapshot_below)
                 assert state(store) == expected
+                if len(store.records()) < snapshot_below:  # loaded below: folded at once
+                    assert the_file(directory) == in_memory(store)
         assert store.save()
         expected = state(store)
         crash(store)

@@ -19,7 +19,7 @@ from helpers import (
     Recorder,
     read_state,
     record,
-    storage,
+    store_options,
     task_in_file,
 )
 
@@ -42,7 +42,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def store(tmp_path: Path, recorder: Recorder, backend: str) -> Iterator[JsonJobStore]:
-    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, **store_options(backend, tmp_path))
     scheduler = BackgroundScheduler(timezone=SHANGHAI)
     store.start(scheduler, "default")
     yield store
@@ -272,7 +272,7 @@ def test_ranks_order_tasks_as_their_positions_after_every_change(
     check()
     store.save()
     store.close()
-    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, **store_options(backend, tmp_path))
     try:
         check(again)
     finally:
@@ -288,7 +288,7 @@ def test_reopening_restores_records_without_creating_managers(
     before = store.records()
     store.close()
     recorder.created.clear()
-    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=storage(backend, tmp_path))
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, **store_options(backend, tmp_path))
     try:
         assert again.records() == before
         assert recorder.created == []  # managers belong to the run backend, not the store

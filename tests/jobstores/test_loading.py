@@ -22,7 +22,7 @@ from helpers import (
     record,
     seed_file,
     seed_task,
-    storage,
+    store_options,
 )
 
 from jobstores import JsonJobStore
@@ -314,7 +314,7 @@ def test_top_level_extra_keys_survive_saves(tmp_path: Path, recorder: Recorder) 
 def test_a_file_this_library_wrote_is_trusted_without_validation(
     tmp_path: Path, recorder: Recorder, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     store.add_tasks([record(f"t{i}", at=NOW, note=i) for i in range(3)])
     store.save()
     store.close()
@@ -329,7 +329,7 @@ def test_a_file_this_library_wrote_is_trusted_without_validation(
         return original(cls, *args, **kwargs)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(TaskRecord, "model_validate", classmethod(counted))
-    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     try:
         assert validations == []
         assert [r.task_id for r in again.records()] == ["t0", "t1", "t2"]
@@ -343,7 +343,7 @@ def test_a_file_this_library_wrote_is_trusted_without_validation(
 def test_a_hand_edit_breaks_the_checksum_and_every_task_is_validated(
     tmp_path: Path, recorder: Recorder, kind: str
 ) -> None:
-    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     store.add_tasks([record("t1", at=NOW), record("t2", at=NOW)])
     store.save()
     store.close()
@@ -352,7 +352,7 @@ def test_a_hand_edit_breaks_the_checksum_and_every_task_is_validated(
     edited = data.replace(b'"interval":3600', b'"interval":-5', 1)
     assert edited != data
     path.write_bytes(edited)
-    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     try:
         assert [r.task_id for r in again.records()] == ["t2"]
         assert [raw["task_id"] for raw in again.kept_records()] == ["t1"]
@@ -367,11 +367,11 @@ def test_a_hand_edit_breaks_the_checksum_and_every_task_is_validated(
 
 @pytest.mark.parametrize("kind", BACKENDS)
 def test_loaded_records_share_equal_values(tmp_path: Path, recorder: Recorder, kind: str) -> None:
-    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     store.add_tasks([record(f"t{i}", at=NOW, account=f"acc{i % 2}") for i in range(4)])
     store.save()
     store.close()
-    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, storage=storage(kind, tmp_path))
+    again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     try:
         first, *others = again.records()
         for other in others:

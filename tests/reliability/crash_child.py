@@ -1,10 +1,14 @@
 """Drives a TaskDispatcher through random operations until it is killed.
 
-Run as ``python crash_child.py DIR SEED [MODE]``: MODE ``journal`` (the default storage),
-``compact`` (the journal folded into the snapshot at almost every commit, so kills land
-during compactions) or ``snapshot`` (the whole-file backend). Before each call it prints
-``{"intent": ...}`` and, once the call has returned, ``{"ack": ...}`` (one JSON object per
-line, flushed), so the parent knows which operations were acknowledged when it sends SIGKILL.
+Run as ``python crash_child.py DIR SEED [MODE [SNAPSHOT_BELOW]]``. MODE: ``journal`` (the
+journal takes every change: a store above its snapshot threshold), ``compact`` (the journal
+folded into the snapshot at almost every commit, so kills land during compactions),
+``current`` (the default: a small store, whose every commit writes the file), ``threshold``
+(a threshold of a few tasks, which the store keeps crossing both ways) or ``snapshot`` (the
+whole-file backend); SNAPSHOT_BELOW is the dispatcher's option (none: the default). Before
+each call it prints ``{"intent": ...}`` and, once the call has returned, ``{"ack": ...}``
+(one JSON object per line, flushed), so the parent knows which operations were acknowledged
+when it sends SIGKILL.
 """
 
 from __future__ import annotations
@@ -49,18 +53,21 @@ def use_mode(mode: str) -> None:
         jobstores.jsonfile.JournalStorage = jobstores.storage.SnapshotStorage  # type: ignore[attr-defined, assignment]
 
 
-async def main(directory: str, seed: int) -> None:
+async def main(directory: str, seed: int, mode: str, options: dict[str, Any]) -> None:
     rng = random.Random(seed)
-    dispatcher = TaskDispatcher(directory, task_manager_factory=CrashManager, timezone="UTC")
+    dispatcher = TaskDispatcher(
+        directory, task_manager_factory=CrashManager, timezone="UTC", **options
+    )
     await dispatcher.start()
     say("ack", {"op": "started"})
     counter = 0
     op: dict[str, Any]
     while True:
         ids = [record.task_id for record in dispatcher.list_tasks()]
-        choice = (
-            rng.choice(["add", "add", "pause", "resume", "reorder", "remove"]) if ids else "add"
-        )
+        choices = ["add", "add", "pause", "resume", "reorder", "remove"]
+        if mode == "threshold" and len(ids) >= options["snapshot_below"]:  # back below it
+            choices = ["add", "pause", "resume", "reorder", "remove", "remove", "remove"]
+        choice = rng.choice(choices) if ids else "add"
         if choice == "add":
             counter += 1
             task_id = f"s{seed}-{counter}"
@@ -93,5 +100,9 @@ async def main(directory: str, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    use_mode(sys.argv[3] if len(sys.argv) > 3 else "journal")
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    mode = sys.argv[3] if len(sys.argv) > 3 else "journal"
+    below = sys.argv[4] if len(sys.argv) > 4 else ""
+    use_mode(mode)
+    asyncio.run(
+        main(sys.argv[1], int(sys.argv[2]), mode, {"snapshot_below": int(below)} if below else {})
+    )

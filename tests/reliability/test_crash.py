@@ -4,7 +4,8 @@ A child process adds, pauses, resumes, reorders and removes tasks while runs hap
 each operation before and after the call. After every kill a fresh dispatcher opens the
 directory: the file must load, reflect every acknowledged operation (the one in flight may or
 may not have landed), hold no task that was never added, keep ``account_tasks`` in step with
-``tasks``, and leave no temporary files behind.
+``tasks``, and leave no temporary files behind. Below the snapshot threshold the file alone,
+read with ``json.load`` before anything opens the directory, must say the same.
 """
 
 from __future__ import annotations
@@ -24,10 +25,20 @@ from typing import Any
 
 import pytest
 
+from jobstores.jsonfile import SNAPSHOT_BELOW
 from scheduler import TaskDispatcher
 
 CHILD = Path(__file__).with_name("crash_child.py")
 ROOT = Path(__file__).resolve().parents[2]
+
+
+SNAPSHOT_BELOW_IN = {"journal": 0, "compact": 0, "threshold": 6}
+"""The dispatcher's snapshot_below in each mode (the others: the default)."""
+
+
+def options(mode: str) -> dict[str, Any]:
+    """The dispatcher's options in ``mode``."""
+    return {"snapshot_below": SNAPSHOT_BELOW_IN[mode]} if mode in SNAPSHOT_BELOW_IN else {}
 
 
 @dataclass
@@ -67,7 +78,14 @@ class Model:
 class Child:
     def __init__(self, directory: Path, seed: int, mode: str = "journal") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(CHILD), str(directory), str(seed), mode],
+            [
+                sys.executable,
+                str(CHILD),
+                str(directory),
+                str(seed),
+                mode,
+                str(options(mode).get("snapshot_below", "")),
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -105,10 +123,23 @@ class Child:
         self.process.stdout.close()
 
 
-def observe(directory: Path) -> tuple[Model, dict[str, str], list[str]]:
+def file_alone(directory: Path) -> Model:
+    """What dispatch_config.json alone says (no journal), read as the seed's host reads it."""
+    with (directory / "dispatch_config.json").open(encoding="utf-8") as file:
+        data = json.load(file)
+    return Model(
+        order=data["account_tasks"],
+        paused={t["task_id"] for t in data["tasks"] if t["status"] == "paused"},
+    )
+
+
+def observe(directory: Path, mode: str = "journal") -> tuple[Model, dict[str, str], list[str]]:
     leftovers = sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
     dispatcher = TaskDispatcher(
-        directory, task_manager_factory=lambda **kw: _Noop(), timezone="UTC"
+        directory,
+        task_manager_factory=lambda **kw: _Noop(),
+        timezone="UTC",
+        **options(mode),
     )
     try:
         records = dispatcher.list_tasks()
@@ -135,10 +166,19 @@ class _Noop:
 def crash_loop(directory: Path, kills: int, seed: int, mode: str = "journal") -> dict[str, int]:
     rng = random.Random(seed)
     base, _, _ = (
-        observe(directory) if (directory / "dispatch_config.json").exists() else (Model(), {}, [])
+        observe(directory, mode)
+        if (directory / "dispatch_config.json").exists()
+        else (Model(), {}, [])
     )
+    threshold = options(mode).get("snapshot_below", SNAPSHOT_BELOW)
     attempted: set[str] = set()
-    stats = {"kills": 0, "acknowledged": 0, "in_flight_landed": 0, "max_leftovers": 0}
+    stats = {
+        "kills": 0,
+        "acknowledged": 0,
+        "in_flight_landed": 0,
+        "max_leftovers": 0,
+        "file_alone_checked": 0,
+    }
     for round_number in range(kills):
         child = Child(directory, seed * 100_000 + round_number, mode)
         child.kill_after(rng.choice([0.0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4]))
@@ -153,7 +193,16 @@ def crash_loop(directory: Path, kills: int, seed: int, mode: str = "journal") ->
         with_intent = copy.deepcopy(expected)
         if child.intent is not None:
             with_intent.apply(child.intent)
-        observed, _, leftovers = observe(directory)
+        if mode != "snapshot" and len(expected.ids) < threshold and child.acked:
+            stats["file_alone_checked"] += 1
+            alone = file_alone(directory)
+            assert any(
+                (m.order, m.paused) == (alone.order, alone.paused) for m in (expected, with_intent)
+            ), (
+                f"round {round_number}: the file alone lags: acknowledged {child.acked[-3:]}, "
+                f"in flight {child.intent}\nexpected {expected}\nthe file alone {alone}"
+            )
+        observed, _, leftovers = observe(directory, mode)
         stats["max_leftovers"] = max(stats["max_leftovers"], len(leftovers))
         assert observed.ids <= attempted, f"tasks never added: {observed.ids - attempted}"
         matches = [
@@ -171,9 +220,10 @@ def crash_loop(directory: Path, kills: int, seed: int, mode: str = "journal") ->
     return stats
 
 
-MODES = ["journal", "compact", "snapshot"]
-"""The journal (the default), the journal folded into the snapshot at almost every commit
-(kills land during compactions), and the whole-file snapshot backend."""
+MODES = ["journal", "compact", "current", "threshold", "snapshot"]
+"""The journal taking every change, the journal folded into the snapshot at almost every
+commit (kills land during compactions), a small store (every commit writes the file), a
+store crossing its threshold both ways, and the whole-file snapshot backend."""
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -181,6 +231,8 @@ def test_kill_9_at_random_instants(tmp_path: Path, mode: str) -> None:
     stats = crash_loop(tmp_path / "store", kills=12, seed=1, mode=mode)
     assert stats["kills"] == 12
     assert stats["acknowledged"] > 0
+    if mode in ("current", "threshold"):
+        assert stats["file_alone_checked"] > 0
 
 
 @pytest.mark.slow

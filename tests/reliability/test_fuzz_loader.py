@@ -231,7 +231,9 @@ def _journal_directory(directory: Path, commits: int) -> list[tuple[list[Any], A
     """A snapshot and a journal of ``commits`` commits; the state after each (prefixes)."""
     from jobstores.journal import JournalStorage
 
-    store = JsonJobStore(directory, timezone=UTC, now=NOW, storage=JournalStorage(directory))
+    store = JsonJobStore(
+        directory, timezone=UTC, now=NOW, storage=JournalStorage(directory), snapshot_below=0
+    )
     store.add_tasks([parse_record(valid_task(0, "a"), UTC)])
     assert store.save()  # the snapshot
     states = [(store.records(), store.account_tasks())]

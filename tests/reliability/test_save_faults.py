@@ -14,6 +14,9 @@ import pytest
 from helpers import Recorder, at, read_state
 
 from scheduler import SaveFailedError, TaskDispatcher
+from scheduler.listeners import DispatcherEvent, TaskAdded, TaskPaused, TaskRemoved, TaskResumed
+from tasks.schedule import utc_now
+from tasks.zones import resolve_timezone
 
 MakeDispatcher = Callable[..., TaskDispatcher]
 
@@ -134,6 +137,8 @@ async def _change(dispatcher: TaskDispatcher, call: str) -> None:
         await dispatcher.add_tasks([_new("new"), _new("new2", "b")])
     elif call == "reorder":
         dispatcher.reorder_task("second", 0)
+    elif call == "update":
+        dispatcher.update_task("third", valid_time_range=(0, 24))
     else:
         getattr(dispatcher, f"{call}_task")("second" if call == "resume" else "first")
 
@@ -189,4 +194,57 @@ async def test_a_change_that_could_not_be_saved_raises_stays_applied_and_is_retr
 
     await asyncio.wait_for(saved(), 10)
     assert shows(read_state(state_dir))
+    await dispatcher.stop()
+
+
+def _closed_now() -> tuple[int, int]:
+    """An hour window of the tests' zone that is closed at this moment."""
+    hour = utc_now().astimezone(resolve_timezone("Asia/Shanghai")).hour
+    return (hour + 1, 24) if hour < 23 else (0, 23)
+
+
+# What each call announces, and the task it makes due now (None: none).
+ANNOUNCED: dict[str, tuple[list[tuple[type[DispatcherEvent], str]], str | None]] = {
+    "add_task": ([(TaskAdded, "new")], "new"),
+    "add_tasks": ([(TaskAdded, "new"), (TaskAdded, "new2")], "new2"),
+    "pause": ([(TaskPaused, "first")], None),
+    "resume": ([(TaskResumed, "second")], "second"),
+    "update": ([], "third"),  # the window opens now
+    "remove": ([(TaskRemoved, "first")], None),
+    "reorder": ([], None),
+}
+
+
+@pytest.mark.parametrize("call", list(ANNOUNCED))
+async def test_a_change_whose_save_failed_is_scheduled_and_announced_like_any_other(
+    make_dispatcher: MakeDispatcher,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    call: str,
+) -> None:
+    # Real time: the scheduler sleeps until its next planned run (a minute away) unless a
+    # change wakes it, so a due task that runs within seconds was scheduled by the change.
+    dispatcher = make_dispatcher()
+    third = {**_new("third", "c"), "valid_time_range": _closed_now()}
+    await dispatcher.add_tasks([_new("first"), _new("second"), third])
+    dispatcher.pause_task("second")
+    events: list[DispatcherEvent] = []
+    dispatcher.add_listener(events.append, [TaskAdded, TaskPaused, TaskRemoved, TaskResumed])
+    await dispatcher.start()
+
+    async def ran(task_id: str) -> None:
+        while not recorder.count(task_id):  # noqa: ASYNC110 - the wait is bounded below
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(ran("first"), 10)  # its first run is out of the way
+    expected, due = ANNOUNCED[call]
+    restore = _fail_writes(monkeypatch)
+    try:
+        with pytest.raises(SaveFailedError):
+            await _change(dispatcher, call)
+        assert [(type(e), e.task_id) for e in events] == expected
+        if due is not None:  # runs although saving still fails
+            await asyncio.wait_for(ran(due), 10)
+    finally:
+        restore()
     await dispatcher.stop()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SHANGHAI, Recorder, read_state
+from helpers import SHANGHAI, Recorder, read_state, seed_file, seed_task
 
 from jobstores import JsonJobStore
 from scheduler import (
@@ -186,6 +186,67 @@ async def test_a_duplicate_inside_one_batch_says_so(
         await dispatcher.add_tasks([{**GOOD, "task_id": "twin"}, {**GOOD, "task_id": "twin"}])
     assert dispatcher.list_tasks() == []
     assert not (state_dir / "dispatch_config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("task_id", "message"),
+    [
+        ("a/b", "contains '/'"),
+        (".", "relative path segment"),
+        ("..", "relative path segment"),
+        (" padded", "whitespace"),
+        ("bell\x07", "unprintable"),
+        (7, "must be a string"),
+    ],
+)
+async def test_an_id_no_url_can_carry_is_refused_when_added(
+    make_dispatcher: MakeDispatcher, state_dir: Path, task_id: Any, message: str
+) -> None:
+    dispatcher = make_dispatcher()
+    await dispatcher.add_task(**GOOD, task_id="first")
+    before = (state_dir / "dispatch_config.json").read_bytes()
+    with pytest.raises(InvalidTaskError, match=message) as raised:
+        await dispatcher.add_task(**GOOD, task_id=task_id)
+    assert raised.value.field == "task_id"
+    assert str(raised.value).startswith("task_id: ")
+    assert "\n" not in str(raised.value)
+    with pytest.raises(InvalidTaskError, match=message):  # all or nothing in a batch too
+        await dispatcher.add_tasks([{**GOOD, "task_id": "fine"}, {**GOOD, "task_id": task_id}])
+    assert [r.task_id for r in dispatcher.list_tasks()] == ["first"]
+    assert (state_dir / "dispatch_config.json").read_bytes() == before
+
+
+async def test_a_chinese_task_id_is_added_saved_and_loaded_again(
+    make_dispatcher: MakeDispatcher, state_dir: Path
+) -> None:
+    dispatcher = make_dispatcher()
+    assert await dispatcher.add_task(**GOOD, task_id="账号1-运营") == "账号1-运营"
+    dispatcher.pause_task("账号1-运营")
+    dispatcher.close()
+    again = make_dispatcher()
+    assert again.get_task("账号1-运营").status is TaskStatus.PAUSED
+    assert read_state(state_dir)["account_tasks"] == {"account_1": ["账号1-运营"]}
+
+
+async def test_a_saved_task_whose_id_add_refuses_now_stays_manageable(
+    make_dispatcher: MakeDispatcher, state_dir: Path
+) -> None:
+    # Written before such ids were refused: loaded, listed, changed and removed as any other.
+    legacy = ["a/b", ".", "..", "ok"]
+    state_dir.mkdir()
+    (state_dir / "dispatch_config.json").write_bytes(
+        seed_file([seed_task(task_id, task_end_time="2999-01-01") for task_id in legacy])
+    )
+    dispatcher = make_dispatcher()
+    assert [r.task_id for r in dispatcher.list_tasks()] == legacy
+    dispatcher.pause_task("a/b")
+    dispatcher.resume_task("a/b")
+    assert dispatcher.update_task("..", interval=7200).interval == 7200
+    dispatcher.reorder_task(".", 0)
+    assert dispatcher.account_tasks["account_1"] == [".", "a/b", "..", "ok"]
+    dispatcher.remove_task(".")
+    dispatcher.close()
+    assert read_state(state_dir)["account_tasks"] == {"account_1": ["a/b", "..", "ok"]}
 
 
 @pytest.mark.parametrize("method", ["get_task", "pause_task", "resume_task", "remove_task"])

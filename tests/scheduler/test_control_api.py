@@ -7,15 +7,17 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 from fastapi import APIRouter
-from helpers import at, task_in_file
+from helpers import at, seed_file, seed_task, task_in_file
 
 from scheduler import TaskDispatcher
-from scheduler.control import create_app
+from scheduler.control import create_app, path_segment
 
 API = "/api/v1"
 SECRET_TASK = {
@@ -271,6 +273,97 @@ async def test_next_runs_previews_pending_and_paused_tasks(connect: Connect) -> 
     paused = (await api.get(f"{API}/tasks/t/next-runs")).json()
     assert (paused["status"], paused["if_resumed"], len(paused["runs"])) == ("paused", True, 5)
     error(await api.get(f"{API}/tasks/t/next-runs", params={"count": -1}), 422)
+
+
+# ---------------------------------------------------------------------- ids
+
+
+@pytest.mark.parametrize(
+    ("task_id", "account_id"),
+    [
+        ("账号1-运营", "账号1"),
+        ("q?#50% a", "shop a/b"),  # '?', '#', '%' and spaces: percent-encoded wherever they go
+        ("back\\slash", "."),
+    ],
+)
+async def test_any_id_add_accepts_is_addressed_by_every_route(
+    connect: Connect, task_id: str, account_id: str
+) -> None:
+    api = connect()
+    await add(api, task_id="other", account_id=account_id)
+    response = await api.post(
+        f"{API}/tasks", json={**SECRET_TASK, "task_id": task_id, "account_id": account_id}
+    )
+    assert response.status_code == 201, response.text
+    location = response.headers["location"]
+    assert location == f"{API}/tasks/{quote(task_id, safe='')}"
+    assert location.isascii()
+    assert (await api.get(location)).json()["task_id"] == task_id
+    path = f"{API}/tasks/{path_segment(task_id)}"
+    assert (await api.post(f"{path}/pause")).json()["status"] == "paused"
+    assert (await api.post(f"{path}/resume")).json()["status"] == "pending"
+    assert (await api.get(f"{path}/next-runs")).json()["task_id"] == task_id
+    assert (await api.get(f"{path}/runs")).json() == []
+    assert (await api.patch(path, json={"interval": 7200})).json()["interval"] == 7200
+    moved = (await api.post(f"{path}/reorder", json={"position": 0})).json()
+    assert moved["task_ids"] == [task_id, "other"]
+    account = await api.get(f"{API}/accounts/{path_segment(account_id)}")
+    assert account.json()["task_ids"] == [task_id, "other"]
+    assert (await api.delete(path)).status_code == 204
+    error(await api.get(path), 404)
+    assert [t["task_id"] for t in (await api.get(f"{API}/tasks")).json()["tasks"]] == ["other"]
+
+
+@pytest.mark.parametrize(
+    ("task_id", "message"),
+    [
+        ("a/b", "'a/b' contains '/'"),
+        (".", "'.' cannot be a task id"),
+        ("..", "'..' cannot be a task id"),
+        ("tab\there", "unprintable character '\\t'"),
+        ("trailing ", "whitespace"),
+    ],
+)
+async def test_an_id_no_url_can_carry_is_422_naming_task_id(
+    connect: Connect, task_id: str, message: str
+) -> None:
+    api = connect()
+    for route, body in (
+        ("/tasks", {**SECRET_TASK, "task_id": task_id}),
+        (
+            "/tasks/bulk",
+            {"tasks": [{**SECRET_TASK, "task_id": "fine"}, {**SECRET_TASK, "task_id": task_id}]},
+        ),
+    ):
+        refused = error(await api.post(API + route, json=body), 422)
+        assert refused["field"] == "task_id"
+        assert refused["message"].startswith("task_id: ")
+        assert message in refused["message"]
+        assert "\n" not in refused["message"]
+    assert (await api.get(f"{API}/tasks")).json()["total"] == 0
+
+
+async def test_saved_ids_add_refuses_now_are_still_addressed(
+    connect: Connect, make_dispatcher: Callable[..., TaskDispatcher], state_dir: Path
+) -> None:
+    legacy = ["a/b", ".", ".."]
+    state_dir.mkdir()
+    (state_dir / "dispatch_config.json").write_bytes(
+        seed_file([seed_task(task_id, task_end_time="2999-01-01") for task_id in legacy])
+    )
+    api = connect(make_dispatcher())
+    for task_id in legacy:
+        path = f"{API}/tasks/{path_segment(task_id)}"
+        assert (await api.get(path)).json()["task_id"] == task_id
+        assert (await api.post(f"{path}/pause")).json()["status"] == "paused"
+        assert (await api.post(f"{path}/resume")).json()["status"] == "pending"
+        assert (await api.get(f"{path}/next-runs")).json()["task_id"] == task_id
+        assert (await api.patch(path, json={"interval": 60})).json()["interval"] == 60
+    moved = (await api.post(f"{API}/tasks/%2E%2E/reorder", json={"position": 0})).json()
+    assert moved["task_ids"] == ["..", "a/b", "."]
+    for task_id in legacy:
+        assert (await api.delete(f"{API}/tasks/{path_segment(task_id)}")).status_code == 204
+    assert (await api.get(f"{API}/tasks")).json()["total"] == 0
 
 
 # ---------------------------------------------------------------------- errors

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -265,3 +266,67 @@ def test_run_without_the_control_extra(tmp_path: Path, running: Callable[..., Ru
     assert "pip install 'task-dispatcher[control]'" in line
     process.wait_for_line("running 0 task(s)")
     assert not (directory / "control.sock").exists()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "[::1]"])
+def test_run_listen_draws_a_token_and_refuses_everyone_without_it(
+    tmp_path: Path, running: Callable[..., Running], host: str
+) -> None:
+    """Another local user knows the port, not the token: the README's first command must not
+    let them run a shell command as the dispatcher's user."""
+    directory = tmp_path / "store"
+    pwned = tmp_path / "pwned"
+    process = running("--listen", f"{host}:0", env={"TASK_DISPATCHER_TOKEN": ""})
+    dashboard = process.wait_for_line("dashboard on http://").split("dashboard on ")[1].strip()
+    login_line = process.wait_for_line("log in to the dashboard")
+    login_url = login_line.rsplit(" ", 1)[1].strip()
+    process.wait_for_line("running ")
+    base = dashboard.rstrip("/")
+    assert base.startswith(f"http://{host}:")
+    stored = directory / "control.token"
+    token = stored.read_text().strip()
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert login_url == f"{base}/login?token={token}"
+    # The token is printed once, in that line, and never logged.
+    assert [line for line in process.seen if token in line] == [login_line]
+
+    attack = {
+        "task_type": "shell",
+        "sys_type": "local",
+        "account_id": "mallory",
+        "interval": 60,
+        "command": f"touch {pwned}",
+    }
+    for headers in ({}, {"Authorization": "Bearer not-the-token"}):
+        posted = httpx.post(f"{base}/api/v1/tasks", json=attack, headers=headers)
+        assert posted.status_code == 401, posted.text
+        assert httpx.get(f"{base}/api/v1/tasks", headers=headers).status_code == 401
+        page = httpx.get(base + "/", headers={**headers, "accept": "text/html"})
+        assert page.status_code in (303, 401)
+        if page.status_code == 303:
+            assert page.headers["location"].startswith("/login")
+    near = httpx.post(
+        f"{base}/api/v1/tasks", json=attack, headers={"Authorization": f"Bearer {token[:-1]}"}
+    )
+    assert near.status_code == 401
+    # The owner's CLI on this machine goes through the socket, no token needed.
+    listed = cli(directory, "list", "--json")
+    assert (listed.returncode, orjson.loads(listed.stdout)) == (0, []), listed.stderr
+    # From elsewhere, --url with $TASK_DISPATCHER_TOKEN.
+    elsewhere = tmp_path / "elsewhere"
+    remote = cli(elsewhere, "--url", base, "list", "--json", env={"TASK_DISPATCHER_TOKEN": token})
+    assert (remote.returncode, orjson.loads(remote.stdout)) == (0, []), remote.stderr
+    # The printed URL logs a client in and moves on to the dashboard without the token.
+    with httpx.Client() as browser:
+        opened = browser.get(login_url, headers={"accept": "text/html"})
+        assert opened.status_code == 303
+        assert opened.headers["location"] == "/"
+        shown = browser.get(dashboard, headers={"accept": "text/html"})
+        assert shown.status_code == 200
+        assert 'data-page="overview"' in shown.text
+    assert not pwned.exists()
+
+    process.process.send_signal(signal.SIGINT)
+    assert process.process.wait(30) == 0
+    assert not stored.exists()  # the token died with the process

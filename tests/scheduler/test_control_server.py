@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import stat
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -14,7 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from scheduler import ListenError, TaskDispatcher, cli
-from scheduler.control import check_listen
+from scheduler.control import ControlServer, check_listen, create_app
+from scheduler.control.guard import TOKEN_FILE, issue_token
+from scheduler.control.server import _Listener
 
 API = "/api/v1"
 TASK = {
@@ -99,22 +103,117 @@ async def test_a_stale_socket_is_replaced_and_anything_else_refused(
         await dispatcher.stop()
 
 
-async def test_tcp_on_loopback_without_a_token(started: TaskDispatcher) -> None:
+async def test_tcp_without_a_token_gets_a_drawn_one_kept_owner_only(
+    started: TaskDispatcher,
+) -> None:
     server = await started.serve_control(socket=False, listen="127.0.0.1:0")
     assert server.socket_path is None
     assert not (started.directory / "control.sock").exists()
     assert server.address is not None
     assert server.address[1] > 0
-    async with httpx.AsyncClient(base_url=str(server.url)) as api:
-        added = await api.post(f"{API}/tasks", json={**TASK, "task_id": "t"})
+    token = server.token
+    assert token is not None
+    assert len(token) >= 40  # secrets.token_urlsafe(32)
+    assert token == started.control_token
+    stored = started.directory / TOKEN_FILE
+    assert stored.read_text().strip() == token
+    assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+    assert server.login_url is None  # no dashboard here
+    # Another local user knows the address, not the token: nothing gets through.
+    async with httpx.AsyncClient(base_url=str(server.url)) as anonymous:
+        refused = await anonymous.post(f"{API}/tasks", json={**TASK, "task_id": "t"})
+        assert refused.status_code == 401
+        wrong = await anonymous.post(
+            f"{API}/tasks",
+            json={**TASK, "task_id": "t"},
+            headers={"Authorization": f"Bearer {token[:-1]}x"},
+        )
+        assert wrong.status_code == 401
+        assert (await anonymous.get(f"{API}/health")).status_code == 401
+        assert (await anonymous.get("/metrics")).status_code == 401
+    assert started.peek_tasks() == []
+    async with httpx.AsyncClient(
+        base_url=str(server.url), headers={"Authorization": f"Bearer {token}"}
+    ) as holder:
+        added = await holder.post(f"{API}/tasks", json={**TASK, "task_id": "t"})
         assert added.status_code == 201
-        assert added.json()["kwargs"]["password"] == "***"
-        refused = await api.get(f"{API}/tasks/t", params={"show_secrets": "true"})
-        assert refused.status_code == 403
-        # A page on another site that resolves its name to 127.0.0.1 (DNS rebinding).
-        rebound = await api.get(f"{API}/tasks", headers={"Host": "evil.example:80"})
-        assert rebound.status_code == 403
-        assert "loopback" in rebound.json()["message"]
+        shown = await holder.get(f"{API}/tasks/t", params={"show_secrets": "true"})
+        assert shown.json()["kwargs"]["password"] == "hunter2"
+    await started.stop()
+    assert not stored.exists()  # the token died with its listener
+
+
+async def test_a_token_left_by_a_dead_dispatcher_is_removed(started: TaskDispatcher) -> None:
+    stale = started.directory / TOKEN_FILE
+    stale.write_text("dead-token\n")
+    server = await started.serve_control(listen="127.0.0.1:0", token="tok-123")
+    assert server.token == "tok-123"
+    assert not stale.exists()
+
+
+async def test_the_token_file_is_never_readable_by_others(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Created 0600 under a temporary name and renamed into place: at no instant does a
+    file holding the token exist with wider permissions, whatever the umask."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    real_open, real_replace = os.open, os.replace
+    created: list[int] = []
+    replaced: list[int] = []
+
+    def watch_open(path: Any, flags: int, mode: int = 0o777, *args: Any, **kw: Any) -> int:
+        if Path(path).parent == state_dir and flags & os.O_CREAT:
+            created.append(mode)
+        return real_open(path, flags, mode, *args, **kw)
+
+    def watch_replace(source: Any, target: Any, *args: Any, **kw: Any) -> None:
+        if Path(target) == state_dir / TOKEN_FILE:
+            replaced.append(stat.S_IMODE(os.stat(source).st_mode))
+        real_replace(source, target, *args, **kw)
+
+    monkeypatch.setattr(os, "open", watch_open)
+    monkeypatch.setattr(os, "replace", watch_replace)
+    old_umask = os.umask(0)
+    try:
+        token = issue_token(state_dir)
+    finally:
+        os.umask(old_umask)
+    assert created == [0o600]
+    assert replaced == [0o600]
+    assert stat.S_IMODE((state_dir / TOKEN_FILE).stat().st_mode) == 0o600
+    assert (state_dir / TOKEN_FILE).read_text() == token + "\n"
+    assert issue_token(state_dir) != token  # drawn afresh each time
+    assert [p.name for p in state_dir.iterdir()] == [TOKEN_FILE]  # no temporary file left
+
+
+async def test_an_embedded_control_app_needs_the_dispatchers_token(
+    make_dispatcher: Callable[..., TaskDispatcher],
+) -> None:
+    dispatcher = make_dispatcher()
+    app = dispatcher.control_app()
+    token = dispatcher.control_token
+    assert (dispatcher.directory / TOKEN_FILE).read_text().strip() == token
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+        assert (await c.get(f"{API}/tasks")).status_code == 401
+        ok = await c.get(f"{API}/tasks", headers={"Authorization": f"Bearer {token}"})
+        assert ok.status_code == 200
+    dispatcher.close()
+    assert not (dispatcher.directory / TOKEN_FILE).exists()
+
+
+async def test_no_tcp_listener_without_a_token(started: TaskDispatcher) -> None:
+    app = create_app(started)  # an app built without a token
+    with pytest.raises(ListenError, match="needs a token"):
+        ControlServer(app, socket_path=None, listen="127.0.0.1:0")
+    # Served through TCP all the same (as a listener of ours marks it), it refuses.
+    tcp = _Listener(app, "tcp")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=tcp), base_url="http://127.0.0.1"
+    ) as c:
+        refused = await c.get(f"{API}/tasks")
+        assert refused.status_code == 401
+        assert "no token" in refused.json()["message"]
 
 
 async def test_tcp_with_a_token_needs_it_from_every_caller(started: TaskDispatcher) -> None:

@@ -571,6 +571,38 @@ async def test_jitter_starts_late_without_drifting_and_survives_a_restart(
     await again.stop()
 
 
+async def test_pause_resume_and_edits_keep_a_jittered_task_on_its_grid(
+    clock: Any,
+    make_dispatcher: MakeDispatcher,
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    state_dir: Path,
+) -> None:
+    monkeypatch.setattr("random.random", lambda: 0.5)  # each run starts 5 minutes late
+    dispatcher = make_dispatcher()
+    task_id = await add(dispatcher, run_policy={"jitter": 600})
+    await dispatcher.start()
+    for hour in range(8, 14):
+        await run_at(clock, dispatcher, 2026, 1, 8, hour, 5)
+        clock.move_to(at(2026, 1, 8, hour, 6))
+        if hour % 2:
+            dispatcher.pause_task(task_id)
+            dispatcher.resume_task(task_id)
+        else:
+            dispatcher.update_task(task_id, valid_time_range=[8, 23])
+        record = dispatcher.get_task(task_id)
+        assert record.next_execution_time == at(2026, 1, 8, hour + 1, 0)  # not hour + 1:05
+        assert record.next_start_time == at(2026, 1, 8, hour + 1, 5)
+    assert [run.at for run in recorder.runs] == [at(2026, 1, 8, h, 5) for h in range(8, 14)]
+    assert task_in_file(state_dir, task_id)["last_planned_time"] == "2026-01-08T13:00:00+08:00"
+    await dispatcher.stop()
+    again = make_dispatcher()  # the grid point is kept on file
+    again.pause_task(task_id)
+    again.resume_task(task_id)
+    assert again.get_task(task_id).next_execution_time == at(2026, 1, 8, 14, 0)
+    again.close()
+
+
 async def test_jitter_never_leaves_the_window(
     clock: Any, make_dispatcher: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -223,3 +223,78 @@ def test_run_abandoned_does_not_count(before: dict[str, Any], after: Any) -> Non
     assert fields(new) == after
     assert new.run_count == 4
     assert lifecycle.run_abandoned(running, "other", T0) is running
+
+
+# ---------------------------------------------------------------------- the grid
+
+MINUTE = timedelta(minutes=1)
+JITTERED = {"last_planned_time": T0, "last_execution_time": T0 + 7 * MINUTE}
+"""The last run: planned at T0, started 7 minutes later (its jitter)."""
+
+
+@pytest.mark.parametrize(
+    ("last", "now", "expected"),
+    [
+        # one interval after the planned time, not after the jittered start
+        (JITTERED, T0 + 10 * MINUTE, T0 + HOUR),
+        (JITTERED, T0 + HOUR - MINUTE, T0 + HOUR),
+        # that grid point passed: now, as any missed run coalesces
+        (JITTERED, T0 + HOUR + MINUTE, T0 + HOUR + MINUTE),
+        # a run planned at T0 + 1h (the one after), started late: T0 + 2h
+        (
+            {"last_planned_time": T0 + HOUR, "last_execution_time": T0 + HOUR + 59 * MINUTE},
+            T0 + HOUR + 59 * MINUTE,
+            T0 + 2 * HOUR,
+        ),
+        # a record saved before the planned time was kept: from the start, as before
+        ({"last_execution_time": T0 + 7 * MINUTE}, T0 + 10 * MINUTE, T0 + HOUR + 7 * MINUTE),
+        # no run yet: now
+        ({}, T0 + 10 * MINUTE, T0 + 10 * MINUTE),
+    ],
+)
+def test_resume_edit_and_load_plan_from_the_last_planned_time(
+    last: dict[str, Any], now: Any, expected: Any
+) -> None:
+    paused = record("a", status=PA, at=None, **last)
+    assert lifecycle.resumed(paused, schedule(), now).next_execution_time == expected
+    pending = record("a", status=P, at=T0 + 5 * HOUR, **last)
+    assert lifecycle.edited(pending, pending, schedule(), now).next_execution_time == expected
+    unplanned = record("a", status=P, at=None, **last)
+    assert lifecycle.loaded(unplanned, schedule(), now).next_execution_time == expected
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_an_opened_run_makes_its_planned_time_the_grid_point(started: bool) -> None:
+    late = RUN.model_copy(update={"scheduled_at": T0 - HOUR})  # waited for its start
+    opened = lifecycle.run_opened(record("a"), late, T0, started=started)
+    assert (opened.last_planned_time, opened.grid_time) == (T0 - HOUR, T0 - HOUR)
+    if started:
+        assert opened.last_execution_time == T0
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.37, 1.0])
+def test_repeated_pause_resume_and_edit_cycles_never_move_the_grid(fraction: float) -> None:
+    jittery = schedule(run_policy={"jitter": 1800}, valid_time_range=(0, 24))
+    task = lifecycle.jittered(
+        record("a", at=T0, run_policy={"jitter": 1800}, valid_time_range=(0, 24)),
+        jittery,
+        fraction,
+    )
+    planned = []
+    for cycle in range(12):
+        due, start = task.next_execution_time, task.start_time
+        assert due is not None
+        assert start is not None
+        planned.append(due)
+        run = ActiveRun(run_id=f"r{cycle}", scheduled_at=due, submitted_at=start)
+        task = lifecycle.run_opened(task, run, start, started=True)
+        task = lifecycle.planned(task, due + HOUR, start)
+        done = RunEvent(f"r{cycle}", "a", RunEventKind.SUCCEEDED, at=start, started_at=start)
+        task = lifecycle.run_finished(task, done, start + MINUTE, jittery)
+        now = start + 2 * MINUTE
+        if cycle % 2:
+            task = lifecycle.resumed(lifecycle.paused(task, now), jittery, now)
+        else:
+            task = lifecycle.edited(task, task, jittery, now)
+        task = lifecycle.jittered(task, jittery, fraction)
+    assert planned == [T0 + n * HOUR for n in range(12)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
@@ -11,7 +12,13 @@ from helpers import SHANGHAI, T0, has_instance_dict, record
 from pydantic import ValidationError
 
 from tasks import TaskRecord, TaskStatus
-from tasks.model import check_json_value, kwargs_problems, parse_end_time, share_record_values
+from tasks.model import (
+    check_json_value,
+    kwargs_problems,
+    new_task_id_problem,
+    parse_end_time,
+    share_record_values,
+)
 
 
 def test_json_form_is_plain_and_readable() -> None:
@@ -102,6 +109,43 @@ def test_record_rejects(changes: dict[str, Any], field: str, message: str) -> No
     with pytest.raises(ValidationError, match=message) as raised:
         TaskRecord.model_validate(raw, context={"zone": SHANGHAI})
     assert raised.value.errors()[0]["loc"] == (field,)
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    ["账号1-运营", "a b", "50%", "q?", "#1", "a.b", "...", ".x", "a\\b", "%2F", "x" * 256],
+)
+def test_new_task_ids_that_every_url_can_carry(task_id: str) -> None:
+    assert new_task_id_problem(task_id) is None
+
+
+@pytest.mark.parametrize(
+    ("task_id", "message"),
+    [
+        ("a/b", "contains '/'"),
+        ("/", "contains '/'"),
+        (".", "relative path segment"),
+        ("..", "relative path segment"),
+        (" a", "whitespace"),
+        ("a\u3000", "whitespace"),  # an ideographic space
+        ("a\tb", r"unprintable character '\\t' at position 1"),
+        ("a\x00", "unprintable"),
+        ("a\u200bb", "unprintable"),  # zero width: looks like "ab", is not
+        ("a\nb", "unprintable"),
+    ],
+)
+def test_new_task_ids_that_cannot_be_addressed_are_named(task_id: str, message: str) -> None:
+    problem = new_task_id_problem(task_id)
+    assert problem is not None
+    assert re.search(message, problem), problem
+    assert "\n" not in problem  # one line, whatever the id holds
+
+
+@pytest.mark.parametrize("task_id", ["a/b", ".", ".."])
+def test_saved_records_with_such_ids_still_load(task_id: str) -> None:
+    # The rule is for new tasks: a file written before it must keep loading.
+    raw = record("a").to_json_dict() | {"task_id": task_id}
+    assert TaskRecord.model_validate(raw, context={"zone": SHANGHAI}).task_id == task_id
 
 
 @pytest.mark.parametrize("window", [(24, 5), (0, 24), (23, 0), (22, 6)])
@@ -344,3 +388,22 @@ def test_records_built_apart_share_their_values_in_batches() -> None:
     assert last.account_id is first.account_id
     assert last.kwargs["note"] is first.kwargs["note"]
     assert last.kwargs["task_id"] is last.task_id
+
+
+def test_records_saved_before_the_last_planned_time_was_kept_are_rebuilt_fast() -> None:
+    # Older files lack the field: such a record (extras and all) is rebuilt, not validated.
+    saved = [
+        {**record(f"t{index}").to_json_dict(), "comment": f"kept {index}"} for index in range(3)
+    ]
+    for raw in saved:
+        del raw["last_planned_time"]
+    made = TaskRecord.rebuilt_all(saved, UTC, {}, {})
+    for raw, rebuilt in zip(saved, made, strict=True):
+        assert rebuilt is not None
+        assert rebuilt.last_planned_time is None
+        assert rebuilt.grid_time is None
+        assert rebuilt.model_extra == {"comment": raw["comment"]}
+        assert rebuilt == TaskRecord.model_validate(raw, context={"zone": UTC})
+    assert TaskRecord.rebuilt_all(
+        [{**saved[0], "last_planned_time": "2026-01-08T08:00:00+08:00"}], UTC, {}, {}
+    ) == [None]  # the field out of its place: validated instead

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import pytest
 
 from tasks import ShellTask, ShellTaskError, default_registry
+from tasks.shell import OUTPUT_LOGGER
 
 
 def shell_task(**kwargs: object) -> ShellTask:
@@ -80,3 +82,26 @@ def test_shell_is_registered() -> None:
     assert "shell" in default_registry
     manager = default_registry(sys_type="local", task_type="shell", task_id="t", command="date")
     assert isinstance(manager, ShellTask)
+
+
+async def test_what_a_run_printed_is_logged_masked_bounded_on_one_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    script = (
+        "print('x' * 100_000); print('ok password=hunter2 \\x1b[31mred'); "
+        "print('https://me:pa55@example.com/ done')"
+    )
+    with caplog.at_level(logging.DEBUG, logger=OUTPUT_LOGGER):
+        await shell_task(command=[sys.executable, "-c", script]).run()
+    (line,) = [r.getMessage() for r in caplog.records if r.name == OUTPUT_LOGGER]
+    assert line.startswith("task t printed: ...")
+    assert line.endswith("ok password=*** ?[31mred | https://me:***@example.com/ done")
+    assert "hunter2" not in line
+    assert "pa55" not in line
+    assert len(line) < 600
+
+
+async def test_nothing_printed_is_nothing_logged(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger=OUTPUT_LOGGER):
+        await shell_task(command="true").run()
+    assert not [r for r in caplog.records if r.name == OUTPUT_LOGGER]

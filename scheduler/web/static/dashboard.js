@@ -14,6 +14,11 @@
     resume: (id) => ["POST", `${API}/tasks/${encodeURIComponent(id)}/resume`],
     remove: (id) => ["DELETE", `${API}/tasks/${encodeURIComponent(id)}`],
     reorder: (id) => ["POST", `${API}/tasks/${encodeURIComponent(id)}/reorder`],
+    run: (id) => ["POST", `${API}/tasks/${encodeURIComponent(id)}/run`],
+    edit: (id) => ["PATCH", `${API}/tasks/${encodeURIComponent(id)}`],
+    preview: (id) => ["POST", `${API}/tasks/${encodeURIComponent(id)}/preview?count=5`],
+    "pause-account": (id) => ["POST", `${API}/accounts/${encodeURIComponent(id)}/pause`],
+    "resume-account": (id) => ["POST", `${API}/accounts/${encodeURIComponent(id)}/resume`],
   };
 
   // ---------------------------------------------------------------- API calls
@@ -101,6 +106,9 @@
     li.dataset.status = row.status;
     li.dataset.type = row.task_type;
     li.dataset.sys = row.sys_type;
+    li.dataset.outcome = row.outcome;
+    li.dataset.failing = row.failing ? "1" : "";
+    li.dataset.due = row.due_at;
     for (const el of li.querySelectorAll("[data-f]")) {
       const value = row[el.dataset.f];
       if (value === undefined) continue;
@@ -248,9 +256,17 @@
 
   // ---------------------------------------------------------------- filters
 
+  // The server's rule (views.overdue): a next start over a minute past, no run out.
+  const OVERDUE_AFTER = 60_000;
+  function late(li, now) {
+    const due = li.dataset.due;
+    return Boolean(due) && li.dataset.status !== "running" && Date.parse(due) < now - OVERDUE_AFTER;
+  }
+
   let filterForm = null;
   function applyFilters() {
     if (!filterForm) return;
+    const now = Date.now();
     const f = Object.fromEntries(new FormData(filterForm).entries());
     const q = (f.q || "").trim().toLowerCase();
     let shown = 0;
@@ -259,6 +275,7 @@
       const laneMatches = !f.account || lane.dataset.account === f.account;
       for (const li of lane.querySelectorAll("li.task")) {
         const match = laneMatches
+          && (!f.attention || (f.attention === "failing" ? li.dataset.failing === "1" : late(li, now)))
           && (!f.status || li.dataset.status === f.status)
           && (!f.type || li.dataset.type === f.type)
           && (!f.sys || li.dataset.sys === f.sys)
@@ -319,6 +336,11 @@
     const result = await call(action, id);
     if (control) control.disabled = false;
     if (!result.ok) { notice(`${action} ${id} failed: ${describe(result)}`); return false; }
+    if (action === "run") {
+      const account = result.data && result.data.account_id;
+      notice(`${id}: run asked for; it starts as soon as account ${account} is free`);
+      return true;
+    }
     notice(`${id}: ${action === "remove" ? "removed" : action === "pause" ? "paused" : "resumed"}`);
     const record = result.data && typeof result.data === "object" ? result.data : null;
     const status = action === "pause" ? "paused" : action === "resume" ? "pending" : null;
@@ -337,8 +359,40 @@
     return true;
   }
 
+  function showStatus(id, status) {
+    for (const root of document.querySelectorAll(`[data-id="${CSS.escape(id)}"]`)) {
+      root.dataset.status = status;
+      const badge = root.querySelector(".status");
+      if (badge) badge.textContent = status;
+      const pause = root.querySelector("[data-action=pause]");
+      const resume = root.querySelector("[data-action=resume]");
+      if (pause) pause.hidden = status === "paused" || status === "completed";
+      if (resume) resume.hidden = status !== "paused";
+    }
+  }
+
+  // Pause or resume a whole account: one request, answered task by task.
+  async function actOnAccount(action, account, control) {
+    if (control) control.disabled = true;
+    const result = await call(action, account);
+    if (control) control.disabled = false;
+    if (!result.ok) { notice(`${action} ${account} failed: ${describe(result)}`); return; }
+    const tasks = (result.data && result.data.tasks) || [];
+    for (const task of tasks) showStatus(task.task_id, task.status);
+    const changed = tasks.filter((task) => task.changed).length;
+    const verb = action === "pause-account" ? "paused" : "resumed";
+    notice(`${account}: ${changed} of ${tasks.length} task(s) ${verb}`);
+    applyFilters();
+  }
+
   function setUpActions() {
     document.addEventListener("click", async (event) => {
+      const laneButton = event.target.closest("button[data-account-action]");
+      if (laneButton) {
+        const lane = laneButton.closest("[data-account]");
+        if (lane) await actOnAccount(laneButton.dataset.accountAction, lane.dataset.account, laneButton);
+        return;
+      }
       const button = event.target.closest("button[data-action]");
       if (!button) return;
       const holder = button.closest("[data-id]");
@@ -503,6 +557,126 @@
     });
   }
 
+  // ---------------------------------------------------------------- edit form
+
+  // Errors beside their fields: the API names the field (``run_policy.retries``, ``interval``).
+  function formErrors(form, general) {
+    const clear = () => {
+      form.querySelectorAll("[data-error-for]").forEach((p) => { p.textContent = ""; });
+      form.querySelectorAll(".field.invalid").forEach((f) => f.classList.remove("invalid"));
+      form.querySelectorAll("[aria-invalid]").forEach((f) => f.removeAttribute("aria-invalid"));
+      general.textContent = "";
+    };
+    const show = (result) => {
+      let placed = false;
+      for (const [field, message] of fieldErrors(result.data)) {
+        const slot = form.querySelector(`[data-error-for="${CSS.escape(field)}"]`);
+        if (!slot) continue;
+        slot.textContent = message;
+        const box = slot.closest(".field");
+        box.classList.add("invalid");
+        box.querySelector("input").setAttribute("aria-invalid", "true");
+        placed = true;
+      }
+      if (!placed) general.textContent = describe(result);
+      const first = form.querySelector("[aria-invalid]");
+      if (first) first.focus();
+    };
+    return { clear, show };
+  }
+
+  function editedFields(form) {
+    const changes = {};
+    const policy = {};
+    for (const input of form.querySelectorAll("input[name]")) {
+      if (input.value === input.defaultValue) continue;
+      const value = input.value.trim();
+      if (input.name === "interval") changes.interval = seconds(value);
+      else if (input.name === "valid_time_range") changes.valid_time_range = hours(value);
+      else if (input.name === "task_end_time") changes.task_end_time = value || null;
+      else if (input.name.startsWith("run_policy.")) {
+        const name = input.name.slice("run_policy.".length);
+        policy[name] = value === "" ? null : (/^-?\d+(\.\d+)?$/.test(value) ? Number(value) : value);
+      }
+    }
+    if (Object.keys(policy).length) changes.run_policy = policy;
+    return changes;
+  }
+
+  function setUpEditForm() {
+    const form = document.getElementById("edit-form");
+    if (!form) return;
+    const id = form.closest("[data-id]").dataset.id;
+    const errors = formErrors(form, document.getElementById("edit-error"));
+    const box = document.getElementById("edit-preview-box");
+    const list = document.getElementById("edit-preview-list");
+    document.getElementById("edit-preview").addEventListener("click", async (event) => {
+      errors.clear();
+      const button = event.currentTarget;
+      button.disabled = true;
+      const result = await call("preview", id, editedFields(form));
+      button.disabled = false;
+      if (!result.ok) { box.hidden = true; errors.show(result); return; }
+      const runs = result.data.runs || [];
+      list.replaceChildren(...(runs.length ? runs : [null]).map((iso) => {
+        const li = document.createElement("li");
+        // The dispatcher's wall time, as the page shows it elsewhere.
+        li.textContent = iso ? iso.slice(0, 19).replace("T", " ") : "none before the end time";
+        return li;
+      }));
+      box.hidden = false;
+    });
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      errors.clear();
+      const changes = editedFields(form);
+      if (!Object.keys(changes).length) {
+        document.getElementById("edit-error").textContent = "Nothing changed.";
+        return;
+      }
+      const button = form.querySelector("button[type=submit]");
+      button.disabled = true;
+      const result = await call("edit", id, changes);
+      button.disabled = false;
+      if (!result.ok) { errors.show(result); return; }
+      location.reload();
+    });
+  }
+
+  // ---------------------------------------------------------------- timeline axis
+
+  // Keep the axis readable at any width: labels are kept in rank order (now, dates, then
+  // hours at multiples of 12, 6, 3, 1) and one that would touch a kept one, or stick out of
+  // the axis, is hidden.
+  function thinAxis() {
+    for (const axis of document.querySelectorAll(".axis")) {
+      const labels = [...axis.querySelectorAll("span[data-rank]")];
+      labels.forEach((label) => { label.style.visibility = ""; });
+      labels.sort((a, b) => Number(a.dataset.rank) - Number(b.dataset.rank));
+      const bounds = axis.getBoundingClientRect();
+      const kept = [];
+      const GAP = 4;
+      for (const label of labels) {
+        const box = label.getBoundingClientRect();
+        const outside = box.left < bounds.left - 1 || box.right > bounds.right + 1;
+        const touches = kept.some((k) => box.left < k.right + GAP && k.left < box.right + GAP
+          && box.top < k.bottom && k.top < box.bottom);
+        if (outside || touches) label.style.visibility = "hidden";
+        else kept.push(box);
+      }
+    }
+  }
+
+  function setUpTimeline() {
+    if (!document.querySelector(".axis")) return;
+    thinAxis();
+    let pending = 0;
+    window.addEventListener("resize", () => {
+      cancelAnimationFrame(pending);
+      pending = requestAnimationFrame(thinAxis);
+    });
+  }
+
   // ---------------------------------------------------------------- start
 
   document.addEventListener("DOMContentLoaded", () => {
@@ -510,6 +684,8 @@
     setUpActions();
     setUpReorder();
     setUpAddForm();
+    setUpEditForm();
+    setUpTimeline();
     tickTimes();
     setInterval(tickTimes, 1000);
     if (document.body.dataset.page === "overview" || document.body.dataset.page === "task") listen();

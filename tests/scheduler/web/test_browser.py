@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -15,13 +16,14 @@ from browser import (
     ARTIFACTS,
     CHROMIUM,
     CHROMIUM_ARGS,
+    DOC_PICTURES,
     ZONE,
     Served,
     cli,
     require_browser,
     seed,
 )
-from helpers import read_state, task_in_file
+from helpers import read_state, seed_file, seed_task, task_in_file
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Dialog, Page
@@ -75,8 +77,13 @@ def shell(task_id: str, account: str, interval: float, **extra: Any) -> dict[str
     }
 
 
-def start(directory: Path, served: list[Served], **options: Any) -> Served:
+def start(
+    directory: Path, served: list[Served], page: Page | None = None, **options: Any
+) -> Served:
+    """Serve ``directory``; with ``page``, log its browser in through the printed URL."""
     served.append(Served(directory, **options))
+    if page is not None and served[-1].login_url is not None:
+        page.goto(served[-1].login_url)
     return served[-1]
 
 
@@ -108,7 +115,7 @@ def test_overview_lists_every_task_and_pausing_changes_the_file(
     seed(
         directory, [shell("a-1", "shop-a", 3600), shell("a-2", "shop-a", 60), shell("b-1", "b", 90)]
     )
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/")
     expect(page.locator("li.task")).to_have_count(3)
     expect(page.locator("section.lane[data-account=shop-a] li.task")).to_have_count(2)
@@ -129,7 +136,7 @@ def test_drag_and_drop_and_keyboard_reorder_change_account_tasks(
 
     directory = tmp_path / "store"
     seed(directory, [shell(f"t{i}", "shop", 3600) for i in range(4)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/")
     rows = page.locator("section.lane[data-account=shop] li.task")
     expect(rows).to_have_count(4)
@@ -157,7 +164,7 @@ def test_add_form_shows_a_field_error_then_adds_a_good_task(
 
     directory = tmp_path / "store"
     seed(directory, [shell("x", "shop", 3600)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/add")
     page.get_by_label("Task type").fill("shell")
     page.get_by_label("Account", exact=True).fill("shop-9")
@@ -189,7 +196,7 @@ def test_a_finished_run_updates_the_page_without_reload(
 
     directory = tmp_path / "store"
     seed(directory, [shell("quiet", "shop", 3600), shell("tick", "other", 2, command="exit 3")])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/")
     page.evaluate("window.__sameDocument = true")
     row = page.locator("li.task[data-id=tick]")
@@ -208,7 +215,7 @@ def test_user_strings_are_shown_as_text_never_run(
     image = "<img src=x onerror='window.__xss = 2'>"
     directory = tmp_path / "store"
     seed(directory, [shell("evil", image, 3600, note=script, account_name=script)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     dialogs: list[str] = []
 
     def on_dialog(dialog: Dialog) -> None:
@@ -252,12 +259,67 @@ def test_token_login_sets_a_strict_httponly_cookie(
     expect_in_file(lambda: task_in_file(directory, "guarded")["status"] == "paused")
 
 
+def test_the_printed_login_url_logs_the_browser_in_and_logging_out_ends_the_session(
+    tmp_path: Path, browser: Browser, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("mine", "shop", 3600)])
+    server = start(directory, served)  # no token given: one is drawn and printed once
+    assert server.login_url is not None
+    token = (directory / "control.token").read_text().strip()
+    assert server.login_url == f"{server.url}/login?token={token}"
+    failures: list[str] = []
+    page.on("response", lambda r: failures.append(r.url) if r.status >= 400 else None)
+
+    page.goto(server.url + "/")  # a stranger's browser: the login form, not the tasks
+    expect(page).to_have_url(server.url + "/login?next=%2F")
+    expect(page.locator("li.task")).to_have_count(0)
+    page.goto(server.login_url)
+    expect(page).to_have_url(server.url + "/")  # the token left the address bar at once
+    expect(page.locator("li.task[data-id=mine]")).to_have_count(1)
+    (cookie,) = page.context.cookies()
+    assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Strict")
+    assert token not in cookie["value"]
+    page.get_by_role("link", name="Timeline").click()
+    expect(page).to_have_url(server.url + "/timeline")
+    assert token not in page.evaluate("document.referrer")
+    page.goto(server.url + "/tasks/mine")
+    icon = page.locator('link[rel="icon"]').get_attribute("href")
+    assert icon is not None
+    assert page.request.get(server.url + icon).status == 200
+    assert failures == []  # no 404 for an icon (or anything else) on any page
+
+    # Framed by another site, the dashboard does not show (a click there would steer it).
+    attacker = page.context.new_page()
+    attacker.set_content(f'<iframe id="f" src="{server.url}/" width="800" height="600"></iframe>')
+    attacker.wait_for_load_state("load")
+    frame = attacker.frame_locator("#f")
+    expect(frame.locator("body")).not_to_contain_text("task-dispatcher", timeout=5_000)
+    assert frame.locator("button").count() == 0
+    attacker.close()
+
+    page.get_by_role("button", name="Log out").click()
+    expect(page).to_have_url(server.url + "/login")
+    # A copy of the cookie taken before logging out is refused.
+    replay = browser.new_context()
+    try:
+        replay.add_cookies([{"name": cookie["name"], "value": cookie["value"], "url": server.url}])
+        again = replay.new_page()
+        again.goto(server.url + "/")
+        expect(again).to_have_url(server.url + "/login?next=%2F")
+        expect(again.locator("li.task")).to_have_count(0)
+    finally:
+        replay.close()
+
+
 def test_remove_asks_for_confirmation(tmp_path: Path, page: Page, served: list[Served]) -> None:
     from playwright.sync_api import expect
 
     directory = tmp_path / "store"
     seed(directory, [shell("keep", "shop", 3600), shell("drop", "shop", 3600)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     page.goto(server.url + "/tasks/drop")
     page.get_by_role("button", name="Remove…").click()
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
@@ -294,7 +356,7 @@ def test_screenshots_at_a_thousand_tasks(tmp_path: Path, page: Page, served: lis
     ]
     directory = tmp_path / "store"
     seed(directory, tasks, paused=[f"task-{i:04d}" for i in range(0, 980, 49)])
-    server = start(directory, served)
+    server = start(directory, served, page)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {}
     for name, path, ready in [
@@ -311,7 +373,11 @@ def test_screenshots_at_a_thousand_tasks(tmp_path: Path, page: Page, served: lis
         }
         if name == "overview":
             expect(page.locator("li.task[data-status=error]")).to_have_count(20, timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / f"{name}-1000.png"), full_page=name == "task")
+        picture = page.screenshot(
+            path=str(ARTIFACTS / f"{name}-1000.png"), full_page=name == "task"
+        )
+        DOC_PICTURES[name].parent.mkdir(parents=True, exist_ok=True)
+        DOC_PICTURES[name].write_bytes(picture)
     page.goto(server.url + "/?account=account-07")
     expect(page.locator("li.task:visible")).to_have_count(26)
     started = time.perf_counter()
@@ -336,7 +402,7 @@ def test_a_large_store_is_filtered_by_the_server_and_stays_live(
     directory = tmp_path / "store"
     seed(directory, tasks, paused=["a-02", "a-09", "b-05"])
     limits = {"TASK_DISPATCHER_OVERVIEW_LIMIT": "12", "TASK_DISPATCHER_LANE_LIMIT": "5"}
-    server = start(directory, served, environ=limits)
+    server = start(directory, served, page, environ=limits)
 
     def shown(selector: str = "li.task") -> list[str]:
         ids = page.locator(selector).evaluate_all("rows => rows.map((li) => li.dataset.id)")
@@ -394,3 +460,139 @@ def test_a_large_store_is_filtered_by_the_server_and_stays_live(
     assert page.locator("li.task[data-id=a-07]").count() == 0
     assert page.locator("section.lane[data-account=acc-b]").count() == 0
     expect(lane.locator(".count")).to_have_text("12 task(s)")
+
+
+def later_window() -> list[int]:
+    """Hours that open later today: no run changes a task while a test looks at it."""
+    hour = datetime.now(ZoneInfo(ZONE)).hour
+    return [(hour + 2) % 24, (hour + 3) % 24]
+
+
+def test_the_filters_hide_the_rows_they_do_not_count(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    window = later_window()
+    tasks = [
+        shell(f"{account}-{i}", account, 3600, valid_time_range=window)
+        for account in ("shop-a", "shop-b", "shop-c", "shop-d")
+        for i in range(8)
+    ]
+    paused = [f"{account}-{i}" for account in ("shop-a", "shop-c") for i in (1, 3, 5, 7)]
+    directory = tmp_path / "store"
+    seed(directory, tasks, paused=paused)
+    server = start(directory, served, page)
+    page.goto(server.url + "/")
+    rows = page.locator("li.task")
+    expect(rows).to_have_count(32)
+    expect(page.locator("li.task:visible")).to_have_count(32)
+
+    def visible() -> list[str]:
+        ids = page.locator("li.task:visible").evaluate_all(
+            "rows => rows.map((li) => li.dataset.id)"
+        )
+        return sorted(str(task_id) for task_id in ids)
+
+    page.locator("#filters select[name=status]").select_option("paused")
+    expect(page.locator("#shown")).to_have_text("8 task(s) shown")
+    expect(page.locator("li.task:visible")).to_have_count(8)
+    assert visible() == sorted(paused)
+    expect(page.locator("section.lane:visible")).to_have_count(2)  # shop-b and shop-d: none
+
+    page.get_by_label("Search").fill("shop-c-")
+    expect(page.locator("#shown")).to_have_text("4 task(s) shown")
+    assert visible() == ["shop-c-1", "shop-c-3", "shop-c-5", "shop-c-7"]
+
+    page.locator("#filters select[name=status]").select_option("")
+    page.get_by_label("Search").fill("")
+    expect(page.locator("#shown")).to_have_text("32 task(s) shown")
+    expect(page.locator("li.task:visible")).to_have_count(32)
+
+
+@pytest.mark.parametrize("task_id", ["账号1-运营", "q?#50% a"])
+def test_ids_outside_ascii_and_url_syntax_work_on_every_page(
+    tmp_path: Path, page: Page, served: list[Served], task_id: str
+) -> None:
+    from playwright.sync_api import expect
+
+    directory = tmp_path / "store"
+    seed(directory, [shell("next", "账号1", 3600, valid_time_range=later_window())])
+    server = start(directory, served, page)
+    page.goto(server.url + "/add")
+    page.get_by_label("Task type").fill("shell")
+    page.get_by_label("Account", exact=True).fill("账号1")
+    page.get_by_label("Interval").fill("1h")
+    page.get_by_label("Hours").fill("-".join(map(str, later_window())))
+    page.get_by_label("Command").fill("true")
+    page.get_by_label("Task id").fill("a/b")  # refused, naming the field
+    page.get_by_role("button", name="Add task").click()
+    expect(page.locator('[data-error-for="task_id"]')).to_contain_text("contains '/'")
+    page.get_by_label("Task id").fill(task_id)
+    page.get_by_role("button", name="Add task").click()
+    # The new task's page, at its percent-encoded address.
+    expect(page).to_have_url(f"{server.url}/tasks/{quote(task_id, safe='')}")
+    expect(page.locator("h1")).to_contain_text(task_id)
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator("h1 .status")).to_have_text("paused")
+    expect_in_file(lambda: task_in_file(directory, task_id)["status"] == "paused")
+
+    # The overview's row: its actions and its link reach the task.
+    page.goto(server.url + "/")
+    row = page.locator(f'li.task[data-id="{task_id}"]')
+    row.get_by_role("button", name="Resume").click()
+    expect(row.locator(".status")).to_have_text("pending")
+    expect_in_file(lambda: task_in_file(directory, task_id)["status"] == "pending")
+    row.get_by_role("link", name=task_id).click()
+    expect(page.locator("h1")).to_contain_text(task_id)
+
+    page.goto(server.url + "/timeline")
+    page.get_by_role("link", name=task_id).click()
+    expect(page.locator("h1")).to_contain_text(task_id)
+    page.get_by_role("button", name="Remove…").click()
+    page.get_by_role("dialog").get_by_role("button", name="Remove", exact=True).click()
+    expect(page).to_have_url(server.url + "/")
+    expect_in_file(lambda: read_state(directory)["account_tasks"]["账号1"] == ["next"])
+
+
+def test_a_saved_id_with_a_slash_is_paused_opened_and_removed_from_the_dashboard(
+    tmp_path: Path, page: Page, served: list[Served]
+) -> None:
+    from playwright.sync_api import expect
+
+    # Written before add refused '/': the dashboard still reaches it.
+    directory = tmp_path / "store"
+    directory.mkdir()
+    tasks = [
+        seed_task(
+            task_id,
+            task_type="shell",
+            task_end_time=None,
+            valid_time_range=later_window(),
+            kwargs={
+                "account_id": "shop",
+                "command": "true",
+                "task_id": task_id,
+                "task_type": "shell",
+            },
+            account_id="shop",
+        )
+        for task_id in ("shop/eu-1", "keep")
+    ]
+    (directory / "dispatch_config.json").write_bytes(
+        seed_file(tasks, account_tasks={"shop": ["shop/eu-1", "keep"]})
+    )
+    server = start(directory, served, page)
+    page.goto(server.url + "/")
+    row = page.locator('li.task[data-id="shop/eu-1"]')
+    row.get_by_role("button", name="Pause").click()
+    expect(row.locator(".status")).to_have_text("paused")
+    expect_in_file(lambda: task_in_file(directory, "shop/eu-1")["status"] == "paused")
+    row.get_by_role("link", name="shop/eu-1").click()
+    expect(page.locator("h1")).to_contain_text("shop/eu-1")
+    page.get_by_role("button", name="Resume").click()
+    expect(page.locator("h1 .status")).to_have_text("pending")
+    page.get_by_role("button", name="Remove…").click()
+    page.get_by_role("dialog").get_by_role("button", name="Remove", exact=True).click()
+    expect(page).to_have_url(server.url + "/")
+    expect_in_file(lambda: read_state(directory)["account_tasks"]["shop"] == ["keep"])
