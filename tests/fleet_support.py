@@ -21,6 +21,7 @@ from typing import IO, Any
 import pytest
 import redis
 
+from scheduler import TaskDispatcher
 from scheduler.backends.celery import CeleryRunBackend
 from tasks.runs import RunEvent, RunRequest
 
@@ -346,3 +347,25 @@ class FaultProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
         self._thread.join(5)
+
+
+Make = Callable[..., TaskDispatcher]
+"""``make(directory=None, **options)``: a dispatcher on the test's broker (the ``make`` fixture)."""
+
+
+def probe_task(
+    probe: Path, account: str, *, sys_type: str = "linux", seconds: float = 0.0, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "sys_type": sys_type,
+        "task_type": "probe",
+        "interval": 3600,
+        "account_id": account,
+        "probe_log": str(probe),
+        "seconds": seconds,
+        **extra,
+    }
+
+
+def finished(dispatcher: TaskDispatcher, *task_ids: str) -> bool:
+    return all(dispatcher.get_task(t).run_count >= 1 for t in task_ids)

@@ -24,6 +24,7 @@ from fleet_support import (
     TESTS,
     FaultProxy,
     FileInbox,
+    Make,
     OpenBackend,
     RedisServer,
     StartWorker,
@@ -32,6 +33,7 @@ from fleet_support import (
     wait_until,
 )
 
+from scheduler import TaskDispatcher
 from scheduler.backends.celery import CeleryRunBackend
 
 
@@ -185,3 +187,27 @@ def fault_proxy(redis_address: tuple[str, int]) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture
+async def make(broker_url: str, tmp_path: Path) -> AsyncIterator[Make]:
+    """Build dispatchers on the test's broker (stopped at the end)."""
+    made: list[TaskDispatcher] = []
+
+    def build(directory: Path | None = None, **options: Any) -> TaskDispatcher:
+        backend = CeleryRunBackend(
+            options.pop("broker_url", broker_url),
+            lost_after=options.pop("lost_after", 3.0),
+            start_timeout=options.pop("start_timeout", None),
+            poll_interval=options.pop("poll_interval", None),
+            **{k: options.pop(k) for k in ("resend_after",) if k in options},
+        )
+        dispatcher = TaskDispatcher(
+            directory or tmp_path / "ops", run_backend=backend, timezone="UTC", **options
+        )
+        made.append(dispatcher)
+        return dispatcher
+
+    yield build
+    for dispatcher in made:
+        await dispatcher.stop(grace_period=0)

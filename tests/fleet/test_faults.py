@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,60 +20,24 @@ import pytest
 import redis
 from click.testing import CliRunner
 from fleet_probe import read_probe
-from fleet_support import ROOT, TESTS, RedisServer, StartWorker, eventually
+from fleet_support import (
+    ROOT,
+    TESTS,
+    Make,
+    RedisServer,
+    StartWorker,
+    eventually,
+    finished,
+    probe_task,
+)
 from helpers import read_state
 
-from scheduler import CeleryRunBackend, TaskDispatcher
 from scheduler.cli import main
 from scheduler.errors import BrokerInUseError
 from scheduler.fleet import LEASE_KEY
 from tasks import TaskStatus
 
 pytestmark = pytest.mark.timeout(90)
-
-Make = Callable[..., TaskDispatcher]
-
-
-@pytest.fixture
-async def make(broker_url: str, tmp_path: Path) -> AsyncIterator[Make]:
-    """Build dispatchers on the test's broker (stopped at the end)."""
-    made: list[TaskDispatcher] = []
-
-    def build(directory: Path | None = None, **options: Any) -> TaskDispatcher:
-        backend = CeleryRunBackend(
-            options.pop("broker_url", broker_url),
-            lost_after=options.pop("lost_after", 3.0),
-            start_timeout=options.pop("start_timeout", None),
-            poll_interval=options.pop("poll_interval", None),
-            **{k: options.pop(k) for k in ("resend_after",) if k in options},
-        )
-        dispatcher = TaskDispatcher(
-            directory or tmp_path / "ops", run_backend=backend, timezone="UTC", **options
-        )
-        made.append(dispatcher)
-        return dispatcher
-
-    yield build
-    for dispatcher in made:
-        await dispatcher.stop(grace_period=0)
-
-
-def probe_task(
-    probe: Path, account: str, *, sys_type: str = "linux", seconds: float = 0.0, **extra: Any
-) -> dict[str, Any]:
-    return {
-        "sys_type": sys_type,
-        "task_type": "probe",
-        "interval": 3600,
-        "account_id": account,
-        "probe_log": str(probe),
-        "seconds": seconds,
-        **extra,
-    }
-
-
-def finished(dispatcher: TaskDispatcher, *task_ids: str) -> bool:
-    return all(dispatcher.get_task(t).run_count >= 1 for t in task_ids)
 
 
 def spans(probe: Path) -> dict[str, tuple[float, float | None]]:
