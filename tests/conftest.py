@@ -13,6 +13,46 @@ from helpers import SHANGHAI, Recorder
 
 from scheduler import TaskDispatcher
 
+TESTS = Path(__file__).parent
+
+OUT_OF_PROCESS_FILES = frozenset(
+    {
+        "reliability/test_crash.py",  # kills child processes in a loop
+        "reliability/test_soak.py",
+        "scheduler/test_cli_process.py",  # the CLI and the service as processes
+        "scheduler/test_control_process.py",
+        "scheduler/web/test_browser.py",  # a real Chromium
+        "test_docs.py",  # runs every example of the docs as a script, builds the site
+        "test_quality.py",  # ruff and mypy over the whole tree
+    }
+)
+"""Test files (relative to ``tests/``) whose tests start processes, servers or a browser."""
+OUT_OF_PROCESS_DIRS = ("fleet/",)
+"""Test folders of the same kind: the fleet runs a real Redis and real worker processes."""
+REAL_SERVER_FIXTURES = frozenset(
+    {"redis_address", "own_redis", "broker_url", "start_worker", "open_backend"}
+)
+"""Fixtures that bring up a real server or worker process, wherever a test uses them."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every pure or in-process test ``unit`` (``pytest -m unit``: the quick loop).
+
+    A test is ``unit`` unless it is ``slow`` or ``browser``, lives in a file or folder that
+    starts processes, servers or a browser, or uses a fixture that does. Nothing is skipped:
+    without ``-m`` every test runs, as CI runs them.
+    """
+    for item in items:
+        where = item.path.relative_to(TESTS).as_posix() if item.path.is_relative_to(TESTS) else ""
+        if (
+            item.get_closest_marker("slow") is None
+            and item.get_closest_marker("browser") is None
+            and where not in OUT_OF_PROCESS_FILES
+            and not where.startswith(OUT_OF_PROCESS_DIRS)
+            and REAL_SERVER_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+        ):
+            item.add_marker(pytest.mark.unit)
+
 
 @pytest.fixture
 def recorder() -> Recorder:
