@@ -14,7 +14,6 @@ lock), so they never write: they request a save, made on the save thread.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +28,7 @@ from jobstores.durable import DirectoryLock, ensure_private_dir
 from jobstores.format import Document
 from jobstores.jobs import JobView, TaskTrigger
 from jobstores.journal import JournalStorage
-from jobstores.loading import bulk_allocation, describe_validation_error, parse_record, restore
+from jobstores.loading import describe_validation_error, parse_record, restore
 from jobstores.saver import SaveHealth, Saver
 from jobstores.storage import STATE_FILENAME, StorageBackend
 from jobstores.table import TaskTable
@@ -84,9 +83,6 @@ class JsonJobStore(BaseJobStore):
     leave saving to the caller, who picks :meth:`save` (durable on return; never while
     holding :attr:`lock`), :meth:`save_async` or :meth:`request_save`. APScheduler's methods
     request a save in the background.
-
-    Loading a store of :data:`FREEZE_AT` tasks or more ends with :func:`gc.freeze` (what it
-    built is never scanned by the cyclic collector again; :meth:`close` unfreezes).
     """
 
     pass_limit = PASS_LIMIT
@@ -133,7 +129,6 @@ class JsonJobStore(BaseJobStore):
         self._faults: dict[str, str] = {}
         """Tasks put in error while a run was out: the error outlives that run."""
         self._closed = False
-        self._frozen = False
         self.on_completed: Callable[[TaskRecord], None] | None = None
         """Told (under the lock: defer any work) when APScheduler's side completes a task."""
 
@@ -141,13 +136,11 @@ class JsonJobStore(BaseJobStore):
         self._dir_lock = DirectoryLock(self.directory)
         self._dir_lock.acquire()
         try:
-            with bulk_allocation():
-                document, from_backup = self._storage.load()
-                self._settle_zone(document, timezone, convert_timezone)
-                self._jobs = JobView(self.timezone, _not_a_manager, self._table.find)
-                self._table.listen(self._jobs.sync)
-                self._load(document, from_backup, now or self.now(), accept)
-                self._frozen = _keep_from_collector(len(self._table))
+            document, from_backup = self._storage.load()
+            self._settle_zone(document, timezone, convert_timezone)
+            self._jobs = JobView(self.timezone, _not_a_manager, self._table.find)
+            self._table.listen(self._jobs.sync)
+            self._load(document, from_backup, now or self.now(), accept)
         except BaseException:
             self._dir_lock.release()
             raise
@@ -376,9 +369,8 @@ class JsonJobStore(BaseJobStore):
         """Called by APScheduler when it starts: file every schedulable record (its job is
         built when APScheduler asks for it)."""
         super().start(scheduler, alias)
-        with self.lock, bulk_allocation():
+        with self.lock:
             self._faulted(self._jobs.attach(scheduler, alias, self._table.records()))
-            self._frozen = _keep_from_collector(len(self._table)) or self._frozen
 
     def shutdown(self) -> None:
         """Called by APScheduler when it shuts down: the records stay; jobs are let go."""
@@ -393,7 +385,7 @@ class JsonJobStore(BaseJobStore):
     def get_due_jobs(self, now: datetime) -> list[Job]:
         """Jobs whose next run time is at or before ``now``, earliest first: the first
         :attr:`pass_limit` of them (the next pass, at once, takes the others)."""
-        with self.lock, bulk_allocation():
+        with self.lock:
             jobs, faults = self._jobs.due(now, self.pass_limit)
             self._faulted(faults)
             return list(jobs)
@@ -411,7 +403,7 @@ class JsonJobStore(BaseJobStore):
 
     def get_all_jobs(self) -> list[Job]:
         """Every job, earliest first, paused jobs last."""
-        with self.lock, bulk_allocation():  # one job per task, built now
+        with self.lock:  # one job per task, built now
             jobs, faults = self._jobs.all()
             self._faulted(faults)
             return list(jobs)
@@ -550,32 +542,6 @@ class JsonJobStore(BaseJobStore):
             self._storage.close()
         finally:
             self._dir_lock.release()
-            if self._frozen:
-                self._frozen = False
-                gc.unfreeze()
-
-
-FREEZE_AT = 10_000
-"""Loading (or starting) a store of this many tasks or more ends with :func:`gc.freeze`."""
-
-
-def _keep_from_collector(count: int) -> bool:
-    """At the end of a bulk allocation, the collector still held off: for a large store,
-    move every object alive now to the collector's permanent generation.
-
-    What loading built lives as long as the store, and each young-generation pass that
-    would first scan it, then the full pass its promotion brings on, holds the interpreter
-    for a time proportional to the store (hundreds of milliseconds at 100,000 tasks), at
-    whatever change or save it happens to land on. Frozen, those objects are never scanned
-    again; they are still freed as usual when no longer referenced (records hold no
-    cycles). It is process-wide: objects of the host alive at that moment are frozen too
-    (:meth:`JsonJobStore.close` undoes it with :func:`gc.unfreeze`, so that a closed
-    store, cycles and all, can be collected). Returns whether it froze.
-    """
-    if count < FREEZE_AT:
-        return False
-    gc.freeze()
-    return True
 
 
 def _trust(document: Document) -> Callable[[Any], bool] | None:

@@ -9,11 +9,9 @@ object, keeping the ones that cannot be restored as they were read.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from itertools import compress, repeat
@@ -45,7 +43,6 @@ __all__ = [
     "JournalRead",
     "Restored",
     "apply_journal",
-    "bulk_allocation",
     "describe_validation_error",
     "journal_segments",
     "parse_record",
@@ -133,23 +130,6 @@ def read_document(path: Path, backup: Path, *, repair: bool) -> tuple[Document |
             document.saved_at or "an unknown time",
         )
     return document, True
-
-
-@contextlib.contextmanager
-def bulk_allocation() -> Iterator[None]:
-    """Hold off the cyclic garbage collector while a whole store is built.
-
-    Loading N tasks allocates several container objects per task that all stay alive; each
-    full collection the allocations trigger walks every one built so far, which made GC a
-    fifth of a cold start. The collector runs normally again afterwards (and catches up).
-    """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @dataclass

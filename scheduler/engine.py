@@ -21,7 +21,6 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import BaseScheduler
 
 from jobstores.jsonfile import JsonJobStore
-from jobstores.loading import bulk_allocation
 from tasks.runs import RunEvent
 
 __all__ = ["DispatchExecutor", "DispatchScheduler"]
@@ -107,10 +106,7 @@ class DispatchScheduler(AsyncIOScheduler):
         self._jobstores_lock = store.lock
 
     def _process_jobs(self) -> float | None:
-        # A pass allocates a job, a queue entry and a future per due run, all alive until the
-        # pass ends (most until the run starts): the collector is held off meanwhile, as
-        # while a store is built, instead of scanning them again and again as they pile up.
-        with self._store.deferred_saves(), bulk_allocation():
+        with self._store.deferred_saves():
             while True:
                 try:
                     return super()._process_jobs()  # type: ignore[no-any-return]

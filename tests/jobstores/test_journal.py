@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from apscheduler.schedulers.background import BackgroundScheduler
 from helpers import SHANGHAI, T0, read_file, read_state, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -450,27 +451,45 @@ def test_reorders_are_saved_at_a_cost_per_reordered_task(
     assert_reloads_after_a_crash(store, tmp_path, expected)
 
 
-def test_a_large_store_is_kept_from_the_collector_until_it_closes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("host_enabled", [True, False])
+def test_a_store_leaves_the_hosts_collector_alone(
+    tmp_path: Path, host_enabled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Loading, starting and closing a store, however large, never freezes, enables or
+    disables the process-wide cyclic collector: that is the host's."""
     import gc
 
     from jobstores import jsonfile
 
     store = open_store(tmp_path)
-    store.add_tasks([record("a"), record("b")])
+    store.add_tasks([record(f"t{i}") for i in range(50)])
     assert store.save()
     store.close()
-    assert gc.get_freeze_count() == 0
-    monkeypatch.setattr(jsonfile, "FREEZE_AT", 2)  # "large" is two tasks here
+    # Whatever size a store once counted as large, this one is (no attribute: no threshold).
+    monkeypatch.setattr(jsonfile, "FREEZE_AT", 2, raising=False)
+    frozen = gc.get_freeze_count()
+    was_enabled = gc.isenabled()
+    (gc.enable if host_enabled else gc.disable)()
+    host = (host_enabled, frozen)
+    seen: list[tuple[bool, int]] = []
+
+    def accept(record: TaskRecord) -> None:  # called while the store loads
+        seen.append((gc.isenabled(), gc.get_freeze_count()))
+
     try:
-        store = open_store(tmp_path)
-        loaded = store.get("a")
-        assert gc.get_freeze_count() > 0  # what loading built is frozen, the records too
-        assert gc.is_tracked(loaded)
+        store = JsonJobStore(
+            tmp_path, timezone=SHANGHAI, now=T0, storage=JournalStorage(tmp_path), accept=accept
+        )
+        assert len(store.records()) == 50
+        assert set(seen) == {host}
+        assert (gc.isenabled(), gc.get_freeze_count()) == host
+        store.start(BackgroundScheduler(timezone=SHANGHAI), "default")
+        assert len(store.get_all_jobs()) == 50
+        assert (gc.isenabled(), gc.get_freeze_count()) == host
         store.close()
-        assert gc.get_freeze_count() == 0  # a closed store can be collected, cycles and all
+        assert (gc.isenabled(), gc.get_freeze_count()) == host
     finally:
+        (gc.enable if was_enabled else gc.disable)()
         gc.unfreeze()
 
 
