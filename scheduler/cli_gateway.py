@@ -37,6 +37,7 @@ from scheduler.triggers import RunPreview, preview_runs
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord
 from tasks.registry import default_registry
+from tasks.secrets import mask_secrets
 from tasks.zones import resolve_timezone
 
 if TYPE_CHECKING:
@@ -69,12 +70,13 @@ class Gateway(Protocol):
     def list_tasks(
         self, *, account: str | None, status: str | None, show_secrets: bool, page: int
     ) -> Listing:
-        """The tasks (of ``account``, in ``status``), by account then priority; a running
-        dispatcher is read ``page`` tasks per request."""
+        """The tasks (of ``account``, in ``status``), by account then priority, masked as
+        :meth:`get_task`'s; a running dispatcher is read ``page`` tasks per request."""
         ...
 
     def get_task(self, task_id: str, *, show_secrets: bool = False) -> TaskRecord:
-        """One task's record; an unknown id is an error naming the state file."""
+        """One task's record (secret-looking kwargs masked unless ``show_secrets``); an
+        unknown id is an error naming the state file."""
         ...
 
     def next_runs(self, task_id: str, count: int) -> RunPreview:
@@ -324,6 +326,17 @@ def _owned(options: Options, factory: TaskManagerFactory) -> Iterator[TaskDispat
             dispatcher.close()
 
 
+def _shown(record: TaskRecord, show_secrets: bool) -> TaskRecord:
+    """``record`` as the control API answers it: secret-looking kwargs masked unless
+    ``show_secrets`` (the stored record is never changed)."""
+    if show_secrets:
+        return record
+    masked = mask_secrets(record.kwargs)
+    if masked == record.kwargs:
+        return record
+    return TaskRecord.model_validate(record.to_json_dict(masked=True))
+
+
 class LocalGateway:
     """The gateway of a stopped store: reads go to the state file without owning it (they work
     while the directory is in use); changes go through a dispatcher owning the directory,
@@ -360,7 +373,7 @@ class LocalGateway:
         snapshot = self._snapshot()
         order = {tid: i for ids in snapshot.account_tasks.values() for i, tid in enumerate(ids)}
         records = [
-            r
+            _shown(r, show_secrets)
             for r in snapshot.records
             if (account is None or r.account_id == account)
             and (status is None or r.status == status)
@@ -376,12 +389,12 @@ class LocalGateway:
 
     def get_task(self, task_id: str, *, show_secrets: bool = False) -> TaskRecord:
         if self._dispatcher is not None:
-            return self._dispatcher.get_task(task_id)
+            return _shown(self._dispatcher.get_task(task_id), show_secrets)
         snapshot = self._snapshot()
         found = snapshot.get(task_id)
         if found is None:
             fail(f"no task with id {task_id!r} in {snapshot.path}")
-        return found
+        return _shown(found, show_secrets)
 
     def next_runs(self, task_id: str, count: int) -> RunPreview:
         record, zone = self.get_task(task_id), self.zone()
