@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import SHANGHAI
 
 from scheduler import TaskDispatcher
 from scheduler.cli_gateway import Gateway, LocalGateway, RemoteGateway, open_gateway
 from scheduler.cli_parse import Options
 
 SHELL = {"task_type": "shell", "sys_type": "local", "account_id": "ops", "interval": 3600}
+
+
+def closed_now() -> tuple[int, int]:
+    """An hour window that opens two hours from now: the running dispatcher runs nothing while
+    the transcript is taken, so statuses depend on the operations alone."""
+    hour = datetime.now(SHANGHAI).hour
+    return (hour + 2) % 24, (hour + 4) % 24
 
 
 def call(directory: Path, operation: Callable[[Gateway], Any], *, change: bool = False) -> Any:
@@ -32,8 +41,18 @@ def transcript(directory: Path, capsys: pytest.CaptureFixture[str]) -> list[Any]
         return call(directory, operation, change=True)
 
     for task_id in ("a1", "a2", "a3"):
-        keywords = {**SHELL, "task_id": task_id, "command": "date", "api_token": "abc123"}
-        seen.append(change(lambda g, k=keywords: g.add_task(k)))
+        keywords = {
+            **SHELL,
+            "task_id": task_id,
+            "valid_time_range": closed_now(),
+            "command": "date",
+            "api_token": "abc123",
+        }
+
+        def add(gateway: Gateway, keywords: dict[str, Any] = keywords) -> str:
+            return gateway.add_task(keywords)
+
+        seen.append(change(add))
     seen.append(change(lambda g: g.pause_task("a2").status.value))
     seen.append(call(directory, lambda g: g.next_runs("a2", 2).if_resumed))
     seen.append(change(lambda g: g.resume_task("a2").status.value))
