@@ -40,6 +40,7 @@ from scheduler.cli_parse import (
 from scheduler.cli_render import errors, fail, print_listing, print_runs, print_task
 from scheduler.cli_run import run
 from scheduler.dispatcher import DIR_ENV_VAR
+from scheduler.errors import TaskNotFoundError
 from scheduler.history import MAX_QUERY_LIMIT
 from tasks.display import format_time
 from tasks.model import TaskStatus
@@ -208,7 +209,10 @@ def list_(
 def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None:
     """Show every field of a task and its next runs (read-only)."""
     with open_gateway(options) as gateway:
-        record = gateway.get_task(task_id, show_secrets=show_secrets)
+        try:
+            record = gateway.get_task(task_id, show_secrets=show_secrets)
+        except TaskNotFoundError as exc:
+            fail(f"{exc} in {gateway.state_file()}")
         preview = gateway.next_runs(task_id, count)
         position = gateway.account_tasks(record.account_id).index(task_id)
         zone = gateway.zone()
@@ -236,13 +240,10 @@ def runs(
 ) -> None:
     """Show the run history, newest first (read-only; works while the directory is in use)."""
     zone = options.zone() or resolve_timezone(None)
+    start = None if since is None else parse_since(since, zone, datetime.now(zone))
     with open_gateway(options) as gateway:
         entries = gateway.runs(
-            task_id,
-            account=account,
-            failed=True if failed else None,
-            since=None if since is None else parse_since(since, zone, datetime.now(zone)),
-            limit=limit,
+            task_id, account=account, failed=True if failed else None, since=start, limit=limit
         )
     print_runs(entries, zone, as_json)
 

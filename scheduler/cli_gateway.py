@@ -30,6 +30,7 @@ from scheduler.errors import (
     HistoryUnavailableError,
     NewerFormatError,
     SaveFailedError,
+    TaskNotFoundError,
     UnknownTaskTypeError,
 )
 from scheduler.history import HISTORY_FILENAME, RunEntry, read_runs
@@ -74,9 +75,13 @@ class Gateway(Protocol):
         :meth:`get_task`'s; a running dispatcher is read ``page`` tasks per request."""
         ...
 
+    def state_file(self) -> str:
+        """The state file, as the dispatcher names it."""
+        ...
+
     def get_task(self, task_id: str, *, show_secrets: bool = False) -> TaskRecord:
-        """One task's record (secret-looking kwargs masked unless ``show_secrets``); an
-        unknown id is an error naming the state file."""
+        """One task's record (secret-looking kwargs masked unless ``show_secrets``); raises
+        :class:`TaskNotFoundError` for an unknown id."""
         ...
 
     def next_runs(self, task_id: str, count: int) -> RunPreview:
@@ -176,12 +181,15 @@ class RemoteGateway:
             queued=frozenset(tid for ids in live["queued"].values() for tid in ids),
         )
 
+    def state_file(self) -> str:
+        return self._client.state_file()
+
     def get_task(self, task_id: str, *, show_secrets: bool = False) -> TaskRecord:
         try:
             return self._client.get_task(task_id, show_secrets=show_secrets)
         except ControlError as exc:
-            if exc.status == 404:
-                fail(f"{exc} in {self._client.state_file()}")
+            if exc.status == 404 and exc.field == "task_id":
+                raise TaskNotFoundError(task_id) from exc
             raise
 
     def next_runs(self, task_id: str, count: int) -> RunPreview:
@@ -387,13 +395,17 @@ class LocalGateway:
             unreadable=len(snapshot.unreadable),
         )
 
+    def state_file(self) -> str:
+        if self._dispatcher is not None:
+            return str(self._dispatcher.state_file)
+        return str(self._snapshot().path)
+
     def get_task(self, task_id: str, *, show_secrets: bool = False) -> TaskRecord:
         if self._dispatcher is not None:
             return _shown(self._dispatcher.get_task(task_id), show_secrets)
-        snapshot = self._snapshot()
-        found = snapshot.get(task_id)
+        found = self._snapshot().get(task_id)
         if found is None:
-            fail(f"no task with id {task_id!r} in {snapshot.path}")
+            raise TaskNotFoundError(task_id)
         return _shown(found, show_secrets)
 
     def next_runs(self, task_id: str, count: int) -> RunPreview:
