@@ -9,10 +9,11 @@ import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from scheduler.cli_render import fail
 from scheduler.fleet import (
     ALLOW_NON_DURABLE_ENV_VAR,
     BROKER_ENV_VAR,
@@ -35,11 +36,6 @@ dispatcher a message, and a shallow pipeline leaves workers idle between runs.""
 F = TypeVar("F", bound=Callable[..., Any])
 
 _EXTRA_HINT = "the fleet needs the celery extra: pip install 'task-dispatcher[celery]'"
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"task-dispatcher: error: {message}", err=True)
-    sys.exit(2)
 
 
 def broker_options(command: F) -> F:
@@ -74,11 +70,11 @@ def make_backend(
     try:
         from scheduler.backends import CeleryRunBackend
     except ImportError:
-        _fail(_EXTRA_HINT)
+        fail(_EXTRA_HINT)
     try:
         return CeleryRunBackend(broker, start_timeout=start_timeout, lost_after=lost_after)
     except ValueError as exc:
-        _fail(f"--broker: {exc}")
+        fail(f"--broker: {exc}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -148,7 +144,7 @@ def worker(
         check_broker_url(broker, "--broker")
         queues = [queue_name(sys_type) for sys_type in dict.fromkeys(sys_types)]
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     global_factory = getattr(ctx.obj, "factory", None)
     factory = factory or global_factory or os.environ.get(FACTORY_ENV_VAR) or None
     # The environment carries the settings into Celery's pool processes (and is what a plain
@@ -170,15 +166,15 @@ def worker(
 
         from scheduler.worker import app, check_durability, load_factory
     except ImportError:
-        _fail(_EXTRA_HINT)
+        fail(_EXTRA_HINT)
     try:
         load_factory(factory)  # fail now, not at the first run
     except ValueError as exc:
-        _fail(f"--{exc}")
+        fail(f"--{exc}")
     try:
         check_durability(redis.Redis.from_url(broker, socket_connect_timeout=5))
     except BrokerNotDurableError as exc:
-        _fail(f"--broker {mask_url(broker)}: {exc}")
+        fail(f"--broker {mask_url(broker)}: {exc}")
     except redis.RedisError:
         pass  # unreachable for now: the worker checks once it connects
     app.conf.broker_url = broker

@@ -17,6 +17,7 @@ from urllib.parse import urlencode
 import orjson
 
 from scheduler.triggers import preview_runs
+from tasks.display import format_interval, format_time, preview_label
 from tasks.model import TaskRecord, TaskStatus
 from tasks.secrets import mask_secrets
 
@@ -42,24 +43,6 @@ __all__ = [
     "select",
     "task_row",
 ]
-
-
-def format_interval(seconds: float) -> str:
-    """``3600`` as ``1h``, ``90`` as ``90s``, ``5400`` as ``1h30m``: the CLI's units."""
-    if seconds < 60 or seconds % 1:
-        return f"{seconds:g}s"
-    parts: list[str] = []
-    rest = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if rest >= size:
-            parts.append(f"{rest // size}{unit}")
-            rest %= size
-    return "".join(parts)
-
-
-def format_time(value: datetime | None, zone: tzinfo) -> str:
-    """An instant as wall time of ``zone`` (``2026-01-08 10:30:00``), or ``-``."""
-    return "-" if value is None else value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _iso(value: datetime | None) -> str:
@@ -450,5 +433,5 @@ def next_runs(
     """
     preview = preview_runs(record, zone, now, count)
     if preview.status == TaskStatus.COMPLETED:
-        return "none (completed)", []
-    return ("if resumed now" if preview.if_resumed else "next runs"), preview.runs
+        return preview_label(preview), []
+    return preview_label(preview), preview.runs

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner, Result
-from helpers import read_state, recording_factory
+from helpers import SHANGHAI, read_state, recording_factory
 
 from scheduler import TaskDispatcher
 from scheduler.cli import main, parse_hours, parse_interval
@@ -204,6 +204,22 @@ def test_list_filters_and_json(cli: Callable[..., Result]) -> None:
     }
     shown = orjson.loads(cli("list", "--json", "--show-secrets").stdout)
     assert {r["task_id"]: r for r in shown}[first]["kwargs"]["api_token"] == "s3cret"
+
+
+@pytest.mark.parametrize(("given", "shown"), [("90m", "1h30m"), ("90", "1m30s"), ("36h", "1d12h")])
+def test_list_shows_the_interval_as_the_dashboard_does(
+    cli: Callable[..., Result], given: str, shown: str
+) -> None:
+    from scheduler.web.views import task_row
+    from tasks.model import TaskRecord
+
+    add(cli, "--interval", given)
+    (record,) = orjson.loads(cli("list", "--json").stdout)
+    row = task_row(TaskRecord.model_validate(record), SHANGHAI, 0)
+    assert row.interval == shown
+    (line,) = [line for line in cli("list").stdout.splitlines() if record["task_id"] in line]
+    assert f" {shown} " in line
+    assert parse_interval(shown) == record["interval"]  # what --interval reads back
 
 
 def test_list_on_an_empty_store_says_how_to_add(cli: Callable[..., Result]) -> None:
