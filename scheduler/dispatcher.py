@@ -791,6 +791,7 @@ class TaskDispatcher:
         changes, saved = self._change_account(account_id, lambda r: lifecycle.paused(r, now))
         for before, record in changes:
             if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
+                self._withdraw_sent(record)
                 self._tell_paused(record)
         return self._account_report(account_id, "paused", changes, saved)
 

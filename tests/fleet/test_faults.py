@@ -294,6 +294,40 @@ async def test_pause_or_remove_withdraws_a_run_sent_but_not_started(
     assert claim["state"] == "cancelled"
 
 
+async def test_pausing_an_account_withdraws_its_runs_sent_but_not_started(
+    start_worker: StartWorker, make: Make, tmp_path: Path, broker_url: str
+) -> None:
+    probe = tmp_path / "probe.jsonl"
+    client = redis.Redis.from_url(broker_url)
+    dispatcher = make()
+    async with dispatcher:
+        first, second, kept = await dispatcher.add_tasks(
+            [probe_task(probe, account) for account in ("banned", "banned-too", "c")]
+        )
+        # Three accounts with a run queued each; one account is paused as a whole.
+        await eventually(lambda: client.llen("td.sys.linux") == 3, 10, "three runs queued")
+        active = dispatcher.get_task(first).active_run
+        assert active is not None
+        report = dispatcher.pause_account("banned")
+        assert [(change.task_id, change.changed) for change in report] == [(first, True)]
+        await eventually(
+            lambda: dispatcher.get_task(first).active_run is None, 10, "the run withdrawn"
+        )
+        record = dispatcher.get_task(first)
+        assert (record.status, record.run_count, record.failure_count) == (
+            TaskStatus.PAUSED,
+            0,
+            0,
+        )
+        start_worker("w1", "linux")
+        await eventually(lambda: finished(dispatcher, second, kept), 20, "the other runs")
+        assert [entry.outcome for entry in dispatcher.runs(first)] == ["cancelled"]
+    started = [line["task_id"] for line in read_probe(probe) if line["phase"] == "start"]
+    assert sorted(started) == sorted([second, kept])
+    claim = json.loads(client.get(f"td:claim:{active.run_id}") or b"{}")
+    assert claim["state"] == "cancelled"
+
+
 async def test_why_a_queued_run_waits_is_logged_and_shown(
     make: Make, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
