@@ -309,6 +309,13 @@ async def test_any_id_add_accepts_is_addressed_by_every_route(
     assert moved["task_ids"] == [task_id, "other"]
     account = await api.get(f"{API}/accounts/{path_segment(account_id)}")
     assert account.json()["task_ids"] == [task_id, "other"]
+    preview = await api.post(f"{path}/preview", json={"interval": 3600})
+    assert preview.json()["task_id"] == task_id
+    assert (await api.post(f"{path}/run")).status_code == 202
+    paused = await api.post(f"{API}/accounts/{path_segment(account_id)}/pause")
+    assert [t["task_id"] for t in paused.json()["tasks"]] == [task_id, "other"]
+    resumed = await api.post(f"{API}/accounts/{path_segment(account_id)}/resume")
+    assert {t["status"] for t in resumed.json()["tasks"]} == {"pending"}
     assert (await api.delete(path)).status_code == 204
     error(await api.get(path), 404)
     assert [t["task_id"] for t in (await api.get(f"{API}/tasks")).json()["tasks"]] == ["other"]
