@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from jobstores.loading import describe_validation_error
-from scheduler.errors import DispatcherError, SaveFailedError
+from scheduler.control import NOT_SAVED
+from scheduler.errors import ControlError, DispatcherError, SaveFailedError
 from scheduler.history import RunEntry
 from scheduler.triggers import RunPreview, TaskTrigger, may_start
 from tasks.display import format_interval, format_time, preview_label
@@ -58,6 +59,12 @@ def errors() -> Iterator[None]:
         # line naming the field, not pydantic's report.
         field, message = describe_validation_error(exc)
         fail(f"unexpected data: {field}: {message}")
+    except ControlError as exc:
+        if exc.status == NOT_SAVED:
+            # A running dispatcher applied the change but could not save it: it stays in
+            # effect there and is retried, as a failed save in the library is (exit 1).
+            fail(f"{click.get_current_context().info_name}: {exc}", status=1)
+        fail(str(exc))
     except (DispatcherError, ValueError, TypeError) as exc:
         fail(str(exc))
 

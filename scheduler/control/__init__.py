@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "API_PREFIX",
     "MAX_BODY",
+    "NOT_SAVED",
     "ControlClient",
     "ControlServer",
     "check_listen",
@@ -27,6 +28,10 @@ __all__ = [
 
 API_PREFIX = "/api/v1"
 """Where the API's routes live; a later, incompatible API gets a new prefix."""
+
+NOT_SAVED = 507
+"""The status of a change the dispatcher applied but could not save (``SaveFailedError``):
+in effect, retried in the background, not on disk yet."""
 
 
 def path_segment(value: str) -> str:

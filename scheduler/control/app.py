@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.control import API_PREFIX, path_segment
+from scheduler.control import API_PREFIX, NOT_SAVED, path_segment
 from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
 from scheduler.control.models import (
     AccountChanges,
@@ -43,6 +43,7 @@ from scheduler.errors import (
     DispatcherClosedError,
     HistoryUnavailableError,
     InvalidTaskError,
+    SaveFailedError,
     TaskExistsError,
     TaskNotFoundError,
 )
@@ -132,6 +133,12 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DispatcherClosedError)
     async def closed(request: Request, exc: DispatcherClosedError) -> Response:
         return _error(503, "stopped", str(exc), None)
+
+    @app.exception_handler(SaveFailedError)
+    async def not_saved(request: Request, exc: SaveFailedError) -> Response:
+        # The change is in effect (and retried in the background) but not on disk yet: the
+        # server's storage failed, which 507 Insufficient Storage says.
+        return _error(NOT_SAVED, "not_saved", str(exc), None)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import stat
@@ -294,3 +295,40 @@ async def test_a_socket_path_too_long_is_refused_plainly(
     with pytest.raises(ListenError, match="too long for a Unix socket"):
         await dispatcher.serve_control()
     await dispatcher.stop()
+
+
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every write of the state (journal appends and snapshots) fails: the disk is full."""
+
+    def write(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", write)
+
+
+async def test_a_change_not_saved_is_507_and_the_cli_exits_1(
+    started: TaskDispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await started.serve_control()
+    await started.add_tasks([{**TASK, "task_id": "t1"}, {**TASK, "task_id": "t2"}])
+    full_disk(monkeypatch)
+    assert server.socket_path is not None
+    async with over_socket(server.socket_path) as api:
+        refused = await api.post(f"{API}/tasks/t1/pause")
+        assert refused.status_code == 507, refused.text
+        body = refused.json()
+        assert (body["error"], body["field"]) == ("not_saved", None)
+        assert "t1" in body["message"]
+        assert "No space left" in body["message"]
+        # In effect all the same (and retried in the background), as the library says.
+        assert (await api.get(f"{API}/tasks/t1")).json()["status"] == "paused"
+    paused = await asyncio.to_thread(
+        CliRunner().invoke, cli.main, ["--dir", str(started.directory), "pause", "t2"]
+    )
+    assert paused.exit_code == 1, paused.output
+    assert paused.stdout == ""
+    assert paused.stderr.startswith("task-dispatcher: error: pause: change to task(s) t2 ")
+    assert "No space left" in paused.stderr
+    assert paused.stderr.count("\n") == 1
+    assert started.get_task("t2").status == "paused"
+    monkeypatch.undo()
