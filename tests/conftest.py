@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from freezegun import freeze_time
-from helpers import SHANGHAI, Recorder
+from helpers import SHANGHAI, Recorder, Running
 
 from scheduler import TaskDispatcher
 
@@ -98,3 +98,18 @@ async def started(
     await dispatcher.start()
     yield dispatcher
     await dispatcher.stop()
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    """``running(*run_args, env=None)``: ``task-dispatcher run`` on ``tmp_path / "store"`` in a
+    process of its own (closed at the end)."""
+    started: list[Running] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Running:
+        started.append(Running(tmp_path / "store", *args, env=env))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.close()

@@ -321,3 +321,13 @@ def store_options(kind: str, directory: Path) -> dict[str, Any]:
         "storage": storage(kind, directory),
         "snapshot_below": 0 if kind == "journal" else SNAPSHOT_BELOW,
     }
+
+
+async def add(dispatcher: Any, account: str = "account_1", **options: Any) -> str:
+    """Add a seed-style task (``xhs_type`` on ``mac_intel``) for ``account``: hourly, 8-22."""
+    options.setdefault("interval", 3600)
+    options.setdefault("valid_time_range", [8, 22])
+    task_id: str = await dispatcher.add_task(
+        sys_type="mac_intel", task_type="xhs_type", xhs_account_id=account, **options
+    )
+    return task_id

@@ -9,7 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -25,19 +25,6 @@ from helpers import (
     seed_task,
     task_in_file,
 )
-
-
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-
-    def start(*args: str) -> Running:
-        started.append(Running(tmp_path / "store", *args))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.close()
 
 
 @pytest.mark.timeout(120)

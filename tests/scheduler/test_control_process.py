@@ -7,7 +7,7 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -19,19 +19,6 @@ from jobstores.snapshot import validate_state_file
 
 TOKEN = "tok-0123456789"
 ADD = ("add", "--type", "shell", "--account", "ops", "--interval", "1h", "--hours", "0-24")
-
-
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> Running:
-        started.append(Running(tmp_path / "store", *args, env=env))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.close()
 
 
 def add(directory: Path, task_id: str, *extra: str) -> None:

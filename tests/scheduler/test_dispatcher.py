@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from helpers import SHANGHAI, Recorder, at, read_state, seed_file, seed_task, task_in_file
+from helpers import SHANGHAI, Recorder, add, at, read_state, seed_file, seed_task, task_in_file
 
 from jobstores import JsonJobStore
 from scheduler import (
@@ -25,14 +25,6 @@ from scheduler import (
 from tasks import TaskStatus
 
 MakeDispatcher = Callable[..., TaskDispatcher]
-
-
-async def add(dispatcher: TaskDispatcher, account: str = "account_1", **options: Any) -> str:
-    options.setdefault("interval", 3600)
-    options.setdefault("valid_time_range", [8, 22])
-    return await dispatcher.add_task(
-        sys_type="mac_intel", task_type="xhs_type", xhs_account_id=account, **options
-    )
 
 
 async def hold_run(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SHANGHAI, Recorder, at, task_in_file
+from helpers import SHANGHAI, Recorder, add, at, task_in_file
 
 from scheduler import AccountNotFoundError, SaveFailedError, TaskDispatcher
 from scheduler.history import HISTORY_FILENAME, read_runs
@@ -21,14 +21,6 @@ from scheduler.listeners import DispatcherEvent, TaskPaused, TaskResumed
 from tasks import TaskStatus
 
 MakeDispatcher = Callable[..., TaskDispatcher]
-
-
-async def add(dispatcher: TaskDispatcher, account: str = "account_1", **options: Any) -> str:
-    options.setdefault("interval", 3600)
-    options.setdefault("valid_time_range", [8, 22])
-    return await dispatcher.add_task(
-        sys_type="mac_intel", task_type="xhs_type", xhs_account_id=account, **options
-    )
 
 
 async def settle(dispatcher: TaskDispatcher) -> None:

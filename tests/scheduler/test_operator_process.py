@@ -7,7 +7,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,19 +18,6 @@ import pytest
 from helpers import Running, cli, read_state
 
 TOKEN = "tok-operator-0123456789"
-
-
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[Callable[..., Running]]:
-    started: list[Running] = []
-
-    def start(*args: str, env: dict[str, str] | None = None) -> Running:
-        started.append(Running(tmp_path / "store", *args, env=env))
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.close()
 
 
 def closed_hours() -> str:
