@@ -7,6 +7,7 @@ import gc
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -331,3 +332,13 @@ async def add(dispatcher: Any, account: str = "account_1", **options: Any) -> st
         sys_type="mac_intel", task_type="xhs_type", xhs_account_id=account, **options
     )
     return task_id
+
+
+def served(process: Running) -> str:
+    """Wait until `run` serves its socket and TCP; the TCP URL."""
+    process.wait_for_line("control API on unix socket")
+    line = process.wait_for_line("control API on http://")
+    match = re.search(r"http://[\d.]+:\d+", line)
+    assert match is not None, line
+    process.wait_for_line("running ")
+    return match.group(0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import stat
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-from helpers import ROOT, Running, cli, command, read_state
+from helpers import ROOT, Running, cli, command, read_state, served
 
 from jobstores.snapshot import validate_state_file
 
@@ -24,16 +23,6 @@ ADD = ("add", "--type", "shell", "--account", "ops", "--interval", "1h", "--hour
 def add(directory: Path, task_id: str, *extra: str) -> None:
     added = cli(directory, *ADD, "--id", task_id, "--kw", "command=date", *extra)
     assert (added.returncode, added.stdout) == (0, f"{task_id}\n"), added.stderr
-
-
-def served(process: Running) -> str:
-    """Wait until `run` serves its socket and TCP; the TCP URL."""
-    process.wait_for_line("control API on unix socket")
-    line = process.wait_for_line("control API on http://")
-    match = re.search(r"http://[\d.]+:\d+", line)
-    assert match is not None, line
-    process.wait_for_line("running ")
-    return match.group(0)
 
 
 @pytest.mark.timeout(180)

@@ -4,7 +4,6 @@ resuming a whole account, through the command line (socket and --url) and the HT
 from __future__ import annotations
 
 import os
-import re
 import signal
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from helpers import Running, cli, read_state
+from helpers import Running, cli, read_state, served
 
 TOKEN = "tok-operator-0123456789"
 
@@ -33,15 +32,6 @@ def add(directory: Path, task_id: str, account: str, hours: str, shell: str) -> 
         *("--hours", hours, "--id", task_id, "--kw", f"command={shell}"),
     )
     assert (added.returncode, added.stdout) == (0, f"{task_id}\n"), added.stderr
-
-
-def served(process: Running) -> str:
-    process.wait_for_line("control API on unix socket")
-    line = process.wait_for_line("control API on http://")
-    match = re.search(r"http://[\d.]+:\d+", line)
-    assert match is not None, line
-    process.wait_for_line("running ")
-    return match.group(0)
 
 
 def tasks(directory: Path) -> dict[str, dict[str, Any]]:
