@@ -3,7 +3,7 @@
 from typing import TYPE_CHECKING, Any
 
 from scheduler.backends.local import LocalRunBackend
-from scheduler.dispatcher import AccountChange, TaskDispatcher
+from scheduler.dispatcher import AccountChange
 from scheduler.history import RunEntry, RunHistory
 from scheduler.listeners import (
     DispatcherEvent,
@@ -21,6 +21,7 @@ from scheduler.listeners import (
     TaskResumed,
     WebhookListener,
 )
+from scheduler.serve import TaskDispatcher
 from scheduler.triggers import TaskTrigger
 from tasks.errors import (
     AccountNotFoundError,

@@ -24,7 +24,7 @@ from jobstores.format import CorruptFileError
 from jobstores.snapshot import StateSnapshot, read_snapshot
 from scheduler.cli_parse import Options
 from scheduler.cli_render import Listing, errors, fail, library_warnings
-from scheduler.dispatcher import CONTROL_SOCKET, TaskDispatcher
+from scheduler.dispatcher import CONTROL_SOCKET
 from scheduler.errors import (
     ControlError,
     HistoryUnavailableError,
@@ -34,6 +34,7 @@ from scheduler.errors import (
     UnknownTaskTypeError,
 )
 from scheduler.history import HISTORY_FILENAME, RunEntry, read_runs
+from scheduler.serve import TaskDispatcher
 from scheduler.triggers import RunPreview, preview_runs
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.model import TaskRecord

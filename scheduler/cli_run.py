@@ -20,8 +20,8 @@ from scheduler.cli_gateway import CONTROL_EXTRA_HINT, running_factory
 from scheduler.cli_parse import TOKEN_ENV_VAR, Options, dir_option
 from scheduler.cli_render import console as make_console
 from scheduler.cli_render import errors, fail, task_table
-from scheduler.dispatcher import TaskDispatcher
 from scheduler.listeners import WebhookListener
+from scheduler.serve import TaskDispatcher
 from tasks.shell import OUTPUT_LOGGER
 
 __all__ = ["DEMO_TASKS", "run"]

@@ -1,4 +1,5 @@
-"""``TaskDispatcher``: the host application's handle on its recurring per-account tasks."""
+"""``Dispatcher``: the facade that wires a directory's tasks, their runs and their observers
+(``scheduler.serve.TaskDispatcher`` adds the control plane that serves it)."""
 
 from __future__ import annotations
 
@@ -59,10 +60,6 @@ from tasks.schedule import RunPreview, preview_runs
 from tasks.zones import resolve_timezone
 
 if TYPE_CHECKING:
-    from fastapi import APIRouter, FastAPI
-    from starlette.types import ASGIApp
-
-    from scheduler.control.server import ControlServer
     from scheduler.metrics import DispatcherMetrics
 
 __all__ = [
@@ -70,7 +67,7 @@ __all__ = [
     "DEFAULT_DISPATCHER_DIR",
     "DIR_ENV_VAR",
     "AccountChange",
-    "TaskDispatcher",
+    "Dispatcher",
     "resolve_timezone",
 ]
 
@@ -85,7 +82,7 @@ CONTROL_SOCKET = "control.sock"
 
 
 _LISTENER_GRACE = 10.0
-"""Seconds :meth:`TaskDispatcher.stop` waits for coroutine listeners (webhooks) to finish."""
+"""Seconds :meth:`Dispatcher.stop` waits for coroutine listeners (webhooks) to finish."""
 
 
 def _task_id(value: Any, name: str = "task_id") -> str:
@@ -116,30 +113,14 @@ def _manual_done(outcome: asyncio.Future[RunEvent | None]) -> None:
         logger.error("a manual run raised: %s", outcome.exception())
 
 
-class TaskDispatcher:
-    """Runs recurring per-account tasks on APScheduler and persists all of their state.
+class Dispatcher:
+    """The dispatcher of one directory's tasks, without the control plane that serves it.
 
-    State lives in ``<dispatcher_dir>/dispatch_config.json`` and is loaded here: tasks carry
-    on after a restart or a crash. The dispatcher owns its directory (an OS-level lock) until
-    :meth:`stop` or :meth:`close`.
-
-    ``timezone`` is the zone of the hour windows and end dates. None takes the zone the file
-    records, else the local one. A zone other than the recorded one raises
-    :class:`TimezoneMismatchError` unless ``convert_timezone=True``: then the windows are
-    read in the new zone from now on (and the file records it from the next save).
-
-    Every run is recorded in ``<dispatcher_dir>/history.sqlite3`` (see :meth:`runs`);
-    ``history=False`` turns that off, a :class:`RunHistory` passed instead (its retention
-    configured) is used and closed with the dispatcher.
-
-    ``snapshot_below`` (2,000 by default): below this many tasks the state file itself holds
-    every change when the call making it returns (``json.load`` it at any time); from that
-    many on, changes go to a journal beside it at a cost that does not grow with the number
-    of tasks, and the file follows within 10 minutes (see :class:`JsonJobStore`).
-
-    Thread safety: every synchronous method may be called from any thread. The coroutines
-    (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
-    loop the dispatcher was started on.
+    It wires the job store, the APScheduler engine, the account lanes, the runner and the run
+    backend, and the observers (listeners, run history, metrics, the retry timer); its
+    methods are the API hosts use. Hosts use :class:`scheduler.TaskDispatcher` (of
+    ``scheduler.serve``), which adds serving the control API and the dashboard, and whose
+    documentation describes the parameters and behaviour.
     """
 
     def __init__(
@@ -191,8 +172,6 @@ class TaskDispatcher:
         self._metrics = self._make_metrics()
         if self._metrics is not None:
             self._ledger.observe(self._metrics.observe)
-        self._control: ControlServer | None = None
-        self._control_token: str | None = None
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._manual_queued: set[str] = set()
@@ -906,96 +885,6 @@ class TaskDispatcher:
             return None
         return time.monotonic() - self._started_at
 
-    @property
-    def control_token(self) -> str:
-        """The token a TCP listener or an embedded control app of this dispatcher requires
-        when the host gives none of its own.
-
-        Drawn on first use (``secrets.token_urlsafe``), once per dispatcher, and written
-        owner-only to ``<directory>/control.token`` so the owner's scripts can read it; the
-        file goes when the dispatcher stops. Needs the ``control`` extra.
-        """
-        if self._control_token is None:
-            from scheduler.control.guard import issue_token
-
-            self._check_open()
-            self._control_token = issue_token(self.directory)
-        return self._control_token
-
-    def control_app(
-        self, *, token: str | None = None, extra_routers: Sequence[APIRouter] = ()
-    ) -> FastAPI:
-        """The control API as an ASGI (FastAPI) app a host can mount in its own app.
-
-        Every request needs ``Authorization: Bearer <token>``; without ``token`` that is
-        :attr:`control_token`. Needs the ``control`` extra
-        (``pip install 'task-dispatcher[control]'``).
-        """
-        from scheduler.control.app import create_app
-
-        return create_app(self, token=token or self.control_token, extra_routers=extra_routers)
-
-    async def serve_control(
-        self,
-        socket: bool = True,
-        listen: str | None = None,
-        token: str | None = None,
-        *,
-        extra_routers: Sequence[APIRouter] = (),
-        dashboard: bool = False,
-    ) -> ControlServer:
-        """Serve the control API on ``<directory>/control.sock`` and, with ``listen``
-        (``HOST:PORT``), on TCP; return once listening. The listeners stop with :meth:`stop`.
-
-        Every TCP request needs ``token``; without one a loopback ``listen`` uses
-        :attr:`control_token` (the returned server's ``token``, and its ``login_url`` for a
-        browser), and a non-loopback one raises :class:`ListenError`. With ``dashboard`` the
-        web dashboard is served at ``/`` of the same listeners (needs the ``web`` extra).
-        """
-        from scheduler.control.app import create_app
-        from scheduler.control.server import ControlServer, check_listen
-
-        self._check_open()
-        if self._control is not None:
-            raise RuntimeError(f"the control API of {str(self.directory)!r} is already served")
-        if self._control_token is None:
-            # A token file here was left by a dispatcher that died (this one owns the
-            # directory now): its token is dead, and the file must not suggest otherwise.
-            from scheduler.control.guard import remove_token
-
-            remove_token(self.directory, None)
-        if listen is not None:
-            check_listen(listen, token)  # off loopback, only with a token the host chose
-            token = token or self.control_token
-        app: ASGIApp = create_app(self, token=token, extra_routers=extra_routers)
-        if dashboard:
-            from scheduler.web import dashboard_app
-
-            app = dashboard_app(self, api=app, token=token)
-        server = ControlServer(
-            app,
-            socket_path=self.directory / CONTROL_SOCKET if socket else None,
-            listen=listen,
-            token=token,
-            dashboard=dashboard,
-        )
-        await server.start()
-        self._control = server
-        return server
-
-    async def _stop_control(self) -> None:
-        control, self._control = self._control, None
-        if control is not None:
-            await control.close()
-        self._forget_control_token()
-
-    def _forget_control_token(self) -> None:
-        token, self._control_token = self._control_token, None
-        if token is not None:
-            from scheduler.control.guard import remove_token
-
-            remove_token(self.directory, token)
-
     # ------------------------------------------------------------------ running
 
     async def start(self) -> None:
@@ -1051,7 +940,6 @@ class TaskDispatcher:
         """
         if self._store.closed:
             return
-        await self._stop_control()
         if self._scheduler.running:
             self._scheduler.pause()
             self._retries.stop()
@@ -1075,13 +963,12 @@ class TaskDispatcher:
         """
         if self._store.closed:
             return
-        if self._scheduler.running or self._control is not None:
+        if self._scheduler.running:
             raise DispatcherNotRunningError("the dispatcher is running: use 'await stop()'")
         if save:
             self._store.save()
         if self._history is not None:
             self._history.close()
-        self._forget_control_token()
         self._store.close()
 
     async def __aenter__(self) -> Self:

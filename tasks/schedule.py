@@ -11,14 +11,12 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta, tzinfo
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tasks.model import TaskRecord
+from typing import Protocol
 
 __all__ = [
     "RunPreview",
     "Schedule",
+    "Scheduled",
     "Window",
     "end_instant",
     "in_window",
@@ -189,6 +187,26 @@ def upcoming_runs(
         )
 
 
+class Scheduled(Protocol):
+    """What the time maths reads of a task (a ``tasks.model.TaskRecord`` has it): its rules
+    and where its runs stand, so that this module needs no model."""
+
+    @property
+    def task_id(self) -> str: ...
+    @property
+    def status(self) -> object: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def valid_time_range(self) -> Window: ...
+    @property
+    def task_end_time(self) -> date | datetime | None: ...
+    @property
+    def next_execution_time(self) -> datetime | None: ...
+    @property
+    def grid_time(self) -> datetime | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Schedule:
     """When one task may run: its interval, hour window and end, read in ``zone``.
@@ -204,7 +222,7 @@ class Schedule:
     zone: tzinfo
 
     @classmethod
-    def of(cls, record: TaskRecord, zone: tzinfo) -> Schedule:
+    def of(cls, record: Scheduled, zone: tzinfo) -> Schedule:
         """The schedule of ``record`` in ``zone``."""
         return _schedule(record.interval, record.valid_time_range, record.task_end_time, zone)
 
@@ -259,7 +277,7 @@ class RunPreview:
     """Up to the requested number of planned run times, in the dispatcher's zone."""
 
 
-def preview_runs(record: TaskRecord, zone: tzinfo, now: datetime, count: int) -> RunPreview:
+def preview_runs(record: Scheduled, zone: tzinfo, now: datetime, count: int) -> RunPreview:
     """The next ``count`` runs of ``record``: the ones planned, or for a paused task the ones
     a resume at ``now`` would plan (a completed task has none)."""
     schedule = Schedule.of(record, zone)

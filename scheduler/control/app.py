@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.control import API_PREFIX, NOT_SAVED, path_segment
+from scheduler.control.api import API_PREFIX, NOT_SAVED, path_segment
 from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
 from scheduler.control.models import (
     AccountChanges,
@@ -51,7 +51,7 @@ from scheduler.history import RunEntry
 from tasks.model import TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
-    from scheduler.dispatcher import TaskDispatcher
+    from scheduler.dispatcher import Dispatcher
 
 __all__ = ["API_PREFIX", "ApiError", "create_app", "zone_name"]
 
@@ -170,7 +170,7 @@ ShowSecrets = Annotated[bool, Depends(_secrets_allowed)]
 
 
 def create_app(
-    dispatcher: TaskDispatcher,
+    dispatcher: Dispatcher,
     *,
     token: str | None = None,
     max_body: int = MAX_BODY,
@@ -202,7 +202,7 @@ def create_app(
     return app
 
 
-def _metrics_router(dispatcher: TaskDispatcher) -> APIRouter:
+def _metrics_router(dispatcher: Dispatcher) -> APIRouter:
     router = APIRouter()
 
     @router.get(
@@ -223,7 +223,7 @@ def _metrics_router(dispatcher: TaskDispatcher) -> APIRouter:
     return router
 
 
-def _api_routers(dispatcher: TaskDispatcher) -> list[APIRouter]:
+def _api_routers(dispatcher: Dispatcher) -> list[APIRouter]:
     async def dispatcher_open() -> None:
         if dispatcher.closed:
             raise DispatcherClosedError(f"the dispatcher on {str(dispatcher.directory)!r} stopped")

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import orjson
 
-from scheduler.control import API_PREFIX, path_segment
+from scheduler.control.api import API_PREFIX, path_segment
 from scheduler.errors import ControlError
 from scheduler.triggers import RunPreview
 from tasks.model import TaskRecord

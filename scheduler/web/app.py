@@ -31,6 +31,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp
 
+from scheduler.control.api import API_PREFIX
 from scheduler.control.guard import client_of
 from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
@@ -54,7 +55,7 @@ from tasks.model import TaskRecord, TaskStatus
 from tasks.registry import default_registry
 
 if TYPE_CHECKING:
-    from scheduler.dispatcher import TaskDispatcher
+    from scheduler.dispatcher import Dispatcher
 
 __all__ = [
     "ACCOUNT_SELECT_LIMIT",
@@ -70,8 +71,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1"
-"""Where the control plane's JSON API lives; the pages' script sends changes there."""
 FEED_INTERVAL = 1.0
 """Seconds between two looks at the dispatcher for the live feed."""
 FEED_LIFETIME = 300.0
@@ -125,7 +124,7 @@ HealthProbe = Callable[[], Sequence[str]]
 """Extra health problems to show (e.g. a fleet backend's unreachable broker)."""
 
 
-def health_problems(dispatcher: TaskDispatcher, probe: HealthProbe | None = None) -> list[str]:
+def health_problems(dispatcher: Dispatcher, probe: HealthProbe | None = None) -> list[str]:
     """What an operator must know about now, one sentence each (empty when all is well)."""
     problems: list[str] = []
     if dispatcher.closed or not dispatcher.running:
@@ -150,7 +149,7 @@ def health_problems(dispatcher: TaskDispatcher, probe: HealthProbe | None = None
     return problems
 
 
-def backend_problems(dispatcher: TaskDispatcher) -> list[str]:
+def backend_problems(dispatcher: Dispatcher) -> list[str]:
     """What the run backend reports wrong: an unreachable broker, or a sys_type of a scheduled
     task with no live worker (for backends that report their workers)."""
     health = dispatcher.run_backend.health()
@@ -175,7 +174,7 @@ def backend_problems(dispatcher: TaskDispatcher) -> list[str]:
     return problems
 
 
-async def _runs(dispatcher: TaskDispatcher, *args: Any, **query: Any) -> list[Any] | None:
+async def _runs(dispatcher: Dispatcher, *args: Any, **query: Any) -> list[Any] | None:
     """Run history entries (newest first), or None when this dispatcher keeps no history.
 
     The history is SQLite on the local disk: read in a thread, off the event loop.
@@ -190,7 +189,7 @@ async def _runs(dispatcher: TaskDispatcher, *args: Any, **query: Any) -> list[An
         return None
 
 
-def _workers(dispatcher: TaskDispatcher) -> dict[str, int] | None:
+def _workers(dispatcher: Dispatcher) -> dict[str, int] | None:
     """Live workers per sys_type, for a backend that reports them (None: it does not)."""
     try:
         workers = dispatcher.run_backend.health().get("workers")
@@ -228,7 +227,7 @@ class _Pages:
 
     def __init__(
         self,
-        dispatcher: TaskDispatcher,
+        dispatcher: Dispatcher,
         security: WebSecurity,
         probe: HealthProbe | None,
         limits: PageLimits,
@@ -614,7 +613,7 @@ class _Pages:
 
 
 def dashboard_app(
-    dispatcher: TaskDispatcher,
+    dispatcher: Dispatcher,
     *,
     api: ASGIApp | None = None,
     token: str | None = None,
