@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,56 @@ def test_no_circle_of_files() -> None:
         for circle in found
     ]
     assert not found, f"{len(found)} circle(s) of files:\n" + "\n".join(described)
+
+
+EXTRAS = frozenset({"fastapi", "starlette", "uvicorn", "httpx", "prometheus_client", "jinja2",
+                    "celery", "kombu", "redis"})  # fmt: skip
+"""What the optional extras (``control``, ``web``, ``celery``) install."""
+
+
+def loaded_by(module: str) -> set[str]:
+    """The modules importing ``module`` runs before it returns: its top-level (not lazy, not
+    type-checking) imports, and the packages above each module reached, transitively."""
+    top: dict[str, set[str]] = {}
+    for found in IMPORTS:
+        if found.where == "top":
+            top.setdefault(found.importer, set()).add(found.target)
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for reached in [".".join(parts[:i]) for i in range(1, len(parts) + 1)]:
+            if reached not in seen:
+                seen.add(reached)
+                todo.extend(top.get(reached, ()))
+    return seen
+
+
+@functools.cache
+def libraries_imported_at_top(module: str) -> frozenset[str]:
+    """The top-level names of the outside libraries ``module`` imports as it loads."""
+    names: set[str] = set()
+    for node, where in _walk(ast.parse(MODULES[module].read_text(encoding="utf-8")), "top"):
+        if where != "top":
+            continue
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return frozenset(names - set(PACKAGES))
+
+
+def test_the_package_imports_no_extra() -> None:
+    """``import scheduler`` (``TaskDispatcher`` with its serving methods included) and the
+    command line work without the extras: serving imports their libraries when used."""
+    for entry in ("scheduler", "scheduler.cli"):
+        wrong = {
+            module: sorted(libraries_imported_at_top(module) & EXTRAS)
+            for module in sorted(loaded_by(entry))
+            if libraries_imported_at_top(module) & EXTRAS
+        }
+        assert wrong == {}, f"importing {entry} loads an extra's library: {wrong}"
 
 
 def class_lengths() -> dict[str, int]:
