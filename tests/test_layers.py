@@ -27,31 +27,32 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bench", "scheduler", "jobstores", "tasks")
 """The project's top-level packages (``tests`` and ``docs`` are not layered)."""
 
-# The layers, top to bottom. A module may import modules of its own layer and of the layers
-# below it, never above; each module belongs to exactly one row (a ``*`` stands for any
-# module of a package). See docs/development.md ("Layout").
+# The layers, top to bottom. A module may import modules of its own row and of the rows below
+# it, never above; each module belongs to exactly one row (``*``: any module of a package).
+# docs/development.md ("Layout") and the README describe them.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # --- interfaces: what users run or mount, each over the layers below
-    ("tools", ("bench", "bench.*")),
-    ("package front", ("scheduler", "scheduler.__main__")),
-    ("cli", ("scheduler.cli", "scheduler.cli_*")),
-    # The fleet sits beside serving: neither imports the other.
-    ("fleet", ("scheduler.backends", "scheduler.backends.celery", "scheduler.worker",
-               "scheduler.fleet")),
-    ("serve", ("scheduler.serve",)),  # TaskDispatcher: the facade plus its control plane
-    ("web", ("scheduler.web", "scheduler.web.*")),
-    ("control", ("scheduler.control", "scheduler.control.*")),
-    # --- scheduler: the facade and what it wires
-    ("dispatcher", ("scheduler.dispatcher",)),
-    ("runner", ("scheduler.runner",)),
+    ("tools",              ("bench", "bench.*")),
+    ("package front",      ("scheduler", "scheduler.__main__")),
+    ("cli",                ("scheduler.cli", "scheduler.cli_*")),
+    # The fleet is beside serving (neither imports the other); a table puts it above.
+    ("fleet",              ("scheduler.backends", "scheduler.backends.celery",
+                            "scheduler.worker", "scheduler.fleet")),
+    # TaskDispatcher: the dispatcher with its control plane, over control/ and web/
+    ("serve",              ("scheduler.serve",)),
+    ("web",                ("scheduler.web", "scheduler.web.*")),
+    ("control",            ("scheduler.control", "scheduler.control.*")),
+    # --- scheduler: the facade, and what it wires
+    ("dispatcher",         ("scheduler.dispatcher",)),
+    ("runner",             ("scheduler.runner",)),
     ("runs and observers", ("scheduler.ledger", "scheduler.lanes", "scheduler.engine",
                             "scheduler.intake", "scheduler.retries", "scheduler.listeners",
                             "scheduler.history", "scheduler.metrics", "scheduler.runs")),
-    ("local backend", ("scheduler.backends.local",)),
-    ("re-exported names", ("scheduler.errors", "scheduler.triggers")),
+    ("local backend",      ("scheduler.backends.local",)),
+    ("re-exported names",  ("scheduler.errors", "scheduler.triggers")),
     # --- persistence, then plain data and pure rules
-    ("jobstores", ("jobstores", "jobstores.*")),
-    ("tasks", ("tasks", "tasks.*")),
+    ("jobstores",          ("jobstores", "jobstores.*")),
+    ("tasks",              ("tasks", "tasks.*")),
 )  # fmt: skip
 
 CLASS_LINES = 300
@@ -112,22 +113,19 @@ def _is_type_checking(test: ast.expr) -> bool:
     )
 
 
-def _walk(node: ast.AST, where: str) -> Iterator[tuple[ast.AST, str]]:
-    """Every node under ``node`` with where it sits (the innermost context wins)."""
+def _walk(node: ast.AST, where: str = "top") -> Iterator[tuple[ast.AST, str]]:
+    """``node`` and every node under it, each with where it sits (the innermost context wins)."""
+    yield node, where
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+        where = "in a function"
+    if isinstance(node, ast.If) and _is_type_checking(node.test):
+        for statement in node.body:
+            yield from _walk(statement, "for type checking")
+        for statement in node.orelse:
+            yield from _walk(statement, where)
+        return
     for child in ast.iter_child_nodes(node):
-        inner = where
-        if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-            inner = "in a function"
-        yield child, inner
-        if isinstance(child, ast.If) and _is_type_checking(child.test):
-            for statement in child.body:
-                yield statement, "for type checking"
-                yield from _walk(statement, "for type checking")
-            for statement in child.orelse:
-                yield statement, inner
-                yield from _walk(statement, inner)
-        else:
-            yield from _walk(child, inner)
+        yield from _walk(child, where)
 
 
 def _targets(node: ast.AST, importer: str, is_package: bool) -> list[str]:
@@ -161,27 +159,28 @@ def _targets(node: ast.AST, importer: str, is_package: bool) -> list[str]:
     return sorted({name for name in names if name in MODULES})
 
 
+def imports_in(importer: str, source: str, path: str, is_package: bool) -> list[Import]:
+    """Every import of a project module in ``source``, the text of module ``importer``."""
+    found: list[Import] = []
+    for node, where in _walk(ast.parse(source)):
+        for target in _targets(node, importer, is_package):
+            text = " ".join((ast.get_source_segment(source, node) or "").split())
+            found.append(Import(importer, target, path, getattr(node, "lineno", 0), text, where))
+    return found
+
+
 def project_imports() -> list[Import]:
     """Every import of a project module by a project module."""
-    found: list[Import] = []
-    for importer, path in MODULES.items():
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
-        is_package = path.name == "__init__.py"
-        for node, where in _walk(tree, "top"):
-            for target in _targets(node, importer, is_package):
-                text = ast.get_source_segment(source, node) or ""
-                found.append(
-                    Import(
-                        importer,
-                        target,
-                        str(path.relative_to(ROOT)),
-                        getattr(node, "lineno", 0),
-                        " ".join(text.split()),
-                        where,
-                    )
-                )
-    return found
+    return [
+        found
+        for importer, path in MODULES.items()
+        for found in imports_in(
+            importer,
+            path.read_text(encoding="utf-8"),
+            str(path.relative_to(ROOT)),
+            path.name == "__init__.py",
+        )
+    ]
 
 
 IMPORTS = project_imports()
@@ -296,7 +295,7 @@ def loaded_by(module: str) -> set[str]:
 def libraries_imported_at_top(module: str) -> frozenset[str]:
     """The top-level names of the outside libraries ``module`` imports as it loads."""
     names: set[str] = set()
-    for node, where in _walk(ast.parse(MODULES[module].read_text(encoding="utf-8")), "top"):
+    for node, where in _walk(ast.parse(MODULES[module].read_text(encoding="utf-8"))):
         if where != "top":
             continue
         if isinstance(node, ast.Import):
@@ -350,9 +349,38 @@ def test_no_class_over_about_300_lines() -> None:
     assert not problems, "\n".join(problems)
 
 
+SAMPLE = """
+from typing import TYPE_CHECKING
+import importlib
+from tasks import lifecycle
+from . import runner
+
+if TYPE_CHECKING:
+    from scheduler.control.app import create_app
+
+def serve():
+    from scheduler.web import dashboard_app
+    return importlib.import_module("scheduler.serve")
+"""
+
+
+def test_every_kind_of_import_is_seen() -> None:
+    seen = {
+        (found.target, found.where, found.line)
+        for found in imports_in("scheduler.dispatcher", SAMPLE, "sample.py", False)
+    }
+    assert seen == {
+        ("tasks.lifecycle", "top", 4),
+        ("scheduler.runner", "top", 5),
+        ("scheduler.control.app", "for type checking", 8),
+        ("scheduler.web", "in a function", 11),
+        ("scheduler.serve", "in a function", 12),
+    }
+
+
 def test_the_checks_see_an_upward_import_and_a_circle() -> None:
-    """The checks themselves: a lazy import of the control plane from the dispatcher (as it
-    once was) is caught as running up, and with the control app's annotation, as a circle."""
+    """A lazy import of the control plane from the dispatcher (as it once was) is caught as
+    running up, and with the control app's annotation of the dispatcher, as a circle."""
     down = Import("scheduler.control.app", "scheduler.dispatcher", "a.py", 1, "x", "top")
     up = Import("scheduler.dispatcher", "scheduler.control.app", "b.py", 2, "y", "in a function")
     assert upward([down]) == []
