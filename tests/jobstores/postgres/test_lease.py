@@ -1,0 +1,279 @@
+"""Leadership of a cluster: one leader at a time, a fencing epoch, the leader's own deadline."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psycopg
+import pytest
+
+from jobstores.postgres import (
+    Leadership,
+    NotLeadingError,
+    PostgresState,
+    StaleLeaderError,
+    connector,
+    read_lease,
+)
+
+from .conftest import FakeClock
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` holds (polled), failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def lease_of(connect: Callable[[], psycopg.Connection[Any]], cluster: str) -> Any:
+    with connect() as connection:
+        return read_lease(connection, cluster)
+
+
+def expired(connect: Callable[[], psycopg.Connection[Any]], cluster: str) -> Callable[[], bool]:
+    """Whether the cluster's lease has run out by the database's clock."""
+    return lambda: not lease_of(connect, cluster).valid
+
+
+def test_two_contenders_started_at_the_same_instant_on_an_empty_database_one_leads(
+    empty_database: str,
+) -> None:
+    # Each on its own connection, on a database without tables: both create the schema
+    # and campaign at once; exactly one leads, every round.
+    contenders = 4
+    for round_ in range(5):
+        cluster = f"race-{round_}"
+        barrier = threading.Barrier(contenders)
+        leaderships = [
+            Leadership(connector(empty_database, timeout=5), cluster, holder=f"c{i}")
+            for i in range(contenders)
+        ]
+
+        def campaign(leadership: Leadership, barrier: threading.Barrier = barrier) -> bool:
+            barrier.wait(timeout=10)
+            return leadership.try_acquire()
+
+        with ThreadPoolExecutor(contenders) as pool:
+            won = list(pool.map(campaign, leaderships))
+        assert won.count(True) == 1, won
+        leader = leaderships[won.index(True)]
+        assert leader.epoch == 1
+        assert lease_of(connector(empty_database), cluster).holder == leader.holder
+        for leadership in leaderships:
+            leadership.stop(release=False)
+
+
+def test_the_leader_stops_leading_when_its_own_deadline_passes(
+    make_leadership: Callable[..., Leadership],
+) -> None:
+    clock = FakeClock()
+    reasons: list[str] = []
+    leader = make_leadership(clock=clock, lease=10, on_step_down=reasons.append)
+    assert not leader.is_leader_now()
+    assert leader.try_acquire()
+    assert leader.is_leader_now()
+    assert leader.role == "leader"
+    clock.advance(9.99)
+    assert leader.is_leader_now()
+    clock.advance(0.01)
+    assert not leader.is_leader_now()  # by its own clock, whatever the database says
+    assert leader.role == "standby"
+    with pytest.raises(NotLeadingError):
+        leader.fence()
+    assert reasons == ["its lease ran out before it could be renewed"]
+    assert leader.epoch is None
+    assert not leader.check()
+    assert len(reasons) == 1  # told once
+
+
+def test_a_renewal_moves_the_deadline_from_the_instant_it_was_sent(
+    make_leadership: Callable[..., Leadership],
+) -> None:
+    clock = FakeClock()
+    leader = make_leadership(clock=clock, lease=10)
+    assert leader.try_acquire()
+    start = clock()
+    assert leader.deadline == start + 10
+    clock.advance(3.3)
+    assert leader.renew()
+    assert leader.deadline == start + 13.3
+    clock.advance(9.0)
+    assert leader.is_leader_now()  # past the first deadline, within the renewed one
+
+
+def test_a_renewal_sent_after_the_deadline_does_not_revive_the_lease(
+    make_leadership: Callable[..., Leadership],
+) -> None:
+    clock = FakeClock()
+    reasons: list[str] = []
+    leader = make_leadership(clock=clock, lease=10, on_step_down=reasons.append)
+    assert leader.try_acquire()
+    clock.advance(10.5)
+    assert not leader.renew()
+    assert leader.epoch is None
+    assert reasons == ["its lease ran out before it could be renewed"]
+
+
+def test_an_unreachable_database_keeps_the_deadline_until_it_passes(
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+) -> None:
+    clock = FakeClock()
+    reachable = [True]
+    unreachable = connector("postgresql://postgres@127.0.0.1:1/postgres", timeout=1)
+
+    def switching() -> psycopg.Connection[Any]:
+        return connect() if reachable[0] else unreachable()
+
+    leader = make_leadership(clock=clock, lease=10, connect=switching)
+    assert leader.try_acquire()
+    # Its connection dies and the database cannot be reached any more.
+    assert leader._connection is not None
+    with connect() as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (leader._connection.info.backend_pid,))
+    reachable[0] = False
+    clock.advance(4)
+    assert leader.renew()  # failed, but the lease it holds is still valid by its clock
+    assert leader.last_error is not None
+    assert leader.is_leader_now()
+    clock.advance(6)
+    assert not leader.renew()
+    assert not leader.is_leader_now()
+
+
+def test_epochs_rise_at_every_takeover(
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    a = make_leadership(holder="a", lease=0.3)
+    b = make_leadership(holder="b", lease=0.3)
+    epochs = []
+    assert a.try_acquire()
+    epochs.append(a.epoch)
+    assert not b.try_acquire()  # a's lease is valid
+    a.release()  # given up: b takes it at once
+    assert b.try_acquire()
+    epochs.append(b.epoch)
+    # b goes silent: once its lease ran out by the database's clock, a takes over.
+    wait_for(expired(connect, cluster))
+    assert a.try_acquire()
+    epochs.append(a.epoch)
+    # Even the same instance taking it again gets a new epoch.
+    wait_for(expired(connect, cluster))
+    a._epoch = None  # it forgot it led (a restart)
+    assert a.try_acquire()
+    epochs.append(a.epoch)
+    assert epochs == [1, 2, 3, 4]
+    assert lease_of(connect, cluster).epoch == 4
+
+
+def test_a_stale_leaders_commit_is_refused_and_changes_nothing(
+    make_leadership: Callable[..., Leadership],
+    state: PostgresState,
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    old = make_leadership(holder="old", lease=0.3)
+    assert old.try_acquire()
+    stale = old.fence()
+    state.commit(stale, saved_at="2026-01-08T08:00:00+08:00", timezone=None, extra={"n": 1})
+    before = state.load()
+    # It freezes (its own clock stands still, so it still believes it leads) ...
+    wait_for(expired(connect, cluster))
+    new = make_leadership(holder="new", lease=10)
+    assert new.try_acquire()
+    assert old.is_leader_now()
+    # ... and its commit, made after the takeover, is refused.
+    with pytest.raises(StaleLeaderError, match=r"epoch 1 refused.*epoch 2 by 'new'") as raised:
+        state.commit(
+            old.fence(), saved_at="2026-01-08T09:00:00+08:00", timezone=None, extra={"n": 2}
+        )
+    assert isinstance(raised.value, OSError)
+    assert state.load() == before
+    # The new leader commits.
+    state.commit(new.fence(), saved_at="2026-01-08T09:00:00+08:00", timezone=None, extra={"n": 3})
+    loaded = state.load()
+    assert loaded is not None
+    assert loaded.extra == {"n": 3}
+
+
+def test_a_leader_that_finds_a_newer_epoch_steps_down_with_one_error(
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reasons: list[str] = []
+    leader = make_leadership(holder="a", on_step_down=reasons.append)
+    assert leader.try_acquire()
+    with connect() as admin:  # another instance took over (as after a freeze)
+        admin.execute(
+            "UPDATE td_leases SET epoch = epoch + 1, holder = 'b' WHERE cluster = %s", (cluster,)
+        )
+    with caplog.at_level(logging.ERROR, logger="jobstores.postgres.lease"):
+        assert not leader.renew()
+        assert not leader.renew()
+    assert reasons == ["another instance took over (a newer epoch)"]
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "stops leading (epoch 1)" in errors[0].getMessage()
+    assert leader.epoch is None
+
+
+def test_the_lease_thread_renews_and_a_standby_takes_over_when_it_stops(
+    connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    lease = 0.6
+    a = Leadership(connect, cluster, holder="a", lease=lease)
+    b = Leadership(connect, cluster, holder="b", lease=lease)
+    try:
+        a.start()
+        wait_for(a.is_leader_now)
+        b.start()
+        # a renews every lease / 3: b never leads while a's thread runs (several leases).
+        first, start = a.epoch, a.deadline
+        wait_for(lambda: a.deadline > start + 3 * lease)
+        assert a.is_leader_now()
+        assert not b.is_leader_now()
+        assert lease_of(connect, cluster).epoch == first
+        # a dies without releasing: b takes over once the lease runs out.
+        a.stop(release=False)
+        wait_for(b.is_leader_now, timeout=lease * 10)
+        assert b.epoch is not None
+        assert first is not None
+        assert b.epoch > first
+    finally:
+        a.stop(release=False)
+        b.stop()
+    # b released on stop: the lease is free.
+    assert lease_of(connect, cluster).holder is None
+
+
+def test_the_lease_thread_steps_down_when_another_took_over(
+    connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    stepped_down = threading.Event()
+    a = Leadership(
+        connect, cluster, holder="a", lease=0.6, on_step_down=lambda _: stepped_down.set()
+    )
+    try:
+        a.start()
+        wait_for(a.is_leader_now)
+        with connect() as admin:
+            admin.execute(
+                "UPDATE td_leases SET epoch = epoch + 1, holder = 'b', "
+                "expires_at = now() + interval '1 hour' WHERE cluster = %s",
+                (cluster,),
+            )
+        assert stepped_down.wait(10)
+        assert not a.is_leader_now()
+    finally:
+        a.stop(release=False)
