@@ -20,6 +20,7 @@ from jobstores.postgres import (
     connector,
     read_lease,
 )
+from jobstores.postgres.lease import check_fence
 
 from .conftest import FakeClock
 
@@ -277,3 +278,40 @@ def test_the_lease_thread_steps_down_when_another_took_over(
         assert not a.is_leader_now()
     finally:
         a.stop(release=False)
+
+
+def test_a_takeover_waits_for_a_commit_in_flight_and_the_commit_is_ordered_before_it(
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    old = make_leadership(holder="old", lease=0.3)
+    assert old.try_acquire()
+    fence = old.fence()
+    wait_for(expired(connect, cluster))
+    new = make_leadership(holder="new")
+    pool = ThreadPoolExecutor(1)
+    try:
+        with connect() as committing:
+            with committing.transaction():
+                check_fence(committing, fence)  # the commit's check passed: it is under way
+                takeover = pool.submit(new.try_acquire)
+                # The takeover waits for the fencing lock the commit holds.
+                wait_for(lambda: waiting_for_advisory_lock(connect))
+                assert not takeover.done()
+            # The commit is over: the takeover goes on, and the epoch rises after it.
+            assert takeover.result(timeout=10)
+    finally:
+        pool.shutdown()
+    assert new.epoch == 2
+    with pytest.raises(StaleLeaderError), connect() as late, late.transaction():
+        check_fence(late, fence)
+
+
+def waiting_for_advisory_lock(connect: Callable[[], psycopg.Connection[Any]]) -> bool:
+    with connect() as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+    return row is not None and row[0] > 0

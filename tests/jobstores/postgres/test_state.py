@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
@@ -85,6 +87,22 @@ def test_a_newer_schema_is_refused_and_left_as_it_is(empty_database: str) -> Non
         leadership.try_acquire()
     with psycopg.connect(empty_database, autocommit=True) as connection:
         assert schema_version(connection) == SCHEMA_VERSION + 1
+
+
+def test_instances_creating_the_schema_at_once_all_succeed(
+    postgres_databases: Any,
+) -> None:
+    for _ in range(3):
+        database = postgres_databases.create()
+        barrier = threading.Barrier(6)
+
+        def create(database: str = database, barrier: threading.Barrier = barrier) -> int:
+            with psycopg.connect(database, autocommit=True) as connection:
+                barrier.wait(timeout=10)
+                return ensure_schema(connection)
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(lambda _: create(), range(6))) == [SCHEMA_VERSION] * 6
 
 
 # ---------------------------------------------------------------------- loading and committing
@@ -233,7 +251,7 @@ def test_the_state_committed_from_table_images_is_the_tables(
         storage.commit(image, T0)
         table.saved(image.version)
 
-    table.add([record(f"big{i}", account="big") for i in range(70)])
+    table.add([record(f"big{i}", account="big") for i in range(100)])
     save(full=True)
     for step in range(150):
         ids = [r.task_id for r in table.records()]
@@ -256,7 +274,7 @@ def test_the_state_committed_from_table_images_is_the_tables(
             account = table.get(task_id).account_id
             table.reorder(task_id, rng.randrange(len(table.account_tasks()[account])))
         if step == 75:  # more than 64 of one account reordered between two saves
-            for i in range(70):
+            for i in range(100):
                 if table.find(f"big{i}") is not None:
                     table.reorder(f"big{i}", 0)
         if rng.random() < 0.2:
@@ -295,7 +313,8 @@ def test_run_events_and_applied_ids_commit_with_the_change(
     commit(state, fence, applied=[("r1", "started")], runs=[(request, started)])
     assert [r["outcome"] for r in state.runs()] == ["running"]
     commit(state, fence, applied=[("r1", "failed")], runs=[(request, finished)])
-    commit(state, fence, applied=[("r1", "failed")], runs=[(request, finished)])  # a duplicate
+    late = RunEvent("r1", "a", RunEventKind.SUCCEEDED, T0 + timedelta(seconds=9), started_at=T0)
+    commit(state, fence, runs=[(request, finished), (request, late)])  # duplicates change nothing
     (entry,) = state.runs(task_id="a")
     assert entry["run_id"] == "r1"
     assert entry["outcome"] == "failed"
