@@ -3,8 +3,20 @@
 from __future__ import annotations
 
 from tasks.errors import DispatcherError
+from tasks.secrets import mask_text
 
-__all__ = ["NewerSchemaError", "NotLeadingError", "PostgresStoreError", "StaleLeaderError"]
+__all__ = [
+    "NewerSchemaError",
+    "NotLeadingError",
+    "PostgresStoreError",
+    "StaleLeaderError",
+    "describe",
+]
+
+
+def describe(exc: BaseException) -> str:
+    """``"Type: message"`` of a database error on one line, credentials masked."""
+    return mask_text(" ".join(f"{type(exc).__name__}: {exc}".split()))
 
 
 class PostgresStoreError(DispatcherError, OSError):

@@ -34,7 +34,12 @@ from typing import Any
 
 import psycopg
 
-from jobstores.postgres.errors import NotLeadingError, PostgresStoreError, StaleLeaderError
+from jobstores.postgres.errors import (
+    NotLeadingError,
+    PostgresStoreError,
+    StaleLeaderError,
+    describe,
+)
 from jobstores.postgres.schema import LOCK_CLASS, ensure_schema
 
 __all__ = [
@@ -339,7 +344,7 @@ class Leadership:
             self._step_down("it released the lease", error=False)
 
     def _failed(self, exc: psycopg.Error) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = describe(exc)
         logger.warning("cluster %r: the lease database failed: %s", self.cluster, self.last_error)
         self._drop_connection()
 

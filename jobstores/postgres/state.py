@@ -22,7 +22,7 @@ import orjson
 import psycopg
 
 from jobstores.format import FORMAT_VERSION, Document
-from jobstores.postgres.errors import PostgresStoreError
+from jobstores.postgres.errors import PostgresStoreError, describe
 from jobstores.postgres.lease import DEFAULT_CLUSTER, Fence, check_fence
 from jobstores.postgres.schema import ensure_schema
 from tasks.model import TaskRecord, json_default
@@ -271,7 +271,7 @@ class PostgresState:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
-        return PostgresStoreError(f"cluster {self.cluster!r}: {action} failed: {exc}")
+        return PostgresStoreError(f"cluster {self.cluster!r}: {action} failed: {describe(exc)}")
 
     def close(self) -> None:
         """Close the connection (a later call opens another)."""
