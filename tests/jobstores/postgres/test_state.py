@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,7 +28,7 @@ from jobstores.postgres import (
     connector,
     ensure_schema,
 )
-from jobstores.postgres.schema import schema_version
+from jobstores.postgres.schema import DDL, schema_version
 from jobstores.table import TaskTable
 from tasks.model import TaskRecord, json_default
 from tasks.runs import RunEvent, RunEventKind, RunRequest
@@ -327,3 +328,18 @@ def test_run_events_and_applied_ids_commit_with_the_change(
     assert state.runs(failed=False) == []
     assert len(state.runs(failed=True, account_id="acc")) == 1
     assert state.applied_runs(["r1", "r2"]) == {("r1", "started"), ("r1", "failed")}
+
+
+def test_the_documented_tables_are_the_ones_created() -> None:
+    page = (Path(__file__).parents[3] / "docs" / "postgres.md").read_text(encoding="utf-8")
+    documented = page.split("```sql\n", 1)[1].split("```", 1)[0]
+
+    def tables(text: str) -> list[str]:
+        text = text.replace("IF NOT EXISTS ", "")
+        return [
+            " ".join(statement.split())
+            for statement in text.split(";")
+            if statement.strip().startswith(("CREATE TABLE", "CREATE SEQUENCE"))
+        ]
+
+    assert tables(documented) == tables(DDL)
