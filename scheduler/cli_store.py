@@ -61,9 +61,7 @@ def import_(options: Options, path: Path, replace: bool) -> None:
     except OSError as exc:
         fail(f"{path}: {exc.strerror or exc}")
     state = postgres.PostgresState(postgres.connector(url), CLUSTER)
-    lease = postgres.Leadership(
-        postgres.connector(url, timeout=postgres.DEFAULT_LEASE / 3), CLUSTER
-    )
+    lease = postgres.Leadership.for_url(url, CLUSTER)
     try:
         with errors():
             if not lease.try_acquire():

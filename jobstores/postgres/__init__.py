@@ -14,6 +14,7 @@ store loads ``psycopg``.
 """
 
 from jobstores.postgres.backend import PostgresStorage
+from jobstores.postgres.connection import connector
 from jobstores.postgres.errors import (
     NewerSchemaError,
     NotLeadingError,
@@ -30,7 +31,7 @@ from jobstores.postgres.lease import (
     read_lease,
 )
 from jobstores.postgres.schema import SCHEMA_VERSION, ensure_schema
-from jobstores.postgres.state import FullState, PostgresState, StoredState, TaskRow, connector
+from jobstores.postgres.state import FullState, PostgresState, StoredState, TaskRow
 
 __all__ = [
     "DEFAULT_CLUSTER",

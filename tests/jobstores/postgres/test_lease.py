@@ -315,3 +315,24 @@ def waiting_for_advisory_lock(connect: Callable[[], psycopg.Connection[Any]]) ->
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
     return row is not None and row[0] > 0
+
+
+def test_a_leadership_for_a_url_bounds_its_statements_and_tells_when_it_leads(
+    postgres_dsn: str, cluster: str
+) -> None:
+    led: list[int] = []
+    leadership = Leadership.for_url(postgres_dsn, cluster, lease=3, on_lead=led.append)
+    try:
+        assert leadership.try_acquire()
+        assert led == [1]
+        assert leadership._connection is not None
+        row = leadership._connection.execute("SHOW statement_timeout").fetchone()
+        assert row == ("1s",)
+    finally:
+        leadership.stop()
+    again = Leadership.for_url(postgres_dsn, cluster, on_lead=led.append)
+    try:
+        assert again.try_acquire()
+    finally:
+        again.stop()
+    assert led == [1, 2]
