@@ -34,6 +34,7 @@ from typing import Any
 
 import psycopg
 
+from jobstores.postgres.connection import connector
 from jobstores.postgres.errors import (
     NotLeadingError,
     PostgresStoreError,
@@ -151,9 +152,12 @@ class Leadership:
     shared with commits). ``clock`` is a monotonic clock in seconds, injectable for tests.
     ``on_step_down(reason)`` is called once each time this instance stops leading (a newer
     epoch found, the lease run out by its own clock, or released); it runs on the thread that
-    noticed, so it must only set flags or hand work over.
+    noticed, so it must only set flags or hand work over. ``on_lead(epoch)`` is called, the
+    same way, each time this instance takes the lease (it must load the state afresh: another
+    leader may have changed it).
 
-    Driven by hand (:meth:`try_acquire`, :meth:`renew`, :meth:`check`) or by
+    :meth:`for_url` makes one whose connections are bounded by a third of the lease. Driven by
+    hand (:meth:`try_acquire`, :meth:`renew`, :meth:`check`) or by
     :meth:`start`, which runs a thread that campaigns while standing by and renews every
     ``lease / 3`` seconds while leading.
     """
@@ -168,6 +172,7 @@ class Leadership:
         url: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_step_down: Callable[[str], None] | None = None,
+        on_lead: Callable[[int], None] | None = None,
     ) -> None:
         if not lease > 0:
             raise ValueError(f"lease: must be a positive number of seconds, not {lease!r}")
@@ -180,6 +185,7 @@ class Leadership:
         """The URL this instance advertises to the others while it leads."""
         self._clock = clock
         self._on_step_down = on_step_down
+        self._on_lead = on_lead
         self._lock = threading.RLock()
         self._connection: psycopg.Connection[Any] | None = None
         self._epoch: int | None = None
@@ -188,6 +194,20 @@ class Leadership:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         """The last failure to reach the database (None once it worked again)."""
+
+    @classmethod
+    def for_url(
+        cls,
+        url: str,
+        cluster: str = DEFAULT_CLUSTER,
+        *,
+        lease: float = DEFAULT_LEASE,
+        **options: Any,
+    ) -> Leadership:
+        """A leadership of ``cluster`` in the database at ``url`` (a libpq URL), each of its
+        connections bounded by ``lease / 3`` (connecting, statements, network writes), so
+        that a database that stops answering never holds a renewal past the deadline."""
+        return cls(connector(url, timeout=lease / 3), cluster, lease=lease, **options)
 
     # ------------------------------------------------------------------ state
 
@@ -276,15 +296,17 @@ class Leadership:
             self.last_error = None
             if row is None:
                 return False
-            self._epoch = int(row[0])
+            epoch = self._epoch = int(row[0])
             self._deadline = sent + self.lease
         logger.info(
             "cluster %r: %s leads at epoch %d (lease %gs)",
             self.cluster,
             self.holder,
-            self._epoch,
+            epoch,
             self.lease,
         )
+        if self._on_lead is not None:
+            self._on_lead(epoch)
         return True
 
     def renew(self) -> bool:
