@@ -232,7 +232,7 @@ def test_a_leader_that_finds_a_newer_epoch_steps_down_with_one_error(
 def test_the_lease_thread_renews_and_a_standby_takes_over_when_it_stops(
     connect: Callable[[], psycopg.Connection[Any]], cluster: str
 ) -> None:
-    lease = 0.6
+    lease = 1.5  # generous: a busy machine must not starve the renewals
     a = Leadership(connect, cluster, holder="a", lease=lease)
     b = Leadership(connect, cluster, holder="b", lease=lease)
     try:
@@ -241,7 +241,7 @@ def test_the_lease_thread_renews_and_a_standby_takes_over_when_it_stops(
         b.start()
         # a renews every lease / 3: b never leads while a's thread runs (several leases).
         first, start = a.epoch, a.deadline
-        wait_for(lambda: a.deadline > start + 3 * lease)
+        wait_for(lambda: a.deadline > start + 3 * lease, timeout=lease * 10)
         assert a.is_leader_now()
         assert not b.is_leader_now()
         assert lease_of(connect, cluster).epoch == first
