@@ -186,7 +186,11 @@ class Leadership:
         self._clock = clock
         self._on_step_down = on_step_down
         self._on_lead = on_lead
-        self._lock = threading.RLock()
+        self._database = threading.Lock()
+        """Held while this instance speaks to the database (one statement at a time)."""
+        self._state = threading.Lock()
+        """Guards the epoch and the deadline; never held while waiting for the database, so
+        that :meth:`check` and :meth:`fence` answer at once even while a renewal hangs."""
         self._connection: psycopg.Connection[Any] | None = None
         self._epoch: int | None = None
         self._deadline = 0.0
@@ -273,9 +277,9 @@ class Leadership:
         Returns whether this instance leads now. A database that cannot be reached is a
         failed attempt (:attr:`last_error` says why).
         """
-        with self._lock:
-            if self._epoch is not None:
-                return self.check()
+        if self._epoch is not None:
+            return self.check()
+        with self._database:
             sent = self._clock()
             try:
                 connection = self._conn()
@@ -294,10 +298,11 @@ class Leadership:
                 self._failed(exc)
                 return False
             self.last_error = None
-            if row is None:
-                return False
-            epoch = self._epoch = int(row[0])
-            self._deadline = sent + self.lease
+        if row is None:
+            return self.check()  # (led already, if another thread took it meanwhile)
+        epoch = int(row[0])
+        with self._state:
+            self._epoch, self._deadline = epoch, sent + self.lease
         logger.info(
             "cluster %r: %s leads at epoch %d (lease %gs)",
             self.cluster,
@@ -316,10 +321,10 @@ class Leadership:
         database that cannot be reached leaves the deadline as it was (:meth:`check` steps
         down once it passes).
         """
-        with self._lock:
-            epoch = self._epoch
-            if epoch is None:
-                return False
+        epoch = self._epoch
+        if epoch is None:
+            return False
+        with self._database:
             sent = self._clock()
             try:
                 row = (
@@ -344,7 +349,7 @@ class Leadership:
             self._step_down("another instance took over (a newer epoch)")
             return False
         if row:
-            with self._lock:
+            with self._state:
                 if self._epoch == epoch and sent < self._deadline:
                     # A renewal sent after the deadline passed cannot revive the lease: this
                     # instance already stopped leading and another may have taken over.
@@ -353,8 +358,8 @@ class Leadership:
 
     def release(self) -> None:
         """Give the lease up (another instance may take it at once) and stop leading."""
-        with self._lock:
-            epoch = self._epoch
+        epoch = self._epoch
+        with self._database:
             if epoch is not None:
                 try:
                     self._conn().execute(
@@ -371,7 +376,7 @@ class Leadership:
         self._drop_connection()
 
     def _step_down(self, reason: str, *, error: bool = True) -> None:
-        with self._lock:
+        with self._state:
             epoch, self._epoch = self._epoch, None
             self._deadline = 0.0
         if epoch is None:
@@ -426,5 +431,5 @@ class Leadership:
             thread.join()
         if release:
             self.release()
-        with self._lock:
+        with self._database:
             self._drop_connection()
