@@ -336,3 +336,39 @@ def test_a_leadership_for_a_url_bounds_its_statements_and_tells_when_it_leads(
     finally:
         again.stop()
     assert led == [1, 2]
+
+
+def test_the_leader_steps_down_on_time_while_its_renewal_hangs(
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    clock = FakeClock()
+    reasons: list[str] = []
+    leader = make_leadership(clock=clock, lease=10, on_step_down=reasons.append)
+    assert leader.try_acquire()
+    with ThreadPoolExecutor(2) as pool, connect() as blocker:
+        with blocker.transaction():
+            # Another transaction holds the lease row: the renewal waits for it.
+            blocker.execute("SELECT * FROM td_leases WHERE cluster = %s FOR UPDATE", (cluster,))
+            renewal = pool.submit(leader.renew)
+            wait_for(lambda: waiting_on_a_lock(connect))
+            clock.advance(10)
+            # The deadline passed: asking answers at once, though the renewal still hangs.
+            assert pool.submit(leader.check).result(timeout=5) is False
+            assert reasons == ["its lease ran out before it could be renewed"]
+            with pytest.raises(NotLeadingError):
+                pool.submit(leader.fence).result(timeout=5)
+            assert not renewal.done()
+        # The renewal got through, too late: it does not revive the lease.
+        assert renewal.result(timeout=10) is False
+    assert not leader.is_leader_now()
+
+
+def waiting_on_a_lock(connect: Callable[[], psycopg.Connection[Any]]) -> bool:
+    with connect() as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        ).fetchone()
+    return row is not None and row[0] > 0
