@@ -208,3 +208,29 @@ def test_a_store_whose_instance_does_not_lead_cannot_save(
     stored = state.load()
     assert stored is not None
     assert [t["task_id"] for t in stored.tasks] == ["a"]
+
+
+def test_a_store_whose_instance_was_taken_over_cannot_save(
+    tmp_path: Path,
+    state: PostgresState,
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    old = make_leadership(holder="old", lease=0.3)  # its own clock never moves: it believes
+    assert old.try_acquire()
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, old))
+    try:
+        store.add_tasks([record("a")])
+        assert store.save()
+        wait_for(expired(connect, cluster))
+        assert make_leadership(holder="new").try_acquire()
+        store.add_tasks([record("b")])
+        assert not store.save()
+        assert "epoch 1 refused" in (store.save_health.last_error or "")
+        assert store.table.unsaved() == ("b",)
+    finally:
+        store.close()
+    stored = state.load()
+    assert stored is not None
+    assert [t["task_id"] for t in stored.tasks] == ["a"]
