@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -372,3 +376,53 @@ def waiting_on_a_lock(connect: Callable[[], psycopg.Connection[Any]]) -> bool:
             "AND datname = current_database()"
         ).fetchone()
     return row is not None and row[0] > 0
+
+
+CONTENDER = """
+import sys
+from jobstores.postgres import Leadership
+leadership = Leadership.for_url(sys.argv[1], "default", holder=sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()
+print(leadership.try_acquire(), leadership.epoch, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_two_processes_started_at_the_same_instant_on_an_empty_database_one_leads(
+    postgres_databases: Any,
+) -> None:
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for _ in range(3):
+        database = postgres_databases.create()
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", CONTENDER, database, f"p{i}"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for i in range(2)
+        ]
+        try:
+            for process in processes:
+                assert process.stdout is not None
+                assert process.stdout.readline() == "ready\n"
+            for process in processes:  # go: both at once, each on a connection of its own
+                assert process.stdin is not None
+                process.stdin.write("go\n")
+                process.stdin.flush()
+            answers = []
+            for process in processes:
+                assert process.stdout is not None
+                answers.append(process.stdout.readline().split())
+        finally:
+            for process in processes:
+                process.kill()
+                process.wait(timeout=10)
+                for stream in (process.stdin, process.stdout):
+                    if stream is not None:
+                        stream.close()
+        assert sorted(answers) == [["False", "None"], ["True", "1"]], answers
