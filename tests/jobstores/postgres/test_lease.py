@@ -426,3 +426,34 @@ def test_two_processes_started_at_the_same_instant_on_an_empty_database_one_lead
                     if stream is not None:
                         stream.close()
         assert sorted(answers) == [["False", "None"], ["True", "1"]], answers
+
+
+def test_the_lease_thread_steps_down_within_a_lease_when_the_database_is_unreachable(
+    connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    lease = 1.5
+    reachable = [True]
+    unreachable = connector("postgresql://postgres@127.0.0.1:1/postgres", timeout=0.5)
+    stepped_down = threading.Event()
+
+    def switching() -> psycopg.Connection[Any]:
+        return connect() if reachable[0] else unreachable()
+
+    leader = Leadership(switching, cluster, lease=lease, on_step_down=lambda _: stepped_down.set())
+    try:
+        leader.start()
+        wait_for(leader.is_leader_now)
+        # The database goes away: the lease's connection is killed and cannot be made again.
+        reachable[0] = False
+        assert leader._connection is not None
+        with connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (leader._connection.info.backend_pid,))
+        cut, deadline = time.monotonic(), leader.deadline
+        # It stops leading by its own deadline, which no renewal moves any more: at most one
+        # lease after the last renewal, so within one lease of the cut.
+        assert deadline <= cut + lease
+        assert stepped_down.wait(lease * 4)
+        assert not leader.is_leader_now()
+        assert leader.last_error is not None
+    finally:
+        leader.stop(release=False)
