@@ -56,6 +56,18 @@ CREATE TABLE IF NOT EXISTS td_tasks (
     PRIMARY KEY (cluster, task_id)
 );
 CREATE INDEX IF NOT EXISTS td_tasks_order ON td_tasks (cluster, seq);
+CREATE OR REPLACE FUNCTION td_record_edited() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.record IS DISTINCT FROM OLD.record
+            AND NEW.record_text IS NOT DISTINCT FROM OLD.record_text THEN
+        NEW.record_text := NEW.record::text;
+        NEW.sealed := false;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE OR REPLACE TRIGGER td_tasks_edited BEFORE UPDATE ON td_tasks
+    FOR EACH ROW EXECUTE FUNCTION td_record_edited();
 CREATE TABLE IF NOT EXISTS td_kept (
     cluster text NOT NULL,
     seq bigint NOT NULL DEFAULT nextval('td_seq'),
@@ -110,18 +122,20 @@ $$;
 """
 """The tables of version :data:`SCHEMA_VERSION`.
 
-``td_moved(ids, task, before)`` is ``ids`` with ``task`` placed before ``before`` (last
-when ``before`` is null or not there): a reordered task, applied in the database.
 ``td_tasks`` holds one row per restored task: ``record`` is the record as ``jsonb`` with the
 seed's field names, ``record_text`` the same object as the state file's line holds it (key
 order and all, so an export is byte for byte the file), ``sealed`` whether this library
-validated it (a record whose ``record`` still equals its text is then loaded without being
-validated again). ``seq`` is the task's place in the file. ``td_kept`` holds the records that
-could not be restored, verbatim; ``td_accounts`` each account's task order (unrestorable ids
-last) and the account's place in ``account_tasks``. ``td_clusters`` holds the rest of the
-document (``saved_at``, ``timezone``, the top-level keys this code does not interpret);
-``td_leases`` the leadership of each cluster (see :mod:`jobstores.postgres.lease`);
-``td_applied_runs`` the run events applied; ``td_runs`` the run history, one row per run.
+validated it (it is then loaded without being validated again), ``seq`` its place in the
+file. Someone editing ``record`` alone (in SQL, by hand) has ``td_tasks_edited`` make
+``record_text`` the edited record's text and the record one to validate again when loaded.
+``td_kept`` holds the records that could not be restored, verbatim; ``td_accounts`` each
+account's task order (unrestorable ids last) and the account's place in ``account_tasks``;
+``td_moved(ids, task, before)`` is ``ids`` with ``task`` placed before ``before`` (last when
+``before`` is null or not there): a reordered task, applied in the database.
+``td_clusters`` holds the rest of the document (``saved_at``, ``timezone``, the top-level
+keys this code does not interpret); ``td_leases`` the leadership of each cluster (see
+:mod:`jobstores.postgres.lease`); ``td_applied_runs`` the run events applied; ``td_runs`` the
+run history, one row per run.
 """
 
 

@@ -266,10 +266,7 @@ class PostgresState:
                         cluster,
                     ).fetchone()
                     rows = connection.execute(
-                        "SELECT CASE WHEN intact THEN record_text ELSE record::text END, "
-                        "sealed AND intact FROM (SELECT seq, record, record_text, sealed, "
-                        "record_text::jsonb = record AS intact FROM td_tasks "
-                        "WHERE cluster = %s) AS t ORDER BY seq",
+                        "SELECT record_text, sealed FROM td_tasks WHERE cluster = %s ORDER BY seq",
                         cluster,
                     ).fetchall()
                     kept = connection.execute(
