@@ -302,7 +302,9 @@ class Leadership:
             return self.check()  # (led already, if another thread took it meanwhile)
         epoch = int(row[0])
         with self._state:
-            self._epoch, self._deadline = epoch, sent + self.lease
+            # The deadline first: a reader of the epoch (without the lock) sees a valid one.
+            self._deadline = sent + self.lease
+            self._epoch = epoch
         logger.info(
             "cluster %r: %s leads at epoch %d (lease %gs)",
             self.cluster,
