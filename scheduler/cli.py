@@ -24,6 +24,7 @@ from scheduler.cli_fleet import worker
 from scheduler.cli_gateway import open_gateway
 from scheduler.cli_parse import (
     POLICY_HELP,
+    STORE_ENV_VAR,
     TOKEN_ENV_VAR,
     URL_ENV_VAR,
     Commands,
@@ -39,6 +40,7 @@ from scheduler.cli_parse import (
 )
 from scheduler.cli_render import errors, fail, print_listing, print_runs, print_task
 from scheduler.cli_run import run
+from scheduler.cli_store import export, import_
 from scheduler.dispatcher import DIR_ENV_VAR
 from scheduler.errors import TaskNotFoundError
 from scheduler.history import MAX_QUERY_LIMIT
@@ -87,6 +89,13 @@ LIST_PAGE = 5_000
     help=f"The control API's token: sent with --url, required by run --listen off loopback "
     f"[env {TOKEN_ENV_VAR}, preferred: arguments are visible to other users].",
 )
+@click.option(
+    "--store",
+    envvar=STORE_ENV_VAR,
+    default=None,
+    help=f"A PostgreSQL store, postgresql://user@host/db, for import and export "
+    f"[env {STORE_ENV_VAR}].",
+)
 @click.version_option(package_name="task-dispatcher")
 @click.pass_context
 def main(
@@ -97,6 +106,7 @@ def main(
     convert_timezone: bool,
     url: str | None,
     token: str | None,
+    store: str | None,
 ) -> None:
     """Run recurring per-account tasks with hour windows, end dates and a durable state file."""
     options = ctx.ensure_object(Options)
@@ -106,10 +116,13 @@ def main(
     options.url = options.url or url
     options.token = options.token or token or None
     options.convert_timezone = options.convert_timezone or convert_timezone
+    options.store = store
 
 
 main.add_command(worker)
 main.add_command(run)
+main.add_command(import_)
+main.add_command(export)
 
 
 @main.command()

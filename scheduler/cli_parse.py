@@ -20,6 +20,7 @@ from tasks.zones import resolve_timezone
 
 __all__ = [
     "POLICY_HELP",
+    "STORE_ENV_VAR",
     "TOKEN_ENV_VAR",
     "URL_ENV_VAR",
     "Commands",
@@ -38,6 +39,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 URL_ENV_VAR = "TASK_DISPATCHER_URL"
 """Environment variable naming a remote dispatcher's control API (``http://host:port``)."""
+STORE_ENV_VAR = "TASK_DISPATCHER_STORE"
+"""Environment variable naming a PostgreSQL store (``postgresql://user@host/db``)."""
 TOKEN_ENV_VAR = "TASK_DISPATCHER_TOKEN"
 """Environment variable holding the control API's token (server and client side)."""
 
@@ -165,6 +168,7 @@ class Options:
     convert_timezone: bool = False
     url: str | None = None
     token: str | None = None
+    store: str | None = None
 
     @property
     def dir(self) -> Path:

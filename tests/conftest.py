@@ -30,7 +30,14 @@ OUT_OF_PROCESS_FILES = frozenset(
 OUT_OF_PROCESS_DIRS = ("fleet/",)
 """Test folders of the same kind: the fleet runs a real Redis and real worker processes."""
 REAL_SERVER_FIXTURES = frozenset(
-    {"redis_address", "own_redis", "broker_url", "start_worker", "open_backend"}
+    {
+        "redis_address",
+        "own_redis",
+        "broker_url",
+        "start_worker",
+        "open_backend",
+        "postgres_databases",
+    }
 )
 """Fixtures that bring up a real server or worker process, wherever a test uses them."""
 

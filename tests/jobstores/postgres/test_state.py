@@ -1,0 +1,345 @@
+"""The state in PostgreSQL: the schema, loading, and commits that apply whole or not at all."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from helpers import T0, record
+
+from jobstores.postgres import (
+    SCHEMA_VERSION,
+    Fence,
+    FullState,
+    Leadership,
+    NewerSchemaError,
+    PostgresState,
+    PostgresStorage,
+    PostgresStoreError,
+    TaskRow,
+    connector,
+    ensure_schema,
+)
+from jobstores.postgres.schema import DDL, schema_version
+from jobstores.table import TaskTable
+from tasks.model import TaskRecord, json_default
+from tasks.runs import RunEvent, RunEventKind, RunRequest
+
+SAVED = "2026-01-08T08:00:00+08:00"
+
+
+def plain(record: TaskRecord) -> dict[str, Any]:
+    """The record as the state file holds it, parsed."""
+    parsed: dict[str, Any] = orjson.loads(orjson.dumps(record.plain(), default=json_default))
+    return parsed
+
+
+def commit(state: PostgresState, fence: Fence, **options: Any) -> None:
+    options.setdefault("saved_at", SAVED)
+    options.setdefault("timezone", "Asia/Shanghai")
+    options.setdefault("extra", {})
+    state.commit(fence, **options)
+
+
+# ---------------------------------------------------------------------- the schema
+
+
+def test_the_schema_is_created_on_first_use_and_versioned(empty_database: str) -> None:
+    with psycopg.connect(empty_database, autocommit=True) as connection:
+        assert schema_version(connection) is None
+        assert ensure_schema(connection) == SCHEMA_VERSION
+        assert schema_version(connection) == SCHEMA_VERSION
+        assert ensure_schema(connection) == SCHEMA_VERSION  # again: nothing to do
+        tables = {
+            row[0]
+            for row in connection.execute(
+                "SELECT tablename FROM pg_tables WHERE tablename LIKE 'td\\_%'"
+            )
+        }
+    assert tables == {
+        "td_schema",
+        "td_leases",
+        "td_clusters",
+        "td_tasks",
+        "td_kept",
+        "td_accounts",
+        "td_applied_runs",
+        "td_runs",
+    }
+
+
+def test_a_newer_schema_is_refused_and_left_as_it_is(empty_database: str) -> None:
+    with psycopg.connect(empty_database, autocommit=True) as connection:
+        ensure_schema(connection)
+        connection.execute("UPDATE td_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    state = PostgresState(connector(empty_database))
+    with pytest.raises(NewerSchemaError, match=r"schema version 2, newer than .* \(1\)"):
+        state.load()
+    leadership = Leadership(connector(empty_database))
+    with pytest.raises(NewerSchemaError):
+        leadership.try_acquire()
+    with psycopg.connect(empty_database, autocommit=True) as connection:
+        assert schema_version(connection) == SCHEMA_VERSION + 1
+
+
+def test_instances_creating_the_schema_at_once_all_succeed(
+    postgres_databases: Any,
+) -> None:
+    for _ in range(3):
+        database = postgres_databases.create()
+        barrier = threading.Barrier(6)
+
+        def create(database: str = database, barrier: threading.Barrier = barrier) -> int:
+            with psycopg.connect(database, autocommit=True) as connection:
+                barrier.wait(timeout=10)
+                return ensure_schema(connection)
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(lambda _: create(), range(6))) == [SCHEMA_VERSION] * 6
+
+
+# ---------------------------------------------------------------------- loading and committing
+
+
+def test_nothing_stored_loads_as_none(state: PostgresState) -> None:
+    assert state.load() is None
+
+
+def test_a_full_state_loads_back_as_the_json_loader_reads_it(
+    state: PostgresState, fence: Fence
+) -> None:
+    a, b, c = record("a"), record("b", account="other"), record("c")
+    kept = {"task_id": "bad", "account_id": "acc", "interval": "soon", "big": 10**30}
+    commit(
+        state,
+        fence,
+        extra={"comment": "kept", "nested": {"z": 1, "a": [1, 2]}},
+        full=FullState(
+            [TaskRow.of(a), TaskRow.of(b), TaskRow.of(c)],
+            [kept, [1, 2]],
+            {"acc": ["c", "a", "bad"], "other": ["b"]},
+        ),
+    )
+    stored = state.load()
+    assert stored is not None
+    assert stored.tasks == [plain(a), plain(b), plain(c), kept, [1, 2]]
+    assert stored.kept == [kept, [1, 2]]
+    assert list(stored.account_tasks.items()) == [("acc", ["c", "a", "bad"]), ("other", ["b"])]
+    assert list(stored.extra) == ["comment", "nested"]
+    assert stored.extra == {"comment": "kept", "nested": {"z": 1, "a": [1, 2]}}
+    assert stored.timezone == "Asia/Shanghai"
+    assert stored.saved_at == SAVED
+    document = stored.document()
+    assert document.tasks == stored.tasks
+    assert document.account_tasks == stored.account_tasks
+    assert document.trusted is False  # kept records: each is checked again
+    assert len(document.trusted_tasks) == 3
+
+
+def test_records_are_jsonb_with_the_seeds_field_names(
+    state: PostgresState, fence: Fence, connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    commit(state, fence, full=FullState([TaskRow.of(record("a"))], [], {"acc": ["a"]}))
+    with connect() as connection:
+        row = connection.execute(
+            "SELECT record->>'task_id', record->'valid_time_range', record->>'interval', "
+            "jsonb_typeof(record) FROM td_tasks WHERE cluster = %s",
+            (cluster,),
+        ).fetchone()
+    assert row == ("a", [8, 22], "3600", "object")
+
+
+def test_a_record_edited_in_the_database_loads_as_edited_and_is_validated(
+    state: PostgresState, fence: Fence, connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    commit(state, fence, full=FullState([TaskRow.of(record("a"))], [], {"acc": ["a"]}))
+    stored = state.load()
+    assert stored is not None
+    assert stored.document().trusted
+    with connect() as connection:
+        connection.execute(
+            "UPDATE td_tasks SET record = jsonb_set(record, '{interval}', '7200') "
+            "WHERE cluster = %s",
+            (cluster,),
+        )
+    stored = state.load()
+    assert stored is not None
+    assert stored.tasks[0]["interval"] == 7200
+    assert stored.sealed == [False]
+    assert not stored.document().trusted
+    assert stored.document().trusted_tasks == set()
+
+
+def test_a_failing_commit_changes_nothing(state: PostgresState, fence: Fence) -> None:
+    commit(state, fence, full=FullState([TaskRow.of(record("a"))], [], {"acc": ["a"]}))
+    before = state.load()
+    bad = TaskRow("y", "acc", '{"task_id":"y","account_id":"acc","note":"\\u0000"}')
+    with pytest.raises(PostgresStoreError, match="committing failed"):
+        commit(
+            state,
+            fence,
+            extra={"changed": True},
+            changes=[("x", TaskRow.of(record("x"))), ("a", None), ("y", bad)],
+        )
+    assert state.load() == before
+    commit(state, fence, changes=[("x", TaskRow.of(record("x")))])  # the store works on
+    after = state.load()
+    assert after is not None
+    assert after.account_tasks == {"acc": ["a", "x"]}
+
+
+def test_changes_orders_and_moves_apply_as_in_the_table(state: PostgresState, fence: Fence) -> None:
+    first = [record(f"t{i}") for i in range(5)]
+    commit(
+        state,
+        fence,
+        full=FullState(list(map(TaskRow.of, first)), [], {"acc": ["t0", "t1", "t2", "t3", "t4"]}),
+    )
+    changed = record("t1", interval=7200)
+    commit(
+        state,
+        fence,
+        changes=[
+            ("t1", TaskRow.of(changed)),  # keeps its place
+            ("t0", None),
+            ("t5", TaskRow.of(record("t5", account="new"))),  # a new account, last
+            ("t3", None),
+            ("t3", TaskRow.of(record("t3"))),  # removed and added again: last
+        ],
+        moves=[("acc", "t4", "t1"), ("acc", "t2", None), ("acc", "missing", "t1")],
+    )
+    stored = state.load()
+    assert stored is not None
+    assert [t["task_id"] for t in stored.tasks] == ["t1", "t2", "t4", "t5", "t3"]
+    assert stored.tasks[0]["interval"] == 7200
+    assert stored.account_tasks == {"acc": ["t4", "t1", "t3", "t2"], "new": ["t5"]}
+    # An account's whole order; an account emptied goes, and comes back last.
+    commit(state, fence, orders={"acc": ["t3", "t2", "t1", "t4"]}, changes=[("t5", None)])
+    commit(state, fence, changes=[("t6", TaskRow.of(record("t6", account="new")))])
+    stored = state.load()
+    assert stored is not None
+    assert list(stored.account_tasks.items()) == [
+        ("acc", ["t3", "t2", "t1", "t4"]),
+        ("new", ["t6"]),
+    ]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_state_committed_from_table_images_is_the_tables(
+    state: PostgresState, make_leadership: Callable[..., Leadership], seed: int
+) -> None:
+    """Random adds, edits, removals and reorders, saved in batches through the adapter
+    (changes, moves and whole orders): what loads back is what the table holds."""
+    leader = make_leadership()
+    assert leader.try_acquire()
+    storage = PostgresStorage(state, leader, timezone_key="Asia/Shanghai")
+    assert storage.load() == (None, False)
+    table = TaskTable()
+    rng = random.Random(seed)
+    removed: list[str] = []
+    numbers = iter(range(10_000))
+
+    def save(full: bool = False) -> None:
+        image = table.capture(full=full)
+        storage.commit(image, T0)
+        table.saved(image.version)
+
+    table.add([record(f"big{i}", account="big") for i in range(100)])
+    save(full=True)
+    for step in range(150):
+        ids = [r.task_id for r in table.records()]
+        choice = rng.random()
+        if choice < 0.3 or not ids:
+            reused = removed and rng.random() < 0.3
+            task_id = removed.pop() if reused else f"t{next(numbers)}"
+            table.add([record(task_id, account=rng.choice("abc"))])
+        elif choice < 0.5:
+            task_id = rng.choice(ids)
+            table.update(
+                task_id, lambda r: r.model_copy(update={"interval": rng.randint(60, 9999)})
+            )
+        elif choice < 0.65:
+            task_id = rng.choice(ids)
+            table.remove(task_id)
+            removed.append(task_id)
+        else:
+            task_id = rng.choice(ids)
+            account = table.get(task_id).account_id
+            table.reorder(task_id, rng.randrange(len(table.account_tasks()[account])))
+        if step == 75:  # more than 64 of one account reordered between two saves
+            for i in range(100):
+                if table.find(f"big{i}") is not None:
+                    table.reorder(f"big{i}", 0)
+        if rng.random() < 0.2:
+            save(full=rng.random() < 0.2)
+    save()
+    stored = state.load()
+    assert stored is not None
+    assert stored.tasks == [plain(r) for r in table.records()]
+    assert stored.account_tasks == table.account_tasks()
+    assert stored.document().trusted
+
+
+def test_run_events_and_applied_ids_commit_with_the_change(
+    state: PostgresState, fence: Fence, make_leadership: Callable[..., Leadership]
+) -> None:
+    request = RunRequest(
+        run_id="r1",
+        task_id="a",
+        account_id="acc",
+        sys_type="mac_intel",
+        task_type="xhs_type",
+        kwargs={},
+        scheduled_at=T0,
+        submitted_at=T0,
+    )
+    started = RunEvent("r1", "a", RunEventKind.STARTED, T0, worker="w1")
+    finished = RunEvent(
+        "r1",
+        "a",
+        RunEventKind.FAILED,
+        T0 + timedelta(seconds=2.5),
+        error="ValueError: boom",
+        started_at=T0,
+        extra={"exit": 3},
+    )
+    commit(state, fence, applied=[("r1", "started")], runs=[(request, started)])
+    assert [r["outcome"] for r in state.runs()] == ["running"]
+    commit(state, fence, applied=[("r1", "failed")], runs=[(request, finished)])
+    late = RunEvent("r1", "a", RunEventKind.SUCCEEDED, T0 + timedelta(seconds=9), started_at=T0)
+    commit(state, fence, runs=[(request, finished), (request, late)])  # duplicates change nothing
+    (entry,) = state.runs(task_id="a")
+    assert entry["run_id"] == "r1"
+    assert entry["outcome"] == "failed"
+    assert entry["duration"] == 2.5
+    assert entry["worker"] == "w1"
+    assert entry["error"] == "ValueError: boom"
+    assert entry["started_at"] == T0
+    assert entry["trigger"] == "schedule"
+    assert entry["extra"] == {"exit": 3}
+    assert state.runs(failed=False) == []
+    assert len(state.runs(failed=True, account_id="acc")) == 1
+    assert state.applied_runs(["r1", "r2"]) == {("r1", "started"), ("r1", "failed")}
+
+
+def test_the_documented_tables_are_the_ones_created() -> None:
+    page = (Path(__file__).parents[3] / "docs" / "postgres.md").read_text(encoding="utf-8")
+    documented = page.split("```sql\n", 1)[1].split("```", 1)[0]
+
+    def tables(text: str) -> list[str]:
+        text = text.replace("IF NOT EXISTS ", "")
+        return [
+            " ".join(statement.split())
+            for statement in text.split(";")
+            if statement.strip().startswith(("CREATE TABLE", "CREATE SEQUENCE"))
+        ]
+
+    assert tables(documented) == tables(DDL)
