@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from jobstores.jsonfile import SNAPSHOT_BELOW, JsonJobStore
 from jobstores.saver import SaveHealth
+from jobstores.state import StateStore
 from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
 from scheduler.history import RunEntry, RunHistory, open_history
@@ -137,6 +138,15 @@ class TaskDispatcher:
     many on, changes go to a journal beside it at a cost that does not grow with the number
     of tasks, and the file follows within 10 minutes (see :class:`JsonJobStore`).
 
+    ``store`` chooses where the state is kept (see :func:`jobstores.stores.resolve_store`):
+    None (the default) is the journal on ``dispatcher_dir`` described above; a
+    :class:`~jobstores.state.StateStore` object is used as it is (``JournalStorage(dir)`` or
+    ``SnapshotStorage(dir)`` from :mod:`jobstores`, which writes the whole file at every
+    save); a string is a URL naming a store by its scheme, and an unknown scheme raises
+    :class:`ValueError` naming ``store`` (no scheme is known yet). The dispatcher acquires the
+    store (one owner at a time) and releases it when it closes; ``dispatcher_dir`` still holds
+    the run history and the control socket.
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.
@@ -153,6 +163,7 @@ class TaskDispatcher:
         convert_timezone: bool = False,
         history: bool | RunHistory = True,
         snapshot_below: int = SNAPSHOT_BELOW,
+        store: StateStore | str | None = None,
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
@@ -164,6 +175,7 @@ class TaskDispatcher:
             convert_timezone=convert_timezone,
             accept=self._check_manager,
             snapshot_below=snapshot_below,
+            storage=store,
         )
         self.timezone = self._store.timezone
         """The zone whose wall-clock hours the windows and end dates are read in."""
