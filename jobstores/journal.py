@@ -75,7 +75,8 @@ def _sync(fd: int) -> None:
 
 
 class JournalStorage(DirectoryStore):
-    """The state as ``dispatch_config.json`` plus a journal of the changes made since.
+    """The state as ``dispatch_config.json`` plus a journal of the changes made since: the
+    default :class:`~jobstores.state.StateStore`.
 
     ``max_bytes`` / ``max_age`` override :data:`MIN_BYTES` / :data:`MAX_AGE`; ``clock`` is a
     monotonic clock in seconds (for the age threshold).

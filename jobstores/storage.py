@@ -217,7 +217,8 @@ class EncodedTasks:
 
 
 class SnapshotStorage(DirectoryStore):
-    """The whole state in one file, replaced atomically at each commit.
+    """The whole state in one file, replaced atomically at each commit: a
+    :class:`~jobstores.state.StateStore` whose file is current after every commit.
 
     The replaced file is kept as ``<name>.bak``; each task's line is encoded once per change
     (unchanged records reuse the line written before).
