@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from helpers import SHANGHAI, T0, record
@@ -27,7 +28,7 @@ from jobstores.table import TaskTable
 from tasks.errors import DispatcherError, InvalidTaskError, TimezoneMismatchError
 from tasks.model import TaskRecord
 
-UTC_PLUS_0 = "UTC"
+UTC = ZoneInfo("UTC")
 
 
 @contextlib.contextmanager
@@ -298,7 +299,31 @@ def test_a_reader_takes_the_recorded_zone_or_refuses_another(kind: Kind, place: 
     reader = kind.make(place)
     assert reader.read().timezone == SHANGHAI
     with pytest.raises(TimezoneMismatchError):
-        reader.read(pytest.importorskip("zoneinfo").ZoneInfo(UTC_PLUS_0))
+        reader.read(UTC)
+    assert reader.read(UTC, convert=True).timezone is UTC
+
+
+def test_the_owner_changes_the_recorded_zone_only_when_asked(kind: Kind, place: Path) -> None:
+    owner = Owner(kind, place).open()
+    owner.table.add([record("a1", account="a")])
+    owner.commit()
+    owner.close()
+    refused = kind.make(place)
+    refused.acquire()
+    try:
+        with pytest.raises(TimezoneMismatchError, match="Asia/Shanghai"):
+            refused.load(UTC)
+    finally:
+        refused.release()
+    converting = Owner(kind, place).open(zone=UTC, convert=True)
+    assert converting.state is not None
+    assert (converting.state.timezone, converting.state.recorded_zone) == (UTC, "Asia/Shanghai")
+    assert converting.store.timezone_key == "UTC"
+    converting.table.touch()
+    converting.commit()
+    converting.close()
+    state = reopened(kind, place, zone=None)
+    assert (state.timezone, state.recorded_zone) == (UTC, "UTC")
 
 
 def test_a_failed_commit_leaves_the_previous_durable_state(kind: Kind, place: Path) -> None:
