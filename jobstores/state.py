@@ -44,13 +44,19 @@ Committing (the owner)
     of it or none: when it returns, every change the image carries survives a crash of
     the process or the machine; when it raises :class:`OSError` (a database store turns
     its connection and transaction errors into ``OSError``), the durable state is what it
-    was before the call, and the same changes are offered again at the next commit. A
-    store that writes changes only (the journal, a database row per task) writes
-    ``changes`` (the latest record of each changed id, None for a removal), ``orders``
-    and ``moves``; a full image (:attr:`~jobstores.table.StateImage.full`) also carries
-    the whole state, which :meth:`~StateStore.wants_full_image` asks for. Commits come from
-    one thread at a time; ``saved_at`` is the instant to record. Kept records and
-    ``extra`` must come back from the next load as they were.
+    was before the call, and the same changes are offered again at the next commit. Every
+    image carries the changes since the last durable commit: ``changes`` (the latest record
+    of each changed id, None for a removal, in the order the ids first changed), then
+    ``orders`` (an account's whole order) and ``moves`` (a task placed before another);
+    a store that writes changes only (the journal, a database row per task) applies them
+    in that order. A full image (:attr:`~jobstores.table.StateImage.full`, asked for by
+    :meth:`~StateStore.wants_full_image`, or given whenever the owner wants the whole state
+    written) also carries the whole state: after it, the durable state is exactly that
+    state, kept records and ``extra`` included. Kept records and ``extra`` come back from
+    every later load as they were. Commits come from one thread at a time, never
+    concurrently with :meth:`~StateStore.load`; ``saved_at`` is the instant to record.
+    A store with no file for people to read (a database) answers
+    :meth:`~StateStore.wants_full_image` False and :meth:`~StateStore.fold_due_in` None.
 
 Closing
     :meth:`~StateStore.close` ends the commits (waiting for any background work the store
