@@ -1,5 +1,19 @@
-"""The JSON job store: task records in ``dispatch_config.json``, served to APScheduler."""
+"""The JSON job store: task records in ``dispatch_config.json``, served to APScheduler, kept
+by a :class:`StateStore` (the journal by default, or the whole-file snapshot)."""
 
+from jobstores.journal import JournalStorage
 from jobstores.jsonfile import STATE_FILENAME, JsonJobStore, SaveHealth
+from jobstores.state import StateStore, StoredState
+from jobstores.storage import SnapshotStorage
+from jobstores.stores import resolve_store
 
-__all__ = ["STATE_FILENAME", "JsonJobStore", "SaveHealth"]
+__all__ = [
+    "STATE_FILENAME",
+    "JournalStorage",
+    "JsonJobStore",
+    "SaveHealth",
+    "SnapshotStorage",
+    "StateStore",
+    "StoredState",
+    "resolve_store",
+]

@@ -46,8 +46,8 @@ from jobstores.format import (
     encode_raw,
     encode_task,
 )
-from jobstores.loading import BACKUP_FILENAME, JOURNAL_PREFIX, STATE_FILENAME, read_state
-from jobstores.storage import EncodedTasks
+from jobstores.loading import JOURNAL_PREFIX, JournalRead
+from jobstores.storage import DirectoryStore, EncodedTasks
 from jobstores.table import PAUSE, StateImage, let_go, pause
 
 __all__ = ["MAX_AGE", "MIN_BYTES", "PAUSE", "JournalStorage"]
@@ -74,8 +74,9 @@ def _sync(fd: int) -> None:
     (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
 
 
-class JournalStorage:
-    """The state as ``dispatch_config.json`` plus a journal of the changes made since.
+class JournalStorage(DirectoryStore):
+    """The state as ``dispatch_config.json`` plus a journal of the changes made since: the
+    default :class:`~jobstores.state.StateStore`.
 
     ``max_bytes`` / ``max_age`` override :data:`MIN_BYTES` / :data:`MAX_AGE`; ``clock`` is a
     monotonic clock in seconds (for the age threshold).
@@ -90,11 +91,7 @@ class JournalStorage:
         max_age: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.directory = directory
-        self.path = directory / STATE_FILENAME
-        self.backup_path = directory / BACKUP_FILENAME
-        self.timezone_key = timezone_key
-        """The zone the snapshot records for its hour windows."""
+        super().__init__(directory, timezone_key=timezone_key)
         self._max_bytes = max_bytes
         self._max_age = MAX_AGE if max_age is None else max_age
         self._clock = clock
@@ -124,14 +121,8 @@ class JournalStorage:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self) -> tuple[Document | None, bool]:
-        """Clean up after an interrupted save, read the snapshot and replay the journal.
-
-        Call only while owning the directory.
-        """
-        remove_stale_temp_files(self.path)
-        remove_stale_temp_files(self.backup_path)
-        document, from_backup, journal = read_state(self.directory, repair=True)
+    def _loaded(self, document: Document | None, journal: JournalRead) -> None:
+        """Take up the journal a load read: its segments, where its lines go on."""
         with self._lock:
             self._segments = list(journal.segments)
             self._next_seq = journal.next_seq
@@ -143,7 +134,6 @@ class JournalStorage:
                 self._no_snapshot = False
             except FileNotFoundError:
                 self._no_snapshot = True
-        return document, from_backup
 
     # ------------------------------------------------------------------ committing
 

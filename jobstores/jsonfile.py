@@ -24,19 +24,17 @@ from typing import Any
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
 
-from jobstores.durable import DirectoryLock, ensure_private_dir
-from jobstores.format import Document
 from jobstores.jobs import JobView, TaskTrigger
-from jobstores.journal import JournalStorage
-from jobstores.loading import describe_validation_error, parse_record, restore
+from jobstores.loading import describe_validation_error, parse_record
 from jobstores.saver import SaveHealth, Saver
-from jobstores.storage import STATE_FILENAME, StorageBackend
+from jobstores.state import StateStore, StoredState
+from jobstores.storage import STATE_FILENAME
+from jobstores.stores import resolve_store
 from jobstores.table import TaskTable
 from tasks import lifecycle
 from tasks.errors import DispatcherClosedError
 from tasks.model import TaskRecord, TaskStatus
 from tasks.schedule import Schedule, utc_now
-from tasks.zones import choose_timezone, zone_key
 
 __all__ = [
     "SNAPSHOT_BELOW",
@@ -67,9 +65,11 @@ def _not_a_manager() -> None:  # pragma: no cover - the dispatcher's executor ru
 class JsonJobStore(BaseJobStore):
     """A job store that keeps task records in ``<directory>/dispatch_config.json``.
 
-    Creating the store takes the directory's lock (one owner at a time), sets aside anything
-    unreadable and loads the records. A record that cannot be restored (invalid, or refused by
-    ``accept``) is logged and kept verbatim in the file through later saves.
+    Creating the store acquires its :class:`~jobstores.state.StateStore` (``storage``: the
+    journal on ``directory`` by default, see :func:`~jobstores.stores.resolve_store`), which
+    takes the directory's lock (one owner at a time), sets aside anything unreadable and
+    loads the records; :meth:`close` releases it. A record that cannot be restored (invalid,
+    or refused by ``accept``) is logged and kept verbatim in the file through later saves.
 
     ``snapshot_below`` (:data:`SNAPSHOT_BELOW` by default): while the store holds fewer tasks,
     every save writes the whole state file, which a host can then read with ``json.load``
@@ -95,7 +95,7 @@ class JsonJobStore(BaseJobStore):
         timezone: tzinfo | None,
         now: datetime | None = None,
         convert_timezone: bool = False,
-        storage: StorageBackend | None = None,
+        storage: StateStore | str | None = None,
         accept: Callable[[TaskRecord], None] | None = None,
         fraction: Callable[[], float] | None = None,
         snapshot_below: int = SNAPSHOT_BELOW,
@@ -112,7 +112,7 @@ class JsonJobStore(BaseJobStore):
         self._fraction = fraction or random.random
         """Where jitter draws come from (a fraction in [0, 1])."""
         self.directory = Path(directory)
-        self._storage: StorageBackend = storage or JournalStorage(self.directory)
+        self._storage = resolve_store(storage, self.directory)
         self.path = self._storage.path
         self.backup_path = self.directory / f"{STATE_FILENAME}.bak"
         self.timezone: tzinfo = timezone or UTC
@@ -132,59 +132,24 @@ class JsonJobStore(BaseJobStore):
         self.on_completed: Callable[[TaskRecord], None] | None = None
         """Told (under the lock: defer any work) when APScheduler's side completes a task."""
 
-        ensure_private_dir(self.directory)
-        self._dir_lock = DirectoryLock(self.directory)
-        self._dir_lock.acquire()
+        self._storage.acquire()
         try:
-            document, from_backup = self._storage.load()
-            self._settle_zone(document, timezone, convert_timezone)
+            state = self._storage.load(
+                timezone, convert=convert_timezone, now=now, accept=accept, fraction=self._fraction
+            )
+            self.timezone = state.timezone
             self._jobs = JobView(self.timezone, _not_a_manager, self._table.find)
             self._table.listen(self._jobs.sync)
-            self._load(document, from_backup, now or self.now(), accept)
+            self._load(state)
         except BaseException:
-            self._dir_lock.release()
+            self._storage.release()
             raise
 
-    def _settle_zone(
-        self, document: Document | None, requested: tzinfo | None, convert: bool
-    ) -> None:
-        recorded = document.timezone if document is not None else None
-        self.timezone = choose_timezone(requested, recorded, self.path, convert=convert)
-        self._storage.timezone_key = zone_key(self.timezone)
-        if recorded is not None and zone_key(self.timezone) != recorded:
-            logger.warning(
-                "%s: converting the store from %s to %s as asked: hour windows and end dates "
-                "are now read in %s",
-                self.path,
-                recorded,
-                self.timezone,
-                self.timezone,
-            )
-
-    def _load(
-        self,
-        document: Document | None,
-        from_backup: bool,
-        now: datetime,
-        accept: Callable[[TaskRecord], None] | None,
-    ) -> None:
-        if document is None:
-            return
-        for problem in document.problems:
-            logger.warning("%s: %s", self.path, problem)
-        restored = restore(
-            document.tasks,
-            self.timezone,
-            parsed_json=document.parsed_json,
-            now=now,
-            accept=accept,
-            fraction=self._fraction,
-            trusted=_trust(document),
-        )
-        self._table.load(restored.records, restored.kept, document.account_tasks)
-        self._table.extra.update(document.extra)
-        small = len(restored.records) + len(restored.kept) < self.snapshot_below
-        if from_backup or restored.kept or (small and self._storage.wants_full_image(closing=True)):
+    def _load(self, state: StoredState) -> None:
+        self._table.load(state.records, state.kept, state.account_tasks)
+        self._table.extra.update(state.extra)
+        small = len(state.records) + len(state.kept) < self.snapshot_below
+        if state.repaired or state.kept or (small and self._storage.wants_full_image(closing=True)):
             # Repaired, or small with a journal beside the file: the file is made whole now.
             self._table.touch()
             self.save()
@@ -541,14 +506,4 @@ class JsonJobStore(BaseJobStore):
         try:
             self._storage.close()
         finally:
-            self._dir_lock.release()
-
-
-def _trust(document: Document) -> Callable[[Any], bool] | None:
-    """Which task objects of ``document`` need no validation: all of a checksummed
-    document, and those from journal lines (each has its own checksum)."""
-    if document.trusted:
-        return lambda raw: True
-    if document.trusted_tasks:
-        return lambda raw: id(raw) in document.trusted_tasks
-    return None
+            self._storage.release()

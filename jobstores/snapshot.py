@@ -1,7 +1,8 @@
 """Reading a dispatcher directory without owning it: for ``list``, ``show`` and ``validate``.
 
 Nothing here takes the lock, creates a task manager or writes a byte. A reader sees what the
-owner would load: ``dispatch_config.json`` with the journal lines written since folded in
+owner would load, through the store's read-only open (:meth:`jobstores.state.StateStore.read`):
+``dispatch_config.json`` with the journal lines written since folded in
 (:func:`jobstores.loading.read_state`). Snapshots replace the file atomically and journal
 lines count only once whole, so a reader sees a complete state at some instant.
 """
@@ -20,18 +21,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import ValidationError
 
 from jobstores.format import CorruptFileError, Document, decode_document
-from jobstores.loading import (
-    JournalRead,
-    apply_journal,
-    read_journal,
-    read_state,
-    restore,
-    validation_problems,
-)
-from jobstores.storage import STATE_FILENAME
+from jobstores.loading import JournalRead, apply_journal, read_journal, validation_problems
+from jobstores.state import StateStore
+from jobstores.storage import STATE_FILENAME, SnapshotStorage
 from tasks.errors import NewerFormatError
 from tasks.model import TaskRecord, kwargs_problems
-from tasks.zones import choose_timezone, resolve_timezone
+from tasks.zones import resolve_timezone
 
 __all__ = ["Problem", "StateSnapshot", "read_snapshot", "validate_state_file"]
 
@@ -67,33 +62,33 @@ class StateSnapshot:
 
 
 def read_snapshot(
-    directory: Path, zone: tzinfo | None = None, *, convert: bool = False
+    directory: Path,
+    zone: tzinfo | None = None,
+    *,
+    convert: bool = False,
+    store: StateStore | None = None,
 ) -> StateSnapshot:
-    """Read ``<directory>/dispatch_config.json`` (its backup if unreadable) and its journal.
+    """Read the state of the dispatcher on ``directory`` without owning it, through its
+    ``store`` (:meth:`~jobstores.state.StateStore.read`; by default the JSON file, its backup
+    if unreadable, and its journal).
 
     The zone is resolved as a dispatcher resolves it (:func:`tasks.zones.choose_timezone`):
-    ``zone`` None is the zone the file records, else the local zone. Raises
+    ``zone`` None is the zone the state records, else the local zone. Raises
     :class:`CorruptFileError` when neither file is readable, :class:`NewerFormatError` for a
     newer format and :class:`TimezoneMismatchError` for another zone without ``convert``.
     """
-    path = directory / STATE_FILENAME
-    existed = path.exists()
-    document, _, _ = read_state(directory, repair=False)
-    if document is None and not existed:
-        return StateSnapshot(path=path, exists=False, timezone=choose_timezone(zone, None, path))
-    if document is None:
-        raise CorruptFileError(f"{path} and its backup are unreadable")
+    store = store if store is not None else SnapshotStorage(directory)
+    state = store.read(zone, convert=convert)
     snapshot = StateSnapshot(
-        path=path,
-        exists=True,
-        timezone=choose_timezone(zone, document.timezone, path, convert=convert),
-        saved_at=document.saved_at,
+        path=store.path,
+        exists=state.exists,
+        timezone=state.timezone,
+        saved_at=state.saved_at,
+        records=state.records,
+        unreadable=[raw for raw, _ in state.kept],
     )
-    restored = restore(document.tasks, snapshot.timezone, parsed_json=document.parsed_json)
-    snapshot.records = restored.records
-    snapshot.unreadable = [raw for raw, _ in restored.kept]
     listed = {r.task_id: r.account_id for r in snapshot.records}
-    for account, ids in document.account_tasks.items():
+    for account, ids in state.account_tasks.items():
         kept = [i for i in ids if listed.get(i) == account]
         if kept:
             snapshot.account_tasks[account] = kept

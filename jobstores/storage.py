@@ -1,76 +1,190 @@
-"""Storage backends: how the task table's state reaches the disk and comes back.
+"""The stores of a dispatcher directory: the state in ``dispatch_config.json`` (and a journal).
 
-A backend has two duties: :meth:`~StorageBackend.load` (find the last durable state,
-recovering from damage) and :meth:`~StorageBackend.commit` (make one captured state durable,
-or raise ``OSError`` leaving the previous durable state intact). Group commit, retries and
-save health are the saver's; a backend only does its part.
+Both implement the :class:`~jobstores.state.StateStore` port, and share
+:class:`DirectoryStore`: the directory's lock (ownership), loading (recover, then restore the
+records) and reading without owning. Each only does its part, committing: group commit,
+retries and save health are the saver's.
 
-:class:`SnapshotStorage`, the first backend, rewrites the whole ``dispatch_config.json`` at
-each commit with the atomic protocol of :mod:`jobstores.durable`. The second,
-:class:`~jobstores.journal.JournalStorage` (the default), appends each commit's changes to a
-journal and folds it into that file in the background; a backend asks for the whole state
-in its next image through :meth:`StorageBackend.wants_full_image`. Whatever the backend, the
-owner makes every commit carry the whole state while the store is small (see
+:class:`SnapshotStorage` rewrites the whole ``dispatch_config.json`` at each commit with the
+atomic protocol of :mod:`jobstores.durable`. :class:`~jobstores.journal.JournalStorage` (the
+default) appends each commit's changes to a journal and folds it into that file in the
+background; a store asks for the whole state in its next image through
+:meth:`~jobstores.state.StateStore.wants_full_image`. Whatever the store, the owner makes
+every commit carry the whole state while the store is small (see
 :attr:`~jobstores.table.StateImage.requested`), so the file itself is current there.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from datetime import datetime
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime, tzinfo
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
-from jobstores.durable import fsync_dir, remove_stale_temp_files, write_atomic
+from jobstores.durable import (
+    DirectoryLock,
+    ensure_private_dir,
+    fsync_dir,
+    remove_stale_temp_files,
+    write_atomic,
+)
 from jobstores.format import (
     CHUNK,
+    CorruptFileError,
     Document,
     encode_document_chunks,
     encode_raw,
     encode_task,
 )
-from jobstores.loading import BACKUP_FILENAME, STATE_FILENAME, read_state
+from jobstores.loading import BACKUP_FILENAME, STATE_FILENAME, JournalRead, read_state, restore
+from jobstores.state import StateStore, StoredState
 from jobstores.table import StateImage
 from tasks.model import TaskRecord
+from tasks.schedule import utc_now
+from tasks.zones import choose_timezone, zone_key
 
-__all__ = ["STATE_FILENAME", "EncodedTasks", "SnapshotStorage", "StorageBackend"]
+__all__ = [
+    "STATE_FILENAME",
+    "DirectoryStore",
+    "EncodedTasks",
+    "SnapshotStorage",
+    "StateStore",
+    "StorageBackend",
+]
+
+logger = logging.getLogger(__name__)
+
+StorageBackend = StateStore
+"""The former name of :class:`~jobstores.state.StateStore`."""
 
 
-class StorageBackend(Protocol):
-    """Where a dispatcher directory's state is kept."""
+class DirectoryStore:
+    """What the stores of a dispatcher directory share: the directory's lock, loading and
+    reading without owning. Subclasses commit, and see what a load read (:meth:`_loaded`)."""
 
-    path: Path
-    """The state file a person reads."""
-    timezone_key: str | None
-    """The IANA key of the zone the state records for its hour windows."""
+    def __init__(self, directory: Path, *, timezone_key: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / STATE_FILENAME
+        """The state file a person reads."""
+        self.backup_path = self.directory / BACKUP_FILENAME
+        self.timezone_key = timezone_key
+        """The zone the file records for its hour windows."""
+        self._owner = DirectoryLock(self.directory)
 
-    def load(self) -> tuple[Document | None, bool]:
-        """The last durable state (None: none yet), and whether it came from a backup."""
-        ...
+    # ------------------------------------------------------------------ ownership
 
-    def commit(self, image: StateImage, saved_at: datetime) -> None:
-        """Make ``image`` durable; raise ``OSError`` (nothing durable changed) on failure."""
-        ...
+    @property
+    def owned(self) -> bool:
+        """Whether this object owns the directory."""
+        return self._owner.held
 
-    def wants_full_image(self, *, closing: bool = False) -> bool:
-        """Whether the next commit should carry the whole state (:attr:`StateImage.full`).
+    def acquire(self) -> None:
+        """Own the directory (created, private, if missing): its lock is taken at once, or
+        :class:`~tasks.errors.DirectoryLockedError` names it."""
+        ensure_private_dir(self.directory)
+        self._owner.acquire()
 
-        ``closing``: whether the state file lacks changes that are durable elsewhere (a
-        journal's lines), so that one more commit of the whole state is worth making before
-        the owner closes (a journal folds itself into the snapshot then) or after it loads a
-        small store (whose file is to be current).
+    def release(self) -> None:
+        """Give the directory's lock up (a no-op when not held)."""
+        self._owner.release()
+
+    # ------------------------------------------------------------------ loading
+
+    def load(
+        self,
+        zone: tzinfo | None,
+        *,
+        convert: bool = False,
+        now: datetime | None = None,
+        accept: Callable[[TaskRecord], None] | None = None,
+        fraction: Callable[[], float] | None = None,
+    ) -> StoredState:
+        """Clean up after an interrupted save, read the state (the journal folded in,
+        anything unreadable set aside: see :func:`~jobstores.loading.read_state`) and
+        restore its records. Call only while owning the directory."""
+        if not self.owned:
+            raise RuntimeError(f"{str(self.directory)!r} is not owned: acquire() it first")
+        remove_stale_temp_files(self.path)
+        remove_stale_temp_files(self.backup_path)
+        document, from_backup, journal = read_state(self.directory, repair=True)
+        self._loaded(document, journal)
+        recorded = document.timezone if document is not None else None
+        settled = choose_timezone(zone, recorded, self.path, convert=convert)
+        self.timezone_key = zone_key(settled)
+        if recorded is not None and self.timezone_key != recorded:
+            logger.warning(
+                "%s: converting the store from %s to %s as asked: hour windows and end dates "
+                "are now read in %s",
+                self.path,
+                recorded,
+                settled,
+                settled,
+            )
+        state = StoredState(timezone=settled, recorded_zone=recorded, repaired=from_backup)
+        if document is None:
+            return state
+        for problem in document.problems:
+            logger.warning("%s: %s", self.path, problem)
+        restored = restore(
+            document.tasks,
+            settled,
+            parsed_json=document.parsed_json,
+            now=now or utc_now().astimezone(settled),
+            accept=accept,
+            fraction=fraction,
+            trusted=_trust(document),
+        )
+        return _filled(state, document, restored.records, restored.kept)
+
+    def _loaded(self, document: Document | None, journal: JournalRead) -> None:
+        """What a load read (owning the directory): the store's own bookkeeping."""
+
+    def read(self, zone: tzinfo | None = None, *, convert: bool = False) -> StoredState:
+        """The state as a load would return it, without the lock and without writing a byte
+        (nothing is set aside or repaired; records are validated only).
+
+        Raises :class:`~jobstores.format.CorruptFileError` when the file and its backup are
+        unreadable, :class:`~tasks.errors.NewerFormatError` for a newer format and the zone
+        errors of :func:`~tasks.zones.choose_timezone`.
         """
-        ...
+        existed = self.path.exists()
+        document, _, _ = read_state(self.directory, repair=False)
+        if document is None and existed:
+            raise CorruptFileError(f"{self.path} and its backup are unreadable")
+        recorded = document.timezone if document is not None else None
+        settled = choose_timezone(zone, recorded, self.path, convert=convert)
+        state = StoredState(timezone=settled, recorded_zone=recorded)
+        if document is None:
+            return state
+        restored = restore(document.tasks, settled, parsed_json=document.parsed_json)
+        return _filled(state, document, restored.records, restored.kept)
 
-    def fold_due_in(self) -> float | None:
-        """Seconds until a commit of the whole state is due although nothing changes (the
-        file a person reads has been behind long enough); None when none is."""
-        ...
 
-    def close(self) -> None:
-        """The owner is done: no commit follows (the directory is still owned)."""
-        ...
+def _filled(
+    state: StoredState,
+    document: Document,
+    records: list[TaskRecord],
+    kept: list[tuple[Any, str | None]],
+) -> StoredState:
+    state.exists = True
+    state.saved_at = document.saved_at
+    state.records = records
+    state.kept = kept
+    state.account_tasks = document.account_tasks
+    state.extra = document.extra
+    return state
+
+
+def _trust(document: Document) -> Callable[[Any], bool] | None:
+    """Which task objects of ``document`` need no validation: all of a checksummed
+    document, and those from journal lines (each has its own checksum)."""
+    if document.trusted:
+        return lambda raw: True
+    if document.trusted_tasks:
+        return lambda raw: id(raw) in document.trusted_tasks
+    return None
 
 
 class EncodedTasks:
@@ -102,35 +216,25 @@ class EncodedTasks:
         self._lines = {}
 
 
-class SnapshotStorage:
-    """The whole state in one file, replaced atomically at each commit.
+class SnapshotStorage(DirectoryStore):
+    """The whole state in one file, replaced atomically at each commit: a
+    :class:`~jobstores.state.StateStore` whose file is current after every commit.
 
     The replaced file is kept as ``<name>.bak``; each task's line is encoded once per change
     (unchanged records reuse the line written before).
     """
 
     def __init__(self, directory: Path, *, timezone_key: str | None = None) -> None:
-        self.path = directory / STATE_FILENAME
-        self.backup_path = directory / BACKUP_FILENAME
-        self.timezone_key = timezone_key
-        """The zone the file records for its hour windows."""
+        super().__init__(directory, timezone_key=timezone_key)
         self._encoded = EncodedTasks()
         self._journal_seq = 0
         self._journal: list[Path] = []
 
-    def load(self) -> tuple[Document | None, bool]:
-        """Clean up after an interrupted save, then read the state (see ``read_state``).
-
-        A journal left by :class:`~jobstores.journal.JournalStorage` is folded in, and
-        removed once the first commit has written what it held. Call only while owning the
-        directory.
-        """
-        remove_stale_temp_files(self.path)
-        remove_stale_temp_files(self.backup_path)
-        document, from_backup, journal = read_state(self.path.parent, repair=True)
+    def _loaded(self, document: Document | None, journal: JournalRead) -> None:
+        """A journal left by :class:`~jobstores.journal.JournalStorage` is folded in by the
+        load, and removed once the first commit has written what it held."""
         self._journal_seq = journal.next_seq - 1
         self._journal = [path for _, path in journal.segments]
-        return document, from_backup
 
     def wants_full_image(self, *, closing: bool = False) -> bool:
         """Always: every commit writes the whole file (``closing``: only while a journal

@@ -2,9 +2,10 @@
 
 Two implementations answer it: :class:`RemoteGateway` goes through a running dispatcher's
 control API (its ``control.sock``, or ``--url``) and sees live state; :class:`LocalGateway`
-works on a stopped store, reading the state file without owning it, or (for a command that
-changes something) opening a :class:`TaskDispatcher` that owns the directory until the command
-ends. :func:`open_gateway` picks one; each command is written once against the protocol.
+works on a stopped store: it reads through the store's read-only open, without owning it
+(:meth:`jobstores.state.StateStore.read`), or (for a command that changes something) opens a
+:class:`TaskDispatcher` that owns the directory until the command ends. :func:`open_gateway`
+picks one; each command is written once against the protocol.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import click
 
 from jobstores.format import CorruptFileError
 from jobstores.snapshot import StateSnapshot, read_snapshot
+from jobstores.stores import resolve_store
 from scheduler.cli_parse import Options
 from scheduler.cli_render import Listing, errors, fail, library_warnings
 from scheduler.dispatcher import CONTROL_SOCKET
@@ -364,8 +366,12 @@ class LocalGateway:
         if self._read is None:
             options = self._options
             try:
+                # The stopped store's read-only open: no lock, no write, no task manager.
                 self._read = read_snapshot(
-                    options.dir, options.zone(), convert=options.convert_timezone
+                    options.dir,
+                    options.zone(),
+                    convert=options.convert_timezone,
+                    store=resolve_store(None, options.dir),
                 )
             except (CorruptFileError, NewerFormatError) as exc:
                 fail(str(exc))

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from jobstores.jsonfile import SNAPSHOT_BELOW, JsonJobStore
 from jobstores.saver import SaveHealth
+from jobstores.state import StateStore
 from scheduler.backends.local import LocalRunBackend, create_manager
 from scheduler.engine import DispatchExecutor, DispatchScheduler
 from scheduler.history import RunEntry, RunHistory, open_history
@@ -134,6 +135,7 @@ class Dispatcher:
         convert_timezone: bool = False,
         history: bool | RunHistory = True,
         snapshot_below: int = SNAPSHOT_BELOW,
+        store: StateStore | str | None = None,
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
@@ -145,6 +147,7 @@ class Dispatcher:
             convert_timezone=convert_timezone,
             accept=self._check_manager,
             snapshot_below=snapshot_below,
+            storage=store,
         )
         self.timezone = self._store.timezone
         """The zone whose wall-clock hours the windows and end dates are read in."""

@@ -45,6 +45,15 @@ class TaskDispatcher(Dispatcher):
     many on, changes go to a journal beside it at a cost that does not grow with the number
     of tasks, and the file follows within 10 minutes (see :class:`JsonJobStore`).
 
+    ``store`` chooses where the state is kept (see :func:`jobstores.stores.resolve_store`):
+    None (the default) is the journal on ``dispatcher_dir`` described above; a
+    :class:`~jobstores.state.StateStore` object is used as it is (``JournalStorage(dir)`` or
+    ``SnapshotStorage(dir)`` from :mod:`jobstores`, which writes the whole file at every
+    save); a string is a URL naming a store by its scheme, and an unknown scheme raises
+    :class:`ValueError` naming ``store`` (no scheme is known yet). The dispatcher acquires the
+    store (one owner at a time) and releases it when it closes; ``dispatcher_dir`` still holds
+    the run history and the control socket.
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.

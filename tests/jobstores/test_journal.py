@@ -73,7 +73,7 @@ def crash(store: JsonJobStore) -> None:
     store._storage._wait_compaction()  # type: ignore[attr-defined]
     store._storage._close_segment()  # type: ignore[attr-defined]
     store._saver._closed = True
-    store._dir_lock.release()
+    store._storage.release()
 
 
 def assert_reloads_after_a_crash(store: JsonJobStore, directory: Path, expected: Any) -> None:

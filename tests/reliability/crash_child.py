@@ -43,14 +43,14 @@ def say(kind: str, op: dict[str, Any]) -> None:
 
 def use_mode(mode: str) -> None:
     import jobstores.journal
-    import jobstores.jsonfile
     import jobstores.storage
+    import jobstores.stores
 
     if mode == "compact":
         jobstores.journal.MIN_BYTES = 1
         jobstores.journal.MAX_AGE = 0.0
     elif mode == "snapshot":
-        jobstores.jsonfile.JournalStorage = jobstores.storage.SnapshotStorage  # type: ignore[attr-defined, assignment]
+        jobstores.stores.JournalStorage = jobstores.storage.SnapshotStorage  # type: ignore[attr-defined, assignment]
 
 
 async def main(directory: str, seed: int, mode: str, options: dict[str, Any]) -> None:

@@ -246,7 +246,7 @@ def _journal_directory(directory: Path, commits: int) -> list[tuple[list[Any], A
         states.append((store.records(), store.account_tasks()))
     store._saver._closed = True  # a crash: the journal stays as it is
     store._storage.close()
-    store._dir_lock.release()
+    store._storage.release()
     return states
 
 
