@@ -2,10 +2,10 @@
 
 Opening a run writes it into its task record (``active_run``), in the same change that marks
 the task running for a run that starts at once, so the run is persisted with the task. Events
-come back through :meth:`RunLedger.deliver` (the dispatcher's :class:`~tasks.runs.RunInbox`)
-and are applied once: an event is applied only while its run id is the record's open run, and
-applying a finishing event closes it in the same record change, so a duplicate finds nothing
-to apply, even after a restart.
+come back through :meth:`RunLedger.deliver` (the dispatcher's :class:`~tasks.runs.RunInbox`),
+or :meth:`RunLedger.deliver_batch` for many at once, and are applied once: an event is
+applied only while its run id is the record's open run, and applying a finishing event closes
+it in the same record change, so a duplicate finds nothing to apply, even after a restart.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import itertools
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -202,6 +202,25 @@ class RunLedger:
             if not await self._store.save_async():
                 raise OSError(
                     f"the outcome of run {event.run_id} could not be saved: "
+                    f"{self._store.save_health.last_error}"
+                )
+        else:
+            self._store.request_save()
+
+    async def deliver_batch(self, events: Sequence[RunEvent]) -> None:
+        """Apply ``events`` in order, each once, like :meth:`deliver`; return when every change
+        is durable (remote runs), made so by one commit for the whole batch.
+
+        A backend reading outcomes in batches (a run's ``started`` and finishing events, and
+        those of many runs) makes one commit where delivering them one by one made one per
+        event of a run.
+        """
+        for event in events:
+            self.apply(event)
+        if self._remote:
+            if not await self._store.save_async():
+                raise OSError(
+                    f"the events of {len(events)} run(s) could not be saved: "
                     f"{self._store.save_health.last_error}"
                 )
         else:
