@@ -29,6 +29,12 @@ __all__ = ["ChangeObserver", "RunLedger", "RunObserver"]
 
 logger = logging.getLogger(__name__)
 
+_HANDOVER = 4
+"""Passes of the event loop a batch of events lets go by before its commit: a finishing event
+frees its run's lane and slot, and the run waiting for them is opened a few passes later (the
+runner's future, its task, the next run's task); it is then saved by the same commit, where it
+took a commit of its own after this one, before it could be sent."""
+
 RunObserver = Callable[[RunRequest, RunEvent], None]
 """Told of every event applied, with its run's request (history, metrics, listeners)."""
 ChangeObserver = Callable[[RunRequest, RunEvent, TaskRecord | None, TaskRecord | None], None]
@@ -213,11 +219,13 @@ class RunLedger:
 
         A backend reading outcomes in batches (a run's ``started`` and finishing events, and
         those of many runs) makes one commit where delivering them one by one made one per
-        event of a run.
+        event of a run; the runs the batch lets start are opened first and share it.
         """
         for event in events:
             self.apply(event)
         if self._remote:
+            for _ in range(_HANDOVER):
+                await asyncio.sleep(0)
             if not await self._store.save_async():
                 raise OSError(
                     f"the events of {len(events)} run(s) could not be saved: "

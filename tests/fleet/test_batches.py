@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -99,3 +100,59 @@ async def test_a_batch_of_outcomes_is_durable_in_one_commit_before_it_returns(
         )
         assert record["last_worker"] == "linux-1"
     assert len(ledger) == 0
+
+
+async def test_the_runs_a_batch_frees_are_opened_in_its_commit(
+    make: Make, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A finishing event frees its run's lane: the run waiting for it is opened a few loop
+    # passes later (as the runner does: the run's future, its task, the next run's task).
+    # It rides on the batch's commit instead of waiting for that commit and making its own
+    # before it may be sent.
+    dispatcher = make()
+    first, second = await dispatcher.add_tasks(
+        probe_task(tmp_path / "probe", f"a{i}") for i in range(2)
+    )
+    ledger, store = dispatcher._ledger, dispatcher._store
+    now = datetime.now(UTC)
+    run = ledger.open(first, now)
+    assert run is not None
+    assert await store.save_async()
+    ended = ledger.ended(run.run_id)
+    assert ended is not None
+
+    async def next_run() -> None:
+        await asyncio.shield(ended)
+
+        async def open_it() -> None:
+            assert ledger.open(second, now) is not None
+            assert await store.save_async()
+
+        await asyncio.get_running_loop().create_task(open_it())
+
+    waiting = asyncio.get_running_loop().create_task(next_run())
+    commits: list[int] = []
+    save = Saver.save
+
+    def counted(self: Saver, **options: Any) -> bool:
+        commits.append(1)
+        return save(self, **options)
+
+    opened_at_commit: list[bool] = []
+    save_async = Saver.save_async
+
+    async def watched(self: Saver) -> bool:
+        record = store.find(second)
+        opened_at_commit.append(record is not None and record.active_run is not None)
+        return await save_async(self)
+
+    monkeypatch.setattr(Saver, "save", counted)
+    monkeypatch.setattr(Saver, "save_async", watched)
+    await ledger.deliver_batch(_events(run.run_id, first, now))
+    await asyncio.wait_for(waiting, 10)
+    assert opened_at_commit[0]  # the batch's commit began once the freed run was open
+    assert len(commits) == 1
+    with (tmp_path / "ops" / "dispatch_config.json").open(encoding="utf-8") as file:
+        on_disk = {t["task_id"]: t for t in json.load(file)["tasks"]}
+    assert on_disk[first]["run_count"] == 1
+    assert on_disk[second]["active_run"] is not None
