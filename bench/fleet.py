@@ -99,8 +99,21 @@ def _database(host: str, port: int) -> Iterator[str]:
         admin.delete(f"td-test:db:{number}")
 
 
+def _cpu_seconds(pids: list[int]) -> float | None:
+    """CPU time (user + system) the processes ``pids`` used so far (None: not on Linux)."""
+    total = 0.0
+    try:
+        for pid in pids:
+            # The fields after the command name (which may hold spaces), from the 3rd on.
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def _workers(commands: list[list[str]], url: str, ready: Any) -> Iterator[None]:
+def _workers(commands: list[list[str]], url: str, ready: Any) -> Iterator[list[int]]:
     env = {**os.environ, BROKER_ENV: url, "PYTHONPATH": str(ROOT)}
     processes = [
         subprocess.Popen(
@@ -119,7 +132,7 @@ def _workers(commands: list[list[str]], url: str, ready: Any) -> Iterator[None]:
             if time.monotonic() > deadline:
                 raise RuntimeError("benchmark workers did not start")
             time.sleep(0.1)
-        yield
+        yield [process.pid for process in processes]
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGTERM)
@@ -137,6 +150,10 @@ class FleetResult:
     runs_per_s: float
     p50_ms: float
     p99_ms: float
+    cpu_here: float | None = None
+    """CPU seconds of this process (the dispatcher, or the publisher) while the runs ran."""
+    cpu_workers: float | None = None
+    """CPU seconds of the worker processes while the runs ran."""
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float]:
@@ -186,7 +203,7 @@ async def _ours_dispatcher(url: str, n: int, root: Path) -> FleetResult:
     from scheduler import CeleryRunBackend, RunFailed, RunSucceeded, TaskDispatcher
 
     commands, ready = _our_workers(url)
-    with _workers(commands, url, ready):
+    with _workers(commands, url, ready) as pids:
         dispatcher = TaskDispatcher(
             root / "fleet-bench",
             run_backend=CeleryRunBackend(url),
@@ -217,6 +234,8 @@ async def _ours_dispatcher(url: str, n: int, root: Path) -> FleetResult:
                 all_done.set()
 
         dispatcher.add_listener(count, [RunSucceeded, RunFailed])
+        workers_before = _cpu_seconds(pids)
+        here_before = time.process_time()
         began = time.perf_counter()
         await dispatcher.start()
         try:
@@ -224,6 +243,8 @@ async def _ours_dispatcher(url: str, n: int, root: Path) -> FleetResult:
         except TimeoutError:
             raise RuntimeError("fleet runs did not all finish") from None
         elapsed = finished_at - began
+        cpu_here = time.process_time() - here_before
+        workers_after = _cpu_seconds(pids)
         records = {r.task_id: r for r in dispatcher.list_tasks()}
         await dispatcher.stop()
     samples = []
@@ -232,7 +253,11 @@ async def _ours_dispatcher(url: str, n: int, root: Path) -> FleetResult:
         if due is not None and started is not None:
             samples.append((started - due).total_seconds())
     p50, p99 = _percentiles(samples)
-    return FleetResult(n / elapsed, p50, p99)
+    return FleetResult(n / elapsed, p50, p99, cpu_here, _delta(workers_before, workers_after))
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
 
 
 async def _ours(url: str, n: int, pace: float) -> FleetResult:
@@ -289,7 +314,9 @@ def _bare(url: str, n: int, pace: float) -> FleetResult:
         replies = bare_app.control.ping(timeout=0.5) or []
         return len(replies) >= WORKERS
 
-    with _workers(commands, url, ready):
+    with _workers(commands, url, ready) as pids:
+        workers_before = _cpu_seconds(pids)
+        here_before = time.process_time()
         first = time.time()
         began = time.perf_counter()
         for i in range(n):
@@ -302,13 +329,15 @@ def _bare(url: str, n: int, pace: float) -> FleetResult:
                 raise RuntimeError("bare Celery runs did not all start")
             time.sleep(0.01)
         elapsed = time.perf_counter() - began
+        cpu_here = time.process_time() - here_before
+        workers_after = _cpu_seconds(pids)
     samples = []
     raw_starts: list[bytes] = client.lrange(STARTS, 0, -1)  # type: ignore[assignment]
     for raw in raw_starts:
         planned, started = (float(x) for x in raw.decode().split(","))
         samples.append(started - planned)
     p50, p99 = _percentiles(samples)
-    return FleetResult(n / elapsed, p50, p99)
+    return FleetResult(n / elapsed, p50, p99, cpu_here, _delta(workers_before, workers_after))
 
 
 def run_fleet(n: int = 1_000, host: str = "127.0.0.1", port: int = 6379) -> str:
@@ -333,6 +362,15 @@ def run_fleet(n: int = 1_000, host: str = "127.0.0.1", port: int = 6379) -> str:
         f"| {n:,} | all due at once: runs/s | {ours.runs_per_s:,.0f}/s | "
         f"{bare.runs_per_s:,.0f}/s | {ours.runs_per_s / bare.runs_per_s:.2f}x |",
     ]
+    for name, x, y in (
+        ("CPU per 1,000 runs, dispatcher (a) / publisher (b)", ours.cpu_here, bare.cpu_here),
+        ("CPU per 1,000 runs, workers", ours.cpu_workers, bare.cpu_workers),
+    ):
+        if x is not None and y is not None and y > 0:
+            x, y = x * 1000 / n, y * 1000 / n
+            rows.append(
+                f"| {n:,} | all due at once: {name} | {x:.2f} s | {y:.2f} s | {x / y:.2f}x |"
+            )
     for label, count, a, b in (
         ("all due at once", n, ours, bare),
         (f"due at {1 / pace:.0f}/s", paced_n, ours_paced, bare_paced),

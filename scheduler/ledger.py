@@ -2,10 +2,10 @@
 
 Opening a run writes it into its task record (``active_run``), in the same change that marks
 the task running for a run that starts at once, so the run is persisted with the task. Events
-come back through :meth:`RunLedger.deliver` (the dispatcher's :class:`~tasks.runs.RunInbox`)
-and are applied once: an event is applied only while its run id is the record's open run, and
-applying a finishing event closes it in the same record change, so a duplicate finds nothing
-to apply, even after a restart.
+come back through :meth:`RunLedger.deliver` (the dispatcher's :class:`~tasks.runs.RunInbox`),
+or :meth:`RunLedger.deliver_batch` for many at once, and are applied once: an event is
+applied only while its run id is the record's open run, and applying a finishing event closes
+it in the same record change, so a duplicate finds nothing to apply, even after a restart.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import itertools
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +28,12 @@ from tasks.runs import NOT_SENT, RunEvent, RunEventKind, RunRequest, run_trigger
 __all__ = ["ChangeObserver", "RunLedger", "RunObserver"]
 
 logger = logging.getLogger(__name__)
+
+_HANDOVER = 4
+"""Passes of the event loop a batch of events lets go by before its commit: a finishing event
+frees its run's lane and slot, and the run waiting for them is opened a few passes later (the
+runner's future, its task, the next run's task); it is then saved by the same commit, where it
+took a commit of its own after this one, before it could be sent."""
 
 RunObserver = Callable[[RunRequest, RunEvent], None]
 """Told of every event applied, with its run's request (history, metrics, listeners)."""
@@ -202,6 +208,27 @@ class RunLedger:
             if not await self._store.save_async():
                 raise OSError(
                     f"the outcome of run {event.run_id} could not be saved: "
+                    f"{self._store.save_health.last_error}"
+                )
+        else:
+            self._store.request_save()
+
+    async def deliver_batch(self, events: Sequence[RunEvent]) -> None:
+        """Apply ``events`` in order, each once, like :meth:`deliver`; return when every change
+        is durable (remote runs), made so by one commit for the whole batch.
+
+        A backend reading outcomes in batches (a run's ``started`` and finishing events, and
+        those of many runs) makes one commit where delivering them one by one made one per
+        event of a run; the runs the batch lets start are opened first and share it.
+        """
+        for event in events:
+            self.apply(event)
+        if self._remote:
+            for _ in range(_HANDOVER):
+                await asyncio.sleep(0)
+            if not await self._store.save_async():
+                raise OSError(
+                    f"the events of {len(events)} run(s) could not be saved: "
                     f"{self._store.save_health.last_error}"
                 )
         else:

@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -552,12 +552,17 @@ class CeleryRunBackend:
                 self._broker_failed(exc)
 
     async def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> bool:
-        """Deliver a batch (each run's events in order), then acknowledge what was applied."""
+        """Deliver a batch (each run's events in order), then acknowledge what was applied.
+
+        An inbox with ``deliver_batch`` (the dispatcher's ledger) takes the whole batch and
+        makes it durable in one commit; any other gets each run's events one by one.
+        """
         assert self._redis is not None
         assert self._inbox is not None
         inbox = self._inbox
         done: list[bytes] = []
         by_run: dict[str, list[tuple[bytes, RunEvent]]] = {}
+        batch: list[tuple[bytes, RunEvent]] = []
         for entry_id, fields in entries:
             raw = (fields or {}).get(b"event")
             if raw is None:
@@ -570,23 +575,39 @@ class CeleryRunBackend:
                 done.append(entry_id)
                 continue
             by_run.setdefault(event.run_id, []).append((entry_id, event))
+            batch.append((entry_id, event))
+
+        def delivered(entry_id: bytes, event: RunEvent) -> None:
+            done.append(entry_id)
+            if event.kind.finished:
+                self._runs.pop(event.run_id, None)
+            else:
+                run = self._runs.get(event.run_id)
+                if run is not None:
+                    run.claimed = True
+                if run is not None and run.state == "queued":
+                    run.state, run.worker = "running", event.worker
 
         async def deliver(items: list[tuple[bytes, RunEvent]]) -> None:
             for entry_id, event in items:
                 await inbox.deliver(event)
-                done.append(entry_id)
-                if event.kind.finished:
-                    self._runs.pop(event.run_id, None)
-                else:
-                    run = self._runs.get(event.run_id)
-                    if run is not None:
-                        run.claimed = True
-                    if run is not None and run.state == "queued":
-                        run.state, run.worker = "running", event.worker
+                delivered(entry_id, event)
 
-        results = await asyncio.gather(
-            *(deliver(items) for items in by_run.values()), return_exceptions=True
+        async def deliver_batch(
+            deliver_all: Callable[[list[RunEvent]], Awaitable[None]],
+            items: list[tuple[bytes, RunEvent]],
+        ) -> None:
+            await deliver_all([event for _, event in items])
+            for entry_id, event in items:
+                delivered(entry_id, event)
+
+        deliver_all = getattr(inbox, "deliver_batch", None)
+        jobs = (
+            [deliver_batch(deliver_all, batch)]
+            if deliver_all is not None and batch
+            else [deliver(items) for items in by_run.values()]
         )
+        results = await asyncio.gather(*jobs, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         for failure in failed:
             logger.error("run events not applied yet (will retry): %s", describe_error(failure))

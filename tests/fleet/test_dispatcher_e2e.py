@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -365,16 +366,17 @@ async def test_a_remote_outcome_is_in_the_file_itself_once_applied(
     dispatcher = make()
     state_file = tmp_path / "ops" / "dispatch_config.json"
     seen: dict[str, dict[str, Any]] = {}
-    deliver = dispatcher._ledger.deliver
+    deliver = dispatcher._ledger.deliver_batch  # the backend hands it each read
 
-    async def deliver_then_read(event: RunEvent) -> None:
-        await deliver(event)
-        if event.kind.finished:
-            with state_file.open(encoding="utf-8") as file:
-                tasks = json.load(file)["tasks"]
-            seen[event.task_id] = next(t for t in tasks if t["task_id"] == event.task_id)
+    async def deliver_then_read(events: Sequence[RunEvent]) -> None:
+        await deliver(events)
+        with state_file.open(encoding="utf-8") as file:
+            tasks = json.load(file)["tasks"]
+        for event in events:
+            if event.kind.finished:
+                seen[event.task_id] = next(t for t in tasks if t["task_id"] == event.task_id)
 
-    dispatcher._ledger.deliver = deliver_then_read  # type: ignore[method-assign]
+    dispatcher._ledger.deliver_batch = deliver_then_read  # type: ignore[method-assign]
     async with dispatcher:
         ok, bad = await dispatcher.add_tasks(
             [probe_task(probe, "a"), probe_task(probe, "b", fail=True)]

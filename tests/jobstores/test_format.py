@@ -34,3 +34,31 @@ def test_a_writer_is_paused_every_few_accounts() -> None:
     pauses: list[None] = []
     encode_account_tasks(account_tasks, lambda: pauses.append(None))
     assert len(pauses) == 6  # after every 16 accounts, none before the first
+
+
+def test_a_background_writer_pauses_once_per_slice_of_work_not_once_per_piece(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Encoding 1,000 accounts makes 62 pieces; a pause at each one made a save on a busy
+    dispatcher wait for the interpreter 62 times. It sleeps once per PAUSE_EVERY of work."""
+    import time
+
+    from jobstores import table
+
+    now = [100.0]
+    sleeps: list[float] = []
+    monkeypatch.setattr(table, "_clock", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    monkeypatch.setattr(table, "_held", type(table._held)())  # this thread starts afresh
+    accounts = {f"account-{i}": [f"task-{i}"] for i in range(1_000)}
+
+    encode_account_tasks(accounts, table.pause)  # no time passes: the work is one slice
+    assert sleeps == []
+
+    def slow() -> None:  # each piece takes 0.4 ms
+        now[0] += 0.0004
+        table.pause()
+
+    encode_account_tasks(accounts, slow)  # 62 pieces, 24.8 ms: a sleep every 3 pieces
+    assert len(sleeps) == 20
+    assert set(sleeps) == {table.PAUSE}
