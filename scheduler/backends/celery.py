@@ -121,6 +121,39 @@ def _stream_entries(response: Any) -> list[tuple[bytes, dict[bytes, bytes] | Non
     return list(response[0][1])
 
 
+def _decode_events(
+    entries: list[tuple[bytes, dict[bytes, bytes] | None]],
+) -> tuple[list[bytes], list[tuple[bytes, RunEvent]]]:
+    """A stream read's entries: the ids to acknowledge as they are (empty or malformed
+    entries, logged) and the run events of the others, in stream order."""
+    done: list[bytes] = []
+    events: list[tuple[bytes, RunEvent]] = []
+    for entry_id, fields in entries:
+        raw = (fields or {}).get(b"event")
+        if raw is None:
+            done.append(entry_id)
+            continue
+        try:
+            events.append((entry_id, RunEvent.from_json(json.loads(raw))))
+        except ValueError as exc:
+            logger.error("ignoring a malformed run event %s: %s", entry_id.decode(), exc)
+            done.append(entry_id)
+    return done, events
+
+
+def _track(runs: dict[str, _OpenRun], event: RunEvent) -> None:
+    """Follow an applied event in the backend's runs out: a finished run is gone, a started
+    one claimed (and running, if it was queued)."""
+    if event.kind.finished:
+        runs.pop(event.run_id, None)
+        return
+    run = runs.get(event.run_id)
+    if run is not None:
+        run.claimed = True
+        if run.state == "queued":
+            run.state, run.worker = "running", event.worker
+
+
 class CeleryRunBackend:
     """Executes runs on Celery workers chosen by sys_type, through a Redis broker.
 
@@ -552,41 +585,19 @@ class CeleryRunBackend:
                 self._broker_failed(exc)
 
     async def _apply(self, entries: list[tuple[bytes, dict[bytes, bytes] | None]]) -> bool:
-        """Deliver a batch (each run's events in order), then acknowledge what was applied.
-
-        An inbox with ``deliver_batch`` (the dispatcher's ledger) takes the whole batch and
-        makes it durable in one commit; any other gets each run's events one by one.
-        """
+        """Deliver a batch, then acknowledge what was applied: to an inbox with
+        ``deliver_batch`` (the ledger: one commit) whole, else each run's events in order."""
         assert self._redis is not None
         assert self._inbox is not None
         inbox = self._inbox
-        done: list[bytes] = []
+        done, batch = _decode_events(entries)
         by_run: dict[str, list[tuple[bytes, RunEvent]]] = {}
-        batch: list[tuple[bytes, RunEvent]] = []
-        for entry_id, fields in entries:
-            raw = (fields or {}).get(b"event")
-            if raw is None:
-                done.append(entry_id)
-                continue
-            try:
-                event = RunEvent.from_json(json.loads(raw))
-            except ValueError as exc:
-                logger.error("ignoring a malformed run event %s: %s", entry_id.decode(), exc)
-                done.append(entry_id)
-                continue
+        for entry_id, event in batch:
             by_run.setdefault(event.run_id, []).append((entry_id, event))
-            batch.append((entry_id, event))
 
         def delivered(entry_id: bytes, event: RunEvent) -> None:
             done.append(entry_id)
-            if event.kind.finished:
-                self._runs.pop(event.run_id, None)
-            else:
-                run = self._runs.get(event.run_id)
-                if run is not None:
-                    run.claimed = True
-                if run is not None and run.state == "queued":
-                    run.state, run.worker = "running", event.worker
+            _track(self._runs, event)
 
         async def deliver(items: list[tuple[bytes, RunEvent]]) -> None:
             for entry_id, event in items:
