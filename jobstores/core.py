@@ -220,19 +220,22 @@ class Applied:
     events: tuple[DispatcherEvent, ...] = _NO_EVENTS
 
     @property
-    def changed(self) -> bool:
-        """Whether any record (or the order) changed."""
-        return any(change.before is not change.after or change.before is None for change in self)
-
-    @property
     def before(self) -> TaskRecord | None:
-        """The (first) task's record before the command."""
+        """The (first) task's record before the command (None: added, or no change)."""
         return self.changes[0].before if self.changes else None
 
     @property
-    def record(self) -> TaskRecord | None:
-        """The (first) task's record after the command."""
-        return self.changes[0].after if self.changes else None
+    def record(self) -> TaskRecord:
+        """The (first) task's record after the command (its last one if it was removed)."""
+        change = self.changes[0]
+        record = change.after if change.after is not None else change.before
+        assert record is not None
+        return record
+
+    @property
+    def records(self) -> list[TaskRecord]:
+        """Every record the command left (added or changed, not removed)."""
+        return [change.after for change in self.changes if change.after is not None]
 
     def __iter__(self) -> Any:
         return iter(self.changes)

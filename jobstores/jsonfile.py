@@ -310,9 +310,7 @@ class JsonJobStore(BaseJobStore):
 
     def remove_task(self, task_id: str) -> TaskRecord:
         """Delete ``task_id`` for good; returns its last record."""
-        before = self.apply(RemoveTask(task_id), tell=False).before
-        assert before is not None
-        return before
+        return self.apply(RemoveTask(task_id), tell=False).record
 
     def update_task(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
         """Replace ``task_id``'s record with ``change(record)`` atomically; returns the new one.
