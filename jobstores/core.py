@@ -36,7 +36,7 @@ from tasks.events import (
 )
 from tasks.model import ActiveRun, TaskRecord, TaskStatus
 from tasks.runs import TIMED_OUT, RunEvent, RunEventKind, RunRequest
-from tasks.schedule import Schedule
+from tasks.schedule import Schedule, same_instant
 
 __all__ = [
     "AddTasks",
@@ -276,7 +276,14 @@ class TaskCore:
         is drawn for that run yet (:func:`tasks.lifecycle.jittered`)."""
         if record.run_policy is None and record.next_start_time is None:
             return record
-        return lifecycle.jittered(record, self.schedule(record), self._fraction())
+        schedule = self.schedule(record)
+        if (
+            not record.policy.jitter
+            or record.next_execution_time is None
+            or record.status is TaskStatus.PAUSED
+        ):
+            return lifecycle.jittered(record, schedule, 0.0)  # nothing to draw: none is used
+        return lifecycle.jittered(record, schedule, self._fraction())
 
     def apply(self, command: Command, now: datetime) -> Applied:
         """Apply ``command`` at ``now``: one table change; returns it and its events.
@@ -292,8 +299,21 @@ class TaskCore:
 
     def _update(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> Change:
         before = self.table.get(task_id)
-        after = self.table.update(task_id, lambda record: self.jittered(change(record)))
+        after = self.table.update(task_id, lambda record: self._planned_start(change(record)))
         return Change(task_id, before, after)
+
+    def _planned_start(self, record: TaskRecord) -> TaskRecord:
+        """``record`` (just changed) with its jittered start decided: drawn once per planned
+        run, when the run is planned (a start drawn for the same planned time is kept)."""
+        before = self.table.find(record.task_id)
+        if (
+            before is not None
+            and record.next_start_time is not None
+            and same_instant(record.next_execution_time, before.next_execution_time)
+            and record.run_policy == before.run_policy
+        ):
+            return record
+        return self.jittered(record)
 
     def _add(self, command: AddTasks, now: datetime) -> Applied:
         records = [self.jittered(record) for record in command.records]
@@ -416,11 +436,16 @@ class TaskCore:
             # It never started: closed without counting, as if never sent.
             change = self._update(task_id, lambda r: lifecycle.run_abandoned(r, run.run_id, now))
         else:
-            # Only a failure may plan a retry, which needs the schedule.
+            # Only a failure may plan a retry, which needs the schedule. A fault found while
+            # the run was out stays (the task is not completed by the run's end).
             schedule = None if event.ok else self.schedule(before)
-            change = self._update(
-                task_id, lambda r: lifecycle.run_finished(r, event, now, schedule)
-            )
+            fault = self._faults.get(task_id)
+
+            def finished(record: TaskRecord) -> TaskRecord:
+                record = lifecycle.run_finished(record, event, now, schedule)
+                return record if fault is None else lifecycle.faulted(record, fault, now)
+
+            change = self._update(task_id, finished)
         events = _run_events(command.request, (before, run), change.after, event, now)
         return Applied((change,), events + _status_events(change, now))
 
