@@ -177,11 +177,12 @@ class TaskDispatcher:
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
         self._retries = RetryTimer(self._store, self._runner.submit)
-        self._ledger.watch(self._retries.watch)
         self._ledger.watch(self._take_up_manual)
         # Listeners (typed events): the core's events, relayed (those of this class's API
         # calls when the call is done, the others from the loop), and save health.
         self._listeners = Listeners()
+        self._observers: list[Callable[[DispatcherEvent], None]] = [self._retries.observe]
+        """Told of every event where its change was applied (on the loop for run events)."""
         self._store.on_events = self._relay
         self._store.on_save_health(self._tell_save)
         self._history = open_history(directory, history, self.timezone)
@@ -316,17 +317,27 @@ class TaskDispatcher:
             self._listeners.emit(event)
 
     def _tell_all(self, applied: Applied) -> None:
-        """Tell the listeners the events of a change this class applied (after saving)."""
-        if self._listeners:
-            for event in applied.events:
+        """Tell the observers and listeners the events of a change this class applied
+        (after saving)."""
+        for event in applied.events:
+            self._observe(event)
+            if self._listeners:
                 self._listeners.emit(event)
 
     def _relay(self, events: Sequence[DispatcherEvent]) -> None:
-        # From the store, maybe under the table's lock: emitted from the loop, after it is
-        # released.
-        if self._listeners:
-            for event in events:
+        # From the store, maybe under the table's lock: listeners hear of them from the
+        # loop, after it is released.
+        for event in events:
+            self._observe(event)
+            if self._listeners:
                 self._listeners.emit_soon(event)
+
+    def _observe(self, event: DispatcherEvent) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:
+                logger.exception("an observer failed on %s of task %s", event.kind, event.task_id)
 
     def _tell_save(self, error: str | None) -> None:
         if not self._listeners:
