@@ -237,9 +237,6 @@ class Applied:
         """Every record the command left (added or changed, not removed)."""
         return [change.after for change in self.changes if change.after is not None]
 
-    def __iter__(self) -> Any:
-        return iter(self.changes)
-
 
 # ---------------------------------------------------------------------- the core
 
@@ -298,17 +295,21 @@ class TaskCore:
     # ------------------------------------------------------------------ handlers
 
     def _update(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> Change:
-        before = self.table.get(task_id)
-        after = self.table.update(task_id, lambda record: self._planned_start(change(record)))
-        return Change(task_id, before, after)
+        def changed(record: TaskRecord) -> TaskRecord:
+            new = change(record)
+            return record if new is record else self._planned_start(record, new)
 
-    def _planned_start(self, record: TaskRecord) -> TaskRecord:
-        """``record`` (just changed) with its jittered start decided: drawn once per planned
-        run, when the run is planned (a start drawn for the same planned time is kept)."""
-        before = self.table.find(record.task_id)
+        before = self.table.get(task_id)  # under the lock: the record update() changes
+        return Change(task_id, before, self.table.update(task_id, changed))
+
+    def _planned_start(self, before: TaskRecord, record: TaskRecord) -> TaskRecord:
+        """``record`` (``before`` changed) with its jittered start decided: drawn once per
+        planned run, when the run is planned (a start drawn for the same planned time is
+        kept)."""
+        if record.run_policy is None and record.next_start_time is None:
+            return record
         if (
-            before is not None
-            and record.next_start_time is not None
+            record.next_start_time is not None
             and same_instant(record.next_execution_time, before.next_execution_time)
             and record.run_policy == before.run_policy
         ):

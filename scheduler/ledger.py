@@ -215,7 +215,7 @@ class RunLedger:
                 assert record is not None
                 assert record.active_run is not None
                 entry = _Open(_request(record, record.active_run))
-            if entry is not None:
+            if entry is not None and (applied or not store.closed):
                 # The core decides the transition (completion included) and its events.
                 result = store.apply(RunReported(event, entry.request), now)
                 if applied:
