@@ -238,6 +238,10 @@ class Applied:
         return [change.after for change in self.changes if change.after is not None]
 
 
+_NOTHING = Applied(())
+"""What a command that changes nothing returns."""
+
+
 # ---------------------------------------------------------------------- the core
 
 
@@ -375,7 +379,7 @@ class TaskCore:
     def _faulted(self, command: Faulted, now: datetime) -> Applied:
         task_id = command.task_id
         if self.table.find(task_id) is None:
-            return Applied(())
+            return _NOTHING
         if task_id in self._out:
             self._faults[task_id] = command.error
         change = self._update(task_id, lambda r: lifecycle.faulted(r, command.error, now))
@@ -383,7 +387,7 @@ class TaskCore:
 
     def _submitted(self, command: RunSubmitted, now: datetime) -> Applied:
         self._out.add(command.task_id)
-        return Applied(())
+        return _NOTHING
 
     def _settled(self, command: RunSettled, now: datetime) -> Applied:
         # Completion after the last run is decided here, once: a task with no next run is
@@ -394,12 +398,12 @@ class TaskCore:
         error = self._faults.pop(task_id, None)
         record = self.table.find(task_id)
         if record is None or self.table.closed:
-            return Applied(())
+            return _NOTHING
         if error is not None:
             change = self._update(task_id, lambda r: lifecycle.faulted(r, error, now))
             return Applied((change,))
         if record.next_execution_time is not None:
-            return Applied(())
+            return _NOTHING
         change = self._update(task_id, lambda r: lifecycle.exhausted(r, now))
         return Applied((change,), _status_events(change, now))
 
@@ -428,7 +432,7 @@ class TaskCore:
         run = before.active_run if before is not None else None
         if run is None or run.run_id != event.run_id:  # a duplicate, or its task was removed
             if command.request is None:
-                return Applied(())
+                return _NOTHING
             return Applied((), _run_events(command.request, None, None, event, now))
         assert before is not None
         if event.kind is RunEventKind.STARTED:
@@ -452,7 +456,7 @@ class TaskCore:
 
     def _abandoned(self, command: RunAbandoned, now: datetime) -> Applied:
         if self.table.find(command.task_id) is None or self.table.closed:
-            return Applied(())
+            return _NOTHING
         change = self._update(
             command.task_id, lambda r: lifecycle.run_abandoned(r, command.run_id, now)
         )

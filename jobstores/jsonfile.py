@@ -509,7 +509,7 @@ class JsonJobStore(BaseJobStore):
 
     def run_submitted(self, task_id: str) -> None:
         """A run of ``task_id`` was submitted: its completion waits for that run."""
-        self._core.apply(RunSubmitted(task_id), self.now())
+        self._core.apply(RunSubmitted(task_id), self._held_now or self.now())
 
     def run_settled(self, task_id: str) -> bool:
         """The submitted run of ``task_id`` is over (ran, skipped or cut off): a task with no
