@@ -7,18 +7,36 @@ jitter and faults are decided here, once; nothing here reads a clock or writes t
 caller passes ``now`` and saves what changed), and the table's lock is the core's lock.
 
 The runs in flight: a run *submitted* (due, waiting for its account's lane) until it is
-*settled* (ran, skipped or cut off). While one is out, a schedule with no further run does
-not complete the task, and a fault stays on the record after that run ended: both are
-decided when it settles.
+*settled* (ran, skipped or cut off). While one is out, a schedule with no further run does not
+complete the task: the run's end does (or, for a run that never opened, its settling); a fault
+found meanwhile outlives that run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from jobstores.commands import (
+    AddTasks,
+    Command,
+    EditTask,
+    Exhausted,
+    Faulted,
+    PauseTask,
+    Planned,
+    RemoveTask,
+    ReorderTask,
+    RequestRun,
+    ResumeTask,
+    RunAbandoned,
+    RunOpened,
+    RunReported,
+    RunSettled,
+    RunSubmitted,
+)
 from jobstores.table import TaskTable
 from tasks import lifecycle
 from tasks.events import (
@@ -38,164 +56,7 @@ from tasks.model import ActiveRun, TaskRecord, TaskStatus
 from tasks.runs import TIMED_OUT, RunEvent, RunEventKind, RunRequest
 from tasks.schedule import Schedule, same_instant
 
-__all__ = [
-    "AddTasks",
-    "Applied",
-    "Change",
-    "Command",
-    "EditTask",
-    "Exhausted",
-    "Faulted",
-    "PauseTask",
-    "Planned",
-    "RemoveTask",
-    "ReorderTask",
-    "RequestRun",
-    "ResumeTask",
-    "RunAbandoned",
-    "RunOpened",
-    "RunReported",
-    "RunSettled",
-    "RunSubmitted",
-    "TaskCore",
-]
-
-
-# ---------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True)
-class AddTasks:
-    """New tasks, all together or none (a taken or repeated id raises)."""
-
-    records: Sequence[TaskRecord]
-
-
-@dataclass(frozen=True, slots=True)
-class EditTask:
-    """The task's rules replaced by those of ``rules`` (validated like a new task)."""
-
-    task_id: str
-    rules: TaskRecord
-
-
-@dataclass(frozen=True, slots=True)
-class PauseTask:
-    """No run starts until resumed; ``reason`` when the dispatcher pauses it itself."""
-
-    task_id: str
-    reason: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeTask:
-    """A paused task is scheduled again."""
-
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class RemoveTask:
-    """The task is deleted for good."""
-
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReorderTask:
-    """The task moves to ``position`` (0-based) in its account's priority order."""
-
-    task_id: str
-    position: int
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRun:
-    """An operator asked to run the task now."""
-
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Planned:
-    """The scheduler moved the next run to ``when`` (None: it holds the job without one)."""
-
-    task_id: str
-    when: datetime | None
-
-
-@dataclass(frozen=True, slots=True)
-class Exhausted:
-    """The schedule has no further run."""
-
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Faulted:
-    """Planning the task raised ``error``."""
-
-    task_id: str
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class RunSubmitted:
-    """A run of the task is due and waits for its lane: it is out until settled."""
-
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class RunSettled:
-    """The run submitted for the task is over (ran, skipped or cut off)."""
-
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class RunOpened:
-    """``run`` was handed to a backend; ``started`` when it starts at once (this process)."""
-
-    task_id: str
-    run: ActiveRun
-    started: bool
-
-
-@dataclass(frozen=True, slots=True)
-class RunReported:
-    """``event`` arrived for a run; ``request`` is the run as it was opened (None: not known
-    to the caller; the record's open run is used)."""
-
-    event: RunEvent
-    request: RunRequest | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RunAbandoned:
-    """The run was cut off in this process: it does not count."""
-
-    task_id: str
-    run_id: str
-
-
-Command = (
-    AddTasks
-    | EditTask
-    | PauseTask
-    | ResumeTask
-    | RemoveTask
-    | ReorderTask
-    | RequestRun
-    | Planned
-    | Exhausted
-    | Faulted
-    | RunSubmitted
-    | RunSettled
-    | RunOpened
-    | RunReported
-    | RunAbandoned
-)
+__all__ = ["Applied", "Change", "TaskCore"]
 
 
 # ---------------------------------------------------------------------- results

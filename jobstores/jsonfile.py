@@ -25,9 +25,8 @@ from typing import Any
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
 
-from jobstores.core import (
+from jobstores.commands import (
     AddTasks,
-    Applied,
     Command,
     Exhausted,
     Faulted,
@@ -36,8 +35,8 @@ from jobstores.core import (
     ReorderTask,
     RunSettled,
     RunSubmitted,
-    TaskCore,
 )
+from jobstores.core import Applied, TaskCore
 from jobstores.durable import DirectoryLock, ensure_private_dir
 from jobstores.format import Document
 from jobstores.jobs import JobView, TaskTrigger

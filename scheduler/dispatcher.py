@@ -14,15 +14,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
-from jobstores.core import (
+from jobstores.commands import (
     AddTasks,
-    Applied,
     EditTask,
     PauseTask,
     RemoveTask,
     RequestRun,
     ResumeTask,
 )
+from jobstores.core import Applied
 from jobstores.jsonfile import SNAPSHOT_BELOW, JsonJobStore
 from jobstores.saver import SaveHealth
 from scheduler.backends.local import LocalRunBackend, create_manager

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from jobstores.core import RunAbandoned, RunOpened, RunReported
+from jobstores.commands import RunAbandoned, RunOpened, RunReported
 from jobstores.jsonfile import JsonJobStore
 from tasks import lifecycle
 from tasks.model import ActiveRun, TaskRecord

@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 from helpers import SHANGHAI, T0, record
 
-from jobstores.core import (
+from jobstores.commands import (
     AddTasks,
-    Applied,
     Command,
     EditTask,
     Exhausted,
@@ -27,8 +26,8 @@ from jobstores.core import (
     RunReported,
     RunSettled,
     RunSubmitted,
-    TaskCore,
 )
+from jobstores.core import Applied, TaskCore
 from jobstores.table import TaskTable
 from tasks.errors import TaskNotFoundError
 from tasks.events import DispatcherEvent, RunFailed, RunRetried, RunStarted, TaskPaused
