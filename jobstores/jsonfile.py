@@ -1,11 +1,12 @@
 """``JsonJobStore``: task records in ``dispatch_config.json``, served to APScheduler as jobs.
 
-A thin adapter: the records live in a :class:`~jobstores.table.TaskTable`, their jobs in a
-:class:`~jobstores.jobs.JobView`, durability in a :class:`~jobstores.saver.Saver` over a
-storage backend. APScheduler's calls become record changes through :mod:`tasks.lifecycle`:
-``update_job`` after a run was submitted moves ``next_execution_time``; ``remove_job`` (a
-trigger with no further run) completes the task, which stays on file. The store never deletes
-a record on APScheduler's behalf; only :meth:`remove_task` does.
+A thin adapter: the records and the runs in flight live in a :class:`~jobstores.core.TaskCore`
+(over a :class:`~jobstores.table.TaskTable`), their jobs in a :class:`~jobstores.jobs.JobView`,
+durability in a :class:`~jobstores.saver.Saver` over a storage backend. APScheduler's calls
+become the core's commands: ``update_job`` after a run was submitted is
+:class:`~jobstores.core.Planned` (``next_execution_time`` moves); ``remove_job`` (a trigger
+with no further run) is :class:`~jobstores.core.Exhausted` (the task is completed and stays on
+file). The store never deletes a record on APScheduler's behalf; only :meth:`remove_task` does.
 
 APScheduler calls these methods holding the table's lock (it is the scheduler's job store
 lock), so they never write: they request a save, made on the save thread.
@@ -24,6 +25,18 @@ from typing import Any
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
 
+from jobstores.commands import (
+    AddTasks,
+    Command,
+    Exhausted,
+    Faulted,
+    Planned,
+    RemoveTask,
+    ReorderTask,
+    RunSettled,
+    RunSubmitted,
+)
+from jobstores.core import Applied, TaskCore
 from jobstores.jobs import JobView, TaskTrigger
 from jobstores.loading import describe_validation_error, parse_record
 from jobstores.saver import SaveHealth, Saver
@@ -31,9 +44,9 @@ from jobstores.state import StateStore, StoredState
 from jobstores.storage import STATE_FILENAME
 from jobstores.stores import resolve_store
 from jobstores.table import TaskTable
-from tasks import lifecycle
 from tasks.errors import DispatcherClosedError
-from tasks.model import TaskRecord, TaskStatus
+from tasks.events import DispatcherEvent, TaskCompleted
+from tasks.model import TaskRecord
 from tasks.schedule import Schedule, utc_now
 
 __all__ = [
@@ -125,10 +138,11 @@ class JsonJobStore(BaseJobStore):
         self._deferred = False
         self._held_now: datetime | None = None
         """The clock reading of the :meth:`deferred_saves` block under way (None: none)."""
-        self._queued: set[str] = set()
-        self._faults: dict[str, str] = {}
-        """Tasks put in error while a run was out: the error outlives that run."""
+        self._core = TaskCore(self._table, self.schedule, self._fraction)
         self._closed = False
+        self.on_events: Callable[[Sequence[DispatcherEvent]], None] | None = None
+        """Told of the events of every change :meth:`apply` makes with ``tell`` and of those
+        APScheduler's calls make (possibly under the lock: defer any work)."""
         self.on_completed: Callable[[TaskRecord], None] | None = None
         """Told (under the lock: defer any work) when APScheduler's side completes a task."""
 
@@ -164,6 +178,11 @@ class JsonJobStore(BaseJobStore):
     def table(self) -> TaskTable:
         """The task table (records, account order, unrestorable records)."""
         return self._table
+
+    @property
+    def core(self) -> TaskCore:
+        """The task core (the task table and the runs in flight)."""
+        return self._core
 
     @property
     def closed(self) -> bool:
@@ -236,19 +255,26 @@ class JsonJobStore(BaseJobStore):
     def jittered(self, record: TaskRecord) -> TaskRecord:
         """``record`` with the start of its next run drawn, if its policy has jitter and none is
         drawn yet for that run (:func:`tasks.lifecycle.jittered`)."""
-        if record.run_policy is None and record.next_start_time is None:
-            return record
-        return lifecycle.jittered(record, self.schedule(record), self._fraction())
+        return self._core.jittered(record)
+
+    def apply(self, command: Command, now: datetime | None = None, *, tell: bool = True) -> Applied:
+        """Apply ``command`` to the core at ``now`` (the clock's reading by default): what
+        changed and its events; with ``tell`` the events go to :attr:`on_events` too.
+
+        Saving is the caller's (see :meth:`save`)."""
+        self._check_open()
+        applied = self._core.apply(command, self.now() if now is None else now)
+        if tell and applied.events and self.on_events is not None:
+            self.on_events(applied.events)
+        return applied
 
     def add_tasks(self, records: Sequence[TaskRecord]) -> None:
         """Add new tasks all together, or none of them (raises :class:`InvalidTaskError`)."""
-        self._check_open()
-        self._table.add([self.jittered(record) for record in records])
+        self.apply(AddTasks(records), tell=False)
 
     def remove_task(self, task_id: str) -> TaskRecord:
         """Delete ``task_id`` for good; returns its last record."""
-        self._check_open()
-        return self._table.remove(task_id)
+        return self.apply(RemoveTask(task_id), tell=False).record
 
     def update_task(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
         """Replace ``task_id``'s record with ``change(record)`` atomically; returns the new one.
@@ -260,8 +286,7 @@ class JsonJobStore(BaseJobStore):
 
     def reorder(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order."""
-        self._check_open()
-        self._table.reorder(task_id, position)
+        self.apply(ReorderTask(task_id, position), tell=False)
 
     # ------------------------------------------------------------------ saving
 
@@ -402,11 +427,8 @@ class JsonJobStore(BaseJobStore):
     def _adopt(self, job: Job) -> None:
         when = job.next_run_time
         when = None if when is None else when.astimezone(self.timezone)
-        now = self._held_now or self.now()
         version = self._table.version
-        self._table.update(
-            job.id, lambda record: self.jittered(lifecycle.planned(record, when, now))
-        )
+        self._core.apply(Planned(job.id, when), self._held_now or self.now())
         if self._table.version != version:
             self._persist()
 
@@ -417,9 +439,7 @@ class JsonJobStore(BaseJobStore):
             if job_id not in self._jobs:
                 raise JobLookupError(job_id)
             self._jobs.drop(job_id)
-            now = self._held_now or self.now()
-            run_out = job_id in self._queued
-            self._change(job_id, lambda r: lifecycle.exhausted(r, now, run_out=run_out))
+            self._told(self._core.apply(Exhausted(job_id), self._held_now or self.now()))
             self._persist()
 
     def remove_all_jobs(self) -> None:
@@ -441,9 +461,7 @@ class JsonJobStore(BaseJobStore):
             record = self._table.find(task_id)
             if record is None:
                 return
-            if task_id in self._queued:
-                self._faults[task_id] = error
-            self._table.update(task_id, lambda r: lifecycle.faulted(r, error, now))
+            self._core.apply(Faulted(task_id, error), now)
             self._persist()
         logger.error(
             "task %s (account %s) put in error, no further runs planned: %s",
@@ -455,40 +473,31 @@ class JsonJobStore(BaseJobStore):
 
     def run_submitted(self, task_id: str) -> None:
         """A run of ``task_id`` was submitted: its completion waits for that run."""
-        with self.lock:
-            self._queued.add(task_id)
+        self._core.apply(RunSubmitted(task_id), self._held_now or self.now())
 
     def run_settled(self, task_id: str) -> bool:
         """The submitted run of ``task_id`` is over (ran, skipped or cut off): a task with no
         further run is completed now. Returns whether its record changed (then it is the
         caller's to save)."""
-        with self.lock:
-            self._queued.discard(task_id)
-            record = self._table.find(task_id)
-            error = self._faults.pop(task_id, None)
-            if record is not None and error is not None:
-                now = self.now()
-                new = self._table.update(task_id, lambda r: lifecycle.faulted(r, error, now))
-                return new is not record
-            if record is not None and self._jobs.attached and task_id not in self._jobs:
-                now = self.now()
-                return self._change(task_id, lambda r: lifecycle.exhausted(r, now))
-            return False
+        applied = self._core.apply(RunSettled(task_id), self.now())
+        self._told(applied)
+        return any(change.before is not change.after for change in applied.changes)
 
-    def _change(self, task_id: str, change: Callable[[TaskRecord], TaskRecord]) -> bool:
-        """Apply ``change``, telling :attr:`on_completed` if it completed the task; returns
-        whether the record changed."""
-        old = self._table.get(task_id)
-        new = self._table.update(task_id, change)
-        if new is not old and new.status is TaskStatus.COMPLETED:
-            logger.info(
-                "task %s (account %s) completed: no run left before its end time",
-                task_id,
-                new.account_id,
-            )
-            if self.on_completed is not None and old.status is not TaskStatus.COMPLETED:
-                self.on_completed(new)
-        return new is not old
+    def _told(self, applied: Applied) -> None:
+        """Hand the events of a change made on APScheduler's side to :attr:`on_events` (and
+        a completion to :attr:`on_completed`)."""
+        for event in applied.events:
+            if isinstance(event, TaskCompleted):
+                record = self._table.get(event.task_id)
+                logger.info(
+                    "task %s (account %s) completed: no run left before its end time",
+                    event.task_id,
+                    event.account_id,
+                )
+                if self.on_completed is not None:
+                    self.on_completed(record)
+        if applied.events and self.on_events is not None:
+            self.on_events(applied.events)
 
     # ------------------------------------------------------------------ closing
 

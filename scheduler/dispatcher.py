@@ -15,6 +15,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
+from jobstores.commands import (
+    AddTasks,
+    EditTask,
+    PauseTask,
+    RemoveTask,
+    RequestRun,
+    ResumeTask,
+)
+from jobstores.core import Applied
 from jobstores.jsonfile import SNAPSHOT_BELOW, JsonJobStore
 from jobstores.saver import SaveHealth
 from jobstores.state import StateStore
@@ -29,18 +38,9 @@ from scheduler.listeners import (
     EventFilter,
     Listener,
     Listeners,
-    RunFailed,
-    RunRetried,
-    RunStarted,
-    RunSucceeded,
-    RunTimedOut,
     SaveFailed,
     SaveRecovered,
-    TaskAdded,
-    TaskCompleted,
     TaskPaused,
-    TaskRemoved,
-    TaskResumed,
     WebhookListener,
 )
 from scheduler.retries import RetryTimer
@@ -56,7 +56,7 @@ from tasks.errors import (
 from tasks.manager import TaskManagerFactory
 from tasks.model import TaskRecord, TaskStatus
 from tasks.policy import RunPolicy
-from tasks.runs import TIMED_OUT, RunBackend, RunEvent, RunEventKind, RunRequest
+from tasks.runs import RunBackend, RunEvent, RunRequest
 from tasks.schedule import RunPreview, preview_runs
 from tasks.zones import resolve_timezone
 
@@ -161,13 +161,13 @@ class Dispatcher:
             self._store, DispatchExecutor(self._runner.submit), self.timezone
         )
         self._retries = RetryTimer(self._store, self._runner.submit)
-        self._ledger.watch(self._retries.watch)
         self._ledger.watch(self._take_up_manual)
-        # Listeners (typed events): run events from the ledger, completions and save health
-        # from the store, task events at this class's API calls.
+        # Listeners (typed events): the core's events, relayed (those of this class's API
+        # calls when the call is done, the others from the loop), and save health.
         self._listeners = Listeners()
-        self._ledger.watch(self._tell_run)
-        self._store.on_completed = self._tell_completed
+        self._observers: list[Callable[[DispatcherEvent], None]] = [self._retries.observe]
+        """Told of every event where its change was applied (on the loop for run events)."""
+        self._store.on_events = self._relay
         self._store.on_save_health(self._tell_save)
         self._history = open_history(directory, history, self.timezone)
         if self._history is not None:
@@ -298,29 +298,28 @@ class Dispatcher:
         if self._listeners:
             self._listeners.emit(event)
 
-    def _tell_task(
-        self, kind: type[TaskAdded | TaskResumed | TaskRemoved | TaskCompleted], record: TaskRecord
-    ) -> None:
-        self._tell(kind(at=self._store.now(), task_id=record.task_id, account_id=record.account_id))
+    def _tell_all(self, applied: Applied) -> None:
+        """Tell the observers and listeners the events of a change this class applied
+        (after saving)."""
+        for event in applied.events:
+            self._observe(event)
+            if self._listeners:
+                self._listeners.emit(event)
 
-    def _tell_paused(self, record: TaskRecord) -> None:
-        self._tell(
-            TaskPaused(
-                at=self._store.now(),
-                task_id=record.task_id,
-                account_id=record.account_id,
-                automatic=record.paused_reason is not None,
-                reason=record.paused_reason,
-            )
-        )
+    def _relay(self, events: Sequence[DispatcherEvent]) -> None:
+        # From the store, maybe under the table's lock: listeners hear of them from the
+        # loop, after it is released.
+        for event in events:
+            self._observe(event)
+            if self._listeners:
+                self._listeners.emit_soon(event)
 
-    def _tell_completed(self, record: TaskRecord) -> None:
-        # Under the table's lock: emitted from the loop, after it is released.
-        if self._listeners:
-            event = TaskCompleted(
-                at=self._store.now(), task_id=record.task_id, account_id=record.account_id
-            )
-            self._listeners.emit_soon(event)
+    def _observe(self, event: DispatcherEvent) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:
+                logger.exception("an observer failed on %s of task %s", event.kind, event.task_id)
 
     def _tell_save(self, error: str | None) -> None:
         if not self._listeners:
@@ -330,60 +329,6 @@ class Dispatcher:
             SaveRecovered(at=now) if error is None else SaveFailed(at=now, error=error)
         )
         self._listeners.emit_soon(event)
-
-    def _tell_run(
-        self,
-        request: RunRequest,
-        event: RunEvent,
-        before: TaskRecord | None,
-        after: TaskRecord | None,
-    ) -> None:
-        if not self._listeners:
-            return
-        common: dict[str, Any] = {
-            "at": event.at.astimezone(self.timezone),
-            "task_id": request.task_id,
-            "account_id": request.account_id,
-            "run_id": request.run_id,
-            "attempt": request.attempt,
-            "scheduled_at": request.scheduled_at,
-        }
-        if event.kind is RunEventKind.STARTED:
-            self._tell(RunStarted(**common))
-            return
-        if event.kind is RunEventKind.CANCELLED:
-            return  # it never started: no run to speak of
-        if event.ok:
-            self._tell(RunSucceeded(**common))
-        else:
-            timeout = event.extra.get(TIMED_OUT)
-            if timeout is not None:
-                self._tell(RunTimedOut(**common, timeout=float(timeout)))
-            retry = after.retry if after is not None else None
-            self._tell(
-                RunFailed(
-                    **common,
-                    error=event.error or event.kind.value,
-                    retry_at=retry.at if retry is not None else None,
-                )
-            )
-            if retry is not None:
-                self._tell(
-                    RunRetried(
-                        at=common["at"],
-                        task_id=request.task_id,
-                        account_id=request.account_id,
-                        run_id=request.run_id,
-                        attempt=retry.attempt,
-                        retry_at=retry.at,
-                    )
-                )
-        if after is None or before is None or before.status is after.status:
-            return
-        if after.status is TaskStatus.PAUSED:
-            self._tell_paused(after)
-        elif after.status is TaskStatus.COMPLETED:
-            self._tell_task(TaskCompleted, after)
 
     # ------------------------------------------------------------------ queries
 
@@ -484,10 +429,10 @@ class Dispatcher:
         records = self._intake.new_records(tasks, now)
         for record in records:
             self._check_manager(record)
-        self._store.add_tasks(records)
+        added = self._store.apply(AddTasks(records), now, tell=False)
         saved = await self._store.save_async()
         self._wake()
-        for record in records:
+        for record in added.records:
             logger.info(
                 "task %s added for account %s (%s, every %ss, hours %d-%d), first run %s",
                 record.task_id,
@@ -497,7 +442,7 @@ class Dispatcher:
                 *record.valid_time_range,
                 record.next_execution_time,
             )
-            self._tell_task(TaskAdded, record)
+        self._tell_all(added)
         if not saved:
             self._save_failed(tuple(record.task_id for record in records))
         return [record.task_id for record in records]
@@ -539,14 +484,12 @@ class Dispatcher:
         self._check_open()
         _task_id(task_id)
 
-        now = self._store.now()
-        before = self._store.get(task_id)
-        record = self._store.update_task(task_id, lambda r: lifecycle.paused(r, now))
+        applied = self._store.apply(PauseTask(task_id), tell=False)
+        record = applied.record
         self._withdraw_sent(record)
         saved = self._store.save()
         logger.info("task %s (account %s) is %s", task_id, record.account_id, record.status.value)
-        if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
-            self._tell_paused(record)
+        self._tell_all(applied)
         self._saved(saved, task_id)
 
     def resume_task(self, task_id: str) -> None:
@@ -560,19 +503,11 @@ class Dispatcher:
         self._check_open()
         _task_id(task_id)
 
-        now = self._store.now()
-
-        def resume(record: TaskRecord) -> TaskRecord:
-            return lifecycle.resumed(record, self._store.schedule(record), now)
-
-        before = self._store.get(task_id)
-        record = self._store.update_task(task_id, resume)
+        applied = self._store.apply(ResumeTask(task_id), tell=False)
+        record = applied.record
         saved = self._store.save()
         self._wake()
-        if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
-            self._tell_task(TaskResumed, record)
-            if record.status is TaskStatus.COMPLETED:
-                self._tell_task(TaskCompleted, record)
+        self._tell_all(applied)
         logger.info(
             "task %s (account %s) is %s, next run %s",
             task_id,
@@ -620,12 +555,11 @@ class Dispatcher:
         self._check_manager(
             rules, renew=(rules.kwargs, rules.sys_type) != (current.kwargs, current.sys_type)
         )
-        schedule = self._store.schedule(rules)
-        record = self._store.update_task(
-            task_id, lambda r: lifecycle.edited(r, rules, schedule, now)
-        )
+        applied = self._store.apply(EditTask(task_id, rules), now, tell=False)
+        record = applied.record
         saved = self._store.save()
         self._wake()
+        self._tell_all(applied)
         logger.info(
             "task %s (account %s) updated: every %ss, hours %d-%d, until %s; %s, next run %s",
             task_id,
@@ -643,13 +577,14 @@ class Dispatcher:
         """Delete ``task_id`` for good; saved when this returns. A run in progress finishes."""
         self._check_open()
         _task_id(task_id)
-        record = self._store.remove_task(task_id)
+        applied = self._store.apply(RemoveTask(task_id), tell=False)
+        record = applied.record
         self._withdraw_sent(record)
         if self._local is not None:
             self._local.forget(task_id)
         saved = self._store.save()
         logger.info("task %s (account %s) removed", task_id, record.account_id)
-        self._tell_task(TaskRemoved, record)
+        self._tell_all(applied)
         self._saved(saved, task_id)
 
     def _withdraw_sent(self, record: TaskRecord) -> None:
@@ -703,17 +638,17 @@ class Dispatcher:
         """
         self._check_open()
         _task_id(task_id)
-        now = self._store.now()
-        before = self._store.get(task_id)
-        record = self._store.update_task(task_id, lambda r: lifecycle.run_requested(r, now))
+        applied = self._store.apply(RequestRun(task_id), tell=False)
+        record = applied.record
+        first = applied.before is not None and applied.before.run_requested is None
         saved = self._store.save()
-        if before.run_requested is None and record.run_requested is not None:
+        if first and record.run_requested is not None:
             self._submit_manual(task_id)
         logger.info(
             "task %s (account %s): run now asked for%s",
             task_id,
             record.account_id,
-            "" if before.run_requested is None else " (already asked for)",
+            "" if first else " (already asked for)",
         )
         self._saved(saved, task_id)
         return record.snapshot()
@@ -769,12 +704,11 @@ class Dispatcher:
         belongs to the account, :class:`SaveFailedError` if the change (in effect, and
         announced) could not be saved.
         """
-        now = self._store.now()
-        changes, saved = self._change_account(account_id, lambda r: lifecycle.paused(r, now))
-        for before, record in changes:
-            if before.status is not TaskStatus.PAUSED and record.status is TaskStatus.PAUSED:
-                self._withdraw_sent(record)
-                self._tell_paused(record)
+        changes, saved = self._change_account(account_id, PauseTask)
+        for applied in changes:
+            if any(isinstance(event, TaskPaused) for event in applied.events):
+                self._withdraw_sent(applied.record)
+            self._tell_all(applied)
         return self._account_report(account_id, "paused", changes, saved)
 
     def resume_account(self, account_id: str) -> list[AccountChange]:
@@ -786,34 +720,27 @@ class Dispatcher:
         belongs to the account, :class:`SaveFailedError` if the change (in effect, and
         announced) could not be saved.
         """
-        now = self._store.now()
-        store = self._store
-        changes, saved = self._change_account(
-            account_id, lambda r: lifecycle.resumed(r, store.schedule(r), now)
-        )
-        for before, record in changes:
-            if before.status is TaskStatus.PAUSED and record.status is not TaskStatus.PAUSED:
-                self._tell_task(TaskResumed, record)
-                if record.status is TaskStatus.COMPLETED:
-                    self._tell_task(TaskCompleted, record)
+        changes, saved = self._change_account(account_id, ResumeTask)
+        for applied in changes:
+            self._tell_all(applied)
         return self._account_report(account_id, "resumed", changes, saved)
 
     def _change_account(
-        self, account_id: str, change: Callable[[TaskRecord], TaskRecord]
-    ) -> tuple[list[tuple[TaskRecord, TaskRecord]], bool]:
-        """Apply ``change`` to every task of ``account_id`` under the store's lock, then save
-        once: one commit. Returns each task's record before and after, and whether the
+        self, account_id: str, command: Callable[[str], PauseTask | ResumeTask]
+    ) -> tuple[list[Applied], bool]:
+        """Apply ``command`` to every task of ``account_id`` under the store's lock, at one
+        instant, then save once: one commit. Returns what each command did, and whether the
         commit is on disk."""
         self._check_open()
         _task_id(account_id, "account_id")
-        changes: list[tuple[TaskRecord, TaskRecord]] = []
+        changes: list[Applied] = []
+        now = self._store.now()
         with self._store.lock:
             task_ids = self._store.account_tasks().get(account_id)
             if not task_ids:
                 raise AccountNotFoundError(account_id)
             for task_id in task_ids:
-                before = self._store.get(task_id)
-                changes.append((before, self._store.update_task(task_id, change)))
+                changes.append(self._store.apply(command(task_id), now, tell=False))
         saved = self._store.save()
         self._wake()
         return changes, saved
@@ -822,13 +749,13 @@ class Dispatcher:
         self,
         account_id: str,
         verb: str,
-        changes: list[tuple[TaskRecord, TaskRecord]],
+        changes: list[Applied],
         saved: bool,
     ) -> list[AccountChange]:
-        report = [
-            AccountChange(after.task_id, after.status, after is not before)
-            for before, after in changes
-        ]
+        report = []
+        for applied in changes:
+            after = applied.record
+            report.append(AccountChange(after.task_id, after.status, after is not applied.before))
         logger.info(
             "account %s: %d of %d task(s) %s",
             account_id,

@@ -11,7 +11,6 @@ it in the same record change, so a duplicate finds nothing to apply, even after 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import uuid
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from jobstores.commands import RunAbandoned, RunOpened, RunReported
 from jobstores.jsonfile import JsonJobStore
 from tasks import lifecycle
 from tasks.model import ActiveRun, TaskRecord
@@ -146,9 +146,7 @@ class RunLedger:
                 started_at=now if started else None,
                 manual=manual,
             )
-            record = store.update_task(
-                task_id, lambda r: lifecycle.run_opened(r, run, now, started=started)
-            )
+            record = store.apply(RunOpened(task_id, run, started), now).record
         request = _request(record, run)
         self._open[run.run_id] = _Open(request)
         if logger.isEnabledFor(logging.INFO):
@@ -183,10 +181,7 @@ class RunLedger:
             if not self._remote:
                 now = store.now()
                 run_id = record.active_run.run_id
-                store.update_task(
-                    record.task_id,
-                    functools.partial(lifecycle.run_abandoned, run_id=run_id, now=now),
-                )
+                store.apply(RunAbandoned(record.task_id, run_id), now)
                 logger.warning(
                     "task %s (account %s) was running when the dispatcher stopped; runnable again",
                     record.task_id,
@@ -247,25 +242,11 @@ class RunLedger:
                 assert record is not None
                 assert record.active_run is not None
                 entry = _Open(_request(record, record.active_run))
-            if applied:
-                if event.kind is RunEventKind.STARTED:
-                    after = store.update_task(
-                        event.task_id, lambda r: lifecycle.run_started(r, event, now)
-                    )
-                elif event.kind is RunEventKind.CANCELLED:
-                    # It never started: closed without counting, as if never sent.
-                    after = store.update_task(
-                        event.task_id,
-                        lambda r: lifecycle.run_abandoned(r, event.run_id, now),
-                    )
-                else:
-                    # Only a failure may plan a retry, which needs the schedule.
-                    after = store.update_task(
-                        event.task_id,
-                        lambda r: lifecycle.run_finished(
-                            r, event, now, None if event.ok else store.schedule(r)
-                        ),
-                    )
+            if entry is not None and (applied or not store.closed):
+                # The core decides the transition (completion included) and its events.
+                result = store.apply(RunReported(event, entry.request), now)
+                if applied:
+                    after = result.record
         if entry is None:
             logger.debug("run %s: %s event ignored (not open)", event.run_id, event.kind)
             return False
@@ -293,8 +274,8 @@ class RunLedger:
         now = store.now()
         task_id = entry.request.task_id
         with store.lock:
-            if store.find(task_id) is not None and not store.closed:
-                store.update_task(task_id, lambda r: lifecycle.run_abandoned(r, run_id, now))
+            if not store.closed:
+                store.apply(RunAbandoned(task_id, run_id), now)
         if entry.ended is not None and not entry.ended.done():
             entry.ended.cancel()
         self._tell(

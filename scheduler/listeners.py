@@ -1,5 +1,8 @@
 """Listeners: typed events for what happens to runs, tasks and saving, and a webhook.
 
+The event classes are those of :mod:`tasks.events` (the one hierarchy the task core emits),
+re-exported here under the names users import.
+
 ``TaskDispatcher.add_listener(callback, events=...)`` calls ``callback(event)`` for each event
 of the classes asked for (all of them by default), in APScheduler's style. A callback may be
 a plain function or a coroutine function (run as a task of the dispatcher's loop); one that
@@ -10,18 +13,32 @@ delays the dispatcher, so do I/O in a coroutine (or in a thread, as :class:`Webh
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import inspect
 import logging
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, ClassVar
 
 import orjson
+
+from tasks.events import (
+    EVENT_CLASSES,
+    DispatcherEvent,
+    RunFailed,
+    RunRetried,
+    RunStarted,
+    RunSucceeded,
+    RunTimedOut,
+    SaveFailed,
+    SaveRecovered,
+    TaskAdded,
+    TaskCompleted,
+    TaskPaused,
+    TaskRemoved,
+    TaskResumed,
+    event_by_kind,
+)
 
 __all__ = [
     "DispatcherEvent",
@@ -44,153 +61,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, kw_only=True)
-class DispatcherEvent:
-    """Something that happened in the dispatcher; ``kind`` names the event class."""
-
-    kind: ClassVar[str] = "event"
-    at: datetime
-    """When it happened (the dispatcher's zone)."""
-    task_id: str | None
-    """The task concerned (None for events about the whole dispatcher)."""
-
-    def to_json(self) -> dict[str, Any]:
-        """The event as a JSON object: ``{"event": kind, ...fields}``, times in ISO-8601."""
-        data: dict[str, Any] = {"event": self.kind}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            data[field.name] = value.isoformat() if isinstance(value, datetime) else value
-        return data
-
-
-@dataclass(frozen=True, kw_only=True)
-class _TaskEvent(DispatcherEvent):
-    task_id: str
-    account_id: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class _RunEvent(_TaskEvent):
-    run_id: str
-    attempt: int
-    """1 for a planned run, 2 and up for its retries."""
-    scheduled_at: datetime
-    """The planned time of the run."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunStarted(_RunEvent):
-    """A run started executing."""
-
-    kind: ClassVar[str] = "run_started"
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunSucceeded(_RunEvent):
-    """A run finished without error."""
-
-    kind: ClassVar[str] = "run_succeeded"
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunFailed(_RunEvent):
-    """A run failed (raised, timed out, was lost or expired); ``retry_at`` if retried."""
-
-    kind: ClassVar[str] = "run_failed"
-    error: str
-    retry_at: datetime | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunTimedOut(_RunEvent):
-    """A run was stopped by its ``run_timeout`` (a :class:`RunFailed` follows)."""
-
-    kind: ClassVar[str] = "run_timed_out"
-    timeout: float
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunRetried(_TaskEvent):
-    """A failed run will be tried again: attempt ``attempt`` at ``retry_at``."""
-
-    kind: ClassVar[str] = "run_retried"
-    run_id: str
-    """The run that failed."""
-    attempt: int
-    retry_at: datetime
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskAdded(_TaskEvent):
-    """A task was added."""
-
-    kind: ClassVar[str] = "task_added"
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskPaused(_TaskEvent):
-    """A task was paused: on request, or by the dispatcher (``automatic``, with ``reason``)."""
-
-    kind: ClassVar[str] = "task_paused"
-    automatic: bool = False
-    reason: str | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskResumed(_TaskEvent):
-    """A paused task was resumed."""
-
-    kind: ClassVar[str] = "task_resumed"
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskRemoved(_TaskEvent):
-    """A task was removed."""
-
-    kind: ClassVar[str] = "task_removed"
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskCompleted(_TaskEvent):
-    """A task has no run left before its end."""
-
-    kind: ClassVar[str] = "task_completed"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SaveFailed(DispatcherEvent):
-    """Saving the state file failed (changes stay in memory; saving is retried)."""
-
-    kind: ClassVar[str] = "save_failed"
-    task_id: None = None
-    error: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class SaveRecovered(DispatcherEvent):
-    """Saving works again after a failure; every pending change is written."""
-
-    kind: ClassVar[str] = "save_recovered"
-    task_id: None = None
-
-
-EVENT_CLASSES: tuple[type[DispatcherEvent], ...] = (
-    RunStarted,
-    RunSucceeded,
-    RunFailed,
-    RunTimedOut,
-    RunRetried,
-    TaskAdded,
-    TaskPaused,
-    TaskResumed,
-    TaskRemoved,
-    TaskCompleted,
-    SaveFailed,
-    SaveRecovered,
-)
-_BY_KIND = {cls.kind: cls for cls in EVENT_CLASSES}
-
 Listener = Callable[[DispatcherEvent], object]
 """A callback: ``callback(event)``, plain or a coroutine function."""
 EventFilter = Iterable["type[DispatcherEvent] | str"] | None
@@ -203,9 +73,11 @@ def event_classes(events: EventFilter) -> tuple[type[DispatcherEvent], ...]:
     found: list[type[DispatcherEvent]] = []
     for item in events:
         if isinstance(item, str):
-            if item not in _BY_KIND:
-                raise ValueError(f"events: unknown event {item!r} (known: {sorted(_BY_KIND)})")
-            found.append(_BY_KIND[item])
+            cls = event_by_kind(item)
+            if cls is None:
+                known = sorted(event.kind for event in EVENT_CLASSES)
+                raise ValueError(f"events: unknown event {item!r} (known: {known})")
+            found.append(cls)
         elif isinstance(item, type) and issubclass(item, DispatcherEvent):
             found.append(item)
         else:

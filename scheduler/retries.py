@@ -15,8 +15,8 @@ from collections.abc import Callable
 from datetime import datetime
 
 from jobstores.jsonfile import JsonJobStore
-from tasks.model import TaskRecord
-from tasks.runs import RunEvent, RunRequest
+from tasks.events import DispatcherEvent, RunRetried
+from tasks.runs import RunEvent
 from tasks.schedule import utc_now
 
 __all__ = ["RetryTimer"]
@@ -60,18 +60,13 @@ class RetryTimer:
         self._running = False
         self._disarm()
 
-    def watch(
-        self,
-        request: RunRequest,
-        event: RunEvent,
-        before: TaskRecord | None,
-        after: TaskRecord | None,
-    ) -> None:
-        """A run event was applied (a ledger watcher): take up the retry it planned, if any."""
-        if after is not None and after.retry is not None:
-            at = after.retry.at
-            self._due[after.task_id] = at
-            heapq.heappush(self._heap, (at, after.task_id))
+    def observe(self, event: DispatcherEvent) -> None:
+        """An event of the core (on the loop, where its change was applied): take up the
+        retry a :class:`~tasks.events.RunRetried` planned."""
+        if isinstance(event, RunRetried):
+            at = event.retry_at
+            self._due[event.task_id] = at
+            heapq.heappush(self._heap, (at, event.task_id))
             if len(self._heap) > 2 * len(self._due) + 64:  # mostly replaced times: drop them
                 self._heap = [(at, task_id) for task_id, at in self._due.items()]
                 heapq.heapify(self._heap)

@@ -26,6 +26,7 @@ from helpers import (
 from jobstores import JsonJobStore
 from scheduler.errors import DirectoryLockedError, InvalidTaskError, TaskNotFoundError
 from tasks import TaskStatus
+from tasks.events import DispatcherEvent
 
 
 def job_of(store: JsonJobStore, task_id: str) -> Any:
@@ -181,6 +182,22 @@ def test_run_settled_says_whether_it_changed_the_record(store: JsonJobStore) -> 
     store.remove_job("b")  # no further run, while one is out
     assert store.run_settled("b") is True
     assert store.get("b").status is TaskStatus.COMPLETED
+
+
+def test_the_schedulers_changes_announce_their_events_once(store: JsonJobStore) -> None:
+    told: list[DispatcherEvent] = []
+    store.on_events = told.extend
+    store.add_tasks([record("a"), record("b")])  # the caller's own change: it tells
+    store.run_submitted("a")
+    store.remove_job("a")  # its last run is out: completed when it is over
+    assert told == []
+    store.run_settled("a")
+    store.remove_job("b")
+    store.run_settled("b")  # completed already: nothing more to say
+    assert [(event.kind, event.task_id) for event in told] == [
+        ("task_completed", "a"),
+        ("task_completed", "b"),
+    ]
 
 
 def test_remove_all_jobs_completes_every_task(store: JsonJobStore, tmp_path: Path) -> None:

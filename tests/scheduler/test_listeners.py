@@ -161,6 +161,35 @@ async def test_timeout_and_completion_events(
     await dispatcher.stop()
 
 
+async def test_task_events_are_decided_where_the_change_is_made(
+    clock: Any, make_dispatcher: MakeDispatcher
+) -> None:
+    """Each change announces what it did, once, stamped when it was made; a call that
+    changes nothing says nothing."""
+    dispatcher = make_dispatcher()
+    seen = Collector()
+    dispatcher.add_listener(seen)
+    task_id = await add(dispatcher, task_end_time=at(2026, 1, 8, 9, 0))
+    dispatcher.resume_task(task_id)  # not paused: nothing to say
+    dispatcher.pause_task(task_id)
+    dispatcher.pause_task(task_id)  # paused already
+    clock.move_to(at(2026, 1, 8, 10, 0))
+    dispatcher.resume_task(task_id)  # past its end: resumed, and completed
+    dispatcher.pause_task(task_id)  # completed: stays so
+    dispatcher.remove_task(task_id)
+    assert seen.kinds() == [
+        "task_added",
+        "task_paused",
+        "task_resumed",
+        "task_completed",
+        "task_removed",
+    ]
+    assert {event.task_id for event in seen.events} == {task_id}
+    assert [event.at for event in seen.events] == [at(2026, 1, 8, 7, 0)] * 2 + [
+        at(2026, 1, 8, 10, 0)
+    ] * 3
+
+
 async def test_save_failed_and_recovered_events(
     clock: Any, make_dispatcher: MakeDispatcher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
