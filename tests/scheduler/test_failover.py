@@ -66,13 +66,6 @@ async def test_a_leader_whose_lease_ran_out_starts_no_run(
         await dispatcher.stop()
 
 
-async def wait_until(condition: Any, timeout: float = 10.0) -> None:
-    """Wait (on the loop) until ``condition()`` holds, failing after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 async def test_a_leader_taken_over_stands_by_at_once_and_logs_one_error(
     recorder: Recorder,
     tmp_path: Path,
@@ -98,9 +91,7 @@ async def test_a_leader_taken_over_stands_by_at_once_and_logs_one_error(
                 "expires_at = now() + interval '1 minute'"
             )
         caplog.clear()
-        await wait_until(
-            lambda: dispatcher.standing is not None and dispatcher.standing.stepped_down.is_set()
-        )
+        await asyncio.wait_for(dispatcher.standing.stepped_down.wait(), 10)
         assert dispatcher.role == "standby"
         assert dispatcher.scheduler.state == STATE_PAUSED  # it plans nothing more
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
