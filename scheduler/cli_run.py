@@ -176,7 +176,9 @@ def run(
     }
     if options.store:
         with errors():
-            asyncio.run(_serve_cluster(options.store, advertise_url, make, console, serving))
+            asyncio.run(
+                _serve_cluster(options.store, advertise_url, make, console, serving, options)
+            )
         return
     with errors():
         dispatcher = make()
@@ -194,16 +196,25 @@ async def _serve_cluster(
     make: Callable[[Any], TaskDispatcher],
     console: Console,
     serving: dict[str, Any],
+    options: Options,
 ) -> None:
     """Stand by until this instance takes the cluster's lease, lead until it loses it, and
-    again, until SIGINT or SIGTERM."""
+    again, until SIGINT or SIGTERM. While standing by, the control API (when installed)
+    answers health and sends every other request to the leader."""
     from scheduler.cli_store import open_store
 
     stop = _stop_on_signals()
     while not stop.is_set():
         store = open_store(url, advertise_url)
-        if not await _campaign(store, stop):
-            return
+        standby = _Standby(store.where)
+        server = await standby.serve(options, serving) if serving["control"] else None
+        try:
+            if not await _campaign(store, stop, standby):
+                return
+        finally:
+            if server is not None:
+                await server.close()
+                standby.forget_token(options)
         dispatcher = make(store)
         try:
             lost = dispatcher.standing.stepped_down if dispatcher.standing else None
@@ -214,7 +225,51 @@ async def _serve_cluster(
             store.release()
 
 
-async def _campaign(store: Any, stop: asyncio.Event) -> bool:
+class _Standby:
+    """What this instance knows of its cluster while it stands by, and its control API."""
+
+    def __init__(self, where: str) -> None:
+        from scheduler.control.standby import StandbyView
+
+        self.view = StandbyView(where)
+        self.token: str | None = None
+
+    def saw(self, exc: Exception) -> None:
+        from scheduler.control.standby import StandbyView
+
+        if isinstance(exc, NotLeaderError):
+            self.view = StandbyView(
+                self.view.where, exc.epoch, exc.leader_id, exc.leader_url, str(exc)
+            )
+
+    async def serve(self, options: Options, serving: dict[str, Any]) -> Any:
+        from jobstores.durable import ensure_private_dir
+        from scheduler.control.guard import issue_token
+        from scheduler.control.server import ControlServer
+        from scheduler.control.standby import create_standby_app
+        from scheduler.dispatcher import CONTROL_SOCKET
+
+        ensure_private_dir(options.dir)
+        listen = serving["listen"]
+        token = serving["token"]
+        if listen is not None and token is None:
+            token = self.token = issue_token(options.dir)
+        app = create_standby_app(lambda: self.view, token=token)
+        server = ControlServer(
+            app, socket_path=options.dir / CONTROL_SOCKET, listen=listen, token=token
+        )
+        await server.start()
+        return server
+
+    def forget_token(self, options: Options) -> None:
+        if self.token is not None:
+            from scheduler.control.guard import remove_token
+
+            remove_token(options.dir, self.token)
+            self.token = None
+
+
+async def _campaign(store: Any, stop: asyncio.Event, standby: _Standby) -> bool:
     """Try to take the lease every third of it until this instance leads (True) or is
     stopped (False); says once which instance it stands by for."""
     from jobstores.postgres import PostgresStoreError
@@ -224,6 +279,7 @@ async def _campaign(store: Any, stop: asyncio.Event) -> bool:
         try:
             await asyncio.to_thread(store.acquire)
         except (NotLeaderError, PostgresStoreError) as exc:
+            standby.saw(exc)
             if str(exc) != said:
                 logger.info("standing by: %s", exc)
                 said = str(exc)

@@ -160,6 +160,7 @@ class PostgresStorage:
 
     def _in_use(self) -> NotLeaderError:
         holder = url = None
+        epoch = None
         try:
             with self.leadership._connect() as connection:
                 found = read_lease(connection, self.leadership.cluster)
@@ -167,12 +168,14 @@ class PostgresStorage:
             logger.debug("reading the lease failed: %s", describe(exc))
             found = None
         if found is not None:
-            holder, url = found.holder, found.holder_url
+            holder, url, epoch = found.holder, found.holder_url, found.epoch
         by = f" by {holder!r}" if holder else " by another instance"
         at = f" (serving at {url})" if url else ""
         return NotLeaderError(
             f"{self.where} is in use{by}{at}, which leads it; this instance stands by",
             leader_url=url,
+            leader_id=holder,
+            epoch=epoch,
         )
 
     def release(self) -> None:

@@ -103,3 +103,27 @@ async def test_a_leader_taken_over_stands_by_at_once_and_logs_one_error(
             await dispatcher.add_task(**TASK)
     finally:
         await dispatcher.stop()
+
+
+async def test_health_reports_the_role_epoch_and_leader(
+    recorder: Recorder, tmp_path: Path, postgres_databases: Databases
+) -> None:
+    from httpx import ASGITransport, AsyncClient
+
+    store = PostgresStorage.for_url(
+        url_of(postgres_databases.create()), advertise_url="http://leader.example:8080"
+    )
+    dispatcher = TaskDispatcher(tmp_path, task_manager_factory=recorder, store=store)
+    await dispatcher.start()
+    try:
+        app = dispatcher.control_app(token="t")
+        async with AsyncClient(transport=ASGITransport(app), base_url="http://127.0.0.1") as api:
+            health = (await api.get("/api/v1/health", headers={"Authorization": "Bearer t"})).json()
+        assert health["role"] == "leader"
+        assert health["epoch"] == store.leadership.epoch == 1
+        assert health["leader"] == {
+            "id": store.leadership.holder,
+            "url": "http://leader.example:8080",
+        }
+    finally:
+        await dispatcher.stop()

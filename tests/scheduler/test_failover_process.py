@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from helpers import Running, add_shell_task, cli
 from postgres_support import Databases, postgres_databases, url_of
@@ -19,6 +21,7 @@ from postgres_support import Databases, postgres_databases, url_of
 __all__ = ["postgres_databases"]  # a fixture of every test here
 
 LEASE = 2.0
+TOKEN = "failover-test-token"
 
 
 @pytest.fixture
@@ -28,13 +31,14 @@ def store_url(postgres_databases: Databases) -> str:
 
 
 @pytest.fixture
-def instances(tmp_path: Path, store_url: str) -> Iterator[Callable[[str], Running]]:
-    """``instances(name)``: ``task-dispatcher run`` on the store, with a directory of its own
-    (killed at the end if still running)."""
+def instances(tmp_path: Path, store_url: str) -> Iterator[Callable[..., Running]]:
+    """``instances(name, *run_args)``: ``task-dispatcher run`` on the store, with a directory
+    of its own and the token :data:`TOKEN` (killed at the end if still running)."""
     started: list[Running] = []
+    env = {"TASK_DISPATCHER_STORE": store_url, "TASK_DISPATCHER_TOKEN": TOKEN}
 
-    def start(name: str) -> Running:
-        started.append(Running(tmp_path / name, env={"TASK_DISPATCHER_STORE": store_url}))
+    def start(name: str, *args: str) -> Running:
+        started.append(Running(tmp_path / name, *args, env=env))
         return started[-1]
 
     yield start
@@ -73,7 +77,7 @@ def runs_started(lines: list[str]) -> int:
 
 @pytest.mark.timeout(120)
 def test_a_killed_leader_is_replaced_within_lease_plus_5_seconds(
-    tmp_path: Path, store_url: str, instances: Callable[[str], Running]
+    tmp_path: Path, store_url: str, instances: Callable[..., Running]
 ) -> None:
     seed(tmp_path, store_url)
     first = instances("a")
@@ -99,7 +103,7 @@ def test_a_killed_leader_is_replaced_within_lease_plus_5_seconds(
 
 @pytest.mark.timeout(120)
 def test_two_instances_started_at_the_same_instant_elect_one_leader(
-    instances: Callable[[str], Running],
+    instances: Callable[..., Running],
 ) -> None:
     pair = [instances("a"), instances("b")]
     for process in pair:
@@ -109,7 +113,7 @@ def test_two_instances_started_at_the_same_instant_elect_one_leader(
 
 @pytest.mark.timeout(120)
 def test_a_frozen_leader_starts_and_commits_nothing_once_replaced(
-    tmp_path: Path, store_url: str, instances: Callable[[str], Running]
+    tmp_path: Path, store_url: str, instances: Callable[..., Running]
 ) -> None:
     seed(tmp_path, store_url)
     first = instances("a")
@@ -137,3 +141,45 @@ def test_a_frozen_leader_starts_and_commits_nothing_once_replaced(
     listed = cli(tmp_path / "b", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert {t["task_id"] for t in json.loads(listed.stdout)} == {"tick", "hourly"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.mark.timeout(120)
+def test_a_standby_reports_the_leader_and_sends_changes_there(
+    tmp_path: Path, store_url: str, instances: Callable[..., Running]
+) -> None:
+    seed(tmp_path, store_url)
+    ports = free_port(), free_port()
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    first = instances("a", "--listen", f"127.0.0.1:{ports[0]}", "--advertise-url", urls[0])
+    first.wait_for(leads)
+    second = instances("b", "--listen", f"127.0.0.1:{ports[1]}", "--advertise-url", urls[1])
+    second.wait_for(stands_by)
+    second.wait_for_line("control API on http")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    leader = httpx.get(f"{urls[0]}/api/v1/health", headers=auth, timeout=10).json()
+    assert leader["role"] == "leader"
+    assert leader["leader"]["url"] == urls[0]
+    standby = httpx.get(f"{urls[1]}/api/v1/health", headers=auth, timeout=10).json()
+    assert (standby["role"], standby["epoch"]) == ("standby", leader["epoch"])
+    assert standby["leader"] == leader["leader"]
+
+    change = httpx.post(f"{urls[1]}/api/v1/tasks/hourly/pause?x=1", headers=auth, timeout=10)
+    assert change.status_code == 307
+    assert change.headers["location"] == f"{urls[0]}/api/v1/tasks/hourly/pause?x=1"
+    refused = httpx.post(f"{urls[1]}/api/v1/tasks/hourly/pause", timeout=10)
+    assert refused.status_code == 401  # the standby's API needs the token too
+
+    # The command line, on the standby's directory, follows to the leader with the token.
+    paused = cli(tmp_path / "b", "pause", "hourly", env={"TASK_DISPATCHER_TOKEN": TOKEN})
+    assert (paused.returncode, paused.stdout) == (0, "hourly: paused\n"), paused.stderr
+    listed = cli(tmp_path / "a", "list", "--json")
+    status = {task["task_id"]: task["status"] for task in json.loads(listed.stdout)}
+    assert status["hourly"] == "paused"
