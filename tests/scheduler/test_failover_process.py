@@ -9,14 +9,17 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 from helpers import Running, add_shell_task, cli
-from postgres_support import Databases, postgres_databases, url_of
+from postgres_support import ADMIN_DSN, Databases, postgres_databases, url_of
+from psycopg import sql
 
 __all__ = ["postgres_databases"]  # a fixture of every test here
 
@@ -69,6 +72,11 @@ def stands_by(lines: list[str]) -> bool:
 def stamp(line: str) -> datetime:
     """When a log line was written (its first field, as ``run`` logs without a terminal)."""
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def logged_after(lines: list[str], when: datetime) -> list[str]:
+    """The log lines written at or after ``when``."""
+    return [line for line in lines if line[:4].isdigit() and stamp(line) >= when]
 
 
 def runs_started(lines: list[str]) -> int:
@@ -134,7 +142,7 @@ def test_a_frozen_leader_starts_and_commits_nothing_once_replaced(
     assert time.monotonic() - woke <= LEASE
     first.wait_for(lambda lines: stands_by(lines[before:]))
     took_over = stamp(next(line for line in second.seen if "leading cluster" in line))
-    after = [line for line in first.seen if stamp(line) >= took_over]
+    after = logged_after(first.seen, took_over)
     assert runs_started(after) == 0, "".join(after)
     assert not any("finished in" in line for line in after), "".join(after)
     # Whatever it tried to write was refused by the fence: the new leader's state stands.
@@ -183,3 +191,57 @@ def test_a_standby_reports_the_leader_and_sends_changes_there(
     listed = cli(tmp_path / "a", "list", "--json")
     status = {task["task_id"]: task["status"] for task in json.loads(listed.stdout)}
     assert status["hourly"] == "paused"
+
+
+@pytest.fixture
+def own_role(postgres_databases: Databases, store_url: str) -> Iterator[tuple[str, str]]:
+    """A login role owning the test's database: ``(its store URL, its name)``; a leader that
+    connects as it loses the database when the role may no longer log in."""
+    role = f"td_role_{uuid.uuid4().hex[:10]}"
+    database = store_url.split("/")[-1].split("?")[0]
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                sql.Identifier(database), sql.Identifier(role)
+            )
+        )
+    yield store_url.replace("://postgres@", f"://{role}@"), role
+    with psycopg.connect(psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=database)) as inside:
+        inside.execute(sql.SQL("REASSIGN OWNED BY {} TO postgres").format(sql.Identifier(role)))
+        inside.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        inside.commit()
+    with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} OWNER TO postgres").format(sql.Identifier(database))
+        )
+        admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.timeout(120)
+def test_a_leader_cut_off_from_the_database_stops_within_one_lease_and_is_replaced(
+    tmp_path: Path, own_role: tuple[str, str], store_url: str
+) -> None:
+    role_url, role = own_role
+    seed(tmp_path, role_url)
+    env = {"TASK_DISPATCHER_TOKEN": TOKEN}
+    first = Running(tmp_path / "a", env={**env, "TASK_DISPATCHER_STORE": role_url})
+    second = Running(tmp_path / "b", env={**env, "TASK_DISPATCHER_STORE": store_url})
+    try:
+        first.wait_for(leads)
+        first.wait_for(lambda lines: runs_started(lines) >= 1)
+        second.wait_for(stands_by)
+        with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:  # only the leader's role
+            admin.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
+            cut = datetime.now()
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (role,),
+            )
+        first.wait_for(lambda lines: any("stops leading" in line for line in lines), LEASE + 5)
+        second.wait_for(lambda lines: leads(lines) and runs_started(lines) >= 1, LEASE + 5)
+        late = logged_after(first.seen, cut + timedelta(seconds=LEASE))
+        assert runs_started(late) == 0, "".join(late)
+    finally:
+        for process in (first, second):
+            process.close()
