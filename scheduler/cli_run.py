@@ -393,7 +393,10 @@ async def _serve(
             watcher.cancel()
         logger.info("stopping: letting runs finish (up to %gs)", grace)
         await dispatcher.stop(grace_period=grace)
-        logger.info("stopped; state saved to %s", dispatcher.state_file)
+        if lost is not None and lost.is_set():
+            logger.info("stopped: another instance leads %s now", dispatcher.state_file)
+        else:
+            logger.info("stopped; state saved to %s", dispatcher.state_file)
 
 
 async def _relay(event: asyncio.Event, to: asyncio.Event) -> None:

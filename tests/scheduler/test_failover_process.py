@@ -226,10 +226,12 @@ def test_a_leader_cut_off_from_the_database_stops_within_one_lease_and_is_replac
     seed(tmp_path, role_url)
     env = {"TASK_DISPATCHER_TOKEN": TOKEN}
     first = Running(tmp_path / "a", env={**env, "TASK_DISPATCHER_STORE": role_url})
-    second = Running(tmp_path / "b", env={**env, "TASK_DISPATCHER_STORE": store_url})
+    started = [first]
     try:
         first.wait_for(leads)
         first.wait_for(lambda lines: runs_started(lines) >= 1)
+        second = Running(tmp_path / "b", env={**env, "TASK_DISPATCHER_STORE": store_url})
+        started.append(second)
         second.wait_for(stands_by)
         with psycopg.connect(ADMIN_DSN, autocommit=True) as admin:  # only the leader's role
             admin.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(role)))
@@ -243,5 +245,5 @@ def test_a_leader_cut_off_from_the_database_stops_within_one_lease_and_is_replac
         late = logged_after(first.seen, cut + timedelta(seconds=LEASE))
         assert runs_started(late) == 0, "".join(late)
     finally:
-        for process in (first, second):
+        for process in started:
             process.close()
