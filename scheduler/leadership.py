@@ -61,6 +61,7 @@ class Standing:
         self._on_step_down: Callable[[], None] | None = None
         self.reason: str | None = None
         """Why it stopped leading (None: it leads)."""
+        self._also = lease.on_step_down  # a callback the lease had already is kept
         lease.on_step_down = self._lost
 
     @property
@@ -92,6 +93,8 @@ class Standing:
     def _lost(self, reason: str) -> None:
         # On the lease's thread (or the loop's): only hand the work over to the loop.
         self.reason = reason
+        if self._also is not None:
+            self._also(reason)
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._stepped_down)

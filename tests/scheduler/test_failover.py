@@ -45,6 +45,8 @@ async def test_a_leader_whose_lease_ran_out_starts_no_run(
     store = PostgresStorage.for_url(
         url_of(postgres_databases.create()), lease=30, clock=lease_clock
     )
+    reasons: list[str] = []
+    store.leadership.on_step_down = reasons.append  # the dispatcher keeps a callback there
     dispatcher = TaskDispatcher(
         tmp_path, task_manager_factory=recorder, timezone="Asia/Shanghai", store=store
     )
@@ -60,6 +62,7 @@ async def test_a_leader_whose_lease_ran_out_starts_no_run(
         clock.move_to(at(2026, 1, 8, 9, 0))
         await dispatcher.run_pending()
         assert recorder.count(task_id) == 1  # the run due at 9:00 did not start
+        assert reasons == ["its lease ran out before it could be renewed"]
         with pytest.raises(NotLeaderError, match="does not lead"):
             dispatcher.pause_task(task_id)
     finally:
