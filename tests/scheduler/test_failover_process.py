@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -244,6 +245,34 @@ def test_a_leader_cut_off_from_the_database_stops_within_one_lease_and_is_replac
         second.wait_for(lambda lines: leads(lines) and runs_started(lines) >= 1, LEASE + 5)
         late = logged_after(first.seen, cut + timedelta(seconds=LEASE))
         assert runs_started(late) == 0, "".join(late)
+    finally:
+        for process in started:
+            process.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_leader_stopped_with_sigterm_gives_the_lease_up(
+    tmp_path: Path, postgres_databases: Databases
+) -> None:
+    dsn = postgres_databases.create()
+    env = {"TASK_DISPATCHER_STORE": f"{url_of(dsn)}?lease=30", "TASK_DISPATCHER_TOKEN": TOKEN}
+    first = Running(tmp_path / "a", env=env)
+    started = [first]
+    try:
+        first.wait_for(leads)
+        second = Running(tmp_path / "b", env=env)
+        started.append(second)
+        second.wait_for(stands_by)
+        first.process.send_signal(signal.SIGTERM)
+        assert first.process.wait(30) == 0
+        # Released, not left to run out (30 s): free, or taken by the standby already.
+        holder = re.search(r"cluster 'default': (\S+) leads", "".join(first.seen))
+        assert holder is not None
+        with psycopg.connect(dsn) as connection:
+            row = connection.execute("SELECT holder FROM td_leases").fetchone()
+        assert row is not None
+        assert row[0] != holder.group(1)
+        second.wait_for(leads, 30 / 3 + 5)
     finally:
         for process in started:
             process.close()
