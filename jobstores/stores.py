@@ -2,8 +2,8 @@
 
 The one place a ``store=`` argument is interpreted: None is the default (the journal on the
 dispatcher directory), a store object is used as it is, and a URL names a store by its
-scheme. No URL scheme is known yet: each store reached by URL adds its scheme to
-:data:`URL_SCHEMES` (with its optional dependencies imported there, when asked for).
+scheme in :data:`URL_SCHEMES`: ``postgresql://`` and ``postgres://`` name the PostgreSQL store
+(:mod:`jobstores.postgres`, the ``postgres`` extra), imported only when such a URL is given.
 """
 
 from __future__ import annotations
@@ -17,7 +17,22 @@ from jobstores.state import StateStore
 
 __all__ = ["URL_SCHEMES", "resolve_store"]
 
-URL_SCHEMES: dict[str, Callable[[str, Path], StateStore]] = {}
+
+def _postgres(url: str, directory: Path) -> StateStore:
+    try:
+        from jobstores.postgres.backend import open_url
+    except ImportError as exc:
+        raise ValueError(
+            "store: a postgresql:// URL needs the PostgreSQL store: "
+            f"pip install 'task-dispatcher[postgres]' ({exc.msg})"
+        ) from None
+    return open_url(url, directory)
+
+
+URL_SCHEMES: dict[str, Callable[[str, Path], StateStore]] = {
+    "postgresql": _postgres,
+    "postgres": _postgres,
+}
 """URL scheme -> ``opener(url, directory)`` returning the store the URL names."""
 
 

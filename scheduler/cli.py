@@ -93,8 +93,8 @@ LIST_PAGE = 5_000
     "--store",
     envvar=STORE_ENV_VAR,
     default=None,
-    help=f"A PostgreSQL store, postgresql://user@host/db, for import and export "
-    f"[env {STORE_ENV_VAR}].",
+    help=f"A PostgreSQL store, postgresql://user@host/db, for run (a cluster of dispatchers: "
+    f"one leads, the others stand by), import and export [env {STORE_ENV_VAR}].",
 )
 @click.version_option(package_name="task-dispatcher")
 @click.pass_context

@@ -263,7 +263,7 @@ def control_client(options: Options) -> ControlClient | None:
         return None
     if options.url is not None:
         return ControlClient(url=options.url, token=options.token)
-    return ControlClient.probe(options.dir / CONTROL_SOCKET)
+    return ControlClient.probe(options.dir / CONTROL_SOCKET, options.token)
 
 
 # ---------------------------------------------------------------------- a stopped store

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -22,6 +23,7 @@ from scheduler.cli_render import console as make_console
 from scheduler.cli_render import errors, fail, task_table
 from scheduler.listeners import WebhookListener
 from scheduler.serve import TaskDispatcher
+from tasks.errors import NotLeaderError
 from tasks.shell import OUTPUT_LOGGER
 
 __all__ = ["DEMO_TASKS", "run"]
@@ -87,6 +89,13 @@ DEMO_TASKS: list[dict[str, Any]] = [
     multiple=True,
     help="POST failed runs and pauses as JSON to this URL; repeatable.",
 )
+@click.option(
+    "--advertise-url",
+    default=None,
+    metavar="URL",
+    help="With --store: the URL of this instance's control API (its --listen), which the "
+    "others of the cluster name as the leader's while this one leads.",
+)
 @click.pass_obj
 def run(
     options: Options,
@@ -99,11 +108,14 @@ def run(
     lost_after: float,
     listen: str | None,
     notify_url: tuple[str, ...],
+    advertise_url: str | None,
 ) -> None:
     """Run the dispatcher in the foreground until SIGINT or SIGTERM.
 
     The control API is served on <dir>/control.sock (owner only), through which the other
-    commands steer it, and with --listen on TCP.
+    commands steer it, and with --listen on TCP. With --store (a PostgreSQL store shared by
+    several instances) it leads the cluster, or waits as a standby while another leads and
+    takes over when that one's lease runs out.
     """
     control = _control_available(listen)
     if control and listen is not None:
@@ -139,7 +151,8 @@ def run(
         max_concurrent_runs = FLEET_MAX_CONCURRENT_RUNS if backend else 10
     # With workers, a --factory only checks tasks early; the workers create the managers.
     factory = running_factory(options) if backend is None or options.factory else None
-    with errors():
+
+    def make(store: Any = None) -> TaskDispatcher:
         dispatcher = TaskDispatcher(
             options.dir,
             task_manager_factory=factory,
@@ -147,26 +160,143 @@ def run(
             max_concurrent_runs=max_concurrent_runs,
             convert_timezone=options.convert_timezone,
             run_backend=backend,
+            store=store,
         )
-    for webhook in webhooks:
-        dispatcher.add_listener(webhook)
-    try:
+        for webhook in webhooks:
+            dispatcher.add_listener(webhook)
+        return dispatcher
+
+    serving: dict[str, Any] = {
+        "grace": grace,
+        "demo": demo,
+        "live": live,
+        "control": control,
+        "listen": listen,
+        "token": options.token,
+    }
+    if options.store:
         with errors():
             asyncio.run(
-                _serve(
-                    dispatcher,
-                    console,
-                    grace=grace,
-                    demo=demo,
-                    live=live,
-                    control=control,
-                    listen=listen,
-                    token=options.token,
-                )
+                _serve_cluster(options.store, advertise_url, make, console, serving, options)
             )
+        return
+    with errors():
+        dispatcher = make()
+    try:
+        with errors():
+            asyncio.run(_serve(dispatcher, console, **serving))
     finally:
         if not dispatcher.closed:
             dispatcher.close()
+
+
+async def _serve_cluster(
+    url: str,
+    advertise_url: str | None,
+    make: Callable[[Any], TaskDispatcher],
+    console: Console,
+    serving: dict[str, Any],
+    options: Options,
+) -> None:
+    """Stand by until this instance takes the cluster's lease, lead until it loses it, and
+    again, until SIGINT or SIGTERM. While standing by, the control API (when installed)
+    answers health and sends every other request to the leader."""
+    from scheduler.cli_store import open_store
+
+    stop = _stop_on_signals()
+    while not stop.is_set():
+        store = open_store(url, advertise_url)
+        standby = _Standby(store.where)
+        server = await standby.serve(options, serving) if serving["control"] else None
+        try:
+            if not await _campaign(store, stop, standby):
+                return
+        finally:
+            if server is not None:
+                await server.close()
+                standby.forget_token(options)
+        dispatcher = make(store)
+        try:
+            lost = dispatcher.standing.stepped_down if dispatcher.standing else None
+            await _serve(dispatcher, console, stop=stop, lost=lost, **serving)
+        finally:
+            if not dispatcher.closed:
+                dispatcher.close(save=False)
+            store.release()
+
+
+class _Standby:
+    """What this instance knows of its cluster while it stands by, and its control API."""
+
+    def __init__(self, where: str) -> None:
+        from scheduler.control.standby import StandbyView
+
+        self.view = StandbyView(where)
+        self.token: str | None = None
+
+    def saw(self, exc: Exception) -> None:
+        from scheduler.control.standby import StandbyView
+
+        if isinstance(exc, NotLeaderError):
+            self.view = StandbyView(
+                self.view.where, exc.epoch, exc.leader_id, exc.leader_url, str(exc)
+            )
+
+    async def serve(self, options: Options, serving: dict[str, Any]) -> Any:
+        from jobstores.durable import ensure_private_dir
+        from scheduler.control.guard import issue_token
+        from scheduler.control.server import ControlServer
+        from scheduler.control.standby import create_standby_app
+        from scheduler.dispatcher import CONTROL_SOCKET
+
+        ensure_private_dir(options.dir)
+        listen = serving["listen"]
+        token = serving["token"]
+        if listen is not None and token is None:
+            token = self.token = issue_token(options.dir)
+        app = create_standby_app(lambda: self.view, token=token)
+        server = ControlServer(
+            app, socket_path=options.dir / CONTROL_SOCKET, listen=listen, token=token
+        )
+        await server.start()
+        return server
+
+    def forget_token(self, options: Options) -> None:
+        if self.token is not None:
+            from scheduler.control.guard import remove_token
+
+            remove_token(options.dir, self.token)
+            self.token = None
+
+
+async def _campaign(store: Any, stop: asyncio.Event, standby: _Standby) -> bool:
+    """Try to take the lease every third of it until this instance leads (True) or is
+    stopped (False); says once which instance it stands by for."""
+    from jobstores.postgres import PostgresStoreError
+
+    said = None
+    while not stop.is_set():
+        try:
+            await asyncio.to_thread(store.acquire)
+        except (NotLeaderError, PostgresStoreError) as exc:
+            standby.saw(exc)
+            if str(exc) != said:
+                logger.info("standing by: %s", exc)
+                said = str(exc)
+        else:
+            logger.info("leading %s at epoch %s", store.where, store.leadership.epoch)
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), store.leadership.lease / 3)
+    return False
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
 
 
 def _control_available(listen: str | None) -> bool:
@@ -208,7 +338,11 @@ async def _serve(
     control: bool = False,
     listen: str | None = None,
     token: str | None = None,
+    stop: asyncio.Event | None = None,
+    lost: asyncio.Event | None = None,
 ) -> None:
+    """Serve ``dispatcher`` until ``stop`` is set (by default: on SIGINT or SIGTERM), or until
+    ``lost`` is (its cluster's lease was lost)."""
     if demo and not dispatcher.peek_tasks():
         await dispatcher.add_tasks({"sys_type": "local", **task} for task in DEMO_TASKS)
     if not dispatcher.peek_tasks():
@@ -222,10 +356,9 @@ async def _serve(
             when,
             dispatcher.directory,
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    stop = stop or _stop_on_signals()
+    ended = asyncio.Event()
+    watchers = [asyncio.create_task(_relay(event, ended)) for event in (stop, lost) if event]
     await dispatcher.start()
     try:
         if control:
@@ -249,16 +382,26 @@ async def _serve(
             with Live(
                 _live_table(dispatcher, title), console=console, refresh_per_second=2
             ) as screen:
-                while not stop.is_set():
+                while not ended.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 1)
+                        await asyncio.wait_for(ended.wait(), 1)
                     screen.update(_live_table(dispatcher, title))
         else:
-            await stop.wait()
+            await ended.wait()
     finally:
+        for watcher in watchers:
+            watcher.cancel()
         logger.info("stopping: letting runs finish (up to %gs)", grace)
         await dispatcher.stop(grace_period=grace)
-        logger.info("stopped; state saved to %s", dispatcher.state_file)
+        if lost is not None and lost.is_set():
+            logger.info("stopped: another instance leads %s now", dispatcher.state_file)
+        else:
+            logger.info("stopped; state saved to %s", dispatcher.state_file)
+
+
+async def _relay(event: asyncio.Event, to: asyncio.Event) -> None:
+    await event.wait()
+    to.set()
 
 
 def _announce_token(dispatcher: TaskDispatcher, login_url: str | None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import click
 import orjson
@@ -19,7 +20,7 @@ from scheduler.cli_parse import STORE_ENV_VAR, Options
 from scheduler.cli_render import errors, fail
 from tasks.secrets import mask_text
 
-__all__ = ["export", "import_"]
+__all__ = ["export", "import_", "open_store"]
 
 CLUSTER = "default"
 
@@ -44,6 +45,13 @@ def _postgres() -> ModuleType:
     return postgres
 
 
+def open_store(url: str, advertise_url: str | None) -> Any:
+    """The PostgreSQL store at ``url`` for ``run`` (this instance advertising
+    ``advertise_url`` while it leads)."""
+    postgres = _postgres()
+    return postgres.PostgresStorage.for_url(url, advertise_url=advertise_url)
+
+
 @click.command("import")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--replace", is_flag=True, help="Replace the tasks the store holds already.")
@@ -60,15 +68,17 @@ def import_(options: Options, path: Path, replace: bool) -> None:
         data = path.read_bytes()
     except OSError as exc:
         fail(f"{path}: {exc.strerror or exc}")
-    state = postgres.PostgresState(postgres.connector(url), CLUSTER)
-    lease = postgres.Leadership.for_url(url, CLUSTER)
+    with errors():
+        url, cluster, _ = postgres.split_store_url(url)
+    state = postgres.PostgresState(postgres.connector(url), cluster)
+    lease = postgres.Leadership.for_url(url, cluster)
     try:
         with errors():
             if not lease.try_acquire():
                 if lease.last_error is not None:
                     fail(f"cannot reach the store: {mask_text(lease.last_error)}", status=1)
                 fail(
-                    f"cluster {CLUSTER!r} of the store is led by a running dispatcher; "
+                    f"cluster {cluster!r} of the store is led by a running dispatcher; "
                     "stop it before importing",
                     status=1,
                 )
@@ -96,7 +106,9 @@ def export(options: Options, path: Path | None) -> None:
     atomically), else to standard output."""
     url = _store(options, "export")
     postgres = _postgres()
-    state = postgres.PostgresState(postgres.connector(url), CLUSTER)
+    with errors():
+        url, cluster, _ = postgres.split_store_url(url)
+    state = postgres.PostgresState(postgres.connector(url), cluster)
     try:
         with errors():
             data: bytes = postgres.export_document(state)

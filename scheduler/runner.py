@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -61,6 +61,9 @@ class TaskRunner:
         self._queued: set[_Queued] = set()
         """Runs waiting for their lanes."""
         self._cancels: set[asyncio.Task[None]] = set()
+        self.leading: Callable[[], bool] | None = None
+        """Whether this dispatcher leads at this instant (a shared store's lease); asked
+        just before a run starts or is sent (None: it always leads)."""
 
     def submit(
         self, task_id: str, scheduled_at: datetime, attempt: int = 1, *, manual: bool = False
@@ -217,8 +220,12 @@ class TaskRunner:
         try:
             try:
                 try:
-                    request = self._ledger.open(
-                        task_id, queued.scheduled_at, queued.attempt, manual=queued.manual
+                    request = (
+                        None  # not leading at this instant: no run starts
+                        if self.leading is not None and not self.leading()
+                        else self._ledger.open(
+                            task_id, queued.scheduled_at, queued.attempt, manual=queued.manual
+                        )
                     )
                     if request is None:
                         event = None
@@ -264,6 +271,9 @@ class TaskRunner:
                     f"not sent: the run could not be saved ({self._store.save_health.last_error})"
                 )
                 self._ledger.apply(self._failed(request, error))
+            elif self.leading is not None and not self.leading():
+                error = "not sent: this dispatcher no longer leads"
+                self._ledger.apply(self._failed(request, error, {NOT_SENT: True}))
             else:
                 if not self._backend.remote:
                     self._store.request_save()

@@ -9,10 +9,13 @@ them, and a host without the ``control`` or ``web`` extra imports none of their 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from scheduler.dispatcher import CONTROL_SOCKET, Dispatcher
+from scheduler.leadership import Standing, standing_of
 from tasks.errors import DispatcherNotRunningError
 
 if TYPE_CHECKING:
@@ -50,9 +53,16 @@ class TaskDispatcher(Dispatcher):
     :class:`~jobstores.state.StateStore` object is used as it is (``JournalStorage(dir)`` or
     ``SnapshotStorage(dir)`` from :mod:`jobstores`, which writes the whole file at every
     save); a string is a URL naming a store by its scheme, and an unknown scheme raises
-    :class:`ValueError` naming ``store`` (no scheme is known yet). The dispatcher acquires the
-    store (one owner at a time) and releases it when it closes; ``dispatcher_dir`` still holds
-    the run history and the control socket.
+    :class:`ValueError` naming ``store``: ``postgresql://user@host/db`` is the PostgreSQL store
+    (the ``postgres`` extra). The dispatcher acquires the store (one owner at a time) and
+    releases it when it closes; ``dispatcher_dir`` still holds the run history and the control
+    socket.
+
+    Failover: a store shared by several dispatchers (PostgreSQL) is owned through a lease, and
+    creating a dispatcher while another leads raises :class:`NotLeaderError` naming it (the
+    ``run`` command waits as a standby instead). :attr:`role` is ``"leader"``; once the lease
+    is lost (taken over, or not renewed in time) it is ``"standby"`` at once: no run starts or
+    is sent, planning stops, and changes raise :class:`NotLeaderError`.
 
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
@@ -67,6 +77,36 @@ class TaskDispatcher(Dispatcher):
     # does the rest, so its parameters are declared once).
     _control: ControlServer | None = None
     _control_token: str | None = None
+
+    @functools.cached_property
+    def standing(self) -> Standing | None:
+        """Leader or standby of a shared store (None: the one owner of a file always leads)."""
+        return standing_of(self._store._storage, self._runner)
+
+    @property
+    def role(self) -> str:
+        """``"leader"``, or ``"standby"`` once a shared store's lease is lost."""
+        standing = self.standing
+        return "leader" if standing is None else standing.role
+
+    def _check_open(self) -> None:
+        super()._check_open()
+        standing = self.standing
+        if standing is not None:
+            standing.check_change()
+
+    async def start(self) -> None:
+        """Start scheduling on the running event loop (a no-op if already started); losing
+        a shared store's lease stops planning at once."""
+        await super().start()
+        standing = self.standing
+        if standing is not None:
+            standing.bind(asyncio.get_running_loop(), self._stand_by)
+
+    def _stand_by(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.pause()
+            self._retries.stop()
 
     @property
     def control_token(self) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "InvalidTaskError",
     "ListenError",
     "NewerFormatError",
+    "NotLeaderError",
     "SaveFailedError",
     "TaskExistsError",
     "TaskNotFoundError",
@@ -90,6 +91,27 @@ class DirectoryLockedError(DispatcherError, RuntimeError):
             "(a running 'task-dispatcher run' or a host application); stop it first"
         )
         self.directory = directory
+
+
+class NotLeaderError(DispatcherError, RuntimeError):
+    """This dispatcher does not lead its cluster (a standby of a shared store): changes go to
+    the leader, at :attr:`leader_url` when it advertises one."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        leader_url: str | None = None,
+        leader_id: str | None = None,
+        epoch: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.leader_url = leader_url
+        """Where the leader serves its control API (None: unknown, or none leads)."""
+        self.leader_id = leader_id
+        """The leader's id in the lease (None: unknown)."""
+        self.epoch = epoch
+        """The cluster's fencing epoch as last read (None: unknown)."""
 
 
 class NewerFormatError(DispatcherError, RuntimeError):

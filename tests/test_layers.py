@@ -47,7 +47,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("runner",             ("scheduler.runner",)),
     ("runs and observers", ("scheduler.ledger", "scheduler.lanes", "scheduler.engine",
                             "scheduler.intake", "scheduler.retries", "scheduler.listeners",
-                            "scheduler.history", "scheduler.metrics", "scheduler.runs")),
+                            "scheduler.history", "scheduler.metrics", "scheduler.runs",
+                            "scheduler.leadership")),
     ("local backend",      ("scheduler.backends.local",)),
     ("re-exported names",  ("scheduler.errors", "scheduler.triggers")),
     # --- persistence, then plain data and pure rules

@@ -10,10 +10,11 @@ store loads ``psycopg``.
 - :mod:`~jobstores.postgres.lease`: leadership of a cluster, a lease with a fencing epoch;
 - :mod:`~jobstores.postgres.state`: loading the state and committing a change;
 - :mod:`~jobstores.postgres.interchange`: ``dispatch_config.json`` in and out;
-- :mod:`~jobstores.postgres.backend`: the state behind the storage backend protocol.
+- :mod:`~jobstores.postgres.backend`: the state behind the ``StateStore`` port (``store=`` a
+  ``postgresql://`` URL), owned through the lease.
 """
 
-from jobstores.postgres.backend import PostgresStorage
+from jobstores.postgres.backend import PostgresStorage, masked_url, split_store_url
 from jobstores.postgres.connection import connector
 from jobstores.postgres.errors import (
     NewerSchemaError,
@@ -54,5 +55,7 @@ __all__ = [
     "ensure_schema",
     "export_document",
     "import_document",
+    "masked_url",
     "read_lease",
+    "split_store_url",
 ]

@@ -184,8 +184,8 @@ class Leadership:
         self.url = url
         """The URL this instance advertises to the others while it leads."""
         self._clock = clock
-        self._on_step_down = on_step_down
-        self._on_lead = on_lead
+        self.on_step_down = on_step_down
+        self.on_lead = on_lead
         self._database = threading.Lock()
         """Held while this instance speaks to the database (one statement at a time)."""
         self._state = threading.Lock()
@@ -312,8 +312,8 @@ class Leadership:
             epoch,
             self.lease,
         )
-        if self._on_lead is not None:
-            self._on_lead(epoch)
+        if self.on_lead is not None:
+            self.on_lead(epoch)
         return True
 
     def renew(self) -> bool:
@@ -391,24 +391,33 @@ class Leadership:
                 epoch,
                 reason,
             )
-        if self._on_step_down is not None:
-            self._on_step_down(reason)
+        if self.on_step_down is not None:
+            self.on_step_down(reason)
 
     # ------------------------------------------------------------------ the thread
 
-    def start(self) -> None:
-        """Campaign (standby) and renew (leader) on a thread of its own until :meth:`stop`."""
-        if self._thread is not None:
+    def start(self, *, campaign: bool = True) -> None:
+        """Campaign (standby) and renew (leader) on a thread of its own until :meth:`stop`.
+
+        ``campaign=False``: only renew the lease held; the thread ends once this instance
+        stops leading (an owner that must load the state afresh before leading again).
+        """
+        if self._thread is not None and self._thread.is_alive():
             return
         self._stopping.clear()
         self._thread = threading.Thread(
-            target=self._run, name=f"task-dispatcher lease {self.cluster}", daemon=True
+            target=self._run,
+            args=(campaign,),
+            name=f"task-dispatcher lease {self.cluster}",
+            daemon=True,
         )
         self._thread.start()
 
-    def _run(self) -> None:
+    def _run(self, campaign: bool = True) -> None:
         interval = self.lease / 3
         while not self._stopping.is_set():
+            if self._epoch is None and not campaign:
+                return
             try:
                 if self._epoch is None:
                     self.try_acquire()

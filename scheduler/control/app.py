@@ -43,6 +43,7 @@ from scheduler.errors import (
     DispatcherClosedError,
     HistoryUnavailableError,
     InvalidTaskError,
+    NotLeaderError,
     SaveFailedError,
     TaskExistsError,
     TaskNotFoundError,
@@ -67,7 +68,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "The request body is too large."),
         (422, "Invalid input; `field` names what is wrong."),
         (501, "Run history or metrics are off in this dispatcher."),
-        (503, "The dispatcher was stopped."),
+        (503, "The dispatcher was stopped, or stands by while no leader is known."),
+        (307, "A standby: the same request goes to the leader (Location)."),
     )
 }
 
@@ -105,7 +107,33 @@ def _package_version() -> str:
         return "unknown"
 
 
+def leadership(dispatcher: Dispatcher) -> dict[str, Any]:
+    """``role``, ``epoch`` and ``leader`` of the health report (a file: the one leader)."""
+    standing = getattr(dispatcher, "standing", None)
+    if standing is None:
+        return {"role": "leader", "epoch": None, "leader": None}
+    described: dict[str, Any] = standing.describe()
+    return described
+
+
+def redirect_to_leader(request: Request, leader_url: str | None, message: str) -> Response:
+    """307 to the same path and query at the leader (the client sends the same request
+    there, with its token), or 503 when no leader is known."""
+    if not leader_url:
+        return _error(503, "not_leader", message, None)
+    location = leader_url.rstrip("/") + request.url.path
+    if request.url.query:
+        location += "?" + request.url.query
+    response = _error(307, "not_leader", message, None)
+    response.headers["Location"] = location
+    return response
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NotLeaderError)
+    async def not_leader(request: Request, exc: NotLeaderError) -> Response:
+        return redirect_to_leader(request, exc.leader_url, str(exc))
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
         return _error(exc.status, exc.error, exc.message, exc.field)
@@ -276,6 +304,7 @@ def _api_routers(dispatcher: Dispatcher) -> list[APIRouter]:
                 "failed_saves": saves.failed_saves,
                 "unsaved_task_ids": list(saves.unsaved_task_ids),
             },
+            **leadership(dispatcher),
         }
         return _json(body, 200 if running else 503)
 

@@ -53,23 +53,48 @@ class ControlClient:
             self.where = url
             transport = httpx.HTTPTransport()
             base = url.rstrip("/")
+        self._headers = headers
+        self._timeout = timeout
         self._http = httpx.Client(
             transport=transport, base_url=base, headers=headers, timeout=timeout
         )
         self._health: dict[str, Any] | None = None
+        self._followed = False
 
     @classmethod
-    def probe(cls, socket_path: Path) -> ControlClient | None:
-        """A client of the dispatcher serving ``socket_path``, or None if nothing answers."""
+    def probe(cls, socket_path: Path, token: str | None = None) -> ControlClient | None:
+        """A client of the dispatcher serving ``socket_path``, or None if nothing answers.
+
+        A standby of a cluster answers there: the client then speaks to the leader it names,
+        over TCP with ``token``."""
         if not socket_path.exists():
             return None
         client = cls(socket_path=socket_path)
+        if token:
+            client._headers = {"Authorization": f"Bearer {token}"}  # for the leader only
         try:
-            client._health = client._request("GET", "/health", timeout=PROBE_TIMEOUT, ok=(503,))
+            health = client._request("GET", "/health", timeout=PROBE_TIMEOUT, ok=(503,))
+            leader = health.get("leader") or {}
+            if health.get("role") == "standby" and leader.get("url"):
+                client._follow(str(leader["url"]))
+                health = client._request("GET", "/health", ok=(503,))
+            client._health = health
         except ControlError:
             client.close()
             return None
         return client
+
+    def _follow(self, location: str) -> None:
+        """Speak to the instance at ``location`` from now on (a standby's 307 to its
+        leader), with the same token; once only."""
+        parts = httpx.URL(location)
+        if parts.scheme not in ("http", "https") or self._followed:
+            raise ControlError(f"{self.where} redirected to {location!r}: not followed")
+        self._followed = True
+        self._http.close()
+        base = f"{parts.scheme}://{parts.netloc.decode()}"
+        self.where = base
+        self._http = httpx.Client(base_url=base, headers=self._headers, timeout=self._timeout)
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -110,6 +135,11 @@ class ControlClient:
             )
         except httpx.HTTPError as exc:
             raise ControlError(f"cannot reach the dispatcher at {self.where}: {exc}") from exc
+        location = response.headers.get("location")
+        if response.status_code == 307 and location:
+            # A standby of a cluster: the leader serves this, and gets the same token.
+            self._follow(location)
+            return self._request(method, path, params=params, body=body, timeout=timeout, ok=ok)
         if response.status_code >= 400 and response.status_code not in ok:
             try:
                 error = response.json()

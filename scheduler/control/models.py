@@ -183,6 +183,13 @@ class SaveHealthBody(BaseModel):
     unsaved_task_ids: list[str]
 
 
+class LeaderBody(BaseModel):
+    """The instance leading a cluster that shares a store."""
+
+    id: str | None = Field(description="Its id in the lease: host, process and a random part.")
+    url: str | None = Field(description="Its control API (its run --advertise-url), if given.")
+
+
 class Health(BaseModel):
     """The dispatcher's state: a monitor alerts on ``status != "ok"``."""
 
@@ -197,3 +204,14 @@ class Health(BaseModel):
     tasks_by_status: dict[str, int]
     backend: dict[str, Any] = Field(description="The run backend: its name and its runs.")
     save_health: SaveHealthBody
+    role: str = Field(
+        default="leader",
+        description="leader, or standby (another instance of the cluster leads: changes are "
+        "answered with 307 to the leader's URL). A dispatcher on a file always leads.",
+    )
+    epoch: int | None = Field(
+        default=None, description="The fencing epoch it leads in (null: a store of one owner)."
+    )
+    leader: LeaderBody | None = Field(
+        default=None, description="Who leads the cluster (null: a store of one owner)."
+    )

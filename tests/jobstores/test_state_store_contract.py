@@ -3,12 +3,14 @@
 Each store is one :class:`Kind`: how to make a store object on a place, how its owner
 captures images (the journal taking every change, the journal of a small store that writes
 the file at every commit, the whole-file snapshot), how to make its writes fail, and how it
-names its place. A new store (a database) joins by adding one ``Kind`` to :data:`KINDS`.
+names its place. A new store (a database) joins by adding one ``Kind`` to :data:`KINDS`. The
+PostgreSQL store runs on a fresh database of each test's own (a place is a cluster there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -19,8 +21,10 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 from helpers import SHANGHAI, T0, record
+from postgres_support import Databases, postgres_databases, url_of
 
 from jobstores import JournalStorage, SnapshotStorage, StateStore, StoredState
 from jobstores.snapshot import read_snapshot
@@ -79,16 +83,85 @@ class Kind:
     """What an ownership error must name (the JSON stores: their directory)."""
 
 
+def _unset(place: Path) -> StateStore:
+    raise AssertionError("the PostgreSQL kind is bound to its database by the kind fixture")
+
+
 KINDS = [
     Kind("journal", JournalStorage, 0, FILE_FAILURES, str),
     Kind("journal-small", JournalStorage, 2000, FILE_FAILURES, str),
     Kind("snapshot", SnapshotStorage, 0, FILE_FAILURES, str),
+    Kind("postgresql", _unset, 0, (), str),
+    Kind("postgresql-small", _unset, 2000, (), str),
 ]
 
+__all__ = ["postgres_databases"]  # a fixture of the PostgreSQL kinds
 
-@pytest.fixture(params=KINDS, ids=[kind.name for kind in KINDS])
+
+def cluster_of(place: Path) -> str:
+    """The cluster a place names in the PostgreSQL kinds' database (as their errors say)."""
+    return place.name
+
+
+@contextlib.contextmanager
+def refusing(dsn: str, message: str) -> Iterator[None]:
+    """Every commit fails inside the database (a trigger raises ``message``) while entered."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "CREATE FUNCTION td_test_refuse() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$BEGIN RAISE EXCEPTION '{message}'; END$$"
+        )
+        admin.execute(
+            "CREATE TRIGGER td_test_refuse BEFORE INSERT OR UPDATE ON td_clusters "
+            "FOR EACH ROW EXECUTE FUNCTION td_test_refuse()"
+        )
+        try:
+            yield
+        finally:
+            admin.execute("DROP TRIGGER td_test_refuse ON td_clusters")
+            admin.execute("DROP FUNCTION td_test_refuse()")
+
+
+@contextlib.contextmanager
+def disconnected(dsn: str) -> Iterator[None]:
+    """The store's connections are cut before the commit (as by a restarted server)."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND application_name = 'task-dispatcher'"
+        )
+    yield
+
+
+def _postgres(kind: Kind, databases: Databases) -> Kind:
+    from jobstores.postgres.backend import PostgresStorage
+
+    dsn = databases.create()
+    url = url_of(dsn)
+    return dataclasses.replace(
+        kind,
+        make=lambda place: PostgresStorage.for_url(url, cluster=cluster_of(place)),
+        failures=(
+            (lambda: refusing(dsn, "the disk is full"), "the disk is full"),
+            (lambda: disconnected(dsn), "committing failed"),
+        ),
+        where=lambda place: repr(cluster_of(place)),
+    )
+
+
+@pytest.fixture(
+    params=[
+        # (a real server: out of the quick loop, as tests using its fixture directly are)
+        pytest.param(kind, marks=pytest.mark.slow) if kind.name.startswith("postgresql") else kind
+        for kind in KINDS
+    ],
+    ids=[kind.name for kind in KINDS],
+)
 def kind(request: pytest.FixtureRequest) -> Kind:
     kind: Kind = request.param
+    if kind.name.startswith("postgresql"):
+        return _postgres(kind, request.getfixturevalue("postgres_databases"))
     return kind
 
 

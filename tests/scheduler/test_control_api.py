@@ -470,6 +470,8 @@ async def test_health_reports_saves_version_uptime_backend(
     assert health["save_health"]["ok"] is True
     assert health["save_health"]["last_saved_at"] is not None
     assert health["save_health"]["unsaved_task_ids"] == []
+    # A file has one owner, which always leads (a shared store reports its lease).
+    assert (health["role"], health["epoch"], health["leader"]) == ("leader", None, None)
 
 
 async def test_run_history_by_task_account_outcome_and_pages(

@@ -3,16 +3,21 @@ its scheme (an unknown one is refused naming ``store``)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import Recorder, read_state
+from postgres_support import Databases, postgres_databases, url_of
 
 from jobstores import JournalStorage, SnapshotStorage, StateStore, resolve_store
-from scheduler import DirectoryLockedError, TaskDispatcher
+from scheduler import DirectoryLockedError, DispatcherError, NotLeaderError, TaskDispatcher
 from tasks import TaskStatus
+
+__all__ = ["postgres_databases"]  # a fixture of the PostgreSQL tests
 
 GOOD: dict[str, Any] = {
     "sys_type": "mac_intel",
@@ -70,7 +75,7 @@ async def test_a_store_object_behaves_as_the_default(
 @pytest.mark.parametrize(
     ("store", "named"),
     [
-        ("postgresql://user:hunter2@db.example/tasks", "the URL scheme 'postgresql'"),
+        ("mysql://user:hunter2@db.example/tasks", "the URL scheme 'mysql'"),
         ("nosuch://host/db", "the URL scheme 'nosuch'"),
         ("dispatcher/dispatch_config.json", "a string that is not a URL"),
     ],
@@ -97,3 +102,51 @@ def test_the_resolver_gives_the_journal_by_default_and_a_store_as_itself(tmp_pat
     assert default.path == tmp_path / "dispatch_config.json"
     snapshot = SnapshotStorage(tmp_path)
     assert resolve_store(snapshot, tmp_path) is snapshot
+
+
+def test_a_postgresql_url_names_the_postgres_store_and_masks_its_password(
+    tmp_path: Path,
+) -> None:
+    # Nothing listens on port 1: the store is chosen, then it cannot take the lease.
+    url = "postgresql://user:hunter2@127.0.0.1:1/tasks?lease=3"
+    with pytest.raises(DispatcherError, match="cannot take the lease") as raised:
+        TaskDispatcher(tmp_path / "store", store=url)
+    assert isinstance(raised.value, OSError)
+    assert "hunter2" not in str(raised.value)
+    assert "postgresql://user:***@127.0.0.1:1/tasks" in str(raised.value)
+
+
+def test_the_embedded_default_never_imports_psycopg(tmp_path: Path) -> None:
+    code = (
+        "import sys; from scheduler import TaskDispatcher; "
+        f"TaskDispatcher({str(tmp_path / 'store')!r}).close(); "
+        "assert 'psycopg' not in sys.modules, 'psycopg imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+async def test_a_dispatcher_keeps_its_tasks_in_postgresql(
+    tmp_path: Path, recorder: Recorder, postgres_databases: Databases
+) -> None:
+    url = url_of(postgres_databases.create())
+    first = TaskDispatcher(
+        tmp_path / "a", task_manager_factory=recorder, timezone="Asia/Shanghai", store=url
+    )
+    try:
+        assert first.role == "leader"
+        await first.add_task(**GOOD, task_id="first")
+        await first.add_task(**GOOD, task_id="second")
+        first.pause_task("first")
+        first.reorder_task("second", 0)
+        with pytest.raises(NotLeaderError, match="is in use by") as raised:
+            TaskDispatcher(tmp_path / "b", task_manager_factory=recorder, store=url)
+        assert raised.value.leader_url is None  # (none advertised)
+    finally:
+        first.close()
+    again = TaskDispatcher(tmp_path / "b", task_manager_factory=recorder, store=url)
+    try:
+        assert again.timezone.key == "Asia/Shanghai"  # type: ignore[attr-defined]
+        assert again.get_task("first").status is TaskStatus.PAUSED
+        assert again.account_tasks == {"account_1": ["second", "first"]}
+    finally:
+        again.close()

@@ -1,73 +1,21 @@
 """A real PostgreSQL for the store's tests: a fresh database per test run, a cluster per test.
 
-The server is ``$TASK_DISPATCHER_TEST_POSTGRES`` (a libpq URL of a role that may create
-databases), by default the local one (``postgresql://postgres@127.0.0.1:5432/postgres``).
-Without one the tests are skipped, except when ``$CI`` is set: then they fail.
+The server and the databases: :mod:`postgres_support`.
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
+from postgres_support import Databases, postgres_databases
 
 from jobstores.postgres import Fence, Leadership, PostgresState, connector
 
-ADMIN_DSN = os.environ.get(
-    "TASK_DISPATCHER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
-
-def _admin() -> psycopg.Connection[Any]:
-    return psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5)
-
-
-def _dsn_of(database: str) -> str:
-    return psycopg.conninfo.make_conninfo(ADMIN_DSN, dbname=database)
-
-
-class Databases:
-    """Creates databases for this test run; drops every one at the end."""
-
-    def __init__(self) -> None:
-        self.created: list[str] = []
-
-    def create(self) -> str:
-        """A new, empty database; its connection string."""
-        name = f"td_test_{uuid.uuid4().hex[:12]}"
-        with _admin() as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        self.created.append(name)
-        return _dsn_of(name)
-
-    def drop_all(self) -> None:
-        with _admin() as admin:
-            for name in self.created:
-                admin.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                )
-
-
-@pytest.fixture(scope="session")
-def postgres_databases() -> Iterator[Databases]:
-    """The run's database factory (the server must answer)."""
-    try:
-        _admin().close()
-    except psycopg.Error as exc:
-        message = f"no PostgreSQL at {ADMIN_DSN}: {exc}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{message} (CI is set: a missing server is a failure)")
-        pytest.skip(message)
-    databases = Databases()
-    try:
-        yield databases
-    finally:
-        databases.drop_all()
+__all__ = ["postgres_databases"]  # a fixture of every test here
 
 
 @pytest.fixture(scope="session")

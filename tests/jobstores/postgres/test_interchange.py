@@ -223,6 +223,7 @@ def test_a_store_whose_instance_was_taken_over_cannot_save(
     try:
         store.add_tasks([record("a")])
         assert store.save()
+        old.stop(release=False)  # its renewals stop (a frozen instance)
         wait_for(expired(connect, cluster))
         assert make_leadership(holder="new").try_acquire()
         store.add_tasks([record("b")])

@@ -241,7 +241,8 @@ def test_the_state_committed_from_table_images_is_the_tables(
     leader = make_leadership()
     assert leader.try_acquire()
     storage = PostgresStorage(state, leader, timezone_key="Asia/Shanghai")
-    assert storage.load() == (None, False)
+    loaded = storage.load(None)
+    assert (loaded.exists, loaded.records) == (False, [])
     table = TaskTable()
     rng = random.Random(seed)
     removed: list[str] = []
