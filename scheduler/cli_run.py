@@ -153,13 +153,15 @@ def run(
     factory = running_factory(options) if backend is None or options.factory else None
 
     def make(store: Any = None) -> TaskDispatcher:
+        # A backend serves one dispatcher: an instance that leads again gets a fresh one.
+        run_backend = make_backend(broker, start_timeout, lost_after) if store else backend
         dispatcher = TaskDispatcher(
             options.dir,
             task_manager_factory=factory,
             timezone=options.zone(),
             max_concurrent_runs=max_concurrent_runs,
             convert_timezone=options.convert_timezone,
-            run_backend=backend,
+            run_backend=run_backend,
             store=store,
         )
         for webhook in webhooks:

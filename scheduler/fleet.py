@@ -19,7 +19,9 @@ Who writes what (``S`` a sys_type, ``R`` a run id):
 - ``td:worker:NAME``: a live worker's sys_types (renewed while the worker runs).
 - ``td:epoch``: a token the dispatcher sets; its disappearance means Redis lost its data.
 - ``td:dispatcher``: the lease of the one dispatcher that uses this database (who it is:
-  host, pid, directory), renewed while it runs and left to expire if it dies.
+  host, pid, directory; in a cluster its name and the fencing epoch it leads in), renewed
+  while it runs and left to expire if it dies; a leader of a newer epoch of the same cluster
+  replaces it at once.
 
 Each state change of a run is one Lua script: taking a claim and announcing ``started`` happen
 together or not at all, as do recording an outcome and releasing the heartbeat.
@@ -78,7 +80,8 @@ EPOCH_KEY = "td:epoch"
 persistence) and with it the messages of runs not started yet."""
 EVENTS_GROUP = "dispatcher"
 LEASE_KEY = "td:dispatcher"
-"""The running dispatcher's lease on this database (JSON: id, host, pid, directory, since)."""
+"""The running dispatcher's lease on this database (JSON: id, host, pid, directory, since;
+and cluster, epoch for a dispatcher of a cluster)."""
 CLAIM_TTL = 7 * 24 * 3600
 """Seconds a claim is kept: far longer than any redelivery of a run's message."""
 

@@ -71,6 +71,14 @@ class RunLedger:
         """The dispatcher directory, absolute (a remote backend names its dispatcher by it)."""
         return self._directory
 
+    @property
+    def leadership(self) -> object | None:
+        """The lease of a store that several dispatchers share (see
+        :class:`scheduler.leadership.LeaseView`: its ``cluster``, ``epoch`` and
+        ``is_leader_now()``), None for a store of one owner. A remote backend ties its own
+        guard on the broker to the epoch, and reads outcomes only while it leads."""
+        return getattr(self._store._storage, "leadership", None)
+
     def observe(self, observer: RunObserver) -> None:
         """Call ``observer(request, event)`` after each event is applied."""
         self._observers.append(observer)
@@ -171,12 +179,18 @@ class RunLedger:
 
         With a remote backend they are still out (their outcomes will come); with the local
         one they died with the process: each is closed without counting (the task stays
-        runnable).
+        runnable). On a store several dispatchers share, they died with another instance
+        (this one took over): each is recorded as lost, and retried only as its task's
+        policy says.
         """
         store = self._store
         recovered = []
+        shared = self.leadership is not None
         for record in store.records():
             if record.active_run is None:
+                continue
+            if not self._remote and shared:
+                self._lost_with_leader(record, record.active_run)
                 continue
             if not self._remote:
                 now = store.now()
@@ -192,6 +206,16 @@ class RunLedger:
             self._open[request.run_id] = _Open(request)
             recovered.append(request)
         return recovered
+
+    def _lost_with_leader(self, record: TaskRecord, run: ActiveRun) -> None:
+        request = _request(record, run)
+        self._open[request.run_id] = _Open(request)
+        error = (
+            "RunLostError: the run was in progress in the dispatcher that led before this "
+            "one took over; it is not re-run unless its task's retries say so"
+        )
+        at = self._store.now()
+        self.apply(RunEvent(run.run_id, record.task_id, RunEventKind.LOST, at=at, error=error))
 
     # ------------------------------------------------------------------ events
 

@@ -71,7 +71,7 @@ BIG_CLASSES: dict[str, int] = {
     # the journal: appending, replaying, compacting into the snapshot
     "jobstores/journal.py::JournalStorage": 321,
     # the fleet's run backend: broker, submission, outcomes, recovery, worker roster
-    "scheduler/backends/celery.py::CeleryRunBackend": 783,
+    "scheduler/backends/celery.py::CeleryRunBackend": 701,
     # every dashboard page and fragment
     "scheduler/web/app.py::_Pages": 388,
 }

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -154,6 +154,167 @@ def _track(runs: dict[str, _OpenRun], event: RunEvent) -> None:
             run.state, run.worker = "running", event.worker
 
 
+class _Fencing(Protocol):
+    """The lease of a shared store, as the backend reads it (see
+    :class:`scheduler.leadership.LeaseView`)."""
+
+    cluster: str
+
+    @property
+    def epoch(self) -> int | None: ...
+
+    def is_leader_now(self) -> bool: ...
+
+
+class _BrokerLease:
+    """The one dispatcher's lease on a Redis database (``td:dispatcher``).
+
+    A dispatcher of a cluster (its inbox has a ``leadership``: a shared store's lease) writes
+    the cluster and the fencing epoch it leads in: a newer leader of the same cluster
+    replaces the holder of an older epoch at once (it was taken over, whether it died, froze
+    or lost the database), and the older one, on its next renewal, finds the newer epoch and
+    neither sends runs nor reads outcomes again.
+    """
+
+    def __init__(self, masked: str) -> None:
+        self._masked = masked
+        self._redis: aioredis.Redis | None = None
+        self.value = ""
+        self.directory: str | None = None
+        self.fencing: _Fencing | None = None
+        self.epoch: int | None = None
+        """The fencing epoch this dispatcher leads in (None: not in a cluster)."""
+        self.leased = False
+        self.fenced: str | None = None
+        """Why this dispatcher may not use the database now (another one holds its lease)."""
+
+    def describe(self, client: aioredis.Redis, token: str, inbox: RunInbox) -> None:
+        """Who this dispatcher is, from its inbox (a TaskDispatcher's names its directory and,
+        in a cluster, its lease)."""
+        self._redis = client
+        directory = getattr(inbox, "directory", None)
+        self.directory = None if directory is None else str(directory)
+        self.fencing = getattr(inbox, "leadership", None)
+        self.epoch = None if self.fencing is None else self.fencing.epoch
+        holder: dict[str, Any] = {
+            "id": token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "directory": self.directory,
+            "since": _utcnow().isoformat(timespec="seconds"),
+        }
+        if self.fencing is not None:
+            holder.update(cluster=self.fencing.cluster, epoch=self.epoch)
+        self.value = dumps(holder)
+
+    def leading(self) -> bool:
+        """Whether this dispatcher leads its cluster at this instant (always, outside one)."""
+        return self.fencing is None or self.fencing.is_leader_now()
+
+    def usable(self) -> bool:
+        """Whether outcomes may be read now: the lease is ours and this dispatcher leads."""
+        return self.leased and self.fenced is None and self.leading()
+
+    async def take(self) -> None:
+        """Take (or renew) the lease; :class:`BrokerInUseError` naming the holder if another
+        running dispatcher has it (or a newer leader of this cluster)."""
+        assert self._redis is not None
+        ttl = int(_LEASE_TTL * 1000)
+        result = await self._redis.eval(LEASE_SCRIPT, 1, LEASE_KEY, self.value, ttl, "")
+        if result != 1 and (self._predecessor(result) or self._superseded(result)):
+            result = await self._redis.eval(LEASE_SCRIPT, 1, LEASE_KEY, self.value, ttl, result)
+        if result == 1:
+            self.leased = True
+            return
+        raise BrokerInUseError(self._in_use(result))
+
+    async def renew(self) -> bool:
+        """Renew the lease; False (logged once) while another dispatcher holds it."""
+        try:
+            await self.take()
+        except BrokerInUseError as exc:
+            if self.fenced is None:
+                logger.error("%s; this dispatcher neither sends runs nor reads outcomes", exc)
+            self.fenced = str(exc)
+            return False
+        if self.fenced is not None:
+            logger.warning("broker %s: the dispatcher lease is ours again", self._masked)
+            self.fenced = None
+        return True
+
+    async def release(self) -> None:
+        """Give the lease back if it is still ours."""
+        if self._redis is None or not self.leased:
+            return
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(
+                self._redis.eval(LEASE_RELEASE_SCRIPT, 1, LEASE_KEY, self.value), 2.0
+            )
+
+    def _predecessor(self, holder: bytes) -> bool:
+        """Whether the lease ``holder`` is a dispatcher that is gone: one of this host that
+        had our directory (which we own now) or whose process no longer exists."""
+        try:
+            info = json.loads(holder)
+            same_host = info["host"] == socket.gethostname()
+            pid = int(info["pid"])
+            directory = info.get("directory")
+        except (ValueError, KeyError, TypeError):
+            return False
+        if not same_host:
+            return False
+        if self.directory is not None and directory == self.directory:
+            return True
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+    def _holder_epoch(self, holder: bytes) -> int | None:
+        """The epoch of a ``holder`` of this dispatcher's cluster (None: not of it)."""
+        if self.fencing is None or self.epoch is None:
+            return None
+        try:
+            info = json.loads(holder)
+            if info.get("cluster") != self.fencing.cluster:
+                return None
+            return int(info["epoch"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def _superseded(self, holder: bytes) -> bool:
+        """Whether ``holder`` led this dispatcher's cluster at an older epoch (taken over)."""
+        epoch = self._holder_epoch(holder)
+        return epoch is not None and self.epoch is not None and epoch < self.epoch
+
+    def _in_use(self, holder: Any) -> str:
+        epoch = self._holder_epoch(holder)
+        if epoch is not None and self.fencing is not None and epoch > (self.epoch or 0):
+            return (
+                f"broker {self._masked} is used by the leader of cluster "
+                f"{self.fencing.cluster!r} at epoch {epoch}; this dispatcher led it at epoch "
+                f"{self.epoch} and was taken over"
+            )
+        try:
+            info = json.loads(holder)
+            who = (
+                f"the dispatcher on host {info.get('host')!r} (pid {info.get('pid')}, "
+                f"directory {info.get('directory')!r}, since {info.get('since')})"
+            )
+        except (ValueError, TypeError, AttributeError):
+            who = f"another dispatcher ({holder!r})"
+        return (
+            f"broker {self._masked} is already used by {who}: one dispatcher per Redis "
+            f"database; stop that one, or give this one another database (its lease expires "
+            f"{_LEASE_TTL:g}s after it stops renewing it)"
+        )
+
+
 class CeleryRunBackend:
     """Executes runs on Celery workers chosen by sys_type, through a Redis broker.
 
@@ -169,7 +330,10 @@ class CeleryRunBackend:
 
     One dispatcher per Redis database: the event stream and its consumer group belong to it.
     :meth:`open` takes the database's lease (``td:dispatcher``) and raises
-    :class:`BrokerInUseError` naming the dispatcher that holds it.
+    :class:`BrokerInUseError` naming the dispatcher that holds it. In a cluster (a store
+    several dispatchers share) the lease carries the fencing epoch: a new leader takes it from
+    the one it replaced at once, reads the outcomes that one left unacknowledged first, and
+    the old one stops sending and reading on its next renewal.
     """
 
     name = "celery"
@@ -227,11 +391,7 @@ class CeleryRunBackend:
         """Sys_types with runs waiting and no worker registered (logged once each)."""
         self._epoch = uuid.uuid4().hex
         self._epoch_set = False
-        self._lease = ""
-        self._directory: str | None = None
-        self._leased = False
-        self._fenced: str | None = None
-        """Why this dispatcher may not use the database now (another one holds its lease)."""
+        self._lease = _BrokerLease(self._masked)
 
     # ------------------------------------------------------------------ the protocol
 
@@ -255,21 +415,11 @@ class CeleryRunBackend:
             retry=Retry(NoBackoff(), 0),
         )
         self._app = make_app(self.broker_url)
-        directory = getattr(inbox, "directory", None)  # a TaskDispatcher's inbox names it
-        self._directory = None if directory is None else str(directory)
-        self._lease = dumps(
-            {
-                "id": self._epoch,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "directory": self._directory,
-                "since": _utcnow().isoformat(timespec="seconds"),
-            }
-        )
+        self._lease.describe(self._redis, self._epoch, inbox)
         try:
             # One dispatcher per database: refuse to start beside another (an unreachable
             # broker is not a refusal: the lease is then taken at the first contact).
-            await asyncio.wait_for(self._take_lease(), 2.0)
+            await asyncio.wait_for(self._lease.take(), 2.0)
             # Know the broker's data before the first run is sent (see _check_epoch).
             await asyncio.wait_for(self._check_epoch(), 2.0)
         except (RedisError, OSError, TimeoutError):
@@ -300,8 +450,8 @@ class CeleryRunBackend:
         """
         if self._app is None or self._closing:
             raise RuntimeError("CeleryRunBackend: not open")
-        if self._fenced is not None:
-            raise BrokerInUseError(f"run {request.run_id} was not sent: {self._fenced}")
+        if self._lease.fenced is not None:
+            raise BrokerInUseError(f"run {request.run_id} was not sent: {self._lease.fenced}")
         queue = queue_name(request.sys_type)
         if self._outage_since is not None and time.monotonic() < self._retry_at:
             self._count_unsent()
@@ -372,11 +522,7 @@ class CeleryRunBackend:
             reader.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._redis is not None:
-            if self._leased:
-                with contextlib.suppress(RedisError, OSError, TimeoutError):
-                    await asyncio.wait_for(
-                        self._redis.eval(LEASE_RELEASE_SCRIPT, 1, LEASE_KEY, self._lease), 2.0
-                    )
+            await self._lease.release()
             await self._redis.aclose()
         if self._app is not None:
             await asyncio.to_thread(self._app.close)
@@ -399,7 +545,7 @@ class CeleryRunBackend:
             "start_timeout": self.start_timeout,
             "lost_after": self.lost_after,
             "resend_after": self.resend_after,
-            "in_use_by_another_dispatcher": self._fenced,
+            "in_use_by_another_dispatcher": self._lease.fenced,
         }
 
     def _waiting(self) -> dict[str, dict[str, Any]]:
@@ -544,8 +690,10 @@ class CeleryRunBackend:
                 if self._outage_since is not None and time.monotonic() < self._retry_at:
                     await asyncio.sleep(min(self._poll, self._retry_at - time.monotonic()))
                     continue
-                if not self._leased or self._fenced is not None:
-                    # The outcomes belong to whichever dispatcher holds the lease.
+                if not self._lease.usable():
+                    # The outcomes belong to whichever dispatcher holds the lease (and, in a
+                    # cluster, leads it): a deposed one leaves them pending for its successor.
+                    caught_up = False
                     await asyncio.sleep(self._poll)
                     continue
                 if time.monotonic() >= reread_at:
@@ -641,7 +789,7 @@ class CeleryRunBackend:
                 if self._outage_since is not None:
                     await self._redis.ping()
                     self._broker_ok()
-                if not await self._renew_lease():
+                if not self._lease.leading() or not await self._lease.renew():
                     continue
                 await self._check_epoch()
                 await self._check_runs()
@@ -652,74 +800,6 @@ class CeleryRunBackend:
             except Exception:
                 # Keep watching: a run stuck open forever is worse than a logged bug.
                 logger.exception("celery run backend: checking runs failed")
-
-    # ------------------------------------------------------------------ the lease
-
-    async def _take_lease(self) -> None:
-        """Take (or renew) this database's dispatcher lease; :class:`BrokerInUseError` naming
-        the holder if another running dispatcher has it."""
-        assert self._redis is not None
-        ttl = int(_LEASE_TTL * 1000)
-        result = await self._redis.eval(LEASE_SCRIPT, 1, LEASE_KEY, self._lease, ttl, "")
-        if result != 1 and self._predecessor(result):
-            result = await self._redis.eval(LEASE_SCRIPT, 1, LEASE_KEY, self._lease, ttl, result)
-        if result == 1:
-            self._leased = True
-            return
-        raise BrokerInUseError(self._in_use(result))
-
-    async def _renew_lease(self) -> bool:
-        """Renew the lease; False (logged once) while another dispatcher holds it."""
-        try:
-            await self._take_lease()
-        except BrokerInUseError as exc:
-            if self._fenced is None:
-                logger.error("%s; this dispatcher neither sends runs nor reads outcomes", exc)
-            self._fenced = str(exc)
-            return False
-        if self._fenced is not None:
-            logger.warning("broker %s: the dispatcher lease is ours again", self._masked)
-            self._fenced = None
-        return True
-
-    def _predecessor(self, holder: bytes) -> bool:
-        """Whether the lease ``holder`` is a dispatcher that is gone: one of this host that
-        had our directory (which we own now) or whose process no longer exists."""
-        try:
-            info = json.loads(holder)
-            same_host = info["host"] == socket.gethostname()
-            pid = int(info["pid"])
-            directory = info.get("directory")
-        except (ValueError, KeyError, TypeError):
-            return False
-        if not same_host:
-            return False
-        if self._directory is not None and directory == self._directory:
-            return True
-        if pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
-        return False
-
-    def _in_use(self, holder: Any) -> str:
-        try:
-            info = json.loads(holder)
-            who = (
-                f"the dispatcher on host {info.get('host')!r} (pid {info.get('pid')}, "
-                f"directory {info.get('directory')!r}, since {info.get('since')})"
-            )
-        except (ValueError, TypeError):
-            who = f"another dispatcher ({holder!r})"
-        return (
-            f"broker {self._masked} is already used by {who}: one dispatcher per Redis "
-            f"database; stop that one, or give this one another database (its lease expires "
-            f"{_LEASE_TTL:g}s after it stops renewing it)"
-        )
 
     async def _check_epoch(self) -> None:
         """Notice a broker that lost its data: unstarted runs' messages went with it."""

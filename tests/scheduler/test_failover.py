@@ -130,3 +130,70 @@ async def test_health_reports_the_role_epoch_and_leader(
         }
     finally:
         await dispatcher.stop()
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_run_in_progress_in_a_leader_taken_over_is_lost_and_retried_only_by_policy(
+    clock: Any, tmp_path: Path, postgres_databases: Databases, retries: int
+) -> None:
+    url = f"{url_of(postgres_databases.create())}?lease=30"
+    old_recorder, new_recorder = Recorder(), Recorder()
+    old_store = PostgresStorage.for_url(url, clock=LeaseClock())
+    old = TaskDispatcher(
+        tmp_path / "old",
+        task_manager_factory=old_recorder,
+        timezone="Asia/Shanghai",
+        store=old_store,
+    )
+    task_id = await old.add_task(**TASK, run_policy={"retries": retries, "retry_delay": 60})
+    old_recorder.gates[task_id] = asyncio.Event()
+    old_recorder.started[task_id] = asyncio.Event()
+    await old.start()
+    new: TaskDispatcher | None = None
+    pending = None
+    try:
+        clock.move_to(at(2026, 1, 8, 8, 0))
+        pending = asyncio.create_task(old.run_pending())
+        await asyncio.wait_for(old_recorder.started[task_id].wait(), 10)
+
+        def running_in_the_store() -> bool:
+            stored = PostgresStorage.for_url(url).read()
+            return any(r.task_id == task_id and r.active_run for r in stored.records)
+
+        for _ in range(200):  # the run's start is committed (in the background)
+            if await asyncio.to_thread(running_in_the_store):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the run's start was never committed")
+        # The old leader stops renewing (frozen, killed: its lease runs out by the database's
+        # clock) and another instance takes over while the run is in progress there.
+        with psycopg.connect(url.split("?")[0], autocommit=True) as admin:
+            admin.execute("UPDATE td_leases SET expires_at = now()")
+        new = TaskDispatcher(
+            tmp_path / "new",
+            task_manager_factory=new_recorder,
+            timezone="Asia/Shanghai",
+            store=PostgresStorage.for_url(url, clock=LeaseClock()),
+        )
+        record = new.get_task(task_id)
+        assert record.active_run is None
+        # It counts as a run; as a failed one unless a retry follows (the last attempt's
+        # failure counts).
+        assert (record.run_count, record.failure_count) == (1, 1 - retries)
+        assert [entry.outcome for entry in new.runs(task_id)] == ["lost"]
+        assert "RunLostError" in (new.runs(task_id)[0].error or "")
+        assert (record.retry is not None) == bool(retries)
+        await new.start()
+        await new.run_pending()  # 8:00: the lost run is not run again
+        assert new_recorder.count(task_id) == 0
+        clock.move_to(at(2026, 1, 8, 8, 2))
+        await new.run_pending()  # its retry, if its policy has one
+        assert new_recorder.count(task_id) == retries
+    finally:
+        old_recorder.gates[task_id].set()
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+        await old.stop(grace_period=0)
+        if new is not None:
+            await new.stop()
