@@ -1,10 +1,11 @@
 """A task manager for fleet tests, loaded by real worker processes (``--factory``).
 
-Each run appends ``{"task_id", "account_id", "worker", "run_id", "phase", "at"}`` lines (phase
-``start`` then ``end``, or ``cancelled`` if the worker stopped it) to the file named by its
-``probe_log`` kwarg, sleeps ``seconds`` and fails if ``fail`` is true. The worker's name comes
-from ``$TD_TEST_WORKER``; the run id from the Celery task executing it. With ``asynchronous``
-the manager is a coroutine (``async def run``), which a worker can cancel.
+Each run appends ``{"task_id", "account_id", "worker", "run_id", "scheduled_at", "phase",
+"at"}`` lines (phase ``start`` then ``end``, or ``cancelled`` if the worker stopped it) to the
+file named by its ``probe_log`` kwarg, sleeps ``seconds`` and fails if ``fail`` is true. The
+worker's name comes from ``$TD_TEST_WORKER``; the run id and its planned time from the Celery
+task executing it. With ``asynchronous`` the manager is a coroutine (``async def run``), which
+a worker can cancel.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ProbeManager:
         seconds: float = 0.0,
         fail: bool = False,
         run_id: str = "?",
+        scheduled_at: str = "?",
         **kwargs: Any,
     ) -> None:
         self.sys_type = sys_type
@@ -38,6 +40,7 @@ class ProbeManager:
         self.seconds = float(seconds)
         self.fail = bool(fail)
         self.run_id = run_id
+        self.scheduled_at = scheduled_at
 
     def _write(self, phase: str) -> None:
         line = {
@@ -46,6 +49,7 @@ class ProbeManager:
             "sys_type": self.sys_type,
             "worker": os.environ.get("TD_TEST_WORKER", "?"),
             "run_id": self.run_id,
+            "scheduled_at": self.scheduled_at,
             "phase": phase,
             "at": time.time(),
         }
@@ -88,9 +92,23 @@ def _current_run_id() -> str:
     return str(getattr(request, "id", None) or "?")
 
 
+def _current_scheduled_at() -> str:
+    """The planned time of the run being executed in this thread (its message's request)."""
+    try:
+        from celery import current_task
+    except ImportError:
+        return "?"
+    args = getattr(getattr(current_task, "request", None), "args", None) or [{}]
+    try:
+        return str(args[0]["request"]["scheduled_at"])
+    except (KeyError, TypeError, IndexError):
+        return "?"
+
+
 def factory(**kwargs: Any) -> ProbeManager:
     """The worker's ``--factory fleet_probe:factory``."""
     kwargs.setdefault("run_id", _current_run_id())
+    kwargs.setdefault("scheduled_at", _current_scheduled_at())
     if kwargs.pop("asynchronous", False):
         return AsyncProbeManager(**kwargs)
     return ProbeManager(**kwargs)

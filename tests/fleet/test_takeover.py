@@ -1,20 +1,36 @@
 """Fleet takeover: a new leader of a cluster (a newer fencing epoch in PostgreSQL) takes the
-broker from the one it replaced, and the outcomes that one left unapplied.
+broker from the one it replaced, and the outcomes that one left unapplied; across several
+takeovers of real ``task-dispatcher run`` processes no planned run starts twice, and every
+outcome is applied once.
 
-Real PostgreSQL (a fresh database: the leases), real Redis, real worker processes.
+Real PostgreSQL (a fresh database per test), real Redis, real worker processes.
 """
 
 from __future__ import annotations
 
+import signal
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import redis
-from fleet_support import FileInbox, OpenBackend, StartWorker, eventually, request
-from postgres_support import Databases, postgres_databases
+from fleet_probe import read_probe
+from fleet_support import (
+    FileInbox,
+    OpenBackend,
+    StartWorker,
+    eventually,
+    request,
+    wait_until,
+)
+from helpers import Running
+from postgres_support import Databases, postgres_databases, url_of
 
 from jobstores.postgres.lease import Leadership
+from scheduler import CeleryRunBackend, TaskDispatcher
 from scheduler.errors import BrokerInUseError
 from scheduler.fleet import EVENTS_GROUP, EVENTS_STREAM
 from tasks.runs import RunEvent
@@ -105,3 +121,140 @@ async def test_a_new_leader_takes_the_broker_and_the_outcomes_the_old_one_left(
     finally:
         old_lease.stop(release=False)
         new_lease.stop()
+
+
+LEASE = 2.0
+LOST_AFTER = 4.0
+TAKEOVERS = 3
+RUNS_BETWEEN = 8
+"""Runs started on the workers between two takeovers."""
+
+
+def cluster_tasks(probe: Path) -> list[dict[str, Any]]:
+    """Three accounts of two tasks each, every two seconds, runs of 0.4 s and 1.2 s."""
+    return [
+        {
+            "sys_type": "linux",
+            "task_type": "probe",
+            "interval": 2,
+            "account_id": f"acct-{number}",
+            "probe_log": str(probe),
+            "seconds": seconds,
+            "asynchronous": True,
+        }
+        for number in range(3)
+        for seconds in (0.4, 1.2)
+    ]
+
+
+def in_flight(probe: Path) -> set[str]:
+    """Ids of the runs started on a worker and not ended yet."""
+    started: set[str] = set()
+    for line in read_probe(probe):
+        (started.add if line["phase"] == "start" else started.discard)(line["run_id"])
+    return started
+
+
+def leads(lines: list[str]) -> bool:
+    return any("leading cluster" in line for line in lines)
+
+
+def stands_by(lines: list[str]) -> bool:
+    return any("standing by:" in line for line in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_no_planned_run_starts_twice_across_takeovers_and_outcomes_apply_once(
+    postgres_databases: Databases, start_worker: StartWorker, broker_url: str, tmp_path: Path
+) -> None:
+    store_url = f"{url_of(postgres_databases.create())}?lease={LEASE:g}"
+    probe = tmp_path / "probe.jsonl"
+    setup = TaskDispatcher(
+        tmp_path / "setup", run_backend=CeleryRunBackend(broker_url), store=store_url
+    )
+    ids = await setup.add_tasks(cluster_tasks(probe))
+    setup.close()
+    start_worker("linux-1", "linux", concurrency=4)
+    start_worker("linux-2", "linux", concurrency=4)
+
+    env = {"TASK_DISPATCHER_STORE": store_url, "TASK_DISPATCHER_TOKEN": "takeover-token"}
+    started: list[Running] = []
+
+    def instance(name: str) -> Running:
+        started.append(
+            Running(
+                tmp_path / name, "--broker", broker_url, "--lost-after", f"{LOST_AFTER:g}", env=env
+            )
+        )
+        return started[-1]
+
+    def runs_started() -> int:
+        return sum(line["phase"] == "start" for line in read_probe(probe))
+
+    def more_runs(wanted: int) -> Callable[[], bool]:
+        return lambda: runs_started() >= wanted
+
+    caught: list[set[str]] = []
+    try:
+        leader, standby = instance("a"), None
+        leader.wait_for(leads, 30)
+        standby = instance("b")
+        standby.wait_for(stands_by, 30)
+        wait_until(lambda: runs_started() >= RUNS_BETWEEN, 60, "the fleet to get going")
+        names = {id(leader): "a", id(standby): "b"}
+        for _ in range(TAKEOVERS):
+            # SIGKILL the leader while runs it sent execute on the workers.
+            caught.append(wait_until(lambda: in_flight(probe), 30, "a run in flight"))
+            leader.process.send_signal(signal.SIGKILL)
+            leader.process.wait(10)
+            standby.wait_for(leads, LEASE + 15)
+            replacement = instance(names[id(leader)])
+            names[id(replacement)] = names[id(leader)]
+            replacement.wait_for(stands_by, 30)
+            wait_until(more_runs(runs_started() + RUNS_BETWEEN), 60, "runs after a takeover")
+            leader, standby = standby, replacement
+        for process in (standby, leader):  # the standby first: it must not take over
+            process.process.send_signal(signal.SIGTERM)
+            assert process.process.wait(60) == 0, "".join(process.seen[-20:])
+    finally:
+        for process in started:
+            process.close()
+
+    # One more instance takes the outcomes still out in, with every task paused so that
+    # nothing new starts, and waits until every run is closed.
+    final = TaskDispatcher(
+        tmp_path / "final",
+        run_backend=CeleryRunBackend(broker_url, lost_after=LOST_AFTER),
+        store=store_url,
+    )
+    for task_id in ids:
+        final.pause_task(task_id)
+    await final.start()
+    try:
+        await eventually(
+            lambda: all(final.get_task(t).active_run is None for t in ids),
+            60,
+            "every run out to be closed",
+        )
+        records = {task_id: final.get_task(task_id) for task_id in ids}
+    finally:
+        await final.stop()
+
+    lines = read_probe(probe)
+    starts = [line for line in lines if line["phase"] == "start"]
+    ended = {line["run_id"] for line in lines if line["phase"] == "end"}
+    assert len(starts) >= (TAKEOVERS + 1) * RUNS_BETWEEN, len(starts)
+    assert all(line["scheduled_at"] != "?" for line in starts), "a run without its planned time"
+    twice = [run for run, n in Counter(line["run_id"] for line in starts).items() if n > 1]
+    assert not twice, f"runs executed twice: {twice}"
+    planned = Counter((line["task_id"], line["scheduled_at"]) for line in starts)
+    doubled = [run for run, n in planned.items() if n > 1]
+    assert not doubled, f"planned runs started twice: {doubled}"
+    # The workers were never stopped: every run ended, those caught by a takeover included.
+    assert {line["run_id"] for line in starts} <= ended
+    assert all(runs and runs <= ended for runs in caught), caught
+    # Each outcome applied exactly once: a task counts exactly the runs its workers executed.
+    executed = Counter(line["task_id"] for line in starts)
+    counts = {task_id: (r.run_count, r.failure_count) for task_id, r in records.items()}
+    assert counts == {task_id: (executed[task_id], 0) for task_id in ids}
