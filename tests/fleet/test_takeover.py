@@ -1,7 +1,7 @@
 """Fleet takeover: a new leader of a cluster (a newer fencing epoch in PostgreSQL) takes the
 broker from the one it replaced, and the outcomes that one left unapplied; across several
-takeovers of real ``task-dispatcher run`` processes (killed, and frozen) no planned run starts
-twice, and every outcome is applied once.
+takeovers of real ``task-dispatcher run`` processes (killed, frozen, leading again) no planned
+run starts twice, and every outcome is applied once.
 
 Real PostgreSQL (a fresh database per test), real Redis, real worker processes.
 """
@@ -226,10 +226,14 @@ async def test_no_planned_run_starts_twice_across_takeovers_and_outcomes_apply_o
             os.kill(leader.process.pid, signal.SIGCONT)
         woke = len(leader.seen)
         leader.wait_for(lambda lines: stands_by(lines[woke:]), 30)
-        leader, standby = standby, leader
-        for process in (standby, leader):  # the standby first: it must not take over
-            process.process.send_signal(signal.SIGTERM)
-            assert process.process.wait(60) == 0, "".join(process.seen[-20:])
+        # And the woken instance leads again, in the same process, once its successor dies.
+        caught.append(wait_until(lambda: in_flight(probe), 30, "a run in flight"))
+        standby.process.send_signal(signal.SIGKILL)
+        standby.process.wait(10)
+        leader.wait_for(lambda lines: leads(lines[woke:]), LEASE + 15)
+        wait_until(more_runs(runs_started() + RUNS_BETWEEN), 60, "runs after a takeover")
+        leader.process.send_signal(signal.SIGTERM)
+        assert leader.process.wait(60) == 0, "".join(leader.seen[-20:])
     finally:
         for process in started:
             process.close()
@@ -257,7 +261,7 @@ async def test_no_planned_run_starts_twice_across_takeovers_and_outcomes_apply_o
     lines = read_probe(probe)
     starts = [line for line in lines if line["phase"] == "start"]
     ended = {line["run_id"] for line in lines if line["phase"] == "end"}
-    assert len(starts) >= (TAKEOVERS + 2) * RUNS_BETWEEN, len(starts)
+    assert len(starts) >= (TAKEOVERS + 3) * RUNS_BETWEEN, len(starts)
     assert all(line["scheduled_at"] != "?" for line in starts), "a run without its planned time"
     twice = [run for run, n in Counter(line["run_id"] for line in starts).items() if n > 1]
     assert not twice, f"runs executed twice: {twice}"
