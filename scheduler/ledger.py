@@ -21,6 +21,7 @@ from pathlib import Path
 
 from jobstores.commands import RunAbandoned, RunOpened, RunReported
 from jobstores.jsonfile import JsonJobStore
+from scheduler.leadership import LeaseView
 from tasks import lifecycle
 from tasks.model import ActiveRun, TaskRecord
 from tasks.runs import NOT_SENT, RunEvent, RunEventKind, RunRequest, run_trigger
@@ -72,12 +73,12 @@ class RunLedger:
         return self._directory
 
     @property
-    def leadership(self) -> object | None:
-        """The lease of a store that several dispatchers share (see
-        :class:`scheduler.leadership.LeaseView`: its ``cluster``, ``epoch`` and
+    def leadership(self) -> LeaseView | None:
+        """The lease of a store that several dispatchers share (its ``cluster``, ``epoch`` and
         ``is_leader_now()``), None for a store of one owner. A remote backend ties its own
         guard on the broker to the epoch, and reads outcomes only while it leads."""
-        return getattr(self._store._storage, "leadership", None)
+        lease: LeaseView | None = getattr(self._store._storage, "leadership", None)
+        return lease
 
     def observe(self, observer: RunObserver) -> None:
         """Call ``observer(request, event)`` after each event is applied."""
