@@ -3,50 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from tasks.errors import InvalidTaskError
+from scheduler.backends.execution import call_manager, create_manager, execute
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.registry import default_registry
-from tasks.runs import (
-    TIMED_OUT,
-    RunEvent,
-    RunEventKind,
-    RunInbox,
-    RunRequest,
-    describe_error,
-    timed_out_error,
-)
-from tasks.schedule import utc_now
+from tasks.runs import RunEvent, RunInbox, RunRequest, describe_error
 
 __all__ = ["LocalRunBackend", "call_manager", "create_manager", "finish_or_cancel"]
 
 logger = logging.getLogger(__name__)
-
-
-def create_manager(
-    factory: TaskManagerFactory, sys_type: str, kwargs: Mapping[str, Any]
-) -> TaskManager:
-    """``factory(sys_type=sys_type, **kwargs)``, checked to have a ``run()``.
-
-    Raises :class:`InvalidTaskError` naming ``task_manager_factory`` if it cannot.
-    """
-    try:
-        manager = factory(sys_type=sys_type, **kwargs)
-    except InvalidTaskError:
-        raise
-    except Exception as exc:
-        raise InvalidTaskError(
-            "task_manager_factory", f"raised {type(exc).__name__}: {exc}"
-        ) from exc
-    if not callable(getattr(manager, "run", None)):
-        raise InvalidTaskError(
-            "task_manager_factory", f"returned {type(manager).__name__}, which has no run()"
-        )
-    return manager
 
 
 async def finish_or_cancel(tasks: Collection[asyncio.Task[Any]], grace_period: float | None) -> int:
@@ -60,18 +28,6 @@ async def finish_or_cancel(tasks: Collection[asyncio.Task[Any]], grace_period: f
     if pending:
         await asyncio.gather(*pending, return_exceptions=True)
     return len(pending)
-
-
-async def call_manager(manager: TaskManager) -> object:
-    """Call ``manager.run()``: on the loop if it is a coroutine function, else in a thread."""
-    run = manager.run
-    if inspect.iscoroutinefunction(run):
-        result = await run()
-    else:
-        result = await asyncio.to_thread(run)
-        if inspect.isawaitable(result):
-            result = await result
-    return result
 
 
 class LocalRunBackend:
@@ -152,59 +108,13 @@ class LocalRunBackend:
 
     async def _outcome(self, request: RunRequest, manager: TaskManager) -> RunEvent:
         """Call the manager (bounded by the request's timeout) and say how it went."""
-        started = utc_now()
-        error: str | None = None
-        extra: dict[str, object] = {}
-        if request.timeout is None:
-            # No timeout: await the manager in this task (no task nor wait of its own).
-            try:
-                await call_manager(manager)
-            except asyncio.CancelledError as cancelled:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this run is being cancelled, not failing
-                kind, error = RunEventKind.FAILED, describe_error(cancelled)
-            except Exception as raised:
-                kind, error = RunEventKind.FAILED, describe_error(raised)
-            else:
-                kind = RunEventKind.SUCCEEDED
-        else:
-            call = asyncio.ensure_future(call_manager(manager))
-            try:
-                done, _ = await asyncio.wait({call}, timeout=request.timeout)
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            if done:
-                exc = asyncio.CancelledError() if call.cancelled() else call.exception()
-                if exc is None:
-                    kind = RunEventKind.SUCCEEDED
-                else:
-                    kind, error = RunEventKind.FAILED, describe_error(exc)
-            else:
-                kind, error = RunEventKind.FAILED, timed_out_error(request.timeout)
-                extra[TIMED_OUT] = request.timeout
-                await self._stop(request, manager, call)
-        return RunEvent(
-            run_id=request.run_id,
-            task_id=request.task_id,
-            kind=kind,
-            at=utc_now(),
-            error=error,
-            started_at=started,
-            extra=extra,
-        )
+        return await execute(request, manager, overrun=self._linger)
 
-    async def _stop(
+    async def _linger(
         self, request: RunRequest, manager: TaskManager, call: asyncio.Future[object]
     ) -> None:
-        """Stop a run past its timeout: cancel a coroutine (a shell command's process group is
-        killed on cancellation); a thread cannot be stopped, so it is left to finish, and
-        :meth:`finished` waits for it."""
-        if inspect.iscoroutinefunction(manager.run):
-            call.cancel()
-            await asyncio.gather(call, return_exceptions=True)
-            return
+        """A manager in a thread past its timeout cannot be stopped: it is left to finish,
+        and :meth:`finished` waits for it."""
         logger.warning(
             "run %s of task %s (account %s) timed out after %gs, but its manager runs in a "
             "thread, which cannot be stopped: the account's runs wait until it returns",
