@@ -10,7 +10,7 @@ from typing import Any
 from scheduler.backends.execution import call_manager, create_manager, execute
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.registry import default_registry
-from tasks.runs import RunEvent, RunInbox, RunRequest, describe_error
+from tasks.runs import RunBackend, RunEvent, RunInbox, RunRequest, describe_error
 
 __all__ = ["LocalRunBackend", "call_manager", "create_manager", "finish_or_cancel"]
 
@@ -30,7 +30,7 @@ async def finish_or_cancel(tasks: Collection[asyncio.Task[Any]], grace_period: f
     return len(pending)
 
 
-class LocalRunBackend:
+class LocalRunBackend(RunBackend):
     """Runs each request's task manager in this process.
 
     Managers are created once per task with the factory (the task type registry by default)
@@ -45,7 +45,6 @@ class LocalRunBackend:
         self.factory: TaskManagerFactory = task_manager_factory or default_registry
         self._managers: dict[str, TaskManager] = {}
         self._inbox: RunInbox | None = None
-        self._running: set[asyncio.Task[None]] = set()
         self._lingering: dict[str, asyncio.Future[object]] = {}
         self._inline = 0  # runs executing through run(), in their callers' tasks
 
@@ -71,22 +70,28 @@ class LocalRunBackend:
         """Deliver outcomes to ``inbox`` from now on."""
         self._inbox = inbox
 
-    async def submit(self, request: RunRequest) -> None:
-        """Start the run as a task of this event loop."""
+    def prepare(
+        self, task_id: str, sys_type: str, kwargs: Mapping[str, Any], *, renew: bool = False
+    ) -> None:
+        """Create ``task_id``'s manager now (anew with ``renew``): a task whose manager
+        cannot be created is refused when added and kept unrestored when loaded."""
+        self.manager(task_id, sys_type, kwargs, renew=renew)
+
+    async def submit(self, request: RunRequest) -> RunEvent:
+        """Execute the run in the calling task (see :meth:`run`) with the task's manager and
+        return its finishing event.
+
+        Raises :class:`~tasks.errors.InvalidTaskError` if the manager cannot be created
+        (nothing ran).
+        """
         manager = self.manager(request.task_id, request.sys_type, request.kwargs)
-        task = asyncio.get_running_loop().create_task(
-            self._execute(request, manager), name=f"task-dispatcher run {request.run_id}"
-        )
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        return await self.run(request, manager)
 
     async def run(self, request: RunRequest, manager: TaskManager) -> RunEvent:
         """Execute ``request`` in the calling task, deliver its outcome to the inbox and
         return it, once the run no longer executes here (see :meth:`finished`).
 
-        What :meth:`submit` does, minus a task of its own: the dispatcher's runner already
-        runs each run in a task, so it calls this directly. Cancelling the caller cancels the
-        manager (as :meth:`close` would) and nothing is delivered.
+        Cancelling the caller cancels the manager and nothing is delivered.
         """
         self._inline += 1
         try:
@@ -100,11 +105,6 @@ class LocalRunBackend:
             # account's lane) waits until the thread returns.
             await self.finished(request.run_id)
         return event
-
-    async def _execute(self, request: RunRequest, manager: TaskManager) -> None:
-        event = await self._outcome(request, manager)
-        assert self._inbox is not None
-        await self._inbox.deliver(event)
 
     async def _outcome(self, request: RunRequest, manager: TaskManager) -> RunEvent:
         """Call the manager (bounded by the request's timeout) and say how it went."""
@@ -154,9 +154,9 @@ class LocalRunBackend:
         """Nothing to recover: local runs end with the process that ran them."""
 
     async def close(self, grace_period: float | None) -> None:
-        """Cancel runs still going after ``grace_period`` seconds."""
-        await finish_or_cancel(self._running, grace_period)
+        """Nothing to stop: runs execute in their callers' tasks, which the dispatcher lets
+        finish for its grace period and then cancels."""
 
     def health(self) -> Mapping[str, Any]:
         """Runs executing in this process."""
-        return {"backend": self.name, "running": len(self._running) + self._inline}
+        return {"backend": self.name, "running": self._inline}
