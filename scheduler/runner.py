@@ -268,7 +268,9 @@ class TaskRunner:
                     f"not sent: the run could not be saved ({self._store.save_health.last_error})"
                 )
                 self._ledger.apply(self._failed(request, error))
-            elif self.leading is not None and not self.leading():
+            elif backend.remote and self.leading is not None and not self.leading():
+                # Asked again after the save (the lease may have gone meanwhile); a run
+                # that executes here starts right after it was opened, asked just before.
                 error = "not sent: this dispatcher no longer leads"
                 self._ledger.apply(self._failed(request, error, {NOT_SENT: True}))
             else:

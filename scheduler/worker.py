@@ -572,7 +572,8 @@ class _Execution:
         self._lock = threading.Lock()
         self._cancel: Callable[[], object] | None = None
         self._stoppable = False
-        """Whether the manager runs on the loop (a coroutine), where it can be cancelled."""
+        """Whether the manager's call runs on the loop (a coroutine, or an awaitable its
+        ``run()`` returned), where it can be cancelled."""
         self.stopped: str | None = None
 
     def stop(self, reason: str) -> None:
@@ -611,7 +612,8 @@ class _Execution:
             self._call_here if request.timeout is None else call_manager
         )
         if inspect.iscoroutinefunction(manager.run):
-            self._stoppable = True
+            with self._lock:
+                self._stoppable = True
         try:
             return _thread_loop().run_until_complete(
                 execute(
@@ -632,10 +634,14 @@ class _Execution:
         """``manager.run()`` in this thread (nothing to bound); an awaitable it returns can be
         stopped."""
         result = manager.run()
-        if inspect.isawaitable(result):
+        if not inspect.isawaitable(result):
+            return result
+        awaited = asyncio.ensure_future(result)
+        with self._lock:
             self._stoppable = True
-            return await result
-        return result
+            if self.stopped is not None:  # stopped while run() itself ran
+                awaited.cancel()
+        return await awaited
 
     def _watch(self, call: asyncio.Future[object]) -> None:
         loop = call.get_loop()
