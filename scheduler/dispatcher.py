@@ -139,7 +139,6 @@ class Dispatcher:
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
-        self._local = self._backend if isinstance(self._backend, LocalRunBackend) else None
         self._factory = task_manager_factory
         self._store = JsonJobStore(
             directory,
@@ -194,9 +193,9 @@ class Dispatcher:
         """Create ``record``'s manager now: a task whose manager cannot be created is refused
         at add time, and kept unrestored at load. ``renew``: its kwargs or sys_type were
         edited, so the manager made for the old ones is replaced."""
-        if self._local is not None:
-            self._local.manager(record.task_id, record.sys_type, record.kwargs, renew=renew)
-        elif self._factory is not None:
+        self._backend.prepare(record.task_id, record.sys_type, record.kwargs, renew=renew)
+        if self._backend.remote and self._factory is not None:
+            # The workers create the managers; this process checks it could.
             create_manager(self._factory, record.sys_type, record.kwargs)
 
     # ------------------------------------------------------------------ properties
@@ -580,8 +579,7 @@ class Dispatcher:
         applied = self._store.apply(RemoveTask(task_id), tell=False)
         record = applied.record
         self._withdraw_sent(record)
-        if self._local is not None:
-            self._local.forget(task_id)
+        self._backend.forget(task_id)
         saved = self._store.save()
         logger.info("task %s (account %s) removed", task_id, record.account_id)
         self._tell_all(applied)

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from jobstores.jsonfile import JsonJobStore
-from scheduler.backends.local import LocalRunBackend, finish_or_cancel
+from scheduler.backends.local import finish_or_cancel
 from scheduler.lanes import AccountLanes, Waiter
 from scheduler.ledger import RunLedger
 from tasks.errors import BrokerUnavailableError
@@ -55,7 +55,6 @@ class TaskRunner:
         self._backend = backend
         self._lanes = lanes
         self._ledger = ledger
-        self._local = backend if isinstance(backend, LocalRunBackend) else None
         self._tasks: dict[asyncio.Task[Any], _Queued | None] = {}
         """Runs executing (or holding a recovered run's lane), with their queue entries."""
         self._queued: set[_Queued] = set()
@@ -227,12 +226,7 @@ class TaskRunner:
                             task_id, queued.scheduled_at, queued.attempt, manual=queued.manual
                         )
                     )
-                    if request is None:
-                        event = None
-                    elif self._local is not None:
-                        event = await self._execute_here(request, self._local)
-                    else:
-                        event = await self._execute(request)
+                    event = None if request is None else await self._execute(request)
                 finally:
                     self._lanes.release(queued.waiter.account)
             finally:
@@ -262,23 +256,28 @@ class TaskRunner:
             self._settled(request.task_id)
 
     async def _execute(self, request: RunRequest) -> RunEvent:
+        """Hand an opened run to the backend and return its finishing event: the one a
+        backend executing in this task returns, else the one its inbox receives."""
+        backend = self._backend
         ended = self._ledger.ended(request.run_id)
         assert ended is not None
         try:
-            if self._backend.remote and not await self._store.save_async():
+            if backend.remote and not await self._store.save_async():
                 # At most once: a run is sent only once it is on disk as sent.
                 error = (
                     f"not sent: the run could not be saved ({self._store.save_health.last_error})"
                 )
                 self._ledger.apply(self._failed(request, error))
-            elif self.leading is not None and not self.leading():
+            elif backend.remote and self.leading is not None and not self.leading():
+                # Asked again after the save (the lease may have gone meanwhile); a run
+                # that executes here starts right after it was opened, asked just before.
                 error = "not sent: this dispatcher no longer leads"
                 self._ledger.apply(self._failed(request, error, {NOT_SENT: True}))
             else:
-                if not self._backend.remote:
+                if not backend.remote:
                     self._store.request_save()
                 try:
-                    await self._backend.submit(request)
+                    event = await backend.submit(request)
                 except BrokerUnavailableError as exc:
                     # The backend reports the outage (once, and how many runs it cost).
                     self._ledger.apply(
@@ -288,25 +287,13 @@ class TaskRunner:
                     self._ledger.apply(
                         self._failed(request, f"could not be sent: {describe_error(exc)}")
                     )
+                else:
+                    if event is not None:  # executed in this task: it is applied
+                        return event
             return await asyncio.shield(ended)
         except asyncio.CancelledError:
-            if not self._backend.remote:
+            if not backend.remote:
                 self._ledger.abandon(request.run_id)
-            raise
-
-    async def _execute_here(self, request: RunRequest, local: LocalRunBackend) -> RunEvent:
-        """A local run, executed in this run's task (no task, future or shield of its own)."""
-        try:
-            self._store.request_save()
-            try:
-                manager = local.manager(request.task_id, request.sys_type, request.kwargs)
-            except Exception as exc:
-                event = self._failed(request, f"could not be sent: {describe_error(exc)}")
-                self._ledger.apply(event)
-                return event
-            return await local.run(request, manager)
-        except asyncio.CancelledError:
-            self._ledger.abandon(request.run_id)
             raise
 
     @staticmethod

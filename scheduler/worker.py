@@ -30,14 +30,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from celery import Celery, signals
 
-from scheduler.backends.local import call_manager, create_manager
+from scheduler.backends.execution import call_manager, create_manager, execute, finished_event
 from scheduler.fleet import (
     ALLOW_NON_DURABLE_ENV_VAR,
     BROKER_ENV_VAR,
@@ -62,12 +62,10 @@ from tasks.errors import BrokerNotDurableError
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.registry import default_registry
 from tasks.runs import (
-    TIMED_OUT,
     RunEvent,
     RunEventKind,
     RunRequest,
     describe_error,
-    timed_out_error,
 )
 
 __all__ = ["app", "check_durability", "execute_run", "load_factory", "make_app"]
@@ -423,10 +421,6 @@ def _record_outcome(client: redis.Redis, run_id: str, claim: str, done: str, eve
             delay = min(delay * 2, 10.0)
 
 
-class _Stopped(Exception):
-    """The run was stopped because this worker no longer holds its claim."""
-
-
 def _refuse_format(payload: Mapping[str, Any], name: str, client: redis.Redis) -> str:
     """A message of another format: never executed; recorded as failed if it can be read."""
     got = payload.get("format")
@@ -489,7 +483,6 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
         )
         return "skipped"
     error: str | None = None
-    extra: dict[str, Any] = {}
     if durability == "waitaof":
         # The claim must be on disk before the run executes: a crash that lost it would
         # bring the message back, and the run would execute again.
@@ -515,28 +508,16 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
     try:
         if error is None:
             manager = create_manager(_state.factory(), request.sys_type, request.kwargs)
-            execution.run(manager, request.timeout)
-    except TimeoutError:
-        assert request.timeout is not None
-        error, extra[TIMED_OUT] = timed_out_error(request.timeout), request.timeout
-    except _Stopped as stopped:
-        error = f"RunStoppedError: worker {name} stopped the run: it {stopped}"
+            outcome = execution.run(manager, started)
+        else:
+            outcome = finished_event(request, error, started=started, worker=name, at=_now())
     except Exception as exc:
-        error = describe_error(exc)
+        outcome = finished_event(
+            request, describe_error(exc), started=started, worker=name, at=_now()
+        )
     finally:
         _state.beats.remove(request.run_id)
-    finished = _now()
-    kind = RunEventKind.SUCCEEDED if error is None else RunEventKind.FAILED
-    outcome = RunEvent(
-        request.run_id,
-        request.task_id,
-        kind,
-        at=finished,
-        worker=name,
-        error=error,
-        started_at=started,
-        extra=extra,
-    )
+    finished, kind, error = outcome.at, outcome.kind, outcome.error
     done = dumps({"state": kind.value, "worker": name, "at": finished.isoformat()})
     recorded = _record_outcome(client, request.run_id, claim, done, _event(outcome))
     seconds = (finished - started).total_seconds()
@@ -590,12 +571,15 @@ class _Execution:
         self._worker = worker
         self._lock = threading.Lock()
         self._cancel: Callable[[], object] | None = None
+        self._stoppable = False
+        """Whether the manager's call runs on the loop (a coroutine, or an awaitable its
+        ``run()`` returned), where it can be cancelled."""
         self.stopped: str | None = None
 
     def stop(self, reason: str) -> None:
         with self._lock:
             self.stopped = reason
-            cancel = self._cancel
+            cancel = self._cancel if self._stoppable else None
         request = self._request
         if cancel is not None:
             logger.error(
@@ -619,46 +603,62 @@ class _Execution:
             reason,
         )
 
-    def run(self, manager: TaskManager, timeout: float | None) -> None:
-        """Run ``manager``; raise ``TimeoutError`` once ``timeout`` passes, :class:`_Stopped`
-        if stopped meanwhile."""
-        if timeout is None and not inspect.iscoroutinefunction(manager.run):
-            # Nothing to bound and nothing to cancel: the plain call, in this pool thread.
-            result = manager.run()
-            if inspect.isawaitable(result):
-                self._drive(manager, None, result)
-            return
-        self._drive(manager, timeout, None)
-
-    def _drive(self, manager: TaskManager, timeout: float | None, awaitable: Any) -> None:
-        loop = _thread_loop()
-
-        async def bounded() -> None:
-            call = asyncio.ensure_future(
-                awaitable if awaitable is not None else call_manager(manager)
-            )
-            cancellable = awaitable is not None or inspect.iscoroutinefunction(manager.run)
-            if cancellable:
-                with self._lock:
-                    if self.stopped is None:
-                        self._cancel = functools.partial(loop.call_soon_threadsafe, call.cancel)
-                    else:
-                        call.cancel()
-            done, _ = await asyncio.wait({call}, timeout=timeout)
-            if not done:
-                if cancellable:
-                    call.cancel()
-                    await asyncio.gather(call, return_exceptions=True)
-                raise TimeoutError
-            if call.cancelled():
-                raise _Stopped(self.stopped or "was cancelled")
-            call.result()
-
+    def run(self, manager: TaskManager, started: datetime) -> RunEvent:
+        """Execute the run with ``manager`` on this thread's event loop (see
+        :func:`~scheduler.backends.execution.execute`); a plain ``run()`` is called in this
+        pool thread unless it has a timeout to keep."""
+        request = self._request
+        call: Callable[[TaskManager], Awaitable[object]] = (
+            self._call_here if request.timeout is None else call_manager
+        )
+        if inspect.iscoroutinefunction(manager.run):
+            with self._lock:
+                self._stoppable = True
         try:
-            loop.run_until_complete(bounded())
+            return _thread_loop().run_until_complete(
+                execute(
+                    request,
+                    manager,
+                    call=call,
+                    worker=self._worker,
+                    started=started,
+                    watch=self._watch,
+                    stopped=self._stopped_error,
+                )
+            )
         finally:
             with self._lock:
                 self._cancel = None
+
+    async def _call_here(self, manager: TaskManager) -> object:
+        """``manager.run()`` in this thread (nothing to bound); an awaitable it returns can be
+        stopped."""
+        result = manager.run()
+        if not inspect.isawaitable(result):
+            return result
+        awaited = asyncio.ensure_future(result)
+        with self._lock:
+            self._stoppable = True
+            if self.stopped is not None:  # stopped while run() itself ran
+                awaited.cancel()
+        return await awaited
+
+    def _watch(self, call: asyncio.Future[object]) -> None:
+        loop = call.get_loop()
+        with self._lock:
+            if self.stopped is None:
+                self._cancel = functools.partial(loop.call_soon_threadsafe, self._stop_call, call)
+            else:
+                self._stop_call(call)
+
+    def _stop_call(self, call: asyncio.Future[object]) -> None:
+        if self._stoppable:
+            call.cancel()
+
+    def _stopped_error(self) -> str:
+        return f"RunStoppedError: worker {self._worker} stopped the run: it " + (
+            self.stopped or "was cancelled"
+        )
 
 
 @app.task(name=TASK_NAME, bind=True, ignore_result=True)

@@ -283,6 +283,10 @@ class RunInbox(Protocol):
 class RunBackend(Protocol):
     """Executes runs somewhere and reports what happened through the inbox.
 
+    The dispatcher speaks to every backend (the local one included) through these members
+    only. A backend may subclass this class to take the defaults of :meth:`prepare` and
+    :meth:`forget`.
+
     Every submitted or recovered run must eventually produce exactly one finishing event
     (succeeded, failed, lost or expired), unless the dispatcher closes the backend first.
     """
@@ -297,12 +301,31 @@ class RunBackend(Protocol):
         """Start: from now on deliver events (including those waiting from before a restart)."""
         ...
 
-    async def submit(self, request: RunRequest) -> None:
-        """Hand ``request`` over; returns once it is on its way (not when it has run).
+    async def submit(self, request: RunRequest) -> RunEvent | None:
+        """Hand ``request`` over; returns once it is on its way (None), or, for a backend
+        that executes the run in the caller's task (the local one), once it has run and its
+        finishing event was delivered to the inbox (that event).
 
         Raising means the run could not be sent; the dispatcher records it as failed.
+        Cancelling the caller of a backend that executes in it cuts the run off.
         """
         ...
+
+    def prepare(
+        self, task_id: str, sys_type: str, kwargs: Mapping[str, Any], *, renew: bool = False
+    ) -> None:
+        """Get ready to execute ``task_id``'s runs (the dispatcher calls this when a task is
+        added or loaded, and with ``renew`` when its kwargs or sys_type change); raising
+        :class:`~tasks.errors.InvalidTaskError` refuses the task.
+
+        A backend that keeps a manager per task (the local one) creates it here; one that
+        executes elsewhere has nothing to do (the default).
+        """
+        return
+
+    def forget(self, task_id: str) -> None:
+        """``task_id`` was removed: drop what :meth:`prepare` kept for it (default: nothing)."""
+        return
 
     async def cancel(self, run_id: str) -> bool:
         """Withdraw ``run_id`` if nobody started it yet: True if it will never start (its

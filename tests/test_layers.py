@@ -50,6 +50,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                             "scheduler.history", "scheduler.metrics", "scheduler.runs",
                             "scheduler.leadership")),
     ("local backend",      ("scheduler.backends.local",)),
+    # executing one request into its finishing event: the local backend's and the worker's
+    ("run execution",      ("scheduler.backends.execution",)),
     ("re-exported names",  ("scheduler.errors", "scheduler.triggers")),
     # --- persistence, then plain data and pure rules
     ("jobstores",          ("jobstores", "jobstores.*")),

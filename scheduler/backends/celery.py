@@ -61,7 +61,7 @@ from scheduler.fleet import (
     queue_name,
 )
 from tasks.errors import BrokerInUseError, BrokerUnavailableError
-from tasks.runs import RunEvent, RunEventKind, RunInbox, RunRequest, describe_error
+from tasks.runs import RunBackend, RunEvent, RunEventKind, RunInbox, RunRequest, describe_error
 
 __all__ = ["CeleryRunBackend"]
 
@@ -315,7 +315,7 @@ class _BrokerLease:
         )
 
 
-class CeleryRunBackend:
+class CeleryRunBackend(RunBackend):
     """Executes runs on Celery workers chosen by sys_type, through a Redis broker.
 
     ``broker_url`` is a ``redis://`` or ``rediss://`` URL (TLS: ``rediss://``); the workers

@@ -3,50 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from tasks.errors import InvalidTaskError
+from scheduler.backends.execution import call_manager, create_manager, execute
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.registry import default_registry
-from tasks.runs import (
-    TIMED_OUT,
-    RunEvent,
-    RunEventKind,
-    RunInbox,
-    RunRequest,
-    describe_error,
-    timed_out_error,
-)
-from tasks.schedule import utc_now
+from tasks.runs import RunBackend, RunEvent, RunInbox, RunRequest, describe_error
 
 __all__ = ["LocalRunBackend", "call_manager", "create_manager", "finish_or_cancel"]
 
 logger = logging.getLogger(__name__)
-
-
-def create_manager(
-    factory: TaskManagerFactory, sys_type: str, kwargs: Mapping[str, Any]
-) -> TaskManager:
-    """``factory(sys_type=sys_type, **kwargs)``, checked to have a ``run()``.
-
-    Raises :class:`InvalidTaskError` naming ``task_manager_factory`` if it cannot.
-    """
-    try:
-        manager = factory(sys_type=sys_type, **kwargs)
-    except InvalidTaskError:
-        raise
-    except Exception as exc:
-        raise InvalidTaskError(
-            "task_manager_factory", f"raised {type(exc).__name__}: {exc}"
-        ) from exc
-    if not callable(getattr(manager, "run", None)):
-        raise InvalidTaskError(
-            "task_manager_factory", f"returned {type(manager).__name__}, which has no run()"
-        )
-    return manager
 
 
 async def finish_or_cancel(tasks: Collection[asyncio.Task[Any]], grace_period: float | None) -> int:
@@ -62,19 +30,7 @@ async def finish_or_cancel(tasks: Collection[asyncio.Task[Any]], grace_period: f
     return len(pending)
 
 
-async def call_manager(manager: TaskManager) -> object:
-    """Call ``manager.run()``: on the loop if it is a coroutine function, else in a thread."""
-    run = manager.run
-    if inspect.iscoroutinefunction(run):
-        result = await run()
-    else:
-        result = await asyncio.to_thread(run)
-        if inspect.isawaitable(result):
-            result = await result
-    return result
-
-
-class LocalRunBackend:
+class LocalRunBackend(RunBackend):
     """Runs each request's task manager in this process.
 
     Managers are created once per task with the factory (the task type registry by default)
@@ -89,7 +45,6 @@ class LocalRunBackend:
         self.factory: TaskManagerFactory = task_manager_factory or default_registry
         self._managers: dict[str, TaskManager] = {}
         self._inbox: RunInbox | None = None
-        self._running: set[asyncio.Task[None]] = set()
         self._lingering: dict[str, asyncio.Future[object]] = {}
         self._inline = 0  # runs executing through run(), in their callers' tasks
 
@@ -115,22 +70,28 @@ class LocalRunBackend:
         """Deliver outcomes to ``inbox`` from now on."""
         self._inbox = inbox
 
-    async def submit(self, request: RunRequest) -> None:
-        """Start the run as a task of this event loop."""
+    def prepare(
+        self, task_id: str, sys_type: str, kwargs: Mapping[str, Any], *, renew: bool = False
+    ) -> None:
+        """Create ``task_id``'s manager now (anew with ``renew``): a task whose manager
+        cannot be created is refused when added and kept unrestored when loaded."""
+        self.manager(task_id, sys_type, kwargs, renew=renew)
+
+    async def submit(self, request: RunRequest) -> RunEvent:
+        """Execute the run in the calling task (see :meth:`run`) with the task's manager and
+        return its finishing event.
+
+        Raises :class:`~tasks.errors.InvalidTaskError` if the manager cannot be created
+        (nothing ran).
+        """
         manager = self.manager(request.task_id, request.sys_type, request.kwargs)
-        task = asyncio.get_running_loop().create_task(
-            self._execute(request, manager), name=f"task-dispatcher run {request.run_id}"
-        )
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        return await self.run(request, manager)
 
     async def run(self, request: RunRequest, manager: TaskManager) -> RunEvent:
         """Execute ``request`` in the calling task, deliver its outcome to the inbox and
         return it, once the run no longer executes here (see :meth:`finished`).
 
-        What :meth:`submit` does, minus a task of its own: the dispatcher's runner already
-        runs each run in a task, so it calls this directly. Cancelling the caller cancels the
-        manager (as :meth:`close` would) and nothing is delivered.
+        Cancelling the caller cancels the manager and nothing is delivered.
         """
         self._inline += 1
         try:
@@ -145,66 +106,15 @@ class LocalRunBackend:
             await self.finished(request.run_id)
         return event
 
-    async def _execute(self, request: RunRequest, manager: TaskManager) -> None:
-        event = await self._outcome(request, manager)
-        assert self._inbox is not None
-        await self._inbox.deliver(event)
-
     async def _outcome(self, request: RunRequest, manager: TaskManager) -> RunEvent:
         """Call the manager (bounded by the request's timeout) and say how it went."""
-        started = utc_now()
-        error: str | None = None
-        extra: dict[str, object] = {}
-        if request.timeout is None:
-            # No timeout: await the manager in this task (no task nor wait of its own).
-            try:
-                await call_manager(manager)
-            except asyncio.CancelledError as cancelled:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this run is being cancelled, not failing
-                kind, error = RunEventKind.FAILED, describe_error(cancelled)
-            except Exception as raised:
-                kind, error = RunEventKind.FAILED, describe_error(raised)
-            else:
-                kind = RunEventKind.SUCCEEDED
-        else:
-            call = asyncio.ensure_future(call_manager(manager))
-            try:
-                done, _ = await asyncio.wait({call}, timeout=request.timeout)
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            if done:
-                exc = asyncio.CancelledError() if call.cancelled() else call.exception()
-                if exc is None:
-                    kind = RunEventKind.SUCCEEDED
-                else:
-                    kind, error = RunEventKind.FAILED, describe_error(exc)
-            else:
-                kind, error = RunEventKind.FAILED, timed_out_error(request.timeout)
-                extra[TIMED_OUT] = request.timeout
-                await self._stop(request, manager, call)
-        return RunEvent(
-            run_id=request.run_id,
-            task_id=request.task_id,
-            kind=kind,
-            at=utc_now(),
-            error=error,
-            started_at=started,
-            extra=extra,
-        )
+        return await execute(request, manager, overrun=self._linger)
 
-    async def _stop(
+    async def _linger(
         self, request: RunRequest, manager: TaskManager, call: asyncio.Future[object]
     ) -> None:
-        """Stop a run past its timeout: cancel a coroutine (a shell command's process group is
-        killed on cancellation); a thread cannot be stopped, so it is left to finish, and
-        :meth:`finished` waits for it."""
-        if inspect.iscoroutinefunction(manager.run):
-            call.cancel()
-            await asyncio.gather(call, return_exceptions=True)
-            return
+        """A manager in a thread past its timeout cannot be stopped: it is left to finish,
+        and :meth:`finished` waits for it."""
         logger.warning(
             "run %s of task %s (account %s) timed out after %gs, but its manager runs in a "
             "thread, which cannot be stopped: the account's runs wait until it returns",
@@ -244,9 +154,9 @@ class LocalRunBackend:
         """Nothing to recover: local runs end with the process that ran them."""
 
     async def close(self, grace_period: float | None) -> None:
-        """Cancel runs still going after ``grace_period`` seconds."""
-        await finish_or_cancel(self._running, grace_period)
+        """Nothing to stop: runs execute in their callers' tasks, which the dispatcher lets
+        finish for its grace period and then cancels."""
 
     def health(self) -> Mapping[str, Any]:
         """Runs executing in this process."""
-        return {"backend": self.name, "running": len(self._running) + self._inline}
+        return {"backend": self.name, "running": self._inline}
