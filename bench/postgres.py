@@ -21,9 +21,14 @@ serving ``"role": "leader"`` on its health endpoint, and to its ``leading`` log 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import logging
 import os
+import platform
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +40,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -59,6 +63,7 @@ __all__ = [
     "DEFAULT_URL",
     "STEPS",
     "fresh_database",
+    "main",
     "noop_factory",
     "peer_url",
     "report",
@@ -265,16 +270,19 @@ class Instance:
         """The role its health endpoint reports, or None while nothing answers."""
         if not self.socket.exists():
             return None
+        request = b"GET /api/v1/health HTTP/1.0\r\nHost: localhost\r\n\r\n"
         try:
-            with httpx.Client(
-                transport=httpx.HTTPTransport(uds=str(self.socket)), timeout=2
-            ) as client:
-                response = client.get("http://localhost/api/v1/health")
-        except httpx.HTTPError:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+                client.settimeout(2)
+                client.connect(str(self.socket))
+                client.sendall(request)
+                answer = b"".join(iter(lambda: client.recv(65536), b""))
+        except OSError:
             return None
-        if response.status_code != 200:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200") and not head.startswith(b"HTTP/1.0 200"):
             return None
-        role: str | None = response.json().get("role")
+        role: str | None = json.loads(body).get("role")
         return role
 
     def wait_role(self, role: str, timeout: float) -> float:
@@ -402,3 +410,36 @@ def server_version(admin_url: str) -> str:
     with psycopg.connect(admin_url, connect_timeout=5) as connection:
         row = connection.execute("SHOW server_version").fetchone()
     return f"PostgreSQL {row[0] if row else '?'}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench --postgres",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const=DEFAULT_URL,
+        required=True,
+        metavar="URL",
+        help="the server (a role that may create databases; default %(const)s)",
+    )
+    parser.add_argument("--large", action="store_true", help="also N = 100,000")
+    parser.add_argument("--sizes", type=int, nargs="*", help="explicit N values")
+    parser.add_argument(
+        "--steps", nargs="*", choices=STEPS, help="only these measurements (and no others)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    sizes = args.sizes or [10_000]
+    large = [100_000] if args.large and not args.sizes else []
+    started = time.perf_counter()
+    rows = run_postgres(args.postgres, sizes, large, args.steps)
+    print()
+    print(
+        f"Python {platform.python_version()} on {platform.machine()}, "
+        f"{platform.processor() or platform.platform()}, {os.cpu_count()} cores; "
+        f"{server_version(args.postgres)}; {time.perf_counter() - started:.0f} s in all"
+    )
+    print(report(rows))

@@ -503,25 +503,15 @@ async def run(sizes: list[int], large: list[int], only: list[str] | None = None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="python -m bench --postgres [URL] --help: the PostgreSQL case and its options",
+    )
     parser.add_argument("--large", action="store_true", help="also N = 100,000")
     parser.add_argument("--sizes", type=int, nargs="*", help="explicit N values")
     parser.add_argument("--history-only", action="store_true", help="only the run history case")
     parser.add_argument(
-        "--steps",
-        nargs="*",
-        choices=sorted({*ALL_STEPS, "takeover"}),
-        help="only these measurements (and no others); with --postgres: mutations, "
-        "cold_start, takeover",
-    )
-    parser.add_argument(
-        "--postgres",
-        nargs="?",
-        const="postgresql://postgres@127.0.0.1:5432/postgres",
-        default=None,
-        metavar="URL",
-        help="only the PostgreSQL case, on the server of URL (a role that may create "
-        "databases; default postgresql://postgres@127.0.0.1:5432/postgres)",
+        "--steps", nargs="*", choices=ALL_STEPS, help="only these measurements (and no others)"
     )
     parser.add_argument(
         "--fleet",
@@ -533,9 +523,6 @@ def main() -> None:
         "--fleet-only", action="store_true", help="only the fleet side by side, nothing else"
     )
     args = parser.parse_args()
-    if args.postgres is not None:
-        _postgres(args)
-        return
     if args.fleet_only:
         args.fleet = True
     logging.basicConfig(level=logging.ERROR)
@@ -564,28 +551,6 @@ def main() -> None:
     if fleet:
         print()
         print(fleet)
-
-
-def _postgres(args: argparse.Namespace) -> None:
-    """The PostgreSQL case alone (bench/postgres.py): N = 10,000 unless told (--sizes),
-    100,000 too with --large."""
-    try:
-        from bench import postgres
-    except ImportError as exc:
-        raise SystemExit(f"--postgres needs the postgres and bench extras: {exc}") from exc
-    logging.basicConfig(level=logging.ERROR)
-    sizes = args.sizes or [10_000]
-    large = [100_000] if args.large and not args.sizes else []
-    started = time.perf_counter()
-    rows = postgres.run_postgres(args.postgres, sizes, large, args.steps)
-    print()
-    print(
-        f"Python {platform.python_version()} on {platform.machine()}, "
-        f"{platform.processor() or platform.platform()}, "
-        f"{__import__('os').cpu_count()} cores; {postgres.server_version(args.postgres)}; "
-        f"{time.perf_counter() - started:.0f} s in all"
-    )
-    print(postgres.report(rows))
 
 
 def _fleet(wanted: bool | None) -> str | None:
