@@ -108,8 +108,8 @@ def fresh_database(admin_url: str, label: str) -> Iterator[str]:
 def store_url(dsn: str, **parameters: Any) -> str:
     """Our ``store=`` URL of a libpq connection string (with ``cluster``/``lease``)."""
     info = psycopg.conninfo.conninfo_to_dict(dsn)
-    user = quote(info.get("user") or "postgres", safe="")
-    password = f":{quote(info['password'], safe='')}" if info.get("password") else ""
+    user = quote(str(info.get("user") or "postgres"), safe="")
+    password = f":{quote(str(info['password']), safe='')}" if info.get("password") else ""
     host = info.get("host") or "127.0.0.1"
     port = info.get("port") or 5432
     query = "&".join(f"{key}={value}" for key, value in parameters.items())
