@@ -12,6 +12,9 @@ floor). Same no-op async task everywhere. Ratios are what count; these machines 
                                     # stores the others use)
     python -m bench --history-only  # only the run history case (bench/history.py)
     python -m bench --fleet-only    # only the fleet against bare Celery (needs Redis)
+    python -m bench --postgres [URL]
+                                    # only the PostgreSQL case: our store against
+                                    # SQLAlchemyJobStore on one server (bench/postgres.py)
 """
 
 from __future__ import annotations
@@ -500,7 +503,10 @@ async def run(sizes: list[int], large: list[int], only: list[str] | None = None)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="python -m bench --postgres [URL] --help: the PostgreSQL case and its options",
+    )
     parser.add_argument("--large", action="store_true", help="also N = 100,000")
     parser.add_argument("--sizes", type=int, nargs="*", help="explicit N values")
     parser.add_argument("--history-only", action="store_true", help="only the run history case")

@@ -116,9 +116,11 @@ INSERT INTO td_clusters (cluster, saved_at, timezone, extra) VALUES (%s, %s, %s,
 ON CONFLICT (cluster) DO UPDATE SET
     saved_at = excluded.saved_at, timezone = excluded.timezone, extra = excluded.extra
 """
+# The text is given twice (j, r): one parameter used as both would be typed jsonb once the
+# statement is prepared, and record_text would get jsonb's text, not the file's line.
 _PUT = """
 INSERT INTO td_tasks (cluster, task_id, account_id, record, record_text, sealed)
-VALUES (%(c)s, %(t)s, %(a)s, %(r)s::jsonb, %(r)s, %(s)s)
+VALUES (%(c)s, %(t)s, %(a)s, %(j)s::jsonb, %(r)s::text, %(s)s)
 ON CONFLICT (cluster, task_id) DO UPDATE SET
     account_id = excluded.account_id, record = excluded.record,
     record_text = excluded.record_text, sealed = excluded.sealed
@@ -458,6 +460,7 @@ class PostgresState:
                         "c": cluster,
                         "t": task_id,
                         "a": row.account_id,
+                        "j": row.text,
                         "r": row.text,
                         "s": row.sealed,
                     },

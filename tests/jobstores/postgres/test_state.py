@@ -157,6 +157,21 @@ def test_records_are_jsonb_with_the_seeds_field_names(
     assert row == ("a", [8, 22], "3600", "object")
 
 
+def test_each_record_keeps_its_text_however_often_the_statement_ran(
+    state: PostgresState, fence: Fence
+) -> None:
+    # psycopg prepares a statement run often enough on one connection: the stored text (what
+    # an export writes, and what a load rebuilds without validating) must stay the file's line.
+    rows = [TaskRow.of(record(f"t{i}")) for i in range(12)]
+    commit(state, fence, changes=[(row.task_id, row) for row in rows])
+    for row in rows:
+        commit(state, fence, changes=[(row.task_id, row)])
+    stored = state.load()
+    assert stored is not None
+    assert [orjson.dumps(raw).decode() for raw in stored.tasks] == [row.text for row in rows]
+    assert stored.document().trusted
+
+
 def test_a_record_edited_in_the_database_loads_as_edited_and_is_validated(
     state: PostgresState, fence: Fence, connect: Callable[[], psycopg.Connection[Any]], cluster: str
 ) -> None:
