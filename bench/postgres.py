@@ -54,6 +54,7 @@ from bench.run import (
     _percentiles,
     _ratio,
     factory,
+    pause_resume_add,
     peer_add,
     peer_load,
     task,
@@ -165,22 +166,9 @@ async def mutations(n: int, our_url: str, their_url: str, root: Path) -> list[Ro
     add99 = Row("one awaited add_task, sequential, into the loaded store: p99", n, unit="ms")
 
     dispatcher = ours(root / "a-mutations", our_url)
-    samples = []
-    for i in range(MUTATIONS // 2):
-        task_id = f"task-{i % n:06d}"  # each paused and resumed (N may be small)
-        for call in (dispatcher.pause_task, dispatcher.resume_task):
-            start = time.perf_counter()
-            call(task_id)
-            samples.append(time.perf_counter() - start)
-    pause50.values["ours"], pause99.values["ours"] = _percentiles(samples)
-    samples = []
-    for i in range(MUTATIONS // 2):
-        start = time.perf_counter()
-        await dispatcher.add_task(**task(n + i))
-        samples.append(time.perf_counter() - start)
-    add50.values["ours"], add99.values["ours"] = _percentiles(samples)
-    for i in range(MUTATIONS // 2):  # back to N tasks
-        dispatcher.remove_task(f"task-{n + i:06d}")
+    pauses, adds = await pause_resume_add(dispatcher, n)
+    pause50.values["ours"], pause99.values["ours"] = _percentiles(pauses)
+    add50.values["ours"], add99.values["ours"] = _percentiles(adds)
     dispatcher.close()
 
     scheduler = peer(their_url)

@@ -209,6 +209,27 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99)] * 1000
 
 
+async def pause_resume_add(dispatcher: TaskDispatcher, n: int) -> tuple[list[float], list[float]]:
+    """Seconds of each durable pause and resume of the first tasks of a loaded store of ``n``
+    tasks, and of each sequential ``add_task`` after them (the added tasks are removed again,
+    leaving ``n``)."""
+    pauses = []
+    for i in range(MUTATIONS // 2):
+        task_id = f"task-{i % n:06d}"  # each paused and resumed (N may be small)
+        for call in (dispatcher.pause_task, dispatcher.resume_task):
+            start = time.perf_counter()
+            call(task_id)
+            pauses.append(time.perf_counter() - start)
+    adds = []
+    for i in range(MUTATIONS // 2):
+        start = time.perf_counter()
+        await dispatcher.add_task(**task(n + i))
+        adds.append(time.perf_counter() - start)
+    for i in range(MUTATIONS // 2):  # back to N tasks
+        dispatcher.remove_task(f"task-{n + i:06d}")
+    return pauses, adds
+
+
 async def mutations(n: int, root: Path) -> list[Row]:
     p50 = Row("pause/resume of one task: p50", n, unit="ms")
     p99 = Row("pause/resume of one task: p99", n, unit="ms")
@@ -233,22 +254,9 @@ async def mutations(n: int, root: Path) -> list[Row]:
         return samples
 
     dispatcher = ours(root / "a-bulk")
-    samples = []
-    for i in range(MUTATIONS // 2):
-        task_id = f"task-{i:06d}"
-        for call in (dispatcher.pause_task, dispatcher.resume_task):
-            start = time.perf_counter()
-            call(task_id)
-            samples.append(time.perf_counter() - start)
-    p50.values["ours"], p99.values["ours"] = percentiles(samples)
-    samples = []
-    for i in range(MUTATIONS // 2):
-        start = time.perf_counter()
-        await dispatcher.add_task(**task(n + i))
-        samples.append(time.perf_counter() - start)
-    add50.values["ours"], add99.values["ours"] = percentiles(samples)
-    for i in range(MUTATIONS // 2):  # back to N tasks
-        dispatcher.remove_task(f"task-{n + i:06d}")
+    pauses, adds = await pause_resume_add(dispatcher, n)
+    p50.values["ours"], p99.values["ours"] = percentiles(pauses)
+    add50.values["ours"], add99.values["ours"] = percentiles(adds)
     other50.values["ours"], other99.values["ours"] = percentiles(
         await remove_reorder(dispatcher, ACCOUNTS)
     )
