@@ -272,6 +272,8 @@ class _Standby:
             dashboard=dashboard,
         )
         await server.start()
+        if dashboard and server.url is not None:
+            logger.info("dashboard on %s/ (it sends a browser to the leader's)", server.url)
         return server
 
     def forget_token(self, options: Options) -> None:

@@ -636,7 +636,7 @@ def test_a_standby_sends_the_browser_to_the_leader_whose_header_says_it_leads(
                 )
             )
             started[-1].wait_for_line("leading cluster" if name == "a" else "standing by:")
-        started[1].wait_for_line("control API on http")
+        started[1].wait_for_line(f"dashboard on {urls[1]}/ (it sends a browser to the leader's)")
 
         # The standby's dashboard: log in there, and be sent to the same page at the leader
         # (which asks for its own login: a session is one instance's).
