@@ -256,11 +256,24 @@ class _Standby:
         token = serving["token"]
         if listen is not None and token is None:
             token = self.token = issue_token(options.dir)
-        app = create_standby_app(lambda: self.view, token=token)
+        app: Any = create_standby_app(lambda: self.view, token=token)
+        # The leader's dashboard is served where its --listen is: so is a standby's, which
+        # sends a browser to the leader's (or says it stands by, when none is known).
+        dashboard = listen is not None and _dashboard_available()
+        if dashboard:
+            from scheduler.web.standby import standby_dashboard_app
+
+            app = standby_dashboard_app(lambda: self.view, api=app, token=token)
         server = ControlServer(
-            app, socket_path=options.dir / CONTROL_SOCKET, listen=listen, token=token
+            app,
+            socket_path=options.dir / CONTROL_SOCKET,
+            listen=listen,
+            token=token,
+            dashboard=dashboard,
         )
         await server.start()
+        if dashboard and server.url is not None:
+            logger.info("dashboard on %s/ (it sends a browser to the leader's)", server.url)
         return server
 
     def forget_token(self, options: Options) -> None:

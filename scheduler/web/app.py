@@ -43,6 +43,7 @@ from scheduler.web.views import (
     Lane,
     Selection,
     attention,
+    cluster_line,
     edit_values,
     format_time,
     lanes,
@@ -67,6 +68,8 @@ __all__ = [
     "backend_problems",
     "dashboard_app",
     "health_problems",
+    "leadership_of",
+    "log_in",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,6 +177,16 @@ def backend_problems(dispatcher: Dispatcher) -> list[str]:
     return problems
 
 
+def leadership_of(dispatcher: Dispatcher) -> dict[str, Any] | None:
+    """``role``, ``epoch`` and ``leader`` of a dispatcher on a shared store (as its health
+    report gives them), or None for a store of one owner, which always leads."""
+    standing = getattr(dispatcher, "standing", None)
+    if standing is None:
+        return None
+    described: dict[str, Any] = standing.describe()
+    return described
+
+
 async def _runs(dispatcher: Dispatcher, *args: Any, **query: Any) -> list[Any] | None:
     """Run history entries (newest first), or None when this dispatcher keeps no history.
 
@@ -266,6 +279,7 @@ class _Pages:
             "path": request.url.path,
             "rendered_at": (read_at or utc_now()).isoformat(),
             "order_tag": order_tag,
+            "cluster": cluster_line(leadership_of(self.dispatcher)),
         }
         response = self.templates.TemplateResponse(
             request, name, {**base, **context}, status_code=status_code
@@ -478,65 +492,8 @@ class _Pages:
     # ------------------------------------------------------------------ login
 
     async def login(self, request: Request) -> Response:
-        """The login form; a valid token (typed in, or carried once by the login URL
-        ``/login?token=...``) is traded for a session cookie and a redirect to ``next``."""
-        security = self.security
-        target = request.query_params.get("next", "/")
-        if not target.startswith("/") or target.startswith("//"):
-            target = "/"
-        if request.method == "GET":
-            if not security.token_required:
-                return RedirectResponse(target, status_code=303)
-            candidate = request.query_params.get("token")
-            if candidate is None:
-                return self._render(request, "login.html", {"next": target, "error": ""})
-        else:
-            form = await _form(request)
-            if not security.valid_csrf(None, form.get("csrf_token")):
-                return self._render(
-                    request,
-                    "login.html",
-                    {"next": target, "error": "The form expired: try again."},
-                    status_code=403,
-                )
-            candidate = form.get("token")
-        client = client_of(request.scope)
-        wait = security.throttle.wait(client)
-        if wait > 0:
-            refused = self._render(
-                request,
-                "login.html",
-                {
-                    "next": target,
-                    "error": "Too many wrong tokens: wait "
-                    f"{security.throttle.retry_after(client)} s and try again.",
-                },
-                status_code=429,
-            )
-            refused.headers["Retry-After"] = security.throttle.retry_after(client)
-            return refused
-        if not security.check_token(candidate, client):
-            logger.warning("dashboard login refused from %s", client)
-            return self._render(
-                request,
-                "login.html",
-                {"next": target, "error": "That is not the token."},
-                status_code=401,
-            )
-        # The token leaves the address bar at once: the redirect's target does not carry it.
-        response = RedirectResponse(target, status_code=303)
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cache-Control"] = "no-store"
-        response.set_cookie(
-            COOKIE_NAME,
-            security.new_session(),
-            max_age=SESSION_SECONDS,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-            path="/",
-        )
-        return response
+        """The login form (see :func:`log_in`)."""
+        return await log_in(request, self.security, self._render)
 
     async def logout(self, request: Request) -> Response:
         """End the session (server-side: a copy of the cookie is refused from now on)."""
@@ -610,6 +567,59 @@ class _Pages:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+
+
+async def log_in(
+    request: Request, security: WebSecurity, render: Callable[..., Response]
+) -> Response:
+    """The login form; a valid token (typed in, or carried once by the login URL
+    ``/login?token=...``) is traded for a session cookie and a redirect to ``next``.
+
+    ``render(request, name, context, status_code=...)`` renders a page; the form shows no
+    cluster line (who leads is for those who logged in)."""
+    target = request.query_params.get("next", "/")
+    if not target.startswith("/") or target.startswith("//"):
+        target = "/"
+
+    def form_page(error: str = "", status_code: int = 200) -> Response:
+        context = {"next": target, "error": error, "cluster": None}
+        return render(request, "login.html", context, status_code=status_code)
+
+    if request.method == "GET":
+        if not security.token_required:
+            return RedirectResponse(target, status_code=303)
+        candidate = request.query_params.get("token")
+        if candidate is None:
+            return form_page()
+    else:
+        form = await _form(request)
+        if not security.valid_csrf(None, form.get("csrf_token")):
+            return form_page("The form expired: try again.", 403)
+        candidate = form.get("token")
+    client = client_of(request.scope)
+    wait = security.throttle.wait(client)
+    if wait > 0:
+        retry_after = security.throttle.retry_after(client)
+        refused = form_page(f"Too many wrong tokens: wait {retry_after} s and try again.", 429)
+        refused.headers["Retry-After"] = retry_after
+        return refused
+    if not security.check_token(candidate, client):
+        logger.warning("dashboard login refused from %s", client)
+        return form_page("That is not the token.", 401)
+    # The token leaves the address bar at once: the redirect's target does not carry it.
+    response = RedirectResponse(target, status_code=303)
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    response.set_cookie(
+        COOKIE_NAME,
+        security.new_session(),
+        max_age=SESSION_SECONDS,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return response
 
 
 def dashboard_app(

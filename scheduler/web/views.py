@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timedelta, tzinfo
 from operator import attrgetter
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import orjson
 
@@ -25,18 +25,21 @@ __all__ = [
     "ATTENTION_RANKS",
     "OVERDUE_AFTER",
     "Attention",
+    "ClusterLine",
     "EditValues",
     "Filters",
     "Lane",
     "Selection",
     "TaskRow",
     "attention",
+    "cluster_line",
     "edit_values",
     "failing",
     "format_interval",
     "format_time",
     "lanes",
     "last_outcome",
+    "leader_link",
     "masked_fields",
     "next_runs",
     "overdue",
@@ -435,3 +438,59 @@ def next_runs(
     if preview.status == TaskStatus.COMPLETED:
         return preview_label(preview), []
     return preview_label(preview), preview.runs
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterLine:
+    """Which instance of a cluster leads, as the page header shows it (a shared store only)."""
+
+    role: str
+    """``leader`` or ``standby``: this instance's role."""
+    epoch: int | None
+    """The fencing epoch it leads, or last led, in (None: unknown)."""
+    leader_id: str | None
+    """The leader's id (None: unknown, or none leads)."""
+    leader_url: str | None
+    """The leader's advertised URL, as text (None: none advertised)."""
+    link: str | None
+    """Where to send the browser: the leader's URL when this instance does not lead and the
+    URL is an http(s) one (None: shown as text only, or not at all)."""
+
+
+def leader_link(url: object) -> str | None:
+    """``url`` if it is an absolute http(s) base URL (no query) a page may link to, else None.
+
+    The value is read from the database: it is never trusted to be a harmless link
+    (``javascript:`` and the like are shown as text)."""
+    if not isinstance(url, str) or not url or url != url.strip():
+        return None
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return None  # a base URL: a page's path and query are put after it
+    if any(ord(char) < 0x21 or char in '"<>\\`' for char in url):
+        return None
+    return url
+
+
+def cluster_line(described: Mapping[str, Any] | None) -> ClusterLine | None:
+    """The header's line for a health report's ``role``, ``epoch`` and ``leader`` (see
+    :func:`scheduler.control.app.leadership`), or None for a store of one owner."""
+    if described is None:
+        return None
+    role = str(described.get("role") or "standby")
+    epoch = described.get("epoch")
+    leader = described.get("leader") or {}
+    leader_id = leader.get("id")
+    leader_url = leader.get("url")
+    return ClusterLine(
+        role=role,
+        epoch=epoch if isinstance(epoch, int) else None,
+        leader_id=None if leader_id is None else str(leader_id),
+        leader_url=None if leader_url is None else str(leader_url),
+        link=None if role == "leader" else leader_link(leader_url),
+    )

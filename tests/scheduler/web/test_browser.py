@@ -23,10 +23,13 @@ from browser import (
     require_browser,
     seed,
 )
-from helpers import read_state, seed_file, seed_task, task_in_file
+from helpers import Running, read_state, seed_file, seed_task, task_in_file
+from postgres_support import Databases, postgres_databases, url_of
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Dialog, Page
+
+__all__ = ["postgres_databases"]  # a fixture of the cluster test
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(180)]
 
@@ -596,3 +599,59 @@ def test_a_saved_id_with_a_slash_is_paused_opened_and_removed_from_the_dashboard
     page.get_by_role("dialog").get_by_role("button", name="Remove", exact=True).click()
     expect(page).to_have_url(server.url + "/")
     expect_in_file(lambda: read_state(directory)["account_tasks"]["shop"] == ["keep"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_a_standby_sends_the_browser_to_the_leader_whose_header_says_it_leads(
+    page: Page, tmp_path: Path, postgres_databases: Databases
+) -> None:
+    from playwright.sync_api import expect
+
+    token = "cluster-browser-token"
+    env = {
+        "TASK_DISPATCHER_STORE": f"{url_of(postgres_databases.create())}?lease=5",
+        "TASK_DISPATCHER_TOKEN": token,
+    }
+    ports = _free_port(), _free_port()
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    started: list[Running] = []
+    try:
+        for name, port, url in zip(("a", "b"), ports, urls, strict=True):
+            started.append(
+                Running(
+                    tmp_path / name,
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--advertise-url",
+                    url,
+                    env=env,
+                )
+            )
+            started[-1].wait_for_line("leading cluster" if name == "a" else "standing by:")
+        started[1].wait_for_line(f"dashboard on {urls[1]}/ (it sends a browser to the leader's)")
+
+        # The standby's dashboard: log in there, and be sent to the same page at the leader
+        # (which asks for its own login: a session is one instance's).
+        page.goto(f"{urls[1]}/login?token={token}&next=%2Ftimeline")
+        expect(page).to_have_url(f"{urls[0]}/login?next=%2Ftimeline")
+
+        page.goto(f"{urls[0]}/login?token={token}&next=%2Ftimeline")
+        expect(page).to_have_url(f"{urls[0]}/timeline")
+        cluster = page.locator("#cluster")
+        expect(cluster).to_have_attribute("data-role", "leader")
+        expect(cluster.locator(".role")).to_have_text("leader")
+        expect(cluster.locator(".epoch")).to_have_text("epoch 1")
+        expect(cluster.locator(".leader")).not_to_have_text("unknown")
+        expect(cluster.locator("a")).to_have_count(0)  # it leads: no link elsewhere
+        page.screenshot(path=str(ARTIFACTS / "cluster-leader.png"))
+    finally:
+        for process in started:
+            process.close()
