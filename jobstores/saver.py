@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
+from jobstores.state import NotOwnerError
 from jobstores.storage import StorageBackend
 from jobstores.table import TaskTable
 
@@ -140,7 +141,10 @@ class Saver:
                         last_error_at=now,
                         failed_saves=self._health.failed_saves + 1,
                     )
-                logger.error(
+                # A store another instance took over refuses every commit: this instance
+                # stands by (its store logged that once), which is no failing disk.
+                logger.log(
+                    logging.WARNING if isinstance(exc, NotOwnerError) else logging.ERROR,
                     "saving %s failed (%s: %s); changes to task(s) %s are kept in memory and "
                     "will be written by the next successful save",
                     self._storage.path,

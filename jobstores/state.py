@@ -55,6 +55,10 @@ Committing (the owner)
     state, kept records and ``extra`` included. Kept records and ``extra`` come back from
     every later load as they were. Commits come from one thread at a time, never
     concurrently with :meth:`~StateStore.load`; ``saved_at`` is the instant to record.
+    A store shared by several instances refuses the commit of one that no longer owns the
+    state (another took over) with :class:`NotOwnerError`: nothing changed, and no commit
+    of this object succeeds again (the owner is told to stand by; the saver logs it as a
+    warning, not as a failing disk).
     A store with no file for people to read (a database) answers
     :meth:`~StateStore.wants_full_image` False and :meth:`~StateStore.fold_due_in` None.
 
@@ -74,7 +78,13 @@ from typing import Any, Protocol, runtime_checkable
 from jobstores.table import StateImage
 from tasks.model import TaskRecord
 
-__all__ = ["StateStore", "StoredState"]
+__all__ = ["NotOwnerError", "StateStore", "StoredState"]
+
+
+class NotOwnerError(OSError):
+    """A commit refused because this store object no longer owns the state (another
+    instance took it over): nothing durable changed, and nothing will while it does not own
+    it. An ``OSError``, as every refused commit is."""
 
 
 @dataclass

@@ -27,8 +27,14 @@ import psycopg
 from jobstores.format import Document
 from jobstores.loading import restore
 from jobstores.postgres.connection import connector
-from jobstores.postgres.errors import PostgresStoreError, describe
-from jobstores.postgres.lease import DEFAULT_CLUSTER, DEFAULT_LEASE, Leadership, read_lease
+from jobstores.postgres.errors import PostgresStoreError, StaleLeaderError, describe
+from jobstores.postgres.lease import (
+    DEFAULT_CLUSTER,
+    DEFAULT_LEASE,
+    Fence,
+    Leadership,
+    read_lease,
+)
 from jobstores.postgres.state import FullState, PostgresState, TaskRow
 from jobstores.state import StoredState
 from jobstores.storage import _filled, _trust
@@ -250,8 +256,17 @@ class PostgresStorage:
     # ------------------------------------------------------------------ committing
 
     def commit(self, image: StateImage, saved_at: datetime) -> None:
-        """Make ``image`` durable in one fenced transaction (raises an ``OSError``)."""
-        fence = self.leadership.fence()
+        """Make ``image`` durable in one fenced transaction (raises an ``OSError``); a
+        commit refused for a newer epoch makes this instance stop leading at once."""
+        try:
+            self._commit(image, saved_at, self.leadership.fence())
+        except StaleLeaderError:
+            self.leadership.step_down(
+                "another instance took over (a newer epoch, found by a commit)"
+            )
+            raise
+
+    def _commit(self, image: StateImage, saved_at: datetime, fence: Fence) -> None:
         if image.full and self._replace_next:
             self.state.commit(
                 fence,

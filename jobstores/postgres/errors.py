@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jobstores.state import NotOwnerError
 from tasks.errors import DispatcherError
 from tasks.secrets import mask_text
 
@@ -39,7 +40,7 @@ class NewerSchemaError(PostgresStoreError):
         self.supported = supported
 
 
-class StaleLeaderError(PostgresStoreError):
+class StaleLeaderError(PostgresStoreError, NotOwnerError):
     """A commit carried a fencing epoch that is no longer the cluster's: another instance
     took over since. The commit is refused whole; the instance must stop leading."""
 
@@ -55,7 +56,7 @@ class StaleLeaderError(PostgresStoreError):
         self.holder = holder
 
 
-class NotLeadingError(PostgresStoreError):
+class NotLeadingError(PostgresStoreError, NotOwnerError):
     """A change was asked of an instance that does not hold a valid lease at this instant."""
 
     def __init__(self, cluster: str, reason: str) -> None:

@@ -238,7 +238,7 @@ class Leadership:
     def check(self) -> bool:
         """:meth:`is_leader_now`, stepping down (once) when the deadline has passed."""
         if self._epoch is not None and self._clock() >= self._deadline:
-            self._step_down("its lease ran out before it could be renewed")
+            self.step_down("its lease ran out before it could be renewed")
         return self.is_leader_now()
 
     def fence(self) -> Fence:
@@ -348,7 +348,7 @@ class Leadership:
             else:
                 self.last_error = None
         if row is None:
-            self._step_down("another instance took over (a newer epoch)")
+            self.step_down("another instance took over (a newer epoch)")
             return False
         if row:
             with self._state:
@@ -370,14 +370,15 @@ class Leadership:
                 except psycopg.Error as exc:
                     self._failed(exc)
         if epoch is not None:
-            self._step_down("it released the lease", error=False)
+            self.step_down("it released the lease", error=False)
 
     def _failed(self, exc: psycopg.Error) -> None:
         self.last_error = describe(exc)
         logger.warning("cluster %r: the lease database failed: %s", self.cluster, self.last_error)
         self._drop_connection()
 
-    def _step_down(self, reason: str, *, error: bool = True) -> None:
+    def step_down(self, reason: str, *, error: bool = True) -> None:
+        """Stop leading now (once: one ERROR unless ``error`` is False, and the callback)."""
         with self._state:
             epoch, self._epoch = self._epoch, None
             self._deadline = 0.0
