@@ -362,7 +362,8 @@ class Dispatcher:
     ) -> list[RunEntry]:
         """Recorded runs, newest first, filtered as :meth:`RunHistory.query` describes.
 
-        Blocks on a local SQLite read (milliseconds): from async code, call it in a thread.
+        Blocks on a read of the history (its file, or its database): call it in a thread from
+        async code.
         Raises :class:`HistoryUnavailableError` if the history is off.
         """
         if self._history is None:

@@ -399,3 +399,29 @@ def test_history_off_or_passed_is_kept_with_a_postgres_store(
         assert passed.history is mine
     finally:
         passed.close()
+
+
+def test_a_run_started_on_one_instance_is_completed_by_another(dsn: str) -> None:
+    cluster = new_cluster()
+    old = SharedRunHistory(RunTable(connector(dsn, timeout=5), cluster), clock=Clock(DAY0))
+    new = SharedRunHistory(RunTable(connector(dsn, timeout=5), cluster), clock=Clock(DAY0))
+    try:
+        req = run_request("r1")
+        old.record(req, RunEvent("r1", "t1", RunEventKind.STARTED, DAY0, worker="w1"))
+        assert old.flush()
+        assert [e.outcome for e in new.query()] == ["running"]
+        # The new leader records the old leader's run in progress as lost.
+        lost_at = DAY0 + timedelta(seconds=30)
+        new.record(req, RunEvent("r1", "t1", RunEventKind.LOST, lost_at, error="RunLostError: x"))
+        assert new.flush()
+        for history in (old, new):
+            (entry,) = history.query()
+            assert (entry.outcome, entry.started_at, entry.worker, entry.duration) == (
+                "lost",
+                DAY0,
+                "w1",
+                30.0,
+            )
+    finally:
+        old.close()
+        new.close()
