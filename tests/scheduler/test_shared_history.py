@@ -19,9 +19,9 @@ from helpers import SHANGHAI, Recorder, at
 from postgres_support import Databases, postgres_databases, url_of
 
 from jobstores.postgres import connector
-from jobstores.postgres.runs import RunTable
+from jobstores.postgres.runs import RUN_FIELDS, RunTable
 from scheduler import HistoryUnavailableError, RunHistory, TaskDispatcher
-from scheduler.history import HISTORY_FILENAME, SharedRunHistory
+from scheduler.history import HISTORY_FILENAME, SHARED_FIELDS, SharedRunHistory
 from tasks.runs import RunEvent, RunEventKind, RunRequest
 from tasks.secrets import mask_text
 
@@ -231,6 +231,7 @@ def test_queries_filter_and_order_runs(make_history: MakeHistory) -> None:
 
 
 def test_both_histories_answer_every_query_alike(tmp_path: Path, dsn: str) -> None:
+    assert RUN_FIELDS == SHARED_FIELDS  # the table's rows are what the history reads
     local = RunHistory(tmp_path / HISTORY_FILENAME, timezone=SHANGHAI, clock=Clock(DAY0))
     shared = SharedRunHistory(
         RunTable(connector(dsn, timeout=5), new_cluster()), timezone=SHANGHAI, clock=Clock(DAY0)
