@@ -814,7 +814,7 @@ class SharedRunHistory(RunHistory):
         try:
             self.table.open()
         except OSError as exc:
-            raise HistoryUnavailableError(f"cannot open the {self.table.where}: {exc}") from exc
+            raise HistoryUnavailableError(f"cannot open the run history: {exc}") from exc
 
     def _stop_writer(self) -> None:
         self.table.close()
@@ -857,7 +857,7 @@ class SharedRunHistory(RunHistory):
                 before_run=before_run,
             )
         except OSError as exc:
-            raise HistoryUnavailableError(f"cannot read the {self.table.where}: {exc}") from exc
+            raise HistoryUnavailableError(f"cannot read the run history: {exc}") from exc
         zone = self.timezone
         entries = []
         for row in rows:

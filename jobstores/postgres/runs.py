@@ -92,7 +92,7 @@ class RunTable:
 
     def __init__(self, connect: Callable[[], psycopg.Connection[Any]], cluster: str) -> None:
         self.cluster = cluster
-        where = f"run history of cluster {cluster!r}"
+        where = f"td_runs of cluster {cluster!r}"
         self.where = where
         """What messages name the history by."""
         self._writer = _Connection(connect, where)
@@ -112,7 +112,7 @@ class RunTable:
             row = _run_row(self.cluster, request, event)
             (started if event.kind is RunEventKind.STARTED else finished).append(row)
         with (
-            self._writer.use("recording runs") as connection,
+            self._writer.use("recording") as connection,
             connection.transaction(),
             connection.cursor() as cursor,
         ):
@@ -164,7 +164,7 @@ class RunTable:
             where.append("ts < %s")
             parameters.append(until)
         with (
-            self._reader.use("reading the run history") as connection,
+            self._reader.use("reading") as connection,
             connection.transaction(),
         ):
             if before_run is not None:

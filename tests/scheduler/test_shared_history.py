@@ -21,7 +21,7 @@ from postgres_support import Databases, postgres_databases, url_of
 from jobstores.postgres import connector
 from jobstores.postgres.runs import RUN_FIELDS, RunTable
 from scheduler import HistoryUnavailableError, RunHistory, TaskDispatcher
-from scheduler.history import HISTORY_FILENAME, SHARED_FIELDS, SharedRunHistory
+from scheduler.history import HISTORY_FILENAME, SHARED_FIELDS, SharedRunHistory, open_history
 from tasks.runs import RunEvent, RunEventKind, RunRequest
 from tasks.secrets import mask_text
 
@@ -299,10 +299,22 @@ def test_closing_a_shared_history_writes_what_is_queued(dsn: str) -> None:
         again.close()
 
 
-def test_an_unreachable_database_leaves_the_history_off_or_unreadable(dsn: str) -> None:
-    unreachable = connector("postgresql://postgres@127.0.0.1:1/nothing", timeout=1)
-    with pytest.raises(HistoryUnavailableError, match="run history of cluster"):
-        SharedRunHistory(RunTable(unreachable, new_cluster()))
+class _Unreachable:
+    """A store whose cluster keeps its runs in a database nobody answers at."""
+
+    def run_table(self) -> RunTable:
+        unreachable = connector("postgresql://postgres@127.0.0.1:1/nothing", timeout=1)
+        return RunTable(unreachable, "c1")
+
+
+def test_an_unreachable_database_leaves_the_history_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(HistoryUnavailableError, match="run history: td_runs of cluster 'c1'"):
+        SharedRunHistory(_Unreachable().run_table())
+    assert open_history(tmp_path, True, UTC, _Unreachable()) is None
+    assert "running without a run history" in caplog.text
+    assert not (tmp_path / HISTORY_FILENAME).exists()  # no silent local history either
 
 
 # ---------------------------------------------------------------------- through dispatchers
