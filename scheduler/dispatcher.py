@@ -168,7 +168,7 @@ class Dispatcher:
         """Told of every event where its change was applied (on the loop for run events)."""
         self._store.on_events = self._relay
         self._store.on_save_health(self._tell_save)
-        self._history = open_history(directory, history, self.timezone)
+        self._history = open_history(directory, history, self.timezone, self._store._storage)
         if self._history is not None:
             self._ledger.observe(self._history.record)
         self._metrics = self._make_metrics()
@@ -362,7 +362,8 @@ class Dispatcher:
     ) -> list[RunEntry]:
         """Recorded runs, newest first, filtered as :meth:`RunHistory.query` describes.
 
-        Blocks on a local SQLite read (milliseconds): from async code, call it in a thread.
+        Blocks on a read of the history (its file, or its database): call it in a thread from
+        async code.
         Raises :class:`HistoryUnavailableError` if the history is off.
         """
         if self._history is None:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import orjson
 from pydantic import BaseModel, ConfigDict
@@ -45,6 +45,9 @@ __all__ = [
     "Outcome",
     "RunEntry",
     "RunHistory",
+    "SharedRunHistory",
+    "SharedRunTable",
+    "SharedRunsStore",
     "open_history",
     "read_runs",
 ]
@@ -239,6 +242,16 @@ def _covered_starts(events: list[tuple[RunRequest, RunEvent]]) -> set[str]:
     }
 
 
+def _checked(limit: int, since: datetime | None, until: datetime | None) -> int:
+    """``limit`` as a query uses it; raises ``ValueError`` naming a bad argument."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit: must be a positive integer, got {limit!r}")
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and value.tzinfo is None:
+            raise ValueError(f"{name}: {value.isoformat()} has no UTC offset")
+    return min(limit, MAX_QUERY_LIMIT)
+
+
 def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
     if readonly:
         connection = sqlite3.connect(
@@ -316,12 +329,7 @@ class HistoryReader:
         for a bad one (an unknown ``before_run`` included), :class:`HistoryUnavailableError`
         if the file cannot be read.
         """
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit: must be a positive integer, got {limit!r}")
-        limit = min(limit, MAX_QUERY_LIMIT)
-        for name, value in (("since", since), ("until", until)):
-            if value is not None and value.tzinfo is None:
-                raise ValueError(f"{name}: {value.isoformat()} has no UTC offset")
+        limit = _checked(limit, since, until)
         where: list[str] = []
         parameters: list[Any] = []
         if task_id is not None:
@@ -462,11 +470,19 @@ class RunHistory(HistoryReader):
         self._dropped = 0
         self._write_failing = False
         self._last_logged: dict[str, float] = {}
-        self._writer = self._open()
+        self._start_writer()
         self._thread = threading.Thread(
             target=self._write_loop, name=f"task-dispatcher history {self.path}", daemon=True
         )
         self._thread.start()
+
+    def _start_writer(self) -> None:
+        """Open what the writer thread writes (raises :class:`HistoryUnavailableError`)."""
+        self._writer = self._open()
+
+    def _stop_writer(self) -> None:
+        """Close what the writer thread wrote (it has stopped)."""
+        self._writer.close()
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -555,7 +571,7 @@ class RunHistory(HistoryReader):
                 timeout,
             )
         else:
-            self._writer.close()
+            self._stop_writer()
         super().close()
 
     # ------------------------------------------------------------------ the writer thread
@@ -605,20 +621,8 @@ class RunHistory(HistoryReader):
             done.set()
 
     def _write(self, events: list[tuple[RunRequest, RunEvent]]) -> None:
-        started: list[tuple[Any, ...]] = []
-        finished: list[tuple[Any, ...]] = []
         try:
-            covered = _covered_starts(events)
-            for request, event in events:
-                if event.kind is RunEventKind.STARTED:
-                    if event.run_id not in covered:
-                        started.append(_row_values(request, event))
-                else:
-                    finished.append(_row_values(request, event))
-            # Started rows first: a run that started and finished in one batch is completed.
-            with self._transaction():
-                self._insert(_STARTED_ROW, _STARTED_CONFLICT, started)
-                self._insert(_FINISHED_ROW, _FINISHED_CONFLICT, finished)
+            self._store(events)
         except Exception as exc:  # a broken event must not stop the writer either
             self._dropped += len(events)
             self._write_failing = True
@@ -628,6 +632,22 @@ class RunHistory(HistoryReader):
             logger.info("run history %s: writes work again", self.path)
             self._write_failing = False
             self._last_logged.pop("write", None)
+
+    def _store(self, events: list[tuple[RunRequest, RunEvent]]) -> None:
+        """Write one batch of events in one transaction (raises if it failed)."""
+        started: list[tuple[Any, ...]] = []
+        finished: list[tuple[Any, ...]] = []
+        covered = _covered_starts(events)
+        for request, event in events:
+            if event.kind is RunEventKind.STARTED:
+                if event.run_id not in covered:
+                    started.append(_row_values(request, event))
+            else:
+                finished.append(_row_values(request, event))
+        # Started rows first: a run that started and finished in one batch is completed.
+        with self._transaction():
+            self._insert(_STARTED_ROW, _STARTED_CONFLICT, started)
+            self._insert(_FINISHED_ROW, _FINISHED_CONFLICT, finished)
 
     def _insert(self, row: str, conflict: str, rows: list[tuple[Any, ...]]) -> None:
         """Write ``rows`` in order, :data:`_ROWS_PER_STATEMENT` to a statement (the last
@@ -674,30 +694,203 @@ class RunHistory(HistoryReader):
     def _prune_step(self, cutoff: float) -> bool:
         """Delete one batch of rows older than ``cutoff``; True when none is left."""
         try:
-            with self._transaction():
-                deleted = self._writer.execute(
-                    "DELETE FROM runs WHERE id IN "
-                    "(SELECT id FROM runs WHERE ts < ? ORDER BY ts LIMIT ?)",
-                    (cutoff, self._prune_batch),
-                ).rowcount
-        except sqlite3.Error as exc:
+            deleted = self._delete_before(cutoff)
+        except (sqlite3.Error, OSError) as exc:
             logger.error("run history %s: pruning failed (%s); retrying later", self.path, exc)
             return True
         if deleted:
             logger.debug("run history %s: pruned %d run(s)", self.path, deleted)
         return deleted < self._prune_batch
 
+    def _delete_before(self, cutoff: float) -> int:
+        """Delete one batch of rows older than ``cutoff`` (unix seconds); how many went."""
+        with self._transaction():
+            return self._writer.execute(
+                "DELETE FROM runs WHERE id IN "
+                "(SELECT id FROM runs WHERE ts < ? ORDER BY ts LIMIT ?)",
+                (cutoff, self._prune_batch),
+            ).rowcount
 
-def open_history(directory: Path, option: bool | RunHistory, timezone: tzinfo) -> RunHistory | None:
-    """The dispatcher's history: ``option`` itself, a new one in ``directory``, or None.
 
-    A history that cannot be opened is logged and left off: it must not stop the dispatcher.
+class SharedRunTable(Protocol):
+    """A run history shared by the instances of a cluster, in the cluster's store (for
+    PostgreSQL, :class:`jobstores.postgres.runs.RunTable`). Its methods raise an ``OSError``
+    when the store fails, having changed nothing."""
+
+    where: str
+    """What messages name it by."""
+
+    def open(self) -> None:
+        """Connect (creating what is missing); raises if that fails."""
+
+    def record(self, events: list[tuple[RunRequest, RunEvent]]) -> None:
+        """Write events in one transaction: the ``started`` ones, then the finishing ones."""
+
+    def prune(self, cutoff: datetime, batch: int) -> int:
+        """Delete up to ``batch`` runs that happened before ``cutoff``; how many went."""
+
+    def query(
+        self,
+        *,
+        task_id: str | None,
+        account_id: str | None,
+        failed: bool | None,
+        since: datetime | None,
+        until: datetime | None,
+        limit: int,
+        before_run: str | None,
+    ) -> list[tuple[Any, ...]]:
+        """Rows of :data:`SHARED_FIELDS`, filtered and ordered as
+        :meth:`HistoryReader.query` describes (its arguments already checked)."""
+
+    def close(self) -> None:
+        """Close its connections (a later call opens them again)."""
+
+
+@runtime_checkable
+class SharedRunsStore(Protocol):
+    """A state store whose cluster keeps its run history itself: a dispatcher on it records
+    and reads its runs there (:class:`SharedRunHistory`), not in its directory."""
+
+    def run_table(self) -> SharedRunTable:
+        """The cluster's run history (with connections of its own)."""
+        ...
+
+
+SHARED_FIELDS = (
+    "run_id",
+    "task_id",
+    "account_id",
+    "sys_type",
+    "task_type",
+    "attempt",
+    "scheduled_at",
+    "started_at",
+    "finished_at",
+    "duration",
+    "outcome",
+    "error",
+    "worker",
+    "trigger",
+    "extra",
+)
+"""The fields of a :class:`SharedRunTable`'s rows, in order (times aware)."""
+
+
+class SharedRunHistory(RunHistory):
+    """The run history of a cluster, kept in its store: every instance reads the same runs.
+
+    The other implementation of :class:`RunHistory`'s interface: recording, flushing,
+    retention and closing work as there (one background thread writes batches, queued by
+    :meth:`record`, which never blocks; runs older than the retention are pruned a batch at a
+    time), the rows and their ordering are the same; only where they are kept differs.
+    :attr:`path` names the table (there is no file).
+    """
+
+    def __init__(
+        self,
+        table: SharedRunTable,
+        *,
+        retention: timedelta = timedelta(days=30),
+        timezone: tzinfo = UTC,
+        clock: Callable[[], datetime] | None = None,
+        prune_interval: timedelta = timedelta(minutes=10),
+        prune_batch: int = 500,
+        max_queued: int = 100_000,
+    ) -> None:
+        self.table = table
+        """Where the runs are kept."""
+        super().__init__(
+            Path(table.where),
+            retention=retention,
+            timezone=timezone,
+            clock=clock,
+            prune_interval=prune_interval,
+            prune_batch=prune_batch,
+            max_queued=max_queued,
+        )
+
+    def _start_writer(self) -> None:
+        try:
+            self.table.open()
+        except OSError as exc:
+            raise HistoryUnavailableError(f"cannot open the run history: {exc}") from exc
+
+    def _stop_writer(self) -> None:
+        self.table.close()
+
+    def _store(self, events: list[tuple[RunRequest, RunEvent]]) -> None:
+        # The same rows in the same order as the SQLite history writes them.
+        covered = _covered_starts(events)
+        self.table.record(
+            [
+                (request, event)
+                for request, event in events
+                if event.kind is not RunEventKind.STARTED or event.run_id not in covered
+            ]
+        )
+
+    def _delete_before(self, cutoff: float) -> int:
+        return self.table.prune(datetime.fromtimestamp(cutoff, UTC), self._prune_batch)
+
+    def query(
+        self,
+        *,
+        task_id: str | None = None,
+        account_id: str | None = None,
+        failed: bool | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+        before_run: str | None = None,
+    ) -> list[RunEntry]:
+        """As :meth:`HistoryReader.query`, from the cluster's store."""
+        limit = _checked(limit, since, until)
+        try:
+            rows = self.table.query(
+                task_id=task_id,
+                account_id=account_id,
+                failed=failed,
+                since=since,
+                until=until,
+                limit=limit,
+                before_run=before_run,
+            )
+        except OSError as exc:
+            raise HistoryUnavailableError(f"cannot read the run history: {exc}") from exc
+        zone = self.timezone
+        entries = []
+        for row in rows:
+            fields = dict(zip(SHARED_FIELDS, row, strict=True))
+            for name in ("scheduled_at", "started_at", "finished_at"):
+                if fields[name] is not None:
+                    fields[name] = fields[name].astimezone(zone)
+            fields["extra"] = fields["extra"] or {}
+            entries.append(RunEntry(**fields))
+        return entries
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued (for up to ``timeout`` seconds), stop the writer, close."""
+        super().close(timeout)
+        self.table.close()
+
+
+def open_history(
+    directory: Path, option: bool | RunHistory, timezone: tzinfo, store: object = None
+) -> RunHistory | None:
+    """The dispatcher's history: ``option`` itself, a new one, or None.
+
+    A new one is kept where the state ``store`` keeps its cluster's runs
+    (:class:`SharedRunsStore`, e.g. PostgreSQL), else in ``directory``. A history that cannot
+    be opened is logged and left off: it must not stop the dispatcher.
     """
     if isinstance(option, RunHistory):
         return option
     if not option:
         return None
     try:
+        if isinstance(store, SharedRunsStore):
+            return SharedRunHistory(store.run_table(), timezone=timezone)
         return RunHistory(directory / HISTORY_FILENAME, timezone=timezone)
     except HistoryUnavailableError as exc:
         logger.error("%s; running without a run history", exc)

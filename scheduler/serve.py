@@ -39,7 +39,8 @@ class TaskDispatcher(Dispatcher):
     :class:`TimezoneMismatchError` unless ``convert_timezone=True``: then the windows are
     read in the new zone from now on (and the file records it from the next save).
 
-    Every run is recorded in ``<dispatcher_dir>/history.sqlite3`` (see :meth:`runs`);
+    Every run is recorded in ``<dispatcher_dir>/history.sqlite3`` (see :meth:`runs`), or on
+    a PostgreSQL store in its cluster's ``td_runs``, shared by its instances;
     ``history=False`` turns that off, a :class:`RunHistory` passed instead (its retention
     configured) is used and closed with the dispatcher.
 
@@ -55,8 +56,8 @@ class TaskDispatcher(Dispatcher):
     save); a string is a URL naming a store by its scheme, and an unknown scheme raises
     :class:`ValueError` naming ``store``: ``postgresql://user@host/db`` is the PostgreSQL store
     (the ``postgres`` extra). The dispatcher acquires the store (one owner at a time) and
-    releases it when it closes; ``dispatcher_dir`` still holds the run history and the control
-    socket.
+    releases it when it closes; ``dispatcher_dir`` still holds the control socket (and the run
+    history, but for PostgreSQL's).
 
     Failover: a store shared by several dispatchers (PostgreSQL) is owned through a lease, and
     creating a dispatcher while another leads raises :class:`NotLeaderError` naming it (the

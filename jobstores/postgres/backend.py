@@ -35,6 +35,7 @@ from jobstores.postgres.lease import (
     Leadership,
     read_lease,
 )
+from jobstores.postgres.runs import RunTable
 from jobstores.postgres.state import FullState, PostgresState, TaskRow
 from jobstores.state import StoredState
 from jobstores.storage import _filled, _trust
@@ -299,6 +300,12 @@ class PostgresStorage:
     def fold_due_in(self) -> float | None:
         """Never: there is nothing to fold."""
         return None
+
+    def run_table(self) -> RunTable:
+        """The cluster's run history (``td_runs``), with connections of its own: a
+        dispatcher on this store records and reads its runs there, so every instance of the
+        cluster shows the same history."""
+        return RunTable(self.state._connect, self.state.cluster)
 
     def close(self) -> None:
         """Close the state's connection (the lease is given up by :meth:`release`)."""

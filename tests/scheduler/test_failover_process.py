@@ -276,3 +276,34 @@ def test_a_leader_stopped_with_sigterm_gives_the_lease_up(
     finally:
         for process in started:
             process.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_leader_after_a_takeover_lists_the_runs_the_killed_one_recorded(
+    tmp_path: Path, store_url: str, instances: Callable[..., Running]
+) -> None:
+    seed(tmp_path, store_url)
+    first = instances("a")
+    first.wait_for(leads)
+
+    def recorded() -> set[str]:
+        with psycopg.connect(store_url.partition("?")[0], autocommit=True) as admin:
+            rows = admin.execute("SELECT run_id FROM td_runs WHERE outcome = 'succeeded'")
+            return {run_id for (run_id,) in rows.fetchall()}
+
+    deadline = time.monotonic() + 30
+    while not (by_first := recorded()):
+        assert time.monotonic() < deadline, "the first leader recorded no run in 30 s"
+        time.sleep(0.1)
+    second = instances("b")
+    second.wait_for(stands_by)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait(10)
+    second.wait_for(lambda lines: leads(lines) and runs_started(lines) >= 1, LEASE + 5)
+
+    shown = cli(tmp_path / "b", "runs", "--json", "--limit", "1000")  # through b's socket
+    assert shown.returncode == 0, shown.stderr
+    listed = {entry["run_id"]: entry for entry in json.loads(shown.stdout)}
+    assert by_first <= set(listed)
+    for name in ("a", "b"):  # the history is the cluster's, in neither directory
+        assert not (tmp_path / name / "history.sqlite3").exists()
