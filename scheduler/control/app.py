@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scheduler.control.api import API_PREFIX, NOT_SAVED, path_segment
+from scheduler.control.api import API_PREFIX, NOT_SAVED, leader_link, path_segment
 from scheduler.control.guard import MAX_BODY, ControlGuard, is_authorised
 from scheduler.control.models import (
     AccountChanges,
@@ -118,8 +118,11 @@ def leadership(dispatcher: Dispatcher) -> dict[str, Any]:
 
 def redirect_to_leader(request: Request, leader_url: str | None, message: str) -> Response:
     """307 to the same path and query at the leader (the client sends the same request
-    there, with its token), or 503 when no leader is known."""
-    if not leader_url:
+    there, with its token), or 503 when no leader is known or its advertised URL is not a
+    plain http(s) base URL (it is read from the database: a client is never sent to any
+    other kind of place)."""
+    leader_url = leader_link(leader_url)
+    if leader_url is None:
         return _error(503, "not_leader", message, None)
     location = leader_url.rstrip("/") + request.url.path
     if request.url.query:

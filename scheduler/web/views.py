@@ -12,10 +12,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timedelta, tzinfo
 from operator import attrgetter
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import orjson
 
+from scheduler.control.api import leader_link
 from scheduler.triggers import preview_runs
 from tasks.display import format_interval, format_time, preview_label
 from tasks.model import TaskRecord, TaskStatus
@@ -455,26 +456,6 @@ class ClusterLine:
     link: str | None
     """Where to send the browser: the leader's URL when this instance does not lead and the
     URL is an http(s) one (None: shown as text only, or not at all)."""
-
-
-def leader_link(url: object) -> str | None:
-    """``url`` if it is an absolute http(s) base URL (no query) a page may link to, else None.
-
-    The value is read from the database: it is never trusted to be a harmless link
-    (``javascript:`` and the like are shown as text)."""
-    if not isinstance(url, str) or not url or url != url.strip():
-        return None
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        return None
-    if parts.query or parts.fragment or "?" in url or "#" in url:
-        return None  # a base URL: a page's path and query are put after it
-    if any(ord(char) < 0x21 or char in '"<>\\`' for char in url):
-        return None
-    return url
 
 
 def cluster_line(described: Mapping[str, Any] | None) -> ClusterLine | None:

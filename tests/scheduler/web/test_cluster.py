@@ -222,3 +222,14 @@ async def test_a_standby_shows_an_unsafe_leader_url_as_escaped_text_not_a_link()
     assert "javascript:alert(&#39;x&#39;)" in page.text
     assert 'href="javascript' not in page.text.lower()
     assert '<span class="epoch">epoch 7</span>' in page.text
+
+
+@pytest.mark.parametrize(
+    "url", ["javascript:alert('x')", "http://leader.example/\r\nSet-Cookie: x=1", "ftp://leader"]
+)
+async def test_a_standby_api_sends_no_client_to_an_unsafe_leader_url(url: str) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with client(standby(StandbyView("cluster default", 7, "node-1", url))) as c:
+        change = await c.post("/api/v1/tasks/t-1/pause", headers=auth)
+    assert change.status_code == 503  # nowhere safe to send it
+    assert "location" not in change.headers
