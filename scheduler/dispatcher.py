@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import operator
 import os
@@ -32,6 +33,7 @@ from scheduler.engine import DispatchExecutor, DispatchScheduler
 from scheduler.history import RunEntry, RunHistory, open_history
 from scheduler.intake import UNSET, TaskIntake, Unset
 from scheduler.lanes import AccountLanes
+from scheduler.leadership import Standing, standing_of
 from scheduler.ledger import RunLedger, RunObserver
 from scheduler.listeners import (
     DispatcherEvent,
@@ -470,6 +472,26 @@ class Dispatcher:
             raise DispatcherClosedError(
                 f"the dispatcher on {str(self.directory)!r} was stopped; create a new one"
             )
+        standing = self.standing
+        if standing is not None:
+            standing.check_change()  # raises NotLeaderError on a standby
+
+    @functools.cached_property
+    def standing(self) -> Standing | None:
+        """Leader or standby of a shared store (None: the one owner of a file always leads)."""
+        return standing_of(self._store._storage, self._runner)
+
+    @property
+    def role(self) -> str:
+        """``"leader"``, or ``"standby"`` once a shared store's lease is lost."""
+        standing = self.standing
+        return "leader" if standing is None else standing.role
+
+    def _stand_by(self) -> None:
+        """The lease is lost: plan nothing more (runs are refused by the runner's gate)."""
+        if self._scheduler.running:
+            self._scheduler.pause()
+            self._retries.stop()
 
     def _wake(self) -> None:
         if self._scheduler.running:
@@ -843,6 +865,8 @@ class Dispatcher:
                 )
             else:
                 logger.info("dispatcher on %s started; no run planned", self.directory)
+            if self.standing is not None:
+                self.standing.bind(self._loop, self._stand_by)
 
     async def run_pending(self) -> None:
         """Run every task due now and return when all runs in progress have finished.

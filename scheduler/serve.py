@@ -9,13 +9,10 @@ them, and a host without the ``control`` or ``web`` extra imports none of their 
 
 from __future__ import annotations
 
-import asyncio
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from scheduler.dispatcher import CONTROL_SOCKET, Dispatcher
-from scheduler.leadership import Standing, standing_of
 from tasks.errors import DispatcherNotRunningError
 
 if TYPE_CHECKING:
@@ -78,36 +75,6 @@ class TaskDispatcher(Dispatcher):
     # does the rest, so its parameters are declared once).
     _control: ControlServer | None = None
     _control_token: str | None = None
-
-    @functools.cached_property
-    def standing(self) -> Standing | None:
-        """Leader or standby of a shared store (None: the one owner of a file always leads)."""
-        return standing_of(self._store._storage, self._runner)
-
-    @property
-    def role(self) -> str:
-        """``"leader"``, or ``"standby"`` once a shared store's lease is lost."""
-        standing = self.standing
-        return "leader" if standing is None else standing.role
-
-    def _check_open(self) -> None:
-        super()._check_open()
-        standing = self.standing
-        if standing is not None:
-            standing.check_change()
-
-    async def start(self) -> None:
-        """Start scheduling on the running event loop (a no-op if already started); losing
-        a shared store's lease stops planning at once."""
-        await super().start()
-        standing = self.standing
-        if standing is not None:
-            standing.bind(asyncio.get_running_loop(), self._stand_by)
-
-    def _stand_by(self) -> None:
-        if self._scheduler.running:
-            self._scheduler.pause()
-            self._retries.stop()
 
     @property
     def control_token(self) -> str:

@@ -62,20 +62,21 @@ CLASS_LINES = 300
 """About where a class holds more than one job."""
 
 # Classes over CLASS_LINES today, each with its length now: the list only shrinks. A class
-# may not grow past its number; one split below the limit (or gone) must leave the list.
+# may not grow past its number, one that shrank is listed at its new length, and one split
+# below the limit (or gone) must leave the list.
 BIG_CLASSES: dict[str, int] = {
     # the facade: composition root, listener translation, save-failure policy, mutations
-    "scheduler/dispatcher.py::Dispatcher": 871,
+    "scheduler/dispatcher.py::Dispatcher": 819,
     # APScheduler's job store plus the clock, jitter, completion and run bookkeeping
-    "jobstores/jsonfile.py::JsonJobStore": 478,
+    "jobstores/jsonfile.py::JsonJobStore": 441,
     # records, account order and kept records, with their indexes and snapshots
     "jobstores/table.py::TaskTable": 416,
     # the journal: appending, replaying, compacting into the snapshot
-    "jobstores/journal.py::JournalStorage": 321,
+    "jobstores/journal.py::JournalStorage": 311,
     # the fleet's run backend: broker, submission, outcomes, recovery, worker roster
     "scheduler/backends/celery.py::CeleryRunBackend": 701,
     # every dashboard page and fragment
-    "scheduler/web/app.py::_Pages": 388,
+    "scheduler/web/app.py::_Pages": 332,
 }
 
 
@@ -343,6 +344,11 @@ def test_no_class_over_about_300_lines() -> None:
         f"{name}: {lengths[name]} lines, more than the {limit} it had: it may only shrink"
         for name, limit in BIG_CLASSES.items()
         if lengths.get(name, 0) > limit
+    ]
+    problems += [
+        f"{name}: {lengths[name]} lines, fewer than the {limit} listed: list it at its length"
+        for name, limit in BIG_CLASSES.items()
+        if CLASS_LINES < lengths.get(name, 0) < limit
     ]
     problems += [
         f"{name}: now {lengths.get(name, 'gone')}: take it off BIG_CLASSES"
