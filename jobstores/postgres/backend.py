@@ -138,7 +138,9 @@ class PostgresStorage:
             url=advertise_url,
             **options,
         )
-        state = PostgresState(connector(dsn, timeout=max(5.0, lease)), cluster)
+        state = PostgresState(
+            connector(dsn, timeout=max(5.0, lease), idle_in_transaction=lease / 3), cluster
+        )
         return cls(state, leadership, where=f"cluster {cluster!r} of {masked_url(dsn)}")
 
     # ------------------------------------------------------------------ ownership

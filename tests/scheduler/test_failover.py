@@ -4,6 +4,7 @@ lease gates every run, and losing it makes the dispatcher a standby at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 from apscheduler.schedulers.base import STATE_PAUSED
+from fleet_support import wait_until
 from helpers import Recorder, at
 from postgres_support import Databases, postgres_databases, url_of
 
@@ -197,3 +199,29 @@ async def test_a_run_in_progress_in_a_leader_taken_over_is_lost_and_retried_only
         await old.stop(grace_period=0)
         if new is not None:
             await new.stop()
+
+
+def test_a_leader_frozen_inside_a_commit_does_not_keep_a_standby_out(
+    postgres_databases: Databases,
+) -> None:
+    """A leader frozen in the middle of a commit holds the fencing lock every takeover waits
+    for: its session must end on its own (idle in a transaction), or it keeps the cluster
+    leaderless for as long as it is frozen."""
+    from jobstores.postgres.lease import check_fence
+
+    url = url_of(postgres_databases.create())
+    old = PostgresStorage.for_url(url, lease=1.5)
+    old.acquire()
+    frozen = old.state._conn()  # the connection its commits use
+    frozen.execute("BEGIN")  # a commit begun: the fencing lock taken, then nothing more
+    check_fence(frozen, old.leadership.fence())
+    old.leadership.stop(release=False)  # and no renewal: the process is frozen
+    new = PostgresStorage.for_url(url, lease=1.5)
+    try:
+        wait_until(new.leadership.try_acquire, 15, "a standby to take the lease over")
+        assert new.leadership.epoch == 2
+    finally:
+        new.release()
+        with contextlib.suppress(psycopg.Error):
+            frozen.close()
+        old.state.close()
