@@ -49,7 +49,7 @@ from scheduler.errors import (
     TaskNotFoundError,
 )
 from scheduler.history import RunEntry
-from tasks.model import TaskRecord, TaskStatus
+from tasks.model import TaskRecord, TaskStatus, json_default
 
 if TYPE_CHECKING:
     from scheduler.dispatcher import Dispatcher
@@ -86,9 +86,8 @@ class ApiError(Exception):
 
 
 def _json(data: Any, status: int = 200, **headers: str) -> Response:
-    return Response(
-        orjson.dumps(data), status_code=status, media_type="application/json", headers=headers
-    )
+    body = orjson.dumps(data, default=json_default)  # time-travel datetimes of test tools too
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def _error(status: int, error: str, message: str, field: str | None) -> Response:

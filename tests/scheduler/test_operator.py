@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from freezegun import freeze_time
 from helpers import SHANGHAI, Recorder, add, at, task_in_file
 
 from scheduler import AccountNotFoundError, SaveFailedError, TaskDispatcher
@@ -302,8 +303,17 @@ async def test_preview_of_an_edit_changes_nothing_and_names_bad_fields(
     from scheduler.control import create_app
 
     dispatcher = make_dispatcher()
+    app = create_app(dispatcher)  # before the clock is frozen: FastAPI imports pydantic.v1
+    # At 07:30 in Shanghai, outside the previewed hours: inside them the first run would be
+    # "now", off the hourly grid the others keep.
+    with freeze_time(at(2026, 3, 2, 7, 30), real_asyncio=True):
+        await _preview_an_edit(dispatcher, app, state_dir, httpx)
+
+
+async def _preview_an_edit(
+    dispatcher: TaskDispatcher, app: Any, state_dir: Path, httpx: Any
+) -> None:
     task_id = await add(dispatcher)
-    app = create_app(dispatcher)
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://localhost"
     ) as http:
