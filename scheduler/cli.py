@@ -2,9 +2,10 @@
 
 Every command goes through one :class:`~scheduler.cli_gateway.Gateway`. When a dispatcher runs
 on the directory (its ``control.sock`` answers), or ``--url`` names a remote one, that is its
-control API and commands see live state. Otherwise it is the stopped store: modifying commands
-open a :class:`~scheduler.serve.TaskDispatcher` (and so take the directory's lock) and
-read-only ones read the state file without owning it. Either way a command prints the same
+control API and commands see live state. Otherwise it is the stopped store
+(:mod:`scheduler.cli_local`): modifying commands own it for the command (its lock, the core's
+commands, a durable commit: no dispatcher, no task manager) and read-only ones read the state
+file without owning it. Either way a command prints the same
 lines and exits with the same status. Parsing lives in :mod:`scheduler.cli_parse`, output in
 :mod:`scheduler.cli_render`, the ``run`` service in :mod:`scheduler.cli_run`.
 """
