@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -33,11 +33,13 @@ __all__ = ["OwnedStore"]
 
 
 class OwnedStore:
-    """The store of ``directory`` (``store``: its :class:`StateStore`), owned until
-    :meth:`close`: loaded without creating a task manager, changed through its core.
+    """``store`` owned until :meth:`close`: loaded without creating a task manager,
+    changed through its core, committed through it.
 
     ``zone``/``convert`` settle the zone as a dispatcher's load does
-    (:func:`tasks.zones.choose_timezone`: the file's zone unless converted). Raises what
+    (:func:`tasks.zones.choose_timezone`: the zone the state records unless converted);
+    ``fraction`` draws the jitter of runs planned here (``random.random`` by default);
+    ``snapshot_below`` as :class:`~jobstores.jsonfile.JsonJobStore`'s. Raises what
     :meth:`StateStore.acquire` and :meth:`StateStore.load` raise (another owner:
     :class:`~tasks.errors.DirectoryLockedError`), owning nothing then.
     """
@@ -55,26 +57,27 @@ class OwnedStore:
         self.store = store
         self.snapshot_below = snapshot_below
         self.table = TaskTable(f"store of {str(store.path)!r}")
+        self.core = TaskCore(self.table, self.schedule, fraction)
+        self._saver = Saver(self.table, store, self.now, snapshot_below=snapshot_below)
+        self._closed = False
+        self.timezone: tzinfo = UTC
+        """The zone of the hour windows, as the load settled it."""
         store.acquire()
         try:
             # No ``accept``: records are restored without creating their managers.
             state = store.load(zone, convert=convert, fraction=fraction)
+            self.timezone = state.timezone
+            self.table.load(state.records, state.kept, state.account_tasks)
+            self.table.extra.update(state.extra)
+            small = len(state.records) + len(state.kept) < snapshot_below
+            if state.repaired or state.kept or (small and store.wants_full_image(closing=True)):
+                # As a dispatcher's load does: what was restored (or set aside) is made
+                # durable whole, so that the file is whole after the command too.
+                self.table.touch()
+                self._saver.save()
         except BaseException:
             store.release()
             raise
-        self.timezone: tzinfo = state.timezone
-        """The zone of the hour windows, as the load settled it."""
-        self.core = TaskCore(self.table, self.schedule, fraction)
-        self._saver = Saver(self.table, store, self.now, snapshot_below=snapshot_below)
-        self._closed = False
-        self.table.load(state.records, state.kept, state.account_tasks)
-        self.table.extra.update(state.extra)
-        small = len(state.records) + len(state.kept) < snapshot_below
-        if state.repaired or state.kept or (small and store.wants_full_image(closing=True)):
-            # As a dispatcher's load does: what was restored (or set aside) is made durable
-            # whole, so that the file is whole after the command too.
-            self.table.touch()
-            self._saver.save()
 
     @property
     def path(self) -> Path:
