@@ -146,12 +146,13 @@ def test_a_pause_forms_the_record_once_for_its_answer(owned: OwnedStore, stopped
 def test_editing_commands_create_no_task_manager(tmp_path: Path) -> None:
     directory = tmp_path / "host"
     host = ["--dir", str(directory), "--factory", "helpers:recording_factory"]
+    recording_factory.created.clear()
     added = CliRunner().invoke(
         main, [*host, "add", "--type", "xhs_type", "--account", "a", "--interval", "1h"]
     )
     assert added.exit_code == 0, added.output
     task_id = added.stdout.strip()
-    assert len(recording_factory.created) >= 1  # an added task is checked by its manager
+    assert len(recording_factory.created) == 1  # the task added is checked by its manager
     recording_factory.created.clear()
     for command in (
         ["pause", task_id],
@@ -159,10 +160,18 @@ def test_editing_commands_create_no_task_manager(tmp_path: Path) -> None:
         ["reorder", task_id, "0"],
         ["update", task_id, "--interval", "2h"],
         ["pause", "--account", "a"],
-        ["remove", task_id],
+        ["resume", "--account", "a"],
     ):
         result = CliRunner().invoke(main, [*host, *command])
         assert result.exit_code == 0, (command, result.output)
+    assert recording_factory.created == []
+    # New keywords are checked by the host's manager, as a running dispatcher checks them.
+    edited = CliRunner().invoke(main, [*host, "update", task_id, "--kw", "user_query=hi"])
+    assert edited.exit_code == 0, edited.output
+    assert [made["user_query"] for made in recording_factory.created] == ["hi"]
+    recording_factory.created.clear()
+    removed = CliRunner().invoke(main, [*host, "remove", task_id])
+    assert removed.exit_code == 0, removed.output
     assert recording_factory.created == []
 
 
