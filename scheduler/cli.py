@@ -2,9 +2,10 @@
 
 Every command goes through one :class:`~scheduler.cli_gateway.Gateway`. When a dispatcher runs
 on the directory (its ``control.sock`` answers), or ``--url`` names a remote one, that is its
-control API and commands see live state. Otherwise it is the stopped store: modifying commands
-open a :class:`~scheduler.serve.TaskDispatcher` (and so take the directory's lock) and
-read-only ones read the state file without owning it. Either way a command prints the same
+control API and commands see live state. Otherwise it is the stopped store
+(:mod:`scheduler.cli_local`): modifying commands own it for the command (its lock, the core's
+commands, a durable commit: no dispatcher, no task manager) and read-only ones read the state
+file without owning it. Either way a command prints the same
 lines and exits with the same status. Parsing lives in :mod:`scheduler.cli_parse`, output in
 :mod:`scheduler.cli_render`, the ``run`` service in :mod:`scheduler.cli_run`.
 """
@@ -17,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import orjson
 
 from jobstores.snapshot import validate_state_file
 from scheduler.cli_fleet import worker
@@ -29,14 +29,13 @@ from scheduler.cli_parse import (
     URL_ENV_VAR,
     Commands,
     Options,
-    check_keywords,
     dir_option,
     parse_hours,
     parse_interval,
-    parse_kw,
     parse_policy,
     parse_since,
     parse_until,
+    task_keywords,
 )
 from scheduler.cli_render import errors, fail, print_listing, print_runs, print_task
 from scheduler.cli_run import run
@@ -162,19 +161,7 @@ def add(
     policy: tuple[str, ...],
 ) -> None:
     """Add a task and print its id."""
-    keywords: dict[str, Any] = {}
-    if kwargs_json:
-        try:
-            loaded = orjson.loads(kwargs_json)
-        except orjson.JSONDecodeError as exc:
-            fail(f"--kwargs-json: {exc}")
-        if not isinstance(loaded, dict):
-            fail("--kwargs-json: must be a JSON object")
-        check_keywords(loaded, "--kwargs-json")
-        keywords.update(loaded)
-    for source, given in (("--kw", parse_kw(kw)), ("--kw-json", parse_kw(kw_json, as_json=True))):
-        check_keywords(given, source)
-        keywords.update(given)
+    keywords = task_keywords(kw, kw_json, kwargs_json)
     with errors():
         keywords.update(
             interval=parse_interval(interval),
@@ -296,13 +283,7 @@ def update(
             changes["task_end_time"] = parse_until(until)
     if no_end:
         changes["task_end_time"] = None
-    given: dict[str, Any] = {}
-    for source, values in (
-        ("--kw", parse_kw(kw)),
-        ("--kw-json", parse_kw(kw_json, as_json=True)),
-    ):
-        check_keywords(values, source)
-        given.update(values)
+    given = task_keywords(kw, kw_json)
     if policy:
         changes["run_policy"] = parse_policy(policy)
     if not changes and not given:

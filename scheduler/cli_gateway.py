@@ -2,18 +2,16 @@
 
 Two implementations answer it: :class:`RemoteGateway` goes through a running dispatcher's
 control API (its ``control.sock``, or ``--url``) and sees live state; :class:`LocalGateway`
-works on a stopped store: it reads through the store's read-only open, without owning it
-(:meth:`jobstores.state.StateStore.read`), or (for a command that changes something) opens a
-:class:`TaskDispatcher` that owns the directory until the command ends. :func:`open_gateway`
-picks one; each command is written once against the protocol.
+(:mod:`scheduler.cli_local`) works on a stopped store: it reads through the store's read-only
+open, without owning it (:meth:`jobstores.state.StateStore.read`), or (for a command that
+changes something) owns the store until the command ends (:class:`jobstores.owned.OwnedStore`:
+its lock, the core's commands, a durable commit; no task manager, no scheduler).
+:func:`open_gateway` picks one; each command is written once against the protocol.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
-import importlib
 from collections.abc import Iterator, Mapping
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,28 +19,16 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from jobstores.format import CorruptFileError
-from jobstores.snapshot import StateSnapshot, read_snapshot
+from jobstores.owned import OwnedStore
 from jobstores.stores import resolve_store
+from scheduler.cli_local import AccountReport, LocalGateway, manager_check, running_factory
 from scheduler.cli_parse import Options
 from scheduler.cli_render import Listing, errors, fail, library_warnings
 from scheduler.dispatcher import CONTROL_SOCKET
-from scheduler.errors import (
-    ControlError,
-    HistoryUnavailableError,
-    NewerFormatError,
-    SaveFailedError,
-    TaskNotFoundError,
-    UnknownTaskTypeError,
-)
-from scheduler.history import HISTORY_FILENAME, RunEntry, read_runs
-from scheduler.serve import TaskDispatcher
-from scheduler.triggers import RunPreview, preview_runs
-from tasks.manager import TaskManager, TaskManagerFactory
+from scheduler.errors import ControlError, SaveFailedError, TaskNotFoundError
+from scheduler.history import RunEntry
+from scheduler.triggers import RunPreview
 from tasks.model import TaskRecord
-from tasks.registry import default_registry
-from tasks.secrets import mask_secrets
-from tasks.zones import resolve_timezone
 
 if TYPE_CHECKING:
     from scheduler.control.client import ControlClient
@@ -59,9 +45,6 @@ __all__ = [
 ]
 
 CONTROL_EXTRA_HINT = "pip install 'task-dispatcher[control]'"
-
-AccountReport = list[tuple[str, str, bool]]
-"""Per task of an account paused or resumed: its id, status and whether it changed."""
 
 
 class Gateway(Protocol):
@@ -266,233 +249,6 @@ def control_client(options: Options) -> ControlClient | None:
     return ControlClient.probe(options.dir / CONTROL_SOCKET, options.token)
 
 
-# ---------------------------------------------------------------------- a stopped store
-
-
-def _import_factory(spec: str) -> TaskManagerFactory:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        fail(f"--factory {spec!r}: expected module:attr, e.g. myapp.tasks:TaskManager")
-    try:
-        module = importlib.import_module(module_name)
-        factory = functools.reduce(getattr, attr.split("."), module)
-    except (ImportError, AttributeError) as exc:
-        fail(f"--factory {spec!r}: {exc}")
-    if not callable(factory):
-        fail(f"--factory {spec!r} is not callable")
-    result: TaskManagerFactory = factory
-    return result
-
-
-class _Inert:
-    """Stands in for a task manager in commands that never run anything."""
-
-    def run(self) -> None:  # pragma: no cover - never called
-        raise RuntimeError("inert task manager")
-
-
-def running_factory(options: Options) -> TaskManagerFactory:
-    """For commands that create real managers: the host's factory, else the task types."""
-    return _import_factory(options.factory) if options.factory else default_registry
-
-
-def _editing_factory(options: Options) -> TaskManagerFactory:
-    """For pause/resume/remove/reorder: managers are re-created on load but never run."""
-    if options.factory:
-        return _import_factory(options.factory)
-
-    def factory(**kwargs: Any) -> TaskManager:
-        try:
-            return default_registry(**kwargs)
-        except (UnknownTaskTypeError, ValueError, TypeError):
-            return _Inert()
-
-    return factory
-
-
-@contextlib.contextmanager
-def _owned(options: Options, factory: TaskManagerFactory) -> Iterator[TaskDispatcher]:
-    """A dispatcher owning the directory for one command; a failed save gives it up unsaved
-    and is reported in one line (exit status 1)."""
-    with errors(), library_warnings():
-        dispatcher = TaskDispatcher(
-            options.dir,
-            task_manager_factory=factory,
-            timezone=options.zone(),
-            history=False,  # editing commands run nothing
-            convert_timezone=options.convert_timezone,
-        )
-        try:
-            yield dispatcher
-        except SaveFailedError as exc:
-            # A one-shot command has no background to retry in: nothing is left pending.
-            dispatcher.close(save=False)
-            command = click.get_current_context().info_name
-            fail(
-                f"{command} {' '.join(exc.task_ids)}: not saved to {exc.path} ({exc.cause}); "
-                "nothing was changed",
-                status=1,
-            )
-        finally:
-            dispatcher.close()
-
-
-def _shown(record: TaskRecord, show_secrets: bool) -> TaskRecord:
-    """``record`` as the control API answers it: secret-looking kwargs masked unless
-    ``show_secrets`` (the stored record is never changed)."""
-    if show_secrets:
-        return record
-    masked = mask_secrets(record.kwargs)
-    if masked == record.kwargs:
-        return record
-    return TaskRecord.model_validate(record.to_json_dict(masked=True))
-
-
-class LocalGateway:
-    """The gateway of a stopped store: reads go to the state file without owning it (they work
-    while the directory is in use); changes go through a dispatcher owning the directory,
-    opened by :func:`open_gateway` for a command that changes something."""
-
-    def __init__(self, options: Options, dispatcher: TaskDispatcher | None = None) -> None:
-        self._options = options
-        self._dispatcher = dispatcher
-        self._read: StateSnapshot | None = None
-
-    def _owner(self) -> TaskDispatcher:
-        assert self._dispatcher is not None, "a change needs open_gateway(change=True)"
-        return self._dispatcher
-
-    def _snapshot(self) -> StateSnapshot:
-        if self._read is None:
-            options = self._options
-            try:
-                # The stopped store's read-only open: no lock, no write, no task manager.
-                self._read = read_snapshot(
-                    options.dir,
-                    options.zone(),
-                    convert=options.convert_timezone,
-                    store=resolve_store(None, options.dir),
-                )
-            except (CorruptFileError, NewerFormatError) as exc:
-                fail(str(exc))
-        return self._read
-
-    def zone(self) -> tzinfo:
-        if self._dispatcher is not None:
-            return self._dispatcher.timezone
-        return self._snapshot().timezone
-
-    def list_tasks(
-        self, *, account: str | None, status: str | None, show_secrets: bool, page: int
-    ) -> Listing:
-        snapshot = self._snapshot()
-        order = {tid: i for ids in snapshot.account_tasks.values() for i, tid in enumerate(ids)}
-        records = [
-            _shown(r, show_secrets)
-            for r in snapshot.records
-            if (account is None or r.account_id == account)
-            and (status is None or r.status == status)
-        ]
-        records.sort(key=lambda r: (r.account_id, order.get(r.task_id, 0)))
-        return Listing(
-            records=records,
-            store_empty=not snapshot.records,
-            zone=snapshot.timezone,
-            state_file=str(snapshot.path),
-            unreadable=len(snapshot.unreadable),
-        )
-
-    def state_file(self) -> str:
-        if self._dispatcher is not None:
-            return str(self._dispatcher.state_file)
-        return str(self._snapshot().path)
-
-    def get_task(self, task_id: str, *, show_secrets: bool = False) -> TaskRecord:
-        if self._dispatcher is not None:
-            return _shown(self._dispatcher.get_task(task_id), show_secrets)
-        found = self._snapshot().get(task_id)
-        if found is None:
-            raise TaskNotFoundError(task_id)
-        return _shown(found, show_secrets)
-
-    def next_runs(self, task_id: str, count: int) -> RunPreview:
-        record, zone = self.get_task(task_id), self.zone()
-        return preview_runs(record, zone, datetime.now(zone), count)
-
-    def account_tasks(self, account_id: str) -> list[str]:
-        if self._dispatcher is not None:
-            return list(self._dispatcher.account_tasks[account_id])
-        return list(self._snapshot().account_tasks[account_id])
-
-    def waiting_for_workers(self) -> Mapping[str, Any] | None:
-        return None
-
-    def add_task(self, keywords: Mapping[str, Any]) -> str:
-        return asyncio.run(self._owner().add_task(**keywords))
-
-    def pause_task(self, task_id: str) -> TaskRecord:
-        self._owner().pause_task(task_id)
-        return self._owner().get_task(task_id)
-
-    def resume_task(self, task_id: str) -> TaskRecord:
-        self._owner().resume_task(task_id)
-        return self._owner().get_task(task_id)
-
-    def run_now(self, task_id: str) -> TaskRecord:
-        # A manual run is carried out by a running dispatcher's lanes; a stopped store has none.
-        fail(
-            f"no dispatcher is running on {str(self._options.dir)!r} (nothing answers on its "
-            f"{CONTROL_SOCKET}): run-now needs one (start it with 'task-dispatcher run', "
-            "or give --url)",
-            status=1,
-        )
-
-    def remove_task(self, task_id: str) -> None:
-        self._owner().remove_task(task_id)
-
-    def reorder_task(self, task_id: str, position: int) -> tuple[str, list[str]]:
-        dispatcher = self._owner()
-        dispatcher.reorder_task(task_id, position)
-        account = dispatcher.get_task(task_id).account_id
-        return account, list(dispatcher.account_tasks[account])
-
-    def update_task(self, task_id: str, changes: Mapping[str, Any]) -> TaskRecord:
-        return self._owner().update_task(task_id, **changes)
-
-    def pause_account(self, account_id: str) -> AccountReport:
-        changes = self._owner().pause_account(account_id)
-        return [(c.task_id, c.status.value, c.changed) for c in changes]
-
-    def resume_account(self, account_id: str) -> AccountReport:
-        changes = self._owner().resume_account(account_id)
-        return [(c.task_id, c.status.value, c.changed) for c in changes]
-
-    def runs(
-        self,
-        task_id: str | None,
-        *,
-        account: str | None,
-        failed: bool | None,
-        since: datetime | None,
-        limit: int,
-    ) -> list[RunEntry]:
-        options = self._options
-        if not (options.dir / HISTORY_FILENAME).exists():
-            return []
-        try:
-            return read_runs(
-                options.dir,
-                options.zone() or resolve_timezone(None),
-                task_id=task_id,
-                account_id=account,
-                failed=failed,
-                since=since,
-                limit=limit,
-            )
-        except (HistoryUnavailableError, ValueError) as exc:
-            fail(str(exc))
-
-
 @contextlib.contextmanager
 def open_gateway(
     options: Options, *, change: bool = False, creates: bool = False, runs_tasks: bool = False
@@ -501,8 +257,9 @@ def open_gateway(
 
     ``change``: the command changes something, so a stopped store is opened owning the
     directory (it must exist unless the change ``creates`` a task: a mistyped --dir must not
-    leave a new, empty store behind). ``runs_tasks``: the tasks' managers are created as for
-    running them (an added task is checked by its type), not stood in for.
+    leave a new, empty store behind); no task manager is created on opening it, and a
+    dispatcher owning it makes the command refuse. ``runs_tasks``: the command adds a task,
+    whose manager is created to check it (see :func:`~scheduler.cli_local.manager_check`).
     Errors inside read as one line (exit status 2); a failed save as one line (status 1).
     """
     client = control_client(options)
@@ -516,6 +273,26 @@ def open_gateway(
         return
     if not creates and not options.dir.is_dir():
         fail(f"no dispatcher directory {str(options.dir)!r}")
-    factory = running_factory(options) if runs_tasks else _editing_factory(options)
-    with _owned(options, factory) as dispatcher, errors():
-        yield LocalGateway(options, dispatcher)
+    check = manager_check(options, adds=runs_tasks)
+    with errors(), library_warnings():
+        owned = _own(options)
+        try:
+            with errors():
+                yield LocalGateway(options, owned, check=check)
+        except SaveFailedError as exc:
+            # A one-shot command has no background to retry in: nothing is left pending.
+            owned.close()
+            command = click.get_current_context().info_name
+            fail(
+                f"{command} {' '.join(exc.task_ids)}: not saved to {exc.path} ({exc.cause}); "
+                "nothing was changed",
+                status=1,
+            )
+        finally:
+            owned.close()
+
+
+def _own(options: Options) -> OwnedStore:
+    """The directory's store, owned for one command (refused while a dispatcher owns it)."""
+    store = resolve_store(None, options.dir)
+    return OwnedStore(store, options.zone(), convert=options.convert_timezone)

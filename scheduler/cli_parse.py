@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import click
 import orjson
 
+from scheduler.cli_render import fail
 from scheduler.dispatcher import default_directory
 from tasks.model import RESERVED_KWARGS, parse_end_time
 from tasks.zones import resolve_timezone
@@ -33,6 +34,7 @@ __all__ = [
     "parse_policy",
     "parse_since",
     "parse_until",
+    "task_keywords",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -153,6 +155,28 @@ def check_keywords(keywords: dict[str, Any], source: str) -> None:
                 f"{key!r} is a task record field the dispatcher keeps, not a task keyword",
                 param_hint=source,
             )
+
+
+def task_keywords(
+    kw: tuple[str, ...], kw_json: tuple[str, ...], kwargs_json: str | None = None
+) -> dict[str, Any]:
+    """The task keywords of ``--kwargs-json`` (a JSON object), then ``--kw`` (strings), then
+    ``--kw-json`` (JSON values), a later one replacing an earlier; each source checked by
+    :func:`check_keywords`."""
+    keywords: dict[str, Any] = {}
+    if kwargs_json:
+        try:
+            loaded = orjson.loads(kwargs_json)
+        except orjson.JSONDecodeError as exc:
+            fail(f"--kwargs-json: {exc}")
+        if not isinstance(loaded, dict):
+            fail("--kwargs-json: must be a JSON object")
+        check_keywords(loaded, "--kwargs-json")
+        keywords.update(loaded)
+    for source, given in (("--kw", parse_kw(kw)), ("--kw-json", parse_kw(kw_json, as_json=True))):
+        check_keywords(given, source)
+        keywords.update(given)
+    return keywords
 
 
 # ---------------------------------------------------------------------- shared options

@@ -12,17 +12,19 @@ import enum
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime, timedelta
-from typing import Any
+from datetime import date, datetime, timedelta, tzinfo
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from jobstores.jsonfile import JsonJobStore, describe_validation_error
+from jobstores.loading import describe_validation_error
+from jobstores.table import TaskTable
 from tasks.errors import InvalidTaskError, TaskExistsError
 from tasks.model import RESERVED_KWARGS, TaskRecord, check_json_value, new_task_id_problem
 from tasks.policy import RunPolicy
+from tasks.schedule import Schedule
 
-__all__ = ["UNSET", "TaskIntake", "Unset"]
+__all__ = ["UNSET", "IntakeStore", "TaskIntake", "Unset"]
 
 _SCHEDULING_KEYWORDS = frozenset(
     {
@@ -65,10 +67,29 @@ def _account(keywords: Mapping[str, Any], suffix: str, required: bool) -> Any:
     return None
 
 
+class IntakeStore(Protocol):
+    """What the intake reads of a store: the ids its table holds, its zone, schedules (a
+    dispatcher's job store, or a stopped store owned for a change)."""
+
+    @property
+    def table(self) -> TaskTable:
+        """The task table (which ids are taken)."""
+        ...
+
+    @property
+    def timezone(self) -> tzinfo:
+        """The zone of the hour windows."""
+        ...
+
+    def schedule(self, record: TaskRecord) -> Schedule:
+        """When ``record`` may run, in that zone."""
+        ...
+
+
 class TaskIntake:
     """Validates new tasks and edits against the store's records and zone."""
 
-    def __init__(self, store: JsonJobStore) -> None:
+    def __init__(self, store: IntakeStore) -> None:
         self._store = store
 
     def new_records(self, tasks: Iterable[Mapping[str, Any]], now: datetime) -> list[TaskRecord]:

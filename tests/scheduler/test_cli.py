@@ -222,6 +222,30 @@ def test_list_shows_the_interval_as_the_dashboard_does(
     assert parse_interval(shown) == record["interval"]  # what --interval reads back
 
 
+@pytest.mark.parametrize("paused", [False, True])
+def test_show_previews_the_runs_the_dashboards_task_page_shows(
+    clock: Any, cli: Callable[..., Result], paused: bool
+) -> None:
+    """One preview and one time format: ``show`` and the task page list the same runs,
+    under the same label (a paused task's "if resumed now")."""
+    from scheduler.web.views import next_runs
+    from tasks.display import format_time
+    from tasks.model import TaskRecord
+
+    task_id = add(cli, "--hours", "8-22", "--interval", "5400")
+    if paused:
+        cli("pause", task_id)
+    (data,) = orjson.loads(cli("list", "--json").stdout)
+    record = TaskRecord.model_validate(data, context={"zone": SHANGHAI})
+    label, runs = next_runs(record, SHANGHAI, datetime.now(SHANGHAI), 4)
+    assert label == ("if resumed now" if paused else "next runs")
+    page = [format_time(run, SHANGHAI) for run in runs]
+    assert page[:2] == ["2026-01-08 08:00:00", "2026-01-08 09:30:00"]  # 07:00 now, every 1h30m
+    shown = cli("show", task_id, "--runs", "4").stdout.splitlines()
+    start = next(i for i, line in enumerate(shown) if line.strip().startswith(f"{label}:"))
+    assert [line.split(": ", 1)[-1].strip() for line in shown[start : start + 4]] == page
+
+
 def test_list_on_an_empty_store_says_how_to_add(cli: Callable[..., Result]) -> None:
     assert "add --type shell" in cli("list").stdout
 
