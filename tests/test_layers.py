@@ -37,7 +37,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cli",                ("scheduler.cli", "scheduler.cli_*")),
     # The fleet is beside serving (neither imports the other); a table puts it above.
     ("fleet",              ("scheduler.backends", "scheduler.backends.celery",
-                            "scheduler.worker", "scheduler.fleet")),
+                            "scheduler.backends.lease", "scheduler.backends.outage",
+                            "scheduler.backends.publish", "scheduler.backends.stream",
+                            "scheduler.backends.watch", "scheduler.backends.roster",
+                            "scheduler.backends.openruns", "scheduler.worker", "scheduler.fleet")),
     # TaskDispatcher: the dispatcher with its control plane, over control/ and web/
     ("serve",              ("scheduler.serve",)),
     ("web",                ("scheduler.web", "scheduler.web.*")),
@@ -77,8 +80,6 @@ BIG_CLASSES: dict[str, int] = {
     "jobstores/table.py::TaskTable": 416,
     # the journal: appending, replaying, compacting into the snapshot
     "jobstores/journal.py::JournalStorage": 311,
-    # the fleet's run backend: broker, submission, outcomes, recovery, worker roster
-    "scheduler/backends/celery.py::CeleryRunBackend": 701,
     # every dashboard page and fragment
     "scheduler/web/app.py::_Pages": 332,
 }
