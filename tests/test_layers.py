@@ -80,8 +80,6 @@ BIG_CLASSES: dict[str, int] = {
     "jobstores/table.py::TaskTable": 416,
     # the journal: appending, replaying, compacting into the snapshot
     "jobstores/journal.py::JournalStorage": 311,
-    # every dashboard page and fragment
-    "scheduler/web/app.py::_Pages": 332,
 }
 
 
