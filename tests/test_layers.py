@@ -78,8 +78,6 @@ BIG_CLASSES: dict[str, int] = {
     "jobstores/jsonfile.py::JsonJobStore": 441,
     # records, account order and kept records, with their indexes and snapshots
     "jobstores/table.py::TaskTable": 416,
-    # the journal: appending, replaying, compacting into the snapshot
-    "jobstores/journal.py::JournalStorage": 311,
 }
 
 
