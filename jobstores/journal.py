@@ -37,18 +37,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jobstores.durable import fsync_dir, remove_stale_temp_files, write_atomic
+from jobstores.durable import fsync_dir, remove_stale_temp_files
 from jobstores.format import (
     CHUNK,
     Document,
-    encode_document_chunks,
     encode_journal_line,
-    encode_raw,
-    encode_task,
 )
 from jobstores.loading import JOURNAL_PREFIX, JournalRead
-from jobstores.storage import DirectoryStore, EncodedTasks
-from jobstores.table import PAUSE, StateImage, let_go, pause
+from jobstores.snapshot_write import SnapshotWriter
+from jobstores.storage import DirectoryStore
+from jobstores.table import PAUSE, StateImage, pause
 
 __all__ = ["MAX_AGE", "MIN_BYTES", "PAUSE", "JournalStorage"]
 
@@ -62,9 +60,6 @@ MAX_AGE = 600.0
 a person reads lags behind the journal (plus the time to write it)."""
 COMPACTION_POLL = 1.0
 """While a compaction is being written, the saver asks again this often whether another is due."""
-KEEP_LINES_BELOW = 10_000
-"""A snapshot written at a commit keeps its tasks' encoded lines for the next one, up to this
-many tasks (a small store writes one at every commit; a large one rarely does)."""
 
 _FILE_MODE = 0o600
 
@@ -113,8 +108,7 @@ class JournalStorage(DirectoryStore):
         self._retry_at: float | None = None
         self._queued: tuple[StateImage, datetime, int] | None = None
         self._compactor: threading.Thread | None = None
-        self._encoded = EncodedTasks()
-        """Lines of the last snapshot written at a commit (on the saving thread only)."""
+        self._writer = SnapshotWriter(self.path, self.backup_path)
         self.compactions = 0
         """Snapshots written (for tests and the curious)."""
         self.last_compaction_error: str | None = None
@@ -281,7 +275,7 @@ class JournalStorage(DirectoryStore):
 
     def _queue(self, image: StateImage, saved_at: datetime, seq: int) -> None:
         """Have the snapshot of ``image`` (which holds every line up to ``seq``) written."""
-        self._encoded.clear()  # the store is large: commits append lines again
+        self._writer.forget_lines()  # the store is large: commits append lines again
         if self._size:
             self._close_segment()  # the appends go on in a new segment
         self._queued = (image, saved_at, seq)
@@ -327,32 +321,7 @@ class JournalStorage(DirectoryStore):
     ) -> None:
         """Write the snapshot of ``image``; ``now``: at a commit, on the saving thread (the
         lines of unchanged tasks are reused from the last such snapshot)."""
-        records = image.records
-        chunks = []
-        if now and len(records) < KEEP_LINES_BELOW:
-            lines = self._encoded.encode(records)
-            chunks = [b",\n".join(lines[at : at + CHUNK]) for at in range(0, len(lines), CHUNK)]
-        else:
-            for at in range(0, len(records), CHUNK):
-                if at:
-                    pause()  # let the event loop have its turn
-                chunks.append(b",\n".join(encode_task(r.plain()) for r in records[at : at + CHUNK]))
-        if image.kept:
-            chunks.append(b",\n".join(map(encode_raw, image.kept)))
-        parts = encode_document_chunks(
-            chunks,
-            image.account_tasks,
-            saved_at,
-            self.timezone_key,
-            image.extra,
-            seq,
-            sealed=not image.kept,
-            pause=pause,
-        )
-        write_atomic(self.path, parts, backup=self.backup_path)
-        size = sum(map(len, parts))
-        chunks.clear()  # parts holds the same chunks: let go of them once, piecemeal
-        let_go(parts)
+        size = self._writer.write(image, saved_at, seq, self.timezone_key, now=now)
         with self._lock:
             self._snapshot_bytes = size
             self._no_snapshot = False

@@ -3,10 +3,11 @@
 A thin adapter: the records and the runs in flight live in a :class:`~jobstores.core.TaskCore`
 (over a :class:`~jobstores.table.TaskTable`), their jobs in a :class:`~jobstores.jobs.JobView`,
 durability in a :class:`~jobstores.saver.Saver` over a storage backend. APScheduler's calls
-become the core's commands: ``update_job`` after a run was submitted is
-:class:`~jobstores.core.Planned` (``next_execution_time`` moves); ``remove_job`` (a trigger
-with no further run) is :class:`~jobstores.core.Exhausted` (the task is completed and stays on
-file). The store never deletes a record on APScheduler's behalf; only :meth:`remove_task` does.
+become the core's commands (in :class:`~jobstores.scheduler_calls.SchedulerCalls`):
+``update_job`` after a run was submitted is :class:`~jobstores.core.Planned`
+(``next_execution_time`` moves); ``remove_job`` (a trigger with no further run) is
+:class:`~jobstores.core.Exhausted` (the task is completed and stays on file). The store never
+deletes a record on APScheduler's behalf; only :meth:`remove_task` does.
 
 APScheduler calls these methods holding the table's lock (it is the scheduler's job store
 lock), so they never write: they request a save, made on the save thread.
@@ -23,29 +24,25 @@ from pathlib import Path
 from typing import Any
 
 from apscheduler.job import Job
-from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.jobstores.base import BaseJobStore
 
 from jobstores.commands import (
     AddTasks,
     Command,
-    Exhausted,
-    Faulted,
-    Planned,
     RemoveTask,
     ReorderTask,
-    RunSettled,
-    RunSubmitted,
 )
 from jobstores.core import Applied, TaskCore
 from jobstores.jobs import JobView, TaskTrigger
 from jobstores.loading import describe_validation_error, parse_record
 from jobstores.saver import SaveHealth, Saver
+from jobstores.scheduler_calls import SchedulerCalls
 from jobstores.state import StateStore, StoredState
 from jobstores.storage import STATE_FILENAME
 from jobstores.stores import resolve_store
 from jobstores.table import TaskTable
 from tasks.errors import DispatcherClosedError
-from tasks.events import DispatcherEvent, TaskCompleted
+from tasks.events import DispatcherEvent
 from tasks.model import TaskRecord
 from tasks.schedule import Schedule, utc_now
 
@@ -134,10 +131,6 @@ class JsonJobStore(BaseJobStore):
         self.lock = self._table.lock
         """The table's lock; the scheduler shares it as its job store lock."""
         self._saver = Saver(self._table, self._storage, self.now, snapshot_below=snapshot_below)
-        self._defer_depth = 0
-        self._deferred = False
-        self._held_now: datetime | None = None
-        """The clock reading of the :meth:`deferred_saves` block under way (None: none)."""
         self._core = TaskCore(self._table, self.schedule, self._fraction)
         self._closed = False
         self.on_events: Callable[[Sequence[DispatcherEvent]], None] | None = None
@@ -154,6 +147,16 @@ class JsonJobStore(BaseJobStore):
             self.timezone = state.timezone
             self._jobs = JobView(self.timezone, _not_a_manager, self._table.find)
             self._table.listen(self._jobs.sync)
+            self._calls = SchedulerCalls(
+                self._table,
+                self._core,
+                self._jobs,
+                self.timezone,
+                lambda: self.now(),  # read late: a test (or a host) may replace the clock
+                self.request_save,
+                self._announce,
+                self._complete,
+            )
             self._load(state)
         except BaseException:
             self._storage.release()
@@ -322,12 +325,6 @@ class JsonJobStore(BaseJobStore):
         """Whether every change made so far is on disk."""
         return self._saver.durable
 
-    def _persist(self) -> None:
-        if self._defer_depth:
-            self._deferred = True
-        else:
-            self.request_save()
-
     @contextlib.contextmanager
     def deferred_saves(self) -> Iterator[None]:
         """Request one save when the block ends instead of one per change inside it.
@@ -336,117 +333,59 @@ class JsonJobStore(BaseJobStore):
         completed) are stamped with one reading of the clock, taken when the block began, as
         APScheduler reads it once per pass.
         """
-        with self.lock:
-            self._defer_depth += 1
-            if self._defer_depth == 1:
-                self._held_now = self.now()
-        try:
+        with self._calls.deferred_saves():
             yield
-        finally:
-            with self.lock:
-                self._defer_depth -= 1
-                flush = not self._defer_depth and self._deferred
-                if not self._defer_depth:
-                    self._held_now = None
-                if flush:
-                    self._deferred = False
-            if flush:
-                self.request_save()
 
-    # APScheduler's job store interface ------------------------------------------------
+    # APScheduler's job store interface: its calls become commands (see SchedulerCalls) ---
 
     def start(self, scheduler: Any, alias: str) -> None:
         """Called by APScheduler when it starts: file every schedulable record (its job is
         built when APScheduler asks for it)."""
         super().start(scheduler, alias)
-        with self.lock:
-            self._faulted(self._jobs.attach(scheduler, alias, self._table.records()))
+        self._calls.attach(scheduler, alias)
 
     def shutdown(self) -> None:
         """Called by APScheduler when it shuts down: the records stay; jobs are let go."""
-        with self.lock:
-            self._jobs.detach()
+        self._calls.detach()
 
     def lookup_job(self, job_id: str) -> Job | None:
         """The job of ``job_id``, or None."""
-        with self.lock:
-            return self._jobs.lookup(job_id)
+        return self._calls.lookup(job_id)
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
         """Jobs whose next run time is at or before ``now``, earliest first: the first
         :attr:`pass_limit` of them (the next pass, at once, takes the others)."""
-        with self.lock:
-            jobs, faults = self._jobs.due(now, self.pass_limit)
-            self._faulted(faults)
-            return list(jobs)
+        return self._calls.due(now, self.pass_limit)
 
     def get_next_run_time(self) -> datetime | None:
         """The earliest next run time, or None when nothing is scheduled."""
-        with self.lock:
-            return self._jobs.next_run_time()
+        return self._calls.next_run_time()
 
     def next_run(self) -> tuple[str, datetime] | None:
         """The task whose run is next and when it starts (None when nothing is scheduled or
         APScheduler has not started the store)."""
-        with self.lock:
-            return self._jobs.first()
+        return self._calls.first()
 
     def get_all_jobs(self) -> list[Job]:
         """Every job, earliest first, paused jobs last."""
-        with self.lock:  # one job per task, built now
-            jobs, faults = self._jobs.all()
-            self._faulted(faults)
-            return list(jobs)
-
-    def _faulted(self, faults: list[tuple[str, Exception]]) -> None:
-        for task_id, exc in faults:
-            self.fault(task_id, exc)
+        return self._calls.all()
 
     def add_job(self, job: Job) -> None:
         """Attach ``job`` to its task record; only tasks added through the store qualify."""
-        with self.lock:
-            if job.id in self._jobs:
-                raise ConflictingIdError(job.id)
-            if self._table.find(job.id) is None:
-                raise ValueError(
-                    f"JsonJobStore holds task-dispatcher tasks only; add task {job.id!r} with "
-                    "TaskDispatcher.add_task()"
-                )
-            self._jobs.readmit(job.id)
-            self._jobs.assign(job)
-            self._adopt(job)
+        self._calls.add(job)
 
     def update_job(self, job: Job) -> None:
         """Record ``job``'s new next run time (None pauses the task, a time resumes it)."""
-        with self.lock:
-            if job.id not in self._jobs:
-                raise JobLookupError(job.id)
-            self._jobs.assign(job)
-            self._adopt(job)
-
-    def _adopt(self, job: Job) -> None:
-        when = job.next_run_time
-        when = None if when is None else when.astimezone(self.timezone)
-        version = self._table.version
-        self._core.apply(Planned(job.id, when), self._held_now or self.now())
-        if self._table.version != version:
-            self._persist()
+        self._calls.update(job)
 
     def remove_job(self, job_id: str) -> None:
         """APScheduler found no further run: the task is ``completed`` and stays on file
         (once its run still out, if any, has ended)."""
-        with self.lock:
-            if job_id not in self._jobs:
-                raise JobLookupError(job_id)
-            self._jobs.drop(job_id)
-            self._told(self._core.apply(Exhausted(job_id), self._held_now or self.now()))
-            self._persist()
+        self._calls.remove(job_id)
 
     def remove_all_jobs(self) -> None:
         """Unschedule every job: each task is ``completed`` (records are never dropped here)."""
-        with self.lock, self.deferred_saves():
-            for job_id in self._jobs.ids():
-                self.remove_job(job_id)
+        self._calls.remove_all()
 
     def fault(self, task_id: str, exc: BaseException) -> None:
         """Scheduling ``task_id`` raised: log it, unschedule it and put it in ``error``.
@@ -454,50 +393,25 @@ class JsonJobStore(BaseJobStore):
         The other tasks carry on; the task's record says what went wrong, and pausing then
         resuming it (or a restart) plans it again.
         """
-        error = f"scheduling failed: {type(exc).__name__}: {exc}"
-        now = self.now()
-        with self.lock:
-            self._jobs.drop(task_id)
-            record = self._table.find(task_id)
-            if record is None:
-                return
-            self._core.apply(Faulted(task_id, error), now)
-            self._persist()
-        logger.error(
-            "task %s (account %s) put in error, no further runs planned: %s",
-            task_id,
-            record.account_id,
-            error,
-            exc_info=exc,
-        )
+        self._calls.fault(task_id, exc)
 
     def run_submitted(self, task_id: str) -> None:
         """A run of ``task_id`` was submitted: its completion waits for that run."""
-        self._core.apply(RunSubmitted(task_id), self._held_now or self.now())
+        self._calls.run_submitted(task_id)
 
     def run_settled(self, task_id: str) -> bool:
         """The submitted run of ``task_id`` is over (ran, skipped or cut off): a task with no
         further run is completed now. Returns whether its record changed (then it is the
         caller's to save)."""
-        applied = self._core.apply(RunSettled(task_id), self.now())
-        self._told(applied)
-        return any(change.before is not change.after for change in applied.changes)
+        return self._calls.run_settled(task_id)
 
-    def _told(self, applied: Applied) -> None:
-        """Hand the events of a change made on APScheduler's side to :attr:`on_events` (and
-        a completion to :attr:`on_completed`)."""
-        for event in applied.events:
-            if isinstance(event, TaskCompleted):
-                record = self._table.get(event.task_id)
-                logger.info(
-                    "task %s (account %s) completed: no run left before its end time",
-                    event.task_id,
-                    event.account_id,
-                )
-                if self.on_completed is not None:
-                    self.on_completed(record)
-        if applied.events and self.on_events is not None:
-            self.on_events(applied.events)
+    def _announce(self, events: Sequence[DispatcherEvent]) -> None:
+        if self.on_events is not None:
+            self.on_events(events)
+
+    def _complete(self, record: TaskRecord) -> None:
+        if self.on_completed is not None:
+            self.on_completed(record)
 
     # ------------------------------------------------------------------ closing
 

@@ -88,7 +88,7 @@ class TaskDispatcher(Dispatcher):
         if self._control_token is None:
             from scheduler.control.guard import issue_token
 
-            self._check_open()
+            self._changes.check_open()
             self._control_token = issue_token(self.directory)
         return self._control_token
 
@@ -125,7 +125,7 @@ class TaskDispatcher(Dispatcher):
         from scheduler.control.app import create_app
         from scheduler.control.server import ControlServer, check_listen
 
-        self._check_open()
+        self._changes.check_open()
         if self._control is not None:
             raise RuntimeError(f"the control API of {str(self.directory)!r} is already served")
         if self._control_token is None:

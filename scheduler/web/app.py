@@ -12,20 +12,18 @@ import functools
 import logging
 import os
 import secrets
-import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import jinja2
-import orjson
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -35,7 +33,7 @@ from scheduler.control.api import API_PREFIX
 from scheduler.control.guard import client_of
 from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
-from scheduler.web.feed import diff, rendered_at
+from scheduler.web.live import LiveFeed
 from scheduler.web.security import COOKIE_NAME, SESSION_SECONDS, DashboardGuard, WebSecurity
 from scheduler.web.timeline import SPANS, axis_ticks, build_timeline
 from scheduler.web.views import (
@@ -74,10 +72,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FEED_INTERVAL = 1.0
-"""Seconds between two looks at the dispatcher for the live feed."""
-FEED_LIFETIME = 300.0
-"""Seconds after which a feed connection ends; the browser reconnects on its own."""
 HISTORY_PAGE = 50
 """Runs per page of a task's history."""
 TIMELINE_RUNS = 50_000
@@ -236,7 +230,8 @@ def _environment() -> jinja2.Environment:
 
 
 class _Pages:
-    """The route handlers, sharing the dispatcher, the security settings and the templates."""
+    """The pages' route handlers (and login), sharing the dispatcher, the security settings
+    and the templates; the live feed is :class:`~scheduler.web.live.LiveFeed`."""
 
     def __init__(
         self,
@@ -252,9 +247,10 @@ class _Pages:
         self.templates = Jinja2Templates(env=_environment())
         # Names this process's order versions, which start again from 0 after a restart.
         self._epoch = secrets.token_hex(4)
-        self._seen: (
-            tuple[float, tuple[list[TaskRecord], dict[str, list[str]], dict[str, Any]]] | None
-        ) = None
+        self.feed = LiveFeed(
+            dispatcher, lambda: health_problems(dispatcher, probe), self._order_tag
+        )
+        """The live feed (``/events``), which names the account order as the pages do."""
 
     def _render(
         self,
@@ -266,7 +262,8 @@ class _Pages:
         order_tag: str = "",
     ) -> HTMLResponse:
         """Render ``name``; ``read_at`` is when the page's data was read and ``order_tag``
-        which account order it shows (both for the live feed: see :meth:`events`)."""
+        which account order it shows (both for the live feed: see
+        :class:`~scheduler.web.live.LiveFeed`)."""
         session = request.cookies.get(COOKIE_NAME)
         base = {
             "csrf_token": self.security.csrf_token(
@@ -506,68 +503,6 @@ class _Pages:
         response.delete_cookie(COOKIE_NAME, path="/", httponly=True, samesite="strict")
         return response
 
-    # ------------------------------------------------------------------ live feed
-
-    def _health(self) -> dict[str, Any]:
-        return {"problems": health_problems(self.dispatcher, self.probe)}
-
-    def _look(self) -> tuple[list[TaskRecord], dict[str, list[str]], dict[str, Any]]:
-        """The dispatcher's tasks, order and health, shared by every open feed for one tick.
-
-        The records are looked at, not copied (a feed only reads them): copying each costs
-        about 10 us, a second of the event loop's time every tick at 100,000 tasks.
-        """
-        now = time.monotonic()
-        if self._seen is None or now - self._seen[0] >= FEED_INTERVAL / 2:
-            dispatcher = self.dispatcher
-            self._seen = (
-                now,
-                (dispatcher.peek_tasks(), dispatcher.account_tasks, self._health()),
-            )
-        return self._seen[1]
-
-    async def events(self, request: Request) -> Response:
-        """Server-sent events: one ``update`` message per change (see :func:`feed.diff`)."""
-        dispatcher = self.dispatcher
-        # Start from what the page shows: the tasks as they are now, less those changed since
-        # the page was rendered (``since``), so the first message carries only those, plus
-        # health. The order too, unless the page's ``order`` tag says it shows the current
-        # one: at 100,000 tasks every account's order is over a megabyte.
-        records, _, _ = self._look()
-        try:
-            since = datetime.fromisoformat(request.query_params["since"])
-        except (KeyError, ValueError):
-            since = None
-        tag = self._order_tag()
-        order = dispatcher.account_tasks
-        if request.query_params.get("order") != tag or self._order_tag() != tag:
-            order = {}
-        state = await asyncio.to_thread(rendered_at, records, since, order)
-
-        async def stream() -> AsyncIterator[bytes]:
-            nonlocal state
-            yield b"retry: 2000\n: connected\n\n"
-            deadline = time.monotonic() + FEED_LIFETIME
-            while time.monotonic() < deadline and not dispatcher.closed:
-                await asyncio.sleep(FEED_INTERVAL)
-                if await request.is_disconnected():
-                    return
-                # Off the event loop: a look at 100,000 tasks takes tens of milliseconds,
-                # which the loop's thread then shares in slices instead of waiting them out.
-                state, message = await asyncio.to_thread(
-                    diff, state, *self._look(), dispatcher.timezone, utc_now()
-                )
-                if message is None:
-                    yield b": idle\n\n"
-                    continue
-                yield b"event: update\ndata: " + orjson.dumps(message) + b"\n\n"
-
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
-
 
 async def log_in(
     request: Request, security: WebSecurity, render: Callable[..., Response]
@@ -650,7 +585,7 @@ def dashboard_app(
         Route("/add", pages.add, name="add"),
         Route("/login", pages.login, methods=["GET", "POST"], name="login"),
         Route("/logout", pages.logout, methods=["POST"], name="logout"),
-        Route("/events", pages.events, name="events"),
+        Route("/events", pages.feed.events, name="events"),
         Route("/favicon.ico", _favicon, name="favicon"),
         Mount("/static", StaticFiles(packages=[("scheduler.web", "static")]), name="static"),
     ]

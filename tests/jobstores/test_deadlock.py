@@ -19,7 +19,7 @@ import pytest
 from helpers import read_state
 
 import jobstores.durable
-import jobstores.journal
+import jobstores.snapshot_write
 import jobstores.storage
 from scheduler import TaskDispatcher
 
@@ -45,7 +45,7 @@ async def test_a_save_in_progress_and_a_scheduler_job_call_both_finish(
         real_write(*args, **kwargs)
 
     monkeypatch.setattr(jobstores.storage, "write_atomic", slow_write)
-    monkeypatch.setattr(jobstores.journal, "write_atomic", slow_write)
+    monkeypatch.setattr(jobstores.snapshot_write, "write_atomic", slow_write)
     store = dispatcher._store
     store.touch()
     store.request_save()  # a background save, now stuck in its write

@@ -19,7 +19,7 @@ from helpers import SHANGHAI, T0, read_file, read_state, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobstores import JsonJobStore, journal, table
+from jobstores import JsonJobStore, snapshot_write, table
 from jobstores.format import decode_journal_line
 from jobstores.journal import JournalStorage
 from jobstores.loading import JOURNAL_PREFIX, journal_segments
@@ -266,7 +266,7 @@ def test_a_compaction_lets_go_of_the_encoded_snapshot_piecemeal(
         released.append([(len(items[i]), sys.getrefcount(items[i])) for i in range(len(items))])
         real(items, piece)
 
-    monkeypatch.setattr(journal, "let_go", spy)
+    monkeypatch.setattr(snapshot_write, "let_go", spy)  # the snapshot's writer lets go
     store = open_store(tmp_path, max_bytes=2000)
     store.add_tasks([record(f"t{n:04d}") for n in range(600)])
     assert store.save()
