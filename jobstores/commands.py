@@ -26,7 +26,6 @@ __all__ = [
     "RunOpened",
     "RunReported",
     "RunSettled",
-    "RunSubmitted",
 ]
 
 
@@ -92,29 +91,26 @@ class Planned:
 
 @dataclass(frozen=True, slots=True)
 class Exhausted:
-    """The schedule has no further run."""
+    """The schedule has no further run; ``run_waiting``: a run of the task is due and waits
+    for its lane (not opened yet), so its end decides completion."""
 
     task_id: str
+    run_waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Faulted:
-    """Planning the task raised ``error``."""
+    """Planning the task raised ``error``; ``run_waiting`` as for :class:`Exhausted`."""
 
     task_id: str
     error: str
-
-
-@dataclass(frozen=True, slots=True)
-class RunSubmitted:
-    """A run of the task is due and waits for its lane: it is out until settled."""
-
-    task_id: str
+    run_waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RunSettled:
-    """The run submitted for the task is over (ran, skipped or cut off)."""
+    """A run due for the task is over without having opened: skipped at the gate, or cut
+    off while it waited for its lane. (A run that opened is settled by its end.)"""
 
     task_id: str
 
@@ -156,7 +152,6 @@ Command = (
     | Planned
     | Exhausted
     | Faulted
-    | RunSubmitted
     | RunSettled
     | RunOpened
     | RunReported

@@ -34,7 +34,6 @@ from jobstores.commands import (
     RemoveTask,
     ReorderTask,
     RunSettled,
-    RunSubmitted,
 )
 from jobstores.core import Applied, TaskCore
 from jobstores.jobs import JobView, TaskTrigger
@@ -144,7 +143,12 @@ class JsonJobStore(BaseJobStore):
         """Told of the events of every change :meth:`apply` makes with ``tell`` and of those
         APScheduler's calls make (possibly under the lock: defer any work)."""
         self.on_completed: Callable[[TaskRecord], None] | None = None
-        """Told (under the lock: defer any work) when APScheduler's side completes a task."""
+        """Told (under the lock: defer any work) when APScheduler's side or a run's end
+        completes a task."""
+        self.runs_waiting: Callable[[str], bool] = _none_waiting
+        """Whether a run of a task is due and waits for its account's lane (not opened yet):
+        the runner serving this store answers it (its ``waiting``), so that the schedule
+        running out, or a fault, leaves completion to that run's end."""
 
         self._storage.acquire()
         try:
@@ -264,8 +268,8 @@ class JsonJobStore(BaseJobStore):
         Saving is the caller's (see :meth:`save`)."""
         self._check_open()
         applied = self._core.apply(command, self.now() if now is None else now)
-        if tell and applied.events and self.on_events is not None:
-            self.on_events(applied.events)
+        if tell and applied.events:
+            self._told(applied)
         return applied
 
     def add_tasks(self, records: Sequence[TaskRecord]) -> None:
@@ -439,7 +443,8 @@ class JsonJobStore(BaseJobStore):
             if job_id not in self._jobs:
                 raise JobLookupError(job_id)
             self._jobs.drop(job_id)
-            self._told(self._core.apply(Exhausted(job_id), self._held_now or self.now()))
+            command = Exhausted(job_id, run_waiting=self.runs_waiting(job_id))
+            self._told(self._core.apply(command, self._held_now or self.now()))
             self._persist()
 
     def remove_all_jobs(self) -> None:
@@ -461,7 +466,7 @@ class JsonJobStore(BaseJobStore):
             record = self._table.find(task_id)
             if record is None:
                 return
-            self._core.apply(Faulted(task_id, error), now)
+            self._core.apply(Faulted(task_id, error, self.runs_waiting(task_id)), now)
             self._persist()
         logger.error(
             "task %s (account %s) put in error, no further runs planned: %s",
@@ -471,21 +476,18 @@ class JsonJobStore(BaseJobStore):
             exc_info=exc,
         )
 
-    def run_submitted(self, task_id: str) -> None:
-        """A run of ``task_id`` was submitted: its completion waits for that run."""
-        self._core.apply(RunSubmitted(task_id), self._held_now or self.now())
-
     def run_settled(self, task_id: str) -> bool:
-        """The submitted run of ``task_id`` is over (ran, skipped or cut off): a task with no
-        further run is completed now. Returns whether its record changed (then it is the
-        caller's to save)."""
+        """A run due for ``task_id`` is over without having opened (skipped at the gate, or
+        cut off while it waited for its lane): a task with no further run is completed now. A
+        run that opened is settled by its end. Returns whether the record changed (then it is
+        the caller's to save)."""
         applied = self._core.apply(RunSettled(task_id), self.now())
         self._told(applied)
         return any(change.before is not change.after for change in applied.changes)
 
     def _told(self, applied: Applied) -> None:
-        """Hand the events of a change made on APScheduler's side to :attr:`on_events` (and
-        a completion to :attr:`on_completed`)."""
+        """Hand the events of a change to :attr:`on_events` (and a completion to
+        :attr:`on_completed`)."""
         for event in applied.events:
             if isinstance(event, TaskCompleted):
                 record = self._table.get(event.task_id)
@@ -516,3 +518,8 @@ class JsonJobStore(BaseJobStore):
             self._storage.close()
         finally:
             self._storage.release()
+
+
+def _none_waiting(task_id: str) -> bool:
+    """No runner serves the store: no run waits for a lane."""
+    return False

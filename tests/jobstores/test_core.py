@@ -25,7 +25,6 @@ from jobstores.commands import (
     RunOpened,
     RunReported,
     RunSettled,
-    RunSubmitted,
 )
 from jobstores.core import Applied, TaskCore
 from jobstores.table import TaskTable
@@ -273,46 +272,78 @@ def walk(core: TaskCore, commands: Sequence[Command]) -> list[DispatcherEvent]:
 
 
 def test_completion_after_the_last_run_is_decided_once() -> None:
-    """The schedule runs out while its last run is out: the run's end completes the task;
-    settling the run afterwards completes nothing again."""
+    """The schedule runs out while its last run waits for its lane: the run's end completes
+    the task, in the change that closes the run; nothing after it completes it again."""
     core = core_of(record("a"))
-    events = walk(core, [RunSubmitted("a"), Exhausted("a")])
+    events = walk(core, [Exhausted("a", run_waiting=True)])
     assert (core.table.get("a").status, events) == (P, [])
     events = walk(
         core,
-        [
-            RunOpened("a", STARTED, True),
-            RunReported(run_event(RunEventKind.SUCCEEDED)),
-            RunSettled("a"),
-        ],
+        [RunOpened("a", STARTED, True), RunReported(run_event(RunEventKind.SUCCEEDED))],
     )
     assert core.table.get("a").status is C
     assert [event.kind for event in events] == ["run_started", "run_succeeded", "task_completed"]
+    assert walk(core, [Exhausted("a"), RunSettled("a")]) == []
+
+
+def test_the_schedule_running_out_while_a_run_is_open_leaves_completion_to_its_end() -> None:
+    core = core_of(record("a"))
+    walk(core, [RunOpened("a", QUEUED, False)])
+    assert walk(core, [Exhausted("a")]) == []  # the open run is the record's: it waits
+    assert core.table.get("a").status is P
+    events = walk(
+        core,
+        [
+            RunReported(run_event(RunEventKind.STARTED)),
+            RunReported(run_event(RunEventKind.CANCELLED)),  # withdrawn: it never ran
+        ],
+    )
+    assert (core.table.get("a").status, [event.kind for event in events]) == (
+        C,
+        ["run_started", "task_completed"],
+    )
 
 
 def test_a_skipped_last_run_completes_the_task_when_it_settles() -> None:
     core = core_of(record("a"))
-    assert walk(core, [RunSubmitted("a"), Exhausted("a")]) == []
-    assert core.out("a")
+    assert walk(core, [Exhausted("a", run_waiting=True)]) == []
+    assert core.table.get("a").status is P
     events = walk(core, [RunSettled("a")])
     assert (core.table.get("a").status, [event.kind for event in events]) == (
         C,
         ["task_completed"],
     )
-    assert not core.out("a")
+
+
+def test_a_run_cut_off_after_the_schedule_ran_out_completes_the_task() -> None:
+    core = core_of(record("a"))
+    walk(core, [RunOpened("a", STARTED, True), Exhausted("a")])
+    events = walk(core, [RunAbandoned("a", "r1")])
+    after = core.table.get("a")
+    assert (after.status, after.run_count, after.active_run) == (C, 0, None)
+    assert [event.kind for event in events] == ["task_completed"]
+    assert walk(core, [RunAbandoned("a", "r1")]) == []  # closed already: nothing to close
 
 
 def test_a_fault_while_a_run_is_out_outlives_that_run() -> None:
     core = core_of(record("a"))
-    walk(core, [RunSubmitted("a"), RunOpened("a", STARTED, True), Faulted("a", "boom")])
+    walk(core, [RunOpened("a", STARTED, True), Faulted("a", "boom")])
     assert core.table.get("a").status is E
     events = walk(core, [RunReported(run_event(RunEventKind.SUCCEEDED))])
     after = core.table.get("a")
     assert (after.status, after.last_error, after.active_run) == (E, "boom", None)
     assert [event.kind for event in events] == ["run_succeeded"]  # not completed meanwhile
-    walk(core, [RunSettled("a")])
+    # The run's end settled it: the fault is spent; pausing and resuming plans it again.
+    walk(core, [PauseTask("a"), ResumeTask("a")])
+    assert core.table.get("a").status is P
+
+
+def test_a_fault_while_a_run_waits_for_its_lane_outlives_that_run() -> None:
+    core = core_of(record("a"))
+    walk(core, [Faulted("a", "boom", run_waiting=True)])
+    assert core.table.get("a").status is E
+    walk(core, [RunSettled("a")])  # skipped at the gate (the task is in error)
     assert (core.table.get("a").status, core.table.get("a").last_error) == (E, "boom")
-    # Settled: the fault is spent; pausing and resuming plans the task again.
     walk(core, [PauseTask("a"), ResumeTask("a")])
     assert core.table.get("a").status is P
 
