@@ -117,11 +117,13 @@ class RunSettled:
 
 @dataclass(frozen=True, slots=True)
 class RunOpened:
-    """``run`` was handed to a backend; ``started`` when it starts at once (this process)."""
+    """``run`` was handed to a backend; ``started`` when it starts at once (this process);
+    ``request``: the run as sent (its ``started`` event is then reported whole)."""
 
     task_id: str
     run: ActiveRun
     started: bool
+    request: RunRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,10 +137,12 @@ class RunReported:
 
 @dataclass(frozen=True, slots=True)
 class RunAbandoned:
-    """The run was cut off in this process: it does not count."""
+    """The run was cut off in this process: it does not count. With ``request`` (a run cut
+    off while this process runs, not one found at a restart) it is reported as lost."""
 
     task_id: str
     run_id: str
+    request: RunRequest | None = None
 
 
 Command = (

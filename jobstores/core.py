@@ -44,6 +44,7 @@ from tasks import lifecycle
 from tasks.events import (
     DispatcherEvent,
     RunFailed,
+    RunReport,
     RunRetried,
     RunStarted,
     RunSucceeded,
@@ -58,7 +59,10 @@ from tasks.model import ActiveRun, TaskRecord, TaskStatus
 from tasks.runs import TIMED_OUT, RunEvent, RunEventKind, RunRequest
 from tasks.schedule import Schedule, same_instant
 
-__all__ = ["Applied", "Change", "TaskCore"]
+__all__ = ["CUT_OFF", "Applied", "Change", "TaskCore"]
+
+CUT_OFF = "cancelled: the dispatcher stopped before the run ended"
+"""The error a run cut off in this process is reported with (it does not count)."""
 
 
 # ---------------------------------------------------------------------- results
@@ -283,17 +287,24 @@ class TaskCore:
             attempt=run.attempt,
             scheduled_at=run.scheduled_at,
         )
-        return Applied((change,), (event,))
+        if command.request is None:
+            return Applied((change,), (event,))
+        report = RunEvent(run.run_id, command.task_id, RunEventKind.STARTED, at=now)
+        return Applied((change,), (_report(command.request, report, now), event))
 
     def _reported(self, command: RunReported, now: datetime) -> Applied:
         event = command.event
         task_id = event.task_id
         before = self.table.find(task_id)
         run = before.active_run if before is not None else None
+        if command.request is None:
+            reported = _NO_EVENTS
+        else:  # the event whole, for the observers that keep runs
+            reported = (_report(command.request, event, now),)
         if run is None or run.run_id != event.run_id:  # a duplicate, or its task was removed
             if command.request is None:
                 return _NOTHING
-            return Applied((), _run_events(command.request, None, None, event, now))
+            return Applied((), reported + _run_events(command.request, None, None, event, now))
         assert before is not None
         if event.kind is RunEventKind.STARTED:
             change = self._update(task_id, lambda r: lifecycle.run_started(r, event, now))
@@ -316,20 +327,24 @@ class TaskCore:
 
             change = self._update(task_id, finished)
         events = _run_events(command.request, (before, run), change.after, event, now)
-        return Applied((change,), events + _status_events(change, now))
+        return Applied((change,), reported + events + _status_events(change, now))
 
     def _abandoned(self, command: RunAbandoned, now: datetime) -> Applied:
         task_id, run_id = command.task_id, command.run_id
+        reported: tuple[DispatcherEvent, ...] = _NO_EVENTS
+        if command.request is not None:
+            cut = RunEvent(run_id, task_id, RunEventKind.LOST, at=now, error=CUT_OFF)
+            reported = (_report(command.request, cut, now),)
         record = self.table.find(task_id)
         if record is None or self.table.closed:
-            return _NOTHING
+            return Applied((), reported)
         if record.active_run is None or record.active_run.run_id != run_id:
-            return _NOTHING  # not its open run: nothing to close
+            return Applied((), reported)  # not its open run: nothing to close
         fault = self._faults.pop(task_id, None)
         change = self._update(
             task_id, lambda r: self._settle(lifecycle.run_abandoned(r, run_id, now), fault, now)
         )
-        return Applied((change,), _status_events(change, now))
+        return Applied((change,), reported + _status_events(change, now))
 
 
 _HANDLERS: dict[type[Any], Callable[[TaskCore, Any, datetime], Applied]] = {
@@ -382,6 +397,12 @@ def _status_events(change: Change, now: datetime) -> tuple[DispatcherEvent, ...]
     if after.status is TaskStatus.COMPLETED:
         events.append(_task_event(TaskCompleted, after, now))
     return tuple(events)
+
+
+def _report(request: RunRequest, event: RunEvent, now: datetime) -> RunReport:
+    return RunReport(
+        at=now, task_id=request.task_id, account_id=request.account_id, request=request, event=event
+    )
 
 
 def _run_events(

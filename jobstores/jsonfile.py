@@ -143,12 +143,10 @@ class JsonJobStore(BaseJobStore):
         """Told of the events of every change :meth:`apply` makes with ``tell`` and of those
         APScheduler's calls make (possibly under the lock: defer any work)."""
         self.on_completed: Callable[[TaskRecord], None] | None = None
-        """Told (under the lock: defer any work) when APScheduler's side or a run's end
-        completes a task."""
+        """Told (under the lock: defer any work) when a task is completed."""
         self.runs_waiting: Callable[[str], bool] = _none_waiting
-        """Whether a run of a task is due and waits for its account's lane (not opened yet):
-        the runner serving this store answers it (its ``waiting``), so that the schedule
-        running out, or a fault, leaves completion to that run's end."""
+        """Whether a run of a task waits for its lane (the runner's ``waiting``): its end,
+        not the schedule running out, completes the task."""
 
         self._storage.acquire()
         try:
@@ -477,10 +475,9 @@ class JsonJobStore(BaseJobStore):
         )
 
     def run_settled(self, task_id: str) -> bool:
-        """A run due for ``task_id`` is over without having opened (skipped at the gate, or
-        cut off while it waited for its lane): a task with no further run is completed now. A
-        run that opened is settled by its end. Returns whether the record changed (then it is
-        the caller's to save)."""
+        """A run of ``task_id`` is over without having opened (skipped, or cut off in its
+        lane): a task with no further run is completed now. Returns whether the record
+        changed (then it is the caller's to save)."""
         applied = self._core.apply(RunSettled(task_id), self.now())
         self._told(applied)
         return any(change.before is not change.after for change in applied.changes)

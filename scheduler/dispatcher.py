@@ -34,7 +34,7 @@ from scheduler.history import RunEntry, RunHistory, open_history
 from scheduler.intake import UNSET, TaskIntake, Unset
 from scheduler.lanes import AccountLanes
 from scheduler.leadership import Standing, standing_of
-from scheduler.ledger import RunLedger, RunObserver
+from scheduler.ledger import RunLedger, RunObserver, on_reports
 from scheduler.listeners import (
     DispatcherEvent,
     EventFilter,
@@ -172,10 +172,10 @@ class Dispatcher:
         self._store.on_save_health(self._tell_save)
         self._history = open_history(directory, history, self.timezone, self._store._storage)
         if self._history is not None:
-            self._ledger.observe(self._history.record)
+            self._observers.append(on_reports(self._history.record))
         self._metrics = self._make_metrics()
         if self._metrics is not None:
-            self._ledger.observe(self._metrics.observe)
+            self._observers.append(on_reports(self._metrics.observe))
         self._started_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._manual_queued: set[str] = set()
@@ -239,7 +239,7 @@ class Dispatcher:
 
     def observe_runs(self, observer: RunObserver) -> None:
         """Call ``observer(request, event)`` for every run event applied (from the loop)."""
-        self._ledger.observe(observer)
+        self._observers.append(on_reports(observer))
 
     @property
     def order_version(self) -> int:

@@ -29,7 +29,14 @@ from jobstores.commands import (
 from jobstores.core import Applied, TaskCore
 from jobstores.table import TaskTable
 from tasks.errors import TaskNotFoundError
-from tasks.events import DispatcherEvent, RunFailed, RunRetried, RunStarted, TaskPaused
+from tasks.events import (
+    DispatcherEvent,
+    RunFailed,
+    RunReport,
+    RunRetried,
+    RunStarted,
+    TaskPaused,
+)
 from tasks.model import ActiveRun, TaskRecord, TaskStatus
 from tasks.policy import RunPolicy
 from tasks.runs import TIMED_OUT, RunEvent, RunEventKind, RunRequest
@@ -137,7 +144,14 @@ def ended_rules() -> TaskRecord:
             (R, T0, STARTED.model_copy(update={"started_at": NOW})),
             ["run_started"],
         ),
+        (
+            {"status": P},
+            RunOpened("a", STARTED, True, request()),
+            (R, T0, STARTED.model_copy(update={"started_at": NOW})),
+            ["run_report", "run_started"],  # with the run as sent: its start reported whole
+        ),
         ({"status": P}, RunOpened("a", QUEUED, False), (P, T0, QUEUED), []),
+        ({"status": P}, RunOpened("a", QUEUED, False, request(QUEUED)), (P, T0, QUEUED), []),
         (
             {"status": P, "active_run": QUEUED},
             RunReported(run_event(RunEventKind.STARTED, worker="w1")),
@@ -148,7 +162,7 @@ def ended_rules() -> TaskRecord:
             {"status": R, "active_run": STARTED},
             RunReported(run_event(RunEventKind.SUCCEEDED), request()),
             (P, T0, None),
-            ["run_succeeded"],
+            ["run_report", "run_succeeded"],
         ),
         (
             {"status": R, "active_run": STARTED},
@@ -197,10 +211,16 @@ def ended_rules() -> TaskRecord:
             {"status": P},
             RunReported(run_event(RunEventKind.SUCCEEDED), request()),
             (P, T0, None),
-            ["run_succeeded"],
+            ["run_report", "run_succeeded"],
         ),
         ({"status": R, "active_run": STARTED}, RunAbandoned("a", "r1"), (P, T0, None), []),
         ({"status": R, "active_run": STARTED}, RunAbandoned("a", "r2"), (R, T0, STARTED), []),
+        (
+            {"status": R, "active_run": STARTED},
+            RunAbandoned("a", "r1", request()),
+            (P, T0, None),
+            ["run_report"],  # cut off in this process: reported as lost, not counted
+        ),
     ],
 )
 def test_command(
@@ -396,3 +416,19 @@ def test_a_started_run_reports_its_request() -> None:
     assert event == RunStarted(
         at=NOW, task_id="a", account_id="acc", run_id="r1", attempt=1, scheduled_at=T0
     )
+
+
+def test_a_run_event_is_reported_whole_with_its_run() -> None:
+    """The observers that keep runs (history, metrics) read the stream's report: the run as
+    sent and the backend's event, worker and error included, for duplicates too."""
+    core = core_of(record("a", status=R, active_run=STARTED))
+    failed = run_event(RunEventKind.LOST, error="WorkerLostError: gone", worker="w1")
+    events = core.apply(RunReported(failed, request()), NOW).events
+    report = events[0]
+    assert isinstance(report, RunReport)
+    assert (report.request, report.event) == (request(), failed)
+    assert (report.task_id, report.account_id, report.at) == ("a", "acc", NOW)
+    late = run_event(RunEventKind.SUCCEEDED)
+    again = core.apply(RunReported(late, request()), NOW).events  # the run is closed
+    assert isinstance(again[0], RunReport)
+    assert again[0].event == late
