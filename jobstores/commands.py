@@ -26,7 +26,6 @@ __all__ = [
     "RunOpened",
     "RunReported",
     "RunSettled",
-    "RunSubmitted",
 ]
 
 
@@ -92,40 +91,39 @@ class Planned:
 
 @dataclass(frozen=True, slots=True)
 class Exhausted:
-    """The schedule has no further run."""
+    """The schedule has no further run; ``run_waiting``: a run of the task is due and waits
+    for its lane (not opened yet), so its end decides completion."""
 
     task_id: str
+    run_waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Faulted:
-    """Planning the task raised ``error``."""
+    """Planning the task raised ``error``; ``run_waiting`` as for :class:`Exhausted`."""
 
     task_id: str
     error: str
-
-
-@dataclass(frozen=True, slots=True)
-class RunSubmitted:
-    """A run of the task is due and waits for its lane: it is out until settled."""
-
-    task_id: str
+    run_waiting: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RunSettled:
-    """The run submitted for the task is over (ran, skipped or cut off)."""
+    """A run due for the task is over without having opened: skipped at the gate, or cut
+    off while it waited for its lane. (A run that opened is settled by its end.)"""
 
     task_id: str
 
 
 @dataclass(frozen=True, slots=True)
 class RunOpened:
-    """``run`` was handed to a backend; ``started`` when it starts at once (this process)."""
+    """``run`` was handed to a backend; ``started`` when it starts at once (this process);
+    ``request``: the run as sent (its ``started`` event is then reported whole)."""
 
     task_id: str
     run: ActiveRun
     started: bool
+    request: RunRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +137,12 @@ class RunReported:
 
 @dataclass(frozen=True, slots=True)
 class RunAbandoned:
-    """The run was cut off in this process: it does not count."""
+    """The run was cut off in this process: it does not count. With ``request`` (a run cut
+    off while this process runs, not one found at a restart) it is reported as lost."""
 
     task_id: str
     run_id: str
+    request: RunRequest | None = None
 
 
 Command = (
@@ -156,7 +156,6 @@ Command = (
     | Planned
     | Exhausted
     | Faulted
-    | RunSubmitted
     | RunSettled
     | RunOpened
     | RunReported

@@ -6,10 +6,13 @@ returns what changed and the events (:mod:`tasks.events`) that change means. Com
 jitter and faults are decided here, once; nothing here reads a clock or writes to disk (the
 caller passes ``now`` and saves what changed), and the table's lock is the core's lock.
 
-The runs in flight: a run *submitted* (due, waiting for its account's lane) until it is
-*settled* (ran, skipped or cut off). While one is out, a schedule with no further run does not
-complete the task: the run's end does (or, for a run that never opened, its settling); a fault
-found meanwhile outlives that run.
+The runs in flight: a run is *opened* (written into its record's ``active_run``) and *closed*
+by its end (finished, cancelled or cut off), each one command: a local run enters the core
+twice, a remote one three times (its ``started`` event between). A run that is due but still
+waits for its account's lane is the runner's; the commands that must know of it say so
+(``run_waiting``), and one that never opens is settled by one :class:`RunSettled`. While a run
+is out (waiting or open), a schedule with no further run does not complete the task: the run's
+end does; a fault found meanwhile outlives that run.
 """
 
 from __future__ import annotations
@@ -35,13 +38,13 @@ from jobstores.commands import (
     RunOpened,
     RunReported,
     RunSettled,
-    RunSubmitted,
 )
 from jobstores.table import TaskTable
 from tasks import lifecycle
 from tasks.events import (
     DispatcherEvent,
     RunFailed,
+    RunReport,
     RunRetried,
     RunStarted,
     RunSucceeded,
@@ -56,7 +59,10 @@ from tasks.model import ActiveRun, TaskRecord, TaskStatus
 from tasks.runs import TIMED_OUT, RunEvent, RunEventKind, RunRequest
 from tasks.schedule import Schedule, same_instant
 
-__all__ = ["Applied", "Change", "TaskCore"]
+__all__ = ["CUT_OFF", "Applied", "Change", "TaskCore"]
+
+CUT_OFF = "cancelled: the dispatcher stopped before the run ended"
+"""The error a run cut off in this process is reported with (it does not count)."""
 
 
 # ---------------------------------------------------------------------- results
@@ -124,14 +130,8 @@ class TaskCore:
         """The table's lock: every command is applied under it."""
         self.schedule = schedule
         self._fraction = fraction
-        self._out: set[str] = set()
-        """Tasks with a run submitted and not settled."""
         self._faults: dict[str, str] = {}
         """Tasks put in error while a run was out: the error outlives that run."""
-
-    def out(self, task_id: str) -> bool:
-        """Whether a run of ``task_id`` was submitted and is not settled yet."""
-        return task_id in self._out
 
     def jittered(self, record: TaskRecord) -> TaskRecord:
         """``record`` with the start of its next run drawn, if its policy has jitter and none
@@ -232,41 +232,44 @@ class TaskCore:
         return Applied((change,))  # the scheduler's own pause or resume: no event
 
     def _exhausted(self, command: Exhausted, now: datetime) -> Applied:
-        task_id = command.task_id
-        run_out = task_id in self._out
-        change = self._update(task_id, lambda r: lifecycle.exhausted(r, now, run_out=run_out))
+        run_out = command.run_waiting  # an open run is the record's: lifecycle sees it
+        change = self._update(
+            command.task_id, lambda r: lifecycle.exhausted(r, now, run_out=run_out)
+        )
         return Applied((change,), _status_events(change, now))
 
     def _faulted(self, command: Faulted, now: datetime) -> Applied:
         task_id = command.task_id
-        if self.table.find(task_id) is None:
+        record = self.table.find(task_id)
+        if record is None:
             return _NOTHING
-        if task_id in self._out:
+        if command.run_waiting or record.active_run is not None:
             self._faults[task_id] = command.error
         change = self._update(task_id, lambda r: lifecycle.faulted(r, command.error, now))
         return Applied((change,))
 
-    def _submitted(self, command: RunSubmitted, now: datetime) -> Applied:
-        self._out.add(command.task_id)
-        return _NOTHING
+    @staticmethod
+    def _settle(record: TaskRecord, fault: str | None, now: datetime) -> TaskRecord:
+        """``record`` once a run of it is over: a fault found while the run was out is
+        applied; a task with no next run is completed (unless a retry is planned or it is
+        paused: see :func:`tasks.lifecycle.exhausted`). Completion after the last run is
+        decided here, once, in the same change as the run's end."""
+        if fault is not None:
+            return lifecycle.faulted(record, fault, now)
+        if record.next_execution_time is None:
+            return lifecycle.exhausted(record, now)
+        return record
 
     def _settled(self, command: RunSettled, now: datetime) -> Applied:
-        # Completion after the last run is decided here, once: a task with no next run is
-        # completed when its last run is over (unless another is out, a retry is planned or
-        # it is paused: see lifecycle.exhausted).
         task_id = command.task_id
-        self._out.discard(task_id)
-        error = self._faults.pop(task_id, None)
+        fault = self._faults.pop(task_id, None)
         record = self.table.find(task_id)
         if record is None or self.table.closed:
             return _NOTHING
-        if error is not None:
-            change = self._update(task_id, lambda r: lifecycle.faulted(r, error, now))
-            return Applied((change,))
-        if record.next_execution_time is not None:
+        if fault is None and record.next_execution_time is not None:
             return _NOTHING
-        change = self._update(task_id, lambda r: lifecycle.exhausted(r, now))
-        return Applied((change,), _status_events(change, now))
+        change = self._update(task_id, lambda r: self._settle(r, fault, now))
+        return Applied((change,), () if fault is not None else _status_events(change, now))
 
     def _opened(self, command: RunOpened, now: datetime) -> Applied:
         run, started = command.run, command.started
@@ -284,44 +287,64 @@ class TaskCore:
             attempt=run.attempt,
             scheduled_at=run.scheduled_at,
         )
-        return Applied((change,), (event,))
+        if command.request is None:
+            return Applied((change,), (event,))
+        report = RunEvent(run.run_id, command.task_id, RunEventKind.STARTED, at=now)
+        return Applied((change,), (_report(command.request, report, now), event))
 
     def _reported(self, command: RunReported, now: datetime) -> Applied:
         event = command.event
         task_id = event.task_id
         before = self.table.find(task_id)
         run = before.active_run if before is not None else None
+        if command.request is None:
+            reported = _NO_EVENTS
+        else:  # the event whole, for the observers that keep runs
+            reported = (_report(command.request, event, now),)
         if run is None or run.run_id != event.run_id:  # a duplicate, or its task was removed
             if command.request is None:
                 return _NOTHING
-            return Applied((), _run_events(command.request, None, None, event, now))
+            return Applied((), reported + _run_events(command.request, None, None, event, now))
         assert before is not None
         if event.kind is RunEventKind.STARTED:
             change = self._update(task_id, lambda r: lifecycle.run_started(r, event, now))
         elif event.kind is RunEventKind.CANCELLED:
-            # It never started: closed without counting, as if never sent.
-            change = self._update(task_id, lambda r: lifecycle.run_abandoned(r, run.run_id, now))
+            # It never started: closed without counting, as if never sent; and settled.
+            fault = self._faults.pop(task_id, None)
+            change = self._update(
+                task_id,
+                lambda r: self._settle(lifecycle.run_abandoned(r, run.run_id, now), fault, now),
+            )
         else:
             # Only a failure may plan a retry, which needs the schedule. A fault found while
             # the run was out stays (the task is not completed by the run's end).
             schedule = None if event.ok else self.schedule(before)
-            fault = self._faults.get(task_id)
+            fault = self._faults.pop(task_id, None)
 
             def finished(record: TaskRecord) -> TaskRecord:
                 record = lifecycle.run_finished(record, event, now, schedule)
-                return record if fault is None else lifecycle.faulted(record, fault, now)
+                return self._settle(record, fault, now)
 
             change = self._update(task_id, finished)
         events = _run_events(command.request, (before, run), change.after, event, now)
-        return Applied((change,), events + _status_events(change, now))
+        return Applied((change,), reported + events + _status_events(change, now))
 
     def _abandoned(self, command: RunAbandoned, now: datetime) -> Applied:
-        if self.table.find(command.task_id) is None or self.table.closed:
-            return _NOTHING
+        task_id, run_id = command.task_id, command.run_id
+        reported: tuple[DispatcherEvent, ...] = _NO_EVENTS
+        if command.request is not None:
+            cut = RunEvent(run_id, task_id, RunEventKind.LOST, at=now, error=CUT_OFF)
+            reported = (_report(command.request, cut, now),)
+        record = self.table.find(task_id)
+        if record is None or self.table.closed:
+            return Applied((), reported)
+        if record.active_run is None or record.active_run.run_id != run_id:
+            return Applied((), reported)  # not its open run: nothing to close
+        fault = self._faults.pop(task_id, None)
         change = self._update(
-            command.task_id, lambda r: lifecycle.run_abandoned(r, command.run_id, now)
+            task_id, lambda r: self._settle(lifecycle.run_abandoned(r, run_id, now), fault, now)
         )
-        return Applied((change,), _status_events(change, now))
+        return Applied((change,), reported + _status_events(change, now))
 
 
 _HANDLERS: dict[type[Any], Callable[[TaskCore, Any, datetime], Applied]] = {
@@ -335,7 +358,6 @@ _HANDLERS: dict[type[Any], Callable[[TaskCore, Any, datetime], Applied]] = {
     Planned: TaskCore._planned,
     Exhausted: TaskCore._exhausted,
     Faulted: TaskCore._faulted,
-    RunSubmitted: TaskCore._submitted,
     RunSettled: TaskCore._settled,
     RunOpened: TaskCore._opened,
     RunReported: TaskCore._reported,
@@ -375,6 +397,12 @@ def _status_events(change: Change, now: datetime) -> tuple[DispatcherEvent, ...]
     if after.status is TaskStatus.COMPLETED:
         events.append(_task_event(TaskCompleted, after, now))
     return tuple(events)
+
+
+def _report(request: RunRequest, event: RunEvent, now: datetime) -> RunReport:
+    return RunReport(
+        at=now, task_id=request.task_id, account_id=request.account_id, request=request, event=event
+    )
 
 
 def _run_events(

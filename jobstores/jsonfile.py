@@ -137,7 +137,10 @@ class JsonJobStore(BaseJobStore):
         """Told of the events of every change :meth:`apply` makes with ``tell`` and of those
         APScheduler's calls make (possibly under the lock: defer any work)."""
         self.on_completed: Callable[[TaskRecord], None] | None = None
-        """Told (under the lock: defer any work) when APScheduler's side completes a task."""
+        """Told (under the lock: defer any work) when a task is completed."""
+        self.runs_waiting: Callable[[str], bool] = _none_waiting
+        """Whether a run of a task waits for its lane (the runner's ``waiting``): its end,
+        not the schedule running out, completes the task."""
 
         self._storage.acquire()
         try:
@@ -156,6 +159,7 @@ class JsonJobStore(BaseJobStore):
                 self.request_save,
                 self._announce,
                 self._complete,
+                lambda task_id: self.runs_waiting(task_id),  # plugged in by the runner later
             )
             self._load(state)
         except BaseException:
@@ -267,8 +271,8 @@ class JsonJobStore(BaseJobStore):
         Saving is the caller's (see :meth:`save`)."""
         self._check_open()
         applied = self._core.apply(command, self.now() if now is None else now)
-        if tell and applied.events and self.on_events is not None:
-            self.on_events(applied.events)
+        if tell and applied.events:
+            self._calls.tell(applied)
         return applied
 
     def add_tasks(self, records: Sequence[TaskRecord]) -> None:
@@ -395,14 +399,10 @@ class JsonJobStore(BaseJobStore):
         """
         self._calls.fault(task_id, exc)
 
-    def run_submitted(self, task_id: str) -> None:
-        """A run of ``task_id`` was submitted: its completion waits for that run."""
-        self._calls.run_submitted(task_id)
-
     def run_settled(self, task_id: str) -> bool:
-        """The submitted run of ``task_id`` is over (ran, skipped or cut off): a task with no
-        further run is completed now. Returns whether its record changed (then it is the
-        caller's to save)."""
+        """A run of ``task_id`` is over without having opened (skipped, or cut off in its
+        lane): a task with no further run is completed now. Returns whether the record
+        changed (then it is the caller's to save)."""
         return self._calls.run_settled(task_id)
 
     def _announce(self, events: Sequence[DispatcherEvent]) -> None:
@@ -430,3 +430,8 @@ class JsonJobStore(BaseJobStore):
             self._storage.close()
         finally:
             self._storage.release()
+
+
+def _none_waiting(task_id: str) -> bool:
+    """No runner serves the store: no run waits for a lane."""
+    return False

@@ -5,9 +5,10 @@ the table) and calls the job store holding the table's lock (its job store lock)
 calls become commands: ``update_job`` is :class:`~jobstores.commands.Planned` (the next run
 moved; None pauses, a time resumes), ``remove_job`` is :class:`~jobstores.commands.Exhausted`
 (no further run: the task is completed and stays on file), a job that cannot be scheduled is
-:class:`~jobstores.commands.Faulted`; a run submitted and settled is counted so that
-completion waits for it. They never write: each change requests a save, one per scheduler
-pass (:meth:`SchedulerCalls.deferred_saves`), whose changes share one reading of the clock.
+:class:`~jobstores.commands.Faulted`; a run waiting for its lane (the runner says which)
+holds completion back until its end. They never write: each change requests a save, one per
+scheduler pass (:meth:`SchedulerCalls.deferred_saves`), whose changes share one reading of the
+clock.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from apscheduler.job import Job
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 
-from jobstores.commands import Exhausted, Faulted, Planned, RunSettled, RunSubmitted
+from jobstores.commands import Exhausted, Faulted, Planned, RunSettled
 from jobstores.core import Applied, TaskCore
 from jobstores.jobs import JobView
 from jobstores.table import TaskTable
@@ -46,6 +47,7 @@ class SchedulerCalls:
         request_save: Callable[[], None],
         announce: Callable[[Sequence[DispatcherEvent]], None],
         completed: Callable[[TaskRecord], None],
+        runs_waiting: Callable[[str], bool],
     ) -> None:
         self._table = table
         self.lock = table.lock
@@ -56,6 +58,7 @@ class SchedulerCalls:
         self._request_save = request_save
         self._announce = announce
         self._completed = completed
+        self._runs_waiting = runs_waiting
         self._defer_depth = 0
         self._deferred = False
         self._held_now: datetime | None = None
@@ -174,7 +177,8 @@ class SchedulerCalls:
             if job_id not in self.jobs:
                 raise JobLookupError(job_id)
             self.jobs.drop(job_id)
-            self._told(self._core.apply(Exhausted(job_id), self._pass_now()))
+            command = Exhausted(job_id, run_waiting=self._runs_waiting(job_id))
+            self.tell(self._core.apply(command, self._pass_now()))
             self._persist()
 
     def remove_all(self) -> None:
@@ -192,7 +196,7 @@ class SchedulerCalls:
             record = self._table.find(task_id)
             if record is None:
                 return
-            self._core.apply(Faulted(task_id, error), now)
+            self._core.apply(Faulted(task_id, error, self._runs_waiting(task_id)), now)
             self._persist()
         logger.error(
             "task %s (account %s) put in error, no further runs planned: %s",
@@ -204,19 +208,16 @@ class SchedulerCalls:
 
     # ------------------------------------------------------------------ runs
 
-    def run_submitted(self, task_id: str) -> None:
-        """A run of ``task_id`` was submitted: its completion waits for that run."""
-        self._core.apply(RunSubmitted(task_id), self._pass_now())
-
     def run_settled(self, task_id: str) -> bool:
-        """The submitted run of ``task_id`` is over: a task with no further run is completed
-        now. Returns whether its record changed."""
+        """A run of ``task_id`` is over without having opened (skipped, or cut off in its
+        lane): a task with no further run is completed now. Returns whether its record
+        changed."""
         applied = self._core.apply(RunSettled(task_id), self._now())
-        self._told(applied)
+        self.tell(applied)
         return any(change.before is not change.after for change in applied.changes)
 
-    def _told(self, applied: Applied) -> None:
-        """Announce the events of a change made on APScheduler's side (and a completion)."""
+    def tell(self, applied: Applied) -> None:
+        """Announce the events of a change (and log and report a completion)."""
         for event in applied.events:
             if isinstance(event, TaskCompleted):
                 record = self._table.get(event.task_id)

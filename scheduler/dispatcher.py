@@ -31,7 +31,7 @@ from scheduler.history import RunEntry, RunHistory, open_history
 from scheduler.intake import UNSET, Unset
 from scheduler.lanes import AccountLanes
 from scheduler.leadership import Standing, standing_of
-from scheduler.ledger import RunObserver
+from scheduler.ledger import RunObserver, on_reports
 from scheduler.lifetime import Lifetime
 from scheduler.listeners import EventFilter, Listener, Listeners, WebhookListener
 from scheduler.relay import EventRelay
@@ -128,7 +128,7 @@ class Dispatcher:
         # Listeners (typed events): the core's events, relayed (those of this class's API
         # calls when the call is done, the others from the loop), and save health.
         self._listeners = Listeners()
-        relay = EventRelay(self._listeners, self._store.now)
+        relay = self._relay = EventRelay(self._listeners, self._store.now)
         relay.observers.append(path.retries.observe)
         self._store.on_events = relay.relay
         self._store.on_save_health(relay.tell_save)
@@ -142,10 +142,10 @@ class Dispatcher:
         )
         self._history = open_history(directory, history, self.timezone, self._store._storage)
         if self._history is not None:
-            self._ledger.observe(self._history.record)
+            relay.observers.append(on_reports(self._history.record))
         self._metrics = _make_metrics(self._store, path.lanes)
         if self._metrics is not None:
-            self._ledger.observe(self._metrics.observe)
+            relay.observers.append(on_reports(self._metrics.observe))
         self._lifetime = Lifetime(
             store=self._store,
             path=path,
@@ -204,7 +204,7 @@ class Dispatcher:
 
     def observe_runs(self, observer: RunObserver) -> None:
         """Call ``observer(request, event)`` for every run event applied (from the loop)."""
-        self._ledger.observe(observer)
+        self._relay.observers.append(on_reports(observer))
 
     @property
     def order_version(self) -> int:

@@ -23,10 +23,11 @@ from jobstores.commands import RunAbandoned, RunOpened, RunReported
 from jobstores.jsonfile import JsonJobStore
 from scheduler.leadership import LeaseView
 from tasks import lifecycle
+from tasks.events import DispatcherEvent, RunReport
 from tasks.model import ActiveRun, TaskRecord
 from tasks.runs import NOT_SENT, RunEvent, RunEventKind, RunRequest, run_trigger
 
-__all__ = ["ChangeObserver", "RunLedger", "RunObserver"]
+__all__ = ["ChangeObserver", "RunLedger", "RunObserver", "on_reports"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,21 @@ runner's future, its task, the next run's task); it is then saved by the same co
 took a commit of its own after this one, before it could be sent."""
 
 RunObserver = Callable[[RunRequest, RunEvent], None]
-"""Told of every event applied, with its run's request (history, metrics, listeners)."""
+"""Told of every run event applied, with its run's request (``observe_runs``): an observer of
+the event stream's :class:`~tasks.events.RunReport`."""
+
+
+def on_reports(observer: RunObserver) -> Callable[[DispatcherEvent], None]:
+    """``observer`` as a subscriber of the event stream: called with the request and the
+    event of each :class:`~tasks.events.RunReport`, deaf to the other events."""
+
+    def subscriber(event: DispatcherEvent) -> None:
+        if isinstance(event, RunReport):
+            observer(event.request, event.event)
+
+    return subscriber
+
+
 ChangeObserver = Callable[[RunRequest, RunEvent, TaskRecord | None, TaskRecord | None], None]
 """Told of every event applied with the task's record before and after it (retries,
 listeners); the records are None for a task removed meanwhile."""
@@ -61,7 +76,6 @@ class RunLedger:
         self._remote = remote
         self._directory = store.directory.resolve()
         self._open: dict[str, _Open] = {}
-        self._observers: list[RunObserver] = []
         self._watchers: list[ChangeObserver] = []
         # Run ids: unique per process by the counter, across processes by the prefix.
         self._prefix = uuid.uuid4().hex[:12]
@@ -79,10 +93,6 @@ class RunLedger:
         guard on the broker to the epoch, and reads outcomes only while it leads."""
         lease: LeaseView | None = getattr(self._store._storage, "leadership", None)
         return lease
-
-    def observe(self, observer: RunObserver) -> None:
-        """Call ``observer(request, event)`` after each event is applied."""
-        self._observers.append(observer)
 
     def watch(self, observer: ChangeObserver) -> None:
         """Call ``observer(request, event, before, after)`` after each event is applied."""
@@ -155,8 +165,8 @@ class RunLedger:
                 started_at=now if started else None,
                 manual=manual,
             )
-            record = store.apply(RunOpened(task_id, run, started), now).record
-        request = _request(record, run)
+            request = _request(record, run)  # the task's rules: opening changes none
+            record = store.apply(RunOpened(task_id, run, started, request), now).record
         self._open[run.run_id] = _Open(request)
         if logger.isEnabledFor(logging.INFO):
             logger.info(
@@ -171,7 +181,6 @@ class RunLedger:
             )
         if started:
             event = RunEvent(run.run_id, task_id, RunEventKind.STARTED, at=now)
-            self._tell(request, event)
             self._watch(request, event, None, record)
         return request
 
@@ -286,7 +295,6 @@ class RunLedger:
         _log(entry.request, event)
         if applied and event.kind.finished:
             _log_change(entry.request, record, after)
-        self._tell(entry.request, event)
         self._watch(entry.request, event, record, after)
         return applied
 
@@ -299,20 +307,10 @@ class RunLedger:
         now = store.now()
         task_id = entry.request.task_id
         with store.lock:
-            if not store.closed:
-                store.apply(RunAbandoned(task_id, run_id), now)
+            if not store.closed:  # reported as lost (it does not count)
+                store.apply(RunAbandoned(task_id, run_id, entry.request), now)
         if entry.ended is not None and not entry.ended.done():
             entry.ended.cancel()
-        self._tell(
-            entry.request,
-            RunEvent(
-                run_id,
-                task_id,
-                RunEventKind.LOST,
-                at=now,
-                error="cancelled: the dispatcher stopped before the run ended",
-            ),
-        )
         logger.warning(
             "run %s of task %s was cut off before it ended; it stays runnable", run_id, task_id
         )
@@ -338,13 +336,6 @@ class RunLedger:
                 watcher(request, event, before, after)
             except Exception:
                 logger.exception("a run watcher failed on run %s", request.run_id)
-
-    def _tell(self, request: RunRequest, event: RunEvent) -> None:
-        for observer in self._observers:
-            try:
-                observer(request, event)
-            except Exception:
-                logger.exception("a run observer failed on run %s", request.run_id)
 
 
 def _why_not(record: TaskRecord) -> str:

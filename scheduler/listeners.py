@@ -67,9 +67,10 @@ EventFilter = Iterable["type[DispatcherEvent] | str"] | None
 
 
 def event_classes(events: EventFilter) -> tuple[type[DispatcherEvent], ...]:
-    """The event classes named by ``events`` (classes or kind strings; None: all)."""
+    """The event classes named by ``events`` (classes or kind strings; None: all of
+    :data:`EVENT_CLASSES`, the listener events)."""
     if events is None:
-        return (DispatcherEvent,)
+        return EVENT_CLASSES
     found: list[type[DispatcherEvent]] = []
     for item in events:
         if isinstance(item, str):
@@ -114,8 +115,8 @@ class Listeners:
     def emit_soon(self, event: DispatcherEvent) -> None:
         """Emit ``event`` from the loop, later (safe under the table's lock, from any thread)."""
         loop = self._loop
-        if not self._entries:
-            return
+        if not self._entries or not isinstance(event, EVENT_CLASSES):
+            return  # nobody listens, or not a listener event (a run's report)
         if loop is not None and loop.is_running() and not loop.is_closed():
             loop.call_soon_threadsafe(self.emit, event)
         else:
@@ -123,6 +124,8 @@ class Listeners:
 
     def emit(self, event: DispatcherEvent) -> None:
         """Call every listener that asked for ``event``; a raising one is logged."""
+        if not isinstance(event, EVENT_CLASSES):
+            return  # not a listener event (a run's report, for observers)
         for callback, classes in list(self._entries):
             if not isinstance(event, classes):
                 continue

@@ -3,12 +3,18 @@
 A run goes: due (APScheduler) -> the account lane -> the ledger opens it (the gate: paused,
 removed, outside the window or past the end means skipped) -> the backend executes it ->
 its events come back to the ledger -> the lane is released.
+
+While it waits for its lane a run is the runner's alone (:meth:`TaskRunner.waiting`; the store
+asks it when the schedule runs out or a fault is found). The core hears of a run when it opens
+and when it ends, the end settling it (a local run: two commands; a remote one: three, its
+``started`` event between); a run that never opens is settled by one command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,9 +66,24 @@ class TaskRunner:
         self._queued: set[_Queued] = set()
         """Runs waiting for their lanes."""
         self._cancels: set[asyncio.Task[None]] = set()
+        self._waiting: Counter[str] = Counter()
+        """Task id -> its runs submitted and not yet opened, skipped or cut off."""
+        store.runs_waiting = self.waiting
         self.leading: Callable[[], bool] | None = None
         """Whether this dispatcher leads at this instant (a shared store's lease); asked
         just before a run starts or is sent (None: it always leads)."""
+
+    def waiting(self, task_id: str) -> bool:
+        """Whether a run of ``task_id`` was submitted and waits to open (for its lane, or
+        just granted it)."""
+        return task_id in self._waiting
+
+    def _unwait(self, task_id: str) -> None:
+        count = self._waiting[task_id] - 1
+        if count > 0:
+            self._waiting[task_id] = count
+        else:
+            del self._waiting[task_id]
 
     def submit(
         self, task_id: str, scheduled_at: datetime, attempt: int = 1, *, manual: bool = False
@@ -75,10 +96,10 @@ class TaskRunner:
         A run waits for its lane as a queue entry: its task is made once it may start, so a
         pass that finds thousands of runs due does not make thousands of waiting tasks.
         """
-        self._store.run_submitted(task_id)
         record = self._store.find(task_id)
         if record is None:
-            return self._spawn(self._gone(task_id), task_id)
+            return self._spawn(self._gone(), task_id)
+        self._waiting[task_id] += 1
         queued = _Queued(
             self,
             task_id,
@@ -98,7 +119,6 @@ class TaskRunner:
         holds it): called before the scheduler starts, no run of the account that is due
         can start beside a run still executing on a worker.
         """
-        self._store.run_submitted(request.task_id)
         held = self._lanes.occupy(request.account_id)
         return self._spawn(self._hold(request, held), request.task_id)
 
@@ -145,6 +165,7 @@ class TaskRunner:
             # its lane or settles it.
             assert queued.waiter is not None
             self._lanes.withdraw(queued.waiter)
+            self._unwait(queued.task_id)
             self._settled(queued.task_id)
             queued.outcome.cancel()
 
@@ -155,6 +176,7 @@ class TaskRunner:
         self._queued.remove(queued)
         assert queued.waiter is not None
         self._lanes.withdraw(queued.waiter)
+        self._unwait(queued.task_id)
         self._settled(queued.task_id)
         queued.outcome.cancel()
 
@@ -207,8 +229,8 @@ class TaskRunner:
                 grace_period,
             )
 
-    async def _gone(self, task_id: str) -> None:
-        self._settled(task_id)
+    async def _gone(self) -> None:
+        """The task was removed before its run was submitted: nothing to run or settle."""
 
     async def _run(self, queued: _Queued) -> None:
         """Open the granted run, execute it, give back its lane; resolve its outcome."""
@@ -218,19 +240,20 @@ class TaskRunner:
         assert queued.waiter is not None
         try:
             try:
+                request: RunRequest | None = None
                 try:
-                    request = (
-                        None  # not leading at this instant: no run starts
-                        if self.leading is not None and not self.leading()
-                        else self._ledger.open(
+                    if self.leading is None or self.leading():  # else no run starts
+                        request = self._ledger.open(
                             task_id, queued.scheduled_at, queued.attempt, manual=queued.manual
                         )
-                    )
-                    event = None if request is None else await self._execute(request)
                 finally:
-                    self._lanes.release(queued.waiter.account)
+                    self._unwait(task_id)
+                    if request is None:
+                        self._settled(task_id)  # skipped: it never opened
+                # Opened: its end (finished, cancelled or cut off) settles it.
+                event = None if request is None else await self._execute(request)
             finally:
-                self._settled(task_id)
+                self._lanes.release(queued.waiter.account)
         except asyncio.CancelledError:
             outcome.cancel()
             raise
@@ -244,16 +267,14 @@ class TaskRunner:
             outcome.set_result(event)
 
     async def _hold(self, request: RunRequest, held: bool) -> RunEvent | None:
+        # The run is open (recovered from its record): its end settles it.
+        if not held:
+            await self._lanes.acquire(request.account_id, request.task_id)
         try:
-            if not held:
-                await self._lanes.acquire(request.account_id, request.task_id)
-            try:
-                ended = self._ledger.ended(request.run_id)
-                return None if ended is None else await ended
-            finally:
-                self._lanes.release(request.account_id)
+            ended = self._ledger.ended(request.run_id)
+            return None if ended is None else await ended
         finally:
-            self._settled(request.task_id)
+            self._lanes.release(request.account_id)
 
     async def _execute(self, request: RunRequest) -> RunEvent:
         """Hand an opened run to the backend and return its finishing event: the one a
@@ -310,5 +331,6 @@ class TaskRunner:
         )
 
     def _settled(self, task_id: str) -> None:
+        """A run of ``task_id`` that never opened is over."""
         if self._store.run_settled(task_id) and not self._store.closed:
             self._store.request_save()

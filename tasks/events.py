@@ -4,6 +4,10 @@ The task core (:class:`jobstores.core.TaskCore`) decides each event once, where 
 that causes it is applied, and hands it back with the change; the dispatcher relays them to
 its listeners (``TaskDispatcher.add_listener``) and observers. :mod:`scheduler.listeners`
 re-exports every class here under the names users import.
+
+Observers subscribe to the whole stream: the retry timer takes :class:`RunRetried`; the run
+history and the metrics take :class:`RunReport`, a run's event whole (its request and the
+backend's report), which listeners are never told (they hear the typed run events).
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
+from tasks.runs import RunEvent, RunRequest
+
 __all__ = [
     "EVENT_CLASSES",
     "DispatcherEvent",
     "RunFailed",
+    "RunReport",
     "RunRetried",
     "RunStarted",
     "RunSucceeded",
@@ -112,6 +119,17 @@ class RunRetried(TaskEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RunReport(TaskEvent):
+    """A run's event as applied, whole: the run's ``request`` and the backend's ``event`` (any
+    kind, ``started`` included, with its worker, error and extra). For the observers that
+    keep runs (run history, metrics); not a listener event (not in :data:`EVENT_CLASSES`)."""
+
+    kind: ClassVar[str] = "run_report"
+    request: RunRequest
+    event: RunEvent
+
+
+@dataclass(frozen=True, kw_only=True)
 class TaskAdded(TaskEvent):
     """A task was added."""
 
@@ -165,7 +183,7 @@ class SaveRecovered(DispatcherEvent):
     task_id: None = None
 
 
-EVENT_CLASSES: tuple[type[DispatcherEvent], ...] = (
+EVENT_CLASSES: tuple[type[DispatcherEvent], ...] = (  # the listener events
     RunStarted,
     RunSucceeded,
     RunFailed,

@@ -28,6 +28,7 @@ from tasks.runs import RunBackend, RunEvent, RunEventKind, RunInbox, RunRequest
 
 __all__ = [
     "Harness",
+    "test_a_run_enters_the_core_when_it_opens_and_when_it_ends",
     "test_a_run_in_flight_at_a_restart_is_recovered_and_its_outcome_applied_once",
     "test_an_outcome_after_the_run_was_declared_lost_is_dropped",
     "test_an_outcome_is_applied_once_and_a_duplicate_changes_nothing",
@@ -114,6 +115,38 @@ class Harness:
             lambda: self.delivered.get(run_id), 30, f"the outcome of {run_id}"
         )
         return event
+
+
+class _CountingCore:
+    """Wraps the dispatcher's task core: every command applied, in order (the core still
+    applies each one; this only notes its kind and task)."""
+
+    def __init__(self, dispatcher: TaskDispatcher) -> None:
+        self.applied: list[tuple[str, str]] = []
+        core = dispatcher._store._core
+        apply = core.apply
+
+        def counting(command: Any, now: datetime) -> Any:
+            self.applied.append((type(command).__name__, _task_of(command)))
+            return apply(command, now)
+
+        core.apply = counting  # type: ignore[method-assign]
+
+    def of(self, task_id: str) -> list[str]:
+        """The commands applied for ``task_id``'s runs (not the scheduler's planning)."""
+        return [
+            name
+            for name, task in self.applied
+            if task == task_id and name not in ("AddTasks", "Planned", "Exhausted")
+        ]
+
+
+def _task_of(command: Any) -> str:
+    if hasattr(command, "task_id"):
+        return str(command.task_id)
+    if hasattr(command, "event"):
+        return str(command.event.task_id)
+    return ",".join(record.task_id for record in command.records)
 
 
 def _dump(record: TaskRecord) -> dict[str, Any]:
@@ -220,3 +253,21 @@ async def test_a_run_in_flight_at_a_restart_is_recovered_and_its_outcome_applied
         assert harness.inbox is not None
         await harness.inbox.deliver(event)
         assert _dump(again.get_task(task_id)) == _dump(done)
+
+
+async def test_a_run_enters_the_core_when_it_opens_and_when_it_ends(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A local run is two commands (opened, finished); a remote one three (opened, its
+    ``started`` event, finished): its end settles it, completion included."""
+    async with harness.dispatcher(tmp_path / "ops") as dispatcher:
+        counting = _CountingCore(dispatcher)
+        task_id, run_id = await _first_run(dispatcher, harness, seconds=0.0)
+        await harness.outcome(run_id)
+        await dispatcher.run_pending()  # every run submitted so far is over
+        remote = harness.backend is not None and harness.backend.remote
+        assert counting.of(task_id) == (
+            ["RunOpened", "RunReported", "RunReported"] if remote else ["RunOpened", "RunReported"]
+        )
+        done = dispatcher.get_task(task_id)
+        assert (done.run_count, done.active_run, done.status) == (1, None, TaskStatus.PENDING)

@@ -9,6 +9,7 @@ import pytest
 from fleet_support import PROBE, StartWorker
 from run_backend_contract import (
     Harness,
+    test_a_run_enters_the_core_when_it_opens_and_when_it_ends,
     test_a_run_in_flight_at_a_restart_is_recovered_and_its_outcome_applied_once,
     test_an_outcome_after_the_run_was_declared_lost_is_dropped,
     test_an_outcome_is_applied_once_and_a_duplicate_changes_nothing,
@@ -18,6 +19,7 @@ from run_backend_contract import (
 from scheduler.backends.celery import CeleryRunBackend
 
 __all__ = [
+    "test_a_run_enters_the_core_when_it_opens_and_when_it_ends",
     "test_a_run_in_flight_at_a_restart_is_recovered_and_its_outcome_applied_once",
     "test_an_outcome_after_the_run_was_declared_lost_is_dropped",
     "test_an_outcome_is_applied_once_and_a_duplicate_changes_nothing",

@@ -25,12 +25,18 @@ from jobstores.commands import (
     RunOpened,
     RunReported,
     RunSettled,
-    RunSubmitted,
 )
 from jobstores.core import Applied, TaskCore
 from jobstores.table import TaskTable
 from tasks.errors import TaskNotFoundError
-from tasks.events import DispatcherEvent, RunFailed, RunRetried, RunStarted, TaskPaused
+from tasks.events import (
+    DispatcherEvent,
+    RunFailed,
+    RunReport,
+    RunRetried,
+    RunStarted,
+    TaskPaused,
+)
 from tasks.model import ActiveRun, TaskRecord, TaskStatus
 from tasks.policy import RunPolicy
 from tasks.runs import TIMED_OUT, RunEvent, RunEventKind, RunRequest
@@ -138,7 +144,14 @@ def ended_rules() -> TaskRecord:
             (R, T0, STARTED.model_copy(update={"started_at": NOW})),
             ["run_started"],
         ),
+        (
+            {"status": P},
+            RunOpened("a", STARTED, True, request()),
+            (R, T0, STARTED.model_copy(update={"started_at": NOW})),
+            ["run_report", "run_started"],  # with the run as sent: its start reported whole
+        ),
         ({"status": P}, RunOpened("a", QUEUED, False), (P, T0, QUEUED), []),
+        ({"status": P}, RunOpened("a", QUEUED, False, request(QUEUED)), (P, T0, QUEUED), []),
         (
             {"status": P, "active_run": QUEUED},
             RunReported(run_event(RunEventKind.STARTED, worker="w1")),
@@ -149,7 +162,7 @@ def ended_rules() -> TaskRecord:
             {"status": R, "active_run": STARTED},
             RunReported(run_event(RunEventKind.SUCCEEDED), request()),
             (P, T0, None),
-            ["run_succeeded"],
+            ["run_report", "run_succeeded"],
         ),
         (
             {"status": R, "active_run": STARTED},
@@ -198,10 +211,16 @@ def ended_rules() -> TaskRecord:
             {"status": P},
             RunReported(run_event(RunEventKind.SUCCEEDED), request()),
             (P, T0, None),
-            ["run_succeeded"],
+            ["run_report", "run_succeeded"],
         ),
         ({"status": R, "active_run": STARTED}, RunAbandoned("a", "r1"), (P, T0, None), []),
         ({"status": R, "active_run": STARTED}, RunAbandoned("a", "r2"), (R, T0, STARTED), []),
+        (
+            {"status": R, "active_run": STARTED},
+            RunAbandoned("a", "r1", request()),
+            (P, T0, None),
+            ["run_report"],  # cut off in this process: reported as lost, not counted
+        ),
     ],
 )
 def test_command(
@@ -273,46 +292,78 @@ def walk(core: TaskCore, commands: Sequence[Command]) -> list[DispatcherEvent]:
 
 
 def test_completion_after_the_last_run_is_decided_once() -> None:
-    """The schedule runs out while its last run is out: the run's end completes the task;
-    settling the run afterwards completes nothing again."""
+    """The schedule runs out while its last run waits for its lane: the run's end completes
+    the task, in the change that closes the run; nothing after it completes it again."""
     core = core_of(record("a"))
-    events = walk(core, [RunSubmitted("a"), Exhausted("a")])
+    events = walk(core, [Exhausted("a", run_waiting=True)])
     assert (core.table.get("a").status, events) == (P, [])
     events = walk(
         core,
-        [
-            RunOpened("a", STARTED, True),
-            RunReported(run_event(RunEventKind.SUCCEEDED)),
-            RunSettled("a"),
-        ],
+        [RunOpened("a", STARTED, True), RunReported(run_event(RunEventKind.SUCCEEDED))],
     )
     assert core.table.get("a").status is C
     assert [event.kind for event in events] == ["run_started", "run_succeeded", "task_completed"]
+    assert walk(core, [Exhausted("a"), RunSettled("a")]) == []
+
+
+def test_the_schedule_running_out_while_a_run_is_open_leaves_completion_to_its_end() -> None:
+    core = core_of(record("a"))
+    walk(core, [RunOpened("a", QUEUED, False)])
+    assert walk(core, [Exhausted("a")]) == []  # the open run is the record's: it waits
+    assert core.table.get("a").status is P
+    events = walk(
+        core,
+        [
+            RunReported(run_event(RunEventKind.STARTED)),
+            RunReported(run_event(RunEventKind.CANCELLED)),  # withdrawn: it never ran
+        ],
+    )
+    assert (core.table.get("a").status, [event.kind for event in events]) == (
+        C,
+        ["run_started", "task_completed"],
+    )
 
 
 def test_a_skipped_last_run_completes_the_task_when_it_settles() -> None:
     core = core_of(record("a"))
-    assert walk(core, [RunSubmitted("a"), Exhausted("a")]) == []
-    assert core.out("a")
+    assert walk(core, [Exhausted("a", run_waiting=True)]) == []
+    assert core.table.get("a").status is P
     events = walk(core, [RunSettled("a")])
     assert (core.table.get("a").status, [event.kind for event in events]) == (
         C,
         ["task_completed"],
     )
-    assert not core.out("a")
+
+
+def test_a_run_cut_off_after_the_schedule_ran_out_completes_the_task() -> None:
+    core = core_of(record("a"))
+    walk(core, [RunOpened("a", STARTED, True), Exhausted("a")])
+    events = walk(core, [RunAbandoned("a", "r1")])
+    after = core.table.get("a")
+    assert (after.status, after.run_count, after.active_run) == (C, 0, None)
+    assert [event.kind for event in events] == ["task_completed"]
+    assert walk(core, [RunAbandoned("a", "r1")]) == []  # closed already: nothing to close
 
 
 def test_a_fault_while_a_run_is_out_outlives_that_run() -> None:
     core = core_of(record("a"))
-    walk(core, [RunSubmitted("a"), RunOpened("a", STARTED, True), Faulted("a", "boom")])
+    walk(core, [RunOpened("a", STARTED, True), Faulted("a", "boom")])
     assert core.table.get("a").status is E
     events = walk(core, [RunReported(run_event(RunEventKind.SUCCEEDED))])
     after = core.table.get("a")
     assert (after.status, after.last_error, after.active_run) == (E, "boom", None)
     assert [event.kind for event in events] == ["run_succeeded"]  # not completed meanwhile
-    walk(core, [RunSettled("a")])
+    # The run's end settled it: the fault is spent; pausing and resuming plans it again.
+    walk(core, [PauseTask("a"), ResumeTask("a")])
+    assert core.table.get("a").status is P
+
+
+def test_a_fault_while_a_run_waits_for_its_lane_outlives_that_run() -> None:
+    core = core_of(record("a"))
+    walk(core, [Faulted("a", "boom", run_waiting=True)])
+    assert core.table.get("a").status is E
+    walk(core, [RunSettled("a")])  # skipped at the gate (the task is in error)
     assert (core.table.get("a").status, core.table.get("a").last_error) == (E, "boom")
-    # Settled: the fault is spent; pausing and resuming plans the task again.
     walk(core, [PauseTask("a"), ResumeTask("a")])
     assert core.table.get("a").status is P
 
@@ -365,3 +416,19 @@ def test_a_started_run_reports_its_request() -> None:
     assert event == RunStarted(
         at=NOW, task_id="a", account_id="acc", run_id="r1", attempt=1, scheduled_at=T0
     )
+
+
+def test_a_run_event_is_reported_whole_with_its_run() -> None:
+    """The observers that keep runs (history, metrics) read the stream's report: the run as
+    sent and the backend's event, worker and error included, for duplicates too."""
+    core = core_of(record("a", status=R, active_run=STARTED))
+    failed = run_event(RunEventKind.LOST, error="WorkerLostError: gone", worker="w1")
+    events = core.apply(RunReported(failed, request()), NOW).events
+    report = events[0]
+    assert isinstance(report, RunReport)
+    assert (report.request, report.event) == (request(), failed)
+    assert (report.task_id, report.account_id, report.at) == ("a", "acc", NOW)
+    late = run_event(RunEventKind.SUCCEEDED)
+    again = core.apply(RunReported(late, request()), NOW).events  # the run is closed
+    assert isinstance(again[0], RunReport)
+    assert again[0].event == late

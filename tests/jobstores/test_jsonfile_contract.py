@@ -148,7 +148,7 @@ def test_remove_job_completes_the_task_and_keeps_the_record(
 
 def test_remove_job_waits_for_an_in_flight_run(store: JsonJobStore) -> None:
     store.add_tasks([record("a")])
-    store.run_submitted("a")
+    store.runs_waiting = {"a"}.__contains__  # a run of "a" waits for its lane
     store.remove_job("a")
     assert store.get("a").status is TaskStatus.PENDING
     store.run_settled("a")
@@ -176,9 +176,8 @@ def test_a_pass_stamps_its_changes_with_one_reading_of_the_clock(
 
 def test_run_settled_says_whether_it_changed_the_record(store: JsonJobStore) -> None:
     store.add_tasks([record("a"), record("b")])
-    store.run_submitted("a")
+    store.runs_waiting = {"a", "b"}.__contains__  # a run of each waits for its lane
     assert store.run_settled("a") is False  # still planned: nothing to save
-    store.run_submitted("b")
     store.remove_job("b")  # no further run, while one is out
     assert store.run_settled("b") is True
     assert store.get("b").status is TaskStatus.COMPLETED
@@ -188,10 +187,11 @@ def test_the_schedulers_changes_announce_their_events_once(store: JsonJobStore) 
     told: list[DispatcherEvent] = []
     store.on_events = told.extend
     store.add_tasks([record("a"), record("b")])  # the caller's own change: it tells
-    store.run_submitted("a")
+    store.runs_waiting = {"a"}.__contains__  # a run of "a" waits for its lane
     store.remove_job("a")  # its last run is out: completed when it is over
     assert told == []
     store.run_settled("a")
+    store.runs_waiting = set().__contains__
     store.remove_job("b")
     store.run_settled("b")  # completed already: nothing more to say
     assert [(event.kind, event.task_id) for event in told] == [

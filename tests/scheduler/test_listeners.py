@@ -28,6 +28,7 @@ from scheduler import (
     TaskPaused,
     WebhookListener,
 )
+from tasks.events import TaskEvent
 
 MakeDispatcher = Callable[..., TaskDispatcher]
 
@@ -377,3 +378,24 @@ async def test_a_webhook_that_is_down_is_tried_once_an_event_until_it_answers(
 def test_the_webhook_wants_an_http_url() -> None:
     with pytest.raises(ValueError, match="url"):
         WebhookListener("ftp://example.com")
+
+
+async def test_observers_take_runs_from_the_event_stream_and_listeners_never_hear_them(
+    clock: Any, make_dispatcher: MakeDispatcher
+) -> None:
+    """History, metrics and ``observe_runs`` subscribe to the one stream of events, where a
+    run's event comes whole (its request, the backend's report); a listener, even one for a
+    base class of every task event, hears only the typed events."""
+    dispatcher = make_dispatcher()
+    broad = Collector()
+    dispatcher.add_listener(broad, events=[TaskEvent])
+    reports: list[tuple[str, str]] = []
+    dispatcher.observe_runs(lambda request, event: reports.append((request.run_id, event.kind)))
+    task_id = await add(dispatcher)
+    await dispatcher.start()
+    await run_at(clock, dispatcher, 2026, 1, 8, 8, 0)
+    await dispatcher.stop()
+    assert broad.kinds() == ["task_added", "run_started", "run_succeeded"]
+    [run] = dispatcher.runs(task_id)
+    assert reports == [(run.run_id, "started"), (run.run_id, "succeeded")]
+    assert run.outcome == "succeeded"

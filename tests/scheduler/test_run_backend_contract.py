@@ -13,6 +13,7 @@ import pytest
 from fleet_probe import factory as probe_factory
 from run_backend_contract import (
     Harness,
+    test_a_run_enters_the_core_when_it_opens_and_when_it_ends,
     test_a_run_in_flight_at_a_restart_is_recovered_and_its_outcome_applied_once,
     test_an_outcome_after_the_run_was_declared_lost_is_dropped,
     test_an_outcome_is_applied_once_and_a_duplicate_changes_nothing,
@@ -25,6 +26,7 @@ from tasks.errors import InvalidTaskError
 from tasks.runs import RunBackend
 
 __all__ = [
+    "test_a_run_enters_the_core_when_it_opens_and_when_it_ends",
     "test_a_run_in_flight_at_a_restart_is_recovered_and_its_outcome_applied_once",
     "test_an_outcome_after_the_run_was_declared_lost_is_dropped",
     "test_an_outcome_is_applied_once_and_a_duplicate_changes_nothing",
