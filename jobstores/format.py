@@ -81,6 +81,9 @@ class Document:
     """Whether its checksum proves its tasks are as this library wrote them, validated."""
     trusted_tasks: set[int] = field(default_factory=set)
     """``id()`` of task objects from checksummed journal lines, folded in (trusted too)."""
+    sealed_tasks: bytes | None = None
+    """The ``tasks`` array as written, when the checksum proves it and the journal changed
+    none of its tasks: loading validates the records straight from these bytes."""
 
 
 def _version_tuple(version: str, path: Path) -> tuple[int, ...]:
@@ -128,6 +131,7 @@ def decode_document(data: bytes, path: Path) -> Document:
     else:
         problems.append("account_tasks: not an object, order rebuilt from tasks")
     zone = top.get("timezone")
+    trusted = parsed_json and _intact(data)
     journal_seq = top.get("journal_seq", 0)
     if isinstance(journal_seq, bool) or not isinstance(journal_seq, int) or journal_seq < 0:
         problems.append(f"journal_seq: {journal_seq!r} is not a line number, read as 0")
@@ -142,7 +146,8 @@ def decode_document(data: bytes, path: Path) -> Document:
         problems=problems,
         extra={key: value for key, value in top.items() if key not in _KNOWN_KEYS},
         journal_seq=journal_seq,
-        trusted=parsed_json and _intact(data),
+        trusted=trusted,
+        sealed_tasks=_tasks_array(data) if trusted and tasks else None,
     )
 
 
@@ -283,6 +288,21 @@ def _intact(data: bytes) -> bool:
     except ValueError:
         return False
     return crc == zlib.crc32(memoryview(data)[: len(data) - _SEAL])
+
+
+_TASKS_OPEN = b',\n  "tasks": [\n'
+_TASKS_CLOSE = b'\n  ],\n  "account_tasks": '
+
+
+def _tasks_array(data: bytes) -> bytes | None:
+    """The bytes of the ``tasks`` array of a sealed document, as :func:`_frame` lays it out
+    (no other line of the document starts or ends that way: every task is one line, and
+    kept keys are written on one line)."""
+    start = data.find(_TASKS_OPEN)
+    end = data.find(_TASKS_CLOSE, start)
+    if start < 0 or end < 0:
+        return None
+    return data[start + len(_TASKS_OPEN) - 2 : end + 4]
 
 
 def encode_document_chunks(

@@ -135,6 +135,7 @@ class DirectoryStore:
             accept=accept,
             fraction=fraction,
             trusted=_trust(document),
+            sealed=document.sealed_tasks,
         )
         return _filled(state, document, restored.records, restored.kept)
 
@@ -158,7 +159,12 @@ class DirectoryStore:
         state = StoredState(timezone=settled, recorded_zone=recorded)
         if document is None:
             return state
-        restored = restore(document.tasks, settled, parsed_json=document.parsed_json)
+        restored = restore(
+            document.tasks,
+            settled,
+            parsed_json=document.parsed_json,
+            sealed=document.sealed_tasks,
+        )
         return _filled(state, document, restored.records, restored.kept)
 
 
