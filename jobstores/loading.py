@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from jobstores.durable import set_aside, write_atomic
@@ -99,31 +100,34 @@ def parse_record(
         raise InvalidTaskError(*describe_validation_error(exc)) from exc
 
 
-def _decode(path: Path, *, repair: bool) -> Document | None:
+def _decode(path: Path, *, repair: bool, defer_tasks: bool) -> Document | None:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        return decode_document(data, path)
+        return decode_document(data, path, defer_tasks=defer_tasks)
     except CorruptFileError as exc:
         if repair:
             set_aside(path, str(exc))
         return None
 
 
-def read_document(path: Path, backup: Path, *, repair: bool) -> tuple[Document | None, bool]:
+def read_document(
+    path: Path, backup: Path, *, repair: bool, defer_tasks: bool = False
+) -> tuple[Document | None, bool]:
     """The state document at ``path``, else its ``backup``; and whether it is the backup.
 
     None when there is no state yet, or (logged) when neither file is readable. The owner
     (``repair``) sets unreadable files aside as ``<name>.corrupt-<time>``. Raises
     :class:`~tasks.errors.NewerFormatError` for a newer format version, leaving the file.
+    ``defer_tasks``: see :func:`~jobstores.format.decode_document`.
     """
     existed = path.exists()
-    document = _decode(path, repair=repair)
+    document = _decode(path, repair=repair, defer_tasks=defer_tasks)
     if document is not None or not existed:
         return document, False
-    document = _decode(backup, repair=repair)
+    document = _decode(backup, repair=repair, defer_tasks=False)
     if document is None:
         if repair:
             logger.error("%s was unreadable and there is no usable backup: starting empty", path)
@@ -169,18 +173,24 @@ def restore(
     ``fraction()`` draws the jitter of a next run planned here (none without it).
     ``trusted(raw)`` says an object is as this library saved it (a checksum matched): its
     kwargs came from a JSON parser and need no JSON check. ``sealed`` is the JSON array of
-    ``tasks`` (:attr:`Document.sealed_tasks`): the records are validated from it in one call
-    of pydantic's JSON path, and ``tasks`` are only read if that fails.
+    the task objects (:attr:`~jobstores.format.Document.sealed_tasks`): the records are
+    validated from it in one call of pydantic's JSON path, and ``tasks`` (empty when not
+    parsed yet) are only read if that fails or a record is kept.
     """
     restored = Restored()
     ids: set[str] = set()
     shared: dict[Any, Any] | None = None if now is None else {}
     schedules: dict[tuple[Any, ...], Schedule] = {}
     raws = tasks if isinstance(tasks, list) else list(tasks)
-    made = None if sealed is None else _from_json(sealed, zone, len(raws), shared)
+    made = None if sealed is None else _from_json(sealed, zone, shared)
+    if made is not None and raws and len(made) != len(raws):
+        made = None
+    if sealed is not None and not raws and (made is None or not made):
+        raws = orjson.loads(sealed)  # the objects were left unparsed: needed after all
     add, append = ids.add, restored.records.append
     changed: list[TaskRecord] = []  # at load: their values are shared at the end
-    for index, raw in enumerate(raws):
+    for index in range(len(raws) if made is None else len(made)):
+        raw = raws[index] if raws else None
         try:
             if made is not None:
                 record = made[index]
@@ -195,6 +205,9 @@ def restore(
             if now is not None:
                 record = _loaded(record, zone, now, schedules, label, fraction)
         except Exception as exc:
+            if not raws:  # a record validated from ``sealed`` is kept as it was read
+                raws = orjson.loads(cast(bytes, sealed))
+                raw = raws[index]
             # One record never stops the others: whatever it does (an invalid field, a
             # factory or a schedule that raises), it is kept as it is, unrestored.
             task_id = raw.get("task_id") if isinstance(raw, dict) else None
@@ -222,17 +235,15 @@ def restore(
 _RECORDS = TypeAdapter(list[TaskRecord])
 
 
-def _from_json(
-    data: bytes, zone: tzinfo, count: int, shared: dict[Any, Any] | None
-) -> list[TaskRecord] | None:
-    """The records of a JSON array of ``count`` task objects, or None when any of them is
-    not a valid record today (each object is then validated alone, and kept if invalid)."""
+def _from_json(data: bytes, zone: tzinfo, shared: dict[Any, Any] | None) -> list[TaskRecord] | None:
+    """The records of a JSON array of task objects, or None when any of them is not a
+    valid record today (each object is then validated alone, and kept if invalid)."""
     context = {"zone": zone, "kwargs_checked": True, "shared": shared}
     try:
         records = _RECORDS.validate_json(data, context=context)
     except Exception:  # a ValidationError, or a time that does not fit in the zone
         return None
-    return records if len(records) == count else None
+    return records
 
 
 def _loaded(
@@ -440,9 +451,13 @@ def _moved(order: dict[str, None], task_id: str, before: Any) -> dict[str, None]
     return dict.fromkeys(ids)
 
 
-def read_state(directory: Path, *, repair: bool) -> tuple[Document | None, bool, JournalRead]:
+def read_state(
+    directory: Path, *, repair: bool, defer_tasks: bool = False
+) -> tuple[Document | None, bool, JournalRead]:
     """The state of ``directory``: its document with the journal folded in; whether the
-    document is the backup; what the journal held.
+    document is the backup; what the journal held. ``defer_tasks``: a sealed document's
+    tasks may be left in :attr:`~jobstores.format.Document.sealed_tasks`, for
+    :func:`restore` (they are parsed when the journal is folded in).
 
     The owner (``repair``) cuts torn journal tails (logged as a WARNING: they were never
     acknowledged) and sets damaged segments aside as ``<name>.corrupt-<time>`` with an ERROR.
@@ -450,7 +465,7 @@ def read_state(directory: Path, *, repair: bool) -> tuple[Document | None, bool,
     """
     path, backup = directory / STATE_FILENAME, directory / BACKUP_FILENAME
     for _attempt in range(1 if repair else 5):
-        document, from_backup = read_document(path, backup, repair=repair)
+        document, from_backup = read_document(path, backup, repair=repair, defer_tasks=defer_tasks)
         journal = read_journal(directory, document.journal_seq if document is not None else 0)
         raced = journal.vanished or (journal.damaged is not None and not repair)
         if not raced:
@@ -458,6 +473,7 @@ def read_state(directory: Path, *, repair: bool) -> tuple[Document | None, bool,
     if journal.batches or (repair and journal.damaged is not None):
         if document is None:
             document = Document(version="1.0", saved_at=None, tasks=[])
+        document.parse_tasks()
         apply_journal(document, journal.batches)
     if repair:
         assert document is not None or journal.damaged is None
