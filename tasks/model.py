@@ -323,7 +323,9 @@ class TaskRecord(BaseModel):
 
     @model_validator(mode="after")
     def _normalise(self, info: ValidationInfo) -> TaskRecord:
-        zone = _zone(info)
+        context = info.context or {}  # read once: each read of it costs a call into pydantic
+        zone = context.get("zone")
+        zone = zone if isinstance(zone, tzinfo) else None
         values = self.__dict__
         for name in _TIMES:
             value = values[name]
@@ -331,7 +333,7 @@ class TaskRecord(BaseModel):
                 values[name] = _in_zone(value, zone)
         window = values["valid_time_range"]
         values["valid_time_range"] = _WINDOWS.setdefault(window, window)
-        shared = (info.context or {}).get("shared")
+        shared = context.get("shared")
         if shared is not None:  # records loaded together: see share_record_values
             _share(values, shared)
         # What pydantic keeps for each instance, made small enough for 100,000 records (see
