@@ -81,6 +81,20 @@ class Document:
     """Whether its checksum proves its tasks are as this library wrote them, validated."""
     trusted_tasks: set[int] = field(default_factory=set)
     """``id()`` of task objects from checksummed journal lines, folded in (trusted too)."""
+    sealed_tasks: bytes | None = None
+    """The ``tasks`` array as written, when decoded with ``defer_tasks``, the checksum proves
+    it and the journal changed none of its tasks: a loader validates the records straight
+    from these bytes."""
+    tasks_deferred: bool = False
+    """Whether ``tasks`` is not parsed yet (it is empty until :meth:`parse_tasks`): only
+    ``sealed_tasks`` holds them (see ``defer_tasks`` of :func:`decode_document`)."""
+
+    def parse_tasks(self) -> list[Any]:
+        """The task objects, parsed now if decoding left them in ``sealed_tasks``."""
+        if self.tasks_deferred and self.sealed_tasks is not None:
+            self.tasks = orjson.loads(self.sealed_tasks)
+        self.tasks_deferred = False
+        return self.tasks
 
 
 def _version_tuple(version: str, path: Path) -> tuple[int, ...]:
@@ -91,8 +105,18 @@ def _version_tuple(version: str, path: Path) -> tuple[int, ...]:
         raise NewerFormatError(path, version, parsed=False) from None
 
 
-def decode_document(data: bytes, path: Path) -> Document:
-    """Parse ``data``; raise :class:`CorruptFileError` or :class:`NewerFormatError`."""
+def decode_document(data: bytes, path: Path, *, defer_tasks: bool = False) -> Document:
+    """Parse ``data``; raise :class:`CorruptFileError` or :class:`NewerFormatError`.
+
+    ``defer_tasks``: a sealed document's task objects are not parsed (a loader validates
+    its records straight from ``sealed_tasks``); :meth:`Document.parse_tasks` parses them.
+    """
+    span = _tasks_span(data) if defer_tasks and _intact(data) else None
+    sealed = None
+    if span is not None:
+        start, end = span
+        sealed = data[start:end]
+        data = data[:start] + b"[]" + data[end : len(data) - _SEAL] + _END  # the rest alone
     parsed_json = True
     try:
         top = orjson.loads(data)
@@ -128,6 +152,7 @@ def decode_document(data: bytes, path: Path) -> Document:
     else:
         problems.append("account_tasks: not an object, order rebuilt from tasks")
     zone = top.get("timezone")
+    trusted = sealed is not None or (parsed_json and _intact(data))
     journal_seq = top.get("journal_seq", 0)
     if isinstance(journal_seq, bool) or not isinstance(journal_seq, int) or journal_seq < 0:
         problems.append(f"journal_seq: {journal_seq!r} is not a line number, read as 0")
@@ -142,7 +167,9 @@ def decode_document(data: bytes, path: Path) -> Document:
         problems=problems,
         extra={key: value for key, value in top.items() if key not in _KNOWN_KEYS},
         journal_seq=journal_seq,
-        trusted=parsed_json and _intact(data),
+        trusted=trusted,
+        sealed_tasks=sealed,
+        tasks_deferred=sealed is not None,
     )
 
 
@@ -283,6 +310,21 @@ def _intact(data: bytes) -> bool:
     except ValueError:
         return False
     return crc == zlib.crc32(memoryview(data)[: len(data) - _SEAL])
+
+
+_TASKS_OPEN = b',\n  "tasks": [\n'
+_TASKS_CLOSE = b'\n  ],\n  "account_tasks": '
+
+
+def _tasks_span(data: bytes) -> tuple[int, int] | None:
+    """Where the ``tasks`` array of a sealed document starts and ends, as :func:`_frame`
+    lays it out (no other line of the document starts or ends that way: every task is one
+    line, and kept keys are written on one line); None when it holds no task."""
+    start = data.find(_TASKS_OPEN)
+    end = data.find(_TASKS_CLOSE, start)
+    if start < 0 or end < 0:
+        return None
+    return start + len(_TASKS_OPEN) - 2, end + 4
 
 
 def encode_document_chunks(

@@ -14,12 +14,11 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from itertools import compress, repeat
-from operator import and_
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from pydantic import ValidationError
+import orjson
+from pydantic import TypeAdapter, ValidationError
 
 from jobstores.durable import set_aside, write_atomic
 from jobstores.format import (
@@ -79,44 +78,56 @@ def describe_validation_error(exc: ValidationError) -> tuple[str, str]:
     return validation_problems(exc)[0]
 
 
-def parse_record(raw: Any, zone: tzinfo, *, parsed_json: bool = False) -> TaskRecord:
+def parse_record(
+    raw: Any,
+    zone: tzinfo,
+    *,
+    parsed_json: bool = False,
+    shared: dict[Any, Any] | None = None,
+) -> TaskRecord:
     """Validate one saved task object; raise :class:`InvalidTaskError` naming the field.
 
     ``parsed_json`` says ``raw`` came from orjson, so its kwargs need no JSON check.
+    ``shared``, kept across the records of one load, makes their equal values one object
+    (:func:`tasks.model.share_record_values`).
     """
     if not isinstance(raw, dict):
         raise InvalidTaskError("record", f"is {type(raw).__name__}, not an object")
+    context = {"zone": zone, "kwargs_checked": parsed_json, "shared": shared}
     try:
-        return TaskRecord.model_validate(raw, context={"zone": zone, "kwargs_checked": parsed_json})
+        return TaskRecord.model_validate(raw, context=context)
     except ValidationError as exc:
         raise InvalidTaskError(*describe_validation_error(exc)) from exc
 
 
-def _decode(path: Path, *, repair: bool) -> Document | None:
+def _decode(path: Path, *, repair: bool, defer_tasks: bool) -> Document | None:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        return decode_document(data, path)
+        return decode_document(data, path, defer_tasks=defer_tasks)
     except CorruptFileError as exc:
         if repair:
             set_aside(path, str(exc))
         return None
 
 
-def read_document(path: Path, backup: Path, *, repair: bool) -> tuple[Document | None, bool]:
+def read_document(
+    path: Path, backup: Path, *, repair: bool, defer_tasks: bool = False
+) -> tuple[Document | None, bool]:
     """The state document at ``path``, else its ``backup``; and whether it is the backup.
 
     None when there is no state yet, or (logged) when neither file is readable. The owner
     (``repair``) sets unreadable files aside as ``<name>.corrupt-<time>``. Raises
     :class:`~tasks.errors.NewerFormatError` for a newer format version, leaving the file.
+    ``defer_tasks``: see :func:`~jobstores.format.decode_document`.
     """
     existed = path.exists()
-    document = _decode(path, repair=repair)
+    document = _decode(path, repair=repair, defer_tasks=defer_tasks)
     if document is not None or not existed:
         return document, False
-    document = _decode(backup, repair=repair)
+    document = _decode(backup, repair=repair, defer_tasks=False)
     if document is None:
         if repair:
             logger.error("%s was unreadable and there is no usable backup: starting empty", path)
@@ -151,47 +162,52 @@ def restore(
     label: str = "",
     fraction: Callable[[], float] | None = None,
     trusted: Callable[[Any], bool] | None = None,
+    sealed: bytes | None = None,
 ) -> Restored:
     """Validate every task object; a duplicate id or invalid object is kept unrestored.
 
     With ``now`` (the owner loading), each record is made consistent for scheduling
-    (:func:`tasks.lifecycle.loaded`), equal strings are shared between records, and every
+    (:func:`tasks.lifecycle.loaded`), equal values are shared between records, and every
     unrestorable object is logged. ``accept(record)`` may refuse a valid record by raising
     :class:`InvalidTaskError` (the dispatcher checks that its manager can be created).
     ``fraction()`` draws the jitter of a next run planned here (none without it).
-    ``trusted(raw)`` says an object is as this library saved it (a checksum matched): it is
-    rebuilt without validation (:meth:`TaskRecord.trusted`).
+    ``trusted(raw)`` says an object is as this library saved it (a checksum matched): its
+    kwargs came from a JSON parser and need no JSON check. ``sealed`` is the JSON array of
+    the task objects (:attr:`~jobstores.format.Document.sealed_tasks`): the records are
+    validated from it in one call of pydantic's JSON path, and ``tasks`` (empty when not
+    parsed yet) are only read if that fails or a record is kept.
     """
     restored = Restored()
     ids: set[str] = set()
-    shared: dict[Any, Any] = {}
-    times: dict[str, datetime] = {}
+    shared: dict[Any, Any] | None = None if now is None else {}
     schedules: dict[tuple[Any, ...], Schedule] = {}
-    share = None if now is None else shared
     raws = tasks if isinstance(tasks, list) else list(tasks)
-    chosen = [False] * len(raws)
-    if trusted is not None:  # a trusted object (``trusted`` is asked of every one) that is a dict
-        chosen = list(map(and_, map(isinstance, raws, repeat(dict)), map(trusted, raws)))
-    # Rebuilt together, their values shared as they are (None: laid out unexpectedly).
-    rebuilt = iter(TaskRecord.rebuilt_all(list(compress(raws, chosen)), zone, times, share))
+    made = None if sealed is None else _from_json(sealed, zone, shared)
+    if made is not None and raws and len(made) != len(raws):
+        made = None
+    if sealed is not None and not raws and (made is None or not made):
+        raws = orjson.loads(sealed)  # the objects were left unparsed: needed after all
     add, append = ids.add, restored.records.append
-    unshared: list[TaskRecord] = []  # validated, or changed: their values are shared at the end
-    for index, (raw, trust) in enumerate(zip(raws, chosen, strict=True)):
-        record = next(rebuilt) if trust else None
-        built = record
+    changed: list[TaskRecord] = []  # at load: their values are shared at the end
+    for index in range(len(raws) if made is None else len(made)):
+        raw = raws[index] if raws else None
         try:
-            if record is None:
-                record = parse_record(raw, zone, parsed_json=parsed_json)
+            if made is not None:
+                record = made[index]
+            else:
+                checked = parsed_json or (trusted is not None and trusted(raw))
+                record = parse_record(raw, zone, parsed_json=checked, shared=shared)
             if record.task_id in ids:
                 raise InvalidTaskError("task_id", "duplicate task id")
             if accept is not None:
                 accept(record)
+            validated = record
             if now is not None:
                 record = _loaded(record, zone, now, schedules, label, fraction)
-                if record is not built:
-                    _share_times(record, shared)
-                    unshared.append(record)
         except Exception as exc:
+            if not raws:  # a record validated from ``sealed`` is kept as it was read
+                raws = orjson.loads(cast(bytes, sealed))
+                raw = raws[index]
             # One record never stops the others: whatever it does (an invalid field, a
             # factory or a schedule that raises), it is kept as it is, unrestored.
             task_id = raw.get("task_id") if isinstance(raw, dict) else None
@@ -209,8 +225,25 @@ def restore(
             continue
         add(record.task_id)
         append(record)
-    share_record_values(unshared, shared)
+        if record is not validated:
+            changed.append(record)
+    if shared is not None:
+        share_record_values(changed, shared)
     return restored
+
+
+_RECORDS = TypeAdapter(list[TaskRecord])
+
+
+def _from_json(data: bytes, zone: tzinfo, shared: dict[Any, Any] | None) -> list[TaskRecord] | None:
+    """The records of a JSON array of task objects, or None when any of them is not a
+    valid record today (each object is then validated alone, and kept if invalid)."""
+    context = {"zone": zone, "kwargs_checked": True, "shared": shared}
+    try:
+        records = _RECORDS.validate_json(data, context=context)
+    except Exception:  # a ValidationError, or a time that does not fit in the zone
+        return None
+    return records
 
 
 def _loaded(
@@ -237,51 +270,6 @@ def _loaded(
     if fraction is not None and (record.run_policy is not None or record.next_start_time):
         record = lifecycle.jittered(record, schedule, fraction())
     return record
-
-
-_SHARED_TIMES = (
-    "next_execution_time",
-    "next_start_time",
-    "created_at",
-    "updated_at",
-    "last_execution_time",
-    "last_planned_time",
-)
-_LAST_TIME = object()
-"""The key in ``shared`` of the last time read in each field (see :func:`_share_times`)."""
-
-
-def _share_times(record: TaskRecord, shared: dict[Any, Any]) -> None:
-    """Make a freshly loaded record reuse equal times already loaded (``shared``); the rest
-    of what it holds is shared with :func:`tasks.model.share_record_values` (hour windows
-    by the record model itself).
-
-    Times repeat (tasks added together; a task never run was created, updated and
-    planned at one instant), but hashing a time costs more than the rest of this: a time is
-    shared only with the same field of the record read just before or the time read just
-    before in this record, when both are in the same zone and fold (so it reads back
-    exactly as parsed).
-    """
-    share = object.__setattr__  # the record is this load's own until it is returned
-    latest: dict[str, datetime] = shared.setdefault(_LAST_TIME, {})
-    previous = None  # the time read just before, in this record
-    for name in _SHARED_TIMES:
-        value = getattr(record, name)
-        if value is None:
-            continue
-        for seen in (latest.get(name), previous):
-            if seen is value:
-                break
-            if (
-                seen is not None
-                and value.tzinfo is seen.tzinfo
-                and value == seen
-                and value.fold == seen.fold
-            ):
-                value = seen
-                share(record, name, seen)
-                break
-        latest[name] = previous = value
 
 
 # ---------------------------------------------------------------------- the journal
@@ -418,6 +406,7 @@ def apply_journal(document: Document, batches: Iterable[list[JournalLine]]) -> N
                 task_id, account = raw.get("task_id"), account_of(raw)
                 position: int | None = index.get(task_id) if isinstance(task_id, str) else None
                 document.trusted_tasks.add(id(raw))  # its line's checksum matched
+                document.sealed_tasks = None  # the document's tasks are not those bytes now
                 if position is None:
                     if isinstance(task_id, str):
                         index[task_id] = len(tasks)
@@ -432,6 +421,7 @@ def apply_journal(document: Document, batches: Iterable[list[JournalLine]]) -> N
             elif line.kind == "remove":
                 position = index.pop(line.value) if line.value in index else None
                 if position is not None:
+                    document.sealed_tasks = None
                     account = account_of(tasks[position])
                     tasks[position] = _REMOVED
                     if isinstance(account, str):
@@ -461,9 +451,13 @@ def _moved(order: dict[str, None], task_id: str, before: Any) -> dict[str, None]
     return dict.fromkeys(ids)
 
 
-def read_state(directory: Path, *, repair: bool) -> tuple[Document | None, bool, JournalRead]:
+def read_state(
+    directory: Path, *, repair: bool, defer_tasks: bool = False
+) -> tuple[Document | None, bool, JournalRead]:
     """The state of ``directory``: its document with the journal folded in; whether the
-    document is the backup; what the journal held.
+    document is the backup; what the journal held. ``defer_tasks``: a sealed document's
+    tasks may be left in :attr:`~jobstores.format.Document.sealed_tasks`, for
+    :func:`restore` (they are parsed when the journal is folded in).
 
     The owner (``repair``) cuts torn journal tails (logged as a WARNING: they were never
     acknowledged) and sets damaged segments aside as ``<name>.corrupt-<time>`` with an ERROR.
@@ -471,7 +465,7 @@ def read_state(directory: Path, *, repair: bool) -> tuple[Document | None, bool,
     """
     path, backup = directory / STATE_FILENAME, directory / BACKUP_FILENAME
     for _attempt in range(1 if repair else 5):
-        document, from_backup = read_document(path, backup, repair=repair)
+        document, from_backup = read_document(path, backup, repair=repair, defer_tasks=defer_tasks)
         journal = read_journal(directory, document.journal_seq if document is not None else 0)
         raced = journal.vanished or (journal.damaged is not None and not repair)
         if not raced:
@@ -479,6 +473,7 @@ def read_state(directory: Path, *, repair: bool) -> tuple[Document | None, bool,
     if journal.batches or (repair and journal.damaged is not None):
         if document is None:
             document = Document(version="1.0", saved_at=None, tasks=[])
+        document.parse_tasks()
         apply_journal(document, journal.batches)
     if repair:
         assert document is not None or journal.damaged is None

@@ -108,7 +108,7 @@ class DirectoryStore:
             raise RuntimeError(f"{str(self.directory)!r} is not owned: acquire() it first")
         remove_stale_temp_files(self.path)
         remove_stale_temp_files(self.backup_path)
-        document, from_backup, journal = read_state(self.directory, repair=True)
+        document, from_backup, journal = read_state(self.directory, repair=True, defer_tasks=True)
         self._loaded(document, journal)
         recorded = document.timezone if document is not None else None
         settled = choose_timezone(zone, recorded, self.path, convert=convert)
@@ -135,6 +135,7 @@ class DirectoryStore:
             accept=accept,
             fraction=fraction,
             trusted=_trust(document),
+            sealed=document.sealed_tasks,
         )
         return _filled(state, document, restored.records, restored.kept)
 
@@ -150,7 +151,7 @@ class DirectoryStore:
         errors of :func:`~tasks.zones.choose_timezone`.
         """
         existed = self.path.exists()
-        document, _, _ = read_state(self.directory, repair=False)
+        document, _, _ = read_state(self.directory, repair=False, defer_tasks=True)
         if document is None and existed:
             raise CorruptFileError(f"{self.path} and its backup are unreadable")
         recorded = document.timezone if document is not None else None
@@ -158,7 +159,12 @@ class DirectoryStore:
         state = StoredState(timezone=settled, recorded_zone=recorded)
         if document is None:
             return state
-        restored = restore(document.tasks, settled, parsed_json=document.parsed_json)
+        restored = restore(
+            document.tasks,
+            settled,
+            parsed_json=document.parsed_json,
+            sealed=document.sealed_tasks,
+        )
         return _filled(state, document, restored.records, restored.kept)
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from copy import deepcopy
 from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
-from itertools import chain, compress, islice, repeat
-from operator import attrgetter, itemgetter, not_
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import orjson
 from pydantic import (
@@ -169,9 +166,8 @@ def _zone(info: ValidationInfo) -> tzinfo | None:
     return zone if isinstance(zone, tzinfo) else None
 
 
-def _aware(value: datetime, info: ValidationInfo) -> datetime:
-    """Make ``value`` aware; naive values (the seed's own files) are wall times of the zone."""
-    zone = _zone(info)
+def _in_zone(value: datetime, zone: tzinfo | None) -> datetime:
+    """``value`` in ``zone``; naive values (the seed's own files) are wall times of the zone."""
     if value.tzinfo is None or value.utcoffset() is None:
         if zone is None:
             raise ValueError("datetime must be timezone-aware")
@@ -311,7 +307,7 @@ class TaskRecord(BaseModel):
         if isinstance(value, str):
             value = parse_end_time(value)
         if isinstance(value, datetime):
-            return _aware(value, info)
+            return _in_zone(value, _zone(info))
         if value is None or isinstance(value, date):
             return value
         raise ValueError(f"must be a date, a datetime or None, not {type(value).__name__}")
@@ -327,19 +323,28 @@ class TaskRecord(BaseModel):
 
     @model_validator(mode="after")
     def _normalise(self, info: ValidationInfo) -> TaskRecord:
+        context = info.context or {}  # read once: each read of it costs a call into pydantic
+        zone = context.get("zone")
+        zone = zone if isinstance(zone, tzinfo) else None
         values = self.__dict__
         for name in _TIMES:
             value = values[name]
             if value is not None:
-                values[name] = _aware(value, info)
-        values["valid_time_range"] = _shared_window(*values["valid_time_range"])
-        # Every field of a record counts as set; one shared set instead of one per record
-        # (about 700 bytes each), and one shared empty dict of extra keys, keep 100k records
-        # affordable. Records are frozen: neither is ever mutated.
+                values[name] = _in_zone(value, zone)
+        window = values["valid_time_range"]
+        values["valid_time_range"] = _WINDOWS.setdefault(window, window)
+        shared = context.get("shared")
+        if shared is not None:  # records loaded together: see share_record_values
+            _share(values, shared)
+        # What pydantic keeps for each instance, made small enough for 100,000 records (see
+        # docs/performance.md): every field counts as set, in one shared set (a set per
+        # record is 1.2 KB); records without extra keys share one empty dict; and the fields
+        # move to a dict that shares its class's table of keys (280 bytes instead of 830).
+        # Records are frozen: none of these is ever mutated.
         object.__setattr__(self, "__pydantic_fields_set__", _ALL_FIELDS)
         if not self.__pydantic_extra__:
             object.__setattr__(self, "__pydantic_extra__", _NO_EXTRA)
-        object.__setattr__(self, "__dict__", _compact_dict(type(self), values))
+        object.__setattr__(self, "__dict__", _key_sharing(type(self), values))
         return self
 
     @field_serializer("valid_time_range")
@@ -379,56 +384,49 @@ class TaskRecord(BaseModel):
     def replace(self, **changes: Any) -> TaskRecord:
         """Return a copy with ``changes`` applied (field names only, values already valid).
 
-        This is ``model_copy(update=changes)`` without copying the per-instance bookkeeping:
-        records change on every run, so this is on the hot path.
+        This is ``model_copy(update=changes)``, except that the copy shares what every record
+        shares (see :meth:`_normalise`) instead of copying it: records change on every run.
         """
-        values = list(_FIELD_VALUES(self))
-        for name, value in changes.items():
-            values[_FIELD_INDEX[name]] = value
-        return _fields_only(type(self), values, self.__pydantic_extra__)
+        if not _ALL_FIELDS.issuperset(changes):
+            raise KeyError(f"not record fields: {sorted(set(changes) - _ALL_FIELDS)}")
+        values = self.__dict__.copy()  # a copy of a key-sharing dict shares the keys too
+        values.update(changes)
+        return self._constructed(values, self.__pydantic_extra__)
 
     @classmethod
-    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
-        """Validate ``obj`` as :meth:`BaseModel.model_validate` does; the record keeps its
-        fields without an instance dict (see :func:`_fields_only`)."""
-        validated = super().model_validate(obj, *args, **kwargs)
-        return _fields_only(cls, _FIELD_VALUES(validated), validated.__pydantic_extra__)
+    def _constructed(cls, values: dict[str, Any], extra: dict[str, Any] | None) -> Self:
+        """The record of ``values`` (every field, valid) and ``extra`` keys, made as
+        ``model_construct`` makes one (without its per-field loop)."""
+        record = cls.__new__(cls)
+        object.__setattr__(record, "__dict__", values)
+        object.__setattr__(record, "__pydantic_fields_set__", _ALL_FIELDS)
+        object.__setattr__(record, "__pydantic_extra__", extra or _NO_EXTRA)
+        object.__setattr__(record, "__pydantic_private__", None)
+        return record
 
     @classmethod
     def trusted(
-        cls, raw: dict[str, Any], zone: tzinfo, times: dict[str, datetime] | None = None
+        cls, raw: dict[str, Any], zone: tzinfo, times: dict[Any, datetime] | None = None
     ) -> TaskRecord:
-        """Rebuild a record from an object this library saved, without validating it.
+        """A record from an object this library saved: :meth:`model_validate` in ``zone``,
+        its ``kwargs`` taken as JSON already (they came from a JSON parser).
 
-        Only for objects whose checksum proved them unchanged since this library wrote them
-        (validated then): the saved text is converted back to Python values exactly as
-        :meth:`model_validate` would (ISO datetimes into ``zone``, the status enum, the hour
-        window as a tuple, nested models), but no constraint is checked again. Anything
-        unexpected goes through :meth:`model_validate`, so the result is always a valid record.
-
-        ``times`` maps saved time texts to the times already made from them in ``zone``: records
-        loaded together share equal times (and each text is parsed once).
+        ``times`` is kept by the caller across records loaded together: their equal values
+        (times among them) become one object (see :func:`share_record_values`).
         """
-        record = cls.rebuilt(raw, zone, {} if times is None else times)
-        if record is None:
-            return cls.model_validate(raw, context={"zone": zone, "kwargs_checked": True})
-        return record
+        context = {"zone": zone, "kwargs_checked": True, "shared": times}
+        return cls.model_validate(raw, context=context)
 
     @classmethod
     def rebuilt(
         cls,
         raw: dict[str, Any],
         zone: tzinfo,
-        times: dict[str, datetime],
+        times: dict[Any, datetime],
         shared: dict[Any, Any] | None = None,
     ) -> TaskRecord | None:
-        """What :meth:`trusted` makes of ``raw``, or None when ``raw`` is not laid out as this
-        library writes records (every field, in field order, then the extras) or a value does
-        not convert: the caller validates it then.
-
-        ``shared`` makes the record reuse equal values of records loaded before it, as it is
-        built (see :func:`share_record_values`).
-        """
+        """:meth:`trusted`, or None when ``raw`` is not a valid record (the caller keeps it
+        aside); ``shared``: see :func:`share_record_values`."""
         return cls.rebuilt_all([raw], zone, times, shared)[0]
 
     @classmethod
@@ -436,31 +434,30 @@ class TaskRecord(BaseModel):
         cls,
         raws: Sequence[dict[str, Any]],
         zone: tzinfo,
-        times: dict[str, datetime],
+        times: dict[Any, datetime],
         shared: dict[Any, Any] | None = None,
     ) -> list[TaskRecord | None]:
-        """:meth:`rebuilt` of each of ``raws``, in order.
-
-        Records are rebuilt a few hundred at a time, a field at a time (one loop in C over
-        those records per field, each distinct saved text converted once), not a record at
-        a time: a cold start spends most of its time here.
-        """
-        return _rebuilt_all(cls, raws, zone, times, shared)
+        """:meth:`rebuilt` of each of ``raws``, in order."""
+        made: list[TaskRecord | None] = []
+        for raw in raws:
+            try:
+                made.append(cls.trusted(raw, zone, times))
+            except Exception:  # invalid, or a time that does not fit in the zone
+                made.append(None)
+        if shared is not None:
+            share_record_values([record for record in made if record is not None], shared)
+        return made
 
     def plain(self) -> dict[str, Any]:
         """The saved fields (extras included) as Python values, for a fast JSON encoder."""
-        values = dict(zip(_FIELD_ORDER, _FIELD_VALUES(self)))  # noqa: B905 - one value per field name
         extra = self.__pydantic_extra__
-        if extra:
-            values.update(extra)
-        return values
+        return {**self.__dict__, **extra} if extra else self.__dict__.copy()
 
     def snapshot(self) -> TaskRecord:
         """A deep copy for callers: mutating its ``kwargs`` changes nothing here."""
-        extra = self.__pydantic_extra__
-        copy = _fields_only(type(self), _FIELD_VALUES(self), deepcopy(extra))
-        _set(copy, "kwargs", deepcopy(self.kwargs))
-        return copy
+        values = self.__dict__.copy()
+        values["kwargs"] = deepcopy(self.kwargs)
+        return self._constructed(values, deepcopy(self.__pydantic_extra__))
 
     def to_json_dict(self, *, masked: bool = False) -> dict[str, Any]:
         """The record exactly as saved: plain JSON types, datetimes as ISO-8601 with offset.
@@ -474,59 +471,7 @@ class TaskRecord(BaseModel):
 
 
 _ALL_FIELDS = set(TaskRecord.model_fields)
-_Record = TypeVar("_Record", bound=TaskRecord)
-
-
-def _compact_dict(cls: type[TaskRecord], values: dict[str, Any]) -> dict[str, Any]:
-    """``values`` as a key-sharing dict: one table of field names for every record.
-
-    CPython gives each instance dict of a class the class's shared table of keys when the
-    attributes are stored through the instance, so a record's fields cost 8 bytes each
-    instead of about 24 (roughly 550 bytes a record). pydantic assigns a plain dict, so a
-    record made by calling the class is moved into a shared-key one here; the records the
-    dispatcher keeps carry no dict at all (see :func:`_fields_only`).
-    """
-    compact = object.__new__(cls).__dict__
-    # Item by item: updating an empty dict from a whole dict clones that dict's own table.
-    compact.update(values.items())
-    return compact
-
-
-def _fields_only(
-    cls: type[_Record], values: Iterable[Any], extra: dict[str, Any] | None
-) -> _Record:
-    """A record of ``values`` (every field's, valid, in field order) and ``extra`` keys.
-
-    CPython keeps an instance's attributes in a row of values beside the object, keyed by the
-    class's shared table of names, until something reads ``__dict__``; only then is a dict
-    object made for it (64 bytes a record). So records are filled attribute by attribute and
-    read the same way (:data:`_FIELD_VALUES`); other interpreters keep whatever they keep.
-    """
-    new = object.__new__(cls)
-    # Set in field order by a loop in C: one call per field, no bytecode per field.
-    deque(map(_set, repeat(new), _FIELD_ORDER, values), 0)
-    _set(new, "__pydantic_fields_set__", _ALL_FIELDS)
-    _set(new, "__pydantic_extra__", extra or _NO_EXTRA)
-    _set(new, "__pydantic_private__", None)
-    return new
-
-
-def _share_field_names(cls: type[TaskRecord]) -> None:
-    # CPython shrinks a class's shared key table for every instance created before the table
-    # is filled, so fill it with every field, in order, before the first record exists.
-    template = object.__new__(cls)
-    for name in cls.model_fields:
-        object.__setattr__(template, name, None)
-
-
-_share_field_names(TaskRecord)
-_set = object.__setattr__
 _NO_EXTRA: dict[str, Any] = {}
-_FIELD_ORDER = tuple(TaskRecord.model_fields)
-_FIELD_VALUES = attrgetter(*_FIELD_ORDER)
-_FIELD_INDEX = {name: index for index, name in enumerate(_FIELD_ORDER)}
-
-
 _TIMES = (
     "last_execution_time",
     "next_execution_time",
@@ -536,222 +481,58 @@ _TIMES = (
     "updated_at",
     "last_planned_time",
 )
-_STATUSES = {status.value: status for status in TaskStatus}
-_NESTED: dict[str, type[BaseModel]] = {
-    "active_run": ActiveRun,
-    "run_policy": RunPolicy,
-    "retry": PendingRetry,
-}
-
-
 _WINDOWS: dict[tuple[int, int], tuple[int, int]] = {}
+"""One tuple per hour window (at most 25 x 25 valid ones), shared by the records."""
 
 
-def _shared_window(start: int, end: int) -> tuple[int, int]:
-    """One tuple per distinct hour window (at most 25 x 25 of them), shared by records."""
-    window = (start, end)
-    if type(start) is int and type(end) is int and 0 <= start <= 24 and 0 <= end <= 24:
-        return _WINDOWS.setdefault(window, window)
-    return window
+def _key_sharing(cls: type[TaskRecord], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` in a dict that shares its class's table of keys.
 
-
-def _trusted_time(value: str | datetime, zone: tzinfo) -> datetime:
-    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        return parsed.replace(tzinfo=zone)
-    return parsed.astimezone(zone)
-
-
-_FIELD_COUNT = len(_FIELD_ORDER)
-_FIELD_ROW = itemgetter(*_FIELD_ORDER)
-_EARLIER_ORDER = _FIELD_ORDER[:-1]
-"""The fields of records saved before ``last_planned_time`` (the last field) was kept."""
-_EARLIER_ROW = itemgetter(*_EARLIER_ORDER)
-_SLOTS = ("__pydantic_fields_set__", "__pydantic_extra__", "__pydantic_private__")
-_SET_NAMES = (*_FIELD_ORDER, *_SLOTS)
-"""What :func:`_fields_only` sets on a record, in its order: every field, then pydantic's slots."""
-_NUMBERS = frozenset({int, float})
-_CHUNK = 256
-"""Records rebuilt together (see :func:`_rebuilt_all`)."""
-_SHARED_STRINGS = ("account_id", "account_name", "task_type", "sys_type")
-_SHARED_FIELDS = (*_SHARED_STRINGS, "interval")
-"""The fields :func:`_share_columns` may replace (``kwargs`` it changes in place)."""
-
-
-def _share_columns(columns: dict[str, Sequence[Any]], shared: dict[Any, Any]) -> None:
-    """Make the values of records being loaded (``columns``: each field's values, one per
-    record) reuse equal values of records loaded before them, kept in ``shared`` (each value
-    its own key); one loop in C per field, none in Python per record.
-
-    Account ids, names, task and system types, intervals and ``kwargs`` texts repeat across
-    tasks, and a file parser creates a new object for every occurrence; all of them are
-    immutable. A value is only shared with one of its own type (``3600`` is not ``3600.0``);
-    a ``kwargs`` text equal to a task id becomes that task id itself. ``kwargs`` are changed
-    in place, the other columns replaced.
+    CPython gives the dict of an instance made without attributes the class's shared table
+    of keys, and keeps it shared as items are added one by one, so a record's fields cost 8
+    bytes each instead of about 24. pydantic makes a plain dict; this moves it.
     """
-    setdefault = shared.setdefault
-    for name in _SHARED_STRINGS:
-        texts = columns[name]
-        columns[name] = list(map(setdefault, texts, texts))
-    intervals = columns["interval"]
-    found = list(map(setdefault, intervals, intervals))
-    if list(map(type, found)) != list(map(type, intervals)):  # 3600 met 3600.0 first
-        found = [
-            seen if type(seen) is type(own) else own
-            for seen, own in zip(found, intervals, strict=True)
-        ]
-    columns["interval"] = found
-    # Task ids first: a kwargs text equal to one (its own task's, usually) becomes it.
-    task_ids = columns["task_id"]
-    shared.update(zip(task_ids, task_ids, strict=True))
-    kwargs = columns["kwargs"]
-    values = list(chain.from_iterable(map(dict.values, kwargs)))
-    texts_at = list(map(isinstance, values, repeat(str)))
-    if all(texts_at):
-        merged: Iterator[Any] = iter(list(map(setdefault, values, values)))
-    else:
-        # Texts come back shared, other values as they were: each position takes the next
-        # value of its own kind (a bool indexes the pair).
-        texts = list(compress(values, texts_at))
-        kinds = (compress(values, map(not_, texts_at)), map(setdefault, texts, texts))
-        merged = map(next, map(kinds.__getitem__, texts_at))
-    # Each dict takes back as many values as it has keys, in its own key order; replacing the
-    # values of its keys while iterating over them never changes its size.
-    deque(
-        map(dict.update, kwargs, map(zip, kwargs, map(islice, repeat(merged), map(len, kwargs)))), 0
-    )
+    shared = object.__new__(cls).__dict__
+    shared.update(values.items())  # item by item: a whole dict would bring its own table
+    return shared
+
+
+# Fill the shared table with every field, in order, before the first record: CPython shrinks
+# the table it gives to instances made while the table is still filling.
+_key_sharing(TaskRecord, dict.fromkeys(TaskRecord.model_fields))
 
 
 def share_record_values(records: Sequence[TaskRecord], shared: dict[Any, Any]) -> None:
-    """Make records already built (validated, or changed at load) reuse equal values of
-    records loaded before them, kept in ``shared``, as :meth:`TaskRecord.rebuilt_all` does
-    as it builds them. They are the load's own until the load hands them out."""
-    if len(records) > _CHUNK:  # a few hundred at a time, as _rebuilt_all does
-        for start in range(0, len(records), _CHUNK):
-            share_record_values(records[start : start + _CHUNK], shared)
-        return
-    if not records:
-        return
-    columns: dict[str, Sequence[Any]] = {
-        name: list(map(attrgetter(name), records))
-        for name in (*_SHARED_FIELDS, "task_id", "kwargs")
-    }
-    _share_columns(columns, shared)
-    for name in _SHARED_FIELDS:
-        deque(map(_set, records, repeat(name), columns[name]), 0)
+    """Make ``records`` reuse equal values of records loaded before them, kept in ``shared``.
+
+    Account ids and names, task and system types, intervals, times and the texts in
+    ``kwargs`` repeat across tasks; a text equal to a task id becomes that task id. The
+    records are the load's own until it hands them out, so their values are replaced in
+    place. Validation does the same with ``context={"shared": shared}``.
+    """
+    for record in records:
+        _share(record.__dict__, shared)
 
 
-def _rebuilt_all(
-    cls: type[TaskRecord],
-    raws: Sequence[dict[str, Any]],
-    zone: tzinfo,
-    times: dict[str, datetime],
-    shared: dict[Any, Any] | None,
-) -> list[TaskRecord | None]:
-    """See :meth:`TaskRecord.rebuilt_all`."""
-    if len(raws) > _CHUNK:
-        # A few hundred at a time: each pass over a field then finds the records' objects
-        # still in the processor's cache (at 100,000 records, whole-store passes were a
-        # quarter slower than this).
-        made: list[TaskRecord | None] = []
-        for start in range(0, len(raws), _CHUNK):
-            made += _rebuilt_all(cls, raws[start : start + _CHUNK], zone, times, shared)
-        return made
-    if all(map(_FIELD_ORDER.__eq__, map(tuple, raws))):  # every field, in field order
-        rows = list(map(tuple, map(dict.values, raws)))
-        return list(_converted(cls, rows, [_NO_EXTRA] * len(rows), zone, times, shared))
-    made = [None] * len(raws)
-    at: list[int] = []
-    rows, extras = [], []
-    for index, raw in enumerate(raws):
-        keys = tuple(raw)
-        if keys[:_FIELD_COUNT] == _FIELD_ORDER:  # extras follow the fields
-            at.append(index)
-            rows.append(_FIELD_ROW(raw))
-            extras.append({key: raw[key] for key in keys[_FIELD_COUNT:]} or _NO_EXTRA)
-        elif keys[: _FIELD_COUNT - 1] == _EARLIER_ORDER and _FIELD_ORDER[-1] not in raw:
-            at.append(index)  # saved before the last field was kept: it is None
-            rows.append((*_EARLIER_ROW(raw), None))
-            extras.append({key: raw[key] for key in keys[_FIELD_COUNT - 1 :]} or _NO_EXTRA)
-    for index, record in zip(at, _converted(cls, rows, extras, zone, times, shared), strict=True):
-        made[index] = record
-    return made
+def _share(values: dict[str, Any], shared: dict[Any, Any]) -> None:
+    setdefault = shared.setdefault
+    values["task_id"] = setdefault(values["task_id"], values["task_id"])
+    for name in _SHARED_TEXTS:
+        text = values[name]
+        values[name] = setdefault(text, text)
+    for name in _TIMES:  # equal, in the same zone and fold: the same time, written alike
+        time = values[name]
+        if type(time) is datetime:
+            values[name] = setdefault((time, time.fold, time.tzinfo), time)
+    interval = values["interval"]  # 3600 and 3600.0 are equal, but not the same value
+    values["interval"] = setdefault((type(interval), interval), interval)
+    kwargs = values["kwargs"]
+    for key, value in kwargs.items():
+        if type(value) is str:
+            kwargs[key] = setdefault(value, value)
 
 
-def _converted(
-    cls: type[TaskRecord],
-    rows: list[tuple[Any, ...]],
-    extras: list[dict[str, Any]],
-    zone: tzinfo,
-    times: dict[str, datetime],
-    shared: dict[Any, Any] | None,
-) -> Sequence[TaskRecord | None]:
-    """The records of ``rows``, None for each that does not convert: when a batch does not,
-    each half is tried apart, down to the rows at fault."""
-    if not rows:
-        return []
-    try:
-        return _records(cls, rows, extras, zone, times, shared)
-    except Exception:  # whatever a value raises, its record is validated instead
-        if len(rows) == 1:
-            return [None]
-        half = len(rows) // 2
-        return [
-            *_converted(cls, rows[:half], extras[:half], zone, times, shared),
-            *_converted(cls, rows[half:], extras[half:], zone, times, shared),
-        ]
-
-
-def _records(
-    cls: type[TaskRecord],
-    rows: list[tuple[Any, ...]],
-    extras: list[dict[str, Any]],
-    zone: tzinfo,
-    times: dict[str, datetime],
-    shared: dict[Any, Any] | None,
-) -> list[TaskRecord]:
-    """The records of ``rows`` (every field's saved value, in field order), converted a field
-    at a time; raises if any value does not convert. Each distinct text (a time, a status,
-    an hour window, an end) is converted once, and records share what it converts to."""
-    count = len(rows)
-    columns: dict[str, Sequence[Any]] = dict(zip(_FIELD_ORDER, zip(*rows)))  # noqa: B905 - rows are whole
-    columns["status"] = list(map(_STATUSES.__getitem__, columns["status"]))
-    pairs = list(map(tuple, columns["valid_time_range"]))
-    windows = {pair: _shared_window(*pair) for pair in set(pairs)}
-    columns["valid_time_range"] = list(map(windows.__getitem__, pairs))
-    for name in _TIMES:
-        texts = columns[name]
-        for text in set(texts).difference(times):
-            if text is not None:
-                times[text] = _trusted_time(text, zone)
-        columns[name] = list(map(times.get, texts))
-    ends = columns["task_end_time"]
-    end_of: dict[Any, date | datetime | None] = {None: None}
-    for text in set(ends).difference(end_of):
-        end = parse_end_time(text)
-        end_of[text] = _trusted_time(end, zone) if isinstance(end, datetime) else end
-    columns["task_end_time"] = list(map(end_of.__getitem__, ends))
-    for name, model in _NESTED.items():
-        nested = columns[name]
-        if nested.count(None) != count:
-            columns[name] = [
-                None if value is None else model.model_validate(value) for value in nested
-            ]
-    if not _NUMBERS.issuperset(map(type, columns["interval"])) or set(
-        map(type, columns["kwargs"])
-    ) != {dict}:
-        raise TypeError("an interval is not a number, or kwargs not an object")
-    if shared is not None:
-        _share_columns(columns, shared)
-    records = list(map(_new, repeat(cls, count)))
-    # Filled record by record, each in field order, by loops in C (as _fields_only does);
-    # a setter bound to its record takes one argument tuple less per attribute.
-    rows_of = zip(*columns.values(), repeat(_ALL_FIELDS), extras, repeat(None))
-    deque(chain.from_iterable(map(map, map(_set.__get__, records), repeat(_SET_NAMES), rows_of)), 0)
-    return records
-
-
-_new = object.__new__
+_SHARED_TEXTS = ("account_id", "account_name", "task_type", "sys_type")
 
 
 # Fields added after the seed's format that only the dispatcher sets: host keywords keep

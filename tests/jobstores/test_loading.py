@@ -6,9 +6,10 @@ import logging
 import os
 import stat
 import sys
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
@@ -17,19 +18,23 @@ from helpers import (
     BACKENDS,
     SHANGHAI,
     Recorder,
-    has_instance_dict,
+    has_compact_fields,
     read_state,
     record,
     seed_file,
     seed_task,
     store_options,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from jobstores import JsonJobStore
-from jobstores.format import encode_document, encode_task
+from jobstores import JsonJobStore, loading
+from jobstores.format import decode_document, encode_document, encode_journal_line, encode_task
+from jobstores.loading import restore
 from scheduler import TaskDispatcher
 from scheduler.errors import NewerFormatError
-from tasks import TaskRecord, TaskStatus
+from tasks import TaskRecord, TaskStatus, lifecycle
+from tasks.schedule import Schedule
 
 NOW = datetime(2026, 1, 8, 10, 45, tzinfo=SHANGHAI)
 
@@ -384,8 +389,8 @@ def test_loaded_records_share_equal_values(tmp_path: Path, recorder: Recorder, k
         assert first.created_at.tzinfo is SHANGHAI
         again.start(BackgroundScheduler(timezone=SHANGHAI), "default")
         assert len(again.get_all_jobs()) == 4  # jobs read records as the scheduler does
-        if sys.implementation.name == "cpython":  # fields kept without an instance dict
-            assert not any(map(has_instance_dict, again.records()))
+        if sys.implementation.name == "cpython":  # fields kept in key-sharing dicts
+            assert all(map(has_compact_fields, again.records()))
     finally:
         again.close()
 
@@ -426,3 +431,151 @@ def test_validated_records_share_equal_values_too(tmp_path: Path, recorder: Reco
             assert other.next_execution_time is first.next_execution_time
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------------- pydantic's JSON path
+
+_ZONES = [SHANGHAI, ZoneInfo("America/New_York"), UTC]
+_JSON_TEXT = st.text(st.characters(codec="utf-8"), max_size=8)
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63) + 1, 2**63 - 1)
+    | _JSON_TEXT
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_JSON_TEXT, inner, max_size=3),
+    max_leaves=6,
+)
+_TIMES = st.datetimes(
+    min_value=datetime(1990, 1, 1),
+    max_value=datetime(2090, 1, 1),
+    timezones=st.sampled_from(_ZONES),
+)
+
+
+@st.composite
+def _saved_records(draw: st.DrawFn) -> dict[str, Any]:
+    """A record as this library saves it: every field drawn from what it may hold."""
+    task_id = draw(
+        st.text(st.characters(codec="utf-8", categories=("L", "N")), min_size=1, max_size=6)
+    )
+    start, end = draw(
+        st.tuples(st.integers(0, 24), st.integers(0, 24)).filter(
+            lambda pair: pair[0] != pair[1] and pair != (24, 0)
+        )
+    )
+    made = record(
+        task_id,
+        account=draw(st.sampled_from(["acc", "账号1", "a b"])),
+        at=draw(st.none() | _TIMES),
+        interval=draw(st.integers(1, 10**6) | st.floats(1.5, 10**6).filter(lambda f: f % 1)),
+        valid_time_range=(start, end),
+        status=draw(st.sampled_from(list(TaskStatus))),
+        task_end_time=draw(st.none() | st.dates() | _TIMES),
+        last_execution_time=draw(st.none() | _TIMES),
+        created_at=draw(_TIMES),
+        run_count=draw(st.integers(0, 10**9)),
+        kwargs={
+            "task_id": task_id,
+            **draw(st.dictionaries(st.sampled_from(["q", "n", "nested"]), _JSON_VALUES)),
+        },
+        **draw(st.dictionaries(st.sampled_from(["note", "comment"]), _JSON_VALUES, max_size=1)),
+    )
+    return made.to_json_dict()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(saved=st.lists(_saved_records(), min_size=1, max_size=4), zone=st.sampled_from(_ZONES))
+def test_records_loaded_from_a_sealed_file_are_the_validated_ones(
+    saved: list[dict[str, Any]], zone: ZoneInfo
+) -> None:
+    # The one load path of a sealed file (pydantic's JSON path, equal values shared)
+    # makes exactly the records that validating each saved object makes.
+    data = b"".join(encode_document(map(encode_task, saved), {}, NOW, "UTC", sealed=True))
+    document = decode_document(data, Path("dispatch_config.json"), defer_tasks=True)
+    assert document.trusted
+    assert document.tasks_deferred
+    assert document.tasks == []
+    restored = restore(
+        document.tasks, zone, now=NOW, trusted=lambda raw: True, sealed=document.sealed_tasks
+    )
+    assert restored.kept == [] or len({raw["task_id"] for raw in saved}) < len(saved)
+    validated: dict[str, TaskRecord] = {}
+    for raw in saved:
+        validated.setdefault(raw["task_id"], TaskRecord.model_validate(raw, context={"zone": zone}))
+    for loaded in restored.records:
+        expected = lifecycle.loaded(validated[loaded.task_id], Schedule.of(loaded, zone), NOW)
+        assert loaded == expected
+        assert loaded.model_extra == expected.model_extra
+        for name, value in expected.__dict__.items():
+            assert type(getattr(loaded, name)) is type(value), name
+            if isinstance(value, datetime):
+                assert getattr(loaded, name).tzinfo is zone, name
+
+
+def test_a_sealed_file_is_parsed_once(tmp_path: Path, recorder: Recorder) -> None:
+    saved = [record(f"t{i}", at=NOW).to_json_dict() for i in range(3)]
+    data = b"".join(
+        encode_document(map(encode_task, saved), {"acc": ["t0", "t1", "t2"]}, NOW, sealed=True)
+    )
+    path = tmp_path / "dispatch_config.json"
+    path.write_bytes(data)
+    whole = decode_document(data, path)
+    deferred = decode_document(data, path, defer_tasks=True)
+    assert (deferred.tasks, whole.tasks_deferred, whole.sealed_tasks) == ([], False, None)
+    assert orjson.loads(deferred.sealed_tasks or b"") == whole.tasks
+    for name in ("version", "saved_at", "timezone", "account_tasks", "extra", "journal_seq"):
+        assert getattr(deferred, name) == getattr(whole, name), name
+    parses = []
+    original = orjson.loads
+
+    def counted(text: Any) -> Any:
+        parses.append(len(text))
+        return original(text)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(orjson, "loads", counted)
+        store = open_store(tmp_path, recorder)
+    try:
+        assert [r.task_id for r in store.records()] == ["t0", "t1", "t2"]
+        assert max(parses) < len(data) // 2  # the frame alone: never the tasks
+        assert deferred.parse_tasks() == whole.tasks
+    finally:
+        store.close()
+
+
+def test_a_record_refused_at_load_is_kept_as_read_from_a_sealed_file(tmp_path: Path) -> None:
+    # Valid, but its manager cannot be created: kept unrestored, exactly as the file holds it.
+    saved = [record(f"t{i}", at=NOW).to_json_dict() for i in range(3)]
+    saved[1]["kwargs"]["fail_create"] = True
+    data = b"".join(encode_document(map(encode_task, saved), {}, NOW, sealed=True))
+    path = tmp_path / "dispatch_config.json"
+    path.write_bytes(data)
+    document = decode_document(data, path, defer_tasks=True)
+
+    def accept(made: TaskRecord) -> None:
+        if made.kwargs.get("fail_create"):
+            raise ValueError("the factory refused it")
+
+    restored = restore(
+        document.tasks, SHANGHAI, now=NOW, accept=accept, sealed=document.sealed_tasks
+    )
+    assert [r.task_id for r in restored.records] == ["t0", "t2"]
+    assert restored.kept == [(saved[1], "t1")]
+
+
+def test_a_journal_put_on_a_sealed_file_loads_the_put_record(tmp_path: Path) -> None:
+    saved = [record(f"t{i}", at=NOW).to_json_dict() for i in range(3)]
+    data = b"".join(encode_document(map(encode_task, saved), {}, NOW, sealed=True))
+    (tmp_path / "dispatch_config.json").write_bytes(data)
+    put = {**saved[1], "run_count": 7}
+    (tmp_path / f"{loading.JOURNAL_PREFIX}{1:012d}").write_bytes(
+        encode_journal_line(1, "put", put, commit=True)
+    )
+    document, _, journal = loading.read_state(tmp_path, repair=False, defer_tasks=True)
+    assert document is not None
+    assert journal.lines == 1
+    assert not document.tasks_deferred  # parsed to fold the journal in
+    assert document.sealed_tasks is None  # its tasks are not the sealed ones any more
+    restored = restore(document.tasks, SHANGHAI, now=NOW, trusted=lambda raw: True)
+    assert [r.run_count for r in restored.records] == [0, 7, 0]
