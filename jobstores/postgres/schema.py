@@ -18,6 +18,7 @@ from jobstores.postgres.errors import NewerSchemaError
 
 __all__ = [
     "DDL",
+    "FEW",
     "GAP",
     "LOCK_CLASS",
     "MIGRATIONS",
@@ -40,6 +41,11 @@ GAP = 1 << 20
 """The distance between neighbouring positions of an account's order as written whole: a
 task moved between two neighbours takes the middle, and an account whose gap is used up is
 numbered afresh."""
+
+FEW = 32
+"""A change of more tasks than this is applied set-wise (a statement per kind of change for
+all of them: a bulk add of 100,000 tasks is a few statements); of fewer, or when a task id
+repeats or an account both loses and gains a task, one task after the other."""
 
 STALE_SQLSTATE = "TD001"
 """The SQLSTATE ``td_commit`` raises when the committer's epoch is not the cluster's (its
@@ -212,6 +218,91 @@ BEGIN
     UPDATE td_order SET pos = place WHERE cluster = c AND account_id = a AND task_id = t;
 END
 $$;
+CREATE OR REPLACE FUNCTION td_change_each(
+    c text, ids text[], accounts text[], texts text[], sealed_flags boolean[]
+) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    was text;
+    u record;
+BEGIN
+    FOR u IN SELECT * FROM unnest(ids, accounts, texts, sealed_flags) WITH ORDINALITY
+             AS x(id, acc, txt, seal, i) ORDER BY i
+    LOOP
+        SELECT account_id INTO was FROM td_tasks WHERE cluster = c AND task_id = u.id;
+        IF u.acc IS NULL THEN
+            DELETE FROM td_tasks WHERE cluster = c AND task_id = u.id;
+            IF was IS NOT NULL THEN
+                PERFORM td_unlist(c, was, u.id);
+            END IF;
+        ELSE
+            INSERT INTO td_tasks (cluster, task_id, account_id, record, record_text, sealed)
+            VALUES (c, u.id, u.acc, u.txt::jsonb, u.txt, u.seal)
+            ON CONFLICT (cluster, task_id) DO UPDATE SET
+                account_id = excluded.account_id, record = excluded.record,
+                record_text = excluded.record_text, sealed = excluded.sealed;
+            IF was IS DISTINCT FROM u.acc THEN
+                IF was IS NOT NULL THEN
+                    PERFORM td_unlist(c, was, u.id);
+                END IF;
+                PERFORM td_append(c, u.acc, u.id);
+            END IF;
+        END IF;
+    END LOOP;
+END
+$$;
+CREATE OR REPLACE FUNCTION td_change_all(
+    c text, ids text[], accounts text[], texts text[], sealed_flags boolean[]
+) RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    olds text[];
+BEGIN
+    IF (SELECT count(DISTINCT id) FROM unnest(ids) AS x(id)) <> cardinality(ids) THEN
+        RETURN false;
+    END IF;
+    SELECT array_agg(t.account_id ORDER BY x.i) INTO olds
+    FROM unnest(ids) WITH ORDINALITY AS x(id, i)
+    LEFT JOIN td_tasks AS t ON t.cluster = c AND t.task_id = x.id;
+    IF EXISTS (SELECT FROM unnest(accounts, olds) AS x(acc, was)
+               WHERE was IS NOT NULL AND was IS DISTINCT FROM acc
+                 AND was IN (SELECT y.acc FROM unnest(accounts, olds) AS y(acc, was)
+                             WHERE y.acc IS NOT NULL AND y.acc IS DISTINCT FROM y.was)) THEN
+        RETURN false;  -- an account both loses and gains a task: applied one by one
+    END IF;
+    DELETE FROM td_tasks AS t USING unnest(ids, accounts) AS x(id, acc)
+    WHERE x.acc IS NULL AND t.cluster = c AND t.task_id = x.id;
+    INSERT INTO td_tasks (cluster, task_id, account_id, record, record_text, sealed)
+    SELECT c, id, acc, txt::jsonb, txt, seal
+    FROM unnest(ids, accounts, texts, sealed_flags) WITH ORDINALITY AS x(id, acc, txt, seal, i)
+    WHERE acc IS NOT NULL ORDER BY i
+    ON CONFLICT (cluster, task_id) DO UPDATE SET
+        account_id = excluded.account_id, record = excluded.record,
+        record_text = excluded.record_text, sealed = excluded.sealed;
+    DELETE FROM td_order AS o USING unnest(ids, accounts, olds) AS x(id, acc, was)
+    WHERE x.was IS NOT NULL AND x.was IS DISTINCT FROM x.acc
+      AND o.cluster = c AND o.account_id = x.was AND o.task_id = x.id;
+    DELETE FROM td_accounts AS a
+    WHERE a.cluster = c
+      AND a.account_id IN (SELECT was FROM unnest(accounts, olds) AS x(acc, was)
+                           WHERE was IS NOT NULL AND was IS DISTINCT FROM acc)
+      AND NOT EXISTS (SELECT FROM td_order AS o
+                      WHERE o.cluster = c AND o.account_id = a.account_id);
+    INSERT INTO td_accounts (cluster, account_id)
+    SELECT c, acc FROM unnest(accounts, olds) WITH ORDINALITY AS x(acc, was, i)
+    WHERE acc IS NOT NULL AND acc IS DISTINCT FROM was
+    GROUP BY acc ORDER BY min(i)
+    ON CONFLICT DO NOTHING;
+    INSERT INTO td_order (cluster, account_id, task_id, pos)
+    SELECT c, x.acc, x.id,
+           coalesce(m.top, 0) + {gap} * row_number() OVER (PARTITION BY x.acc ORDER BY x.i)
+    FROM unnest(ids, accounts, olds) WITH ORDINALITY AS x(id, acc, was, i)
+    LEFT JOIN (SELECT account_id, max(pos) AS top FROM td_order
+               WHERE cluster = c AND account_id = ANY (accounts) GROUP BY account_id) AS m
+           ON m.account_id = x.acc
+    WHERE x.acc IS NOT NULL AND x.acc IS DISTINCT FROM x.was
+    ON CONFLICT DO NOTHING;
+    RETURN true;
+END
+$$;
 CREATE OR REPLACE FUNCTION td_commit(
     c text, holder_id text, epoch_of bigint, stamp text, tz_name text, extra_text text,
     ids text[], accounts text[], texts text[], sealed_flags boolean[],
@@ -220,8 +311,6 @@ CREATE OR REPLACE FUNCTION td_commit(
 DECLARE
     found_epoch bigint;
     found_holder text;
-    was text;
-    i integer;
     item jsonb;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared({lock}, hashtext(c));
@@ -235,27 +324,13 @@ BEGIN
     VALUES (c, stamp, tz_name, extra_text)
     ON CONFLICT (cluster) DO UPDATE SET
         saved_at = excluded.saved_at, timezone = excluded.timezone, extra = excluded.extra;
-    FOR i IN 1 .. coalesce(cardinality(ids), 0) LOOP
-        SELECT account_id INTO was FROM td_tasks WHERE cluster = c AND task_id = ids[i];
-        IF accounts[i] IS NULL THEN
-            DELETE FROM td_tasks WHERE cluster = c AND task_id = ids[i];
-            IF was IS NOT NULL THEN
-                PERFORM td_unlist(c, was, ids[i]);
-            END IF;
-        ELSE
-            INSERT INTO td_tasks (cluster, task_id, account_id, record, record_text, sealed)
-            VALUES (c, ids[i], accounts[i], texts[i]::jsonb, texts[i], sealed_flags[i])
-            ON CONFLICT (cluster, task_id) DO UPDATE SET
-                account_id = excluded.account_id, record = excluded.record,
-                record_text = excluded.record_text, sealed = excluded.sealed;
-            IF was IS DISTINCT FROM accounts[i] THEN
-                IF was IS NOT NULL THEN
-                    PERFORM td_unlist(c, was, ids[i]);
-                END IF;
-                PERFORM td_append(c, accounts[i], ids[i]);
-            END IF;
+    IF coalesce(cardinality(ids), 0) > {few} THEN
+        IF NOT td_change_all(c, ids, accounts, texts, sealed_flags) THEN
+            PERFORM td_change_each(c, ids, accounts, texts, sealed_flags);
         END IF;
-    END LOOP;
+    ELSIF cardinality(ids) > 0 THEN
+        PERFORM td_change_each(c, ids, accounts, texts, sealed_flags);
+    END IF;
     FOR item IN SELECT value FROM jsonb_array_elements(orders) WITH ORDINALITY ORDER BY ordinality
     LOOP
         PERFORM td_set_order(c, item->>0, item->1);
@@ -272,6 +347,7 @@ $$;
 """
 DDL = (
     DDL.replace("{gap}", str(GAP))
+    .replace("{few}", str(FEW))
     .replace("{lock}", str(LOCK_CLASS))
     .replace("{stale}", STALE_SQLSTATE)
 )

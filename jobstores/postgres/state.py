@@ -111,13 +111,6 @@ class StoredState:
         )
 
 
-# Every restored task in one row: the file's lines as one JSON array (parsed in one call),
-# their number, and the places (from 1) of those not sealed.
-_TASKS = """
-SELECT '[' || string_agg(record_text, ',' ORDER BY seq) || ']', count(*),
-       array_positions(array_agg(sealed ORDER BY seq), false)
-FROM td_tasks WHERE cluster = %s
-"""
 _ORDERS = """
 SELECT a.account_id, array_agg(o.task_id ORDER BY o.pos)
 FROM td_accounts AS a JOIN td_order AS o USING (cluster, account_id)
@@ -248,27 +241,32 @@ class PostgresState:
             try:
                 connection = self._conn()
                 with connection.transaction():
-                    connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    # Every row in the order of the file: read along td_tasks_order, not
+                    # sorted afterwards (a sort of every record spills to disk).
+                    connection.execute(
+                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY; "
+                        "SET LOCAL enable_sort = off"
+                    )
                     meta = connection.execute(
                         "SELECT saved_at, timezone, extra FROM td_clusters WHERE cluster = %s",
                         cluster,
                     ).fetchone()
-                    found = connection.execute(_TASKS, cluster).fetchone()
+                    rows = connection.execute(
+                        "SELECT record_text, sealed FROM td_tasks WHERE cluster = %s ORDER BY seq",
+                        cluster,
+                    ).fetchall()
                     kept = connection.execute(
                         "SELECT raw FROM td_kept WHERE cluster = %s ORDER BY seq", cluster
                     ).fetchall()
                     accounts = connection.execute(_ORDERS, cluster).fetchall()
             except psycopg.Error as exc:
                 raise self._failed("loading", exc) from exc
-        tasks, count, unsealed = found if found is not None else (None, 0, None)
-        if meta is None and not count and not kept:
+        if meta is None and not rows and not kept:
             return None
         saved_at, zone, extra = meta if meta is not None else (None, None, "{}")
         kept_raws = [json.loads(raw) for (raw,) in kept]
-        sealed = [True] * count
-        for position in unsealed or ():
-            sealed[position - 1] = False
-        restored: list[Any] = orjson.loads(tasks) if count else []
+        loads = orjson.loads
+        restored = [loads(text) for text, _ in rows]
         return StoredState(
             tasks=[*restored, *kept_raws],
             account_tasks=dict(accounts),
@@ -276,7 +274,7 @@ class PostgresState:
             extra=json.loads(extra),
             timezone=zone,
             saved_at=saved_at,
-            sealed=sealed,
+            sealed=[sealed for _, sealed in rows],
         )
 
     def applied_runs(self, run_ids: Iterable[str]) -> set[tuple[str, str]]:
