@@ -111,6 +111,30 @@ class StoredState:
         )
 
 
+_TASKS = "SELECT record_text, sealed FROM td_tasks WHERE cluster = %s ORDER BY seq"
+_BATCH = 4096
+"""Rows a load receives at a time: each batch is parsed while the server reads the next."""
+
+
+def _read_tasks(
+    connection: psycopg.Connection[Any], cluster: tuple[str]
+) -> tuple[list[Any], list[bool]]:
+    """Every restored task's object (parsed) and whether it is sealed, in file order."""
+    loads = orjson.loads
+    tasks: list[Any] = []
+    sealed: list[bool] = []
+    add_task, add_sealed = tasks.append, sealed.append
+    with connection.cursor() as cursor:
+        if psycopg.pq.version() >= 170000:  # libpq 17 streams rows in batches
+            rows: Iterable[tuple[str, bool]] = cursor.stream(_TASKS, cluster, size=_BATCH)
+        else:
+            rows = cursor.execute(_TASKS, cluster).fetchall()
+        for text, is_sealed in rows:
+            add_task(loads(text))
+            add_sealed(is_sealed)
+    return tasks, sealed
+
+
 _ORDERS = """
 SELECT a.account_id, array_agg(o.task_id ORDER BY o.pos)
 FROM td_accounts AS a JOIN td_order AS o USING (cluster, account_id)
@@ -251,22 +275,17 @@ class PostgresState:
                         "SELECT saved_at, timezone, extra FROM td_clusters WHERE cluster = %s",
                         cluster,
                     ).fetchone()
-                    rows = connection.execute(
-                        "SELECT record_text, sealed FROM td_tasks WHERE cluster = %s ORDER BY seq",
-                        cluster,
-                    ).fetchall()
+                    restored, sealed = _read_tasks(connection, cluster)
                     kept = connection.execute(
                         "SELECT raw FROM td_kept WHERE cluster = %s ORDER BY seq", cluster
                     ).fetchall()
                     accounts = connection.execute(_ORDERS, cluster).fetchall()
             except psycopg.Error as exc:
                 raise self._failed("loading", exc) from exc
-        if meta is None and not rows and not kept:
+        if meta is None and not restored and not kept:
             return None
         saved_at, zone, extra = meta if meta is not None else (None, None, "{}")
         kept_raws = [json.loads(raw) for (raw,) in kept]
-        loads = orjson.loads
-        restored = [loads(text) for text, _ in rows]
         return StoredState(
             tasks=[*restored, *kept_raws],
             account_tasks=dict(accounts),
@@ -274,7 +293,7 @@ class PostgresState:
             extra=json.loads(extra),
             timezone=zone,
             saved_at=saved_at,
-            sealed=[sealed for _, sealed in rows],
+            sealed=sealed,
         )
 
     def applied_runs(self, run_ids: Iterable[str]) -> set[tuple[str, str]]:
