@@ -295,9 +295,10 @@ BEGIN
     SELECT c, x.acc, x.id,
            coalesce(m.top, 0) + {gap} * row_number() OVER (PARTITION BY x.acc ORDER BY x.i)
     FROM unnest(ids, accounts, olds) WITH ORDINALITY AS x(id, acc, was, i)
-    LEFT JOIN (SELECT account_id, max(pos) AS top FROM td_order
-               WHERE cluster = c AND account_id = ANY (accounts) GROUP BY account_id) AS m
-           ON m.account_id = x.acc
+    LEFT JOIN (SELECT a.acc, (SELECT max(pos) FROM td_order AS o
+                              WHERE o.cluster = c AND o.account_id = a.acc) AS top
+               FROM (SELECT DISTINCT acc FROM unnest(accounts) AS y(acc)) AS a) AS m
+           ON m.acc = x.acc
     WHERE x.acc IS NOT NULL AND x.acc IS DISTINCT FROM x.was
     ON CONFLICT DO NOTHING;
     RETURN true;

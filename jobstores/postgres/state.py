@@ -152,6 +152,9 @@ _COMMIT = """
 SELECT td_commit(%s, %s, %s, %s, %s, %s, %s::text[], %s::text[], %s::text[], %s::boolean[],
                  %s::jsonb, %s::jsonb, %s::jsonb)
 """
+_CHUNK = 10_000
+"""Most task changes one ``td_commit`` statement carries (a change of more is a transaction
+of several statements)."""
 _APPLIED = """
 INSERT INTO td_applied_runs (cluster, run_id, kind) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING
 """
@@ -398,15 +401,26 @@ class PostgresState:
                             self._applied(cursor, applied)
                             self._record(cursor, runs)
                     return
-                change = _change(fence, stamp, timezone, extra_text, changes, orders, moves)
-                change.append(orjson.dumps(list(applied)).decode())
+                pairs = list(changes)
                 history = list(runs)
-                if not history:
+                last = _statement(
+                    fence, stamp, timezone, extra_text, pairs[-_CHUNK:], orders, moves, applied
+                )
+                if len(pairs) <= _CHUNK and not history:
                     # One statement, one implicit transaction, one round trip.
-                    connection.execute(_COMMIT, change)
+                    connection.execute(_COMMIT, last)
                     return
                 with connection.transaction(), connection.cursor() as cursor:
-                    cursor.execute(_COMMIT, change)
+                    # A change of very many tasks: a statement per chunk of them (each
+                    # statement is bounded by the connection's statement timeout).
+                    firsts = len(pairs) - len(pairs[-_CHUNK:])
+                    for at in range(0, firsts, _CHUNK):
+                        chunk = pairs[at : min(at + _CHUNK, firsts)]
+                        cursor.execute(
+                            _COMMIT,
+                            _statement(fence, stamp, timezone, extra_text, chunk, {}, (), ()),
+                        )
+                    cursor.execute(_COMMIT, last)
                     self._record(cursor, history)
             except psycopg.Error as exc:
                 if exc.sqlstate == STALE_SQLSTATE:
@@ -461,16 +475,17 @@ class PostgresState:
             cursor.executemany(_FINISHED, finished)
 
 
-def _change(
+def _statement(
     fence: Fence,
     stamp: str,
     timezone: str | None,
     extra_text: str,
-    changes: Iterable[tuple[str, TaskRow | None]],
+    changes: Sequence[tuple[str, TaskRow | None]],
     orders: dict[str, list[str]] | None,
     moves: Iterable[tuple[str, str, str | None]],
+    applied: Iterable[tuple[str, str]],
 ) -> list[Any]:
-    """The parameters of :data:`_COMMIT` but the applied run events (the last one)."""
+    """The parameters of :data:`_COMMIT`."""
     ids: list[str] = []
     accounts: list[str | None] = []
     texts: list[str | None] = []
@@ -498,6 +513,7 @@ def _change(
         sealed,
         orjson.dumps(list((orders or {}).items())).decode(),
         orjson.dumps(list(moves)).decode(),
+        orjson.dumps(list(applied)).decode(),
     ]
 
 

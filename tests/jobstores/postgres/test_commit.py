@@ -349,3 +349,36 @@ def test_a_version_1_database_is_migrated_in_place_and_exports_the_same_bytes(
         moved = connection.execute("SELECT to_regproc('td_moved')").fetchone()
     assert columns == {"cluster", "account_id", "seq"}
     assert moved == (None,)
+
+
+def test_a_change_of_very_many_tasks_is_one_transaction_of_several_statements(
+    traced: tuple[PostgresState, Traced], fence: Fence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobstores.postgres import state as state_module
+
+    state, connections = traced
+    monkeypatch.setattr(state_module, "_CHUNK", 7)
+    commit(state, fence, full=FullState([TaskRow.of(record("a"))], [], {"acc": ["a"]}))
+    rows = [TaskRow.of(record(f"t{i}", account="ab"[i % 2])) for i in range(30)]
+    trips = connections.round_trips(
+        lambda: commit(
+            state,
+            fence,
+            changes=[(row.task_id, row) for row in rows] + [("a", None), ("t3", None)],
+            moves=[("b", "t5", "t1")],
+            applied=[("r1", "started")],
+        )
+    )
+    assert trips == 2 + 5  # BEGIN, COMMIT and a statement per 7 changes
+    stored = state.load()
+    assert stored is not None
+    assert stored.account_tasks == {
+        "a": [f"t{i}" for i in range(0, 30, 2)],
+        "b": ["t5", *(f"t{i}" for i in range(1, 30, 2) if i not in (3, 5))],
+    }
+    assert state.applied_runs(["r1"]) == {("r1", "started")}
+    # Refused whole for a stale epoch: the first statement already refuses.
+    stale = Fence(fence.cluster, fence.holder, fence.epoch - 1)
+    with pytest.raises(StaleLeaderError):
+        commit(state, stale, changes=[(row.task_id, None) for row in rows])
+    assert state.load() == stored
