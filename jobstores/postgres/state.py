@@ -3,8 +3,10 @@
 :class:`PostgresState` speaks plain data: task rows (:class:`TaskRow`, the record as the
 state file holds it), raw kept records, account orders, run events. Each
 :meth:`~PostgresState.commit` is one transaction that first checks the committer's fencing
-epoch (:func:`jobstores.postgres.lease.check_fence`): it applies whole, or (raising) not at
-all. :meth:`~PostgresState.load` reads one consistent snapshot and returns what the JSON
+epoch: it applies whole, or (raising) not at all. A change is one statement, so one round
+trip (``td_commit``, which checks the epoch in the database, see
+:mod:`jobstores.postgres.schema`); a whole state written at once is a transaction that checks
+it with :func:`jobstores.postgres.lease.check_fence`. :meth:`~PostgresState.load` reads one consistent snapshot and returns what the JSON
 loader returns for ``dispatch_config.json`` (:class:`StoredState`, or its
 :class:`~jobstores.format.Document`).
 """
