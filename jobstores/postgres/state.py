@@ -6,9 +6,9 @@ state file holds it), raw kept records, account orders, run events. Each
 epoch: it applies whole, or (raising) not at all. A change is one statement, so one round
 trip (``td_commit``, which checks the epoch in the database, see
 :mod:`jobstores.postgres.schema`); a whole state written at once is a transaction that checks
-it with :func:`jobstores.postgres.lease.check_fence`. :meth:`~PostgresState.load` reads one consistent snapshot and returns what the JSON
-loader returns for ``dispatch_config.json`` (:class:`StoredState`, or its
-:class:`~jobstores.format.Document`).
+it with :func:`jobstores.postgres.lease.check_fence`. :meth:`~PostgresState.load` reads one
+consistent snapshot and returns what the JSON loader returns for ``dispatch_config.json``
+(:class:`StoredState`, or its :class:`~jobstores.format.Document`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
+from operator import gt
 from typing import Any
 
 import orjson
@@ -113,7 +115,9 @@ class StoredState:
         )
 
 
-_TASKS = "SELECT record_text, sealed FROM td_tasks WHERE cluster = %s ORDER BY seq"
+# In the order the server finds the rows (no sort of every record there, which spills to
+# disk at 100,000 tasks): put in file order here.
+_TASKS = "SELECT seq, record_text, sealed FROM td_tasks WHERE cluster = %s"
 _BATCH = 4096
 """Rows a load receives at a time: each batch is parsed while the server reads the next."""
 
@@ -123,17 +127,23 @@ def _read_tasks(
 ) -> tuple[list[Any], list[bool]]:
     """Every restored task's object (parsed) and whether it is sealed, in file order."""
     loads = orjson.loads
+    seqs: list[int] = []
     tasks: list[Any] = []
     sealed: list[bool] = []
-    add_task, add_sealed = tasks.append, sealed.append
+    add_seq, add_task, add_sealed = seqs.append, tasks.append, sealed.append
     with connection.cursor() as cursor:
         if psycopg.pq.version() >= 170000:  # libpq 17 streams rows in batches
-            rows: Iterable[tuple[str, bool]] = cursor.stream(_TASKS, cluster, size=_BATCH)
+            rows: Iterable[tuple[int, str, bool]] = cursor.stream(_TASKS, cluster, size=_BATCH)
         else:
             rows = cursor.execute(_TASKS, cluster).fetchall()
-        for text, is_sealed in rows:
+        for seq, text, is_sealed in rows:
+            add_seq(seq)
             add_task(loads(text))
             add_sealed(is_sealed)
+    if any(map(gt, seqs, islice(seqs, 1, None))):
+        order = sorted(range(len(seqs)), key=seqs.__getitem__)
+        tasks = [tasks[i] for i in order]
+        sealed = [sealed[i] for i in order]
     return tasks, sealed
 
 
@@ -270,12 +280,7 @@ class PostgresState:
             try:
                 connection = self._conn()
                 with connection.transaction():
-                    # Every row in the order of the file: read along td_tasks_order, not
-                    # sorted afterwards (a sort of every record spills to disk).
-                    connection.execute(
-                        "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY; "
-                        "SET LOCAL enable_sort = off"
-                    )
+                    connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     meta = connection.execute(
                         "SELECT saved_at, timezone, extra FROM td_clusters WHERE cluster = %s",
                         cluster,
