@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import tempfile
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def test_a_commit_of_a_change_is_one_round_trip(
         {"changes": [(f"n{i}", TaskRow.of(record(f"n{i}"))) for i in range(FEW + 5)]},  # many
     ]
     for change in changes:
-        assert connections.round_trips(lambda change=change: commit(state, fence, **change)) == 1
+        assert connections.round_trips(partial(commit, state, fence, **change)) == 1
     stored = state.load()
     assert stored is not None
     assert stored.account_tasks == {"acc": ["b", *(f"n{i}" for i in range(FEW + 5))]}
