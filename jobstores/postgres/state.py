@@ -147,6 +147,17 @@ def _read_tasks(
     return tasks, sealed
 
 
+_ACCOUNTS = """
+INSERT INTO td_accounts (cluster, account_id)
+SELECT %s, x.o->>0 FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(o, i) ORDER BY x.i
+"""
+_ORDER = f"""
+INSERT INTO td_order (cluster, account_id, task_id, pos)
+SELECT %s, x.o->>0, e.id, e.n * {GAP}
+FROM jsonb_array_elements(%s::jsonb) AS x(o),
+     jsonb_array_elements_text(x.o->1) WITH ORDINALITY AS e(id, n)
+ON CONFLICT DO NOTHING
+"""
 _ORDERS = """
 SELECT a.account_id, array_agg(o.task_id ORDER BY o.pos)
 FROM td_accounts AS a JOIN td_order AS o USING (cluster, account_id)
@@ -457,15 +468,11 @@ class PostgresState:
                 copy.write_row(
                     (cluster, task_id if isinstance(task_id, str) else None, verbatim(raw))
                 )
-        orders = [(account, dict.fromkeys(ids)) for account, ids in full.account_tasks.items()]
-        with cursor.copy("COPY td_accounts (cluster, account_id) FROM STDIN") as copy:
-            for account, ids in orders:
-                if ids:
-                    copy.write_row((cluster, account))
-        with cursor.copy("COPY td_order (cluster, account_id, task_id, pos) FROM STDIN") as copy:
-            for account, ids in orders:
-                for place, task_id in enumerate(ids, 1):
-                    copy.write_row((cluster, account, task_id, place * GAP))
+        # Every account's order in one parameter, laid out by the server (an id listed twice
+        # keeps its first place; an account without ids is not stored).
+        orders = orjson.dumps([[a, ids] for a, ids in full.account_tasks.items() if ids]).decode()
+        cursor.execute(_ACCOUNTS, (cluster, orders))
+        cursor.execute(_ORDER, (cluster, orders))
 
     def _record(
         self, cursor: psycopg.Cursor[Any], runs: Iterable[tuple[RunRequest, RunEvent]]
