@@ -118,28 +118,17 @@ class StoredState:
 # In the order the server finds the rows (no sort of every record there, which spills to
 # disk at 100,000 tasks): put in file order here.
 _TASKS = "SELECT seq, record_text, sealed FROM td_tasks WHERE cluster = %s"
-_BATCH = 4096
-"""Rows a load receives at a time: each batch is parsed while the server reads the next."""
 
 
 def _read_tasks(
     connection: psycopg.Connection[Any], cluster: tuple[str]
 ) -> tuple[list[Any], list[bool]]:
     """Every restored task's object (parsed) and whether it is sealed, in file order."""
+    rows = connection.execute(_TASKS, cluster).fetchall()
     loads = orjson.loads
-    seqs: list[int] = []
-    tasks: list[Any] = []
-    sealed: list[bool] = []
-    add_seq, add_task, add_sealed = seqs.append, tasks.append, sealed.append
-    with connection.cursor() as cursor:
-        if psycopg.pq.version() >= 170000:  # libpq 17 streams rows in batches
-            rows: Iterable[tuple[int, str, bool]] = cursor.stream(_TASKS, cluster, size=_BATCH)
-        else:
-            rows = cursor.execute(_TASKS, cluster).fetchall()
-        for seq, text, is_sealed in rows:
-            add_seq(seq)
-            add_task(loads(text))
-            add_sealed(is_sealed)
+    tasks = [loads(text) for _, text, _ in rows]
+    sealed = [is_sealed for _, _, is_sealed in rows]
+    seqs = [seq for seq, _, _ in rows]
     if any(map(gt, seqs, islice(seqs, 1, None))):
         order = sorted(range(len(seqs)), key=seqs.__getitem__)
         tasks = [tasks[i] for i in order]
