@@ -3,10 +3,12 @@
 :class:`PostgresState` speaks plain data: task rows (:class:`TaskRow`, the record as the
 state file holds it), raw kept records, account orders, run events. Each
 :meth:`~PostgresState.commit` is one transaction that first checks the committer's fencing
-epoch (:func:`jobstores.postgres.lease.check_fence`): it applies whole, or (raising) not at
-all. :meth:`~PostgresState.load` reads one consistent snapshot and returns what the JSON
-loader returns for ``dispatch_config.json`` (:class:`StoredState`, or its
-:class:`~jobstores.format.Document`).
+epoch: it applies whole, or (raising) not at all. A change is one statement, so one round
+trip (``td_commit``, which checks the epoch in the database, see
+:mod:`jobstores.postgres.schema`); a whole state written at once is a transaction that checks
+it with :func:`jobstores.postgres.lease.check_fence`. :meth:`~PostgresState.load` reads one
+consistent snapshot and returns what the JSON loader returns for ``dispatch_config.json``
+(:class:`StoredState`, or its :class:`~jobstores.format.Document`).
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
+from operator import gt
 from typing import Any
 
 import orjson
 import psycopg
 
 from jobstores.format import FORMAT_VERSION, Document
-from jobstores.postgres.errors import PostgresStoreError, describe
+from jobstores.postgres.errors import PostgresStoreError, StaleLeaderError, describe
 from jobstores.postgres.lease import DEFAULT_CLUSTER, Fence, check_fence
-from jobstores.postgres.schema import ensure_schema
+from jobstores.postgres.schema import GAP, STALE_SQLSTATE, ensure_schema
 from tasks.model import TaskRecord, json_default
 from tasks.runs import RunEvent, RunEventKind, RunRequest
 
@@ -111,44 +115,58 @@ class StoredState:
         )
 
 
+# In the order the server finds the rows (no sort of every record there, which spills to
+# disk at 100,000 tasks): put in file order here.
+_TASKS = "SELECT seq, record_text, sealed FROM td_tasks WHERE cluster = %s"
+
+
+def _read_tasks(
+    connection: psycopg.Connection[Any], cluster: tuple[str]
+) -> tuple[list[Any], list[bool]]:
+    """Every restored task's object (parsed) and whether it is sealed, in file order."""
+    rows = connection.execute(_TASKS, cluster).fetchall()
+    loads = orjson.loads
+    tasks = [loads(text) for _, text, _ in rows]
+    sealed = [is_sealed for _, _, is_sealed in rows]
+    seqs = [seq for seq, _, _ in rows]
+    if any(map(gt, seqs, islice(seqs, 1, None))):
+        order = sorted(range(len(seqs)), key=seqs.__getitem__)
+        tasks = [tasks[i] for i in order]
+        sealed = [sealed[i] for i in order]
+    return tasks, sealed
+
+
+_ACCOUNTS = """
+INSERT INTO td_accounts (cluster, account_id)
+SELECT %s, x.o->>0 FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(o, i) ORDER BY x.i
+"""
+_ORDER = f"""
+INSERT INTO td_order (cluster, account_id, task_id, pos)
+SELECT %s, x.o->>0, e.id, e.n * {GAP}
+FROM jsonb_array_elements(%s::jsonb) AS x(o),
+     jsonb_array_elements_text(x.o->1) WITH ORDINALITY AS e(id, n)
+ON CONFLICT DO NOTHING
+"""
+_ORDERS = """
+SELECT a.account_id, array_agg(o.task_id ORDER BY o.pos)
+FROM td_accounts AS a JOIN td_order AS o USING (cluster, account_id)
+WHERE a.cluster = %s GROUP BY a.account_id, a.seq ORDER BY a.seq
+"""
 _META = """
 INSERT INTO td_clusters (cluster, saved_at, timezone, extra) VALUES (%s, %s, %s, %s)
 ON CONFLICT (cluster) DO UPDATE SET
     saved_at = excluded.saved_at, timezone = excluded.timezone, extra = excluded.extra
 """
-# The text is given twice (j, r): one parameter used as both would be typed jsonb once the
-# statement is prepared, and record_text would get jsonb's text, not the file's line.
-_PUT = """
-INSERT INTO td_tasks (cluster, task_id, account_id, record, record_text, sealed)
-VALUES (%(c)s, %(t)s, %(a)s, %(j)s::jsonb, %(r)s::text, %(s)s)
-ON CONFLICT (cluster, task_id) DO UPDATE SET
-    account_id = excluded.account_id, record = excluded.record,
-    record_text = excluded.record_text, sealed = excluded.sealed
+# One change of the leader, fenced, applied by the database in one statement (see
+# jobstores.postgres.schema): a task changed keeps its place in the file (its seq), a new one
+# goes last, and last in its account's order.
+_COMMIT = """
+SELECT td_commit(%s, %s, %s, %s, %s, %s, %s::text[], %s::text[], %s::text[], %s::boolean[],
+                 %s::jsonb, %s::jsonb, %s::jsonb)
 """
-# A task changed keeps its place in the file (its seq); a new one goes last.
-_DELETE = "DELETE FROM td_tasks WHERE cluster = %(c)s AND task_id = %(t)s"
-_APPEND = """
-INSERT INTO td_accounts AS a (cluster, account_id, task_ids) VALUES (%(c)s, %(a)s, ARRAY[%(t)s])
-ON CONFLICT (cluster, account_id) DO UPDATE SET task_ids = a.task_ids || %(t)s::text
-WHERE NOT %(t)s::text = ANY (a.task_ids)
-"""
-_UNLIST = """
-UPDATE td_accounts SET task_ids = array_remove(task_ids, %(t)s::text)
-WHERE cluster = %(c)s AND account_id = %(a)s
-"""
-_DROP_EMPTY = """
-DELETE FROM td_accounts WHERE cluster = %(c)s AND account_id = %(a)s AND cardinality(task_ids) = 0
-"""
-_DROP_ACCOUNT = "DELETE FROM td_accounts WHERE cluster = %(c)s AND account_id = %(a)s"
-# An account left without tasks goes (and comes back last in account_tasks), as in the table.
-_ORDER = """
-INSERT INTO td_accounts AS a (cluster, account_id, task_ids) VALUES (%(c)s, %(a)s, %(ids)s)
-ON CONFLICT (cluster, account_id) DO UPDATE SET task_ids = excluded.task_ids
-"""
-_MOVE = """
-UPDATE td_accounts SET task_ids = td_moved(task_ids, %(t)s, %(b)s)
-WHERE cluster = %(c)s AND account_id = %(a)s AND %(t)s::text = ANY (task_ids)
-"""
+_CHUNK = 10_000
+"""Most task changes one ``td_commit`` statement carries (a change of more is a transaction
+of several statements)."""
 _APPLIED = """
 INSERT INTO td_applied_runs (cluster, run_id, kind) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING
 """
@@ -267,32 +285,25 @@ class PostgresState:
                         "SELECT saved_at, timezone, extra FROM td_clusters WHERE cluster = %s",
                         cluster,
                     ).fetchone()
-                    rows = connection.execute(
-                        "SELECT record_text, sealed FROM td_tasks WHERE cluster = %s ORDER BY seq",
-                        cluster,
-                    ).fetchall()
+                    restored, sealed = _read_tasks(connection, cluster)
                     kept = connection.execute(
                         "SELECT raw FROM td_kept WHERE cluster = %s ORDER BY seq", cluster
                     ).fetchall()
-                    accounts = connection.execute(
-                        "SELECT account_id, task_ids FROM td_accounts WHERE cluster = %s "
-                        "ORDER BY seq",
-                        cluster,
-                    ).fetchall()
+                    accounts = connection.execute(_ORDERS, cluster).fetchall()
             except psycopg.Error as exc:
                 raise self._failed("loading", exc) from exc
-        if meta is None and not rows and not kept:
+        if meta is None and not restored and not kept:
             return None
         saved_at, zone, extra = meta if meta is not None else (None, None, "{}")
         kept_raws = [json.loads(raw) for (raw,) in kept]
         return StoredState(
-            tasks=[*(orjson.loads(text) for text, _ in rows), *kept_raws],
-            account_tasks={account: list(ids) for account, ids in accounts},
+            tasks=[*restored, *kept_raws],
+            account_tasks=dict(accounts),
             kept=kept_raws,
             extra=json.loads(extra),
             timezone=zone,
             saved_at=saved_at,
-            sealed=[bool(sealed) for _, sealed in rows],
+            sealed=sealed,
         )
 
     def applied_runs(self, run_ids: Iterable[str]) -> set[tuple[str, str]]:
@@ -384,29 +395,53 @@ class PostgresState:
         if fence.cluster != cluster:
             raise ValueError(f"fence: for cluster {fence.cluster!r}, not {cluster!r}")
         stamp = saved_at if isinstance(saved_at, str) else saved_at.isoformat()
+        extra_text = json.dumps(extra, ensure_ascii=False)
         with self._lock:
             try:
                 connection = self._conn()
-                with connection.transaction():
-                    check_fence(connection, fence)
-                    connection.execute(
-                        _META, (cluster, stamp, timezone, json.dumps(extra, ensure_ascii=False))
-                    )
-                    with connection.cursor() as cursor:
-                        if full is not None:
+                if full is not None:
+                    with connection.transaction():
+                        check_fence(connection, fence)
+                        connection.execute(_META, (cluster, stamp, timezone, extra_text))
+                        with connection.cursor() as cursor:
                             self._replace(cursor, full)
-                        else:
-                            self._apply(cursor, changes, orders or {}, moves)
-                        applied_rows = [(cluster, run_id, kind) for run_id, kind in applied]
-                        if applied_rows:
-                            cursor.executemany(_APPLIED, applied_rows)
-                        self._record(cursor, runs)
+                            self._applied(cursor, applied)
+                            self._record(cursor, runs)
+                    return
+                pairs = list(changes)
+                history = list(runs)
+                last = _statement(
+                    fence, stamp, timezone, extra_text, pairs[-_CHUNK:], orders, moves, applied
+                )
+                if len(pairs) <= _CHUNK and not history:
+                    # One statement, one implicit transaction, one round trip.
+                    connection.execute(_COMMIT, last)
+                    return
+                with connection.transaction(), connection.cursor() as cursor:
+                    # A change of very many tasks: a statement per chunk of them (each
+                    # statement is bounded by the connection's statement timeout).
+                    firsts = len(pairs) - len(pairs[-_CHUNK:])
+                    for at in range(0, firsts, _CHUNK):
+                        chunk = pairs[at : min(at + _CHUNK, firsts)]
+                        cursor.execute(
+                            _COMMIT,
+                            _statement(fence, stamp, timezone, extra_text, chunk, {}, (), ()),
+                        )
+                    cursor.execute(_COMMIT, last)
+                    self._record(cursor, history)
             except psycopg.Error as exc:
+                if exc.sqlstate == STALE_SQLSTATE:
+                    raise _stale(fence, exc) from None
                 raise self._failed("committing", exc) from exc
+
+    def _applied(self, cursor: psycopg.Cursor[Any], applied: Iterable[tuple[str, str]]) -> None:
+        rows = [(self.cluster, run_id, kind) for run_id, kind in applied]
+        if rows:
+            cursor.executemany(_APPLIED, rows)
 
     def _replace(self, cursor: psycopg.Cursor[Any], full: FullState) -> None:
         cluster = self.cluster
-        for table in ("td_tasks", "td_kept", "td_accounts"):
+        for table in ("td_tasks", "td_kept", "td_order", "td_accounts"):
             cursor.execute(f"DELETE FROM {table} WHERE cluster = %s", (cluster,))
         # COPY assigns each row the next seq in the order written: the file's order.
         with cursor.copy(
@@ -422,64 +457,11 @@ class PostgresState:
                 copy.write_row(
                     (cluster, task_id if isinstance(task_id, str) else None, verbatim(raw))
                 )
-        with cursor.copy("COPY td_accounts (cluster, account_id, task_ids) FROM STDIN") as copy:
-            for account, ids in full.account_tasks.items():
-                if ids:
-                    copy.write_row((cluster, account, list(ids)))
-
-    def _apply(
-        self,
-        cursor: psycopg.Cursor[Any],
-        changes: Iterable[tuple[str, TaskRow | None]],
-        orders: dict[str, list[str]],
-        moves: Iterable[tuple[str, str, str | None]],
-    ) -> None:
-        cluster = self.cluster
-        pairs = list(changes)
-        accounts: dict[str, str | None] = {}
-        if pairs:
-            found = cursor.execute(
-                "SELECT task_id, account_id FROM td_tasks WHERE cluster = %s AND task_id = ANY(%s)",
-                (cluster, list({task_id for task_id, _ in pairs})),
-            ).fetchall()
-            accounts.update(found)
-        rows: list[tuple[str, dict[str, Any]]] = []
-        lists: list[tuple[str, dict[str, Any]]] = []
-        for task_id, row in pairs:
-            current = accounts.get(task_id)
-            if row is None:
-                rows.append((_DELETE, {"c": cluster, "t": task_id}))
-                if current is not None:
-                    lists.extend(_unlisted(cluster, current, task_id))
-                accounts[task_id] = None
-                continue
-            rows.append(
-                (
-                    _PUT,
-                    {
-                        "c": cluster,
-                        "t": task_id,
-                        "a": row.account_id,
-                        "j": row.text,
-                        "r": row.text,
-                        "s": row.sealed,
-                    },
-                )
-            )
-            if current != row.account_id:
-                if current is not None:
-                    lists.extend(_unlisted(cluster, current, task_id))
-                lists.append((_APPEND, {"c": cluster, "a": row.account_id, "t": task_id}))
-            accounts[task_id] = row.account_id
-        for account, ids in orders.items():
-            if ids:
-                lists.append((_ORDER, {"c": cluster, "a": account, "ids": list(ids)}))
-            else:
-                lists.append((_DROP_ACCOUNT, {"c": cluster, "a": account}))
-        for account, task_id, before in moves:
-            lists.append((_MOVE, {"c": cluster, "a": account, "t": task_id, "b": before}))
-        _run_in_order(cursor, rows)
-        _run_in_order(cursor, lists)
+        # Every account's order in one parameter, laid out by the server (an id listed twice
+        # keeps its first place; an account without ids is not stored).
+        orders = orjson.dumps([[a, ids] for a, ids in full.account_tasks.items() if ids]).decode()
+        cursor.execute(_ACCOUNTS, (cluster, orders))
+        cursor.execute(_ORDER, (cluster, orders))
 
     def _record(
         self, cursor: psycopg.Cursor[Any], runs: Iterable[tuple[RunRequest, RunEvent]]
@@ -496,21 +478,54 @@ class PostgresState:
             cursor.executemany(_FINISHED, finished)
 
 
-def _unlisted(cluster: str, account: str, task_id: str) -> list[tuple[str, dict[str, Any]]]:
-    parameters = {"c": cluster, "a": account, "t": task_id}
-    return [(_UNLIST, parameters), (_DROP_EMPTY, parameters)]
+def _statement(
+    fence: Fence,
+    stamp: str,
+    timezone: str | None,
+    extra_text: str,
+    changes: Sequence[tuple[str, TaskRow | None]],
+    orders: dict[str, list[str]] | None,
+    moves: Iterable[tuple[str, str, str | None]],
+    applied: Iterable[tuple[str, str]],
+) -> list[Any]:
+    """The parameters of :data:`_COMMIT`."""
+    ids: list[str] = []
+    accounts: list[str | None] = []
+    texts: list[str | None] = []
+    sealed: list[bool | None] = []
+    for task_id, row in changes:
+        ids.append(task_id)
+        if row is None:
+            accounts.append(None)
+            texts.append(None)
+            sealed.append(None)
+        else:
+            accounts.append(row.account_id)
+            texts.append(row.text)
+            sealed.append(row.sealed)
+    return [
+        fence.cluster,
+        fence.holder,
+        fence.epoch,
+        stamp,
+        timezone,
+        extra_text,
+        ids,
+        accounts,
+        texts,
+        sealed,
+        orjson.dumps(list((orders or {}).items())).decode(),
+        orjson.dumps(list(moves)).decode(),
+        orjson.dumps(list(applied)).decode(),
+    ]
 
 
-def _run_in_order(
-    cursor: psycopg.Cursor[Any], statements: list[tuple[str, dict[str, Any]]]
-) -> None:
-    """Execute ``statements`` in order, each run of one statement as one ``executemany``
-    (pipelined: one round trip for many rows)."""
-    at = 0
-    while at < len(statements):
-        sql = statements[at][0]
-        end = at
-        while end < len(statements) and statements[end][0] == sql:
-            end += 1
-        cursor.executemany(sql, [parameters for _, parameters in statements[at:end]])
-        at = end
+def _stale(fence: Fence, exc: psycopg.Error) -> StaleLeaderError:
+    """The error of a commit ``td_commit`` refused for its epoch (DETAIL: the lease found)."""
+    try:
+        found = json.loads(exc.diag.message_detail or "{}")
+    except ValueError:
+        found = {}
+    return StaleLeaderError(
+        fence.cluster, fence.epoch, int(found.get("epoch") or 0), found.get("holder")
+    )
