@@ -114,7 +114,7 @@ class Dispatcher:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
         self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory, clock)
         check_manager = functools.partial(prepare_manager, self._backend, task_manager_factory)
-        self._store = JsonJobStore(
+        store = self._store = JsonJobStore(
             directory,
             timezone=None if timezone is None else resolve_timezone(timezone),
             convert_timezone=convert_timezone,
@@ -143,7 +143,7 @@ class Dispatcher:
             check_manager,
             lambda: self.standing,
         )
-        self._history = open_history(directory, history, self.timezone, self._store._storage)
+        self._history = open_history(directory, history, self.timezone, store._storage, store.now)
         if self._history is not None:
             relay.observers.append(on_reports(self._history.record))
         self._metrics = _make_metrics(self._store, path.lanes)

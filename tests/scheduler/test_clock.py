@@ -127,6 +127,10 @@ async def test_a_due_task_runs_when_the_clock_says_within_its_window_until_its_e
     assert record.updated_at == at(2011, 3, 6, 9, 0)
     entries = clocked.runs(task_id)
     assert {entry.started_at.year for entry in entries if entry.started_at} == {2011}
+    history = clocked._history
+    assert history is not None
+    assert history.prune(timeout=10)  # 30 days' retention by the fake clock: all are kept
+    assert len(clocked.runs(task_id)) == len(entries) == 6
     await clocked.stop()
 
 
