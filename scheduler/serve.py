@@ -64,7 +64,7 @@ class TaskDispatcher(Dispatcher):
 
     ``clock`` is what the dispatcher reads for every decision by the time and every instant it
     stamps: what is due, the hour windows and end dates, retries, the times on records, run
-    events and saves. Any object with a ``now()`` method returning an aware datetime
+    events and saves, and the run history's retention. Any object with a ``now()`` method returning an aware datetime
     (:class:`tasks.clock.Clock`); None (the default) is the system's clock, read at each call,
     which time-travel tools such as freezegun move. A host or test that advances its own
     clock drives passes with :meth:`run_pending`. Elapsed times (timeouts, leases, the
