@@ -151,6 +151,7 @@ class DispatchScheduler(AsyncIOScheduler):
                 run_times = run_times[-1:] if run_times and job.coalesce else run_times
                 if not run_times:
                     continue
+                kind: int | None = EVENT_JOB_SUBMITTED
                 try:
                     executor.submit_job(job, run_times)
                 except MaxInstancesReachedError:
@@ -163,10 +164,8 @@ class DispatchScheduler(AsyncIOScheduler):
                     kind = EVENT_JOB_MAX_INSTANCES
                 except BaseException:
                     self._logger.exception('Error submitting job "%s" to executor "default"', job)
-                    kind = 0
-                else:
-                    kind = EVENT_JOB_SUBMITTED
-                if kind:
+                    kind = None
+                if kind is not None:
                     events.append(JobSubmissionEvent(kind, job.id, "default", run_times))
                 next_run = job.trigger.get_next_fire_time(run_times[-1], now)
                 if next_run:
