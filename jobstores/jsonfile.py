@@ -41,10 +41,11 @@ from jobstores.state import StateStore, StoredState
 from jobstores.storage import STATE_FILENAME
 from jobstores.stores import resolve_store
 from jobstores.table import TaskTable
+from tasks.clock import Clock, resolve_clock
 from tasks.errors import DispatcherClosedError
 from tasks.events import DispatcherEvent
 from tasks.model import TaskRecord
-from tasks.schedule import Schedule, utc_now
+from tasks.schedule import Schedule
 
 __all__ = [
     "SNAPSHOT_BELOW",
@@ -88,6 +89,7 @@ class JsonJobStore(BaseJobStore):
     save's changes to a journal instead, at a cost that does not grow with the store, and
     the file follows within :data:`jobstores.journal.MAX_AGE` (10 minutes; readers such as
     ``read_snapshot`` and the CLI fold the journal in themselves). ``0``: the journal always.
+    ``clock`` is what :meth:`now` reads, from loading on (:data:`~tasks.clock.SYSTEM_CLOCK`).
 
     Every method is thread-safe. Record changes (:meth:`add_tasks`, :meth:`update_task`, ...)
     leave saving to the caller, who picks :meth:`save` (durable on return; never while
@@ -109,8 +111,10 @@ class JsonJobStore(BaseJobStore):
         accept: Callable[[TaskRecord], None] | None = None,
         fraction: Callable[[], float] | None = None,
         snapshot_below: int = SNAPSHOT_BELOW,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__()
+        self.clock = resolve_clock(clock)
         if isinstance(snapshot_below, bool) or not isinstance(snapshot_below, int):
             raise TypeError(
                 f"snapshot_below: must be an integer, not {type(snapshot_below).__name__}"
@@ -144,6 +148,7 @@ class JsonJobStore(BaseJobStore):
 
         self._storage.acquire()
         try:
+            now = self.clock.now() if now is None else now
             state = self._storage.load(
                 timezone, convert=convert_timezone, now=now, accept=accept, fraction=self._fraction
             )
@@ -179,7 +184,7 @@ class JsonJobStore(BaseJobStore):
 
     def now(self) -> datetime:
         """The current instant in the dispatcher's zone (how records carry time)."""
-        return utc_now().astimezone(self.timezone)
+        return self.clock.now().astimezone(self.timezone)
 
     @property
     def table(self) -> TaskTable:
@@ -217,8 +222,7 @@ class JsonJobStore(BaseJobStore):
         return self._table.position(task_id)
 
     def rank(self, task_id: str) -> float:
-        """A number ordering ``task_id`` within its account as :meth:`position` does, at a
-        cost that does not grow with the account (what a run's lane asks for)."""
+        """``task_id``'s order within its account, at a cost not growing with it (for lanes)."""
         return self._table.rank(task_id)
 
     @property
@@ -266,9 +270,7 @@ class JsonJobStore(BaseJobStore):
 
     def apply(self, command: Command, now: datetime | None = None, *, tell: bool = True) -> Applied:
         """Apply ``command`` to the core at ``now`` (the clock's reading by default): what
-        changed and its events; with ``tell`` the events go to :attr:`on_events` too.
-
-        Saving is the caller's (see :meth:`save`)."""
+        changed and its events, told to :attr:`on_events` too with ``tell``. Not saved."""
         self._check_open()
         applied = self._core.apply(command, self.now() if now is None else now)
         if tell and applied.events:
@@ -383,8 +385,7 @@ class JsonJobStore(BaseJobStore):
         self._calls.update(job)
 
     def remove_job(self, job_id: str) -> None:
-        """APScheduler found no further run: the task is ``completed`` and stays on file
-        (once its run still out, if any, has ended)."""
+        """No further run (APScheduler): ``completed`` once a run still out ends; kept on file."""
         self._calls.remove(job_id)
 
     def remove_all_jobs(self) -> None:

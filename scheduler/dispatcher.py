@@ -36,6 +36,7 @@ from scheduler.lifetime import Lifetime
 from scheduler.listeners import EventFilter, Listener, Listeners, WebhookListener
 from scheduler.relay import EventRelay
 from scheduler.runpath import RunPath
+from tasks.clock import Clock
 from tasks.errors import HistoryUnavailableError
 from tasks.manager import TaskManagerFactory
 from tasks.model import TaskRecord
@@ -108,17 +109,19 @@ class Dispatcher:
         history: bool | RunHistory = True,
         snapshot_below: int = SNAPSHOT_BELOW,
         store: StateStore | str | None = None,
+        clock: Clock | None = None,
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
-        self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory)
+        self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory, clock)
         check_manager = functools.partial(prepare_manager, self._backend, task_manager_factory)
-        self._store = JsonJobStore(
+        store = self._store = JsonJobStore(
             directory,
             timezone=None if timezone is None else resolve_timezone(timezone),
             convert_timezone=convert_timezone,
             accept=check_manager,
             snapshot_below=snapshot_below,
             storage=store,
+            clock=clock,
         )
         self.timezone = self._store.timezone
         """The zone whose wall-clock hours the windows and end dates are read in."""
@@ -140,7 +143,7 @@ class Dispatcher:
             check_manager,
             lambda: self.standing,
         )
-        self._history = open_history(directory, history, self.timezone, self._store._storage)
+        self._history = open_history(directory, history, self.timezone, store._storage, store.now)
         if self._history is not None:
             relay.observers.append(on_reports(self._history.record))
         self._metrics = _make_metrics(self._store, path.lanes)
@@ -468,9 +471,8 @@ class Dispatcher:
         task_end_time: date | datetime | str | Unset | None = UNSET,
         run_policy: RunPolicy | Mapping[str, Any] | Unset | None = UNSET,
     ) -> RunPreview:
-        """The next ``count`` runs ``task_id`` would have after :meth:`update_task` with these
-        changes, changing nothing; invalid changes raise :class:`InvalidTaskError` naming the
-        field, as :meth:`update_task` would."""
+        """The next ``count`` runs ``task_id`` would have with these changes, changing nothing;
+        invalid ones raise :class:`InvalidTaskError` naming the field, as :meth:`update_task`."""
         return self._changes.preview_edit(
             task_id,
             count,
@@ -482,8 +484,7 @@ class Dispatcher:
         )
 
     def queued_runs(self) -> dict[str, list[str]]:
-        """Account id -> ids of tasks whose due run waits for the account's lane (call on the
-        event loop the dispatcher runs on)."""
+        """Account id -> ids of tasks whose due run awaits its lane (on the dispatcher's loop)."""
         return self._path.queued_runs(self.account_tasks)
 
     @property
@@ -501,8 +502,8 @@ class Dispatcher:
     async def run_pending(self) -> None:
         """Run every task due now and return when all runs in progress have finished.
 
-        Meant for host-application tests that move the clock (e.g. with freezegun); the state
-        file reflects the runs when it returns.
+        Meant for host-application tests that move the clock (a ``clock`` they advance, or
+        freezegun); "now" is the clock's reading, and the state file reflects the runs on return.
         """
         await self._lifetime.run_pending()
 

@@ -12,13 +12,16 @@ from typing import Any
 from apscheduler.events import (
     EVENT_JOB_ERROR,
     EVENT_JOB_EXECUTED,
+    EVENT_JOB_MAX_INSTANCES,
     EVENT_JOB_MISSED,
+    EVENT_JOB_SUBMITTED,
     JobExecutionEvent,
+    JobSubmissionEvent,
 )
-from apscheduler.executors.base import BaseExecutor
+from apscheduler.executors.base import BaseExecutor, MaxInstancesReachedError
 from apscheduler.schedulers import SchedulerNotRunningError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.schedulers.base import BaseScheduler
+from apscheduler.schedulers.base import STATE_PAUSED, TIMEOUT_MAX, BaseScheduler
 
 from jobstores.jsonfile import JsonJobStore
 from tasks.runs import RunEvent
@@ -91,7 +94,8 @@ class DispatchScheduler(AsyncIOScheduler):
 
     Sharing the lock makes a scheduler pass (find due jobs, submit, move their next run time)
     atomic with respect to pause/resume/remove calls from other threads. A pass saves once, in
-    the background, instead of after every job it moves.
+    the background, instead of after every job it moves. A pass reads the time from the
+    store's clock (:meth:`JsonJobStore.now`), not from the system's (see :meth:`_pass`).
     """
 
     def __init__(self, store: JsonJobStore, executor: DispatchExecutor, zone: tzinfo) -> None:
@@ -109,7 +113,7 @@ class DispatchScheduler(AsyncIOScheduler):
         with self._store.deferred_saves():
             while True:
                 try:
-                    return super()._process_jobs()  # type: ignore[no-any-return]
+                    return self._pass()
                 except Exception:
                     # One task's schedule raised mid-pass: put it in error and pass again,
                     # so the other tasks run and the timer is re-armed. Each retry follows
@@ -121,9 +125,65 @@ class DispatchScheduler(AsyncIOScheduler):
                         )
                         return float(self.jobstore_retry_interval)
 
+    def _pass(self) -> float | None:
+        """One scheduler pass at the store's clock: submit the due jobs, move their next run
+        times, and return the seconds until the next pass (None: nothing scheduled).
+
+        APScheduler 3.11's ``BaseScheduler._process_jobs`` for this scheduler's one job store
+        and executor (coalescing, no misfire grace), except that it reads the time from
+        ``self._store.now()`` where APScheduler reads ``datetime.now(self.timezone)``, so a
+        clock given to the dispatcher decides what is due. Its log messages and events are
+        APScheduler's.
+        """
+        if self.state == STATE_PAUSED:
+            return None
+        now = self._store.now()
+        events: list[JobSubmissionEvent] = []
+        with self._jobstores_lock:
+            executor = self._lookup_executor("default")
+            try:
+                due_jobs = self._store.get_due_jobs(now)
+            except Exception as exc:
+                self._logger.warning("Error getting due jobs from job store %r: %s", "default", exc)
+                return float(self.jobstore_retry_interval)
+            for job in due_jobs:
+                run_times = job._get_run_times(now)
+                run_times = run_times[-1:] if run_times and job.coalesce else run_times
+                if not run_times:
+                    continue
+                kind: int | None = EVENT_JOB_SUBMITTED
+                try:
+                    executor.submit_job(job, run_times)
+                except MaxInstancesReachedError:
+                    self._logger.warning(
+                        'Execution of job "%s" skipped: maximum number of running instances '
+                        "reached (%d)",
+                        job,
+                        job.max_instances,
+                    )
+                    kind = EVENT_JOB_MAX_INSTANCES
+                except BaseException:
+                    self._logger.exception('Error submitting job "%s" to executor "default"', job)
+                    kind = None
+                if kind is not None:
+                    events.append(JobSubmissionEvent(kind, job.id, "default", run_times))
+                next_run = job.trigger.get_next_fire_time(run_times[-1], now)
+                if next_run:
+                    job._modify(next_run_time=next_run)
+                    self._store.update_job(job)
+                else:
+                    self.remove_job(job.id, "default")
+            next_wakeup = self._store.get_next_run_time()
+        for event in events:
+            self._dispatch_event(event)
+        if self.state == STATE_PAUSED or next_wakeup is None:
+            return None
+        wait = next_wakeup.timestamp() - self._store.now().timestamp()
+        return float(min(max(wait, 0), TIMEOUT_MAX))
+
     def _isolate_faults(self) -> int:
         """Put every due task whose schedule raises in error; return how many there were."""
-        now = datetime.now(self.timezone)
+        now = self._store.now()
         faults = 0
         for job in self._store.get_due_jobs(now):
             try:

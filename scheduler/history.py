@@ -876,13 +876,18 @@ class SharedRunHistory(RunHistory):
 
 
 def open_history(
-    directory: Path, option: bool | RunHistory, timezone: tzinfo, store: object = None
+    directory: Path,
+    option: bool | RunHistory,
+    timezone: tzinfo,
+    store: object = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> RunHistory | None:
     """The dispatcher's history: ``option`` itself, a new one, or None.
 
     A new one is kept where the state ``store`` keeps its cluster's runs
-    (:class:`SharedRunsStore`, e.g. PostgreSQL), else in ``directory``. A history that cannot
-    be opened is logged and left off: it must not stop the dispatcher.
+    (:class:`SharedRunsStore`, e.g. PostgreSQL), else in ``directory``, and prunes by
+    ``clock`` (the dispatcher's, which stamps the runs). A history that cannot be opened is
+    logged and left off: it must not stop the dispatcher.
     """
     if isinstance(option, RunHistory):
         return option
@@ -890,8 +895,8 @@ def open_history(
         return None
     try:
         if isinstance(store, SharedRunsStore):
-            return SharedRunHistory(store.run_table(), timezone=timezone)
-        return RunHistory(directory / HISTORY_FILENAME, timezone=timezone)
+            return SharedRunHistory(store.run_table(), timezone=timezone, clock=clock)
+        return RunHistory(directory / HISTORY_FILENAME, timezone=timezone, clock=clock)
     except HistoryUnavailableError as exc:
         logger.error("%s; running without a run history", exc)
         return None

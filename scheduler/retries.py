@@ -17,7 +17,6 @@ from datetime import datetime
 from jobstores.jsonfile import JsonJobStore
 from tasks.events import DispatcherEvent, RunRetried
 from tasks.runs import RunEvent
-from tasks.schedule import utc_now
 
 __all__ = ["RetryTimer"]
 
@@ -110,7 +109,7 @@ class RetryTimer:
         if not self._running or not heap:
             return
         self._armed_for = heap[0][0]
-        delay = (self._armed_for - utc_now()).total_seconds()
+        delay = (self._armed_for - self._store.now()).total_seconds()
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(max(delay, 0.0), self._fire)
 

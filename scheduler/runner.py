@@ -26,7 +26,6 @@ from scheduler.lanes import AccountLanes, Waiter
 from scheduler.ledger import RunLedger
 from tasks.errors import BrokerUnavailableError
 from tasks.runs import NOT_SENT, RunBackend, RunEvent, RunEventKind, RunRequest, describe_error
-from tasks.schedule import utc_now
 
 __all__ = ["TaskRunner"]
 
@@ -317,15 +316,14 @@ class TaskRunner:
                 self._ledger.abandon(request.run_id)
             raise
 
-    @staticmethod
     def _failed(
-        request: RunRequest, error: str, extra: dict[str, object] | None = None
+        self, request: RunRequest, error: str, extra: dict[str, object] | None = None
     ) -> RunEvent:
         return RunEvent(
             request.run_id,
             request.task_id,
             RunEventKind.FAILED,
-            at=utc_now(),
+            at=self._store.now(),
             error=error,
             extra=extra or {},
         )

@@ -62,6 +62,17 @@ class TaskDispatcher(Dispatcher):
     is lost (taken over, or not renewed in time) it is ``"standby"`` at once: no run starts or
     is sent, planning stops, and changes raise :class:`NotLeaderError`.
 
+    ``clock`` is what the dispatcher reads for every decision by the time and every instant it
+    stamps: what is due, the hour windows and end dates, retries, the times on records, run
+    events and saves, and the run history's retention. Any object with a ``now()`` method
+    returning an aware datetime (:class:`tasks.clock.Clock`); None (the default) is the
+    system's clock, read at each call, which time-travel tools such as freezegun move. A host
+    or test that advances its own clock drives passes with :meth:`run_pending`. Elapsed times
+    (timeouts, leases, the journal's age) keep the system's monotonic clock and log lines its
+    wall clock; a fleet backend and its workers check run deadlines and stamp runs by the
+    system's clock (so a clock far from it suits the local backend). Anything else raises
+    :class:`TypeError` naming ``clock``.
+
     Thread safety: every synchronous method may be called from any thread. The coroutines
     (:meth:`add_task`, :meth:`start`, :meth:`run_pending`, :meth:`stop`) belong to the event
     loop the dispatcher was started on.

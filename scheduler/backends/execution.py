@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from tasks.clock import SYSTEM_CLOCK, Clock
 from tasks.errors import InvalidTaskError
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.runs import (
@@ -100,6 +101,7 @@ async def execute(
     watch: Callable[[asyncio.Future[object]], None] | None = None,
     stopped: Callable[[], str] | None = None,
     overrun: Overrun | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> RunEvent:
     """Execute ``request`` with ``manager`` in the calling task and return its finishing event.
 
@@ -110,12 +112,12 @@ async def execute(
     ``watch`` is given the call's future once it exists (so that another thread may cancel
     it); a call cancelled from outside failed with ``stopped()``'s text (None: the
     cancellation described). ``worker`` names the reporter; ``started``: when the run started
-    (None: now).
+    (None: now); ``clock`` tells "now", when the run starts and ends.
 
     Cancelling the calling task cancels the manager and raises: the run was cut off, it did
     not fail.
     """
-    started = started or utc_now()
+    started = started or clock.now()
     error: str | None = None
     extra: dict[str, object] = {}
     if request.timeout is None and watch is None:
@@ -129,7 +131,7 @@ async def execute(
             error = describe_error(cancelled)
         except Exception as raised:
             error = describe_error(raised)
-        return finished_event(request, error, started=started, worker=worker)
+        return finished_event(request, error, started=started, worker=worker, at=clock.now())
     future = asyncio.ensure_future(call(manager))
     if watch is not None:
         watch(future)
@@ -151,4 +153,6 @@ async def execute(
             await asyncio.gather(future, return_exceptions=True)
         elif overrun is not None:
             await overrun(request, manager, future)
-    return finished_event(request, error, started=started, worker=worker, extra=extra)
+    return finished_event(
+        request, error, started=started, worker=worker, extra=extra, at=clock.now()
+    )

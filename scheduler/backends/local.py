@@ -8,6 +8,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from scheduler.backends.execution import call_manager, create_manager, execute
+from tasks.clock import Clock, resolve_clock
 from tasks.manager import TaskManager, TaskManagerFactory
 from tasks.registry import default_registry
 from tasks.runs import RunBackend, RunEvent, RunInbox, RunRequest, describe_error
@@ -41,8 +42,12 @@ class LocalRunBackend(RunBackend):
     remote = False
     """Runs end with this process: a run cut off by a restart is not recovered."""
 
-    def __init__(self, task_manager_factory: TaskManagerFactory | None = None) -> None:
+    def __init__(
+        self, task_manager_factory: TaskManagerFactory | None = None, clock: Clock | None = None
+    ) -> None:
         self.factory: TaskManagerFactory = task_manager_factory or default_registry
+        self._clock = resolve_clock(clock)
+        """Stamps when runs start and end (the dispatcher's clock)."""
         self._managers: dict[str, TaskManager] = {}
         self._inbox: RunInbox | None = None
         self._lingering: dict[str, asyncio.Future[object]] = {}
@@ -108,7 +113,7 @@ class LocalRunBackend(RunBackend):
 
     async def _outcome(self, request: RunRequest, manager: TaskManager) -> RunEvent:
         """Call the manager (bounded by the request's timeout) and say how it went."""
-        return await execute(request, manager, overrun=self._linger)
+        return await execute(request, manager, overrun=self._linger, clock=self._clock)
 
     async def _linger(
         self, request: RunRequest, manager: TaskManager, call: asyncio.Future[object]
