@@ -8,8 +8,6 @@ durable. Listeners (APScheduler's job view) hear of every record change under th
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -17,20 +15,12 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
+from jobstores.order import UNKNOWN_POSITION, AccountOrder
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
 from tasks.model import TaskRecord
 
 __all__ = ["PAUSE", "PAUSE_EVERY", "Change", "ChangeBatch", "StateImage", "TaskTable", "pause"]
 
-_UNKNOWN_POSITION = 1 << 30
-_MOVES_PER_ACCOUNT = 64
-"""Above this many tasks reordered in one account between two saves, the save writes the
-account's whole order instead of a move per task."""
-_RANKED_ORDER = 256
-"""An account with more tasks than this gets a rank per task (see :meth:`TaskTable.rank`),
-built when one is first asked for: a run's lane asks for its task's rank, and finding a task
-in a long order list would cost a run time in proportion to the account's size. Below this,
-the list is looked up (no ranks to keep in memory)."""
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
 _TASK_ID = attrgetter("task_id")
 PAUSE = 0.0001
@@ -176,7 +166,8 @@ class StateImage:
     first changed: replaying them in this order appends new tasks in their account order."""
     orders: dict[str, list[str]] = field(default_factory=dict)
     """The whole priority order (unrestorable ids last) of each account where many tasks
-    were reordered since the last durable version (see :data:`_MOVES_PER_ACCOUNT`)."""
+    were reordered since the last durable version (see
+    :data:`~jobstores.order.MOVES_PER_ACCOUNT`)."""
     moves: list[tuple[str, str, str | None]] = field(default_factory=list)
     """``(account, task id, the id it now stands before or None when last)`` for each task
     reordered since the last durable version, in an account with few of them: applied in
@@ -198,9 +189,7 @@ class TaskTable:
         """Guards everything here; the scheduler shares it as its job store lock."""
         self._description = description
         self._records: dict[str, TaskRecord] = {}
-        self._order: dict[str, list[str]] = {}
-        self._ranks: dict[str, dict[str, float]] = {}
-        """Account id -> task id -> rank, for large accounts (see :data:`_RANKED_ORDER`)."""
+        self._order = AccountOrder(self.lock)
         self._kept: list[Any] = []
         self._kept_ids: set[str] = set()
         self._kept_order: dict[str, list[str]] = {}
@@ -208,8 +197,6 @@ class TaskTable:
         """Top-level document keys this code does not interpret (kept across saves)."""
         self.version = 0
         """Bumped by every change."""
-        self.order_version = 0
-        """Bumped whenever a task's position within its account may have changed."""
         self._dirty = ChangeBatch()
         """The changes since the last capture."""
         self._order_dirty: dict[str, set[str]] = {}
@@ -234,7 +221,6 @@ class TaskTable:
         task id, if they have one)."""
         records = records if isinstance(records, list) else list(records)
         with self.lock:
-            self._ranks.clear()
             self._records.update(zip(map(_TASK_ID, records), records, strict=True))
             for raw, task_id in kept:
                 self._kept.append(raw)
@@ -249,22 +235,11 @@ class TaskTable:
                 if group is None:
                     group = groups[record.account_id] = {}
                 group[task_id] = task_id
-            for account, ids in order_hint.items():
-                group = groups.get(account, {})
-                ordered: list[str] = []
-                for task_id in ids:
-                    own = group.pop(task_id, None)  # the record's string, not the hint's copy
-                    if own is not None:
-                        ordered.append(own)
-                    elif task_id in self._kept_ids:
-                        found = self._records.get(task_id)
-                        if found is None or found.account_id != account:
-                            self._kept_order.setdefault(account, []).append(task_id)
-                if ordered:
-                    self._order[account] = ordered
-            for account, group in groups.items():
-                if group:  # tasks the hint does not place: last, in file order
-                    self._order.setdefault(account, []).extend(group)
+            for account, task_id in self._order.load(groups, order_hint):
+                if task_id in self._kept_ids:
+                    found = self._records.get(task_id)
+                    if found is None or found.account_id != account:
+                        self._kept_order.setdefault(account, []).append(task_id)
 
     def listen(self, listener: Change) -> None:
         """Call ``listener(task_id, old, new)`` after every record change (under the lock)."""
@@ -299,60 +274,28 @@ class TaskTable:
     def account_tasks(self) -> dict[str, list[str]]:
         """Account id -> its task ids in priority order (a copy)."""
         with self.lock:
-            return {account: list(ids) for account, ids in self._order.items() if ids}
+            return self._order.accounts()
+
+    @property
+    def order_version(self) -> int:
+        """Bumped whenever a task's position within its account may have changed."""
+        return self._order.version
 
     def position(self, task_id: str) -> int:
         """``task_id``'s 0-based priority within its account (large if unknown)."""
         record = self._records.get(task_id)
-        ids = self._order.get(record.account_id) if record is not None else None
-        if record is None or ids is None:
-            return _UNKNOWN_POSITION
-        with self.lock:
-            index = self._index(record.account_id, ids, task_id)
-        return _UNKNOWN_POSITION if index is None else index
+        if record is None:
+            return UNKNOWN_POSITION
+        return self._order.position(record.account_id, task_id)
 
     def rank(self, task_id: str) -> float:
         """A number that orders ``task_id`` within its account as :meth:`position` does
-        (large if unknown), at a cost that does not grow with the account.
-
-        In a large account each task keeps a rank: appending one ranks it after the last, a
-        removal leaves the others' ranks, and a reorder ranks the task between its new
-        neighbours (the account is ranked afresh, when next asked, once they are too close).
-        """
+        (large if unknown), at a cost that does not grow with the account (see
+        :meth:`AccountOrder.rank <jobstores.order.AccountOrder.rank>`)."""
         record = self._records.get(task_id)
-        ids = self._order.get(record.account_id) if record is not None else None
-        if record is None or ids is None:
-            return _UNKNOWN_POSITION
-        ranks = self._ranks_of(record.account_id, ids)
-        if ranks is None:
-            return self.position(task_id)
-        return ranks.get(task_id, _UNKNOWN_POSITION)
-
-    def _ranks_of(self, account: str, ids: list[str]) -> dict[str, float] | None:
-        """The ranks of a large account (made now if need be); None for a small one."""
-        if len(ids) <= _RANKED_ORDER:
-            return None
-        ranks = self._ranks.get(account)
-        if ranks is None:
-            with self.lock:
-                ids = self._order.get(account, [])
-                ranks = self._ranks[account] = dict(zip(ids, itertools.count(0.0)))
-        return ranks
-
-    def _index(self, account: str, ids: list[str], task_id: str) -> int | None:
-        """Where ``task_id`` is in its account's ``ids`` (under the lock): found by its rank
-        in a large account (ranks rise along the list), by a scan in a small one."""
-        ranks = self._ranks_of(account, ids)
-        if ranks is None:
-            try:
-                return ids.index(task_id)
-            except ValueError:
-                return None
-        rank = ranks.get(task_id)
-        if rank is None:
-            return None
-        index = bisect.bisect_left(ids, rank, key=ranks.__getitem__)
-        return index if index < len(ids) and ids[index] == task_id else None
+        if record is None:
+            return UNKNOWN_POSITION
+        return self._order.rank(record.account_id, task_id)
 
     def kept_records(self) -> list[Any]:
         """Records that could not be restored, as read (they stay in the file)."""
@@ -401,13 +344,9 @@ class TaskTable:
                     # writes the removal first, so the task lands last, as it is here.
                     self._dirty.recreated.add(record.task_id)
                 self._records[record.task_id] = record
-                ids = self._order.setdefault(record.account_id, [])
-                ids.append(record.task_id)
-                ranks = self._ranks.get(record.account_id)
-                if ranks is not None:  # appended: ranked after the last
-                    ranks[record.task_id] = ranks[ids[-2]] + 1.0 if len(ids) > 1 else 0.0
+                self._order.append(record.account_id, record.task_id)
                 self._changed(record.task_id, None, record)
-            self.order_version += 1
+            self._order.version += 1
 
     def remove(self, task_id: str) -> TaskRecord:
         """Delete ``task_id`` for good; returns its last record."""
@@ -415,16 +354,7 @@ class TaskTable:
         with self.lock:
             record = self.get(task_id)
             del self._records[task_id]
-            ids = self._order.get(record.account_id, [])
-            index = self._index(record.account_id, ids, task_id)
-            if index is not None:
-                del ids[index]
-            if not ids:
-                self._order.pop(record.account_id, None)
-            ranks = self._ranks.get(record.account_id)
-            if ranks is not None:
-                ranks.pop(task_id, None)
-            self.order_version += 1
+            self._order.remove(record.account_id, task_id)
             self._changed(task_id, record, None)
             return record
 
@@ -447,38 +377,15 @@ class TaskTable:
         self._check_open()
         with self.lock:
             record = self.get(task_id)
-            ids = self._order[record.account_id]
-            if not 0 <= position < len(ids):
+            size = self._order.size(record.account_id)
+            if not 0 <= position < size:
                 raise InvalidTaskError(
                     "position",
-                    f"must be from 0 to {len(ids) - 1} for account {record.account_id!r}",
+                    f"must be from 0 to {size - 1} for account {record.account_id!r}",
                 )
-            index = self._index(record.account_id, ids, task_id)
-            assert index is not None  # a restored task is in its account's order
-            del ids[index]
-            ids.insert(position, task_id)
-            self._rerank(record.account_id, ids, position)
-            self.order_version += 1
+            self._order.move(record.account_id, task_id, position)
             self._changed(task_id, record, record)
             self._order_dirty.setdefault(record.account_id, set()).add(task_id)
-
-    def _rerank(self, account: str, ids: list[str], position: int) -> None:
-        """Rank the task just moved to ``position`` between its neighbours (under the lock)."""
-        ranks = self._ranks.get(account)
-        if ranks is None:
-            return
-        before = ranks[ids[position - 1]] if position > 0 else None
-        after = ranks[ids[position + 1]] if position + 1 < len(ids) else None
-        if before is None:
-            rank = 0.0 if after is None else after - 1.0
-        elif after is None:
-            rank = before + 1.0
-        else:
-            rank = (before + after) / 2
-            if not before < rank < after:  # no number left between them
-                del self._ranks[account]
-                return
-        ranks[ids[position]] = rank
 
     def close(self) -> None:
         """Refuse every change from now on."""
@@ -487,7 +394,7 @@ class TaskTable:
     # ------------------------------------------------------------------ for the saver
 
     def _account_order(self, account: str) -> list[str]:
-        return [*self._order.get(account, ()), *self._kept_order.get(account, ())]
+        return [*self._order.of(account), *self._kept_order.get(account, ())]
 
     def capture(self, *, full: bool = True, current_below: int = 0) -> StateImage:
         """What to write now, at the current version: the whole state if ``full`` (or if
@@ -512,7 +419,7 @@ class TaskTable:
             # below the threshold writes the file, whatever changed just before.
             requested = self._touched > 0 or len(self._records) + len(self._kept) < current_below
             full = full or requested
-            orders, moves = self._reorders(accounts)
+            orders, moves = self._order.reorders(accounts, self._account_order)
             if not full:
                 return StateImage(
                     version=self.version,
@@ -525,7 +432,7 @@ class TaskTable:
                     orders=orders,
                     moves=moves,
                 )
-            order = {account: list(ids) for account, ids in self._order.items() if ids}
+            order = self._order.accounts()
             for account, ids in self._kept_order.items():
                 order.setdefault(account, []).extend(ids)
             return StateImage(
@@ -540,30 +447,6 @@ class TaskTable:
                 orders=orders,
                 moves=moves,
             )
-
-    def _reorders(
-        self, accounts: dict[str, set[str]]
-    ) -> tuple[dict[str, list[str]], list[tuple[str, str, str | None]]]:
-        """What to write of ``accounts``' reordered tasks (under the lock): whole orders, and
-        moves. Each account's moves go from its last task to its first, each task placed
-        before its successor now: a successor is either a task that kept its place or one
-        placed already, so replaying them one by one rebuilds the order exactly."""
-        orders: dict[str, list[str]] = {}
-        moves: list[tuple[str, str, str | None]] = []
-        for account, moved in accounts.items():
-            if len(moved) > _MOVES_PER_ACCOUNT:
-                orders[account] = self._account_order(account)
-                continue
-            ids = self._order.get(account, [])
-            placed = sorted(
-                (position, task_id)
-                for task_id in moved
-                if (position := self.position(task_id)) < len(ids)
-            )
-            for position, task_id in reversed(placed):
-                following = ids[position + 1] if position + 1 < len(ids) else None
-                moves.append((account, task_id, following))
-        return orders, moves
 
     def _take_back(self) -> None:
         """Put the changes of a capture that did not become durable back in front of the

@@ -78,7 +78,7 @@ BIG_CLASSES: dict[str, int] = {
     # (its calls are SchedulerCalls')
     "jobstores/jsonfile.py::JsonJobStore": 358,
     # records, account order and kept records, with their indexes and snapshots
-    "jobstores/table.py::TaskTable": 416,
+    "jobstores/table.py::TaskTable": 308,
 }
 
 

@@ -19,7 +19,7 @@ from helpers import SHANGHAI, T0, read_file, read_state, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobstores import JsonJobStore, snapshot_write, table
+from jobstores import JsonJobStore, order, snapshot_write, table
 from jobstores.format import decode_journal_line
 from jobstores.journal import JournalStorage
 from jobstores.loading import JOURNAL_PREFIX, journal_segments
@@ -426,7 +426,7 @@ def test_reorders_are_saved_at_a_cost_per_reordered_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, many: bool
 ) -> None:
     if many:  # past the limit, the account's whole order is written instead
-        monkeypatch.setattr(table, "_MOVES_PER_ACCOUNT", 2)
+        monkeypatch.setattr(order, "MOVES_PER_ACCOUNT", 2)
     store = open_store(tmp_path)
     store.add_tasks([record(f"t{i}") for i in range(8)] + [record("x", account="other")])
     assert store.save()
@@ -618,7 +618,7 @@ operation = st.one_of(
 @given(
     st.lists(operation, max_size=40),
     st.sampled_from([1, 400, 1 << 20]),
-    st.sampled_from([0, 2, table._MOVES_PER_ACCOUNT]),
+    st.sampled_from([0, 2, order.MOVES_PER_ACCOUNT]),
     st.sampled_from([0, 3, 100]),
 )
 def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
@@ -634,7 +634,7 @@ def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
 
     with (
         tempfile.TemporaryDirectory() as name,
-        mock.patch.object(table, "_MOVES_PER_ACCOUNT", moves_per_account),
+        mock.patch.object(order, "MOVES_PER_ACCOUNT", moves_per_account),
     ):
         directory = Path(name)
         store = open_store(directory, max_bytes=threshold, snapshot_below=snapshot_below)
