@@ -11,6 +11,10 @@ import bisect
 import itertools
 import threading
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.model import TaskRecord
 
 __all__ = ["MOVES_PER_ACCOUNT", "RANKED_ORDER", "UNKNOWN_POSITION", "AccountOrder"]
 
@@ -41,14 +45,23 @@ class AccountOrder:
         """Bumped whenever a task's position within its account may have changed."""
 
     def load(
-        self, groups: dict[str, dict[str, str]], hint: dict[str, list[str]]
+        self, records: dict[str, TaskRecord], hint: dict[str, list[str]]
     ) -> list[tuple[str, str]]:
-        """Fill an empty order from ``groups`` (account -> its restored task ids, in file
-        order, each mapped to itself; taken apart here) placed as ``hint`` (account -> ids,
-        as the file ordered them) places them; ids the hint does not place go last, in file
-        order. Returns ``(account, task id)`` for each of the hint's ids that names no
-        restored task of that account, in the hint's order (under the table's lock)."""
+        """Fill an empty order with ``records`` (task id -> record, in file order) placed as
+        ``hint`` (account -> ids, as the file ordered them) places them; ids the hint does
+        not place go last, in file order. Returns ``(account, task id)`` for each of the
+        hint's ids that names no restored task of that account, in the hint's order (under
+        the table's lock)."""
         self._ranks.clear()
+        # Each account's tasks, in file order: one pass over the records in the order they
+        # lie in memory. Looking each up in the hint's order instead (accounts interleave)
+        # missed the cache on every record at 100,000 tasks.
+        groups: dict[str, dict[str, str]] = {}
+        for task_id, record in records.items():
+            group = groups.get(record.account_id)
+            if group is None:
+                group = groups[record.account_id] = {}
+            group[task_id] = task_id
         unplaced: list[tuple[str, str]] = []
         for account, ids in hint.items():
             group = groups.get(account, {})

@@ -226,16 +226,7 @@ class TaskTable:
                 self._kept.append(raw)
                 if task_id is not None:
                     self._kept_ids.add(task_id)
-            # Each account's tasks, in file order: one pass over the records in the order they
-            # lie in memory. Looking each up in the hint's order instead (accounts interleave)
-            # missed the cache on every record at 100,000 tasks.
-            groups: dict[str, dict[str, str]] = {}
-            for task_id, record in self._records.items():
-                group = groups.get(record.account_id)
-                if group is None:
-                    group = groups[record.account_id] = {}
-                group[task_id] = task_id
-            for account, task_id in self._order.load(groups, order_hint):
+            for account, task_id in self._order.load(self._records, order_hint):
                 if task_id in self._kept_ids:
                     found = self._records.get(task_id)
                     if found is None or found.account_id != account:

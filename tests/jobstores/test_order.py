@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from helpers import record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,8 +92,9 @@ def test_moves_between_close_neighbours_rank_the_account_afresh() -> None:
 
 def test_load_places_tasks_as_the_hint_does_and_reports_what_it_cannot_place() -> None:
     order = AccountOrder(threading.RLock())
-    groups = {"a": {"a1": "a1", "a2": "a2", "a3": "a3"}, "b": {"b1": "b1"}}
-    unplaced = order.load(groups, {"a": ["a2", "gone", "a1", "b1"], "c": ["c1"]})
+    loaded = [record("a1", account="a"), record("a2", account="a"), record("a3", account="a")]
+    records = {r.task_id: r for r in [*loaded, record("b1", account="b")]}
+    unplaced = order.load(records, {"a": ["a2", "gone", "a1", "b1"], "c": ["c1"]})
     # a3 is not in the hint: last, in file order; b is not in the hint at all
     assert order.accounts() == {"a": ["a2", "a1", "a3"], "b": ["b1"]}
     assert unplaced == [("a", "gone"), ("a", "b1"), ("c", "c1")]
