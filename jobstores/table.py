@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
+from jobstores.kept import KeptRecords
 from jobstores.order import UNKNOWN_POSITION, AccountOrder
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
 from tasks.model import TaskRecord
@@ -190,9 +191,7 @@ class TaskTable:
         self._description = description
         self._records: dict[str, TaskRecord] = {}
         self._order = AccountOrder(self.lock)
-        self._kept: list[Any] = []
-        self._kept_ids: set[str] = set()
-        self._kept_order: dict[str, list[str]] = {}
+        self._kept = KeptRecords()
         self.extra: dict[str, Any] = {}
         """Top-level document keys this code does not interpret (kept across saves)."""
         self.version = 0
@@ -222,15 +221,12 @@ class TaskTable:
         records = records if isinstance(records, list) else list(records)
         with self.lock:
             self._records.update(zip(map(_TASK_ID, records), records, strict=True))
-            for raw, task_id in kept:
-                self._kept.append(raw)
-                if task_id is not None:
-                    self._kept_ids.add(task_id)
+            self._kept.load(kept)
             for account, task_id in self._order.load(self._records, order_hint):
-                if task_id in self._kept_ids:
+                if task_id in self._kept:
                     found = self._records.get(task_id)
                     if found is None or found.account_id != account:
-                        self._kept_order.setdefault(account, []).append(task_id)
+                        self._kept.place(account, task_id)
 
     def listen(self, listener: Change) -> None:
         """Call ``listener(task_id, old, new)`` after every record change (under the lock)."""
@@ -291,11 +287,11 @@ class TaskTable:
     def kept_records(self) -> list[Any]:
         """Records that could not be restored, as read (they stay in the file)."""
         with self.lock:
-            return list(self._kept)
+            return self._kept.records()
 
     def taken(self, task_id: str) -> bool:
         """Whether ``task_id`` names a task, restored or kept."""
-        return task_id in self._records or task_id in self._kept_ids
+        return task_id in self._records or task_id in self._kept
 
     # ------------------------------------------------------------------ changes
 
@@ -385,7 +381,7 @@ class TaskTable:
     # ------------------------------------------------------------------ for the saver
 
     def _account_order(self, account: str) -> list[str]:
-        return [*self._order.of(account), *self._kept_order.get(account, ())]
+        return [*self._order.of(account), *self._kept.order_of(account)]
 
     def capture(self, *, full: bool = True, current_below: int = 0) -> StateImage:
         """What to write now, at the current version: the whole state if ``full`` (or if
@@ -424,13 +420,13 @@ class TaskTable:
                     moves=moves,
                 )
             order = self._order.accounts()
-            for account, ids in self._kept_order.items():
+            for account, ids in self._kept.orders():
                 order.setdefault(account, []).extend(ids)
             return StateImage(
                 version=self.version,
                 records=list(self._records.values()),
                 account_tasks=order,
-                kept=list(self._kept),
+                kept=self._kept.records(),
                 extra=dict(self.extra),
                 full=True,
                 requested=requested,
