@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
+from jobstores.changelog import ChangeBatch, ChangeLog
 from jobstores.kept import KeptRecords
 from jobstores.order import UNKNOWN_POSITION, AccountOrder
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
@@ -67,71 +68,6 @@ def let_go(items: list[Any], piece: int = 32) -> None:
 Change = Callable[[str, TaskRecord | None, TaskRecord | None], None]
 """A listener: ``(task_id, old record or None when added, new record or None when removed)``,
 called under the lock (old and new are the same record when only the task's order changed)."""
-
-
-class ChangeBatch(Collection[tuple[str, TaskRecord | None]]):
-    """The changes of one save: the latest record of each changed task id (None: removed),
-    in the order the ids first changed.
-
-    The table hands its change log over whole when a save captures it and starts a new one,
-    so capturing costs nothing per change; the save's writer reads the batch off the lock
-    (nothing changes it any more). Iterating yields ``(task_id, record)`` pairs, a removal
-    first for an id removed and added again (so replaying appends it last in its account).
-    """
-
-    __slots__ = ("latest", "recreated", "version")
-
-    def __init__(
-        self,
-        latest: dict[str, TaskRecord | None] | None = None,
-        recreated: set[str] | None = None,
-        version: int = 0,
-    ) -> None:
-        self.latest: dict[str, TaskRecord | None] = {} if latest is None else latest
-        """Task id -> its latest record (None: removed), in the order the ids first changed."""
-        self.recreated: set[str] = set() if recreated is None else recreated
-        """Ids removed, then added again (their removal is replayed first)."""
-        self.version = version
-        """The table's version when the batch was captured."""
-
-    def __iter__(self) -> Iterator[tuple[str, TaskRecord | None]]:
-        recreated = self.recreated
-        for task_id, record in self.latest.items():
-            if task_id in recreated:
-                yield task_id, None
-            yield task_id, record
-
-    def __len__(self) -> int:
-        """The number of pairs iterating yields."""
-        return len(self.latest) + sum(1 for task_id in self.recreated if task_id in self.latest)
-
-    def __contains__(self, item: object) -> bool:
-        if not isinstance(item, tuple) or len(item) != 2:
-            return False
-        task_id, record = item
-        if task_id not in self.latest:
-            return False
-        return self.latest[task_id] is record or (record is None and task_id in self.recreated)
-
-    @property
-    def task_ids(self) -> Collection[str]:
-        """The ids changed (a view: do not hold it across changes of a live batch)."""
-        return self.latest.keys()
-
-    def release(self, pause: float) -> None:
-        """Let go of every record, a thousand at a time, sleeping ``pause`` seconds in
-        between (after the batch is durable; never under the table's lock).
-
-        Dropping a large batch in one go frees whatever only it still references in one
-        C call, holding the interpreter; emptying it piecemeal lets other threads (the
-        event loop) run in between.
-        """
-        latest = self.latest
-        while latest:
-            for _ in range(min(len(latest), 1024)):
-                latest.popitem()
-            time.sleep(pause)
-        self.recreated = set()
 
 
 @dataclass(frozen=True)
@@ -196,15 +132,8 @@ class TaskTable:
         """Top-level document keys this code does not interpret (kept across saves)."""
         self.version = 0
         """Bumped by every change."""
-        self._dirty = ChangeBatch()
-        """The changes since the last capture."""
-        self._order_dirty: dict[str, set[str]] = {}
-        """Account -> its tasks reordered since the last capture (removing or appending a
-        task is a change of its own: the account's other tasks keep their order)."""
-        self._inflight: tuple[ChangeBatch, dict[str, set[str]]] | None = None
-        """The changes of the capture being written (with its accounts), until it is
-        durable; a capture finding one here (its save failed) puts them back first."""
-        self._touched = 0
+        self._log = ChangeLog()
+        """The changes not durable yet."""
         self._listeners: list[Change] = []
         self._closed = False
 
@@ -301,7 +230,7 @@ class TaskTable:
 
     def _changed(self, task_id: str, old: TaskRecord | None, new: TaskRecord | None) -> None:
         self.version += 1
-        self._dirty.latest[task_id] = new
+        self._log.changed(task_id, new)
         for listener in self._listeners:
             listener(task_id, old, new)
 
@@ -309,7 +238,7 @@ class TaskTable:
         """Make the next save write the whole state even if no task changed."""
         with self.lock:
             self.version += 1
-            self._touched = self.version
+            self._log.touch(self.version)
 
     def add(self, records: Sequence[TaskRecord]) -> None:
         """Add new tasks all together, or none of them (raises :class:`InvalidTaskError`)."""
@@ -326,10 +255,7 @@ class TaskTable:
                 if self.taken(record.task_id):
                     raise InvalidTaskError("task_id", f"a task with id {record.task_id!r} exists")
             for record in records:
-                if self._dirty.latest.pop(record.task_id, record) is None:
-                    # Removed and added again before a save: a backend that writes changes
-                    # writes the removal first, so the task lands last, as it is here.
-                    self._dirty.recreated.add(record.task_id)
+                self._log.added(record.task_id)
                 self._records[record.task_id] = record
                 self._order.append(record.account_id, record.task_id)
                 self._changed(record.task_id, None, record)
@@ -372,7 +298,7 @@ class TaskTable:
                 )
             self._order.move(record.account_id, task_id, position)
             self._changed(task_id, record, record)
-            self._order_dirty.setdefault(record.account_id, set()).add(task_id)
+            self._log.moved(record.account_id, task_id)
 
     def close(self) -> None:
         """Refuse every change from now on."""
@@ -397,14 +323,10 @@ class TaskTable:
         the next capture after a failed save writes this one's changes again, first.
         """
         with self.lock:
-            self._take_back()
-            batch, accounts = self._dirty, self._order_dirty
-            batch.version = self.version
-            self._inflight = (batch, accounts)
-            self._dirty, self._order_dirty = ChangeBatch(), {}
+            batch, accounts = self._log.take(self.version)
             # Decided under the lock, from the count this image holds: a commit of a store
             # below the threshold writes the file, whatever changed just before.
-            requested = self._touched > 0 or len(self._records) + len(self._kept) < current_below
+            requested = self._log.touched or len(self._records) + len(self._kept) < current_below
             full = full or requested
             orders, moves = self._order.reorders(accounts, self._account_order)
             if not full:
@@ -435,44 +357,14 @@ class TaskTable:
                 moves=moves,
             )
 
-    def _take_back(self) -> None:
-        """Put the changes of a capture that did not become durable back in front of the
-        changes made since (under the lock)."""
-        if self._inflight is None:
-            return
-        failed, accounts = self._inflight
-        self._inflight = None
-        latest = dict(failed.latest)
-        recreated = set(failed.recreated)
-        for task_id, record in self._dirty.latest.items():
-            if task_id in self._dirty.recreated or (
-                record is not None and task_id in latest and latest[task_id] is None
-            ):
-                # Removed (in either batch), then added again: it goes last, as in add().
-                latest.pop(task_id, None)
-                recreated.add(task_id)
-            latest[task_id] = record
-        self._dirty = ChangeBatch(latest, recreated)
-        for account, moved in accounts.items():
-            self._order_dirty.setdefault(account, set()).update(moved)
-
     def saved(self, version: int) -> None:
         """The image captured at ``version`` is durable."""
         with self.lock:
-            inflight = self._inflight
-            if inflight is not None and inflight[0].version <= version:
-                self._inflight = None
-            else:
-                inflight = None
-            if self._touched <= version:
-                self._touched = 0
-        if inflight is not None and len(inflight[0].latest) > _RELEASE_IN_PIECES:
-            inflight[0].release(PAUSE)
+            batch = self._log.saved(version)
+        if batch is not None and len(batch.latest) > _RELEASE_IN_PIECES:
+            batch.release(PAUSE)
 
     def unsaved(self) -> tuple[str, ...]:
         """Task ids whose latest change is not durable yet."""
         with self.lock:
-            ids = set(self._dirty.latest)
-            if self._inflight is not None:
-                ids.update(self._inflight[0].latest)
-            return tuple(sorted(ids))
+            return tuple(sorted(self._log.unsaved()))
