@@ -9,7 +9,6 @@ durable. Listeners (APScheduler's job view) hear of every record change under th
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -18,6 +17,7 @@ from typing import Any
 from jobstores.changelog import ChangeBatch, ChangeLog
 from jobstores.kept import KeptRecords
 from jobstores.order import UNKNOWN_POSITION, AccountOrder
+from jobstores.pacing import PAUSE, PAUSE_EVERY, pause
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
 from tasks.model import TaskRecord
 
@@ -25,46 +25,6 @@ __all__ = ["PAUSE", "PAUSE_EVERY", "Change", "ChangeBatch", "StateImage", "TaskT
 
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
 _TASK_ID = attrgetter("task_id")
-PAUSE = 0.0001
-"""Seconds a background thread working through a large batch sleeps between pieces: a thread
-that only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and
-an event loop waiting for it would lag that long; a sleep hands it over at once."""
-PAUSE_EVERY = 0.001
-"""Seconds of work between two pauses of one thread. A pause is not free: when other threads
-are busy, the sleeper may wait up to a switch interval for the interpreter again. Pausing at
-every piece made a save of 1,000 accounts (62 pieces of account order) spend four fifths of
-its time waiting on a busy dispatcher; a millisecond of work delays the event loop less than
-the interpreter's own switch interval would."""
-
-_held = threading.local()
-_clock = time.perf_counter
-
-
-def pause() -> None:
-    """Let the event loop (and every other thread) have its turn (see :data:`PAUSE`) if
-    :data:`PAUSE_EVERY` has passed since this thread's last pause; otherwise return at once."""
-    now = _clock()
-    since: float | None = getattr(_held, "since", None)
-    if since is not None and now - since < PAUSE_EVERY:
-        return
-    if since is not None:
-        time.sleep(PAUSE)
-    _held.since = _clock()
-
-
-def let_go(items: list[Any], piece: int = 32) -> None:
-    """Empty ``items`` ``piece`` at a time, with a :func:`pause` in between.
-
-    Dropping the last reference to tens of megabytes at once (a snapshot's encoded chunks:
-    76 MB at 100,000 tasks) hands the memory back to the system in one C call, holding the
-    interpreter for milliseconds; a background writer lets go of it piecemeal instead.
-    """
-    while items:
-        del items[-piece:]
-        if items:
-            pause()
-
-
 Change = Callable[[str, TaskRecord | None, TaskRecord | None], None]
 """A listener: ``(task_id, old record or None when added, new record or None when removed)``,
 called under the lock (old and new are the same record when only the task's order changed)."""
