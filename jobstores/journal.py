@@ -44,9 +44,10 @@ from jobstores.format import (
     encode_journal_line,
 )
 from jobstores.loading import JOURNAL_PREFIX, JournalRead
+from jobstores.pacing import PAUSE, pause
 from jobstores.snapshot_write import SnapshotWriter
 from jobstores.storage import DirectoryStore
-from jobstores.table import PAUSE, StateImage, pause
+from jobstores.table import StateImage
 
 __all__ = ["MAX_AGE", "MIN_BYTES", "PAUSE", "JournalStorage"]
 

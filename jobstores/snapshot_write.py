@@ -14,8 +14,9 @@ from pathlib import Path
 
 from jobstores.durable import write_atomic
 from jobstores.format import CHUNK, encode_document_chunks, encode_raw, encode_task
+from jobstores.pacing import let_go, pause
 from jobstores.storage import EncodedTasks
-from jobstores.table import StateImage, let_go, pause
+from jobstores.table import StateImage
 
 __all__ = ["KEEP_LINES_BELOW", "SnapshotWriter"]
 

@@ -8,139 +8,26 @@ durable. Listeners (APScheduler's job view) hear of every record change under th
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import threading
-import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
+from jobstores.changelog import ChangeBatch, ChangeLog
+from jobstores.kept import KeptRecords
+from jobstores.order import UNKNOWN_POSITION, AccountOrder
+from jobstores.pacing import PAUSE, PAUSE_EVERY, pause
 from tasks.errors import DispatcherClosedError, InvalidTaskError, TaskNotFoundError
 from tasks.model import TaskRecord
 
 __all__ = ["PAUSE", "PAUSE_EVERY", "Change", "ChangeBatch", "StateImage", "TaskTable", "pause"]
 
-_UNKNOWN_POSITION = 1 << 30
-_MOVES_PER_ACCOUNT = 64
-"""Above this many tasks reordered in one account between two saves, the save writes the
-account's whole order instead of a move per task."""
-_RANKED_ORDER = 256
-"""An account with more tasks than this gets a rank per task (see :meth:`TaskTable.rank`),
-built when one is first asked for: a run's lane asks for its task's rank, and finding a task
-in a long order list would cost a run time in proportion to the account's size. Below this,
-the list is looked up (no ranks to keep in memory)."""
 _RELEASE_IN_PIECES = 4096  # changes in a batch above which it is let go of piecemeal
 _TASK_ID = attrgetter("task_id")
-PAUSE = 0.0001
-"""Seconds a background thread working through a large batch sleeps between pieces: a thread
-that only computes hands the interpreter over every 5 ms (``sys.getswitchinterval()``), and
-an event loop waiting for it would lag that long; a sleep hands it over at once."""
-PAUSE_EVERY = 0.001
-"""Seconds of work between two pauses of one thread. A pause is not free: when other threads
-are busy, the sleeper may wait up to a switch interval for the interpreter again. Pausing at
-every piece made a save of 1,000 accounts (62 pieces of account order) spend four fifths of
-its time waiting on a busy dispatcher; a millisecond of work delays the event loop less than
-the interpreter's own switch interval would."""
-
-_held = threading.local()
-_clock = time.perf_counter
-
-
-def pause() -> None:
-    """Let the event loop (and every other thread) have its turn (see :data:`PAUSE`) if
-    :data:`PAUSE_EVERY` has passed since this thread's last pause; otherwise return at once."""
-    now = _clock()
-    since: float | None = getattr(_held, "since", None)
-    if since is not None and now - since < PAUSE_EVERY:
-        return
-    if since is not None:
-        time.sleep(PAUSE)
-    _held.since = _clock()
-
-
-def let_go(items: list[Any], piece: int = 32) -> None:
-    """Empty ``items`` ``piece`` at a time, with a :func:`pause` in between.
-
-    Dropping the last reference to tens of megabytes at once (a snapshot's encoded chunks:
-    76 MB at 100,000 tasks) hands the memory back to the system in one C call, holding the
-    interpreter for milliseconds; a background writer lets go of it piecemeal instead.
-    """
-    while items:
-        del items[-piece:]
-        if items:
-            pause()
-
-
 Change = Callable[[str, TaskRecord | None, TaskRecord | None], None]
 """A listener: ``(task_id, old record or None when added, new record or None when removed)``,
 called under the lock (old and new are the same record when only the task's order changed)."""
-
-
-class ChangeBatch(Collection[tuple[str, TaskRecord | None]]):
-    """The changes of one save: the latest record of each changed task id (None: removed),
-    in the order the ids first changed.
-
-    The table hands its change log over whole when a save captures it and starts a new one,
-    so capturing costs nothing per change; the save's writer reads the batch off the lock
-    (nothing changes it any more). Iterating yields ``(task_id, record)`` pairs, a removal
-    first for an id removed and added again (so replaying appends it last in its account).
-    """
-
-    __slots__ = ("latest", "recreated", "version")
-
-    def __init__(
-        self,
-        latest: dict[str, TaskRecord | None] | None = None,
-        recreated: set[str] | None = None,
-        version: int = 0,
-    ) -> None:
-        self.latest: dict[str, TaskRecord | None] = {} if latest is None else latest
-        """Task id -> its latest record (None: removed), in the order the ids first changed."""
-        self.recreated: set[str] = set() if recreated is None else recreated
-        """Ids removed, then added again (their removal is replayed first)."""
-        self.version = version
-        """The table's version when the batch was captured."""
-
-    def __iter__(self) -> Iterator[tuple[str, TaskRecord | None]]:
-        recreated = self.recreated
-        for task_id, record in self.latest.items():
-            if task_id in recreated:
-                yield task_id, None
-            yield task_id, record
-
-    def __len__(self) -> int:
-        """The number of pairs iterating yields."""
-        return len(self.latest) + sum(1 for task_id in self.recreated if task_id in self.latest)
-
-    def __contains__(self, item: object) -> bool:
-        if not isinstance(item, tuple) or len(item) != 2:
-            return False
-        task_id, record = item
-        if task_id not in self.latest:
-            return False
-        return self.latest[task_id] is record or (record is None and task_id in self.recreated)
-
-    @property
-    def task_ids(self) -> Collection[str]:
-        """The ids changed (a view: do not hold it across changes of a live batch)."""
-        return self.latest.keys()
-
-    def release(self, pause: float) -> None:
-        """Let go of every record, a thousand at a time, sleeping ``pause`` seconds in
-        between (after the batch is durable; never under the table's lock).
-
-        Dropping a large batch in one go frees whatever only it still references in one
-        C call, holding the interpreter; emptying it piecemeal lets other threads (the
-        event loop) run in between.
-        """
-        latest = self.latest
-        while latest:
-            for _ in range(min(len(latest), 1024)):
-                latest.popitem()
-            time.sleep(pause)
-        self.recreated = set()
 
 
 @dataclass(frozen=True)
@@ -176,7 +63,8 @@ class StateImage:
     first changed: replaying them in this order appends new tasks in their account order."""
     orders: dict[str, list[str]] = field(default_factory=dict)
     """The whole priority order (unrestorable ids last) of each account where many tasks
-    were reordered since the last durable version (see :data:`_MOVES_PER_ACCOUNT`)."""
+    were reordered since the last durable version (see
+    :data:`~jobstores.order.MOVES_PER_ACCOUNT`)."""
     moves: list[tuple[str, str, str | None]] = field(default_factory=list)
     """``(account, task id, the id it now stands before or None when last)`` for each task
     reordered since the last durable version, in an account with few of them: applied in
@@ -198,27 +86,14 @@ class TaskTable:
         """Guards everything here; the scheduler shares it as its job store lock."""
         self._description = description
         self._records: dict[str, TaskRecord] = {}
-        self._order: dict[str, list[str]] = {}
-        self._ranks: dict[str, dict[str, float]] = {}
-        """Account id -> task id -> rank, for large accounts (see :data:`_RANKED_ORDER`)."""
-        self._kept: list[Any] = []
-        self._kept_ids: set[str] = set()
-        self._kept_order: dict[str, list[str]] = {}
+        self._order = AccountOrder(self.lock)
+        self._kept = KeptRecords()
         self.extra: dict[str, Any] = {}
         """Top-level document keys this code does not interpret (kept across saves)."""
         self.version = 0
         """Bumped by every change."""
-        self.order_version = 0
-        """Bumped whenever a task's position within its account may have changed."""
-        self._dirty = ChangeBatch()
-        """The changes since the last capture."""
-        self._order_dirty: dict[str, set[str]] = {}
-        """Account -> its tasks reordered since the last capture (removing or appending a
-        task is a change of its own: the account's other tasks keep their order)."""
-        self._inflight: tuple[ChangeBatch, dict[str, set[str]]] | None = None
-        """The changes of the capture being written (with its accounts), until it is
-        durable; a capture finding one here (its save failed) puts them back first."""
-        self._touched = 0
+        self._log = ChangeLog()
+        """The changes not durable yet."""
         self._listeners: list[Change] = []
         self._closed = False
 
@@ -234,37 +109,13 @@ class TaskTable:
         task id, if they have one)."""
         records = records if isinstance(records, list) else list(records)
         with self.lock:
-            self._ranks.clear()
             self._records.update(zip(map(_TASK_ID, records), records, strict=True))
-            for raw, task_id in kept:
-                self._kept.append(raw)
-                if task_id is not None:
-                    self._kept_ids.add(task_id)
-            # Each account's tasks, in file order: one pass over the records in the order they
-            # lie in memory. Looking each up in the hint's order instead (accounts interleave)
-            # missed the cache on every record at 100,000 tasks.
-            groups: dict[str, dict[str, str]] = {}
-            for task_id, record in self._records.items():
-                group = groups.get(record.account_id)
-                if group is None:
-                    group = groups[record.account_id] = {}
-                group[task_id] = task_id
-            for account, ids in order_hint.items():
-                group = groups.get(account, {})
-                ordered: list[str] = []
-                for task_id in ids:
-                    own = group.pop(task_id, None)  # the record's string, not the hint's copy
-                    if own is not None:
-                        ordered.append(own)
-                    elif task_id in self._kept_ids:
-                        found = self._records.get(task_id)
-                        if found is None or found.account_id != account:
-                            self._kept_order.setdefault(account, []).append(task_id)
-                if ordered:
-                    self._order[account] = ordered
-            for account, group in groups.items():
-                if group:  # tasks the hint does not place: last, in file order
-                    self._order.setdefault(account, []).extend(group)
+            self._kept.load(kept)
+            for account, task_id in self._order.load(self._records, order_hint):
+                if task_id in self._kept:
+                    found = self._records.get(task_id)
+                    if found is None or found.account_id != account:
+                        self._kept.place(account, task_id)
 
     def listen(self, listener: Change) -> None:
         """Call ``listener(task_id, old, new)`` after every record change (under the lock)."""
@@ -299,69 +150,37 @@ class TaskTable:
     def account_tasks(self) -> dict[str, list[str]]:
         """Account id -> its task ids in priority order (a copy)."""
         with self.lock:
-            return {account: list(ids) for account, ids in self._order.items() if ids}
+            return self._order.accounts()
+
+    @property
+    def order_version(self) -> int:
+        """Bumped whenever a task's position within its account may have changed."""
+        return self._order.version
 
     def position(self, task_id: str) -> int:
         """``task_id``'s 0-based priority within its account (large if unknown)."""
         record = self._records.get(task_id)
-        ids = self._order.get(record.account_id) if record is not None else None
-        if record is None or ids is None:
-            return _UNKNOWN_POSITION
-        with self.lock:
-            index = self._index(record.account_id, ids, task_id)
-        return _UNKNOWN_POSITION if index is None else index
+        if record is None:
+            return UNKNOWN_POSITION
+        return self._order.position(record.account_id, task_id)
 
     def rank(self, task_id: str) -> float:
         """A number that orders ``task_id`` within its account as :meth:`position` does
-        (large if unknown), at a cost that does not grow with the account.
-
-        In a large account each task keeps a rank: appending one ranks it after the last, a
-        removal leaves the others' ranks, and a reorder ranks the task between its new
-        neighbours (the account is ranked afresh, when next asked, once they are too close).
-        """
+        (large if unknown), at a cost that does not grow with the account (see
+        :meth:`AccountOrder.rank <jobstores.order.AccountOrder.rank>`)."""
         record = self._records.get(task_id)
-        ids = self._order.get(record.account_id) if record is not None else None
-        if record is None or ids is None:
-            return _UNKNOWN_POSITION
-        ranks = self._ranks_of(record.account_id, ids)
-        if ranks is None:
-            return self.position(task_id)
-        return ranks.get(task_id, _UNKNOWN_POSITION)
-
-    def _ranks_of(self, account: str, ids: list[str]) -> dict[str, float] | None:
-        """The ranks of a large account (made now if need be); None for a small one."""
-        if len(ids) <= _RANKED_ORDER:
-            return None
-        ranks = self._ranks.get(account)
-        if ranks is None:
-            with self.lock:
-                ids = self._order.get(account, [])
-                ranks = self._ranks[account] = dict(zip(ids, itertools.count(0.0)))
-        return ranks
-
-    def _index(self, account: str, ids: list[str], task_id: str) -> int | None:
-        """Where ``task_id`` is in its account's ``ids`` (under the lock): found by its rank
-        in a large account (ranks rise along the list), by a scan in a small one."""
-        ranks = self._ranks_of(account, ids)
-        if ranks is None:
-            try:
-                return ids.index(task_id)
-            except ValueError:
-                return None
-        rank = ranks.get(task_id)
-        if rank is None:
-            return None
-        index = bisect.bisect_left(ids, rank, key=ranks.__getitem__)
-        return index if index < len(ids) and ids[index] == task_id else None
+        if record is None:
+            return UNKNOWN_POSITION
+        return self._order.rank(record.account_id, task_id)
 
     def kept_records(self) -> list[Any]:
         """Records that could not be restored, as read (they stay in the file)."""
         with self.lock:
-            return list(self._kept)
+            return self._kept.records()
 
     def taken(self, task_id: str) -> bool:
         """Whether ``task_id`` names a task, restored or kept."""
-        return task_id in self._records or task_id in self._kept_ids
+        return task_id in self._records or task_id in self._kept
 
     # ------------------------------------------------------------------ changes
 
@@ -371,7 +190,7 @@ class TaskTable:
 
     def _changed(self, task_id: str, old: TaskRecord | None, new: TaskRecord | None) -> None:
         self.version += 1
-        self._dirty.latest[task_id] = new
+        self._log.changed(task_id, new)
         for listener in self._listeners:
             listener(task_id, old, new)
 
@@ -379,7 +198,7 @@ class TaskTable:
         """Make the next save write the whole state even if no task changed."""
         with self.lock:
             self.version += 1
-            self._touched = self.version
+            self._log.touch(self.version)
 
     def add(self, records: Sequence[TaskRecord]) -> None:
         """Add new tasks all together, or none of them (raises :class:`InvalidTaskError`)."""
@@ -396,18 +215,11 @@ class TaskTable:
                 if self.taken(record.task_id):
                     raise InvalidTaskError("task_id", f"a task with id {record.task_id!r} exists")
             for record in records:
-                if self._dirty.latest.pop(record.task_id, record) is None:
-                    # Removed and added again before a save: a backend that writes changes
-                    # writes the removal first, so the task lands last, as it is here.
-                    self._dirty.recreated.add(record.task_id)
+                self._log.added(record.task_id)
                 self._records[record.task_id] = record
-                ids = self._order.setdefault(record.account_id, [])
-                ids.append(record.task_id)
-                ranks = self._ranks.get(record.account_id)
-                if ranks is not None:  # appended: ranked after the last
-                    ranks[record.task_id] = ranks[ids[-2]] + 1.0 if len(ids) > 1 else 0.0
+                self._order.append(record.account_id, record.task_id)
                 self._changed(record.task_id, None, record)
-            self.order_version += 1
+            self._order.version += 1
 
     def remove(self, task_id: str) -> TaskRecord:
         """Delete ``task_id`` for good; returns its last record."""
@@ -415,16 +227,7 @@ class TaskTable:
         with self.lock:
             record = self.get(task_id)
             del self._records[task_id]
-            ids = self._order.get(record.account_id, [])
-            index = self._index(record.account_id, ids, task_id)
-            if index is not None:
-                del ids[index]
-            if not ids:
-                self._order.pop(record.account_id, None)
-            ranks = self._ranks.get(record.account_id)
-            if ranks is not None:
-                ranks.pop(task_id, None)
-            self.order_version += 1
+            self._order.remove(record.account_id, task_id)
             self._changed(task_id, record, None)
             return record
 
@@ -447,38 +250,15 @@ class TaskTable:
         self._check_open()
         with self.lock:
             record = self.get(task_id)
-            ids = self._order[record.account_id]
-            if not 0 <= position < len(ids):
+            size = self._order.size(record.account_id)
+            if not 0 <= position < size:
                 raise InvalidTaskError(
                     "position",
-                    f"must be from 0 to {len(ids) - 1} for account {record.account_id!r}",
+                    f"must be from 0 to {size - 1} for account {record.account_id!r}",
                 )
-            index = self._index(record.account_id, ids, task_id)
-            assert index is not None  # a restored task is in its account's order
-            del ids[index]
-            ids.insert(position, task_id)
-            self._rerank(record.account_id, ids, position)
-            self.order_version += 1
+            self._order.move(record.account_id, task_id, position)
             self._changed(task_id, record, record)
-            self._order_dirty.setdefault(record.account_id, set()).add(task_id)
-
-    def _rerank(self, account: str, ids: list[str], position: int) -> None:
-        """Rank the task just moved to ``position`` between its neighbours (under the lock)."""
-        ranks = self._ranks.get(account)
-        if ranks is None:
-            return
-        before = ranks[ids[position - 1]] if position > 0 else None
-        after = ranks[ids[position + 1]] if position + 1 < len(ids) else None
-        if before is None:
-            rank = 0.0 if after is None else after - 1.0
-        elif after is None:
-            rank = before + 1.0
-        else:
-            rank = (before + after) / 2
-            if not before < rank < after:  # no number left between them
-                del self._ranks[account]
-                return
-        ranks[ids[position]] = rank
+            self._log.moved(record.account_id, task_id)
 
     def close(self) -> None:
         """Refuse every change from now on."""
@@ -487,7 +267,7 @@ class TaskTable:
     # ------------------------------------------------------------------ for the saver
 
     def _account_order(self, account: str) -> list[str]:
-        return [*self._order.get(account, ()), *self._kept_order.get(account, ())]
+        return [*self._order.of(account), *self._kept.order_of(account)]
 
     def capture(self, *, full: bool = True, current_below: int = 0) -> StateImage:
         """What to write now, at the current version: the whole state if ``full`` (or if
@@ -503,16 +283,12 @@ class TaskTable:
         the next capture after a failed save writes this one's changes again, first.
         """
         with self.lock:
-            self._take_back()
-            batch, accounts = self._dirty, self._order_dirty
-            batch.version = self.version
-            self._inflight = (batch, accounts)
-            self._dirty, self._order_dirty = ChangeBatch(), {}
+            batch, accounts = self._log.take(self.version)
             # Decided under the lock, from the count this image holds: a commit of a store
             # below the threshold writes the file, whatever changed just before.
-            requested = self._touched > 0 or len(self._records) + len(self._kept) < current_below
+            requested = self._log.touched or len(self._records) + len(self._kept) < current_below
             full = full or requested
-            orders, moves = self._reorders(accounts)
+            orders, moves = self._order.reorders(accounts, self._account_order)
             if not full:
                 return StateImage(
                     version=self.version,
@@ -525,14 +301,14 @@ class TaskTable:
                     orders=orders,
                     moves=moves,
                 )
-            order = {account: list(ids) for account, ids in self._order.items() if ids}
-            for account, ids in self._kept_order.items():
+            order = self._order.accounts()
+            for account, ids in self._kept.orders():
                 order.setdefault(account, []).extend(ids)
             return StateImage(
                 version=self.version,
                 records=list(self._records.values()),
                 account_tasks=order,
-                kept=list(self._kept),
+                kept=self._kept.records(),
                 extra=dict(self.extra),
                 full=True,
                 requested=requested,
@@ -541,68 +317,14 @@ class TaskTable:
                 moves=moves,
             )
 
-    def _reorders(
-        self, accounts: dict[str, set[str]]
-    ) -> tuple[dict[str, list[str]], list[tuple[str, str, str | None]]]:
-        """What to write of ``accounts``' reordered tasks (under the lock): whole orders, and
-        moves. Each account's moves go from its last task to its first, each task placed
-        before its successor now: a successor is either a task that kept its place or one
-        placed already, so replaying them one by one rebuilds the order exactly."""
-        orders: dict[str, list[str]] = {}
-        moves: list[tuple[str, str, str | None]] = []
-        for account, moved in accounts.items():
-            if len(moved) > _MOVES_PER_ACCOUNT:
-                orders[account] = self._account_order(account)
-                continue
-            ids = self._order.get(account, [])
-            placed = sorted(
-                (position, task_id)
-                for task_id in moved
-                if (position := self.position(task_id)) < len(ids)
-            )
-            for position, task_id in reversed(placed):
-                following = ids[position + 1] if position + 1 < len(ids) else None
-                moves.append((account, task_id, following))
-        return orders, moves
-
-    def _take_back(self) -> None:
-        """Put the changes of a capture that did not become durable back in front of the
-        changes made since (under the lock)."""
-        if self._inflight is None:
-            return
-        failed, accounts = self._inflight
-        self._inflight = None
-        latest = dict(failed.latest)
-        recreated = set(failed.recreated)
-        for task_id, record in self._dirty.latest.items():
-            if task_id in self._dirty.recreated or (
-                record is not None and task_id in latest and latest[task_id] is None
-            ):
-                # Removed (in either batch), then added again: it goes last, as in add().
-                latest.pop(task_id, None)
-                recreated.add(task_id)
-            latest[task_id] = record
-        self._dirty = ChangeBatch(latest, recreated)
-        for account, moved in accounts.items():
-            self._order_dirty.setdefault(account, set()).update(moved)
-
     def saved(self, version: int) -> None:
         """The image captured at ``version`` is durable."""
         with self.lock:
-            inflight = self._inflight
-            if inflight is not None and inflight[0].version <= version:
-                self._inflight = None
-            else:
-                inflight = None
-            if self._touched <= version:
-                self._touched = 0
-        if inflight is not None and len(inflight[0].latest) > _RELEASE_IN_PIECES:
-            inflight[0].release(PAUSE)
+            batch = self._log.saved(version)
+        if batch is not None and len(batch.latest) > _RELEASE_IN_PIECES:
+            batch.release(PAUSE)
 
     def unsaved(self) -> tuple[str, ...]:
         """Task ids whose latest change is not durable yet."""
         with self.lock:
-            ids = set(self._dirty.latest)
-            if self._inflight is not None:
-                ids.update(self._inflight[0].latest)
-            return tuple(sorted(ids))
+            return tuple(sorted(self._log.unsaved()))

@@ -77,8 +77,6 @@ BIG_CLASSES: dict[str, int] = {
     # the store's API over the core, the table and the saver, and APScheduler's interface
     # (its calls are SchedulerCalls')
     "jobstores/jsonfile.py::JsonJobStore": 358,
-    # records, account order and kept records, with their indexes and snapshots
-    "jobstores/table.py::TaskTable": 416,
 }
 
 

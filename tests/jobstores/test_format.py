@@ -43,22 +43,22 @@ def test_a_background_writer_pauses_once_per_slice_of_work_not_once_per_piece(
     dispatcher wait for the interpreter 62 times. It sleeps once per PAUSE_EVERY of work."""
     import time
 
-    from jobstores import table
+    from jobstores import pacing
 
     now = [100.0]
     sleeps: list[float] = []
-    monkeypatch.setattr(table, "_clock", lambda: now[0])
+    monkeypatch.setattr(pacing, "_clock", lambda: now[0])
     monkeypatch.setattr(time, "sleep", sleeps.append)
-    monkeypatch.setattr(table, "_held", type(table._held)())  # this thread starts afresh
+    monkeypatch.setattr(pacing, "_held", type(pacing._held)())  # this thread starts afresh
     accounts = {f"account-{i}": [f"task-{i}"] for i in range(1_000)}
 
-    encode_account_tasks(accounts, table.pause)  # no time passes: the work is one slice
+    encode_account_tasks(accounts, pacing.pause)  # no time passes: the work is one slice
     assert sleeps == []
 
     def slow() -> None:  # each piece takes 0.4 ms
         now[0] += 0.0004
-        table.pause()
+        pacing.pause()
 
     encode_account_tasks(accounts, slow)  # 62 pieces, 24.8 ms: a sleep every 3 pieces
     assert len(sleeps) == 20
-    assert set(sleeps) == {table.PAUSE}
+    assert set(sleeps) == {pacing.PAUSE}

@@ -19,7 +19,7 @@ from helpers import SHANGHAI, T0, read_file, read_state, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobstores import JsonJobStore, snapshot_write, table
+from jobstores import JsonJobStore, order, pacing, snapshot_write
 from jobstores.format import decode_journal_line
 from jobstores.journal import JournalStorage
 from jobstores.loading import JOURNAL_PREFIX, journal_segments
@@ -249,8 +249,8 @@ def test_the_journal_is_folded_in_the_background_past_its_threshold(tmp_path: Pa
 def test_let_go_empties_a_list_a_piece_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[int] = []
     items = list(range(100))
-    monkeypatch.setattr(table, "pause", lambda: sizes.append(len(items)))
-    table.let_go(items, 32)
+    monkeypatch.setattr(pacing, "pause", lambda: sizes.append(len(items)))
+    pacing.let_go(items, 32)
     assert (items, sizes) == ([], [68, 36, 4])  # a pause between pieces, none after the last
 
 
@@ -260,7 +260,7 @@ def test_a_compaction_lets_go_of_the_encoded_snapshot_piecemeal(
     # Freeing the whole encoded snapshot at once (76 MB at 100,000 tasks) held the
     # interpreter, and the event loop, for milliseconds at the end of every compaction.
     released: list[list[tuple[int, int]]] = []
-    real = table.let_go
+    real = pacing.let_go
 
     def spy(items: list[Any], piece: int = 32) -> None:
         released.append([(len(items[i]), sys.getrefcount(items[i])) for i in range(len(items))])
@@ -426,7 +426,7 @@ def test_reorders_are_saved_at_a_cost_per_reordered_task(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, many: bool
 ) -> None:
     if many:  # past the limit, the account's whole order is written instead
-        monkeypatch.setattr(table, "_MOVES_PER_ACCOUNT", 2)
+        monkeypatch.setattr(order, "MOVES_PER_ACCOUNT", 2)
     store = open_store(tmp_path)
     store.add_tasks([record(f"t{i}") for i in range(8)] + [record("x", account="other")])
     assert store.save()
@@ -618,7 +618,7 @@ operation = st.one_of(
 @given(
     st.lists(operation, max_size=40),
     st.sampled_from([1, 400, 1 << 20]),
-    st.sampled_from([0, 2, table._MOVES_PER_ACCOUNT]),
+    st.sampled_from([0, 2, order.MOVES_PER_ACCOUNT]),
     st.sampled_from([0, 3, 100]),
 )
 def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
@@ -634,7 +634,7 @@ def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
 
     with (
         tempfile.TemporaryDirectory() as name,
-        mock.patch.object(table, "_MOVES_PER_ACCOUNT", moves_per_account),
+        mock.patch.object(order, "MOVES_PER_ACCOUNT", moves_per_account),
     ):
         directory = Path(name)
         store = open_store(directory, max_bytes=threshold, snapshot_below=snapshot_below)
