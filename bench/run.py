@@ -376,6 +376,7 @@ async def memory(n: int, root: Path) -> list[Row]:
 
     async def ours_build() -> Any:
         dispatcher = ours(root / "a-bulk")
+        assert len(dispatcher._store.table) == n
         await dispatcher.start()
         dispatcher.scheduler.pause()  # scheduled, but no run in flight while measuring
         dispatcher._store.touch()

@@ -198,10 +198,8 @@ class JobView:
         self._dropped.clear()
         self._assigned.clear()
         faults: list[tuple[str, Exception]] = []
-        # Task id -> instant, sorted below without a (instant, id) tuple per task: 100,000
-        # tuples alive at once made the collector sweep every object of the process.
-        instants: dict[str, float] = {}
-        schedulable, trigger = lifecycle.schedulable, self.trigger
+        keys: list[tuple[float, str]] = []
+        schedulable, trigger, append = lifecycle.schedulable, self.trigger, keys.append
         instant = _Instants()
         for record in records:
             if not schedulable(record):
@@ -212,11 +210,10 @@ class JobView:
                 faults.append((record.task_id, exc))
                 self._dropped.add(record.task_id)
                 continue
-            instants[record.task_id] = _key(record, instant)
-        ids = sorted(instants)
-        ids.sort(key=instants.__getitem__)  # stable: by instant, then by id
-        self._times = array("d", map(instants.__getitem__, ids))
-        self._ids = ids
+            append((_key(record, instant), record.task_id))
+        keys.sort()
+        self._times = array("d", [when for when, _ in keys])
+        self._ids = [task_id for _, task_id in keys]
         self._head = 0
         return faults
 
