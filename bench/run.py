@@ -9,7 +9,8 @@ floor). Same no-op async task everywhere. Ratios are what count; these machines 
     python -m bench --large         # every measurement at 100,000 too
     python -m bench --sizes 1000 100000 --steps add_one_by_one mutations
                                     # only some measurements (add_one_by_one builds the
-                                    # stores the others use)
+                                    # stores the others use; without it they are built
+                                    # in bulk first)
     python -m bench --history-only  # only the run history case (bench/history.py)
     python -m bench --fleet-only    # only the fleet against bare Celery (needs Redis)
     python -m bench --postgres [URL]
