@@ -499,14 +499,19 @@ READ_STORES = {"mutations", "cold_start", "memory", "loop_lag"}
 
 
 async def build_stores(n: int, root: Path) -> None:
-    """The stores of N tasks the later steps read (ours in bulk, the SQLite peer in one
-    transaction), for a run whose steps leave out ``add_one_by_one``, which builds them."""
+    """The stores of N tasks the later steps read, built as ``add_one_by_one`` builds them
+    (ours in bulk; the SQLite peer one job at a time up to 10,000, in one transaction
+    above), for a run whose steps leave that step out."""
     dispatcher = ours(root / "a-bulk")
     await dispatcher.add_tasks(task(i) for i in range(n))
     dispatcher.close()
     scheduler = peer("sqlalchemy", _fresh(root / "sqlalchemy-add"))
     scheduler.start(paused=True)
-    peer_load(scheduler, n)
+    if n <= 10_000:
+        for i in range(n):
+            peer_add(scheduler, i)
+    else:
+        peer_load(scheduler, n)
     scheduler.shutdown(wait=False)
 
 
