@@ -80,7 +80,8 @@ class LocalRunBackend(RunBackend):
     ) -> None:
         """Create ``task_id``'s manager now (anew with ``renew``): a task whose manager
         cannot be created is refused when added and kept unrestored when loaded."""
-        self.manager(task_id, sys_type, kwargs, renew=renew)
+        if renew or task_id not in self._managers:  # called for every task at load
+            self._managers[task_id] = create_manager(self.factory, sys_type, kwargs)
 
     async def submit(self, request: RunRequest) -> RunEvent:
         """Execute the run in the calling task (see :meth:`run`) with the task's manager and

@@ -156,6 +156,29 @@ def test_the_view_is_empty_until_attached() -> None:
     assert "a" not in view
 
 
+def test_attaching_files_records_in_any_order_by_instant_then_id() -> None:
+    """A loaded table lists its records in file order; the index is sorted by (instant, id)
+    all the same: ties broken by id, paused tasks last, unplanned ones not filed."""
+    rng = random.Random(3)
+    times = [T0 + timedelta(minutes=m) for m in (0, 5, 5, 30)]
+    records = [
+        record(f"t{i:02d}", at=rng.choice([*times, None]), status=status)
+        for i, status in enumerate(
+            rng.choice([TaskStatus.PENDING, TaskStatus.PAUSED, TaskStatus.ERROR]) for _ in range(40)
+        )
+    ]
+    rng.shuffle(records)
+    view = JobView(SHANGHAI, _run, {r.task_id: r for r in records}.get)
+    assert view.attach(object(), "default", records) == []
+    filed = sorted((_instant(r), r.task_id) for r in records if lifecycle.schedulable(r))
+    assert view.ids() == [task_id for _, task_id in filed]
+    assert [job.id for job in view.all()[0]] == view.ids()
+    assert {_instant(r) for r in records if r.status is TaskStatus.PAUSED} == {math.inf}
+    assert view.ids()[-1] in {r.task_id for r in records if r.status is TaskStatus.PAUSED}
+    due, _ = view.due(T0 + timedelta(minutes=5))
+    assert [job.id for job in due] == [t for when, t in filed if when <= times[2].timestamp()]
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[JsonJobStore]:
     store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0)

@@ -119,3 +119,30 @@ async def test_cancelling_the_caller_cuts_the_run_off(run_timeout: float | None)
     with pytest.raises(asyncio.CancelledError):
         await task
     assert manager.cancelled
+
+
+def test_the_local_backend_prepares_a_manager_once_per_task_and_anew_when_renewed() -> None:
+    from scheduler.backends.local import LocalRunBackend
+    from tasks.errors import InvalidTaskError
+
+    made: list[dict[str, Any]] = []
+
+    def factory(**kwargs: Any) -> _Async:
+        if kwargs.get("broken"):
+            raise RuntimeError("cannot log in")
+        made.append(kwargs)
+        return _Async()
+
+    backend = LocalRunBackend(factory)
+    backend.prepare("t-1", "linux", {"n": 1})
+    first = backend.manager("t-1", "linux", {"n": 1})
+    backend.prepare("t-1", "linux", {"n": 1})  # prepared already: kept
+    assert made == [{"sys_type": "linux", "n": 1}]
+    backend.prepare("t-1", "linux", {"n": 2}, renew=True)
+    assert made[-1] == {"sys_type": "linux", "n": 2}
+    assert backend.manager("t-1", "linux", {"n": 2}) is not first
+    with pytest.raises(InvalidTaskError, match="task_manager_factory"):
+        backend.prepare("t-2", "linux", {"broken": True})
+    made.clear()
+    backend.manager("t-2", "linux", {"n": 3})  # nothing was kept for the refused task
+    assert made == [{"sys_type": "linux", "n": 3}]
