@@ -13,8 +13,9 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from helpers import T0, record
+from helpers import SHANGHAI, T0, record
 
+from jobstores import JsonJobStore
 from jobstores.postgres import (
     SCHEMA_VERSION,
     Fence,
@@ -361,3 +362,86 @@ def test_the_documented_tables_are_the_ones_created() -> None:
         ]
 
     assert tables(documented) == tables(DDL)
+
+
+# ---------------------------------------------------------------------- loading writes nothing
+
+
+def _row_versions(connect: Callable[[], psycopg.Connection[Any]], cluster: str) -> dict[str, str]:
+    """Each task row's ``xmin``: the transaction that last wrote it."""
+    with connect() as connection:
+        rows = connection.execute(
+            "SELECT task_id, xmin::text FROM td_tasks WHERE cluster = %s", (cluster,)
+        ).fetchall()
+    return dict(rows)
+
+
+@pytest.mark.parametrize("tasks", [30, 2_100])  # below the snapshot threshold, and above it
+def test_a_new_leader_of_an_unchanged_store_rewrites_no_task_row(
+    tmp_path: Path,
+    state: PostgresState,
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+    tasks: int,
+) -> None:
+    first = make_leadership(holder="first")
+    assert first.try_acquire()
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, first))
+    store.add_tasks([record(f"t{i}", account=f"acc{i % 7}") for i in range(tasks)])
+    assert store.save()
+    store.close()
+    written = _row_versions(connect, cluster)
+    assert len(written) == tasks
+
+    second = make_leadership(holder="second")
+    assert second.try_acquire()
+    store = JsonJobStore(
+        tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, second)
+    )
+    assert len(store.records()) == tasks
+    store.touch()  # a dispatcher's final save: a full image, with no change in it
+    assert store.save()
+    store.add_tasks([record("new", account="acc1")])
+    assert store.save()
+    store.close()
+    after = _row_versions(connect, cluster)
+    rewritten = [task_id for task_id, version in written.items() if after[task_id] != version]
+    assert len(rewritten) == 0, f"{len(rewritten)} of {tasks} rows rewritten"
+    assert "new" in after
+    stored = state.load()
+    assert stored is not None
+    assert stored.account_tasks["acc1"][-1] == "new"
+
+
+def test_a_task_row_set_aside_at_load_is_moved_to_the_kept_records(
+    tmp_path: Path,
+    state: PostgresState,
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    """A load that repaired something writes it: a row no longer restorable is kept."""
+    leader = make_leadership()
+    assert leader.try_acquire()
+    commit(
+        state,
+        leader.fence(),
+        full=FullState([TaskRow.of(record("a")), TaskRow.of(record("b"))], [], {"acc": ["a", "b"]}),
+    )
+    with connect() as connection:
+        connection.execute(
+            "UPDATE td_tasks SET record = jsonb_set(record, '{interval}', '\"soon\"') "
+            "WHERE cluster = %s AND task_id = 'b'",
+            (cluster,),
+        )
+    store = JsonJobStore(
+        tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, leader)
+    )
+    assert [r.task_id for r in store.records()] == ["a"]
+    store.close()
+    stored = state.load()
+    assert stored is not None
+    assert [raw["task_id"] for raw in stored.kept] == ["b"]
+    assert stored.sealed == [True]
+    assert stored.account_tasks == {"acc": ["a", "b"]}
