@@ -228,6 +228,7 @@ class PostgresStorage:
             accept=accept,
             fraction=fraction,
             trusted=_trust(document),
+            sealed=document.sealed_tasks,
         )
         # What the tables hold is what was restored (every task row restored, every kept
         # record kept) unless the load repaired something: only then is it written whole.
@@ -242,7 +243,12 @@ class PostgresStorage:
         state, document, _ = self._read(zone, convert=convert, owner=False)
         if document is None:
             return state
-        restored = restore(document.tasks, state.timezone, parsed_json=document.parsed_json)
+        restored = restore(
+            document.tasks,
+            state.timezone,
+            parsed_json=document.parsed_json,
+            sealed=document.sealed_tasks,
+        )
         return _filled(state, document, restored.records, restored.kept)
 
     def _read(
@@ -250,7 +256,7 @@ class PostgresStorage:
     ) -> tuple[StoredState, Document | None, int]:
         """The state's zone settled, its document, and how many task rows it holds."""
         try:
-            stored = self.state.load()
+            stored = self.state.load(defer_tasks=True)
         finally:
             if not owner:  # a reader holds no connection between reads
                 self.state.close()

@@ -445,3 +445,63 @@ def test_a_task_row_set_aside_at_load_is_moved_to_the_kept_records(
     assert [raw["task_id"] for raw in stored.kept] == ["b"]
     assert stored.sealed == [True]
     assert stored.account_tasks == {"acc": ["a", "b"]}
+
+
+# ---------------------------------------------------------------------- one JSON array
+
+
+def test_sealed_tasks_load_as_one_json_array_in_file_order(
+    state: PostgresState, fence: Fence, connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    rows = [TaskRow.of(record(name)) for name in ("a", "b", "c")]
+    commit(state, fence, full=FullState(rows, [], {"acc": ["a", "b", "c"]}))
+    with connect() as connection:  # "a" rewritten: last in the table's physical order
+        connection.execute(
+            "UPDATE td_tasks SET record_text = record_text WHERE cluster = %s AND task_id = 'a'",
+            (cluster,),
+        )
+    deferred = state.load(defer_tasks=True)
+    assert deferred is not None
+    assert deferred.tasks == []
+    assert deferred.sealed_tasks == b"[" + b",".join(row.text.encode() for row in rows) + b"]"
+    document = deferred.document()
+    assert (document.tasks_deferred, document.trusted) == (True, True)
+    assert document.parse_tasks() == [plain(record(name)) for name in ("a", "b", "c")]
+
+    with connect() as connection:  # an edited record: every task is parsed, and checked
+        connection.execute(
+            "UPDATE td_tasks SET record = jsonb_set(record, '{interval}', '7200') "
+            "WHERE cluster = %s AND task_id = 'b'",
+            (cluster,),
+        )
+    deferred = state.load(defer_tasks=True)
+    assert deferred is not None
+    assert deferred.sealed_tasks is None
+    assert [raw["task_id"] for raw in deferred.tasks] == ["a", "b", "c"]
+    assert deferred.sealed == [True, False, True]
+
+
+def test_a_sealed_row_invalid_today_is_kept_and_the_others_restored(
+    state: PostgresState,
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    leader = make_leadership()
+    assert leader.try_acquire()
+    rows = [TaskRow.of(record(name)) for name in ("a", "b", "c")]
+    commit(state, leader.fence(), full=FullState(rows, [], {"acc": ["a", "b", "c"]}))
+    with connect() as connection:  # sealed, yet not a valid record (as if the model changed)
+        connection.execute(
+            "UPDATE td_tasks SET record_text = replace(record_text, '\"interval\":3600', "
+            "'\"interval\":\"soon\"') WHERE cluster = %s AND task_id = 'b'",
+            (cluster,),
+        )
+    deferred = state.load(defer_tasks=True)
+    assert deferred is not None and deferred.sealed_tasks is not None
+    storage = PostgresStorage(state, leader)
+    loaded = storage.load(SHANGHAI, now=T0)
+    assert [r.task_id for r in loaded.records] == ["a", "c"]
+    assert [(raw["task_id"], raw["interval"], task_id) for raw, task_id in loaded.kept] == [
+        ("b", "soon", "b")
+    ]
