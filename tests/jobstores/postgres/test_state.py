@@ -498,7 +498,8 @@ def test_a_sealed_row_invalid_today_is_kept_and_the_others_restored(
             (cluster,),
         )
     deferred = state.load(defer_tasks=True)
-    assert deferred is not None and deferred.sealed_tasks is not None
+    assert deferred is not None
+    assert deferred.sealed_tasks is not None
     storage = PostgresStorage(state, leader)
     loaded = storage.load(SHANGHAI, now=T0)
     assert [r.task_id for r in loaded.records] == ["a", "c"]
