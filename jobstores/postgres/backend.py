@@ -231,10 +231,12 @@ class PostgresStorage:
             sealed=document.sealed_tasks,
         )
         # What the tables hold is what was restored (every task row restored, every kept
-        # record kept) unless the load repaired something: only then is it written whole.
-        converted = state.recorded_zone is not None and state.recorded_zone != self.timezone_key
-        self._replace_next = len(restored.records) != rows or converted
+        # record kept, the same objects) unless the load repaired something: only then is it
+        # written whole.
         self._kept = [raw for raw, _ in restored.kept]
+        stored_kept = document.tasks[rows:]  # the task rows' objects come first
+        converted = state.recorded_zone is not None and state.recorded_zone != self.timezone_key
+        self._replace_next = converted or not _same(self._kept, stored_kept)
         return _filled(state, document, restored.records, restored.kept)
 
     def read(self, zone: tzinfo | None = None, *, convert: bool = False) -> StoredState:

@@ -421,13 +421,18 @@ def test_a_task_row_set_aside_at_load_is_moved_to_the_kept_records(
     connect: Callable[[], psycopg.Connection[Any]],
     cluster: str,
 ) -> None:
-    """A load that repaired something writes it: a row no longer restorable is kept."""
+    """A load that repaired something writes it: a row no longer restorable is kept, and a
+    kept record restorable again is a task row (both at once: as many rows as before)."""
     leader = make_leadership()
     assert leader.try_acquire()
     commit(
         state,
         leader.fence(),
-        full=FullState([TaskRow.of(record("a")), TaskRow.of(record("b"))], [], {"acc": ["a", "b"]}),
+        full=FullState(
+            [TaskRow.of(record("a")), TaskRow.of(record("b"))],
+            [plain(record("x"))],
+            {"acc": ["a", "b", "x"]},
+        ),
     )
     with connect() as connection:
         connection.execute(
@@ -438,13 +443,14 @@ def test_a_task_row_set_aside_at_load_is_moved_to_the_kept_records(
     store = JsonJobStore(
         tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, leader)
     )
-    assert [r.task_id for r in store.records()] == ["a"]
+    assert sorted(r.task_id for r in store.records()) == ["a", "x"]
     store.close()
     stored = state.load()
     assert stored is not None
     assert [raw["task_id"] for raw in stored.kept] == ["b"]
-    assert stored.sealed == [True]
-    assert stored.account_tasks == {"acc": ["a", "b"]}
+    assert sorted(raw["task_id"] for raw in stored.tasks[: len(stored.sealed)]) == ["a", "x"]
+    assert stored.sealed == [True, True]
+    assert sorted(stored.account_tasks["acc"]) == ["a", "b", "x"]  # the unrestorable one last
 
 
 # ---------------------------------------------------------------------- one JSON array
