@@ -16,7 +16,8 @@ names the database masks the URL's password.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,11 @@ class PostgresStorage:
     (:meth:`~jobstores.postgres.lease.Leadership.fence`): an instance that does not lead
     now, or was taken over, raises an ``OSError`` and changes nothing. The database holds
     every change once a commit returns, so a commit never needs the whole state: a full
-    image is written whole only when it is the first one after loading (the owner asks for
-    one after repairing what it loaded).
+    image is written whole only when it is the first one after a load that repaired what it
+    read (a task row set aside as unrestorable, a kept record restorable again, the zone
+    converted), or when it keeps other unrestorable records than the tables. A plain load
+    writes nothing back: a full image after it (a store below the snapshot threshold, a
+    dispatcher's final save) commits only the changes it carries.
 
     ``where`` names the state in messages (the database's URL, masked, and the cluster).
     """
@@ -110,6 +114,9 @@ class PostgresStorage:
         self.timezone_key = timezone_key
         """The zone the state records for its hour windows."""
         self._replace_next = True
+        self._kept: list[Any] = []
+        """The kept records the tables hold (the objects of the last load or full write): a
+        full image keeping others is written whole."""
 
     @classmethod
     def for_url(
@@ -209,8 +216,9 @@ class PostgresStorage:
         if not self.leadership.is_leader_now():
             raise RuntimeError(f"{self.where} is not owned: acquire() it first")
         self._replace_next = True
-        state, document = self._read(zone, convert=convert, owner=True)
+        state, document, rows = self._read(zone, convert=convert, owner=True)
         if document is None:
+            self._replace_next = False
             return state
         restored = restore(
             document.tasks,
@@ -220,23 +228,37 @@ class PostgresStorage:
             accept=accept,
             fraction=fraction,
             trusted=_trust(document),
+            sealed=document.sealed_tasks,
         )
+        # What the tables hold is what was restored (every task row restored, every kept
+        # record kept, the same objects) unless the load repaired something: only then is it
+        # written whole.
+        self._kept = [raw for raw, _ in restored.kept]
+        stored_kept = document.tasks[rows:]  # the task rows' objects come first
+        converted = state.recorded_zone is not None and state.recorded_zone != self.timezone_key
+        self._replace_next = converted or not _same(self._kept, stored_kept)
         return _filled(state, document, restored.records, restored.kept)
 
     def read(self, zone: tzinfo | None = None, *, convert: bool = False) -> StoredState:
         """The cluster's state in one read-only transaction, without the lease (records are
         validated, not made consistent)."""
-        state, document = self._read(zone, convert=convert, owner=False)
+        state, document, _ = self._read(zone, convert=convert, owner=False)
         if document is None:
             return state
-        restored = restore(document.tasks, state.timezone, parsed_json=document.parsed_json)
+        restored = restore(
+            document.tasks,
+            state.timezone,
+            parsed_json=document.parsed_json,
+            sealed=document.sealed_tasks,
+        )
         return _filled(state, document, restored.records, restored.kept)
 
     def _read(
         self, zone: tzinfo | None, *, convert: bool, owner: bool
-    ) -> tuple[StoredState, Document | None]:
+    ) -> tuple[StoredState, Document | None, int]:
+        """The state's zone settled, its document, and how many task rows it holds."""
         try:
-            stored = self.state.load()
+            stored = self.state.load(defer_tasks=True)
         finally:
             if not owner:  # a reader holds no connection between reads
                 self.state.close()
@@ -254,7 +276,8 @@ class PostgresStorage:
                     settled,
                     settled,
                 )
-        return StoredState(timezone=settled, recorded_zone=recorded), document
+        rows = 0 if stored is None else len(stored.sealed)
+        return StoredState(timezone=settled, recorded_zone=recorded), document, rows
 
     # ------------------------------------------------------------------ committing
 
@@ -270,7 +293,7 @@ class PostgresStorage:
             raise
 
     def _commit(self, image: StateImage, saved_at: datetime, fence: Fence) -> None:
-        if image.full and self._replace_next:
+        if image.full and (self._replace_next or not _same(image.kept, self._kept)):
             self.state.commit(
                 fence,
                 saved_at=saved_at,
@@ -281,6 +304,7 @@ class PostgresStorage:
                 ),
             )
             self._replace_next = False
+            self._kept = list(image.kept)
             return
         self.state.commit(
             fence,
@@ -312,6 +336,11 @@ class PostgresStorage:
     def close(self) -> None:
         """Close the state's connection (the lease is given up by :meth:`release`)."""
         self.state.close()
+
+
+def _same(objects: Sequence[Any], others: Sequence[Any]) -> bool:
+    """Whether two sequences hold the same objects, in the same order."""
+    return len(objects) == len(others) and all(map(operator.is_, objects, others))
 
 
 def open_url(url: str, directory: Path) -> PostgresStorage:

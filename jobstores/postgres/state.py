@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 
 from jobstores.format import FORMAT_VERSION, Document
 from jobstores.postgres.errors import PostgresStoreError, StaleLeaderError, describe
@@ -96,9 +98,24 @@ class StoredState:
     sealed: list[bool] = field(default_factory=list)
     """For each restored task (in :attr:`tasks` order): whether it may be loaded without
     validation (this library validated it and its ``record`` was not edited since)."""
+    sealed_tasks: bytes | None = None
+    """Loaded with ``defer_tasks`` when every task is sealed and none is kept: the tasks as
+    one JSON array (each row's text as stored), left unparsed; :attr:`tasks` is then empty."""
 
     def document(self) -> Document:
         """The state as the JSON loader's :class:`~jobstores.format.Document`."""
+        if self.sealed_tasks is not None:
+            return Document(
+                version=FORMAT_VERSION,
+                saved_at=self.saved_at,
+                tasks=[],
+                timezone=self.timezone,
+                account_tasks={account: list(ids) for account, ids in self.account_tasks.items()},
+                extra=dict(self.extra),
+                trusted=True,
+                sealed_tasks=self.sealed_tasks,
+                tasks_deferred=True,
+            )
         restored = len(self.sealed)
         trusted = {id(raw) for raw, sealed in zip(self.tasks, self.sealed, strict=False) if sealed}
         return Document(
@@ -120,20 +137,34 @@ class StoredState:
 _TASKS = "SELECT seq, record_text, sealed FROM td_tasks WHERE cluster = %s"
 
 
+class _Bytes(Loader):
+    """A text column as the bytes the server sent (no decoding: they are parsed once, by
+    orjson or by pydantic's JSON path)."""
+
+    def load(self, data: Buffer) -> bytes:
+        return bytes(data)
+
+
 def _read_tasks(
-    connection: psycopg.Connection[Any], cluster: tuple[str]
-) -> tuple[list[Any], list[bool]]:
-    """Every restored task's object (parsed) and whether it is sealed, in file order."""
-    rows = connection.execute(_TASKS, cluster).fetchall()
-    loads = orjson.loads
-    tasks = [loads(text) for _, text, _ in rows]
+    connection: psycopg.Connection[Any], cluster: tuple[str], *, defer: bool
+) -> tuple[list[Any], list[bool], bytes | None]:
+    """Every restored task's object and whether it is sealed, in file order; with ``defer``
+    and every task sealed, the objects are left unparsed, as one JSON array (the third
+    value; the first is then empty)."""
+    with connection.cursor() as cursor:
+        cursor.adapters.register_loader("text", _Bytes)
+        rows = cursor.execute(_TASKS, cluster).fetchall()
+    texts: list[bytes] = [text for _, text, _ in rows]
     sealed = [is_sealed for _, _, is_sealed in rows]
     seqs = [seq for seq, _, _ in rows]
     if any(map(gt, seqs, islice(seqs, 1, None))):
         order = sorted(range(len(seqs)), key=seqs.__getitem__)
-        tasks = [tasks[i] for i in order]
+        texts = [texts[i] for i in order]
         sealed = [sealed[i] for i in order]
-    return tasks, sealed
+    if defer and all(sealed):
+        return [], sealed, b"[" + b",".join(texts) + b"]"
+    loads = orjson.loads
+    return [loads(text) for text in texts], sealed, None
 
 
 _ACCOUNTS = """
@@ -273,8 +304,12 @@ class PostgresState:
 
     # ------------------------------------------------------------------ reading
 
-    def load(self) -> StoredState | None:
-        """The cluster's state as one consistent snapshot (None: nothing was ever stored)."""
+    def load(self, *, defer_tasks: bool = False) -> StoredState | None:
+        """The cluster's state as one consistent snapshot (None: nothing was ever stored).
+
+        ``defer_tasks``: when every task is sealed and no record is kept, the tasks are left
+        unparsed in :attr:`StoredState.sealed_tasks` (a loader validates them from there).
+        """
         cluster = (self.cluster,)
         with self._lock:
             try:
@@ -285,15 +320,17 @@ class PostgresState:
                         "SELECT saved_at, timezone, extra FROM td_clusters WHERE cluster = %s",
                         cluster,
                     ).fetchone()
-                    restored, sealed = _read_tasks(connection, cluster)
+                    restored, sealed, joined = _read_tasks(connection, cluster, defer=defer_tasks)
                     kept = connection.execute(
                         "SELECT raw FROM td_kept WHERE cluster = %s ORDER BY seq", cluster
                     ).fetchall()
                     accounts = connection.execute(_ORDERS, cluster).fetchall()
             except psycopg.Error as exc:
                 raise self._failed("loading", exc) from exc
-        if meta is None and not restored and not kept:
+        if meta is None and not sealed and not kept:
             return None
+        if kept and joined is not None:  # kept records: each task is checked again
+            restored, joined = orjson.loads(joined), None
         saved_at, zone, extra = meta if meta is not None else (None, None, "{}")
         kept_raws = [json.loads(raw) for (raw,) in kept]
         return StoredState(
@@ -304,6 +341,7 @@ class PostgresState:
             timezone=zone,
             saved_at=saved_at,
             sealed=sealed,
+            sealed_tasks=joined,
         )
 
     def applied_runs(self, run_ids: Iterable[str]) -> set[tuple[str, str]]:

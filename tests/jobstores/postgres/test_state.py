@@ -13,8 +13,9 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from helpers import T0, record
+from helpers import SHANGHAI, T0, record
 
+from jobstores import JsonJobStore
 from jobstores.postgres import (
     SCHEMA_VERSION,
     Fence,
@@ -361,3 +362,153 @@ def test_the_documented_tables_are_the_ones_created() -> None:
         ]
 
     assert tables(documented) == tables(DDL)
+
+
+# ---------------------------------------------------------------------- loading writes nothing
+
+
+def _row_versions(connect: Callable[[], psycopg.Connection[Any]], cluster: str) -> dict[str, str]:
+    """Each task row's ``xmin``: the transaction that last wrote it."""
+    with connect() as connection:
+        rows = connection.execute(
+            "SELECT task_id, xmin::text FROM td_tasks WHERE cluster = %s", (cluster,)
+        ).fetchall()
+    return dict(rows)
+
+
+@pytest.mark.parametrize("tasks", [30, 2_100])  # below the snapshot threshold, and above it
+def test_a_new_leader_of_an_unchanged_store_rewrites_no_task_row(
+    tmp_path: Path,
+    state: PostgresState,
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+    tasks: int,
+) -> None:
+    first = make_leadership(holder="first")
+    assert first.try_acquire()
+    store = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, first))
+    store.add_tasks([record(f"t{i}", account=f"acc{i % 7}") for i in range(tasks)])
+    assert store.save()
+    store.close()
+    written = _row_versions(connect, cluster)
+    assert len(written) == tasks
+
+    second = make_leadership(holder="second")
+    assert second.try_acquire()
+    store = JsonJobStore(
+        tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, second)
+    )
+    assert len(store.records()) == tasks
+    store.touch()  # a dispatcher's final save: a full image, with no change in it
+    assert store.save()
+    store.add_tasks([record("new", account="acc1")])
+    assert store.save()
+    store.close()
+    after = _row_versions(connect, cluster)
+    rewritten = [task_id for task_id, version in written.items() if after[task_id] != version]
+    assert len(rewritten) == 0, f"{len(rewritten)} of {tasks} rows rewritten"
+    assert "new" in after
+    stored = state.load()
+    assert stored is not None
+    assert stored.account_tasks["acc1"][-1] == "new"
+
+
+def test_a_task_row_set_aside_at_load_is_moved_to_the_kept_records(
+    tmp_path: Path,
+    state: PostgresState,
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    """A load that repaired something writes it: a row no longer restorable is kept, and a
+    kept record restorable again is a task row (both at once: as many rows as before)."""
+    leader = make_leadership()
+    assert leader.try_acquire()
+    commit(
+        state,
+        leader.fence(),
+        full=FullState(
+            [TaskRow.of(record("a")), TaskRow.of(record("b"))],
+            [plain(record("x"))],
+            {"acc": ["a", "b", "x"]},
+        ),
+    )
+    with connect() as connection:
+        connection.execute(
+            "UPDATE td_tasks SET record = jsonb_set(record, '{interval}', '\"soon\"') "
+            "WHERE cluster = %s AND task_id = 'b'",
+            (cluster,),
+        )
+    store = JsonJobStore(
+        tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, leader)
+    )
+    assert sorted(r.task_id for r in store.records()) == ["a", "x"]
+    store.close()
+    stored = state.load()
+    assert stored is not None
+    assert [raw["task_id"] for raw in stored.kept] == ["b"]
+    assert sorted(raw["task_id"] for raw in stored.tasks[: len(stored.sealed)]) == ["a", "x"]
+    assert stored.sealed == [True, True]
+    assert sorted(stored.account_tasks["acc"]) == ["a", "b", "x"]  # the unrestorable one last
+
+
+# ---------------------------------------------------------------------- one JSON array
+
+
+def test_sealed_tasks_load_as_one_json_array_in_file_order(
+    state: PostgresState, fence: Fence, connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    rows = [TaskRow.of(record(name)) for name in ("a", "b", "c")]
+    commit(state, fence, full=FullState(rows, [], {"acc": ["a", "b", "c"]}))
+    with connect() as connection:  # "a" rewritten: last in the table's physical order
+        connection.execute(
+            "UPDATE td_tasks SET record_text = record_text WHERE cluster = %s AND task_id = 'a'",
+            (cluster,),
+        )
+    deferred = state.load(defer_tasks=True)
+    assert deferred is not None
+    assert deferred.tasks == []
+    assert deferred.sealed_tasks == b"[" + b",".join(row.text.encode() for row in rows) + b"]"
+    document = deferred.document()
+    assert (document.tasks_deferred, document.trusted) == (True, True)
+    assert document.parse_tasks() == [plain(record(name)) for name in ("a", "b", "c")]
+
+    with connect() as connection:  # an edited record: every task is parsed, and checked
+        connection.execute(
+            "UPDATE td_tasks SET record = jsonb_set(record, '{interval}', '7200') "
+            "WHERE cluster = %s AND task_id = 'b'",
+            (cluster,),
+        )
+    deferred = state.load(defer_tasks=True)
+    assert deferred is not None
+    assert deferred.sealed_tasks is None
+    assert [raw["task_id"] for raw in deferred.tasks] == ["a", "b", "c"]
+    assert deferred.sealed == [True, False, True]
+
+
+def test_a_sealed_row_invalid_today_is_kept_and_the_others_restored(
+    state: PostgresState,
+    make_leadership: Callable[..., Leadership],
+    connect: Callable[[], psycopg.Connection[Any]],
+    cluster: str,
+) -> None:
+    leader = make_leadership()
+    assert leader.try_acquire()
+    rows = [TaskRow.of(record(name)) for name in ("a", "b", "c")]
+    commit(state, leader.fence(), full=FullState(rows, [], {"acc": ["a", "b", "c"]}))
+    with connect() as connection:  # sealed, yet not a valid record (as if the model changed)
+        connection.execute(
+            "UPDATE td_tasks SET record_text = replace(record_text, '\"interval\":3600', "
+            "'\"interval\":\"soon\"') WHERE cluster = %s AND task_id = 'b'",
+            (cluster,),
+        )
+    deferred = state.load(defer_tasks=True)
+    assert deferred is not None
+    assert deferred.sealed_tasks is not None
+    storage = PostgresStorage(state, leader)
+    loaded = storage.load(SHANGHAI, now=T0)
+    assert [r.task_id for r in loaded.records] == ["a", "c"]
+    assert [(raw["task_id"], raw["interval"], task_id) for raw, task_id in loaded.kept] == [
+        ("b", "soon", "b")
+    ]
