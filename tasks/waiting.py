@@ -11,7 +11,7 @@ decides.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any
 
@@ -93,7 +93,7 @@ class WaitContext:
     a backend without workers, or not known)."""
     broker_down_since: datetime | None = None
     """When the broker became unreachable (None: reachable, or no broker)."""
-    broker: str = field(default="")
+    broker: str = ""
     """The broker's URL, password masked."""
 
 
