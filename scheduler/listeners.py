@@ -86,6 +86,14 @@ def event_classes(events: EventFilter) -> tuple[type[DispatcherEvent], ...]:
     return tuple(found)
 
 
+def _on(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread runs ``loop`` (a callback it queues needs no wake-up)."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class Listeners:
     """The dispatcher's listeners; :meth:`emit` calls the ones that asked for an event."""
 
@@ -117,10 +125,12 @@ class Listeners:
         loop = self._loop
         if not self._entries or not isinstance(event, EVENT_CLASSES):
             return  # nobody listens, or not a listener event (a run's report)
-        if loop is not None and loop.is_running() and not loop.is_closed():
-            loop.call_soon_threadsafe(self.emit, event)
-        else:
+        if loop is None or not loop.is_running() or loop.is_closed():
             self.emit(event)
+        elif _on(loop):
+            loop.call_soon(self.emit, event)  # the same queue, without waking the loop
+        else:
+            loop.call_soon_threadsafe(self.emit, event)
 
     def emit(self, event: DispatcherEvent) -> None:
         """Call every listener that asked for ``event``; a raising one is logged."""

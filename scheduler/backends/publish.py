@@ -13,8 +13,14 @@ from celery import Celery
 
 from scheduler.backends.openruns import OpenRun
 from scheduler.fleet import MESSAGE_FORMAT, TASK_NAME
+from tasks.runs import RunRequest
 
-__all__ = ["RunPublisher"]
+__all__ = ["RunPublisher", "message_repr"]
+
+
+def message_repr(request: RunRequest) -> str:
+    """What a run's message shows for its arguments (Celery's ``argsrepr``)."""
+    return f"[run {request.run_id} of task {request.task_id} ({request.task_type})]"
 
 
 class RunPublisher:
@@ -62,6 +68,14 @@ class RunPublisher:
             queue=queue,
             expires=run.deadline,
             **limits,
+            # Results are not kept (the outcome goes through the stream): say so here, so no
+            # result backend is looked up per message.
+            ignore_result=True,
+            # What Celery shows for the arguments (its logs, events, monitors): the run named,
+            # not a repr of the whole request (a third of the publishing's cost, and the
+            # task's arguments, which may hold secrets, in every header).
+            argsrepr=message_repr(request),
+            kwargsrepr="{}",
             retry=True,
             retry_policy={
                 "max_retries": 1,

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -28,6 +29,7 @@ from scheduler import (
     TaskPaused,
     WebhookListener,
 )
+from scheduler.listeners import Listeners
 from tasks.events import TaskEvent
 
 MakeDispatcher = Callable[..., TaskDispatcher]
@@ -399,3 +401,23 @@ async def test_observers_take_runs_from_the_event_stream_and_listeners_never_hea
     [run] = dispatcher.runs(task_id)
     assert reports == [(run.run_id, "started"), (run.run_id, "succeeded")]
     assert run.outcome == "succeeded"
+
+
+async def test_events_queued_from_the_loop_arrive_as_from_another_thread() -> None:
+    # From the loop's own thread an event is queued without waking the loop: it must still
+    # arrive later (never inside the caller), in order, and exactly as one from a thread.
+    now = datetime.now(UTC)
+    heard: list[tuple[str, str]] = []
+    listeners = Listeners()
+    listeners.add(lambda event: heard.append((event.task_id or "", event.kind)))
+    listeners.bind(asyncio.get_running_loop())
+
+    def emit(prefix: str) -> None:
+        for n in range(3):
+            listeners.emit_soon(TaskPaused(at=now, task_id=f"{prefix}{n}", account_id="a"))
+
+    emit("loop-")
+    assert heard == []  # queued, not called here
+    # The thread's events were queued before its end wakes this task: all are heard by then.
+    await asyncio.to_thread(emit, "thread-")
+    assert heard == [(f"{p}-{n}", "task_paused") for p in ("loop", "thread") for n in range(3)]
