@@ -31,7 +31,7 @@ from typing import Any
 
 import redis
 
-from scheduler.worker import make_app
+from scheduler.fleet.worker import make_app
 
 __all__ = ["bare_app", "noop_factory", "redis_reachable", "run_fleet"]
 
@@ -262,7 +262,7 @@ def _delta(before: float | None, after: float | None) -> float | None:
 
 async def _ours(url: str, n: int, pace: float) -> FleetResult:
     """N runs submitted straight to the backend at their due times (the transport alone)."""
-    from scheduler.backends.celery import CeleryRunBackend
+    from scheduler.fleet.backend import CeleryRunBackend
     from tasks.runs import RunRequest
 
     commands, ready = _our_workers(url)

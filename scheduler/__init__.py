@@ -46,7 +46,7 @@ from tasks.errors import (
 from tasks.runs import RunBackend, RunEvent, RunEventKind, RunInbox, RunRequest
 
 if TYPE_CHECKING:
-    from scheduler.backends.celery import CeleryRunBackend
+    from scheduler.fleet.backend import CeleryRunBackend
 
 __all__ = [
     "AccountChange",

@@ -20,7 +20,6 @@ from typing import Any
 import click
 
 from jobstores.snapshot import validate_state_file
-from scheduler.cli_fleet import worker
 from scheduler.cli_gateway import open_gateway
 from scheduler.cli_parse import (
     POLICY_HELP,
@@ -42,6 +41,7 @@ from scheduler.cli_run import run
 from scheduler.cli_store import export, import_
 from scheduler.dispatcher import DIR_ENV_VAR
 from scheduler.errors import TaskNotFoundError
+from scheduler.fleet.cli import worker
 from scheduler.history import MAX_QUERY_LIMIT
 from tasks.display import format_time
 from tasks.model import TaskStatus

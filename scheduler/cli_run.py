@@ -16,12 +16,12 @@ from rich.live import Live
 from rich.logging import RichHandler
 from rich.table import Table
 
-from scheduler.cli_fleet import FLEET_MAX_CONCURRENT_RUNS, broker_options, make_backend
 from scheduler.cli_gateway import CONTROL_EXTRA_HINT
 from scheduler.cli_local import running_factory
 from scheduler.cli_parse import TOKEN_ENV_VAR, Options, dir_option
 from scheduler.cli_render import console as make_console
 from scheduler.cli_render import errors, fail, task_table
+from scheduler.fleet.cli import FLEET_MAX_CONCURRENT_RUNS, broker_options, make_backend
 from scheduler.listeners import WebhookListener
 from scheduler.serve import TaskDispatcher
 from tasks.errors import NotLeaderError

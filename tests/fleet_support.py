@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from scheduler import TaskDispatcher
-from scheduler.backends.celery import CeleryRunBackend
+from scheduler.fleet.backend import CeleryRunBackend
 from tasks.runs import RunEvent, RunRequest
 
 ROOT = Path(__file__).resolve().parents[1]

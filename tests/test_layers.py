@@ -34,13 +34,17 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # --- interfaces: what users run or mount, each over the layers below
     ("tools",              ("bench", "bench.*")),
     ("package front",      ("scheduler", "scheduler.__main__")),
-    ("cli",                ("scheduler.cli", "scheduler.cli_*")),
-    # The fleet is beside serving (neither imports the other); a table puts it above.
-    ("fleet",              ("scheduler.backends", "scheduler.backends.celery",
-                            "scheduler.backends.lease", "scheduler.backends.outage",
-                            "scheduler.backends.publish", "scheduler.backends.stream",
-                            "scheduler.backends.watch", "scheduler.backends.roster",
-                            "scheduler.backends.openruns", "scheduler.worker", "scheduler.fleet")),
+    # the fleet's commands (``worker``, the broker options of ``run``) live in its folder
+    ("cli",                ("scheduler.cli", "scheduler.cli_*", "scheduler.fleet.cli")),
+    # The fleet (scheduler/fleet/) is beside serving (neither imports the other); a table puts
+    # it above. ``scheduler.worker`` names its Celery app at the documented path, and
+    # ``scheduler.backends`` lends ``CeleryRunBackend`` on first use.
+    ("fleet",              ("scheduler.fleet", "scheduler.fleet.backend", "scheduler.fleet.lease",
+                            "scheduler.fleet.outage", "scheduler.fleet.publish",
+                            "scheduler.fleet.stream", "scheduler.fleet.watch",
+                            "scheduler.fleet.roster", "scheduler.fleet.openruns",
+                            "scheduler.fleet.worker", "scheduler.fleet.wire", "scheduler.worker",
+                            "scheduler.backends")),
     # TaskDispatcher: the dispatcher with its control plane, over control/ and web/
     ("serve",              ("scheduler.serve",)),
     ("web",                ("scheduler.web", "scheduler.web.*")),

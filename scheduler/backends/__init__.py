@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from scheduler.backends.local import LocalRunBackend, call_manager
 
 if TYPE_CHECKING:
-    from scheduler.backends.celery import CeleryRunBackend
+    from scheduler.fleet.backend import CeleryRunBackend
 
 __all__ = ["CeleryRunBackend", "LocalRunBackend", "call_manager"]
 
@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
     if name != "CeleryRunBackend":
         raise AttributeError(f"module 'scheduler.backends' has no attribute {name!r}")
     try:
-        from scheduler.backends.celery import CeleryRunBackend
+        from scheduler.fleet.backend import CeleryRunBackend
     except ImportError as exc:
         if (exc.name or "").partition(".")[0] not in _EXTRA_MODULES:
             raise

@@ -6,20 +6,20 @@ turns what the workers record in Redis into run events for the dispatcher's inbo
 - the ``td:events`` stream (``started``, ``succeeded``, ``failed``), read through a consumer
   group and acknowledged only after the inbox made the change durable, so outcomes recorded
   while the dispatcher is down are applied when it comes back
-  (:class:`~scheduler.backends.stream.EventStreamReader`);
+  (:class:`~scheduler.fleet.stream.EventStreamReader`);
 - the runs' claims and heartbeats, watched for runs that nobody started by their deadline
   (``expired``), runs whose worker went silent (``lost``) and runs withdrawn before they
   started (``cancelled``). These verdicts are taken in Redis atomically against the workers
-  (see :mod:`scheduler.fleet`), so a late worker can never execute an expired or cancelled
-  run and a declared-lost run is never recorded twice (:class:`~scheduler.backends.watch.RunWatch`);
+  (see :mod:`scheduler.fleet.wire`), so a late worker can never execute an expired or cancelled
+  run and a declared-lost run is never recorded twice (:class:`~scheduler.fleet.watch.RunWatch`);
 - the queues, for runs nobody claimed whose message is gone (a worker killed holding it, a
   broker restart): those are sent again, and their claim makes any other copy a no-op.
 
 The backend itself holds the runs out and the protocol; its parts are the broker's lease
-(:class:`~scheduler.backends.lease.BrokerLease`), its reachability
-(:class:`~scheduler.backends.outage.BrokerOutage`), publishing
-(:class:`~scheduler.backends.publish.RunPublisher`) and the worker roster
-(:class:`~scheduler.backends.roster.WorkerRoster`).
+(:class:`~scheduler.fleet.lease.BrokerLease`), its reachability
+(:class:`~scheduler.fleet.outage.BrokerOutage`), publishing
+(:class:`~scheduler.fleet.publish.RunPublisher`) and the worker roster
+(:class:`~scheduler.fleet.roster.WorkerRoster`).
 
 Nothing here blocks the event loop: Redis is spoken to through ``redis.asyncio`` and Celery's
 (blocking) publishing runs in a thread.
@@ -41,20 +41,20 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from scheduler.backends.lease import BrokerLease
-from scheduler.backends.openruns import OpenRun, run_deadline
-from scheduler.backends.outage import BrokerOutage
-from scheduler.backends.publish import RunPublisher
-from scheduler.backends.roster import WorkerRoster
-from scheduler.backends.stream import EventStreamReader
-from scheduler.backends.watch import RunWatch
-from scheduler.fleet import check_broker_url, mask_url, queue_name
+from scheduler.fleet.lease import BrokerLease
+from scheduler.fleet.openruns import OpenRun, run_deadline
+from scheduler.fleet.outage import BrokerOutage
+from scheduler.fleet.publish import RunPublisher
+from scheduler.fleet.roster import WorkerRoster
+from scheduler.fleet.stream import EventStreamReader
+from scheduler.fleet.watch import RunWatch
+from scheduler.fleet.wire import check_broker_url, mask_url, queue_name
 from tasks.errors import BrokerInUseError, BrokerUnavailableError
 from tasks.runs import RunBackend, RunEventKind, RunInbox, RunRequest, describe_error
 
 __all__ = ["CeleryRunBackend"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("scheduler.backends.celery")  # the backend's log, as it always was
 
 
 class CeleryRunBackend(RunBackend):

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from scheduler.cli_render import fail
-from scheduler.fleet import (
+from scheduler.fleet.wire import (
     ALLOW_NON_DURABLE_ENV_VAR,
     BROKER_ENV_VAR,
     FACTORY_ENV_VAR,
@@ -25,7 +25,7 @@ from scheduler.fleet import (
 from tasks.errors import BrokerNotDurableError
 
 if TYPE_CHECKING:
-    from scheduler.backends.celery import CeleryRunBackend
+    from scheduler.fleet.backend import CeleryRunBackend
 
 __all__ = ["FLEET_MAX_CONCURRENT_RUNS", "broker_options", "make_backend", "worker"]
 
@@ -68,7 +68,7 @@ def make_backend(
     if not broker:
         return None
     try:
-        from scheduler.backends import CeleryRunBackend
+        from scheduler.fleet.backend import CeleryRunBackend
     except ImportError:
         fail(_EXTRA_HINT)
     try:
@@ -164,7 +164,7 @@ def worker(
     try:
         import redis
 
-        from scheduler.worker import app, check_durability, load_factory
+        from scheduler.fleet.worker import app, check_durability, load_factory
     except ImportError:
         fail(_EXTRA_HINT)
     try:

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from scheduler.backends.openruns import utcnow
-from scheduler.fleet import LEASE_KEY, LEASE_RELEASE_SCRIPT, LEASE_SCRIPT, dumps
+from scheduler.fleet.openruns import utcnow
+from scheduler.fleet.wire import LEASE_KEY, LEASE_RELEASE_SCRIPT, LEASE_SCRIPT, dumps
 from tasks.errors import BrokerInUseError
 from tasks.runs import RunInbox
 

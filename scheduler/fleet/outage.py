@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 
-from scheduler.backends.openruns import utcnow
+from scheduler.fleet.openruns import utcnow
 from tasks.runs import describe_error
 
 __all__ = ["BrokerOutage"]

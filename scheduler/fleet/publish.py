@@ -11,8 +11,8 @@ import asyncio
 
 from celery import Celery
 
-from scheduler.backends.openruns import OpenRun
-from scheduler.fleet import MESSAGE_FORMAT, TASK_NAME
+from scheduler.fleet.openruns import OpenRun
+from scheduler.fleet.wire import MESSAGE_FORMAT, TASK_NAME
 from tasks.runs import RunRequest
 
 __all__ = ["RunPublisher", "message_repr"]
@@ -37,7 +37,7 @@ class RunPublisher:
 
     def open(self, broker_url: str) -> None:
         """Make the Celery app that publishes to ``broker_url``."""
-        from scheduler.worker import make_app
+        from scheduler.fleet.worker import make_app
 
         self.app = make_app(broker_url)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from scheduler.backends.openruns import OpenRun
-from scheduler.fleet import WORKER_PREFIX, queue_name
+from scheduler.fleet.openruns import OpenRun
+from scheduler.fleet.wire import WORKER_PREFIX, queue_name
 
 __all__ = ["WorkerRoster"]
 

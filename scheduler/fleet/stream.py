@@ -22,10 +22,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from scheduler.backends.lease import BrokerLease
-from scheduler.backends.openruns import OpenRun, track
-from scheduler.backends.outage import BrokerOutage
-from scheduler.fleet import EVENTS_GROUP, EVENTS_STREAM
+from scheduler.fleet.lease import BrokerLease
+from scheduler.fleet.openruns import OpenRun, track
+from scheduler.fleet.outage import BrokerOutage
+from scheduler.fleet.wire import EVENTS_GROUP, EVENTS_STREAM
 from tasks.runs import RunEvent, RunInbox, describe_error
 
 __all__ = ["EventStreamReader"]

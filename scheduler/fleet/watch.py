@@ -2,9 +2,9 @@
 
 Every poll, while this dispatcher holds the broker's lease (and leads its cluster), it reads
 each open run's claim and heartbeat and records, atomically against the workers (see
-:mod:`scheduler.fleet`), the runs nobody started by their deadline (``expired``) and those whose
-worker went silent (``lost``); ``cancelled`` (a run withdrawn before it started) goes through
-the same verdict. It sends again the runs nobody claimed whose message is gone from their
+:mod:`scheduler.fleet.wire`), the runs nobody started by their deadline (``expired``) and those
+whose worker went silent (``lost``); ``cancelled`` (a run withdrawn before it started) goes
+through the same verdict. It sends again the runs nobody claimed whose message is gone from their
 queue, notices a broker that lost its data, and reads the worker roster now and then.
 """
 
@@ -20,13 +20,13 @@ import redis.asyncio as aioredis
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from scheduler.backends.lease import BrokerLease
-from scheduler.backends.openruns import OpenRun, utcnow
-from scheduler.backends.outage import BrokerOutage
-from scheduler.backends.publish import RunPublisher
-from scheduler.backends.roster import WorkerRoster
-from scheduler.backends.stream import BATCH
-from scheduler.fleet import (
+from scheduler.fleet.lease import BrokerLease
+from scheduler.fleet.openruns import OpenRun, utcnow
+from scheduler.fleet.outage import BrokerOutage
+from scheduler.fleet.publish import RunPublisher
+from scheduler.fleet.roster import WorkerRoster
+from scheduler.fleet.stream import BATCH
+from scheduler.fleet.wire import (
     CLAIM_TTL,
     EPOCH_KEY,
     EVENTS_STREAM,

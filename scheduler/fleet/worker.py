@@ -38,7 +38,7 @@ import redis
 from celery import Celery, signals
 
 from scheduler.backends.execution import call_manager, create_manager, execute, finished_event
-from scheduler.fleet import (
+from scheduler.fleet.wire import (
     ALLOW_NON_DURABLE_ENV_VAR,
     BROKER_ENV_VAR,
     CLAIM_SCRIPT,
@@ -70,7 +70,7 @@ from tasks.runs import (
 
 __all__ = ["app", "check_durability", "execute_run", "load_factory", "make_app"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("scheduler.worker")  # the worker's log, as it always was
 
 _OUTCOME_PATIENCE = 3600.0
 """Seconds a worker keeps trying to record an outcome while the broker is unreachable."""
@@ -148,7 +148,7 @@ def check_durability(client: redis.Redis) -> str:
     ``"fsync"``), or ``"unchecked"`` if ``$TASK_DISPATCHER_ALLOW_NON_DURABLE_BROKER`` is set.
 
     Raises :class:`BrokerNotDurableError` if the server's persistence cannot keep a claim
-    across a crash (see :func:`scheduler.fleet.broker_durability`).
+    across a crash (see :func:`scheduler.fleet.wire.broker_durability`).
     """
     version = str(client.info("server").get("redis_version", "0"))
     settings: dict[str, str | None] = dict.fromkeys(_DURABILITY_SETTINGS)

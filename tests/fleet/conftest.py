@@ -34,7 +34,7 @@ from fleet_support import (
 )
 
 from scheduler import TaskDispatcher
-from scheduler.backends.celery import CeleryRunBackend
+from scheduler.fleet.backend import CeleryRunBackend
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from fleet_support import (
 )
 
 from scheduler.errors import BrokerUnavailableError
-from scheduler.fleet import EVENTS_STREAM
+from scheduler.fleet.wire import EVENTS_STREAM
 
 pytestmark = pytest.mark.timeout(60)
 

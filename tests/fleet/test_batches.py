@@ -14,7 +14,7 @@ import redis
 from fleet_support import FileInbox, Make, OpenBackend, eventually, probe_task
 
 from jobstores.saver import Saver
-from scheduler.fleet import EVENTS_GROUP, EVENTS_STREAM, dumps
+from scheduler.fleet.wire import EVENTS_GROUP, EVENTS_STREAM, dumps
 from tasks.runs import RunEvent, RunEventKind
 
 pytestmark = pytest.mark.timeout(60)

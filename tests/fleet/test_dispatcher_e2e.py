@@ -31,7 +31,7 @@ from fleet_support import (
 from helpers import read_state
 
 from scheduler.cli import main
-from scheduler.fleet import EVENTS_STREAM
+from scheduler.fleet.wire import EVENTS_STREAM
 from tasks import TaskRecord, TaskStatus
 from tasks.runs import RunEvent, RunEventKind
 

@@ -35,7 +35,7 @@ from helpers import read_state
 from scheduler.cli import main
 from scheduler.control.waits import wait_context
 from scheduler.errors import BrokerInUseError
-from scheduler.fleet import LEASE_KEY
+from scheduler.fleet.wire import LEASE_KEY
 from tasks import TaskStatus
 
 pytestmark = pytest.mark.timeout(90)

@@ -16,7 +16,7 @@ from run_backend_contract import (
     test_finished_before_started_ends_finished,
 )
 
-from scheduler.backends.celery import CeleryRunBackend
+from scheduler.fleet.backend import CeleryRunBackend
 
 __all__ = [
     "test_a_run_enters_the_core_when_it_opens_and_when_it_ends",

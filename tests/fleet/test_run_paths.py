@@ -21,10 +21,9 @@ import pytest
 import redis
 from fleet_support import wait_until
 
-from scheduler import worker
-from scheduler.backends.openruns import OpenRun
-from scheduler.backends.publish import RunPublisher, message_repr
-from scheduler.fleet import BROKER_ENV_VAR, alive_key, claim_key, queue_name
+from scheduler.fleet import BROKER_ENV_VAR, alive_key, claim_key, queue_name, worker
+from scheduler.fleet.openruns import OpenRun
+from scheduler.fleet.publish import RunPublisher, message_repr
 from tasks.runs import RunEvent, RunRequest
 
 

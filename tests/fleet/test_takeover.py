@@ -33,7 +33,7 @@ from postgres_support import Databases, postgres_databases, url_of
 from jobstores.postgres.lease import Leadership
 from scheduler import CeleryRunBackend, TaskDispatcher
 from scheduler.errors import BrokerInUseError
-from scheduler.fleet import EVENTS_GROUP, EVENTS_STREAM
+from scheduler.fleet.wire import EVENTS_GROUP, EVENTS_STREAM
 from tasks.runs import RunEvent
 
 __all__ = ["postgres_databases"]  # a fixture of every test here

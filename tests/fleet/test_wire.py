@@ -6,10 +6,15 @@ import subprocess
 import sys
 
 import pytest
+from celery.app.utils import find_app
 from fleet_support import ROOT
 
-from scheduler.backends.celery import CeleryRunBackend
-from scheduler.fleet import check_broker_url, mask_url, queue_name, worker_name
+import scheduler
+import scheduler.backends
+import scheduler.fleet
+from scheduler.fleet import backend, wire, worker
+from scheduler.fleet.backend import CeleryRunBackend
+from scheduler.fleet.wire import check_broker_url, mask_url, queue_name, worker_name
 
 
 @pytest.mark.parametrize(
@@ -86,3 +91,19 @@ def test_worker_command_without_broker_fails_clearly() -> None:
     )
     assert result.returncode == 2
     assert "--broker" in result.stderr
+
+
+def test_the_fleets_public_names_lead_into_its_folder() -> None:
+    """The fleet lives in ``scheduler/fleet/``; what users name keeps working: Celery's
+    ``-A scheduler.worker``, the names of ``scheduler.fleet``, ``CeleryRunBackend`` from
+    ``scheduler`` and ``scheduler.backends``, and the loggers a host configures."""
+    app = find_app("scheduler.worker")  # what `celery -A scheduler.worker` looks up
+    assert app is worker.app
+    assert wire.TASK_NAME in app.tasks
+    assert sorted(scheduler.fleet.__all__) == sorted(wire.__all__)
+    for name in wire.__all__:
+        assert getattr(scheduler.fleet, name) is getattr(wire, name), name
+    assert scheduler.CeleryRunBackend is CeleryRunBackend
+    assert scheduler.backends.CeleryRunBackend is CeleryRunBackend
+    assert backend.logger.name == "scheduler.backends.celery"
+    assert worker.logger.name == "scheduler.worker"

@@ -32,8 +32,14 @@ from fleet_support import (
 )
 
 from scheduler.errors import BrokerNotDurableError
-from scheduler.fleet import CLAIM_PREFIX, MESSAGE_FORMAT, TASK_NAME, broker_durability, queue_name
-from scheduler.worker import make_app
+from scheduler.fleet.wire import (
+    CLAIM_PREFIX,
+    MESSAGE_FORMAT,
+    TASK_NAME,
+    broker_durability,
+    queue_name,
+)
+from scheduler.fleet.worker import make_app
 from tasks.runs import RunRequest
 
 pytestmark = pytest.mark.timeout(90)
