@@ -12,7 +12,8 @@ PostgreSQL server, created for the run and dropped after it. Same tasks as the f
     python -m bench --postgres --steps takeover # only the takeover time
 
 Steps: ``mutations`` (pause/resume and ``add_task``, each change awaited and durable, on a
-store of N tasks built in bulk), ``cold_start`` (a started dispatcher with every task loaded
+store of N tasks built in bulk; each change of ours next to the same change of the peer, the
+two taking turns to go first), ``cold_start`` (a started dispatcher with every task loaded
 and its manager created, against a started scheduler holding N jobs, every job loaded), and
 ``takeover`` (``task-dispatcher --store URL run`` processes: a leader SIGKILLed with a standby
 running, :data:`KILLS` times, lease :data:`TAKEOVER_LEASE`; from the kill to the standby
