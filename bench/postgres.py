@@ -12,7 +12,8 @@ PostgreSQL server, created for the run and dropped after it. Same tasks as the f
     python -m bench --postgres --steps takeover # only the takeover time
 
 Steps: ``mutations`` (pause/resume and ``add_task``, each change awaited and durable, on a
-store of N tasks built in bulk), ``cold_start`` (a started dispatcher with every task loaded
+store of N tasks built in bulk; each change of ours next to the same change of the peer, the
+two taking turns to go first), ``cold_start`` (a started dispatcher with every task loaded
 and its manager created, against a started scheduler holding N jobs, every job loaded), and
 ``takeover`` (``task-dispatcher --store URL run`` processes: a leader SIGKILLed with a standby
 running, :data:`KILLS` times, lease :data:`TAKEOVER_LEASE`; from the kill to the standby
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -54,7 +56,6 @@ from bench.run import (
     _percentiles,
     _ratio,
     factory,
-    pause_resume_add,
     peer_add,
     peer_load,
     task,
@@ -160,35 +161,67 @@ async def build(n: int, our_url: str, their_url: str, root: Path) -> None:
 
 
 async def mutations(n: int, our_url: str, their_url: str, root: Path) -> list[Row]:
+    """Each change of ours next to the same change of the peer, the two sides taking turns
+    to go first: both see the same load, however the machine's load drifts during the run."""
     pause50 = Row("durable pause/resume of one task: p50", n, unit="ms")
     pause99 = Row("durable pause/resume of one task: p99", n, unit="ms")
     add50 = Row("one awaited add_task, sequential, into the loaded store: p50", n, unit="ms")
     add99 = Row("one awaited add_task, sequential, into the loaded store: p99", n, unit="ms")
 
     dispatcher = ours(root / "a-mutations", our_url)
-    pauses, adds = await pause_resume_add(dispatcher, n)
-    pause50.values["ours"], pause99.values["ours"] = _percentiles(pauses)
-    add50.values["ours"], add99.values["ours"] = _percentiles(adds)
-    dispatcher.close()
-
     scheduler = peer(their_url)
     scheduler.start(paused=True)
-    samples = []
-    for i in range(MUTATIONS // 2):
-        for change in (scheduler.pause_job, scheduler.resume_job):
+    pauses: dict[str, list[float]] = {"ours": [], "sqlalchemy": []}
+    adds: dict[str, list[float]] = {"ours": [], "sqlalchemy": []}
+
+    async def ours_change(call: Any, task_id: str) -> None:
+        call(task_id)
+
+    async def ours_add(i: int) -> None:
+        await dispatcher.add_task(**task(i))
+
+    async def their_change(call: Any, task_id: str) -> None:
+        call(task_id)
+
+    async def their_add(i: int) -> None:
+        peer_add(scheduler, i)
+
+    async def turn(samples: dict[str, list[float]], first: bool, mine: Any, theirs: Any) -> None:
+        sides = [("ours", mine), ("sqlalchemy", theirs)]
+        for side, action in sides if first else reversed(sides):
             start = time.perf_counter()
-            change(f"task-{i % n:06d}")
-            samples.append(time.perf_counter() - start)
-    pause50.values["sqlalchemy"], pause99.values["sqlalchemy"] = _percentiles(samples)
-    samples = []
+            await action()
+            samples[side].append(time.perf_counter() - start)
+
     for i in range(MUTATIONS // 2):
-        start = time.perf_counter()
-        peer_add(scheduler, n + i)
-        samples.append(time.perf_counter() - start)
-    add50.values["sqlalchemy"], add99.values["sqlalchemy"] = _percentiles(samples)
+        task_id = f"task-{i % n:06d}"  # each paused and resumed (N may be small)
+        for k, (call, their_call) in enumerate(
+            [
+                (dispatcher.pause_task, scheduler.pause_job),
+                (dispatcher.resume_task, scheduler.resume_job),
+            ]
+        ):
+            await turn(
+                pauses,
+                (i + k) % 2 == 0,
+                functools.partial(ours_change, call, task_id),
+                functools.partial(their_change, their_call, task_id),
+            )
     for i in range(MUTATIONS // 2):
+        await turn(
+            adds,
+            i % 2 == 0,
+            functools.partial(ours_add, n + i),
+            functools.partial(their_add, n + i),
+        )
+    for i in range(MUTATIONS // 2):  # back to N tasks on both sides
+        dispatcher.remove_task(f"task-{n + i:06d}")
         scheduler.remove_job(f"task-{n + i:06d}")
+    dispatcher.close()
     scheduler.shutdown(wait=False)
+    for side in ("ours", "sqlalchemy"):
+        pause50.values[side], pause99.values[side] = _percentiles(pauses[side])
+        add50.values[side], add99.values[side] = _percentiles(adds[side])
     return [pause50, pause99, add50, add99]
 
 

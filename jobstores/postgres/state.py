@@ -191,8 +191,10 @@ ON CONFLICT (cluster) DO UPDATE SET
 # One change of the leader, fenced, applied by the database in one statement (see
 # jobstores.postgres.schema): a task changed keeps its place in the file (its seq), a new one
 # goes last, and last in its account's order.
+# The arrays go in binary (``%b``): as text, psycopg would escape every quote of every record's
+# JSON, one regular-expression substitution each, which cost more than the server's work.
 _COMMIT = """
-SELECT td_commit(%s, %s, %s, %s, %s, %s, %s::text[], %s::text[], %s::text[], %s::boolean[],
+SELECT td_commit(%s, %s, %s, %s, %s, %s, %b::text[], %b::text[], %b::text[], %b::boolean[],
                  %s::jsonb, %s::jsonb, %s::jsonb)
 """
 _CHUNK = 10_000

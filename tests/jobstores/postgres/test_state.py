@@ -175,6 +175,34 @@ def test_each_record_keeps_its_text_however_often_the_statement_ran(
     assert stored.document().trusted
 
 
+def test_a_change_keeps_every_text_as_given_whatever_it_holds(
+    state: PostgresState, fence: Fence, connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    # A change's ids, accounts and record texts reach the server as arrays (in binary): what
+    # an array's text syntax quotes or escapes (quotes, backslashes, braces, commas, spaces,
+    # a bare NULL, non-ASCII) arrives as it was, for a new task, an edited one and a removal.
+    odd = 'a "quoted", \\back\\slashed {braced} NULL \u00e9\u6f22\U0001f600 end '
+    rows = [
+        TaskRow.of(record("NULL", account="{x,y}", kwargs={"user_query": odd})),
+        TaskRow.of(record('id "1", \\', account="NULL", kwargs={"user_query": odd[::-1]})),
+        TaskRow.of(record("plain", account="in a, b")),
+    ]
+    commit(state, fence, changes=[(row.task_id, row) for row in rows])
+    edited = TaskRow.of(record("NULL", account="{x,y}", kwargs={"user_query": odd * 3}))
+    commit(state, fence, changes=[("plain", None), ("NULL", edited)])
+    stored = state.load()
+    assert stored is not None
+    assert [orjson.dumps(raw).decode() for raw in stored.tasks] == [edited.text, rows[1].text]
+    assert stored.account_tasks == {"{x,y}": ["NULL"], "NULL": ['id "1", \\']}
+    with connect() as connection:
+        found = connection.execute(
+            "SELECT task_id, account_id, record->'kwargs'->>'user_query' FROM td_tasks "
+            "WHERE cluster = %s ORDER BY seq",
+            (cluster,),
+        ).fetchall()
+    assert found == [("NULL", "{x,y}", odd * 3), ('id "1", \\', "NULL", odd[::-1])]
+
+
 def test_a_record_edited_in_the_database_loads_as_edited_and_is_validated(
     state: PostgresState, fence: Fence, connect: Callable[[], psycopg.Connection[Any]], cluster: str
 ) -> None:
