@@ -131,7 +131,8 @@ async def test_list_show_and_runs_of_a_stopped_store_read_the_postgresql_store(
     # Another directory, no dispatcher running: the commands read the store they are given.
     elsewhere = ["--dir", str(tmp_path / "elsewhere")]
     listed = cli(*elsewhere, "--store", url, "list")
-    assert ran in listed.stdout and idle in listed.stdout
+    assert ran in listed.stdout
+    assert idle in listed.stdout
     shown = cli(*elsewhere, "show", idle, env={"TASK_DISPATCHER_STORE": url})
     assert "account_2" in shown.stdout
     runs = json.loads(cli(*elsewhere, "--store", url, "runs", "--json").stdout)
