@@ -232,6 +232,14 @@ WHERE r.outcome = 'running'
 """
 
 
+def _refused(exc: psycopg.Error) -> bool:
+    """Whether the database refused the data itself (SQLSTATE class 22, data exception, or
+    23, integrity constraint violation): the same statement fails the same way again."""
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError) or (
+        exc.sqlstate or ""
+    ).startswith(("22", "23"))
+
+
 def _no_nul(text: str | None) -> str | None:
     """``text`` as a ``text`` column holds it: a NUL character (which PostgreSQL refuses in
     text) becomes U+FFFD. Only for the run history, which shows runs and restores nothing."""
@@ -299,7 +307,9 @@ class PostgresState:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
-        return PostgresStoreError(f"cluster {self.cluster!r}: {action} failed: {describe(exc)}")
+        error = PostgresStoreError(f"cluster {self.cluster!r}: {action} failed: {describe(exc)}")
+        error.transient = not _refused(exc)
+        return error
 
     def close(self) -> None:
         """Close the connection (a later call opens another)."""
