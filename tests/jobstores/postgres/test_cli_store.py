@@ -156,3 +156,12 @@ def test_a_change_of_a_stopped_store_is_made_in_the_postgresql_store(
     exported = json.loads(cli("--store", url, "export").stdout)
     assert exported["tasks"][0]["status"] == "paused"
     assert not (tmp_path / "elsewhere").exists()
+    # A store a dispatcher leads is changed through that dispatcher, not here.
+    leader = Leadership(connector(empty_database), holder="host-a:1:leader")
+    assert leader.try_acquire()
+    try:
+        refused = cli(*elsewhere, "--store", url, "resume", "t1", expect=2)
+    finally:
+        leader.stop()
+    assert "in use by 'host-a:1:leader'" in refused.stderr
+    assert json.loads(cli("--store", url, "export").stdout)["tasks"][0]["status"] == "paused"
