@@ -15,6 +15,7 @@ from apscheduler.schedulers.base import STATE_PAUSED
 from fleet_support import eventually, wait_until
 from helpers import Recorder, at
 from postgres_support import Databases, postgres_databases, url_of
+from stub_backend import StubRunBackend
 
 from jobstores.postgres import PostgresStorage
 from scheduler import NotLeaderError, TaskDispatcher
@@ -296,3 +297,58 @@ async def test_a_dispatcher_taken_over_campaigns_and_leads_again_with_the_state_
         await dispatcher.stop()
     stored = PostgresStorage.for_url(url_of(dsn)).read()
     assert [r.status for r in stored.records] == ["pending"]
+
+
+async def test_a_dispatcher_on_a_fleets_backend_taken_over_does_not_campaign(
+    recorder: Recorder, tmp_path: Path, postgres_databases: Databases
+) -> None:
+    # A fleet's backend serves one leader only: a new dispatcher (with a new one) must lead.
+    dsn = postgres_databases.create()
+    dispatcher = TaskDispatcher(
+        tmp_path,
+        timezone="Asia/Shanghai",
+        store=f"{url_of(dsn)}?lease=1",
+        run_backend=StubRunBackend(),
+    )
+    await dispatcher.start()
+    try:
+        standing = dispatcher.standing
+        assert standing is not None
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
+                "expires_at = now() + interval '1 minute'"
+            )
+        await asyncio.wait_for(standing.stepped_down.wait(), 10)
+        assert not dispatcher._campaign.active
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("UPDATE td_leases SET holder = NULL, expires_at = now()")
+        assert dispatcher.role == "standby"
+    finally:
+        await dispatcher.stop()
+
+
+async def test_lead_again_false_keeps_a_dispatcher_taken_over_standing_by(
+    recorder: Recorder, tmp_path: Path, postgres_databases: Databases
+) -> None:
+    dsn = postgres_databases.create()
+    dispatcher = TaskDispatcher(
+        tmp_path,
+        task_manager_factory=recorder,
+        timezone="Asia/Shanghai",
+        store=f"{url_of(dsn)}?lease=1",
+    )
+    dispatcher.lead_again = False
+    await dispatcher.start()
+    try:
+        standing = dispatcher.standing
+        assert standing is not None
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
+                "expires_at = now() + interval '1 minute'"
+            )
+        await asyncio.wait_for(standing.stepped_down.wait(), 10)
+        assert not dispatcher._campaign.active
+    finally:
+        await dispatcher.stop()
