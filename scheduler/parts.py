@@ -203,10 +203,16 @@ class Campaign:
             self._building = asyncio.ensure_future(asyncio.to_thread(self._build, storage))
             try:
                 parts = await asyncio.shield(self._building)
-            except (NotLeaderError, OSError) as exc:
+            except Exception as exc:  # another leads, the database is out of reach, ...
                 self._building = None
                 if str(exc) != said:
-                    logger.info("%s: standing by: %s", where, exc)
+                    expected = isinstance(exc, NotLeaderError | OSError)
+                    logger.log(
+                        logging.INFO if expected else logging.ERROR,
+                        "%s: standing by: %s",
+                        where,
+                        exc if expected else f"{type(exc).__name__}: {exc}",
+                    )
                     said = str(exc)
                 await asyncio.sleep(interval)
                 continue
@@ -250,6 +256,8 @@ class Campaign:
             await task
         building, self._building = self._building, None
         if building is not None:
-            with contextlib.suppress(NotLeaderError, OSError):
+            try:
                 parts = await building
-                await asyncio.to_thread(parts.lifetime.close, False)
+            except Exception:
+                return  # it took nothing
+            await asyncio.to_thread(parts.lifetime.close, False)

@@ -273,13 +273,14 @@ async def test_a_dispatcher_taken_over_campaigns_and_leads_again_with_the_state_
         assert again.describe()["epoch"] == 3
         assert dispatcher.running
         assert dispatcher.get_task(task_id).status == "paused"
+        # Runs start again (a manual one, the task being paused), and the host's run
+        # observer is told of them.
+        dispatcher.run_now(task_id)
+        await eventually(lambda: len(seen) >= 2, 10, "the run's two events")
+        assert seen[:2] == [task_id, task_id]
+        assert recorder.count(task_id) == 1
         dispatcher.resume_task(task_id)  # changes are taken, and saved, again
         assert dispatcher.save_health.ok
-        # Runs start again, and the host's run observer is told of them.
-        dispatcher.run_now(task_id)
-        await eventually(lambda: len(seen) == 2, 10, "the run's two events")
-        assert seen == [task_id, task_id]
-        assert recorder.count(task_id) == 1
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1, errors  # the step-down, once
         assert len(reasons) == 1
