@@ -211,13 +211,12 @@ def show(options: Options, task_id: str, count: int, show_secrets: bool) -> None
     """Show every field of a task and its next runs (read-only)."""
     with open_gateway(options) as gateway:
         try:
-            record = gateway.get_task(task_id, show_secrets=show_secrets)
+            record, waiting = gateway.get_task_view(task_id, show_secrets=show_secrets)
         except TaskNotFoundError as exc:
             fail(f"{exc} in {gateway.state_file()}")
         preview = gateway.next_runs(task_id, count)
         position = gateway.account_tasks(record.account_id).index(task_id)
         zone = gateway.zone()
-        waiting = gateway.waiting_for_workers()
     print_task(record, position, preview, zone, show_secrets, waiting)
 
 

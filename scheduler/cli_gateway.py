@@ -34,6 +34,7 @@ from scheduler.errors import ControlError, SaveFailedError, TaskNotFoundError
 from scheduler.history import RunEntry
 from scheduler.triggers import RunPreview
 from tasks.model import TaskRecord
+from tasks.waiting import Waiting
 
 if TYPE_CHECKING:
     from scheduler.control.client import ControlClient
@@ -83,9 +84,12 @@ class Gateway(Protocol):
         """The account's task ids in priority order."""
         ...
 
-    def waiting_for_workers(self) -> Mapping[str, Any] | None:
-        """The fleet's queued runs by sys_type, with the workers registered; None when
-        nothing runs (a stopped store has no fleet to ask)."""
+    def get_task_view(
+        self, task_id: str, *, show_secrets: bool = False
+    ) -> tuple[TaskRecord, Waiting | None]:
+        """:meth:`get_task`, and why the task waits (:func:`tasks.waiting.why_waiting`: a
+        running dispatcher's answer, with what it knows live; a stopped store's from the
+        record alone)."""
         ...
 
     def add_task(self, keywords: Mapping[str, Any]) -> str:
@@ -189,10 +193,15 @@ class RemoteGateway:
     def account_tasks(self, account_id: str) -> list[str]:
         return self._client.account_tasks(account_id)
 
-    def waiting_for_workers(self) -> Mapping[str, Any] | None:
-        backend = (self._client.health().get("backend") or {}).get("health") or {}
-        waiting: Mapping[str, Any] | None = backend.get("waiting_for_workers")
-        return waiting
+    def get_task_view(
+        self, task_id: str, *, show_secrets: bool = False
+    ) -> tuple[TaskRecord, Waiting | None]:
+        try:
+            return self._client.get_task_view(task_id, show_secrets=show_secrets)
+        except ControlError as exc:
+            if exc.status == 404 and exc.field == "task_id":
+                raise TaskNotFoundError(task_id) from exc
+            raise
 
     def add_task(self, keywords: Mapping[str, Any]) -> str:
         return self._client.add_task(keywords)

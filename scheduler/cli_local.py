@@ -54,6 +54,7 @@ from tasks.manager import TaskManagerFactory
 from tasks.model import TaskRecord
 from tasks.registry import default_registry
 from tasks.secrets import mask_secrets
+from tasks.waiting import Waiting, why_waiting
 from tasks.zones import resolve_timezone
 
 __all__ = [
@@ -211,8 +212,11 @@ class LocalGateway:
             return self._owned.table.account_tasks()[account_id]
         return list(self._snapshot().account_tasks[account_id])
 
-    def waiting_for_workers(self) -> Mapping[str, Any] | None:
-        return None
+    def get_task_view(
+        self, task_id: str, *, show_secrets: bool = False
+    ) -> tuple[TaskRecord, Waiting | None]:
+        record, zone = self.get_task(task_id, show_secrets=show_secrets), self.zone()
+        return record, why_waiting(record, datetime.now(zone), zone)
 
     def runs(
         self,

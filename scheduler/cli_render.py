@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from typing import Any, NoReturn
@@ -22,10 +22,11 @@ from jobstores.loading import describe_validation_error
 from scheduler.control import NOT_SAVED
 from scheduler.errors import ControlError, DispatcherError, SaveFailedError
 from scheduler.history import RunEntry
-from scheduler.triggers import RunPreview, TaskTrigger, may_start
+from scheduler.triggers import RunPreview, TaskTrigger
 from tasks.display import format_interval, format_time, preview_label
 from tasks.model import TaskRecord, TaskStatus
 from tasks.policy import jitter_bounds
+from tasks.waiting import Waiting, why_waiting
 
 __all__ = [
     "Listing",
@@ -114,22 +115,18 @@ _STATUS_STYLE = {
 }
 
 
+_LATE = frozenset({"jitter", "due", "past_end", "outside_hours"})
+"""The kinds of :class:`Waiting` ``list`` adds to a next run already past."""
+
+
 def _overdue(record: TaskRecord, zone: tzinfo, now: datetime) -> str | None:
     """What happens to a next run already past (the store stopped, or its loop is stuck);
-    a jittered run whose drawn start is still ahead waits for it, and says when."""
-    planned = record.next_execution_time
-    if planned is None or planned >= now:
+    a jittered run whose drawn start is still ahead waits for it, and says when (the words
+    of :func:`~tasks.waiting.why_waiting` on a stopped store)."""
+    waiting = why_waiting(record, now, zone)
+    if waiting is None or waiting.kind not in _LATE or waiting.since is None:
         return None
-    start = record.start_time
-    if start is not None and start > now:
-        return f"jittered: starts {format_time(start, zone)}"
-    trigger = TaskTrigger.for_record(record, zone)
-    if may_start(now, record.valid_time_range, trigger.end, zone):
-        return "overdue: runs as soon as the dispatcher runs"
-    later = trigger.get_next_fire_time(planned, now)
-    if later is None:
-        return "overdue: past its end, completed when the dispatcher runs"
-    return f"overdue: outside its hours now, next run {format_time(later, zone)}"
+    return waiting.message
 
 
 def _queued(record: TaskRecord) -> str:
@@ -216,16 +213,6 @@ def print_listing(listing: Listing, directory: str, as_json: bool, show_secrets:
         )
 
 
-def _workers_note(sys_type: str, waiting: Mapping[str, Any] | None) -> str:
-    """Why a queued run waits, when a running dispatcher told which workers there are."""
-    if waiting is None:
-        return ""
-    workers = (waiting.get(sys_type) or {}).get("workers") or []
-    if not workers:
-        return f": none is registered (start one: task-dispatcher worker --sys-type {sys_type})"
-    return f": registered {', '.join(workers)} (busy, or its message waits its turn)"
-
-
 def _jittered_when(
     record: TaskRecord, trigger: TaskTrigger, planned: datetime, zone: tzinfo
 ) -> str:
@@ -246,28 +233,17 @@ def print_task(
     preview: RunPreview,
     zone: tzinfo,
     show_secrets: bool,
-    waiting: Mapping[str, Any] | None = None,
+    waiting: Waiting | None = None,
 ) -> None:
-    """``show``'s field list. ``waiting``: the fleet's runs not taken yet by sys_type, with
-    the workers registered (from a running dispatcher's health), to say why a queued run
-    waits."""
+    """``show``'s field list; ``waiting``: why the task waits (the gateway's
+    :func:`~tasks.waiting.why_waiting`, a running dispatcher's when one runs)."""
     for key, value in record.to_json_dict(masked=not show_secrets).items():
         if key == "kwargs":
             value = orjson.dumps(value).decode()
         click.echo(f"{key:>22}: {'-' if value is None else value}")
     click.echo(f"{'position':>22}: {position}")
-    overdue = _overdue(record, zone, datetime.now(zone))
-    if overdue:
-        click.echo(f"{'':>22}  {overdue}")
-    if record.active_run is not None:
-        run = record.active_run
-        state = (
-            f"queued since {format_time(run.submitted_at, zone)}, waiting for a "
-            f"{record.sys_type} worker" + _workers_note(record.sys_type, waiting)
-            if run.queued
-            else f"executing since {format_time(run.started_at, zone)}"
-        )
-        click.echo(f"{'run out':>22}: {run.run_id} {state}")
+    if waiting is not None:
+        click.echo(f"{'waiting':>22}: {waiting.message} [{waiting.kind}]")
     label = preview_label(preview)
     if preview.status == TaskStatus.COMPLETED:
         click.echo(f"{'next runs':>22}: {label}")

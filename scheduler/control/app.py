@@ -36,8 +36,10 @@ from scheduler.control.models import (
     TaskChanges,
     TaskList,
     TaskSpec,
+    TaskView,
 )
 from scheduler.control.paging import MAX_PAGE, Cursor, TaskFilter, task_page
+from scheduler.control.waits import wait_context
 from scheduler.errors import (
     AccountNotFoundError,
     DispatcherClosedError,
@@ -49,7 +51,9 @@ from scheduler.errors import (
     TaskNotFoundError,
 )
 from scheduler.history import RunEntry
+from scheduler.triggers import utc_now
 from tasks.model import TaskRecord, TaskStatus, json_default
+from tasks.waiting import WaitContext, why_waiting
 
 if TYPE_CHECKING:
     from scheduler.dispatcher import Dispatcher
@@ -267,6 +271,13 @@ def _api_routers(dispatcher: Dispatcher) -> list[APIRouter]:
     def view(record: TaskRecord, show_secrets: bool) -> dict[str, Any]:
         return record.to_json_dict(masked=not show_secrets)
 
+    def task_view(record: TaskRecord, show_secrets: bool, context: WaitContext) -> dict[str, Any]:
+        """The record and why it waits (``TaskView``)."""
+        data = view(record, show_secrets)
+        waiting = why_waiting(record, utc_now(), dispatcher.timezone, context)
+        data["waiting"] = None if waiting is None else waiting.to_json()
+        return data
+
     def account_order(account_id: str, ids: list[str], queued: dict[str, list[str]]) -> Any:
         return {"account_id": account_id, "task_ids": ids, "queued": queued.get(account_id, [])}
 
@@ -310,7 +321,9 @@ def _api_routers(dispatcher: Dispatcher) -> list[APIRouter]:
         }
         return _json(body, 200 if running else 503)
 
-    @router.get("/tasks", response_model=TaskList, summary="Tasks, filtered, in pages")
+    @router.get(
+        "/tasks", response_model=TaskList, summary="Tasks, filtered, in pages, and why they wait"
+    )
     async def list_tasks(
         show_secrets: ShowSecrets,
         account: str | None = None,
@@ -327,6 +340,7 @@ def _api_routers(dispatcher: Dispatcher) -> list[APIRouter]:
     ) -> Response:
         cursor = None if after is None else Cursor.decode(after)
         chosen = TaskFilter(account, status, task_type, sys_type)
+        context = wait_context(dispatcher)  # on the loop, as the lanes are
 
         def select() -> tuple[list[dict[str, Any]], int, str | None]:
             records = dispatcher.peek_tasks()
@@ -334,7 +348,7 @@ def _api_routers(dispatcher: Dispatcher) -> list[APIRouter]:
                 records, dispatcher.account_tasks, chosen, limit=limit, after=cursor
             )
             following = None if last is None else last.encode()
-            return [view(r, show_secrets) for r in page], len(records), following
+            return [task_view(r, show_secrets, context) for r in page], len(records), following
 
         tasks, total, following = await asyncio.to_thread(select)
         queued = dispatcher.queued_runs() if dispatcher.running else {}
@@ -479,9 +493,13 @@ def _api_routers(dispatcher: Dispatcher) -> list[APIRouter]:
 
     # Declared after the routes that end in a word of their own (/next-runs, /runs), which
     # would otherwise be read as part of the id.
-    @router.get("/tasks/{task_id:path}", response_model=TaskRecord, summary="One task")
+    @router.get(
+        "/tasks/{task_id:path}", response_model=TaskView, summary="One task, and why it waits"
+    )
     async def get_task(task_id: str, show_secrets: ShowSecrets) -> Response:
-        return _json(view(dispatcher.get_task(task_id), show_secrets))
+        record = dispatcher.get_task(task_id)
+        context = wait_context(dispatcher)
+        return _json(await asyncio.to_thread(task_view, record, show_secrets, context))
 
     @router.get(
         "/runs",

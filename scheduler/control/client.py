@@ -21,6 +21,7 @@ from scheduler.control.api import API_PREFIX, path_segment
 from scheduler.errors import ControlError
 from scheduler.triggers import RunPreview
 from tasks.model import TaskRecord
+from tasks.waiting import Waiting
 
 __all__ = ["PROBE_TIMEOUT", "ControlClient"]
 
@@ -194,15 +195,21 @@ class ControlClient:
                 "after": after,
             },
         )
-        listing["tasks"] = [TaskRecord.model_validate(data) for data in listing["tasks"]]
+        listing["tasks"] = [_record(data)[0] for data in listing["tasks"]]
         return listing
 
     def get_task(self, task_id: str, *, show_secrets: bool = False) -> TaskRecord:
         """One task's record."""
+        return self.get_task_view(task_id, show_secrets=show_secrets)[0]
+
+    def get_task_view(
+        self, task_id: str, *, show_secrets: bool = False
+    ) -> tuple[TaskRecord, Waiting | None]:
+        """One task's record, and why it waits (the server's ``waiting``)."""
         data = self._request(
             "GET", f"/tasks/{_quote(task_id)}", params={"show_secrets": show_secrets or None}
         )
-        return TaskRecord.model_validate(data)
+        return _record(data)
 
     def next_runs(self, task_id: str, count: int = 5) -> RunPreview:
         """The task's next planned runs."""
@@ -275,6 +282,12 @@ class ControlClient:
             "POST", f"/tasks/{_quote(task_id)}/reorder", body={"position": position}
         )
         return str(data["account_id"]), list(data["task_ids"])
+
+
+def _record(data: dict[str, Any]) -> tuple[TaskRecord, Waiting | None]:
+    """A task view's record (its ``waiting`` is not a field of the record) and ``waiting``."""
+    waiting = data.pop("waiting", None)
+    return TaskRecord.model_validate(data), None if waiting is None else Waiting.of(waiting)
 
 
 def _quote(segment: str) -> str:

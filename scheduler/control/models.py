@@ -24,6 +24,8 @@ __all__ = [
     "SaveHealthBody",
     "TaskList",
     "TaskSpec",
+    "TaskView",
+    "WaitingBody",
 ]
 
 
@@ -132,10 +134,33 @@ class AccountOrder(BaseModel):
     queued: list[str] = Field(default_factory=list)
 
 
+class WaitingBody(BaseModel):
+    """Why a task's next run has not started (``tasks.waiting.why_waiting``)."""
+
+    kind: str = Field(
+        description="paused, paused_after_failures, running, broker_outage, no_worker, queued, "
+        "lane, retry, requested, jitter, due, past_end or outside_hours (the first that fits)."
+    )
+    message: str = Field(description="A sentence for a person; credentials masked.")
+    since: datetime | None = Field(description="Since when it waits, when known.")
+    until: datetime | None = Field(description="Until when it waits, when known.")
+
+
+class TaskView(TaskRecord):
+    """A task as ``GET /tasks/{id}`` and ``GET /tasks`` show it: its record and why it waits."""
+
+    waiting: WaitingBody | None = Field(
+        default=None,
+        description="Why its next run has not started: a run out, its account's lane, a "
+        "worker, the broker, a retry, its hours, a pause (null: it is simply not due yet, or "
+        "completed). Not part of the record: a change sends none.",
+    )
+
+
 class TaskList(BaseModel):
     """Tasks (ordered by account, then priority) and the live state around them."""
 
-    tasks: list[TaskRecord]
+    tasks: list[TaskView]
     total: int = Field(description="How many tasks the dispatcher has, before filtering.")
     next: str | None = Field(
         default=None,

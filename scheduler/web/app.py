@@ -31,6 +31,7 @@ from starlette.types import ASGIApp
 
 from scheduler.control.api import API_PREFIX
 from scheduler.control.guard import client_of
+from scheduler.control.waits import wait_context
 from scheduler.errors import TaskNotFoundError
 from scheduler.triggers import utc_now
 from scheduler.web.live import LiveFeed
@@ -52,6 +53,7 @@ from scheduler.web.views import (
 )
 from tasks.model import TaskRecord, TaskStatus
 from tasks.registry import default_registry
+from tasks.waiting import why_waiting
 
 if TYPE_CHECKING:
     from scheduler.dispatcher import Dispatcher
@@ -330,6 +332,7 @@ class _Pages:
 
         alphabetical = request.query_params.get("sort") == "az"
         workers = _workers(dispatcher)
+        context = wait_context(dispatcher, records)
 
         def page() -> Response:
             needs = attention(records, read_at)
@@ -340,14 +343,17 @@ class _Pages:
                     Lane(
                         account,
                         next((r.account_name for _, r in rows if r.account_name), ""),
-                        [task_row(record, zone, position) for position, record in rows],
+                        [
+                            task_row(record, zone, position, read_at, context)
+                            for position, record in rows
+                        ],
                         hidden=selection.hidden.get(account, 0),
                         total=len(order[account]),
                     )
                     for account, rows in selection.accounts.items()
                 ]
             else:
-                shown = lanes(records, order, zone, accounts)
+                shown = lanes(records, order, zone, accounts, read_at, context)
             shown = [replace(lane, reason=needs.reason(lane.account_id)) for lane in shown]
             return self._render(
                 request,
@@ -439,12 +445,14 @@ class _Pages:
         order = dispatcher.account_tasks.get(record.account_id, [])
         position = order.index(task_id) if task_id in order else 0
         label, upcoming = next_runs(record, dispatcher.timezone, utc_now())
+        waiting = why_waiting(record, read_at, dispatcher.timezone, wait_context(dispatcher))
         entries = await _runs(dispatcher, task_id, limit=HISTORY_PAGE + 1, before_run=before)
         return self._render(
             request,
             "task.html",
             {
                 "row": task_row(record, dispatcher.timezone, position),
+                "waiting": waiting,
                 "fields": masked_fields(record),
                 "preview_label": label,
                 "preview": [format_time(t, dispatcher.timezone) for t in upcoming],

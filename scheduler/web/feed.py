@@ -17,6 +17,7 @@ from typing import Any
 
 from scheduler.web.views import task_row
 from tasks.model import TaskRecord
+from tasks.waiting import WaitContext
 
 __all__ = ["FeedState", "diff", "rendered_at"]
 
@@ -33,6 +34,8 @@ def _fingerprint(record: TaskRecord) -> tuple[Any, ...]:
         record.next_execution_time,
         record.last_execution_time,
         record.run_count,
+        record.active_run,
+        record.retry,
     )
 
 
@@ -108,14 +111,16 @@ def diff(
     health: dict[str, Any],
     zone: tzinfo,
     now: datetime,
+    context: WaitContext | None = None,
 ) -> tuple[FeedState, dict[str, Any] | None]:
     """The new state and the message taking a page from ``before`` to it (None: no change).
 
     The message holds ``changed`` rows (new or updated tasks, in the overview's format),
     ``removed`` task ids, ``order`` with the task ids of each account whose order changed
     (an account that is gone, with none), and ``health`` when it changed; ``now`` is the
-    server's clock for relative times. A reorder in one account sends that account's ids,
-    not every account's (at 100,000 tasks, a megabyte each time).
+    server's clock for relative times and for why a task waits (with ``context``, what the
+    running dispatcher knows: see :class:`~tasks.waiting.WaitContext`). A reorder in one
+    account sends that account's ids, not every account's (at 100,000 tasks, a megabyte each time).
 
     A change replaces a task's record, so a task whose record is the one shown is unchanged
     without a look at its fields: a tick costs a lookup per task, and rows are made only for
@@ -135,7 +140,7 @@ def diff(
             elif _fingerprint(old) != _fingerprint(record):
                 updated.append(record)
     changed = [
-        task_row(record, zone, position).as_json()
+        task_row(record, zone, position, now, context).as_json()
         for record, position in zip(updated, _positions(updated, order), strict=True)
     ]
     removed = (

@@ -17,9 +17,11 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from scheduler.control.waits import wait_context
 from scheduler.triggers import utc_now
 from scheduler.web.feed import diff, rendered_at
 from tasks.model import TaskRecord
+from tasks.waiting import WaitContext
 
 if TYPE_CHECKING:
     from scheduler.dispatcher import Dispatcher
@@ -31,7 +33,7 @@ FEED_INTERVAL = 1.0
 FEED_LIFETIME = 300.0
 """Seconds after which a feed connection ends; the browser reconnects on its own."""
 
-_Look = tuple[list[TaskRecord], dict[str, list[str]], dict[str, Any]]
+_Look = tuple[list[TaskRecord], dict[str, list[str]], dict[str, Any], WaitContext]
 
 
 class LiveFeed:
@@ -52,7 +54,8 @@ class LiveFeed:
         return {"problems": self._problems()}
 
     def _look(self) -> _Look:
-        """The dispatcher's tasks, order and health, shared by every open feed for one tick.
+        """The dispatcher's tasks, order, health and what it knows of why tasks wait, shared
+        by every open feed for one tick.
 
         The records are looked at, not copied (a feed only reads them): copying each costs
         about 10 us, a second of the event loop's time every tick at 100,000 tasks.
@@ -60,9 +63,15 @@ class LiveFeed:
         now = time.monotonic()
         if self._seen is None or now - self._seen[0] >= FEED_INTERVAL / 2:
             dispatcher = self.dispatcher
+            records = dispatcher.peek_tasks()
             self._seen = (
                 now,
-                (dispatcher.peek_tasks(), dispatcher.account_tasks, self._health()),
+                (
+                    records,
+                    dispatcher.account_tasks,
+                    self._health(),
+                    wait_context(dispatcher, records),
+                ),
             )
         return self._seen[1]
 
@@ -73,7 +82,7 @@ class LiveFeed:
         # the page was rendered (``since``), so the first message carries only those, plus
         # health. The order too, unless the page's ``order`` tag says it shows the current
         # one: at 100,000 tasks every account's order is over a megabyte.
-        records, _, _ = self._look()
+        records, _, _, _ = self._look()
         try:
             since = datetime.fromisoformat(request.query_params["since"])
         except (KeyError, ValueError):
@@ -94,8 +103,9 @@ class LiveFeed:
                     return
                 # Off the event loop: a look at 100,000 tasks takes tens of milliseconds,
                 # which the loop's thread then shares in slices instead of waiting them out.
+                records, order, health, context = self._look()
                 state, message = await asyncio.to_thread(
-                    diff, state, *self._look(), dispatcher.timezone, utc_now()
+                    diff, state, records, order, health, dispatcher.timezone, utc_now(), context
                 )
                 if message is None:
                     yield b": idle\n\n"

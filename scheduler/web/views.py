@@ -21,6 +21,7 @@ from scheduler.triggers import preview_runs
 from tasks.display import format_interval, format_time, preview_label
 from tasks.model import TaskRecord, TaskStatus
 from tasks.secrets import mask_secrets
+from tasks.waiting import WaitContext, why_waiting
 
 __all__ = [
     "ATTENTION_RANKS",
@@ -46,6 +47,7 @@ __all__ = [
     "overdue",
     "select",
     "task_row",
+    "waiting_text",
 ]
 
 
@@ -120,14 +122,35 @@ class TaskRow:
     due_at: str = ""
     """When its next run starts (ISO-8601; empty: none planned): the page tells from it
     whether the run is overdue."""
+    waiting: str = ""
+    """Why it waits (:func:`~tasks.waiting.why_waiting`'s message; empty: it does not)."""
 
     def as_json(self) -> dict[str, Any]:
         """The row as a JSON-ready dict (the live feed's payload)."""
         return asdict(self)
 
 
-def task_row(record: TaskRecord, zone: tzinfo, position: int) -> TaskRow:
-    """The overview row of ``record``, at ``position`` in its account's order."""
+def waiting_text(
+    record: TaskRecord, zone: tzinfo, now: datetime | None, context: WaitContext | None
+) -> str:
+    """Why ``record`` waits at ``now``, as the control API's ``waiting`` says it (empty: it
+    does not, or ``now`` is None: not asked)."""
+    if now is None:
+        return ""
+    waiting = why_waiting(record, now, zone, context)
+    return "" if waiting is None else waiting.message
+
+
+def task_row(
+    record: TaskRecord,
+    zone: tzinfo,
+    position: int,
+    now: datetime | None = None,
+    context: WaitContext | None = None,
+) -> TaskRow:
+    """The overview row of ``record``, at ``position`` in its account's order; with ``now``,
+    saying why it waits (``context``: what the running dispatcher knows, see
+    :class:`~tasks.waiting.WaitContext`)."""
     start, end = record.valid_time_range
     ends = record.task_end_time
     return TaskRow(
@@ -151,6 +174,7 @@ def task_row(record: TaskRecord, zone: tzinfo, position: int) -> TaskRow:
         position=position,
         failing=failing(record),
         due_at="" if record.status.settled or record.active_run else _iso(record.start_time),
+        waiting=waiting_text(record, zone, now, context),
     )
 
 
@@ -176,14 +200,16 @@ def lanes(
     account_tasks: dict[str, list[str]],
     zone: tzinfo,
     account_order: Sequence[str] | None = None,
+    now: datetime | None = None,
+    context: WaitContext | None = None,
 ) -> list[Lane]:
     """One lane per account (in the order of ``account_order``, else sorted by id), each with
-    its rows in priority order."""
+    its rows in priority order (saying why they wait at ``now``, see :func:`task_row`)."""
     by_id = {record.task_id: record for record in records}
     result: list[Lane] = []
     for account in sorted(account_tasks) if account_order is None else account_order:
         rows = [
-            task_row(by_id[task_id], zone, position)
+            task_row(by_id[task_id], zone, position, now, context)
             for position, task_id in enumerate(account_tasks[account])
             if task_id in by_id
         ]

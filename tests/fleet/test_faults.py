@@ -33,6 +33,7 @@ from fleet_support import (
 from helpers import read_state
 
 from scheduler.cli import main
+from scheduler.control.waits import wait_context
 from scheduler.errors import BrokerInUseError
 from scheduler.fleet import LEASE_KEY
 from tasks import TaskStatus
@@ -171,11 +172,16 @@ async def test_a_broker_outage_logs_once_counts_unsent_runs_and_recovers_fast(
             # An outage is not the task's fault: no automatic pause.
             assert record.status is TaskStatus.ERROR
             assert record.consecutive_failures == 0
+        # Why a task waits names the outage, with the broker's URL as health gives it.
+        outage = wait_context(dispatcher)
+        assert outage.broker_down_since is not None
+        assert outage.broker == backend.health()["broker"]
         # The outage lasts a while (the scenario, not a wait for something): long enough for
         # a doubling backoff to have grown far past a few seconds.
         await asyncio.sleep(8)
         aof_redis.start()
         await eventually(lambda: backend.health()["connected"], 4, "the broker seen back")
+        assert wait_context(dispatcher).broker_down_since is None
         (after,) = await dispatcher.add_tasks([probe_task(probe, "b")])
         await eventually(lambda: finished(dispatcher, after), 20, "a run after the outage")
         assert dispatcher.get_task(after).failure_count == 0
@@ -348,4 +354,5 @@ async def test_why_a_queued_run_waits_is_logged_and_shown(
         CliRunner().invoke, main, ["--dir", str(tmp_path / "ops"), "show", waiting]
     )
     assert "waiting for a windows worker: none is registered" in shown.output, shown.output
+    assert "[no_worker]" in shown.output, shown.output
     await dispatcher.stop(grace_period=0)

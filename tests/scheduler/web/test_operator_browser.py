@@ -123,6 +123,13 @@ def test_run_now_from_a_row_and_from_the_task_page(
     seed(directory, [shell("r-1", "shop"), shell("r-2", "shop")], paused=["r-2"])
     logged_in(page, directory, served)
     planned = task_in_file(directory, "r-1")["next_execution_time"]
+    opens = closed_hours()[0]
+    # Why each task waits: under the row's next run.
+    hours = f"outside its hours ({opens:02d}-{closed_hours()[1]:02d}) until "
+    expect(page.locator("li.task[data-id=r-1] .waiting")).to_contain_text(hours)
+    expect(page.locator("li.task[data-id=r-2] .waiting")).to_have_text(
+        "paused: no run starts until it is resumed"
+    )
 
     page.locator("li.task[data-id=r-1]").get_by_role("button", name="Run now").click()
     expect(page.locator("#notice")).to_contain_text("r-1: run asked for")
@@ -140,6 +147,14 @@ def test_run_now_from_a_row_and_from_the_task_page(
     assert task_in_file(directory, "r-2")["status"] == "paused"
     page.reload()
     expect(page.locator("table.runs tr[data-trigger=manual]")).to_have_count(1)
+
+    # The task page says why it waits, and follows the live feed when that changes.
+    reason = page.locator(".waiting-reason")
+    expect(reason).to_contain_text("Waiting: paused: no run starts until it is resumed")
+    page.evaluate("window.__sameDocument = true")
+    page.get_by_role("button", name="Resume").click()
+    expect(reason).to_contain_text(f"Waiting: {hours}")
+    assert page.evaluate("window.__sameDocument") is True
 
 
 def test_pause_and_resume_a_whole_account_from_its_lane(

@@ -529,3 +529,50 @@ def test_feed_order_carries_only_the_accounts_whose_order_changed() -> None:
     assert message is not None
     assert message["order"] == {"c": []}
     assert message["removed"] == ["c1"]
+
+
+async def test_task_page_overview_and_feed_say_why_a_task_waits(
+    started: TaskDispatcher, recorder: Recorder
+) -> None:
+    import asyncio
+    import html
+
+    from scheduler.control.waits import wait_context
+    from scheduler.triggers import utc_now
+
+    recorder.gates["first"] = asyncio.Event()
+    recorder.started["first"] = asyncio.Event()
+    for task_id in ("first", "second"):
+        await started.add_task(
+            sys_type="mac", task_type="xhs", account_id="shop", interval=3600, task_id=task_id
+        )
+    await asyncio.wait_for(recorder.started["first"].wait(), 10)
+    for _ in range(1000):  # the second run joins the lane on the scheduler's next pass
+        if started.queued_runs() == {"shop": ["second"]}:
+            break
+        await asyncio.sleep(0.01)
+    run_id = started.get_task("first").active_run.run_id  # type: ignore[union-attr]
+    behind = f"its due run waits for account shop's lane, behind task first's run {run_id}"
+    async with client(dashboard_app(started)) as c:
+        second = html.unescape((await c.get("/tasks/second")).text)
+        overview = html.unescape((await c.get("/")).text)
+    assert re.search(r'<p class="waiting-reason" data-kind="lane"\s*>', second), second
+    assert behind in second
+    rows = dict(re.findall(r'data-id="([^"]+)".*?data-f="waiting">([^<]*)<', overview, re.S))
+    assert rows["second"].startswith(behind)
+    assert rows["first"].startswith(f"run {run_id} executing since ")
+
+    # The live feed's rows say it too (a new page: every row is sent).
+    _, message = diff(
+        FeedState(),
+        started.peek_tasks(),
+        started.account_tasks,
+        {},
+        SHANGHAI,
+        utc_now(),
+        wait_context(started),
+    )
+    assert message is not None
+    fed = {row["task_id"]: row["waiting"] for row in message["changed"]}
+    assert fed["second"].startswith(behind)
+    recorder.gates["first"].set()
