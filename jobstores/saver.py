@@ -27,7 +27,7 @@ from jobstores.state import NotOwnerError
 from jobstores.storage import StorageBackend
 from jobstores.table import TaskTable
 
-__all__ = ["SaveHealth", "Saver"]
+__all__ = ["SaveHealth", "Saver", "permanent"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +49,25 @@ class SaveHealth:
     """Failed saves since the last successful one."""
     unsaved_task_ids: tuple[str, ...] = ()
     """Tasks whose latest change is not on disk yet."""
+    permanent: bool = False
+    """Whether the latest save failed for the data itself (the storage refuses it, see
+    :func:`permanent`): no retry could mend that, so none is made; the next change (or save
+    asked for) tries again."""
 
     @property
     def ok(self) -> bool:
         """Whether the latest save succeeded (or none has failed)."""
         return self.last_error is None
+
+
+def permanent(exc: BaseException) -> bool:
+    """Whether a failed commit is one no retry can mend: the data cannot be encoded
+    (``TypeError``, ``ValueError``) or the storage refuses it (an ``OSError`` whose
+    ``transient`` is False, such as a database's data error). A failing disk, a lock or a
+    database out of reach is transient."""
+    if isinstance(exc, TypeError | ValueError):
+        return True
+    return getattr(exc, "transient", True) is False
 
 
 class Saver:
@@ -105,6 +119,7 @@ class Saver:
             last_error_at=health.last_error_at,
             failed_saves=health.failed_saves,
             unsaved_task_ids=unsaved,
+            permanent=health.permanent,
         )
 
     @property
@@ -133,6 +148,7 @@ class Saver:
             try:
                 self._storage.commit(image, now)
             except (OSError, TypeError, ValueError) as exc:
+                refused = permanent(exc)
                 with self._state_lock:
                     first = self._health.last_error is None
                     self._health = SaveHealth(
@@ -140,13 +156,19 @@ class Saver:
                         last_error=f"{type(exc).__name__}: {exc}",
                         last_error_at=now,
                         failed_saves=self._health.failed_saves + 1,
+                        permanent=refused,
                     )
                 # A store another instance took over refuses every commit: this instance
                 # stands by (its store logged that once), which is no failing disk.
                 logger.log(
                     logging.WARNING if isinstance(exc, NotOwnerError) else logging.ERROR,
                     "saving %s failed (%s: %s); changes to task(s) %s are kept in memory and "
-                    "will be written by the next successful save",
+                    + (
+                        "are not retried: the store refuses the data (change or remove the "
+                        "task to save again)"
+                        if refused
+                        else "will be written by the next successful save"
+                    ),
                     self._storage.path,
                     type(exc).__name__,
                     exc,
@@ -279,6 +301,8 @@ class Saver:
             return
         with self._state_lock:
             failures = self._health.failed_saves
+            if self._health.permanent:
+                return  # no retry can mend it: the next change tries again
         delay = min(RETRY_LIMIT, RETRY_FIRST * 2.0 ** min(failures - 1, 6))
 
         def retry() -> None:

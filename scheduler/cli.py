@@ -93,7 +93,8 @@ LIST_PAGE = 5_000
     envvar=STORE_ENV_VAR,
     default=None,
     help=f"A PostgreSQL store, postgresql://user@host/db, for run (a cluster of dispatchers: "
-    f"one leads, the others stand by), import and export [env {STORE_ENV_VAR}].",
+    f"one leads, the others stand by), import, export, and the commands that read or change "
+    f"a store no dispatcher serves [env {STORE_ENV_VAR}].",
 )
 @click.version_option(package_name="task-dispatcher")
 @click.pass_context

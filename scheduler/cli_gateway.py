@@ -20,8 +20,13 @@ from zoneinfo import ZoneInfo
 import click
 
 from jobstores.owned import OwnedStore
-from jobstores.stores import resolve_store
-from scheduler.cli_local import AccountReport, LocalGateway, manager_check, running_factory
+from scheduler.cli_local import (
+    AccountReport,
+    LocalGateway,
+    manager_check,
+    options_store,
+    running_factory,
+)
 from scheduler.cli_parse import Options
 from scheduler.cli_render import Listing, errors, fail, library_warnings
 from scheduler.dispatcher import CONTROL_SOCKET
@@ -280,7 +285,7 @@ def open_gateway(
         with errors():
             yield LocalGateway(options)
         return
-    if not creates and not options.dir.is_dir():
+    if not options.store and not creates and not options.dir.is_dir():
         fail(f"no dispatcher directory {str(options.dir)!r}")
     check = manager_check(options, adds=runs_tasks)
     with errors(), library_warnings():
@@ -303,5 +308,4 @@ def open_gateway(
 
 def _own(options: Options) -> OwnedStore:
     """The directory's store, owned for one command (refused while a dispatcher owns it)."""
-    store = resolve_store(None, options.dir)
-    return OwnedStore(store, options.zone(), convert=options.convert_timezone)
+    return OwnedStore(options_store(options), options.zone(), convert=options.convert_timezone)

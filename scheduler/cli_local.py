@@ -28,6 +28,7 @@ from jobstores.commands import (
 from jobstores.format import CorruptFileError
 from jobstores.owned import OwnedStore
 from jobstores.snapshot import StateSnapshot, read_snapshot
+from jobstores.state import StateStore
 from jobstores.stores import resolve_store
 from scheduler.backends.execution import create_manager
 from scheduler.cli_parse import Options
@@ -40,7 +41,13 @@ from scheduler.errors import (
     SaveFailedError,
     TaskNotFoundError,
 )
-from scheduler.history import HISTORY_FILENAME, RunEntry, read_runs
+from scheduler.history import (
+    HISTORY_FILENAME,
+    RunEntry,
+    SharedRunsStore,
+    read_runs,
+    read_shared_runs,
+)
 from scheduler.intake import UNSET, TaskIntake
 from scheduler.triggers import RunPreview, preview_runs
 from tasks.manager import TaskManagerFactory
@@ -55,6 +62,7 @@ __all__ = [
     "LocalGateway",
     "ManagerCheck",
     "manager_check",
+    "options_store",
     "running_factory",
 ]
 
@@ -101,6 +109,13 @@ def manager_check(options: Options, *, adds: bool) -> ManagerCheck | None:
     return check
 
 
+def options_store(options: Options) -> StateStore:
+    """The stopped store the options name: ``--store URL`` (``$TASK_DISPATCHER_STORE``) when
+    given, else the journal on ``--dir``. Raises ``ValueError`` naming ``store`` for a URL no
+    store is known for."""
+    return resolve_store(options.store or None, options.dir)
+
+
 def _shown(record: TaskRecord, show_secrets: bool) -> TaskRecord:
     """``record`` as the control API answers it: secret-looking kwargs masked unless
     ``show_secrets`` (the stored record is never changed)."""
@@ -144,7 +159,7 @@ class LocalGateway:
                     options.dir,
                     options.zone(),
                     convert=options.convert_timezone,
-                    store=resolve_store(None, options.dir),
+                    store=options_store(options),
                 )
             except (CorruptFileError, NewerFormatError) as exc:
                 fail(str(exc))
@@ -213,18 +228,21 @@ class LocalGateway:
         limit: int,
     ) -> list[RunEntry]:
         options = self._options
-        if not (options.dir / HISTORY_FILENAME).exists():
-            return []
+        filters: dict[str, Any] = {
+            "task_id": task_id,
+            "account_id": account,
+            "failed": failed,
+            "since": since,
+            "limit": limit,
+        }
+        zone = options.zone() or resolve_timezone(None)
         try:
-            return read_runs(
-                options.dir,
-                options.zone() or resolve_timezone(None),
-                task_id=task_id,
-                account_id=account,
-                failed=failed,
-                since=since,
-                limit=limit,
-            )
+            store = options_store(options)
+            if isinstance(store, SharedRunsStore):  # the cluster's history, in its store
+                return read_shared_runs(store, zone, **filters)
+            if not (options.dir / HISTORY_FILENAME).exists():
+                return []
+            return read_runs(options.dir, zone, **filters)
         except (HistoryUnavailableError, ValueError) as exc:
             fail(str(exc))
 

@@ -165,6 +165,7 @@ def run(
             run_backend=run_backend,
             store=store,
         )
+        dispatcher.lead_again = False  # standing by is this command's (its control API too)
         for webhook in webhooks:
             dispatcher.add_listener(webhook)
         return dispatcher

@@ -21,21 +21,17 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
-from jobstores.jsonfile import SNAPSHOT_BELOW, JsonJobStore
+from jobstores.jsonfile import SNAPSHOT_BELOW
 from jobstores.saver import SaveHealth
 from jobstores.state import StateStore
-from scheduler.backends.local import LocalRunBackend
-from scheduler.changes import AccountChange, TaskChanges, checked_id, prepare_manager
+from scheduler.changes import AccountChange, checked_id
 from scheduler.engine import DispatchScheduler
-from scheduler.history import RunEntry, RunHistory, open_history
+from scheduler.history import RunEntry, RunHistory
 from scheduler.intake import UNSET, Unset
-from scheduler.lanes import AccountLanes
 from scheduler.leadership import Standing, standing_of
 from scheduler.ledger import RunObserver, on_reports
-from scheduler.lifetime import Lifetime
 from scheduler.listeners import EventFilter, Listener, Listeners, WebhookListener
-from scheduler.relay import EventRelay
-from scheduler.runpath import RunPath
+from scheduler.parts import Campaign, Parts, Settings, build_parts
 from tasks.clock import Clock
 from tasks.errors import HistoryUnavailableError
 from tasks.manager import TaskManagerFactory
@@ -72,18 +68,23 @@ def default_directory() -> Path:
     return Path(os.environ.get(DIR_ENV_VAR) or DEFAULT_DISPATCHER_DIR)
 
 
-def _make_metrics(store: JsonJobStore, lanes: AccountLanes) -> DispatcherMetrics | None:
-    """The Prometheus metrics of ``store`` and ``lanes`` (None without ``prometheus_client``)."""
+def _make_metrics(dispatcher: Dispatcher) -> DispatcherMetrics | None:
+    """The Prometheus metrics of ``dispatcher``'s store and lanes, read from whichever parts
+    it has when asked (None without ``prometheus_client``)."""
     try:
         from scheduler.metrics import DispatcherMetrics, MetricsSource
     except ImportError:  # prometheus_client comes with the optional 'control' extra
         return None
 
     def tasks_by_status() -> dict[str, int]:
-        return dict(Counter(record.status.value for record in store.records()))
+        return dict(Counter(record.status.value for record in dispatcher._store.records()))
 
     return DispatcherMetrics(
-        MetricsSource(tasks_by_status, lanes.waiting_counts, lambda: store.save_health)
+        MetricsSource(
+            tasks_by_status,
+            lambda: dispatcher._path.lanes.waiting_counts(),
+            lambda: dispatcher._store.save_health,
+        )
     )
 
 
@@ -112,61 +113,41 @@ class Dispatcher:
         clock: Clock | None = None,
     ) -> None:
         directory = Path(dispatcher_dir) if dispatcher_dir is not None else default_directory()
-        self._backend: RunBackend = run_backend or LocalRunBackend(task_manager_factory, clock)
-        check_manager = functools.partial(prepare_manager, self._backend, task_manager_factory)
-        store = self._store = JsonJobStore(
-            directory,
-            timezone=None if timezone is None else resolve_timezone(timezone),
-            convert_timezone=convert_timezone,
-            accept=check_manager,
-            snapshot_below=snapshot_below,
-            storage=store,
-            clock=clock,
-        )
-        self.timezone = self._store.timezone
-        """The zone whose wall-clock hours the windows and end dates are read in."""
-        path = RunPath(self._store, self._backend, max_concurrent_runs, self.timezone)
-        self._path = path
-        self._ledger = path.ledger  # (tests reach it here)
-        # Listeners (typed events): the core's events, relayed (those of this class's API
-        # calls when the call is done, the others from the loop), and save health.
         self._listeners = Listeners()
-        relay = self._relay = EventRelay(self._listeners, self._store.now)
-        relay.observers.append(path.retries.observe)
-        self._store.on_events = relay.relay
-        self._store.on_save_health(relay.tell_save)
-        self._changes = TaskChanges(
-            self._store,
-            path,
-            relay,
-            self._backend,
-            check_manager,
-            lambda: self.standing,
+        self._settings = Settings(
+            directory, task_manager_factory, max_concurrent_runs, history, snapshot_below
         )
-        self._history = open_history(directory, history, self.timezone, store._storage, store.now)
-        if self._history is not None:
-            relay.observers.append(on_reports(self._history.record))
-        self._metrics = _make_metrics(self._store, path.lanes)
+        self._settings.clock, self._settings.listeners = clock, self._listeners
+        self._settings.backend = run_backend
+        self._use(
+            build_parts(
+                self._settings,
+                store,
+                None if timezone is None else resolve_timezone(timezone),
+                convert_timezone=convert_timezone,
+                standing=lambda: self.standing,
+            )
+        )
+        self._settings.metrics = self._metrics = _make_metrics(self)
         if self._metrics is not None:
-            relay.observers.append(on_reports(self._metrics.observe))
-        self._lifetime = Lifetime(
-            store=self._store,
-            path=path,
-            backend=self._backend,
-            listeners=self._listeners,
-            history=self._history,
-            standing=lambda: self.standing,
+            self._relay.observers.append(on_reports(self._metrics.observe))
+        self.lead_again = True
+        """A shared store's lease lost: whether to campaign to lead again (see
+        :class:`~scheduler.parts.Campaign`); ``run`` makes a new dispatcher instead."""
+        self._campaign = Campaign(
+            self._settings, lambda: self._parts, self._use, lambda: self.standing
         )
-        if not self._backend.remote:
-            self._ledger.recover()
-        if not self._store.durable:
-            self._store.save()
-        logger.info(
-            "dispatcher on %s loaded %d task(s) (%d kept unrestored)",
-            directory,
-            len(self._store.table),
-            len(self._store.kept_records()),
-        )
+        self._campaign.wanted = lambda: self.lead_again
+        self._campaign.watch(self._parts)
+
+    def _use(self, parts: Parts) -> None:
+        """Wire the facade to ``parts`` (built over the store just loaded)."""
+        self._parts, self._backend, self._store = parts, parts.backend, parts.store
+        self._path = parts.path
+        self._ledger = parts.path.ledger  # (tests reach it here)
+        self._relay, self._changes, self._history = parts.relay, parts.changes, parts.history
+        self._lifetime, self.timezone = parts.lifetime, parts.store.timezone
+        self.__dict__.pop("standing", None)  # over the new store's lease
 
     # ------------------------------------------------------------------ properties
 
@@ -207,6 +188,7 @@ class Dispatcher:
 
     def observe_runs(self, observer: RunObserver) -> None:
         """Call ``observer(request, event)`` for every run event applied (from the loop)."""
+        self._settings.observers.append(observer)
         self._relay.observers.append(on_reports(observer))
 
     @property
@@ -513,6 +495,7 @@ class Dispatcher:
         Runs still going after ``grace_period`` seconds (None: wait for them) are cancelled
         and stay runnable. Idempotent.
         """
+        await self._campaign.cancel()
         await self._lifetime.stop(grace_period)
 
     def close(self, *, save: bool = True) -> None:

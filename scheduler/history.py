@@ -50,6 +50,7 @@ __all__ = [
     "SharedRunsStore",
     "open_history",
     "read_runs",
+    "read_shared_runs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -845,29 +846,17 @@ class SharedRunHistory(RunHistory):
         before_run: str | None = None,
     ) -> list[RunEntry]:
         """As :meth:`HistoryReader.query`, from the cluster's store."""
-        limit = _checked(limit, since, until)
-        try:
-            rows = self.table.query(
-                task_id=task_id,
-                account_id=account_id,
-                failed=failed,
-                since=since,
-                until=until,
-                limit=limit,
-                before_run=before_run,
-            )
-        except OSError as exc:
-            raise HistoryUnavailableError(f"cannot read the run history: {exc}") from exc
-        zone = self.timezone
-        entries = []
-        for row in rows:
-            fields = dict(zip(SHARED_FIELDS, row, strict=True))
-            for name in ("scheduled_at", "started_at", "finished_at"):
-                if fields[name] is not None:
-                    fields[name] = fields[name].astimezone(zone)
-            fields["extra"] = fields["extra"] or {}
-            entries.append(RunEntry(**fields))
-        return entries
+        return _query_shared(
+            self.table,
+            self.timezone,
+            task_id=task_id,
+            account_id=account_id,
+            failed=failed,
+            since=since,
+            until=until,
+            limit=limit,
+            before_run=before_run,
+        )
 
     def close(self, timeout: float = 10.0) -> None:
         """Write what is queued (for up to ``timeout`` seconds), stop the writer, close."""
@@ -900,6 +889,57 @@ def open_history(
     except HistoryUnavailableError as exc:
         logger.error("%s; running without a run history", exc)
         return None
+
+
+def _query_shared(
+    table: SharedRunTable,
+    zone: tzinfo,
+    *,
+    task_id: str | None = None,
+    account_id: str | None = None,
+    failed: bool | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = 100,
+    before_run: str | None = None,
+) -> list[RunEntry]:
+    """``table``'s runs matching the filters (see :meth:`HistoryReader.query`), in ``zone``."""
+    limit = _checked(limit, since, until)
+    try:
+        rows = table.query(
+            task_id=task_id,
+            account_id=account_id,
+            failed=failed,
+            since=since,
+            until=until,
+            limit=limit,
+            before_run=before_run,
+        )
+    except OSError as exc:
+        raise HistoryUnavailableError(f"cannot read the run history: {exc}") from exc
+    entries = []
+    for row in rows:
+        fields = dict(zip(SHARED_FIELDS, row, strict=True))
+        for name in ("scheduled_at", "started_at", "finished_at"):
+            if fields[name] is not None:
+                fields[name] = fields[name].astimezone(zone)
+        fields["extra"] = fields["extra"] or {}
+        entries.append(RunEntry(**fields))
+    return entries
+
+
+def read_shared_runs(
+    store: SharedRunsStore, timezone: tzinfo = UTC, **filters: Any
+) -> list[RunEntry]:
+    """Query the run history ``store`` keeps for its cluster (see
+    :meth:`HistoryReader.query`), without a writer: works while a dispatcher leads the
+    cluster, or while none runs. Raises :class:`HistoryUnavailableError` if it cannot be read.
+    """
+    table = store.run_table()
+    try:
+        return _query_shared(table, timezone, **filters)
+    finally:
+        table.close()
 
 
 def read_runs(directory: Path, timezone: tzinfo = UTC, **filters: Any) -> list[RunEntry]:

@@ -65,6 +65,11 @@ class Standing:
         lease.on_step_down = self._lost
 
     @property
+    def host_callback(self) -> Callable[[str], None] | None:
+        """The lease's ``on_step_down`` callback from before this standing (the host's)."""
+        return self._also
+
+    @property
     def role(self) -> str:
         """``"leader"`` while the lease is valid at this instant, else ``"standby"``."""
         return "leader" if self.lease.is_leader_now() else "standby"

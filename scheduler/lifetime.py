@@ -43,8 +43,11 @@ class Lifetime:
         listeners: Listeners,
         history: RunHistory | None,
         standing: Callable[[], Standing | None],
+        on_stand_by: Callable[[], None] | None = None,
     ) -> None:
         self._store = store
+        self.on_stand_by = on_stand_by
+        """Called (on the loop) once planning stopped because the lease was lost."""
         self._scheduler = path.scheduler
         self._runner = path.runner
         self._retries = path.retries
@@ -55,6 +58,10 @@ class Lifetime:
         self._history = history
         self._standing = standing
         self._started_at: float | None = None
+
+    def detach_history(self) -> None:
+        """Leave the run history open when stopping (another lifetime uses it on)."""
+        self._history = None
 
     @property
     def running(self) -> bool:
@@ -104,6 +111,8 @@ class Lifetime:
         if self._scheduler.running:
             self._scheduler.pause()
             self._retries.stop()
+            if self.on_stand_by is not None:
+                self.on_stand_by()
 
     async def run_pending(self) -> None:
         """Run every task due now and return when all runs in progress have finished and

@@ -29,6 +29,10 @@ class SaveFailures:
         if saved:
             return
         self._store.request_retry()  # a background retry is scheduled when there is a loop
+        health = self._store.save_health
         raise SaveFailedError(
-            self._store.path, tuple(task_ids), self._store.save_health.last_error or "unknown error"
+            self._store.path,
+            tuple(task_ids),
+            health.last_error or "unknown error",
+            retried=not health.permanent,
         )

@@ -60,7 +60,10 @@ class TaskDispatcher(Dispatcher):
     creating a dispatcher while another leads raises :class:`NotLeaderError` naming it (the
     ``run`` command waits as a standby instead). :attr:`role` is ``"leader"``; once the lease
     is lost (taken over, or not renewed in time) it is ``"standby"`` at once: no run starts or
-    is sent, planning stops, and changes raise :class:`NotLeaderError`.
+    is sent, planning stops, and changes raise :class:`NotLeaderError`. A started dispatcher
+    then tries to take the lease again every third of it, and once it has it (a new epoch)
+    loads the state afresh and leads again, as ``run`` does (not on a fleet's run backend,
+    which serves one leader; ``lead_again = False`` turns it off).
 
     ``clock`` is what the dispatcher reads for every decision by the time and every instant it
     stamps: what is due, the hour windows and end dates, retries, the times on records, run

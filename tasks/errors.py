@@ -152,16 +152,26 @@ class SaveFailedError(DispatcherError, OSError):
 
     The change stays in effect in memory and is retried in the background; ``save_health``
     tells when it reaches the disk. ``task_ids`` are the tasks the failed call changed.
+    ``retried`` False: the storage refused the data itself (no retry can mend it), so no
+    retry is made; the next change tries again.
     """
 
-    def __init__(self, path: Path, task_ids: tuple[str, ...], cause: str) -> None:
+    def __init__(
+        self, path: Path, task_ids: tuple[str, ...], cause: str, *, retried: bool = True
+    ) -> None:
+        then = (
+            "saving is retried"
+            if retried
+            else "saving is not retried: the store refuses the data (change or remove the task)"
+        )
         super().__init__(
             f"change to task(s) {', '.join(task_ids)} not saved to {str(path)!r} ({cause}); "
-            "it is in effect in memory and saving is retried"
+            f"it is in effect in memory and {then}"
         )
         self.path = path
         self.task_ids = task_ids
         self.cause = cause
+        self.retried = retried
 
 
 class HistoryUnavailableError(DispatcherError, RuntimeError):

@@ -75,6 +75,18 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
+def _check_text(value: str, path: str) -> None:
+    """Raise ``ValueError`` naming ``path`` if ``value`` holds a lone surrogate (text no
+    UTF-8 file or database can hold, as ``os.fsdecode`` makes of undecodable bytes)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{path}: character {exc.start} ({value[exc.start]!r}) is a lone surrogate, "
+            "which no UTF-8 text can hold"
+        ) from None
+
+
 def check_json_value(value: Any, path: str) -> None:
     """Raise ``ValueError`` naming ``path`` unless ``value`` survives a JSON round trip unchanged.
 
@@ -82,7 +94,11 @@ def check_json_value(value: Any, path: str) -> None:
     qualify: anything else would come back from the file as a different type, and the stored
     kwargs must re-create the task manager exactly.
     """
-    if value is None or isinstance(value, bool | str):
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        if not value.isascii():
+            _check_text(value, path)
         return
     if isinstance(value, int):
         if abs(value) > _MAX_JSON_INT:

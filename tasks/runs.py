@@ -76,6 +76,8 @@ def describe_error(exc: BaseException) -> str:
     """``"Type: message"`` with credentials masked (see :func:`~tasks.secrets.mask_text`),
     cut to :data:`ERROR_LIMIT` characters."""
     text = mask_text(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
+    if not text.isascii():  # a lone surrogate (undecodable bytes) becomes U+FFFD: storable
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 3] + "..."
 
 

@@ -53,8 +53,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("dispatcher",         ("scheduler.dispatcher",)),
     # the facade's parts: the API's changes and their save policy, start and stop, the run
     # path (with the handoff of runs onto the loop), the relay of events
-    ("dispatcher parts",   ("scheduler.changes", "scheduler.saving", "scheduler.lifetime",
-                            "scheduler.runpath", "scheduler.handoff", "scheduler.relay")),
+    ("dispatcher parts",   ("scheduler.parts", "scheduler.changes", "scheduler.saving",
+                            "scheduler.lifetime", "scheduler.runpath", "scheduler.handoff",
+                            "scheduler.relay")),
     ("runner",             ("scheduler.runner",)),
     ("runs and observers", ("scheduler.ledger", "scheduler.lanes", "scheduler.engine",
                             "scheduler.intake", "scheduler.retries", "scheduler.listeners",
@@ -77,7 +78,7 @@ CLASS_LINES = 300
 # below the limit (or gone) must leave the list.
 BIG_CLASSES: dict[str, int] = {
     # the facade: wiring its parts, and the public API's signatures and docstrings
-    "scheduler/dispatcher.py::Dispatcher": 447,
+    "scheduler/dispatcher.py::Dispatcher": 429,
     # the store's API over the core, the table and the saver, and APScheduler's interface
     # (its calls are SchedulerCalls')
     "jobstores/jsonfile.py::JsonJobStore": 358,

@@ -150,6 +150,23 @@ class PostgresStorage:
         )
         return cls(state, leadership, where=f"cluster {cluster!r} of {masked_url(dsn)}")
 
+    def renewed(self) -> PostgresStorage:
+        """A new storage of the same database and cluster, owning nothing: its lease a new
+        one with this one's settings (length, advertised URL, clock) and this instance's id.
+        What an instance that lost the lease campaigns with, as ``run`` opens the store anew
+        (this one's thread and state are not used again)."""
+        old = self.leadership
+        leadership = Leadership(
+            old._connect,
+            old.cluster,
+            lease=old.lease,
+            holder=old.holder,
+            url=old.url,
+            clock=old._clock,
+        )
+        state = PostgresState(self.state._connect, self.state.cluster)
+        return PostgresStorage(state, leadership, where=self.where, timezone_key=self.timezone_key)
+
     # ------------------------------------------------------------------ ownership
 
     @property

@@ -24,8 +24,13 @@ class PostgresStoreError(DispatcherError, OSError):
     """The PostgreSQL store could not do what was asked; nothing durable changed.
 
     An ``OSError``, as every failed commit of a storage backend is: the saver keeps the
-    change in memory and tries again (see :mod:`jobstores.saver`).
+    change in memory and tries again (see :mod:`jobstores.saver`), unless :attr:`transient`
+    is False.
     """
+
+    transient: bool = True
+    """False when the database refused the data itself (a data or integrity error, SQLSTATE
+    class 22 or 23): trying the same again fails the same way, so the saver does not retry."""
 
 
 class NewerSchemaError(PostgresStoreError):

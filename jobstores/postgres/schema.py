@@ -25,13 +25,15 @@ __all__ = [
     "SCHEMA_VERSION",
     "STALE_SQLSTATE",
     "ensure_schema",
+    "jsonb_text",
     "schema_version",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The version of the tables this code writes (``td_schema.version``). Version 1 kept each
-account's order as one ``text[]``; a database at version 1 is migrated in place on first use
-(:data:`MIGRATIONS`)."""
+account's order as one ``text[]``; version 2 refused a record holding a NUL character (valid
+JSON, which ``jsonb`` cannot hold); a database at an older version is migrated in place on
+first use (:data:`MIGRATIONS`)."""
 
 LOCK_CLASS = 0x7464
 """The first key of every advisory lock the store takes (``td``); the second is 0 for the
@@ -82,6 +84,14 @@ CREATE TABLE IF NOT EXISTS td_tasks (
     PRIMARY KEY (cluster, task_id)
 );
 CREATE INDEX IF NOT EXISTS td_tasks_order ON td_tasks (cluster, seq);
+CREATE OR REPLACE FUNCTION td_jsonb(t text) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    -- jsonb cannot hold U+0000: where the text escapes one, the jsonb holds U+FFFD instead
+    -- (record_text keeps the text exactly). An escaped backslash (two of them) is set aside
+    -- first, so that only a real \\u0000 escape is replaced.
+    SELECT CASE WHEN strpos(t, '\\u0000') = 0 THEN t::jsonb
+           ELSE replace(replace(replace(t, '\\\\', chr(1)), '\\u0000', '\\ufffd'),
+                        chr(1), '\\\\')::jsonb END
+$$;
 CREATE OR REPLACE FUNCTION td_record_edited() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW.record IS DISTINCT FROM OLD.record
@@ -236,7 +246,7 @@ BEGIN
             END IF;
         ELSE
             INSERT INTO td_tasks (cluster, task_id, account_id, record, record_text, sealed)
-            VALUES (c, u.id, u.acc, u.txt::jsonb, u.txt, u.seal)
+            VALUES (c, u.id, u.acc, td_jsonb(u.txt), u.txt, u.seal)
             ON CONFLICT (cluster, task_id) DO UPDATE SET
                 account_id = excluded.account_id, record = excluded.record,
                 record_text = excluded.record_text, sealed = excluded.sealed;
@@ -271,7 +281,7 @@ BEGIN
     DELETE FROM td_tasks AS t USING unnest(ids, accounts) AS x(id, acc)
     WHERE x.acc IS NULL AND t.cluster = c AND t.task_id = x.id;
     INSERT INTO td_tasks (cluster, task_id, account_id, record, record_text, sealed)
-    SELECT c, id, acc, txt::jsonb, txt, seal
+    SELECT c, id, acc, td_jsonb(txt), txt, seal
     FROM unnest(ids, accounts, texts, sealed_flags) WITH ORDINALITY AS x(id, acc, txt, seal, i)
     WHERE acc IS NOT NULL ORDER BY i
     ON CONFLICT (cluster, task_id) DO UPDATE SET
@@ -356,7 +366,9 @@ DDL = (
 
 ``td_tasks`` holds one row per restored task: ``record`` is the record as ``jsonb`` with the
 seed's field names, ``record_text`` the same object as the state file's line holds it (key
-order and all, so an export is byte for byte the file), ``sealed`` whether this library
+order and all, so an export is byte for byte the file; a NUL character, which ``jsonb``
+cannot hold, is U+FFFD in ``record`` and kept exactly in ``record_text``, see
+:func:`jsonb_text`), ``sealed`` whether this library
 validated it (it is then loaded without being validated again), ``seq`` its place in the
 file. Someone editing ``record`` alone (in SQL, by hand) has ``td_tasks_edited`` make
 ``record_text`` the edited record's text and the record one to validate again when loaded.
@@ -373,6 +385,15 @@ keys this code does not interpret); ``td_leases`` the leadership of each cluster
 :mod:`jobstores.postgres.lease`); ``td_applied_runs`` the run events applied; ``td_runs`` the
 run history, one row per run.
 """
+
+
+def jsonb_text(text: str) -> str:
+    """The JSON ``text`` as the ``record`` column (``jsonb``) can hold it: the same text, but
+    for each ``\\u0000`` escape (a NUL character), which becomes ``\\ufffd`` (U+FFFD), as
+    ``td_jsonb`` does in the database."""
+    if "\\u0000" not in text:
+        return text
+    return text.replace("\\\\", "\x01").replace("\\u0000", "\\ufffd").replace("\x01", "\\\\")
 
 
 def schema_version(connection: psycopg.Connection[Any]) -> int | None:
@@ -397,10 +418,12 @@ WHERE NOT EXISTS (SELECT FROM td_order AS o
 ALTER TABLE td_accounts DROP COLUMN task_ids;
 DROP FUNCTION IF EXISTS td_moved(text[], text, text);
 """,
+    2: "",
 }
 """What brings the tables of a version to the next one, run after :data:`DDL` (which creates
-what is new) in the same transaction: version 1's ``td_accounts.task_ids`` arrays become
-``td_order`` rows (an id listed twice keeps its first place)."""
+what is new and replaces every function) in the same transaction: version 1's
+``td_accounts.task_ids`` arrays become ``td_order`` rows (an id listed twice keeps its first
+place); version 2 needs only :data:`DDL`'s functions (``td_jsonb``)."""
 
 
 def ensure_schema(connection: psycopg.Connection[Any]) -> int:

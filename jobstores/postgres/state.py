@@ -30,7 +30,7 @@ from psycopg.adapt import Loader
 from jobstores.format import FORMAT_VERSION, Document
 from jobstores.postgres.errors import PostgresStoreError, StaleLeaderError, describe
 from jobstores.postgres.lease import DEFAULT_CLUSTER, Fence, check_fence
-from jobstores.postgres.schema import GAP, STALE_SQLSTATE, ensure_schema
+from jobstores.postgres.schema import GAP, STALE_SQLSTATE, ensure_schema, jsonb_text
 from tasks.model import TaskRecord, json_default
 from tasks.runs import RunEvent, RunEventKind, RunRequest
 
@@ -234,6 +234,20 @@ WHERE r.outcome = 'running'
 """
 
 
+def _refused(exc: psycopg.Error) -> bool:
+    """Whether the database refused the data itself (SQLSTATE class 22, data exception, or
+    23, integrity constraint violation): the same statement fails the same way again."""
+    return isinstance(exc, psycopg.DataError | psycopg.IntegrityError) or (
+        exc.sqlstate or ""
+    ).startswith(("22", "23"))
+
+
+def _no_nul(text: str | None) -> str | None:
+    """``text`` as a ``text`` column holds it: a NUL character (which PostgreSQL refuses in
+    text) becomes U+FFFD. Only for the run history, which shows runs and restores nothing."""
+    return text.replace("\x00", "\ufffd") if text is not None and "\x00" in text else text
+
+
 def _run_row(cluster: str, request: RunRequest, event: RunEvent) -> dict[str, Any]:
     """The parameters recording ``event`` of ``request``'s run (see ``scheduler.history``)."""
     finished = event.kind is not RunEventKind.STARTED
@@ -253,9 +267,9 @@ def _run_row(cluster: str, request: RunRequest, event: RunEvent) -> dict[str, An
             (event.at - started).total_seconds() if finished and started is not None else None
         ),
         "outcome": event.kind.value if finished else "running",
-        "error": event.error,
-        "worker": event.worker,
-        "extra": orjson.dumps(dict(event.extra)).decode() if event.extra else None,
+        "error": _no_nul(event.error),
+        "worker": _no_nul(event.worker),
+        "extra": jsonb_text(orjson.dumps(dict(event.extra)).decode()) if event.extra else None,
         "ts": started if started is not None else event.at,
         "trigger": request.trigger,
     }
@@ -295,7 +309,9 @@ class PostgresState:
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
-        return PostgresStoreError(f"cluster {self.cluster!r}: {action} failed: {describe(exc)}")
+        error = PostgresStoreError(f"cluster {self.cluster!r}: {action} failed: {describe(exc)}")
+        error.transient = not _refused(exc)
+        return error
 
     def close(self) -> None:
         """Close the connection (a later call opens another)."""
@@ -489,7 +505,14 @@ class PostgresState:
         ) as copy:
             for row in full.rows:
                 copy.write_row(
-                    (cluster, row.task_id, row.account_id, row.text, row.text, row.sealed)
+                    (
+                        cluster,
+                        row.task_id,
+                        row.account_id,
+                        jsonb_text(row.text),
+                        row.text,
+                        row.sealed,
+                    )
                 )
         with cursor.copy("COPY td_kept (cluster, task_id, raw) FROM STDIN") as copy:
             for raw in full.kept:

@@ -142,6 +142,8 @@ class NoRun:
         ({"options": {1: "x"}}, "kwargs.options"),
         ({"ratio": float("inf")}, "kwargs.ratio"),
         ({"big": 2**70}, "kwargs.big"),
+        ({"note": "a\ud800b"}, "kwargs.note"),
+        ({"options": {"k": "ok\udcff"}}, "kwargs.options.k"),
         ({"pair": (1, 2)}, "kwargs.pair"),
         ({"other_account_id": "B"}, "account_id"),
         ({"valid_time_rage": [8, 22], "valid_time_range": [8, 22]}, "valid_time_rage"),
@@ -269,6 +271,34 @@ async def test_a_factory_that_fails_is_refused(
         await dispatcher.add_task(**GOOD)
     assert dispatcher.list_tasks() == []
     assert not (state_dir / "dispatch_config.json").exists()
+
+
+class _Undecodable:
+    """A task manager whose runs fail with undecodable bytes in the message (a lone
+    surrogate, as ``os.fsdecode`` makes of them)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    async def run(self) -> None:
+        raise RuntimeError("no file " + b"caf\xe9".decode("utf-8", "surrogateescape"))
+
+
+async def test_an_error_holding_undecodable_bytes_is_saved(
+    clock: Any, make_dispatcher: MakeDispatcher, state_dir: Path
+) -> None:
+    dispatcher = make_dispatcher(task_manager_factory=_Undecodable)
+    task_id = await dispatcher.add_task(**GOOD, valid_time_range=[8, 22])
+    await dispatcher.start()
+    try:
+        clock.move_to(datetime.datetime(2026, 1, 8, 8, 0, tzinfo=SHANGHAI))
+        await dispatcher.run_pending()
+        assert dispatcher.save_health.ok
+    finally:
+        await dispatcher.stop()
+    (saved,) = read_state(state_dir)["tasks"]
+    assert saved["task_id"] == task_id
+    assert saved["last_error"] == "RuntimeError: no file caf\ufffd"
 
 
 async def test_no_run_possible_before_the_end_is_refused(

@@ -12,9 +12,10 @@ from typing import Any
 import psycopg
 import pytest
 from apscheduler.schedulers.base import STATE_PAUSED
-from fleet_support import wait_until
+from fleet_support import eventually, wait_until
 from helpers import Recorder, at
 from postgres_support import Databases, postgres_databases, url_of
+from stub_backend import StubRunBackend
 
 from jobstores.postgres import PostgresStorage
 from scheduler import NotLeaderError, TaskDispatcher
@@ -225,3 +226,130 @@ def test_a_leader_frozen_inside_a_commit_does_not_keep_a_standby_out(
         with contextlib.suppress(psycopg.Error):
             frozen.close()
         old.state.close()
+
+
+async def test_a_dispatcher_taken_over_campaigns_and_leads_again_with_the_state_reloaded(
+    recorder: Recorder,
+    tmp_path: Path,
+    postgres_databases: Databases,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dsn = postgres_databases.create()
+    reasons: list[str] = []
+    store = PostgresStorage.for_url(f"{url_of(dsn)}?lease=1")
+    store.leadership.on_step_down = reasons.append  # the host's callback: kept on every lease
+    dispatcher = TaskDispatcher(
+        tmp_path, task_manager_factory=recorder, timezone="Asia/Shanghai", store=store
+    )
+    seen: list[str] = []
+    dispatcher.observe_runs(lambda request, event: seen.append(request.task_id))
+    task_id = await dispatcher.add_task(**TASK)
+    await dispatcher.start()
+    try:
+        standing = dispatcher.standing
+        assert standing is not None
+        assert standing.describe()["epoch"] == 1
+        with psycopg.connect(dsn, autocommit=True) as admin:  # another instance takes over
+            admin.execute(
+                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
+                "expires_at = now() + interval '1 minute'"
+            )
+        caplog.clear()
+        await asyncio.wait_for(standing.stepped_down.wait(), 10)
+        assert dispatcher.role == "standby"
+        with pytest.raises(NotLeaderError):
+            dispatcher.pause_task(task_id)
+        # The other leader pauses the task, then its lease ends (released).
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                "UPDATE td_tasks SET record = jsonb_set(record, '{status}', '\"paused\"')"
+            )
+            admin.execute("UPDATE td_leases SET holder = NULL, expires_at = now()")
+        # This dispatcher takes the lease again: a new epoch, the state as the other left it.
+        await eventually(lambda: dispatcher.role == "leader", 10, "leading again")
+        again = dispatcher.standing
+        assert again is not None
+        assert again is not standing
+        assert again.describe()["epoch"] == 3
+        assert dispatcher.running
+        assert dispatcher.get_task(task_id).status == "paused"
+        # Runs start again (a manual one, the task being paused), and the host's run
+        # observer is told of them.
+        dispatcher.run_now(task_id)
+        await eventually(lambda: len(seen) >= 2, 10, "the run's two events")
+        assert seen[:2] == [task_id, task_id]
+        assert recorder.count(task_id) == 1
+        dispatcher.resume_task(task_id)  # changes are taken, and saved, again
+        assert dispatcher.save_health.ok
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, errors  # the step-down, once
+        assert len(reasons) == 1
+        assert "newer epoch" in reasons[0]
+        # Taken over again: it steps down again, and the host hears of it again.
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
+                "expires_at = now() + interval '1 minute'"
+            )
+        await asyncio.wait_for(again.stepped_down.wait(), 10)
+        assert dispatcher.role == "standby"
+        assert len(reasons) == 2
+    finally:
+        await dispatcher.stop()
+    stored = PostgresStorage.for_url(url_of(dsn)).read()
+    assert [r.status for r in stored.records] == ["pending"]
+
+
+async def test_a_dispatcher_on_a_fleets_backend_taken_over_does_not_campaign(
+    recorder: Recorder, tmp_path: Path, postgres_databases: Databases
+) -> None:
+    # A fleet's backend serves one leader only: a new dispatcher (with a new one) must lead.
+    dsn = postgres_databases.create()
+    dispatcher = TaskDispatcher(
+        tmp_path,
+        timezone="Asia/Shanghai",
+        store=f"{url_of(dsn)}?lease=1",
+        run_backend=StubRunBackend(),
+    )
+    await dispatcher.start()
+    try:
+        standing = dispatcher.standing
+        assert standing is not None
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
+                "expires_at = now() + interval '1 minute'"
+            )
+        await asyncio.wait_for(standing.stepped_down.wait(), 10)
+        assert not dispatcher._campaign.active
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("UPDATE td_leases SET holder = NULL, expires_at = now()")
+        assert dispatcher.role == "standby"
+    finally:
+        await dispatcher.stop()
+
+
+async def test_lead_again_false_keeps_a_dispatcher_taken_over_standing_by(
+    recorder: Recorder, tmp_path: Path, postgres_databases: Databases
+) -> None:
+    dsn = postgres_databases.create()
+    dispatcher = TaskDispatcher(
+        tmp_path,
+        task_manager_factory=recorder,
+        timezone="Asia/Shanghai",
+        store=f"{url_of(dsn)}?lease=1",
+    )
+    dispatcher.lead_again = False
+    await dispatcher.start()
+    try:
+        standing = dispatcher.standing
+        assert standing is not None
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
+                "expires_at = now() + interval '1 minute'"
+            )
+        await asyncio.wait_for(standing.stepped_down.wait(), 10)
+        assert not dispatcher._campaign.active
+    finally:
+        await dispatcher.stop()

@@ -107,7 +107,10 @@ def test_a_killed_leader_is_replaced_within_lease_plus_5_seconds(
     listed = cli(tmp_path / "b", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     status = {task["task_id"]: task["status"] for task in json.loads(listed.stdout)}
-    assert status == {"tick": "pending", "hourly": "paused"}
+    # The acknowledged change is there; the tick (every second) may be running right now.
+    assert status["hourly"] == "paused"
+    assert status["tick"] in ("pending", "running")
+    assert set(status) == {"tick", "hourly"}
 
 
 @pytest.mark.timeout(120)

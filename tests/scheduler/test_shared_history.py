@@ -438,3 +438,39 @@ def test_a_run_started_on_one_instance_is_completed_by_another(dsn: str) -> None
     finally:
         old.close()
         new.close()
+
+
+class _Nul:
+    """A task manager whose runs fail with a NUL character in the message."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+
+    async def run(self) -> None:
+        raise RuntimeError("read b'\x00' from the device")
+
+
+async def test_a_nul_character_in_a_task_and_in_its_error_is_saved_and_loaded_back(
+    clock: Any, tmp_path: Path, dsn: str
+) -> None:
+    # Valid JSON that jsonb cannot hold: saved exactly, as the JSON store saves it.
+    url = f"{url_of(dsn)}?cluster={new_cluster()}"
+    dispatcher = _dispatcher(tmp_path / "d", url, _Nul)
+    task_id = await dispatcher.add_task(**TASK, note="a\x00b")
+    await dispatcher.start()
+    try:
+        clock.move_to(at(2026, 1, 8, 8, 0))
+        await dispatcher.run_pending()
+        assert dispatcher.save_health.ok
+        (entry,) = dispatcher.runs(task_id)
+    finally:
+        await dispatcher.stop()
+    assert entry.outcome == "failed"
+    assert entry.error == "RuntimeError: read b'\ufffd' from the device"  # the history's text
+    again = _dispatcher(tmp_path / "d", url, _Nul)
+    try:
+        record = again.get_task(task_id)
+    finally:
+        again.close()
+    assert record.kwargs["note"] == "a\x00b"
+    assert record.last_error == "RuntimeError: read b'\x00' from the device"

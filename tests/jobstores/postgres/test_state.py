@@ -29,7 +29,7 @@ from jobstores.postgres import (
     connector,
     ensure_schema,
 )
-from jobstores.postgres.schema import DDL, schema_version
+from jobstores.postgres.schema import DDL, FEW, schema_version
 from jobstores.table import TaskTable
 from tasks.model import TaskRecord, json_default
 from tasks.runs import RunEvent, RunEventKind, RunRequest
@@ -227,7 +227,7 @@ def test_a_record_edited_in_the_database_loads_as_edited_and_is_validated(
 def test_a_failing_commit_changes_nothing(state: PostgresState, fence: Fence) -> None:
     commit(state, fence, full=FullState([TaskRow.of(record("a"))], [], {"acc": ["a"]}))
     before = state.load()
-    bad = TaskRow("y", "acc", '{"task_id":"y","account_id":"acc","note":"\\u0000"}')
+    bad = TaskRow("y", "acc", '{"task_id":"y","account_id":"acc","note":')  # not JSON
     with pytest.raises(PostgresStoreError, match="committing failed"):
         commit(
             state,
@@ -540,3 +540,57 @@ def test_a_sealed_row_invalid_today_is_kept_and_the_others_restored(
     assert [(raw["task_id"], raw["interval"], task_id) for raw, task_id in loaded.kept] == [
         ("b", "soon", "b")
     ]
+
+
+# ---------------------------------------------------------------------- a NUL character
+
+
+def nul_record(task_id: str, **changes: Any) -> TaskRecord:
+    """A record whose kwargs hold a NUL character, and the six characters ``\\u0000``."""
+    kwargs = {"task_id": task_id, "note": "a\x00b\x00", "escaped": "\\u0000", "both": "\\\x00"}
+    return record(task_id, kwargs=kwargs, last_error="Error: at\x00", **changes)
+
+
+def test_a_nul_character_is_kept_exactly_whole_or_changed_few_or_many(
+    state: PostgresState, fence: Fence, connect: Callable[[], psycopg.Connection[Any]], cluster: str
+) -> None:
+    # Valid JSON that jsonb cannot hold: the text keeps it, the jsonb holds U+FFFD.
+    whole = nul_record("whole")
+    commit(state, fence, full=FullState([TaskRow.of(whole)], [], {"acc": ["whole"]}))
+    one = nul_record("one")
+    commit(state, fence, changes=[("one", TaskRow.of(one))])
+    many = [nul_record(f"m{i}") for i in range(FEW + 1)]  # applied set-wise
+    commit(state, fence, changes=[(r.task_id, TaskRow.of(r)) for r in many])
+    stored = state.load()
+    assert stored is not None
+    assert stored.tasks == [plain(r) for r in (whole, one, *many)]
+    assert stored.sealed == [True] * (FEW + 3)
+    with connect() as connection:
+        rows = connection.execute(
+            "SELECT record->'kwargs'->>'note', record->'kwargs'->>'escaped', "
+            "record->'kwargs'->>'both', record->>'last_error' FROM td_tasks WHERE cluster = %s",
+            (cluster,),
+        ).fetchall()
+    assert set(rows) == {("a\ufffdb\ufffd", "\\u0000", "\\\ufffd", "Error: at\ufffd")}
+
+
+def test_a_version_2_database_is_migrated_and_then_keeps_a_nul_character(
+    empty_database: str, make_leadership: Callable[..., Leadership]
+) -> None:
+    connect = connector(empty_database, timeout=5)
+    with psycopg.connect(empty_database, autocommit=True) as connection:
+        ensure_schema(connection)
+        connection.execute("DROP FUNCTION td_jsonb; UPDATE td_schema SET version = 2")
+    state = PostgresState(connect, "default")
+    leader = Leadership(connect, "default", holder="leader")
+    try:
+        assert leader.try_acquire()
+        commit(state, leader.fence(), changes=[("n", TaskRow.of(nul_record("n")))])
+        stored = state.load()
+        assert stored is not None
+        assert stored.tasks == [plain(nul_record("n"))]
+        with psycopg.connect(empty_database, autocommit=True) as connection:
+            assert schema_version(connection) == SCHEMA_VERSION == 3
+    finally:
+        state.close()
+        leader.stop(release=True)
