@@ -24,3 +24,17 @@ async def test_steps_that_read_the_stores_run_without_the_step_that_builds_them(
     assert len(cold) == ("cold_start" in steps)
     for row in cold:
         assert row.values["sqlalchemy"] is not None  # the peer's store was built too
+
+
+async def test_memory_shows_the_store_without_the_lines_it_keeps_for_the_next_write() -> None:
+    # Below KEEP_LINES_BELOW tasks each task's encoded line (hundreds of bytes) is kept after
+    # a snapshot written at a commit; the second row is the same store once they are let go.
+    measured, bare = await run([50], [], ["memory"])
+    assert measured.metric == "memory per task (tracemalloc)"
+    assert bare.metric == "  the same, ours without the lines kept for the next write"
+    ours, without = measured.values["ours"], bare.values["ours"]
+    assert ours is not None
+    assert without is not None
+    assert ours - without > 500  # bytes per task: about one encoded line each
+    assert measured.values["sqlalchemy"] is not None
+    assert bare.values["sqlalchemy"] == measured.values["sqlalchemy"]
