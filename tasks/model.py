@@ -287,6 +287,8 @@ class TaskRecord(BaseModel):
     @field_validator("interval", mode="before")
     @classmethod
     def _seconds(cls, value: Any) -> Any:
+        if type(value) is int and MIN_INTERVAL <= value <= _MAX_INTERVAL:
+            return value  # what a record loaded holds, mostly: the checks below let it pass
         if isinstance(value, timedelta):
             value = value.total_seconds()
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -304,6 +306,12 @@ class TaskRecord(BaseModel):
     @field_validator("valid_time_range", mode="before")
     @classmethod
     def _window(cls, value: Any) -> tuple[int, int]:
+        if type(value) is list and len(value) == 2:  # as read from a file
+            start, end = value
+            if type(start) is int and type(end) is int:
+                window = _WINDOWS.get((start, end))
+                if window is not None:
+                    return window
         if not isinstance(value, list | tuple) or len(value) != 2:
             raise ValueError(f"must be a pair [start_hour, end_hour], got {value!r}")
         start, end = value
@@ -320,6 +328,8 @@ class TaskRecord(BaseModel):
     @field_validator("task_end_time", mode="before")
     @classmethod
     def _end(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
         if isinstance(value, str):
             value = parse_end_time(value)
         if isinstance(value, datetime):
@@ -339,19 +349,26 @@ class TaskRecord(BaseModel):
 
     @model_validator(mode="after")
     def _normalise(self, info: ValidationInfo) -> TaskRecord:
-        context = info.context or {}  # read once: each read of it costs a call into pydantic
-        zone = context.get("zone")
-        zone = zone if isinstance(zone, tzinfo) else None
+        context = info.context  # read once: each read of it costs a call into pydantic
+        zone = shared = None
+        if context:
+            zone, shared = context.get("zone"), context.get("shared")
+            zone = zone if isinstance(zone, tzinfo) else None
         values = self.__dict__
-        for name in _TIMES:
-            value = values[name]
-            if value is not None:
-                values[name] = _in_zone(value, zone)
+        if shared is not None and zone is not None:
+            # Records loaded together: each distinct time is put in the zone once and the
+            # records share it, and equal texts become one (see share_record_values).
+            _zone_shared(values, zone, shared)
+            _share_values(values, shared)
+        else:
+            for name in _TIMES:
+                value = values[name]
+                if value is not None:
+                    values[name] = _in_zone(value, zone)
+            if shared is not None:
+                _share(values, shared)
         window = values["valid_time_range"]
-        values["valid_time_range"] = _WINDOWS.setdefault(window, window)
-        shared = context.get("shared")
-        if shared is not None:  # records loaded together: see share_record_values
-            _share(values, shared)
+        values["valid_time_range"] = _WINDOWS.get(window, window)
         # What pydantic keeps for each instance, made small enough for 100,000 records (see
         # docs/performance.md): every field counts as set, in one shared set (a set per
         # record is 1.2 KB); records without extra keys share one empty dict; and the fields
@@ -497,8 +514,13 @@ _TIMES = (
     "updated_at",
     "last_planned_time",
 )
-_WINDOWS: dict[tuple[int, int], tuple[int, int]] = {}
-"""One tuple per hour window (at most 25 x 25 valid ones), shared by the records."""
+_WINDOWS: dict[tuple[int, int], tuple[int, int]] = {
+    (start, end): (start, end)
+    for start in range(25)
+    for end in range(25)
+    if start != end and (start, end) != (24, 0)
+}
+"""One tuple per valid hour window, shared by the records."""
 
 
 def _key_sharing(cls: type[TaskRecord], values: dict[str, Any]) -> dict[str, Any]:
@@ -532,20 +554,47 @@ def share_record_values(records: Sequence[TaskRecord], shared: dict[Any, Any]) -
 
 def _share(values: dict[str, Any], shared: dict[Any, Any]) -> None:
     setdefault = shared.setdefault
-    values["task_id"] = setdefault(values["task_id"], values["task_id"])
-    for name in _SHARED_TEXTS:
-        text = values[name]
-        values[name] = setdefault(text, text)
     for name in _TIMES:  # equal, in the same zone and fold: the same time, written alike
         time = values[name]
         if type(time) is datetime:
             values[name] = setdefault((time, time.fold, time.tzinfo), time)
+    _share_values(values, shared)
+
+
+def _share_values(values: dict[str, Any], shared: dict[Any, Any]) -> None:
+    """Share the texts and the interval of ``values`` (not its times)."""
+    setdefault = shared.setdefault
+    values["task_id"] = setdefault(values["task_id"], values["task_id"])
+    for name in _SHARED_TEXTS:
+        text = values[name]
+        values[name] = setdefault(text, text)
     interval = values["interval"]  # 3600 and 3600.0 are equal, but not the same value
     values["interval"] = setdefault((type(interval), interval), interval)
     kwargs = values["kwargs"]
     for key, value in kwargs.items():
         if type(value) is str:
             kwargs[key] = setdefault(value, value)
+
+
+def _zone_shared(values: dict[str, Any], zone: tzinfo, shared: dict[Any, Any]) -> None:
+    """The times of ``values`` in ``zone``, each distinct one converted once for the records
+    loaded together (kept in ``shared`` under the time as validated).
+
+    Equal times (one instant, however written) are the same time in ``zone``, so the first
+    conversion serves the others. Only plain datetimes of fold 0 are looked up that way (a
+    naive time's fold is not part of its equality; subclasses keep their class).
+    """
+    for name in _TIMES:
+        value = values[name]
+        if value is None:
+            continue
+        if type(value) is datetime and not value.fold:
+            same = shared.get(value)
+            if same is None:
+                same = shared[value] = _in_zone(value, zone)
+            values[name] = same
+        else:
+            values[name] = _in_zone(value, zone)
 
 
 _SHARED_TEXTS = ("account_id", "account_name", "task_type", "sys_type")

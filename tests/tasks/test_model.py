@@ -6,6 +6,7 @@ import re
 import sys
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from helpers import SHANGHAI, T0, has_compact_fields, record
@@ -97,6 +98,10 @@ def test_parse_end_time_rejects(text: str) -> None:
     ("changes", "field", "message"),
     [
         ({"valid_time_range": [24, 0]}, "valid_time_range", "never opens"),
+        ({"valid_time_range": [True, 5]}, "valid_time_range", "whole numbers from 0 to 24"),
+        ({"valid_time_range": [0, 24.0]}, "valid_time_range", "whole numbers from 0 to 24"),
+        ({"interval": True}, "interval", "number of seconds"),
+        ({"interval": 1000 * 365 * 86400 + 1}, "interval", "at most"),
         ({"interval": 1e-7}, "interval", "at least 1 second"),
         ({"interval": timedelta(milliseconds=999)}, "interval", "at least 1 second"),
         ({"account_id": " acc"}, "account_id", "printable"),
@@ -370,6 +375,29 @@ def test_values_shared_across_a_batch_keep_their_types() -> None:
     assert third.interval is first.interval
     assert second.kwargs["text"] is first.kwargs["text"] is third.kwargs["text"]
     assert third.kwargs["other"] is second.task_id  # a text equal to a task id becomes it
+
+
+def test_times_loaded_together_are_one_object_per_instant_and_keep_their_fold() -> None:
+    # Each distinct time of a load is put in the zone once: equal instants, however
+    # written, share the result; a wall time the zone passes twice keeps its fold.
+    berlin = ZoneInfo("Europe/Berlin")
+    twice = datetime(2026, 10, 25, 2, 30)  # naive, as the seed saved it: 02:30 comes twice
+    instant = datetime(2026, 1, 8, tzinfo=UTC)
+    written = [(twice, instant), (twice.replace(fold=1), instant.astimezone(SHANGHAI))]
+    shared: dict[Any, Any] = {}
+    first, second = (
+        TaskRecord.model_validate(
+            record(f"t{index}").model_dump() | {"created_at": created, "updated_at": updated},
+            context={"zone": berlin, "shared": shared},
+        )
+        for index, (created, updated) in enumerate(written)
+    )
+    assert (first.created_at.fold, second.created_at.fold) == (0, 1)
+    assert first.created_at.utcoffset() == timedelta(hours=2)
+    assert second.created_at.utcoffset() == timedelta(hours=1)
+    assert second.updated_at is first.updated_at
+    assert first.updated_at.tzinfo is berlin
+    assert first.updated_at == instant
 
 
 def test_a_store_larger_than_a_batch_is_rebuilt_whole() -> None:
