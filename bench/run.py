@@ -391,7 +391,7 @@ async def memory(n: int, root: Path) -> list[Row]:
         assert len(dispatcher._store.table) == n
         await dispatcher.start()
         dispatcher.scheduler.pause()  # scheduled, but no run in flight while measuring
-        dispatcher._store.touch()
+        dispatcher._store.table.touch()
         await dispatcher._store.save_async()  # steady state: saved fragments are cached
         return dispatcher
 
@@ -419,7 +419,7 @@ async def loop_lag(n: int, root: Path) -> list[Row]:
     dispatcher = ours(root / "a-bulk")
     store = dispatcher._store
     now = datetime.now(UTC)
-    for record in store.records():
+    for record in store.table.records():
         store.update_task(record.task_id, lambda r: r.replace(updated_at=now))
     lags: list[float] = []
     stop = asyncio.Event()

@@ -15,10 +15,9 @@ lock), so they never write: they request a save, made on the save thread.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from jobstores.commands import (
     ReorderTask,
 )
 from jobstores.core import Applied, TaskCore
-from jobstores.jobs import JobView, TaskTrigger
+from jobstores.jobs import JobView
 from jobstores.loading import describe_validation_error, parse_record
 from jobstores.saver import SaveHealth, Saver
 from jobstores.scheduler_calls import SchedulerCalls
@@ -95,6 +94,10 @@ class JsonJobStore(BaseJobStore):
     leave saving to the caller, who picks :meth:`save` (durable on return; never while
     holding :attr:`lock`), :meth:`save_async` or :meth:`request_save`. APScheduler's methods
     request a save in the background.
+
+    The store owns its parts and lends them: the records are read from :attr:`table`, saving
+    is watched and waited for on :attr:`saver`, and a scheduler pass defers its saves through
+    :attr:`calls`.
     """
 
     pass_limit = PASS_LIMIT
@@ -197,56 +200,23 @@ class JsonJobStore(BaseJobStore):
         return self._core
 
     @property
+    def saver(self) -> Saver:
+        """The saver (durability, background saves and their retries, the health of saving)."""
+        return self._saver
+
+    @property
+    def calls(self) -> SchedulerCalls:
+        """APScheduler's calls as commands (its jobs, the scheduler pass's deferred saves)."""
+        return self._calls
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
 
-    def find(self, task_id: str) -> TaskRecord | None:
-        """The record of ``task_id``, or None."""
-        return self._table.find(task_id)
-
-    def get(self, task_id: str) -> TaskRecord:
-        """The record of ``task_id``; raises :class:`TaskNotFoundError`."""
-        return self._table.get(task_id)
-
-    def records(self) -> list[TaskRecord]:
-        """Every restored record, in file order."""
-        return self._table.records()
-
-    def account_tasks(self) -> dict[str, list[str]]:
-        """Account id -> its task ids in priority order (a copy)."""
-        return self._table.account_tasks()
-
-    def position(self, task_id: str) -> int:
-        """``task_id``'s 0-based priority within its account (large if unknown)."""
-        return self._table.position(task_id)
-
-    def rank(self, task_id: str) -> float:
-        """``task_id``'s order within its account, at a cost not growing with it (for lanes)."""
-        return self._table.rank(task_id)
-
-    @property
-    def order_version(self) -> int:
-        """Changes whenever a task's position within its account may have changed."""
-        return self._table.order_version
-
-    def kept_records(self) -> list[Any]:
-        """Records that could not be restored, verbatim (they stay in the file)."""
-        return self._table.kept_records()
-
     def schedule(self, record: TaskRecord) -> Schedule:
         """When ``record`` may run, in the dispatcher's zone."""
         return Schedule.of(record, self.timezone)
-
-    def trigger(self, record: TaskRecord) -> TaskTrigger:
-        """The trigger that plans ``record``'s runs."""
-        return self._jobs.trigger(record)
-
-    def next_time(
-        self, record: TaskRecord, previous: datetime | None, now: datetime
-    ) -> datetime | None:
-        """The run after ``previous`` (the first run when None), or None if none is left."""
-        return self.schedule(record).next_run(previous, now)
 
     @property
     def save_health(self) -> SaveHealth:
@@ -258,15 +228,6 @@ class JsonJobStore(BaseJobStore):
     def _check_open(self) -> None:
         if self._closed:
             raise DispatcherClosedError(f"the job store of {str(self.directory)!r} is closed")
-
-    def touch(self) -> None:
-        """Make the next save write the file even if no task changed."""
-        self._table.touch()
-
-    def jittered(self, record: TaskRecord) -> TaskRecord:
-        """``record`` with the start of its next run drawn, if its policy has jitter and none is
-        drawn yet for that run (:func:`tasks.lifecycle.jittered`)."""
-        return self._core.jittered(record)
 
     def apply(self, command: Command, now: datetime | None = None, *, tell: bool = True) -> Applied:
         """Apply ``command`` to the core at ``now`` (the clock's reading by default): what
@@ -291,7 +252,7 @@ class JsonJobStore(BaseJobStore):
         A next run planned by the change gets its jitter drawn in the same change.
         """
         self._check_open()
-        return self._table.update(task_id, lambda record: self.jittered(change(record)))
+        return self._table.update(task_id, lambda record: self._core.jittered(change(record)))
 
     def reorder(self, task_id: str, position: int) -> None:
         """Move ``task_id`` to ``position`` (0-based) in its account's priority order."""
@@ -311,36 +272,6 @@ class JsonJobStore(BaseJobStore):
         """Save soon, in the background, without writing here."""
         if not self._closed:
             self._saver.request()
-
-    def on_save_health(self, observer: Callable[[str | None], None]) -> None:
-        """Call ``observer(error)`` when saving starts failing, ``observer(None)`` when it
-        works again (from the saving thread)."""
-        self._saver.on_change = observer
-
-    def request_retry(self) -> None:
-        """After a failed :meth:`save`: retry later in the background when on an event loop
-        (otherwise the next save, whatever asks for it, writes the change)."""
-        self._saver.request_retry()
-
-    async def drain_saves(self) -> None:
-        """Wait for the background saves requested so far."""
-        await self._saver.drain()
-
-    @property
-    def durable(self) -> bool:
-        """Whether every change made so far is on disk."""
-        return self._saver.durable
-
-    @contextlib.contextmanager
-    def deferred_saves(self) -> Iterator[None]:
-        """Request one save when the block ends instead of one per change inside it.
-
-        APScheduler's changes inside the block (a scheduler pass: next runs moved, tasks
-        completed) are stamped with one reading of the clock, taken when the block began, as
-        APScheduler reads it once per pass.
-        """
-        with self._calls.deferred_saves():
-            yield
 
     # APScheduler's job store interface: its calls become commands (see SchedulerCalls) ---
 
@@ -366,11 +297,6 @@ class JsonJobStore(BaseJobStore):
     def get_next_run_time(self) -> datetime | None:
         """The earliest next run time, or None when nothing is scheduled."""
         return self._calls.next_run_time()
-
-    def next_run(self) -> tuple[str, datetime] | None:
-        """The task whose run is next and when it starts (None when nothing is scheduled or
-        APScheduler has not started the store)."""
-        return self._calls.first()
 
     def get_all_jobs(self) -> list[Job]:
         """Every job, earliest first, paused jobs last."""

@@ -174,7 +174,7 @@ class TaskChanges:
         """Edit ``task_id``'s rules (``update_task``'s keywords); returns its new record."""
         self.check_open()
         checked_id(task_id)
-        current = self._store.get(task_id)
+        current = self._store.table.get(task_id)
         now = self._store.now()
         rules = self._edited_rules(current, now, edits)
         self._check_manager(
@@ -202,7 +202,7 @@ class TaskChanges:
         """The next ``count`` runs ``task_id`` would have after :meth:`update` with
         ``edits``, changing nothing."""
         checked_id(task_id)
-        current = self._store.get(task_id)
+        current = self._store.table.get(task_id)
         now = self._store.now()
         rules = self._edited_rules(current, now, {**edits, "kwargs": UNSET})
         edited = lifecycle.edited(current, rules, self._store.schedule(rules), now)
@@ -284,7 +284,7 @@ class TaskChanges:
         changes: list[Applied] = []
         now = self._store.now()
         with self._store.lock:
-            task_ids = self._store.account_tasks().get(account_id)
+            task_ids = self._store.table.account_tasks().get(account_id)
             if not task_ids:
                 raise AccountNotFoundError(account_id)
             for task_id in task_ids:

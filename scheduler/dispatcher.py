@@ -77,7 +77,7 @@ def _make_metrics(dispatcher: Dispatcher) -> DispatcherMetrics | None:
         return None
 
     def tasks_by_status() -> dict[str, int]:
-        return dict(Counter(record.status.value for record in dispatcher._store.records()))
+        return dict(Counter(record.status.value for record in dispatcher._store.table.records()))
 
     return DispatcherMetrics(
         MetricsSource(
@@ -195,12 +195,12 @@ class Dispatcher:
     def order_version(self) -> int:
         """A number that changes whenever an account's task order may have changed (a task
         added, removed or moved); it starts again from 0 in each process."""
-        return self._store.order_version
+        return self._store.table.order_version
 
     @property
     def account_tasks(self) -> dict[str, list[str]]:
         """Account id -> its task ids in priority order (a copy)."""
-        return self._store.account_tasks()
+        return self._store.table.account_tasks()
 
     @property
     def history(self) -> RunHistory | None:
@@ -246,11 +246,11 @@ class Dispatcher:
 
     def get_task(self, task_id: str) -> TaskRecord:
         """A snapshot of ``task_id``'s record; raises :class:`TaskNotFoundError`."""
-        return self._store.get(checked_id(task_id)).snapshot()
+        return self._store.table.get(checked_id(task_id)).snapshot()
 
     def list_tasks(self) -> list[TaskRecord]:
         """Snapshots of every task, in the order they were added."""
-        return [record.snapshot() for record in self._store.records()]
+        return [record.snapshot() for record in self._store.table.records()]
 
     def peek_tasks(self) -> list[TaskRecord]:
         """Every task's current record, in the order they were added, without a copy: for
@@ -260,7 +260,7 @@ class Dispatcher:
         never changes; only its ``kwargs`` dict could be changed in place, and must not be
         (:meth:`list_tasks` gives copies, at about 10 us a task).
         """
-        return self._store.records()
+        return self._store.table.records()
 
     def runs(
         self,
@@ -441,7 +441,7 @@ class Dispatcher:
 
     def next_runs(self, task_id: str, count: int = 5) -> RunPreview:
         """``task_id``'s next ``count`` planned runs (for a paused task: if resumed now)."""
-        return preview_runs(self._store.get(task_id), self.timezone, self._store.now(), count)
+        return preview_runs(self._store.table.get(task_id), self.timezone, self._store.now(), count)
 
     def preview_update(
         self,

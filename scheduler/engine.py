@@ -110,7 +110,7 @@ class DispatchScheduler(AsyncIOScheduler):
         self._jobstores_lock = store.lock
 
     def _process_jobs(self) -> float | None:
-        with self._store.deferred_saves():
+        with self._store.calls.deferred_saves():
             while True:
                 try:
                     return self._pass()

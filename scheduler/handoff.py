@@ -72,7 +72,7 @@ class RunHandoff:
         loop = self.loop
         if run is None or not run.queued or loop is None or not self._running():
             return
-        if record.status is not TaskStatus.PAUSED and self._store.find(record.task_id):
+        if record.status is not TaskStatus.PAUSED and self._store.table.find(record.task_id):
             return  # a settled task that stays: nothing changed for its run
         run_id = run.run_id
         self._call_on_loop(loop, lambda: self._runner.cancel_sent(run_id))
@@ -85,7 +85,7 @@ class RunHandoff:
             return
 
         def submit() -> None:
-            record = self._store.find(task_id)
+            record = self._store.table.find(task_id)
             if record is None or record.run_requested is None or not self._running():
                 return
             if task_id in self._manual_queued:

@@ -125,7 +125,7 @@ class RunLedger:
         """
         store = self._store
         with store.lock:
-            record = store.find(task_id)
+            record = store.table.find(task_id)
             if record is None or store.closed:
                 return None
             now = store.now()
@@ -196,7 +196,7 @@ class RunLedger:
         store = self._store
         recovered = []
         shared = self.leadership is not None
-        for record in store.records():
+        for record in store.table.records():
             if record.active_run is None:
                 continue
             if not self._remote and shared:
@@ -270,7 +270,7 @@ class RunLedger:
         entry = self._open.get(event.run_id)
         after: TaskRecord | None = None
         with store.lock:
-            record = store.find(event.task_id)
+            record = store.table.find(event.task_id)
             applied = record is not None and _is_open(record, event.run_id)
             if applied and entry is None:
                 assert record is not None

@@ -92,10 +92,10 @@ class Lifetime:
         self._scheduler.start()
         self._started_at = time.monotonic()
         self._retries.start()
-        for record in self._store.records():
+        for record in self._store.table.records():
             if record.run_requested is not None:
                 self._handoff.submit_manual(record.task_id)
-        planned = self._store.next_run()
+        planned = self._store.calls.first()
         directory = self._store.directory
         if planned is not None:
             task_id, when = planned
@@ -140,8 +140,8 @@ class Lifetime:
             await self._backend.close(0)
             self._scheduler.shutdown(wait=False)
             await self._listeners.drain(_LISTENER_GRACE)
-        await self._store.drain_saves()
-        self._store.touch()  # the final save happens even if nothing changed
+        await self._store.saver.drain()
+        self._store.table.touch()  # the final save happens even if nothing changed
         await self._store.save_async()
         if self._history is not None:
             await asyncio.to_thread(self._history.close)

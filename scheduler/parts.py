@@ -113,7 +113,7 @@ def build_parts(
     relay = EventRelay(settings.listeners, store.now)
     relay.observers.append(path.retries.observe)
     store.on_events = relay.relay
-    store.on_save_health(relay.tell_save)
+    store.saver.on_change = relay.tell_save
     changes = TaskChanges(store, path, relay, backend, check_manager, standing)
     history = open_history(
         settings.directory, settings.history, store.timezone, store._storage, store.now
@@ -133,13 +133,13 @@ def build_parts(
     )
     if not backend.remote:
         path.ledger.recover()
-    if not store.durable:
+    if not store.saver.durable:
         store.save()
     logger.info(
         "dispatcher on %s loaded %d task(s) (%d kept unrestored)",
         settings.directory,
         len(store.table),
-        len(store.kept_records()),
+        len(store.table.kept_records()),
     )
     return Parts(backend, store, path, relay, changes, history, lifetime)
 

@@ -47,7 +47,7 @@ class RetryTimer:
     def start(self) -> None:
         """Take up the retries saved in the records and arm the timer."""
         self._running = True
-        for record in self._store.records():
+        for record in self._store.table.records():
             if record.retry is not None:
                 self._due[record.task_id] = record.retry.at
         self._heap = [(at, task_id) for task_id, at in self._due.items()]
@@ -85,7 +85,7 @@ class RetryTimer:
             if self._due.get(task_id) != at:
                 continue  # replaced by a later plan, or taken up already
             del self._due[task_id]
-            record = self._store.find(task_id)
+            record = self._store.table.find(task_id)
             retry = record.retry if record is not None else None
             if retry is None or retry.at > now:
                 continue

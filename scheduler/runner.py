@@ -95,7 +95,7 @@ class TaskRunner:
         A run waits for its lane as a queue entry: its task is made once it may start, so a
         pass that finds thousands of runs due does not make thousands of waiting tasks.
         """
-        record = self._store.find(task_id)
+        record = self._store.table.find(task_id)
         if record is None:
             return self._spawn(self._gone(), task_id)
         self._waiting[task_id] += 1

@@ -34,7 +34,9 @@ class RunPath:
         max_concurrent_runs: int,
         timezone: tzinfo,
     ) -> None:
-        self.lanes = AccountLanes(max_concurrent_runs, store.rank, lambda: store.order_version)
+        self.lanes = AccountLanes(
+            max_concurrent_runs, store.table.rank, lambda: store.table.order_version
+        )
         self.ledger = RunLedger(store, remote=backend.remote)
         self.runner = TaskRunner(store, backend, self.lanes, self.ledger)
         self.scheduler = DispatchScheduler(store, DispatchExecutor(self.runner.submit), timezone)

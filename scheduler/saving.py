@@ -28,7 +28,7 @@ class SaveFailures:
         """
         if saved:
             return
-        self._store.request_retry()  # a background retry is scheduled when there is a loop
+        self._store.saver.request_retry()  # a background retry is scheduled when there is a loop
         health = self._store.save_health
         raise SaveFailedError(
             self._store.path,

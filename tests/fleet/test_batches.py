@@ -142,7 +142,7 @@ async def test_the_runs_a_batch_frees_are_opened_in_its_commit(
     save_async = Saver.save_async
 
     async def watched(self: Saver) -> bool:
-        record = store.find(second)
+        record = store.table.find(second)
         opened_at_commit.append(record is not None and record.active_run is not None)
         return await save_async(self)
 

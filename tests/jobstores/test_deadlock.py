@@ -47,7 +47,7 @@ async def test_a_save_in_progress_and_a_scheduler_job_call_both_finish(
     monkeypatch.setattr(jobstores.storage, "write_atomic", slow_write)
     monkeypatch.setattr(jobstores.snapshot_write, "write_atomic", slow_write)
     store = dispatcher._store
-    store.touch()
+    store.table.touch()
     store.request_save()  # a background save, now stuck in its write
     assert await asyncio.to_thread(writing.wait, 5)
 
@@ -56,7 +56,7 @@ async def test_a_save_in_progress_and_a_scheduler_job_call_both_finish(
     job_call = asyncio.to_thread(getattr(scheduler, call), task_id, **arguments)
     await asyncio.wait_for(job_call, 5)  # returns while the save is still writing
     release.set()
-    await asyncio.wait_for(store.drain_saves(), 5)
+    await asyncio.wait_for(store.saver.drain(), 5)
     await asyncio.wait_for(dispatcher.stop(), 10)
     expected = {"pause_job": "paused", "modify_job": "paused", "remove_job": "completed"}
     assert read_state(state_dir)["tasks"][0]["status"] == expected.get(call, "pending")

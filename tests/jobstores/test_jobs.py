@@ -194,7 +194,7 @@ def test_jobs_are_built_from_the_record_every_time(store: JsonJobStore) -> None:
     assert store.lookup_job("a") is not job
     job._modify(next_run_time=T0 + timedelta(hours=5))  # not handed back: nothing changes
     assert store.get_next_run_time() == T0
-    assert store.get("a").next_execution_time == T0
+    assert store.table.get("a").next_execution_time == T0
     shared = [j.trigger for j in store.get_all_jobs()]
     assert isinstance(shared[0], TaskTrigger)
     assert shared[0] is shared[1]  # equal rules, one trigger
@@ -235,7 +235,7 @@ def test_a_job_that_cannot_be_built_is_faulted_and_the_others_are_due(
 
     monkeypatch.setattr(JobView, "trigger", trigger)
     assert [job.id for job in store.get_due_jobs(T0)] == ["good"]
-    bad = store.get("bad")
+    bad = store.table.get("bad")
     assert bad.status is TaskStatus.ERROR
     assert bad.last_error == "scheduling failed: RuntimeError: cannot plan bad"
     assert store.lookup_job("bad") is None

@@ -91,7 +91,7 @@ def ran(count: int) -> Callable[[TaskRecord], TaskRecord]:
 
 
 def state(store: JsonJobStore) -> tuple[list[Any], dict[str, list[str]], list[Any]]:
-    return store.records(), store.account_tasks(), store.kept_records()
+    return store.table.records(), store.table.account_tasks(), store.table.kept_records()
 
 
 @pytest.fixture
@@ -157,7 +157,7 @@ def test_a_torn_or_failing_tail_is_dropped_with_a_warning(
         store = open_store(directory)
     try:
         if expected is None:  # the reorder never happened
-            assert store.account_tasks() == {"acc": ["a", "b", "c"]}
+            assert store.table.account_tasks() == {"acc": ["a", "b", "c"]}
         else:
             assert state(store) == expected
         assert any("dropped" in r.getMessage() for r in caplog.records)
@@ -167,7 +167,7 @@ def test_a_torn_or_failing_tail_is_dropped_with_a_warning(
         assert store.save()
         crash(store)
         again = open_store(directory)
-        assert again.get("b").run_count == 4
+        assert again.table.get("b").run_count == 4
         again.close()
     finally:
         store.close()
@@ -190,8 +190,8 @@ def test_a_bad_line_in_the_middle_is_set_aside_never_skipped(
         store = open_store(directory)
     try:
         # What came before the damage is restored; nothing after it is applied.
-        assert store.get("a").status is TaskStatus.PAUSED
-        assert store.find("c") is None
+        assert store.table.get("a").status is TaskStatus.PAUSED
+        assert store.table.find("c") is None
         assert any("journal is damaged" in r.getMessage() for r in caplog.records)
         (aside,) = directory.glob(f"{JOURNAL_PREFIX}*.corrupt-*")
         assert aside.read_bytes() == b"".join(lines)  # kept for a person, as it was
@@ -200,7 +200,7 @@ def test_a_bad_line_in_the_middle_is_set_aside_never_skipped(
         assert store.save()
         crash(store)
         again = open_store(directory)
-        assert [r.task_id for r in again.records()] == ["a", "b", "d"]
+        assert [r.task_id for r in again.table.records()] == ["a", "b", "d"]
         again.close()
     finally:
         store.close()
@@ -242,7 +242,7 @@ def test_the_journal_is_folded_in_the_background_past_its_threshold(tmp_path: Pa
     storage._wait_compaction()
     assert storage.compactions >= 2
     assert len(journal_segments(tmp_path)) <= 1  # the covered segments are gone
-    assert read_state(tmp_path)["tasks"] == [r.to_json_dict() for r in store.records()]
+    assert read_state(tmp_path)["tasks"] == [r.to_json_dict() for r in store.table.records()]
     store.close()
 
 
@@ -277,7 +277,7 @@ def test_a_compaction_lets_go_of_the_encoded_snapshot_piecemeal(
     # getrefcount's argument), so emptying it piecemeal is what frees them.
     chunks = [holders for size, holders in parts if size > 20_000]
     assert chunks == [2, 2, 2]
-    assert read_state(tmp_path)["tasks"] == [r.to_json_dict() for r in store.records()]
+    assert read_state(tmp_path)["tasks"] == [r.to_json_dict() for r in store.table.records()]
     store.close()
 
 
@@ -303,7 +303,7 @@ def test_enospc_while_appending_leaves_no_partial_line(
     crash(store)
     again = open_store(tmp_path)
     try:
-        assert again.get("a").run_count == 2
+        assert again.table.get("a").run_count == 2
         assert not list(tmp_path.glob("*.corrupt-*"))
     finally:
         again.close()
@@ -337,7 +337,7 @@ def test_an_append_that_cannot_be_undone_is_followed_by_a_snapshot(
     crash(store)
     again = open_store(tmp_path)
     try:
-        assert [r.run_count for r in again.records()] == [2, 0]
+        assert [r.run_count for r in again.table.records()] == [2, 0]
         assert not list(tmp_path.glob("*.corrupt-*"))
     finally:
         again.close()
@@ -347,7 +347,7 @@ def test_the_snapshot_backend_folds_a_journal_left_behind(seeded: tuple[Path, An
     directory, expected = seeded
     store = JsonJobStore(directory, timezone=SHANGHAI, now=T0, storage=SnapshotStorage(directory))
     assert state(store) == expected
-    store.touch()
+    store.table.touch()
     assert store.save()
     store.close()
     assert journal_segments(directory) == []
@@ -374,12 +374,12 @@ def test_changes_made_while_a_save_writes_go_to_the_next_save_in_order(tmp_path:
 
     probe(store).during = meanwhile
     assert store.save()
-    assert not store.durable
+    assert not store.saver.durable
     assert set(store.save_health.unsaved_task_ids) == {"t000", "t599", "t001", "new"}
     assert read_state(tmp_path)["tasks"] == [r.to_json_dict() for r in captured[0]]
     assert read_state(tmp_path)["account_tasks"] == captured[1]
     assert store.save()
-    assert store.durable
+    assert store.saver.durable
     expected = state(store)
     assert expected[1]["acc"][:2] == ["t599", "t000"]
     assert expected[1]["acc"][-1] == "new"
@@ -387,7 +387,7 @@ def test_changes_made_while_a_save_writes_go_to_the_next_save_in_order(tmp_path:
     again = open_store(tmp_path)
     try:
         assert state(again) == expected
-        assert [again.get(t).run_count for t in ("t000", "t002", "t599")] == [2, 1, 2]
+        assert [again.table.get(t).run_count for t in ("t000", "t002", "t599")] == [2, 1, 2]
     finally:
         again.close()
 
@@ -411,7 +411,7 @@ def test_a_failed_save_is_written_again_before_the_changes_made_since(tmp_path: 
     again = open_store(tmp_path)
     try:
         assert state(again) == expected
-        assert again.get("a").run_count == 2
+        assert again.table.get("a").run_count == 2
     finally:
         again.close()
 
@@ -480,7 +480,7 @@ def test_a_store_leaves_the_hosts_collector_alone(
         store = JsonJobStore(
             tmp_path, timezone=SHANGHAI, now=T0, storage=JournalStorage(tmp_path), accept=accept
         )
-        assert len(store.records()) == 50
+        assert len(store.table.records()) == 50
         assert set(seen) == {host}
         assert (gc.isenabled(), gc.get_freeze_count()) == host
         store.start(BackgroundScheduler(timezone=SHANGHAI), "default")
@@ -508,7 +508,7 @@ def the_file(directory: Path) -> tuple[list[Any], dict[str, list[str]]]:
 
 
 def in_memory(store: JsonJobStore) -> tuple[list[Any], dict[str, list[str]]]:
-    return [r.to_json_dict() for r in store.records()], store.account_tasks()
+    return [r.to_json_dict() for r in store.table.records()], store.table.account_tasks()
 
 
 def test_below_the_threshold_every_commit_writes_the_file_itself(tmp_path: Path) -> None:
@@ -642,24 +642,24 @@ def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
             task_id = f"t{n}"
             if kind == "add" and not store.table.taken(task_id):
                 store.add_tasks([record(task_id, account=arg)])
-            elif kind == "remove" and store.find(task_id):
+            elif kind == "remove" and store.table.find(task_id):
                 store.remove_task(task_id)
-            elif kind == "update" and store.find(task_id):
+            elif kind == "update" and store.table.find(task_id):
                 store.update_task(task_id, ran(arg))
-            elif kind == "reorder" and store.find(task_id):
-                ids = store.account_tasks()[store.get(task_id).account_id]
+            elif kind == "reorder" and store.table.find(task_id):
+                ids = store.table.account_tasks()[store.table.get(task_id).account_id]
                 store.reorder(task_id, arg % len(ids))
             elif kind == "save":
                 assert store.save()
-                if len(store.records()) < snapshot_below:
+                if len(store.table.records()) < snapshot_below:
                     assert the_file(directory) == in_memory(store)
-            elif kind == "fail" and not store.durable:
+            elif kind == "fail" and not store.saver.durable:
                 # A save that writes nothing: the next one writes its changes, first.
                 probe(store).fail = True
                 assert not store.save()
                 probe(store).fail = False
             elif kind == "compact":
-                store.touch()
+                store.table.touch()
                 assert store.save()
             elif kind in ("crash", "close"):
                 assert store.save()
@@ -667,7 +667,7 @@ def test_any_interleaving_of_changes_and_compactions_reloads_as_it_was(
                 crash(store) if kind == "crash" else store.close()
                 store = open_store(directory, max_bytes=threshold, snapshot_below=snapshot_below)
                 assert state(store) == expected
-                if len(store.records()) < snapshot_below:  # loaded below: folded at once
+                if len(store.table.records()) < snapshot_below:  # loaded below: folded at once
                     assert the_file(directory) == in_memory(store)
         assert store.save()
         expected = state(store)

@@ -113,7 +113,7 @@ def test_update_job_moves_the_record_and_saves(store: JsonJobStore, tmp_path: Pa
     later = T0 + timedelta(hours=1)
     job._modify(next_run_time=later)
     store.update_job(job)
-    assert store.get("a").next_execution_time == later
+    assert store.table.get("a").next_execution_time == later
     assert store.save()  # APScheduler's calls only request a save (they hold the table lock)
     assert task_in_file(tmp_path, "a")["next_execution_time"] == later.isoformat()
     assert [j.id for j in store.get_all_jobs()] == ["b", "a"]
@@ -150,9 +150,9 @@ def test_remove_job_waits_for_an_in_flight_run(store: JsonJobStore) -> None:
     store.add_tasks([record("a")])
     store.runs_waiting = {"a"}.__contains__  # a run of "a" waits for its lane
     store.remove_job("a")
-    assert store.get("a").status is TaskStatus.PENDING
+    assert store.table.get("a").status is TaskStatus.PENDING
     store.run_settled("a")
-    assert store.get("a").status is TaskStatus.COMPLETED
+    assert store.table.get("a").status is TaskStatus.COMPLETED
 
 
 def test_a_pass_stamps_its_changes_with_one_reading_of_the_clock(
@@ -162,7 +162,7 @@ def test_a_pass_stamps_its_changes_with_one_reading_of_the_clock(
     readings = iter([T0 + timedelta(seconds=s) for s in range(1, 10)])
     monkeypatch.setattr(store, "now", lambda: next(readings))
     later = T0 + timedelta(hours=1)
-    with store.deferred_saves():  # what a scheduler pass runs in
+    with store.calls.deferred_saves():  # what a scheduler pass runs in
         for task_id in ("a", "b"):
             job = job_of(store, task_id)
             job._modify(next_run_time=later)
@@ -170,8 +170,12 @@ def test_a_pass_stamps_its_changes_with_one_reading_of_the_clock(
     job = job_of(store, "c")
     job._modify(next_run_time=later)
     store.update_job(job)
-    assert store.get("a").updated_at == store.get("b").updated_at == T0 + timedelta(seconds=1)
-    assert store.get("c").updated_at == T0 + timedelta(seconds=2)  # after the pass: read anew
+    assert (
+        store.table.get("a").updated_at
+        == store.table.get("b").updated_at
+        == T0 + timedelta(seconds=1)
+    )
+    assert store.table.get("c").updated_at == T0 + timedelta(seconds=2)  # after the pass: read anew
 
 
 def test_run_settled_says_whether_it_changed_the_record(store: JsonJobStore) -> None:
@@ -180,7 +184,7 @@ def test_run_settled_says_whether_it_changed_the_record(store: JsonJobStore) -> 
     assert store.run_settled("a") is False  # still planned: nothing to save
     store.remove_job("b")  # no further run, while one is out
     assert store.run_settled("b") is True
-    assert store.get("b").status is TaskStatus.COMPLETED
+    assert store.table.get("b").status is TaskStatus.COMPLETED
 
 
 def test_the_schedulers_changes_announce_their_events_once(store: JsonJobStore) -> None:
@@ -228,7 +232,7 @@ def test_add_job_attaches_to_its_record(store: JsonJobStore) -> None:
     store._jobs.drop("a")
     job._modify(next_run_time=T0 + timedelta(minutes=1))
     store.add_job(job)
-    assert store.get("a").next_execution_time == T0 + timedelta(minutes=1)
+    assert store.table.get("a").next_execution_time == T0 + timedelta(minutes=1)
 
 
 def test_remove_task_deletes_the_record(store: JsonJobStore, tmp_path: Path) -> None:
@@ -247,14 +251,14 @@ def test_add_tasks_is_all_or_nothing(store: JsonJobStore, recorder: Recorder) ->
         store.add_tasks([record("b"), record("a")])
     with pytest.raises(InvalidTaskError, match="duplicate"):
         store.add_tasks([record("c"), record("c")])
-    assert [r.task_id for r in store.records()] == ["a"]
+    assert [r.task_id for r in store.table.records()] == ["a"]
 
 
 def test_reorder(store: JsonJobStore) -> None:
     store.add_tasks([record("a"), record("b"), record("c"), record("x", account="other")])
     store.reorder("c", 0)
-    assert store.account_tasks() == {"acc": ["c", "a", "b"], "other": ["x"]}
-    assert store.position("c") == 0
+    assert store.table.account_tasks() == {"acc": ["c", "a", "b"], "other": ["x"]}
+    assert store.table.position("c") == 0
     with pytest.raises(InvalidTaskError, match="position"):
         store.reorder("a", 3)
 
@@ -266,26 +270,33 @@ def test_ranks_order_tasks_as_their_positions_after_every_change(
     # A run's lane asks for its task's rank; a large account keeps one per task, which must
     # order the tasks as the order list does after every kind of change.
     def check(target: JsonJobStore = store) -> None:
-        ids = target.account_tasks()["acc"]
-        assert [target.position(task_id) for task_id in ids] == list(range(len(ids)))
-        ranks = [target.rank(task_id) for task_id in ids]
+        ids = target.table.account_tasks()["acc"]
+        assert [target.table.position(task_id) for task_id in ids] == list(range(len(ids)))
+        ranks = [target.table.rank(task_id) for task_id in ids]
         assert all(a < b for a, b in itertools.pairwise(ranks))
 
     store.add_tasks([record(f"t{i:03d}") for i in range(size)])
     check()
     store.reorder(f"t{size - 1:03d}", 0)
-    assert store.position(f"t{size - 1:03d}") == 0
+    assert store.table.position(f"t{size - 1:03d}") == 0
     check()
     store.add_tasks([record("new")])  # appended: last
-    assert store.position("new") == size
+    assert store.table.position("new") == size
     check()
     store.remove_task("t000")
     check()
-    assert store.rank("t000") == store.position("t000") == store.position("unknown") > size
+    assert (
+        store.table.rank("t000")
+        == store.table.position("t000")
+        == store.table.position("unknown")
+        > size
+    )
     for _ in range(80):  # into the same gap again and again: past what halving can rank
-        store.reorder(store.account_tasks()["acc"][-1], 1)
+        store.reorder(store.table.account_tasks()["acc"][-1], 1)
         check()
-    store.reorder(store.account_tasks()["acc"][1], len(store.account_tasks()["acc"]) - 1)
+    store.reorder(
+        store.table.account_tasks()["acc"][1], len(store.table.account_tasks()["acc"]) - 1
+    )
     check()
     store.save()
     store.close()
@@ -302,12 +313,12 @@ def test_reopening_restores_records_without_creating_managers(
     store.add_tasks([record("a"), record("b", account="other", run_count=3)])
     store.reorder("a", 0)
     store.save()
-    before = store.records()
+    before = store.table.records()
     store.close()
     recorder.created.clear()
     again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=T0, **store_options(backend, tmp_path))
     try:
-        assert again.records() == before
+        assert again.table.records() == before
         assert recorder.created == []  # managers belong to the run backend, not the store
     finally:
         again.close()

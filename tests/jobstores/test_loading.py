@@ -49,14 +49,14 @@ def test_a_seed_format_file_with_naive_datetimes_loads(tmp_path: Path, recorder:
     (tmp_path / "dispatch_config.json").write_bytes(seed_file([SEED_TASK]))
     store = open_store(tmp_path, recorder)
     try:
-        record = store.get("task_id_1")
+        record = store.table.get("task_id_1")
         assert record.last_execution_time == datetime(2026, 1, 8, 10, 30, tzinfo=SHANGHAI)
         assert record.next_execution_time == datetime(2026, 1, 8, 11, 30, tzinfo=SHANGHAI)
         assert record.created_at.utcoffset() is not None
         assert record.task_end_time == date(2026, 2, 8)
         assert record.valid_time_range == (8, 22)
         assert (record.sys_type, record.kwargs) == ("mac_intel", SEED_TASK["kwargs"])
-        store.touch()
+        store.table.touch()
         store.save()
         saved = read_state(tmp_path)["tasks"][0]
         assert saved["last_execution_time"] == "2026-01-08T10:30:00+08:00"
@@ -69,7 +69,7 @@ def test_a_record_missing_its_next_time_gets_one(tmp_path: Path, recorder: Recor
     (tmp_path / "dispatch_config.json").write_bytes(seed_file([task]))
     store = open_store(tmp_path, recorder)
     try:
-        assert store.get("task_id_1").next_execution_time == datetime(
+        assert store.table.get("task_id_1").next_execution_time == datetime(
             2026, 1, 8, 11, 30, tzinfo=SHANGHAI
         )
     finally:
@@ -81,7 +81,7 @@ def test_a_record_past_its_end_is_completed(tmp_path: Path, recorder: Recorder) 
     (tmp_path / "dispatch_config.json").write_bytes(seed_file([task]))
     store = open_store(tmp_path, recorder)
     try:
-        assert store.get("task_id_1").status is TaskStatus.COMPLETED
+        assert store.table.get("task_id_1").status is TaskStatus.COMPLETED
     finally:
         store.close()
 
@@ -89,7 +89,7 @@ def test_a_record_past_its_end_is_completed(tmp_path: Path, recorder: Recorder) 
 def test_no_file_is_an_empty_store(tmp_path: Path, recorder: Recorder) -> None:
     store = open_store(tmp_path / "new", recorder)
     try:
-        assert store.records() == []
+        assert store.table.records() == []
         assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
     finally:
         store.close()
@@ -112,7 +112,7 @@ def test_a_corrupt_file_is_set_aside_and_the_store_starts_empty(
     with caplog.at_level(logging.ERROR):
         store = open_store(tmp_path, recorder)
     try:
-        assert store.records() == []
+        assert store.table.records() == []
         aside = list(tmp_path.glob("dispatch_config.json.corrupt-*"))
         assert len(aside) == 1
         assert aside[0].read_bytes() == content
@@ -135,7 +135,7 @@ def test_a_corrupt_file_is_restored_from_the_backup(
     with caplog.at_level(logging.ERROR):
         again = open_store(tmp_path, recorder)
     try:
-        assert [r.task_id for r in again.records()] == ["a"]
+        assert [r.task_id for r in again.table.records()] == ["a"]
         assert any("restored 1 task(s) from the backup" in r.message for r in caplog.records)
         assert len(list(tmp_path.glob("dispatch_config.json.corrupt-*"))) == 1
         # The main file is whole again.
@@ -162,8 +162,8 @@ def test_one_unrestorable_task_among_good_ones_is_kept_verbatim(
     with caplog.at_level(logging.ERROR):
         store = open_store(tmp_path, recorder)
     try:
-        assert [r.task_id for r in store.records()] == ["good_1"]
-        assert store.kept_records() == [bad_interval, not_an_object, duplicate]
+        assert [r.task_id for r in store.table.records()] == ["good_1"]
+        assert store.table.kept_records() == [bad_interval, not_an_object, duplicate]
         assert any(
             "bad_1 could not be restored" in r.message and "interval" in r.message
             for r in caplog.records
@@ -188,7 +188,7 @@ def test_a_task_whose_factory_raises_is_kept(tmp_path: Path, recorder: Recorder)
     dispatcher = TaskDispatcher(tmp_path, task_manager_factory=factory, timezone=SHANGHAI)
     try:
         assert [r.task_id for r in dispatcher.list_tasks()] == ["other"]
-        assert dispatcher._store.kept_records() == [SEED_TASK]
+        assert dispatcher._store.table.kept_records() == [SEED_TASK]
     finally:
         dispatcher.close()
 
@@ -198,7 +198,7 @@ def test_unknown_keys_survive_a_round_trip(tmp_path: Path, recorder: Recorder) -
     (tmp_path / "dispatch_config.json").write_bytes(seed_file([task]))
     store = open_store(tmp_path, recorder)
     try:
-        store.touch()
+        store.table.touch()
         store.save()
         assert read_state(tmp_path)["tasks"][0]["note"] == "added by hand"
     finally:
@@ -214,7 +214,7 @@ def test_account_tasks_disagreeing_with_tasks_is_repaired(
     )
     store = open_store(tmp_path, recorder)
     try:
-        assert store.account_tasks() == {"account_1": ["t2", "task_id_1"]}
+        assert store.table.account_tasks() == {"account_1": ["t2", "task_id_1"]}
     finally:
         store.close()
 
@@ -243,9 +243,9 @@ def test_files_are_owner_only_and_temp_files_are_cleaned(
     store = open_store(tmp_path, recorder)
     try:
         assert not (tmp_path / ".dispatch_config.json.999.tmp").exists()
-        store.touch()
+        store.table.touch()
         store.save()
-        store.touch()
+        store.table.touch()
         store.save()
         for name in ("dispatch_config.json", "dispatch_config.json.bak"):
             assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o600
@@ -276,8 +276,8 @@ def test_a_record_that_cannot_run_is_kept_unrestored(
     with caplog.at_level(logging.ERROR):
         store = open_store(tmp_path, recorder)
     try:
-        assert [r.task_id for r in store.records()] == ["task_id_1"]
-        assert store.kept_records() == [bad]
+        assert [r.task_id for r in store.table.records()] == ["task_id_1"]
+        assert store.table.kept_records() == [bad]
         assert any(
             "task bad could not be restored" in r.message and field in r.message
             for r in caplog.records
@@ -297,7 +297,7 @@ def test_top_level_extra_keys_survive_saves(tmp_path: Path, recorder: Recorder) 
     store = open_store(tmp_path, recorder)
     try:
         for _ in range(2):
-            store.touch()
+            store.table.touch()
             assert store.save()
         saved = read_state(tmp_path)
         assert saved["comment"] == "ops team: edit with care"
@@ -308,7 +308,7 @@ def test_top_level_extra_keys_survive_saves(tmp_path: Path, recorder: Recorder) 
         store.close()
     again = open_store(tmp_path, recorder)
     try:
-        again.touch()
+        again.table.touch()
         again.save()
         assert read_state(tmp_path)["comment"] == "ops team: edit with care"
     finally:
@@ -337,9 +337,9 @@ def test_a_file_this_library_wrote_is_trusted_without_validation(
     again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     try:
         assert validations == []
-        assert [r.task_id for r in again.records()] == ["t0", "t1", "t2"]
-        assert again.get("t2").model_extra == {"note": 2}
-        assert again.get("t1").next_execution_time == NOW
+        assert [r.task_id for r in again.table.records()] == ["t0", "t1", "t2"]
+        assert again.table.get("t2").model_extra == {"note": 2}
+        assert again.table.get("t1").next_execution_time == NOW
     finally:
         again.close()
 
@@ -359,9 +359,9 @@ def test_a_hand_edit_breaks_the_checksum_and_every_task_is_validated(
     path.write_bytes(edited)
     again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     try:
-        assert [r.task_id for r in again.records()] == ["t2"]
-        assert [raw["task_id"] for raw in again.kept_records()] == ["t1"]
-        again.touch()
+        assert [r.task_id for r in again.table.records()] == ["t2"]
+        assert [raw["task_id"] for raw in again.table.kept_records()] == ["t1"]
+        again.table.touch()
         again.save()
         # A file holding a task that was never validated is not sealed: its next load
         # validates again.
@@ -378,7 +378,7 @@ def test_loaded_records_share_equal_values(tmp_path: Path, recorder: Recorder, k
     store.close()
     again = JsonJobStore(tmp_path, timezone=SHANGHAI, now=NOW, **store_options(kind, tmp_path))
     try:
-        first, *others = again.records()
+        first, *others = again.table.records()
         for other in others:
             assert other.created_at is first.created_at
             assert other.next_execution_time is first.next_execution_time
@@ -390,7 +390,7 @@ def test_loaded_records_share_equal_values(tmp_path: Path, recorder: Recorder, k
         again.start(BackgroundScheduler(timezone=SHANGHAI), "default")
         assert len(again.get_all_jobs()) == 4  # jobs read records as the scheduler does
         if sys.implementation.name == "cpython":  # fields kept in key-sharing dicts
-            assert all(map(has_compact_fields, again.records()))
+            assert all(map(has_compact_fields, again.table.records()))
     finally:
         again.close()
 
@@ -412,8 +412,8 @@ def test_a_checksummed_task_laid_out_unexpectedly_is_validated(
     assert read_state(tmp_path)["checksum"]
     store = open_store(tmp_path, recorder)
     try:
-        assert [r.task_id for r in store.records()] == ["t0", "t1"]
-        assert store.kept_records() == [odd]
+        assert [r.task_id for r in store.table.records()] == ["t0", "t1"]
+        assert store.table.kept_records() == [odd]
     finally:
         store.close()
 
@@ -423,7 +423,7 @@ def test_validated_records_share_equal_values_too(tmp_path: Path, recorder: Reco
     (tmp_path / "dispatch_config.json").write_bytes(seed_file(tasks))  # no checksum
     store = open_store(tmp_path, recorder)
     try:
-        first, *others = store.records()
+        first, *others = store.table.records()
         for other in others:
             assert other.account_id is first.account_id
             assert other.kwargs["xhs_account_id"] is first.kwargs["xhs_account_id"]
@@ -537,7 +537,7 @@ def test_a_sealed_file_is_parsed_once(tmp_path: Path, recorder: Recorder) -> Non
         patch.setattr(orjson, "loads", counted)
         store = open_store(tmp_path, recorder)
     try:
-        assert [r.task_id for r in store.records()] == ["t0", "t1", "t2"]
+        assert [r.task_id for r in store.table.records()] == ["t0", "t1", "t2"]
         assert max(parses) < len(data) // 2  # the frame alone: never the tasks
         assert deferred.parse_tasks() == whole.tasks
     finally:

@@ -50,15 +50,15 @@ def load(directory: Path) -> JsonJobStore | None:
 
 
 def round_trips(store: JsonJobStore, directory: Path) -> None:
-    records, kept = store.records(), store.kept_records()
-    store.touch()
+    records, kept = store.table.records(), store.table.kept_records()
+    store.table.touch()
     assert store.save()
     store.close()
     again = load(directory)
     assert again is not None
     try:
-        assert again.records() == records
-        assert again.kept_records() == kept
+        assert again.table.records() == records
+        assert again.table.kept_records() == kept
     finally:
         again.close()
 
@@ -187,11 +187,11 @@ def test_damaged_records_are_kept_and_intact_ones_restored(
     with directory_with(encoded) as directory:
         store = load(directory)
         assert store is not None
-        restored = [r.task_id for r in store.records()]
+        restored = [r.task_id for r in store.table.records()]
         assert restored == intact
         # Nothing dropped: every record is restored or kept verbatim.
-        assert len(restored) + len(store.kept_records()) == len(tasks)
-        assert {tid for ids in store.account_tasks().values() for tid in ids} == set(restored)
+        assert len(restored) + len(store.table.kept_records()) == len(tasks)
+        assert {tid for ids in store.table.account_tasks().values() for tid in ids} == set(restored)
         round_trips(store, directory)
 
 
@@ -202,7 +202,7 @@ def test_non_utf8_is_set_aside(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "dispatch_config.json").write_bytes(content)
     store = load(tmp_path)
     assert store is not None
-    assert store.records() == []
+    assert store.table.records() == []
     assert len(list(tmp_path.glob("*.corrupt-*"))) == 1
     store.close()
 
@@ -219,7 +219,7 @@ def test_the_file_cannot_name_code_to_import(tmp_path: Path) -> None:
     dispatcher = TaskDispatcher(tmp_path, task_manager_factory=TaskTypeRegistry(), timezone=UTC)
     try:
         assert dispatcher.list_tasks() == []
-        assert dispatcher._store.kept_records() == [task]
+        assert dispatcher._store.table.kept_records() == [task]
     finally:
         dispatcher.close()
 
@@ -236,14 +236,14 @@ def _journal_directory(directory: Path, commits: int) -> list[tuple[list[Any], A
     )
     store.add_tasks([parse_record(valid_task(0, "a"), UTC)])
     assert store.save()  # the snapshot
-    states = [(store.records(), store.account_tasks())]
+    states = [(store.table.records(), store.table.account_tasks())]
     for n in range(1, commits + 1):
         if n % 3 == 0:
             store.reorder(f"t{n - 1}", 0)
         else:
             store.add_tasks([parse_record(valid_task(n, "ab"[n % 2]), UTC)])
         assert store.save()
-        states.append((store.records(), store.account_tasks()))
+        states.append((store.table.records(), store.table.account_tasks()))
     store._saver._closed = True  # a crash: the journal stays as it is
     store._storage.close()
     store._storage.release()
@@ -286,7 +286,7 @@ def test_a_damaged_journal_loads_a_prefix_of_its_commits(
         store = load(directory)
         assert store is not None
         try:
-            got = (store.records(), store.account_tasks())
+            got = (store.table.records(), store.table.account_tasks())
             # The snapshot plus every commit written whole before the damage, and nothing
             # after it (unless the damage is harmless, such as a blank line).
             before = sum(end < at for end in ends)

@@ -100,7 +100,7 @@ async def test_a_failed_background_save_is_retried_without_a_new_change(
     assert not dispatcher.save_health.ok
     monkeypatch.setattr(saver, "request", noting_request_save)
     await asyncio.wait_for(retried.wait(), 5)  # no new change: only the retry asks to save
-    await store.drain_saves()
+    await store.saver.drain()
     assert dispatcher.save_health.ok
     assert read_state(state_dir)["tasks"][0]["run_count"] == 7
     dispatcher.close()

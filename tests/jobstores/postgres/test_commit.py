@@ -240,7 +240,7 @@ def test_an_account_order_equals_the_json_stores_after_many_changes(
     rng = random.Random(7)
     try:
         for step in range(300):
-            ids = [r.task_id for r in on_file.records()]
+            ids = [r.task_id for r in on_file.table.records()]
             choice = rng.random()
             if choice < 0.4 or len(ids) < 5:
                 many = [record(f"s{step}-{k}", account=rng.choice("xy")) for k in range(3)]
@@ -252,8 +252,8 @@ def test_an_account_order_equals_the_json_stores_after_many_changes(
                     store.remove_task(task_id)
             else:
                 task_id = rng.choice(ids)
-                account = on_file.get(task_id).account_id
-                place = rng.randrange(len(on_file.account_tasks()[account]))
+                account = on_file.table.get(task_id).account_id
+                place = rng.randrange(len(on_file.table.account_tasks()[account]))
                 for store in (on_file, in_db):
                     store.reorder(task_id, place)
             if step % 10 == 0:
@@ -268,8 +268,10 @@ def test_an_account_order_equals_the_json_stores_after_many_changes(
     assert stored is not None
     reopened = JsonJobStore(tmp_path / "file", timezone=SHANGHAI, now=T0)
     try:
-        assert stored.account_tasks == reopened.account_tasks()
-        assert [raw["task_id"] for raw in stored.tasks] == [r.task_id for r in reopened.records()]
+        assert stored.account_tasks == reopened.table.account_tasks()
+        assert [raw["task_id"] for raw in stored.tasks] == [
+            r.task_id for r in reopened.table.records()
+        ]
     finally:
         reopened.close()
 

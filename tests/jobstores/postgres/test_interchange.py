@@ -100,7 +100,7 @@ def test_a_seed_file_comes_back_with_the_same_tasks(
         (directory / "dispatch_config.json").write_bytes(data)
         store = JsonJobStore(directory, timezone=SHANGHAI, now=T0)
         try:
-            return store.records()
+            return store.table.records()
         finally:
             store.close()
 
@@ -173,15 +173,15 @@ def test_the_json_job_store_keeps_its_state_in_postgresql(
     store.reorder("b", 0)
     store.remove_task("c")
     assert store.save()
-    records, order = store.records(), store.account_tasks()
+    records, order = store.table.records(), store.table.account_tasks()
     store.close()
     assert not (tmp_path / "one" / "dispatch_config.json").exists()
     # Another instance (another directory) loads the same state from the database.
     again = open_store(tmp_path / "two")
     try:
-        assert again.records() == records
-        assert again.account_tasks() == order == {"acc": ["b", "a"]}
-        assert again.get("a").interval == 7200
+        assert again.table.records() == records
+        assert again.table.account_tasks() == order == {"acc": ["b", "a"]}
+        assert again.table.get("a").interval == 7200
     finally:
         again.close()
 

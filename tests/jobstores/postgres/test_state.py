@@ -427,8 +427,8 @@ def test_a_new_leader_of_an_unchanged_store_rewrites_no_task_row(
     store = JsonJobStore(
         tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, second)
     )
-    assert len(store.records()) == tasks
-    store.touch()  # a dispatcher's final save: a full image, with no change in it
+    assert len(store.table.records()) == tasks
+    store.table.touch()  # a dispatcher's final save: a full image, with no change in it
     assert store.save()
     store.add_tasks([record("new", account="acc1")])
     assert store.save()
@@ -471,7 +471,7 @@ def test_a_task_row_set_aside_at_load_is_moved_to_the_kept_records(
     store = JsonJobStore(
         tmp_path, timezone=SHANGHAI, now=T0, storage=PostgresStorage(state, leader)
     )
-    assert sorted(r.task_id for r in store.records()) == ["a", "x"]
+    assert sorted(r.task_id for r in store.table.records()) == ["a", "x"]
     store.close()
     stored = state.load()
     assert stored is not None
