@@ -1,4 +1,5 @@
-"""task-dispatcher side by side with APScheduler 3's own job stores, in one process run.
+"""task-dispatcher side by side with APScheduler 3's own job stores, in one process run (each
+side's cold start in a fresh process of its own).
 
 (a) TaskDispatcher with its JSON job store, (b) AsyncIOScheduler + SQLAlchemyJobStore on a
 SQLite file (the durable peer), (c) AsyncIOScheduler + MemoryJobStore (no durability: the
