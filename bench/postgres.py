@@ -52,13 +52,17 @@ from bench.run import (
     COUNTER,
     MUTATIONS,
     Row,
+    Started,
     _cell,
     _percentiles,
     _ratio,
     factory,
+    in_fresh_process,
     peer_add,
     peer_load,
+    settle,
     task,
+    this_process,
 )
 from scheduler import TaskDispatcher
 
@@ -155,6 +159,7 @@ async def build(n: int, our_url: str, their_url: str, root: Path) -> None:
     scheduler.start(paused=True)
     peer_load(scheduler, n)
     scheduler.shutdown(wait=False)
+    await settle()
 
 
 # ---------------------------------------------------------------------- measurements
@@ -226,22 +231,41 @@ async def mutations(n: int, our_url: str, their_url: str, root: Path) -> list[Ro
 
 
 async def cold_start(n: int, our_url: str, their_url: str, root: Path) -> list[Row]:
+    """Each side started on its store of N tasks in a fresh process (see
+    :func:`bench.run.in_fresh_process`), one after the other."""
     row = Row("cold start on a store of N tasks", n)
+    for side, url in (("ours", our_url), ("sqlalchemy", their_url)):
+        seconds, row.started[side] = await asyncio.to_thread(
+            in_fresh_process, cold_start_alone, side, n, url, str(root)
+        )
+        row.values[side] = seconds
+    return [row]
 
-    start = time.perf_counter()
-    dispatcher = ours(root / "a-cold", our_url)
-    await dispatcher.start()
-    assert len(dispatcher.scheduler.get_jobs()) == n
-    row.values["ours"] = time.perf_counter() - start
-    await dispatcher.stop()
 
+def cold_start_alone(side: str, n: int, url: str, root: str) -> tuple[float, Started]:
+    """Seconds of one side's cold start (``ours`` or ``sqlalchemy``, its store at ``url``) in
+    this process, from its constructor until every task is listed, and the process as the
+    timing began."""
+    return asyncio.run(_cold_start(side, n, url, Path(root)))
+
+
+async def _cold_start(side: str, n: int, url: str, root: Path) -> tuple[float, Started]:
+    before = this_process()
+    if side == "ours":
+        start = time.perf_counter()
+        dispatcher = ours(root / "a-cold", url)
+        await dispatcher.start()
+        assert len(dispatcher.scheduler.get_jobs()) == n
+        seconds = time.perf_counter() - start
+        await dispatcher.stop()
+        return seconds, before
     start = time.perf_counter()
-    scheduler = peer(their_url)
+    scheduler = peer(url)
     scheduler.start(paused=True)
     assert len(scheduler.get_jobs()) == n
-    row.values["sqlalchemy"] = time.perf_counter() - start
+    seconds = time.perf_counter() - start
     scheduler.shutdown(wait=False)
-    return [row]
+    return seconds, before
 
 
 # ---------------------------------------------------------------------- takeover
@@ -390,7 +414,7 @@ async def _measure(n: int, admin_url: str, steps: list[str], root: Path) -> list
         print(f"  PostgreSQL N={n:,}: stores built", flush=True)
         for step in steps:
             rows.extend(await globals()[step](n, our_url, their_url, root))
-            await asyncio.sleep(0.1)
+            await settle()
             print(f"  PostgreSQL N={n:,}: {step} done", flush=True)
     return rows
 

@@ -4,9 +4,12 @@ from ``python -m bench`` runs, never from tests."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from bench.run import run
+from bench.run import build_stores, cold_start, run, this_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,3 +41,21 @@ async def test_memory_shows_the_store_without_the_lines_it_keeps_for_the_next_wr
     assert ours - without > 500  # bytes per task: about one encoded line each
     assert measured.values["sqlalchemy"] is not None
     assert bare.values["sqlalchemy"] == measured.values["sqlalchemy"]
+
+
+async def test_building_the_stores_leaves_no_task_or_job_alive(tmp_path: Path) -> None:
+    # The peers' shutdowns let their jobs go on the loop's next turn: the build waits for it,
+    # so that the next timed call neither carries them nor frees them. Above 10,000 tasks the
+    # SQLite peer is filled from a scheduler holding every job in memory.
+    await build_stores(10_001, tmp_path)
+    assert this_process().leftovers == 0
+
+
+async def test_each_side_of_the_cold_start_is_timed_in_a_fresh_process(tmp_path: Path) -> None:
+    await build_stores(200, tmp_path)
+    (row,) = await cold_start(200, tmp_path)
+    assert row.values["ours"] is not None
+    assert row.values["sqlalchemy"] is not None
+    ours, theirs = row.started["ours"], row.started["sqlalchemy"]
+    assert len({ours.pid, theirs.pid, os.getpid()}) == 3
+    assert ours.leftovers == theirs.leftovers == 0

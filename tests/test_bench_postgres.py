@@ -3,6 +3,8 @@ checked: figures come from ``python -m bench`` runs, never from tests)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import psycopg
 import pytest
 from postgres_support import ADMIN_DSN, Databases, postgres_databases
 
-from bench.postgres import takeover
+from bench.postgres import build, cold_start, peer_url, store_url, takeover
+from bench.run import this_process
 
 __all__ = ["postgres_databases"]  # a fixture of every test here
 
@@ -65,3 +68,22 @@ def test_the_takeover_step_kills_a_leader_and_times_the_standby(
     assert [row.metric.split(":")[-1] for row in rows] == [" p50", " p99", " p50", " p99"]
     assert all((row.values["ours"] or 0) > 0 for row in rows)
     assert bench_databases() <= before
+
+
+def test_each_side_of_the_cold_start_is_timed_in_a_fresh_process(
+    postgres_databases: Databases, tmp_path: Path
+) -> None:
+    our_url = store_url(postgres_databases.create())
+    their_url = peer_url(postgres_databases.create())
+
+    async def measure() -> Any:
+        await build(200, our_url, their_url, tmp_path)
+        assert this_process().leftovers == 0  # what the build held is let go
+        return await cold_start(200, our_url, their_url, tmp_path)
+
+    (row,) = asyncio.run(measure())
+    assert row.values["ours"] is not None
+    assert row.values["sqlalchemy"] is not None
+    ours, theirs = row.started["ours"], row.started["sqlalchemy"]
+    assert len({ours.pid, theirs.pid, os.getpid()}) == 3
+    assert ours.leftovers == theirs.leftovers == 0
