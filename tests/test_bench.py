@@ -47,8 +47,9 @@ async def test_building_the_stores_leaves_no_task_or_job_alive(tmp_path: Path) -
     # The peers' shutdowns let their jobs go on the loop's next turn: the build waits for it,
     # so that the next timed call neither carries them nor frees them. Above 10,000 tasks the
     # SQLite peer is filled from a scheduler holding every job in memory.
+    alive = this_process().leftovers  # what earlier tests of this process still hold
     await build_stores(10_001, tmp_path)
-    assert this_process().leftovers == 0
+    assert this_process().leftovers <= alive
 
 
 async def test_each_side_of_the_cold_start_is_timed_in_a_fresh_process(tmp_path: Path) -> None:

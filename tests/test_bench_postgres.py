@@ -77,8 +77,9 @@ def test_each_side_of_the_cold_start_is_timed_in_a_fresh_process(
     their_url = peer_url(postgres_databases.create())
 
     async def measure() -> Any:
+        alive = this_process().leftovers  # what earlier tests of this process still hold
         await build(200, our_url, their_url, tmp_path)
-        assert this_process().leftovers == 0  # what the build held is let go
+        assert this_process().leftovers <= alive  # what the build held is let go
         return await cold_start(200, our_url, their_url, tmp_path)
 
     (row,) = asyncio.run(measure())
