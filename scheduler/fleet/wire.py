@@ -169,7 +169,9 @@ def broker_durability(version: str, settings: Mapping[str, str | None]) -> str:
     ``settings`` maps ``appendonly``, ``appendfsync`` and ``maxmemory-policy`` to their values
     (None: unknown, e.g. ``CONFIG`` is disabled). Returns ``"waitaof"`` (Redis >= 7.2 with the
     append-only file: the worker waits for its claim to reach the disk with ``WAITAOF``) or
-    ``"fsync"`` (``appendfsync always``: Redis answers only once a write is on disk).
+    ``"fsync"`` (``appendfsync always``: Redis answers only once a write is on disk). With
+    ``appendfsync`` unknown on Redis >= 7.2, the worker's first ``WAITAOF`` (see
+    :func:`scheduler.fleet.worker.check_durability`) tells.
 
     Raises :class:`BrokerNotDurableError` naming the setting that breaks "at most once": a
     claim lost in a broker crash (not yet on disk, or evicted) lets a redelivered message
@@ -206,6 +208,12 @@ def broker_durability(version: str, settings: Mapping[str, str | None]) -> str:
             "Set maxmemory-policy noeviction",
         )
     if _version(version) >= (7, 2):
+        if (settings.get("appendfsync") or "").strip().lower() == "no":
+            raise refuse(
+                "the broker leaves its append-only file to the kernel (appendfsync no), so "
+                "WAITAOF never confirms a claim",
+                "Set appendfsync everysec or always",
+            )
         return "waitaof"
     fsync = known("appendfsync")
     if fsync != "always":
@@ -223,14 +231,22 @@ def dumps(value: Any) -> str:
 
 
 # KEYS: claim, alive, events. ARGV: claim value, claim ttl (s), alive ttl (ms), started event.
-# Returns 1 when the claim was taken, else the claim's current value.
+# Returns 1 when the claim was taken, else the claim's current value. A claim that already holds
+# ARGV[1] was taken by the same attempt on a connection that broke before its reply: it is
+# taken, and written again so that a WAITAOF on this connection waits for it to reach the disk.
 CLAIM_SCRIPT = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
   redis.call('XADD', KEYS[3], '*', 'event', ARGV[4])
   return 1
 end
-return redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+  return 1
+end
+return current
 """
 
 # KEYS: claim, alive. ARGV: claim value, claim ttl (s), alive ttl (ms).

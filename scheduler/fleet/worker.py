@@ -41,6 +41,7 @@ from scheduler.backends.execution import call_manager, create_manager, execute, 
 from scheduler.fleet.wire import (
     ALLOW_NON_DURABLE_ENV_VAR,
     BROKER_ENV_VAR,
+    CLAIM_PREFIX,
     CLAIM_SCRIPT,
     CLAIM_TTL,
     EVENTS_STREAM,
@@ -163,11 +164,47 @@ def check_durability(client: redis.Redis) -> str:
         if "maxmemory_policy" in info:
             settings["maxmemory-policy"] = str(info["maxmemory_policy"])
     try:
-        return broker_durability(version, settings)
+        mode = broker_durability(version, settings)
+        if mode == "waitaof":
+            _probe_fsync(client)
+        return mode
     except BrokerNotDurableError:
         if os.environ.get(ALLOW_NON_DURABLE_ENV_VAR, "") not in ("", "0"):
             return "unchecked"
         raise
+
+
+_PROBE_KEY = "td:durability-probe"
+_PROBE_WAIT_MS = 3000
+
+
+def _probe_fsync(client: redis.Redis) -> None:
+    """Write once and ask ``WAITAOF`` for its fsync: a broker whose settings could not all be
+    read (``appendfsync`` behind a disabled ``CONFIG``) proves here that it confirms fsyncs."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(_PROBE_KEY, "1", px=60_000)
+        pipe.execute_command("WAITAOF", 1, 0, _PROBE_WAIT_MS)  # type: ignore[no-untyped-call]
+        _, reply = pipe.execute(raise_on_error=False)
+    problem = _not_on_disk(reply, _PROBE_WAIT_MS)
+    if problem is not None:
+        from tasks.errors import BrokerNotDurableError
+
+        raise BrokerNotDurableError(
+            f"{problem} (appendfsync no?): a broker crash could lose claims of runs already "
+            "started, and their messages would run them again. Set appendfsync everysec or "
+            "always, or start the worker with --allow-non-durable-broker "
+            f"(${ALLOW_NON_DURABLE_ENV_VAR}=1) to accept that"
+        )
+
+
+def _not_on_disk(reply: Any, wait_ms: int, what: str = "a test key") -> str | None:
+    """What a ``WAITAOF 1 0 wait_ms`` reply says against ``what`` was written before it, or
+    None if that is on the broker's disk."""
+    if isinstance(reply, Exception):
+        return f"the broker refused to confirm that {what} is on disk ({reply})"
+    if int(reply[0]) < 1:
+        return f"the broker did not write {what} to disk within {wait_ms}ms"
+    return None
 
 
 _DURABILITY_SETTINGS = ("appendonly", "appendfsync", "maxmemory-policy")
@@ -456,6 +493,55 @@ def _refuse_format(payload: Mapping[str, Any], name: str, client: redis.Redis) -
     return "refused"
 
 
+_WAITAOF_MAX_MS = 10_000
+"""The longest a run waits for its claim's fsync (below the client's 15 s socket timeout)."""
+
+
+def _claim_on_disk(
+    client: redis.Redis, keys: list[str], args: list[Any], wait_ms: int, patience: float
+) -> tuple[Any, str | None]:
+    """Take a run's claim and wait for it to reach the broker's disk, on one connection (a
+    ``WAITAOF`` waits only for the writes of its own connection). Returns the claim script's
+    reply and, if the claim was taken but is not known to be on disk, why.
+
+    A broken connection leaves both unknown: the claim is asked for again for up to
+    ``patience`` seconds (the script takes this attempt's own claim again, with a write for the
+    new connection's ``WAITAOF``); after that the error is raised and the run is not executed.
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.2
+    loaded = False
+    while True:
+        try:
+            with client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(_scripts.claim.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAITAOF", 1, 0, wait_ms)  # type: ignore[no-untyped-call]
+                taken, fsynced = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            logger.warning(
+                "claim of run %s: broker unreachable before it confirmed the claim "
+                "(retrying in %.1fs): %s",
+                keys[0].removeprefix(CLAIM_PREFIX),
+                delay,
+                exc,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            loaded = False  # a restarted broker has forgotten its scripts
+            continue
+        if isinstance(taken, redis.exceptions.NoScriptError) and not loaded:
+            client.script_load(CLAIM_SCRIPT)
+            loaded = True
+            continue
+        if isinstance(taken, Exception):
+            raise taken
+        if taken != 1:
+            return taken, None
+        return taken, _not_on_disk(fsynced, wait_ms, "the run's claim")
+
+
 def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
     """Execute one run message at most once; returns what happened (for logs and tests).
 
@@ -478,11 +564,18 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
     announced = RunEvent(
         request.run_id, request.task_id, RunEventKind.STARTED, at=started, worker=name
     )
-    taken = _scripts.claim(
-        keys=[claim_key(request.run_id), alive_key(request.run_id), EVENTS_STREAM],
-        args=[claim, CLAIM_TTL, alive_ms, _event(announced)],
-        client=client,
-    )
+    keys = [claim_key(request.run_id), alive_key(request.run_id), EVENTS_STREAM]
+    args = [claim, CLAIM_TTL, alive_ms, _event(announced)]
+    error: str | None = None
+    if durability == "waitaof":
+        # The claim must be on disk before the run executes: a crash that lost it would
+        # bring the message back, and the run would execute again.
+        wait_ms = min(max(1000, alive_ms), _WAITAOF_MAX_MS)
+        taken, problem = _claim_on_disk(client, keys, args, wait_ms, lost_after / 2)
+        if problem is not None:
+            error = f"BrokerNotDurableError: {problem}; the run was not executed"
+    else:
+        taken = _scripts.claim(keys=keys, args=args, client=client)
     if taken != 1:
         logger.info(
             "run %s of task %s not executed here: already claimed (%s)",
@@ -491,18 +584,6 @@ def execute_run(payload: Mapping[str, Any], nodename: str) -> str:
             _text(taken),
         )
         return "skipped"
-    error: str | None = None
-    if durability == "waitaof":
-        # The claim must be on disk before the run executes: a crash that lost it would
-        # bring the message back, and the run would execute again.
-        local, _ = client.execute_command(  # type: ignore[no-untyped-call]
-            "WAITAOF", 1, 0, max(1000, alive_ms)
-        )
-        if int(local) < 1:
-            error = (
-                f"BrokerNotDurableError: the broker did not write the run's claim to disk "
-                f"within {max(1000, alive_ms)}ms; the run was not executed"
-            )
     logger.info(
         "run %s of task %s (account %s, %s) started on %s",
         request.run_id,
@@ -737,10 +818,11 @@ class _Registration:
         self._thread = threading.Thread(target=renew, name="td-registration", daemon=True)
         self._thread.start()
         logger.info(
-            "worker %s serves sys_type(s) %s on %s",
+            "worker %s serves sys_type(s) %s on %s: %s",
             name,
             ", ".join(sys_types) or "(none)",
             mask_url(str(app.conf.broker_url)),
+            _CLAIMS_KEPT.get(_state.durability(), "?"),
         )
 
     def stop(self) -> None:
@@ -750,6 +832,13 @@ class _Registration:
             with contextlib.suppress(redis.RedisError):
                 _state.client().delete(self._key)
 
+
+_CLAIMS_KEPT = {
+    "waitaof": "each claim waits for its fsync (WAITAOF) before its run starts",
+    "fsync": "each claim is on disk when Redis answers (appendfsync always)",
+    "unchecked": "claims may not survive a broker crash (--allow-non-durable-broker)",
+}
+"""How the worker's claims survive a broker crash, by durability mode (for its ready line)."""
 
 _registration = _Registration()
 

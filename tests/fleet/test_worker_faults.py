@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -27,6 +30,7 @@ from fleet_support import (
     RedisServer,
     StartWorker,
     eventually,
+    redis_with_waitaof,
     request,
     wait_until,
 )
@@ -34,6 +38,7 @@ from fleet_support import (
 from scheduler.errors import BrokerNotDurableError
 from scheduler.fleet.wire import (
     CLAIM_PREFIX,
+    CLAIM_SCRIPT,
     MESSAGE_FORMAT,
     TASK_NAME,
     broker_durability,
@@ -45,6 +50,7 @@ from tasks.runs import RunRequest
 pytestmark = pytest.mark.timeout(90)
 
 DURABLE = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "noeviction"}
+EVERYSEC = {**DURABLE, "appendfsync": "everysec"}
 
 
 # ---------------------------------------------------------------------- the rule, as a table
@@ -56,7 +62,9 @@ DURABLE = {"appendonly": "yes", "appendfsync": "always", "maxmemory-policy": "no
         ("7.0.15", DURABLE, "fsync"),
         ("7.2.4", DURABLE, "waitaof"),
         ("7.2.0", {**DURABLE, "appendfsync": "everysec"}, "waitaof"),
-        ("8.0.1", {**DURABLE, "appendfsync": "no"}, "waitaof"),
+        ("8.0.1", {**DURABLE, "appendfsync": "everysec"}, "waitaof"),
+        ("8.0.1", {**DURABLE, "appendfsync": "no"}, "appendfsync no"),
+        ("7.2.4", {**DURABLE, "appendfsync": " No "}, "appendfsync no"),
         ("7.2.4", {**DURABLE, "appendfsync": None}, "waitaof"),  # CONFIG off, INFO enough
         ("7.0.15", {**DURABLE, "appendfsync": "everysec"}, "appendfsync everysec"),
         ("6.2.14", {**DURABLE, "appendfsync": "no"}, "appendfsync no"),
@@ -233,12 +241,16 @@ async def test_a_message_of_another_format_is_refused_and_recorded(
 # ---------------------------------------------------------------------- a broker crash
 
 
+@pytest.mark.parametrize("durability", ["fsync", "waitaof"])
 async def test_broker_killed_right_after_a_claim_never_runs_it_twice(
-    tmp_path: Path, start_worker: StartWorker, open_backend: OpenBackend
+    tmp_path: Path, start_worker: StartWorker, open_backend: OpenBackend, durability: str
 ) -> None:
     data = tmp_path / "redis"
     data.mkdir()
-    server = RedisServer(data, config=DURABLE).start()
+    if durability == "fsync":  # appendfsync always, on the machine's Redis
+        server = RedisServer(data, config=DURABLE).start()
+    else:  # Redis's default appendfsync everysec; each claim waits for its fsync
+        server = RedisServer(data, config=EVERYSEC, binary=redis_with_waitaof()).start()
     try:
         url = server.url()
         worker = start_worker(
@@ -270,6 +282,161 @@ async def test_broker_killed_right_after_a_claim_never_runs_it_twice(
         )
         assert inbox.kinds("crash") == ["started", "succeeded"]
         assert [line["phase"] for line in read_probe(probe)] == ["start", "end"]
+        assert ("each claim waits for its fsync (WAITAOF)" in worker.log()) == (
+            durability == "waitaof"
+        )
+    finally:
+        server.kill()
+
+
+# ---------------------------------------------------------------------- WAITAOF (Redis >= 7.2)
+
+
+def monitor(url: str) -> tuple[list[dict[str, Any]], Callable[[], None]]:
+    """Every command the server executes, as MONITOR reports it, until the returned stop."""
+    seen: list[dict[str, Any]] = []
+    done = threading.Event()
+    ready = threading.Event()
+
+    def watch() -> None:
+        with redis.Redis.from_url(url).monitor() as watching:  # type: ignore[no-untyped-call]
+            ready.set()
+            with contextlib.suppress(redis.ConnectionError):  # the server killed
+                for command in watching.listen():
+                    seen.append(command)
+                    if done.is_set():
+                        return
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    wait_until(ready.is_set, 10, "MONITOR to start")
+
+    def stop() -> None:
+        done.set()
+        redis.Redis.from_url(url).ping()  # one more command wakes the watcher
+        thread.join(10)
+
+    return seen, stop
+
+
+async def test_each_claim_waits_for_its_own_fsync_on_its_own_connection(
+    tmp_path: Path, start_worker: StartWorker, open_backend: OpenBackend
+) -> None:
+    """WAITAOF waits for the writes of the connection it is sent on: sent on another
+    connection of the pool (another thread's claim, a heartbeat), it answers at once and the
+    run starts before its claim is on disk."""
+    server = RedisServer(tmp_path, config=EVERYSEC, binary=redis_with_waitaof()).start()
+    try:
+        url = server.url()
+        seen, stop = monitor(url)
+        worker = start_worker("w1", "linux", broker=url, concurrency=4, check_broker=True)
+        assert "each claim waits for its fsync (WAITAOF)" in worker.log()
+        inbox = FileInbox(tmp_path / "inbox.json")
+        backend = await open_backend(inbox, broker_url=url)
+        probe = tmp_path / "probe.jsonl"
+        runs = [
+            request(f"r{i}", sys_type="linux", probe_log=probe, account_id=f"a{i}", seconds=0.3)
+            for i in range(16)
+        ]
+        for run in runs:
+            await backend.submit(run)
+        await eventually(
+            lambda: all(inbox.finished(run.run_id) for run in runs), 30, "every outcome"
+        )
+        stop()
+        started = [line["run_id"] for line in read_probe(probe) if line["phase"] == "start"]
+        assert sorted(started) == sorted(run.run_id for run in runs)
+        claim_sha = hashlib.sha1(CLAIM_SCRIPT.encode()).hexdigest()
+        by_connection: dict[str, list[tuple[float, str]]] = {}
+        for seen_command in seen:
+            by_connection.setdefault(seen_command["client_port"], []).append(
+                (float(seen_command["time"]), seen_command["command"])
+            )
+        # What followed each run's last claim on the claim's own connection (an earlier one
+        # may have met a server that did not know the script yet).
+        followed_by: dict[str, tuple[float, str]] = {}
+        for commands in by_connection.values():
+            for (at, command), (_, after) in zip(commands, [*commands[1:], (0, "")], strict=True):
+                if command.startswith(f"EVALSHA {claim_sha} 3 {CLAIM_PREFIX}"):
+                    run_id = command.split()[3].removeprefix(CLAIM_PREFIX)
+                    if at >= followed_by.get(run_id, (0.0, ""))[0]:
+                        followed_by[run_id] = (at, after.split(" ", 1)[0])
+        assert {run_id: after for run_id, (_, after) in followed_by.items()} == {
+            run.run_id: "WAITAOF" for run in runs
+        }
+    finally:
+        server.kill()
+
+
+def test_a_newer_redis_without_fsyncs_is_refused(tmp_path: Path) -> None:
+    """``appendfsync no``: WAITAOF would never confirm a claim, so each run would wait and fail."""
+    config = {**EVERYSEC, "appendfsync": "no"}
+    server = RedisServer(tmp_path, config=config, binary=redis_with_waitaof()).start()
+    try:
+        error = refused(worker_command(server.url()))
+        assert "appendfsync no" in error
+        assert "WAITAOF never confirms a claim" in error
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("appendfsync", ["everysec", "no"])
+def test_with_config_disabled_a_first_waitaof_tells(tmp_path: Path, appendfsync: str) -> None:
+    """Where CONFIG is disabled, ``appendfsync`` cannot be read: the worker writes a test key
+    and asks WAITAOF whether the broker confirms its fsync."""
+    conf = tmp_path / "redis.conf"
+    conf.write_text('rename-command CONFIG ""\n')
+    config = {"include": str(conf), **EVERYSEC, "appendfsync": appendfsync}
+    server = RedisServer(tmp_path, config=config, binary=redis_with_waitaof()).start()
+    try:
+        if appendfsync == "no":
+            error = refused(worker_command(server.url()))
+            assert "did not write a test key to disk within 3000ms (appendfsync no?)" in error
+            return
+        process = subprocess.Popen(
+            worker_command(server.url(), "--hostname", "probed"),
+            cwd=ROOT,
+            env=worker_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            client = redis.Redis.from_url(server.url())
+            wait_until(lambda: client.exists("td:worker:probed"), 30, "the worker to start")
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            output = process.communicate(timeout=20)[0].decode()
+        assert "each claim waits for its fsync (WAITAOF)" in output
+    finally:
+        server.kill()
+
+
+async def test_a_claim_the_broker_cannot_fsync_is_not_run(
+    tmp_path: Path, start_worker: StartWorker, open_backend: OpenBackend
+) -> None:
+    """The append-only file switched off while the worker serves: WAITAOF refuses, and the run
+    fails without executing instead of leaving its run open."""
+    server = RedisServer(tmp_path, config=EVERYSEC, binary=redis_with_waitaof()).start()
+    try:
+        url = server.url()
+        worker = start_worker("w1", "linux", broker=url, check_broker=True)
+        inbox = FileInbox(tmp_path / "inbox.json")
+        backend = await open_backend(inbox, broker_url=url)
+        redis.Redis.from_url(url).config_set("appendonly", "no")
+        probe = tmp_path / "probe.jsonl"
+        await backend.submit(request("nofsync", sys_type="linux", probe_log=probe))
+        await eventually(lambda: inbox.finished("nofsync"), 30, "the refusal to be recorded")
+        failed = inbox.last("nofsync")
+        assert failed is not None
+        assert failed["kind"] == "failed"
+        assert failed["error"].startswith(
+            "BrokerNotDurableError: the broker refused to confirm that the run's claim is on "
+            "disk (WAITAOF cannot be used when numlocal is set but appendonly is disabled"
+        )
+        assert failed["error"].endswith("the run was not executed")
+        assert read_probe(probe) == []
+        assert "run nofsync of task task-nofsync failed" in worker.log()
     finally:
         server.kill()
 
