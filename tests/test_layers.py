@@ -50,7 +50,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("web",                ("scheduler.web", "scheduler.web.*")),
     ("control",            ("scheduler.control", "scheduler.control.*")),
     # --- scheduler: the facade, and what it wires
-    ("dispatcher",         ("scheduler.dispatcher",)),
+    ("dispatcher",         ("scheduler.dispatcher", "scheduler.facade")),
     # the facade's parts: the API's changes and their save policy, start and stop, the run
     # path (with the handoff of runs onto the loop), the relay of events
     ("dispatcher parts",   ("scheduler.parts", "scheduler.changes", "scheduler.saving",
@@ -76,10 +76,7 @@ CLASS_LINES = 300
 # Classes over CLASS_LINES today, each with its length now: the list only shrinks. A class
 # may not grow past its number, one that shrank is listed at its new length, and one split
 # below the limit (or gone) must leave the list.
-BIG_CLASSES: dict[str, int] = {
-    # the facade: wiring its parts, and the public API's signatures and docstrings
-    "scheduler/dispatcher.py::Dispatcher": 429,
-}
+BIG_CLASSES: dict[str, int] = {}
 
 
 @dataclass(frozen=True)
