@@ -627,6 +627,13 @@ def main() -> None:
     parser.add_argument(
         "--fleet-only", action="store_true", help="only the fleet side by side, nothing else"
     )
+    parser.add_argument(
+        "--fleet-rounds",
+        type=int,
+        default=5,
+        metavar="R",
+        help="burst rounds per side, taking turns; the median is reported (default 5)",
+    )
     args = parser.parse_args()
     if args.fleet_only:
         args.fleet = True
@@ -641,7 +648,7 @@ def main() -> None:
     if not args.fleet_only and not args.steps:
         with tempfile.TemporaryDirectory(prefix="bench-") as name:
             lines = history.history_case(Path(name))
-    fleet = None if args.history_only or args.steps else _fleet(args.fleet)
+    fleet = None if args.history_only or args.steps else _fleet(args.fleet, args.fleet_rounds)
     print()
     print(
         f"Python {platform.python_version()} on {platform.machine()}, "
@@ -658,7 +665,7 @@ def main() -> None:
         print(fleet)
 
 
-def _fleet(wanted: bool | None) -> str | None:
+def _fleet(wanted: bool | None, rounds: int) -> str | None:
     """The fleet table, if asked for (or by default, if Redis and the celery extra are here)."""
     if wanted is False:
         return None
@@ -673,4 +680,4 @@ def _fleet(wanted: bool | None) -> str | None:
             raise SystemExit("--fleet needs Redis on 127.0.0.1:6379")
         return None
     print("  fleet: task-dispatcher workers vs bare Celery ...", flush=True)
-    return run_fleet()
+    return run_fleet(rounds=max(1, rounds))

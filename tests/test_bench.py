@@ -60,3 +60,36 @@ async def test_each_side_of_the_cold_start_is_timed_in_a_fresh_process(tmp_path:
     ours, theirs = row.started["ours"], row.started["sqlalchemy"]
     assert len({ours.pid, theirs.pid, os.getpid()}) == 3
     assert ours.leftovers == theirs.leftovers == 0
+
+
+def test_the_fleet_reports_its_median_round_and_every_rounds_ratio() -> None:
+    """One round's ratio swings by a third on a shared machine: the table shows the median
+    round (the lower middle one of an even count) and each round's ratio in turn."""
+    from bench.fleet import FleetResult, fleet_table, median_round
+
+    def burst(ours: float, bare: float, cpu: float) -> tuple[FleetResult, FleetResult]:
+        return (
+            FleetResult(ours, 900.0, 1800.0, cpu, 1.2),
+            FleetResult(bare, 700.0, 1400.0, 0.5, 0.9),
+        )
+
+    bursts = [burst(500, 1000, 1.1), burst(700, 1000, 0.9), burst(600, 1000, 1.0)]
+    ours, _, ratios = median_round(bursts)
+    assert ratios == [0.5, 0.7, 0.6]
+    assert (ours.runs_per_s, ours.cpu_here) == (600, 1.0)
+    assert median_round([*bursts, burst(800, 1000, 0.8)])[0].runs_per_s == 600
+    paced = (FleetResult(50, 4.0, 20.0), FleetResult(50, 3.0, 10.0))
+    table = fleet_table(1000, bursts, paced, 0.02).splitlines()
+    assert (
+        table[2]
+        == "| 1,000 | all due at once: runs/s (median of 3 rounds) | 600/s | 1,000/s | 0.60x |"
+    )
+    assert table[3] == (
+        "| 1,000 | all due at once: a/b of each round, in turn | 0.50x, 0.70x, 0.60x | | "
+        "0.50x to 0.70x |"
+    )
+    assert (
+        "| 1,000 | all due at once: CPU per 1,000 runs, dispatcher (a) / publisher (b) | "
+        "1.00 s | 0.50 s | 2.00x |" in table
+    )
+    assert "| 200 | due at 50/s: due -> start p99 | 20.0 ms | 10.0 ms | 2.00x |" in table
