@@ -233,7 +233,8 @@ def dumps(value: Any) -> str:
 # KEYS: claim, alive, events. ARGV: claim value, claim ttl (s), alive ttl (ms), started event.
 # Returns 1 when the claim was taken, else the claim's current value. A claim that already holds
 # ARGV[1] was taken by the same attempt on a connection that broke before its reply: it is
-# taken, and written again so that a WAITAOF on this connection waits for it to reach the disk.
+# taken, and written again (its heartbeat too, which may have run out meanwhile) so that a
+# WAITAOF on this connection waits for it to reach the disk.
 CLAIM_SCRIPT = """
 local current = redis.call('GET', KEYS[1])
 if not current then
@@ -244,6 +245,7 @@ if not current then
 end
 if current == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'KEEPTTL')
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
   return 1
 end
 return current

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import redis
 from celery.app.utils import find_app
 from fleet_support import ROOT
 
@@ -107,3 +108,28 @@ def test_the_fleets_public_names_lead_into_its_folder() -> None:
     assert scheduler.backends.CeleryRunBackend is CeleryRunBackend
     assert backend.logger.name == "scheduler.backends.celery"
     assert worker.logger.name == "scheduler.worker"
+
+
+def test_the_claim_script_takes_a_free_claim_and_its_own_again(broker_url: str) -> None:
+    """A free claim is taken with its heartbeat and ``started`` event; the same attempt's own
+    claim (its reply lost with a broken connection) is taken again, with a write for WAITAOF
+    and a fresh heartbeat; anyone else's claim is answered with its value and left alone."""
+    from scheduler.fleet.wire import CLAIM_SCRIPT
+
+    client = redis.Redis.from_url(broker_url)
+    claim = client.register_script(CLAIM_SCRIPT)
+    keys = ["td:claim:r1", "td:alive:r1", "td:events"]
+    assert claim(keys=keys, args=["mine", 600, 5000, "started"]) == 1
+    assert client.get("td:claim:r1") == b"mine"
+    assert 0 < client.pttl("td:alive:r1") <= 5000
+    assert client.xlen("td:events") == 1
+    client.delete("td:alive:r1")  # the heartbeat ran out while the connection was broken
+    changes = client.info("persistence")["rdb_changes_since_last_save"]
+    assert claim(keys=keys, args=["mine", 600, 5000, "started"]) == 1
+    assert client.info("persistence")["rdb_changes_since_last_save"] > changes  # written
+    assert 0 < client.pttl("td:alive:r1") <= 5000
+    assert 0 < client.ttl("td:claim:r1") <= 600  # its own expiry kept
+    assert client.xlen("td:events") == 1  # announced once
+    assert claim(keys=keys, args=["theirs", 600, 5000, "started"]) == b"mine"
+    assert client.get("td:claim:r1") == b"mine"
+    assert client.xlen("td:events") == 1
