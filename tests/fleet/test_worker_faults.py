@@ -116,6 +116,25 @@ def refused(command: list[str], cwd: Path = ROOT) -> str:
     return done.stderr
 
 
+def started(url: str, name: str, *extra: str) -> str:
+    """Start a worker named ``name`` that must start; once it serves, stop it: its output."""
+    process = subprocess.Popen(
+        [*worker_command(url, "--hostname", name), *extra],
+        cwd=ROOT,
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        client = redis.Redis.from_url(url)
+        wait_until(lambda: client.exists(f"td:worker:{name}"), 30, f"worker {name} to start")
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        output = process.communicate(timeout=20)[0].decode()
+    return output
+
+
 @pytest.mark.parametrize(
     ("config", "named"),
     [
@@ -145,23 +164,7 @@ def test_worker_refuses_a_broker_that_cannot_keep_claims(
         assert named in error
         assert "--allow-non-durable-broker" in error
         # Knowingly: the flag starts it anyway, with a warning.
-        process = subprocess.Popen(
-            [
-                *worker_command(server.url(), "--hostname", "knowingly"),
-                "--allow-non-durable-broker",
-            ],
-            cwd=ROOT,
-            env=worker_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            client = redis.Redis.from_url(server.url())
-            wait_until(lambda: client.exists("td:worker:knowingly"), 30, "the worker to start")
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            output = process.communicate(timeout=20)[0].decode()
+        output = started(server.url(), "knowingly", "--allow-non-durable-broker")
         assert "persistence not verified (--allow-non-durable-broker)" in output
     finally:
         server.kill()
@@ -393,20 +396,7 @@ def test_with_config_disabled_a_first_waitaof_tells(tmp_path: Path, appendfsync:
             error = refused(worker_command(server.url()))
             assert "did not write a test key to disk within 3000ms (appendfsync no?)" in error
             return
-        process = subprocess.Popen(
-            worker_command(server.url(), "--hostname", "probed"),
-            cwd=ROOT,
-            env=worker_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            client = redis.Redis.from_url(server.url())
-            wait_until(lambda: client.exists("td:worker:probed"), 30, "the worker to start")
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            output = process.communicate(timeout=20)[0].decode()
+        output = started(server.url(), "probed")
         assert "each claim waits for its fsync (WAITAOF)" in output
     finally:
         server.kill()
