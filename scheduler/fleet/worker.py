@@ -510,9 +510,12 @@ def _claim_on_disk(
     """
     deadline = time.monotonic() + patience
     delay = 0.2
-    loaded = False
+    loaded = load = False
     while True:
         try:
+            if load:
+                client.script_load(CLAIM_SCRIPT)
+                load = False
             with client.pipeline(transaction=False) as pipe:
                 pipe.evalsha(_scripts.claim.sha, len(keys), *keys, *args)
                 pipe.execute_command("WAITAOF", 1, 0, wait_ms)  # type: ignore[no-untyped-call]
@@ -532,8 +535,7 @@ def _claim_on_disk(
             loaded = False  # a restarted broker has forgotten its scripts
             continue
         if isinstance(taken, redis.exceptions.NoScriptError) and not loaded:
-            client.script_load(CLAIM_SCRIPT)
-            loaded = True
+            load = loaded = True
             continue
         if isinstance(taken, Exception):
             raise taken
