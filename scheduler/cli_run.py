@@ -107,6 +107,7 @@ def run(
     broker: str | None,
     start_timeout: float | None,
     lost_after: float,
+    resend_after: float | None,
     listen: str | None,
     notify_url: tuple[str, ...],
     advertise_url: str | None,
@@ -147,7 +148,7 @@ def run(
             "while it runs: %s",
             CONTROL_EXTRA_HINT,
         )
-    backend = make_backend(broker, start_timeout, lost_after)
+    backend = make_backend(broker, start_timeout, lost_after, resend_after)
     if max_concurrent_runs is None:
         max_concurrent_runs = FLEET_MAX_CONCURRENT_RUNS if backend else 10
     # With workers, a --factory only checks tasks early; the workers create the managers.
@@ -155,7 +156,9 @@ def run(
 
     def make(store: Any = None) -> TaskDispatcher:
         # A backend serves one dispatcher: an instance that leads again gets a fresh one.
-        run_backend = make_backend(broker, start_timeout, lost_after) if store else backend
+        run_backend = (
+            make_backend(broker, start_timeout, lost_after, resend_after) if store else backend
+        )
         dispatcher = TaskDispatcher(
             options.dir,
             task_manager_factory=factory,

@@ -39,7 +39,15 @@ _EXTRA_HINT = "the fleet needs the celery extra: pip install 'task-dispatcher[ce
 
 
 def broker_options(command: F) -> F:
-    """``--broker``, ``--start-timeout`` and ``--lost-after`` for the dispatcher's ``run``."""
+    """``--broker``, ``--start-timeout``, ``--lost-after`` and ``--resend-after`` for the
+    dispatcher's ``run``."""
+    command = click.option(
+        "--resend-after",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="With --broker: seconds before a run no worker has claimed, whose message left "
+        "its queue (a broker that lost it), is sent again (default: --lost-after).",
+    )(command)
     command = click.option(
         "--lost-after",
         type=click.FloatRange(min=0, min_open=True),
@@ -62,7 +70,10 @@ def broker_options(command: F) -> F:
 
 
 def make_backend(
-    broker: str | None, start_timeout: float | None, lost_after: float
+    broker: str | None,
+    start_timeout: float | None,
+    lost_after: float,
+    resend_after: float | None = None,
 ) -> CeleryRunBackend | None:
     """The run backend ``run``'s broker options ask for (None: run tasks locally)."""
     if not broker:
@@ -72,7 +83,9 @@ def make_backend(
     except ImportError:
         fail(_EXTRA_HINT)
     try:
-        return CeleryRunBackend(broker, start_timeout=start_timeout, lost_after=lost_after)
+        return CeleryRunBackend(
+            broker, start_timeout=start_timeout, lost_after=lost_after, resend_after=resend_after
+        )
     except ValueError as exc:
         fail(f"--broker: {exc}")
 

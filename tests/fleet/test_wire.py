@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
 from celery.app.utils import find_app
-from fleet_support import ROOT
+from fleet_support import ROOT, wait_until
 
 import scheduler
 import scheduler.backends
 import scheduler.fleet
+from scheduler.control.client import ControlClient
+from scheduler.errors import ControlError
 from scheduler.fleet import backend, wire, worker
 from scheduler.fleet.backend import CeleryRunBackend
 from scheduler.fleet.wire import check_broker_url, mask_url, queue_name, worker_name
@@ -133,3 +140,47 @@ def test_the_claim_script_takes_a_free_claim_and_its_own_again(broker_url: str) 
     assert claim(keys=keys, args=["theirs", 600, 5000, "started"]) == b"mine"
     assert client.get("td:claim:r1") == b"mine"
     assert client.xlen("td:events") == 1
+
+
+def test_run_sends_again_after_its_resend_after(tmp_path: Path, broker_url: str) -> None:
+    """``run --resend-after`` reaches the fleet's backend (its health reports it); without it
+    the backend re-sends after ``--lost-after``; a value that is not positive is refused."""
+    command = [sys.executable, "-m", "scheduler", "--dir", str(tmp_path / "d"), "run"]
+    command += ["--no-live", "--broker", broker_url, "--lost-after", "12"]
+    done = subprocess.run(
+        [*command, "--resend-after", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "Invalid value for '--resend-after': 0.0 is not in the range x>0." in done.stderr
+    for extra, expected in (["--resend-after", "2.5"], 2.5), ([], 12.0):
+        process = subprocess.Popen(
+            [*command, *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            socket_path = tmp_path / "d" / "control.sock"
+            wait_until(socket_path.exists, 30, "the control socket")
+            with ControlClient(socket_path=socket_path) as client:
+                health = wait_for_backend(client)
+            assert health["resend_after"] == expected
+            assert health["lost_after"] == 12.0
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(30)
+
+
+def wait_for_backend(client: ControlClient) -> dict[str, Any]:
+    """The run backend's health, as a running dispatcher reports it, once it answers."""
+    found: dict[str, Any] = {}
+
+    def answers() -> bool:
+        try:
+            found.update(client.health()["backend"]["health"])
+        except (OSError, httpx.HTTPError, ControlError):
+            return False
+        return True
+
+    wait_until(answers, 30, "the dispatcher's health")
+    return found
