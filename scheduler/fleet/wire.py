@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from tasks.errors import BrokerNotDurableError
+
 __all__ = [
     "ALIVE_PREFIX",
     "ALLOW_NON_DURABLE_ENV_VAR",
@@ -63,6 +65,7 @@ __all__ = [
     "claim_key",
     "dumps",
     "mask_url",
+    "not_durable",
     "queue_name",
     "worker_name",
 ]
@@ -163,6 +166,16 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+def not_durable(problem: str, fix: str) -> BrokerNotDurableError:
+    """The error refusing a broker whose persistence cannot keep claims: ``problem``, what
+    that risks, and ``fix`` (or the flag that accepts the risk)."""
+    return BrokerNotDurableError(
+        f"{problem}: a broker crash could lose claims of runs already started, and their "
+        f"messages would run them again. {fix}, or start the worker with "
+        f"--allow-non-durable-broker (${ALLOW_NON_DURABLE_ENV_VAR}=1) to accept that"
+    )
+
+
 def broker_durability(version: str, settings: Mapping[str, str | None]) -> str:
     """How a worker makes each claim durable on a Redis ``version`` with ``settings``.
 
@@ -177,19 +190,11 @@ def broker_durability(version: str, settings: Mapping[str, str | None]) -> str:
     claim lost in a broker crash (not yet on disk, or evicted) lets a redelivered message
     execute the run a second time.
     """
-    from tasks.errors import BrokerNotDurableError
-
-    def refuse(problem: str, fix: str) -> BrokerNotDurableError:
-        return BrokerNotDurableError(
-            f"{problem}: a broker crash could lose claims of runs already started, and their "
-            f"messages would run them again. {fix}, or start the worker with "
-            f"--allow-non-durable-broker (${ALLOW_NON_DURABLE_ENV_VAR}=1) to accept that"
-        )
 
     def known(name: str) -> str:
         value = settings.get(name)
         if value is None:
-            raise refuse(
+            raise not_durable(
                 f"cannot read the broker's {name} (CONFIG GET disabled?)",
                 "Check appendonly yes, appendfsync always (or Redis >= 7.2) and "
                 "maxmemory-policy noeviction yourself",
@@ -197,19 +202,19 @@ def broker_durability(version: str, settings: Mapping[str, str | None]) -> str:
         return value.strip().lower()
 
     if known("appendonly") != "yes":
-        raise refuse(
+        raise not_durable(
             "the broker runs without its append-only file (appendonly no)",
             "Set appendonly yes and appendfsync always in redis.conf",
         )
     policy = known("maxmemory-policy")
     if policy != "noeviction":
-        raise refuse(
+        raise not_durable(
             f"the broker may evict keys (maxmemory-policy {policy})",
             "Set maxmemory-policy noeviction",
         )
     if _version(version) >= (7, 2):
         if (settings.get("appendfsync") or "").strip().lower() == "no":
-            raise refuse(
+            raise not_durable(
                 "the broker leaves its append-only file to the kernel (appendfsync no), so "
                 "WAITAOF never confirms a claim",
                 "Set appendfsync everysec or always",
@@ -217,7 +222,7 @@ def broker_durability(version: str, settings: Mapping[str, str | None]) -> str:
         return "waitaof"
     fsync = known("appendfsync")
     if fsync != "always":
-        raise refuse(
+        raise not_durable(
             f"the broker writes its append-only file to disk with appendfsync {fsync} "
             f"(and Redis {version} has no WAITAOF)",
             "Set appendfsync always (or use Redis >= 7.2)",

@@ -57,6 +57,7 @@ from scheduler.fleet.wire import (
     claim_key,
     dumps,
     mask_url,
+    not_durable,
     worker_name,
 )
 from tasks.errors import BrokerNotDurableError
@@ -185,19 +186,12 @@ def _probe_fsync(client: redis.Redis) -> None:
         pipe.set(_PROBE_KEY, "1", px=60_000)
         pipe.execute_command("WAITAOF", 1, 0, _PROBE_WAIT_MS)  # type: ignore[no-untyped-call]
         _, reply = pipe.execute(raise_on_error=False)
-    problem = _not_on_disk(reply, _PROBE_WAIT_MS)
+    problem = _not_on_disk(reply, _PROBE_WAIT_MS, "a test key")
     if problem is not None:
-        from tasks.errors import BrokerNotDurableError
-
-        raise BrokerNotDurableError(
-            f"{problem} (appendfsync no?): a broker crash could lose claims of runs already "
-            "started, and their messages would run them again. Set appendfsync everysec or "
-            "always, or start the worker with --allow-non-durable-broker "
-            f"(${ALLOW_NON_DURABLE_ENV_VAR}=1) to accept that"
-        )
+        raise not_durable(f"{problem} (appendfsync no?)", "Set appendfsync everysec or always")
 
 
-def _not_on_disk(reply: Any, wait_ms: int, what: str = "a test key") -> str | None:
+def _not_on_disk(reply: Any, wait_ms: int, what: str) -> str | None:
     """What a ``WAITAOF 1 0 wait_ms`` reply says against ``what`` was written before it, or
     None if that is on the broker's disk."""
     if isinstance(reply, Exception):
@@ -510,16 +504,15 @@ def _claim_on_disk(
     """
     deadline = time.monotonic() + patience
     delay = 0.2
-    loaded = load = False
     while True:
         try:
-            if load:
-                client.script_load(CLAIM_SCRIPT)
-                load = False
             with client.pipeline(transaction=False) as pipe:
                 pipe.evalsha(_scripts.claim.sha, len(keys), *keys, *args)
                 pipe.execute_command("WAITAOF", 1, 0, wait_ms)  # type: ignore[no-untyped-call]
                 taken, fsynced = pipe.execute(raise_on_error=False)
+            if isinstance(taken, redis.exceptions.NoScriptError) and time.monotonic() < deadline:
+                client.script_load(CLAIM_SCRIPT)  # a (re)started broker knows no script yet
+                continue
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             if time.monotonic() + delay > deadline:
                 raise
@@ -532,10 +525,6 @@ def _claim_on_disk(
             )
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
-            loaded = False  # a restarted broker has forgotten its scripts
-            continue
-        if isinstance(taken, redis.exceptions.NoScriptError) and not loaded:
-            load = loaded = True
             continue
         if isinstance(taken, Exception):
             raise taken
