@@ -505,15 +505,13 @@ class TaskRecord(BaseModel):
 
 _ALL_FIELDS = set(TaskRecord.model_fields)
 _NO_EXTRA: dict[str, Any] = {}
-_TIMES = (
-    "last_execution_time",
-    "next_execution_time",
-    "next_start_time",
-    "run_requested",
-    "created_at",
-    "updated_at",
-    "last_planned_time",
+_TIMES = tuple(
+    name
+    for name, field in TaskRecord.model_fields.items()
+    if field.annotation in (datetime, datetime | None)
 )
+"""The fields that hold an instant: each is put in the dispatcher's zone when a record is
+made (read from the model, so a field added later is never left out)."""
 _WINDOWS: dict[tuple[int, int], tuple[int, int]] = {
     (start, end): (start, end)
     for start in range(25)

@@ -58,6 +58,23 @@ def test_naive_datetimes_need_a_zone() -> None:
     assert parsed.created_at == datetime(2026, 1, 8, tzinfo=SHANGHAI)
 
 
+@pytest.mark.parametrize("shared", [None, {}], ids=["alone", "loaded-together"])
+def test_every_instant_field_comes_out_in_the_zone(shared: dict[Any, Any] | None) -> None:
+    # Found from the model, so a field added later is covered without touching this test.
+    instants = [
+        name
+        for name, field in TaskRecord.model_fields.items()
+        if field.annotation in (datetime, datetime | None)
+    ]
+    assert len(instants) >= 7
+    written = "2026-01-08T09:30:00-05:00"  # 22:30 in Shanghai
+    raw = record("a").to_json_dict() | dict.fromkeys(instants, written)
+    parsed = TaskRecord.model_validate(raw, context={"zone": SHANGHAI, "shared": shared})
+    for name in instants:
+        value = getattr(parsed, name)
+        assert value.tzinfo is SHANGHAI, name
+        assert (value.hour, value.minute) == (22, 30), name
+
 def test_interval_normalised() -> None:
     assert record("a", interval=timedelta(hours=2)).interval == 7200
     assert isinstance(record("a", interval=60.0).interval, int)
