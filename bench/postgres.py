@@ -56,6 +56,7 @@ from bench.run import (
     _cell,
     _percentiles,
     _ratio,
+    building_alone,
     factory,
     in_fresh_process,
     peer_add,
@@ -64,6 +65,8 @@ from bench.run import (
     task,
     this_process,
 )
+from jobstores.postgres import DEFAULT_CLUSTER
+from jobstores.postgres.state import _read_tasks
 from scheduler import TaskDispatcher
 
 __all__ = [
@@ -166,18 +169,23 @@ async def build(n: int, our_url: str, their_url: str, root: Path) -> None:
 
 
 async def mutations(n: int, our_url: str, their_url: str, root: Path) -> list[Row]:
-    """Each change of ours next to the same change of the peer, the two sides taking turns
-    to go first: both see the same load, however the machine's load drifts during the run."""
+    """Each change of ours next to the same change of the peer, the sides taking turns to
+    go first: all see the same load, however the machine's load drifts during the run.
+
+    The peer's ``add_job`` blocks the event loop for its whole commit; ours is awaited off
+    it. The last row is the peer's ``add_job`` awaited off the loop too
+    (``asyncio.to_thread``), as a host that keeps its loop free would call it."""
     pause50 = Row("durable pause/resume of one task: p50", n, unit="ms")
     pause99 = Row("durable pause/resume of one task: p99", n, unit="ms")
     add50 = Row("one awaited add_task, sequential, into the loaded store: p50", n, unit="ms")
     add99 = Row("one awaited add_task, sequential, into the loaded store: p99", n, unit="ms")
+    off50 = Row("  the same, the peer's add_job off the event loop (to_thread): p50", n, unit="ms")
 
     dispatcher = ours(root / "a-mutations", our_url)
     scheduler = peer(their_url)
     scheduler.start(paused=True)
     pauses: dict[str, list[float]] = {"ours": [], "sqlalchemy": []}
-    adds: dict[str, list[float]] = {"ours": [], "sqlalchemy": []}
+    adds: dict[str, list[float]] = {"ours": [], "sqlalchemy": [], "off the loop": []}
 
     async def ours_change(call: Any, task_id: str) -> None:
         call(task_id)
@@ -191,9 +199,11 @@ async def mutations(n: int, our_url: str, their_url: str, root: Path) -> list[Ro
     async def their_add(i: int) -> None:
         peer_add(scheduler, i)
 
-    async def turn(samples: dict[str, list[float]], first: bool, mine: Any, theirs: Any) -> None:
-        sides = [("ours", mine), ("sqlalchemy", theirs)]
-        for side, action in sides if first else reversed(sides):
+    async def their_add_off_the_loop(i: int) -> None:
+        await asyncio.to_thread(peer_add, scheduler, i)
+
+    async def turn(samples: dict[str, list[float]], first: int, *sides: tuple[str, Any]) -> None:
+        for side, action in [*sides[first:], *sides[:first]]:
             start = time.perf_counter()
             await action()
             samples[side].append(time.perf_counter() - start)
@@ -208,26 +218,31 @@ async def mutations(n: int, our_url: str, their_url: str, root: Path) -> list[Ro
         ):
             await turn(
                 pauses,
-                (i + k) % 2 == 0,
-                functools.partial(ours_change, call, task_id),
-                functools.partial(their_change, their_call, task_id),
+                (i + k) % 2,
+                ("ours", functools.partial(ours_change, call, task_id)),
+                ("sqlalchemy", functools.partial(their_change, their_call, task_id)),
             )
+    added = [f"task-{n + i:06d}" for i in range(MUTATIONS // 2)]
     for i in range(MUTATIONS // 2):
         await turn(
             adds,
-            i % 2 == 0,
-            functools.partial(ours_add, n + i),
-            functools.partial(their_add, n + i),
+            i % 3,
+            ("ours", functools.partial(ours_add, n + i)),
+            ("sqlalchemy", functools.partial(their_add, n + i)),
+            ("off the loop", functools.partial(their_add_off_the_loop, n + MUTATIONS + i)),
         )
     for i in range(MUTATIONS // 2):  # back to N tasks on both sides
-        dispatcher.remove_task(f"task-{n + i:06d}")
-        scheduler.remove_job(f"task-{n + i:06d}")
+        dispatcher.remove_task(added[i])
+        scheduler.remove_job(added[i])
+        scheduler.remove_job(f"task-{n + MUTATIONS + i:06d}")
     dispatcher.close()
     scheduler.shutdown(wait=False)
     for side in ("ours", "sqlalchemy"):
         pause50.values[side], pause99.values[side] = _percentiles(pauses[side])
         add50.values[side], add99.values[side] = _percentiles(adds[side])
-    return [pause50, pause99, add50, add99]
+    off50.values["ours"] = add50.values["ours"]
+    off50.values["sqlalchemy"] = _percentiles(adds["off the loop"])[0]
+    return [pause50, pause99, add50, add99, off50]
 
 
 async def cold_start(n: int, our_url: str, their_url: str, root: Path) -> list[Row]:
@@ -239,7 +254,10 @@ async def cold_start(n: int, our_url: str, their_url: str, root: Path) -> list[R
             in_fresh_process, cold_start_alone, side, n, url, str(root)
         )
         row.values[side] = seconds
-    return [row]
+    with psycopg.connect(our_url) as connection:
+        _, _, sealed = _read_tasks(connection, (DEFAULT_CLUSTER,), defer=True)
+    assert sealed is not None, "every task of the bulk build is sealed"
+    return [row, await building_alone(sealed, n, row)]
 
 
 def cold_start_alone(side: str, n: int, url: str, root: str) -> tuple[float, Started]:

@@ -48,6 +48,7 @@ __all__ = [
     "read_document",
     "read_journal",
     "read_state",
+    "records_from_json",
     "restore",
     "validation_problems",
 ]
@@ -182,7 +183,7 @@ def restore(
     shared: dict[Any, Any] | None = None if now is None else {}
     schedules: dict[tuple[Any, ...], Schedule] = {}
     raws = tasks if isinstance(tasks, list) else list(tasks)
-    made = None if sealed is None else _from_json(sealed, zone, shared)
+    made = None if sealed is None else records_from_json(sealed, zone, shared)
     if made is not None and raws and len(made) != len(raws):
         made = None
     if sealed is not None and not raws and (made is None or not made):
@@ -235,9 +236,12 @@ def restore(
 _RECORDS = TypeAdapter(list[TaskRecord])
 
 
-def _from_json(data: bytes, zone: tzinfo, shared: dict[Any, Any] | None) -> list[TaskRecord] | None:
-    """The records of a JSON array of task objects, or None when any of them is not a
-    valid record today (each object is then validated alone, and kept if invalid)."""
+def records_from_json(
+    data: bytes, zone: tzinfo, shared: dict[Any, Any] | None
+) -> list[TaskRecord] | None:
+    """The records of a JSON array of task objects saved by this library, in one call of
+    pydantic's JSON path; None when any of them is not a valid record today (each object is
+    then validated alone, and kept if invalid). ``shared``: see :func:`parse_record`."""
     context = {"zone": zone, "kwargs_checked": True, "shared": shared}
     try:
         records = _RECORDS.validate_json(data, context=context)

@@ -54,12 +54,16 @@ async def test_building_the_stores_leaves_no_task_or_job_alive(tmp_path: Path) -
 
 async def test_each_side_of_the_cold_start_is_timed_in_a_fresh_process(tmp_path: Path) -> None:
     await build_stores(200, tmp_path)
-    (row,) = await cold_start(200, tmp_path)
+    row, alone = await cold_start(200, tmp_path)
     assert row.values["ours"] is not None
     assert row.values["sqlalchemy"] is not None
     ours, theirs = row.started["ours"], row.started["sqlalchemy"]
-    assert len({ours.pid, theirs.pid, os.getpid()}) == 3
-    assert ours.leftovers == theirs.leftovers == 0
+    building = alone.started["ours"]
+    assert len({ours.pid, theirs.pid, building.pid, os.getpid()}) == 4
+    assert ours.leftovers == theirs.leftovers == building.leftovers == 0
+    # The records built alone are set against the peer's whole start, in the same run.
+    assert alone.values["ours"] is not None
+    assert alone.values["sqlalchemy"] == row.values["sqlalchemy"]
 
 
 def test_the_fleet_reports_its_median_round_and_every_rounds_ratio() -> None:

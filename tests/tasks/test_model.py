@@ -75,6 +75,7 @@ def test_every_instant_field_comes_out_in_the_zone(shared: dict[Any, Any] | None
         assert value.tzinfo is SHANGHAI, name
         assert (value.hour, value.minute) == (22, 30), name
 
+
 def test_interval_normalised() -> None:
     assert record("a", interval=timedelta(hours=2)).interval == 7200
     assert isinstance(record("a", interval=60.0).interval, int)
