@@ -51,6 +51,7 @@ from psycopg import sql
 from bench.run import (
     COUNTER,
     MUTATIONS,
+    ZONE,
     Row,
     Started,
     _cell,
@@ -139,7 +140,7 @@ def ours(directory: Path, url: str) -> TaskDispatcher:
     return TaskDispatcher(
         directory,
         task_manager_factory=factory,
-        timezone="UTC",
+        timezone=ZONE,
         max_concurrent_runs=100,
         store=url,
     )

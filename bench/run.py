@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from apscheduler.job import Job
 from apscheduler.jobstores.memory import MemoryJobStore
@@ -51,6 +52,8 @@ from scheduler import TaskDispatcher
 from tasks.model import TaskRecord
 
 ACCOUNTS = 100
+ZONE = "UTC"
+"""The dispatcher's zone in every set-up."""
 MUTATIONS = 200
 
 
@@ -111,7 +114,7 @@ def task(i: int, accounts: int = ACCOUNTS) -> dict[str, Any]:
 
 def ours(directory: Path) -> TaskDispatcher:
     return TaskDispatcher(
-        directory, task_manager_factory=factory, timezone="UTC", max_concurrent_runs=100
+        directory, task_manager_factory=factory, timezone=ZONE, max_concurrent_runs=100
     )
 
 
@@ -342,8 +345,8 @@ async def cold_start(n: int, root: Path) -> list[Row]:
         )
         row.values[side] = seconds
     row.values["memory"] = None
-    data = (root / "a-bulk" / STATE_FILENAME).read_bytes()
-    sealed = decode_document(data, root / STATE_FILENAME, defer_tasks=True).sealed_tasks
+    path = root / "a-bulk" / STATE_FILENAME
+    sealed = decode_document(path.read_bytes(), path, defer_tasks=True).sealed_tasks
     assert sealed is not None, "the bulk store is written whole, with its checksum"
     return [row, await building_alone(sealed, n, row)]
 
@@ -362,11 +365,12 @@ async def building_alone(tasks: bytes, n: int, cold: Row) -> Row:
 
 
 def build_records(tasks: bytes, n: int) -> tuple[float, Started]:
-    """Seconds to build the N records of the JSON array ``tasks`` (as the loader does, in
-    UTC), and the process as the timing began."""
+    """Seconds to build the N records of the JSON array ``tasks`` (as the loader of
+    :func:`ours` does, in its zone), and the process as the timing began."""
+    zone = ZoneInfo(ZONE)
     before = this_process()
     start = time.perf_counter()
-    records = records_from_json(tasks, UTC, {})
+    records = records_from_json(tasks, zone, {})
     seconds = time.perf_counter() - start
     assert records is not None
     assert len(records) == n
