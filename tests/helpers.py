@@ -295,6 +295,14 @@ class Running:
             except queue.Empty:
                 continue
 
+    def caught_up(self) -> int:
+        """Take every line read so far into :attr:`seen`; the count of lines seen then."""
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                return len(self.seen)
+
     def wait_for_line(self, text: str, timeout: float = 30) -> str:
         """The first log line containing ``text`` (waiting for it, bounded)."""
         self.wait_for(lambda lines: any(text in line for line in lines), timeout)

@@ -53,10 +53,11 @@ def instances(tmp_path: Path, store_url: str) -> Iterator[Callable[..., Running]
         process.close()
 
 
-def seed(tmp_path: Path, store_url: str) -> None:
-    """Import a tick every second (``tick``) and an hourly task (``hourly``) into the store."""
+def seed(tmp_path: Path, store_url: str, tick: str = "echo tick") -> None:
+    """Import a tick every second (``tick``, running the command ``tick``) and an hourly task
+    (``hourly``) into the store."""
     seed_dir = tmp_path / "seed"
-    add_shell_task(seed_dir, "tick", "1s", "command=echo tick")
+    add_shell_task(seed_dir, "tick", "1s", f"command={tick}")
     add_shell_task(seed_dir, "hourly", "1h", "command=echo hourly")
     imported = cli(seed_dir, "--store", store_url, "import", str(seed_dir / "dispatch_config.json"))
     assert imported.returncode == 0, imported.stderr
@@ -82,6 +83,15 @@ def logged_after(lines: list[str], when: datetime) -> list[str]:
 
 def runs_started(lines: list[str]) -> int:
     return sum(" started" in line and "run " in line for line in lines)
+
+
+RUN_ID = re.compile(r"\brun (\S+) of task ")
+
+
+def run_ids(lines: list[str], words: str) -> set[str]:
+    """The ids of the runs whose log lines in ``lines`` contain ``words``."""
+    found = (RUN_ID.search(line) for line in lines if words in line)
+    return {match.group(1) for match in found if match is not None}
 
 
 @pytest.mark.timeout(120)
@@ -124,16 +134,21 @@ def test_two_instances_started_at_the_same_instant_elect_one_leader(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("mid_run", [False, True], ids=["between-runs", "mid-run"])
 def test_a_frozen_leader_starts_and_commits_nothing_once_replaced(
-    tmp_path: Path, store_url: str, instances: Callable[..., Running]
+    tmp_path: Path, store_url: str, instances: Callable[..., Running], mid_run: bool
 ) -> None:
-    seed(tmp_path, store_url)
+    # Mid-run: each tick lasts most of its second, and the leader freezes while one runs.
+    seed(tmp_path, store_url, "sleep 0.7" if mid_run else "echo tick")
     first = instances("a")
     first.wait_for(leads)
     first.wait_for(lambda lines: runs_started(lines) >= 1)
     second = instances("b")
     second.wait_for(stands_by)
 
+    if mid_run:  # right after a start logged now: the run goes on for 0.7 s
+        now = first.caught_up()
+        first.wait_for(lambda lines: bool(run_ids(lines[now:], ") started")))
     os.kill(first.process.pid, signal.SIGSTOP)
     frozen = time.monotonic()
     second.wait_for(lambda lines: leads(lines) and runs_started(lines) >= 1, LEASE + 5)
@@ -148,7 +163,13 @@ def test_a_frozen_leader_starts_and_commits_nothing_once_replaced(
     took_over = stamp(next(line for line in second.seen if "leading cluster" in line))
     after = logged_after(first.seen, took_over)
     assert runs_started(after) == 0, "".join(after)
-    assert not any("finished in" in line for line in after), "".join(after)
+    # A run in progress when the leader froze ends once it wakes (the fence refuses to
+    # commit its outcome); no run it started after the takeover ends there.
+    started_before = run_ids([line for line in first.seen if line not in after], ") started")
+    ended_after = run_ids(after, " finished in ") | run_ids(after, ") failed")
+    assert ended_after <= started_before, "".join(after)
+    if mid_run:
+        assert ended_after, "".join(first.seen)  # the run in flight at the freeze ended
     # Whatever it tried to write was refused by the fence: the new leader's state stands.
     listed = cli(tmp_path / "b", "list", "--json")
     assert listed.returncode == 0, listed.stderr
