@@ -146,9 +146,11 @@ def test_a_frozen_leader_starts_and_commits_nothing_once_replaced(
     second = instances("b")
     second.wait_for(stands_by)
 
-    if mid_run:  # right after a start logged now: the run goes on for 0.7 s
+    if mid_run:  # right after a tick's start logged now: the run goes on for 0.7 s
         now = first.caught_up()
-        first.wait_for(lambda lines: bool(run_ids(lines[now:], ") started")))
+        first.wait_for(
+            lambda lines: bool(run_ids(lines[now:], "task tick (account me, shell) started"))
+        )
     os.kill(first.process.pid, signal.SIGSTOP)
     frozen = time.monotonic()
     second.wait_for(lambda lines: leads(lines) and runs_started(lines) >= 1, LEASE + 5)
