@@ -107,10 +107,18 @@ class Lifetime:
             standing.bind(loop, self._stand_by)
 
     def _stand_by(self) -> None:
-        """The lease is lost: plan nothing more (runs are refused by the runner's gate)."""
+        """The lease is lost: plan nothing more (runs are refused by the runner's gate), and
+        cut off the local runs in progress (see :meth:`~scheduler.runner.TaskRunner.cut_off`)."""
         if self._scheduler.running:
             self._scheduler.pause()
             self._retries.stop()
+            cut = self._runner.cut_off()
+            if cut:
+                logger.warning(
+                    "%d local run(s) cut off: this dispatcher leads no more, and the instance "
+                    "that takes over records them as lost",
+                    cut,
+                )
             if self.on_stand_by is not None:
                 self.on_stand_by()
 

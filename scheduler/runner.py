@@ -179,6 +179,22 @@ class TaskRunner:
         self._settled(queued.task_id)
         queued.outcome.cancel()
 
+    def cut_off(self) -> int:
+        """This dispatcher leads no more: withdraw the runs waiting for their lanes and cancel
+        the local runs in progress, at once (call on the loop). Their outcomes could not be
+        committed, and the instance that takes over records them as lost: going on would
+        let a run it starts again, or the account's next one, overlap them. Runs on workers
+        go on, for the new leader. Returns how many local runs were cut off."""
+        if self._backend.remote:
+            return 0
+        waiting = list(self._queued)
+        for queued in waiting:
+            self._withdraw(queued)
+        running = [task for task in self._tasks if not task.done()]
+        for task in running:
+            task.cancel()
+        return len(waiting) + len(running)
+
     async def wait_idle(self) -> None:
         """Return when every run submitted so far has finished."""
         while self._tasks or self._queued:

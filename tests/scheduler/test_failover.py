@@ -111,6 +111,48 @@ async def test_a_leader_taken_over_stands_by_at_once_and_logs_one_error(
         await dispatcher.stop()
 
 
+async def test_a_leader_taken_over_cuts_off_its_local_runs_in_progress_at_once(
+    clock: Any,
+    recorder: Recorder,
+    tmp_path: Path,
+    postgres_databases: Databases,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dsn = postgres_databases.create()
+    dispatcher = TaskDispatcher(
+        tmp_path,
+        task_manager_factory=recorder,
+        timezone="Asia/Shanghai",
+        store=f"{url_of(dsn)}?lease=1",
+    )
+    task_id = await dispatcher.add_task(**TASK)
+    recorder.gates[task_id] = asyncio.Event()  # the run goes on until it is cut off
+    recorder.started[task_id] = asyncio.Event()
+    await dispatcher.start()
+    pending = None
+    try:
+        clock.move_to(at(2026, 1, 8, 8, 0))
+        pending = asyncio.create_task(dispatcher.run_pending())
+        await asyncio.wait_for(recorder.started[task_id].wait(), 10)
+        assert dispatcher.standing is not None
+        with psycopg.connect(dsn, autocommit=True) as admin:  # another instance took over
+            admin.execute(
+                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
+                "expires_at = now() + interval '1 minute'"
+            )
+        await asyncio.wait_for(dispatcher.standing.stepped_down.wait(), 10)
+        # Cut off at once, not left to run beside what the new leader starts.
+        await asyncio.wait_for(pending, 10)
+        assert recorder.active["account_1"] == 0
+        assert not recorder.gates[task_id].is_set()
+        assert any("1 local run(s) cut off" in r.getMessage() for r in caplog.records)
+    finally:
+        recorder.gates[task_id].set()
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+        await dispatcher.stop(grace_period=0)
+
+
 async def test_health_reports_the_role_epoch_and_leader(
     recorder: Recorder, tmp_path: Path, postgres_databases: Databases
 ) -> None:
