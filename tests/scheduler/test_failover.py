@@ -41,6 +41,26 @@ class LeaseClock:
         return self.now
 
 
+def leader_on(dsn: str, directory: Path, recorder: Recorder) -> TaskDispatcher:
+    """A dispatcher on the database ``dsn`` with a 1-second lease, running ``recorder``'s
+    managers."""
+    return TaskDispatcher(
+        directory,
+        task_manager_factory=recorder,
+        timezone="Asia/Shanghai",
+        store=f"{url_of(dsn)}?lease=1",
+    )
+
+
+def take_over(dsn: str) -> None:
+    """Another instance takes the lease of the database ``dsn``: a newer epoch, for a minute."""
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(
+            "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
+            "expires_at = now() + interval '1 minute'"
+        )
+
+
 async def test_a_leader_whose_lease_ran_out_starts_no_run(
     clock: Any, recorder: Recorder, tmp_path: Path, postgres_databases: Databases
 ) -> None:
@@ -79,23 +99,14 @@ async def test_a_leader_taken_over_stands_by_at_once_and_logs_one_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     dsn = postgres_databases.create()
-    dispatcher = TaskDispatcher(
-        tmp_path,
-        task_manager_factory=recorder,
-        timezone="Asia/Shanghai",
-        store=f"{url_of(dsn)}?lease=1",
-    )
+    dispatcher = leader_on(dsn, tmp_path, recorder)
     task_id = await dispatcher.add_task(**TASK)
     await dispatcher.start()
     try:
         assert dispatcher.role == "leader"
         assert dispatcher.standing is not None
         assert dispatcher.standing.describe()["epoch"] == 1
-        with psycopg.connect(dsn, autocommit=True) as admin:  # another instance took over
-            admin.execute(
-                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
-                "expires_at = now() + interval '1 minute'"
-            )
+        take_over(dsn)  # another instance took over
         caplog.clear()
         await asyncio.wait_for(dispatcher.standing.stepped_down.wait(), 10)
         assert dispatcher.role == "standby"
@@ -119,12 +130,7 @@ async def test_a_leader_taken_over_cuts_off_its_local_runs_in_progress_at_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     dsn = postgres_databases.create()
-    dispatcher = TaskDispatcher(
-        tmp_path,
-        task_manager_factory=recorder,
-        timezone="Asia/Shanghai",
-        store=f"{url_of(dsn)}?lease=1",
-    )
+    dispatcher = leader_on(dsn, tmp_path, recorder)
     task_id = await dispatcher.add_task(**TASK)
     recorder.gates[task_id] = asyncio.Event()  # the run goes on until it is cut off
     recorder.started[task_id] = asyncio.Event()
@@ -135,11 +141,7 @@ async def test_a_leader_taken_over_cuts_off_its_local_runs_in_progress_at_once(
         pending = asyncio.create_task(dispatcher.run_pending())
         await asyncio.wait_for(recorder.started[task_id].wait(), 10)
         assert dispatcher.standing is not None
-        with psycopg.connect(dsn, autocommit=True) as admin:  # another instance took over
-            admin.execute(
-                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
-                "expires_at = now() + interval '1 minute'"
-            )
+        take_over(dsn)  # another instance took over
         await asyncio.wait_for(dispatcher.standing.stepped_down.wait(), 10)
         # Cut off at once, not left to run beside what the new leader starts.
         await asyncio.wait_for(pending, 10)
@@ -291,11 +293,7 @@ async def test_a_dispatcher_taken_over_campaigns_and_leads_again_with_the_state_
         standing = dispatcher.standing
         assert standing is not None
         assert standing.describe()["epoch"] == 1
-        with psycopg.connect(dsn, autocommit=True) as admin:  # another instance takes over
-            admin.execute(
-                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
-                "expires_at = now() + interval '1 minute'"
-            )
+        take_over(dsn)  # another instance takes over
         caplog.clear()
         await asyncio.wait_for(standing.stepped_down.wait(), 10)
         assert dispatcher.role == "standby"
@@ -328,11 +326,7 @@ async def test_a_dispatcher_taken_over_campaigns_and_leads_again_with_the_state_
         assert len(reasons) == 1
         assert "newer epoch" in reasons[0]
         # Taken over again: it steps down again, and the host hears of it again.
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(
-                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
-                "expires_at = now() + interval '1 minute'"
-            )
+        take_over(dsn)
         await asyncio.wait_for(again.stepped_down.wait(), 10)
         assert dispatcher.role == "standby"
         assert len(reasons) == 2
@@ -357,11 +351,7 @@ async def test_a_dispatcher_on_a_fleets_backend_taken_over_does_not_campaign(
     try:
         standing = dispatcher.standing
         assert standing is not None
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(
-                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
-                "expires_at = now() + interval '1 minute'"
-            )
+        take_over(dsn)
         await asyncio.wait_for(standing.stepped_down.wait(), 10)
         assert not dispatcher._campaign.active
         with psycopg.connect(dsn, autocommit=True) as admin:
@@ -375,22 +365,13 @@ async def test_lead_again_false_keeps_a_dispatcher_taken_over_standing_by(
     recorder: Recorder, tmp_path: Path, postgres_databases: Databases
 ) -> None:
     dsn = postgres_databases.create()
-    dispatcher = TaskDispatcher(
-        tmp_path,
-        task_manager_factory=recorder,
-        timezone="Asia/Shanghai",
-        store=f"{url_of(dsn)}?lease=1",
-    )
+    dispatcher = leader_on(dsn, tmp_path, recorder)
     dispatcher.lead_again = False
     await dispatcher.start()
     try:
         standing = dispatcher.standing
         assert standing is not None
-        with psycopg.connect(dsn, autocommit=True) as admin:
-            admin.execute(
-                "UPDATE td_leases SET holder = 'other', epoch = epoch + 1, "
-                "expires_at = now() + interval '1 minute'"
-            )
+        take_over(dsn)
         await asyncio.wait_for(standing.stepped_down.wait(), 10)
         assert not dispatcher._campaign.active
     finally:
