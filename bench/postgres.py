@@ -66,8 +66,7 @@ from bench.run import (
     task,
     this_process,
 )
-from jobstores.postgres import DEFAULT_CLUSTER
-from jobstores.postgres.state import _read_tasks
+from jobstores.postgres import PostgresState, connector
 from scheduler import TaskDispatcher
 
 __all__ = [
@@ -255,8 +254,12 @@ async def cold_start(n: int, our_url: str, their_url: str, root: Path) -> list[R
             in_fresh_process, cold_start_alone, side, n, url, str(root)
         )
         row.values[side] = seconds
-    with psycopg.connect(our_url) as connection:
-        _, _, sealed = _read_tasks(connection, (DEFAULT_CLUSTER,), defer=True)
+    state = PostgresState(connector(our_url))
+    try:
+        stored = state.load(defer_tasks=True)
+    finally:
+        state.close()
+    sealed = None if stored is None else stored.sealed_tasks
     assert sealed is not None, "every task of the bulk build is sealed"
     return [row, await building_alone(sealed, n, row)]
 
